@@ -1,0 +1,175 @@
+//! `dsv4`: run DeepSeek-V4 checkpoints from the command line.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use dsv4_core::{Checkpoint, Logits, Model};
+use std::path::{Path, PathBuf};
+
+#[derive(Parser)]
+#[command(name = "dsv4", version, about = "DeepSeek-V4 inference engine")]
+struct Cli {
+    /// Worker threads for the CPU kernels (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Write the logits of every position of a token sequence as a float32 [T, vocab] .npy file.
+    Logits {
+        #[arg(long)]
+        model: PathBuf,
+        /// Comma-separated token ids.
+        #[arg(long, value_delimiter = ',', required = true)]
+        ids: Vec<u32>,
+        /// Feed the ids through the cache in calls of these sizes (must sum to the number of ids).
+        #[arg(long, value_delimiter = ',')]
+        chunks: Option<Vec<usize>>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print the config, the layer schedule, tensor formats and sizes of a checkpoint.
+    Inspect {
+        #[arg(long)]
+        model: PathBuf,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        let _ = rayon_init(n);
+    }
+    if let Err(e) = run(cli.cmd) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn rayon_init(n: usize) -> Result<()> {
+    dsv4_core::init_threads(n).map_err(|e| anyhow::anyhow!(e))
+}
+
+fn run(cmd: Cmd) -> Result<()> {
+    match cmd {
+        Cmd::Logits {
+            model,
+            ids,
+            chunks,
+            out,
+        } => logits(&model, &ids, chunks, &out),
+        Cmd::Inspect { model } => inspect(&model),
+    }
+}
+
+fn load(dir: &Path) -> Result<Model> {
+    let ck = Checkpoint::open(dir)?;
+    Ok(Model::load(&ck)?)
+}
+
+fn logits(dir: &Path, ids: &[u32], chunks: Option<Vec<usize>>, out: &Path) -> Result<()> {
+    let chunks = chunks.unwrap_or_else(|| vec![ids.len()]);
+    if chunks.iter().sum::<usize>() != ids.len() || chunks.contains(&0) {
+        bail!(
+            "--chunks {:?} must be positive sizes summing to the number of ids ({})",
+            chunks,
+            ids.len()
+        );
+    }
+    let model = load(dir)?;
+    let mut cache = model.new_cache();
+    model.check_input(&cache, ids)?;
+    let vocab = model.config.vocab_size;
+    let mut all = Vec::with_capacity(ids.len() * vocab);
+    let mut start = 0;
+    for c in chunks {
+        all.extend(model.forward(&mut cache, &ids[start..start + c], Logits::All)?);
+        start += c;
+    }
+    write_npy(out, &all, &[ids.len() as u64, vocab as u64])
+}
+
+fn write_npy(path: &Path, data: &[f32], shape: &[u64]) -> Result<()> {
+    use npyz::WriterBuilder;
+    let file =
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let mut w = npyz::WriteOptions::new()
+        .default_dtype()
+        .shape(shape)
+        .writer(std::io::BufWriter::new(file))
+        .begin_nd()?;
+    w.extend(data.iter().copied())?;
+    w.finish()?;
+    Ok(())
+}
+
+fn inspect(dir: &Path) -> Result<()> {
+    let ck = Checkpoint::open(dir)?;
+    let c = &ck.config;
+    println!(
+        "checkpoint: {} ({} files, {:.3} GB, {} key names)",
+        dir.display(),
+        ck.files.len(),
+        ck.total_bytes() as f64 / 1e9,
+        ck.style.label()
+    );
+    println!(
+        "model: vocab {} hidden {} layers {} heads {} head_dim {} rope_dim {} q_lora {} o_groups {} o_lora {} window {}",
+        c.vocab_size, c.hidden_size, c.num_layers, c.num_heads, c.head_dim, c.rope_dim, c.q_lora_rank, c.o_groups, c.o_lora_rank, c.sliding_window
+    );
+    println!(
+        "moe: {} routed experts, top-{}, intermediate {}, {} shared, scaling {}, swiglu_limit {:?}",
+        c.n_routed_experts,
+        c.num_experts_per_tok,
+        c.moe_intermediate_size,
+        c.n_shared_experts,
+        c.routed_scaling_factor,
+        c.swiglu_limit
+    );
+    println!(
+        "indexer: {} heads x {} dims, top-{}; hc: mult {} sinkhorn {}",
+        c.index_n_heads, c.index_head_dim, c.index_topk, c.hc_mult, c.hc_sinkhorn_iters
+    );
+    println!(
+        "rope: main {:?}\n      compress {:?}",
+        c.rope_main, c.rope_compress
+    );
+    if let Some(q) = &c.quant {
+        println!(
+            "quantization: {} {} scales {} blocks {:?} experts {:?}",
+            q.method, q.fmt, q.scale_fmt, q.block, q.expert_dtype
+        );
+    }
+    println!("layers:");
+    for i in 0..c.num_layers {
+        println!(
+            "  {i:>3}: attn {:<8} mlp {:?}",
+            c.attn_kinds[i].label(),
+            c.mlp_kinds[i]
+        );
+    }
+    let model = Model::load(&ck)?;
+    println!(
+        "decode weight traffic: {:.3} MB/token",
+        model.weights.decode_bytes(c.num_experts_per_tok) as f64 / 1e6
+    );
+    println!("tensors:");
+    let mut by_dtype: std::collections::BTreeMap<&str, (usize, usize)> = Default::default();
+    for (name, t) in ck.sorted() {
+        println!(
+            "  {name:<60} {:<8} {:?} {} B",
+            t.dtype.name(),
+            t.shape,
+            t.bytes().len()
+        );
+        let e = by_dtype.entry(t.dtype.name()).or_default();
+        e.0 += 1;
+        e.1 += t.bytes().len();
+    }
+    for (d, (n, b)) in by_dtype {
+        println!("  total {d:<8} {n:>6} tensors {:>14} B", b);
+    }
+    Ok(())
+}

@@ -1,0 +1,265 @@
+//! A linear layer over weights in their stored format: `y[t] = W · x[t]` with `W` `[out, in]`
+//! as BF16/F16/F32, FP8 e4m3 + block scales, or packed FP4 e2m1 + e8m0 scales per 32 inputs.
+//! Rows are dequantized inside the kernel; no f32 copy of a weight ever exists.
+
+use super::kernels::{self, Row};
+use crate::error::Result;
+use crate::tensor::{DType, Tensor};
+use rayon::prelude::*;
+
+/// Stored format of a weight matrix.
+#[derive(Clone, Debug)]
+pub enum Format {
+    F32,
+    Bf16,
+    F16,
+    /// FP8 e4m3 with one (decoded) scale per `[block_out, block_in]` block, row-major
+    /// `[ceil(out/block_out), ceil(in/block_in)]`.
+    Fp8 {
+        scales: Vec<f32>,
+        block_out: usize,
+        block_in: usize,
+    },
+    /// Packed FP4 e2m1 `[out, in/2]`; `scales` is e8m0 `[out, in/32]`.
+    Fp4 {
+        scales: Tensor,
+    },
+}
+
+impl Format {
+    pub fn label(&self) -> String {
+        match self {
+            Format::F32 => "f32".into(),
+            Format::Bf16 => "bf16".into(),
+            Format::F16 => "f16".into(),
+            Format::Fp8 {
+                block_out,
+                block_in,
+                ..
+            } => format!("fp8-e4m3 {block_out}x{block_in}"),
+            Format::Fp4 { .. } => "fp4-e2m1/32".into(),
+        }
+    }
+}
+
+/// A weight matrix `[out, in]` applied as `y = W x`.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    pub out: usize,
+    pub inp: usize,
+    weight: Tensor,
+    pub format: Format,
+}
+
+impl Linear {
+    /// Interprets `weight` (and its `scale`, if quantized) as a `[out, inp]` matrix, checking
+    /// dtypes and shapes. `block` is the FP8 block size from `quantization_config`.
+    pub fn new(
+        weight: &Tensor,
+        scale: Option<&Tensor>,
+        out: usize,
+        inp: usize,
+        block: Option<[usize; 2]>,
+    ) -> Result<Self> {
+        let want_shape = |shape: &[usize]| -> Result<()> {
+            if weight.shape != shape {
+                return Err(weight.err(format!(
+                    "shape {:?}, expected {:?} for a {} weight [{out}, {inp}]",
+                    weight.shape,
+                    shape,
+                    weight.dtype.name()
+                )));
+            }
+            Ok(())
+        };
+        let format = match weight.dtype {
+            DType::F32 | DType::BF16 | DType::F16 => {
+                want_shape(&[out, inp])?;
+                match weight.dtype {
+                    DType::F32 => Format::F32,
+                    DType::BF16 => Format::Bf16,
+                    _ => Format::F16,
+                }
+            }
+            DType::F8E4M3 => {
+                want_shape(&[out, inp])?;
+                let scale =
+                    scale.ok_or_else(|| weight.err("FP8 weight without its `.scale` tensor"))?;
+                if scale.shape.len() != 2 {
+                    return Err(scale.err(format!(
+                        "FP8 block scales must be 2-D, got {:?}",
+                        scale.shape
+                    )));
+                }
+                let (sr, sc) = (scale.shape[0], scale.shape[1]);
+                let [bo, bi] = block.unwrap_or([out.div_ceil(sr.max(1)), inp.div_ceil(sc.max(1))]);
+                if sr != out.div_ceil(bo) || sc != inp.div_ceil(bi) {
+                    return Err(scale.err(format!(
+                        "FP8 scale grid {:?} does not fit weight [{out}, {inp}] with {bo}x{bi} blocks (expected [{}, {}])",
+                        scale.shape,
+                        out.div_ceil(bo),
+                        inp.div_ceil(bi)
+                    )));
+                }
+                let scales = match scale.dtype {
+                    DType::F8E8M0 | DType::U8 | DType::F32 | DType::BF16 => {
+                        if scale.dtype == DType::U8 {
+                            scale
+                                .bytes()
+                                .iter()
+                                .map(|&u| crate::tensor::e8m0_to_f32(u))
+                                .collect()
+                        } else {
+                            scale.to_f32()?
+                        }
+                    }
+                    d => {
+                        return Err(
+                            scale.err(format!("FP8 scale dtype {} is not supported", d.name()))
+                        )
+                    }
+                };
+                if let Some(i) = scales.iter().position(|s| !s.is_finite()) {
+                    return Err(scale.err(format!("scale #{i} is not finite")));
+                }
+                Format::Fp8 {
+                    scales,
+                    block_out: bo,
+                    block_in: bi,
+                }
+            }
+            DType::I8 | DType::U8 => {
+                if inp % 32 != 0 {
+                    return Err(weight.err(format!(
+                        "packed FP4 needs the input dim ({inp}) to be a multiple of 32"
+                    )));
+                }
+                want_shape(&[out, inp / 2])?;
+                let scale = scale
+                    .ok_or_else(|| weight.err("packed FP4 weight without its `.scale` tensor"))?;
+                if !matches!(scale.dtype, DType::F8E8M0 | DType::U8)
+                    || scale.shape != [out, inp / 32]
+                {
+                    return Err(scale.err(format!(
+                        "FP4 scales must be F8_E8M0 [{out}, {}], got {} {:?}",
+                        inp / 32,
+                        scale.dtype.name(),
+                        scale.shape
+                    )));
+                }
+                Format::Fp4 {
+                    scales: scale.clone(),
+                }
+            }
+            d => return Err(weight.err(format!("dtype {} cannot be a linear weight", d.name()))),
+        };
+        Ok(Linear {
+            out,
+            inp,
+            weight: weight.clone(),
+            format,
+        })
+    }
+
+    /// Stored bytes of the weight and its scales (what one full pass reads).
+    pub fn stored_bytes(&self) -> usize {
+        self.weight.bytes().len()
+            + match &self.format {
+                Format::Fp4 { scales } => scales.bytes().len(),
+                Format::Fp8 { scales, .. } => scales.len(),
+                _ => 0,
+            }
+    }
+
+    /// Row `o` in its stored format.
+    #[inline]
+    pub fn row(&self, o: usize) -> Row<'_> {
+        let b = self.weight.bytes();
+        match &self.format {
+            Format::F32 => Row::F32(&b[o * self.inp * 4..(o + 1) * self.inp * 4]),
+            Format::Bf16 => Row::Bf16(&b[o * self.inp * 2..(o + 1) * self.inp * 2]),
+            Format::F16 => Row::F16(&b[o * self.inp * 2..(o + 1) * self.inp * 2]),
+            Format::Fp8 {
+                scales,
+                block_out,
+                block_in,
+            } => {
+                let cols = self.inp.div_ceil(*block_in);
+                let r = o / block_out;
+                Row::Fp8 {
+                    codes: &b[o * self.inp..(o + 1) * self.inp],
+                    scales: &scales[r * cols..(r + 1) * cols],
+                    block: *block_in,
+                }
+            }
+            Format::Fp4 { scales } => {
+                let g = self.inp / 32;
+                Row::Fp4 {
+                    packed: &b[o * self.inp / 2..(o + 1) * self.inp / 2],
+                    scales: &scales.bytes()[o * g..(o + 1) * g],
+                }
+            }
+        }
+    }
+
+    /// Dequantizes row `o` into `out` (`inp` values).
+    pub fn row_f32(&self, o: usize, out: &mut [f32]) {
+        kernels::dequant(self.row(o), out);
+    }
+
+    /// `y[t, :] = W x[t, :]` for `m` rows; `x` is `[m, inp]`, `y` is `[m, out]`.
+    pub fn forward(&self, x: &[f32], m: usize, y: &mut [f32]) {
+        self.forward_rows(x, m, 0, self.out, y);
+    }
+
+    /// Like [`forward`](Self::forward) with only weight rows `r0..r0+n`: `y` is `[m, n]`.
+    /// (The grouped output projection applies one row block per head group.)
+    pub fn forward_rows(&self, x: &[f32], m: usize, r0: usize, n: usize, y: &mut [f32]) {
+        assert_eq!(x.len(), m * self.inp, "linear input length");
+        assert_eq!(y.len(), m * n, "linear output length");
+        assert!(r0 + n <= self.out, "linear row range");
+        if m == 0 || n == 0 {
+            return;
+        }
+        // Work splits over output rows; each task reads its rows once and applies them to all m
+        // inputs (a dequantized row is reused across tokens when m > 1).
+        let threads = rayon::current_num_threads().max(1);
+        let per_task = (n / (threads * 4)).clamp(1, 256);
+        if m == 1 {
+            y.par_chunks_mut(per_task).enumerate().for_each(|(c, ys)| {
+                let o0 = r0 + c * per_task;
+                for (j, yv) in ys.iter_mut().enumerate() {
+                    *yv = kernels::dot(self.row(o0 + j), x);
+                }
+            });
+            return;
+        }
+        let mut yt = vec![0f32; m * n]; // [n, m], contiguous per task
+        yt.par_chunks_mut(per_task * m)
+            .enumerate()
+            .for_each(|(c, ys)| {
+                let o0 = r0 + c * per_task;
+                let rows = ys.len() / m;
+                let mut tile = vec![0f32; self.inp];
+                for j in 0..rows {
+                    self.row_f32(o0 + j, &mut tile);
+                    for t in 0..m {
+                        ys[j * m + t] =
+                            kernels::dot_f32(&tile, &x[t * self.inp..(t + 1) * self.inp]);
+                    }
+                }
+            });
+        for o in 0..n {
+            for t in 0..m {
+                y[t * n + o] = yt[o * m + t];
+            }
+        }
+    }
+
+    /// Convenience: allocate the output.
+    pub fn apply(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let mut y = vec![0f32; m * self.out];
+        self.forward(x, m, &mut y);
+        y
+    }
+}

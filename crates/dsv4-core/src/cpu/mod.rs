@@ -1,0 +1,4 @@
+//! The CPU backend: dequantizing kernels and the quantized linear layer.
+
+pub mod kernels;
+pub mod linear;

@@ -1,0 +1,22 @@
+//! dsv4-core: DeepSeek-V4 inference — config, checkpoint reading, weight formats, the model,
+//! per-sequence caches, and the CPU backend.
+
+pub mod checkpoint;
+pub mod config;
+pub mod cpu;
+pub mod error;
+pub mod model;
+pub mod tensor;
+
+pub use checkpoint::Checkpoint;
+pub use config::ModelConfig;
+pub use error::{Error, Result};
+pub use model::{cache::SeqCache, Logits, Model};
+
+/// Sets the number of CPU worker threads (call once, before any model work).
+pub fn init_threads(n: usize) -> std::result::Result<(), String> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global()
+        .map_err(|e| e.to_string())
+}

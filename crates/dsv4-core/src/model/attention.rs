@@ -1,0 +1,187 @@
+//! The attention block of every layer type: low-rank queries with per-head RMS norm, one shared
+//! K=V head over a sliding window, plus compressed entries (all visible ones for HCA, the lightning
+//! indexer's top-k for CSA), per-head sinks, de-rotation of the output, and the grouped low-rank
+//! output projection.
+
+use super::cache::{CompressorState, LayerCache};
+use super::compressor;
+use super::norm::{rms_norm, rms_norm_unweighted};
+use super::rope::{rotate, RopeTable};
+use super::weights::{AttentionWeights, IndexerWeights};
+use crate::config::ModelConfig;
+use crate::cpu::kernels;
+use rayon::prelude::*;
+
+/// Runs attention for `l` new tokens at positions `pos0..pos0+l`; `x` is the normed input
+/// `[l, D]`. Updates the layer's cache and returns `[l, D]`.
+pub fn forward(
+    c: &ModelConfig,
+    w: &AttentionWeights,
+    cache: &mut LayerCache,
+    x: &[f32],
+    l: usize,
+    pos0: usize,
+    rope: &RopeTable,
+) -> Vec<f32> {
+    let (h, dh, r) = (c.num_heads, c.head_dim, c.rope_dim);
+    let eps = c.rms_norm_eps;
+    let trig: Vec<(Vec<f32>, Vec<f32>)> = (0..l).map(|t| rope.cos_sin(pos0 + t)).collect();
+
+    // Queries: low-rank, normed per head, rotated.
+    let mut qr = w.wq_a.apply(x, l);
+    rms_norm(&mut qr, &w.q_norm, eps);
+    let mut q = w.wq_b.apply(&qr, l);
+    rms_norm_unweighted(&mut q, dh, eps);
+    for (t, qt) in q.chunks_mut(h * dh).enumerate() {
+        for head in qt.chunks_mut(dh) {
+            rotate(head, &trig[t].0, &trig[t].1, false);
+        }
+    }
+
+    // The shared K=V row of each new token.
+    let mut kv = w.wkv.apply(x, l);
+    rms_norm(&mut kv, &w.kv_norm, eps);
+    for (t, row) in kv.chunks_mut(dh).enumerate() {
+        rotate(row, &trig[t].0, &trig[t].1, false);
+    }
+
+    // Local keys: cached window rows (positions k0..pos0) followed by the new rows.
+    let win = c.sliding_window;
+    let k0 = pos0.saturating_sub(win - 1);
+    let mut local = Vec::with_capacity((pos0 - k0 + l) * dh);
+    if cache.window.is_empty() {
+        cache.window = vec![0f32; win * dh];
+    }
+    for p in k0..pos0 {
+        let s = p % win;
+        local.extend_from_slice(&cache.window[s * dh..(s + 1) * dh]);
+    }
+    local.extend_from_slice(&kv);
+    for t in l.saturating_sub(win)..l {
+        let s = (pos0 + t) % win;
+        cache.window[s * dh..(s + 1) * dh].copy_from_slice(&kv[t * dh..(t + 1) * dh]);
+    }
+
+    // Compressed entries and, per query, which of them it attends to.
+    let mut entries: &[f32] = &[];
+    let mut selected: Vec<Vec<usize>> = vec![Vec::new(); l];
+    if let Some(cw) = &w.compressor {
+        let st = cache
+            .compressor
+            .get_or_insert_with(CompressorState::default);
+        compressor::update(cw, st, x, l, rope, eps);
+        let m = cw.ratio;
+        if let Some(ix) = &w.indexer {
+            let ist = cache.indexer.get_or_insert_with(CompressorState::default);
+            compressor::update(&ix.compressor, ist, x, l, rope, eps);
+            selected = indexer_topk(c, ix, ist, x, &qr, l, pos0, &trig);
+        } else {
+            for (t, sel) in selected.iter_mut().enumerate() {
+                *sel = (0..(pos0 + t + 1) / m).collect();
+            }
+        }
+        entries = &cache.compressor.as_ref().expect("compressor state").entries;
+    }
+
+    // Attention per (token, head), in parallel.
+    let scale = 1.0 / (dh as f32).sqrt();
+    let mut o = vec![0f32; l * h * dh];
+    o.par_chunks_mut(dh).enumerate().for_each(|(i, out)| {
+        let (t, hd) = (i / h, i % h);
+        let p = pos0 + t;
+        let qv = &q[(t * h + hd) * dh..(t * h + hd + 1) * dh];
+        let lo = p.saturating_sub(win - 1).max(k0) - k0;
+        let hi = p - k0; // inclusive
+        let keys = (lo..=hi)
+            .map(|j| &local[j * dh..(j + 1) * dh])
+            .chain(selected[t].iter().map(|&e| &entries[e * dh..(e + 1) * dh]));
+        let logits: Vec<f32> = keys
+            .clone()
+            .map(|k| kernels::dot_f32(qv, k) * scale)
+            .collect();
+        let sink = w.sinks[hd];
+        let mx = logits.iter().cloned().fold(sink, f32::max);
+        let mut den = (sink - mx).exp();
+        for (s, k) in logits.iter().zip(keys) {
+            let pr = (s - mx).exp();
+            den += pr;
+            kernels::axpy(pr, k, out);
+        }
+        let inv = 1.0 / den;
+        out.iter_mut().for_each(|v| *v *= inv);
+        let _ = r;
+        rotate(out, &trig[t].0, &trig[t].1, true);
+    });
+
+    // Grouped low-rank output: group g's heads go through rows g·R.. of wo_a.
+    let (g, rk) = (c.o_groups, c.o_lora_rank);
+    let gw = h / g * dh;
+    let mut z = vec![0f32; l * g * rk];
+    let mut xin = vec![0f32; l * gw];
+    let mut zg = vec![0f32; l * rk];
+    for gi in 0..g {
+        for t in 0..l {
+            xin[t * gw..(t + 1) * gw]
+                .copy_from_slice(&o[t * h * dh + gi * gw..t * h * dh + (gi + 1) * gw]);
+        }
+        w.wo_a.forward_rows(&xin, l, gi * rk, rk, &mut zg);
+        for t in 0..l {
+            z[t * g * rk + gi * rk..t * g * rk + (gi + 1) * rk]
+                .copy_from_slice(&zg[t * rk..(t + 1) * rk]);
+        }
+    }
+    w.wo_b.apply(&z, l)
+}
+
+/// Lightning indexer: scores every visible compressed entry for each query and keeps the
+/// `index_topk` best (ties → lower index). Returns the selected entry indices per query.
+#[allow(clippy::too_many_arguments)]
+fn indexer_topk(
+    c: &ModelConfig,
+    ix: &IndexerWeights,
+    st: &CompressorState,
+    x: &[f32],
+    qr: &[f32],
+    l: usize,
+    pos0: usize,
+    trig: &[(Vec<f32>, Vec<f32>)],
+) -> Vec<Vec<usize>> {
+    let (hi, di) = (c.index_n_heads, c.index_head_dim);
+    let m = ix.compressor.ratio;
+    let mut qi = ix.wq_b.apply(qr, l);
+    for (t, qt) in qi.chunks_mut(hi * di).enumerate() {
+        for head in qt.chunks_mut(di) {
+            rotate(head, &trig[t].0, &trig[t].1, false);
+        }
+    }
+    let hw = ix.weights_proj.apply(x, l);
+    let (wscale, dscale) = (1.0 / (hi as f32).sqrt(), 1.0 / (di as f32).sqrt());
+    (0..l)
+        .into_par_iter()
+        .map(|t| {
+            let valid = ((pos0 + t + 1) / m).min(st.n_entries);
+            if valid <= c.index_topk {
+                return (0..valid).collect();
+            }
+            let mut scored: Vec<(f32, usize)> = (0..valid)
+                .map(|e| {
+                    let ev = &st.entries[e * di..(e + 1) * di];
+                    let s: f32 = (0..hi)
+                        .map(|hh| {
+                            let dotp = kernels::dot_f32(
+                                &qi[(t * hi + hh) * di..(t * hi + hh + 1) * di],
+                                ev,
+                            );
+                            hw[t * hi + hh] * wscale * dotp.max(0.0) * dscale
+                        })
+                        .sum();
+                    (s, e)
+                })
+                .collect();
+            scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+            let mut sel: Vec<usize> = scored[..c.index_topk].iter().map(|&(_, e)| e).collect();
+            sel.sort_unstable();
+            sel
+        })
+        .collect()
+}

@@ -1,0 +1,98 @@
+//! Mixture of experts: sqrt-softplus router (hash-routed or biased top-k selection), normalized
+//! and scaled routing weights, clamped SwiGLU experts, plus the shared expert.
+
+use super::weights::{Expert, MoeWeights, Router};
+use crate::config::ModelConfig;
+
+#[inline]
+fn softplus(x: f32) -> f32 {
+    if x > 20.0 {
+        x
+    } else {
+        x.exp().ln_1p()
+    }
+}
+
+/// Expert picks of one token: ids and routing weights.
+pub type Routing = Vec<(usize, f32)>;
+
+/// Chooses experts for each of `l` tokens.
+pub fn route(c: &ModelConfig, w: &MoeWeights, x: &[f32], ids: &[u32], l: usize) -> Vec<Routing> {
+    let e = c.n_routed_experts;
+    let k = c.num_experts_per_tok;
+    let logits = w.gate.apply(x, l);
+    (0..l)
+        .map(|t| {
+            let s: Vec<f32> = logits[t * e..(t + 1) * e]
+                .iter()
+                .map(|&v| softplus(v).sqrt())
+                .collect();
+            let picks: Vec<usize> = match &w.router {
+                Router::Hash { tid2eid } => {
+                    let id = ids[t] as usize;
+                    tid2eid[id * k..(id + 1) * k]
+                        .iter()
+                        .map(|&x| x as usize)
+                        .collect()
+                }
+                Router::TopK { bias } => {
+                    let mut order: Vec<usize> = (0..e).collect();
+                    let key = |i: usize| s[i] + bias[i];
+                    order.sort_by(|&a, &b| key(b).total_cmp(&key(a)).then(a.cmp(&b)));
+                    order.truncate(k);
+                    order
+                }
+            };
+            let sum: f32 = picks.iter().map(|&i| s[i]).sum::<f32>() + 1e-20;
+            picks
+                .into_iter()
+                .map(|i| (i, s[i] / sum * c.routed_scaling_factor))
+                .collect()
+        })
+        .collect()
+}
+
+/// `w2 · (silu(min(w1·x, λ)) ⊙ clamp(w3·x, −λ, λ))` for `m` rows of `x`.
+pub fn expert_forward(ex: &Expert, x: &[f32], m: usize, limit: Option<f32>) -> Vec<f32> {
+    let mut g = ex.w1.apply(x, m);
+    let u = ex.w3.apply(x, m);
+    for (g, &u) in g.iter_mut().zip(&u) {
+        let (gv, uv) = match limit {
+            Some(lim) => (g.min(lim), u.clamp(-lim, lim)),
+            None => (*g, u),
+        };
+        *g = gv / (1.0 + (-gv).exp()) * uv;
+    }
+    ex.w2.apply(&g, m)
+}
+
+/// The MoE block for `l` tokens (`x` normed `[l, D]`, `ids` their token ids).
+pub fn forward(c: &ModelConfig, w: &MoeWeights, x: &[f32], ids: &[u32], l: usize) -> Vec<f32> {
+    let d = c.hidden_size;
+    let routes = route(c, w, x, ids, l);
+    let mut y = match &w.shared {
+        Some(sh) => expert_forward(sh, x, l, c.swiglu_limit),
+        None => vec![0f32; l * d],
+    };
+    // Group tokens by expert so each expert's weights are read once per call.
+    let mut by_expert: Vec<Vec<(usize, f32)>> = vec![Vec::new(); c.n_routed_experts];
+    for (t, r) in routes.iter().enumerate() {
+        for &(e, wt) in r {
+            by_expert[e].push((t, wt));
+        }
+    }
+    for (e, toks) in by_expert.iter().enumerate() {
+        if toks.is_empty() {
+            continue;
+        }
+        let xin: Vec<f32> = toks
+            .iter()
+            .flat_map(|&(t, _)| x[t * d..(t + 1) * d].iter().copied())
+            .collect();
+        let out = expert_forward(&w.experts[e], &xin, toks.len(), c.swiglu_limit);
+        for (j, &(t, wt)) in toks.iter().enumerate() {
+            crate::cpu::kernels::axpy(wt, &out[j * d..(j + 1) * d], &mut y[t * d..(t + 1) * d]);
+        }
+    }
+    y
+}

@@ -1,0 +1,386 @@
+//! Every weight of the model, located in the checkpoint and checked (presence, shape, dtype)
+//! before the first forward. Large matrices stay in their stored format ([`Linear`]); small
+//! vectors (norms, hyper-connection params, sinks, ape, router bias) are decoded to f32.
+
+use crate::checkpoint::Checkpoint;
+use crate::config::{AttnKind, MlpKind, ModelConfig};
+use crate::cpu::linear::Linear;
+use crate::error::Result;
+use crate::tensor::{DType, Tensor};
+
+/// Hyper-connection parameters of one site: `fn` `[(2+n)·n, n·D]` (or `[n, n·D]` for the head),
+/// `base`, `scale`.
+pub struct HcWeights {
+    pub fn_: Linear,
+    pub base: Vec<f32>,
+    pub scale: Vec<f32>,
+}
+
+/// One compressor (main, or the indexer's): projections of width `c·dim`, slot bias, norm.
+pub struct CompressorWeights {
+    pub ratio: usize,
+    /// CSA (ratio 4) windows overlap: width `2·dim`, previous window's first half joins.
+    pub overlap: bool,
+    pub dim: usize,
+    pub wkv: Linear,
+    pub wgate: Linear,
+    /// `[ratio, c·dim]` (fp32).
+    pub ape: Vec<f32>,
+    pub norm: Vec<f32>,
+}
+
+pub struct IndexerWeights {
+    pub compressor: CompressorWeights,
+    pub wq_b: Linear,
+    pub weights_proj: Linear,
+}
+
+pub struct AttentionWeights {
+    pub wq_a: Linear,
+    pub q_norm: Vec<f32>,
+    pub wq_b: Linear,
+    pub wkv: Linear,
+    pub kv_norm: Vec<f32>,
+    pub wo_a: Linear,
+    pub wo_b: Linear,
+    pub sinks: Vec<f32>,
+    pub compressor: Option<CompressorWeights>,
+    pub indexer: Option<IndexerWeights>,
+}
+
+/// A SwiGLU MLP: gate `w1`, up `w3`, down `w2`.
+pub struct Expert {
+    pub w1: Linear,
+    pub w3: Linear,
+    pub w2: Linear,
+}
+
+pub enum Router {
+    /// Frozen expert ids per token: `[vocab, k]`.
+    Hash { tid2eid: Vec<u32> },
+    /// Learned top-k; the bias only affects which experts are selected.
+    TopK { bias: Vec<f32> },
+}
+
+pub struct MoeWeights {
+    pub gate: Linear,
+    pub router: Router,
+    pub experts: Vec<Expert>,
+    pub shared: Option<Expert>,
+}
+
+pub struct LayerWeights {
+    pub kind: AttnKind,
+    pub attn_norm: Vec<f32>,
+    pub ffn_norm: Vec<f32>,
+    pub hc_attn: HcWeights,
+    pub hc_ffn: HcWeights,
+    pub attn: AttentionWeights,
+    pub moe: MoeWeights,
+}
+
+pub struct ModelWeights {
+    pub embed: Linear,
+    pub head: Linear,
+    pub norm: Vec<f32>,
+    pub hc_head: HcWeights,
+    pub layers: Vec<LayerWeights>,
+}
+
+/// Loads weights by official key with the expected shapes.
+struct Loader<'a> {
+    ck: &'a Checkpoint,
+    block: Option<[usize; 2]>,
+}
+
+impl Loader<'_> {
+    fn tensor(&self, key: &str) -> Result<&Tensor> {
+        self.ck.require(key)
+    }
+
+    /// A small float vector/matrix decoded to f32, with its shape checked.
+    fn vec(&self, key: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let t = self.tensor(key)?;
+        if t.shape != shape {
+            return Err(t.err(format!("shape {:?}, expected {:?}", t.shape, shape)));
+        }
+        if !matches!(t.dtype, DType::F32 | DType::BF16 | DType::F16) {
+            return Err(t.err(format!(
+                "dtype {}, expected F32, BF16 or F16",
+                t.dtype.name()
+            )));
+        }
+        let v = t.to_f32()?;
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            return Err(t.err(format!("element {i} is not finite")));
+        }
+        Ok(v)
+    }
+
+    /// `prefix.weight` (+ `prefix.scale` when quantized) as a `[out, inp]` matrix.
+    fn linear(&self, prefix: &str, out: usize, inp: usize) -> Result<Linear> {
+        let w = self.tensor(&format!("{prefix}.weight"))?;
+        let scale = self.ck.get(&format!("{prefix}.scale"));
+        Linear::new(w, scale, out, inp, self.block)
+    }
+
+    /// A bare (un-suffixed) float matrix such as `hc_attn_fn`.
+    fn matrix(&self, key: &str, out: usize, inp: usize) -> Result<Linear> {
+        let t = self.tensor(key)?;
+        if !matches!(t.dtype, DType::F32 | DType::BF16 | DType::F16) {
+            return Err(t.err(format!(
+                "dtype {}, expected F32, BF16 or F16",
+                t.dtype.name()
+            )));
+        }
+        Linear::new(t, None, out, inp, None)
+    }
+
+    fn hc(&self, prefix: &str, rows: usize, d: usize, nscale: usize) -> Result<HcWeights> {
+        Ok(HcWeights {
+            fn_: self.matrix(&format!("{prefix}_fn"), rows, d)?,
+            base: self.vec(&format!("{prefix}_base"), &[rows])?,
+            scale: self.vec(&format!("{prefix}_scale"), &[nscale])?,
+        })
+    }
+
+    fn compressor(
+        &self,
+        prefix: &str,
+        ratio: usize,
+        dim: usize,
+        hidden: usize,
+    ) -> Result<CompressorWeights> {
+        let overlap = ratio == crate::config::CSA_RATIO;
+        let width = if overlap { 2 * dim } else { dim };
+        Ok(CompressorWeights {
+            ratio,
+            overlap,
+            dim,
+            wkv: self.linear(&format!("{prefix}.wkv"), width, hidden)?,
+            wgate: self.linear(&format!("{prefix}.wgate"), width, hidden)?,
+            ape: self.vec(&format!("{prefix}.ape"), &[ratio, width])?,
+            norm: self.vec(&format!("{prefix}.norm.weight"), &[dim])?,
+        })
+    }
+
+    fn expert(&self, prefix: &str, inter: usize, hidden: usize) -> Result<Expert> {
+        Ok(Expert {
+            w1: self.linear(&format!("{prefix}.w1"), inter, hidden)?,
+            w3: self.linear(&format!("{prefix}.w3"), inter, hidden)?,
+            w2: self.linear(&format!("{prefix}.w2"), hidden, inter)?,
+        })
+    }
+
+    /// Routed experts: per-expert official tensors, or transformers' stacked
+    /// `gate_up_proj` `[E, 2I, D]` / `down_proj` `[E, D, I]` sliced without copying.
+    fn experts(&self, layer: usize, c: &ModelConfig) -> Result<Vec<Expert>> {
+        let (e, i, d) = (c.n_routed_experts, c.moe_intermediate_size, c.hidden_size);
+        let p = format!("layers.{layer}.ffn.experts");
+        if self.ck.get(&format!("{p}.gate_up_proj")).is_none() {
+            return (0..e)
+                .map(|x| self.expert(&format!("{p}.{x}"), i, d))
+                .collect();
+        }
+        let gu = self.tensor(&format!("{p}.gate_up_proj"))?;
+        let dn = self.tensor(&format!("{p}.down_proj"))?;
+        let gu_s = self.ck.get(&format!("{p}.gate_up_proj.scale"));
+        let dn_s = self.ck.get(&format!("{p}.down_proj.scale"));
+        let packed = matches!(gu.dtype, DType::I8 | DType::U8);
+        let (gu_cols, dn_cols) = if packed { (d / 2, i / 2) } else { (d, i) };
+        if gu.shape != [e, 2 * i, gu_cols] {
+            return Err(gu.err(format!(
+                "shape {:?}, expected {:?}",
+                gu.shape,
+                [e, 2 * i, gu_cols]
+            )));
+        }
+        if dn.shape != [e, d, dn_cols] {
+            return Err(dn.err(format!(
+                "shape {:?}, expected {:?}",
+                dn.shape,
+                [e, d, dn_cols]
+            )));
+        }
+        let gu2 = gu.reshaped(vec![e * 2 * i, gu_cols])?;
+        let dn2 = dn.reshaped(vec![e * d, dn_cols])?;
+        // Scales are stacked the same way: [E, rows', cols'] → rows of the flattened matrix.
+        let flat = |s: Option<&Tensor>| -> Result<Option<Tensor>> {
+            s.map(|s| {
+                let rows: usize = s.shape[..s.shape.len() - 1].iter().product();
+                s.reshaped(vec![rows, *s.shape.last().unwrap_or(&1)])
+            })
+            .transpose()
+        };
+        let (gu_s, dn_s) = (flat(gu_s)?, flat(dn_s)?);
+        let scale_rows =
+            |s: &Option<Tensor>, total: usize, start: usize, n: usize| -> Result<Option<Tensor>> {
+                let Some(s) = s else { return Ok(None) };
+                let per = s.shape[0] * n / total; // scale rows covering n weight rows
+                if per == 0 || (s.shape[0] * start) % total != 0 {
+                    return Err(s.err("stacked expert scales do not align with expert boundaries"));
+                }
+                s.slice_outer(s.shape[0] * start / total, per).map(Some)
+            };
+        (0..e)
+            .map(|x| {
+                let gs = scale_rows(&gu_s, e * 2 * i, x * 2 * i, i)?;
+                let us = scale_rows(&gu_s, e * 2 * i, x * 2 * i + i, i)?;
+                let ds = scale_rows(&dn_s, e * d, x * d, d)?;
+                Ok(Expert {
+                    w1: Linear::new(
+                        &gu2.slice_outer(x * 2 * i, i)?,
+                        gs.as_ref(),
+                        i,
+                        d,
+                        self.block,
+                    )?,
+                    w3: Linear::new(
+                        &gu2.slice_outer(x * 2 * i + i, i)?,
+                        us.as_ref(),
+                        i,
+                        d,
+                        self.block,
+                    )?,
+                    w2: Linear::new(&dn2.slice_outer(x * d, d)?, ds.as_ref(), d, i, self.block)?,
+                })
+            })
+            .collect()
+    }
+}
+
+impl ModelWeights {
+    /// Locates and validates every tensor the forward pass needs.
+    pub fn load(ck: &Checkpoint) -> Result<Self> {
+        let c = &ck.config;
+        let l = Loader {
+            ck,
+            block: c.quant.as_ref().map(|q| q.block),
+        };
+        let (d, n) = (c.hidden_size, c.hc_mult);
+        let hc_rows = (2 + n) * n;
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for i in 0..c.num_layers {
+            let p = format!("layers.{i}");
+            let kind = c.attn_kinds[i];
+            let (h, dh) = (c.num_heads, c.head_dim);
+            let compressor = match kind.ratio() {
+                Some(m) => Some(l.compressor(&format!("{p}.attn.compressor"), m, dh, d)?),
+                None => None,
+            };
+            let indexer = if kind.is_csa() {
+                let (hi, di) = (c.index_n_heads, c.index_head_dim);
+                Some(IndexerWeights {
+                    compressor: l.compressor(&format!("{p}.attn.indexer.compressor"), 4, di, d)?,
+                    wq_b: l.linear(&format!("{p}.attn.indexer.wq_b"), hi * di, c.q_lora_rank)?,
+                    weights_proj: l.linear(&format!("{p}.attn.indexer.weights_proj"), hi, d)?,
+                })
+            } else {
+                None
+            };
+            let attn = AttentionWeights {
+                wq_a: l.linear(&format!("{p}.attn.wq_a"), c.q_lora_rank, d)?,
+                q_norm: l.vec(&format!("{p}.attn.q_norm.weight"), &[c.q_lora_rank])?,
+                wq_b: l.linear(&format!("{p}.attn.wq_b"), h * dh, c.q_lora_rank)?,
+                wkv: l.linear(&format!("{p}.attn.wkv"), dh, d)?,
+                kv_norm: l.vec(&format!("{p}.attn.kv_norm.weight"), &[dh])?,
+                wo_a: l.linear(
+                    &format!("{p}.attn.wo_a"),
+                    c.o_groups * c.o_lora_rank,
+                    h / c.o_groups * dh,
+                )?,
+                wo_b: l.linear(&format!("{p}.attn.wo_b"), d, c.o_groups * c.o_lora_rank)?,
+                sinks: l.vec(&format!("{p}.attn.attn_sink"), &[h])?,
+                compressor,
+                indexer,
+            };
+            let (e, k) = (c.n_routed_experts, c.num_experts_per_tok);
+            let router = match c.mlp_kinds[i] {
+                MlpKind::Hash => {
+                    let t = l.tensor(&format!("{p}.ffn.gate.tid2eid"))?;
+                    if t.shape != [c.vocab_size, k] {
+                        return Err(t.err(format!(
+                            "shape {:?}, expected {:?}",
+                            t.shape,
+                            [c.vocab_size, k]
+                        )));
+                    }
+                    let ids = t.to_i64()?;
+                    if let Some(bad) = ids.iter().position(|&x| x < 0 || x as usize >= e) {
+                        return Err(t.err(format!(
+                            "entry {bad} = {} is not an expert id < {e}",
+                            ids[bad]
+                        )));
+                    }
+                    Router::Hash {
+                        tid2eid: ids.into_iter().map(|x| x as u32).collect(),
+                    }
+                }
+                MlpKind::TopK => Router::TopK {
+                    bias: l.vec(&format!("{p}.ffn.gate.bias"), &[e])?,
+                },
+            };
+            let shared = match c.n_shared_experts {
+                0 => None,
+                s => Some(l.expert(
+                    &format!("{p}.ffn.shared_experts"),
+                    s * c.moe_intermediate_size,
+                    d,
+                )?),
+            };
+            let moe = MoeWeights {
+                gate: l.linear(&format!("{p}.ffn.gate"), e, d)?,
+                router,
+                experts: l.experts(i, c)?,
+                shared,
+            };
+            layers.push(LayerWeights {
+                kind,
+                attn_norm: l.vec(&format!("{p}.attn_norm.weight"), &[d])?,
+                ffn_norm: l.vec(&format!("{p}.ffn_norm.weight"), &[d])?,
+                hc_attn: l.hc(&format!("{p}.hc_attn"), hc_rows, n * d, 3)?,
+                hc_ffn: l.hc(&format!("{p}.hc_ffn"), hc_rows, n * d, 3)?,
+                attn,
+                moe,
+            });
+        }
+        let w = ModelWeights {
+            embed: l.linear("embed", c.vocab_size, d)?,
+            head: l.linear("head", c.vocab_size, d)?,
+            norm: l.vec("norm.weight", &[d])?,
+            hc_head: l.hc("hc_head", n, n * d, 1)?,
+            layers,
+        };
+        Ok(w)
+    }
+
+    /// Bytes of weights read for one token by a decode step (every dense weight, the head, and
+    /// `k` routed experts per layer; the embedding row is negligible).
+    pub fn decode_bytes(&self, k: usize) -> usize {
+        let mut total = self.head.stored_bytes() + self.hc_head.fn_.stored_bytes();
+        for l in &self.layers {
+            let a = &l.attn;
+            total += [&a.wq_a, &a.wq_b, &a.wkv, &a.wo_a, &a.wo_b]
+                .iter()
+                .map(|x| x.stored_bytes())
+                .sum::<usize>();
+            for c in a
+                .compressor
+                .iter()
+                .chain(a.indexer.as_ref().map(|i| &i.compressor))
+            {
+                total += c.wkv.stored_bytes() + c.wgate.stored_bytes();
+            }
+            if let Some(ix) = &a.indexer {
+                total += ix.wq_b.stored_bytes() + ix.weights_proj.stored_bytes();
+            }
+            total += l.hc_attn.fn_.stored_bytes()
+                + l.hc_ffn.fn_.stored_bytes()
+                + l.moe.gate.stored_bytes();
+            let ex = |e: &Expert| e.w1.stored_bytes() + e.w2.stored_bytes() + e.w3.stored_bytes();
+            total += l.moe.shared.as_ref().map(ex).unwrap_or(0);
+            total += l.moe.experts.first().map(ex).unwrap_or(0) * k;
+        }
+        total
+    }
+}
