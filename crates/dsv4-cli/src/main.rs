@@ -5,6 +5,8 @@ use clap::{Parser, Subcommand};
 use dsv4_core::{Checkpoint, Logits, Model};
 use std::path::{Path, PathBuf};
 
+mod bench;
+
 #[derive(Parser)]
 #[command(name = "dsv4", version, about = "DeepSeek-V4 inference engine")]
 struct Cli {
@@ -35,6 +37,10 @@ enum Cmd {
         #[arg(long)]
         model: PathBuf,
     },
+    /// Measure prefill and decode speed, peak memory, and decode weight traffic against the
+    /// machine's measured memory bandwidth. Without --model: a synthetic model with
+    /// DeepSeek-V4-Flash layer shapes and random weights in the official FP8/FP4 formats.
+    Bench(bench::BenchArgs),
 }
 
 fn main() {
@@ -61,10 +67,11 @@ fn run(cmd: Cmd) -> Result<()> {
             out,
         } => logits(&model, &ids, chunks, &out),
         Cmd::Inspect { model } => inspect(&model),
+        Cmd::Bench(args) => bench::run(args),
     }
 }
 
-fn load(dir: &Path) -> Result<Model> {
+pub(crate) fn load(dir: &Path) -> Result<Model> {
     let ck = Checkpoint::open(dir)?;
     Ok(Model::load(&ck)?)
 }

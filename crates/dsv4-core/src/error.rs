@@ -30,6 +30,18 @@ pub enum Error {
     Tensor { name: String, reason: String },
     #[error("input: {0}")]
     Input(String),
+    /// The tokenizer could not be loaded or failed to encode/decode.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// A chat conversation that cannot be rendered into a DeepSeek-V4 prompt.
+    #[error("chat messages: {0}")]
+    Chat(String),
+    /// Model output that does not follow the DeepSeek-V4 completion format.
+    #[error("completion format: {0}")]
+    CompletionFormat(String),
+    /// Sampling parameters out of range.
+    #[error("sampling parameters: {0}")]
+    Sampling(String),
 }
 
 impl Error {

@@ -1,12 +1,17 @@
 //! dsv4-core: DeepSeek-V4 inference — config, checkpoint reading, weight formats, the model,
 //! per-sequence caches, and the CPU backend.
 
+#![recursion_limit = "256"]
+
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod cpu;
 pub mod error;
 pub mod model;
+pub mod synthetic;
 pub mod tensor;
+pub mod tokenizer;
 
 pub use checkpoint::Checkpoint;
 pub use config::ModelConfig;

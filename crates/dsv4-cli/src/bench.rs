@@ -1,0 +1,107 @@
+//! `dsv4 bench`: prefill and decode throughput, peak memory, and the decode step's weight
+//! traffic as a fraction of measured memory bandwidth.
+
+use anyhow::Result;
+use clap::Args;
+use dsv4_core::{bench, synthetic, Checkpoint, Logits, Model, ModelConfig};
+use serde_json::json;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Benchmark a real checkpoint instead of the synthetic model.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Synthetic model: number of layers (Flash schedule: 2 sliding, then CSA/HCA alternating).
+    #[arg(long, default_value_t = 6)]
+    layers: usize,
+    /// Synthetic model: routed experts per layer.
+    #[arg(long, default_value_t = 16)]
+    experts: usize,
+    /// Synthetic model: vocabulary size.
+    #[arg(long, default_value_t = 129280)]
+    vocab: usize,
+    /// Prompt tokens to prefill.
+    #[arg(long, default_value_t = 256)]
+    prompt: usize,
+    /// Tokens to decode after the prompt.
+    #[arg(long, default_value_t = 16)]
+    decode: usize,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    let threads = rayon::current_num_threads();
+    eprintln!("measuring memory bandwidth ({threads} threads)...");
+    let bw = bench::read_bandwidth(1 << 30, 5);
+
+    let t0 = Instant::now();
+    let (ck, label) = match &a.model {
+        Some(dir) => (Checkpoint::open(dir)?, dir.display().to_string()),
+        None => {
+            let mut j = synthetic::flash_config_json();
+            j["num_hidden_layers"] = json!(a.layers);
+            j["compress_ratios"] = json!(synthetic::flash_schedule(a.layers));
+            j["n_routed_experts"] = json!(a.experts);
+            j["vocab_size"] = json!(a.vocab);
+            let cfg = ModelConfig::from_json(&j)?;
+            (
+                synthetic::checkpoint(cfg, 1)?,
+                format!("synthetic Flash shapes, {} layers, {} experts, vocab {}", a.layers, a.experts, a.vocab),
+            )
+        }
+    };
+    let model = Model::load(&ck)?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let c = &model.config;
+    let ids: Vec<u32> = (0..a.prompt).map(|i| (3 + i * 7919 % (c.vocab_size - 3)) as u32).collect();
+
+    let mut cache = model.new_cache();
+    let t = Instant::now();
+    let mut logits = model.forward(&mut cache, &ids, Logits::Last)?;
+    let prefill_s = t.elapsed().as_secs_f64();
+
+    let mut steps = Vec::with_capacity(a.decode);
+    for _ in 0..a.decode {
+        let next = argmax(&logits);
+        let t = Instant::now();
+        logits = model.forward(&mut cache, &[next], Logits::Last)?;
+        steps.push(t.elapsed().as_secs_f64());
+    }
+    steps.sort_by(f64::total_cmp);
+    let median = steps.get(steps.len() / 2).copied().unwrap_or(f64::NAN);
+    let decode_tok_s = a.decode as f64 / steps.iter().sum::<f64>();
+    let bytes = model.weights.decode_bytes(c.num_experts_per_tok) as f64;
+    let achieved = bytes / median;
+    let peak = bench::peak_rss_bytes();
+    let ckb = ck.total_bytes();
+    let result = json!({
+        "model": label, "threads": threads, "load_s": load_s,
+        "checkpoint_bytes": ckb, "prompt_tokens": a.prompt, "decode_tokens": a.decode,
+        "prefill_tok_s": a.prompt as f64 / prefill_s, "decode_tok_s": decode_tok_s,
+        "decode_step_median_s": median, "decode_weight_bytes_per_token": bytes,
+        "decode_bytes_per_s": achieved, "measured_bandwidth_bytes_per_s": bw,
+        "bandwidth_fraction": achieved / bw, "peak_rss_bytes": peak,
+        "cache_bytes": cache.bytes(),
+    });
+    if a.json {
+        println!("{result}");
+    } else {
+        println!("model:              {label}");
+        println!("threads:            {threads}");
+        println!("checkpoint:         {:.2} GB (load {load_s:.1} s)", ckb as f64 / 1e9);
+        println!("prefill:            {} tokens, {:.2} tok/s", a.prompt, a.prompt as f64 / prefill_s);
+        println!("decode:             {} tokens, {decode_tok_s:.2} tok/s (median step {:.1} ms)", a.decode, median * 1e3);
+        println!("decode traffic:     {:.1} MB/token of weights → {:.2} GB/s", bytes / 1e6, achieved / 1e9);
+        println!("memory bandwidth:   {:.2} GB/s measured → {:.0}% of it", bw / 1e9, 100.0 * achieved / bw);
+        println!("peak memory:        {:.2} GB (cache {:.1} MB)", peak as f64 / 1e9, cache.bytes() as f64 / 1e6);
+    }
+    Ok(())
+}
+
+fn argmax(x: &[f32]) -> u32 {
+    x.iter().enumerate().fold(0, |b, (i, &v)| if v > x[b] { i } else { b }) as u32
+}

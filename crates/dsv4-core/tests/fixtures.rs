@@ -1,0 +1,162 @@
+//! The engine against transformers 5.23 reference logits (tests/fixtures, built by
+//! tools/make_fixtures.py): one call, the reference's odd chunking, prefill + token-by-token
+//! decode, and other chunkings — for the official FP8/FP4 layout and the transformers bf16 layout.
+
+use dsv4_core::tensor::{DType, Storage, Tensor};
+use dsv4_core::{Checkpoint, Logits, Model};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+fn fixture_dir(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name)
+}
+
+/// The reference tensors of a fixture.
+struct Reference {
+    t: HashMap<String, Tensor>,
+}
+
+impl Reference {
+    fn load(name: &str) -> Self {
+        let path = fixture_dir(name).join("reference.safetensors");
+        let bytes = std::fs::read(&path).expect("reference.safetensors");
+        let st = safetensors::SafeTensors::deserialize(&bytes).expect("valid reference");
+        let storage = Arc::new(Storage::Owned(bytes.clone()));
+        let base = bytes.as_ptr() as usize;
+        let file = Arc::new(path.clone());
+        let mut t = HashMap::new();
+        for (n, v) in st.iter() {
+            let dtype = DType::from_safetensors(v.dtype()).expect("dtype");
+            let off = v.data().as_ptr() as usize - base;
+            let tensor = Tensor::new(n.to_string(), file.clone(), dtype, v.shape().to_vec(), storage.clone(), off, v.data().len()).unwrap();
+            t.insert(n.to_string(), tensor);
+        }
+        Reference { t }
+    }
+    fn ints(&self, k: &str) -> Vec<i64> {
+        self.t[k].to_i64().unwrap()
+    }
+    fn floats(&self, k: &str) -> Vec<f32> {
+        self.t[k].to_f32().unwrap()
+    }
+    fn ids(&self, k: &str) -> Vec<u32> {
+        self.ints(k).into_iter().map(|x| x as u32).collect()
+    }
+    /// Reference logits (`name` or `name_sub`) and the vocabulary columns they cover.
+    fn logits(&self, name: &str, vocab: usize) -> (Vec<f32>, Vec<usize>) {
+        if let Some(t) = self.t.get(name) {
+            return (t.to_f32().unwrap(), (0..vocab).collect());
+        }
+        let cols = self.ints("logit_cols").into_iter().map(|x| x as usize).collect();
+        (self.floats(&format!("{name}_sub")), cols)
+    }
+}
+
+fn load_model(name: &str) -> Model {
+    let ck = Checkpoint::open(&fixture_dir(name)).expect("open fixture");
+    Model::load(&ck).expect("load fixture")
+}
+
+/// Runs the ids through a fresh cache in calls of the given sizes; `[T, vocab]` logits.
+fn run_chunks(model: &Model, ids: &[u32], chunks: &[usize]) -> Vec<f32> {
+    assert_eq!(chunks.iter().sum::<usize>(), ids.len());
+    let mut cache = model.new_cache();
+    let mut out = Vec::new();
+    let mut s = 0;
+    for &c in chunks {
+        out.extend(model.forward(&mut cache, &ids[s..s + c], Logits::All).unwrap());
+        s += c;
+    }
+    out
+}
+
+/// Row-wise relative error ≤ 1e-4 on the covered columns and the same full-vocab argmax.
+fn compare(what: &str, got: &[f32], want: &[f32], cols: &[usize], argmax: &[i64], vocab: usize) {
+    let t = argmax.len();
+    assert_eq!(got.len(), t * vocab, "{what}: logits size");
+    let mut worst = 0f32;
+    for r in 0..t {
+        let g = &got[r * vocab..(r + 1) * vocab];
+        let w = &want[r * cols.len()..(r + 1) * cols.len()];
+        let scale = w.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+        let err = cols.iter().zip(w).fold(0f32, |m, (&c, &x)| m.max((g[c] - x).abs())) / scale;
+        worst = worst.max(err);
+        assert!(err <= 1e-4, "{what}: row {r} relative error {err:.3e}");
+        let am = g.iter().enumerate().fold(0, |b, (i, &x)| if x > g[b] { i } else { b });
+        assert_eq!(am as i64, argmax[r], "{what}: row {r} argmax");
+    }
+    eprintln!("{what}: worst row relative error {worst:.2e}");
+}
+
+fn check_fixture(name: &str) {
+    let model = load_model(name);
+    let r = Reference::load(name);
+    let vocab = model.config.vocab_size;
+    let ids = r.ids("ids");
+    let argmax = r.ints("argmax");
+    let (want, cols) = r.logits("logits", vocab);
+    let t = ids.len();
+
+    compare(&format!("{name} one call"), &run_chunks(&model, &ids, &[t]), &want, &cols, &argmax, vocab);
+
+    let chunks: Vec<usize> = r.ints("chunks").into_iter().map(|x| x as usize).collect();
+    let (want_c, _) = r.logits("logits_chunked", vocab);
+    let got = run_chunks(&model, &ids, &chunks);
+    compare(&format!("{name} chunks {chunks:?}"), &got, &want_c, &cols, &argmax, vocab);
+    compare(&format!("{name} chunks vs one-call ref"), &got, &want, &cols, &argmax, vocab);
+
+    let p = r.ints("decode_prefill")[0] as usize;
+    let mut decode = vec![p];
+    decode.extend(std::iter::repeat_n(1, t - p));
+    let (want_d, _) = r.logits("logits_decode", vocab);
+    compare(&format!("{name} decode"), &run_chunks(&model, &ids, &decode), &want_d, &cols, &argmax, vocab);
+
+    // Other chunkings: token by token from the start, and sizes straddling every boundary.
+    let ones = vec![1; t];
+    compare(&format!("{name} token by token"), &run_chunks(&model, &ids, &ones), &want, &cols, &argmax, vocab);
+    let mut odd = Vec::new();
+    let (mut left, mut k) = (t, 0);
+    while left > 0 {
+        let c = [3, 17, 2, 33, 1, 9, 128, 5][k % 8].min(left);
+        odd.push(c);
+        left -= c;
+        k += 1;
+    }
+    compare(&format!("{name} chunks {odd:?}"), &run_chunks(&model, &ids, &odd), &want, &cols, &argmax, vocab);
+}
+
+#[test]
+fn official_fp8_layout_matches_reference() {
+    check_fixture("official-fp8");
+}
+
+#[test]
+fn transformers_bf16_layout_matches_reference() {
+    check_fixture("hf-bf16");
+}
+
+#[test]
+fn real_vocabulary_matches_reference() {
+    check_fixture("official-vocab");
+}
+
+/// Greedy continuation equals the reference's (argmax over the last row each step).
+#[test]
+fn greedy_continuations_match_reference() {
+    for name in ["official-fp8", "hf-bf16", "official-vocab"] {
+        let model = load_model(name);
+        let r = Reference::load(name);
+        let prompt = r.ids("greedy_prompt");
+        let want = r.ids("greedy_ids");
+        let mut cache = model.new_cache();
+        let mut logits = model.forward(&mut cache, &prompt, Logits::Last).unwrap();
+        let mut got = Vec::new();
+        for _ in 0..want.len() {
+            let next = logits.iter().enumerate().fold(0, |b, (i, &x)| if x > logits[b] { i } else { b }) as u32;
+            got.push(next);
+            logits = model.forward(&mut cache, &[next], Logits::Last).unwrap();
+        }
+        assert_eq!(got, want, "{name} greedy continuation");
+    }
+}
