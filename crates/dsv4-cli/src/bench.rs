@@ -31,12 +31,18 @@ pub struct BenchArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// Instead of the model: single-token GEMV throughput of each weight format.
+    #[arg(long)]
+    kernels: bool,
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
     let threads = rayon::current_num_threads();
     eprintln!("measuring memory bandwidth ({threads} threads)...");
     let bw = bench::read_bandwidth(1 << 30, 5);
+    if a.kernels {
+        return kernels(bw);
+    }
 
     let t0 = Instant::now();
     let (ck, label) = match &a.model {
@@ -104,4 +110,30 @@ pub fn run(a: BenchArgs) -> Result<()> {
 
 fn argmax(x: &[f32]) -> u32 {
     x.iter().enumerate().fold(0, |b, (i, &v)| if v > x[b] { i } else { b }) as u32
+}
+
+/// GEMV (one token) over ~512 MB of weights per format, best of 5.
+fn kernels(bw: f64) -> Result<()> {
+    use synthetic::MatrixFormat as F;
+    println!("memory bandwidth: {:.2} GB/s", bw / 1e9);
+    for (f, out, inp) in [(F::Bf16, 65536, 4096), (F::Fp8, 131072, 4096), (F::Fp4, 262144, 4096)] {
+        let w = synthetic::random_linear(f, out, inp, 3)?;
+        let x: Vec<f32> = (0..inp).map(|i| ((i % 17) as f32 - 8.0) / 8.0).collect();
+        let mut y = vec![0f32; out];
+        let mut best = f64::INFINITY;
+        for _ in 0..5 {
+            let t = Instant::now();
+            w.forward(&x, 1, &mut y);
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        let bytes = w.stored_bytes() as f64;
+        println!(
+            "{:<5} [{out} x {inp}] {:>6.1} MB: {:>6.2} GB/s ({:>3.0}% of bandwidth)",
+            format!("{f:?}"),
+            bytes / 1e6,
+            bytes / best / 1e9,
+            100.0 * bytes / best / bw
+        );
+    }
+    Ok(())
 }

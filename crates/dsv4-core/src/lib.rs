@@ -4,11 +4,13 @@
 #![recursion_limit = "256"]
 
 pub mod bench;
+pub mod chat;
 pub mod checkpoint;
 pub mod config;
 pub mod cpu;
 pub mod error;
 pub mod model;
+pub mod sampling;
 pub mod synthetic;
 pub mod tensor;
 pub mod tokenizer;

@@ -274,3 +274,27 @@ mod tests {
         assert!(err <= 1e-4 * scale, "chunked differs: {err} (scale {scale})");
     }
 }
+
+/// Storage formats a synthetic matrix can take (for kernel benchmarks).
+#[derive(Clone, Copy, Debug)]
+pub enum MatrixFormat {
+    Bf16,
+    Fp8,
+    Fp4,
+}
+
+/// A random `[out, inp]` weight matrix in the given stored format.
+pub fn random_linear(format: MatrixFormat, out: usize, inp: usize, seed: u64) -> Result<crate::cpu::linear::Linear> {
+    let fill = match format {
+        MatrixFormat::Bf16 => Fill::Bf16(1.0 / (inp as f32).sqrt()),
+        MatrixFormat::Fp8 => Fill::Fp8,
+        MatrixFormat::Fp4 => Fill::Fp4,
+    };
+    let spec = Spec {
+        name: "bench.weight".into(),
+        shape: [out, inp],
+        fill,
+    };
+    let t = generate(&spec, seed);
+    crate::cpu::linear::Linear::new(&t[0].1, t.get(1).map(|(_, s)| s), out, inp, None)
+}

@@ -25,6 +25,15 @@ pub enum Row<'a> {
 }
 
 #[cfg(target_arch = "x86_64")]
+fn has_avx512() -> bool {
+    use std::sync::OnceLock;
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        has_avx2() && is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw")
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
 fn has_avx2() -> bool {
     use std::sync::OnceLock;
     static HAS: OnceLock<bool> = OnceLock::new();
@@ -38,6 +47,43 @@ fn has_avx2() -> bool {
 /// `Σ_i w[i]·x[i]` for a stored row of `x.len()` inputs.
 #[inline]
 pub fn dot(row: Row, x: &[f32]) -> f32 {
+    let xp = if matches!(row, Row::Fp4 { .. }) { fp4_order(x) } else { Vec::new() };
+    dot_prepared(row, x, &xp)
+}
+
+/// Whether FP4 rows want their activations in [`fp4_order`] (the fastest kernel does).
+pub fn wants_fp4_order() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return has_avx512();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Reorders each full group of 32 inputs as its 16 even then its 16 odd elements, matching
+/// the low/high nibbles of packed FP4 bytes; a ragged tail stays as is. Empty when no kernel
+/// needs it.
+pub fn fp4_order(x: &[f32]) -> Vec<f32> {
+    if !wants_fp4_order() {
+        return Vec::new();
+    }
+    let mut out = x.to_vec();
+    for (o, g) in out.chunks_exact_mut(32).zip(x.chunks_exact(32)) {
+        for j in 0..16 {
+            o[j] = g[2 * j];
+            o[16 + j] = g[2 * j + 1];
+        }
+    }
+    out
+}
+
+/// [`dot`] with the FP4 reordering of `x` computed once by the caller (`xp`, from [`fp4_order`]).
+#[inline]
+pub fn dot_prepared(row: Row, x: &[f32], xp: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: the features were detected above.
+        return unsafe { avx512::dot(row, x, xp) };
+    }
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         // SAFETY: the features were detected above.
@@ -362,6 +408,106 @@ mod avx2 {
     }
 }
 
+/// AVX-512 (F+BW) versions of the FP8 and FP4 rows: 32 inputs per step.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    /// FP8: widen 32 codes to u16 and rebuild them as f16 bit patterns
+    /// (`sign<<15 | magnitude<<7` is the code's value × 2^-8), then convert to f32.
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    unsafe fn dot_fp8(codes: &[u8], scales: &[f32], block: usize, x: &[f32]) -> f32 {
+        let n = x.len();
+        let mut total = _mm512_setzero_ps();
+        let mut tail = 0f32;
+        let keep = _mm512_set1_epi16(0xbfffu16 as i16);
+        let mut start = 0;
+        let mut bi = 0;
+        while start < n {
+            let end = (start + block).min(n);
+            let mut acc0 = _mm512_setzero_ps();
+            let mut acc1 = _mm512_setzero_ps();
+            let mut i = start;
+            while i + 32 <= end {
+                // Sign-extend, shift the 7 magnitude bits into place, clear the smeared bit 14.
+                let b = _mm512_cvtepi8_epi16(_mm256_loadu_si256(codes.as_ptr().add(i) as *const __m256i));
+                let h = _mm512_and_si512(_mm512_slli_epi16(b, 7), keep);
+                let lo = _mm512_cvtph_ps(_mm512_castsi512_si256(h));
+                let hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1));
+                acc0 = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x.as_ptr().add(i)), acc0);
+                acc1 = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x.as_ptr().add(i + 16)), acc1);
+                i += 32;
+            }
+            let mut rest = 0f32;
+            while i < end {
+                rest += E4M3_LUT[codes[i] as usize] * x[i];
+                i += 1;
+            }
+            total = _mm512_fmadd_ps(_mm512_add_ps(acc0, acc1), _mm512_set1_ps(scales[bi] * 256.0), total);
+            tail += rest * scales[bi];
+            start = end;
+            bi += 1;
+        }
+        _mm512_reduce_add_ps(total) + tail
+    }
+
+    /// FP4 over activations in [`fp4_order`]: each byte's low nibble pairs with the group's
+    /// even inputs, its high nibble with the odd ones. Nibbles index a 16-entry f32 table
+    /// (e2m1 values × the group's scale) with one permute each.
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+    unsafe fn dot_fp4(packed: &[u8], scales: &[u8], xp: &[f32]) -> f32 {
+        let n = xp.len();
+        let table = _mm512_loadu_ps(E2M1_VALUES.as_ptr());
+        let nib = _mm512_set1_epi32(0x0f);
+        let mut acc0 = _mm512_setzero_ps();
+        let mut acc1 = _mm512_setzero_ps();
+        let groups = n / 32;
+        // Decode the row's scales 16 at a time (`u << 23` is 2^(u-127) for 1 ≤ u ≤ 254).
+        let mut sc = [0f32; 16];
+        for g in 0..groups {
+            if g % 16 == 0 {
+                if g + 16 <= groups {
+                    let u = _mm512_cvtepu8_epi32(_mm_loadu_si128(scales.as_ptr().add(g) as *const __m128i));
+                    _mm512_storeu_ps(sc.as_mut_ptr(), _mm512_castsi512_ps(_mm512_slli_epi32(u, 23)));
+                } else {
+                    for (k, s) in sc.iter_mut().enumerate().take(groups - g) {
+                        *s = e8m0_to_f32(scales[g + k]);
+                    }
+                }
+            }
+            let t = _mm512_mul_ps(table, _mm512_set1_ps(sc[g % 16]));
+            let b = _mm512_cvtepu8_epi32(_mm_loadu_si128(packed.as_ptr().add(16 * g) as *const __m128i));
+            let even = _mm512_permutexvar_ps(_mm512_and_si512(b, nib), t);
+            let odd = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), t);
+            let xg = xp.as_ptr().add(32 * g);
+            acc0 = _mm512_fmadd_ps(even, _mm512_loadu_ps(xg), acc0);
+            acc1 = _mm512_fmadd_ps(odd, _mm512_loadu_ps(xg.add(16)), acc1);
+        }
+        let mut s = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+        // A ragged tail group (in % 32 != 0) is stored in natural order.
+        for j in 0..(n - 32 * groups).div_ceil(2) {
+            let b = packed[16 * groups + j];
+            let sc = e8m0_to_f32(scales[groups]);
+            let i = 32 * groups + 2 * j;
+            s += E2M1_VALUES[(b & 15) as usize] * sc * xp[i];
+            if i + 1 < n {
+                s += E2M1_VALUES[(b >> 4) as usize] * sc * xp[i + 1];
+            }
+        }
+        s
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    pub unsafe fn dot(row: Row, x: &[f32], xp: &[f32]) -> f32 {
+        match row {
+            Row::Fp8 { codes, scales, block } => dot_fp8(codes, scales, block, x),
+            Row::Fp4 { packed, scales } => dot_fp4(packed, scales, xp),
+            other => avx2::dot(other, x),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -415,6 +561,12 @@ mod tests {
                     (got - want).abs() <= 1e-5 * norm.max(1e-6),
                     "n={n}: {got} vs {want}"
                 );
+                #[cfg(target_arch = "x86_64")]
+                if has_avx2() {
+                    // SAFETY: features detected.
+                    let got = unsafe { avx2::dot(row, &x) } as f64;
+                    assert!((got - want).abs() <= 1e-5 * norm.max(1e-6), "avx2 n={n}: {got} vs {want}");
+                }
                 let got = scalar::dot(row, &x) as f64;
                 assert!(
                     (got - want).abs() <= 1e-5 * norm.max(1e-6),

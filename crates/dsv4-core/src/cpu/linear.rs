@@ -226,10 +226,14 @@ impl Linear {
         let threads = rayon::current_num_threads().max(1);
         let per_task = (n / (threads * 4)).clamp(1, 256);
         if m == 1 {
+            let xp = match self.format {
+                Format::Fp4 { .. } => kernels::fp4_order(x),
+                _ => Vec::new(),
+            };
             y.par_chunks_mut(per_task).enumerate().for_each(|(c, ys)| {
                 let o0 = r0 + c * per_task;
                 for (j, yv) in ys.iter_mut().enumerate() {
-                    *yv = kernels::dot(self.row(o0 + j), x);
+                    *yv = kernels::dot_prepared(self.row(o0 + j), x, &xp);
                 }
             });
             return;

@@ -1,0 +1,170 @@
+//! The `dsv4` binary end to end: `logits` against the reference fixtures (every chunking writes
+//! the same .npy), and bad checkpoints giving a one-line error and a non-zero exit.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name)
+}
+
+fn dsv4(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_dsv4")).args(args).output().expect("run dsv4")
+}
+
+fn read_npy(path: &Path) -> (Vec<u64>, Vec<f32>) {
+    let bytes = std::fs::read(path).unwrap();
+    let npy = npyz::NpyFile::new(&bytes[..]).unwrap();
+    let shape = npy.shape().to_vec();
+    (shape, npy.into_vec::<f32>().unwrap())
+}
+
+fn reference(name: &str) -> (Vec<i64>, Vec<f32>) {
+    let bytes = std::fs::read(fixture(name).join("reference.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let ids = st.tensor("ids").unwrap().data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
+    let logits = st.tensor("logits").unwrap().data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    (ids, logits)
+}
+
+#[test]
+fn logits_command_matches_reference_for_any_chunking() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ids, want) = reference("official-fp8");
+    let ids: Vec<i64> = ids[..60].to_vec();
+    let vocab = want.len() / 300;
+    let list = ids.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",");
+    let model = fixture("official-fp8");
+    for chunks in [None, Some("7,1,13,1,1,37"), Some(&*vec!["1"; 60].join(","))] {
+        let out = dir.path().join("l.npy");
+        let mut args = vec!["logits", "--model", model.to_str().unwrap(), "--ids", &list, "--out", out.to_str().unwrap()];
+        if let Some(c) = chunks {
+            args.extend(["--chunks", c]);
+        }
+        let o = dsv4(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let (shape, got) = read_npy(&out);
+        assert_eq!(shape, vec![60, vocab as u64]);
+        for r in 0..60 {
+            let w = &want[r * vocab..(r + 1) * vocab];
+            let scale = w.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let err = got[r * vocab..(r + 1) * vocab].iter().zip(w).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(err <= 1e-4 * scale, "chunks {chunks:?} row {r}: {err}");
+        }
+    }
+}
+
+/// Copies a fixture into a temp dir so a test can damage it.
+fn copy_fixture(name: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(fixture(name)).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, dir.path().join(p.file_name().unwrap())).unwrap();
+    }
+    dir
+}
+
+/// Runs `dsv4 logits` on a damaged checkpoint: must fail cleanly with one line naming `needle`.
+fn expect_clean_error(dir: &Path, needle: &str) {
+    let out = dir.join("x.npy");
+    let o = dsv4(&["logits", "--model", dir.to_str().unwrap(), "--ids", "1,2,3", "--out", out.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "stderr: {err}");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    assert!(err.contains(needle), "`{needle}` not in: {err}");
+}
+
+/// Rewrites one tensor's header entry of a single-file checkpoint.
+fn edit_header(path: &Path, edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    edit(&mut header);
+    let mut text = serde_json::to_vec(&header).unwrap();
+    while text.len() % 8 != 0 {
+        text.push(b' ');
+    }
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend(text);
+    out.extend(&bytes[8 + n..]);
+    std::fs::write(path, out).unwrap();
+}
+
+#[test]
+fn truncated_shard_is_a_clean_error() {
+    let d = copy_fixture("official-fp8");
+    let shard = d.path().join("model-00002-of-00002.safetensors");
+    let len = std::fs::metadata(&shard).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&shard).unwrap().set_len(len / 2).unwrap();
+    expect_clean_error(d.path(), "model-00002-of-00002.safetensors");
+}
+
+#[test]
+fn missing_shard_is_a_clean_error() {
+    let d = copy_fixture("official-fp8");
+    std::fs::remove_file(d.path().join("model-00001-of-00002.safetensors")).unwrap();
+    expect_clean_error(d.path(), "model-00001-of-00002.safetensors");
+}
+
+#[test]
+fn missing_tensor_is_a_clean_error() {
+    let d = copy_fixture("hf-bf16");
+    edit_header(&d.path().join("model.safetensors"), |h| {
+        // Renamed rather than removed: safetensors requires contiguous data offsets.
+        let t = h.remove("model.layers.1.self_attn.kv_norm.weight").unwrap();
+        h.insert("model.layers.1.self_attn.kv_norm.unused".into(), t);
+    });
+    expect_clean_error(d.path(), "layers.1.attn.kv_norm.weight");
+}
+
+#[test]
+fn wrong_shape_is_a_clean_error() {
+    let d = copy_fixture("hf-bf16");
+    edit_header(&d.path().join("model.safetensors"), |h| {
+        let t = h.get_mut("model.layers.0.self_attn.q_a_proj.weight").unwrap();
+        let shape = t["shape"].as_array().unwrap().clone();
+        let (a, b) = (shape[0].as_u64().unwrap(), shape[1].as_u64().unwrap());
+        t["shape"] = serde_json::json!([b, a]);
+    });
+    expect_clean_error(d.path(), "q_a_proj.weight");
+}
+
+#[test]
+fn unknown_dtype_is_a_clean_error() {
+    let d = copy_fixture("hf-bf16");
+    edit_header(&d.path().join("model.safetensors"), |h| {
+        h.get_mut("model.norm.weight").unwrap()["dtype"] = serde_json::json!("Q7_WEIRD");
+    });
+    expect_clean_error(d.path(), "model.safetensors");
+}
+
+#[test]
+fn bad_config_is_a_clean_error() {
+    let d = copy_fixture("hf-bf16");
+    std::fs::write(d.path().join("config.json"), "{\"model_type\": \"deepseek_v4\", ").unwrap();
+    expect_clean_error(d.path(), "config.json");
+    std::fs::write(d.path().join("config.json"), "{\"model_type\": \"deepseek_v4\"}").unwrap();
+    expect_clean_error(d.path(), "num_hidden_layers");
+}
+
+#[test]
+fn bad_ids_and_chunks_are_clean_errors() {
+    let model = fixture("hf-bf16");
+    let o = dsv4(&["logits", "--model", model.to_str().unwrap(), "--ids", "1,99999", "--out", "/dev/null"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("99999"));
+    let o = dsv4(&["logits", "--model", model.to_str().unwrap(), "--ids", "1,2,3", "--chunks", "2,2", "--out", "/dev/null"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--chunks"));
+}
+
+#[test]
+fn inspect_prints_schedule_and_formats() {
+    let o = dsv4(&["inspect", "--model", fixture("official-fp8").to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let s = String::from_utf8_lossy(&o.stdout);
+    for needle in ["csa/4", "hca/128", "sliding", "F8_E4M3", "F8_E8M0", "I8", "layers.1.ffn.experts.0.w1.weight"] {
+        assert!(s.contains(needle), "inspect output lacks {needle}");
+    }
+}
