@@ -56,14 +56,19 @@ pub fn run(a: BenchArgs) -> Result<()> {
             let cfg = ModelConfig::from_json(&j)?;
             (
                 synthetic::checkpoint(cfg, 1)?,
-                format!("synthetic Flash shapes, {} layers, {} experts, vocab {}", a.layers, a.experts, a.vocab),
+                format!(
+                    "synthetic Flash shapes, {} layers, {} experts, vocab {}",
+                    a.layers, a.experts, a.vocab
+                ),
             )
         }
     };
     let model = Model::load(&ck)?;
     let load_s = t0.elapsed().as_secs_f64();
     let c = &model.config;
-    let ids: Vec<u32> = (0..a.prompt).map(|i| (3 + i * 7919 % (c.vocab_size - 3)) as u32).collect();
+    let ids: Vec<u32> = (0..a.prompt)
+        .map(|i| (3 + i * 7919 % (c.vocab_size - 3)) as u32)
+        .collect();
 
     let mut cache = model.new_cache();
     let t = Instant::now();
@@ -98,25 +103,54 @@ pub fn run(a: BenchArgs) -> Result<()> {
     } else {
         println!("model:              {label}");
         println!("threads:            {threads}");
-        println!("checkpoint:         {:.2} GB (load {load_s:.1} s)", ckb as f64 / 1e9);
-        println!("prefill:            {} tokens, {:.2} tok/s", a.prompt, a.prompt as f64 / prefill_s);
-        println!("decode:             {} tokens, {decode_tok_s:.2} tok/s (median step {:.1} ms)", a.decode, median * 1e3);
-        println!("decode traffic:     {:.1} MB/token of weights → {:.2} GB/s", bytes / 1e6, achieved / 1e9);
-        println!("memory bandwidth:   {:.2} GB/s measured → {:.0}% of it", bw / 1e9, 100.0 * achieved / bw);
-        println!("peak memory:        {:.2} GB (cache {:.1} MB)", peak as f64 / 1e9, cache.bytes() as f64 / 1e6);
+        println!(
+            "checkpoint:         {:.2} GB (load {load_s:.1} s)",
+            ckb as f64 / 1e9
+        );
+        println!(
+            "prefill:            {} tokens, {:.2} tok/s",
+            a.prompt,
+            a.prompt as f64 / prefill_s
+        );
+        println!(
+            "decode:             {} tokens, {decode_tok_s:.2} tok/s (median step {:.1} ms)",
+            a.decode,
+            median * 1e3
+        );
+        println!(
+            "decode traffic:     {:.1} MB/token of weights → {:.2} GB/s",
+            bytes / 1e6,
+            achieved / 1e9
+        );
+        println!(
+            "memory bandwidth:   {:.2} GB/s measured → {:.0}% of it",
+            bw / 1e9,
+            100.0 * achieved / bw
+        );
+        println!(
+            "peak memory:        {:.2} GB (cache {:.1} MB)",
+            peak as f64 / 1e9,
+            cache.bytes() as f64 / 1e6
+        );
     }
     Ok(())
 }
 
 fn argmax(x: &[f32]) -> u32 {
-    x.iter().enumerate().fold(0, |b, (i, &v)| if v > x[b] { i } else { b }) as u32
+    x.iter()
+        .enumerate()
+        .fold(0, |b, (i, &v)| if v > x[b] { i } else { b }) as u32
 }
 
 /// GEMV (one token) over ~512 MB of weights per format, best of 5.
 fn kernels(bw: f64) -> Result<()> {
     use synthetic::MatrixFormat as F;
     println!("memory bandwidth: {:.2} GB/s", bw / 1e9);
-    for (f, out, inp) in [(F::Bf16, 65536, 4096), (F::Fp8, 131072, 4096), (F::Fp4, 262144, 4096)] {
+    for (f, out, inp) in [
+        (F::Bf16, 65536, 4096),
+        (F::Fp8, 131072, 4096),
+        (F::Fp4, 262144, 4096),
+    ] {
         let w = synthetic::random_linear(f, out, inp, 3)?;
         let x: Vec<f32> = (0..inp).map(|i| ((i % 17) as f32 - 8.0) / 8.0).collect();
         let mut y = vec![0f32; out];

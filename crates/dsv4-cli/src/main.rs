@@ -6,6 +6,7 @@ use dsv4_core::{Checkpoint, Logits, Model};
 use std::path::{Path, PathBuf};
 
 mod bench;
+mod generate;
 
 #[derive(Parser)]
 #[command(name = "dsv4", version, about = "DeepSeek-V4 inference engine")]
@@ -41,6 +42,10 @@ enum Cmd {
     /// machine's measured memory bandwidth. Without --model: a synthetic model with
     /// DeepSeek-V4-Flash layer shapes and random weights in the official FP8/FP4 formats.
     Bench(bench::BenchArgs),
+    /// Generate a continuation, streamed to stdout (chat-formatted by default).
+    Generate(generate::GenerateArgs),
+    /// Interactive chat that keeps the cache across turns (reads stdin; works piped too).
+    Chat(generate::ChatArgs),
 }
 
 fn main() {
@@ -68,6 +73,8 @@ fn run(cmd: Cmd) -> Result<()> {
         } => logits(&model, &ids, chunks, &out),
         Cmd::Inspect { model } => inspect(&model),
         Cmd::Bench(args) => bench::run(args),
+        Cmd::Generate(args) => generate::run_generate(args),
+        Cmd::Chat(args) => generate::run_chat(args),
     }
 }
 

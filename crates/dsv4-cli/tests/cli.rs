@@ -5,11 +5,16 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(name)
 }
 
 fn dsv4(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_dsv4")).args(args).output().expect("run dsv4")
+    Command::new(env!("CARGO_BIN_EXE_dsv4"))
+        .args(args)
+        .output()
+        .expect("run dsv4")
 }
 
 fn read_npy(path: &Path) -> (Vec<u64>, Vec<f32>) {
@@ -22,8 +27,20 @@ fn read_npy(path: &Path) -> (Vec<u64>, Vec<f32>) {
 fn reference(name: &str) -> (Vec<i64>, Vec<f32>) {
     let bytes = std::fs::read(fixture(name).join("reference.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let ids = st.tensor("ids").unwrap().data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
-    let logits = st.tensor("logits").unwrap().data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    let ids = st
+        .tensor("ids")
+        .unwrap()
+        .data()
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    let logits = st
+        .tensor("logits")
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
     (ids, logits)
 }
 
@@ -33,11 +50,23 @@ fn logits_command_matches_reference_for_any_chunking() {
     let (ids, want) = reference("official-fp8");
     let ids: Vec<i64> = ids[..60].to_vec();
     let vocab = want.len() / 300;
-    let list = ids.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",");
+    let list = ids
+        .iter()
+        .map(|x| x.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
     let model = fixture("official-fp8");
     for chunks in [None, Some("7,1,13,1,1,37"), Some(&*vec!["1"; 60].join(","))] {
         let out = dir.path().join("l.npy");
-        let mut args = vec!["logits", "--model", model.to_str().unwrap(), "--ids", &list, "--out", out.to_str().unwrap()];
+        let mut args = vec![
+            "logits",
+            "--model",
+            model.to_str().unwrap(),
+            "--ids",
+            &list,
+            "--out",
+            out.to_str().unwrap(),
+        ];
         if let Some(c) = chunks {
             args.extend(["--chunks", c]);
         }
@@ -48,7 +77,10 @@ fn logits_command_matches_reference_for_any_chunking() {
         for r in 0..60 {
             let w = &want[r * vocab..(r + 1) * vocab];
             let scale = w.iter().fold(0f32, |m, x| m.max(x.abs()));
-            let err = got[r * vocab..(r + 1) * vocab].iter().zip(w).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            let err = got[r * vocab..(r + 1) * vocab]
+                .iter()
+                .zip(w)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
             assert!(err <= 1e-4 * scale, "chunks {chunks:?} row {r}: {err}");
         }
     }
@@ -67,7 +99,15 @@ fn copy_fixture(name: &str) -> tempfile::TempDir {
 /// Runs `dsv4 logits` on a damaged checkpoint: must fail cleanly with one line naming `needle`.
 fn expect_clean_error(dir: &Path, needle: &str) {
     let out = dir.join("x.npy");
-    let o = dsv4(&["logits", "--model", dir.to_str().unwrap(), "--ids", "1,2,3", "--out", out.to_str().unwrap()]);
+    let o = dsv4(&[
+        "logits",
+        "--model",
+        dir.to_str().unwrap(),
+        "--ids",
+        "1,2,3",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "stderr: {err}");
     assert!(!err.contains("panicked"), "panic: {err}");
@@ -79,7 +119,8 @@ fn expect_clean_error(dir: &Path, needle: &str) {
 fn edit_header(path: &Path, edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) {
     let bytes = std::fs::read(path).unwrap();
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let mut header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let mut header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&bytes[8..8 + n]).unwrap();
     edit(&mut header);
     let mut text = serde_json::to_vec(&header).unwrap();
     while text.len() % 8 != 0 {
@@ -96,7 +137,12 @@ fn truncated_shard_is_a_clean_error() {
     let d = copy_fixture("official-fp8");
     let shard = d.path().join("model-00002-of-00002.safetensors");
     let len = std::fs::metadata(&shard).unwrap().len();
-    std::fs::OpenOptions::new().write(true).open(&shard).unwrap().set_len(len / 2).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&shard)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
     expect_clean_error(d.path(), "model-00002-of-00002.safetensors");
 }
 
@@ -122,7 +168,9 @@ fn missing_tensor_is_a_clean_error() {
 fn wrong_shape_is_a_clean_error() {
     let d = copy_fixture("hf-bf16");
     edit_header(&d.path().join("model.safetensors"), |h| {
-        let t = h.get_mut("model.layers.0.self_attn.q_a_proj.weight").unwrap();
+        let t = h
+            .get_mut("model.layers.0.self_attn.q_a_proj.weight")
+            .unwrap();
         let shape = t["shape"].as_array().unwrap().clone();
         let (a, b) = (shape[0].as_u64().unwrap(), shape[1].as_u64().unwrap());
         t["shape"] = serde_json::json!([b, a]);
@@ -142,29 +190,248 @@ fn unknown_dtype_is_a_clean_error() {
 #[test]
 fn bad_config_is_a_clean_error() {
     let d = copy_fixture("hf-bf16");
-    std::fs::write(d.path().join("config.json"), "{\"model_type\": \"deepseek_v4\", ").unwrap();
+    std::fs::write(
+        d.path().join("config.json"),
+        "{\"model_type\": \"deepseek_v4\", ",
+    )
+    .unwrap();
     expect_clean_error(d.path(), "config.json");
-    std::fs::write(d.path().join("config.json"), "{\"model_type\": \"deepseek_v4\"}").unwrap();
+    std::fs::write(
+        d.path().join("config.json"),
+        "{\"model_type\": \"deepseek_v4\"}",
+    )
+    .unwrap();
     expect_clean_error(d.path(), "num_hidden_layers");
 }
 
 #[test]
 fn bad_ids_and_chunks_are_clean_errors() {
     let model = fixture("hf-bf16");
-    let o = dsv4(&["logits", "--model", model.to_str().unwrap(), "--ids", "1,99999", "--out", "/dev/null"]);
+    let o = dsv4(&[
+        "logits",
+        "--model",
+        model.to_str().unwrap(),
+        "--ids",
+        "1,99999",
+        "--out",
+        "/dev/null",
+    ]);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("99999"));
-    let o = dsv4(&["logits", "--model", model.to_str().unwrap(), "--ids", "1,2,3", "--chunks", "2,2", "--out", "/dev/null"]);
+    let o = dsv4(&[
+        "logits",
+        "--model",
+        model.to_str().unwrap(),
+        "--ids",
+        "1,2,3",
+        "--chunks",
+        "2,2",
+        "--out",
+        "/dev/null",
+    ]);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("--chunks"));
 }
 
 #[test]
 fn inspect_prints_schedule_and_formats() {
-    let o = dsv4(&["inspect", "--model", fixture("official-fp8").to_str().unwrap()]);
+    let o = dsv4(&[
+        "inspect",
+        "--model",
+        fixture("official-fp8").to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let s = String::from_utf8_lossy(&o.stdout);
-    for needle in ["csa/4", "hca/128", "sliding", "F8_E4M3", "F8_E8M0", "I8", "layers.1.ffn.experts.0.w1.weight"] {
+    for needle in [
+        "csa/4",
+        "hca/128",
+        "sliding",
+        "F8_E4M3",
+        "F8_E8M0",
+        "I8",
+        "layers.1.ffn.experts.0.w1.weight",
+    ] {
         assert!(s.contains(needle), "inspect output lacks {needle}");
     }
+}
+
+fn reference_ids(name: &str, key: &str) -> Vec<u32> {
+    let bytes = std::fs::read(fixture(name).join("reference.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensor(key)
+        .unwrap()
+        .data()
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
+        .collect()
+}
+
+/// The last stdout line of `generate --json`, parsed.
+fn json_line(o: &std::process::Output) -> serde_json::Value {
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout);
+    serde_json::from_str(out.trim_end().lines().last().unwrap()).unwrap()
+}
+
+#[test]
+fn greedy_generation_equals_reference_continuation() {
+    for name in ["official-fp8", "hf-bf16", "official-vocab"] {
+        let prompt = reference_ids(name, "greedy_prompt");
+        let mut want = reference_ids(name, "greedy_ids");
+        if let Some(eos) = want.iter().position(|&t| t == 1) {
+            want.truncate(eos + 1); // generation stops at EOS
+        }
+        let ids = prompt
+            .iter()
+            .map(|x| x.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        let dir = fixture(name);
+        let o = dsv4(&[
+            "generate",
+            "--model",
+            dir.to_str().unwrap(),
+            "--ids",
+            &ids,
+            "--temperature",
+            "0",
+            "--max-tokens",
+            &want.len().to_string(),
+            "--json",
+        ]);
+        let v = json_line(&o);
+        let got: Vec<u32> = v["token_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(got, want, "{name}");
+        assert_eq!(v["prompt_ids"].as_array().unwrap().len(), prompt.len());
+        for k in ["prefill_tok_s", "decode_tok_s", "peak_rss_bytes"] {
+            assert!(v[k].as_f64().unwrap() > 0.0, "{k}");
+        }
+    }
+}
+
+#[test]
+fn demo_runs_without_a_model_and_seeds_repeat() {
+    let run = |seed: &str| {
+        json_line(&dsv4(&[
+            "generate",
+            "--prompt",
+            "Hello",
+            "--max-tokens",
+            "12",
+            "--seed",
+            seed,
+            "--temperature",
+            "0.8",
+            "--top-p",
+            "0.9",
+            "--json",
+        ]))
+    };
+    let (a, b, c) = (run("7"), run("7"), run("8"));
+    assert_eq!(a["token_ids"], b["token_ids"]);
+    assert_ne!(a["token_ids"], c["token_ids"]);
+    assert_eq!(a["token_ids"].as_array().unwrap().len(), 12);
+    assert_eq!(a["finish_reason"], "length");
+    // The V4 chat format: BOS, <｜User｜>, text, <｜Assistant｜>, </think>.
+    let p: Vec<u64> = a["prompt_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        (p[0], p[1], p[p.len() - 2], p[p.len() - 1]),
+        (0, 128803, 128804, 128822)
+    );
+}
+
+#[test]
+fn generate_rejects_bad_input_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad_json = dir.path().join("m.json");
+    std::fs::write(&bad_json, "[{\"role\": \"user\", \"content\": \"hi\"").unwrap();
+    let bad_role = dir.path().join("r.json");
+    std::fs::write(&bad_role, "[{\"role\": \"wizard\", \"content\": \"hi\"}]").unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--ids", "5,129280"], "129280"),
+        (vec!["--prompt", ""], "empty"),
+        (vec!["--messages", bad_json.to_str().unwrap()], "JSON"),
+        (vec!["--messages", bad_role.to_str().unwrap()], "wizard"),
+        (vec!["--prompt", "hi", "--temperature=-1"], "temperature"),
+        (vec!["--prompt", "hi", "--top-p", "0"], "top_p"),
+        (vec!["--prompt", "hi", "--raw", "--system", "s"], "--raw"),
+        (vec!["--prompt", "hi", "--ids", "1,2"], "--ids"),
+        (vec!["--prompt", "hi", "--thinking", "deep"], "deep"),
+    ];
+    for (args, needle) in cases {
+        let mut all = vec!["generate", "--max-tokens", "2"];
+        all.extend(args.iter());
+        let o = dsv4(&all);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_ne!(o.status.code(), Some(0), "{args:?} should fail");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: `{needle}` not in {err}");
+    }
+}
+
+#[test]
+fn over_long_prompt_is_rejected() {
+    // The hf-bf16 fixture's context (max_position_embeddings) is small enough to exceed.
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("hf-bf16").join("config.json")).unwrap(),
+    )
+    .unwrap();
+    let ctx = cfg["max_position_embeddings"].as_u64().unwrap() as usize;
+    let ids = vec!["5"; ctx + 1].join(",");
+    let o = dsv4(&[
+        "generate",
+        "--model",
+        fixture("hf-bf16").to_str().unwrap(),
+        "--ids",
+        &ids,
+        "--max-tokens",
+        "2",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("context"), "{err}");
+}
+
+#[test]
+fn chat_keeps_the_cache_across_turns() {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dsv4"))
+        .args(["chat", "--max-tokens", "5", "--temperature", "0"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let first = "Tell me a long story about the sea, the ships that sail on it, the sailors who work them, and the storms they meet";
+    let input = format!("{first}\nAnd then?\n/reset\n{first}\n");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    // Prefill counts per turn from the stats lines: "prefill N tok".
+    let prefills: Vec<usize> = err
+        .lines()
+        .filter_map(|l| l.split("prefill ").nth(1)?.split(' ').next()?.parse().ok())
+        .collect();
+    assert_eq!(prefills.len(), 3, "{err}");
+    // Turn 2 prefills only its own few tokens, not the long first turn again; after /reset the
+    // first message is prefilled in full once more.
+    assert!(prefills[0] > 20, "{prefills:?}");
+    assert!(prefills[1] < 12, "{prefills:?}");
+    assert_eq!(prefills[2], prefills[0], "{prefills:?}");
 }

@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod cpu;
 pub mod error;
+pub mod generate;
 pub mod model;
 pub mod sampling;
 pub mod synthetic;

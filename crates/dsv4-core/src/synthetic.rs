@@ -81,18 +81,28 @@ fn generate(spec: &Spec, seed: u64) -> Vec<(String, Tensor)> {
     let mut rng = Rng::new(seed, &spec.name);
     let [rows, cols] = spec.shape;
     let n = rows * cols;
-    let shape = if rows == 1 { vec![cols] } else { vec![rows, cols] };
+    let shape = if rows == 1 {
+        vec![cols]
+    } else {
+        vec![rows, cols]
+    };
     match spec.fill {
         Fill::Bf16(a) => {
-            let bytes = (0..n).flat_map(|_| f32_to_bf16(rng.uniform() * a).to_le_bytes()).collect();
+            let bytes = (0..n)
+                .flat_map(|_| f32_to_bf16(rng.uniform() * a).to_le_bytes())
+                .collect();
             vec![owned(&spec.name, DType::BF16, shape, bytes)]
         }
         Fill::F32(a) => {
-            let bytes = (0..n).flat_map(|_| (rng.uniform() * a).to_le_bytes()).collect();
+            let bytes = (0..n)
+                .flat_map(|_| (rng.uniform() * a).to_le_bytes())
+                .collect();
             vec![owned(&spec.name, DType::F32, shape, bytes)]
         }
         Fill::Around(c, a) => {
-            let bytes = (0..n).flat_map(|_| (c + rng.uniform() * a).to_le_bytes()).collect();
+            let bytes = (0..n)
+                .flat_map(|_| (c + rng.uniform() * a).to_le_bytes())
+                .collect();
             vec![owned(&spec.name, DType::F32, shape, bytes)]
         }
         Fill::Fp8 => {
@@ -111,7 +121,12 @@ fn generate(spec: &Spec, seed: u64) -> Vec<(String, Tensor)> {
             let base = spec.name.strip_suffix(".weight").unwrap_or(&spec.name);
             vec![
                 owned(&spec.name, DType::F8E4M3, shape, codes),
-                owned(&format!("{base}.scale"), DType::F8E8M0, grid.to_vec(), vec![s; grid[0] * grid[1]]),
+                owned(
+                    &format!("{base}.scale"),
+                    DType::F8E8M0,
+                    grid.to_vec(),
+                    vec![s; grid[0] * grid[1]],
+                ),
             ]
         }
         Fill::Fp4 => {
@@ -120,7 +135,12 @@ fn generate(spec: &Spec, seed: u64) -> Vec<(String, Tensor)> {
             let base = spec.name.strip_suffix(".weight").unwrap_or(&spec.name);
             vec![
                 owned(&spec.name, DType::I8, vec![rows, cols / 2], packed),
-                owned(&format!("{base}.scale"), DType::F8E8M0, vec![rows, cols / 32], vec![s; rows * cols / 32]),
+                owned(
+                    &format!("{base}.scale"),
+                    DType::F8E8M0,
+                    vec![rows, cols / 32],
+                    vec![s; rows * cols / 32],
+                ),
             ]
         }
         Fill::ExpertIds { experts } => {
@@ -133,7 +153,9 @@ fn generate(spec: &Spec, seed: u64) -> Vec<(String, Tensor)> {
                         picked.push(e);
                     }
                 }
-                picked.iter().for_each(|e| bytes.extend_from_slice(&(*e as i32).to_le_bytes()));
+                picked
+                    .iter()
+                    .for_each(|e| bytes.extend_from_slice(&(*e as i32).to_le_bytes()));
             }
             vec![owned(&spec.name, DType::I32, shape, bytes)]
         }
@@ -143,61 +165,182 @@ fn generate(spec: &Spec, seed: u64) -> Vec<(String, Tensor)> {
 fn specs(c: &ModelConfig) -> Vec<Spec> {
     let (d, n, v) = (c.hidden_size, c.hc_mult, c.vocab_size);
     let mut s = Vec::new();
-    let mut add = |name: String, rows: usize, cols: usize, fill: Fill| s.push(Spec { name, shape: [rows, cols], fill });
+    let mut add = |name: String, rows: usize, cols: usize, fill: Fill| {
+        s.push(Spec {
+            name,
+            shape: [rows, cols],
+            fill,
+        })
+    };
     let hc = 0.05 / ((n * d) as f32).sqrt();
     add("embed.weight".into(), v, d, Fill::Bf16(1.0));
-    add("head.weight".into(), v, d, Fill::Bf16(1.0 / (d as f32).sqrt()));
+    add(
+        "head.weight".into(),
+        v,
+        d,
+        Fill::Bf16(1.0 / (d as f32).sqrt()),
+    );
     add("norm.weight".into(), 1, d, Fill::Around(1.0, 0.1));
     add("hc_head_fn".into(), n, n * d, Fill::F32(hc));
     add("hc_head_base".into(), 1, n, Fill::F32(0.5));
     add("hc_head_scale".into(), 1, 1, Fill::Around(1.0, 0.2));
     for i in 0..c.num_layers {
         let p = format!("layers.{i}");
-        let (h, dh, q, e, inter) = (c.num_heads, c.head_dim, c.q_lora_rank, c.n_routed_experts, c.moe_intermediate_size);
+        let (h, dh, q, e, inter) = (
+            c.num_heads,
+            c.head_dim,
+            c.q_lora_rank,
+            c.n_routed_experts,
+            c.moe_intermediate_size,
+        );
         for site in ["attn", "ffn"] {
-            add(format!("{p}.{site}_norm.weight"), 1, d, Fill::Around(1.0, 0.1));
-            add(format!("{p}.hc_{site}_fn"), (2 + n) * n, n * d, Fill::F32(hc));
-            add(format!("{p}.hc_{site}_base"), 1, (2 + n) * n, Fill::F32(0.5));
+            add(
+                format!("{p}.{site}_norm.weight"),
+                1,
+                d,
+                Fill::Around(1.0, 0.1),
+            );
+            add(
+                format!("{p}.hc_{site}_fn"),
+                (2 + n) * n,
+                n * d,
+                Fill::F32(hc),
+            );
+            add(
+                format!("{p}.hc_{site}_base"),
+                1,
+                (2 + n) * n,
+                Fill::F32(0.5),
+            );
             add(format!("{p}.hc_{site}_scale"), 1, 3, Fill::Around(1.0, 0.2));
         }
         add(format!("{p}.attn.attn_sink"), 1, h, Fill::F32(1.0));
-        add(format!("{p}.attn.q_norm.weight"), 1, q, Fill::Around(1.0, 0.1));
-        add(format!("{p}.attn.kv_norm.weight"), 1, dh, Fill::Around(1.0, 0.1));
+        add(
+            format!("{p}.attn.q_norm.weight"),
+            1,
+            q,
+            Fill::Around(1.0, 0.1),
+        );
+        add(
+            format!("{p}.attn.kv_norm.weight"),
+            1,
+            dh,
+            Fill::Around(1.0, 0.1),
+        );
         add(format!("{p}.attn.wq_a.weight"), q, d, Fill::Fp8);
         add(format!("{p}.attn.wq_b.weight"), h * dh, q, Fill::Fp8);
         add(format!("{p}.attn.wkv.weight"), dh, d, Fill::Fp8);
-        add(format!("{p}.attn.wo_a.weight"), c.o_groups * c.o_lora_rank, h / c.o_groups * dh, Fill::Fp8);
-        add(format!("{p}.attn.wo_b.weight"), d, c.o_groups * c.o_lora_rank, Fill::Fp8);
+        add(
+            format!("{p}.attn.wo_a.weight"),
+            c.o_groups * c.o_lora_rank,
+            h / c.o_groups * dh,
+            Fill::Fp8,
+        );
+        add(
+            format!("{p}.attn.wo_b.weight"),
+            d,
+            c.o_groups * c.o_lora_rank,
+            Fill::Fp8,
+        );
         let mut compressor = |prefix: String, m: usize, dim: usize| {
-            let w = if m == crate::config::CSA_RATIO { 2 * dim } else { dim };
-            add(format!("{prefix}.wkv.weight"), w, d, Fill::Bf16(1.0 / (d as f32).sqrt()));
-            add(format!("{prefix}.wgate.weight"), w, d, Fill::Bf16(1.0 / (d as f32).sqrt()));
+            let w = if m == crate::config::CSA_RATIO {
+                2 * dim
+            } else {
+                dim
+            };
+            add(
+                format!("{prefix}.wkv.weight"),
+                w,
+                d,
+                Fill::Bf16(1.0 / (d as f32).sqrt()),
+            );
+            add(
+                format!("{prefix}.wgate.weight"),
+                w,
+                d,
+                Fill::Bf16(1.0 / (d as f32).sqrt()),
+            );
             add(format!("{prefix}.ape"), m, w, Fill::F32(0.5));
-            add(format!("{prefix}.norm.weight"), 1, dim, Fill::Around(1.0, 0.1));
+            add(
+                format!("{prefix}.norm.weight"),
+                1,
+                dim,
+                Fill::Around(1.0, 0.1),
+            );
         };
         if let AttnKind::Compressed { ratio } = c.attn_kinds[i] {
             compressor(format!("{p}.attn.compressor"), ratio, dh);
             if c.attn_kinds[i].is_csa() {
                 compressor(format!("{p}.attn.indexer.compressor"), 4, c.index_head_dim);
-                add(format!("{p}.attn.indexer.wq_b.weight"), c.index_n_heads * c.index_head_dim, q, Fill::Fp8);
-                add(format!("{p}.attn.indexer.weights_proj.weight"), c.index_n_heads, d, Fill::Bf16(1.0 / (d as f32).sqrt()));
+                add(
+                    format!("{p}.attn.indexer.wq_b.weight"),
+                    c.index_n_heads * c.index_head_dim,
+                    q,
+                    Fill::Fp8,
+                );
+                add(
+                    format!("{p}.attn.indexer.weights_proj.weight"),
+                    c.index_n_heads,
+                    d,
+                    Fill::Bf16(1.0 / (d as f32).sqrt()),
+                );
             }
         }
-        add(format!("{p}.ffn.gate.weight"), e, d, Fill::Bf16(1.0 / (d as f32).sqrt()));
+        add(
+            format!("{p}.ffn.gate.weight"),
+            e,
+            d,
+            Fill::Bf16(1.0 / (d as f32).sqrt()),
+        );
         match c.mlp_kinds[i] {
-            MlpKind::Hash => add(format!("{p}.ffn.gate.tid2eid"), v, c.num_experts_per_tok, Fill::ExpertIds { experts: e }),
+            MlpKind::Hash => add(
+                format!("{p}.ffn.gate.tid2eid"),
+                v,
+                c.num_experts_per_tok,
+                Fill::ExpertIds { experts: e },
+            ),
             MlpKind::TopK => add(format!("{p}.ffn.gate.bias"), 1, e, Fill::F32(0.1)),
         }
         let si = c.n_shared_experts * inter;
         if si > 0 {
-            add(format!("{p}.ffn.shared_experts.w1.weight"), si, d, Fill::Fp8);
-            add(format!("{p}.ffn.shared_experts.w3.weight"), si, d, Fill::Fp8);
-            add(format!("{p}.ffn.shared_experts.w2.weight"), d, si, Fill::Fp8);
+            add(
+                format!("{p}.ffn.shared_experts.w1.weight"),
+                si,
+                d,
+                Fill::Fp8,
+            );
+            add(
+                format!("{p}.ffn.shared_experts.w3.weight"),
+                si,
+                d,
+                Fill::Fp8,
+            );
+            add(
+                format!("{p}.ffn.shared_experts.w2.weight"),
+                d,
+                si,
+                Fill::Fp8,
+            );
         }
         for x in 0..e {
-            add(format!("{p}.ffn.experts.{x}.w1.weight"), inter, d, Fill::Fp4);
-            add(format!("{p}.ffn.experts.{x}.w3.weight"), inter, d, Fill::Fp4);
-            add(format!("{p}.ffn.experts.{x}.w2.weight"), d, inter, Fill::Fp4);
+            add(
+                format!("{p}.ffn.experts.{x}.w1.weight"),
+                inter,
+                d,
+                Fill::Fp4,
+            );
+            add(
+                format!("{p}.ffn.experts.{x}.w3.weight"),
+                inter,
+                d,
+                Fill::Fp4,
+            );
+            add(
+                format!("{p}.ffn.experts.{x}.w2.weight"),
+                d,
+                inter,
+                Fill::Fp4,
+            );
         }
     }
     s
@@ -205,9 +348,17 @@ fn specs(c: &ModelConfig) -> Vec<Spec> {
 
 /// Builds a checkpoint with random weights for `config` (official key names and formats).
 pub fn checkpoint(config: ModelConfig, seed: u64) -> Result<Checkpoint> {
-    let tensors: Vec<(String, Tensor)> = specs(&config).par_iter().flat_map_iter(|s| generate(s, seed)).collect();
+    let tensors: Vec<(String, Tensor)> = specs(&config)
+        .par_iter()
+        .flat_map_iter(|s| generate(s, seed))
+        .collect();
     let bytes: u64 = tensors.iter().map(|(_, t)| t.bytes().len() as u64).sum();
-    Checkpoint::from_tensors(PathBuf::from("<synthetic>"), config, tensors, vec![(PathBuf::from("<synthetic>"), bytes)])
+    Checkpoint::from_tensors(
+        PathBuf::from("<synthetic>"),
+        config,
+        tensors,
+        vec![(PathBuf::from("<synthetic>"), bytes)],
+    )
 }
 
 /// An official-style `config.json` value with DeepSeek-V4-Flash shapes, overridable per field.
@@ -232,10 +383,35 @@ pub fn flash_config_json() -> serde_json::Value {
     })
 }
 
+/// The built-in demo model: a tiny DeepSeek-V4 (all three layer types, hash and top-k MoE) with
+/// the real 129,280-token vocabulary, so the real tokenizer works with it.
+pub fn demo_config() -> ModelConfig {
+    let mut j = flash_config_json();
+    let small = json!({"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+        "head_dim": 64, "qk_rope_head_dim": 16, "q_lora_rank": 64, "o_groups": 2, "o_lora_rank": 32,
+        "sliding_window": 32, "compress_ratios": [0, 4, 16, 4, 0], "num_hash_layers": 1,
+        "index_n_heads": 4, "index_head_dim": 32, "index_topk": 16, "n_routed_experts": 8,
+        "num_experts_per_tok": 2, "moe_intermediate_size": 128, "max_position_embeddings": 65536});
+    for (k, v) in small.as_object().expect("object") {
+        j[k] = v.clone();
+    }
+    ModelConfig::from_json(&j).expect("the demo config is valid")
+}
+
 /// Flash's attention schedule for `n` layers: two sliding layers, then CSA/HCA alternating
 /// (plus the trailing MTP entry).
 pub fn flash_schedule(n: usize) -> Vec<usize> {
-    let mut v: Vec<usize> = (0..n).map(|i| if i < 2 { 0 } else if i % 2 == 0 { 4 } else { 128 }).collect();
+    let mut v: Vec<usize> = (0..n)
+        .map(|i| {
+            if i < 2 {
+                0
+            } else if i % 2 == 0 {
+                4
+            } else {
+                128
+            }
+        })
+        .collect();
     v.push(0);
     v
 }
@@ -270,8 +446,14 @@ mod tests {
             inc.extend(model.forward(&mut c2, ch, Logits::All).unwrap());
         }
         let scale = one.iter().fold(0f32, |m, x| m.max(x.abs()));
-        let err = one.iter().zip(&inc).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        assert!(err <= 1e-4 * scale, "chunked differs: {err} (scale {scale})");
+        let err = one
+            .iter()
+            .zip(&inc)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            err <= 1e-4 * scale,
+            "chunked differs: {err} (scale {scale})"
+        );
     }
 }
 
@@ -284,7 +466,12 @@ pub enum MatrixFormat {
 }
 
 /// A random `[out, inp]` weight matrix in the given stored format.
-pub fn random_linear(format: MatrixFormat, out: usize, inp: usize, seed: u64) -> Result<crate::cpu::linear::Linear> {
+pub fn random_linear(
+    format: MatrixFormat,
+    out: usize,
+    inp: usize,
+    seed: u64,
+) -> Result<crate::cpu::linear::Linear> {
     let fill = match format {
         MatrixFormat::Bf16 => Fill::Bf16(1.0 / (inp as f32).sqrt()),
         MatrixFormat::Fp8 => Fill::Fp8,

@@ -9,7 +9,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 fn fixture_dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(name)
 }
 
 /// The reference tensors of a fixture.
@@ -29,7 +31,16 @@ impl Reference {
         for (n, v) in st.iter() {
             let dtype = DType::from_safetensors(v.dtype()).expect("dtype");
             let off = v.data().as_ptr() as usize - base;
-            let tensor = Tensor::new(n.to_string(), file.clone(), dtype, v.shape().to_vec(), storage.clone(), off, v.data().len()).unwrap();
+            let tensor = Tensor::new(
+                n.to_string(),
+                file.clone(),
+                dtype,
+                v.shape().to_vec(),
+                storage.clone(),
+                off,
+                v.data().len(),
+            )
+            .unwrap();
             t.insert(n.to_string(), tensor);
         }
         Reference { t }
@@ -48,7 +59,11 @@ impl Reference {
         if let Some(t) = self.t.get(name) {
             return (t.to_f32().unwrap(), (0..vocab).collect());
         }
-        let cols = self.ints("logit_cols").into_iter().map(|x| x as usize).collect();
+        let cols = self
+            .ints("logit_cols")
+            .into_iter()
+            .map(|x| x as usize)
+            .collect();
         (self.floats(&format!("{name}_sub")), cols)
     }
 }
@@ -65,7 +80,11 @@ fn run_chunks(model: &Model, ids: &[u32], chunks: &[usize]) -> Vec<f32> {
     let mut out = Vec::new();
     let mut s = 0;
     for &c in chunks {
-        out.extend(model.forward(&mut cache, &ids[s..s + c], Logits::All).unwrap());
+        out.extend(
+            model
+                .forward(&mut cache, &ids[s..s + c], Logits::All)
+                .unwrap(),
+        );
         s += c;
     }
     out
@@ -80,10 +99,17 @@ fn compare(what: &str, got: &[f32], want: &[f32], cols: &[usize], argmax: &[i64]
         let g = &got[r * vocab..(r + 1) * vocab];
         let w = &want[r * cols.len()..(r + 1) * cols.len()];
         let scale = w.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
-        let err = cols.iter().zip(w).fold(0f32, |m, (&c, &x)| m.max((g[c] - x).abs())) / scale;
+        let err = cols
+            .iter()
+            .zip(w)
+            .fold(0f32, |m, (&c, &x)| m.max((g[c] - x).abs()))
+            / scale;
         worst = worst.max(err);
         assert!(err <= 1e-4, "{what}: row {r} relative error {err:.3e}");
-        let am = g.iter().enumerate().fold(0, |b, (i, &x)| if x > g[b] { i } else { b });
+        let am = g
+            .iter()
+            .enumerate()
+            .fold(0, |b, (i, &x)| if x > g[b] { i } else { b });
         assert_eq!(am as i64, argmax[r], "{what}: row {r} argmax");
     }
     eprintln!("{what}: worst row relative error {worst:.2e}");
@@ -98,23 +124,58 @@ fn check_fixture(name: &str) {
     let (want, cols) = r.logits("logits", vocab);
     let t = ids.len();
 
-    compare(&format!("{name} one call"), &run_chunks(&model, &ids, &[t]), &want, &cols, &argmax, vocab);
+    compare(
+        &format!("{name} one call"),
+        &run_chunks(&model, &ids, &[t]),
+        &want,
+        &cols,
+        &argmax,
+        vocab,
+    );
 
     let chunks: Vec<usize> = r.ints("chunks").into_iter().map(|x| x as usize).collect();
     let (want_c, _) = r.logits("logits_chunked", vocab);
     let got = run_chunks(&model, &ids, &chunks);
-    compare(&format!("{name} chunks {chunks:?}"), &got, &want_c, &cols, &argmax, vocab);
-    compare(&format!("{name} chunks vs one-call ref"), &got, &want, &cols, &argmax, vocab);
+    compare(
+        &format!("{name} chunks {chunks:?}"),
+        &got,
+        &want_c,
+        &cols,
+        &argmax,
+        vocab,
+    );
+    compare(
+        &format!("{name} chunks vs one-call ref"),
+        &got,
+        &want,
+        &cols,
+        &argmax,
+        vocab,
+    );
 
     let p = r.ints("decode_prefill")[0] as usize;
     let mut decode = vec![p];
     decode.extend(std::iter::repeat_n(1, t - p));
     let (want_d, _) = r.logits("logits_decode", vocab);
-    compare(&format!("{name} decode"), &run_chunks(&model, &ids, &decode), &want_d, &cols, &argmax, vocab);
+    compare(
+        &format!("{name} decode"),
+        &run_chunks(&model, &ids, &decode),
+        &want_d,
+        &cols,
+        &argmax,
+        vocab,
+    );
 
     // Other chunkings: token by token from the start, and sizes straddling every boundary.
     let ones = vec![1; t];
-    compare(&format!("{name} token by token"), &run_chunks(&model, &ids, &ones), &want, &cols, &argmax, vocab);
+    compare(
+        &format!("{name} token by token"),
+        &run_chunks(&model, &ids, &ones),
+        &want,
+        &cols,
+        &argmax,
+        vocab,
+    );
     let mut odd = Vec::new();
     let (mut left, mut k) = (t, 0);
     while left > 0 {
@@ -123,7 +184,14 @@ fn check_fixture(name: &str) {
         left -= c;
         k += 1;
     }
-    compare(&format!("{name} chunks {odd:?}"), &run_chunks(&model, &ids, &odd), &want, &cols, &argmax, vocab);
+    compare(
+        &format!("{name} chunks {odd:?}"),
+        &run_chunks(&model, &ids, &odd),
+        &want,
+        &cols,
+        &argmax,
+        vocab,
+    );
 }
 
 #[test]
@@ -153,7 +221,11 @@ fn greedy_continuations_match_reference() {
         let mut logits = model.forward(&mut cache, &prompt, Logits::Last).unwrap();
         let mut got = Vec::new();
         for _ in 0..want.len() {
-            let next = logits.iter().enumerate().fold(0, |b, (i, &x)| if x > logits[b] { i } else { b }) as u32;
+            let next = logits
+                .iter()
+                .enumerate()
+                .fold(0, |b, (i, &x)| if x > logits[b] { i } else { b })
+                as u32;
             got.push(next);
             logits = model.forward(&mut cache, &[next], Logits::Last).unwrap();
         }

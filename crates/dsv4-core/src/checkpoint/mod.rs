@@ -25,6 +25,14 @@ pub struct Checkpoint {
 impl Checkpoint {
     /// Opens `dir`: reads `config.json` and maps every shard, validating each shard's header.
     pub fn open(dir: &Path) -> Result<Self> {
+        Self::open_with_progress(dir, |_, _, _, _| {})
+    }
+
+    /// [`open`](Self::open), calling `progress(i, n, shard, bytes_so_far)` after each shard.
+    pub fn open_with_progress(
+        dir: &Path,
+        mut progress: impl FnMut(usize, usize, &Path, u64),
+    ) -> Result<Self> {
         if !dir.is_dir() {
             return Err(Error::Checkpoint(format!(
                 "{} is not a directory",
@@ -35,8 +43,11 @@ impl Checkpoint {
         let files = shard_files(dir)?;
         let mut raw: Vec<(String, Tensor)> = Vec::new();
         let mut sizes = Vec::new();
-        for (path, expected) in &files {
+        let mut done = 0u64;
+        for (i, (path, expected)) in files.iter().enumerate() {
             let (tensors, size) = map_shard(path)?;
+            done += size;
+            progress(i, files.len(), path, done);
             if let Some(expected) = expected {
                 for name in expected {
                     if !tensors.iter().any(|(n, _)| n == name) {

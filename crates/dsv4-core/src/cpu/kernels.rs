@@ -47,7 +47,11 @@ fn has_avx2() -> bool {
 /// `Σ_i w[i]·x[i]` for a stored row of `x.len()` inputs.
 #[inline]
 pub fn dot(row: Row, x: &[f32]) -> f32 {
-    let xp = if matches!(row, Row::Fp4 { .. }) { fp4_order(x) } else { Vec::new() };
+    let xp = if matches!(row, Row::Fp4 { .. }) {
+        fp4_order(x)
+    } else {
+        Vec::new()
+    };
     dot_prepared(row, x, &xp)
 }
 
@@ -431,7 +435,9 @@ mod avx512 {
             let mut i = start;
             while i + 32 <= end {
                 // Sign-extend, shift the 7 magnitude bits into place, clear the smeared bit 14.
-                let b = _mm512_cvtepi8_epi16(_mm256_loadu_si256(codes.as_ptr().add(i) as *const __m256i));
+                let b = _mm512_cvtepi8_epi16(_mm256_loadu_si256(
+                    codes.as_ptr().add(i) as *const __m256i
+                ));
                 let h = _mm512_and_si512(_mm512_slli_epi16(b, 7), keep);
                 let lo = _mm512_cvtph_ps(_mm512_castsi512_si256(h));
                 let hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1));
@@ -444,7 +450,11 @@ mod avx512 {
                 rest += E4M3_LUT[codes[i] as usize] * x[i];
                 i += 1;
             }
-            total = _mm512_fmadd_ps(_mm512_add_ps(acc0, acc1), _mm512_set1_ps(scales[bi] * 256.0), total);
+            total = _mm512_fmadd_ps(
+                _mm512_add_ps(acc0, acc1),
+                _mm512_set1_ps(scales[bi] * 256.0),
+                total,
+            );
             tail += rest * scales[bi];
             start = end;
             bi += 1;
@@ -468,8 +478,13 @@ mod avx512 {
         for g in 0..groups {
             if g % 16 == 0 {
                 if g + 16 <= groups {
-                    let u = _mm512_cvtepu8_epi32(_mm_loadu_si128(scales.as_ptr().add(g) as *const __m128i));
-                    _mm512_storeu_ps(sc.as_mut_ptr(), _mm512_castsi512_ps(_mm512_slli_epi32(u, 23)));
+                    let u = _mm512_cvtepu8_epi32(_mm_loadu_si128(
+                        scales.as_ptr().add(g) as *const __m128i
+                    ));
+                    _mm512_storeu_ps(
+                        sc.as_mut_ptr(),
+                        _mm512_castsi512_ps(_mm512_slli_epi32(u, 23)),
+                    );
                 } else {
                     for (k, s) in sc.iter_mut().enumerate().take(groups - g) {
                         *s = e8m0_to_f32(scales[g + k]);
@@ -477,7 +492,9 @@ mod avx512 {
                 }
             }
             let t = _mm512_mul_ps(table, _mm512_set1_ps(sc[g % 16]));
-            let b = _mm512_cvtepu8_epi32(_mm_loadu_si128(packed.as_ptr().add(16 * g) as *const __m128i));
+            let b = _mm512_cvtepu8_epi32(_mm_loadu_si128(
+                packed.as_ptr().add(16 * g) as *const __m128i
+            ));
             let even = _mm512_permutexvar_ps(_mm512_and_si512(b, nib), t);
             let odd = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), t);
             let xg = xp.as_ptr().add(32 * g);
@@ -501,7 +518,11 @@ mod avx512 {
     #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
     pub unsafe fn dot(row: Row, x: &[f32], xp: &[f32]) -> f32 {
         match row {
-            Row::Fp8 { codes, scales, block } => dot_fp8(codes, scales, block, x),
+            Row::Fp8 {
+                codes,
+                scales,
+                block,
+            } => dot_fp8(codes, scales, block, x),
             Row::Fp4 { packed, scales } => dot_fp4(packed, scales, xp),
             other => avx2::dot(other, x),
         }
@@ -565,7 +586,10 @@ mod tests {
                 if has_avx2() {
                     // SAFETY: features detected.
                     let got = unsafe { avx2::dot(row, &x) } as f64;
-                    assert!((got - want).abs() <= 1e-5 * norm.max(1e-6), "avx2 n={n}: {got} vs {want}");
+                    assert!(
+                        (got - want).abs() <= 1e-5 * norm.max(1e-6),
+                        "avx2 n={n}: {got} vs {want}"
+                    );
                 }
                 let got = scalar::dot(row, &x) as f64;
                 assert!(
