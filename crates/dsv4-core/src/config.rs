@@ -471,13 +471,13 @@ impl ModelConfig {
         {
             return bad("vocab_size, hidden_size, num_hidden_layers and num_attention_heads must be positive".into());
         }
-        if self.rope_dim == 0 || self.rope_dim % 2 != 0 || self.rope_dim > self.head_dim {
+        if self.rope_dim == 0 || !self.rope_dim.is_multiple_of(2) || self.rope_dim > self.head_dim {
             return bad(format!(
                 "rotary dims ({}) must be even and at most head_dim ({})",
                 self.rope_dim, self.head_dim
             ));
         }
-        if self.o_groups == 0 || self.num_heads % self.o_groups != 0 {
+        if self.o_groups == 0 || !self.num_heads.is_multiple_of(self.o_groups) {
             return bad(format!(
                 "num_attention_heads ({}) must be a multiple of o_groups ({})",
                 self.num_heads, self.o_groups
@@ -495,13 +495,13 @@ impl ModelConfig {
         if self.sliding_window == 0 {
             return bad("sliding_window must be positive".into());
         }
-        if self.attn_kinds.iter().any(|k| k.is_csa()) {
-            if self.index_head_dim < self.rope_dim
-                || self.index_n_heads == 0
-                || self.index_topk == 0
-            {
-                return bad("indexer needs index_n_heads > 0, index_topk > 0 and index_head_dim >= rotary dims".into());
-            }
+        let bad_indexer =
+            self.index_head_dim < self.rope_dim || self.index_n_heads == 0 || self.index_topk == 0;
+        if bad_indexer && self.attn_kinds.iter().any(|k| k.is_csa()) {
+            return bad(
+                "indexer needs index_n_heads > 0, index_topk > 0 and index_head_dim >= rotary dims"
+                    .into(),
+            );
         }
         if let Some(r) = self
             .attn_kinds

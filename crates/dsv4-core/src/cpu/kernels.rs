@@ -327,6 +327,7 @@ mod avx2 {
     const E2M1_X2: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
 
     #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::needless_range_loop)] // g indexes packed, scales and x together
     unsafe fn dot_fp4(packed: &[u8], scales: &[u8], x: &[f32]) -> f32 {
         let n = x.len();
         let lut = _mm_loadu_si128(E2M1_X2.as_ptr() as *const __m128i);

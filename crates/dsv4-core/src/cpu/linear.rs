@@ -129,7 +129,7 @@ impl Linear {
                 }
             }
             DType::I8 | DType::U8 => {
-                if inp % 32 != 0 {
+                if !inp.is_multiple_of(32) {
                     return Err(weight.err(format!(
                         "packed FP4 needs the input dim ({inp}) to be a multiple of 32"
                     )));

@@ -23,7 +23,7 @@ pub fn forward(
     pos0: usize,
     rope: &RopeTable,
 ) -> Vec<f32> {
-    let (h, dh, r) = (c.num_heads, c.head_dim, c.rope_dim);
+    let (h, dh) = (c.num_heads, c.head_dim);
     let eps = c.rms_norm_eps;
     let trig: Vec<(Vec<f32>, Vec<f32>)> = (0..l).map(|t| rope.cos_sin(pos0 + t)).collect();
 
@@ -109,7 +109,6 @@ pub fn forward(
         }
         let inv = 1.0 / den;
         out.iter_mut().for_each(|v| *v *= inv);
-        let _ = r;
         rotate(out, &trig[t].0, &trig[t].1, true);
     });
 

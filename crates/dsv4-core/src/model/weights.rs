@@ -217,7 +217,7 @@ impl Loader<'_> {
             |s: &Option<Tensor>, total: usize, start: usize, n: usize| -> Result<Option<Tensor>> {
                 let Some(s) = s else { return Ok(None) };
                 let per = s.shape[0] * n / total; // scale rows covering n weight rows
-                if per == 0 || (s.shape[0] * start) % total != 0 {
+                if per == 0 || !(s.shape[0] * start).is_multiple_of(total) {
                     return Err(s.err("stacked expert scales do not align with expert boundaries"));
                 }
                 s.slice_outer(s.shape[0] * start / total, per).map(Some)
