@@ -142,32 +142,35 @@ fn argmax(x: &[f32]) -> u32 {
         .fold(0, |b, (i, &v)| if v > x[b] { i } else { b }) as u32
 }
 
-/// GEMV (one token) over ~512 MB of weights per format, best of 5.
+/// GEMV (one token) over ~512 MB of weights per format (memory-bound), and over a ~1 MB
+/// matrix that stays in cache (the kernel's compute ceiling); best of several runs.
 fn kernels(bw: f64) -> Result<()> {
     use synthetic::MatrixFormat as F;
     println!("memory bandwidth: {:.2} GB/s", bw / 1e9);
-    for (f, out, inp) in [
-        (F::Bf16, 65536, 4096),
-        (F::Fp8, 131072, 4096),
-        (F::Fp4, 262144, 4096),
-    ] {
-        let w = synthetic::random_linear(f, out, inp, 3)?;
-        let x: Vec<f32> = (0..inp).map(|i| ((i % 17) as f32 - 8.0) / 8.0).collect();
-        let mut y = vec![0f32; out];
-        let mut best = f64::INFINITY;
-        for _ in 0..5 {
-            let t = Instant::now();
-            w.forward(&x, 1, &mut y);
-            best = best.min(t.elapsed().as_secs_f64());
-        }
-        let bytes = w.stored_bytes() as f64;
+    for (f, out) in [(F::Bf16, 65536), (F::Fp8, 131072), (F::Fp4, 262144)] {
+        let inp = 4096;
+        let big = gemv_rate(&synthetic::random_linear(f, out, inp, 3)?, 5);
+        let small = gemv_rate(&synthetic::random_linear(f, out / 512, inp, 4)?, 200);
         println!(
-            "{:<5} [{out} x {inp}] {:>6.1} MB: {:>6.2} GB/s ({:>3.0}% of bandwidth)",
+            "{:<5} [{out} x {inp}]: {:>6.2} GB/s ({:>3.0}% of bandwidth); in cache: {:>6.2} GB/s",
             format!("{f:?}"),
-            bytes / 1e6,
-            bytes / best / 1e9,
-            100.0 * bytes / best / bw
+            big / 1e9,
+            100.0 * big / bw,
+            small / 1e9,
         );
     }
     Ok(())
+}
+
+/// Best stored-bytes-per-second of `reps` single-token forwards.
+fn gemv_rate(w: &dsv4_core::cpu::linear::Linear, reps: usize) -> f64 {
+    let x: Vec<f32> = (0..w.inp).map(|i| ((i % 17) as f32 - 8.0) / 8.0).collect();
+    let mut y = vec![0f32; w.out];
+    let mut best = f64::INFINITY;
+    for _ in 0..reps {
+        let t = Instant::now();
+        w.forward(&x, 1, &mut y);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    w.stored_bytes() as f64 / best
 }
