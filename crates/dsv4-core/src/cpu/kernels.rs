@@ -117,6 +117,17 @@ pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
+/// Decodes a stored row into f32 like [`dequant`], but FP4 rows come out in [`fp4_order`]
+/// (pair them with activations reordered the same way).
+pub fn dequant_prepared(row: Row, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: the features were detected above.
+        return unsafe { avx512::dequant(row, out) };
+    }
+    dequant(row, out)
+}
+
 /// Decodes a stored row into f32 (`out.len()` inputs).
 pub fn dequant(row: Row, out: &mut [f32]) {
     match row {
@@ -514,6 +525,74 @@ mod avx512 {
             }
         }
         s
+    }
+
+    /// Row decode for the tiled matmul: FP8 as in `dot_fp8`; FP4 in [`fp4_order`].
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    pub unsafe fn dequant(row: Row, out: &mut [f32]) {
+        match row {
+            Row::Fp8 {
+                codes,
+                scales,
+                block,
+            } => {
+                let n = out.len();
+                let keep = _mm512_set1_epi16(0xbfffu16 as i16);
+                for (bi, start) in (0..n).step_by(block).enumerate() {
+                    let end = (start + block).min(n);
+                    let s = _mm512_set1_ps(scales[bi] * 256.0);
+                    let mut i = start;
+                    while i + 32 <= end {
+                        let b = _mm512_cvtepi8_epi16(_mm256_loadu_si256(
+                            codes.as_ptr().add(i) as *const __m256i
+                        ));
+                        let h = _mm512_and_si512(_mm512_slli_epi16(b, 7), keep);
+                        _mm512_storeu_ps(
+                            out.as_mut_ptr().add(i),
+                            _mm512_mul_ps(_mm512_cvtph_ps(_mm512_castsi512_si256(h)), s),
+                        );
+                        _mm512_storeu_ps(
+                            out.as_mut_ptr().add(i + 16),
+                            _mm512_mul_ps(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1)), s),
+                        );
+                        i += 32;
+                    }
+                    for j in i..end {
+                        out[j] = E4M3_LUT[codes[j] as usize] * scales[bi];
+                    }
+                }
+            }
+            Row::Fp4 { packed, scales } => {
+                let n = out.len();
+                let groups = n / 32;
+                let table = _mm512_loadu_ps(E2M1_VALUES.as_ptr());
+                let nib = _mm512_set1_epi32(0x0f);
+                for g in 0..groups {
+                    let t = _mm512_mul_ps(table, _mm512_set1_ps(e8m0_to_f32(scales[g])));
+                    let b = _mm512_cvtepu8_epi32(_mm_loadu_si128(
+                        packed.as_ptr().add(16 * g) as *const __m128i
+                    ));
+                    _mm512_storeu_ps(
+                        out.as_mut_ptr().add(32 * g),
+                        _mm512_permutexvar_ps(_mm512_and_si512(b, nib), t),
+                    );
+                    _mm512_storeu_ps(
+                        out.as_mut_ptr().add(32 * g + 16),
+                        _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), t),
+                    );
+                }
+                if groups * 32 < n {
+                    super::dequant(
+                        Row::Fp4 {
+                            packed: &packed[16 * groups..],
+                            scales: &scales[groups..],
+                        },
+                        &mut out[32 * groups..],
+                    );
+                }
+            }
+            other => super::dequant(other, out),
+        }
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]

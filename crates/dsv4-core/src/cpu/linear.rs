@@ -2,6 +2,7 @@
 //! as BF16/F16/F32, FP8 e4m3 + block scales, or packed FP4 e2m1 + e8m0 scales per 32 inputs.
 //! Rows are dequantized inside the kernel; no f32 copy of a weight ever exists.
 
+use super::gemm;
 use super::kernels::{self, Row};
 use crate::error::Result;
 use crate::tensor::{DType, Tensor};
@@ -238,19 +239,36 @@ impl Linear {
             });
             return;
         }
+        // FP4 tiles come out in the kernels' FP4 order: reorder the tokens to match, once.
+        let reordered;
+        let xs = match self.format {
+            Format::Fp4 { .. } if kernels::wants_fp4_order() => {
+                reordered = x
+                    .chunks(self.inp)
+                    .flat_map(kernels::fp4_order)
+                    .collect::<Vec<f32>>();
+                &reordered[..]
+            }
+            _ => x,
+        };
+        const TILE: usize = 8;
+        let per_task = per_task.div_ceil(TILE) * TILE;
         let mut yt = vec![0f32; m * n]; // [n, m], contiguous per task
         yt.par_chunks_mut(per_task * m)
             .enumerate()
             .for_each(|(c, ys)| {
                 let o0 = r0 + c * per_task;
                 let rows = ys.len() / m;
-                let mut tile = vec![0f32; self.inp];
-                for j in 0..rows {
-                    self.row_f32(o0 + j, &mut tile);
-                    for t in 0..m {
-                        ys[j * m + t] =
-                            kernels::dot_f32(&tile, &x[t * self.inp..(t + 1) * self.inp]);
+                let mut tile = vec![0f32; TILE * self.inp];
+                for j0 in (0..rows).step_by(TILE) {
+                    let nr = (rows - j0).min(TILE);
+                    for j in 0..nr {
+                        kernels::dequant_prepared(
+                            self.row(o0 + j0 + j),
+                            &mut tile[j * self.inp..(j + 1) * self.inp],
+                        );
                     }
+                    gemm::tile_matmul(&tile, nr, xs, m, self.inp, &mut ys[j0 * m..(j0 + nr) * m]);
                 }
             });
         for o in 0..n {

@@ -1,4 +1,5 @@
 //! The CPU backend: dequantizing kernels and the quantized linear layer.
 
+pub mod gemm;
 pub mod kernels;
 pub mod linear;
