@@ -567,8 +567,8 @@ mod avx512 {
                 let groups = n / 32;
                 let table = _mm512_loadu_ps(E2M1_VALUES.as_ptr());
                 let nib = _mm512_set1_epi32(0x0f);
-                for g in 0..groups {
-                    let t = _mm512_mul_ps(table, _mm512_set1_ps(e8m0_to_f32(scales[g])));
+                for (g, &sc) in scales.iter().enumerate().take(groups) {
+                    let t = _mm512_mul_ps(table, _mm512_set1_ps(e8m0_to_f32(sc)));
                     let b = _mm512_cvtepu8_epi32(_mm_loadu_si128(
                         packed.as_ptr().add(16 * g) as *const __m128i
                     ));
