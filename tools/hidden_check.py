@@ -95,12 +95,48 @@ VARIANTS = [
       idx_dim=16, idx_heads=16, idx_topk=6, window=12),
 ]
 
+VARIANTS2 = [
+    V("off-hca128-T256", "official", 41, 256, layer_types=[HCA, CSA, HCA], rates={CSA: 4, HCA: 128}, window=8,
+      idx_topk=12),
+    V("hf-hca128-T257", "hf", 42, 257, layer_types=[CSA, HCA], rates={CSA: 4, HCA: 128}, window=16),
+    V("hf-hca128-T255", "hf", 43, 255, layer_types=[HCA, SWA], rates={CSA: 4, HCA: 128}, window=32),
+    V("hf-heads1", "hf", 44, 80, heads=1, o_groups=1, o_rank=32, layer_types=[SWA, CSA, HCA]),
+    V("off-ogroups-eq-heads", "official", 45, 90, heads=8, o_groups=8, o_rank=16, head_dim=32, rope_dim=8,
+      layer_types=[CSA, SWA, HCA], rates={CSA: 4, HCA: 8}),
+    V("off-idx1head-idxdim-eq-rope", "official", 46, 120, idx_heads=1, idx_dim=16, rope_dim=16, idx_topk=3,
+      layer_types=[CSA, CSA], rates={CSA: 4, HCA: 128}),
+    V("hf-k-eq-experts", "hf", 47, 70, experts=4, topk=4, n_hash=2, layer_types=[SWA, CSA, HCA]),
+    V("off-nhash-gt-layers", "official", 48, 70, n_hash=5, layer_types=[CSA, HCA, SWA], rates={CSA: 4, HCA: 16}),
+    V("off-h64-qlora48", "official", 49, 100, hidden=64, q_lora=48, inter=32, head_dim=64, rope_dim=16,
+      heads=2, o_groups=1, o_rank=48, layer_types=[HCA, CSA], rates={CSA: 4, HCA: 32}),
+    V("off-h384-hd128", "official", 50, 140, hidden=384, head_dim=128, rope_dim=32, heads=4, o_groups=2,
+      o_rank=96, q_lora=192, inter=160, idx_dim=128, idx_heads=2, layer_types=[SWA, CSA, HCA],
+      rates={CSA: 4, HCA: 16}, n_shards=4),
+    V("hf-rope4", "hf", 51, 90, head_dim=32, rope_dim=4, layer_types=[CSA, SWA, HCA], rates={CSA: 4, HCA: 8}),
+    V("hf-yarn-frac", "hf", 52, 150, layer_types=[CSA, HCA], rates={CSA: 4, HCA: 16},
+      yarn={"factor": 2.5, "original_max_position_embeddings": 64, "beta_fast": 8, "beta_slow": 2}),
+    V("hf-window2", "hf", 53, 60, window=2, layer_types=[SWA, CSA, HCA], rates={CSA: 4, HCA: 8}),
+    V("hf-window-gt-T", "hf", 54, 30, window=64, layer_types=[CSA, HCA, SWA], rates={CSA: 4, HCA: 8}),
+    V("off-topk-eq-entries", "official", 55, 64, idx_topk=16, layer_types=[CSA, HCA], rates={CSA: 4, HCA: 16}),
+    V("hf-8layers-allcsa", "hf", 56, 120, n_hash=0, layer_types=[CSA] * 8, idx_topk=5, hidden=64, inter=32,
+      q_lora=32, heads=2, o_groups=2, o_rank=16),
+    V("off-theta-small", "official", 57, 300, rope_theta=100.0, compress_rope_theta=100.0,
+      layer_types=[SWA, CSA, HCA], rates={CSA: 4, HCA: 8}, window=40,
+      yarn={"factor": 4, "original_max_position_embeddings": 128, "beta_fast": 32, "beta_slow": 1}),
+    V("off-i32-4shards", "official", 58, 110, tid2eid_dtype="I32", n_shards=4, n_hash=2, topk=3,
+      layer_types=[HCA, CSA, SWA], rates={CSA: 4, HCA: 32}),
+    V("hf-hd16", "hf", 59, 80, head_dim=16, rope_dim=8, heads=16, o_groups=4, o_rank=16, idx_dim=16,
+      layer_types=[CSA, HCA, SWA], rates={CSA: 4, HCA: 8}),
+]
+
 # CSA compress rate other than 4 / HCA rate 4 (transformers supports it through compress_rates)
 EDGE_VARIANTS = [
     V("hf-csa8", "hf", 31, 100, layer_types=[SWA, CSA, HCA], rates={CSA: 8, HCA: 16}),
     V("hf-hca4", "hf", 32, 100, layer_types=[SWA, CSA, HCA], rates={CSA: 4, HCA: 4}),
     V("off-csa8", "official", 33, 100, layer_types=[SWA, CSA, HCA], rates={CSA: 8, HCA: 16}),
     V("hf-swiglu0", "hf", 34, 40, layer_types=[SWA, CSA], swiglu_limit=0.0),
+    V("hf-window1", "hf", 36, 40, window=1, layer_types=[SWA, CSA, HCA], rates={CSA: 4, HCA: 8}),
+    V("hf-hca2", "hf", 37, 40, layer_types=[SWA, CSA, HCA], rates={CSA: 4, HCA: 2}),
     V("hf-mlp-nonprefix", "hf", 35, 60, layer_types=[SWA, CSA, HCA],
       extra={"mlp_layer_types": ["moe", "hash_moe", "moe"]}),
 ]
@@ -183,6 +219,7 @@ def chunkings(T: int, rng) -> dict:
             s += p
         c.append(T - s)
         out["odd"] = c
+        out["pre_dec"] = [max(T - 5, 1)] + [1] * (T - max(T - 5, 1))
         if T > 8:
             cuts = np.sort(rng.choice(np.arange(1, T), size=min(4, T - 1), replace=False))
             out["rand"] = np.diff(np.concatenate([[0], cuts, [T]])).tolist()
@@ -260,6 +297,9 @@ def run_variant(spec: Spec, extra: dict, root: str, binary: str) -> dict:
     t1 = time.time()
     runs = {"onecall": None, **chs}
     res["dsv4"] = {}
+    w, T = spec.window, spec.T
+    if 1 < w < T:
+        runs["win"] = [w] * (T // w) + ([T % w] if T % w else [])
     for nm, ch in runs.items():
         got, err = run_dsv4(binary, d, ids, ch, os.path.join(d, f"out_{nm}.npy"))
         if err is not None:
@@ -287,7 +327,7 @@ def main():
     args = ap.parse_args()
     global NO_REPAIR
     NO_REPAIR = args.no_repair
-    allv = VARIANTS + (EDGE_VARIANTS if args.edge or args.only else [])
+    allv = VARIANTS + VARIANTS2 + (EDGE_VARIANTS if args.edge or args.only else [])
     results = []
     for spec, extra in allv:
         if args.only and spec.name not in args.only:

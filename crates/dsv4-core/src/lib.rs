@@ -11,6 +11,7 @@ pub mod cpu;
 pub mod error;
 pub mod generate;
 pub mod model;
+pub mod numerics;
 pub mod sampling;
 pub mod synthetic;
 pub mod tensor;
