@@ -125,6 +125,9 @@ VARIANTS2 = [
       yarn={"factor": 4, "original_max_position_embeddings": 128, "beta_fast": 32, "beta_slow": 1}),
     V("off-i32-4shards", "official", 58, 110, tid2eid_dtype="I32", n_shards=4, n_hash=2, topk=3,
       layer_types=[HCA, CSA, SWA], rates={CSA: 4, HCA: 32}),
+    V("off-h224-v1001", "official", 62, 200, hidden=224, vocab=1001, q_lora=200, inter=96, o_rank=40,
+      heads=6, o_groups=3, head_dim=64, rope_dim=16, layer_types=[CSA, HCA, SWA, CSA], rates={CSA: 4, HCA: 64},
+      idx_topk=7, window=20, n_hash=1),
     V("hf-hd16", "hf", 59, 80, head_dim=16, rope_dim=8, heads=16, o_groups=4, o_rank=16, idx_dim=16,
       layer_types=[CSA, HCA, SWA], rates={CSA: 4, HCA: 8}),
 ]
@@ -137,9 +140,48 @@ EDGE_VARIANTS = [
     V("hf-swiglu0", "hf", 34, 40, layer_types=[SWA, CSA], swiglu_limit=0.0),
     V("hf-window1", "hf", 36, 40, window=1, layer_types=[SWA, CSA, HCA], rates={CSA: 4, HCA: 8}),
     V("hf-hca2", "hf", 37, 40, layer_types=[SWA, CSA, HCA], rates={CSA: 4, HCA: 2}),
+    V("off-hc2-iters3", "official", 38, 60, layer_types=[SWA, CSA, HCA], rates={CSA: 4, HCA: 8},
+      extra={"cfg_over": {"hc_mult": 2, "hc_sinkhorn_iters": 3}}),
+    V("hf-eps", "hf", 39, 60, layer_types=[SWA, CSA, HCA], rates={CSA: 4, HCA: 8},
+      extra={"cfg_over": {"rms_norm_eps": 1e-2, "hc_eps": 1e-2}}),
+    V("hf-shared2", "hf", 40, 40, layer_types=[SWA, CSA], extra={"cfg_over": {"n_shared_experts": 2}}),
+    V("hf-shared0", "hf", 60, 40, layer_types=[SWA, CSA], extra={"cfg_over": {"n_shared_experts": 0}}),
+    V("hf-nonorm-topk", "hf", 61, 40, layer_types=[SWA, CSA], extra={"cfg_over": {"norm_topk_prob": False}}),
     V("hf-mlp-nonprefix", "hf", 35, 60, layer_types=[SWA, CSA, HCA],
       extra={"mlp_layer_types": ["moe", "hash_moe", "moe"]}),
 ]
+
+
+def random_variant(i: int, rseed: int):
+    """A random plausible spec (shapes the real generator could use)."""
+    r = np.random.default_rng([rseed, i])
+    ch = lambda xs: xs[int(r.integers(len(xs)))]  # noqa: E731
+    style = ch(["official", "hf"])
+    hidden = ch([64, 128, 160, 256] + ([96] if style == "hf" else []))
+    head_dim, rope_dim = ch([(32, 8), (64, 16), (128, 32)])
+    heads = ch([1, 2, 4, 8])
+    o_groups = ch([g for g in (1, 2, 4, 8) if heads % g == 0])
+    n = int(r.integers(1, 7))
+    lt = [ch([SWA, CSA, HCA]) for _ in range(n)]
+    hca = ch([8, 16, 32, 128])
+    experts = ch([4, 8, 16])
+    topk = int(r.integers(1, min(4, experts - 1) + 1))
+    idx_dim = ch([d for d in (16, 32, 64, 128) if d >= rope_dim])
+    yarn_f = ch([4, 16, 40])
+    orig = ch([256, 512, 4096])
+    T = int(ch([1, 2, 5, 17, 64, 130, 257, 300, 400]))
+    spec, extra = V(f"rand{rseed}-{i}", style, 1000 * rseed + i, T, hidden=hidden, head_dim=head_dim,
+                    rope_dim=rope_dim, heads=heads, o_groups=o_groups, o_rank=ch([16, 32, 48]),
+                    q_lora=ch([32, 64, 96, 128]), layer_types=lt, rates={CSA: 4, HCA: hca},
+                    n_hash=int(r.integers(0, n + 1)), experts=experts, topk=topk, inter=ch([32, 64, 96]),
+                    idx_heads=ch([2, 4, 8]), idx_dim=idx_dim, idx_topk=ch([1, 2, 4, 8, 16, 64, 512]),
+                    window=ch([4, 8, 12, 16, 32, 64]), vocab=ch([300, 1000, 2000]),
+                    tid2eid_dtype=ch(["I32", "I64"]), swiglu_limit=ch([0.75, 1.5, 3.0]),
+                    routed_scale=ch([1.0, 1.5, 2.5]), n_shards=ch([1, 2, 3]) if style == "official" else 1,
+                    yarn={"factor": yarn_f, "original_max_position_embeddings": orig, "beta_fast": 32,
+                          "beta_slow": 1},
+                    extra={"no_yarn": bool(r.random() < 0.25)})
+    return spec, extra
 
 
 def max_pos_of(spec: Spec, extra: dict) -> int:
@@ -161,6 +203,7 @@ def build_configs(spec: Spec, extra: dict):
         kwargs = mf.hf_config_kwargs(s2)
         kwargs["rope_parameters"] = None
     kwargs["max_position_embeddings"] = mp
+    kwargs.update(extra.get("cfg_over", {}))
     if "mlp_layer_types" in extra:
         kwargs["mlp_layer_types"] = list(extra["mlp_layer_types"])
     if spec.style == "official":
@@ -171,6 +214,7 @@ def build_configs(spec: Spec, extra: dict):
         cfg_json["max_position_embeddings"] = mp
         if no_yarn:
             del cfg_json["rope_scaling"]
+        cfg_json.update(extra.get("cfg_over", {}))
         if all(r in (0, 4, 128) for r in cfg_json["compress_ratios"]) and spec.rates[CSA] == 4 \
                 and spec.rates[HCA] == 128:
             hf_cfg = DeepseekV4Config.from_dict(copy.deepcopy(cfg_json))
@@ -194,8 +238,9 @@ def row_margins(probe: mf.Probe, logits: np.ndarray) -> np.ndarray:
     T = logits.shape[0]
     m = mf.argmax_margins(logits).copy()
     try:
-        for v in probe.router_margins().values():
-            m = np.minimum(m, v[:T])
+        if probe.cfg.num_experts_per_tok < probe.cfg.n_routed_experts:  # k == E: no router decision
+            for v in probe.router_margins().values():
+                m = np.minimum(m, v[:T])
     except AssertionError as e:
         print("   router margin assert:", e)
     try:
@@ -309,6 +354,9 @@ def run_variant(spec: Spec, extra: dict, root: str, binary: str) -> dict:
         if nm != "onecall" and not res["dsv4"][nm]["ok"]:
             res["dsv4"][nm]["chunks_head"] = ch[:20]
     res["ok"] = all(v["ok"] for v in res["dsv4"].values())
+    low = np.nonzero(margins < mf.BUILD_MARGIN)[0]
+    if len(low):  # repair gave up: which rows are trustworthy (before the first near-tie row)
+        res["first_low_margin_row"] = int(low[0])
     res["time_s"] = {"hf": round(t1 - t0, 1), "dsv4": round(time.time() - t1, 1)}
     np.save(os.path.join(d, "ref_logits.npy"), ref.astype(np.float32))
     np.save(os.path.join(d, "ids.npy"), ids)
@@ -323,11 +371,15 @@ def main():
     ap.add_argument("--bin", default=os.path.join(here, "..", "target", "release", "dsv4"))
     ap.add_argument("--only", nargs="*")
     ap.add_argument("--edge", action="store_true", help="also run EDGE_VARIANTS")
+    ap.add_argument("--random", type=int, default=0, help="run N random variants instead")
+    ap.add_argument("--rseed", type=int, default=7)
     ap.add_argument("--no-repair", action="store_true", help="plain random prompts (near-ties possible)")
     args = ap.parse_args()
     global NO_REPAIR
     NO_REPAIR = args.no_repair
     allv = VARIANTS + VARIANTS2 + (EDGE_VARIANTS if args.edge or args.only else [])
+    if args.random:
+        allv = [random_variant(i, args.rseed) for i in range(args.random)]
     results = []
     for spec, extra in allv:
         if args.only and spec.name not in args.only:

@@ -54,7 +54,11 @@ pub fn e4m3_encode(v: f32) -> u8 {
         return 0x7f;
     }
     // Quantum 2^(e-3) in binade e ≥ -6; below 2^-6 the subnormal quantum 2^-9.
-    let e = if a > 0.0 { a.log2().floor().max(-6.0) as i32 } else { -6 };
+    let e = if a > 0.0 {
+        a.log2().floor().max(-6.0) as i32
+    } else {
+        -6
+    };
     let q = (a / exp2i(e - 3)).round_ties_even() * exp2i(e - 3);
     if q == 0.0 {
         return sign;
@@ -79,7 +83,10 @@ pub fn e2m1_encode(v: f32) -> u8 {
         2.0
     };
     let q = (a / quantum).round_ties_even() * quantum;
-    let idx = E2M1_VALUES[..8].iter().position(|&x| x == q).expect("on the e2m1 grid") as u8;
+    let idx = E2M1_VALUES[..8]
+        .iter()
+        .position(|&x| x == q)
+        .expect("on the e2m1 grid") as u8;
     if idx == 0 {
         0
     } else {
@@ -110,7 +117,9 @@ pub fn fp8_quantize(x: &[f32], block: usize) -> (Vec<u8>, Vec<u8>) {
 pub fn fp8_dequantize(codes: &[u8], scales: &[u8], block: usize, out: &mut [f32]) {
     for ((o, c), &s) in out.chunks_mut(block).zip(codes.chunks(block)).zip(scales) {
         let s = e8m0_to_f32(s);
-        o.iter_mut().zip(c).for_each(|(o, &c)| *o = E4M3_LUT[c as usize] * s);
+        o.iter_mut()
+            .zip(c)
+            .for_each(|(o, &c)| *o = E4M3_LUT[c as usize] * s);
     }
 }
 
@@ -140,7 +149,9 @@ pub fn fp4_quantize(x: &[f32], block: usize) -> (Vec<u8>, Vec<u8>) {
 pub fn fp4_dequantize(codes: &[u8], scales: &[u8], block: usize, out: &mut [f32]) {
     for ((o, c), &s) in out.chunks_mut(block).zip(codes.chunks(block)).zip(scales) {
         let s = e8m0_to_f32(s);
-        o.iter_mut().zip(c).for_each(|(o, &c)| *o = E2M1_VALUES[c as usize] * s);
+        o.iter_mut()
+            .zip(c)
+            .for_each(|(o, &c)| *o = E2M1_VALUES[c as usize] * s);
     }
 }
 
@@ -148,6 +159,18 @@ pub fn fp4_dequantize(codes: &[u8], scales: &[u8], block: usize, out: &mut [f32]
 pub fn fp4_round_trip(x: &mut [f32], block: usize) {
     let (c, s) = fp4_quantize(x, block);
     fp4_dequantize(&c, &s, block, x);
+}
+
+/// The input of an FP8/FP4 GEMM under `--act-quant`: each row of `width` values FP8-rounded in
+/// blocks of 128 (the last block of a row may be shorter); borrowed unchanged otherwise.
+pub fn gemm_input(x: &[f32], width: usize, act_quant: bool) -> std::borrow::Cow<'_, [f32]> {
+    if !act_quant {
+        return std::borrow::Cow::Borrowed(x);
+    }
+    let mut v = x.to_vec();
+    v.chunks_mut(width)
+        .for_each(|r| fp8_round_trip(r, ACT_BLOCK));
+    std::borrow::Cow::Owned(v)
 }
 
 /// `x ← x · H_n / √n` with the Sylvester Hadamard matrix (`H[i][j] = (-1)^popcount(i&j)`);
@@ -188,7 +211,10 @@ mod tests {
         assert_eq!(E4M3_LUT[e4m3_encode(1.1875) as usize], 1.25);
         // Subnormal midpoint 0.5·2^-9 → 0, 1.5·2^-9 → 2·2^-9.
         assert_eq!(E4M3_LUT[e4m3_encode(0.5 * 2f32.powi(-9)) as usize], 0.0);
-        assert_eq!(E4M3_LUT[e4m3_encode(1.5 * 2f32.powi(-9)) as usize], 2.0 * 2f32.powi(-9));
+        assert_eq!(
+            E4M3_LUT[e4m3_encode(1.5 * 2f32.powi(-9)) as usize],
+            2.0 * 2f32.powi(-9)
+        );
         assert_eq!(E4M3_LUT[e4m3_encode(1000.0) as usize], 448.0);
         assert_eq!(E4M3_LUT[e4m3_encode(-464.0) as usize], -448.0);
     }
@@ -196,7 +222,18 @@ mod tests {
     #[test]
     fn e2m1_rounding_examples() {
         let r = |v: f32| E2M1_VALUES[e2m1_encode(v) as usize];
-        for (v, want) in [(0.25, 0.0), (0.75, 1.0), (1.25, 1.0), (1.75, 2.0), (2.5, 2.0), (3.5, 4.0), (5.0, 4.0), (7.0, 6.0), (-0.75, -1.0), (-5.5, -6.0)] {
+        for (v, want) in [
+            (0.25, 0.0),
+            (0.75, 1.0),
+            (1.25, 1.0),
+            (1.75, 2.0),
+            (2.5, 2.0),
+            (3.5, 4.0),
+            (5.0, 4.0),
+            (7.0, 6.0),
+            (-0.75, -1.0),
+            (-5.5, -6.0),
+        ] {
             assert_eq!(r(v), want, "{v}");
         }
     }
@@ -205,7 +242,10 @@ mod tests {
     fn scales_are_the_smallest_covering_power_of_two() {
         for amax in [1e-4f32, 0.3, 1.0, 448.0, 449.0, 896.0, 1e6] {
             let s = e8m0_to_f32(round_scale_e8m0(amax, 1.0 / 448.0));
-            assert!(amax <= 448.0 * s * (1.0 + 1e-6) && amax > 224.0 * s * (1.0 - 1e-6), "{amax} → {s}");
+            assert!(
+                amax <= 448.0 * s * (1.0 + 1e-6) && amax > 224.0 * s * (1.0 - 1e-6),
+                "{amax} → {s}"
+            );
         }
         // Zero block: the amax floor keeps the scale finite, codes are zero.
         let (c, s) = fp8_quantize(&[0.0; 64], 64);
@@ -214,7 +254,9 @@ mod tests {
 
     #[test]
     fn round_trips_are_idempotent_and_close() {
-        let x: Vec<f32> = (0..128).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.07).collect();
+        let x: Vec<f32> = (0..128)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.07)
+            .collect();
         let mut a = x.clone();
         fp8_round_trip(&mut a, 64);
         let mut b = a.clone();
@@ -238,7 +280,12 @@ mod tests {
         let n2 = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>();
         assert!((n2(&x) - n2(&y)).abs() < 1e-4);
         // Row 1 of H is (+1, -1, +1, -1, ...).
-        let want1: f32 = x.iter().enumerate().map(|(j, v)| if j % 2 == 0 { *v } else { -v }).sum::<f32>() / 128f32.sqrt();
+        let want1: f32 = x
+            .iter()
+            .enumerate()
+            .map(|(j, v)| if j % 2 == 0 { *v } else { -v })
+            .sum::<f32>()
+            / 128f32.sqrt();
         assert!((y[1] - want1).abs() < 1e-5);
         hadamard(&mut y);
         for (a, b) in x.iter().zip(&y) {

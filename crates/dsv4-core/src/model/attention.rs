@@ -10,10 +10,12 @@ use super::rope::{rotate, RopeTable};
 use super::weights::{AttentionWeights, IndexerWeights};
 use crate::config::ModelConfig;
 use crate::cpu::kernels;
+use crate::numerics::{self, gemm_input, hadamard, Numerics};
 use rayon::prelude::*;
 
 /// Runs attention for `l` new tokens at positions `pos0..pos0+l`; `x` is the normed input
 /// `[l, D]`. Updates the layer's cache and returns `[l, D]`.
+#[allow(clippy::too_many_arguments)] // the layer's full context; a struct would only rename it
 pub fn forward(
     c: &ModelConfig,
     w: &AttentionWeights,
@@ -22,15 +24,19 @@ pub fn forward(
     l: usize,
     pos0: usize,
     rope: &RopeTable,
+    nm: Numerics,
 ) -> Vec<f32> {
     let (h, dh) = (c.num_heads, c.head_dim);
+    let aq = nm.act_quant();
+    let d = c.hidden_size;
     let eps = c.rms_norm_eps;
     let trig: Vec<(Vec<f32>, Vec<f32>)> = (0..l).map(|t| rope.cos_sin(pos0 + t)).collect();
 
     // Queries: low-rank, normed per head, rotated.
-    let mut qr = w.wq_a.apply(x, l);
+    let mut qr = w.wq_a.apply(&gemm_input(x, d, aq), l);
     rms_norm(&mut qr, &w.q_norm, eps);
-    let mut q = w.wq_b.apply(&qr, l);
+    let qr_in = gemm_input(&qr, c.q_lora_rank, aq);
+    let mut q = w.wq_b.apply(&qr_in, l);
     rms_norm_unweighted(&mut q, dh, eps);
     for (t, qt) in q.chunks_mut(h * dh).enumerate() {
         for head in qt.chunks_mut(dh) {
@@ -39,48 +45,57 @@ pub fn forward(
     }
 
     // The shared K=V row of each new token.
-    let mut kv = w.wkv.apply(x, l);
+    let mut kv = w.wkv.apply(&gemm_input(x, d, aq), l);
     rms_norm(&mut kv, &w.kv_norm, eps);
     for (t, row) in kv.chunks_mut(dh).enumerate() {
         rotate(row, &trig[t].0, &trig[t].1, false);
+        // The row is key and value as stored (official profile: FP8 nope channels).
+        cache.window.round(row);
     }
 
     // Local keys: cached window rows (positions k0..pos0) followed by the new rows.
     let win = c.sliding_window;
     let k0 = pos0.saturating_sub(win - 1);
-    let mut local = Vec::with_capacity((pos0 - k0 + l) * dh);
-    if cache.window.is_empty() {
-        cache.window = vec![0f32; win * dh];
-    }
-    for p in k0..pos0 {
-        let s = p % win;
-        local.extend_from_slice(&cache.window[s * dh..(s + 1) * dh]);
-    }
+    cache.window.reserve_rows(win);
+    let mut local = cache.window.gather((k0..pos0).map(|p| p % win));
     local.extend_from_slice(&kv);
     for t in l.saturating_sub(win)..l {
-        let s = (pos0 + t) % win;
-        cache.window[s * dh..(s + 1) * dh].copy_from_slice(&kv[t * dh..(t + 1) * dh]);
+        cache
+            .window
+            .set((pos0 + t) % win, &kv[t * dh..(t + 1) * dh]);
     }
 
     // Compressed entries and, per query, which of them it attends to.
     let mut entries: &[f32] = &[];
+    let decoded;
     let mut selected: Vec<Vec<usize>> = vec![Vec::new(); l];
     if let Some(cw) = &w.compressor {
         let st = cache
             .compressor
-            .get_or_insert_with(CompressorState::default);
+            .as_mut()
+            .expect("compressed layers have compressor state");
         compressor::update(cw, st, x, l, rope, eps);
         let m = cw.ratio;
         if let Some(ix) = &w.indexer {
-            let ist = cache.indexer.get_or_insert_with(CompressorState::default);
+            let ist = cache
+                .indexer
+                .as_mut()
+                .expect("CSA layers have indexer state");
             compressor::update(&ix.compressor, ist, x, l, rope, eps);
-            selected = indexer_topk(c, ix, ist, x, &qr, l, pos0, &trig);
+            selected = indexer_topk(c, ix, ist, x, &qr_in, l, pos0, &trig, nm);
         } else {
             for (t, sel) in selected.iter_mut().enumerate() {
                 *sel = (0..(pos0 + t + 1) / m).collect();
             }
         }
-        entries = &cache.compressor.as_ref().expect("compressor state").entries;
+        let store = &cache.compressor.as_ref().expect("compressor state").entries;
+        entries = match store.as_f32() {
+            Some(e) => e,
+            None => {
+                decoded = store.gather(0..store.len());
+                &decoded
+            }
+        };
     }
 
     // Attention per (token, head), in parallel.
@@ -129,7 +144,7 @@ pub fn forward(
                 .copy_from_slice(&zg[t * rk..(t + 1) * rk]);
         }
     }
-    w.wo_b.apply(&z, l)
+    w.wo_b.apply(&gemm_input(&z, g * rk, aq), l)
 }
 
 /// Lightning indexer: scores every visible compressed entry for each query and keeps the
@@ -144,6 +159,7 @@ fn indexer_topk(
     l: usize,
     pos0: usize,
     trig: &[(Vec<f32>, Vec<f32>)],
+    nm: Numerics,
 ) -> Vec<Vec<usize>> {
     let (hi, di) = (c.index_n_heads, c.index_head_dim);
     let m = ix.compressor.ratio;
@@ -151,20 +167,33 @@ fn indexer_topk(
     for (t, qt) in qi.chunks_mut(hi * di).enumerate() {
         for head in qt.chunks_mut(di) {
             rotate(head, &trig[t].0, &trig[t].1, false);
+            // Official profile: queries rotated and rounded like the stored keys.
+            if nm.is_official() {
+                hadamard(head);
+                numerics::fp4_round_trip(head, numerics::FP4_BLOCK);
+            }
         }
     }
+    let keys_buf;
+    let keys: &[f32] = match st.entries.as_f32() {
+        Some(k) => k,
+        None => {
+            keys_buf = st.entries.gather(0..st.entries.len());
+            &keys_buf
+        }
+    };
     let hw = ix.weights_proj.apply(x, l);
     let (wscale, dscale) = (1.0 / (hi as f32).sqrt(), 1.0 / (di as f32).sqrt());
     (0..l)
         .into_par_iter()
         .map(|t| {
-            let valid = ((pos0 + t + 1) / m).min(st.n_entries);
+            let valid = ((pos0 + t + 1) / m).min(st.entries.len());
             if valid <= c.index_topk {
                 return (0..valid).collect();
             }
             let mut scored: Vec<(f32, usize)> = (0..valid)
                 .map(|e| {
-                    let ev = &st.entries[e * di..(e + 1) * di];
+                    let ev = &keys[e * di..(e + 1) * di];
                     let s: f32 = (0..hi)
                         .map(|hh| {
                             let dotp = kernels::dot_f32(

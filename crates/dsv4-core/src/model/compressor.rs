@@ -3,10 +3,11 @@
 //! window's first position. CSA (ratio 4) pools 2·ratio slots: the previous window's first halves
 //! and this window's second halves. The same code serves the main and the indexer compressor.
 
-use super::cache::CompressorState;
+use super::cache::{CompressorState, RowFormat};
 use super::norm::rms_norm;
 use super::rope::{rotate, RopeTable};
 use super::weights::CompressorWeights;
+use crate::numerics::hadamard;
 
 /// Feeds `l` new tokens (`x` `[l, D]`, normed hidden states) and emits every window completed by
 /// them into `st.entries`. Returns the number of new entries.
@@ -69,10 +70,15 @@ pub fn update(
             st.overlap = Some((take(&kv), take(&gate)));
         }
         rms_norm(&mut entry, &w.norm, eps);
-        let (cos, sin) = rope.cos_sin(st.n_entries * m);
+        let (cos, sin) = rope.cos_sin(st.entries.len() * m);
         rotate(&mut entry, &cos, &sin, false);
-        st.entries.extend_from_slice(&entry);
-        st.n_entries += 1;
+        // Official profile: indexer keys are kept Hadamard-rotated in FP4, main entries with
+        // FP8 nope channels (the store's format says which).
+        if st.entries.format == RowFormat::Fp4 {
+            hadamard(&mut entry);
+        }
+        st.entries.round(&mut entry);
+        st.entries.push(&entry);
         emitted += 1;
     }
     emitted

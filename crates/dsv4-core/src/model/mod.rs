@@ -12,7 +12,8 @@ pub mod weights;
 use crate::checkpoint::Checkpoint;
 use crate::config::{AttnKind, ModelConfig};
 use crate::error::{Error, Result};
-use cache::{LayerCache, SeqCache};
+use crate::numerics::Numerics;
+use cache::{CompressorState, LayerCache, RowFormat, RowStore, SeqCache};
 use rope::RopeTable;
 use weights::ModelWeights;
 
@@ -30,6 +31,8 @@ pub enum Logits {
 /// A loaded model: config, weights (borrowing the mapped checkpoint) and RoPE tables.
 pub struct Model {
     pub config: ModelConfig,
+    /// Which arithmetic and cache formats forwards use (set before creating caches).
+    pub numerics: Numerics,
     pub weights: ModelWeights,
     rope_main: RopeTable,
     rope_compress: RopeTable,
@@ -44,6 +47,7 @@ impl Model {
 
     pub fn from_parts(config: ModelConfig, weights: ModelWeights) -> Self {
         Model {
+            numerics: Numerics::Reference,
             rope_main: RopeTable::new(&config.rope_main, config.rope_dim),
             rope_compress: RopeTable::new(&config.rope_compress, config.rope_dim),
             config,
@@ -53,10 +57,32 @@ impl Model {
 
     /// Fresh state for a new sequence.
     pub fn new_cache(&self) -> SeqCache {
-        SeqCache {
-            pos: 0,
-            layers: vec![LayerCache::default(); self.config.num_layers],
-        }
+        let c = &self.config;
+        let official = self.numerics.is_official();
+        let kv = if official {
+            RowFormat::Fp8Nope { rope: c.rope_dim }
+        } else {
+            RowFormat::F32
+        };
+        let idx = if official {
+            RowFormat::Fp4
+        } else {
+            RowFormat::F32
+        };
+        let layers = c
+            .attn_kinds
+            .iter()
+            .map(|k| LayerCache {
+                window: RowStore::new(c.head_dim, kv),
+                compressor: k
+                    .ratio()
+                    .map(|_| CompressorState::new(RowStore::new(c.head_dim, kv))),
+                indexer: k
+                    .is_csa()
+                    .then(|| CompressorState::new(RowStore::new(c.index_head_dim, idx))),
+            })
+            .collect();
+        SeqCache { pos: 0, layers }
     }
 
     /// Checks token ids and context length before any state changes.
@@ -104,12 +130,12 @@ impl Model {
             };
             let (mut h, mix) = hc::pre(&lw.hc_attn, &x, l, n, iters, reps, heps);
             norm::rms_norm(&mut h, &lw.attn_norm, reps);
-            let a = attention::forward(c, &lw.attn, lc, &h, l, pos0, rope);
+            let a = attention::forward(c, &lw.attn, lc, &h, l, pos0, rope, self.numerics);
             hc::post(&a, &mut x, &mix, n);
 
             let (mut h, mix) = hc::pre(&lw.hc_ffn, &x, l, n, iters, reps, heps);
             norm::rms_norm(&mut h, &lw.ffn_norm, reps);
-            let f = moe::forward(c, &lw.moe, &h, ids, l);
+            let f = moe::forward(c, &lw.moe, &h, ids, l, self.numerics);
             hc::post(&f, &mut x, &mix, n);
         }
         cache.pos += l;

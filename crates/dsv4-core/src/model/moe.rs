@@ -3,6 +3,7 @@
 
 use super::weights::{Expert, MoeWeights, Router};
 use crate::config::ModelConfig;
+use crate::numerics::{gemm_input, Numerics};
 
 #[inline]
 fn softplus(x: f32) -> f32 {
@@ -52,10 +53,20 @@ pub fn route(c: &ModelConfig, w: &MoeWeights, x: &[f32], ids: &[u32], l: usize) 
         .collect()
 }
 
-/// `w2 · (silu(min(w1·x, λ)) ⊙ clamp(w3·x, −λ, λ))` for `m` rows of `x`.
-pub fn expert_forward(ex: &Expert, x: &[f32], m: usize, limit: Option<f32>) -> Vec<f32> {
-    let mut g = ex.w1.apply(x, m);
-    let u = ex.w3.apply(x, m);
+/// `w2 · (r ⊙ silu(min(w1·x, λ)) ⊙ clamp(w3·x, −λ, λ))` for `m` rows of `x`, where `r` is each
+/// row's routing weight when given (applied before `w2`, as the official code does) — with
+/// `act_quant`, the GEMM inputs are FP8-rounded.
+pub fn expert_forward(
+    ex: &Expert,
+    x: &[f32],
+    m: usize,
+    limit: Option<f32>,
+    route_w: Option<&[f32]>,
+    act_quant: bool,
+) -> Vec<f32> {
+    let xin = gemm_input(x, ex.w1.inp, act_quant);
+    let mut g = ex.w1.apply(&xin, m);
+    let u = ex.w3.apply(&xin, m);
     for (g, &u) in g.iter_mut().zip(&u) {
         let (gv, uv) = match limit {
             Some(lim) => (g.min(lim), u.clamp(-lim, lim)),
@@ -63,15 +74,28 @@ pub fn expert_forward(ex: &Expert, x: &[f32], m: usize, limit: Option<f32>) -> V
         };
         *g = gv / (1.0 + (-gv).exp()) * uv;
     }
-    ex.w2.apply(&g, m)
+    if let Some(r) = route_w {
+        for (row, &r) in g.chunks_mut(ex.w1.out).zip(r) {
+            row.iter_mut().for_each(|v| *v *= r);
+        }
+    }
+    ex.w2.apply(&gemm_input(&g, ex.w1.out, act_quant), m)
 }
 
 /// The MoE block for `l` tokens (`x` normed `[l, D]`, `ids` their token ids).
-pub fn forward(c: &ModelConfig, w: &MoeWeights, x: &[f32], ids: &[u32], l: usize) -> Vec<f32> {
+pub fn forward(
+    c: &ModelConfig,
+    w: &MoeWeights,
+    x: &[f32],
+    ids: &[u32],
+    l: usize,
+    nm: Numerics,
+) -> Vec<f32> {
+    let aq = nm.act_quant();
     let d = c.hidden_size;
     let routes = route(c, w, x, ids, l);
     let mut y = match &w.shared {
-        Some(sh) => expert_forward(sh, x, l, c.swiglu_limit),
+        Some(sh) => expert_forward(sh, x, l, c.swiglu_limit, None, aq),
         None => vec![0f32; l * d],
     };
     // Group tokens by expert so each expert's weights are read once per call.
@@ -89,9 +113,14 @@ pub fn forward(c: &ModelConfig, w: &MoeWeights, x: &[f32], ids: &[u32], l: usize
             .iter()
             .flat_map(|&(t, _)| x[t * d..(t + 1) * d].iter().copied())
             .collect();
-        let out = expert_forward(&w.experts[e], &xin, toks.len(), c.swiglu_limit);
+        // With activation quantization the routing weight scales the SwiGLU output before
+        // `w2` (the official order); otherwise it scales the expert output (transformers').
+        let weights: Vec<f32> = toks.iter().map(|&(_, wt)| wt).collect();
+        let inside = aq.then_some(&weights[..]);
+        let out = expert_forward(&w.experts[e], &xin, toks.len(), c.swiglu_limit, inside, aq);
         for (j, &(t, wt)) in toks.iter().enumerate() {
-            crate::cpu::kernels::axpy(wt, &out[j * d..(j + 1) * d], &mut y[t * d..(t + 1) * d]);
+            let scale = if aq { 1.0 } else { wt };
+            crate::cpu::kernels::axpy(scale, &out[j * d..(j + 1) * d], &mut y[t * d..(t + 1) * d]);
         }
     }
     y
