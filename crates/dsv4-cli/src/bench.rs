@@ -34,6 +34,8 @@ pub struct BenchArgs {
     /// Instead of the model: single-token GEMV throughput of each weight format.
     #[arg(long)]
     kernels: bool,
+    #[command(flatten)]
+    numerics: crate::NumericsArgs,
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
@@ -63,7 +65,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
             )
         }
     };
-    let model = Model::load(&ck)?;
+    let mut model = Model::load(&ck)?;
+    model.numerics = a.numerics.profile()?;
     let load_s = t0.elapsed().as_secs_f64();
     let c = &model.config;
     let ids: Vec<u32> = (0..a.prompt)
@@ -97,6 +100,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "decode_bytes_per_s": achieved, "measured_bandwidth_bytes_per_s": bw,
         "bandwidth_fraction": achieved / bw, "peak_rss_bytes": peak,
         "cache_bytes": cache.bytes(),
+        "numerics": format!("{:?}", model.numerics),
     });
     if a.json {
         println!("{result}");

@@ -56,6 +56,8 @@ pub struct CommonArgs {
     /// System prompt.
     #[arg(long)]
     system: Option<String>,
+    #[command(flatten)]
+    numerics: crate::NumericsArgs,
 }
 
 #[derive(Args)]
@@ -115,7 +117,8 @@ fn load(c: &CommonArgs) -> Result<Loaded> {
             )
         }
     };
-    let model = Model::load(&ck)?;
+    let mut model = Model::load(&ck)?;
+    model.numerics = c.numerics.profile()?;
     let tok = match c.tokenizer.as_ref().or(default_tok.as_ref()) {
         Some(p) => Tokenizer::from_file(p)?,
         None => Tokenizer::embedded()?,

@@ -18,6 +18,30 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// The numerics profile, shared by every command that runs the model.
+#[derive(clap::Args, Clone, Debug)]
+pub struct NumericsArgs {
+    /// `reference` (transformers-exact f32) or `official` (DeepSeek's inference: FP8 K/V cache,
+    /// Hadamard + FP4 indexer).
+    #[arg(long, default_value = "reference")]
+    numerics: String,
+    /// With `--numerics official`: FP8-quantize activations before every FP8/FP4 GEMM.
+    #[arg(long)]
+    act_quant: bool,
+}
+
+impl NumericsArgs {
+    pub fn profile(&self) -> Result<dsv4_core::numerics::Numerics> {
+        use dsv4_core::numerics::Numerics;
+        match (self.numerics.as_str(), self.act_quant) {
+            ("reference", false) => Ok(Numerics::Reference),
+            ("reference", true) => bail!("--act-quant needs --numerics official"),
+            ("official", aq) => Ok(Numerics::Official { act_quant: aq }),
+            (other, _) => bail!("--numerics must be `reference` or `official`, got `{other}`"),
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Write the logits of every position of a token sequence as a float32 [T, vocab] .npy file.
@@ -32,6 +56,8 @@ enum Cmd {
         chunks: Option<Vec<usize>>,
         #[arg(long)]
         out: PathBuf,
+        #[command(flatten)]
+        numerics: NumericsArgs,
     },
     /// Print the config, the layer schedule, tensor formats and sizes of a checkpoint.
     Inspect {
@@ -70,7 +96,8 @@ fn run(cmd: Cmd) -> Result<()> {
             ids,
             chunks,
             out,
-        } => logits(&model, &ids, chunks, &out),
+            numerics,
+        } => logits(&model, &ids, chunks, &out, &numerics),
         Cmd::Inspect { model } => inspect(&model),
         Cmd::Bench(args) => bench::run(args),
         Cmd::Generate(args) => generate::run_generate(args),
@@ -78,12 +105,21 @@ fn run(cmd: Cmd) -> Result<()> {
     }
 }
 
-pub(crate) fn load(dir: &Path) -> Result<Model> {
+fn load(dir: &Path, numerics: &NumericsArgs) -> Result<Model> {
+    let profile = numerics.profile()?;
     let ck = Checkpoint::open(dir)?;
-    Ok(Model::load(&ck)?)
+    let mut model = Model::load(&ck)?;
+    model.numerics = profile;
+    Ok(model)
 }
 
-fn logits(dir: &Path, ids: &[u32], chunks: Option<Vec<usize>>, out: &Path) -> Result<()> {
+fn logits(
+    dir: &Path,
+    ids: &[u32],
+    chunks: Option<Vec<usize>>,
+    out: &Path,
+    numerics: &NumericsArgs,
+) -> Result<()> {
     let chunks = chunks.unwrap_or_else(|| vec![ids.len()]);
     if chunks.iter().sum::<usize>() != ids.len() || chunks.contains(&0) {
         bail!(
@@ -92,7 +128,7 @@ fn logits(dir: &Path, ids: &[u32], chunks: Option<Vec<usize>>, out: &Path) -> Re
             ids.len()
         );
     }
-    let model = load(dir)?;
+    let model = load(dir, numerics)?;
     let mut cache = model.new_cache();
     model.check_input(&cache, ids)?;
     let vocab = model.config.vocab_size;
