@@ -131,10 +131,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
             bw / 1e9,
             100.0 * achieved / bw
         );
+        println!("peak memory:        {:.2} GB", peak as f64 / 1e9);
         println!(
-            "peak memory:        {:.2} GB (cache {:.1} MB)",
-            peak as f64 / 1e9,
-            cache.bytes() as f64 / 1e6
+            "cache ({:?}): {:.2} MB for {} tokens = {:.1} KB/token",
+            model.numerics,
+            cache.bytes() as f64 / 1e6,
+            cache.pos,
+            cache.bytes() as f64 / cache.pos.max(1) as f64 / 1e3
         );
     }
     Ok(())
