@@ -40,6 +40,7 @@ Deterministic: running it twice writes byte-identical files.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -321,22 +322,16 @@ class OfficialPatch:
         return res.to(out.dtype)
 
     def _record(self, kind, x, block, fmt):
-        # x: [B, heads, rows, dim] -> minimum margin per row (over heads, channels and blocks)
+        # x: [B, heads, rows, dim] -> minimum margin per (batch, row) over heads, channels, blocks
         _, info = quant_blocks(x.detach().double().numpy(), block, fmt, with_info=True)
-        el = info["elem"].min(axis=(0, 1, 3))
-        sc = info["scale"].min(axis=(0, 1, 3))
+        el = info["elem"].min(axis=(1, 3))
+        sc = info["scale"].min(axis=(1, 3))
         self.record.append((kind, np.minimum(el, sc)))
 
-    def row_round_margin(self, t: int) -> float:
-        """Smallest rounding margin attributable to query row t of a one-call forward over
-        tokens 0..t: window rows and indexer queries of row t, entries whose window ends at t."""
-        v = [np.inf]
-        for (name, m), mins in self.record:
-            if name in ("win", "iq"):
-                v.append(mins[t])
-            elif (t + 1) % m == 0 and len(mins) == (t + 1) // m:
-                v.append(mins[-1])
-        return float(min(v))
+    def step_round_margins(self) -> np.ndarray:
+        """Per batch element: smallest rounding margin of a one-token step (its window row, its
+        indexer queries, and the entries it completes)."""
+        return np.min([mins.min(axis=1) for _, mins in self.record], axis=0)
 
     def all_round_margins(self) -> dict:
         out = {}
@@ -669,7 +664,7 @@ class Env:
         for k in shapes:
             assert np.array_equal(back[k], hf_vals[k]), f"read-back mismatch for {k}"
         self.model = mf.load_model(self.hf_cfg, hf_vals)
-        self.probe = mf.Probe(self.model, self.hf_cfg)
+        self.probe = BatchProbe(self.model, self.hf_cfg)
         self.patch = OfficialPatch(self.model, self.hf_cfg)
         self.f64 = F64Model(back, spec)  # float64 model on the weights read back from the files
         rot = self.model.model.rotary_emb
@@ -684,7 +679,7 @@ class Env:
         assert np.any((ratio < 1 - 1e-6) & (ratio > 1 / f + 1e-6)), f"YaRN blend inactive: {ratio}"
 
     def hf(self, ids, profile: str, keep_last=False, record=False):
-        """profile: reference | official | act_quant. Resets the probe first."""
+        """One-call forward; profile: reference | official | act_quant. Resets the probe."""
         self.patch.set(profile != "reference", profile == "act_quant")
         self.patch.record = [] if record else None
         self.probe.reset()
@@ -693,41 +688,125 @@ class Env:
     def hf_chunked(self, ids, chunks):
         self.patch.set(True, False)
         self.patch.record = None
-        return mf.forward_chunked(self.model, self.hf_cfg, ids, chunks)
+        self.probe.count_clamp = False
+        try:
+            return mf.forward_chunked(self.model, self.hf_cfg, ids, chunks)
+        finally:
+            self.probe.count_clamp = True
+
+    @torch.no_grad()
+    def step(self, cands: np.ndarray, cache, profile: str):
+        """One decode step of len(cands) candidate tokens (batch) on `cache` (already expanded to
+        that batch). Returns (logits [B, V], decision margin [B], rounding margin [B])."""
+        self.patch.set(profile != "reference", profile == "act_quant")
+        self.patch.record = [] if profile == "official" else None
+        self.probe.reset()
+        out = self.model(input_ids=torch.from_numpy(cands[:, None].astype(np.int64)),
+                         past_key_values=cache, use_cache=True)
+        lg = out.logits[:, -1].double().numpy()
+        dec = [mf.argmax_margins(lg)]
+        dec += list(self.probe.router_margins().values())
+        dec += list(self.probe.indexer_margins_batch())
+        rnd = self.patch.step_round_margins() if profile == "official" else np.full(len(cands), np.inf)
+        return lg, np.min(dec, axis=0), rnd
+
+
+class BatchProbe(mf.Probe):
+    """make_fixtures' Probe, plus indexer records of every batch element (one-token steps of a
+    batch of candidates) and a switch for the SwiGLU clamp statistics (slow)."""
+
+    def __init__(self, model, cfg):
+        self.count_clamp = True
+        super().__init__(model, cfg)
+
+    def _scorer(self, layer):
+        def hook(mod, args, out):
+            self._pending[layer]["scores"] = out[0].detach().double().numpy()
+            self._pending[layer]["scores_b"] = out.detach().double().numpy()
+        return hook
+
+    def _indexer_post(self, layer, mod):
+        inner = super()._indexer_post(layer, mod)
+
+        def hook(m, args, out):
+            self._pending[layer]["sel_b"] = out.numpy()
+            inner(m, args, out)
+        return hook
+
+    def _shared(self):
+        inner = super()._shared()
+        return lambda mod, args: inner(mod, args) if self.count_clamp else None
+
+    def _routed(self, mod):
+        inner = super()._routed(mod)
+        return lambda m, args: inner(m, args) if self.count_clamp else None
+
+    def indexer_margins_batch(self):
+        """Per indexer call of a one-token step: relative top-k margin per batch element."""
+        for rec in self.indexer:
+            sc, sel, m, K = rec["scores_b"][:, 0], rec["sel_b"][:, 0], rec["m"], rec["k"]
+            p = int(rec["pos"][-1])
+            nvalid = min((p + 1) // m, sc.shape[1])
+            rel = np.full(len(sc), np.inf)
+            if nvalid > K:
+                for b in range(len(sc)):
+                    s = sc[b, :nvalid]
+                    srt = -np.sort(-s)
+                    scale = np.abs(s).max()
+                    rel[b] = (srt[K - 1] - srt[K]) / scale if scale > 0 else 0.0
+                    if rel[b] > 0:
+                        mine = set(np.argsort(-s, kind="stable")[:K].tolist())
+                        assert mine == set(int(x) for x in sel[b] if x >= 0), "indexer selection mismatch"
+            yield rel
 
 
 PROFILES = ("official", "act_quant", "reference")
 
 
-def build_prompt(env: Env, T: int, log_every: int = 50):
-    """Token ids chosen position by position: a candidate is accepted when, for the one-call
-    forward over tokens 0..t in all three profiles, every discrete decision of row t clears
-    BUILD_MARGIN and (official profile) every rounding of row t clears ROUND_BUILD."""
+def build_prompt(env: Env, T: int, n_cand: int = 24, log_every: int = 50):
+    """Token ids chosen position by position. Each step tries a batch of n_cand random candidate
+    tokens as one-token decode steps on the committed caches of all three profiles (official,
+    act_quant, reference) and takes the first candidate for which every discrete decision of the
+    step clears BUILD_MARGIN (all profiles) and every rounding of the step (its window rows, its
+    indexer queries, the entries it completes) clears ROUND_BUILD (official profile)."""
     spec = env.spec
     rng = np.random.default_rng([spec.seed, 77, 0])
+    caches = {p: DynamicCache(config=env.hf_cfg) for p in PROFILES}
     ids: list[int] = []
-    rejects = {"round": 0, **{p: 0 for p in PROFILES}}
+    stats = {"candidates": 0, "fail_round": 0, **{f"fail_decision_{p}": 0 for p in PROFILES}}
+    env.probe.count_clamp = False
     while len(ids) < T:
         t = len(ids)
-        for attempt in range(300):
-            cand = int(rng.integers(0, spec.vocab))
-            seq = np.array(ids + [cand])
-            ok = True
+        for attempt in range(20):
+            cands = rng.integers(0, spec.vocab, n_cand)
+            ok = np.ones(n_cand, dtype=bool)
+            new = {}
             for prof in PROFILES:
-                lg = env.hf(seq, prof, keep_last=True, record=(prof == "official"))[-1]
-                if prof == "official" and env.patch.row_round_margin(t) < ROUND_BUILD:
-                    rejects["round"] += 1
-                    ok = False
+                c = copy.deepcopy(caches[prof])
+                if t > 0:
+                    c.reorder_cache(torch.zeros(n_cand, dtype=torch.long))
+                _, dec, rnd = env.step(cands, c, prof)
+                bad_r = ok & (rnd < ROUND_BUILD)
+                stats["fail_round"] += int(bad_r.sum())
+                ok &= ~bad_r
+                bad_d = ok & (dec < mf.BUILD_MARGIN)
+                stats[f"fail_decision_{prof}"] += int(bad_d.sum())
+                ok &= ~bad_d
+                new[prof] = c
+                if not ok.any():
                     break
-                if mf.row_min_margin(env.probe, lg, t) < mf.BUILD_MARGIN:
-                    rejects[prof] += 1
-                    ok = False
-                    break
-            if ok:
+            if ok.any():
+                i = int(np.argmax(ok))
+                stats["candidates"] += i + 1
+                for prof in PROFILES:
+                    new[prof].reorder_cache(torch.tensor([i]))
+                caches = new
+                ids.append(int(cands[i]))
                 break
+            stats["candidates"] += n_cand
         else:
             raise RuntimeError(f"no acceptable token at position {t}")
-        ids.append(cand)
         if log_every and t % log_every == 0:
-            print(f"    prompt position {t}/{T} rejects {rejects}", flush=True)
-    return np.array(ids, dtype=np.int64), rejects
+            print(f"    prompt position {t}/{T} {stats}", flush=True)
+    env.probe.count_clamp = True
+    return np.array(ids, dtype=np.int64), stats
