@@ -98,29 +98,46 @@ fn exp2i(e: i32) -> f32 {
     f32::from_bits(((e + 127) as u32) << 23)
 }
 
-/// Quantizes `x` to e4m3 codes with one e8m0 scale per `block` values (amax floored at 1e-4).
-/// Returns (codes, scales); `x[i] ≈ e4m3(codes[i]) · 2^(scales[i/block]-127)`.
-pub fn fp8_quantize(x: &[f32], block: usize) -> (Vec<u8>, Vec<u8>) {
+/// Codes and e8m0 scales of `x` in blocks of `block`: per block `s = 2^ceil(log2(amax/max))`
+/// (amax floored at `floor`), codes `encode(x/s)`.
+fn block_quantize(
+    x: &[f32],
+    block: usize,
+    max: f32,
+    floor: f32,
+    encode: fn(f32) -> u8,
+) -> (Vec<u8>, Vec<u8>) {
     let mut codes = Vec::with_capacity(x.len());
     let mut scales = Vec::with_capacity(x.len().div_ceil(block));
     for b in x.chunks(block) {
-        let amax = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-4);
-        let s = round_scale_e8m0(amax, 1.0 / E4M3_MAX);
+        let amax = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(floor);
+        let s = round_scale_e8m0(amax, 1.0 / max);
         let inv = 1.0 / e8m0_to_f32(s);
-        codes.extend(b.iter().map(|&v| e4m3_encode(v * inv)));
+        codes.extend(b.iter().map(|&v| encode(v * inv)));
         scales.push(s);
     }
     (codes, scales)
 }
 
-/// Decodes [`fp8_quantize`] output.
-pub fn fp8_dequantize(codes: &[u8], scales: &[u8], block: usize, out: &mut [f32]) {
+/// `out = table[code] · scale` per block.
+fn block_dequantize(codes: &[u8], scales: &[u8], block: usize, table: &[f32], out: &mut [f32]) {
     for ((o, c), &s) in out.chunks_mut(block).zip(codes.chunks(block)).zip(scales) {
         let s = e8m0_to_f32(s);
         o.iter_mut()
             .zip(c)
-            .for_each(|(o, &c)| *o = E4M3_LUT[c as usize] * s);
+            .for_each(|(o, &c)| *o = table[c as usize] * s);
     }
+}
+
+/// Quantizes `x` to e4m3 codes with one e8m0 scale per `block` values (amax floored at 1e-4).
+/// Returns (codes, scales); `x[i] ≈ e4m3(codes[i]) · 2^(scales[i/block]-127)`.
+pub fn fp8_quantize(x: &[f32], block: usize) -> (Vec<u8>, Vec<u8>) {
+    block_quantize(x, block, E4M3_MAX, 1e-4, e4m3_encode)
+}
+
+/// Decodes [`fp8_quantize`] output.
+pub fn fp8_dequantize(codes: &[u8], scales: &[u8], block: usize, out: &mut [f32]) {
+    block_dequantize(codes, scales, block, &E4M3_LUT, out)
 }
 
 /// In-place FP8 round trip (`act_quant(x, block, inplace=True)`).
@@ -132,27 +149,12 @@ pub fn fp8_round_trip(x: &mut [f32], block: usize) {
 /// Quantizes `x` to e2m1 nibbles (one per byte here, low nibble) with one e8m0 scale per
 /// `block` values (amax floored at 6·2^-126).
 pub fn fp4_quantize(x: &[f32], block: usize) -> (Vec<u8>, Vec<u8>) {
-    let mut codes = Vec::with_capacity(x.len());
-    let mut scales = Vec::with_capacity(x.len().div_ceil(block));
-    let floor = 6.0 * f32::MIN_POSITIVE;
-    for b in x.chunks(block) {
-        let amax = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(floor);
-        let s = round_scale_e8m0(amax, 1.0 / E2M1_MAX);
-        let inv = 1.0 / e8m0_to_f32(s);
-        codes.extend(b.iter().map(|&v| e2m1_encode(v * inv)));
-        scales.push(s);
-    }
-    (codes, scales)
+    block_quantize(x, block, E2M1_MAX, 6.0 * f32::MIN_POSITIVE, e2m1_encode)
 }
 
 /// Decodes [`fp4_quantize`] output.
 pub fn fp4_dequantize(codes: &[u8], scales: &[u8], block: usize, out: &mut [f32]) {
-    for ((o, c), &s) in out.chunks_mut(block).zip(codes.chunks(block)).zip(scales) {
-        let s = e8m0_to_f32(s);
-        o.iter_mut()
-            .zip(c)
-            .for_each(|(o, &c)| *o = E2M1_VALUES[c as usize] * s);
-    }
+    block_dequantize(codes, scales, block, &E2M1_VALUES, out)
 }
 
 /// In-place FP4 round trip (`fp4_act_quant(x, block, inplace=True)`).
