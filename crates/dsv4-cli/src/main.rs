@@ -130,7 +130,7 @@ fn logits(
     }
     let model = load(dir, numerics)?;
     let mut cache = model.new_cache();
-    model.check_input(&cache, ids)?;
+    model.check_input(ids)?;
     let vocab = model.config.vocab_size;
     let mut all = Vec::with_capacity(ids.len() * vocab);
     let mut start = 0;

@@ -12,10 +12,11 @@ use std::path::Path;
 pub enum AttnKind {
     /// Sliding window only (official ratio 0).
     Sliding,
-    /// Compressed entries every `ratio` tokens. Ratio 4 is compressed-sparse attention (CSA:
-    /// overlapping windows + lightning indexer top-k); any other ratio is heavily compressed
-    /// attention (HCA: no overlap, every visible entry attended).
-    Compressed { ratio: usize },
+    /// Compressed entries every `ratio` tokens. `sparse` is compressed-sparse attention (CSA:
+    /// overlapping windows + lightning indexer top-k); otherwise heavily compressed attention
+    /// (HCA: no overlap, every visible entry attended). In the official `compress_ratios`, 4 means
+    /// CSA and any other non-zero ratio HCA; transformers' `layer_types` name the kind.
+    Compressed { ratio: usize, sparse: bool },
 }
 
 impl AttnKind {
@@ -23,19 +24,19 @@ impl AttnKind {
     pub fn ratio(self) -> Option<usize> {
         match self {
             AttnKind::Sliding => None,
-            AttnKind::Compressed { ratio } => Some(ratio),
+            AttnKind::Compressed { ratio, .. } => Some(ratio),
         }
     }
     /// CSA layers (ratio 4) have overlapping compressor windows and an indexer.
     pub fn is_csa(self) -> bool {
-        self == AttnKind::Compressed { ratio: CSA_RATIO }
+        matches!(self, AttnKind::Compressed { sparse: true, .. })
     }
     /// Short label for schedules and logs.
     pub fn label(self) -> String {
         match self {
             AttnKind::Sliding => "sliding".into(),
-            AttnKind::Compressed { ratio: 4 } => "csa/4".into(),
-            AttnKind::Compressed { ratio } => format!("hca/{ratio}"),
+            AttnKind::Compressed { ratio, sparse: true } => format!("csa/{ratio}"),
+            AttnKind::Compressed { ratio, sparse: false } => format!("hca/{ratio}"),
         }
     }
 }
@@ -113,7 +114,7 @@ pub struct ModelConfig {
     pub moe_intermediate_size: usize,
     pub n_shared_experts: usize,
     pub routed_scaling_factor: f32,
-    /// SwiGLU clamp; `None` (or 0 in the file) disables it.
+    /// SwiGLU clamp; `None` (`null` in the file) disables it.
     pub swiglu_limit: Option<f32>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
@@ -281,7 +282,12 @@ impl ModelConfig {
             }
         };
 
-        let swiglu = f64_or(m, "swiglu_limit", 10.0)?;
+        // transformers clamps at whatever value is given (0 included); only an explicit null
+        // disables the clamp.
+        let swiglu = match m.get("swiglu_limit") {
+            Some(Value::Null) => None,
+            _ => Some(f64_or(m, "swiglu_limit", 10.0)? as f32),
+        };
         let cfg = ModelConfig {
             vocab_size: req_usize(m, "vocab_size")?,
             hidden_size: req_usize(m, "hidden_size")?,
@@ -310,7 +316,7 @@ impl ModelConfig {
             moe_intermediate_size: req_usize(m, "moe_intermediate_size")?,
             n_shared_experts: usize_or(m, "n_shared_experts", 1)?,
             routed_scaling_factor: f64_or(m, "routed_scaling_factor", 1.0)? as f32,
-            swiglu_limit: (swiglu > 0.0).then_some(swiglu as f32),
+            swiglu_limit: swiglu,
             bos_token_id: token_ids(get(m, "bos_token_id"), "bos_token_id")?
                 .first()
                 .copied(),
@@ -354,8 +360,8 @@ impl ModelConfig {
             arr.iter()
                 .map(|t| match t.as_str() {
                     Some("sliding_attention") => Ok(AttnKind::Sliding),
-                    Some("compressed_sparse_attention") => Ok(AttnKind::Compressed { ratio: csa }),
-                    Some("heavily_compressed_attention") => Ok(AttnKind::Compressed { ratio: hca }),
+                    Some("compressed_sparse_attention") => Ok(AttnKind::Compressed { ratio: csa, sparse: true }),
+                    Some("heavily_compressed_attention") => Ok(AttnKind::Compressed { ratio: hca, sparse: false }),
                     _ => Err(Error::Config(format!(
                         "unknown layer type {t} in `layer_types`"
                     ))),
@@ -369,7 +375,10 @@ impl ModelConfig {
             arr.iter()
                 .map(|r| match r.as_u64() {
                     Some(0) => Ok(AttnKind::Sliding),
-                    Some(r) => Ok(AttnKind::Compressed { ratio: r as usize }),
+                    Some(r) => Ok(AttnKind::Compressed {
+                        ratio: r as usize,
+                        sparse: r as usize == CSA_RATIO,
+                    }),
                     None => Err(Error::Config(format!("bad entry {r} in `compress_ratios`"))),
                 })
                 .collect::<Result<_>>()?
@@ -560,9 +569,9 @@ mod tests {
             c.attn_kinds,
             vec![
                 AttnKind::Sliding,
-                AttnKind::Compressed { ratio: 4 },
-                AttnKind::Compressed { ratio: 128 },
-                AttnKind::Compressed { ratio: 4 }
+                AttnKind::Compressed { ratio: 4, sparse: true },
+                AttnKind::Compressed { ratio: 128, sparse: false },
+                AttnKind::Compressed { ratio: 4, sparse: true }
             ]
         );
         assert_eq!(c.mlp_kinds[..3], [MlpKind::Hash; 3]);
@@ -618,13 +627,21 @@ mod tests {
                          "attention_factor": 1.0}}),
         );
         let c = ModelConfig::from_json(&v).unwrap();
-        assert_eq!(c.attn_kinds[2], AttnKind::Compressed { ratio: 16 });
+        assert_eq!(c.attn_kinds[2], AttnKind::Compressed { ratio: 16, sparse: false });
         assert_eq!(
             c.mlp_kinds,
             vec![MlpKind::Hash, MlpKind::TopK, MlpKind::TopK, MlpKind::TopK]
         );
         assert_eq!(c.rope_dim, 64);
         assert!(c.rope_compress.yarn.is_some());
+        // The layer type, not the rate, decides CSA vs HCA; swiglu_limit 0 clamps at 0.
+        let mut v2 = v.clone();
+        v2["compress_rates"] = json!({"compressed_sparse_attention": 8, "heavily_compressed_attention": 4});
+        v2["swiglu_limit"] = json!(0.0);
+        let c = ModelConfig::from_json(&v2).unwrap();
+        assert_eq!(c.attn_kinds[1], AttnKind::Compressed { ratio: 8, sparse: true });
+        assert_eq!(c.attn_kinds[2], AttnKind::Compressed { ratio: 4, sparse: false });
+        assert_eq!(c.swiglu_limit, Some(0.0));
     }
 
     #[test]

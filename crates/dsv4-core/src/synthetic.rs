@@ -242,12 +242,8 @@ fn specs(c: &ModelConfig) -> Vec<Spec> {
             c.o_groups * c.o_lora_rank,
             Fill::Fp8,
         );
-        let mut compressor = |prefix: String, m: usize, dim: usize| {
-            let w = if m == crate::config::CSA_RATIO {
-                2 * dim
-            } else {
-                dim
-            };
+        let mut compressor = |prefix: String, m: usize, overlap: bool, dim: usize| {
+            let w = if overlap { 2 * dim } else { dim };
             add(
                 format!("{prefix}.wkv.weight"),
                 w,
@@ -268,10 +264,10 @@ fn specs(c: &ModelConfig) -> Vec<Spec> {
                 Fill::Around(1.0, 0.1),
             );
         };
-        if let AttnKind::Compressed { ratio } = c.attn_kinds[i] {
-            compressor(format!("{p}.attn.compressor"), ratio, dh);
-            if c.attn_kinds[i].is_csa() {
-                compressor(format!("{p}.attn.indexer.compressor"), 4, c.index_head_dim);
+        if let AttnKind::Compressed { ratio, sparse } = c.attn_kinds[i] {
+            compressor(format!("{p}.attn.compressor"), ratio, sparse, dh);
+            if sparse {
+                compressor(format!("{p}.attn.indexer.compressor"), ratio, true, c.index_head_dim);
                 add(
                     format!("{p}.attn.indexer.wq_b.weight"),
                     c.index_n_heads * c.index_head_dim,
@@ -301,8 +297,8 @@ fn specs(c: &ModelConfig) -> Vec<Spec> {
             ),
             MlpKind::TopK => add(format!("{p}.ffn.gate.bias"), 1, e, Fill::F32(0.1)),
         }
-        let si = c.n_shared_experts * inter;
-        if si > 0 {
+        {
+            let si = inter;
             add(
                 format!("{p}.ffn.shared_experts.w1.weight"),
                 si,

@@ -148,10 +148,10 @@ impl Loader<'_> {
         &self,
         prefix: &str,
         ratio: usize,
+        overlap: bool,
         dim: usize,
         hidden: usize,
     ) -> Result<CompressorWeights> {
-        let overlap = ratio == crate::config::CSA_RATIO;
         let width = if overlap { 2 * dim } else { dim };
         Ok(CompressorWeights {
             ratio,
@@ -265,13 +265,19 @@ impl ModelWeights {
             let kind = c.attn_kinds[i];
             let (h, dh) = (c.num_heads, c.head_dim);
             let compressor = match kind.ratio() {
-                Some(m) => Some(l.compressor(&format!("{p}.attn.compressor"), m, dh, d)?),
+                Some(m) => Some(l.compressor(&format!("{p}.attn.compressor"), m, kind.is_csa(), dh, d)?),
                 None => None,
             };
             let indexer = if kind.is_csa() {
                 let (hi, di) = (c.index_n_heads, c.index_head_dim);
                 Some(IndexerWeights {
-                    compressor: l.compressor(&format!("{p}.attn.indexer.compressor"), 4, di, d)?,
+                    compressor: l.compressor(
+                        &format!("{p}.attn.indexer.compressor"),
+                        kind.ratio().unwrap_or(4),
+                        true,
+                        di,
+                        d,
+                    )?,
                     wq_b: l.linear(&format!("{p}.attn.indexer.wq_b"), hi * di, c.q_lora_rank)?,
                     weights_proj: l.linear(&format!("{p}.attn.indexer.weights_proj"), hi, d)?,
                 })
@@ -320,14 +326,9 @@ impl ModelWeights {
                     bias: l.vec(&format!("{p}.ffn.gate.bias"), &[e])?,
                 },
             };
-            let shared = match c.n_shared_experts {
-                0 => None,
-                s => Some(l.expert(
-                    &format!("{p}.ffn.shared_experts"),
-                    s * c.moe_intermediate_size,
-                    d,
-                )?),
-            };
+            // Like transformers: exactly one shared expert of the routed width, whatever
+            // `n_shared_experts` says (every released checkpoint has 1).
+            let shared = Some(l.expert(&format!("{p}.ffn.shared_experts"), c.moe_intermediate_size, d)?);
             let moe = MoeWeights {
                 gate: l.linear(&format!("{p}.ffn.gate"), e, d)?,
                 router,
