@@ -35,8 +35,14 @@ impl AttnKind {
     pub fn label(self) -> String {
         match self {
             AttnKind::Sliding => "sliding".into(),
-            AttnKind::Compressed { ratio, sparse: true } => format!("csa/{ratio}"),
-            AttnKind::Compressed { ratio, sparse: false } => format!("hca/{ratio}"),
+            AttnKind::Compressed {
+                ratio,
+                sparse: true,
+            } => format!("csa/{ratio}"),
+            AttnKind::Compressed {
+                ratio,
+                sparse: false,
+            } => format!("hca/{ratio}"),
         }
     }
 }
@@ -360,8 +366,14 @@ impl ModelConfig {
             arr.iter()
                 .map(|t| match t.as_str() {
                     Some("sliding_attention") => Ok(AttnKind::Sliding),
-                    Some("compressed_sparse_attention") => Ok(AttnKind::Compressed { ratio: csa, sparse: true }),
-                    Some("heavily_compressed_attention") => Ok(AttnKind::Compressed { ratio: hca, sparse: false }),
+                    Some("compressed_sparse_attention") => Ok(AttnKind::Compressed {
+                        ratio: csa,
+                        sparse: true,
+                    }),
+                    Some("heavily_compressed_attention") => Ok(AttnKind::Compressed {
+                        ratio: hca,
+                        sparse: false,
+                    }),
                     _ => Err(Error::Config(format!(
                         "unknown layer type {t} in `layer_types`"
                     ))),
@@ -569,9 +581,18 @@ mod tests {
             c.attn_kinds,
             vec![
                 AttnKind::Sliding,
-                AttnKind::Compressed { ratio: 4, sparse: true },
-                AttnKind::Compressed { ratio: 128, sparse: false },
-                AttnKind::Compressed { ratio: 4, sparse: true }
+                AttnKind::Compressed {
+                    ratio: 4,
+                    sparse: true
+                },
+                AttnKind::Compressed {
+                    ratio: 128,
+                    sparse: false
+                },
+                AttnKind::Compressed {
+                    ratio: 4,
+                    sparse: true
+                }
             ]
         );
         assert_eq!(c.mlp_kinds[..3], [MlpKind::Hash; 3]);
@@ -627,7 +648,13 @@ mod tests {
                          "attention_factor": 1.0}}),
         );
         let c = ModelConfig::from_json(&v).unwrap();
-        assert_eq!(c.attn_kinds[2], AttnKind::Compressed { ratio: 16, sparse: false });
+        assert_eq!(
+            c.attn_kinds[2],
+            AttnKind::Compressed {
+                ratio: 16,
+                sparse: false
+            }
+        );
         assert_eq!(
             c.mlp_kinds,
             vec![MlpKind::Hash, MlpKind::TopK, MlpKind::TopK, MlpKind::TopK]
@@ -636,11 +663,24 @@ mod tests {
         assert!(c.rope_compress.yarn.is_some());
         // The layer type, not the rate, decides CSA vs HCA; swiglu_limit 0 clamps at 0.
         let mut v2 = v.clone();
-        v2["compress_rates"] = json!({"compressed_sparse_attention": 8, "heavily_compressed_attention": 4});
+        v2["compress_rates"] =
+            json!({"compressed_sparse_attention": 8, "heavily_compressed_attention": 4});
         v2["swiglu_limit"] = json!(0.0);
         let c = ModelConfig::from_json(&v2).unwrap();
-        assert_eq!(c.attn_kinds[1], AttnKind::Compressed { ratio: 8, sparse: true });
-        assert_eq!(c.attn_kinds[2], AttnKind::Compressed { ratio: 4, sparse: false });
+        assert_eq!(
+            c.attn_kinds[1],
+            AttnKind::Compressed {
+                ratio: 8,
+                sparse: true
+            }
+        );
+        assert_eq!(
+            c.attn_kinds[2],
+            AttnKind::Compressed {
+                ratio: 4,
+                sparse: false
+            }
+        );
         assert_eq!(c.swiglu_limit, Some(0.0));
     }
 

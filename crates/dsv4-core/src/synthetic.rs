@@ -267,7 +267,12 @@ fn specs(c: &ModelConfig) -> Vec<Spec> {
         if let AttnKind::Compressed { ratio, sparse } = c.attn_kinds[i] {
             compressor(format!("{p}.attn.compressor"), ratio, sparse, dh);
             if sparse {
-                compressor(format!("{p}.attn.indexer.compressor"), ratio, true, c.index_head_dim);
+                compressor(
+                    format!("{p}.attn.indexer.compressor"),
+                    ratio,
+                    true,
+                    c.index_head_dim,
+                );
                 add(
                     format!("{p}.attn.indexer.wq_b.weight"),
                     c.index_n_heads * c.index_head_dim,

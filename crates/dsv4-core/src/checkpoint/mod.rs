@@ -3,7 +3,7 @@
 
 pub mod names;
 
-use crate::config::ModelConfig;
+use crate::config::{AttnKind, ModelConfig};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Storage, Tensor};
 use names::KeyStyle;
@@ -87,6 +87,23 @@ impl Checkpoint {
                     "tensor `{name}` appears twice (also in {})",
                     prev.file().display()
                 )));
+            }
+        }
+        let mut config = config;
+        // The official `compress_ratios` can only say "4 = sparse"; a layer at another rate that
+        // ships indexer weights was built as compressed-sparse attention.
+        for (i, kind) in config.attn_kinds.iter_mut().enumerate() {
+            if let AttnKind::Compressed {
+                ratio,
+                sparse: false,
+            } = *kind
+            {
+                if tensors.contains_key(&format!("layers.{i}.attn.indexer.wq_b.weight")) {
+                    *kind = AttnKind::Compressed {
+                        ratio,
+                        sparse: true,
+                    };
+                }
             }
         }
         Ok(Checkpoint {

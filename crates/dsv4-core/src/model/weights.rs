@@ -265,7 +265,9 @@ impl ModelWeights {
             let kind = c.attn_kinds[i];
             let (h, dh) = (c.num_heads, c.head_dim);
             let compressor = match kind.ratio() {
-                Some(m) => Some(l.compressor(&format!("{p}.attn.compressor"), m, kind.is_csa(), dh, d)?),
+                Some(m) => {
+                    Some(l.compressor(&format!("{p}.attn.compressor"), m, kind.is_csa(), dh, d)?)
+                }
                 None => None,
             };
             let indexer = if kind.is_csa() {
@@ -328,7 +330,11 @@ impl ModelWeights {
             };
             // Like transformers: exactly one shared expert of the routed width, whatever
             // `n_shared_experts` says (every released checkpoint has 1).
-            let shared = Some(l.expert(&format!("{p}.ffn.shared_experts"), c.moe_intermediate_size, d)?);
+            let shared = Some(l.expert(
+                &format!("{p}.ffn.shared_experts"),
+                c.moe_intermediate_size,
+                d,
+            )?);
             let moe = MoeWeights {
                 gate: l.linear(&format!("{p}.ffn.gate"), e, d)?,
                 router,
