@@ -87,11 +87,7 @@ pub fn e2m1_encode(v: f32) -> u8 {
         .iter()
         .position(|&x| x == q)
         .expect("on the e2m1 grid") as u8;
-    if idx == 0 {
-        0
-    } else {
-        sign | idx
-    }
+    sign | idx // zero keeps its sign (-0 = code 8), as torch's casts do
 }
 
 fn exp2i(e: i32) -> f32 {
