@@ -367,6 +367,8 @@ fn generate_rejects_bad_input_cleanly() {
         (vec!["--prompt", "hi", "--raw", "--system", "s"], "--raw"),
         (vec!["--prompt", "hi", "--ids", "1,2"], "--ids"),
         (vec!["--prompt", "hi", "--thinking", "deep"], "deep"),
+        (vec!["--prompt", "hi", "--act-quant"], "--numerics official"),
+        (vec!["--prompt", "hi", "--numerics", "fast"], "fast"),
     ];
     for (args, needle) in cases {
         let mut all = vec!["generate", "--max-tokens", "2"];
@@ -434,4 +436,59 @@ fn chat_keeps_the_cache_across_turns() {
     assert!(prefills[0] > 20, "{prefills:?}");
     assert!(prefills[1] < 12, "{prefills:?}");
     assert_eq!(prefills[2], prefills[0], "{prefills:?}");
+}
+
+#[test]
+fn logits_command_runs_the_official_profile() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures-official/official-fp8");
+    let bytes = std::fs::read(dir.join("reference.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let ids: Vec<i64> = st
+        .tensor("ids")
+        .unwrap()
+        .data()
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    let want: Vec<f32> = st
+        .tensor("logits")
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    let vocab = want.len() / ids.len();
+    let n = 40; // row t depends only on tokens ≤ t: a prefix reproduces the leading rows
+    let list = ids[..n]
+        .iter()
+        .map(|x| x.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("o.npy");
+    let o = dsv4(&[
+        "logits",
+        "--model",
+        dir.to_str().unwrap(),
+        "--ids",
+        &list,
+        "--chunks",
+        "7,1,13,19",
+        "--numerics",
+        "official",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (_, got) = read_npy(&out);
+    for r in 0..n {
+        let w = &want[r * vocab..(r + 1) * vocab];
+        let scale = w.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let err = got[r * vocab..(r + 1) * vocab]
+            .iter()
+            .zip(w)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(err <= 1e-4 * scale, "row {r}: {err}");
+    }
 }
