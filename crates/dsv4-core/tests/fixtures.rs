@@ -2,11 +2,13 @@
 //! tools/make_fixtures.py): one call, the reference's odd chunking, prefill + token-by-token
 //! decode, and other chunkings — for the official FP8/FP4 layout and the transformers bf16 layout.
 
-use dsv4_core::tensor::{DType, Storage, Tensor};
+mod common;
+
+use common::{row_errors, run_chunks};
+use dsv4_core::tensor::Tensor;
 use dsv4_core::{Checkpoint, Logits, Model};
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 fn fixture_dir(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -21,29 +23,9 @@ struct Reference {
 
 impl Reference {
     fn load(name: &str) -> Self {
-        let path = fixture_dir(name).join("reference.safetensors");
-        let bytes = std::fs::read(&path).expect("reference.safetensors");
-        let st = safetensors::SafeTensors::deserialize(&bytes).expect("valid reference");
-        let storage = Arc::new(Storage::Owned(bytes.clone()));
-        let base = bytes.as_ptr() as usize;
-        let file = Arc::new(path.clone());
-        let mut t = HashMap::new();
-        for (n, v) in st.iter() {
-            let dtype = DType::from_safetensors(v.dtype()).expect("dtype");
-            let off = v.data().as_ptr() as usize - base;
-            let tensor = Tensor::new(
-                n.to_string(),
-                file.clone(),
-                dtype,
-                v.shape().to_vec(),
-                storage.clone(),
-                off,
-                v.data().len(),
-            )
-            .unwrap();
-            t.insert(n.to_string(), tensor);
+        Reference {
+            t: common::load_tensors(&fixture_dir(name).join("reference.safetensors")),
         }
-        Reference { t }
     }
     fn ints(&self, k: &str) -> Vec<i64> {
         self.t[k].to_i64().unwrap()
@@ -71,23 +53,6 @@ impl Reference {
 fn load_model(name: &str) -> Model {
     let ck = Checkpoint::open(&fixture_dir(name)).expect("open fixture");
     Model::load(&ck).expect("load fixture")
-}
-
-/// Runs the ids through a fresh cache in calls of the given sizes; `[T, vocab]` logits.
-fn run_chunks(model: &Model, ids: &[u32], chunks: &[usize]) -> Vec<f32> {
-    assert_eq!(chunks.iter().sum::<usize>(), ids.len());
-    let mut cache = model.new_cache();
-    let mut out = Vec::new();
-    let mut s = 0;
-    for &c in chunks {
-        out.extend(
-            model
-                .forward(&mut cache, &ids[s..s + c], Logits::All)
-                .unwrap(),
-        );
-        s += c;
-    }
-    out
 }
 
 /// Row-wise relative error ≤ 1e-4 on the covered columns and the same full-vocab argmax.
@@ -231,17 +196,6 @@ fn greedy_continuations_match_reference() {
         }
         assert_eq!(got, want, "{name} greedy continuation");
     }
-}
-
-/// Row-wise relative errors of `got` against `want` (full vocabulary).
-fn row_errors(got: &[f32], want: &[f32], vocab: usize) -> Vec<f32> {
-    got.chunks(vocab)
-        .zip(want.chunks(vocab))
-        .map(|(g, w)| {
-            let scale = w.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
-            g.iter().zip(w).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale
-        })
-        .collect()
 }
 
 /// The official numerics profile is chunking-invariant too: its roundings are per row/entry.

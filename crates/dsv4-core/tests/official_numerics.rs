@@ -4,12 +4,14 @@
 //! model's logits on every chunking path.
 
 use dsv4_core::numerics::{self, Numerics};
-use dsv4_core::tensor::{DType, Storage, Tensor};
+mod common;
+
+use common::{argmax, row_errors, run_chunks as run};
+use dsv4_core::tensor::Tensor;
 use dsv4_core::{Checkpoint, Logits, Model};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 fn dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures-official")
@@ -83,60 +85,7 @@ fn golden_roundings() {
 }
 
 fn reference(name: &str) -> HashMap<String, Tensor> {
-    let path = dir().join(name).join("reference.safetensors");
-    let data = std::fs::read(&path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&data).unwrap();
-    let storage = Arc::new(Storage::Owned(data.clone()));
-    let base = data.as_ptr() as usize;
-    let file = Arc::new(path.clone());
-    st.iter()
-        .map(|(n, v)| {
-            let off = v.data().as_ptr() as usize - base;
-            let t = Tensor::new(
-                n.into(),
-                file.clone(),
-                DType::from_safetensors(v.dtype()).unwrap(),
-                v.shape().to_vec(),
-                storage.clone(),
-                off,
-                v.data().len(),
-            )
-            .unwrap();
-            (n.to_string(), t)
-        })
-        .collect()
-}
-
-fn run(model: &Model, ids: &[u32], chunks: &[usize]) -> Vec<f32> {
-    let mut cache = model.new_cache();
-    let mut out = Vec::new();
-    let mut s = 0;
-    for &c in chunks {
-        out.extend(
-            model
-                .forward(&mut cache, &ids[s..s + c], Logits::All)
-                .unwrap(),
-        );
-        s += c;
-    }
-    out
-}
-
-/// Per-row relative errors (max abs diff / max abs reference).
-fn row_errors(got: &[f32], want: &[f32], vocab: usize) -> Vec<f32> {
-    got.chunks(vocab)
-        .zip(want.chunks(vocab))
-        .map(|(g, w)| {
-            let scale = w.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
-            g.iter().zip(w).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale
-        })
-        .collect()
-}
-
-fn argmax(row: &[f32]) -> i64 {
-    row.iter()
-        .enumerate()
-        .fold(0, |b, (i, &x)| if x > row[b] { i } else { b }) as i64
+    common::load_tensors(&dir().join(name).join("reference.safetensors"))
 }
 
 fn check(name: &str) {
@@ -160,7 +109,7 @@ fn check(name: &str) {
         for (i, e) in errs.iter().enumerate() {
             assert!(*e <= 1e-4, "{name} {what}: row {i} relative error {e:.2e}");
             assert_eq!(
-                argmax(&got[i * vocab..(i + 1) * vocab]),
+                argmax(&got[i * vocab..(i + 1) * vocab]) as i64,
                 am[i],
                 "{name} {what}: row {i} argmax"
             );
