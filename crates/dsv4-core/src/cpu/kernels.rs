@@ -80,6 +80,18 @@ pub fn fp4_order(x: &[f32]) -> Vec<f32> {
     out
 }
 
+/// Inverse of [`fp4_order`].
+fn unorder_fp4(xp: &[f32]) -> Vec<f32> {
+    let mut out = xp.to_vec();
+    for (o, g) in out.chunks_exact_mut(32).zip(xp.chunks_exact(32)) {
+        for j in 0..16 {
+            o[2 * j] = g[j];
+            o[2 * j + 1] = g[16 + j];
+        }
+    }
+    out
+}
+
 /// [`dot`] with the FP4 reordering of `x` computed once by the caller (`xp`, from [`fp4_order`]).
 #[inline]
 pub fn dot_prepared(row: Row, x: &[f32], xp: &[f32]) -> f32 {
@@ -482,37 +494,62 @@ mod avx512 {
         let n = xp.len();
         let table = _mm512_loadu_ps(E2M1_VALUES.as_ptr());
         let nib = _mm512_set1_epi32(0x0f);
-        let mut acc0 = _mm512_setzero_ps();
-        let mut acc1 = _mm512_setzero_ps();
         let groups = n / 32;
-        // Decode the row's scales 16 at a time (`u << 23` is 2^(u-127) for 1 ≤ u ≤ 254).
-        let mut sc = [0f32; 16];
-        for g in 0..groups {
-            if g % 16 == 0 {
-                if g + 16 <= groups {
-                    let u = _mm512_cvtepu8_epi32(_mm_loadu_si128(
-                        scales.as_ptr().add(g) as *const __m128i
-                    ));
-                    _mm512_storeu_ps(
-                        sc.as_mut_ptr(),
-                        _mm512_castsi512_ps(_mm512_slli_epi32(u, 23)),
-                    );
-                } else {
-                    for (k, s) in sc.iter_mut().enumerate().take(groups - g) {
-                        *s = e8m0_to_f32(scales[g + k]);
-                    }
-                }
-            }
-            let t = _mm512_mul_ps(table, _mm512_set1_ps(sc[g % 16]));
+        // All of the row's scales decoded up front (`u << 23` is 2^(u-127) for 1 ≤ u ≤ 254).
+        const MAX_GROUPS: usize = 512;
+        if groups > MAX_GROUPS {
+            return super::scalar::dot(Row::Fp4 { packed, scales }, &unorder_fp4(xp));
+        }
+        let mut sc = [0f32; MAX_GROUPS];
+        let mut g = 0;
+        while g + 16 <= groups {
+            let u = _mm512_cvtepu8_epi32(_mm_loadu_si128(scales.as_ptr().add(g) as *const __m128i));
+            _mm512_storeu_ps(
+                sc.as_mut_ptr().add(g),
+                _mm512_castsi512_ps(_mm512_slli_epi32(u, 23)),
+            );
+            g += 16;
+        }
+        for k in g..groups {
+            sc[k] = e8m0_to_f32(scales[k]);
+        }
+        // One group: its scaled table, then even/odd nibbles through it.
+        let group = |g: usize| {
+            let t = _mm512_mul_ps(table, _mm512_set1_ps(sc[g]));
             let b = _mm512_cvtepu8_epi32(_mm_loadu_si128(
                 packed.as_ptr().add(16 * g) as *const __m128i
             ));
-            let even = _mm512_permutexvar_ps(_mm512_and_si512(b, nib), t);
-            let odd = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), t);
+            (
+                _mm512_permutexvar_ps(_mm512_and_si512(b, nib), t),
+                _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), t),
+            )
+        };
+        // Two groups per step into four accumulators: the FMA latency chain, not the
+        // decoding, bounded the one-group loop.
+        let (mut acc0, mut acc1, mut acc2, mut acc3) = (
+            _mm512_setzero_ps(),
+            _mm512_setzero_ps(),
+            _mm512_setzero_ps(),
+            _mm512_setzero_ps(),
+        );
+        let mut g = 0;
+        while g + 2 <= groups {
+            let (e0, o0) = group(g);
+            let (e1, o1) = group(g + 1);
             let xg = xp.as_ptr().add(32 * g);
-            acc0 = _mm512_fmadd_ps(even, _mm512_loadu_ps(xg), acc0);
-            acc1 = _mm512_fmadd_ps(odd, _mm512_loadu_ps(xg.add(16)), acc1);
+            acc0 = _mm512_fmadd_ps(e0, _mm512_loadu_ps(xg), acc0);
+            acc1 = _mm512_fmadd_ps(o0, _mm512_loadu_ps(xg.add(16)), acc1);
+            acc2 = _mm512_fmadd_ps(e1, _mm512_loadu_ps(xg.add(32)), acc2);
+            acc3 = _mm512_fmadd_ps(o1, _mm512_loadu_ps(xg.add(48)), acc3);
+            g += 2;
         }
+        if g < groups {
+            let (e0, o0) = group(g);
+            let xg = xp.as_ptr().add(32 * g);
+            acc0 = _mm512_fmadd_ps(e0, _mm512_loadu_ps(xg), acc0);
+            acc1 = _mm512_fmadd_ps(o0, _mm512_loadu_ps(xg.add(16)), acc1);
+        }
+        let (acc0, acc1) = (_mm512_add_ps(acc0, acc2), _mm512_add_ps(acc1, acc3));
         let mut s = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
         // A ragged tail group (in % 32 != 0) is stored in natural order.
         for j in 0..(n - 32 * groups).div_ceil(2) {
