@@ -24,30 +24,48 @@ fn read_npy(path: &Path) -> (Vec<u64>, Vec<f32>) {
     (shape, npy.into_vec::<f32>().unwrap())
 }
 
-fn reference(name: &str) -> (Vec<i64>, Vec<f32>) {
-    let bytes = std::fs::read(fixture(name).join("reference.safetensors")).unwrap();
+/// One tensor of a fixture's reference.safetensors, decoded (I64 → i64 or F32 → f32 by `T`).
+fn ref_tensor<T>(dir: &Path, key: &str, decode: fn(&[u8]) -> T) -> Vec<T> {
+    let bytes = std::fs::read(dir.join("reference.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let ids = st
-        .tensor("ids")
-        .unwrap()
-        .data()
-        .chunks_exact(8)
-        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-        .collect();
-    let logits = st
-        .tensor("logits")
-        .unwrap()
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect();
-    (ids, logits)
+    let t = st.tensor(key).unwrap();
+    let width = t.data().len() / t.shape().iter().product::<usize>();
+    t.data().chunks_exact(width).map(decode).collect()
+}
+
+fn i64_le(c: &[u8]) -> i64 {
+    i64::from_le_bytes(c.try_into().unwrap())
+}
+
+fn f32_le(c: &[u8]) -> f32 {
+    f32::from_le_bytes(c.try_into().unwrap())
+}
+
+/// A fixture's prompt ids and one-call reference logits.
+fn reference(dir: &Path) -> (Vec<i64>, Vec<f32>) {
+    (
+        ref_tensor(dir, "ids", i64_le),
+        ref_tensor(dir, "logits", f32_le),
+    )
+}
+
+/// Each of the first `rows` rows of `got` within 1e-4 (relative to the row's max) of `want`.
+fn assert_rows_close(what: &str, got: &[f32], want: &[f32], vocab: usize, rows: usize) {
+    for r in 0..rows {
+        let w = &want[r * vocab..(r + 1) * vocab];
+        let scale = w.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let err = got[r * vocab..(r + 1) * vocab]
+            .iter()
+            .zip(w)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(err <= 1e-4 * scale, "{what} row {r}: {err}");
+    }
 }
 
 #[test]
 fn logits_command_matches_reference_for_any_chunking() {
     let dir = tempfile::tempdir().unwrap();
-    let (ids, want) = reference("official-fp8");
+    let (ids, want) = reference(&fixture("official-fp8"));
     let ids: Vec<i64> = ids[..60].to_vec();
     let vocab = want.len() / 300;
     let list = ids
@@ -74,15 +92,7 @@ fn logits_command_matches_reference_for_any_chunking() {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let (shape, got) = read_npy(&out);
         assert_eq!(shape, vec![60, vocab as u64]);
-        for r in 0..60 {
-            let w = &want[r * vocab..(r + 1) * vocab];
-            let scale = w.iter().fold(0f32, |m, x| m.max(x.abs()));
-            let err = got[r * vocab..(r + 1) * vocab]
-                .iter()
-                .zip(w)
-                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-            assert!(err <= 1e-4 * scale, "chunks {chunks:?} row {r}: {err}");
-        }
+        assert_rows_close(&format!("chunks {chunks:?}"), &got, &want, vocab, 60);
     }
 }
 
@@ -256,14 +266,7 @@ fn inspect_prints_schedule_and_formats() {
 }
 
 fn reference_ids(name: &str, key: &str) -> Vec<u32> {
-    let bytes = std::fs::read(fixture(name).join("reference.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensor(key)
-        .unwrap()
-        .data()
-        .chunks_exact(8)
-        .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
-        .collect()
+    ref_tensor(&fixture(name), key, |c| i64_le(c) as u32)
 }
 
 /// The last stdout line of `generate --json`, parsed.
@@ -442,22 +445,7 @@ fn chat_keeps_the_cache_across_turns() {
 fn logits_command_runs_the_official_profile() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../tests/fixtures-official/official-fp8");
-    let bytes = std::fs::read(dir.join("reference.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let ids: Vec<i64> = st
-        .tensor("ids")
-        .unwrap()
-        .data()
-        .chunks_exact(8)
-        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-        .collect();
-    let want: Vec<f32> = st
-        .tensor("logits")
-        .unwrap()
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect();
+    let (ids, want) = reference(&dir);
     let vocab = want.len() / ids.len();
     let n = 40; // row t depends only on tokens ≤ t: a prefix reproduces the leading rows
     let list = ids[..n]
@@ -482,13 +470,5 @@ fn logits_command_runs_the_official_profile() {
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let (_, got) = read_npy(&out);
-    for r in 0..n {
-        let w = &want[r * vocab..(r + 1) * vocab];
-        let scale = w.iter().fold(0f32, |m, x| m.max(x.abs()));
-        let err = got[r * vocab..(r + 1) * vocab]
-            .iter()
-            .zip(w)
-            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        assert!(err <= 1e-4 * scale, "row {r}: {err}");
-    }
+    assert_rows_close("official profile", &got, &want, vocab, n);
 }
