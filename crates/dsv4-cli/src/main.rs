@@ -76,17 +76,14 @@ enum Cmd {
 
 fn main() {
     let cli = Cli::parse();
-    if let Some(n) = cli.threads {
-        let _ = rayon_init(n);
-    }
-    if let Err(e) = run(cli.cmd) {
+    let threads = match cli.threads {
+        Some(n) => dsv4_core::init_threads(n).map_err(anyhow::Error::msg),
+        None => Ok(()),
+    };
+    if let Err(e) = threads.and_then(|()| run(cli.cmd)) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
-}
-
-fn rayon_init(n: usize) -> Result<()> {
-    dsv4_core::init_threads(n).map_err(|e| anyhow::anyhow!(e))
 }
 
 fn run(cmd: Cmd) -> Result<()> {

@@ -122,7 +122,6 @@ impl<'m> Session<'m> {
         if new.is_empty() {
             return Ok(0);
         }
-        self.model.check_input(new)?;
         let logits = self.model.forward(&mut self.cache, new, Logits::Last)?;
         self.tokens.extend_from_slice(new);
         self.last_logits = Some(logits);
