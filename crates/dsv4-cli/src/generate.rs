@@ -8,7 +8,7 @@ use dsv4_core::chat::{self, Message, ThinkingMode, Tool};
 use dsv4_core::generate::{GenerateOptions, Generation, Session};
 use dsv4_core::sampling::SamplingParams;
 use dsv4_core::tokenizer::Tokenizer;
-use dsv4_core::{bench, synthetic, Checkpoint, Model};
+use dsv4_core::{bench, synthetic, Checkpoint, Engine, Model};
 use serde_json::json;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -92,7 +92,7 @@ pub struct ChatArgs {
 
 /// A model ready to generate: weights, tokenizer, and what to call it.
 struct Loaded {
-    model: Model,
+    model: Box<dyn Engine>,
     tok: Tokenizer,
     load_s: f64,
 }
@@ -119,6 +119,7 @@ fn load(c: &CommonArgs) -> Result<Loaded> {
     };
     let mut model = Model::load(&ck)?;
     model.numerics = c.numerics.profile()?;
+    let model = c.numerics.engine(model)?;
     let tok = match c.tokenizer.as_ref().or(default_tok.as_ref()) {
         Some(p) => Tokenizer::from_file(p)?,
         None => Tokenizer::embedded()?,
@@ -244,7 +245,7 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
     if prompt_ids.is_empty() {
         bail!("the prompt is empty");
     }
-    let mut session = Session::new(&l.model);
+    let mut session = Session::new(&*l.model)?;
     let stdout = std::io::stdout();
     let g = session.generate(&prompt_ids, &l.tok, &opts, |s| {
         let mut o = stdout.lock();
@@ -317,7 +318,7 @@ pub fn run_chat(a: ChatArgs) -> Result<()> {
         history.push(Message::system(s));
     }
     let base = history.clone();
-    let mut session = Session::new(&l.model);
+    let mut session = Session::new(&*l.model)?;
     // The text of the tokens the session holds.
     let mut cached_text = String::new();
     let stdin = std::io::stdin();
@@ -339,7 +340,7 @@ pub fn run_chat(a: ChatArgs) -> Result<()> {
                 (Some("quit" | "exit"), _) => break,
                 (Some("reset"), _) => {
                     history = base.clone();
-                    session.reset();
+                    session.reset()?;
                     cached_text.clear();
                     eprintln!("(new conversation)");
                 }

@@ -18,9 +18,13 @@ struct Cli {
     cmd: Cmd,
 }
 
-/// The numerics profile, shared by every command that runs the model.
+/// Where and how the model runs (device and numerics profile), shared by every command that
+/// runs it.
 #[derive(clap::Args, Clone, Debug)]
 pub struct NumericsArgs {
+    /// `cpu`, or `cuda` / `cuda:N` for GPU N (needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// `reference` (transformers-exact f32) or `official` (DeepSeek's inference: FP8 K/V cache,
     /// Hadamard + FP4 indexer).
     #[arg(long, default_value = "reference")]
@@ -40,6 +44,41 @@ impl NumericsArgs {
             (other, _) => bail!("--numerics must be `reference` or `official`, got `{other}`"),
         }
     }
+
+    /// The GPU ordinal of `--device cuda[:N]`, or `None` for the CPU.
+    pub fn cuda_ordinal(&self) -> Result<Option<usize>> {
+        match self.device.as_str() {
+            "cpu" => Ok(None),
+            "cuda" => Ok(Some(0)),
+            d => match d.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(n)) => Ok(Some(n)),
+                _ => bail!("--device must be `cpu`, `cuda` or `cuda:N`, got `{d}`"),
+            },
+        }
+    }
+
+    /// Puts a loaded model on the chosen device.
+    pub fn engine(&self, model: Model) -> Result<Box<dyn dsv4_core::Engine>> {
+        match self.cuda_ordinal()? {
+            None => Ok(Box::new(model)),
+            Some(n) => cuda_engine(&model, n),
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_engine(model: &Model, ordinal: usize) -> Result<Box<dyn dsv4_core::Engine>> {
+    let m = dsv4_cuda::CudaModel::from_model(model, ordinal)
+        .with_context(|| format!("cuda:{ordinal}"))?;
+    Ok(Box::new(m))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_engine(_: &Model, _: usize) -> Result<Box<dyn dsv4_core::Engine>> {
+    bail!(
+        "this dsv4 was built without CUDA support; rebuild with \
+         `cargo build --release -p dsv4-cli --features cuda`"
+    )
 }
 
 #[derive(Subcommand)]
@@ -102,12 +141,13 @@ fn run(cmd: Cmd) -> Result<()> {
     }
 }
 
-fn load(dir: &Path, numerics: &NumericsArgs) -> Result<Model> {
+fn load(dir: &Path, numerics: &NumericsArgs) -> Result<Box<dyn dsv4_core::Engine>> {
     let profile = numerics.profile()?;
+    numerics.cuda_ordinal()?;
     let ck = Checkpoint::open(dir)?;
     let mut model = Model::load(&ck)?;
     model.numerics = profile;
-    Ok(model)
+    numerics.engine(model)
 }
 
 fn logits(
@@ -126,13 +166,15 @@ fn logits(
         );
     }
     let model = load(dir, numerics)?;
-    let mut cache = model.new_cache();
-    model.check_input(ids)?;
-    let vocab = model.config.vocab_size;
+    let vocab = model.config().vocab_size;
+    if let Some(&bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+        bail!("input: token id {bad} is out of range (vocabulary size {vocab})");
+    }
+    let mut state = model.new_state()?;
     let mut all = Vec::with_capacity(ids.len() * vocab);
     let mut start = 0;
     for c in chunks {
-        all.extend(model.forward(&mut cache, &ids[start..start + c], Logits::All)?);
+        all.extend(model.forward(&mut state, &ids[start..start + c], Logits::All)?);
         start += c;
     }
     write_npy(out, &all, &[ids.len() as u64, vocab as u64])

@@ -30,6 +30,9 @@ pub enum Error {
     Tensor { name: String, reason: String },
     #[error("input: {0}")]
     Input(String),
+    /// A compute backend (e.g. the GPU) failed.
+    #[error("{0}")]
+    Backend(String),
     /// The tokenizer could not be loaded or failed to encode/decode.
     #[error("tokenizer: {0}")]
     Tokenizer(String),

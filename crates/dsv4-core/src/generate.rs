@@ -3,8 +3,9 @@
 //! prefill → sample → decode loop with streaming, UTF-8-safe text and stop conditions.
 //! Only the last position's logits are computed.
 
+use crate::engine::{Engine, EngineState};
 use crate::error::{Error, Result};
-use crate::model::{cache::SeqCache, Logits, Model};
+use crate::model::Logits;
 use crate::sampling::{Sampled, Sampler, SamplingParams, StopCheck, StopStrings};
 use crate::tokenizer::Tokenizer;
 use std::time::Instant;
@@ -77,21 +78,21 @@ fn rate(n: usize, s: f64) -> f64 {
 
 /// One sequence's cache plus the tokens it holds.
 pub struct Session<'m> {
-    model: &'m Model,
-    cache: SeqCache,
+    model: &'m dyn Engine,
+    cache: EngineState,
     tokens: Vec<u32>,
     /// Logits after the last token in the cache.
     last_logits: Option<Vec<f32>>,
 }
 
 impl<'m> Session<'m> {
-    pub fn new(model: &'m Model) -> Self {
-        Session {
+    pub fn new(model: &'m dyn Engine) -> Result<Self> {
+        Ok(Session {
             model,
-            cache: model.new_cache(),
+            cache: model.new_state()?,
             tokens: Vec::new(),
             last_logits: None,
-        }
+        })
     }
 
     /// Tokens currently in the cache.
@@ -100,10 +101,11 @@ impl<'m> Session<'m> {
     }
 
     /// Forgets the sequence.
-    pub fn reset(&mut self) {
-        self.cache = self.model.new_cache();
+    pub fn reset(&mut self) -> Result<()> {
+        self.cache = self.model.new_state()?;
         self.tokens.clear();
         self.last_logits = None;
+        Ok(())
     }
 
     /// Brings the cache to exactly `prompt`, feeding only what is new when the cached tokens are
@@ -116,7 +118,7 @@ impl<'m> Session<'m> {
             && prompt.starts_with(&self.tokens)
             && self.last_logits.is_some();
         if !reusable {
-            self.reset();
+            self.reset()?;
         }
         let new = &prompt[self.tokens.len()..];
         if new.is_empty() {
@@ -145,7 +147,7 @@ impl<'m> Session<'m> {
         opts: &GenerateOptions,
         mut on_text: impl FnMut(&str),
     ) -> Result<Generation> {
-        let max_ctx = self.model.config.max_position_embeddings;
+        let max_ctx = self.model.config().max_position_embeddings;
         if prompt.len() >= max_ctx {
             return Err(Error::Input(format!(
                 "the prompt has {} tokens; the model's context is {max_ctx}",

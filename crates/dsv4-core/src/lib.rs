@@ -8,6 +8,7 @@ pub mod chat;
 pub mod checkpoint;
 pub mod config;
 pub mod cpu;
+pub mod engine;
 pub mod error;
 pub mod generate;
 pub mod model;
@@ -19,6 +20,7 @@ pub mod tokenizer;
 
 pub use checkpoint::Checkpoint;
 pub use config::ModelConfig;
+pub use engine::{Engine, EngineState};
 pub use error::{Error, Result};
 pub use model::{cache::SeqCache, Logits, Model};
 

@@ -4,51 +4,8 @@
 
 mod common;
 
-use common::{row_errors, run_chunks};
-use dsv4_core::tensor::Tensor;
+use common::{fixture_dir, row_errors, run_chunks, Reference};
 use dsv4_core::{Checkpoint, Logits, Model};
-use std::collections::HashMap;
-use std::path::PathBuf;
-
-fn fixture_dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(name)
-}
-
-/// The reference tensors of a fixture.
-struct Reference {
-    t: HashMap<String, Tensor>,
-}
-
-impl Reference {
-    fn load(name: &str) -> Self {
-        Reference {
-            t: common::load_tensors(&fixture_dir(name).join("reference.safetensors")),
-        }
-    }
-    fn ints(&self, k: &str) -> Vec<i64> {
-        self.t[k].to_i64().unwrap()
-    }
-    fn floats(&self, k: &str) -> Vec<f32> {
-        self.t[k].to_f32().unwrap()
-    }
-    fn ids(&self, k: &str) -> Vec<u32> {
-        self.ints(k).into_iter().map(|x| x as u32).collect()
-    }
-    /// Reference logits (`name` or `name_sub`) and the vocabulary columns they cover.
-    fn logits(&self, name: &str, vocab: usize) -> (Vec<f32>, Vec<usize>) {
-        if let Some(t) = self.t.get(name) {
-            return (t.to_f32().unwrap(), (0..vocab).collect());
-        }
-        let cols = self
-            .ints("logit_cols")
-            .into_iter()
-            .map(|x| x as usize)
-            .collect();
-        (self.floats(&format!("{name}_sub")), cols)
-    }
-}
 
 fn load_model(name: &str) -> Model {
     let ck = Checkpoint::open(&fixture_dir(name)).expect("open fixture");

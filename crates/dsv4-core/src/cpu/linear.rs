@@ -172,6 +172,11 @@ impl Linear {
             }
     }
 
+    /// The stored weight bytes, row-major (what a device backend uploads as is).
+    pub fn weight_bytes(&self) -> &[u8] {
+        self.weight.bytes()
+    }
+
     /// Row `o` in its stored format.
     #[inline]
     pub fn row(&self, o: usize) -> Row<'_> {

@@ -5,7 +5,7 @@
 use dsv4_core::tensor::{DType, Storage, Tensor};
 use dsv4_core::{Logits, Model};
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// Every tensor of a safetensors file, by name.
@@ -79,4 +79,47 @@ pub fn argmax(row: &[f32]) -> usize {
     row.iter()
         .enumerate()
         .fold(0, |b, (i, &x)| if x > row[b] { i } else { b })
+}
+
+/// `tests/fixtures/<name>`; `DSV4_FIXTURES` overrides the folder (a test binary run on another
+/// machine, e.g. the GPU tests).
+pub fn fixture_dir(name: &str) -> PathBuf {
+    std::env::var_os("DSV4_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures"))
+        .join(name)
+}
+
+/// The reference tensors of a fixture.
+pub struct Reference {
+    pub t: HashMap<String, Tensor>,
+}
+
+impl Reference {
+    pub fn load(name: &str) -> Self {
+        Reference {
+            t: load_tensors(&fixture_dir(name).join("reference.safetensors")),
+        }
+    }
+    pub fn ints(&self, k: &str) -> Vec<i64> {
+        self.t[k].to_i64().unwrap()
+    }
+    pub fn floats(&self, k: &str) -> Vec<f32> {
+        self.t[k].to_f32().unwrap()
+    }
+    pub fn ids(&self, k: &str) -> Vec<u32> {
+        self.ints(k).into_iter().map(|x| x as u32).collect()
+    }
+    /// Reference logits (`name` or `name_sub`) and the vocabulary columns they cover.
+    pub fn logits(&self, name: &str, vocab: usize) -> (Vec<f32>, Vec<usize>) {
+        if let Some(t) = self.t.get(name) {
+            return (t.to_f32().unwrap(), (0..vocab).collect());
+        }
+        let cols = self
+            .ints("logit_cols")
+            .into_iter()
+            .map(|x| x as usize)
+            .collect();
+        (self.floats(&format!("{name}_sub")), cols)
+    }
 }

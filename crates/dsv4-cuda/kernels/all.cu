@@ -1,0 +1,5 @@
+// The single translation unit nvcc compiles into the embedded fatbin.
+#include "linear.cu"
+#include "elementwise.cu"
+#include "attention.cu"
+#include "moe.cu"

@@ -1,0 +1,103 @@
+// Shared definitions of the dsv4 CUDA kernels: weight formats, element decoders, reductions.
+// Activations are f32 everywhere (the CPU reference's arithmetic); weights stay in their
+// stored format and are decoded in registers.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+#include <stdint.h>
+
+// Must match `Fmt` in src/weights.rs.
+#define FMT_F32 0
+#define FMT_BF16 1
+#define FMT_F16 2
+#define FMT_FP8 3
+#define FMT_FP4 4
+
+// A `[out, in]` weight matrix on the device, passed by value (mirrors `LinearDesc` in Rust).
+struct LinearW {
+    const uint8_t* w;       // weight bytes, row-major
+    const void* scales;     // FP8: f32 [ceil(out/bo), ceil(in/bi)]; FP4: e8m0 bytes [out, in/32]
+    int32_t fmt;
+    int32_t out, in;
+    int32_t bo, bi;         // FP8 block shape
+    int32_t scale_cols;     // FP8: ceil(in/bi)
+};
+
+__device__ __forceinline__ float e8m0_to_f32(uint8_t u) {
+    if (u == 0xFF) return __int_as_float(0x7fc00000);
+    if (u == 0) return __int_as_float(0x00400000);
+    return __int_as_float(((int)u) << 23);
+}
+
+__device__ __forceinline__ float e4m3_to_f32(uint8_t b) {
+    __half_raw h = __nv_cvt_fp8_to_halfraw((__nv_fp8_storage_t)b, __NV_E4M3);
+    return __half2float(__half(h));
+}
+
+// e2m1 nibble as an fp16 whose value is 2^-14 times the e2m1 value (exponent bits land in
+// the low exponent field, the mantissa bit on top of the fraction): scale by 2^14 after.
+__device__ __forceinline__ uint32_t e2m1_half_bits(uint32_t v) {
+    return ((v & 8u) << 12) | ((v & 7u) << 9);
+}
+
+__device__ __forceinline__ float e2m1_to_f32(uint32_t v) {
+    __half_raw h;
+    h.x = (unsigned short)e2m1_half_bits(v);
+    return __half2float(__half(h)) * 16384.0f;
+}
+
+// One element of a weight matrix, any format (slow path: tails, embeddings, tests).
+__device__ __forceinline__ float load_elem(const LinearW& W, int r, int k) {
+    size_t idx = (size_t)r * W.in + k;
+    switch (W.fmt) {
+    case FMT_F32: return ((const float*)W.w)[idx];
+    case FMT_BF16: return __uint_as_float(((uint32_t)((const uint16_t*)W.w)[idx]) << 16);
+    case FMT_F16: { __half_raw h; h.x = ((const uint16_t*)W.w)[idx]; return __half2float(__half(h)); }
+    case FMT_FP8: {
+        float s = ((const float*)W.scales)[(r / W.bo) * W.scale_cols + k / W.bi];
+        return e4m3_to_f32(W.w[idx]) * s;
+    }
+    default: {
+        uint8_t b = W.w[idx >> 1];
+        uint32_t v = (idx & 1) ? (b >> 4) : (b & 15);
+        float s = e8m0_to_f32(((const uint8_t*)W.scales)[(size_t)r * (W.in / 32) + k / 32]);
+        return e2m1_to_f32(v) * s;
+    }
+    }
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Block-wide sum; `sh` holds at least 32 floats. All threads get the result.
+__device__ __forceinline__ float block_sum(float v, float* sh) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) sh[warp] = v;
+    __syncthreads();
+    float t = 0.f;
+    for (int i = 0; i < nw; i++) t += sh[i];
+    return t;
+}
+
+__device__ __forceinline__ float block_max(float v, float* sh) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) sh[warp] = v;
+    __syncthreads();
+    float t = -INFINITY;
+    for (int i = 0; i < nw; i++) t = fmaxf(t, sh[i]);
+    return t;
+}

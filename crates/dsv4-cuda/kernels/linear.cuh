@@ -1,0 +1,129 @@
+// Weight-streaming matrix-vector products over stored formats: one warp computes two output
+// rows for up to MT tokens, each lane consuming 16 bytes of each row per step, so every weight
+// byte is read once per call and each x value loaded is used for both rows.
+#pragma once
+#include "common.cuh"
+
+template <int FMT> struct Chunk;
+template <> struct Chunk<FMT_F32> { static constexpr int N = 4; };
+template <> struct Chunk<FMT_BF16> { static constexpr int N = 8; };
+template <> struct Chunk<FMT_F16> { static constexpr int N = 8; };
+template <> struct Chunk<FMT_FP8> { static constexpr int N = 16; };
+template <> struct Chunk<FMT_FP4> { static constexpr int N = 32; };
+
+// Decodes 16 stored bytes (chunk `c` of row `r`) into f[N]; returns the chunk's scale.
+template <int FMT>
+__device__ __forceinline__ float decode_chunk(const LinearW& W, int r, int c, uint4 q, float* f) {
+    const uint32_t w[4] = {q.x, q.y, q.z, q.w};
+    if constexpr (FMT == FMT_F32) {
+#pragma unroll
+        for (int i = 0; i < 4; i++) f[i] = __uint_as_float(w[i]);
+        return 1.f;
+    } else if constexpr (FMT == FMT_BF16) {
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            f[2 * i] = __uint_as_float(w[i] << 16);
+            f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+        }
+        return 1.f;
+    } else if constexpr (FMT == FMT_F16) {
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            __half2_raw h;
+            h.x = (unsigned short)(w[i] & 0xffff);
+            h.y = (unsigned short)(w[i] >> 16);
+            float2 v = __half22float2(__half2(h));
+            f[2 * i] = v.x;
+            f[2 * i + 1] = v.y;
+        }
+        return 1.f;
+    } else if constexpr (FMT == FMT_FP8) {
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            __half2_raw lo = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(w[i] & 0xffff), __NV_E4M3);
+            __half2_raw hi = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(w[i] >> 16), __NV_E4M3);
+            float2 a = __half22float2(__half2(lo)), b = __half22float2(__half2(hi));
+            f[4 * i] = a.x;
+            f[4 * i + 1] = a.y;
+            f[4 * i + 2] = b.x;
+            f[4 * i + 3] = b.y;
+        }
+        return ((const float*)W.scales)[(r / W.bo) * W.scale_cols + (c * 16) / W.bi];
+    } else {
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                uint32_t b = (w[i] >> (8 * j)) & 0xff;
+                __half2_raw h;
+                h.x = (unsigned short)e2m1_half_bits(b & 15);
+                h.y = (unsigned short)e2m1_half_bits(b >> 4);
+                float2 v = __half22float2(__half2(h));
+                f[8 * i + 2 * j] = v.x;
+                f[8 * i + 2 * j + 1] = v.y;
+            }
+        }
+        return e8m0_to_f32(((const uint8_t*)W.scales)[(size_t)r * (W.in / 32) + c]) * 16384.0f;
+    }
+}
+
+// acc[i][m] += W[r0+i, k] · xm[m][xoff + k] over chunks [c0, c1) (lanes stride 32 chunks), plus
+// the scalar tail k in [kt, K) when `tail`. Rows r0+1 is skipped when nr == 1.
+template <int FMT, int MT>
+__device__ __forceinline__ void warp_dot2(const LinearW& W, int r0, int nr, const float* const* xm,
+                                          int M, int xoff, int c0, int c1, bool tail, int kt,
+                                          float (&acc)[2][MT]) {
+    constexpr int N = Chunk<FMT>::N;
+    const int lane = threadIdx.x & 31;
+    const size_t row_bytes = (FMT == FMT_FP4) ? (size_t)W.in / 2
+                           : (size_t)W.in * (FMT == FMT_F32 ? 4 : (FMT == FMT_FP8 ? 1 : 2));
+    const uint4* p0 = (const uint4*)(W.w + (size_t)r0 * row_bytes);
+    const uint4* p1 = (const uint4*)(W.w + (size_t)(r0 + (nr > 1 ? 1 : 0)) * row_bytes);
+    for (int c = c0 + lane; c < c1; c += 32) {
+        uint4 q0 = __ldg(p0 + c);
+        uint4 q1 = __ldg(p1 + c);
+        float f0[N], f1[N];
+        float s0 = decode_chunk<FMT>(W, r0, c, q0, f0);
+        float s1 = decode_chunk<FMT>(W, r0 + 1 < W.out ? r0 + 1 : r0, c, q1, f1);
+#pragma unroll
+        for (int m = 0; m < MT; m++) {
+            if (m < M) {
+                const float4* xp = (const float4*)(xm[m] + xoff + c * N);
+                float d0 = 0.f, d1 = 0.f;
+#pragma unroll
+                for (int j = 0; j < N / 4; j++) {
+                    float4 xv = __ldg(xp + j);
+                    d0 = fmaf(f0[4 * j], xv.x, d0);
+                    d0 = fmaf(f0[4 * j + 1], xv.y, d0);
+                    d0 = fmaf(f0[4 * j + 2], xv.z, d0);
+                    d0 = fmaf(f0[4 * j + 3], xv.w, d0);
+                    d1 = fmaf(f1[4 * j], xv.x, d1);
+                    d1 = fmaf(f1[4 * j + 1], xv.y, d1);
+                    d1 = fmaf(f1[4 * j + 2], xv.z, d1);
+                    d1 = fmaf(f1[4 * j + 3], xv.w, d1);
+                }
+                acc[0][m] = fmaf(d0, s0, acc[0][m]);
+                acc[1][m] = fmaf(d1, s1, acc[1][m]);
+            }
+        }
+    }
+    if (tail) {
+        for (int k = kt + lane; k < W.in; k += 32) {
+            float v0 = load_elem(W, r0, k);
+            float v1 = nr > 1 ? load_elem(W, r0 + 1, k) : 0.f;
+#pragma unroll
+            for (int m = 0; m < MT; m++) {
+                if (m < M) {
+                    float xv = xm[m][xoff + k];
+                    acc[0][m] = fmaf(v0, xv, acc[0][m]);
+                    acc[1][m] = fmaf(v1, xv, acc[1][m]);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int m = 0; m < MT; m++) {
+        acc[0][m] = warp_sum(acc[0][m]);
+        acc[1][m] = warp_sum(acc[1][m]);
+    }
+}

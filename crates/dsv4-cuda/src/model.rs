@@ -1,0 +1,828 @@
+//! The DeepSeek-V4 forward on one GPU: the CPU model's layer loop (`dsv4_core::model`) with
+//! every op a kernel over device buffers. Host work per call is bookkeeping (positions, window
+//! counts), except prefill MoE, which reads the routing back once per layer to group tokens by
+//! expert.
+
+use crate::gpu::{DevBuf, Gpu};
+use crate::ops::{self, AttnArgs, LinIn, MoeArgs, Partial, RopeDev};
+use crate::state::{CompState, GpuSeq, LayerState};
+use crate::weights::{GpuCompressor, GpuHc, GpuLayer, GpuRouter, GpuVec, GpuWeights};
+use crate::{Error, Result};
+use dsv4_core::config::AttnKind;
+use dsv4_core::model::rope::RopeTable;
+use dsv4_core::{Engine, EngineState, Logits, Model, ModelConfig};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Tokens per internal forward chunk: bounds the activation scratch (chunked prefill gives the
+/// one-call logits, so the split is invisible).
+const MAX_CHUNK: usize = 2048;
+/// Above this many (token, expert) pairs, prefill groups pairs by expert on the host.
+const GROUP_PAIRS: usize = 64;
+
+static NEXT_ID: AtomicUsize = AtomicUsize::new(1);
+
+/// Activation buffers for up to `cap` tokens of one call.
+struct Scratch {
+    cap: usize,
+    ids: DevBuf,
+    x: DevBuf,
+    h: DevBuf,
+    f: DevBuf,
+    mu: DevBuf,
+    rinv: DevBuf,
+    pre: DevBuf,
+    post: DevBuf,
+    comb: DevBuf,
+    qr: DevBuf,
+    q: DevBuf,
+    kv: DevBuf,
+    o: DevBuf,
+    z: DevBuf,
+    ext_kv: DevBuf,
+    ext_gate: DevBuf,
+    qi: DevBuf,
+    hw: DevBuf,
+    sel: DevBuf,
+    nsel: DevBuf,
+    logits_e: DevBuf,
+    picks: DevBuf,
+    rw: DevBuf,
+    eh: DevBuf,
+    eout: DevBuf,
+    sg: DevBuf,
+    su: DevBuf,
+    tiles: DevBuf,
+    partial: DevBuf,
+    scores: DevBuf,
+    scores_floats: usize,
+    out_logits: DevBuf,
+}
+
+impl Scratch {
+    fn new(gpu: &Gpu, c: &ModelConfig, cap: usize, max_ratio: usize) -> Result<Self> {
+        let f = |n: usize| gpu.alloc(n * 4);
+        let (d, n, h, dh) = (c.hidden_size, c.hc_mult, c.num_heads, c.head_dim);
+        let k = c.num_experts_per_tok;
+        let inter = c.moe_intermediate_size;
+        let width = 2 * dh.max(c.index_head_dim);
+        let ext_rows = 2 * max_ratio + cap;
+        let pairs = cap * k;
+        Ok(Scratch {
+            cap,
+            ids: f(cap)?,
+            x: f(cap * n * d)?,
+            h: f(cap * d)?,
+            f: f(cap * d)?,
+            mu: f(cap * (2 + n) * n)?,
+            rinv: f(cap)?,
+            pre: f(cap * n)?,
+            post: f(cap * n)?,
+            comb: f(cap * n * n)?,
+            qr: f(cap * c.q_lora_rank)?,
+            q: f(cap * h * dh)?,
+            kv: f(cap * dh)?,
+            o: f(cap * h * dh)?,
+            z: f(cap * c.o_groups * c.o_lora_rank)?,
+            ext_kv: f(ext_rows * width)?,
+            ext_gate: f(ext_rows * width)?,
+            qi: f(cap * c.index_n_heads * c.index_head_dim)?,
+            hw: f(cap * c.index_n_heads)?,
+            sel: f(cap * c.index_topk.max(1))?,
+            nsel: f(cap)?,
+            logits_e: f(cap * c.n_routed_experts)?,
+            picks: f(pairs)?,
+            rw: f(pairs)?,
+            eh: f(pairs * inter)?,
+            eout: f(pairs * d)?,
+            sg: f(cap * inter)?,
+            su: f(cap * inter)?,
+            tiles: f(3 * pairs + 8 * pairs + 16)?,
+            partial: f(1 << 22)?,
+            scores: f(1 << 24)?,
+            scores_floats: 1 << 24,
+            out_logits: f(cap * c.vocab_size)?,
+        })
+    }
+}
+
+/// A model whose weights live on one GPU.
+pub struct CudaModel {
+    pub gpu: Arc<Gpu>,
+    pub config: ModelConfig,
+    pub weights: GpuWeights,
+    rope_main: (GpuVec, f32),
+    rope_compress: (GpuVec, f32),
+    scratch: Mutex<Option<Scratch>>,
+    id: usize,
+}
+
+impl CudaModel {
+    /// Uploads a loaded (validated) model to GPU `ordinal`.
+    pub fn from_model(model: &Model, ordinal: usize) -> Result<Self> {
+        let src: Vec<usize> = (0..model.config.num_layers).collect();
+        Self::from_model_layers(model, ordinal, model.config.clone(), &src, |_, _| {})
+    }
+
+    /// Uploads with GPU layer `i` taken from host layer `src[i]` and `config` describing the
+    /// result (a synthetic Flash/Pro built from a few distinct host layers).
+    pub fn from_model_layers(
+        model: &Model,
+        ordinal: usize,
+        config: ModelConfig,
+        src: &[usize],
+        progress: impl FnMut(usize, usize),
+    ) -> Result<Self> {
+        if model.numerics.is_official() {
+            return Err(Error::Unsupported(
+                "the official numerics profile (FP8 K/V cache, FP4 indexer) runs on the CPU only \
+                 for now; use --numerics reference"
+                    .into(),
+            ));
+        }
+        let gpu = Gpu::open(ordinal)?;
+        let weights =
+            GpuWeights::upload(&gpu, &model.weights, &model.config.mlp_kinds, src, progress)?;
+        let rope = |spec| -> Result<(GpuVec, f32)> {
+            let t = RopeTable::new(spec, config.rope_dim);
+            Ok((GpuVec::upload(&gpu, &t.inv_freq)?, t.attention_factor))
+        };
+        let rope_main = rope(&config.rope_main)?;
+        let rope_compress = rope(&config.rope_compress)?;
+        gpu.sync()?;
+        Ok(CudaModel {
+            rope_main,
+            rope_compress,
+            weights,
+            config,
+            scratch: Mutex::new(None),
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            gpu,
+        })
+    }
+
+    pub fn new_seq(&self) -> Result<GpuSeq> {
+        GpuSeq::new(
+            &self.gpu,
+            &self.weights,
+            self.config.sliding_window,
+            self.config.head_dim,
+            self.id,
+        )
+    }
+
+    fn max_ratio(&self) -> usize {
+        self.config
+            .attn_kinds
+            .iter()
+            .filter_map(|k| k.ratio())
+            .max()
+            .unwrap_or(1)
+    }
+
+    /// Feeds `ids` after the tokens in `seq`; returns the requested logits (`[rows, vocab]`).
+    pub fn forward(&self, seq: &mut GpuSeq, ids: &[u32], want: Logits) -> Result<Vec<f32>> {
+        if seq.owner != self.id {
+            return Err(Error::Unsupported(
+                "a sequence state created by another model".into(),
+            ));
+        }
+        let vocab = self.config.vocab_size;
+        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+            return Err(dsv4_core::Error::Input(format!(
+                "token id {bad} is out of range (vocabulary size {vocab})"
+            ))
+            .into());
+        }
+        let mut guard = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::new();
+        let chunks: Vec<&[u32]> = ids.chunks(MAX_CHUNK).collect();
+        for (i, chunk) in chunks.iter().enumerate() {
+            let last = i + 1 == chunks.len();
+            let rows = match want {
+                Logits::All => 0..chunk.len(),
+                Logits::Last if last => chunk.len() - 1..chunk.len(),
+                _ => 0..0,
+            };
+            let need = chunk.len();
+            if guard.as_ref().is_none_or(|s| s.cap < need) {
+                *guard = None; // free the old buffers first
+                let cap = need.next_power_of_two().max(8);
+                *guard = Some(Scratch::new(
+                    &self.gpu,
+                    &self.config,
+                    cap,
+                    self.max_ratio(),
+                )?);
+            }
+            let s = guard.as_mut().expect("allocated above");
+            out.extend(self.forward_chunk(s, seq, chunk, rows)?);
+        }
+        Ok(out)
+    }
+
+    fn part(s: &Scratch) -> Partial {
+        Partial {
+            ptr: s.partial.ptr,
+            floats: s.partial.bytes / 4,
+        }
+    }
+
+    fn forward_chunk(
+        &self,
+        s: &mut Scratch,
+        seq: &mut GpuSeq,
+        ids: &[u32],
+        rows: std::ops::Range<usize>,
+    ) -> Result<Vec<f32>> {
+        let g = &*self.gpu;
+        let c = &self.config;
+        let (t, d, n) = (ids.len(), c.hidden_size, c.hc_mult);
+        let pos0 = seq.pos;
+        g.htod(s.ids.ptr, ids)?;
+        let nn = n as i32;
+        g.launch(
+            "embed",
+            (t as u32, 1, 1),
+            (256, 1, 1),
+            0,
+            &[&self.weights.embed.desc, &s.ids.ptr, &s.x.ptr, &nn],
+        )?;
+        for (lw, ls) in self.weights.layers.iter().zip(seq.layers.iter_mut()) {
+            self.hc_pre(s, &lw.hc_attn, t)?;
+            ops::rms_norm(g, s.h.ptr, lw.attn_norm.ptr(), d, t, c.rms_norm_eps)?;
+            self.attention(s, lw, ls, t, pos0)?;
+            self.hc_post(s, t)?;
+            self.hc_pre(s, &lw.hc_ffn, t)?;
+            ops::rms_norm(g, s.h.ptr, lw.ffn_norm.ptr(), d, t, c.rms_norm_eps)?;
+            self.moe(s, lw, t)?;
+            self.hc_post(s, t)?;
+        }
+        seq.pos += t;
+        if rows.is_empty() {
+            g.sync()?;
+            return Ok(Vec::new());
+        }
+        // Hyper-head, final norm and the vocabulary projection for the wanted rows only.
+        let m = rows.len();
+        let xs = s.x.at::<f32>(rows.start * n * d);
+        let hh = &self.weights.hc_head;
+        ops::inv_rms(g, xs, s.rinv.ptr, n * d, m, c.rms_norm_eps)?;
+        ops::linear(
+            g,
+            &hh.fn_,
+            &LinIn::rows(xs, n * d, m),
+            s.mu.ptr,
+            n,
+            &Self::part(s),
+        )?;
+        let (ni, di, ti, eps) = (n as i32, d as i32, m as i32, c.hc_eps);
+        ops::elementwise(
+            g,
+            "hc_head",
+            m * d,
+            &[
+                &xs,
+                &s.mu.ptr,
+                &s.rinv.ptr,
+                &hh.base.ptr(),
+                &hh.scale.ptr(),
+                &s.h.ptr,
+                &ni,
+                &di,
+                &eps,
+                &ti,
+            ],
+        )?;
+        ops::rms_norm(g, s.h.ptr, self.weights.norm.ptr(), d, m, c.rms_norm_eps)?;
+        let vocab = c.vocab_size;
+        ops::linear(
+            g,
+            &self.weights.head,
+            &LinIn::rows(s.h.ptr, d, m),
+            s.out_logits.ptr,
+            vocab,
+            &Self::part(s),
+        )?;
+        let mut out = vec![0f32; m * vocab];
+        g.dtoh(s.out_logits.ptr, &mut out)?;
+        Ok(out)
+    }
+
+    /// Collapses the streams in `s.x` into `s.h`; the mix goes to `s.pre/post/comb`.
+    fn hc_pre(&self, s: &Scratch, hc: &GpuHc, t: usize) -> Result<()> {
+        let g = &*self.gpu;
+        let c = &self.config;
+        let (d, n) = (c.hidden_size, c.hc_mult);
+        ops::inv_rms(g, s.x.ptr, s.rinv.ptr, n * d, t, c.rms_norm_eps)?;
+        let rows = (2 + n) * n;
+        ops::linear(
+            g,
+            &hc.fn_,
+            &LinIn::rows(s.x.ptr, n * d, t),
+            s.mu.ptr,
+            rows,
+            &Self::part(s),
+        )?;
+        let (ni, it, eps, ti, di) = (
+            n as i32,
+            c.hc_sinkhorn_iters as i32,
+            c.hc_eps,
+            t as i32,
+            d as i32,
+        );
+        g.launch(
+            "hc_mix",
+            (t.div_ceil(64) as u32, 1, 1),
+            (64, 1, 1),
+            0,
+            &[
+                &s.mu.ptr,
+                &s.rinv.ptr,
+                &hc.base.ptr(),
+                &hc.scale.ptr(),
+                &s.pre.ptr,
+                &s.post.ptr,
+                &s.comb.ptr,
+                &ni,
+                &it,
+                &eps,
+                &ti,
+            ],
+        )?;
+        ops::elementwise(
+            g,
+            "hc_collapse",
+            t * d,
+            &[&s.x.ptr, &s.pre.ptr, &s.h.ptr, &ni, &di, &ti],
+        )
+    }
+
+    /// Mixes the block output `s.f` back into the streams `s.x`.
+    fn hc_post(&self, s: &Scratch, t: usize) -> Result<()> {
+        let c = &self.config;
+        let (ni, di, ti) = (c.hc_mult as i32, c.hidden_size as i32, t as i32);
+        ops::elementwise(
+            &self.gpu,
+            "hc_post",
+            t * c.hidden_size,
+            &[&s.f.ptr, &s.x.ptr, &s.post.ptr, &s.comb.ptr, &ni, &di, &ti],
+        )
+    }
+
+    fn rope_dev(&self, kind: AttnKind) -> RopeDev {
+        let (v, factor) = match kind {
+            AttnKind::Sliding => &self.rope_main,
+            AttnKind::Compressed { .. } => &self.rope_compress,
+        };
+        RopeDev {
+            inv_freq: v.ptr(),
+            half: self.config.rope_dim / 2,
+            factor: *factor,
+        }
+    }
+
+    /// Attention of `t` tokens at `pos0..`: reads `s.h`, writes `s.f`.
+    fn attention(
+        &self,
+        s: &mut Scratch,
+        lw: &GpuLayer,
+        ls: &mut LayerState,
+        t: usize,
+        pos0: usize,
+    ) -> Result<()> {
+        let g = &*self.gpu;
+        let c = &self.config;
+        let a = &lw.attn;
+        let (d, h, dh) = (c.hidden_size, c.num_heads, c.head_dim);
+        let eps = c.rms_norm_eps;
+        let rope = self.rope_dev(lw.kind);
+        let part = Self::part(s);
+        let hin = LinIn::rows(s.h.ptr, d, t);
+
+        ops::linear(g, &a.wq_a, &hin, s.qr.ptr, c.q_lora_rank, &part)?;
+        ops::rms_norm(g, s.qr.ptr, a.q_norm.ptr(), c.q_lora_rank, t, eps)?;
+        ops::linear(
+            g,
+            &a.wq_b,
+            &LinIn::rows(s.qr.ptr, c.q_lora_rank, t),
+            s.q.ptr,
+            h * dh,
+            &part,
+        )?;
+        ops::rms_norm(g, s.q.ptr, 0, dh, t * h, eps)?;
+        ops::rope(g, s.q.ptr, t * h, dh, h, &rope, pos0, 1, false)?;
+
+        ops::linear(g, &a.wkv, &hin, s.kv.ptr, dh, &part)?;
+        ops::rms_norm(g, s.kv.ptr, a.kv_norm.ptr(), dh, t, eps)?;
+        ops::rope(g, s.kv.ptr, t, dh, 1, &rope, pos0, 1, false)?;
+
+        let mut args = AttnArgs {
+            q: s.q.ptr,
+            kv_new: s.kv.ptr,
+            ring: ls.ring.ptr,
+            entries: 0,
+            sel: 0,
+            nsel: 0,
+            sinks: a.sinks.ptr(),
+            out: s.o.ptr,
+            t: t as i32,
+            h: h as i32,
+            dh: dh as i32,
+            win: c.sliding_window as i32,
+            pos0: pos0 as i32,
+            ratio: 0,
+            n_entries: 0,
+            sel_cap: c.index_topk as i32,
+            scale: 1.0 / (dh as f32).sqrt(),
+        };
+        let mut max_comp = 0;
+        if let Some(cw) = &a.compressor {
+            let cs = ls
+                .comp
+                .as_mut()
+                .expect("compressed layers have compressor state");
+            self.compress(s, cw, cs, t, pos0, &rope)?;
+            args.entries = cs.entries.ptr;
+            args.ratio = cw.ratio as i32;
+            args.n_entries = cs.n as i32;
+            max_comp = cs.n;
+            if let Some(ix) = &a.indexer {
+                let is = ls.index.as_mut().expect("CSA layers have indexer state");
+                self.compress(s, &ix.compressor, is, t, pos0, &rope)?;
+                self.indexer_topk(s, ix, is, t, pos0, &rope)?;
+                args.sel = s.sel.ptr;
+                args.nsel = s.nsel.ptr;
+                max_comp = c.index_topk.min(is.n);
+            }
+        }
+        let smem = ((c.sliding_window + max_comp) * 4) as u32;
+        if smem > 200 * 1024 {
+            return Err(Error::Unsupported(format!(
+                "{max_comp} compressed entries in one attention (context too long for this kernel)"
+            )));
+        }
+        g.launch(
+            "attention",
+            (h as u32, t as u32, 1),
+            (128, 1, 1),
+            smem,
+            &[&args],
+        )?;
+        ops::rope(g, s.o.ptr, t * h, dh, h, &rope, pos0, 1, true)?;
+        let (dhi, wi, p0, ti) = (dh as i32, c.sliding_window as i32, pos0 as i32, t as i32);
+        g.launch(
+            "ring_store",
+            (t as u32, 1, 1),
+            (128, 1, 1),
+            0,
+            &[&s.kv.ptr, &ls.ring.ptr, &dhi, &wi, &p0, &ti],
+        )?;
+        let (gr, rk) = (c.o_groups, c.o_lora_rank);
+        let gw = h / gr * dh;
+        if !rk.is_multiple_of(2) {
+            return Err(Error::Unsupported(format!("o_lora_rank {rk} is odd")));
+        }
+        let oin = LinIn {
+            x: s.o.ptr,
+            ldx: h * dh,
+            m: t,
+            group: Some((rk, gw)),
+        };
+        ops::linear(g, &a.wo_a, &oin, s.z.ptr, gr * rk, &part)?;
+        ops::linear(
+            g,
+            &a.wo_b,
+            &LinIn::rows(s.z.ptr, gr * rk, t),
+            s.f.ptr,
+            d,
+            &part,
+        )
+    }
+
+    /// Projects `t` new rows into the compressor and emits every window they complete.
+    fn compress(
+        &self,
+        s: &mut Scratch,
+        cw: &GpuCompressor,
+        cs: &mut CompState,
+        t: usize,
+        pos0: usize,
+        rope: &RopeDev,
+    ) -> Result<()> {
+        let g = &*self.gpu;
+        let c = &self.config;
+        let (m, width, dim) = (cw.ratio, cw.wkv.out, cw.dim);
+        let r = cs.tail_len;
+        let ext_start = cs.tail_start;
+        g.dtod(s.ext_kv.ptr, cs.tail_kv.ptr, r * width * 4)?;
+        g.dtod(s.ext_gate.ptr, cs.tail_gate.ptr, r * width * 4)?;
+        let hin = LinIn::rows(s.h.ptr, c.hidden_size, t);
+        let part = Self::part(s);
+        ops::linear(
+            g,
+            &cw.wkv,
+            &hin,
+            s.ext_kv.at::<f32>(r * width),
+            width,
+            &part,
+        )?;
+        ops::linear(
+            g,
+            &cw.wgate,
+            &hin,
+            s.ext_gate.at::<f32>(r * width),
+            width,
+            &part,
+        )?;
+        let pos1 = pos0 + t;
+        let (w0, w1) = (pos0 / m, pos1 / m);
+        if w1 > w0 {
+            debug_assert_eq!(cs.n, w0);
+            cs.reserve(g, w1)?;
+            let nw = w1 - w0;
+            let out = cs.entries.at::<f32>(w0 * dim);
+            let a = (
+                width as i32,
+                dim as i32,
+                m as i32,
+                cw.overlap as i32,
+                ext_start as i32,
+                w0 as i32,
+            );
+            g.launch(
+                "comp_pool",
+                (nw as u32, dim.div_ceil(128) as u32, 1),
+                (128, 1, 1),
+                0,
+                &[
+                    &s.ext_kv.ptr,
+                    &s.ext_gate.ptr,
+                    &cw.ape.ptr(),
+                    &a.0,
+                    &a.1,
+                    &a.2,
+                    &a.3,
+                    &a.4,
+                    &a.5,
+                    &out,
+                ],
+            )?;
+            ops::rms_norm(g, out, cw.norm.ptr(), dim, nw, c.rms_norm_eps)?;
+            ops::rope(g, out, nw, dim, 1, rope, w0 * m, m, false)?;
+            cs.n = w1;
+        }
+        let keep_from = if cw.overlap {
+            w1.saturating_sub(1) * m
+        } else {
+            w1 * m
+        };
+        let off = keep_from - ext_start;
+        let keep = pos1 - keep_from;
+        g.dtod(
+            cs.tail_kv.ptr,
+            s.ext_kv.at::<f32>(off * width),
+            keep * width * 4,
+        )?;
+        g.dtod(
+            cs.tail_gate.ptr,
+            s.ext_gate.at::<f32>(off * width),
+            keep * width * 4,
+        )?;
+        cs.tail_start = keep_from;
+        cs.tail_len = keep;
+        Ok(())
+    }
+
+    /// The lightning indexer: scores the visible entries for each query and selects the top-k
+    /// into `s.sel` / `s.nsel`.
+    fn indexer_topk(
+        &self,
+        s: &mut Scratch,
+        ix: &crate::weights::GpuIndexer,
+        is: &CompState,
+        t: usize,
+        pos0: usize,
+        rope: &RopeDev,
+    ) -> Result<()> {
+        let g = &*self.gpu;
+        let c = &self.config;
+        let (hi, di) = (c.index_n_heads, c.index_head_dim);
+        let part = Self::part(s);
+        ops::linear(
+            g,
+            &ix.wq_b,
+            &LinIn::rows(s.qr.ptr, c.q_lora_rank, t),
+            s.qi.ptr,
+            hi * di,
+            &part,
+        )?;
+        ops::rope(g, s.qi.ptr, t * hi, di, hi, rope, pos0, 1, false)?;
+        ops::linear(
+            g,
+            &ix.weights_proj,
+            &LinIn::rows(s.h.ptr, c.hidden_size, t),
+            s.hw.ptr,
+            hi,
+            &part,
+        )?;
+        let n = is.n;
+        let m = ix.compressor.ratio;
+        let (wscale, dscale) = (1.0 / (hi as f32).sqrt(), 1.0 / (di as f32).sqrt());
+        let smem = (hi * (di + 1) * 4) as u32;
+        // Tokens per pass so the score matrix fits its buffer.
+        let per = (s.scores_floats / n.max(1)).clamp(1, t);
+        for t0 in (0..t).step_by(per) {
+            let tc = per.min(t - t0);
+            let qi = s.qi.at::<f32>(t0 * hi * di);
+            let hw = s.hw.at::<f32>(t0 * hi);
+            let p0 = (pos0 + t0) as i32;
+            let a = (hi as i32, di as i32, m as i32, n as i32, n as i32);
+            if n > 0 {
+                g.launch(
+                    "indexer_scores",
+                    (n.div_ceil(8) as u32, tc as u32, 1),
+                    (256, 1, 1),
+                    smem,
+                    &[
+                        &qi,
+                        &hw,
+                        &is.entries.ptr,
+                        &a.0,
+                        &a.1,
+                        &p0,
+                        &a.2,
+                        &a.3,
+                        &wscale,
+                        &dscale,
+                        &s.scores.ptr,
+                        &a.4,
+                    ],
+                )?;
+            }
+            let (k, cap) = (c.index_topk as i32, c.index_topk as i32);
+            let sel = s.sel.at::<i32>(t0 * c.index_topk);
+            let nsel = s.nsel.at::<i32>(t0);
+            g.launch(
+                "topk_select",
+                (tc as u32, 1, 1),
+                (1024, 1, 1),
+                0,
+                &[&s.scores.ptr, &a.4, &p0, &a.2, &a.3, &k, &sel, &cap, &nsel],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The MoE block: reads `s.h` and token ids `s.ids`, writes `s.f`.
+    fn moe(&self, s: &mut Scratch, lw: &GpuLayer, t: usize) -> Result<()> {
+        let g = &*self.gpu;
+        let c = &self.config;
+        let mw = &lw.moe;
+        let (d, e, k, inter) = (
+            c.hidden_size,
+            c.n_routed_experts,
+            c.num_experts_per_tok,
+            c.moe_intermediate_size,
+        );
+        let part = Self::part(s);
+        let hin = LinIn::rows(s.h.ptr, d, t);
+        ops::linear(g, &mw.gate, &hin, s.logits_e.ptr, e, &part)?;
+        let (bias, tid2eid) = match &mw.router {
+            GpuRouter::TopK { bias } => (bias.ptr(), 0u64),
+            GpuRouter::Hash { tid2eid } => (0u64, tid2eid.ptr),
+        };
+        let (ei, ki, scale) = (e as i32, k as i32, c.routed_scaling_factor);
+        g.launch(
+            "moe_route",
+            (t as u32, 1, 1),
+            (32, 1, 1),
+            (2 * e * 4) as u32,
+            &[
+                &s.logits_e.ptr,
+                &ei,
+                &ki,
+                &bias,
+                &tid2eid,
+                &s.ids.ptr,
+                &scale,
+                &s.picks.ptr,
+                &s.rw.ptr,
+            ],
+        )?;
+        let lim = c.swiglu_limit.unwrap_or(f32::NAN);
+        // The shared expert into s.f (zeros without one).
+        match &mw.shared {
+            Some(sh) => {
+                ops::linear(g, &sh.w1, &hin, s.sg.ptr, inter, &part)?;
+                ops::linear(g, &sh.w3, &hin, s.su.ptr, inter, &part)?;
+                let total = t * sh.w1.out;
+                let (wd, tot, null) = (sh.w1.out as i32, total, 0u64);
+                ops::elementwise(
+                    g,
+                    "swiglu",
+                    total,
+                    &[&s.sg.ptr, &s.su.ptr, &wd, &tot, &lim, &null],
+                )?;
+                ops::linear(
+                    g,
+                    &sh.w2,
+                    &LinIn::rows(s.sg.ptr, sh.w1.out, t),
+                    s.f.ptr,
+                    d,
+                    &part,
+                )?;
+            }
+            None => g.memset(s.f.ptr, 0, t * d * 4)?,
+        }
+        let pairs = t * k;
+        let mut a = MoeArgs {
+            w1: mw.w1_table.ptr,
+            w3: mw.w3_table.ptr,
+            w2: mw.w2_table.ptr,
+            picks: s.picks.ptr,
+            rw: s.rw.ptr,
+            tile_expert: 0,
+            tile_pairs: 0,
+            tile_n: 0,
+            x: s.h.ptr,
+            h: s.eh.ptr,
+            out: s.eout.ptr,
+            k: k as i32,
+            d: d as i32,
+            i: inter as i32,
+            vec: mw.vec as i32,
+            rw_inside: 0,
+            lim,
+        };
+        if pairs <= GROUP_PAIRS {
+            ops::moe_experts(g, mw.fmt, &a, pairs, 1)?;
+        } else {
+            // Group pairs by expert (tiles of up to 8) so each expert streams once per tile.
+            let mut picks = vec![0i32; pairs];
+            g.dtoh(s.picks.ptr, &mut picks)?;
+            let mut by_expert: Vec<Vec<i32>> = vec![Vec::new(); e];
+            for (p, &ex) in picks.iter().enumerate() {
+                let ex = usize::try_from(ex)
+                    .ok()
+                    .filter(|&x| x < e)
+                    .ok_or_else(|| Error::Driver(format!("router picked expert {ex}")))?;
+                by_expert[ex].push(p as i32);
+            }
+            let (mut te, mut tp, mut tn) = (Vec::new(), Vec::new(), Vec::new());
+            for (ex, list) in by_expert.iter().enumerate() {
+                for chunk in list.chunks(8) {
+                    te.push(ex as i32);
+                    tn.push(chunk.len() as i32);
+                    tp.extend(
+                        chunk
+                            .iter()
+                            .copied()
+                            .chain(std::iter::repeat(chunk[0]).take(8 - chunk.len())),
+                    );
+                }
+            }
+            let ntile = te.len();
+            g.htod(s.tiles.ptr, &te)?;
+            g.htod(s.tiles.at::<i32>(ntile), &tn)?;
+            g.htod(s.tiles.at::<i32>(2 * ntile), &tp)?;
+            a.tile_expert = s.tiles.ptr;
+            a.tile_n = s.tiles.at::<i32>(ntile);
+            a.tile_pairs = s.tiles.at::<i32>(2 * ntile);
+            ops::moe_experts(g, mw.fmt, &a, ntile, 8)?;
+        }
+        let (ki, di, ti, inside) = (k as i32, d as i32, t as i32, 0i32);
+        ops::elementwise(
+            g,
+            "moe_combine",
+            t * d,
+            &[&s.f.ptr, &s.eout.ptr, &s.rw.ptr, &ki, &di, &ti, &inside],
+        )
+    }
+}
+
+impl Engine for CudaModel {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn device(&self) -> String {
+        format!("cuda:{} {}", self.gpu.ordinal, self.gpu.name)
+    }
+
+    fn new_state(&self) -> dsv4_core::Result<EngineState> {
+        Ok(Box::new(self.new_seq()?))
+    }
+
+    fn forward(
+        &self,
+        state: &mut EngineState,
+        ids: &[u32],
+        want: Logits,
+    ) -> dsv4_core::Result<Vec<f32>> {
+        let seq = state
+            .downcast_mut::<GpuSeq>()
+            .ok_or_else(|| dsv4_core::Error::Input("sequence state of another backend".into()))?;
+        Ok(CudaModel::forward(self, seq, ids, want)?)
+    }
+}

@@ -1,0 +1,283 @@
+//! Typed launches of the kernels in `kernels/`: argument structs mirrored from the CUDA side
+//! and the grid shapes each kernel expects.
+
+use crate::gpu::Gpu;
+use crate::weights::{Fmt, GpuLinear};
+use crate::Result;
+use cudarc::driver::DeviceRepr;
+
+/// `GemvArgs` of `kernels/linear.cu`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct GemvArgs {
+    x: u64,
+    y: u64,
+    partial: u64,
+    row0: i32,
+    nrows: i32,
+    ldx: i32,
+    ldy: i32,
+    m: i32,
+    s: i32,
+    xg_rows: i32,
+    xg_stride: i32,
+    vec: i32,
+}
+unsafe impl DeviceRepr for GemvArgs {}
+
+/// Rows per block of the GEMV kernels (8 warps × 2 rows).
+const GEMV_ROWS: usize = 16;
+
+/// Input of a linear layer: `m` rows of `x` with leading dimension `ldx`; with grouping, output
+/// row r reads its input at offset `(r / rows) · stride` (the grouped `wo_a`).
+pub struct LinIn {
+    pub x: u64,
+    pub ldx: usize,
+    pub m: usize,
+    pub group: Option<(usize, usize)>,
+}
+
+impl LinIn {
+    pub fn rows(x: u64, ldx: usize, m: usize) -> Self {
+        LinIn {
+            x,
+            ldx,
+            m,
+            group: None,
+        }
+    }
+}
+
+/// Split-K workspace for narrow matrices.
+pub struct Partial {
+    pub ptr: u64,
+    pub floats: usize,
+}
+
+/// `y[t, :] = W · x[t, :]` for all rows of `w`; `y` has leading dimension `ldy`.
+pub fn linear(
+    gpu: &Gpu,
+    w: &GpuLinear,
+    inp: &LinIn,
+    y: u64,
+    ldy: usize,
+    part: &Partial,
+) -> Result<()> {
+    let (m, nrows) = (inp.m, w.out);
+    if m == 0 || nrows == 0 {
+        return Ok(());
+    }
+    let mt = match m {
+        1 => 1,
+        2 => 2,
+        3 | 4 => 4,
+        _ => 8,
+    };
+    let blocks = nrows.div_ceil(GEMV_ROWS);
+    let (gs, gstride) = inp.group.unwrap_or((0, 0));
+    let vec =
+        w.vec && inp.ldx.is_multiple_of(4) && inp.x.is_multiple_of(16) && gstride.is_multiple_of(4);
+    // Narrow matrices at small m: split K so the whole GPU streams the weight.
+    let mut s = 1;
+    if m <= 8 && vec {
+        let chunks = w.inp / w.fmt.chunk();
+        let want = (2 * gpu.sm_count).div_ceil(blocks);
+        s = want.min(chunks / 32).clamp(1, 64);
+        while s > 1 && s * m * nrows > part.floats {
+            s /= 2;
+        }
+    }
+    let args = GemvArgs {
+        x: inp.x,
+        y,
+        partial: part.ptr,
+        row0: 0,
+        nrows: nrows as i32,
+        ldx: inp.ldx as i32,
+        ldy: ldy as i32,
+        m: m as i32,
+        s: s as i32,
+        xg_rows: gs as i32,
+        xg_stride: gstride as i32,
+        vec: vec as i32,
+    };
+    let name = format!("gemv_{}_{mt}", w.fmt.name());
+    let grid = (blocks as u32, s as u32, m.div_ceil(mt) as u32);
+    gpu.launch(&name, grid, (256, 1, 1), 0, &[&w.desc, &args])?;
+    if s > 1 {
+        let (p, yy, ss, mm, nr, ld) = (part.ptr, y, s as i32, m as i32, nrows as i32, ldy as i32);
+        gpu.launch(
+            "gemv_reduce",
+            (nrows.div_ceil(256) as u32, m as u32, 1),
+            (256, 1, 1),
+            0,
+            &[&p, &yy, &ss, &mm, &nr, &ld],
+        )?;
+    }
+    Ok(())
+}
+
+fn blocks_for(n: usize, per: usize) -> u32 {
+    n.div_ceil(per) as u32
+}
+
+/// RMS norm of `rows` rows of `width` in place, weighted when `w` is non-zero.
+pub fn rms_norm(gpu: &Gpu, x: u64, w: u64, width: usize, rows: usize, eps: f32) -> Result<()> {
+    if rows == 0 {
+        return Ok(());
+    }
+    let (wd, e) = (width as i32, eps);
+    gpu.launch(
+        "rms_norm",
+        (rows as u32, 1, 1),
+        (256, 1, 1),
+        0,
+        &[&x, &w, &wd, &e],
+    )
+}
+
+pub fn inv_rms(gpu: &Gpu, x: u64, out: u64, width: usize, rows: usize, eps: f32) -> Result<()> {
+    if rows == 0 {
+        return Ok(());
+    }
+    let (wd, e) = (width as i32, eps);
+    gpu.launch(
+        "inv_rms",
+        (rows as u32, 1, 1),
+        (256, 1, 1),
+        0,
+        &[&x, &out, &wd, &e],
+    )
+}
+
+/// RoPE parameters of one table on the device.
+pub struct RopeDev {
+    pub inv_freq: u64,
+    pub half: usize,
+    pub factor: f32,
+}
+
+/// Rotates the trailing channels of `rows` rows of `width`; row i's position is
+/// `pos0 + (i / rows_per_token) · step`.
+#[allow(clippy::too_many_arguments)]
+pub fn rope(
+    gpu: &Gpu,
+    x: u64,
+    rows: usize,
+    width: usize,
+    rows_per_token: usize,
+    r: &RopeDev,
+    pos0: usize,
+    step: usize,
+    inverse: bool,
+) -> Result<()> {
+    if rows == 0 || r.half == 0 {
+        return Ok(());
+    }
+    let per_block = 8;
+    let a = (
+        rows as i32,
+        width as i32,
+        rows_per_token as i32,
+        r.half as i32,
+        pos0 as i32,
+        step as i32,
+        inverse as i32,
+    );
+    gpu.launch(
+        "rope",
+        (blocks_for(rows, per_block), 1, 1),
+        (32, per_block as u32, 1),
+        0,
+        &[
+            &x,
+            &a.0,
+            &a.1,
+            &a.2,
+            &a.3,
+            &r.inv_freq,
+            &r.factor,
+            &a.4,
+            &a.5,
+            &a.6,
+        ],
+    )
+}
+
+/// A flat elementwise launch over `n` items.
+pub fn elementwise(gpu: &Gpu, name: &str, n: usize, args: &[&dyn crate::gpu::Arg]) -> Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    gpu.launch(name, (blocks_for(n, 256), 1, 1), (256, 1, 1), 0, args)
+}
+
+/// `AttnArgs` of `kernels/attention.cu`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct AttnArgs {
+    pub q: u64,
+    pub kv_new: u64,
+    pub ring: u64,
+    pub entries: u64,
+    pub sel: u64,
+    pub nsel: u64,
+    pub sinks: u64,
+    pub out: u64,
+    pub t: i32,
+    pub h: i32,
+    pub dh: i32,
+    pub win: i32,
+    pub pos0: i32,
+    pub ratio: i32,
+    pub n_entries: i32,
+    pub sel_cap: i32,
+    pub scale: f32,
+}
+unsafe impl DeviceRepr for AttnArgs {}
+
+/// `MoeArgs` of `kernels/moe.cu`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct MoeArgs {
+    pub w1: u64,
+    pub w3: u64,
+    pub w2: u64,
+    pub picks: u64,
+    pub rw: u64,
+    pub tile_expert: u64,
+    pub tile_pairs: u64,
+    pub tile_n: u64,
+    pub x: u64,
+    pub h: u64,
+    pub out: u64,
+    pub k: i32,
+    pub d: i32,
+    pub i: i32,
+    pub vec: i32,
+    pub rw_inside: i32,
+    pub lim: f32,
+}
+unsafe impl DeviceRepr for MoeArgs {}
+
+/// The routed experts: gate+up (SwiGLU fused) and down over `ntile` tiles.
+pub fn moe_experts(gpu: &Gpu, fmt: Fmt, a: &MoeArgs, ntile: usize, mt: usize) -> Result<()> {
+    if ntile == 0 {
+        return Ok(());
+    }
+    let f = fmt.name();
+    gpu.launch(
+        &format!("moe_up_{f}_{mt}"),
+        (ntile as u32, blocks_for(a.i as usize, GEMV_ROWS), 1),
+        (256, 1, 1),
+        0,
+        &[a],
+    )?;
+    gpu.launch(
+        &format!("moe_down_{f}_{mt}"),
+        (ntile as u32, blocks_for(a.d as usize, GEMV_ROWS), 1),
+        (256, 1, 1),
+        0,
+        &[a],
+    )
+}

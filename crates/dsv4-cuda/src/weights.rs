@@ -1,0 +1,381 @@
+//! The model's weights on the GPU, uploaded byte for byte in their stored formats (FP8 e4m3 +
+//! block scales, packed FP4 e2m1 + e8m0, BF16/F16/F32); small vectors as f32.
+
+use crate::gpu::{DevBuf, Gpu};
+use crate::Result;
+use cudarc::driver::DeviceRepr;
+use dsv4_core::config::{AttnKind, MlpKind};
+use dsv4_core::cpu::linear::{Format, Linear};
+use dsv4_core::model::weights::{
+    AttentionWeights, CompressorWeights, Expert, HcWeights, LayerWeights, ModelWeights, Router,
+};
+
+/// Format codes shared with `kernels/common.cuh`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(i32)]
+pub enum Fmt {
+    F32 = 0,
+    Bf16 = 1,
+    F16 = 2,
+    Fp8 = 3,
+    Fp4 = 4,
+}
+
+impl Fmt {
+    pub fn name(self) -> &'static str {
+        ["f32", "bf16", "f16", "fp8", "fp4"][self as usize]
+    }
+
+    /// Elements per 16-byte load in the kernels.
+    pub fn chunk(self) -> usize {
+        [4, 8, 8, 16, 32][self as usize]
+    }
+}
+
+/// `LinearW` of the kernels: a `[out, in]` matrix passed by value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct LinearDesc {
+    pub w: u64,
+    pub scales: u64,
+    pub fmt: i32,
+    pub out: i32,
+    pub inp: i32,
+    pub bo: i32,
+    pub bi: i32,
+    pub scale_cols: i32,
+}
+
+unsafe impl DeviceRepr for LinearDesc {}
+
+/// A weight matrix on the device.
+pub struct GpuLinear {
+    pub desc: LinearDesc,
+    pub fmt: Fmt,
+    pub out: usize,
+    pub inp: usize,
+    /// The 16-byte kernel path applies (rows and scale blocks aligned to whole loads).
+    pub vec: bool,
+    pub stored_bytes: usize,
+    _bufs: Vec<DevBuf>,
+}
+
+impl GpuLinear {
+    pub fn upload(gpu: &Gpu, l: &Linear) -> Result<Self> {
+        let w = gpu.upload(l.weight_bytes())?;
+        let (fmt, scales, bo, bi, cols) = match &l.format {
+            Format::F32 => (Fmt::F32, None, 1, 1, 0),
+            Format::Bf16 => (Fmt::Bf16, None, 1, 1, 0),
+            Format::F16 => (Fmt::F16, None, 1, 1, 0),
+            Format::Fp8 {
+                scales,
+                block_out,
+                block_in,
+            } => (
+                Fmt::Fp8,
+                Some(gpu.upload(scales)?),
+                *block_out,
+                *block_in,
+                l.inp.div_ceil(*block_in),
+            ),
+            Format::Fp4 { scales } => (Fmt::Fp4, Some(gpu.upload(scales.bytes())?), 1, 1, 0),
+        };
+        let vec = l.inp.is_multiple_of(fmt.chunk()) && (fmt != Fmt::Fp8 || bi % 16 == 0);
+        let desc = LinearDesc {
+            w: w.ptr,
+            scales: scales.as_ref().map_or(0, |s| s.ptr),
+            fmt: fmt as i32,
+            out: l.out as i32,
+            inp: l.inp as i32,
+            bo: bo as i32,
+            bi: bi as i32,
+            scale_cols: cols as i32,
+        };
+        let mut bufs = vec![w];
+        bufs.extend(scales);
+        Ok(GpuLinear {
+            desc,
+            fmt,
+            out: l.out,
+            inp: l.inp,
+            vec,
+            stored_bytes: l.stored_bytes(),
+            _bufs: bufs,
+        })
+    }
+}
+
+/// A small f32 vector on the device.
+pub struct GpuVec {
+    pub buf: DevBuf,
+    pub len: usize,
+}
+
+impl GpuVec {
+    pub fn upload(gpu: &Gpu, v: &[f32]) -> Result<Self> {
+        Ok(GpuVec {
+            buf: gpu.upload(v)?,
+            len: v.len(),
+        })
+    }
+    pub fn ptr(&self) -> u64 {
+        self.buf.ptr
+    }
+}
+
+pub struct GpuHc {
+    pub fn_: GpuLinear,
+    pub base: GpuVec,
+    pub scale: GpuVec,
+}
+
+impl GpuHc {
+    fn upload(gpu: &Gpu, h: &HcWeights) -> Result<Self> {
+        Ok(GpuHc {
+            fn_: GpuLinear::upload(gpu, &h.fn_)?,
+            base: GpuVec::upload(gpu, &h.base)?,
+            scale: GpuVec::upload(gpu, &h.scale)?,
+        })
+    }
+}
+
+pub struct GpuCompressor {
+    pub ratio: usize,
+    pub overlap: bool,
+    pub dim: usize,
+    pub wkv: GpuLinear,
+    pub wgate: GpuLinear,
+    pub ape: GpuVec,
+    pub norm: GpuVec,
+}
+
+impl GpuCompressor {
+    fn upload(gpu: &Gpu, c: &CompressorWeights) -> Result<Self> {
+        Ok(GpuCompressor {
+            ratio: c.ratio,
+            overlap: c.overlap,
+            dim: c.dim,
+            wkv: GpuLinear::upload(gpu, &c.wkv)?,
+            wgate: GpuLinear::upload(gpu, &c.wgate)?,
+            ape: GpuVec::upload(gpu, &c.ape)?,
+            norm: GpuVec::upload(gpu, &c.norm)?,
+        })
+    }
+}
+
+pub struct GpuIndexer {
+    pub compressor: GpuCompressor,
+    pub wq_b: GpuLinear,
+    pub weights_proj: GpuLinear,
+}
+
+pub struct GpuAttention {
+    pub wq_a: GpuLinear,
+    pub q_norm: GpuVec,
+    pub wq_b: GpuLinear,
+    pub wkv: GpuLinear,
+    pub kv_norm: GpuVec,
+    pub wo_a: GpuLinear,
+    pub wo_b: GpuLinear,
+    pub sinks: GpuVec,
+    pub compressor: Option<GpuCompressor>,
+    pub indexer: Option<GpuIndexer>,
+}
+
+impl GpuAttention {
+    fn upload(gpu: &Gpu, a: &AttentionWeights) -> Result<Self> {
+        Ok(GpuAttention {
+            wq_a: GpuLinear::upload(gpu, &a.wq_a)?,
+            q_norm: GpuVec::upload(gpu, &a.q_norm)?,
+            wq_b: GpuLinear::upload(gpu, &a.wq_b)?,
+            wkv: GpuLinear::upload(gpu, &a.wkv)?,
+            kv_norm: GpuVec::upload(gpu, &a.kv_norm)?,
+            wo_a: GpuLinear::upload(gpu, &a.wo_a)?,
+            wo_b: GpuLinear::upload(gpu, &a.wo_b)?,
+            sinks: GpuVec::upload(gpu, &a.sinks)?,
+            compressor: a
+                .compressor
+                .as_ref()
+                .map(|c| GpuCompressor::upload(gpu, c))
+                .transpose()?,
+            indexer: a
+                .indexer
+                .as_ref()
+                .map(|i| -> Result<GpuIndexer> {
+                    Ok(GpuIndexer {
+                        compressor: GpuCompressor::upload(gpu, &i.compressor)?,
+                        wq_b: GpuLinear::upload(gpu, &i.wq_b)?,
+                        weights_proj: GpuLinear::upload(gpu, &i.weights_proj)?,
+                    })
+                })
+                .transpose()?,
+        })
+    }
+}
+
+pub struct GpuExpert {
+    pub w1: GpuLinear,
+    pub w3: GpuLinear,
+    pub w2: GpuLinear,
+}
+
+impl GpuExpert {
+    fn upload(gpu: &Gpu, e: &Expert) -> Result<Self> {
+        Ok(GpuExpert {
+            w1: GpuLinear::upload(gpu, &e.w1)?,
+            w3: GpuLinear::upload(gpu, &e.w3)?,
+            w2: GpuLinear::upload(gpu, &e.w2)?,
+        })
+    }
+}
+
+pub enum GpuRouter {
+    Hash { tid2eid: DevBuf },
+    TopK { bias: GpuVec },
+}
+
+pub struct GpuMoe {
+    pub gate: GpuLinear,
+    pub router: GpuRouter,
+    pub experts: Vec<GpuExpert>,
+    /// Device tables of the experts' descriptors (`[E]` each) for the tile kernels.
+    pub w1_table: DevBuf,
+    pub w3_table: DevBuf,
+    pub w2_table: DevBuf,
+    /// All experts share one format and the 16-byte path applies to all.
+    pub fmt: Fmt,
+    pub vec: bool,
+    pub shared: Option<GpuExpert>,
+}
+
+pub struct GpuLayer {
+    pub kind: AttnKind,
+    pub mlp: MlpKind,
+    pub attn_norm: GpuVec,
+    pub ffn_norm: GpuVec,
+    pub hc_attn: GpuHc,
+    pub hc_ffn: GpuHc,
+    pub attn: GpuAttention,
+    pub moe: GpuMoe,
+}
+
+impl GpuLayer {
+    pub fn upload(gpu: &Gpu, l: &LayerWeights, mlp: MlpKind) -> Result<Self> {
+        let experts = l
+            .moe
+            .experts
+            .iter()
+            .map(|e| GpuExpert::upload(gpu, e))
+            .collect::<Result<Vec<_>>>()?;
+        let fmt = experts.first().map_or(Fmt::F32, |e| e.w1.fmt);
+        if experts
+            .iter()
+            .any(|e| e.w1.fmt != fmt || e.w3.fmt != fmt || e.w2.fmt != fmt)
+        {
+            return Err(crate::Error::Unsupported(
+                "routed experts of one layer in different formats".into(),
+            ));
+        }
+        let vec = experts.iter().all(|e| e.w1.vec && e.w3.vec && e.w2.vec);
+        let table = |f: fn(&GpuExpert) -> &GpuLinear| -> Result<DevBuf> {
+            let descs: Vec<LinearDesc> = experts.iter().map(|e| f(e).desc).collect();
+            gpu.upload(&descs)
+        };
+        let router = match &l.moe.router {
+            Router::Hash { tid2eid } => GpuRouter::Hash {
+                tid2eid: gpu.upload(tid2eid)?,
+            },
+            Router::TopK { bias } => GpuRouter::TopK {
+                bias: GpuVec::upload(gpu, bias)?,
+            },
+        };
+        Ok(GpuLayer {
+            kind: l.kind,
+            mlp,
+            attn_norm: GpuVec::upload(gpu, &l.attn_norm)?,
+            ffn_norm: GpuVec::upload(gpu, &l.ffn_norm)?,
+            hc_attn: GpuHc::upload(gpu, &l.hc_attn)?,
+            hc_ffn: GpuHc::upload(gpu, &l.hc_ffn)?,
+            attn: GpuAttention::upload(gpu, &l.attn)?,
+            moe: GpuMoe {
+                gate: GpuLinear::upload(gpu, &l.moe.gate)?,
+                router,
+                w1_table: table(|e| &e.w1)?,
+                w3_table: table(|e| &e.w3)?,
+                w2_table: table(|e| &e.w2)?,
+                experts,
+                fmt,
+                vec,
+                shared: l
+                    .moe
+                    .shared
+                    .as_ref()
+                    .map(|e| GpuExpert::upload(gpu, e))
+                    .transpose()?,
+            },
+        })
+    }
+}
+
+/// Every weight of the model on one GPU.
+pub struct GpuWeights {
+    pub embed: GpuLinear,
+    pub head: GpuLinear,
+    pub norm: GpuVec,
+    pub hc_head: GpuHc,
+    pub layers: Vec<GpuLayer>,
+}
+
+impl GpuWeights {
+    /// Uploads `w`; GPU layer `i` takes host layer `src[i]` (a synthetic model may repeat a few
+    /// host layers to reach a real depth).
+    pub fn upload(
+        gpu: &Gpu,
+        w: &ModelWeights,
+        mlp_kinds: &[MlpKind],
+        src: &[usize],
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<Self> {
+        let mut layers = Vec::with_capacity(src.len());
+        for (i, &s) in src.iter().enumerate() {
+            layers.push(GpuLayer::upload(gpu, &w.layers[s], mlp_kinds[s])?);
+            progress(i + 1, src.len());
+        }
+        Ok(GpuWeights {
+            embed: GpuLinear::upload(gpu, &w.embed)?,
+            head: GpuLinear::upload(gpu, &w.head)?,
+            norm: GpuVec::upload(gpu, &w.norm)?,
+            hc_head: GpuHc::upload(gpu, &w.hc_head)?,
+            layers,
+        })
+    }
+
+    /// Weight bytes one decode step reads with `k` routed experts per token: every dense matrix,
+    /// `k` experts and the shared one per layer, the head (the embedding reads one row).
+    pub fn decode_bytes(&self, k: usize) -> usize {
+        let mut total = self.head.stored_bytes + self.hc_head.fn_.stored_bytes;
+        for l in &self.layers {
+            let a = &l.attn;
+            total += [&a.wq_a, &a.wq_b, &a.wkv, &a.wo_a, &a.wo_b]
+                .iter()
+                .map(|x| x.stored_bytes)
+                .sum::<usize>();
+            for c in a
+                .compressor
+                .iter()
+                .chain(a.indexer.as_ref().map(|i| &i.compressor))
+            {
+                total += c.wkv.stored_bytes + c.wgate.stored_bytes;
+            }
+            if let Some(ix) = &a.indexer {
+                total += ix.wq_b.stored_bytes + ix.weights_proj.stored_bytes;
+            }
+            total +=
+                l.hc_attn.fn_.stored_bytes + l.hc_ffn.fn_.stored_bytes + l.moe.gate.stored_bytes;
+            let ex = |e: &GpuExpert| e.w1.stored_bytes + e.w2.stored_bytes + e.w3.stored_bytes;
+            total += l.moe.shared.as_ref().map(ex).unwrap_or(0);
+            total += l.moe.experts.first().map(ex).unwrap_or(0) * k;
+        }
+        total
+    }
+}

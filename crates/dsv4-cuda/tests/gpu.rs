@@ -1,0 +1,164 @@
+//! GPU conformance (needs an NVIDIA Hopper GPU; run with `cargo test -p dsv4-cuda -- --ignored`):
+//! the linear kernels against the CPU kernels on random data in every format and shape class,
+//! the whole model against the CPU model on a random synthetic checkpoint at real head sizes,
+//! and the transformers reference fixtures on every chunking path.
+
+#[path = "../../dsv4-core/tests/common/mod.rs"]
+mod common;
+
+use common::{fixture_dir, row_errors, Reference};
+use dsv4_core::cpu::linear::Linear;
+use dsv4_core::{synthetic, Checkpoint, Logits, Model, ModelConfig};
+use dsv4_cuda::ops::{linear, LinIn, Partial};
+use dsv4_cuda::{CudaModel, Gpu};
+
+fn run(model: &CudaModel, ids: &[u32], chunks: &[usize]) -> Vec<f32> {
+    let mut seq = model.new_seq().expect("sequence state");
+    let mut out = Vec::new();
+    let mut s = 0;
+    for &c in chunks {
+        out.extend(
+            model
+                .forward(&mut seq, &ids[s..s + c], Logits::All)
+                .expect("forward"),
+        );
+        s += c;
+    }
+    out
+}
+
+fn worst(e: &[f32]) -> f32 {
+    e.iter().cloned().fold(0f32, f32::max)
+}
+
+/// The GPU GEMV against the CPU kernels: every format, widths with and without the 16-byte
+/// path, 1..20 tokens (split-K, token chunks).
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn linear_kernels_match_cpu() {
+    use dsv4_cuda::weights::GpuLinear;
+    let gpu = Gpu::open(0).expect("GPU");
+    let part = gpu.alloc(1 << 24).unwrap();
+    use synthetic::MatrixFormat as F;
+    for (fmt, out, inp) in [
+        (F::Fp8, 300, 1024),
+        (F::Fp8, 64, 4096),
+        (F::Fp8, 130, 200),
+        (F::Fp4, 256, 2048),
+        (F::Fp4, 33, 96),
+        (F::Bf16, 512, 4096),
+        (F::Bf16, 24, 16384),
+        (F::Bf16, 7, 1000),
+    ] {
+        let l: Linear = synthetic::random_linear(fmt, out, inp, 7).unwrap();
+        let g = GpuLinear::upload(&gpu, &l).unwrap();
+        for m in [1usize, 2, 3, 8, 20] {
+            let x: Vec<f32> = (0..m * inp)
+                .map(|i| ((i * 2654435761usize) % 1000) as f32 / 500.0 - 1.0)
+                .collect();
+            let want = l.apply(&x, m);
+            let xd = gpu.upload(&x).unwrap();
+            let yd = gpu.alloc(m * out * 4).unwrap();
+            let part = Partial {
+                ptr: part.ptr,
+                floats: 1 << 22,
+            };
+            linear(&gpu, &g, &LinIn::rows(xd.ptr, inp, m), yd.ptr, out, &part).unwrap();
+            let mut got = vec![0f32; m * out];
+            gpu.dtoh(yd.ptr, &mut got).unwrap();
+            let e = worst(&row_errors(&got, &want, out));
+            eprintln!("{fmt:?} [{out}, {inp}] m={m}: max rel err {e:.2e}");
+            assert!(e < 1e-5, "{fmt:?} [{out}, {inp}] m={m}: {e}");
+        }
+    }
+}
+
+/// A random model with Flash's head sizes (head_dim 512, window 128, index_topk below the
+/// number of entries), 300 tokens: GPU logits equal the CPU's on every chunking.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn random_model_matches_cpu_on_every_chunking() {
+    let mut j = synthetic::flash_config_json();
+    let over = serde_json::json!({"vocab_size": 1000, "hidden_size": 512, "num_hidden_layers": 5,
+        "compress_ratios": [0, 4, 128, 4, 16, 0], "num_hash_layers": 2, "n_routed_experts": 16,
+        "moe_intermediate_size": 256, "index_topk": 16, "o_groups": 4, "o_lora_rank": 128,
+        "num_attention_heads": 8, "q_lora_rank": 256, "index_n_heads": 8, "index_head_dim": 128});
+    for (k, v) in over.as_object().unwrap() {
+        j[k] = v.clone();
+    }
+    let cfg = ModelConfig::from_json(&j).unwrap();
+    let ck = synthetic::checkpoint(cfg, 3).unwrap();
+    let cpu = Model::load(&ck).unwrap();
+    let gpu = CudaModel::from_model(&cpu, 0).unwrap();
+    let t = 300;
+    let ids: Vec<u32> = (0..t).map(|i| (i * 7919 % 997) as u32 + 1).collect();
+    let vocab = 1000;
+    let mut cache = cpu.new_cache();
+    let want = cpu.forward(&mut cache, &ids, Logits::All).unwrap();
+    for chunks in [vec![t], vec![1; t], vec![130, 1, 1, 37, 131]] {
+        let got = run(&gpu, &ids, &chunks);
+        let e = row_errors(&got, &want, vocab);
+        let w = worst(&e);
+        eprintln!(
+            "chunks {:?}...: worst row rel err {w:.2e}",
+            &chunks[..chunks.len().min(5)]
+        );
+        assert!(w < 1e-3, "worst {w}");
+        for r in 0..t {
+            let (g, c) = (
+                &got[r * vocab..(r + 1) * vocab],
+                &want[r * vocab..(r + 1) * vocab],
+            );
+            assert_eq!(common::argmax(g), common::argmax(c), "row {r} argmax");
+        }
+    }
+}
+
+/// The transformers fixtures through the GPU: one call, the reference chunking, prefill +
+/// decode, token by token — within 1e-3 of the reference, same argmax on every row.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn fixtures_match_reference_on_gpu() {
+    for name in ["official-fp8", "hf-bf16", "official-vocab"] {
+        let ck = Checkpoint::open(&fixture_dir(name)).unwrap();
+        let cpu = Model::load(&ck).unwrap();
+        let model = CudaModel::from_model(&cpu, 0).unwrap();
+        let r = Reference::load(name);
+        let vocab = cpu.config.vocab_size;
+        let ids = r.ids("ids");
+        let argmax = r.ints("argmax");
+        let (want, cols) = r.logits("logits", vocab);
+        let t = ids.len();
+        let p = r.ints("decode_prefill")[0] as usize;
+        let mut decode = vec![p];
+        decode.extend(std::iter::repeat_n(1, t - p));
+        let chunks: Vec<usize> = r.ints("chunks").into_iter().map(|x| x as usize).collect();
+        for (what, ch) in [
+            ("one call", vec![t]),
+            ("chunks", chunks),
+            ("decode", decode),
+            ("token by token", vec![1; t]),
+        ] {
+            let got = run(&model, &ids, &ch);
+            let mut w = 0f32;
+            for row in 0..t {
+                let g = &got[row * vocab..(row + 1) * vocab];
+                let wr = &want[row * cols.len()..(row + 1) * cols.len()];
+                let scale = wr.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+                let err = cols
+                    .iter()
+                    .zip(wr)
+                    .fold(0f32, |m, (&c, &x)| m.max((g[c] - x).abs()))
+                    / scale;
+                w = w.max(err);
+                assert_eq!(
+                    common::argmax(g) as i64,
+                    argmax[row],
+                    "{name} {what}: row {row} argmax"
+                );
+            }
+            eprintln!("{name} {what}: worst row rel err vs transformers {w:.2e}");
+            assert!(w < 1e-3, "{name} {what}: {w}");
+        }
+    }
+}
