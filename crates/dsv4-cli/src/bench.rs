@@ -14,8 +14,9 @@ pub struct BenchArgs {
     #[arg(long)]
     model: Option<PathBuf>,
     /// Synthetic model: number of layers (Flash schedule: 2 sliding, then CSA/HCA alternating).
-    #[arg(long, default_value_t = 6)]
-    layers: usize,
+    /// Default: 6 on the CPU, as many as fit on a GPU.
+    #[arg(long)]
+    layers: Option<usize>,
     /// Synthetic model: routed experts per layer.
     #[arg(long, default_value_t = 16)]
     experts: usize,
@@ -34,11 +35,27 @@ pub struct BenchArgs {
     /// Instead of the model: single-token GEMV throughput of each weight format.
     #[arg(long)]
     kernels: bool,
+    /// CUDA: the synthetic preset, `flash` or `pro` (real shapes; as many layers as fit unless
+    /// --layers is given).
+    #[arg(long, default_value = "flash")]
+    synthetic: String,
+    /// CUDA: prompt lengths to prefill.
+    #[arg(long, value_delimiter = ',', default_value = "1024,8192")]
+    prompts: Vec<usize>,
+    /// CUDA: context lengths to decode at.
+    #[arg(long, value_delimiter = ',', default_value = "1024,8192,32768,65536")]
+    contexts: Vec<usize>,
+    /// CUDA: write the table as CSV here too.
+    #[arg(long)]
+    csv: Option<std::path::PathBuf>,
     #[command(flatten)]
     numerics: crate::NumericsArgs,
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
+    if let Some(ordinal) = a.numerics.cuda_ordinal()? {
+        return run_cuda(a, ordinal);
+    }
     let threads = rayon::current_num_threads();
     eprintln!("measuring memory bandwidth ({threads} threads)...");
     let bw = bench::read_bandwidth(1 << 30, 5);
@@ -51,8 +68,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
         Some(dir) => (Checkpoint::open(dir)?, dir.display().to_string()),
         None => {
             let mut j = synthetic::flash_config_json();
-            j["num_hidden_layers"] = json!(a.layers);
-            j["compress_ratios"] = json!(synthetic::flash_schedule(a.layers));
+            let layers = a.layers.unwrap_or(6);
+            j["num_hidden_layers"] = json!(layers);
+            j["compress_ratios"] = json!(synthetic::flash_schedule(layers));
             j["n_routed_experts"] = json!(a.experts);
             j["vocab_size"] = json!(a.vocab);
             let cfg = ModelConfig::from_json(&j)?;
@@ -60,7 +78,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 synthetic::checkpoint(cfg, 1)?,
                 format!(
                     "synthetic Flash shapes, {} layers, {} experts, vocab {}",
-                    a.layers, a.experts, a.vocab
+                    layers, a.experts, a.vocab
                 ),
             )
         }
@@ -141,6 +159,31 @@ pub fn run(a: BenchArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(feature = "cuda")]
+fn run_cuda(a: BenchArgs, ordinal: usize) -> Result<()> {
+    if a.model.is_some() {
+        anyhow::bail!("--device cuda benchmarks the synthetic model; drop --model");
+    }
+    crate::bench_cuda::run(crate::bench_cuda::CudaBench {
+        ordinal,
+        preset: a.synthetic,
+        layers: a.layers,
+        prompts: a.prompts,
+        contexts: a.contexts,
+        decode: a.decode,
+        csv: a.csv,
+        json: a.json,
+    })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_cuda(_: BenchArgs, _: usize) -> Result<()> {
+    anyhow::bail!(
+        "this dsv4 was built without CUDA support; rebuild with \
+         `cargo build --release -p dsv4-cli --features cuda`"
+    )
 }
 
 fn argmax(x: &[f32]) -> u32 {

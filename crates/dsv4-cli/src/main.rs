@@ -6,6 +6,8 @@ use dsv4_core::{Checkpoint, Logits, Model};
 use std::path::{Path, PathBuf};
 
 mod bench;
+#[cfg(feature = "cuda")]
+mod bench_cuda;
 mod generate;
 
 #[derive(Parser)]

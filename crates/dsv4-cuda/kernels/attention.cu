@@ -28,45 +28,102 @@ __device__ __forceinline__ const float* attn_key(const AttnArgs& a, int t, int p
     return a.entries + (size_t)e * a.dh;
 }
 
-// One block per (head, token); logits in dynamic shared memory.
-extern "C" __global__ void attention(AttnArgs a) {
-    extern __shared__ float lg[];
-    __shared__ float red[32];
-    const int h = blockIdx.x, t = blockIdx.y;
+#define ATT_KEYS 32       // keys staged per step (one per lane for the softmax)
+#define ATT_HEADS 8       // heads per block (one per warp)
+#define ATT_DMAX 512      // largest head_dim the registers hold
+
+// Flash-decoding attention, split over key chunks. Block (t, split, head group): the keys of
+// token t (window, then compressed/selected entries) are staged 32 at a time in shared memory
+// and shared by the block's 8 heads (one warp each; K=V is one shared head). Each warp keeps an
+// online softmax (max, sum, output) and writes its partial for `attn_combine`.
+extern "C" __global__ void __launch_bounds__(256) attention_partial(AttnArgs a, float* part, int nsplit) {
+    extern __shared__ float keys[];  // [ATT_KEYS, dh]
+    const int t = blockIdx.x, split = blockIdx.y;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int h = blockIdx.z * ATT_HEADS + warp;
     const int p = a.pos0 + t;
     const int lo = max(0, p - a.win + 1);
     const int nwin = p - lo + 1;
     int ncomp = 0;
     if (a.ratio > 0) ncomp = a.sel ? a.nsel[t] : min((p + 1) / a.ratio, a.n_entries);
     const int nk = nwin + ncomp;
-    const float* q = a.q + ((size_t)t * a.H + h) * a.dh;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
-    for (int j = warp; j < nk; j += nw) {
-        const float* k = attn_key(a, t, p, lo, nwin, j);
-        float s = 0.f;
-        for (int c = lane; c < a.dh; c += 32) s = fmaf(q[c], k[c], s);
-        s = warp_sum(s);
-        if (lane == 0) lg[j] = s * a.scale;
+    const int nchunks = (nk + ATT_KEYS - 1) / ATT_KEYS;
+    const int dh = a.dh;
+    constexpr int PER = ATT_DMAX / 32;
+    float q[PER], acc[PER];
+    const bool head_ok = h < a.H;
+    const float* qp = a.q + ((size_t)t * a.H + (head_ok ? h : 0)) * dh;
+#pragma unroll
+    for (int i = 0; i < PER; i++) {
+        int c = lane + 32 * i;
+        q[i] = (c < dh) ? qp[c] * a.scale : 0.f;
+        acc[i] = 0.f;
     }
-    __syncthreads();
-    const float sink = a.sinks[h];
-    float mx = sink;
-    for (int j = threadIdx.x; j < nk; j += blockDim.x) mx = fmaxf(mx, lg[j]);
-    mx = block_max(mx, red);
-    float den = 0.f;
-    for (int j = threadIdx.x; j < nk; j += blockDim.x) {
-        float e = expf(lg[j] - mx);
-        lg[j] = e;
-        den += e;
+    float m = -INFINITY, l = 0.f;
+    for (int ch = split; ch < nchunks; ch += nsplit) {
+        const int j0 = ch * ATT_KEYS;
+        const int nj = min(ATT_KEYS, nk - j0);
+        __syncthreads();
+        for (int r = warp; r < nj; r += 8) {
+            const float* k = attn_key(a, t, p, lo, nwin, j0 + r);
+            for (int c = lane * 4; c < dh; c += 128) *(float4*)(keys + r * dh + c) = *(const float4*)(k + c);
+        }
+        __syncthreads();
+        // Lane j ends up holding the score of key j.
+        float sj = -INFINITY;
+        for (int j = 0; j < nj; j++) {
+            float d = 0.f;
+#pragma unroll
+            for (int i = 0; i < PER; i++) {
+                int c = lane + 32 * i;
+                if (c < dh) d = fmaf(q[i], keys[j * dh + c], d);
+            }
+            d = warp_sum(d);
+            if (lane == j) sj = d;
+        }
+        float mc = warp_max(sj);
+        float mn = fmaxf(m, mc);
+        float pj = (lane < nj) ? expf(sj - mn) : 0.f;
+        float corr = expf(m - mn);  // 0 on the first chunk (m = -inf)
+        l = l * corr + warp_sum(pj);
+#pragma unroll
+        for (int i = 0; i < PER; i++) acc[i] *= corr;
+        for (int j = 0; j < nj; j++) {
+            float pb = __shfl_sync(0xffffffffu, pj, j);
+#pragma unroll
+            for (int i = 0; i < PER; i++) {
+                int c = lane + 32 * i;
+                if (c < dh) acc[i] = fmaf(pb, keys[j * dh + c], acc[i]);
+            }
+        }
+        m = mn;
     }
-    den = block_sum(den, red) + expf(sink - mx);
-    __syncthreads();
+    if (!head_ok) return;
+    float* out = part + (((size_t)t * nsplit + split) * a.H + h) * (dh + 2);
+#pragma unroll
+    for (int i = 0; i < PER; i++) {
+        int c = lane + 32 * i;
+        if (c < dh) out[c] = acc[i];
+    }
+    if (lane == 0) { out[dh] = m; out[dh + 1] = l; }
+}
+
+// Merges the splits of one (token, head) with the head's sink: out = sum acc / (sum l + sink).
+extern "C" __global__ void attn_combine(const float* part, const float* sinks, float* out, int H, int dh, int nsplit) {
+    const int t = blockIdx.x, h = blockIdx.y;
+    const float* base = part + ((size_t)t * nsplit * H + h) * (dh + 2);
+    const size_t stride = (size_t)H * (dh + 2);
+    const float sink = sinks[h];
+    float M = sink;
+    for (int s = 0; s < nsplit; s++) M = fmaxf(M, base[s * stride + dh]);
+    float den = expf(sink - M);
+    for (int s = 0; s < nsplit; s++) den += base[s * stride + dh + 1] * expf(base[s * stride + dh] - M);
     const float inv = 1.0f / den;
-    float* o = a.out + ((size_t)t * a.H + h) * a.dh;
-    for (int c = threadIdx.x; c < a.dh; c += blockDim.x) {
-        float acc = 0.f;
-        for (int j = 0; j < nk; j++) acc = fmaf(lg[j], attn_key(a, t, p, lo, nwin, j)[c], acc);
-        o[c] = acc * inv;
+    float* o = out + ((size_t)t * H + h) * dh;
+    for (int c = threadIdx.x; c < dh; c += blockDim.x) {
+        float v = 0.f;
+        for (int s = 0; s < nsplit; s++) v += base[s * stride + c] * expf(base[s * stride + dh] - M);
+        o[c] = v * inv;
     }
 }
 

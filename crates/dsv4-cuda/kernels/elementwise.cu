@@ -2,13 +2,29 @@
 // reference's f32 arithmetic and order wherever the order is observable.
 #include "common.cuh"
 
+// Sum of squares of one row, float4 loads when the row allows them.
+__device__ __forceinline__ float row_sumsq(const float* row, int width, float* sh) {
+    float ss = 0.f;
+    if ((width & 3) == 0 && ((uintptr_t)row & 15) == 0) {
+        const float4* r4 = (const float4*)row;
+        for (int i = threadIdx.x; i < width / 4; i += blockDim.x) {
+            float4 v = r4[i];
+            ss = fmaf(v.x, v.x, ss);
+            ss = fmaf(v.y, v.y, ss);
+            ss = fmaf(v.z, v.z, ss);
+            ss = fmaf(v.w, v.w, ss);
+        }
+    } else {
+        for (int i = threadIdx.x; i < width; i += blockDim.x) ss = fmaf(row[i], row[i], ss);
+    }
+    return block_sum(ss, sh);
+}
+
 // x[row] <- x[row] / sqrt(mean(x[row]^2) + eps) (* w when given); one block per row.
 extern "C" __global__ void rms_norm(float* x, const float* w, int width, float eps) {
     __shared__ float sh[32];
     float* row = x + (size_t)blockIdx.x * width;
-    float ss = 0.f;
-    for (int i = threadIdx.x; i < width; i += blockDim.x) ss = fmaf(row[i], row[i], ss);
-    ss = block_sum(ss, sh);
+    float ss = row_sumsq(row, width, sh);
     float r = 1.0f / sqrtf(ss / (float)width + eps);
     for (int i = threadIdx.x; i < width; i += blockDim.x) {
         float v = row[i] * r;
@@ -19,10 +35,7 @@ extern "C" __global__ void rms_norm(float* x, const float* w, int width, float e
 // out[row] = 1 / sqrt(mean(x[row]^2) + eps); one block per row.
 extern "C" __global__ void inv_rms(const float* x, float* out, int width, float eps) {
     __shared__ float sh[32];
-    const float* row = x + (size_t)blockIdx.x * width;
-    float ss = 0.f;
-    for (int i = threadIdx.x; i < width; i += blockDim.x) ss = fmaf(row[i], row[i], ss);
-    ss = block_sum(ss, sh);
+    float ss = row_sumsq(x + (size_t)blockIdx.x * width, width, sh);
     if (threadIdx.x == 0) out[blockIdx.x] = 1.0f / sqrtf(ss / (float)width + eps);
 }
 
@@ -62,44 +75,43 @@ __device__ __forceinline__ float sigmoidf_(float x) { return 1.0f / (1.0f + expf
 
 // Per token: mu (raw fn·x, scaled here by the stream rms) -> pre [n], post [n], comb [n, n]
 // (Sinkhorn: row softmax + eps, one column normalization, then iters-1 row/column rounds).
+// One warp per token: lane i*n+j holds comb[i][j]; sums run in the CPU's order (j or i
+// ascending, then + eps).
 extern "C" __global__ void hc_mix(const float* mu, const float* rinv, const float* base,
                                   const float* scale, float* pre, float* post, float* comb, int n,
                                   int iters, float eps, int T) {
-    int t = blockIdx.x * blockDim.x + threadIdx.x;
-    if (t >= T) return;
+    const int t = blockIdx.x;
+    const int lane = threadIdx.x;
     const int rows = (2 + n) * n;
     const float r = rinv[t];
     const float* m = mu + (size_t)t * rows;
-    for (int i = 0; i < n; i++) {
-        pre[t * n + i] = sigmoidf_((m[i] * r) * scale[0] + base[i]) + eps;
-        post[t * n + i] = 2.0f * sigmoidf_((m[n + i] * r) * scale[1] + base[n + i]);
+    if (lane < n) {
+        pre[t * n + lane] = sigmoidf_((m[lane] * r) * scale[0] + base[lane]) + eps;
+        post[t * n + lane] = 2.0f * sigmoidf_((m[n + lane] * r) * scale[1] + base[n + lane]);
     }
-    float* c = comb + (size_t)t * n * n;
-    for (int k = 0; k < n * n; k++) c[k] = (m[2 * n + k] * r) * scale[2] + base[2 * n + k];
-    for (int i = 0; i < n; i++) {
-        float mx = -INFINITY;
-        for (int j = 0; j < n; j++) mx = fmaxf(mx, c[i * n + j]);
-        float s = 0.f;
-        for (int j = 0; j < n; j++) { c[i * n + j] = expf(c[i * n + j] - mx); s += c[i * n + j]; }
-        for (int j = 0; j < n; j++) c[i * n + j] = c[i * n + j] / s + eps;
-    }
+    const int nn = n * n;
+    const bool on = lane < nn;
+    const int i = on ? lane / n : 0, j = on ? lane % n : 0;
+    float c = on ? (m[2 * n + lane] * r) * scale[2] + base[2 * n + lane] : 0.f;
+    // Row softmax + eps.
+    float mx = -INFINITY;
+    for (int k = 0; k < n; k++) mx = fmaxf(mx, __shfl_sync(0xffffffffu, c, i * n + k));
+    c = on ? expf(c - mx) : 0.f;
+    float s = 0.f;
+    for (int k = 0; k < n; k++) s += __shfl_sync(0xffffffffu, c, i * n + k);
+    c = c / s + eps;
     const int rounds = iters > 0 ? iters : 1;
     for (int it = 0; it < rounds; it++) {
         if (it > 0) {
-            for (int i = 0; i < n; i++) {
-                float s = 0.f;
-                for (int j = 0; j < n; j++) s += c[i * n + j];
-                s += eps;
-                for (int j = 0; j < n; j++) c[i * n + j] /= s;
-            }
+            float rs = 0.f;
+            for (int k = 0; k < n; k++) rs += __shfl_sync(0xffffffffu, c, i * n + k);
+            c /= rs + eps;
         }
-        for (int j = 0; j < n; j++) {
-            float s = 0.f;
-            for (int i = 0; i < n; i++) s += c[i * n + j];
-            s += eps;
-            for (int i = 0; i < n; i++) c[i * n + j] /= s;
-        }
+        float cs = 0.f;
+        for (int k = 0; k < n; k++) cs += __shfl_sync(0xffffffffu, c, k * n + j);
+        c /= cs + eps;
     }
+    if (on) comb[(size_t)t * nn + lane] = c;
 }
 
 // h[t, d] = sum_i pre[t, i] * x[t, i, d].
@@ -172,4 +184,15 @@ extern "C" __global__ void ring_store(const float* kv, float* ring, int dh, int 
     if (t < T - win) return;
     int slot = (pos0 + t) % win;
     for (int k = threadIdx.x; k < dh; k += blockDim.x) ring[(size_t)slot * dh + k] = kv[(size_t)t * dh + k];
+}
+
+// p[i] = lo + (hi - lo) * u(i), u a hash of (seed, i) in [0, 1): synthetic cache contents.
+extern "C" __global__ void fill_uniform(float* p, size_t n, unsigned long long seed, float lo, float hi) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    unsigned long long z = seed + 0x9e3779b97f4a7c15ull * (i + 1);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    z ^= z >> 31;
+    p[i] = lo + (hi - lo) * (float)(z >> 40) * (1.0f / 16777216.0f);
 }

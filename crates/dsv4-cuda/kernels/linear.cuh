@@ -50,17 +50,25 @@ __device__ __forceinline__ float decode_chunk(const LinearW& W, int r, int c, ui
         }
         return ((const float*)W.scales)[(r / W.bo) * W.scale_cols + (c * 16) / W.bi];
     } else {
+        // Each byte holds elements 2b (low nibble) and 2b+1 (high nibble). An e2m1 nibble v is
+        // the high byte ((v & 8) << 4) | ((v & 7) << 1) of an fp16 worth 2^-14 v (scaled back
+        // below); four nibbles at a time in byte lanes, then byte_perm into half2 pairs.
 #pragma unroll
         for (int i = 0; i < 4; i++) {
+            const uint32_t lo = w[i] & 0x0f0f0f0fu, hi = (w[i] >> 4) & 0x0f0f0f0fu;
+            const uint32_t hlo = ((lo & 0x08080808u) << 4) | ((lo & 0x07070707u) << 1);
+            const uint32_t hhi = ((hi & 0x08080808u) << 4) | ((hi & 0x07070707u) << 1);
+            // [_, lo_b, _, hi_b] masked to [0, lo_b, 0, hi_b] = half2(element 2b, 2b+1).
+            const uint32_t sel[4] = {0x4400u, 0x5511u, 0x6622u, 0x7733u};
 #pragma unroll
-            for (int j = 0; j < 4; j++) {
-                uint32_t b = (w[i] >> (8 * j)) & 0xff;
+            for (int b = 0; b < 4; b++) {
+                uint32_t pair = __byte_perm(hlo, hhi, sel[b]) & 0xff00ff00u;
                 __half2_raw h;
-                h.x = (unsigned short)e2m1_half_bits(b & 15);
-                h.y = (unsigned short)e2m1_half_bits(b >> 4);
+                h.x = (unsigned short)(pair & 0xffff);
+                h.y = (unsigned short)(pair >> 16);
                 float2 v = __half22float2(__half2(h));
-                f[8 * i + 2 * j] = v.x;
-                f[8 * i + 2 * j + 1] = v.y;
+                f[8 * i + 2 * b] = v.x;
+                f[8 * i + 2 * b + 1] = v.y;
             }
         }
         return e8m0_to_f32(((const uint8_t*)W.scales)[(size_t)r * (W.in / 32) + c]) * 16384.0f;
@@ -79,9 +87,19 @@ __device__ __forceinline__ void warp_dot2(const LinearW& W, int r0, int nr, cons
                            : (size_t)W.in * (FMT == FMT_F32 ? 4 : (FMT == FMT_FP8 ? 1 : 2));
     const uint4* p0 = (const uint4*)(W.w + (size_t)r0 * row_bytes);
     const uint4* p1 = (const uint4*)(W.w + (size_t)(r0 + (nr > 1 ? 1 : 0)) * row_bytes);
-    for (int c = c0 + lane; c < c1; c += 32) {
-        uint4 q0 = __ldg(p0 + c);
-        uint4 q1 = __ldg(p1 + c);
+    // Software-pipelined: the next chunk's loads are in flight while this one is computed.
+    int c = c0 + lane;
+    uint4 q0 = make_uint4(0, 0, 0, 0), q1 = q0;
+    if (c < c1) {
+        q0 = __ldg(p0 + c);
+        q1 = __ldg(p1 + c);
+    }
+    for (; c < c1; c += 32) {
+        uint4 n0 = q0, n1 = q1;
+        if (c + 32 < c1) {
+            n0 = __ldg(p0 + c + 32);
+            n1 = __ldg(p1 + c + 32);
+        }
         float f0[N], f1[N];
         float s0 = decode_chunk<FMT>(W, r0, c, q0, f0);
         float s1 = decode_chunk<FMT>(W, r0 + 1 < W.out ? r0 + 1 : r0, c, q1, f1);
@@ -106,6 +124,8 @@ __device__ __forceinline__ void warp_dot2(const LinearW& W, int r0, int nr, cons
                 acc[1][m] = fmaf(d1, s1, acc[1][m]);
             }
         }
+        q0 = n0;
+        q1 = n1;
     }
     if (tail) {
         for (int k = kt + lane; k < W.in; k += 32) {

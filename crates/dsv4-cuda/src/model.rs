@@ -19,6 +19,9 @@ use std::sync::{Arc, Mutex};
 const MAX_CHUNK: usize = 2048;
 /// Above this many (token, expert) pairs, prefill groups pairs by expert on the host.
 const GROUP_PAIRS: usize = 64;
+/// Keys per staged chunk and heads per block of `attention_partial` (kernels/attention.cu).
+const ATT_KEYS: usize = 32;
+const ATT_HEADS: usize = 8;
 
 static NEXT_ID: AtomicUsize = AtomicUsize::new(1);
 
@@ -56,6 +59,7 @@ struct Scratch {
     partial: DevBuf,
     scores: DevBuf,
     scores_floats: usize,
+    attn_part: DevBuf,
     out_logits: DevBuf,
 }
 
@@ -101,6 +105,7 @@ impl Scratch {
             partial: f(1 << 22)?,
             scores: f(1 << 24)?,
             scores_floats: 1 << 24,
+            attn_part: f(cap.max(64) * h * (dh + 2))?,
             out_logits: f(cap * c.vocab_size)?,
         })
     }
@@ -139,6 +144,18 @@ impl CudaModel {
                  for now; use --numerics reference"
                     .into(),
             ));
+        }
+        if config.hc_mult * config.hc_mult > 32 {
+            return Err(Error::Unsupported(format!(
+                "hc_mult {} (the hyper-connection kernel holds n·n ≤ 32 weights)",
+                config.hc_mult
+            )));
+        }
+        if !config.head_dim.is_multiple_of(4) || config.head_dim > 512 {
+            return Err(Error::Unsupported(format!(
+                "head_dim {} (the attention kernel takes multiples of 4 up to 512)",
+                config.head_dim
+            )));
         }
         let gpu = Gpu::open(ordinal)?;
         let weights =
@@ -333,8 +350,8 @@ impl CudaModel {
         );
         g.launch(
             "hc_mix",
-            (t.div_ceil(64) as u32, 1, 1),
-            (64, 1, 1),
+            (t as u32, 1, 1),
+            (32, 1, 1),
             0,
             &[
                 &s.mu.ptr,
@@ -456,18 +473,33 @@ impl CudaModel {
                 max_comp = c.index_topk.min(is.n);
             }
         }
-        let smem = ((c.sliding_window + max_comp) * 4) as u32;
-        if smem > 200 * 1024 {
-            return Err(Error::Unsupported(format!(
-                "{max_comp} compressed entries in one attention (context too long for this kernel)"
-            )));
-        }
+        // Split the keys over blocks when few tokens would leave the GPU idle (decode).
+        let chunks = (c.sliding_window.min(pos0 + t) + max_comp).div_ceil(ATT_KEYS);
+        let groups = h.div_ceil(ATT_HEADS);
+        let nsplit = if t * groups >= g.sm_count {
+            1
+        } else {
+            chunks
+                .min((2 * g.sm_count).div_ceil(t * groups))
+                .min(s.attn_part.bytes / 4 / (t * h * (dh + 2)))
+                .max(1)
+        };
+        let smem = (ATT_KEYS * dh * 4) as u32;
+        let ns = nsplit as i32;
         g.launch(
-            "attention",
-            (h as u32, t as u32, 1),
-            (128, 1, 1),
+            "attention_partial",
+            (t as u32, nsplit as u32, groups as u32),
+            (256, 1, 1),
             smem,
-            &[&args],
+            &[&args, &s.attn_part.ptr, &ns],
+        )?;
+        let (hi, dhi) = (h as i32, dh as i32);
+        g.launch(
+            "attn_combine",
+            (t as u32, h as u32, 1),
+            (128, 1, 1),
+            0,
+            &[&s.attn_part.ptr, &a.sinks.ptr(), &s.o.ptr, &hi, &dhi, &ns],
         )?;
         ops::rope(g, s.o.ptr, t * h, dh, h, &rope, pos0, 1, true)?;
         let (dhi, wi, p0, ti) = (dh as i32, c.sliding_window as i32, pos0 as i32, t as i32);

@@ -121,6 +121,11 @@ fn blocks_for(n: usize, per: usize) -> u32 {
     n.div_ceil(per) as u32
 }
 
+/// Threads per row of the norm kernels: one float4 each up to 1024.
+fn norm_threads(width: usize) -> u32 {
+    (width.div_ceil(4).div_ceil(32) * 32).clamp(32, 1024) as u32
+}
+
 /// RMS norm of `rows` rows of `width` in place, weighted when `w` is non-zero.
 pub fn rms_norm(gpu: &Gpu, x: u64, w: u64, width: usize, rows: usize, eps: f32) -> Result<()> {
     if rows == 0 {
@@ -130,7 +135,7 @@ pub fn rms_norm(gpu: &Gpu, x: u64, w: u64, width: usize, rows: usize, eps: f32) 
     gpu.launch(
         "rms_norm",
         (rows as u32, 1, 1),
-        (256, 1, 1),
+        (norm_threads(width), 1, 1),
         0,
         &[&x, &w, &wd, &e],
     )
@@ -144,7 +149,7 @@ pub fn inv_rms(gpu: &Gpu, x: u64, out: u64, width: usize, rows: usize, eps: f32)
     gpu.launch(
         "inv_rms",
         (rows as u32, 1, 1),
-        (256, 1, 1),
+        (norm_threads(width), 1, 1),
         0,
         &[&x, &out, &wd, &e],
     )

@@ -51,6 +51,37 @@ impl CompState {
     fn bytes(&self) -> usize {
         self.entries.bytes + self.tail_kv.bytes + self.tail_gate.bytes
     }
+
+    /// Random contents for a sequence at position `pos` (benchmarks: decode cost depends on
+    /// the number of entries, not on their values).
+    fn fill_synthetic(
+        &mut self,
+        gpu: &Gpu,
+        c: &GpuCompressor,
+        pos: usize,
+        seed: u64,
+    ) -> Result<()> {
+        let m = c.ratio;
+        let n = pos / m;
+        self.reserve(gpu, n)?;
+        fill(gpu, self.entries.ptr, n * self.dim, seed)?;
+        self.n = n;
+        let keep_from = if c.overlap {
+            n.saturating_sub(1) * m
+        } else {
+            n * m
+        };
+        let width = c.wkv.out;
+        self.tail_start = keep_from;
+        self.tail_len = pos - keep_from;
+        fill(gpu, self.tail_kv.ptr, self.tail_len * width, seed + 1)?;
+        fill(gpu, self.tail_gate.ptr, self.tail_len * width, seed + 2)
+    }
+}
+
+fn fill(gpu: &Gpu, ptr: u64, n: usize, seed: u64) -> Result<()> {
+    let (lo, hi) = (-1f32, 1f32);
+    crate::ops::elementwise(gpu, "fill_uniform", n, &[&ptr, &n, &seed, &lo, &hi])
 }
 
 pub struct LayerState {
@@ -102,6 +133,22 @@ impl GpuSeq {
             layers,
             owner,
         })
+    }
+
+    /// Makes this a sequence of `pos` tokens with random cache contents (benchmarks).
+    pub fn fill_synthetic(&mut self, gpu: &Gpu, w: &GpuWeights, pos: usize) -> Result<()> {
+        for (i, (ls, lw)) in self.layers.iter_mut().zip(&w.layers).enumerate() {
+            let seed = 1000 * i as u64;
+            fill(gpu, ls.ring.ptr, ls.ring.bytes / 4, seed)?;
+            if let (Some(cs), Some(cw)) = (ls.comp.as_mut(), lw.attn.compressor.as_ref()) {
+                cs.fill_synthetic(gpu, cw, pos, seed + 10)?;
+            }
+            if let (Some(is), Some(ix)) = (ls.index.as_mut(), lw.attn.indexer.as_ref()) {
+                is.fill_synthetic(gpu, &ix.compressor, pos, seed + 20)?;
+            }
+        }
+        self.pos = pos;
+        gpu.sync()
     }
 
     /// Device bytes held by this sequence.

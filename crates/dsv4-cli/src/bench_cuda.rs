@@ -1,0 +1,307 @@
+//! `dsv4 bench --device cuda`: a synthetic DeepSeek-V4 (Flash or Pro shapes, official FP8/FP4
+//! formats) on the GPU — as many layers as fit — measuring prefill and decode against the
+//! device's measured copy bandwidth; markdown table, CSV and JSON.
+
+use anyhow::{bail, Context, Result};
+use dsv4_core::config::{AttnKind, MlpKind};
+use dsv4_core::{synthetic, Logits, Model, ModelConfig};
+use dsv4_cuda::{CudaModel, Gpu};
+use serde_json::{json, Value};
+use std::time::Instant;
+
+pub struct CudaBench {
+    pub ordinal: usize,
+    pub preset: String,
+    pub layers: Option<usize>,
+    pub prompts: Vec<usize>,
+    pub contexts: Vec<usize>,
+    pub decode: usize,
+    pub csv: Option<std::path::PathBuf>,
+    pub json: bool,
+}
+
+/// Official-style config of a preset with `layers` layers.
+fn preset(name: &str, layers: usize) -> Result<Value> {
+    let mut j = synthetic::flash_config_json();
+    match name {
+        "flash" => {
+            j["compress_ratios"] = json!(synthetic::flash_schedule(layers));
+        }
+        "pro" => {
+            let over = json!({"hidden_size": 7168, "num_attention_heads": 128, "q_lora_rank": 1536,
+                "o_groups": 16, "index_topk": 1024, "n_routed_experts": 384,
+                "moe_intermediate_size": 3072, "routed_scaling_factor": 2.5});
+            for (k, v) in over.as_object().expect("object") {
+                j[k] = v.clone();
+            }
+            let mut s: Vec<usize> = (0..layers)
+                .map(|i| if i < 2 || i % 2 == 1 { 128 } else { 4 })
+                .collect();
+            s.push(0);
+            j["compress_ratios"] = json!(s);
+        }
+        other => bail!("--synthetic must be `flash` or `pro`, got `{other}`"),
+    }
+    j["num_hidden_layers"] = json!(layers);
+    Ok(j)
+}
+
+fn code(k: AttnKind) -> usize {
+    k.ratio().unwrap_or(0)
+}
+
+/// GPU copy bandwidth (bytes read + written per second), best of 10 copies of 2 GiB.
+fn copy_bandwidth(gpu: &Gpu) -> Result<f64> {
+    let n = 2usize << 30;
+    let (a, b) = (gpu.alloc(n)?, gpu.alloc(n)?);
+    gpu.memset(a.ptr, 1, n)?;
+    let mut best = f64::INFINITY;
+    for _ in 0..10 {
+        gpu.sync()?;
+        let t = Instant::now();
+        gpu.dtod(b.ptr, a.ptr, n)?;
+        gpu.sync()?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok(2.0 * n as f64 / best)
+}
+
+/// Bytes the layer's weights occupy.
+fn layer_bytes(m: &Model, i: usize) -> usize {
+    let l = &m.weights.layers[i];
+    let a = &l.attn;
+    let mut t = [&a.wq_a, &a.wq_b, &a.wkv, &a.wo_a, &a.wo_b]
+        .iter()
+        .map(|x| x.stored_bytes())
+        .sum::<usize>();
+    for c in a
+        .compressor
+        .iter()
+        .chain(a.indexer.as_ref().map(|i| &i.compressor))
+    {
+        t += c.wkv.stored_bytes() + c.wgate.stored_bytes();
+    }
+    if let Some(ix) = &a.indexer {
+        t += ix.wq_b.stored_bytes() + ix.weights_proj.stored_bytes();
+    }
+    let ex = |e: &dsv4_core::model::weights::Expert| {
+        e.w1.stored_bytes() + e.w2.stored_bytes() + e.w3.stored_bytes()
+    };
+    t + l.moe.experts.iter().map(ex).sum::<usize>() + l.moe.shared.as_ref().map_or(0, ex)
+}
+
+pub fn run(a: CudaBench) -> Result<()> {
+    let gpu = Gpu::open(a.ordinal)?;
+    eprintln!("measuring {} copy bandwidth...", gpu.name);
+    let bw = copy_bandwidth(&gpu)?;
+    let (free0, total) = gpu.mem_info()?;
+    let full_layers = if a.preset == "pro" { 61 } else { 43 };
+
+    // Host: one layer of each distinct (attention kind, MoE kind) of the target schedule.
+    let target_cfg = ModelConfig::from_json(&preset(&a.preset, full_layers)?)?;
+    let mut kinds: Vec<(AttnKind, MlpKind)> = Vec::new();
+    for (k, m) in target_cfg.attn_kinds.iter().zip(&target_cfg.mlp_kinds) {
+        if !kinds.contains(&(*k, *m)) {
+            kinds.push((*k, *m));
+        }
+    }
+    let mut hj = preset(&a.preset, kinds.len())?;
+    let mut sched: Vec<usize> = kinds.iter().map(|(k, _)| code(*k)).collect();
+    sched.push(0);
+    hj["compress_ratios"] = json!(sched);
+    hj["num_hash_layers"] = json!(kinds.iter().filter(|(_, m)| *m == MlpKind::Hash).count());
+    let host_cfg = ModelConfig::from_json(&hj)?;
+    eprintln!(
+        "generating {} distinct random layers on the host...",
+        kinds.len()
+    );
+    let t = Instant::now();
+    let ck = synthetic::checkpoint(host_cfg, 1)?;
+    let host = Model::load(&ck)?;
+    let gen_s = t.elapsed().as_secs_f64();
+
+    // As many layers as fit, leaving room for activations and caches.
+    let per_layer = (0..kinds.len())
+        .map(|i| layer_bytes(&host, i))
+        .max()
+        .unwrap_or(1);
+    let fixed = host.weights.embed.stored_bytes() + host.weights.head.stored_bytes();
+    let reserve = 10usize << 30;
+    let fit = free0.saturating_sub(fixed + reserve) / per_layer;
+    let layers = a.layers.unwrap_or(fit.min(full_layers)).max(1);
+    let cfg = ModelConfig::from_json(&preset(&a.preset, layers)?)?;
+    let src: Vec<usize> = cfg
+        .attn_kinds
+        .iter()
+        .zip(&cfg.mlp_kinds)
+        .map(|(k, m)| {
+            kinds
+                .iter()
+                .position(|x| x == &(*k, *m))
+                .expect("collected above")
+        })
+        .collect();
+    eprintln!(
+        "uploading {layers} layers ({:.1} GB each) to {}...",
+        per_layer as f64 / 1e9,
+        gpu.name
+    );
+    let t = Instant::now();
+    let model = CudaModel::from_model_layers(&host, a.ordinal, cfg.clone(), &src, |i, n| {
+        eprint!("\r  layer {i}/{n}");
+    })
+    .context("uploading the synthetic model")?;
+    eprintln!();
+    let upload_s = t.elapsed().as_secs_f64();
+    drop(host);
+    drop(ck);
+    let mut peak_used = 0usize;
+    let mut note_mem = |g: &Gpu| {
+        if let Ok((free, total)) = g.mem_info() {
+            peak_used = peak_used.max(total - free);
+        }
+    };
+    note_mem(&model.gpu);
+
+    let k = cfg.num_experts_per_tok;
+    let weight_bytes = model.weights.decode_bytes(k) as f64;
+    let mut rows = Vec::new();
+    let ids_for = |n: usize| -> Vec<u32> {
+        (0..n)
+            .map(|i| (3 + i * 7919 % (cfg.vocab_size - 3)) as u32)
+            .collect()
+    };
+    // Prefill.
+    for &p in a.prompts.iter().filter(|&&p| p > 0) {
+        let ids = ids_for(p);
+        let mut seq = model.new_seq()?;
+        model.forward(&mut seq, &ids[..p.min(16)], Logits::Last)?; // warm-up
+        let mut seq2 = model.new_seq()?;
+        let t = Instant::now();
+        model.forward(&mut seq2, &ids, Logits::Last)?;
+        let s = t.elapsed().as_secs_f64();
+        note_mem(&model.gpu);
+        drop(seq);
+        rows.push(
+            json!({"phase": "prefill", "tokens": p, "context": p, "seconds": s,
+            "tok_s": p as f64 / s, "ms_per_layer": 1e3 * s / layers as f64}),
+        );
+        eprintln!("prefill {p}: {:.0} tok/s", p as f64 / s);
+    }
+    // Decode at each context, the cache filled with random entries of the right count.
+    for &ctx in &a.contexts {
+        let mut seq = model.new_seq()?;
+        seq.fill_synthetic(&model.gpu, &model.weights, ctx)?;
+        let mut steps = Vec::new();
+        for i in 0..a.decode + 2 {
+            let tok = (5 + i * 131) as u32 % cfg.vocab_size as u32;
+            let t = Instant::now();
+            model.forward(&mut seq, &[tok], Logits::Last)?;
+            if i >= 2 {
+                steps.push(t.elapsed().as_secs_f64());
+            }
+        }
+        note_mem(&model.gpu);
+        steps.sort_by(f64::total_cmp);
+        let med = steps[steps.len() / 2];
+        // Cache bytes a step reads: window rows, visible/selected entries, indexer keys.
+        let mut cache_bytes = 0usize;
+        for kind in &cfg.attn_kinds {
+            let win = cfg.sliding_window.min(ctx + 1);
+            let ents = match kind {
+                AttnKind::Sliding => 0,
+                AttnKind::Compressed { ratio, sparse } => {
+                    let n = (ctx + 1) / ratio;
+                    if *sparse {
+                        cache_bytes += n * cfg.index_head_dim * 4;
+                        n.min(cfg.index_topk)
+                    } else {
+                        n
+                    }
+                }
+            };
+            cache_bytes += (win + ents) * cfg.head_dim * 4;
+        }
+        let bytes = weight_bytes + cache_bytes as f64;
+        let frac = bytes / med / bw;
+        rows.push(
+            json!({"phase": "decode", "tokens": 1, "context": ctx, "seconds": med,
+            "tok_s": 1.0 / med, "ms_per_layer": 1e3 * med / layers as f64,
+            "bytes_per_step": bytes, "bandwidth_fraction": frac,
+            "tok_s_43_layer_equiv": 1.0 / (med * full_layers as f64 / layers as f64)}),
+        );
+        eprintln!(
+            "decode @ {ctx}: {:.2} ms/token, {:.0}% of bandwidth",
+            med * 1e3,
+            100.0 * frac
+        );
+    }
+
+    let result = json!({
+        "device": format!("cuda:{} {}", a.ordinal, model.gpu.name), "preset": a.preset,
+        "layers": layers, "full_layers": full_layers, "copy_bandwidth_bytes_per_s": bw,
+        "gpu_total_bytes": total, "peak_gpu_used_bytes": peak_used,
+        "host_generate_s": gen_s, "upload_s": upload_s,
+        "decode_weight_bytes_per_step": weight_bytes, "rows": rows,
+    });
+    if let Some(path) = &a.csv {
+        let mut s =
+            String::from("phase,tokens,context,seconds,tok_s,ms_per_layer,bandwidth_fraction\n");
+        for r in &rows {
+            s += &format!(
+                "{},{},{},{:.6},{:.3},{:.4},{}\n",
+                r["phase"].as_str().unwrap_or(""),
+                r["tokens"],
+                r["context"],
+                r["seconds"].as_f64().unwrap_or(0.0),
+                r["tok_s"].as_f64().unwrap_or(0.0),
+                r["ms_per_layer"].as_f64().unwrap_or(0.0),
+                r["bandwidth_fraction"]
+                    .as_f64()
+                    .map_or(String::new(), |f| format!("{f:.4}")),
+            );
+        }
+        std::fs::write(path, s).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if a.json {
+        println!("{result}");
+        return Ok(());
+    }
+    println!(
+        "{} · synthetic {} shapes, {layers} of {full_layers} layers (official FP8/FP4 formats) · \
+         copy bandwidth {:.0} GB/s · peak GPU memory {:.1} GB of {:.1}",
+        model.gpu.name,
+        a.preset,
+        bw / 1e9,
+        peak_used as f64 / 1e9,
+        total as f64 / 1e9
+    );
+    println!(
+        "decode weight traffic: {:.2} GB/step ({layers} layers)",
+        weight_bytes / 1e9
+    );
+    println!();
+    println!("| phase | tokens | context | ms | tok/s | ms/layer | {full_layers}-layer tok/s | bandwidth |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for r in &rows {
+        let s = r["seconds"].as_f64().unwrap_or(0.0);
+        let equiv = match r["phase"].as_str() {
+            Some("decode") => 1.0 / (s * full_layers as f64 / layers as f64),
+            _ => r["tokens"].as_f64().unwrap_or(0.0) / (s * full_layers as f64 / layers as f64),
+        };
+        println!(
+            "| {} | {} | {} | {:.2} | {:.1} | {:.3} | {:.1} | {} |",
+            r["phase"].as_str().unwrap_or(""),
+            r["tokens"],
+            r["context"],
+            s * 1e3,
+            r["tok_s"].as_f64().unwrap_or(0.0),
+            r["ms_per_layer"].as_f64().unwrap_or(0.0),
+            equiv,
+            r["bandwidth_fraction"]
+                .as_f64()
+                .map_or("—".into(), |f| format!("{:.0}%", 100.0 * f)),
+        );
+    }
+    Ok(())
+}
