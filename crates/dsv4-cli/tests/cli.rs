@@ -472,3 +472,31 @@ fn logits_command_runs_the_official_profile() {
     let (_, got) = read_npy(&out);
     assert_rows_close("official profile", &got, &want, vocab, n);
 }
+
+/// `--device` names are checked, and a CUDA device on a build without the CUDA backend (or on a
+/// machine without a GPU) is a one-line error, never a panic.
+#[test]
+fn device_errors_are_clean() {
+    let m = fixture("hf-bf16");
+    let m = m.to_str().unwrap();
+    let out = std::env::temp_dir().join("dsv4-device-test.npy");
+    let out = out.to_str().unwrap();
+    let o = dsv4(&[
+        "logits", "--model", m, "--ids", "1,2", "--out", out, "--device", "gpu",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--device must be"));
+    let o = dsv4(&[
+        "logits", "--model", m, "--ids", "1,2", "--out", out, "--device", "cuda",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    // Without a GPU (CI) this fails cleanly: no CUDA support in this build, or no driver.
+    if !o.status.success() {
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains("without CUDA support") || err.contains("CUDA") || err.contains("GPU"),
+            "{err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}

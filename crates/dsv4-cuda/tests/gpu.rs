@@ -162,3 +162,25 @@ fn fixtures_match_reference_on_gpu() {
         }
     }
 }
+
+/// Without a GPU (CI), opening one is a clear error naming what is missing, never a panic.
+#[test]
+fn no_gpu_is_a_clear_error() {
+    match Gpu::open(0) {
+        Ok(g) => eprintln!("a GPU is present: {}", g.name),
+        Err(e) => {
+            let msg = e.to_string();
+            eprintln!("{msg}");
+            assert!(
+                msg.contains("libcuda") || msg.contains("GPU") || msg.contains("driver"),
+                "unhelpful error: {msg}"
+            );
+        }
+    }
+    // An ordinal past the last GPU is an error too.
+    if let Err(e) = Gpu::open(4096) {
+        assert!(!e.to_string().is_empty());
+    } else {
+        panic!("cuda:4096 opened");
+    }
+}
