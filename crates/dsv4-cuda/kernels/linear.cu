@@ -1,5 +1,5 @@
 // y[m, r] = W[r, :] · x[m, :] for a range of rows, M tokens, optional split over K (partials
-// reduced by `gemv_reduce` in a fixed order, so results never depend on scheduling).
+// summed by the last block to finish, in split order, so results never depend on scheduling).
 #include "linear.cuh"
 
 #define GEMV_ROWS_PER_BLOCK 16  // 8 warps x 2 rows
@@ -8,6 +8,7 @@ struct GemvArgs {
     const float* x;
     float* y;
     float* partial;    // [S, M, nrows] when S > 1
+    unsigned int* counters;  // per (row block, token chunk), zero between launches
     int32_t row0, nrows;
     int32_t ldx, ldy, M, S;
     int32_t xg_rows;   // rows per input group (0: one input for all rows)
@@ -20,34 +21,58 @@ __device__ void gemv_impl(const LinearW& W, const GemvArgs& a) {
     constexpr int N = Chunk<FMT>::N;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int ri = blockIdx.x * GEMV_ROWS_PER_BLOCK + warp * 2;
-    if (ri >= a.nrows) return;
-    const int r0 = a.row0 + ri;
+    const bool active = ri < a.nrows;
+    const int r0 = a.row0 + (active ? ri : 0);
     const int nr = (ri + 1 < a.nrows) ? 2 : 1;
     const int m0 = blockIdx.z * MT;
     const int M = min(MT, a.M - m0);
-    const float* xm[MT];
-#pragma unroll
-    for (int m = 0; m < MT; m++) xm[m] = a.x + (size_t)(m0 + (m < M ? m : 0)) * a.ldx;
-    const int xoff = a.xg_rows ? (r0 / a.xg_rows) * a.xg_stride : 0;
-    const int nch = a.vec ? W.in / N : 0;
     const int s = blockIdx.y;
-    const int c0 = (int)((long long)nch * s / a.S), c1 = (int)((long long)nch * (s + 1) / a.S);
-    float acc[2][MT];
+    if (active) {
+        const float* xm[MT];
 #pragma unroll
-    for (int m = 0; m < MT; m++) acc[0][m] = acc[1][m] = 0.f;
-    warp_dot2<FMT, MT>(W, r0, nr, xm, M, xoff, c0, c1, s == a.S - 1, nch * N, acc);
-    if (lane == 0) {
+        for (int m = 0; m < MT; m++) xm[m] = a.x + (size_t)(m0 + (m < M ? m : 0)) * a.ldx;
+        const int xoff = a.xg_rows ? (r0 / a.xg_rows) * a.xg_stride : 0;
+        const int nch = a.vec ? W.in / N : 0;
+        const int c0 = (int)((long long)nch * s / a.S), c1 = (int)((long long)nch * (s + 1) / a.S);
+        float acc[2][MT];
 #pragma unroll
-        for (int m = 0; m < MT; m++) {
-            if (m < M) {
-                for (int i = 0; i < nr; i++) {
-                    float v = acc[i][m];
-                    if (a.S == 1) a.y[(size_t)(m0 + m) * a.ldy + ri + i] = v;
-                    else a.partial[((size_t)s * a.M + m0 + m) * a.nrows + ri + i] = v;
+        for (int m = 0; m < MT; m++) acc[0][m] = acc[1][m] = 0.f;
+        warp_dot2<FMT, MT>(W, r0, nr, xm, M, xoff, c0, c1, s == a.S - 1, nch * N, acc);
+        if (lane == 0) {
+#pragma unroll
+            for (int m = 0; m < MT; m++) {
+                if (m < M) {
+                    for (int i = 0; i < nr; i++) {
+                        float v = acc[i][m];
+                        if (a.S == 1) a.y[(size_t)(m0 + m) * a.ldy + ri + i] = v;
+                        else a.partial[((size_t)s * a.M + m0 + m) * a.nrows + ri + i] = v;
+                    }
                 }
             }
         }
     }
+    if (a.S == 1) return;
+    // Split K: the last block of this (row block, token chunk) to finish sums the partials in
+    // split order (deterministic) and resets the counter for the next launch.
+    __shared__ int last;
+    __syncthreads();
+    unsigned int* ctr = a.counters + blockIdx.z * gridDim.x + blockIdx.x;
+    if (threadIdx.x == 0) {
+        __threadfence();
+        last = atomicAdd(ctr, 1u) == (unsigned)(a.S - 1);
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    for (int idx = threadIdx.x; idx < GEMV_ROWS_PER_BLOCK * M; idx += blockDim.x) {
+        const int i = idx % GEMV_ROWS_PER_BLOCK, m = idx / GEMV_ROWS_PER_BLOCK;
+        const int r = blockIdx.x * GEMV_ROWS_PER_BLOCK + i;
+        if (r >= a.nrows) continue;
+        float v = 0.f;
+        for (int k = 0; k < a.S; k++) v += __ldcg(a.partial + ((size_t)k * a.M + m0 + m) * a.nrows + r);
+        a.y[(size_t)(m0 + m) * a.ldy + r] = v;
+    }
+    if (threadIdx.x == 0) *ctr = 0;
 }
 
 #define GEMV(FMT, NAME, MT)                                                                  \
@@ -60,13 +85,3 @@ GEMV_ALL(FMT_BF16, bf16)
 GEMV_ALL(FMT_F16, f16)
 GEMV_ALL(FMT_FP8, fp8)
 GEMV_ALL(FMT_FP4, fp4)
-
-// y[m * ldy + i] = sum over s of partial[s, m, i], s ascending.
-extern "C" __global__ void gemv_reduce(const float* partial, float* y, int S, int M, int nrows, int ldy) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    int m = blockIdx.y;
-    if (i >= nrows) return;
-    float v = 0.f;
-    for (int s = 0; s < S; s++) v += partial[((size_t)s * M + m) * nrows + i];
-    y[(size_t)m * ldy + i] = v;
-}

@@ -57,6 +57,7 @@ struct Scratch {
     su: DevBuf,
     tiles: DevBuf,
     partial: DevBuf,
+    counters: DevBuf,
     scores: DevBuf,
     scores_floats: usize,
     attn_part: DevBuf,
@@ -103,6 +104,7 @@ impl Scratch {
             su: f(cap * inter)?,
             tiles: f(3 * pairs + 8 * pairs + 16)?,
             partial: f(1 << 22)?,
+            counters: gpu.alloc_zeros(4 << 16)?,
             scores: f(1 << 24)?,
             scores_floats: 1 << 24,
             attn_part: f(cap.max(64) * h * (dh + 2))?,
@@ -242,6 +244,8 @@ impl CudaModel {
         Partial {
             ptr: s.partial.ptr,
             floats: s.partial.bytes / 4,
+            counters: s.counters.ptr,
+            n_counters: s.counters.bytes / 4,
         }
     }
 

@@ -13,6 +13,7 @@ struct GemvArgs {
     x: u64,
     y: u64,
     partial: u64,
+    counters: u64,
     row0: i32,
     nrows: i32,
     ldx: i32,
@@ -48,10 +49,13 @@ impl LinIn {
     }
 }
 
-/// Split-K workspace for narrow matrices.
+/// Split-K workspace for narrow matrices: partial sums, and zeroed per-block counters that
+/// tell the last block of each row block to reduce.
 pub struct Partial {
     pub ptr: u64,
     pub floats: usize,
+    pub counters: u64,
+    pub n_counters: usize,
 }
 
 /// `y[t, :] = W · x[t, :]` for all rows of `w`; `y` has leading dimension `ldy`.
@@ -86,11 +90,15 @@ pub fn linear(
         while s > 1 && s * m * nrows > part.floats {
             s /= 2;
         }
+        if blocks > part.n_counters {
+            s = 1;
+        }
     }
     let args = GemvArgs {
         x: inp.x,
         y,
         partial: part.ptr,
+        counters: part.counters,
         row0: 0,
         nrows: nrows as i32,
         ldx: inp.ldx as i32,
@@ -103,18 +111,7 @@ pub fn linear(
     };
     let name = format!("gemv_{}_{mt}", w.fmt.name());
     let grid = (blocks as u32, s as u32, m.div_ceil(mt) as u32);
-    gpu.launch(&name, grid, (256, 1, 1), 0, &[&w.desc, &args])?;
-    if s > 1 {
-        let (p, yy, ss, mm, nr, ld) = (part.ptr, y, s as i32, m as i32, nrows as i32, ldy as i32);
-        gpu.launch(
-            "gemv_reduce",
-            (nrows.div_ceil(256) as u32, m as u32, 1),
-            (256, 1, 1),
-            0,
-            &[&p, &yy, &ss, &mm, &nr, &ld],
-        )?;
-    }
-    Ok(())
+    gpu.launch(&name, grid, (256, 1, 1), 0, &[&w.desc, &args])
 }
 
 fn blocks_for(n: usize, per: usize) -> u32 {

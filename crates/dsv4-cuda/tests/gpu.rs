@@ -39,6 +39,7 @@ fn linear_kernels_match_cpu() {
     use dsv4_cuda::weights::GpuLinear;
     let gpu = Gpu::open(0).expect("GPU");
     let part = gpu.alloc(1 << 24).unwrap();
+    let counters = gpu.alloc_zeros(1 << 18).unwrap();
     use synthetic::MatrixFormat as F;
     for (fmt, out, inp) in [
         (F::Fp8, 300, 1024),
@@ -62,6 +63,8 @@ fn linear_kernels_match_cpu() {
             let part = Partial {
                 ptr: part.ptr,
                 floats: 1 << 22,
+                counters: counters.ptr,
+                n_counters: 1 << 16,
             };
             linear(&gpu, &g, &LinIn::rows(xd.ptr, inp, m), yd.ptr, out, &part).unwrap();
             let mut got = vec![0f32; m * out];
