@@ -3,3 +3,4 @@
 #include "elementwise.cu"
 #include "attention.cu"
 #include "moe.cu"
+#include "gemm.cu"

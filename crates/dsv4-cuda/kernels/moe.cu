@@ -136,7 +136,7 @@ __device__ void moe_down_impl(const MoeArgs& a) {
 #define MOE(FMT, NAME, MT)                                                                        \
     extern "C" __global__ void __launch_bounds__(256) moe_up_##NAME##_##MT(MoeArgs a) { moe_up_impl<FMT, MT>(a); } \
     extern "C" __global__ void __launch_bounds__(256) moe_down_##NAME##_##MT(MoeArgs a) { moe_down_impl<FMT, MT>(a); }
-#define MOE_ALL(FMT, NAME) MOE(FMT, NAME, 1) MOE(FMT, NAME, 8)
+#define MOE_ALL(FMT, NAME) MOE(FMT, NAME, 1)
 MOE_ALL(FMT_F32, f32)
 MOE_ALL(FMT_BF16, bf16)
 MOE_ALL(FMT_F16, f16)

@@ -73,6 +73,7 @@ impl Scratch {
         let width = 2 * dh.max(c.index_head_dim);
         let ext_rows = 2 * max_ratio + cap;
         let pairs = cap * k;
+        let e_count = c.n_routed_experts;
         Ok(Scratch {
             cap,
             ids: f(cap)?,
@@ -102,7 +103,7 @@ impl Scratch {
             eout: f(pairs * d)?,
             sg: f(cap * inter)?,
             su: f(cap * inter)?,
-            tiles: f(3 * pairs + 8 * pairs + 16)?,
+            tiles: f(2 * (pairs + e_count) + 64 * (pairs + e_count))?,
             partial: f(1 << 22)?,
             counters: gpu.alloc_zeros(4 << 16)?,
             scores: f(1 << 24)?,
@@ -772,7 +773,7 @@ impl CudaModel {
             None => g.memset(s.f.ptr, 0, t * d * 4)?,
         }
         let pairs = t * k;
-        let mut a = MoeArgs {
+        let a = MoeArgs {
             w1: mw.w1_table.ptr,
             w3: mw.w3_table.ptr,
             w2: mw.w2_table.ptr,
@@ -794,7 +795,8 @@ impl CudaModel {
         if pairs <= GROUP_PAIRS {
             ops::moe_experts(g, mw.fmt, &a, pairs, 1)?;
         } else {
-            // Group pairs by expert (tiles of up to 8) so each expert streams once per tile.
+            // Group pairs by expert (tiles of up to 64) so each expert's weights are decoded
+            // once per tile and reused by all of its tokens.
             let mut picks = vec![0i32; pairs];
             g.dtoh(s.picks.ptr, &mut picks)?;
             let mut by_expert: Vec<Vec<i32>> = vec![Vec::new(); e];
@@ -805,27 +807,37 @@ impl CudaModel {
                     .ok_or_else(|| Error::Driver(format!("router picked expert {ex}")))?;
                 by_expert[ex].push(p as i32);
             }
+            let tp_w = ops::GEMM_TILE;
             let (mut te, mut tp, mut tn) = (Vec::new(), Vec::new(), Vec::new());
             for (ex, list) in by_expert.iter().enumerate() {
-                for chunk in list.chunks(8) {
+                for chunk in list.chunks(tp_w) {
                     te.push(ex as i32);
                     tn.push(chunk.len() as i32);
-                    tp.extend(
-                        chunk
-                            .iter()
-                            .copied()
-                            .chain(std::iter::repeat(chunk[0]).take(8 - chunk.len())),
-                    );
+                    tp.extend(chunk.iter().copied());
+                    tp.extend(std::iter::repeat_n(chunk[0], tp_w - chunk.len()));
                 }
             }
             let ntile = te.len();
             g.htod(s.tiles.ptr, &te)?;
             g.htod(s.tiles.at::<i32>(ntile), &tn)?;
             g.htod(s.tiles.at::<i32>(2 * ntile), &tp)?;
-            a.tile_expert = s.tiles.ptr;
-            a.tile_n = s.tiles.at::<i32>(ntile);
-            a.tile_pairs = s.tiles.at::<i32>(2 * ntile);
-            ops::moe_experts(g, mw.fmt, &a, ntile, 8)?;
+            let ga = ops::MoeGemmArgs {
+                w1: a.w1,
+                w3: a.w3,
+                w2: a.w2,
+                tile_expert: s.tiles.ptr,
+                tile_n: s.tiles.at::<i32>(ntile),
+                tile_pairs: s.tiles.at::<i32>(2 * ntile),
+                x: a.x,
+                h: a.h,
+                out: a.out,
+                k: a.k,
+                d: a.d,
+                i: a.i,
+                vec: a.vec,
+                lim: a.lim,
+            };
+            ops::moe_experts_gemm(g, mw.fmt, &ga, ntile)?;
         }
         let (ki, di, ti, inside) = (k as i32, d as i32, t as i32, 0i32);
         ops::elementwise(

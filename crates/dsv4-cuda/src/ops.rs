@@ -26,6 +26,24 @@ struct GemvArgs {
 }
 unsafe impl DeviceRepr for GemvArgs {}
 
+/// `GemmArgs` of `kernels/gemm.cu`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct GemmArgs {
+    x: u64,
+    y: u64,
+    ldx: i32,
+    ldy: i32,
+    m: i32,
+    xg_rows: i32,
+    xg_stride: i32,
+    vec: i32,
+}
+unsafe impl DeviceRepr for GemmArgs {}
+
+/// Tile of the multi-token kernels: 64 rows × 64 tokens.
+pub const GEMM_TILE: usize = 64;
+
 /// Rows per block of the GEMV kernels (8 warps × 2 rows).
 const GEMV_ROWS: usize = 16;
 
@@ -77,8 +95,29 @@ pub fn linear(
         3 | 4 => 4,
         _ => 8,
     };
-    let blocks = nrows.div_ceil(GEMV_ROWS);
     let (gs, gstride) = inp.group.unwrap_or((0, 0));
+    // Many tokens: the tiled kernel reuses each decoded weight tile for 64 tokens.
+    let tiles = nrows.div_ceil(GEMM_TILE) * m.div_ceil(GEMM_TILE);
+    if m > 8 && gs.is_multiple_of(GEMM_TILE) && 2 * tiles >= gpu.sm_count {
+        let args = GemmArgs {
+            x: inp.x,
+            y,
+            ldx: inp.ldx as i32,
+            ldy: ldy as i32,
+            m: m as i32,
+            xg_rows: gs as i32,
+            xg_stride: gstride as i32,
+            vec: w.vec as i32,
+        };
+        let grid = (
+            nrows.div_ceil(GEMM_TILE) as u32,
+            m.div_ceil(GEMM_TILE) as u32,
+            1,
+        );
+        let name = format!("gemm_{}", w.fmt.name());
+        return gpu.launch(&name, grid, (256, 1, 1), 0, &[&w.desc, &args]);
+    }
+    let blocks = nrows.div_ceil(GEMV_ROWS);
     let vec =
         w.vec && inp.ldx.is_multiple_of(4) && inp.x.is_multiple_of(16) && gstride.is_multiple_of(4);
     // Narrow matrices at small m: split K so the whole GPU streams the weight.
@@ -261,6 +300,49 @@ pub struct MoeArgs {
     pub lim: f32,
 }
 unsafe impl DeviceRepr for MoeArgs {}
+
+/// `MoeGemmArgs` of `kernels/gemm.cu`: tiles of up to 64 pairs of one expert.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct MoeGemmArgs {
+    pub w1: u64,
+    pub w3: u64,
+    pub w2: u64,
+    pub tile_expert: u64,
+    pub tile_pairs: u64,
+    pub tile_n: u64,
+    pub x: u64,
+    pub h: u64,
+    pub out: u64,
+    pub k: i32,
+    pub d: i32,
+    pub i: i32,
+    pub vec: i32,
+    pub lim: f32,
+}
+unsafe impl DeviceRepr for MoeGemmArgs {}
+
+/// The routed experts for many tokens: tiles of 64 pairs × 64 rows.
+pub fn moe_experts_gemm(gpu: &Gpu, fmt: Fmt, a: &MoeGemmArgs, ntile: usize) -> Result<()> {
+    if ntile == 0 {
+        return Ok(());
+    }
+    let f = fmt.name();
+    gpu.launch(
+        &format!("moe_up_gemm_{f}"),
+        (ntile as u32, blocks_for(a.i as usize, GEMM_TILE), 1),
+        (256, 1, 1),
+        0,
+        &[a],
+    )?;
+    gpu.launch(
+        &format!("moe_down_gemm_{f}"),
+        (ntile as u32, blocks_for(a.d as usize, GEMM_TILE), 1),
+        (256, 1, 1),
+        0,
+        &[a],
+    )
+}
 
 /// The routed experts: gate+up (SwiGLU fused) and down over `ntile` tiles.
 pub fn moe_experts(gpu: &Gpu, fmt: Fmt, a: &MoeArgs, ntile: usize, mt: usize) -> Result<()> {

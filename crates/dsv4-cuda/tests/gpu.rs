@@ -53,7 +53,7 @@ fn linear_kernels_match_cpu() {
     ] {
         let l: Linear = synthetic::random_linear(fmt, out, inp, 7).unwrap();
         let g = GpuLinear::upload(&gpu, &l).unwrap();
-        for m in [1usize, 2, 3, 8, 20] {
+        for m in [1usize, 2, 3, 8, 20, 100] {
             let x: Vec<f32> = (0..m * inp)
                 .map(|i| ((i * 2654435761usize) % 1000) as f32 / 500.0 - 1.0)
                 .collect();

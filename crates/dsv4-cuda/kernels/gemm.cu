@@ -1,0 +1,207 @@
+// Multi-token products (prefill): a block computes a 64-row x 64-token tile of y = W x, the
+// weight tile decoded once into shared memory (scales applied) and reused for all 64 tokens,
+// each thread accumulating 4 rows x 4 tokens in registers. The MoE variants run one expert on
+// up to 64 of the (token, slot) pairs routed to it.
+#include "linear.cuh"
+
+#define GB_M 64
+#define GB_T 64
+#define GB_K 32
+#define GB_LD 68  // padded row of the shared tiles (keeps float4 alignment)
+
+// Ws[k][r] = W[row0 + r, k0 + k] for a 64 x 32 tile (zeros outside the matrix).
+template <int FMT>
+__device__ __forceinline__ void load_w_tile(const LinearW& W, int row0, int k0, bool vec, float (*Ws)[GB_LD]) {
+    constexpr int N = Chunk<FMT>::N;
+    const int tid = threadIdx.x;
+    const int rows = W.out - row0;
+    if (vec && k0 + GB_K <= W.in) {
+        constexpr int per_row = GB_K / N > 0 ? GB_K / N : 1;
+        constexpr int total = GB_M * per_row;
+        const size_t row_bytes = (FMT == FMT_FP4) ? (size_t)W.in / 2
+                               : (size_t)W.in * (FMT == FMT_F32 ? 4 : (FMT == FMT_FP8 ? 1 : 2));
+        for (int i = tid; i < total; i += blockDim.x) {
+            const int r = i / per_row, c = i % per_row;
+            float f[N];
+            if (r < rows) {
+                const int chunk = k0 / N + c;
+                uint4 q = __ldg((const uint4*)(W.w + (size_t)(row0 + r) * row_bytes) + chunk);
+                float s = decode_chunk<FMT>(W, row0 + r, chunk, q, f);
+#pragma unroll
+                for (int j = 0; j < N; j++) f[j] *= s;
+            } else {
+#pragma unroll
+                for (int j = 0; j < N; j++) f[j] = 0.f;
+            }
+#pragma unroll
+            for (int j = 0; j < N; j++) Ws[c * N + j][r] = f[j];
+        }
+    } else {
+        for (int i = tid; i < GB_M * GB_K; i += blockDim.x) {
+            const int r = i / GB_K, k = i % GB_K;
+            Ws[k][r] = (r < rows && k0 + k < W.in) ? load_elem(W, row0 + r, k0 + k) : 0.f;
+        }
+    }
+}
+
+// Xs[k][t] = x_t[k0 + k] for the tile's tokens, whose rows are given by `xrow(t)` (null: none).
+template <typename XRow>
+__device__ __forceinline__ void load_x_tile(XRow xrow, int ntok, int k0, int K, float (*Xs)[GB_LD]) {
+    for (int i = threadIdx.x; i < GB_T * GB_K; i += blockDim.x) {
+        const int t = i / GB_K, k = i % GB_K;
+        float v = 0.f;
+        if (t < ntok && k0 + k < K) v = xrow(t)[k0 + k];
+        Xs[k][t] = v;
+    }
+}
+
+__device__ __forceinline__ void tile_fma(float (*Ws)[GB_LD], float (*Xs)[GB_LD], float (&acc)[4][4]) {
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll 8
+    for (int k = 0; k < GB_K; k++) {
+        const float4 w = *(const float4*)&Ws[k][ty * 4];
+        const float4 x = *(const float4*)&Xs[k][tx * 4];
+        const float wv[4] = {w.x, w.y, w.z, w.w}, xv[4] = {x.x, x.y, x.z, x.w};
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+#pragma unroll
+            for (int j = 0; j < 4; j++) acc[i][j] = fmaf(wv[i], xv[j], acc[i][j]);
+    }
+}
+
+struct GemmArgs {
+    const float* x;
+    float* y;
+    int32_t ldx, ldy, M;
+    int32_t xg_rows, xg_stride;  // grouped input (wo_a); a tile's rows share one group
+    int32_t vec;
+};
+
+template <int FMT>
+__device__ void gemm_impl(const LinearW& W, const GemmArgs& a) {
+    __shared__ __align__(16) float Ws[GB_K][GB_LD];
+    __shared__ __align__(16) float Xs[GB_K][GB_LD];
+    const int row0 = blockIdx.x * GB_M, tok0 = blockIdx.y * GB_T;
+    const int ntok = min(GB_T, a.M - tok0);
+    const int xoff = a.xg_rows ? (row0 / a.xg_rows) * a.xg_stride : 0;
+    const float* xb = a.x + (size_t)tok0 * a.ldx + xoff;
+    const int ldx = a.ldx;
+    auto xrow = [&](int t) { return xb + (size_t)t * ldx; };
+    float acc[4][4] = {};
+    for (int k0 = 0; k0 < W.in; k0 += GB_K) {
+        load_w_tile<FMT>(W, row0, k0, a.vec, Ws);
+        load_x_tile(xrow, ntok, k0, W.in, Xs);
+        __syncthreads();
+        tile_fma(Ws, Xs, acc);
+        __syncthreads();
+    }
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const int t = tx * 4 + j;
+        if (t >= ntok) continue;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const int r = row0 + ty * 4 + i;
+            if (r < W.out) a.y[(size_t)(tok0 + t) * a.ldy + r] = acc[i][j];
+        }
+    }
+}
+
+#define GEMM(FMT, NAME) \
+    extern "C" __global__ void __launch_bounds__(256) gemm_##NAME(LinearW W, GemmArgs a) { gemm_impl<FMT>(W, a); }
+GEMM(FMT_F32, f32)
+GEMM(FMT_BF16, bf16)
+GEMM(FMT_F16, f16)
+GEMM(FMT_FP8, fp8)
+GEMM(FMT_FP4, fp4)
+
+// MoE tiles of up to 64 pairs of one expert. tile_pairs: [ntile, 64].
+struct MoeGemmArgs {
+    const LinearW* w1;
+    const LinearW* w3;
+    const LinearW* w2;
+    const int* tile_expert;
+    const int* tile_pairs;
+    const int* tile_n;
+    const float* x;   // [T, D]
+    float* h;         // [T * k, I]
+    float* out;       // [T * k, D]
+    int32_t k, D, I, vec;
+    float lim;
+};
+
+template <int FMT>
+__device__ void moe_up_gemm_impl(const MoeGemmArgs& a) {
+    __shared__ __align__(16) float W1s[GB_K][GB_LD];
+    __shared__ __align__(16) float W3s[GB_K][GB_LD];
+    __shared__ __align__(16) float Xs[GB_K][GB_LD];
+    __shared__ int pairs[GB_T];
+    const int tile = blockIdx.x, row0 = blockIdx.y * GB_M;
+    const int e = a.tile_expert[tile], n = a.tile_n[tile];
+    for (int i = threadIdx.x; i < GB_T; i += blockDim.x) pairs[i] = i < n ? a.tile_pairs[tile * GB_T + i] : 0;
+    __syncthreads();
+    const LinearW W1 = a.w1[e], W3 = a.w3[e];
+    auto xrow = [&](int t) { return a.x + (size_t)(pairs[t] / a.k) * a.D; };
+    float g[4][4] = {}, u[4][4] = {};
+    for (int k0 = 0; k0 < a.D; k0 += GB_K) {
+        load_w_tile<FMT>(W1, row0, k0, a.vec, W1s);
+        load_w_tile<FMT>(W3, row0, k0, a.vec, W3s);
+        load_x_tile(xrow, n, k0, a.D, Xs);
+        __syncthreads();
+        tile_fma(W1s, Xs, g);
+        tile_fma(W3s, Xs, u);
+        __syncthreads();
+    }
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    for (int j = 0; j < 4; j++) {
+        const int t = tx * 4 + j;
+        if (t >= n) continue;
+        for (int i = 0; i < 4; i++) {
+            const int r = row0 + ty * 4 + i;
+            if (r >= a.I) continue;
+            float gv = g[i][j], uv = u[i][j];
+            if (!isnan(a.lim)) { gv = fminf(gv, a.lim); uv = fminf(fmaxf(uv, -a.lim), a.lim); }
+            a.h[(size_t)pairs[t] * a.I + r] = gv / (1.0f + expf(-gv)) * uv;
+        }
+    }
+}
+
+template <int FMT>
+__device__ void moe_down_gemm_impl(const MoeGemmArgs& a) {
+    __shared__ __align__(16) float Ws[GB_K][GB_LD];
+    __shared__ __align__(16) float Xs[GB_K][GB_LD];
+    __shared__ int pairs[GB_T];
+    const int tile = blockIdx.x, row0 = blockIdx.y * GB_M;
+    const int e = a.tile_expert[tile], n = a.tile_n[tile];
+    for (int i = threadIdx.x; i < GB_T; i += blockDim.x) pairs[i] = i < n ? a.tile_pairs[tile * GB_T + i] : 0;
+    __syncthreads();
+    const LinearW W2 = a.w2[e];
+    auto xrow = [&](int t) { return a.h + (size_t)pairs[t] * a.I; };
+    float acc[4][4] = {};
+    for (int k0 = 0; k0 < a.I; k0 += GB_K) {
+        load_w_tile<FMT>(W2, row0, k0, a.vec, Ws);
+        load_x_tile(xrow, n, k0, a.I, Xs);
+        __syncthreads();
+        tile_fma(Ws, Xs, acc);
+        __syncthreads();
+    }
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    for (int j = 0; j < 4; j++) {
+        const int t = tx * 4 + j;
+        if (t >= n) continue;
+        for (int i = 0; i < 4; i++) {
+            const int r = row0 + ty * 4 + i;
+            if (r < a.D) a.out[(size_t)pairs[t] * a.D + r] = acc[i][j];
+        }
+    }
+}
+
+#define MOE_GEMM(FMT, NAME)                                                                             \
+    extern "C" __global__ void __launch_bounds__(256) moe_up_gemm_##NAME(MoeGemmArgs a) { moe_up_gemm_impl<FMT>(a); } \
+    extern "C" __global__ void __launch_bounds__(256) moe_down_gemm_##NAME(MoeGemmArgs a) { moe_down_gemm_impl<FMT>(a); }
+MOE_GEMM(FMT_F32, f32)
+MOE_GEMM(FMT_BF16, bf16)
+MOE_GEMM(FMT_F16, f16)
+MOE_GEMM(FMT_FP8, fp8)
+MOE_GEMM(FMT_FP4, fp4)
