@@ -75,75 +75,99 @@ __device__ __forceinline__ float decode_chunk(const LinearW& W, int r, int c, ui
     }
 }
 
-// acc[i][m] += W[r0+i, k] · xm[m][xoff + k] over chunks [c0, c1) (lanes stride 32 chunks), plus
-// the scalar tail k in [kt, K) when `tail`. Rows r0+1 is skipped when nr == 1.
+// acc[i][m] += Ws[i][rows[i], k] · xm[m][xoff + k] for R rows (all of one format and width K)
+// over chunks [c0, c1) (lanes stride 32 chunks), plus the scalar tail k in [kt, K) when `tail`.
+// The next chunk's loads of all R rows are in flight while this one is computed; for one
+// token the x chunk is loaded once and shared by the R rows.
+template <int FMT, int MT, int R>
+__device__ __forceinline__ void warp_dot_rows(const LinearW* const (&Ws)[R], const int (&rows)[R],
+                                              const float* const* xm, int M, int xoff, int c0,
+                                              int c1, bool tail, int kt, float (&acc)[R][MT]) {
+    constexpr int N = Chunk<FMT>::N;
+    const int lane = threadIdx.x & 31;
+    const int K = Ws[0]->in;
+    const size_t row_bytes = (FMT == FMT_FP4) ? (size_t)K / 2
+                           : (size_t)K * (FMT == FMT_F32 ? 4 : (FMT == FMT_FP8 ? 1 : 2));
+    const uint4* p[R];
+#pragma unroll
+    for (int i = 0; i < R; i++) p[i] = (const uint4*)(Ws[i]->w + (size_t)rows[i] * row_bytes);
+    int c = c0 + lane;
+    uint4 q[R];
+#pragma unroll
+    for (int i = 0; i < R; i++) q[i] = c < c1 ? __ldg(p[i] + c) : make_uint4(0, 0, 0, 0);
+    for (; c < c1; c += 32) {
+        uint4 nq[R];
+#pragma unroll
+        for (int i = 0; i < R; i++) nq[i] = c + 32 < c1 ? __ldg(p[i] + c + 32) : q[i];
+        if constexpr (MT == 1) {
+            float xv[N];
+            const float4* xp = (const float4*)(xm[0] + xoff + c * N);
+#pragma unroll
+            for (int j = 0; j < N / 4; j++) {
+                float4 v = __ldg(xp + j);
+                xv[4 * j] = v.x;
+                xv[4 * j + 1] = v.y;
+                xv[4 * j + 2] = v.z;
+                xv[4 * j + 3] = v.w;
+            }
+#pragma unroll
+            for (int i = 0; i < R; i++) {
+                float f[N];
+                float sc = decode_chunk<FMT>(*Ws[i], rows[i], c, q[i], f);
+                float d = 0.f;
+#pragma unroll
+                for (int j = 0; j < N; j++) d = fmaf(f[j], xv[j], d);
+                acc[i][0] = fmaf(d, sc, acc[i][0]);
+            }
+        } else {
+#pragma unroll
+            for (int i = 0; i < R; i++) {
+                float f[N];
+                float sc = decode_chunk<FMT>(*Ws[i], rows[i], c, q[i], f);
+#pragma unroll
+                for (int m = 0; m < MT; m++) {
+                    if (m < M) {
+                        const float4* xp = (const float4*)(xm[m] + xoff + c * N);
+                        float d = 0.f;
+#pragma unroll
+                        for (int j = 0; j < N / 4; j++) {
+                            float4 xv = __ldg(xp + j);
+                            d = fmaf(f[4 * j], xv.x, d);
+                            d = fmaf(f[4 * j + 1], xv.y, d);
+                            d = fmaf(f[4 * j + 2], xv.z, d);
+                            d = fmaf(f[4 * j + 3], xv.w, d);
+                        }
+                        acc[i][m] = fmaf(d, sc, acc[i][m]);
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < R; i++) q[i] = nq[i];
+    }
+    if (tail) {
+        for (int k = kt + lane; k < K; k += 32) {
+#pragma unroll
+            for (int i = 0; i < R; i++) {
+                float v = load_elem(*Ws[i], rows[i], k);
+#pragma unroll
+                for (int m = 0; m < MT; m++)
+                    if (m < M) acc[i][m] = fmaf(v, xm[m][xoff + k], acc[i][m]);
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < R; i++)
+#pragma unroll
+        for (int m = 0; m < MT; m++) acc[i][m] = warp_sum(acc[i][m]);
+}
+
+// Two consecutive rows r0, r0+1 of one matrix (r0+1 repeats r0 when nr == 1).
 template <int FMT, int MT>
 __device__ __forceinline__ void warp_dot2(const LinearW& W, int r0, int nr, const float* const* xm,
                                           int M, int xoff, int c0, int c1, bool tail, int kt,
                                           float (&acc)[2][MT]) {
-    constexpr int N = Chunk<FMT>::N;
-    const int lane = threadIdx.x & 31;
-    const size_t row_bytes = (FMT == FMT_FP4) ? (size_t)W.in / 2
-                           : (size_t)W.in * (FMT == FMT_F32 ? 4 : (FMT == FMT_FP8 ? 1 : 2));
-    const uint4* p0 = (const uint4*)(W.w + (size_t)r0 * row_bytes);
-    const uint4* p1 = (const uint4*)(W.w + (size_t)(r0 + (nr > 1 ? 1 : 0)) * row_bytes);
-    // Software-pipelined: the next chunk's loads are in flight while this one is computed.
-    int c = c0 + lane;
-    uint4 q0 = make_uint4(0, 0, 0, 0), q1 = q0;
-    if (c < c1) {
-        q0 = __ldg(p0 + c);
-        q1 = __ldg(p1 + c);
-    }
-    for (; c < c1; c += 32) {
-        uint4 n0 = q0, n1 = q1;
-        if (c + 32 < c1) {
-            n0 = __ldg(p0 + c + 32);
-            n1 = __ldg(p1 + c + 32);
-        }
-        float f0[N], f1[N];
-        float s0 = decode_chunk<FMT>(W, r0, c, q0, f0);
-        float s1 = decode_chunk<FMT>(W, r0 + 1 < W.out ? r0 + 1 : r0, c, q1, f1);
-#pragma unroll
-        for (int m = 0; m < MT; m++) {
-            if (m < M) {
-                const float4* xp = (const float4*)(xm[m] + xoff + c * N);
-                float d0 = 0.f, d1 = 0.f;
-#pragma unroll
-                for (int j = 0; j < N / 4; j++) {
-                    float4 xv = __ldg(xp + j);
-                    d0 = fmaf(f0[4 * j], xv.x, d0);
-                    d0 = fmaf(f0[4 * j + 1], xv.y, d0);
-                    d0 = fmaf(f0[4 * j + 2], xv.z, d0);
-                    d0 = fmaf(f0[4 * j + 3], xv.w, d0);
-                    d1 = fmaf(f1[4 * j], xv.x, d1);
-                    d1 = fmaf(f1[4 * j + 1], xv.y, d1);
-                    d1 = fmaf(f1[4 * j + 2], xv.z, d1);
-                    d1 = fmaf(f1[4 * j + 3], xv.w, d1);
-                }
-                acc[0][m] = fmaf(d0, s0, acc[0][m]);
-                acc[1][m] = fmaf(d1, s1, acc[1][m]);
-            }
-        }
-        q0 = n0;
-        q1 = n1;
-    }
-    if (tail) {
-        for (int k = kt + lane; k < W.in; k += 32) {
-            float v0 = load_elem(W, r0, k);
-            float v1 = nr > 1 ? load_elem(W, r0 + 1, k) : 0.f;
-#pragma unroll
-            for (int m = 0; m < MT; m++) {
-                if (m < M) {
-                    float xv = xm[m][xoff + k];
-                    acc[0][m] = fmaf(v0, xv, acc[0][m]);
-                    acc[1][m] = fmaf(v1, xv, acc[1][m]);
-                }
-            }
-        }
-    }
-#pragma unroll
-    for (int m = 0; m < MT; m++) {
-        acc[0][m] = warp_sum(acc[0][m]);
-        acc[1][m] = warp_sum(acc[1][m]);
-    }
+    const LinearW* ws[2] = {&W, &W};
+    const int rows[2] = {r0, nr > 1 ? r0 + 1 : r0};
+    warp_dot_rows<FMT, MT, 2>(ws, rows, xm, M, xoff, c0, c1, tail, kt, acc);
 }

@@ -89,11 +89,22 @@ __device__ void moe_up_impl(const MoeArgs& a) {
 #pragma unroll
     for (int j = 0; j < MT; j++) xm[j] = a.x + (size_t)(pairs[j < M ? j : 0] / a.k) * a.D;
     const int nch = a.vec ? a.D / N : 0;
+    // Gate and up rows together: four rows' loads in flight per lane.
+    const LinearW* ws[4] = {&W1, &W1, &W3, &W3};
+    const int r1 = nr > 1 ? r + 1 : r;
+    const int rows[4] = {r, r1, r, r1};
+    float acc[4][MT];
+#pragma unroll
+    for (int j = 0; j < MT; j++) acc[0][j] = acc[1][j] = acc[2][j] = acc[3][j] = 0.f;
+    warp_dot_rows<FMT, MT, 4>(ws, rows, xm, M, 0, 0, nch, true, nch * N, acc);
     float g[2][MT], u[2][MT];
 #pragma unroll
-    for (int j = 0; j < MT; j++) g[0][j] = g[1][j] = u[0][j] = u[1][j] = 0.f;
-    warp_dot2<FMT, MT>(W1, r, nr, xm, M, 0, 0, nch, true, nch * N, g);
-    warp_dot2<FMT, MT>(W3, r, nr, xm, M, 0, 0, nch, true, nch * N, u);
+    for (int j = 0; j < MT; j++) {
+        g[0][j] = acc[0][j];
+        g[1][j] = acc[1][j];
+        u[0][j] = acc[2][j];
+        u[1][j] = acc[3][j];
+    }
     if (lane == 0) {
         for (int j = 0; j < M; j++) {
             for (int i = 0; i < nr; i++) {
