@@ -2,7 +2,7 @@
 // summed by the last block to finish, in split order, so results never depend on scheduling).
 #include "linear.cuh"
 
-#define GEMV_ROWS_PER_BLOCK 16  // 8 warps x 2 rows
+#define GEMV_ROWS_PER_BLOCK 32  // 8 warps x 4 rows
 
 struct GemvArgs {
     const float* x;
@@ -20,29 +20,34 @@ template <int FMT, int MT>
 __device__ void gemv_impl(const LinearW& W, const GemvArgs& a) {
     constexpr int N = Chunk<FMT>::N;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int ri = blockIdx.x * GEMV_ROWS_PER_BLOCK + warp * 2;
+    const int ri = blockIdx.x * GEMV_ROWS_PER_BLOCK + warp * 4;
     const bool active = ri < a.nrows;
-    const int r0 = a.row0 + (active ? ri : 0);
-    const int nr = (ri + 1 < a.nrows) ? 2 : 1;
+    const int nr = min(4, a.nrows - ri);
     const int m0 = blockIdx.z * MT;
     const int M = min(MT, a.M - m0);
     const int s = blockIdx.y;
     if (active) {
+        const int r0 = a.row0 + ri;
         const float* xm[MT];
 #pragma unroll
         for (int m = 0; m < MT; m++) xm[m] = a.x + (size_t)(m0 + (m < M ? m : 0)) * a.ldx;
         const int xoff = a.xg_rows ? (r0 / a.xg_rows) * a.xg_stride : 0;
         const int nch = a.vec ? W.in / N : 0;
         const int c0 = (int)((long long)nch * s / a.S), c1 = (int)((long long)nch * (s + 1) / a.S);
-        float acc[2][MT];
+        float acc[4][MT];
 #pragma unroll
-        for (int m = 0; m < MT; m++) acc[0][m] = acc[1][m] = 0.f;
-        warp_dot2<FMT, MT>(W, r0, nr, xm, M, xoff, c0, c1, s == a.S - 1, nch * N, acc);
+        for (int m = 0; m < MT; m++) acc[0][m] = acc[1][m] = acc[2][m] = acc[3][m] = 0.f;
+        // Rows past the end repeat the last valid row (computed, not written).
+        const LinearW* ws[4] = {&W, &W, &W, &W};
+        const int rows[4] = {r0, r0 + min(1, nr - 1), r0 + min(2, nr - 1), r0 + min(3, nr - 1)};
+        warp_dot_rows<FMT, MT, 4>(ws, rows, xm, M, xoff, c0, c1, s == a.S - 1, nch * N, acc);
         if (lane == 0) {
 #pragma unroll
             for (int m = 0; m < MT; m++) {
                 if (m < M) {
-                    for (int i = 0; i < nr; i++) {
+#pragma unroll
+                    for (int i = 0; i < 4; i++) {
+                        if (i >= nr) break;
                         float v = acc[i][m];
                         if (a.S == 1) a.y[(size_t)(m0 + m) * a.ldy + ri + i] = v;
                         else a.partial[((size_t)s * a.M + m0 + m) * a.nrows + ri + i] = v;

@@ -127,17 +127,19 @@ __device__ void moe_down_impl(const MoeArgs& a) {
     const int e = a.tile_expert ? a.tile_expert[tile] : a.picks[tile];
     const LinearW W2 = a.w2[e];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int r = blockIdx.y * 16 + warp * 2;
+    const int r = blockIdx.y * 32 + warp * 4;
     if (r >= a.D) return;
-    const int nr = r + 1 < a.D ? 2 : 1;
+    const int nr = min(4, a.D - r);
     const float* xm[MT];
 #pragma unroll
     for (int j = 0; j < MT; j++) xm[j] = a.h + (size_t)pairs[j < M ? j : 0] * a.I;
     const int nch = a.vec ? a.I / N : 0;
-    float acc[2][MT];
+    float acc[4][MT];
 #pragma unroll
-    for (int j = 0; j < MT; j++) acc[0][j] = acc[1][j] = 0.f;
-    warp_dot2<FMT, MT>(W2, r, nr, xm, M, 0, 0, nch, true, nch * N, acc);
+    for (int j = 0; j < MT; j++) acc[0][j] = acc[1][j] = acc[2][j] = acc[3][j] = 0.f;
+    const LinearW* ws[4] = {&W2, &W2, &W2, &W2};
+    const int rows[4] = {r, r + min(1, nr - 1), r + min(2, nr - 1), r + min(3, nr - 1)};
+    warp_dot_rows<FMT, MT, 4>(ws, rows, xm, M, 0, 0, nch, true, nch * N, acc);
     if (lane == 0) {
         for (int j = 0; j < M; j++)
             for (int i = 0; i < nr; i++) a.out[(size_t)pairs[j] * a.D + r + i] = acc[i][j];

@@ -44,8 +44,8 @@ unsafe impl DeviceRepr for GemmArgs {}
 /// Tile of the multi-token kernels: 64 rows × 64 tokens.
 pub const GEMM_TILE: usize = 64;
 
-/// Rows per block of the GEMV kernels (8 warps × 2 rows).
-const GEMV_ROWS: usize = 16;
+/// Rows per block of the GEMV kernels (8 warps × 4 rows).
+const GEMV_ROWS: usize = 32;
 
 /// Input of a linear layer: `m` rows of `x` with leading dimension `ldx`; with grouping, output
 /// row r reads its input at offset `(r / rows) · stride` (the grouped `wo_a`).
@@ -352,14 +352,14 @@ pub fn moe_experts(gpu: &Gpu, fmt: Fmt, a: &MoeArgs, ntile: usize, mt: usize) ->
     let f = fmt.name();
     gpu.launch(
         &format!("moe_up_{f}_{mt}"),
-        (ntile as u32, blocks_for(a.i as usize, GEMV_ROWS), 1),
+        (ntile as u32, blocks_for(a.i as usize, 16), 1),
         (256, 1, 1),
         0,
         &[a],
     )?;
     gpu.launch(
         &format!("moe_down_{f}_{mt}"),
-        (ntile as u32, blocks_for(a.d as usize, GEMV_ROWS), 1),
+        (ntile as u32, blocks_for(a.d as usize, 32), 1),
         (256, 1, 1),
         0,
         &[a],
