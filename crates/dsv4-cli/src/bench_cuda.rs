@@ -69,25 +69,7 @@ fn copy_bandwidth(gpu: &Gpu) -> Result<f64> {
 /// Bytes the layer's weights occupy.
 fn layer_bytes(m: &Model, i: usize) -> usize {
     let l = &m.weights.layers[i];
-    let a = &l.attn;
-    let mut t = [&a.wq_a, &a.wq_b, &a.wkv, &a.wo_a, &a.wo_b]
-        .iter()
-        .map(|x| x.stored_bytes())
-        .sum::<usize>();
-    for c in a
-        .compressor
-        .iter()
-        .chain(a.indexer.as_ref().map(|i| &i.compressor))
-    {
-        t += c.wkv.stored_bytes() + c.wgate.stored_bytes();
-    }
-    if let Some(ix) = &a.indexer {
-        t += ix.wq_b.stored_bytes() + ix.weights_proj.stored_bytes();
-    }
-    let ex = |e: &dsv4_core::model::weights::Expert| {
-        e.w1.stored_bytes() + e.w2.stored_bytes() + e.w3.stored_bytes()
-    };
-    t + l.moe.experts.iter().map(ex).sum::<usize>() + l.moe.shared.as_ref().map_or(0, ex)
+    l.dense_bytes() + l.moe.experts.len() * l.expert_bytes()
 }
 
 pub fn run(a: CudaBench) -> Result<()> {

@@ -131,6 +131,14 @@ struct MoeGemmArgs {
     float lim;
 };
 
+// The tile's pairs into shared memory (padded with 0); returns the tile's pair count.
+__device__ __forceinline__ int load_pairs(const MoeGemmArgs& a, int tile, int* pairs) {
+    const int n = a.tile_n[tile];
+    for (int i = threadIdx.x; i < GB_T; i += blockDim.x) pairs[i] = i < n ? a.tile_pairs[tile * GB_T + i] : 0;
+    __syncthreads();
+    return n;
+}
+
 template <int FMT>
 __device__ void moe_up_gemm_impl(const MoeGemmArgs& a) {
     __shared__ __align__(16) float W1s[GB_K][GB_LD];
@@ -138,9 +146,7 @@ __device__ void moe_up_gemm_impl(const MoeGemmArgs& a) {
     __shared__ __align__(16) float Xs[GB_K][GB_LD];
     __shared__ int pairs[GB_T];
     const int tile = blockIdx.x, row0 = blockIdx.y * GB_M;
-    const int e = a.tile_expert[tile], n = a.tile_n[tile];
-    for (int i = threadIdx.x; i < GB_T; i += blockDim.x) pairs[i] = i < n ? a.tile_pairs[tile * GB_T + i] : 0;
-    __syncthreads();
+    const int e = a.tile_expert[tile], n = load_pairs(a, tile, pairs);
     const LinearW W1 = a.w1[e], W3 = a.w3[e];
     auto xrow = [&](int t) { return a.x + (size_t)(pairs[t] / a.k) * a.D; };
     float g[4][4] = {}, u[4][4] = {};
@@ -173,9 +179,7 @@ __device__ void moe_down_gemm_impl(const MoeGemmArgs& a) {
     __shared__ __align__(16) float Xs[GB_K][GB_LD];
     __shared__ int pairs[GB_T];
     const int tile = blockIdx.x, row0 = blockIdx.y * GB_M;
-    const int e = a.tile_expert[tile], n = a.tile_n[tile];
-    for (int i = threadIdx.x; i < GB_T; i += blockDim.x) pairs[i] = i < n ? a.tile_pairs[tile * GB_T + i] : 0;
-    __syncthreads();
+    const int e = a.tile_expert[tile], n = load_pairs(a, tile, pairs);
     const LinearW W2 = a.w2[e];
     auto xrow = [&](int t) { return a.h + (size_t)pairs[t] * a.I; };
     float acc[4][4] = {};

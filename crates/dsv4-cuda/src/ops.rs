@@ -164,30 +164,34 @@ fn norm_threads(width: usize) -> u32 {
 
 /// RMS norm of `rows` rows of `width` in place, weighted when `w` is non-zero.
 pub fn rms_norm(gpu: &Gpu, x: u64, w: u64, width: usize, rows: usize, eps: f32) -> Result<()> {
-    if rows == 0 {
-        return Ok(());
-    }
-    let (wd, e) = (width as i32, eps);
-    gpu.launch(
-        "rms_norm",
-        (rows as u32, 1, 1),
-        (norm_threads(width), 1, 1),
-        0,
-        &[&x, &w, &wd, &e],
-    )
+    row_kernel(gpu, "rms_norm", x, w, width, rows, eps)
 }
 
+/// `out[row] = 1 / rms(x[row])` for `rows` rows of `width`.
 pub fn inv_rms(gpu: &Gpu, x: u64, out: u64, width: usize, rows: usize, eps: f32) -> Result<()> {
+    row_kernel(gpu, "inv_rms", x, out, width, rows, eps)
+}
+
+/// A one-block-per-row kernel taking `(x, other, width, eps)`.
+fn row_kernel(
+    gpu: &Gpu,
+    name: &str,
+    x: u64,
+    other: u64,
+    width: usize,
+    rows: usize,
+    eps: f32,
+) -> Result<()> {
     if rows == 0 {
         return Ok(());
     }
-    let (wd, e) = (width as i32, eps);
+    let wd = width as i32;
     gpu.launch(
-        "inv_rms",
+        name,
         (rows as u32, 1, 1),
         (norm_threads(width), 1, 1),
         0,
-        &[&x, &out, &wd, &e],
+        &[&x, &other, &wd, &eps],
     )
 }
 

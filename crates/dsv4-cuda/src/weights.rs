@@ -250,6 +250,9 @@ pub struct GpuMoe {
 
 pub struct GpuLayer {
     pub kind: AttnKind,
+    /// Stored bytes every token reads, and of one routed expert (from the host layer).
+    pub dense_bytes: usize,
+    pub expert_bytes: usize,
     pub mlp: MlpKind,
     pub attn_norm: GpuVec,
     pub ffn_norm: GpuVec,
@@ -291,6 +294,8 @@ impl GpuLayer {
         };
         Ok(GpuLayer {
             kind: l.kind,
+            dense_bytes: l.dense_bytes(),
+            expert_bytes: l.expert_bytes(),
             mlp,
             attn_norm: GpuVec::upload(gpu, &l.attn_norm)?,
             ffn_norm: GpuVec::upload(gpu, &l.ffn_norm)?,
@@ -353,29 +358,12 @@ impl GpuWeights {
     /// Weight bytes one decode step reads with `k` routed experts per token: every dense matrix,
     /// `k` experts and the shared one per layer, the head (the embedding reads one row).
     pub fn decode_bytes(&self, k: usize) -> usize {
-        let mut total = self.head.stored_bytes + self.hc_head.fn_.stored_bytes;
-        for l in &self.layers {
-            let a = &l.attn;
-            total += [&a.wq_a, &a.wq_b, &a.wkv, &a.wo_a, &a.wo_b]
+        self.head.stored_bytes
+            + self.hc_head.fn_.stored_bytes
+            + self
+                .layers
                 .iter()
-                .map(|x| x.stored_bytes)
-                .sum::<usize>();
-            for c in a
-                .compressor
-                .iter()
-                .chain(a.indexer.as_ref().map(|i| &i.compressor))
-            {
-                total += c.wkv.stored_bytes + c.wgate.stored_bytes;
-            }
-            if let Some(ix) = &a.indexer {
-                total += ix.wq_b.stored_bytes + ix.weights_proj.stored_bytes;
-            }
-            total +=
-                l.hc_attn.fn_.stored_bytes + l.hc_ffn.fn_.stored_bytes + l.moe.gate.stored_bytes;
-            let ex = |e: &GpuExpert| e.w1.stored_bytes + e.w2.stored_bytes + e.w3.stored_bytes;
-            total += l.moe.shared.as_ref().map(ex).unwrap_or(0);
-            total += l.moe.experts.first().map(ex).unwrap_or(0) * k;
-        }
-        total
+                .map(|l| l.dense_bytes + k * l.expert_bytes)
+                .sum::<usize>()
     }
 }

@@ -364,30 +364,50 @@ impl ModelWeights {
     /// Bytes of weights read for one token by a decode step (every dense weight, the head, and
     /// `k` routed experts per layer; the embedding row is negligible).
     pub fn decode_bytes(&self, k: usize) -> usize {
-        let mut total = self.head.stored_bytes() + self.hc_head.fn_.stored_bytes();
-        for l in &self.layers {
-            let a = &l.attn;
-            total += [&a.wq_a, &a.wq_b, &a.wkv, &a.wo_a, &a.wo_b]
+        self.head.stored_bytes()
+            + self.hc_head.fn_.stored_bytes()
+            + self
+                .layers
                 .iter()
-                .map(|x| x.stored_bytes())
-                .sum::<usize>();
-            for c in a
-                .compressor
-                .iter()
-                .chain(a.indexer.as_ref().map(|i| &i.compressor))
-            {
-                total += c.wkv.stored_bytes() + c.wgate.stored_bytes();
-            }
-            if let Some(ix) = &a.indexer {
-                total += ix.wq_b.stored_bytes() + ix.weights_proj.stored_bytes();
-            }
-            total += l.hc_attn.fn_.stored_bytes()
-                + l.hc_ffn.fn_.stored_bytes()
-                + l.moe.gate.stored_bytes();
-            let ex = |e: &Expert| e.w1.stored_bytes() + e.w2.stored_bytes() + e.w3.stored_bytes();
-            total += l.moe.shared.as_ref().map(ex).unwrap_or(0);
-            total += l.moe.experts.first().map(ex).unwrap_or(0) * k;
+                .map(|l| l.dense_bytes() + k * l.expert_bytes())
+                .sum::<usize>()
+    }
+}
+
+impl LayerWeights {
+    /// Stored bytes every token reads in this layer: attention (with its compressors and
+    /// indexer), both hyper-connection sites, the router and the shared expert.
+    pub fn dense_bytes(&self) -> usize {
+        let a = &self.attn;
+        let mut total = [&a.wq_a, &a.wq_b, &a.wkv, &a.wo_a, &a.wo_b]
+            .iter()
+            .map(|x| x.stored_bytes())
+            .sum::<usize>();
+        for c in a
+            .compressor
+            .iter()
+            .chain(a.indexer.as_ref().map(|i| &i.compressor))
+        {
+            total += c.wkv.stored_bytes() + c.wgate.stored_bytes();
+        }
+        if let Some(ix) = &a.indexer {
+            total += ix.wq_b.stored_bytes() + ix.weights_proj.stored_bytes();
         }
         total
+            + self.hc_attn.fn_.stored_bytes()
+            + self.hc_ffn.fn_.stored_bytes()
+            + self.moe.gate.stored_bytes()
+            + self.moe.shared.as_ref().map_or(0, Expert::stored_bytes)
+    }
+
+    /// Stored bytes of one routed expert (they all share a shape and format).
+    pub fn expert_bytes(&self) -> usize {
+        self.moe.experts.first().map_or(0, Expert::stored_bytes)
+    }
+}
+
+impl Expert {
+    pub fn stored_bytes(&self) -> usize {
+        self.w1.stored_bytes() + self.w2.stored_bytes() + self.w3.stored_bytes()
     }
 }
