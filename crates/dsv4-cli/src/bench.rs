@@ -45,6 +45,9 @@ pub struct BenchArgs {
     /// CUDA: context lengths to decode at.
     #[arg(long, value_delimiter = ',', default_value = "1024,8192,32768,65536")]
     contexts: Vec<usize>,
+    /// CUDA: batch sizes to decode at (sequences stepping together).
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    batch: Vec<usize>,
     /// CUDA: write the table as CSV here too.
     #[arg(long)]
     csv: Option<std::path::PathBuf>,
@@ -172,6 +175,7 @@ fn run_cuda(a: BenchArgs, ordinal: usize) -> Result<()> {
         layers: a.layers,
         prompts: a.prompts,
         contexts: a.contexts,
+        batches: a.batch,
         decode: a.decode,
         csv: a.csv,
         json: a.json,

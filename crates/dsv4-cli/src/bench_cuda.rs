@@ -5,7 +5,7 @@
 use anyhow::{bail, Context, Result};
 use dsv4_core::config::{AttnKind, MlpKind};
 use dsv4_core::{synthetic, Logits, Model, ModelConfig};
-use dsv4_cuda::{CudaModel, Gpu};
+use dsv4_cuda::{BatchItem, CudaModel, Gpu};
 use serde_json::{json, Value};
 use std::time::Instant;
 
@@ -15,6 +15,7 @@ pub struct CudaBench {
     pub layers: Option<usize>,
     pub prompts: Vec<usize>,
     pub contexts: Vec<usize>,
+    pub batches: Vec<usize>,
     pub decode: usize,
     pub csv: Option<std::path::PathBuf>,
     pub json: bool,
@@ -70,6 +71,81 @@ fn copy_bandwidth(gpu: &Gpu) -> Result<f64> {
 fn layer_bytes(m: &Model, i: usize) -> usize {
     let l = &m.weights.layers[i];
     l.dense_bytes() + l.moe.experts.len() * l.expert_bytes()
+}
+
+/// Decode steps of `b` sequences at context `ctx`: one row of the table.
+fn decode_row(
+    model: &CudaModel,
+    cfg: &ModelConfig,
+    ctx: usize,
+    b: usize,
+    steps_n: usize,
+    bw: f64,
+    weight_bytes: f64,
+) -> Result<Value> {
+    let layers = cfg.num_layers;
+    let full_layers = if cfg.hidden_size == 7168 { 61 } else { 43 };
+    let mut seqs = Vec::with_capacity(b);
+    for _ in 0..b {
+        let mut seq = model.new_seq()?;
+        seq.fill_synthetic(&model.gpu, &model.weights, ctx)?;
+        seqs.push(seq);
+    }
+    let mut steps = Vec::new();
+    for i in 0..steps_n + 2 {
+        let toks: Vec<[u32; 1]> = (0..b)
+            .map(|j| [((5 + i * 131 + j * 17) % cfg.vocab_size) as u32])
+            .collect();
+        let mut items: Vec<BatchItem> = seqs
+            .iter_mut()
+            .zip(&toks)
+            .map(|(seq, t)| BatchItem {
+                seq,
+                ids: t,
+                want: Logits::Last,
+            })
+            .collect();
+        let t = Instant::now();
+        model.forward_batch(&mut items)?;
+        if i >= 2 {
+            steps.push(t.elapsed().as_secs_f64());
+        }
+    }
+    steps.sort_by(f64::total_cmp);
+    let med = steps[steps.len() / 2];
+    // Cache bytes a step reads per sequence: window rows, visible/selected entries, indexer keys.
+    let mut cache_bytes = 0usize;
+    for kind in &cfg.attn_kinds {
+        let win = cfg.sliding_window.min(ctx + 1);
+        let ents = match kind {
+            AttnKind::Sliding => 0,
+            AttnKind::Compressed { ratio, sparse } => {
+                let n = (ctx + 1) / ratio;
+                if *sparse {
+                    cache_bytes += n * cfg.index_head_dim * 4;
+                    n.min(cfg.index_topk)
+                } else {
+                    n
+                }
+            }
+        };
+        cache_bytes += (win + ents) * cfg.head_dim * 4;
+    }
+    // Weights once per step (batch 1: exactly; larger batches read more experts, so this is a
+    // lower bound), caches once per sequence.
+    let bytes = weight_bytes + (b * cache_bytes) as f64;
+    let frac = bytes / med / bw;
+    eprintln!(
+        "decode @ {ctx} x{b}: {:.2} ms/step, {:.0} tok/s",
+        med * 1e3,
+        b as f64 / med
+    );
+    Ok(
+        json!({"phase": "decode", "tokens": b, "context": ctx, "seconds": med,
+        "tok_s": b as f64 / med, "ms_per_layer": 1e3 * med / layers as f64,
+        "bytes_per_step": bytes, "bandwidth_fraction": frac,
+        "tok_s_43_layer_equiv": b as f64 / (med * full_layers as f64 / layers as f64)}),
+    )
 }
 
 pub fn run(a: CudaBench) -> Result<()> {
@@ -170,53 +246,20 @@ pub fn run(a: CudaBench) -> Result<()> {
         );
         eprintln!("prefill {p}: {:.0} tok/s", p as f64 / s);
     }
-    // Decode at each context, the cache filled with random entries of the right count.
+    // Decode at each context and batch size, the caches filled with random entries of the
+    // right count; a batch is B sequences each adding one token per step.
     for &ctx in &a.contexts {
-        let mut seq = model.new_seq()?;
-        seq.fill_synthetic(&model.gpu, &model.weights, ctx)?;
-        let mut steps = Vec::new();
-        for i in 0..a.decode + 2 {
-            let tok = (5 + i * 131) as u32 % cfg.vocab_size as u32;
-            let t = Instant::now();
-            model.forward(&mut seq, &[tok], Logits::Last)?;
-            if i >= 2 {
-                steps.push(t.elapsed().as_secs_f64());
-            }
-        }
-        note_mem(&model.gpu);
-        steps.sort_by(f64::total_cmp);
-        let med = steps[steps.len() / 2];
-        // Cache bytes a step reads: window rows, visible/selected entries, indexer keys.
-        let mut cache_bytes = 0usize;
-        for kind in &cfg.attn_kinds {
-            let win = cfg.sliding_window.min(ctx + 1);
-            let ents = match kind {
-                AttnKind::Sliding => 0,
-                AttnKind::Compressed { ratio, sparse } => {
-                    let n = (ctx + 1) / ratio;
-                    if *sparse {
-                        cache_bytes += n * cfg.index_head_dim * 4;
-                        n.min(cfg.index_topk)
-                    } else {
-                        n
-                    }
+        for &b in &a.batches {
+            let row = match decode_row(&model, &cfg, ctx, b.max(1), a.decode, bw, weight_bytes) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("decode @ {ctx} x{b}: {e}");
+                    json!({"phase": "decode", "tokens": b, "context": ctx, "error": e.to_string()})
                 }
             };
-            cache_bytes += (win + ents) * cfg.head_dim * 4;
+            note_mem(&model.gpu);
+            rows.push(row);
         }
-        let bytes = weight_bytes + cache_bytes as f64;
-        let frac = bytes / med / bw;
-        rows.push(
-            json!({"phase": "decode", "tokens": 1, "context": ctx, "seconds": med,
-            "tok_s": 1.0 / med, "ms_per_layer": 1e3 * med / layers as f64,
-            "bytes_per_step": bytes, "bandwidth_fraction": frac,
-            "tok_s_43_layer_equiv": 1.0 / (med * full_layers as f64 / layers as f64)}),
-        );
-        eprintln!(
-            "decode @ {ctx}: {:.2} ms/token, {:.0}% of bandwidth",
-            med * 1e3,
-            100.0 * frac
-        );
     }
 
     let result = json!({
@@ -263,14 +306,23 @@ pub fn run(a: CudaBench) -> Result<()> {
         weight_bytes / 1e9
     );
     println!();
-    println!("| phase | tokens | context | ms | tok/s | ms/layer | {full_layers}-layer tok/s | bandwidth |");
+    println!(
+        "| phase | tokens (decode: batch) | context | ms | tok/s | ms/layer | {full_layers}-layer tok/s | bandwidth |"
+    );
     println!("|---|---|---|---|---|---|---|---|");
     for r in &rows {
+        if let Some(e) = r["error"].as_str() {
+            println!(
+                "| {} | {} | {} | {e} | | | | |",
+                r["phase"].as_str().unwrap_or(""),
+                r["tokens"],
+                r["context"]
+            );
+            continue;
+        }
         let s = r["seconds"].as_f64().unwrap_or(0.0);
-        let equiv = match r["phase"].as_str() {
-            Some("decode") => 1.0 / (s * full_layers as f64 / layers as f64),
-            _ => r["tokens"].as_f64().unwrap_or(0.0) / (s * full_layers as f64 / layers as f64),
-        };
+        let tokens = r["tokens"].as_f64().unwrap_or(0.0);
+        let equiv = tokens / (s * full_layers as f64 / layers as f64);
         println!(
             "| {} | {} | {} | {:.2} | {:.1} | {:.3} | {:.1} | {} |",
             r["phase"].as_str().unwrap_or(""),

@@ -40,15 +40,16 @@ extern "C" __global__ void inv_rms(const float* x, float* out, int width, float 
 }
 
 // Rotates the trailing 2*half channels of rows of width `width` in interleaved pairs. Row i
-// belongs to token i / rows_per_token at position pos0 + token * pos_step. The angle is the
+// belongs to token i / rows_per_token at position positions[token] when given (a batch of
+// sequences), else pos0 + token * pos_step. The angle is the
 // f32 product pos * inv_freq, its cos/sin taken in double (as the CPU reference).
 extern "C" __global__ void rope(float* x, int rows, int width, int rows_per_token, int half,
                                 const float* inv_freq, float factor, int pos0, int pos_step,
-                                int inverse) {
+                                int inverse, const int* positions) {
     int i = blockIdx.x * blockDim.y + threadIdx.y;
     if (i >= rows) return;
     int tok = i / rows_per_token;
-    float p = (float)(pos0 + tok * pos_step);
+    float p = (float)(positions ? positions[tok] : pos0 + tok * pos_step);
     float* tail = x + (size_t)i * width + (width - 2 * half);
     for (int j = threadIdx.x; j < half; j += blockDim.x) {
         double a = (double)(p * inv_freq[j]);

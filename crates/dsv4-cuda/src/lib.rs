@@ -10,7 +10,7 @@ mod state;
 pub mod weights;
 
 pub use gpu::Gpu;
-pub use model::CudaModel;
+pub use model::{BatchItem, CudaModel};
 
 /// Everything that can go wrong on the device, each with a message a user can act on.
 #[derive(Debug, thiserror::Error)]

@@ -4,7 +4,7 @@
 //! expert.
 
 use crate::gpu::{DevBuf, Gpu};
-use crate::ops::{self, AttnArgs, LinIn, MoeArgs, Partial, RopeDev};
+use crate::ops::{self, AttnArgs, LinIn, MoeArgs, Partial, Pos, RopeDev};
 use crate::state::{CompState, GpuSeq, LayerState};
 use crate::weights::{GpuCompressor, GpuHc, GpuLayer, GpuRouter, GpuVec, GpuWeights};
 use crate::{Error, Result};
@@ -25,11 +25,31 @@ const ATT_HEADS: usize = 8;
 
 static NEXT_ID: AtomicUsize = AtomicUsize::new(1);
 
+/// One sequence of a batched forward: its state, the tokens to append, the logits wanted.
+pub struct BatchItem<'a> {
+    pub seq: &'a mut GpuSeq,
+    pub ids: &'a [u32],
+    pub want: Logits,
+}
+
+/// Where a sequence's tokens sit in a batched call.
+struct Seg {
+    start: usize,
+    len: usize,
+    pos0: usize,
+}
+
 /// Activation buffers for up to `cap` tokens of one call.
 struct Scratch {
     cap: usize,
     ids: DevBuf,
+    positions: DevBuf,
     x: DevBuf,
+    xg: DevBuf,
+    cproj_kv: DevBuf,
+    cproj_gate: DevBuf,
+    iproj_kv: DevBuf,
+    iproj_gate: DevBuf,
     h: DevBuf,
     f: DevBuf,
     mu: DevBuf,
@@ -77,7 +97,13 @@ impl Scratch {
         Ok(Scratch {
             cap,
             ids: f(cap)?,
+            positions: f(cap)?,
             x: f(cap * n * d)?,
+            xg: f(cap * n * d)?,
+            cproj_kv: f(cap * 2 * dh)?,
+            cproj_gate: f(cap * 2 * dh)?,
+            iproj_kv: f(cap * 2 * c.index_head_dim)?,
+            iproj_gate: f(cap * 2 * c.index_head_dim)?,
             h: f(cap * d)?,
             f: f(cap * d)?,
             mu: f(cap * (2 + n) * n)?,
@@ -201,44 +227,70 @@ impl CudaModel {
     }
 
     /// Feeds `ids` after the tokens in `seq`; returns the requested logits (`[rows, vocab]`).
+    /// Long inputs run in chunks of at most `MAX_CHUNK` tokens.
     pub fn forward(&self, seq: &mut GpuSeq, ids: &[u32], want: Logits) -> Result<Vec<f32>> {
-        if seq.owner != self.id {
-            return Err(Error::Unsupported(
-                "a sequence state created by another model".into(),
-            ));
+        if ids.is_empty() {
+            return Ok(Vec::new());
         }
-        let vocab = self.config.vocab_size;
-        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= vocab) {
-            return Err(dsv4_core::Error::Input(format!(
-                "token id {bad} is out of range (vocabulary size {vocab})"
-            ))
-            .into());
-        }
-        let mut guard = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
         let mut out = Vec::new();
         let chunks: Vec<&[u32]> = ids.chunks(MAX_CHUNK).collect();
         for (i, chunk) in chunks.iter().enumerate() {
-            let last = i + 1 == chunks.len();
-            let rows = match want {
-                Logits::All => 0..chunk.len(),
-                Logits::Last if last => chunk.len() - 1..chunk.len(),
-                _ => 0..0,
+            let want = match want {
+                Logits::Last if i + 1 < chunks.len() => Logits::None,
+                w => w,
             };
-            let need = chunk.len();
-            if guard.as_ref().is_none_or(|s| s.cap < need) {
-                *guard = None; // free the old buffers first
-                let cap = need.next_power_of_two().max(8);
-                *guard = Some(Scratch::new(
-                    &self.gpu,
-                    &self.config,
-                    cap,
-                    self.max_ratio(),
-                )?);
-            }
-            let s = guard.as_mut().expect("allocated above");
-            out.extend(self.forward_chunk(s, seq, chunk, rows)?);
+            let mut items = [BatchItem {
+                seq: &mut *seq,
+                ids: chunk,
+                want,
+            }];
+            out.extend(self.forward_batch(&mut items)?.into_iter().flatten());
         }
         Ok(out)
+    }
+
+    /// Feeds several sequences in one pass: every weight is read once for all their tokens;
+    /// attention, compressors and the indexer run per sequence against its own state. Returns
+    /// each item's logits (`[rows, vocab]`, empty for `Logits::None`). Inputs are checked before
+    /// any state changes.
+    pub fn forward_batch(&self, items: &mut [BatchItem<'_>]) -> Result<Vec<Vec<f32>>> {
+        let vocab = self.config.vocab_size;
+        for it in items.iter() {
+            if it.seq.owner != self.id {
+                return Err(Error::Unsupported(
+                    "a sequence state created by another model".into(),
+                ));
+            }
+            if let Some(&bad) = it.ids.iter().find(|&&t| t as usize >= vocab) {
+                return Err(dsv4_core::Error::Input(format!(
+                    "token id {bad} is out of range (vocabulary size {vocab})"
+                ))
+                .into());
+            }
+        }
+        let total: usize = items.iter().map(|it| it.ids.len()).sum();
+        if total > MAX_CHUNK {
+            return items
+                .iter_mut()
+                .map(|it| self.forward(it.seq, it.ids, it.want))
+                .collect();
+        }
+        if total == 0 {
+            return Ok(vec![Vec::new(); items.len()]);
+        }
+        let mut guard = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.as_ref().is_none_or(|s| s.cap < total) {
+            *guard = None; // free the old buffers first
+            let cap = total.next_power_of_two().max(8);
+            *guard = Some(Scratch::new(
+                &self.gpu,
+                &self.config,
+                cap,
+                self.max_ratio(),
+            )?);
+        }
+        let s = guard.as_mut().expect("allocated above");
+        self.run_batch(s, items, total)
     }
 
     fn part(s: &Scratch) -> Partial {
@@ -250,18 +302,29 @@ impl CudaModel {
         }
     }
 
-    fn forward_chunk(
+    fn run_batch(
         &self,
         s: &mut Scratch,
-        seq: &mut GpuSeq,
-        ids: &[u32],
-        rows: std::ops::Range<usize>,
-    ) -> Result<Vec<f32>> {
+        items: &mut [BatchItem<'_>],
+        t: usize,
+    ) -> Result<Vec<Vec<f32>>> {
         let g = &*self.gpu;
         let c = &self.config;
-        let (t, d, n) = (ids.len(), c.hidden_size, c.hc_mult);
-        let pos0 = seq.pos;
-        g.htod(s.ids.ptr, ids)?;
+        let (d, n) = (c.hidden_size, c.hc_mult);
+        let mut segs = Vec::with_capacity(items.len());
+        let (mut ids, mut positions) = (Vec::with_capacity(t), Vec::with_capacity(t));
+        for it in items.iter() {
+            let pos0 = it.seq.pos;
+            segs.push(Seg {
+                start: ids.len(),
+                len: it.ids.len(),
+                pos0,
+            });
+            ids.extend_from_slice(it.ids);
+            positions.extend((pos0..pos0 + it.ids.len()).map(|p| p as i32));
+        }
+        g.htod(s.ids.ptr, &ids)?;
+        g.htod(s.positions.ptr, &positions)?;
         let nn = n as i32;
         g.launch(
             "embed",
@@ -270,24 +333,67 @@ impl CudaModel {
             0,
             &[&self.weights.embed.desc, &s.ids.ptr, &s.x.ptr, &nn],
         )?;
-        for (lw, ls) in self.weights.layers.iter().zip(seq.layers.iter_mut()) {
+        for (li, lw) in self.weights.layers.iter().enumerate() {
             self.hc_pre(s, &lw.hc_attn, t)?;
             ops::rms_norm(g, s.h.ptr, lw.attn_norm.ptr(), d, t, c.rms_norm_eps)?;
-            self.attention(s, lw, ls, t, pos0)?;
+            self.attention(s, lw, li, items, &segs, t)?;
             self.hc_post(s, t)?;
             self.hc_pre(s, &lw.hc_ffn, t)?;
             ops::rms_norm(g, s.h.ptr, lw.ffn_norm.ptr(), d, t, c.rms_norm_eps)?;
             self.moe(s, lw, t)?;
             self.hc_post(s, t)?;
         }
-        seq.pos += t;
+        for (it, seg) in items.iter_mut().zip(&segs) {
+            it.seq.pos += seg.len;
+        }
+        // The wanted rows, gathered so the head runs once for all of them.
+        let mut rows = Vec::new();
+        for (it, seg) in items.iter().zip(&segs) {
+            match it.want {
+                Logits::All => rows.extend(seg.start..seg.start + seg.len),
+                Logits::Last if seg.len > 0 => rows.push(seg.start + seg.len - 1),
+                _ => {}
+            }
+        }
         if rows.is_empty() {
             g.sync()?;
-            return Ok(Vec::new());
+            return Ok(vec![Vec::new(); items.len()]);
         }
-        // Hyper-head, final norm and the vocabulary projection for the wanted rows only.
         let m = rows.len();
-        let xs = s.x.at::<f32>(rows.start * n * d);
+        let row_floats = n * d;
+        let xs = if rows.windows(2).all(|w| w[1] == w[0] + 1) {
+            s.x.at::<f32>(rows[0] * row_floats)
+        } else {
+            for (i, &r) in rows.iter().enumerate() {
+                g.dtod(
+                    s.xg.at::<f32>(i * row_floats),
+                    s.x.at::<f32>(r * row_floats),
+                    row_floats * 4,
+                )?;
+            }
+            s.xg.ptr
+        };
+        let logits = self.head(s, xs, m)?;
+        let vocab = c.vocab_size;
+        let mut out = Vec::with_capacity(items.len());
+        let mut next = 0;
+        for (it, seg) in items.iter().zip(&segs) {
+            let k = match it.want {
+                Logits::All => seg.len,
+                Logits::Last if seg.len > 0 => 1,
+                _ => 0,
+            };
+            out.push(logits[next * vocab..(next + k) * vocab].to_vec());
+            next += k;
+        }
+        Ok(out)
+    }
+
+    /// Hyper-head, final norm and the vocabulary projection of `m` stream rows at `xs`.
+    fn head(&self, s: &Scratch, xs: u64, m: usize) -> Result<Vec<f32>> {
+        let g = &*self.gpu;
+        let c = &self.config;
+        let (d, n) = (c.hidden_size, c.hc_mult);
         let hh = &self.weights.hc_head;
         ops::inv_rms(g, xs, s.rinv.ptr, n * d, m, c.rms_norm_eps)?;
         ops::linear(
@@ -404,14 +510,16 @@ impl CudaModel {
         }
     }
 
-    /// Attention of `t` tokens at `pos0..`: reads `s.h`, writes `s.f`.
+    /// Attention of the batch's tokens: reads `s.h`, writes `s.f`. Projections, norms and RoPE
+    /// run over all tokens; compressors, indexer, attention and the window ring per sequence.
     fn attention(
         &self,
         s: &mut Scratch,
         lw: &GpuLayer,
-        ls: &mut LayerState,
+        li: usize,
+        items: &mut [BatchItem<'_>],
+        segs: &[Seg],
         t: usize,
-        pos0: usize,
     ) -> Result<()> {
         let g = &*self.gpu;
         let c = &self.config;
@@ -421,33 +529,89 @@ impl CudaModel {
         let rope = self.rope_dev(lw.kind);
         let part = Self::part(s);
         let hin = LinIn::rows(s.h.ptr, d, t);
+        let pos = Pos::Table(s.positions.ptr);
 
         ops::linear(g, &a.wq_a, &hin, s.qr.ptr, c.q_lora_rank, &part)?;
         ops::rms_norm(g, s.qr.ptr, a.q_norm.ptr(), c.q_lora_rank, t, eps)?;
-        ops::linear(
-            g,
-            &a.wq_b,
-            &LinIn::rows(s.qr.ptr, c.q_lora_rank, t),
-            s.q.ptr,
-            h * dh,
-            &part,
-        )?;
+        let qrin = LinIn::rows(s.qr.ptr, c.q_lora_rank, t);
+        ops::linear(g, &a.wq_b, &qrin, s.q.ptr, h * dh, &part)?;
         ops::rms_norm(g, s.q.ptr, 0, dh, t * h, eps)?;
-        ops::rope(g, s.q.ptr, t * h, dh, h, &rope, pos0, 1, false)?;
+        ops::rope(g, s.q.ptr, t * h, dh, h, &rope, pos, false)?;
 
         ops::linear(g, &a.wkv, &hin, s.kv.ptr, dh, &part)?;
         ops::rms_norm(g, s.kv.ptr, a.kv_norm.ptr(), dh, t, eps)?;
-        ops::rope(g, s.kv.ptr, t, dh, 1, &rope, pos0, 1, false)?;
+        ops::rope(g, s.kv.ptr, t, dh, 1, &rope, pos, false)?;
 
+        // Compressor and indexer projections for every token at once.
+        if let Some(cw) = &a.compressor {
+            ops::linear(g, &cw.wkv, &hin, s.cproj_kv.ptr, cw.wkv.out, &part)?;
+            ops::linear(g, &cw.wgate, &hin, s.cproj_gate.ptr, cw.wgate.out, &part)?;
+        }
+        if let Some(ix) = &a.indexer {
+            let (hi, di) = (c.index_n_heads, c.index_head_dim);
+            let ic = &ix.compressor;
+            ops::linear(g, &ic.wkv, &hin, s.iproj_kv.ptr, ic.wkv.out, &part)?;
+            ops::linear(g, &ic.wgate, &hin, s.iproj_gate.ptr, ic.wgate.out, &part)?;
+            ops::linear(g, &ix.wq_b, &qrin, s.qi.ptr, hi * di, &part)?;
+            ops::rope(g, s.qi.ptr, t * hi, di, hi, &rope, pos, false)?;
+            ops::linear(g, &ix.weights_proj, &hin, s.hw.ptr, hi, &part)?;
+        }
+
+        for (it, seg) in items.iter_mut().zip(segs) {
+            if seg.len == 0 {
+                continue;
+            }
+            let ls = &mut it.seq.layers[li];
+            self.attend(s, lw, ls, seg, &rope)?;
+        }
+
+        ops::rope(g, s.o.ptr, t * h, dh, h, &rope, pos, true)?;
+        let (gr, rk) = (c.o_groups, c.o_lora_rank);
+        let gw = h / gr * dh;
+        if !rk.is_multiple_of(2) {
+            return Err(Error::Unsupported(format!("o_lora_rank {rk} is odd")));
+        }
+        let oin = LinIn {
+            x: s.o.ptr,
+            ldx: h * dh,
+            m: t,
+            group: Some((rk, gw)),
+        };
+        ops::linear(g, &a.wo_a, &oin, s.z.ptr, gr * rk, &part)?;
+        ops::linear(
+            g,
+            &a.wo_b,
+            &LinIn::rows(s.z.ptr, gr * rk, t),
+            s.f.ptr,
+            d,
+            &part,
+        )
+    }
+
+    /// One sequence's share of the attention: compressors, indexer selection, attention over
+    /// its window and entries, and the window ring update.
+    fn attend(
+        &self,
+        s: &mut Scratch,
+        lw: &GpuLayer,
+        ls: &mut LayerState,
+        seg: &Seg,
+        rope: &RopeDev,
+    ) -> Result<()> {
+        let g = &*self.gpu;
+        let c = &self.config;
+        let a = &lw.attn;
+        let (h, dh) = (c.num_heads, c.head_dim);
+        let (t, pos0, st) = (seg.len, seg.pos0, seg.start);
         let mut args = AttnArgs {
-            q: s.q.ptr,
-            kv_new: s.kv.ptr,
+            q: s.q.at::<f32>(st * h * dh),
+            kv_new: s.kv.at::<f32>(st * dh),
             ring: ls.ring.ptr,
             entries: 0,
             sel: 0,
             nsel: 0,
             sinks: a.sinks.ptr(),
-            out: s.o.ptr,
+            out: s.o.at::<f32>(st * h * dh),
             t: t as i32,
             h: h as i32,
             dh: dh as i32,
@@ -464,17 +628,19 @@ impl CudaModel {
                 .comp
                 .as_mut()
                 .expect("compressed layers have compressor state");
-            self.compress(s, cw, cs, t, pos0, &rope)?;
+            let proj = (s.cproj_kv.ptr, s.cproj_gate.ptr);
+            self.compress(s, cw, cs, seg, proj, rope)?;
             args.entries = cs.entries.ptr;
             args.ratio = cw.ratio as i32;
             args.n_entries = cs.n as i32;
             max_comp = cs.n;
             if let Some(ix) = &a.indexer {
                 let is = ls.index.as_mut().expect("CSA layers have indexer state");
-                self.compress(s, &ix.compressor, is, t, pos0, &rope)?;
-                self.indexer_topk(s, ix, is, t, pos0, &rope)?;
-                args.sel = s.sel.ptr;
-                args.nsel = s.nsel.ptr;
+                let proj = (s.iproj_kv.ptr, s.iproj_gate.ptr);
+                self.compress(s, &ix.compressor, is, seg, proj, rope)?;
+                self.indexer_select(s, ix, is, seg)?;
+                args.sel = s.sel.at::<i32>(st * c.index_topk);
+                args.nsel = s.nsel.at::<i32>(st);
                 max_comp = c.index_topk.min(is.n);
             }
         }
@@ -504,74 +670,41 @@ impl CudaModel {
             (t as u32, h as u32, 1),
             (128, 1, 1),
             0,
-            &[&s.attn_part.ptr, &a.sinks.ptr(), &s.o.ptr, &hi, &dhi, &ns],
+            &[&s.attn_part.ptr, &a.sinks.ptr(), &args.out, &hi, &dhi, &ns],
         )?;
-        ops::rope(g, s.o.ptr, t * h, dh, h, &rope, pos0, 1, true)?;
-        let (dhi, wi, p0, ti) = (dh as i32, c.sliding_window as i32, pos0 as i32, t as i32);
+        let (wi, p0, ti) = (c.sliding_window as i32, pos0 as i32, t as i32);
         g.launch(
             "ring_store",
             (t as u32, 1, 1),
             (128, 1, 1),
             0,
-            &[&s.kv.ptr, &ls.ring.ptr, &dhi, &wi, &p0, &ti],
-        )?;
-        let (gr, rk) = (c.o_groups, c.o_lora_rank);
-        let gw = h / gr * dh;
-        if !rk.is_multiple_of(2) {
-            return Err(Error::Unsupported(format!("o_lora_rank {rk} is odd")));
-        }
-        let oin = LinIn {
-            x: s.o.ptr,
-            ldx: h * dh,
-            m: t,
-            group: Some((rk, gw)),
-        };
-        ops::linear(g, &a.wo_a, &oin, s.z.ptr, gr * rk, &part)?;
-        ops::linear(
-            g,
-            &a.wo_b,
-            &LinIn::rows(s.z.ptr, gr * rk, t),
-            s.f.ptr,
-            d,
-            &part,
+            &[&args.kv_new, &ls.ring.ptr, &dhi, &wi, &p0, &ti],
         )
     }
 
-    /// Projects `t` new rows into the compressor and emits every window they complete.
+    /// Appends a sequence's projected rows (`proj` = kv, gate of the whole batch) to its
+    /// compressor and emits every window they complete.
     fn compress(
         &self,
         s: &mut Scratch,
         cw: &GpuCompressor,
         cs: &mut CompState,
-        t: usize,
-        pos0: usize,
+        seg: &Seg,
+        proj: (u64, u64),
         rope: &RopeDev,
     ) -> Result<()> {
         let g = &*self.gpu;
         let c = &self.config;
         let (m, width, dim) = (cw.ratio, cw.wkv.out, cw.dim);
+        let (t, pos0) = (seg.len, seg.pos0);
         let r = cs.tail_len;
         let ext_start = cs.tail_start;
-        g.dtod(s.ext_kv.ptr, cs.tail_kv.ptr, r * width * 4)?;
-        g.dtod(s.ext_gate.ptr, cs.tail_gate.ptr, r * width * 4)?;
-        let hin = LinIn::rows(s.h.ptr, c.hidden_size, t);
-        let part = Self::part(s);
-        ops::linear(
-            g,
-            &cw.wkv,
-            &hin,
-            s.ext_kv.at::<f32>(r * width),
-            width,
-            &part,
-        )?;
-        ops::linear(
-            g,
-            &cw.wgate,
-            &hin,
-            s.ext_gate.at::<f32>(r * width),
-            width,
-            &part,
-        )?;
+        let row = width * 4;
+        g.dtod(s.ext_kv.ptr, cs.tail_kv.ptr, r * row)?;
+        g.dtod(s.ext_gate.ptr, cs.tail_gate.ptr, r * row)?;
+        let src = seg.start as u64 * row as u64;
+        g.dtod(s.ext_kv.at::<f32>(r * width), proj.0 + src, t * row)?;
+        g.dtod(s.ext_gate.at::<f32>(r * width), proj.1 + src, t * row)?;
         let pos1 = pos0 + t;
         let (w0, w1) = (pos0 / m, pos1 / m);
         if w1 > w0 {
@@ -606,7 +739,11 @@ impl CudaModel {
                 ],
             )?;
             ops::rms_norm(g, out, cw.norm.ptr(), dim, nw, c.rms_norm_eps)?;
-            ops::rope(g, out, nw, dim, 1, rope, w0 * m, m, false)?;
+            let pos = Pos::Step {
+                pos0: w0 * m,
+                step: m,
+            };
+            ops::rope(g, out, nw, dim, 1, rope, pos, false)?;
             cs.n = w1;
         }
         let keep_from = if cw.overlap {
@@ -616,53 +753,30 @@ impl CudaModel {
         };
         let off = keep_from - ext_start;
         let keep = pos1 - keep_from;
-        g.dtod(
-            cs.tail_kv.ptr,
-            s.ext_kv.at::<f32>(off * width),
-            keep * width * 4,
-        )?;
+        g.dtod(cs.tail_kv.ptr, s.ext_kv.at::<f32>(off * width), keep * row)?;
         g.dtod(
             cs.tail_gate.ptr,
             s.ext_gate.at::<f32>(off * width),
-            keep * width * 4,
+            keep * row,
         )?;
         cs.tail_start = keep_from;
         cs.tail_len = keep;
         Ok(())
     }
 
-    /// The lightning indexer: scores the visible entries for each query and selects the top-k
-    /// into `s.sel` / `s.nsel`.
-    fn indexer_topk(
+    /// The lightning indexer for one sequence: scores its visible entries for each of its
+    /// queries (`s.qi`, `s.hw` rows of the batch) and selects the top-k into `s.sel`/`s.nsel`.
+    fn indexer_select(
         &self,
         s: &mut Scratch,
         ix: &crate::weights::GpuIndexer,
         is: &CompState,
-        t: usize,
-        pos0: usize,
-        rope: &RopeDev,
+        seg: &Seg,
     ) -> Result<()> {
         let g = &*self.gpu;
         let c = &self.config;
         let (hi, di) = (c.index_n_heads, c.index_head_dim);
-        let part = Self::part(s);
-        ops::linear(
-            g,
-            &ix.wq_b,
-            &LinIn::rows(s.qr.ptr, c.q_lora_rank, t),
-            s.qi.ptr,
-            hi * di,
-            &part,
-        )?;
-        ops::rope(g, s.qi.ptr, t * hi, di, hi, rope, pos0, 1, false)?;
-        ops::linear(
-            g,
-            &ix.weights_proj,
-            &LinIn::rows(s.h.ptr, c.hidden_size, t),
-            s.hw.ptr,
-            hi,
-            &part,
-        )?;
+        let (t, pos0) = (seg.len, seg.pos0);
         let n = is.n;
         let m = ix.compressor.ratio;
         let (wscale, dscale) = (1.0 / (hi as f32).sqrt(), 1.0 / (di as f32).sqrt());
@@ -671,8 +785,9 @@ impl CudaModel {
         let per = (s.scores_floats / n.max(1)).clamp(1, t);
         for t0 in (0..t).step_by(per) {
             let tc = per.min(t - t0);
-            let qi = s.qi.at::<f32>(t0 * hi * di);
-            let hw = s.hw.at::<f32>(t0 * hi);
+            let row = seg.start + t0;
+            let qi = s.qi.at::<f32>(row * hi * di);
+            let hw = s.hw.at::<f32>(row * hi);
             let p0 = (pos0 + t0) as i32;
             let a = (hi as i32, di as i32, m as i32, n as i32, n as i32);
             if n > 0 {
@@ -698,8 +813,8 @@ impl CudaModel {
                 )?;
             }
             let (k, cap) = (c.index_topk as i32, c.index_topk as i32);
-            let sel = s.sel.at::<i32>(t0 * c.index_topk);
-            let nsel = s.nsel.at::<i32>(t0);
+            let sel = s.sel.at::<i32>(row * c.index_topk);
+            let nsel = s.nsel.at::<i32>(row);
             g.launch(
                 "topk_select",
                 (tc as u32, 1, 1),

@@ -202,9 +202,16 @@ pub struct RopeDev {
     pub factor: f32,
 }
 
-/// Rotates the trailing channels of `rows` rows of `width`; row i's position is
-/// `pos0 + (i / rows_per_token) · step`.
-#[allow(clippy::too_many_arguments)]
+/// Positions of the rows' tokens: `pos0 + token · step`, or a device array of one position per
+/// token (a batch of sequences).
+#[derive(Clone, Copy)]
+pub enum Pos {
+    Step { pos0: usize, step: usize },
+    Table(u64),
+}
+
+/// Rotates the trailing channels of `rows` rows of `width`; row i belongs to token
+/// `i / rows_per_token`.
 pub fn rope(
     gpu: &Gpu,
     x: u64,
@@ -212,10 +219,13 @@ pub fn rope(
     width: usize,
     rows_per_token: usize,
     r: &RopeDev,
-    pos0: usize,
-    step: usize,
+    pos: Pos,
     inverse: bool,
 ) -> Result<()> {
+    let (pos0, step, table) = match pos {
+        Pos::Step { pos0, step } => (pos0, step, 0u64),
+        Pos::Table(t) => (0, 0, t),
+    };
     if rows == 0 || r.half == 0 {
         return Ok(());
     }
@@ -245,6 +255,7 @@ pub fn rope(
             &a.4,
             &a.5,
             &a.6,
+            &table,
         ],
     )
 }
