@@ -17,7 +17,8 @@ use std::sync::{Arc, Mutex};
 /// Tokens per internal forward chunk: bounds the activation scratch (chunked prefill gives the
 /// one-call logits, so the split is invisible).
 const MAX_CHUNK: usize = 2048;
-/// Above this many (token, expert) pairs, prefill groups pairs by expert on the host.
+/// Above this many (token, expert) pairs (and 8 per expert), prefill groups pairs by expert on
+/// the host.
 const GROUP_PAIRS: usize = 64;
 /// Keys per staged chunk and heads per block of `attention_partial` (kernels/attention.cu).
 const ATT_KEYS: usize = 32;
@@ -907,7 +908,9 @@ impl CudaModel {
             rw_inside: 0,
             lim,
         };
-        if pairs <= GROUP_PAIRS {
+        // Few pairs per expert (decode batches): each pair streams its expert on its own; many
+        // (prefill): group them by expert into tiles.
+        if pairs <= GROUP_PAIRS.max(8 * e) {
             ops::moe_experts(g, mw.fmt, &a, pairs, 1)?;
         } else {
             // Group pairs by expert (tiles of up to 64) so each expert's weights are decoded

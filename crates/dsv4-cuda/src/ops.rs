@@ -43,6 +43,9 @@ unsafe impl DeviceRepr for GemmArgs {}
 
 /// Tile of the multi-token kernels: 64 rows × 64 tokens.
 pub const GEMM_TILE: usize = 64;
+/// Up to this many tokens the GEMV (weights streamed once per 8 tokens) beats a mostly empty
+/// GEMM tile (decode batches).
+const GEMM_MIN_TOKENS: usize = 64;
 
 /// Rows per block of the GEMV kernels (8 warps × 4 rows).
 const GEMV_ROWS: usize = 32;
@@ -98,7 +101,7 @@ pub fn linear(
     let (gs, gstride) = inp.group.unwrap_or((0, 0));
     // Many tokens: the tiled kernel reuses each decoded weight tile for 64 tokens.
     let tiles = nrows.div_ceil(GEMM_TILE) * m.div_ceil(GEMM_TILE);
-    if m > 8 && gs.is_multiple_of(GEMM_TILE) && 2 * tiles >= gpu.sm_count {
+    if m > GEMM_MIN_TOKENS && gs.is_multiple_of(GEMM_TILE) && 2 * tiles >= gpu.sm_count {
         let args = GemmArgs {
             x: inp.x,
             y,
