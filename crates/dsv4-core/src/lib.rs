@@ -12,6 +12,7 @@ pub mod error;
 pub mod generate;
 pub mod model;
 pub mod numerics;
+pub mod quant;
 pub mod sampling;
 pub mod synthetic;
 pub mod tensor;
