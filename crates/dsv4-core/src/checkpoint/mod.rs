@@ -74,10 +74,7 @@ impl Checkpoint {
         let style = names::detect_style(raw.iter().map(|(n, _)| n.as_str()));
         let mut tensors = HashMap::with_capacity(raw.len());
         for (name, t) in raw {
-            let key = match style {
-                KeyStyle::Official => Some(name.clone()),
-                KeyStyle::Transformers => names::transformers_to_official(&name),
-            };
+            let key = names::to_official(&name, style);
             let Some(key) = key else { continue };
             if names::is_ignored(&key) {
                 continue;
