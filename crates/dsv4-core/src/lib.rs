@@ -7,6 +7,7 @@ pub mod bench;
 pub mod chat;
 pub mod checkpoint;
 pub mod config;
+pub mod convert;
 pub mod cpu;
 pub mod error;
 pub mod generate;

@@ -144,7 +144,7 @@ impl Checkpoint {
 
 /// The shard list: from the index when present (with the tensor names each shard must hold),
 /// else `model.safetensors`, else every `*.safetensors` in the directory.
-fn shard_files(dir: &Path) -> Result<Vec<(PathBuf, Option<Vec<String>>)>> {
+pub(crate) fn shard_files(dir: &Path) -> Result<Vec<(PathBuf, Option<Vec<String>>)>> {
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
         let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;

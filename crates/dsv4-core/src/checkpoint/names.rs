@@ -215,8 +215,16 @@ mod tests {
             ("model.embed_tokens.scales", KeyStyle::Mlx, "embed.scales"),
             ("lm_head.biases", KeyStyle::Mlx, "head.biases"),
             ("model.hc_head.fn", KeyStyle::Mlx, "hc_head_fn"),
-            ("model.layers.3.attn_hc.base", KeyStyle::Mlx, "layers.3.hc_attn_base"),
-            ("model.layers.3.attn.wq_a.scales", KeyStyle::Mlx, "layers.3.attn.wq_a.scales"),
+            (
+                "model.layers.3.attn_hc.base",
+                KeyStyle::Mlx,
+                "layers.3.hc_attn_base",
+            ),
+            (
+                "model.layers.3.attn.wq_a.scales",
+                KeyStyle::Mlx,
+                "layers.3.attn.wq_a.scales",
+            ),
             (
                 "model.layers.3.attn.indexer.compressor.ape",
                 KeyStyle::Mlx,
@@ -252,7 +260,11 @@ mod tests {
                 KeyStyle::Official,
                 "layers.1.attn.wq_a.scale",
             ),
-            ("layers.1.hc_ffn.fn", KeyStyle::Official, "layers.1.hc_ffn_fn"),
+            (
+                "layers.1.hc_ffn.fn",
+                KeyStyle::Official,
+                "layers.1.hc_ffn_fn",
+            ),
         ];
         for (k, style, want) in cases {
             assert_eq!(to_official(k, style).as_deref(), Some(want), "{k}");

@@ -63,7 +63,10 @@ impl Format {
                 group,
                 scales,
                 ..
-            } => format!("affine q{bits}/g{group} {}", scales.dtype.name().to_lowercase()),
+            } => format!(
+                "affine q{bits}/g{group} {}",
+                scales.dtype.name().to_lowercase()
+            ),
             Format::Mxfp4 { .. } => "mxfp4".into(),
             Format::Mxfp8 { .. } => "mxfp8".into(),
         }
@@ -265,8 +268,12 @@ impl Linear {
         let group = inp / ngroups;
         let mode = match biases {
             Some(b) => {
-                let mode = QuantMode::new("affine", bits, group)
-                    .map_err(|e| weight.err(format!("{e} (from shapes {:?} and scales {:?})", weight.shape, scales.shape)))?;
+                let mode = QuantMode::new("affine", bits, group).map_err(|e| {
+                    weight.err(format!(
+                        "{e} (from shapes {:?} and scales {:?})",
+                        weight.shape, scales.shape
+                    ))
+                })?;
                 if !matches!(scales.dtype, DType::BF16 | DType::F16 | DType::F32) {
                     return Err(scales.err(format!(
                         "affine scales dtype {}, expected BF16, F16 or F32",
@@ -316,7 +323,9 @@ impl Linear {
                 bits,
                 group,
                 scales: scales.clone(),
-                biases: biases.cloned().ok_or_else(|| weight.err("affine without biases"))?,
+                biases: biases
+                    .cloned()
+                    .ok_or_else(|| weight.err("affine without biases"))?,
             },
             QuantMode::Mxfp4 => Format::Mxfp4 {
                 scales: scales.clone(),

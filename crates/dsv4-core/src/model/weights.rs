@@ -147,7 +147,13 @@ impl Loader<'_> {
                 if let Some(b) = biases {
                     return Err(b.err("`.biases` without `.scales`"));
                 }
-                Linear::new(w, self.ck.get(&format!("{prefix}.scale")), out, inp, self.block)
+                Linear::new(
+                    w,
+                    self.ck.get(&format!("{prefix}.scale")),
+                    out,
+                    inp,
+                    self.block,
+                )
             }
         }
     }
@@ -272,7 +278,11 @@ impl Loader<'_> {
     fn experts(&self, layer: usize, c: &ModelConfig) -> Result<Vec<Expert>> {
         let (e, i, d) = (c.n_routed_experts, c.moe_intermediate_size, c.hidden_size);
         let p = format!("layers.{layer}.ffn.experts");
-        if self.ck.get(&format!("layers.{layer}.ffn.switch_mlp.w1.weight")).is_some() {
+        if self
+            .ck
+            .get(&format!("layers.{layer}.ffn.switch_mlp.w1.weight"))
+            .is_some()
+        {
             return self.switch_mlp(layer, c);
         }
         if self.ck.get(&format!("{p}.gate_up_proj")).is_none() {
