@@ -28,7 +28,7 @@ pub fn e2m1_code(x: f32) -> u8 {
     }
 }
 
-/// e4m3fn code of `x`: round to nearest even, saturating at ±448.
+/// e4m3fn code of `x`: round to nearest even, saturating at ±448; negative zero keeps its sign.
 pub fn e4m3_code(x: f32) -> u8 {
     let m = x.abs().min(E4M3_MAX);
     // Codes 0..=126 are the finite non-negative values in increasing order.
@@ -44,7 +44,8 @@ pub fn e4m3_code(x: f32) -> u8 {
             hi
         }
     } as u8;
-    if x < 0.0 && code != 0 {
+    // Unlike e2m1, MLX keeps the sign of values that round to zero (and of -0).
+    if x.is_sign_negative() {
         code | 0x80
     } else {
         code
@@ -113,14 +114,15 @@ mod tests {
     fn e4m3_round_trips_and_ties_to_even() {
         for c in 0u8..127 {
             assert_eq!(e4m3_code(E4M3_LUT[c as usize]), c);
-            if c > 0 {
-                assert_eq!(e4m3_code(-E4M3_LUT[c as usize]), c | 0x80);
-            }
+            assert_eq!(e4m3_code(-E4M3_LUT[c as usize]), c | 0x80);
         }
         // Midpoint of codes 0x38 (1.0) and 0x39 (1.125) goes to the even code.
         assert_eq!(e4m3_code(1.0625), 0x38);
         assert_eq!(e4m3_code(1.1875), 0x3a); // between 0x39 and 0x3a → 0x3a
         assert_eq!(e4m3_code(1000.0), 0x7e);
+        assert_eq!(e4m3_code(-1e-9), 0x80);
+        assert_eq!(e4m3_code(-0.0), 0x80);
+        assert_eq!(e2m1_code(-0.0), 0);
     }
 
     #[test]
