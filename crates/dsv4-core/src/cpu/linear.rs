@@ -342,6 +342,21 @@ impl Linear {
         })
     }
 
+    /// Stored bytes of (weight codes, scales, biases). FP8 scales count as stored (1 byte each).
+    pub fn component_bytes(&self) -> (usize, usize, usize) {
+        let w = self.weight.bytes().len();
+        match &self.format {
+            Format::Fp4 { scales } | Format::Mxfp4 { scales } | Format::Mxfp8 { scales } => {
+                (w, scales.bytes().len(), 0)
+            }
+            Format::Affine { scales, biases, .. } => {
+                (w, scales.bytes().len(), biases.bytes().len())
+            }
+            Format::Fp8 { scales, .. } => (w, scales.len(), 0),
+            _ => (w, 0, 0),
+        }
+    }
+
     /// Stored bytes of the weight and its scales (what one full pass reads).
     pub fn stored_bytes(&self) -> usize {
         self.weight.bytes().len()

@@ -551,6 +551,49 @@ impl ModelWeights {
         Ok(w)
     }
 
+    /// Every matrix with its official name (for `inspect`).
+    pub fn linears(&self) -> Vec<(String, &Linear)> {
+        let mut v: Vec<(String, &Linear)> = vec![
+            ("embed".into(), &self.embed),
+            ("head".into(), &self.head),
+            ("hc_head_fn".into(), &self.hc_head.fn_),
+        ];
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = |s: &str| format!("layers.{i}.{s}");
+            let a = &l.attn;
+            for (n, x) in [
+                ("attn.wq_a", &a.wq_a),
+                ("attn.wq_b", &a.wq_b),
+                ("attn.wkv", &a.wkv),
+                ("attn.wo_a", &a.wo_a),
+                ("attn.wo_b", &a.wo_b),
+                ("hc_attn_fn", &l.hc_attn.fn_),
+                ("hc_ffn_fn", &l.hc_ffn.fn_),
+                ("ffn.gate", &l.moe.gate),
+            ] {
+                v.push((p(n), x));
+            }
+            if let Some(c) = &a.compressor {
+                v.push((p("attn.compressor.wkv"), &c.wkv));
+                v.push((p("attn.compressor.wgate"), &c.wgate));
+            }
+            if let Some(ix) = &a.indexer {
+                v.push((p("attn.indexer.wq_b"), &ix.wq_b));
+                v.push((p("attn.indexer.weights_proj"), &ix.weights_proj));
+                v.push((p("attn.indexer.compressor.wkv"), &ix.compressor.wkv));
+                v.push((p("attn.indexer.compressor.wgate"), &ix.compressor.wgate));
+            }
+            let experts = l.moe.shared.iter().map(|e| ("shared_experts".to_string(), e));
+            let routed = l.moe.experts.iter().enumerate().map(|(x, e)| (format!("experts.{x}"), e));
+            for (n, e) in experts.chain(routed) {
+                v.push((p(&format!("ffn.{n}.w1")), &e.w1));
+                v.push((p(&format!("ffn.{n}.w3")), &e.w3));
+                v.push((p(&format!("ffn.{n}.w2")), &e.w2));
+            }
+        }
+        v
+    }
+
     /// Bytes of weights read for one token by a decode step (every dense weight, the head, and
     /// `k` routed experts per layer; the embedding row is negligible).
     pub fn decode_bytes(&self, k: usize) -> usize {
