@@ -362,6 +362,69 @@ pub fn checkpoint(config: ModelConfig, seed: u64) -> Result<Checkpoint> {
     )
 }
 
+/// Writes a random checkpoint for `config_json` to `dir` in the official layout: shards of at
+/// most `max_shard_bytes` (whole tensors, a layer's tensors together), the index, `config.json`.
+/// For measuring tools on multi-shard checkpoints of any size (e.g. `dsv4 convert`'s memory).
+pub fn write_official(
+    dir: &std::path::Path,
+    config_json: &serde_json::Value,
+    seed: u64,
+    max_shard_bytes: u64,
+) -> Result<()> {
+    use crate::convert::st_writer::{Entry, ShardWriter};
+    let ck = checkpoint(ModelConfig::from_json(config_json)?, seed)?;
+    std::fs::create_dir_all(dir).map_err(|e| crate::Error::io(dir, e))?;
+    let mut shards: Vec<Vec<(&str, &Tensor)>> = vec![vec![]];
+    let mut acc = 0u64;
+    let mut sorted: Vec<(&str, &Tensor)> = ck.sorted().into_iter().collect();
+    sorted.sort_by_key(|(k, _)| {
+        let layer = k
+            .strip_prefix("layers.")
+            .and_then(|r| r.split('.').next())
+            .and_then(|n| n.parse::<usize>().ok());
+        (layer.unwrap_or(usize::MAX), k.to_string())
+    });
+    for (k, t) in sorted {
+        let b = t.bytes().len() as u64;
+        if acc > 0 && acc + b > max_shard_bytes {
+            shards.push(vec![]);
+            acc = 0;
+        }
+        acc += b;
+        if let Some(s) = shards.last_mut() {
+            s.push((k, t));
+        }
+    }
+    let n = shards.len();
+    let mut map = serde_json::Map::new();
+    for (i, shard) in shards.iter().enumerate() {
+        let file = format!("model-{:05}-of-{n:05}.safetensors", i + 1);
+        let entries = shard
+            .iter()
+            .map(|(k, t)| Entry {
+                name: k.to_string(),
+                dtype: t.dtype,
+                shape: t.shape.clone(),
+            })
+            .collect();
+        let w = ShardWriter::create(&dir.join(&file), entries)?;
+        for (k, t) in shard {
+            w.write(k, 0, t.bytes())?;
+            map.insert(k.to_string(), json!(file));
+        }
+        w.finish()?;
+    }
+    let write = |name: &str, v: &serde_json::Value| {
+        let p = dir.join(name);
+        std::fs::write(&p, v.to_string()).map_err(|e| crate::Error::io(&p, e))
+    };
+    write(
+        "model.safetensors.index.json",
+        &json!({"metadata": {"total_size": ck.total_bytes()}, "weight_map": map}),
+    )?;
+    write("config.json", config_json)
+}
+
 /// An official-style `config.json` value with DeepSeek-V4-Flash shapes, overridable per field.
 pub fn flash_config_json() -> serde_json::Value {
     json!({

@@ -80,7 +80,10 @@ fn layout_variants_give_identical_logits() {
             let (prefix, suffix) = off.rsplit_once('.').unwrap();
             let r = v.shape[0] / g;
             for i in 0..g {
-                t.insert(format!("{prefix}.{i}.{suffix}"), v.slice_outer(i * r, r).unwrap());
+                t.insert(
+                    format!("{prefix}.{i}.{suffix}"),
+                    v.slice_outer(i * r, r).unwrap(),
+                );
             }
         } else {
             t.insert(off, v);
@@ -109,7 +112,10 @@ fn bad_input_names_the_tensor() {
     let s = t[&format!("{wq}.scales")].slice_outer(0, 10).unwrap();
     t.insert(format!("{wq}.scales"), s);
     let e = load_err(t, &cfg);
-    assert!(e.contains(&format!("{wq}.scales")) && e.contains("shape"), "{e}");
+    assert!(
+        e.contains(&format!("{wq}.scales")) && e.contains("shape"),
+        "{e}"
+    );
 
     // scales implying an unsupported group size (16)
     let mut t = raw();
@@ -119,20 +125,36 @@ fn bad_input_names_the_tensor() {
     for s in ["scales", "biases"] {
         t.insert(
             format!("{wq}.{s}"),
-            owned(&format!("{wq}.{s}"), DType::BF16, vec![rows, inp / 16], vec![0; rows * inp / 16 * 2]),
+            owned(
+                &format!("{wq}.{s}"),
+                DType::BF16,
+                vec![rows, inp / 16],
+                vec![0; rows * inp / 16 * 2],
+            ),
         );
     }
     let e = load_err(t, &cfg);
-    assert!(e.contains(&format!("{wq}.weight")) && e.contains("group size 16"), "{e}");
+    assert!(
+        e.contains(&format!("{wq}.weight")) && e.contains("group size 16"),
+        "{e}"
+    );
 
     // packed width that means 7 bits
     let mut t = raw();
     t.insert(
         format!("{wq}.weight"),
-        owned(&format!("{wq}.weight"), DType::U32, vec![rows, inp * 7 / 32], vec![0; rows * inp * 7 / 8]),
+        owned(
+            &format!("{wq}.weight"),
+            DType::U32,
+            vec![rows, inp * 7 / 32],
+            vec![0; rows * inp * 7 / 8],
+        ),
     );
     let e = load_err(t, &cfg);
-    assert!(e.contains(&format!("{wq}.weight")) && e.contains("bits 7"), "{e}");
+    assert!(
+        e.contains(&format!("{wq}.weight")) && e.contains("bits 7"),
+        "{e}"
+    );
 
     // biases in another dtype than the scales
     let mut t = raw();
@@ -140,7 +162,12 @@ fn bad_input_names_the_tensor() {
     let n = b.numel();
     t.insert(
         format!("{wq}.biases"),
-        owned(&format!("{wq}.biases"), DType::F32, b.shape.clone(), vec![0; n * 4]),
+        owned(
+            &format!("{wq}.biases"),
+            DType::F32,
+            b.shape.clone(),
+            vec![0; n * 4],
+        ),
     );
     let e = load_err(t, &cfg);
     assert!(e.contains(&format!("{wq}.biases")), "{e}");
@@ -149,11 +176,17 @@ fn bad_input_names_the_tensor() {
     let mut cfg2 = cfg.clone();
     cfg2["quantization"][wq] = serde_json::json!({"group_size": 64, "bits": 8});
     let e = load_err(raw(), &cfg2);
-    assert!(e.contains(&format!("{wq}.weight")) && e.contains("q8") && e.contains("q4"), "{e}");
+    assert!(
+        e.contains(&format!("{wq}.weight")) && e.contains("q8") && e.contains("q4"),
+        "{e}"
+    );
 
     // an unsupported mode in the config
     let mut cfg3 = cfg.clone();
     cfg3["quantization"]["model.layers.0.attn.wkv"] = serde_json::json!({"mode": "nvfp4"});
     let e = ModelConfig::from_json(&cfg3).unwrap_err().to_string();
-    assert!(e.contains("model.layers.0.attn.wkv") && e.contains("nvfp4"), "{e}");
+    assert!(
+        e.contains("model.layers.0.attn.wkv") && e.contains("nvfp4"),
+        "{e}"
+    );
 }

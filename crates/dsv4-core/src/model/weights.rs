@@ -583,8 +583,17 @@ impl ModelWeights {
                 v.push((p("attn.indexer.compressor.wkv"), &ix.compressor.wkv));
                 v.push((p("attn.indexer.compressor.wgate"), &ix.compressor.wgate));
             }
-            let experts = l.moe.shared.iter().map(|e| ("shared_experts".to_string(), e));
-            let routed = l.moe.experts.iter().enumerate().map(|(x, e)| (format!("experts.{x}"), e));
+            let experts = l
+                .moe
+                .shared
+                .iter()
+                .map(|e| ("shared_experts".to_string(), e));
+            let routed = l
+                .moe
+                .experts
+                .iter()
+                .enumerate()
+                .map(|(x, e)| (format!("experts.{x}"), e));
             for (n, e) in experts.chain(routed) {
                 v.push((p(&format!("ffn.{n}.w1")), &e.w1));
                 v.push((p(&format!("ffn.{n}.w3")), &e.w3));
