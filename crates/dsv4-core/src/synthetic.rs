@@ -527,6 +527,8 @@ pub enum MatrixFormat {
     Bf16,
     Fp8,
     Fp4,
+    /// An MLX format (random codes, small scales, bf16 scales and biases for affine).
+    Mlx(crate::quant::QuantMode),
 }
 
 /// A random `[out, inp]` weight matrix in the given stored format.
@@ -536,7 +538,11 @@ pub fn random_linear(
     inp: usize,
     seed: u64,
 ) -> Result<crate::cpu::linear::Linear> {
+    if let MatrixFormat::Mlx(mode) = format {
+        return random_mlx_linear(mode, out, inp, seed);
+    }
     let fill = match format {
+        MatrixFormat::Mlx(_) => unreachable!("handled above"),
         MatrixFormat::Bf16 => Fill::Bf16(1.0 / (inp as f32).sqrt()),
         MatrixFormat::Fp8 => Fill::Fp8,
         MatrixFormat::Fp4 => Fill::Fp4,
@@ -548,4 +554,56 @@ pub fn random_linear(
     };
     let t = generate(&spec, seed);
     crate::cpu::linear::Linear::new(&t[0].1, t.get(1).map(|(_, s)| s), out, inp, None)
+}
+
+fn random_mlx_linear(
+    mode: crate::quant::QuantMode,
+    out: usize,
+    inp: usize,
+    seed: u64,
+) -> Result<crate::cpu::linear::Linear> {
+    use crate::quant::QuantMode;
+    use rand::{RngCore, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut codes = vec![0u8; out * mode.packed_cols(inp) * 4];
+    rng.fill_bytes(&mut codes);
+    if mode == QuantMode::Mxfp8 {
+        codes.iter_mut().for_each(|c| *c &= 0xf7); // no NaN codes
+    }
+    let groups = inp / mode.group();
+    let w = owned(
+        "bench.weight",
+        DType::U32,
+        vec![out, mode.packed_cols(inp)],
+        codes,
+    );
+    let (scales, biases) = match mode {
+        QuantMode::Affine { .. } => {
+            let s = (0..out * groups)
+                .flat_map(|i| f32_to_bf16(1e-3 * (1 + i % 7) as f32).to_le_bytes());
+            let b =
+                (0..out * groups).flat_map(|i| f32_to_bf16(-1e-2 * (i % 5) as f32).to_le_bytes());
+            (
+                owned("bench.scales", DType::BF16, vec![out, groups], s.collect()),
+                Some(owned(
+                    "bench.biases",
+                    DType::BF16,
+                    vec![out, groups],
+                    b.collect(),
+                )),
+            )
+        }
+        _ => {
+            let s = (0..out * groups).map(|i| 115 + (i % 8) as u8).collect();
+            (owned("bench.scales", DType::U8, vec![out, groups], s), None)
+        }
+    };
+    crate::cpu::linear::Linear::new_mlx(
+        &w.1,
+        &scales.1,
+        biases.as_ref().map(|b| &b.1),
+        out,
+        inp,
+        Some(mode),
+    )
 }

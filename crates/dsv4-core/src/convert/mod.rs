@@ -453,7 +453,9 @@ pub fn convert(opts: &Options, progress: &mut dyn FnMut(u64, u64)) -> Result<Rep
             acc = 0;
         }
         acc += b;
-        shards.last_mut().map(|s| s.push(i));
+        if let Some(s) = shards.last_mut() {
+            s.push(i);
+        }
     }
     let n = shards.len();
     let ledger = Ledger::default();

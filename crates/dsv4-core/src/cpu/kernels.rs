@@ -55,12 +55,24 @@ fn has_avx2() -> bool {
 /// `Σ_i w[i]·x[i]` for a stored row of `x.len()` inputs.
 #[inline]
 pub fn dot(row: Row, x: &[f32]) -> f32 {
-    let xp = if matches!(row, Row::Fp4 { .. }) {
+    let xp = if row.wants_fp4_order() {
         fp4_order(x)
     } else {
         Vec::new()
     };
     dot_prepared(row, x, &xp)
+}
+
+impl Row<'_> {
+    /// Rows of 4-bit nibble pairs (FP4, mxfp4, 4-bit affine), whose fastest dot product takes the
+    /// activations in [`fp4_order`].
+    pub fn wants_fp4_order(&self) -> bool {
+        match self {
+            Row::Fp4 { .. } => true,
+            Row::Affine(r) => r.bits == 4,
+            _ => false,
+        }
+    }
 }
 
 /// Whether FP4 rows want their activations in [`fp4_order`] (the fastest kernel does).
@@ -665,6 +677,10 @@ mod avx512 {
                 block,
             } => dot_fp8(codes, scales, block, x),
             Row::Fp4 { packed, scales } => dot_fp4(packed, scales, xp),
+            Row::Affine(r) => match mlx_rows::avx512::dot_affine(r, x, xp) {
+                Some(v) => v,
+                None => avx2::dot(row, x),
+            },
             other => avx2::dot(other, x),
         }
     }
@@ -769,6 +785,15 @@ mod tests {
                     (got - want).abs() <= tol,
                     "{label} dispatch n={n}: {got} vs {want}"
                 );
+                #[cfg(target_arch = "x86_64")]
+                if has_avx2() {
+                    // SAFETY: features detected.
+                    let got = unsafe { avx2::dot(row, &x) } as f64;
+                    assert!(
+                        (got - want).abs() <= tol,
+                        "{label} avx2 n={n}: {got} vs {want}"
+                    );
+                }
                 let mut w2 = vec![0f32; n];
                 dequant(row, &mut w2);
                 for (a, b) in w.iter().zip(&w2) {

@@ -5,8 +5,11 @@
 //!
 //! Affine dot products use `Σ_g scale_g·Σ q_i x_i + bias_g·Σ x_i`, so codes are never scaled one
 //! by one.
+//!
+//! Safety of the SIMD functions: callers must have detected the CPU features each one enables
+//! (`kernels` does, once, at run time).
 
-use crate::quant::affine::code_at;
+use crate::quant::affine::unpack_codes;
 use crate::tensor::{bf16_to_f32, e8m0_to_f32, E4M3_LUT};
 
 /// A row of per-group scales or biases in their stored dtype.
@@ -45,23 +48,36 @@ pub struct AffineRow<'a> {
 pub mod scalar {
     use super::*;
 
+    /// Largest MLX group size (codes of one group are decoded into a stack buffer).
+    const MAX_GROUP: usize = 128;
+
     pub fn dequant_affine(r: AffineRow, out: &mut [f32]) {
+        let mut codes = [0u8; MAX_GROUP];
         for (g, o) in out.chunks_mut(r.group).enumerate() {
             let (s, b) = (r.scales.get(g), r.biases.get(g));
-            for (j, o) in o.iter_mut().enumerate() {
-                *o = s * code_at(r.packed, r.bits, g * r.group + j) as f32 + b;
+            let c = &mut codes[..o.len()];
+            unpack_codes(r.packed, r.bits, g * r.group, c);
+            for (o, &q) in o.iter_mut().zip(c.iter()) {
+                *o = s * q as f32 + b;
             }
         }
     }
 
     pub fn dot_affine(r: AffineRow, x: &[f32]) -> f32 {
+        let mut codes = [0u8; MAX_GROUP];
         let mut total = 0f32;
         for (g, xs) in x.chunks(r.group).enumerate() {
-            let (mut qx, mut sx) = (0f32, 0f32);
-            for (j, &xv) in xs.iter().enumerate() {
-                qx += code_at(r.packed, r.bits, g * r.group + j) as f32 * xv;
-                sx += xv;
+            let c = &mut codes[..xs.len()];
+            unpack_codes(r.packed, r.bits, g * r.group, c);
+            // Eight independent lanes so the compiler can vectorize the sums.
+            let (mut qx, mut sx) = ([0f32; 8], [0f32; 8]);
+            for (cq, cx) in c.chunks(8).zip(xs.chunks(8)) {
+                for (k, (&q, &xv)) in cq.iter().zip(cx).enumerate() {
+                    qx[k] += q as f32 * xv;
+                    sx[k] += xv;
+                }
             }
+            let (qx, sx): (f32, f32) = (qx.iter().sum(), sx.iter().sum());
             total += r.scales.get(g) * qx + r.biases.get(g) * sx;
         }
         total
@@ -91,7 +107,7 @@ pub mod scalar {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub mod avx2 {
+pub(crate) mod avx2 {
     use super::*;
     use std::arch::x86_64::*;
 
@@ -174,6 +190,7 @@ pub mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::needless_range_loop)] // g indexes codes, x and scales together
     pub unsafe fn dot_mxfp8(codes: &[u8], scales: &[u8], x: &[f32]) -> f32 {
         let groups = x.len() / 32;
         let mut total = _mm256_setzero_ps();
@@ -222,5 +239,71 @@ pub mod avx2 {
             }
         }
         Some(())
+    }
+}
+
+/// AVX-512 paths: 4-bit rows through a per-group table (`scale·[0..16) + bias`, one permute per
+/// 16 codes, activations in the FP4 kernels' even/odd order), 8-bit rows decoded 16 at a time.
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx512 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    const IOTA: [f32; 16] = [
+        0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
+    ];
+
+    /// `xp` in `kernels::fp4_order`; `None` when the row is not 4- or 8-bit with groups of 32k.
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+    pub unsafe fn dot_affine(r: AffineRow, x: &[f32], xp: &[f32]) -> Option<f32> {
+        let n = x.len();
+        if !r.group.is_multiple_of(32) || !n.is_multiple_of(r.group) {
+            return None;
+        }
+        let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        match r.bits {
+            4 if xp.len() == n => {
+                let iota = _mm512_loadu_ps(IOTA.as_ptr());
+                let nib = _mm512_set1_epi32(0x0f);
+                for g in 0..n / r.group {
+                    let t = _mm512_fmadd_ps(
+                        iota,
+                        _mm512_set1_ps(r.scales.get(g)),
+                        _mm512_set1_ps(r.biases.get(g)),
+                    );
+                    for i in (g * r.group..(g + 1) * r.group).step_by(32) {
+                        let b = _mm512_cvtepu8_epi32(_mm_loadu_si128(
+                            r.packed.as_ptr().add(i / 2) as *const __m128i
+                        ));
+                        let lo = _mm512_permutexvar_ps(_mm512_and_si512(b, nib), t);
+                        let hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), t);
+                        acc0 = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xp.as_ptr().add(i)), acc0);
+                        acc1 = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xp.as_ptr().add(i + 16)), acc1);
+                    }
+                }
+            }
+            8 => {
+                for g in 0..n / r.group {
+                    let (s, b) = (
+                        _mm512_set1_ps(r.scales.get(g)),
+                        _mm512_set1_ps(r.biases.get(g)),
+                    );
+                    for i in (g * r.group..(g + 1) * r.group).step_by(32) {
+                        let q0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
+                            r.packed.as_ptr().add(i) as *const __m128i,
+                        )));
+                        let q1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
+                            r.packed.as_ptr().add(i + 16) as *const __m128i,
+                        )));
+                        let w0 = _mm512_fmadd_ps(q0, s, b);
+                        let w1 = _mm512_fmadd_ps(q1, s, b);
+                        acc0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x.as_ptr().add(i)), acc0);
+                        acc1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x.as_ptr().add(i + 16)), acc1);
+                    }
+                }
+            }
+            _ => return None,
+        }
+        Some(_mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)))
     }
 }
