@@ -249,6 +249,37 @@ pub(crate) mod avx512 {
     use super::*;
     use std::arch::x86_64::*;
 
+    /// Groups decoded up front (a 16384-wide row at group 32); wider rows use the AVX2 path.
+    const MAX_GROUPS: usize = 512;
+
+    /// A row's group parameters as f32.
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+    unsafe fn decode_params(p: Params, out: &mut [f32]) {
+        match p {
+            Params::Bf16(b) => {
+                let mut g = 0;
+                while g + 16 <= out.len() {
+                    let u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(
+                        b.as_ptr().add(2 * g) as *const __m256i
+                    ));
+                    _mm512_storeu_ps(
+                        out.as_mut_ptr().add(g),
+                        _mm512_castsi512_ps(_mm512_slli_epi32(u, 16)),
+                    );
+                    g += 16;
+                }
+                for (k, o) in out.iter_mut().enumerate().skip(g) {
+                    *o = p.get(k);
+                }
+            }
+            _ => {
+                for (k, o) in out.iter_mut().enumerate() {
+                    *o = p.get(k);
+                }
+            }
+        }
+    }
+
     const IOTA: [f32; 16] = [
         0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
     ];
@@ -263,24 +294,50 @@ pub(crate) mod avx512 {
         let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
         match r.bits {
             4 if xp.len() == n => {
+                let groups = n / r.group;
+                if groups > MAX_GROUPS {
+                    return None;
+                }
+                // The row's scales and biases decoded up front (bf16: a shift per 16), then a
+                // 16-entry table per group; two 32-code steps into four accumulators.
+                let (mut sc, mut bi) = ([0f32; MAX_GROUPS], [0f32; MAX_GROUPS]);
+                decode_params(r.scales, &mut sc[..groups]);
+                decode_params(r.biases, &mut bi[..groups]);
                 let iota = _mm512_loadu_ps(IOTA.as_ptr());
                 let nib = _mm512_set1_epi32(0x0f);
-                for g in 0..n / r.group {
-                    let t = _mm512_fmadd_ps(
-                        iota,
-                        _mm512_set1_ps(r.scales.get(g)),
-                        _mm512_set1_ps(r.biases.get(g)),
-                    );
-                    for i in (g * r.group..(g + 1) * r.group).step_by(32) {
-                        let b = _mm512_cvtepu8_epi32(_mm_loadu_si128(
-                            r.packed.as_ptr().add(i / 2) as *const __m128i
-                        ));
-                        let lo = _mm512_permutexvar_ps(_mm512_and_si512(b, nib), t);
-                        let hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), t);
-                        acc0 = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xp.as_ptr().add(i)), acc0);
-                        acc1 = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xp.as_ptr().add(i + 16)), acc1);
+                let (pk, xq) = (r.packed.as_ptr(), xp.as_ptr());
+                let (mut acc2, mut acc3) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+                let step = |i: usize, t: __m512| {
+                    let b = _mm512_cvtepu8_epi32(_mm_loadu_si128(pk.add(i / 2) as *const __m128i));
+                    (
+                        _mm512_mul_ps(
+                            _mm512_permutexvar_ps(_mm512_and_si512(b, nib), t),
+                            _mm512_loadu_ps(xq.add(i)),
+                        ),
+                        _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), t),
+                    )
+                };
+                for g in 0..groups {
+                    let t = _mm512_fmadd_ps(iota, _mm512_set1_ps(sc[g]), _mm512_set1_ps(bi[g]));
+                    let mut i = g * r.group;
+                    let end = i + r.group;
+                    while i + 64 <= end {
+                        let (l0, h0) = step(i, t);
+                        let (l1, h1) = step(i + 32, t);
+                        acc0 = _mm512_add_ps(acc0, l0);
+                        acc1 = _mm512_fmadd_ps(h0, _mm512_loadu_ps(xq.add(i + 16)), acc1);
+                        acc2 = _mm512_add_ps(acc2, l1);
+                        acc3 = _mm512_fmadd_ps(h1, _mm512_loadu_ps(xq.add(i + 48)), acc3);
+                        i += 64;
+                    }
+                    if i < end {
+                        let (l0, h0) = step(i, t);
+                        acc0 = _mm512_add_ps(acc0, l0);
+                        acc1 = _mm512_fmadd_ps(h0, _mm512_loadu_ps(xq.add(i + 16)), acc1);
                     }
                 }
+                acc0 = _mm512_add_ps(acc0, acc2);
+                acc1 = _mm512_add_ps(acc1, acc3);
             }
             8 => {
                 for g in 0..n / r.group {
