@@ -63,21 +63,53 @@ pub mod scalar {
         }
     }
 
+    /// 8 codes starting at byte `at` (8 codes of `bits` bits are exactly `bits` bytes).
+    #[inline(always)]
+    fn eight(packed: &[u8], at: usize, bits: u32) -> [f32; 8] {
+        let b = bits as usize;
+        let v = match packed.get(at..at + 8) {
+            Some(w) => u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]),
+            None => packed[at..at + b]
+                .iter()
+                .enumerate()
+                .fold(0u64, |v, (j, &byte)| v | (byte as u64) << (8 * j)),
+        };
+        let mask = (1u64 << bits) - 1;
+        std::array::from_fn(|j| ((v >> (j * b)) & mask) as f32)
+    }
+
     pub fn dot_affine(r: AffineRow, x: &[f32]) -> f32 {
+        if !r.group.is_multiple_of(8) || !x.len().is_multiple_of(r.group) {
+            return dot_affine_any(r, x);
+        }
+        let b = r.bits as usize;
+        let mut total = 0f32;
+        for (g, xs) in x.chunks_exact(r.group).enumerate() {
+            // Eight independent lanes: straight-line code the compiler vectorizes.
+            let (mut qx, mut sx) = ([0f32; 8], [0f32; 8]);
+            let base = g * r.group * b / 8;
+            for (k, xc) in xs.chunks_exact(8).enumerate() {
+                let q = eight(r.packed, base + k * b, r.bits);
+                for l in 0..8 {
+                    qx[l] += q[l] * xc[l];
+                    sx[l] += xc[l];
+                }
+            }
+            let (qx, sx): (f32, f32) = (qx.iter().sum(), sx.iter().sum());
+            total += r.scales.get(g) * qx + r.biases.get(g) * sx;
+        }
+        total
+    }
+
+    /// Any shape (ragged rows): codes decoded group by group.
+    fn dot_affine_any(r: AffineRow, x: &[f32]) -> f32 {
         let mut codes = [0u8; MAX_GROUP];
         let mut total = 0f32;
         for (g, xs) in x.chunks(r.group).enumerate() {
             let c = &mut codes[..xs.len()];
             unpack_codes(r.packed, r.bits, g * r.group, c);
-            // Eight independent lanes so the compiler can vectorize the sums.
-            let (mut qx, mut sx) = ([0f32; 8], [0f32; 8]);
-            for (cq, cx) in c.chunks(8).zip(xs.chunks(8)) {
-                for (k, (&q, &xv)) in cq.iter().zip(cx).enumerate() {
-                    qx[k] += q as f32 * xv;
-                    sx[k] += xv;
-                }
-            }
-            let (qx, sx): (f32, f32) = (qx.iter().sum(), sx.iter().sum());
+            let qx: f32 = c.iter().zip(xs).map(|(&q, &v)| q as f32 * v).sum();
+            let sx: f32 = xs.iter().sum();
             total += r.scales.get(g) * qx + r.biases.get(g) * sx;
         }
         total

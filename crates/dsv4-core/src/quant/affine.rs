@@ -21,9 +21,13 @@ pub fn unpack_codes(packed: &[u8], bits: u32, start: usize, out: &mut [u8]) {
     if start.is_multiple_of(8) && out.len().is_multiple_of(8) {
         let first = start * b / 8;
         for (k, o) in out.chunks_exact_mut(8).enumerate() {
-            let mut w = [0u8; 8];
-            w[..b].copy_from_slice(&packed[first + k * b..first + (k + 1) * b]);
-            let v = u64::from_le_bytes(w);
+            let mut v = 0u64;
+            for (j, &byte) in packed[first + k * b..first + (k + 1) * b]
+                .iter()
+                .enumerate()
+            {
+                v |= (byte as u64) << (8 * j);
+            }
             for (j, c) in o.iter_mut().enumerate() {
                 *c = ((v >> (j * b)) & mask) as u8;
             }
