@@ -201,13 +201,26 @@ fn argmax(x: &[f32]) -> u32 {
 fn kernels(bw: f64) -> Result<()> {
     use synthetic::MatrixFormat as F;
     println!("memory bandwidth: {:.2} GB/s", bw / 1e9);
-    for (f, out) in [(F::Bf16, 65536), (F::Fp8, 131072), (F::Fp4, 262144)] {
+    use dsv4_core::quant::QuantMode as Q;
+    for (f, out) in [
+        (F::Bf16, 65536),
+        (F::Fp8, 131072),
+        (F::Fp4, 262144),
+        (F::Mlx(Q::Affine { bits: 4, group: 64 }), 262144),
+        (F::Mlx(Q::Affine { bits: 8, group: 64 }), 131072),
+        (F::Mlx(Q::Affine { bits: 3, group: 64 }), 262144),
+        (F::Mlx(Q::Mxfp4), 262144),
+        (F::Mlx(Q::Mxfp8), 131072),
+    ] {
         let inp = 4096;
         let big = gemv_rate(&synthetic::random_linear(f, out, inp, 3)?, 5);
         let small = gemv_rate(&synthetic::random_linear(f, out / 512, inp, 4)?, 200);
         println!(
-            "{:<5} [{out} x {inp}]: {:>6.2} GB/s ({:>3.0}% of bandwidth); in cache: {:>6.2} GB/s",
-            format!("{f:?}"),
+            "{:<14} [{out} x {inp}]: {:>6.2} GB/s ({:>3.0}% of bandwidth); in cache: {:>6.2} GB/s",
+            match f {
+                F::Mlx(m) => m.label(),
+                f => format!("{f:?}"),
+            },
             big / 1e9,
             100.0 * big / bw,
             small / 1e9,

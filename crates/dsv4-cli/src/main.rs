@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 mod bench;
 #[cfg(feature = "cuda")]
 mod bench_cuda;
+mod convert;
 mod generate;
 
 #[derive(Parser)]
@@ -113,6 +114,9 @@ enum Cmd {
     Generate(generate::GenerateArgs),
     /// Interactive chat that keeps the cache across turns (reads stdin; works piped too).
     Chat(generate::ChatArgs),
+    /// Convert the official FP8/FP4 checkpoint to an MLX-quantized one (mlx-community layout),
+    /// streaming with bounded memory; the output appears only when complete.
+    Convert(convert::ConvertArgs),
 }
 
 fn main() {
@@ -140,6 +144,7 @@ fn run(cmd: Cmd) -> Result<()> {
         Cmd::Bench(args) => bench::run(args),
         Cmd::Generate(args) => generate::run_generate(args),
         Cmd::Chat(args) => generate::run_chat(args),
+        Cmd::Convert(args) => convert::run(args),
     }
 }
 
@@ -233,6 +238,13 @@ fn inspect(dir: &Path) -> Result<()> {
             q.method, q.fmt, q.scale_fmt, q.block, q.expert_dtype
         );
     }
+    if let Some(q) = &c.mlx_quant {
+        println!(
+            "mlx quantization: default {}, {} per-module overrides",
+            q.default.label(),
+            q.overrides.len()
+        );
+    }
     println!("layers:");
     for i in 0..c.num_layers {
         println!(
@@ -246,6 +258,7 @@ fn inspect(dir: &Path) -> Result<()> {
         "decode weight traffic: {:.3} MB/token",
         model.weights.decode_bytes(c.num_experts_per_tok) as f64 / 1e6
     );
+    print_formats(&model.weights.linears());
     println!("tensors:");
     let mut by_dtype: std::collections::BTreeMap<&str, (usize, usize)> = Default::default();
     for (name, t) in ck.sorted() {
@@ -263,4 +276,43 @@ fn inspect(dir: &Path) -> Result<()> {
         println!("  total {d:<8} {n:>6} tensors {:>14} B", b);
     }
     Ok(())
+}
+
+/// Per weight format: matrices, weights, stored bytes per component, and bits per weight.
+fn print_formats(linears: &[(String, &dsv4_core::cpu::linear::Linear)]) {
+    #[derive(Default)]
+    struct Acc {
+        matrices: usize,
+        weights: u64,
+        codes: u64,
+        scales: u64,
+        biases: u64,
+    }
+    let mut by: std::collections::BTreeMap<String, Acc> = Default::default();
+    for (_, l) in linears {
+        let a = by.entry(l.format.label()).or_default();
+        let (w, s, b) = l.component_bytes();
+        a.matrices += 1;
+        a.weights += (l.out * l.inp) as u64;
+        a.codes += w as u64;
+        a.scales += s as u64;
+        a.biases += b as u64;
+    }
+    println!("weight formats (matrices; bits/weight includes scales and biases):");
+    println!(
+        "  {:<28} {:>8} {:>14} {:>14} {:>12} {:>12} {:>9}",
+        "format", "matrices", "weights", "codes B", "scales B", "biases B", "bits/w"
+    );
+    for (f, a) in by {
+        let total = a.codes + a.scales + a.biases;
+        println!(
+            "  {f:<28} {:>8} {:>14} {:>14} {:>12} {:>12} {:>9.3}",
+            a.matrices,
+            a.weights,
+            a.codes,
+            a.scales,
+            a.biases,
+            total as f64 * 8.0 / a.weights.max(1) as f64
+        );
+    }
 }

@@ -125,6 +125,8 @@ pub struct ModelConfig {
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
     pub quant: Option<QuantConfig>,
+    /// MLX checkpoints: the `quantization` section (default mode + per-module overrides).
+    pub mlx_quant: Option<crate::quant::config::MlxQuantConfig>,
 }
 
 fn get<'a>(m: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
@@ -246,8 +248,15 @@ impl ModelConfig {
         let mlp_kinds = Self::parse_mlp_schedule(m, num_layers)?;
         let (rope_main, rope_compress) = Self::parse_rope(m)?;
 
+        let mlx_quant = get(m, "quantization")
+            .map(crate::quant::config::MlxQuantConfig::from_json)
+            .transpose()?;
         let quant = match get(m, "quantization_config") {
             None => None,
+            // mlx-lm mirrors its `quantization` section here (no `quant_method`); not FP8.
+            Some(Value::Object(q)) if !q.contains_key("quant_method") && q.contains_key("bits") => {
+                None
+            }
             Some(Value::Object(q)) => {
                 let block = match get(q, "weight_block_size") {
                     None => [128, 128],
@@ -328,6 +337,7 @@ impl ModelConfig {
                 .copied(),
             eos_token_ids: token_ids(get(m, "eos_token_id"), "eos_token_id")?,
             quant,
+            mlx_quant,
         };
         if let Some(s) = get(m, "scoring_func").and_then(|v| v.as_str()) {
             if s != "sqrtsoftplus" {

@@ -362,6 +362,69 @@ pub fn checkpoint(config: ModelConfig, seed: u64) -> Result<Checkpoint> {
     )
 }
 
+/// Writes a random checkpoint for `config_json` to `dir` in the official layout: shards of at
+/// most `max_shard_bytes` (whole tensors, a layer's tensors together), the index, `config.json`.
+/// For measuring tools on multi-shard checkpoints of any size (e.g. `dsv4 convert`'s memory).
+pub fn write_official(
+    dir: &std::path::Path,
+    config_json: &serde_json::Value,
+    seed: u64,
+    max_shard_bytes: u64,
+) -> Result<()> {
+    use crate::convert::st_writer::{Entry, ShardWriter};
+    let ck = checkpoint(ModelConfig::from_json(config_json)?, seed)?;
+    std::fs::create_dir_all(dir).map_err(|e| crate::Error::io(dir, e))?;
+    let mut shards: Vec<Vec<(&str, &Tensor)>> = vec![vec![]];
+    let mut acc = 0u64;
+    let mut sorted: Vec<(&str, &Tensor)> = ck.sorted().into_iter().collect();
+    sorted.sort_by_key(|(k, _)| {
+        let layer = k
+            .strip_prefix("layers.")
+            .and_then(|r| r.split('.').next())
+            .and_then(|n| n.parse::<usize>().ok());
+        (layer.unwrap_or(usize::MAX), k.to_string())
+    });
+    for (k, t) in sorted {
+        let b = t.bytes().len() as u64;
+        if acc > 0 && acc + b > max_shard_bytes {
+            shards.push(vec![]);
+            acc = 0;
+        }
+        acc += b;
+        if let Some(s) = shards.last_mut() {
+            s.push((k, t));
+        }
+    }
+    let n = shards.len();
+    let mut map = serde_json::Map::new();
+    for (i, shard) in shards.iter().enumerate() {
+        let file = format!("model-{:05}-of-{n:05}.safetensors", i + 1);
+        let entries = shard
+            .iter()
+            .map(|(k, t)| Entry {
+                name: k.to_string(),
+                dtype: t.dtype,
+                shape: t.shape.clone(),
+            })
+            .collect();
+        let w = ShardWriter::create(&dir.join(&file), entries)?;
+        for (k, t) in shard {
+            w.write(k, 0, t.bytes())?;
+            map.insert(k.to_string(), json!(file));
+        }
+        w.finish()?;
+    }
+    let write = |name: &str, v: &serde_json::Value| {
+        let p = dir.join(name);
+        std::fs::write(&p, v.to_string()).map_err(|e| crate::Error::io(&p, e))
+    };
+    write(
+        "model.safetensors.index.json",
+        &json!({"metadata": {"total_size": ck.total_bytes()}, "weight_map": map}),
+    )?;
+    write("config.json", config_json)
+}
+
 /// An official-style `config.json` value with DeepSeek-V4-Flash shapes, overridable per field.
 pub fn flash_config_json() -> serde_json::Value {
     json!({
@@ -464,6 +527,8 @@ pub enum MatrixFormat {
     Bf16,
     Fp8,
     Fp4,
+    /// An MLX format (random codes, small scales, bf16 scales and biases for affine).
+    Mlx(crate::quant::QuantMode),
 }
 
 /// A random `[out, inp]` weight matrix in the given stored format.
@@ -473,7 +538,11 @@ pub fn random_linear(
     inp: usize,
     seed: u64,
 ) -> Result<crate::cpu::linear::Linear> {
+    if let MatrixFormat::Mlx(mode) = format {
+        return random_mlx_linear(mode, out, inp, seed);
+    }
     let fill = match format {
+        MatrixFormat::Mlx(_) => unreachable!("handled above"),
         MatrixFormat::Bf16 => Fill::Bf16(1.0 / (inp as f32).sqrt()),
         MatrixFormat::Fp8 => Fill::Fp8,
         MatrixFormat::Fp4 => Fill::Fp4,
@@ -485,4 +554,56 @@ pub fn random_linear(
     };
     let t = generate(&spec, seed);
     crate::cpu::linear::Linear::new(&t[0].1, t.get(1).map(|(_, s)| s), out, inp, None)
+}
+
+fn random_mlx_linear(
+    mode: crate::quant::QuantMode,
+    out: usize,
+    inp: usize,
+    seed: u64,
+) -> Result<crate::cpu::linear::Linear> {
+    use crate::quant::QuantMode;
+    use rand::{RngCore, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut codes = vec![0u8; out * mode.packed_cols(inp) * 4];
+    rng.fill_bytes(&mut codes);
+    if mode == QuantMode::Mxfp8 {
+        codes.iter_mut().for_each(|c| *c &= 0xf7); // no NaN codes
+    }
+    let groups = inp / mode.group();
+    let w = owned(
+        "bench.weight",
+        DType::U32,
+        vec![out, mode.packed_cols(inp)],
+        codes,
+    );
+    let (scales, biases) = match mode {
+        QuantMode::Affine { .. } => {
+            let s = (0..out * groups)
+                .flat_map(|i| f32_to_bf16(1e-3 * (1 + i % 7) as f32).to_le_bytes());
+            let b =
+                (0..out * groups).flat_map(|i| f32_to_bf16(-1e-2 * (i % 5) as f32).to_le_bytes());
+            (
+                owned("bench.scales", DType::BF16, vec![out, groups], s.collect()),
+                Some(owned(
+                    "bench.biases",
+                    DType::BF16,
+                    vec![out, groups],
+                    b.collect(),
+                )),
+            )
+        }
+        _ => {
+            let s = (0..out * groups).map(|i| 115 + (i % 8) as u8).collect();
+            (owned("bench.scales", DType::U8, vec![out, groups], s), None)
+        }
+    };
+    crate::cpu::linear::Linear::new_mlx(
+        &w.1,
+        &scales.1,
+        biases.as_ref().map(|b| &b.1),
+        out,
+        inp,
+        Some(mode),
+    )
 }

@@ -78,7 +78,18 @@ impl GpuLinear {
                 *block_in,
                 l.inp.div_ceil(*block_in),
             ),
-            Format::Fp4 { scales } => (Fmt::Fp4, Some(gpu.upload(scales.bytes())?), 1, 1, 0),
+            // MLX's mxfp4 is the release's FP4 byte for byte (e2m1 + e8m0 per 32).
+            Format::Fp4 { scales } | Format::Mxfp4 { scales } => {
+                (Fmt::Fp4, Some(gpu.upload(scales.bytes())?), 1, 1, 0)
+            }
+            other => {
+                return Err(crate::Error::Unsupported(format!(
+                    "`{}` is stored as {} (an MLX quantization); those run on the CPU only for \
+                     now",
+                    l.name(),
+                    other.label()
+                )))
+            }
         };
         let vec = l.inp.is_multiple_of(fmt.chunk()) && (fmt != Fmt::Fp8 || bi % 16 == 0);
         let desc = LinearDesc {

@@ -74,10 +74,7 @@ impl Checkpoint {
         let style = names::detect_style(raw.iter().map(|(n, _)| n.as_str()));
         let mut tensors = HashMap::with_capacity(raw.len());
         for (name, t) in raw {
-            let key = match style {
-                KeyStyle::Official => Some(name.clone()),
-                KeyStyle::Transformers => names::transformers_to_official(&name),
-            };
+            let key = names::to_official(&name, style);
             let Some(key) = key else { continue };
             if names::is_ignored(&key) {
                 continue;
@@ -147,7 +144,7 @@ impl Checkpoint {
 
 /// The shard list: from the index when present (with the tensor names each shard must hold),
 /// else `model.safetensors`, else every `*.safetensors` in the directory.
-fn shard_files(dir: &Path) -> Result<Vec<(PathBuf, Option<Vec<String>>)>> {
+pub(crate) fn shard_files(dir: &Path) -> Result<Vec<(PathBuf, Option<Vec<String>>)>> {
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
         let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;

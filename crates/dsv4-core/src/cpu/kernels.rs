@@ -3,6 +3,7 @@
 //! BF16, F16, F32). AVX2+FMA+F16C versions are chosen at run time; the scalar versions are the
 //! reference and the fallback.
 
+use super::mlx_rows::{self, AffineRow};
 use crate::tensor::{bf16_to_f32, e8m0_to_f32, E2M1_VALUES, E4M3_LUT};
 
 /// One weight row in its stored format.
@@ -20,6 +21,13 @@ pub enum Row<'a> {
     /// Packed e2m1 (low nibble first); one e8m0 scale byte per 32 inputs.
     Fp4 {
         packed: &'a [u8],
+        scales: &'a [u8],
+    },
+    /// MLX affine codes with a scale and bias per group.
+    Affine(AffineRow<'a>),
+    /// MLX mxfp8: e4m3 codes; one e8m0 scale byte per 32 inputs.
+    Mxfp8 {
+        codes: &'a [u8],
         scales: &'a [u8],
     },
 }
@@ -47,12 +55,24 @@ fn has_avx2() -> bool {
 /// `Σ_i w[i]·x[i]` for a stored row of `x.len()` inputs.
 #[inline]
 pub fn dot(row: Row, x: &[f32]) -> f32 {
-    let xp = if matches!(row, Row::Fp4 { .. }) {
+    let xp = if row.wants_fp4_order() {
         fp4_order(x)
     } else {
         Vec::new()
     };
     dot_prepared(row, x, &xp)
+}
+
+impl Row<'_> {
+    /// Rows of 4-bit nibble pairs (FP4, mxfp4, 4-bit affine), whose fastest dot product takes the
+    /// activations in [`fp4_order`].
+    pub fn wants_fp4_order(&self) -> bool {
+        match self {
+            Row::Fp4 { .. } => true,
+            Row::Affine(r) => r.bits == 4,
+            _ => false,
+        }
+    }
 }
 
 /// Whether FP4 rows want their activations in [`fp4_order`] (the fastest kernel does).
@@ -143,6 +163,17 @@ pub fn dequant_prepared(row: Row, out: &mut [f32]) {
 /// Decodes a stored row into f32 (`out.len()` inputs).
 pub fn dequant(row: Row, out: &mut [f32]) {
     match row {
+        Row::Affine(r) => {
+            #[cfg(target_arch = "x86_64")]
+            if has_avx2() {
+                // SAFETY: the features were detected above.
+                if unsafe { mlx_rows::avx2::dequant_affine(r, out) }.is_some() {
+                    return;
+                }
+            }
+            mlx_rows::scalar::dequant_affine(r, out)
+        }
+        Row::Mxfp8 { codes, scales } => mlx_rows::scalar::dequant_mxfp8(codes, scales, out),
         Row::F32(b) => {
             for (o, c) in out.iter_mut().zip(b.chunks_exact(4)) {
                 *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
@@ -233,6 +264,8 @@ pub(crate) mod scalar {
                 }
                 total
             }
+            Row::Affine(r) => mlx_rows::scalar::dot_affine(r, x),
+            Row::Mxfp8 { codes, scales } => mlx_rows::scalar::dot_mxfp8(codes, scales, x),
             other => {
                 let mut buf = vec![0f32; x.len()];
                 dequant(other, &mut buf);
@@ -431,6 +464,9 @@ mod avx2 {
             } => dot_fp8(codes, scales, block, x),
             Row::Fp4 { packed, scales } => dot_fp4(packed, scales, x),
             Row::Bf16(w) => dot_bf16(w, x),
+            Row::Affine(r) => mlx_rows::avx2::dot_affine(r, x)
+                .unwrap_or_else(|| mlx_rows::scalar::dot_affine(r, x)),
+            Row::Mxfp8 { codes, scales } => mlx_rows::avx2::dot_mxfp8(codes, scales, x),
             other => scalar::dot(other, x),
         }
     }
@@ -641,6 +677,10 @@ mod avx512 {
                 block,
             } => dot_fp8(codes, scales, block, x),
             Row::Fp4 { packed, scales } => dot_fp4(packed, scales, xp),
+            Row::Affine(r) => match mlx_rows::avx512::dot_affine(r, x, xp) {
+                Some(v) => v,
+                None => avx2::dot(row, x),
+            },
             other => avx2::dot(other, x),
         }
     }
@@ -714,6 +754,107 @@ mod tests {
                     "scalar n={n}: {got} vs {want}"
                 );
             }
+        }
+    }
+
+    /// MLX rows: the scalar dot equals dequantize-then-dot for every affine width, group and
+    /// scale dtype, and the SIMD paths (4/8-bit affine, mxfp8) agree with scalar.
+    #[test]
+    fn mlx_rows_match_scalar() {
+        use super::mlx_rows::{AffineRow, Params};
+        let mut s = 0x0bad_cafe_u64;
+        for n in [128usize, 256, 4096] {
+            let x: Vec<f32> = (0..n).map(|_| rng(&mut s)).collect();
+            let check = |row: Row, label: &str| {
+                let mut w = vec![0f32; n];
+                scalar_dequant(row, &mut w);
+                let want: f64 = w.iter().zip(&x).map(|(a, b)| *a as f64 * *b as f64).sum();
+                let norm: f64 = w
+                    .iter()
+                    .zip(&x)
+                    .map(|(a, b)| (*a as f64 * *b as f64).abs())
+                    .sum();
+                let tol = 1e-5 * norm.max(1e-6);
+                let got = scalar::dot(row, &x) as f64;
+                assert!(
+                    (got - want).abs() <= tol,
+                    "{label} scalar n={n}: {got} vs {want}"
+                );
+                let got = dot(row, &x) as f64;
+                assert!(
+                    (got - want).abs() <= tol,
+                    "{label} dispatch n={n}: {got} vs {want}"
+                );
+                #[cfg(target_arch = "x86_64")]
+                if has_avx2() {
+                    // SAFETY: features detected.
+                    let got = unsafe { avx2::dot(row, &x) } as f64;
+                    assert!(
+                        (got - want).abs() <= tol,
+                        "{label} avx2 n={n}: {got} vs {want}"
+                    );
+                }
+                let mut w2 = vec![0f32; n];
+                dequant(row, &mut w2);
+                for (a, b) in w.iter().zip(&w2) {
+                    assert!((a - b).abs() <= 1e-6 * a.abs().max(1.0), "{label} dequant");
+                }
+            };
+            for bits in [2u32, 3, 4, 5, 6, 8] {
+                for group in [32usize, 64, 128] {
+                    let packed: Vec<u8> = (0..n * bits as usize / 8)
+                        .map(|i| ((i * 131 + 17) % 256) as u8)
+                        .collect();
+                    let ng = n / group;
+                    let sc: Vec<f32> = (0..ng).map(|g| 0.01 * (g % 5) as f32 - 0.02).collect();
+                    let bi: Vec<f32> = (0..ng).map(|g| 0.3 - 0.07 * (g % 3) as f32).collect();
+                    let bf = |v: &[f32]| -> Vec<u8> {
+                        v.iter()
+                            .flat_map(|&x| crate::tensor::f32_to_bf16(x).to_le_bytes())
+                            .collect()
+                    };
+                    let f16 = |v: &[f32]| -> Vec<u8> {
+                        v.iter()
+                            .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+                            .collect()
+                    };
+                    let f32b =
+                        |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+                    let (sb, bb, sh, bh, sf, bff) =
+                        (bf(&sc), bf(&bi), f16(&sc), f16(&bi), f32b(&sc), f32b(&bi));
+                    for (scales, biases) in [
+                        (Params::Bf16(&sb), Params::Bf16(&bb)),
+                        (Params::F16(&sh), Params::F16(&bh)),
+                        (Params::F32(&sf), Params::F32(&bff)),
+                    ] {
+                        let row = Row::Affine(AffineRow {
+                            packed: &packed,
+                            scales,
+                            biases,
+                            bits,
+                            group,
+                        });
+                        check(row, &format!("affine q{bits}/g{group}"));
+                    }
+                }
+            }
+            let codes: Vec<u8> = (0..n).map(|i| ((i * 37 + 11) % 256) as u8 & 0xf7).collect();
+            let sc8: Vec<u8> = (0..n / 32).map(|g| 118 + (g % 11) as u8).collect();
+            check(
+                Row::Mxfp8 {
+                    codes: &codes,
+                    scales: &sc8,
+                },
+                "mxfp8",
+            );
+        }
+    }
+
+    /// Reference decode with no SIMD involved.
+    fn scalar_dequant(row: Row, out: &mut [f32]) {
+        match row {
+            Row::Affine(r) => super::mlx_rows::scalar::dequant_affine(r, out),
+            other => dequant(other, out),
         }
     }
 }

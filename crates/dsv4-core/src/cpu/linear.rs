@@ -1,10 +1,13 @@
 //! A linear layer over weights in their stored format: `y[t] = W · x[t]` with `W` `[out, in]`
-//! as BF16/F16/F32, FP8 e4m3 + block scales, or packed FP4 e2m1 + e8m0 scales per 32 inputs.
+//! as BF16/F16/F32, FP8 e4m3 + block scales, packed FP4 e2m1 + e8m0 scales per 32 inputs, or an
+//! MLX format (affine with scales + biases, mxfp4, mxfp8).
 //! Rows are dequantized inside the kernel; no f32 copy of a weight ever exists.
 
 use super::gemm;
 use super::kernels::{self, Row};
+use super::mlx_rows::{AffineRow, Params};
 use crate::error::Result;
+use crate::quant::QuantMode;
 use crate::tensor::{DType, Tensor};
 use rayon::prelude::*;
 
@@ -25,6 +28,22 @@ pub enum Format {
     Fp4 {
         scales: Tensor,
     },
+    /// MLX affine: packed `bits`-wide codes `[out, in·bits/8]` bytes; `scales` and `biases`
+    /// `[out, in/group]` in BF16/F16/F32.
+    Affine {
+        bits: u32,
+        group: usize,
+        scales: Tensor,
+        biases: Tensor,
+    },
+    /// MLX mxfp4: the official FP4 layout (e2m1 pairs per byte, e8m0 per 32).
+    Mxfp4 {
+        scales: Tensor,
+    },
+    /// MLX mxfp8: e4m3 codes, e8m0 scales `[out, in/32]`.
+    Mxfp8 {
+        scales: Tensor,
+    },
 }
 
 impl Format {
@@ -39,7 +58,47 @@ impl Format {
                 ..
             } => format!("fp8-e4m3 {block_out}x{block_in}"),
             Format::Fp4 { .. } => "fp4-e2m1/32".into(),
+            Format::Affine {
+                bits,
+                group,
+                scales,
+                ..
+            } => format!(
+                "affine q{bits}/g{group} {}",
+                scales.dtype.name().to_lowercase()
+            ),
+            Format::Mxfp4 { .. } => "mxfp4".into(),
+            Format::Mxfp8 { .. } => "mxfp8".into(),
         }
+    }
+
+    /// Packed FP4 rows (official or mxfp4), which share kernels and the activation reordering.
+    fn is_fp4(&self) -> bool {
+        matches!(self, Format::Fp4 { .. } | Format::Mxfp4 { .. })
+    }
+
+    /// The MLX mode, for MLX formats.
+    pub fn mlx_mode(&self) -> Option<QuantMode> {
+        match self {
+            Format::Affine { bits, group, .. } => Some(QuantMode::Affine {
+                bits: *bits,
+                group: *group,
+            }),
+            Format::Mxfp4 { .. } => Some(QuantMode::Mxfp4),
+            Format::Mxfp8 { .. } => Some(QuantMode::Mxfp8),
+            _ => None,
+        }
+    }
+}
+
+/// Row `o` of a `[out, g]` table of affine scales or biases.
+fn param_row(t: &Tensor, o: usize, g: usize) -> Params<'_> {
+    let w = t.dtype.size() * g;
+    let r = &t.bytes()[o * w..(o + 1) * w];
+    match t.dtype {
+        DType::F32 => Params::F32(r),
+        DType::F16 => Params::F16(r),
+        _ => Params::Bf16(r),
     }
 }
 
@@ -162,14 +221,160 @@ impl Linear {
         })
     }
 
+    /// An MLX-quantized `[out, inp]` matrix: `weight` (packed `uint32`), `scales`, and `biases`
+    /// for affine. The mode is read from the shapes and must agree with `expected` (the
+    /// config's entry for this module) when given.
+    pub fn new_mlx(
+        weight: &Tensor,
+        scales: &Tensor,
+        biases: Option<&Tensor>,
+        out: usize,
+        inp: usize,
+        expected: Option<QuantMode>,
+    ) -> Result<Self> {
+        if !matches!(weight.dtype, DType::U32 | DType::U8 | DType::I8) {
+            return Err(weight.err(format!(
+                "quantized weight dtype {}, expected U32 (packed codes)",
+                weight.dtype.name()
+            )));
+        }
+        let per_word = 4 / weight.dtype.size();
+        let cols = weight.shape.get(1).copied().unwrap_or(0) / per_word;
+        if weight.shape.len() != 2 || weight.shape[0] != out || cols == 0 {
+            return Err(weight.err(format!(
+                "shape {:?}, expected [{out}, in·bits/32] for a quantized [{out}, {inp}] weight",
+                weight.shape
+            )));
+        }
+        if !(cols * 32).is_multiple_of(inp) {
+            return Err(weight.err(format!(
+                "{cols} packed words per row do not hold {inp} inputs at a whole number of bits"
+            )));
+        }
+        let bits = (cols * 32 / inp) as u32;
+        if scales.shape.len() != 2 || scales.shape[0] != out || scales.shape[1] == 0 {
+            return Err(scales.err(format!(
+                "shape {:?}, expected [{out}, in/group_size] for weight `{}`",
+                scales.shape, weight.name
+            )));
+        }
+        let ngroups = scales.shape[1];
+        if !inp.is_multiple_of(ngroups) {
+            return Err(scales.err(format!(
+                "{ngroups} groups per row do not divide the {inp} inputs of weight `{}`",
+                weight.name
+            )));
+        }
+        let group = inp / ngroups;
+        let mode = match biases {
+            Some(b) => {
+                let mode = QuantMode::new("affine", bits, group).map_err(|e| {
+                    weight.err(format!(
+                        "{e} (from shapes {:?} and scales {:?})",
+                        weight.shape, scales.shape
+                    ))
+                })?;
+                if !matches!(scales.dtype, DType::BF16 | DType::F16 | DType::F32) {
+                    return Err(scales.err(format!(
+                        "affine scales dtype {}, expected BF16, F16 or F32",
+                        scales.dtype.name()
+                    )));
+                }
+                if b.dtype != scales.dtype || b.shape != scales.shape {
+                    return Err(b.err(format!(
+                        "biases {} {:?} do not match scales {} {:?}",
+                        b.dtype.name(),
+                        b.shape,
+                        scales.dtype.name(),
+                        scales.shape
+                    )));
+                }
+                mode
+            }
+            None => {
+                let name = if bits == 4 { "mxfp4" } else { "mxfp8" };
+                let mode = QuantMode::new(name, bits, group).map_err(|e| {
+                    weight.err(format!(
+                        "{e}; a quantized weight without biases must be mxfp4 or mxfp8"
+                    ))
+                })?;
+                if !matches!(scales.dtype, DType::U8 | DType::F8E8M0) {
+                    return Err(scales.err(format!(
+                        "{name} scales dtype {}, expected U8 (e8m0)",
+                        scales.dtype.name()
+                    )));
+                }
+                mode
+            }
+        };
+        if let Some(want) = expected {
+            if want != mode {
+                return Err(weight.err(format!(
+                    "config.json `quantization` says {} but the tensors hold {} (weight {:?}, scales {:?})",
+                    want.label(),
+                    mode.label(),
+                    weight.shape,
+                    scales.shape
+                )));
+            }
+        }
+        let format = match mode {
+            QuantMode::Affine { bits, group } => Format::Affine {
+                bits,
+                group,
+                scales: scales.clone(),
+                biases: biases
+                    .cloned()
+                    .ok_or_else(|| weight.err("affine without biases"))?,
+            },
+            QuantMode::Mxfp4 => Format::Mxfp4 {
+                scales: scales.clone(),
+            },
+            QuantMode::Mxfp8 => Format::Mxfp8 {
+                scales: scales.clone(),
+            },
+        };
+        Ok(Linear {
+            out,
+            inp,
+            weight: weight.clone(),
+            format,
+        })
+    }
+
+    /// Stored bytes of (weight codes, scales, biases). FP8 scales count as stored (1 byte each).
+    pub fn component_bytes(&self) -> (usize, usize, usize) {
+        let w = self.weight.bytes().len();
+        match &self.format {
+            Format::Fp4 { scales } | Format::Mxfp4 { scales } | Format::Mxfp8 { scales } => {
+                (w, scales.bytes().len(), 0)
+            }
+            Format::Affine { scales, biases, .. } => {
+                (w, scales.bytes().len(), biases.bytes().len())
+            }
+            Format::Fp8 { scales, .. } => (w, scales.len(), 0),
+            _ => (w, 0, 0),
+        }
+    }
+
     /// Stored bytes of the weight and its scales (what one full pass reads).
     pub fn stored_bytes(&self) -> usize {
         self.weight.bytes().len()
             + match &self.format {
-                Format::Fp4 { scales } => scales.bytes().len(),
+                Format::Fp4 { scales } | Format::Mxfp4 { scales } | Format::Mxfp8 { scales } => {
+                    scales.bytes().len()
+                }
+                Format::Affine { scales, biases, .. } => {
+                    scales.bytes().len() + biases.bytes().len()
+                }
                 Format::Fp8 { scales, .. } => scales.len(),
                 _ => 0,
             }
+    }
+
+    /// The weight tensor's name in its checkpoint (for error messages).
+    pub fn name(&self) -> &str {
+        &self.weight.name
     }
 
     /// The stored weight bytes, row-major (what a device backend uploads as is).
@@ -198,12 +403,35 @@ impl Linear {
                     block: *block_in,
                 }
             }
-            Format::Fp4 { scales } => {
+            Format::Fp4 { scales } | Format::Mxfp4 { scales } => {
                 let g = self.inp / 32;
                 Row::Fp4 {
                     packed: &b[o * self.inp / 2..(o + 1) * self.inp / 2],
                     scales: &scales.bytes()[o * g..(o + 1) * g],
                 }
+            }
+            Format::Mxfp8 { scales } => {
+                let g = self.inp / 32;
+                Row::Mxfp8 {
+                    codes: &b[o * self.inp..(o + 1) * self.inp],
+                    scales: &scales.bytes()[o * g..(o + 1) * g],
+                }
+            }
+            Format::Affine {
+                bits,
+                group,
+                scales,
+                biases,
+            } => {
+                let rb = self.inp * *bits as usize / 8;
+                let g = self.inp / group;
+                Row::Affine(AffineRow {
+                    packed: &b[o * rb..(o + 1) * rb],
+                    scales: param_row(scales, o, g),
+                    biases: param_row(biases, o, g),
+                    bits: *bits,
+                    group: *group,
+                })
             }
         }
     }
@@ -232,10 +460,12 @@ impl Linear {
         let threads = rayon::current_num_threads().max(1);
         let per_task = (n / (threads * 4)).clamp(1, 256);
         if m == 1 {
-            let xp = match self.format {
-                Format::Fp4 { .. } => kernels::fp4_order(x),
-                _ => Vec::new(),
-            };
+            let xp =
+                if self.format.is_fp4() || matches!(self.format, Format::Affine { bits: 4, .. }) {
+                    kernels::fp4_order(x)
+                } else {
+                    Vec::new()
+                };
             y.par_chunks_mut(per_task).enumerate().for_each(|(c, ys)| {
                 let o0 = r0 + c * per_task;
                 for (j, yv) in ys.iter_mut().enumerate() {
@@ -246,15 +476,14 @@ impl Linear {
         }
         // FP4 tiles come out in the kernels' FP4 order: reorder the tokens to match, once.
         let reordered;
-        let xs = match self.format {
-            Format::Fp4 { .. } if kernels::wants_fp4_order() => {
-                reordered = x
-                    .chunks(self.inp)
-                    .flat_map(kernels::fp4_order)
-                    .collect::<Vec<f32>>();
-                &reordered[..]
-            }
-            _ => x,
+        let xs = if self.format.is_fp4() && kernels::wants_fp4_order() {
+            reordered = x
+                .chunks(self.inp)
+                .flat_map(kernels::fp4_order)
+                .collect::<Vec<f32>>();
+            &reordered[..]
+        } else {
+            x
         };
         const TILE: usize = 8;
         let per_task = per_task.div_ceil(TILE) * TILE;

@@ -3,3 +3,4 @@
 pub mod gemm;
 pub mod kernels;
 pub mod linear;
+pub mod mlx_rows;

@@ -5,7 +5,7 @@
 use crate::checkpoint::Checkpoint;
 use crate::config::{AttnKind, MlpKind, ModelConfig};
 use crate::cpu::linear::Linear;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor};
 
 /// Hyper-connection parameters of one site: `fn` `[(2+n)·n, n·D]` (or `[n, n·D]` for the head),
@@ -117,11 +117,112 @@ impl Loader<'_> {
         Ok(v)
     }
 
-    /// `prefix.weight` (+ `prefix.scale` when quantized) as a `[out, inp]` matrix.
+    /// `prefix.weight` (+ `prefix.scale` when FP8/FP4, `prefix.scales`/`.biases` when MLX-
+    /// quantized) as a `[out, inp]` matrix.
     fn linear(&self, prefix: &str, out: usize, inp: usize) -> Result<Linear> {
         let w = self.tensor(&format!("{prefix}.weight"))?;
-        let scale = self.ck.get(&format!("{prefix}.scale"));
-        Linear::new(w, scale, out, inp, self.block)
+        self.linear_from(
+            prefix,
+            w,
+            self.ck.get(&format!("{prefix}.scales")),
+            self.ck.get(&format!("{prefix}.biases")),
+            out,
+            inp,
+        )
+    }
+
+    /// A matrix from its tensors (possibly reshaped or sliced views of stored ones).
+    fn linear_from(
+        &self,
+        prefix: &str,
+        w: &Tensor,
+        scales: Option<&Tensor>,
+        biases: Option<&Tensor>,
+        out: usize,
+        inp: usize,
+    ) -> Result<Linear> {
+        match scales {
+            Some(s) => Linear::new_mlx(w, s, biases, out, inp, self.mlx_mode(w)?),
+            None => {
+                if let Some(b) = biases {
+                    return Err(b.err("`.biases` without `.scales`"));
+                }
+                Linear::new(
+                    w,
+                    self.ck.get(&format!("{prefix}.scale")),
+                    out,
+                    inp,
+                    self.block,
+                )
+            }
+        }
+    }
+
+    /// The mode `config.json`'s `quantization` section gives the module that stores `w`
+    /// (looked up under the stored name, as mlx-lm writes it).
+    fn mlx_mode(&self, w: &Tensor) -> Result<Option<crate::quant::QuantMode>> {
+        let Some(q) = &self.ck.config.mlx_quant else {
+            return Ok(None);
+        };
+        let stored = w.name.split('[').next().unwrap_or(&w.name);
+        let module = stored.strip_suffix(".weight").unwrap_or(stored);
+        match q.mode_for(module) {
+            Some(m) => Ok(Some(m)),
+            None => Err(w.err(
+                "config.json `quantization` marks this module unquantized, but it has `.scales`",
+            )),
+        }
+    }
+
+    /// The grouped output projection `wo_a` `[G·R, in]`: stored 2-D, as MLX's 3-D
+    /// `[G, R, in]`, or as one tensor per group (`wo_a.{g}.*`, concatenated here).
+    fn wo_a(&self, prefix: &str, groups: usize, out: usize, inp: usize) -> Result<Linear> {
+        let key = |s: &str| format!("{prefix}.{s}");
+        if let Some(w) = self.ck.get(&key("weight")) {
+            let flat = |t: Option<&Tensor>| -> Result<Option<Tensor>> {
+                t.map(|t| match t.shape.len() {
+                    3 => t.reshaped(vec![t.shape[0] * t.shape[1], t.shape[2]]),
+                    _ => Ok(t.clone()),
+                })
+                .transpose()
+            };
+            let w = flat(Some(w))?.ok_or_else(|| Error::tensor(prefix, "missing"))?;
+            let s = flat(self.ck.get(&key("scales")))?;
+            let b = flat(self.ck.get(&key("biases")))?;
+            return self.linear_from(prefix, &w, s.as_ref(), b.as_ref(), out, inp);
+        }
+        if self.ck.get(&key("0.weight")).is_none() {
+            // Neither layout: report the usual missing-tensor error.
+            self.ck.require(&key("weight"))?;
+        }
+        // Per-group tensors: validate each group as a matrix, then join the rows once.
+        let rows = out / groups.max(1);
+        for g in 0..groups {
+            self.linear(&format!("{prefix}.{g}"), rows, inp)?;
+        }
+        let join = |suffix: &str| -> Result<Option<Tensor>> {
+            let ts: Vec<&Tensor> = (0..groups)
+                .filter_map(|g| self.ck.get(&format!("{prefix}.{g}.{suffix}")))
+                .collect();
+            if ts.is_empty() {
+                return Ok(None);
+            }
+            if ts.len() != groups {
+                return Err(Error::tensor(
+                    &format!("{prefix}.*.{suffix}"),
+                    format!("only {} of {groups} groups have it", ts.len()),
+                ));
+            }
+            concat_rows(&ts, &format!("{prefix}.{suffix}")).map(Some)
+        };
+        let w = join("weight")?.ok_or_else(|| Error::tensor(prefix, "no group weights"))?;
+        let (s, b) = (join("scales")?, join("biases")?);
+        let fp8 = join("scale")?;
+        match (&s, &fp8) {
+            // Each group was checked against its own config entry above.
+            (Some(s), _) => Linear::new_mlx(&w, s, b.as_ref(), out, inp, None),
+            (None, f) => Linear::new(&w, f.as_ref(), out, inp, self.block),
+        }
     }
 
     /// A bare (un-suffixed) float matrix such as `hc_attn_fn`.
@@ -177,6 +278,13 @@ impl Loader<'_> {
     fn experts(&self, layer: usize, c: &ModelConfig) -> Result<Vec<Expert>> {
         let (e, i, d) = (c.n_routed_experts, c.moe_intermediate_size, c.hidden_size);
         let p = format!("layers.{layer}.ffn.experts");
+        if self
+            .ck
+            .get(&format!("layers.{layer}.ffn.switch_mlp.w1.weight"))
+            .is_some()
+        {
+            return self.switch_mlp(layer, c);
+        }
         if self.ck.get(&format!("{p}.gate_up_proj")).is_none() {
             return (0..e)
                 .map(|x| self.expert(&format!("{p}.{x}"), i, d))
@@ -249,6 +357,87 @@ impl Loader<'_> {
     }
 }
 
+impl Loader<'_> {
+    /// MLX's stacked experts `switch_mlp.{w1,w3,w2}.{weight,scales,biases}` `[E, rows, cols]`,
+    /// sliced per expert without copying.
+    fn switch_mlp(&self, layer: usize, c: &ModelConfig) -> Result<Vec<Expert>> {
+        let (e, i, d) = (c.n_routed_experts, c.moe_intermediate_size, c.hidden_size);
+        let p = format!("layers.{layer}.ffn.switch_mlp");
+        let one = |w: &str, x: usize, out: usize, inp: usize| -> Result<Linear> {
+            let prefix = format!("{p}.{w}");
+            let slice = |suffix: &str| -> Result<Option<Tensor>> {
+                let Some(t) = self.ck.get(&format!("{prefix}.{suffix}")) else {
+                    return Ok(None);
+                };
+                if t.shape.len() != 3 || t.shape[0] != e || t.shape[1] != out {
+                    return Err(t.err(format!(
+                        "shape {:?}, expected stacked experts [{e}, {out}, …]",
+                        t.shape
+                    )));
+                }
+                let cols = t.shape[2];
+                // The module path (for the config lookup) is the stored name without `.weight`.
+                let mut s = t.slice_outer(x, 1)?.reshaped(vec![out, cols])?;
+                s.name = format!("{}[{x}]", t.name);
+                Ok(Some(s))
+            };
+            let wt = slice("weight")?.ok_or_else(|| {
+                Error::tensor(&format!("{prefix}.weight"), "missing from the checkpoint")
+            })?;
+            self.linear_from(
+                &prefix,
+                &wt,
+                slice("scales")?.as_ref(),
+                slice("biases")?.as_ref(),
+                out,
+                inp,
+            )
+        };
+        (0..e)
+            .map(|x| {
+                Ok(Expert {
+                    w1: one("w1", x, i, d)?,
+                    w3: one("w3", x, i, d)?,
+                    w2: one("w2", x, d, i)?,
+                })
+            })
+            .collect()
+    }
+}
+
+/// Rows of several `[r_k, cols]` tensors of one dtype joined into one owned `[Σ r_k, cols]`.
+fn concat_rows(parts: &[&Tensor], name: &str) -> Result<Tensor> {
+    let first = parts[0];
+    let cols = &first.shape[1..];
+    let mut bytes = Vec::new();
+    let mut rows = 0;
+    for t in parts {
+        if t.dtype != first.dtype || &t.shape[1..] != cols || t.shape.is_empty() {
+            return Err(t.err(format!(
+                "cannot join {} {:?} with {} {:?} into `{name}`",
+                t.dtype.name(),
+                t.shape,
+                first.dtype.name(),
+                first.shape
+            )));
+        }
+        rows += t.shape[0];
+        bytes.extend_from_slice(t.bytes());
+    }
+    let mut shape = vec![rows];
+    shape.extend_from_slice(cols);
+    let len = bytes.len();
+    Tensor::new(
+        name.to_string(),
+        first.file.clone(),
+        first.dtype,
+        shape,
+        std::sync::Arc::new(crate::tensor::Storage::Owned(bytes)),
+        0,
+        len,
+    )
+}
+
 impl ModelWeights {
     /// Locates and validates every tensor the forward pass needs.
     pub fn load(ck: &Checkpoint) -> Result<Self> {
@@ -292,8 +481,9 @@ impl ModelWeights {
                 wq_b: l.linear(&format!("{p}.attn.wq_b"), h * dh, c.q_lora_rank)?,
                 wkv: l.linear(&format!("{p}.attn.wkv"), dh, d)?,
                 kv_norm: l.vec(&format!("{p}.attn.kv_norm.weight"), &[dh])?,
-                wo_a: l.linear(
+                wo_a: l.wo_a(
                     &format!("{p}.attn.wo_a"),
+                    c.o_groups,
                     c.o_groups * c.o_lora_rank,
                     h / c.o_groups * dh,
                 )?,
@@ -359,6 +549,58 @@ impl ModelWeights {
             layers,
         };
         Ok(w)
+    }
+
+    /// Every matrix with its official name (for `inspect`).
+    pub fn linears(&self) -> Vec<(String, &Linear)> {
+        let mut v: Vec<(String, &Linear)> = vec![
+            ("embed".into(), &self.embed),
+            ("head".into(), &self.head),
+            ("hc_head_fn".into(), &self.hc_head.fn_),
+        ];
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = |s: &str| format!("layers.{i}.{s}");
+            let a = &l.attn;
+            for (n, x) in [
+                ("attn.wq_a", &a.wq_a),
+                ("attn.wq_b", &a.wq_b),
+                ("attn.wkv", &a.wkv),
+                ("attn.wo_a", &a.wo_a),
+                ("attn.wo_b", &a.wo_b),
+                ("hc_attn_fn", &l.hc_attn.fn_),
+                ("hc_ffn_fn", &l.hc_ffn.fn_),
+                ("ffn.gate", &l.moe.gate),
+            ] {
+                v.push((p(n), x));
+            }
+            if let Some(c) = &a.compressor {
+                v.push((p("attn.compressor.wkv"), &c.wkv));
+                v.push((p("attn.compressor.wgate"), &c.wgate));
+            }
+            if let Some(ix) = &a.indexer {
+                v.push((p("attn.indexer.wq_b"), &ix.wq_b));
+                v.push((p("attn.indexer.weights_proj"), &ix.weights_proj));
+                v.push((p("attn.indexer.compressor.wkv"), &ix.compressor.wkv));
+                v.push((p("attn.indexer.compressor.wgate"), &ix.compressor.wgate));
+            }
+            let experts = l
+                .moe
+                .shared
+                .iter()
+                .map(|e| ("shared_experts".to_string(), e));
+            let routed = l
+                .moe
+                .experts
+                .iter()
+                .enumerate()
+                .map(|(x, e)| (format!("experts.{x}"), e));
+            for (n, e) in experts.chain(routed) {
+                v.push((p(&format!("ffn.{n}.w1")), &e.w1));
+                v.push((p(&format!("ffn.{n}.w3")), &e.w3));
+                v.push((p(&format!("ffn.{n}.w2")), &e.w2));
+            }
+        }
+        v
     }
 
     /// Bytes of weights read for one token by a decode step (every dense weight, the head, and
