@@ -209,6 +209,7 @@ fn kernels(bw: f64) -> Result<()> {
         (F::Mlx(Q::Affine { bits: 4, group: 64 }), 262144),
         (F::Mlx(Q::Affine { bits: 8, group: 64 }), 131072),
         (F::Mlx(Q::Affine { bits: 3, group: 64 }), 262144),
+        (F::Mlx(Q::Affine { bits: 6, group: 64 }), 131072),
         (F::Mlx(Q::Mxfp4), 262144),
         (F::Mlx(Q::Mxfp8), 131072),
     ] {

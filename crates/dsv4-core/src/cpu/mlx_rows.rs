@@ -391,6 +391,51 @@ pub(crate) mod avx512 {
                     }
                 }
             }
+            2 | 3 | 5 | 6 => {
+                let groups = n / r.group;
+                if groups > MAX_GROUPS {
+                    return None;
+                }
+                let (mut sc, mut bi) = ([0f32; MAX_GROUPS], [0f32; MAX_GROUPS]);
+                decode_params(r.scales, &mut sc[..groups]);
+                decode_params(r.biases, &mut bi[..groups]);
+                // 16 codes = 2·bits ≤ 12 bytes: broadcast one 16-byte load to every 128-bit
+                // lane, move each code's two bytes into its 32-bit slot (`vpshufb`), shift by
+                // its bit offset and mask.
+                let bits = r.bits as usize;
+                let mut ctrl = [-128i8; 64];
+                let mut shifts = [0i32; 16];
+                for j in 0..16 {
+                    let off = j * bits / 8;
+                    ctrl[4 * j] = off as i8;
+                    ctrl[4 * j + 1] = off as i8 + 1;
+                    shifts[j] = (j * bits % 8) as i32;
+                }
+                let ctrl = _mm512_loadu_si512(ctrl.as_ptr() as *const _);
+                let shifts = _mm512_loadu_si512(shifts.as_ptr() as *const _);
+                let mask = _mm512_set1_epi32((1 << bits) - 1);
+                let mut tail = [0u8; 16];
+                for g in 0..groups {
+                    let (s, b) = (_mm512_set1_ps(sc[g]), _mm512_set1_ps(bi[g]));
+                    for i in (g * r.group..(g + 1) * r.group).step_by(16) {
+                        let at = i * bits / 8;
+                        let p = if at + 16 <= r.packed.len() {
+                            r.packed.as_ptr().add(at)
+                        } else {
+                            let have = r.packed.len() - at;
+                            tail[..have].copy_from_slice(&r.packed[at..]);
+                            tail.as_ptr()
+                        };
+                        let v = _mm512_broadcast_i32x4(_mm_loadu_si128(p as *const __m128i));
+                        let q = _mm512_and_si512(
+                            _mm512_srlv_epi32(_mm512_shuffle_epi8(v, ctrl), shifts),
+                            mask,
+                        );
+                        let w = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), s, b);
+                        acc0 = _mm512_fmadd_ps(w, _mm512_loadu_ps(x.as_ptr().add(i)), acc0);
+                    }
+                }
+            }
             _ => return None,
         }
         Some(_mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)))
