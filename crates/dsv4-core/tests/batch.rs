@@ -133,3 +133,19 @@ fn logits_selection_per_sequence() {
     let all = solo(&model, &a, &[3]);
     assert!(out[0] == all[0][2 * vocab..]);
 }
+
+/// In batch-invariant mode how a sequence is chunked does not change its logits either (each
+/// token's arithmetic is independent of the call it is in), so a scheduler may split prefills
+/// anywhere and resume from cached prefixes without changing any output.
+#[test]
+fn chunking_does_not_change_logits_bitwise() {
+    for numerics in [Numerics::Reference, Numerics::Official { act_quant: true }] {
+        let model = small_model(numerics);
+        let (ids, _) = plan(0);
+        let whole: Vec<f32> = solo(&model, &ids, &[ids.len()]).concat();
+        for chunks in [vec![1; ids.len()], vec![13, 1, 1, 7, 1, 1, 1, 20], vec![16, 16, 13]] {
+            let got: Vec<f32> = solo(&model, &ids, &chunks).concat();
+            assert!(got == whole, "{numerics:?}: chunks {chunks:?} change the logits");
+        }
+    }
+}
