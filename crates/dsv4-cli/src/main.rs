@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 mod bench;
 mod generate;
+mod serve;
 
 #[derive(Parser)]
 #[command(name = "dsv4", version, about = "DeepSeek-V4 inference engine")]
@@ -72,6 +73,9 @@ enum Cmd {
     Generate(generate::GenerateArgs),
     /// Interactive chat that keeps the cache across turns (reads stdin; works piped too).
     Chat(generate::ChatArgs),
+    /// OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/models,
+    /// /health, /metrics; streaming, continuous batching, prefix cache.
+    Serve(serve::ServeArgs),
 }
 
 fn main() {
@@ -99,6 +103,7 @@ fn run(cmd: Cmd) -> Result<()> {
         Cmd::Bench(args) => bench::run(args),
         Cmd::Generate(args) => generate::run_generate(args),
         Cmd::Chat(args) => generate::run_chat(args),
+        Cmd::Serve(args) => serve::run(args),
     }
 }
 
