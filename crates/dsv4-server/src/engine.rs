@@ -221,9 +221,8 @@ impl<B: Backend> Engine<B> {
     }
 
     fn publish_gauges(&self) {
-        self.metrics
-            .waiting
-            .store(self.waiting.len() as u64, Relaxed);
+        // `waiting` is counted by `submit` (before the engine sees a request) and decremented
+        // here as requests leave the queue.
         self.metrics
             .running
             .store(self.running.len() as u64, Relaxed);
@@ -232,10 +231,13 @@ impl<B: Backend> Engine<B> {
 
     /// Frees the sequences whose client went away.
     fn drop_cancelled(&mut self) {
-        let before = self.waiting.len() + self.running.len();
+        let (w0, r0) = (self.waiting.len(), self.running.len());
         self.waiting.retain(|r| !r.events.is_closed());
         self.running.retain(|s| !s.events.is_closed());
-        let gone = before - self.waiting.len() - self.running.len();
+        self.metrics
+            .waiting
+            .fetch_sub((w0 - self.waiting.len()) as u64, Relaxed);
+        let gone = w0 + r0 - self.waiting.len() - self.running.len();
         self.metrics
             .requests_cancelled
             .fetch_add(gone as u64, Relaxed);
@@ -248,6 +250,7 @@ impl<B: Backend> Engine<B> {
             let Some(r) = self.waiting.pop_front() else {
                 break;
             };
+            self.metrics.waiting.fetch_sub(1, Relaxed);
             let max_ctx = self.backend.max_context();
             let cont = match Continuation::new(&r.prompt, max_ctx, &self.tokenizer, &r.options) {
                 Ok(c) => c,
