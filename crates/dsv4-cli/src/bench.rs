@@ -34,6 +34,10 @@ pub struct BenchArgs {
     /// Instead of the model: single-token GEMV throughput of each weight format.
     #[arg(long)]
     kernels: bool,
+    /// Run the model as the server does: batch-invariant (the tiled linear path even for a
+    /// single token).
+    #[arg(long)]
+    batch_invariant: bool,
     #[command(flatten)]
     numerics: crate::NumericsArgs,
 }
@@ -67,6 +71,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     };
     let mut model = Model::load(&ck)?;
     model.numerics = a.numerics.profile()?;
+    model.batch_invariant = a.batch_invariant;
     let load_s = t0.elapsed().as_secs_f64();
     let c = &model.config;
     let ids: Vec<u32> = (0..a.prompt)

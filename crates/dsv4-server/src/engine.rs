@@ -289,8 +289,8 @@ impl<B: Backend> Engine<B> {
 
     /// Plans which tokens of which sequences this step feeds: every decoding sequence's one
     /// pending token, then prompt chunks in arrival order while the token budget lasts. A chunk
-    /// that stops short of its prompt's end stops at a snapshot boundary, so the prefix cache
-    /// can keep the state there.
+    /// that crosses a snapshot boundary stops there, so the prefix cache can keep the state
+    /// (costing prompts that span a boundary one extra step for their tail).
     fn plan(&mut self) {
         let mut used = 0;
         for s in &mut self.running {
@@ -302,13 +302,16 @@ impl<B: Backend> Engine<B> {
             used += s.scheduled;
         }
         let block = self.cache.block();
+        let caching = self.config.prefix_cache_bytes > 0;
         for s in self.running.iter_mut().filter(|s| !s.decoding()) {
             let left = self.config.max_batch_tokens.saturating_sub(used);
             if left == 0 {
                 break;
             }
             let mut end = s.prompt_len.min(s.fed + left);
-            if end < s.prompt_len && end / block * block > s.fed {
+            // Stop at the last snapshot boundary inside the chunk (the rest follows next step),
+            // so every prompt leaves its longest block-aligned prefix in the cache.
+            if caching && end / block * block > s.fed {
                 end = end / block * block;
             }
             s.scheduled = end - s.fed;
