@@ -46,13 +46,20 @@ pub struct ServeArgs {
     /// ratio).
     #[arg(long, default_value_t = 64)]
     prefix_block: usize,
+    /// Use the faster fused kernel when a step holds a single token. Outputs then depend in
+    /// their last bits on whether a request ran alone or batched (greedy text can differ).
+    #[arg(long)]
+    no_batch_invariant: bool,
     #[command(flatten)]
     numerics: crate::NumericsArgs,
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
     if a.device != "cpu" {
-        bail!("--device {}: only `cpu` is available in this build", a.device);
+        bail!(
+            "--device {}: only `cpu` is available in this build",
+            a.device
+        );
     }
     if a.max_running == 0 || a.max_batch_tokens == 0 {
         bail!("--max-running and --max-batch-tokens must be at least 1");
@@ -112,7 +119,11 @@ pub fn run(a: ServeArgs) -> Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let app = dsv4_server::app(CpuBackend::new(model), tok, config)?;
+        let app = dsv4_server::app(
+            CpuBackend::with_invariance(model, !a.no_batch_invariant),
+            tok,
+            config,
+        )?;
         let addr = format!("{}:{}", a.host, a.port);
         let listener = tokio::net::TcpListener::bind(&addr)
             .await

@@ -57,7 +57,10 @@ fn solo(model: &Model, ids: &[u32], chunks: &[usize]) -> Vec<Vec<f32>> {
 fn check(numerics: Numerics) {
     let model = small_model(numerics);
     let plans: Vec<_> = (0..4).map(plan).collect();
-    let want: Vec<_> = plans.iter().map(|(ids, ch)| solo(&model, ids, ch)).collect();
+    let want: Vec<_> = plans
+        .iter()
+        .map(|(ids, ch)| solo(&model, ids, ch))
+        .collect();
 
     let mut caches: Vec<_> = plans.iter().map(|_| model.new_cache()).collect();
     let mut at = vec![0usize; plans.len()];
@@ -67,7 +70,11 @@ fn check(numerics: Numerics) {
         let mut active = Vec::new();
         let mut inputs = Vec::new();
         for (s, (cache, (ids, chunks))) in caches.iter_mut().zip(&plans).enumerate() {
-            let k = if s == 3 { step.checked_sub(2) } else { Some(step) };
+            let k = if s == 3 {
+                step.checked_sub(2)
+            } else {
+                Some(step)
+            };
             let Some(k) = k.filter(|&k| k < chunks.len()) else {
                 continue;
             };
@@ -143,9 +150,16 @@ fn chunking_does_not_change_logits_bitwise() {
         let model = small_model(numerics);
         let (ids, _) = plan(0);
         let whole: Vec<f32> = solo(&model, &ids, &[ids.len()]).concat();
-        for chunks in [vec![1; ids.len()], vec![13, 1, 1, 7, 1, 1, 1, 20], vec![16, 16, 13]] {
+        for chunks in [
+            vec![1; ids.len()],
+            vec![13, 1, 1, 7, 1, 1, 1, 20],
+            vec![16, 16, 13],
+        ] {
             let got: Vec<f32> = solo(&model, &ids, &chunks).concat();
-            assert!(got == whole, "{numerics:?}: chunks {chunks:?} change the logits");
+            assert!(
+                got == whole,
+                "{numerics:?}: chunks {chunks:?} change the logits"
+            );
         }
     }
 }

@@ -55,15 +55,38 @@ pub struct Sampling {
 
 /// Field names of [`Sampling`].
 const SAMPLING_FIELDS: &[&str] = &[
-    "max_tokens", "temperature", "top_p", "top_k", "min_p", "presence_penalty",
-    "frequency_penalty", "repetition_penalty", "seed", "stop", "stop_token_ids", "ignore_eos",
-    "logit_bias", "n", "stream", "stream_options", "user",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "seed",
+    "stop",
+    "stop_token_ids",
+    "ignore_eos",
+    "logit_bias",
+    "n",
+    "stream",
+    "stream_options",
+    "user",
 ];
 
 /// Field names of [`ChatRequest`] besides the sampling ones.
 const CHAT_FIELDS: &[&str] = &[
-    "model", "messages", "max_completion_tokens", "logprobs", "top_logprobs", "tools",
-    "tool_choice", "parallel_tool_calls", "reasoning_effort", "thinking", "chat_template_kwargs",
+    "model",
+    "messages",
+    "max_completion_tokens",
+    "logprobs",
+    "top_logprobs",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "reasoning_effort",
+    "thinking",
+    "chat_template_kwargs",
     "response_format",
 ];
 
@@ -259,7 +282,12 @@ pub fn generate_options(
     let room = max_context - prompt_len;
     let max_tokens = match max_tokens {
         None => room,
-        Some(0) => return Err(ApiError::invalid_param("max_tokens", "max_tokens must be at least 1")),
+        Some(0) => {
+            return Err(ApiError::invalid_param(
+                "max_tokens",
+                "max_tokens must be at least 1",
+            ))
+        }
         Some(m) if m as usize > room => {
             return Err(ApiError::invalid_param(
                 "max_tokens",
@@ -280,7 +308,12 @@ pub fn generate_options(
     let top_k = match s.top_k {
         None | Some(-1) | Some(0) => 0,
         Some(k) if k > 0 => k as usize,
-        Some(k) => return Err(ApiError::invalid_param("top_k", format!("top_k must be -1, 0 or positive, got {k}"))),
+        Some(k) => {
+            return Err(ApiError::invalid_param(
+                "top_k",
+                format!("top_k must be -1, 0 or positive, got {k}"),
+            ))
+        }
     };
     let sampling = SamplingParams {
         temperature: s.temperature.unwrap_or(1.0),
@@ -302,12 +335,22 @@ pub fn generate_options(
         Some(Stop::Many(v)) => v.clone(),
     };
     if stop_strings.iter().any(String::is_empty) {
-        return Err(ApiError::invalid_param("stop", "stop strings must not be empty"));
+        return Err(ApiError::invalid_param(
+            "stop",
+            "stop strings must not be empty",
+        ));
     }
-    let mut ids: Vec<u32> = if s.ignore_eos { Vec::new() } else { stop_ids.to_vec() };
+    let mut ids: Vec<u32> = if s.ignore_eos {
+        Vec::new()
+    } else {
+        stop_ids.to_vec()
+    };
     for &id in s.stop_token_ids.iter().flatten() {
         if id as usize >= vocab {
-            return Err(ApiError::invalid_param("stop_token_ids", format!("token id {id} is out of range")));
+            return Err(ApiError::invalid_param(
+                "stop_token_ids",
+                format!("token id {id} is out of range"),
+            ));
         }
         ids.push(id);
     }
@@ -327,9 +370,14 @@ pub fn logit_bias(s: &Sampling, vocab: usize) -> Result<Vec<(u32, f32)>, ApiErro
             .parse()
             .ok()
             .filter(|&id: &u32| (id as usize) < vocab)
-            .ok_or_else(|| ApiError::invalid_param("logit_bias", format!("`{k}` is not a token id")))?;
+            .ok_or_else(|| {
+                ApiError::invalid_param("logit_bias", format!("`{k}` is not a token id"))
+            })?;
         if !(-100.0..=100.0).contains(&v) {
-            return Err(ApiError::invalid_param("logit_bias", "biases must lie in [-100, 100]"));
+            return Err(ApiError::invalid_param(
+                "logit_bias",
+                "biases must lie in [-100, 100]",
+            ));
         }
         out.push((id, v));
     }

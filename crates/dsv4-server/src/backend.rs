@@ -24,14 +24,15 @@ pub trait Backend: Send + 'static {
     /// Feeds every item in one pass. Returns, per item, the last token's logits when wanted
     /// (an empty vector otherwise). Must not change any state when it fails, and must give each
     /// item the same result whatever else is in the batch.
-    fn forward(&self, batch: &mut [BatchItem<'_, Self::State>]) -> dsv4_core::Result<Vec<Vec<f32>>>;
+    fn forward(&self, batch: &mut [BatchItem<'_, Self::State>])
+        -> dsv4_core::Result<Vec<Vec<f32>>>;
     /// Number of token ids the model accepts.
     fn vocab_size(&self) -> usize;
     /// Longest sequence (prompt + completion) served.
     fn max_context(&self) -> usize;
 }
 
-/// The CPU model, in batch-invariant mode.
+/// The CPU model.
 pub struct CpuBackend {
     model: Model,
 }
@@ -39,8 +40,14 @@ pub struct CpuBackend {
 impl CpuBackend {
     /// Takes the model and makes its per-token arithmetic independent of the batch, so a
     /// request's output does not depend on what else is running.
-    pub fn new(mut model: Model) -> Self {
-        model.batch_invariant = true;
+    pub fn new(model: Model) -> Self {
+        Self::with_invariance(model, true)
+    }
+
+    /// As [`new`](Self::new), or, with `batch_invariant` false, keeping the faster fused
+    /// one-token path (a lone decode step then rounds differently from a batched one).
+    pub fn with_invariance(mut model: Model, batch_invariant: bool) -> Self {
+        model.batch_invariant = batch_invariant;
         CpuBackend { model }
     }
 }

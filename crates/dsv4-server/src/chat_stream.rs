@@ -3,7 +3,9 @@
 //! the block is parsed into tool calls when the completion ends. A tail that could still turn
 //! into one of those markers is held back until it is decided.
 
-use dsv4_core::chat::{parse_completion, tokens::DSML, tokens::THINK_END, ParsedToolCall, ThinkingMode};
+use dsv4_core::chat::{
+    parse_completion, tokens::DSML, tokens::THINK_END, ParsedToolCall, ThinkingMode,
+};
 
 /// Text released by one push, by section.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -152,7 +154,10 @@ mod tests {
     #[test]
     fn chat_mode_has_no_reasoning_and_keeps_near_markers() {
         let (r, c, calls) = run(ThinkingMode::Chat, "a </thin b\n\n<x", 1);
-        assert_eq!((r.as_str(), c.as_str(), calls.len()), ("", "a </thin b\n\n<x", 0));
+        assert_eq!(
+            (r.as_str(), c.as_str(), calls.len()),
+            ("", "a </thin b\n\n<x", 0)
+        );
     }
 
     #[test]

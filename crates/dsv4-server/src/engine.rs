@@ -226,7 +226,11 @@ impl<B: Backend> Engine<B> {
         self.metrics
             .running
             .store(self.running.len() as u64, Relaxed);
-        *self.metrics.prefix.lock().unwrap_or_else(|e| e.into_inner()) = self.cache.stats();
+        *self
+            .metrics
+            .prefix
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = self.cache.stats();
     }
 
     /// Frees the sequences whose client went away.
@@ -310,9 +314,15 @@ impl<B: Backend> Engine<B> {
             }
             let mut end = s.prompt_len.min(s.fed + left);
             // Stop at the last snapshot boundary inside the chunk (the rest follows next step),
-            // so every prompt leaves its longest block-aligned prefix in the cache.
-            if caching && end / block * block > s.fed {
-                end = end / block * block;
+            // so every prompt leaves in the cache its longest block-aligned prefix that a repeat
+            // of the prompt can use (shorter than the prompt: its last token is always fed).
+            let cut = if end == s.prompt_len {
+                (end - 1) / block * block
+            } else {
+                end / block * block
+            };
+            if caching && cut > s.fed {
+                end = cut;
             }
             s.scheduled = end - s.fed;
             used += s.scheduled;

@@ -37,11 +37,7 @@ impl Histogram {
         }
         let n = self.count.load(Relaxed);
         let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {n}");
-        let _ = writeln!(
-            out,
-            "{name}_sum {}",
-            self.sum_us.load(Relaxed) as f64 / 1e6
-        );
+        let _ = writeln!(out, "{name}_sum {}", self.sum_us.load(Relaxed) as f64 / 1e6);
         let _ = writeln!(out, "{name}_count {n}");
     }
 }
@@ -85,22 +81,72 @@ impl Metrics {
         let gauge = |o: &mut String, name: &str, help: &str, v: f64| {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
         };
-        counter(&mut o, "dsv4_requests_received_total", "Generation sequences accepted.", &self.requests_received);
-        counter(&mut o, "dsv4_requests_rejected_total", "Requests refused because the queue was full.", &self.requests_rejected);
-        counter(&mut o, "dsv4_requests_cancelled_total", "Sequences cancelled by a client disconnect.", &self.requests_cancelled);
-        counter(&mut o, "dsv4_requests_failed_total", "Sequences ended by an internal error.", &self.requests_failed);
+        counter(
+            &mut o,
+            "dsv4_requests_received_total",
+            "Generation sequences accepted.",
+            &self.requests_received,
+        );
+        counter(
+            &mut o,
+            "dsv4_requests_rejected_total",
+            "Requests refused because the queue was full.",
+            &self.requests_rejected,
+        );
+        counter(
+            &mut o,
+            "dsv4_requests_cancelled_total",
+            "Sequences cancelled by a client disconnect.",
+            &self.requests_cancelled,
+        );
+        counter(
+            &mut o,
+            "dsv4_requests_failed_total",
+            "Sequences ended by an internal error.",
+            &self.requests_failed,
+        );
         let _ = writeln!(
             o,
             "# HELP dsv4_requests_finished_total Sequences finished, by reason.\n# TYPE dsv4_requests_finished_total counter\ndsv4_requests_finished_total{{finish_reason=\"stop\"}} {}\ndsv4_requests_finished_total{{finish_reason=\"length\"}} {}",
             self.finished_stop.load(Relaxed),
             self.finished_length.load(Relaxed)
         );
-        counter(&mut o, "dsv4_prompt_tokens_total", "Prompt tokens of accepted sequences.", &self.prompt_tokens);
-        counter(&mut o, "dsv4_prefill_tokens_total", "Prompt tokens computed (not served by the prefix cache).", &self.prefill_tokens);
-        counter(&mut o, "dsv4_generation_tokens_total", "Tokens generated.", &self.generation_tokens);
-        counter(&mut o, "dsv4_forward_steps_total", "Batched forward passes.", &self.forward_steps);
-        gauge(&mut o, "dsv4_queue_depth", "Sequences waiting to be scheduled.", self.waiting.load(Relaxed) as f64);
-        gauge(&mut o, "dsv4_running_sequences", "Sequences being prefilled or decoded.", self.running.load(Relaxed) as f64);
+        counter(
+            &mut o,
+            "dsv4_prompt_tokens_total",
+            "Prompt tokens of accepted sequences.",
+            &self.prompt_tokens,
+        );
+        counter(
+            &mut o,
+            "dsv4_prefill_tokens_total",
+            "Prompt tokens computed (not served by the prefix cache).",
+            &self.prefill_tokens,
+        );
+        counter(
+            &mut o,
+            "dsv4_generation_tokens_total",
+            "Tokens generated.",
+            &self.generation_tokens,
+        );
+        counter(
+            &mut o,
+            "dsv4_forward_steps_total",
+            "Batched forward passes.",
+            &self.forward_steps,
+        );
+        gauge(
+            &mut o,
+            "dsv4_queue_depth",
+            "Sequences waiting to be scheduled.",
+            self.waiting.load(Relaxed) as f64,
+        );
+        gauge(
+            &mut o,
+            "dsv4_running_sequences",
+            "Sequences being prefilled or decoded.",
+            self.running.load(Relaxed) as f64,
+        );
         let p = *self.prefix.lock().unwrap_or_else(|e| e.into_inner());
         let _ = writeln!(
             o,
@@ -108,15 +154,50 @@ impl Metrics {
             p.hits, p.misses
         );
         let lookups = p.hits + p.misses;
-        let rate = if lookups > 0 { p.hits as f64 / lookups as f64 } else { 0.0 };
-        gauge(&mut o, "dsv4_prefix_cache_hit_rate", "Fraction of lookups that found a cached prefix.", rate);
+        let rate = if lookups > 0 {
+            p.hits as f64 / lookups as f64
+        } else {
+            0.0
+        };
+        gauge(
+            &mut o,
+            "dsv4_prefix_cache_hit_rate",
+            "Fraction of lookups that found a cached prefix.",
+            rate,
+        );
         let _ = writeln!(o, "# HELP dsv4_prefix_cache_hit_tokens_total Prompt tokens served from the prefix cache.\n# TYPE dsv4_prefix_cache_hit_tokens_total counter\ndsv4_prefix_cache_hit_tokens_total {}", p.hit_tokens);
-        gauge(&mut o, "dsv4_prefix_cache_entries", "Snapshots held.", p.entries as f64);
-        gauge(&mut o, "dsv4_prefix_cache_bytes", "Bytes of state held by the prefix cache.", p.bytes as f64);
-        self.ttft.render(&mut o, "dsv4_time_to_first_token_seconds", "From arrival to the first generated token.");
-        self.e2e.render(&mut o, "dsv4_request_latency_seconds", "From arrival to the last token.");
-        self.inter_token.render(&mut o, "dsv4_inter_token_latency_seconds", "Between consecutive tokens of a sequence.");
-        self.step.render(&mut o, "dsv4_forward_step_seconds", "Duration of one batched forward.");
+        gauge(
+            &mut o,
+            "dsv4_prefix_cache_entries",
+            "Snapshots held.",
+            p.entries as f64,
+        );
+        gauge(
+            &mut o,
+            "dsv4_prefix_cache_bytes",
+            "Bytes of state held by the prefix cache.",
+            p.bytes as f64,
+        );
+        self.ttft.render(
+            &mut o,
+            "dsv4_time_to_first_token_seconds",
+            "From arrival to the first generated token.",
+        );
+        self.e2e.render(
+            &mut o,
+            "dsv4_request_latency_seconds",
+            "From arrival to the last token.",
+        );
+        self.inter_token.render(
+            &mut o,
+            "dsv4_inter_token_latency_seconds",
+            "Between consecutive tokens of a sequence.",
+        );
+        self.step.render(
+            &mut o,
+            "dsv4_forward_step_seconds",
+            "Duration of one batched forward.",
+        );
         o
     }
 }

@@ -49,12 +49,18 @@ impl AppState {
         Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "model_not_found",
-            format!("The model `{model}` does not exist; this server serves `{}`", self.model_name),
+            format!(
+                "The model `{model}` does not exist; this server serves `{}`",
+                self.model_name
+            ),
         ))
     }
 
     fn new_id(&self, prefix: &str) -> String {
-        format!("{prefix}-{:016x}", self.next_id.fetch_add(1, Relaxed) ^ now_secs().rotate_left(32))
+        format!(
+            "{prefix}-{:016x}",
+            self.next_id.fetch_add(1, Relaxed) ^ now_secs().rotate_left(32)
+        )
     }
 
     /// Queues `n` sequences per prompt (choice `p·n + j` is copy `j` of prompt `p`); copies
@@ -103,7 +109,10 @@ impl AppState {
     }
 
     fn token_bytes(&self, id: u32) -> Vec<u8> {
-        self.tokenizer.token_bytes(id).map(<[u8]>::to_vec).unwrap_or_default()
+        self.tokenizer
+            .token_bytes(id)
+            .map(<[u8]>::to_vec)
+            .unwrap_or_default()
     }
 }
 
@@ -122,7 +131,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(not_found)
-        .layer(middleware::from_fn_with_state(Arc::clone(&state), check_api_key))
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            check_api_key,
+        ))
         .layer(DefaultBodyLimit::max(64 << 20))
         .with_state(state)
 }
@@ -201,7 +213,10 @@ fn usage_json(prompt_tokens: usize, usages: &[Usage]) -> Value {
 fn check_n(s: &Sampling) -> Result<usize, ApiError> {
     match s.n.unwrap_or(1) {
         n @ 1..=MAX_N => Ok(n),
-        n => Err(ApiError::invalid_param("n", format!("n must be between 1 and {MAX_N}, got {n}"))),
+        n => Err(ApiError::invalid_param(
+            "n",
+            format!("n must be between 1 and {MAX_N}, got {n}"),
+        )),
     }
 }
 
@@ -228,7 +243,11 @@ async fn collect(rxs: Vec<mpsc::UnboundedReceiver<Event>>) -> Result<Vec<Collect
         let mut c = Collected::default();
         while let Some(ev) = rx.recv().await {
             match ev {
-                Event::Token { token, text, logprobs } => {
+                Event::Token {
+                    token,
+                    text,
+                    logprobs,
+                } => {
                     c.text.push_str(&text);
                     c.tokens.push(token);
                     c.logprobs.extend(logprobs);
@@ -247,7 +266,9 @@ async fn collect(rxs: Vec<mpsc::UnboundedReceiver<Event>>) -> Result<Vec<Collect
 }
 
 /// Merges the choices' event streams, tagging each event with its choice index.
-fn merged(rxs: Vec<mpsc::UnboundedReceiver<Event>>) -> impl stream::Stream<Item = (usize, Event)> + Unpin {
+fn merged(
+    rxs: Vec<mpsc::UnboundedReceiver<Event>>,
+) -> impl stream::Stream<Item = (usize, Event)> + Unpin {
     stream::select_all(
         rxs.into_iter()
             .enumerate()
@@ -280,7 +301,9 @@ where
 }
 
 async fn send_json(tx: &SseTx, v: &Value) -> bool {
-    tx.send(Ok(SseEvent::default().data(v.to_string()))).await.is_ok()
+    tx.send(Ok(SseEvent::default().data(v.to_string())))
+        .await
+        .is_ok()
 }
 
 async fn send_done(tx: &SseTx) {
@@ -293,7 +316,10 @@ fn stream_error(msg: &str) -> Value {
 
 // ----- /v1/chat/completions -----
 
-async fn chat_completions(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
+async fn chat_completions(
+    State(st): State<Arc<AppState>>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let req = ChatRequest::parse(&body)?;
     st.check_model(&req.model)?;
     if let Some(rf) = &req.response_format {
@@ -316,7 +342,10 @@ async fn chat_completions(State(st): State<Arc<AppState>>, body: Bytes) -> Resul
         (true, top) => Some(top.unwrap_or(0)),
         (false, None) => None,
         (false, Some(_)) => {
-            return Err(ApiError::invalid_param("top_logprobs", "top_logprobs needs logprobs: true"))
+            return Err(ApiError::invalid_param(
+                "top_logprobs",
+                "top_logprobs needs logprobs: true",
+            ))
         }
     };
     let max = req.max_completion_tokens.or(req.sampling.max_tokens);
@@ -434,15 +463,28 @@ impl ChatCtx {
     }
 
     fn delta_chunk(&self, i: usize, delta: Value, logprobs: Value, finish: Option<&str>) -> Value {
-        self.chunk(json!([{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]))
+        self.chunk(
+            json!([{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]),
+        )
     }
 
-    async fn stream(self, rxs: Vec<mpsc::UnboundedReceiver<Event>>, include_usage: bool, tx: SseTx) {
+    async fn stream(
+        self,
+        rxs: Vec<mpsc::UnboundedReceiver<Event>>,
+        include_usage: bool,
+        tx: SseTx,
+    ) {
         let n = rxs.len();
-        let mut splitters: Vec<ChatSplitter> = (0..n).map(|_| ChatSplitter::new(self.mode)).collect();
+        let mut splitters: Vec<ChatSplitter> =
+            (0..n).map(|_| ChatSplitter::new(self.mode)).collect();
         let mut usages = Vec::new();
         for i in 0..n {
-            let first = self.delta_chunk(i, json!({"role": "assistant", "content": ""}), Value::Null, None);
+            let first = self.delta_chunk(
+                i,
+                json!({"role": "assistant", "content": ""}),
+                Value::Null,
+                None,
+            );
             if !send_json(&tx, &first).await {
                 return;
             }
@@ -465,7 +507,16 @@ impl ChatCtx {
                     usages.push(u);
                     let (d, calls) = splitters[i].finish();
                     if (!d.reasoning.is_empty() || !d.content.is_empty())
-                        && !send_json(&tx, &self.delta_chunk(i, text_delta(&d.reasoning, &d.content), Value::Null, None)).await
+                        && !send_json(
+                            &tx,
+                            &self.delta_chunk(
+                                i,
+                                text_delta(&d.reasoning, &d.content),
+                                Value::Null,
+                                None,
+                            ),
+                        )
+                        .await
                     {
                         return;
                     }
@@ -477,7 +528,11 @@ impl ChatCtx {
                             return;
                         }
                     }
-                    let finish = if calls.is_empty() { u.finish_reason.as_str() } else { "tool_calls" };
+                    let finish = if calls.is_empty() {
+                        u.finish_reason.as_str()
+                    } else {
+                        "tool_calls"
+                    };
                     self.delta_chunk(i, json!({}), Value::Null, Some(finish))
                 }
                 Event::Error(e) => stream_error(&e),
@@ -537,7 +592,10 @@ async fn completions(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Res
         if let Some(&bad) = p.iter().find(|&&t| t as usize >= st.vocab_size) {
             return Err(ApiError::invalid_param(
                 "prompt",
-                format!("token id {bad} is out of range (vocabulary size {})", st.vocab_size),
+                format!(
+                    "token id {bad} is out of range (vocabulary size {})",
+                    st.vocab_size
+                ),
             ));
         }
     }
@@ -650,7 +708,12 @@ impl CompletionCtx {
                "choices": [{"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}]})
     }
 
-    async fn stream(self, rxs: Vec<mpsc::UnboundedReceiver<Event>>, include_usage: bool, tx: SseTx) {
+    async fn stream(
+        self,
+        rxs: Vec<mpsc::UnboundedReceiver<Event>>,
+        include_usage: bool,
+        tx: SseTx,
+    ) {
         let mut offsets: Vec<usize> = vec![0; rxs.len()];
         for (i, e) in self.echo.iter().enumerate() {
             offsets[i] = e.len();

@@ -18,7 +18,9 @@ async fn start<B: Backend>(backend: B, engine: EngineConfig, api_key: Option<&st
     };
     let app = dsv4_server::app(backend, Tokenizer::embedded().expect("tokenizer"), config)
         .expect("engine starts");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
     tokio::spawn(async move { dsv4_server::serve(listener, app).await });
     url
@@ -68,7 +70,9 @@ async fn sse(url: &str, path: &str, body: Value) -> Vec<String> {
 
 /// A prompt of token ids that differs per `k` (ids inside the demo vocabulary).
 fn prompt(k: u32, len: u32) -> Vec<u32> {
-    (0..len).map(|i| 1000 + (i * 7919 + k * 104729) % 120000).collect()
+    (0..len)
+        .map(|i| 1000 + (i * 7919 + k * 104729) % 120000)
+        .collect()
 }
 
 fn completion_body(k: u32, len: u32, stream: bool) -> Value {
@@ -85,7 +89,12 @@ async fn concurrent_requests_get_their_solo_outputs_and_reuse_prefixes() {
     let lens = [40, 7, 70, 33, 16, 90];
     let mut solo = Vec::new();
     for (k, &len) in lens.iter().enumerate() {
-        let (st, v) = post(&url, "/v1/completions", completion_body(k as u32, len, false)).await;
+        let (st, v) = post(
+            &url,
+            "/v1/completions",
+            completion_body(k as u32, len, false),
+        )
+        .await;
         assert_eq!(st, 200, "{v}");
         assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
         assert_eq!(v["usage"]["completion_tokens"], 12);
@@ -100,7 +109,12 @@ async fn concurrent_requests_get_their_solo_outputs_and_reuse_prefixes() {
             let url = url.clone();
             tokio::spawn(async move {
                 if k % 2 == 0 {
-                    let events = sse(&url, "/v1/completions", completion_body(k as u32, len, true)).await;
+                    let events = sse(
+                        &url,
+                        "/v1/completions",
+                        completion_body(k as u32, len, true),
+                    )
+                    .await;
                     assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
                     let chunks: Vec<Value> = events[..events.len() - 1]
                         .iter()
@@ -114,9 +128,17 @@ async fn concurrent_requests_get_their_solo_outputs_and_reuse_prefixes() {
                     let usage = chunks.last().expect("usage chunk")["usage"].clone();
                     (text, usage)
                 } else {
-                    let (st, v) = post(&url, "/v1/completions", completion_body(k as u32, len, false)).await;
+                    let (st, v) = post(
+                        &url,
+                        "/v1/completions",
+                        completion_body(k as u32, len, false),
+                    )
+                    .await;
                     assert_eq!(st, 200, "{v}");
-                    (v["choices"][0]["text"].as_str().expect("text").to_owned(), v["usage"].clone())
+                    (
+                        v["choices"][0]["text"].as_str().expect("text").to_owned(),
+                        v["usage"].clone(),
+                    )
                 }
             })
         })
@@ -124,13 +146,30 @@ async fn concurrent_requests_get_their_solo_outputs_and_reuse_prefixes() {
     for (k, t) in tasks.into_iter().enumerate() {
         let (text, usage) = t.await.expect("task");
         assert_eq!(text, solo[k], "request {k} differs when batched");
-        let cached = usage["prompt_tokens_details"]["cached_tokens"].as_u64().expect("cached");
+        let cached = usage["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .expect("cached");
         let want = (lens[k] as u64 - 1) / 16 * 16;
-        assert_eq!(cached, want, "request {k} (prompt {}) reuses its cached prefix", lens[k]);
+        assert_eq!(
+            cached, want,
+            "request {k} (prompt {}) reuses its cached prefix",
+            lens[k]
+        );
     }
-    let metrics = reqwest::get(format!("{url}/metrics")).await.expect("metrics").text().await.expect("text");
-    assert!(metrics.contains("dsv4_prefix_cache_lookups_total{result=\"hit\"} 4"), "{metrics}");
-    assert!(metrics.contains("dsv4_generation_tokens_total 144"), "{metrics}");
+    let metrics = reqwest::get(format!("{url}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("dsv4_prefix_cache_lookups_total{result=\"hit\"} 4"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("dsv4_generation_tokens_total 144"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -143,8 +182,16 @@ async fn chat_streams_and_counts_usage() {
     assert_eq!(st, 200, "{full}");
     let choice = &full["choices"][0];
     assert_eq!(choice["finish_reason"], "length");
-    assert_eq!(choice["logprobs"]["content"].as_array().map(Vec::len), Some(5));
-    assert_eq!(choice["logprobs"]["content"][0]["top_logprobs"].as_array().map(Vec::len), Some(3));
+    assert_eq!(
+        choice["logprobs"]["content"].as_array().map(Vec::len),
+        Some(5)
+    );
+    assert_eq!(
+        choice["logprobs"]["content"][0]["top_logprobs"]
+            .as_array()
+            .map(Vec::len),
+        Some(3)
+    );
     let mut sbody = body;
     sbody["stream"] = json!(true);
     sbody["stream_options"] = json!({"include_usage": true});
@@ -160,7 +207,10 @@ async fn chat_streams_and_counts_usage() {
         .filter_map(|c| c["choices"].get(0))
         .filter_map(|c| c["delta"]["content"].as_str())
         .collect();
-    assert_eq!(text, choice["message"]["content"].as_str().expect("content"));
+    assert_eq!(
+        text,
+        choice["message"]["content"].as_str().expect("content")
+    );
     let last = chunks.last().expect("usage chunk");
     assert_eq!(last["choices"], json!([]));
     assert_eq!(last["usage"], full["usage"]);
@@ -189,13 +239,37 @@ async fn bad_requests_get_openai_errors() {
     assert_eq!(v["error"]["type"], "invalid_request_error");
     let msgs = json!([{"role": "user", "content": "x"}]);
     let cases = [
-        (json!({"model": "test-model", "messages": msgs, "bogus": 1}), 400, Some("bogus")),
-        (json!({"model": "test-model", "messages": msgs, "temperature": "hot"}), 400, None),
+        (
+            json!({"model": "test-model", "messages": msgs, "bogus": 1}),
+            400,
+            Some("bogus"),
+        ),
+        (
+            json!({"model": "test-model", "messages": msgs, "temperature": "hot"}),
+            400,
+            None,
+        ),
         (json!({"model": "test-model", "messages": "x"}), 400, None),
-        (json!({"model": "test-model", "messages": msgs, "max_tokens": 0}), 400, Some("max_tokens")),
-        (json!({"model": "test-model", "messages": msgs, "n": 99}), 400, Some("n")),
-        (json!({"model": "test-model", "messages": msgs, "top_k": -5}), 400, Some("top_k")),
-        (json!({"model": "test-model", "messages": msgs, "reasoning_effort": "huge"}), 400, Some("reasoning_effort")),
+        (
+            json!({"model": "test-model", "messages": msgs, "max_tokens": 0}),
+            400,
+            Some("max_tokens"),
+        ),
+        (
+            json!({"model": "test-model", "messages": msgs, "n": 99}),
+            400,
+            Some("n"),
+        ),
+        (
+            json!({"model": "test-model", "messages": msgs, "top_k": -5}),
+            400,
+            Some("top_k"),
+        ),
+        (
+            json!({"model": "test-model", "messages": msgs, "reasoning_effort": "huge"}),
+            400,
+            Some("reasoning_effort"),
+        ),
         (json!({"model": "other", "messages": msgs}), 404, None),
     ];
     for (body, status, param) in cases {
@@ -207,15 +281,40 @@ async fn bad_requests_get_openai_errors() {
         }
     }
     let long: Vec<u32> = vec![1000; 65536];
-    let (st, v) = post(&url, "/v1/completions", json!({"model": "test-model", "prompt": long})).await;
+    let (st, v) = post(
+        &url,
+        "/v1/completions",
+        json!({"model": "test-model", "prompt": long}),
+    )
+    .await;
     assert_eq!(st, 400);
-    assert!(v["error"]["message"].as_str().expect("msg").contains("context"), "{v}");
-    let (st, _) = post(&url, "/v1/completions", json!({"model": "test-model", "prompt": [1, 999999]})).await;
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .expect("msg")
+            .contains("context"),
+        "{v}"
+    );
+    let (st, _) = post(
+        &url,
+        "/v1/completions",
+        json!({"model": "test-model", "prompt": [1, 999999]}),
+    )
+    .await;
     assert_eq!(st, 400);
     // The server still works after all that.
-    let (st, _) = post(&url, "/v1/completions", json!({"model": "test-model", "prompt": "ok", "max_tokens": 2})).await;
+    let (st, _) = post(
+        &url,
+        "/v1/completions",
+        json!({"model": "test-model", "prompt": "ok", "max_tokens": 2}),
+    )
+    .await;
     assert_eq!(st, 200);
-    let r = client.get(format!("{url}/v2/nothing")).send().await.expect("request");
+    let r = client
+        .get(format!("{url}/v2/nothing"))
+        .send()
+        .await
+        .expect("request");
     assert_eq!(r.status(), 404);
 }
 
@@ -223,7 +322,11 @@ async fn bad_requests_get_openai_errors() {
 async fn api_key_is_enforced_on_v1_only() {
     let url = start(demo(), small_engine(), Some("s3cret")).await;
     let client = reqwest::Client::new();
-    let r = client.get(format!("{url}/v1/models")).send().await.expect("request");
+    let r = client
+        .get(format!("{url}/v1/models"))
+        .send()
+        .await
+        .expect("request");
     assert_eq!(r.status(), 401);
     let r = client
         .get(format!("{url}/v1/models"))
@@ -241,12 +344,21 @@ async fn api_key_is_enforced_on_v1_only() {
     assert_eq!(r.status(), 200);
     let v: Value = r.json().await.expect("json");
     assert_eq!(v["data"][0]["id"], "test-model");
-    let r = client.get(format!("{url}/health")).send().await.expect("request");
+    let r = client
+        .get(format!("{url}/health"))
+        .send()
+        .await
+        .expect("request");
     assert_eq!(r.status(), 200);
 }
 
 async fn metric(url: &str, name: &str) -> f64 {
-    let text = reqwest::get(format!("{url}/metrics")).await.expect("metrics").text().await.expect("text");
+    let text = reqwest::get(format!("{url}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
     text.lines()
         .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
         .and_then(|v| v.parse().ok())
@@ -276,11 +388,21 @@ async fn full_queue_is_429_and_disconnects_cancel() {
     let long = json!({"model": "test-model", "prompt": "tell me", "max_tokens": 60000,
                       "ignore_eos": true, "stream": true});
     let client = reqwest::Client::new();
-    let a = client.post(format!("{url}/v1/completions")).json(&long).send().await.expect("a");
+    let a = client
+        .post(format!("{url}/v1/completions"))
+        .json(&long)
+        .send()
+        .await
+        .expect("a");
     let mut a_body = a.bytes_stream();
     assert!(a_body.next().await.is_some(), "a streams");
     wait_for(&url, "dsv4_running_sequences", 1.0).await;
-    let b = client.post(format!("{url}/v1/completions")).json(&long).send().await.expect("b");
+    let b = client
+        .post(format!("{url}/v1/completions"))
+        .json(&long)
+        .send()
+        .await
+        .expect("b");
     assert_eq!(b.status(), 200);
     wait_for(&url, "dsv4_queue_depth", 1.0).await;
     let (st, v) = post(&url, "/v1/completions", long.clone()).await;
@@ -291,7 +413,12 @@ async fn full_queue_is_429_and_disconnects_cancel() {
     wait_for(&url, "dsv4_running_sequences", 0.0).await;
     wait_for(&url, "dsv4_queue_depth", 0.0).await;
     assert_eq!(metric(&url, "dsv4_requests_cancelled_total").await, 2.0);
-    let (st, _) = post(&url, "/v1/completions", json!({"model": "test-model", "prompt": "ok", "max_tokens": 2})).await;
+    let (st, _) = post(
+        &url,
+        "/v1/completions",
+        json!({"model": "test-model", "prompt": "ok", "max_tokens": 2}),
+    )
+    .await;
     assert_eq!(st, 200);
 }
 
@@ -318,8 +445,16 @@ impl Backend for Scripted {
                 if !b.want_logits {
                     return Vec::new();
                 }
-                let start = b.state.iter().rposition(|&t| t == THINK_END_ID).map_or(0, |p| p + 1);
-                let next = self.script.get(b.state.len() - start).copied().unwrap_or(EOS_ID);
+                let start = b
+                    .state
+                    .iter()
+                    .rposition(|&t| t == THINK_END_ID)
+                    .map_or(0, |p| p + 1);
+                let next = self
+                    .script
+                    .get(b.state.len() - start)
+                    .copied()
+                    .unwrap_or(EOS_ID);
                 let mut l = vec![0f32; self.vocab];
                 l[next as usize] = 30.0;
                 l
@@ -355,12 +490,18 @@ async fn dsml_tool_calls_become_tool_calls_streamed_and_not() {
     let choice = &v["choices"][0];
     assert_eq!(choice["finish_reason"], "tool_calls");
     assert_eq!(choice["message"]["content"], "Checking.");
-    let calls = choice["message"]["tool_calls"].as_array().expect("tool calls");
+    let calls = choice["message"]["tool_calls"]
+        .as_array()
+        .expect("tool calls");
     assert_eq!(calls.len(), 2);
     assert_eq!(calls[0]["function"]["name"], "get_weather");
-    let args: Value = serde_json::from_str(calls[0]["function"]["arguments"].as_str().expect("args")).expect("JSON");
+    let args: Value =
+        serde_json::from_str(calls[0]["function"]["arguments"].as_str().expect("args"))
+            .expect("JSON");
     assert_eq!(args, json!({"city": "Paris"}));
-    let args: Value = serde_json::from_str(calls[1]["function"]["arguments"].as_str().expect("args")).expect("JSON");
+    let args: Value =
+        serde_json::from_str(calls[1]["function"]["arguments"].as_str().expect("args"))
+            .expect("JSON");
     assert_eq!(args, json!({"a": 2, "b": [3]}));
 
     let mut sbody = body;
@@ -381,7 +522,10 @@ async fn dsml_tool_calls_become_tool_calls_streamed_and_not() {
         .flatten()
         .collect();
     assert_eq!(deltas.len(), 2);
-    assert_eq!((deltas[0]["index"].clone(), deltas[1]["index"].clone()), (json!(0), json!(1)));
+    assert_eq!(
+        (deltas[0]["index"].clone(), deltas[1]["index"].clone()),
+        (json!(0), json!(1))
+    );
     assert_eq!(deltas[1]["function"]["name"], "add");
     assert_eq!(
         chunks.last().expect("last")["choices"][0]["finish_reason"],
