@@ -633,7 +633,7 @@ async fn completions(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Res
         id: st.new_id("cmpl"),
         created: now_secs(),
         logprobs: req.logprobs.is_some(),
-        prompt_tokens: prompts.iter().map(Vec::len).sum::<usize>() * 1,
+        prompt_tokens: prompts.iter().map(Vec::len).sum::<usize>(),
         echo,
     };
     if req.sampling.stream {
