@@ -427,6 +427,8 @@ async fn full_queue_is_429_and_disconnects_cancel() {
 struct Scripted {
     script: Vec<u32>,
     vocab: usize,
+    /// A token the backend refuses (as a model refuses bad input: before changing any state).
+    poison: Option<u32>,
 }
 
 impl Backend for Scripted {
@@ -438,6 +440,11 @@ impl Backend for Scripted {
         s.len() * 4
     }
     fn forward(&self, batch: &mut [BatchItem<'_, Vec<u32>>]) -> dsv4_core::Result<Vec<Vec<f32>>> {
+        if let Some(p) = self.poison {
+            if batch.iter().any(|b| b.tokens.contains(&p)) {
+                return Err(dsv4_core::Error::Input(format!("token {p} refused")));
+            }
+        }
         Ok(batch
             .iter_mut()
             .map(|b| {
@@ -477,6 +484,7 @@ async fn dsml_tool_calls_become_tool_calls_streamed_and_not() {
     let backend = Scripted {
         script: tok.encode(CALLS).expect("encode"),
         vocab: tok.vocab_size(),
+        poison: None,
     };
     let url = start(backend, small_engine(), None).await;
     let tools = json!([
@@ -533,4 +541,47 @@ async fn dsml_tool_calls_become_tool_calls_streamed_and_not() {
     );
     // No DSML leaks into the streamed text.
     assert!(!events.iter().any(|e| e.contains("｜DSML｜")));
+}
+
+/// A request the backend refuses fails alone (500 with an error body); requests batched with it
+/// complete normally.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_request_does_not_disturb_the_others() {
+    let tok = Tokenizer::embedded().expect("tokenizer");
+    let backend = Scripted {
+        script: tok.encode("All fine here.").expect("encode"),
+        vocab: tok.vocab_size(),
+        poison: Some(4242),
+    };
+    let url = start(backend, small_engine(), None).await;
+    let good = json!({"model": "test-model", "messages": [{"role": "user", "content": "hi"}]});
+    let bad = json!({"model": "test-model", "prompt": [0, 4242, THINK_END_ID], "max_tokens": 3});
+    let tasks: Vec<_> = (0..6)
+        .map(|i| {
+            let url = url.clone();
+            let (path, body) = if i % 3 == 1 {
+                ("/v1/completions", bad.clone())
+            } else {
+                ("/v1/chat/completions", good.clone())
+            };
+            tokio::spawn(async move { (i, post(&url, path, body).await) })
+        })
+        .collect();
+    for t in tasks {
+        let (i, (st, v)) = t.await.expect("task");
+        if i % 3 == 1 {
+            assert_eq!(st, 500, "{v}");
+            assert!(
+                v["error"]["message"]
+                    .as_str()
+                    .expect("msg")
+                    .contains("refused"),
+                "{v}"
+            );
+        } else {
+            assert_eq!(st, 200, "{v}");
+            assert_eq!(v["choices"][0]["message"]["content"], "All fine here.");
+            assert_eq!(v["choices"][0]["finish_reason"], "stop");
+        }
+    }
 }
