@@ -51,6 +51,10 @@ pub struct BenchArgs {
     /// CUDA: write the table as CSV here too.
     #[arg(long)]
     csv: Option<std::path::PathBuf>,
+    /// Run the model as the server does: batch-invariant (the tiled linear path even for a
+    /// single token).
+    #[arg(long)]
+    batch_invariant: bool,
     #[command(flatten)]
     numerics: crate::NumericsArgs,
 }
@@ -88,6 +92,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     };
     let mut model = Model::load(&ck)?;
     model.numerics = a.numerics.profile()?;
+    model.batch_invariant = a.batch_invariant;
     let load_s = t0.elapsed().as_secs_f64();
     let c = &model.config;
     let ids: Vec<u32> = (0..a.prompt)

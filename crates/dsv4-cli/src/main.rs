@@ -10,6 +10,7 @@ mod bench;
 mod bench_cuda;
 mod convert;
 mod generate;
+mod serve;
 
 #[derive(Parser)]
 #[command(name = "dsv4", version, about = "DeepSeek-V4 inference engine")]
@@ -117,6 +118,9 @@ enum Cmd {
     /// Convert the official FP8/FP4 checkpoint to an MLX-quantized one (mlx-community layout),
     /// streaming with bounded memory; the output appears only when complete.
     Convert(convert::ConvertArgs),
+    /// OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/models,
+    /// /health, /metrics; streaming, continuous batching, prefix cache.
+    Serve(serve::ServeArgs),
 }
 
 fn main() {
@@ -145,6 +149,7 @@ fn run(cmd: Cmd) -> Result<()> {
         Cmd::Generate(args) => generate::run_generate(args),
         Cmd::Chat(args) => generate::run_chat(args),
         Cmd::Convert(args) => convert::run(args),
+        Cmd::Serve(args) => serve::run(args),
     }
 }
 

@@ -7,7 +7,7 @@ use crate::engine::{Engine, EngineState};
 use crate::error::{Error, Result};
 use crate::model::Logits;
 use crate::sampling::{Sampled, Sampler, SamplingParams, StopCheck, StopStrings};
-use crate::tokenizer::Tokenizer;
+use crate::tokenizer::{StreamDecoder, Tokenizer};
 use std::time::Instant;
 
 /// What ends a generation.
@@ -148,15 +148,7 @@ impl<'m> Session<'m> {
         mut on_text: impl FnMut(&str),
     ) -> Result<Generation> {
         let max_ctx = self.model.config().max_position_embeddings;
-        if prompt.len() >= max_ctx {
-            return Err(Error::Input(format!(
-                "the prompt has {} tokens; the model's context is {max_ctx}",
-                prompt.len()
-            )));
-        }
-        let mut sampler = Sampler::new(opts.sampling.clone())?;
-        let mut stops = StopStrings::new(opts.stop_strings.iter().cloned())?;
-        sampler.set_prompt(prompt);
+        let mut cont = Continuation::new(prompt, max_ctx, tok, opts)?;
 
         let t = Instant::now();
         let prefilled = self.prefill(prompt)?;
@@ -173,55 +165,151 @@ impl<'m> Session<'m> {
             decode_s: 0.0,
             logprobs: Vec::new(),
         };
-        let mut detok = tok.stream_decoder();
-        let mut emit = |s: &str, out: &mut Generation| {
-            if !s.is_empty() {
-                out.text.push_str(s);
-                on_text(s);
-            }
-        };
-        let mut stopped = false;
-        while out.token_ids.len() < opts.max_tokens && self.tokens.len() < max_ctx {
-            if !out.token_ids.is_empty() {
-                let last = *out.token_ids.last().expect("non-empty");
+        loop {
+            if let Some(&last) = out.token_ids.last() {
                 self.step(last)?;
             }
             let mut logits = self.last_logits.clone().expect("prefilled");
-            let s = sampler.sample(&mut logits, &out.token_ids)?;
-            let id = s.token;
-            out.token_ids.push(id);
+            let step = cont.push_logits(&mut logits)?;
+            out.token_ids.push(step.sampled.token);
             if opts.sampling.logprobs.is_some() {
-                out.logprobs.push(s);
+                out.logprobs.push(step.sampled);
             }
-            if opts.stop_ids.contains(&id) {
-                out.finish_reason = FinishReason::Stop;
-                out.stop_token = Some(id);
-                stopped = true;
+            if !step.text.is_empty() {
+                out.text.push_str(&step.text);
+                on_text(&step.text);
+            }
+            if let Some(f) = step.finish {
+                out.finish_reason = f;
+                out.stop_token = step.stop_token;
                 break;
             }
-            let piece = detok.push(id)?;
-            match stops.push(&piece) {
-                StopCheck::Continue { emit: e } => emit(&e, &mut out),
-                StopCheck::Stopped { emit: e, .. } => {
-                    emit(&e, &mut out);
-                    out.finish_reason = FinishReason::Stop;
-                    stopped = true;
-                    break;
-                }
-            }
-        }
-        if !stopped {
-            let rest = detok.finish();
-            let rest = match stops.push(&rest) {
-                StopCheck::Continue { emit } => emit + &stops.finish(),
-                StopCheck::Stopped { emit, .. } => {
-                    out.finish_reason = FinishReason::Stop;
-                    emit
-                }
-            };
-            emit(&rest, &mut out);
         }
         out.decode_s = t.elapsed().as_secs_f64();
         Ok(out)
+    }
+}
+
+/// The generation side of one sequence, independent of how its forwards are run (a
+/// [`Session`] or a batching scheduler): samples each next token from logits and turns the
+/// tokens into streamed text, applying stop tokens, stop strings and the length limits.
+pub struct Continuation {
+    sampler: Sampler,
+    stops: StopStrings,
+    detok: StreamDecoder,
+    stop_ids: Vec<u32>,
+    max_tokens: usize,
+    /// Tokens the sequence may hold in all (the model's context).
+    max_len: usize,
+    prompt_len: usize,
+    generated: Vec<u32>,
+    done: bool,
+}
+
+/// What one [`Continuation::push_logits`] produced.
+#[derive(Clone, Debug)]
+pub struct ContinuationStep {
+    /// The sampled token (with its log-probabilities when requested).
+    pub sampled: Sampled,
+    /// Text that became final with this token (possibly empty).
+    pub text: String,
+    /// Set when this token ended the generation.
+    pub finish: Option<FinishReason>,
+    /// The stop token that ended it, if any.
+    pub stop_token: Option<u32>,
+}
+
+impl Continuation {
+    /// Checks the prompt against the context `max_len` and the options, and prepares the
+    /// sampler (whose penalties may cover the prompt).
+    pub fn new(
+        prompt: &[u32],
+        max_len: usize,
+        tok: &Tokenizer,
+        opts: &GenerateOptions,
+    ) -> Result<Self> {
+        if prompt.is_empty() {
+            return Err(Error::Input("the prompt is empty".into()));
+        }
+        if prompt.len() >= max_len {
+            return Err(Error::Input(format!(
+                "the prompt has {} tokens; the model's context is {max_len}",
+                prompt.len()
+            )));
+        }
+        let mut sampler = Sampler::new(opts.sampling.clone())?;
+        sampler.set_prompt(prompt);
+        Ok(Continuation {
+            sampler,
+            stops: StopStrings::new(opts.stop_strings.iter().cloned())?,
+            detok: tok.stream_decoder(),
+            stop_ids: opts.stop_ids.clone(),
+            max_tokens: opts.max_tokens,
+            max_len,
+            prompt_len: prompt.len(),
+            generated: Vec::new(),
+            done: false,
+        })
+    }
+
+    /// Tokens generated so far (a final stop token included).
+    pub fn generated(&self) -> &[u32] {
+        &self.generated
+    }
+
+    /// True once a step has returned a finish reason.
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+
+    /// Samples the next token from the logits after the last token, and returns it with the
+    /// text it completes and whether the generation ends here. Penalties change `logits`.
+    pub fn push_logits(&mut self, logits: &mut [f32]) -> Result<ContinuationStep> {
+        if self.done {
+            return Err(Error::Input("the generation has already finished".into()));
+        }
+        let sampled = self.sampler.sample(logits, &self.generated)?;
+        let id = sampled.token;
+        self.generated.push(id);
+        let mut step = ContinuationStep {
+            sampled,
+            text: String::new(),
+            finish: None,
+            stop_token: None,
+        };
+        if self.stop_ids.contains(&id) {
+            step.finish = Some(FinishReason::Stop);
+            step.stop_token = Some(id);
+            self.done = true;
+            return Ok(step);
+        }
+        let piece = self.detok.push(id)?;
+        match self.stops.push(&piece) {
+            StopCheck::Continue { emit } => step.text = emit,
+            StopCheck::Stopped { emit, .. } => {
+                step.text = emit;
+                step.finish = Some(FinishReason::Stop);
+                self.done = true;
+                return Ok(step);
+            }
+        }
+        let full = self.prompt_len + self.generated.len() >= self.max_len;
+        if self.generated.len() >= self.max_tokens || full {
+            // Flush what the detokenizer and the stop-string watch held back.
+            let rest = self.detok.finish();
+            match self.stops.push(&rest) {
+                StopCheck::Continue { emit } => {
+                    step.text += &emit;
+                    step.text += &self.stops.finish();
+                    step.finish = Some(FinishReason::Length);
+                }
+                StopCheck::Stopped { emit, .. } => {
+                    step.text += &emit;
+                    step.finish = Some(FinishReason::Stop);
+                }
+            }
+            self.done = true;
+        }
+        Ok(step)
     }
 }

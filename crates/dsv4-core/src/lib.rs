@@ -24,7 +24,7 @@ pub use checkpoint::Checkpoint;
 pub use config::ModelConfig;
 pub use engine::{Engine, EngineState};
 pub use error::{Error, Result};
-pub use model::{cache::SeqCache, Logits, Model};
+pub use model::{cache::SeqCache, Logits, Model, SeqInput};
 
 /// Sets the number of CPU worker threads (call once, before any model work).
 pub fn init_threads(n: usize) -> std::result::Result<(), String> {

@@ -31,6 +31,33 @@ mod avx512 {
         k: usize,
         out: &mut [f32],
     ) {
+        let mut t0 = 0;
+        while t0 < m {
+            // Only the tokens that exist are computed (one decode token costs one column, not
+            // four); each (row, token) sum is the same sequence of FMAs whatever the block
+            // width, so a token's result does not depend on how many share the call.
+            match m - t0 {
+                1 => block::<1>(tile, rows, x, m, k, out, t0),
+                2 => block::<2>(tile, rows, x, m, k, out, t0),
+                3 => block::<3>(tile, rows, x, m, k, out, t0),
+                _ => block::<4>(tile, rows, x, m, k, out, t0),
+            }
+            t0 += 4;
+        }
+    }
+
+    /// Every row of the tile times tokens `t0..t0+NT`, 4 rows at a time.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block<const NT: usize>(
+        tile: &[f32],
+        rows: usize,
+        x: &[f32],
+        m: usize,
+        k: usize,
+        out: &mut [f32],
+        t0: usize,
+    ) {
         let tail = (k % 16) as u32;
         let mask: __mmask16 = if tail == 0 {
             0
@@ -38,44 +65,38 @@ mod avx512 {
             ((1u32 << tail) - 1) as __mmask16
         };
         let k16 = k - k % 16;
+        let xs: [*const f32; NT] = std::array::from_fn(|j| x.as_ptr().add((t0 + j) * k));
         let mut r0 = 0;
         while r0 < rows {
             let nr = (rows - r0).min(4);
-            let mut t0 = 0;
-            while t0 < m {
-                let nt = (m - t0).min(4);
-                let mut acc = [[_mm512_setzero_ps(); 4]; 4];
-                let w: [*const f32; 4] =
-                    std::array::from_fn(|i| tile.as_ptr().add((r0 + i.min(nr - 1)) * k));
-                let xs: [*const f32; 4] =
-                    std::array::from_fn(|j| x.as_ptr().add((t0 + j.min(nt - 1)) * k));
-                let mut kk = 0;
-                while kk < k16 {
-                    let wv: [__m512; 4] = std::array::from_fn(|i| _mm512_loadu_ps(w[i].add(kk)));
-                    for j in 0..4 {
-                        let xv = _mm512_loadu_ps(xs[j].add(kk));
-                        for i in 0..4 {
-                            acc[i][j] = _mm512_fmadd_ps(wv[i], xv, acc[i][j]);
-                        }
-                    }
-                    kk += 16;
-                }
-                if tail != 0 {
-                    let wv: [__m512; 4] =
-                        std::array::from_fn(|i| _mm512_maskz_loadu_ps(mask, w[i].add(k16)));
-                    for j in 0..4 {
-                        let xv = _mm512_maskz_loadu_ps(mask, xs[j].add(k16));
-                        for i in 0..4 {
-                            acc[i][j] = _mm512_fmadd_ps(wv[i], xv, acc[i][j]);
-                        }
+            let mut acc = [[_mm512_setzero_ps(); NT]; 4];
+            let w: [*const f32; 4] =
+                std::array::from_fn(|i| tile.as_ptr().add((r0 + i.min(nr - 1)) * k));
+            let mut kk = 0;
+            while kk < k16 {
+                let wv: [__m512; 4] = std::array::from_fn(|i| _mm512_loadu_ps(w[i].add(kk)));
+                for j in 0..NT {
+                    let xv = _mm512_loadu_ps(xs[j].add(kk));
+                    for i in 0..4 {
+                        acc[i][j] = _mm512_fmadd_ps(wv[i], xv, acc[i][j]);
                     }
                 }
-                for i in 0..nr {
-                    for j in 0..nt {
-                        out[(r0 + i) * m + t0 + j] = _mm512_reduce_add_ps(acc[i][j]);
+                kk += 16;
+            }
+            if tail != 0 {
+                let wv: [__m512; 4] =
+                    std::array::from_fn(|i| _mm512_maskz_loadu_ps(mask, w[i].add(k16)));
+                for j in 0..NT {
+                    let xv = _mm512_maskz_loadu_ps(mask, xs[j].add(k16));
+                    for i in 0..4 {
+                        acc[i][j] = _mm512_fmadd_ps(wv[i], xv, acc[i][j]);
                     }
                 }
-                t0 += 4;
+            }
+            for i in 0..nr {
+                for j in 0..NT {
+                    out[(r0 + i) * m + t0 + j] = _mm512_reduce_add_ps(acc[i][j]);
+                }
             }
             r0 += 4;
         }

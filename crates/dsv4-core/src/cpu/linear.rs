@@ -11,6 +11,37 @@ use crate::quant::QuantMode;
 use crate::tensor::{DType, Tensor};
 use rayon::prelude::*;
 
+thread_local! {
+    static BATCH_INVARIANT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// While a guard is alive, linear layers called from this thread use the tiled path for every
+/// call, one token included. The fused single-token GEMV accumulates in a different order than
+/// the tile, so without this a token's result would depend on whether it was alone in the call.
+/// (Linear layers are only called from the thread running the forward, never from inside rayon
+/// tasks, so a thread-local flag covers the whole call.)
+pub struct BatchInvariant {
+    was: bool,
+}
+
+impl BatchInvariant {
+    pub fn enter() -> Self {
+        BatchInvariant {
+            was: BATCH_INVARIANT.with(|f| f.replace(true)),
+        }
+    }
+
+    pub fn active() -> bool {
+        BATCH_INVARIANT.with(|f| f.get())
+    }
+}
+
+impl Drop for BatchInvariant {
+    fn drop(&mut self) {
+        BATCH_INVARIANT.with(|f| f.set(self.was));
+    }
+}
+
 /// Stored format of a weight matrix.
 #[derive(Clone, Debug)]
 pub enum Format {
@@ -459,7 +490,7 @@ impl Linear {
         // inputs (a dequantized row is reused across tokens when m > 1).
         let threads = rayon::current_num_threads().max(1);
         let per_task = (n / (threads * 4)).clamp(1, 256);
-        if m == 1 {
+        if m == 1 && !BatchInvariant::active() {
             let xp =
                 if self.format.is_fp4() || matches!(self.format, Format::Affine { bits: 4, .. }) {
                     kernels::fp4_order(x)

@@ -13,16 +13,25 @@ use crate::cpu::kernels;
 use crate::numerics::{self, gemm_input, hadamard, Numerics};
 use rayon::prelude::*;
 
-/// Runs attention for `l` new tokens at positions `pos0..pos0+l`; `x` is the normed input
-/// `[l, D]`. Updates the layer's cache and returns `[l, D]`.
-#[allow(clippy::too_many_arguments)] // the layer's full context; a struct would only rename it
+/// One sequence's slice of a batched attention call: its layer cache and where its new tokens
+/// start.
+pub struct Segment<'a> {
+    pub cache: &'a mut LayerCache,
+    /// Position of the segment's first new token.
+    pub pos0: usize,
+    /// Number of new tokens.
+    pub len: usize,
+}
+
+/// Runs attention for a ragged batch: `x` is the normed input `[L, D]` of every segment's new
+/// tokens back to back (`L` = the sum of their lengths). The projections run once over all `L`
+/// rows (one read of each weight for the whole batch); window, compressors, indexer and the
+/// attention itself run per segment against its own cache. Returns `[L, D]`.
 pub fn forward(
     c: &ModelConfig,
     w: &AttentionWeights,
-    cache: &mut LayerCache,
+    segs: &mut [Segment],
     x: &[f32],
-    l: usize,
-    pos0: usize,
     rope: &RopeTable,
     nm: Numerics,
 ) -> Vec<f32> {
@@ -30,7 +39,11 @@ pub fn forward(
     let aq = nm.act_quant();
     let d = c.hidden_size;
     let eps = c.rms_norm_eps;
-    let trig: Vec<(Vec<f32>, Vec<f32>)> = (0..l).map(|t| rope.cos_sin(pos0 + t)).collect();
+    let l: usize = segs.iter().map(|s| s.len).sum();
+    let trig: Vec<(Vec<f32>, Vec<f32>)> = segs
+        .iter()
+        .flat_map(|s| (s.pos0..s.pos0 + s.len).map(|p| rope.cos_sin(p)))
+        .collect();
 
     // Queries: low-rank, normed per head, rotated.
     let mut qr = w.wq_a.apply(&gemm_input(x, d, aq), l);
@@ -49,7 +62,71 @@ pub fn forward(
     rms_norm(&mut kv, &w.kv_norm, eps);
     for (t, row) in kv.chunks_mut(dh).enumerate() {
         rotate(row, &trig[t].0, &trig[t].1, false);
-        // The row is key and value as stored (official profile: FP8 nope channels).
+    }
+
+    let mut o = vec![0f32; l * h * dh];
+    let mut off = 0;
+    for seg in segs.iter_mut() {
+        let r = off..off + seg.len;
+        off += seg.len;
+        attend(
+            c,
+            w,
+            seg,
+            &x[r.start * d..r.end * d],
+            &qr_in[r.start * c.q_lora_rank..r.end * c.q_lora_rank],
+            &q[r.start * h * dh..r.end * h * dh],
+            &mut kv[r.start * dh..r.end * dh],
+            &trig[r.clone()],
+            &mut o[r.start * h * dh..r.end * h * dh],
+            rope,
+            nm,
+        );
+    }
+
+    // Grouped low-rank output: group g's heads go through rows g·R.. of wo_a.
+    let (g, rk) = (c.o_groups, c.o_lora_rank);
+    let gw = h / g * dh;
+    let mut z = vec![0f32; l * g * rk];
+    let mut xin = vec![0f32; l * gw];
+    let mut zg = vec![0f32; l * rk];
+    for gi in 0..g {
+        for t in 0..l {
+            xin[t * gw..(t + 1) * gw]
+                .copy_from_slice(&o[t * h * dh + gi * gw..t * h * dh + (gi + 1) * gw]);
+        }
+        w.wo_a.forward_rows(&xin, l, gi * rk, rk, &mut zg);
+        for t in 0..l {
+            z[t * g * rk + gi * rk..t * g * rk + (gi + 1) * rk]
+                .copy_from_slice(&zg[t * rk..(t + 1) * rk]);
+        }
+    }
+    w.wo_b.apply(&gemm_input(&z, g * rk, aq), l)
+}
+
+/// The per-sequence part of attention for one segment: stores its K=V rows in the window,
+/// updates the compressors, selects compressed entries, and writes the per-head outputs
+/// (de-rotated) into `o` `[len, H·dh]`.
+#[allow(clippy::too_many_arguments)] // the segment's slices of the batch; a struct would only rename them
+fn attend(
+    c: &ModelConfig,
+    w: &AttentionWeights,
+    seg: &mut Segment,
+    x: &[f32],
+    qr_in: &[f32],
+    q: &[f32],
+    kv: &mut [f32],
+    trig: &[(Vec<f32>, Vec<f32>)],
+    o: &mut [f32],
+    rope: &RopeTable,
+    nm: Numerics,
+) {
+    let (h, dh) = (c.num_heads, c.head_dim);
+    let eps = c.rms_norm_eps;
+    let (l, pos0) = (seg.len, seg.pos0);
+    let cache = &mut *seg.cache;
+    // The row is key and value as stored (official profile: FP8 nope channels).
+    for row in kv.chunks_mut(dh) {
         cache.window.round(row);
     }
 
@@ -58,7 +135,7 @@ pub fn forward(
     let k0 = pos0.saturating_sub(win - 1);
     cache.window.reserve_rows(win);
     let mut local = cache.window.gather((k0..pos0).map(|p| p % win));
-    local.extend_from_slice(&kv);
+    local.extend_from_slice(kv);
     for t in l.saturating_sub(win)..l {
         cache
             .window
@@ -82,7 +159,7 @@ pub fn forward(
                 .as_mut()
                 .expect("CSA layers have indexer state");
             compressor::update(&ix.compressor, ist, x, l, rope, eps);
-            selected = indexer_topk(c, ix, ist, x, &qr_in, l, pos0, &trig, nm);
+            selected = indexer_topk(c, ix, ist, x, qr_in, l, pos0, trig, nm);
         } else {
             for (t, sel) in selected.iter_mut().enumerate() {
                 *sel = (0..(pos0 + t + 1) / m).collect();
@@ -100,7 +177,6 @@ pub fn forward(
 
     // Attention per (token, head), in parallel.
     let scale = 1.0 / (dh as f32).sqrt();
-    let mut o = vec![0f32; l * h * dh];
     o.par_chunks_mut(dh).enumerate().for_each(|(i, out)| {
         let (t, hd) = (i / h, i % h);
         let p = pos0 + t;
@@ -126,25 +202,6 @@ pub fn forward(
         out.iter_mut().for_each(|v| *v *= inv);
         rotate(out, &trig[t].0, &trig[t].1, true);
     });
-
-    // Grouped low-rank output: group g's heads go through rows g·R.. of wo_a.
-    let (g, rk) = (c.o_groups, c.o_lora_rank);
-    let gw = h / g * dh;
-    let mut z = vec![0f32; l * g * rk];
-    let mut xin = vec![0f32; l * gw];
-    let mut zg = vec![0f32; l * rk];
-    for gi in 0..g {
-        for t in 0..l {
-            xin[t * gw..(t + 1) * gw]
-                .copy_from_slice(&o[t * h * dh + gi * gw..t * h * dh + (gi + 1) * gw]);
-        }
-        w.wo_a.forward_rows(&xin, l, gi * rk, rk, &mut zg);
-        for t in 0..l {
-            z[t * g * rk + gi * rk..t * g * rk + (gi + 1) * rk]
-                .copy_from_slice(&zg[t * rk..(t + 1) * rk]);
-        }
-    }
-    w.wo_b.apply(&gemm_input(&z, g * rk, aq), l)
 }
 
 /// Lightning indexer: scores every visible compressed entry for each query and keeps the

@@ -33,6 +33,10 @@ pub struct Model {
     pub config: ModelConfig,
     /// Which arithmetic and cache formats forwards use (set before creating caches).
     pub numerics: Numerics,
+    /// Make every token's arithmetic independent of the other tokens in a call (the linear
+    /// layers always take the tiled path, even for one token), so a sequence's output is the
+    /// same alone or batched with others. Costs some single-token (decode) speed.
+    pub batch_invariant: bool,
     pub weights: ModelWeights,
     rope_main: RopeTable,
     rope_compress: RopeTable,
@@ -48,6 +52,7 @@ impl Model {
     pub fn from_parts(config: ModelConfig, weights: ModelWeights) -> Self {
         Model {
             numerics: Numerics::Reference,
+            batch_invariant: false,
             rope_main: RopeTable::new(&config.rope_main, config.rope_dim),
             rope_compress: RopeTable::new(&config.rope_compress, config.rope_dim),
             config,
@@ -99,15 +104,35 @@ impl Model {
         Ok(())
     }
 
-    /// Feeds `ids` (appended to the sequence in `cache`) and returns the requested logits.
+    /// Feeds `ids` (appended to the sequence in `cache`) and returns the requested logits: the
+    /// one-sequence case of [`forward_batch`](Self::forward_batch).
     pub fn forward(&self, cache: &mut SeqCache, ids: &[u32], want: Logits) -> Result<Vec<f32>> {
-        self.check_input(ids)?;
-        let c = &self.config;
-        let (l, d, n) = (ids.len(), c.hidden_size, c.hc_mult);
-        if l == 0 {
-            return Ok(Vec::new());
+        let mut out = self.forward_batch(&mut [SeqInput { cache, ids, want }])?;
+        Ok(out.pop().unwrap_or_default())
+    }
+
+    /// Feeds a ragged batch of sequences — each its own cache, new tokens and wanted logits — in
+    /// one pass: every weight is read once for all tokens of all sequences (the rows are
+    /// concatenated for the linear layers, hyper-connections, norms and MoE), while attention,
+    /// compressors and indexer run per sequence against its own cache. Returns each sequence's
+    /// logits, in order. Every id is checked before any cache changes.
+    ///
+    /// With [`batch_invariant`](Self::batch_invariant) set, a token's result does not depend on
+    /// which other tokens share the call (bitwise).
+    pub fn forward_batch(&self, seqs: &mut [SeqInput]) -> Result<Vec<Vec<f32>>> {
+        for s in seqs.iter() {
+            self.check_input(s.ids)?;
         }
-        let pos0 = cache.pos;
+        let _guard = self
+            .batch_invariant
+            .then(crate::cpu::linear::BatchInvariant::enter);
+        let c = &self.config;
+        let (d, n) = (c.hidden_size, c.hc_mult);
+        let ids: Vec<u32> = seqs.iter().flat_map(|s| s.ids.iter().copied()).collect();
+        let l = ids.len();
+        if l == 0 {
+            return Ok(vec![Vec::new(); seqs.len()]);
+        }
         // n identical streams of the embedding.
         let mut x = vec![0f32; l * n * d];
         let mut row = vec![0f32; d];
@@ -118,31 +143,73 @@ impl Model {
             }
         }
         let (iters, reps, heps) = (c.hc_sinkhorn_iters, c.rms_norm_eps, c.hc_eps);
-        for (lw, lc) in self.weights.layers.iter().zip(cache.layers.iter_mut()) {
+        for (li, lw) in self.weights.layers.iter().enumerate() {
             let rope = match lw.kind {
                 AttnKind::Sliding => &self.rope_main,
                 AttnKind::Compressed { .. } => &self.rope_compress,
             };
             let (mut h, mix) = hc::pre(&lw.hc_attn, &x, l, n, iters, reps, heps);
             norm::rms_norm(&mut h, &lw.attn_norm, reps);
-            let a = attention::forward(c, &lw.attn, lc, &h, l, pos0, rope, self.numerics);
+            let mut segs: Vec<attention::Segment> = seqs
+                .iter_mut()
+                .map(|s| attention::Segment {
+                    pos0: s.cache.pos,
+                    len: s.ids.len(),
+                    cache: &mut s.cache.layers[li],
+                })
+                .collect();
+            let a = attention::forward(c, &lw.attn, &mut segs, &h, rope, self.numerics);
             hc::post(&a, &mut x, &mix, n);
 
             let (mut h, mix) = hc::pre(&lw.hc_ffn, &x, l, n, iters, reps, heps);
             norm::rms_norm(&mut h, &lw.ffn_norm, reps);
-            let f = moe::forward(c, &lw.moe, &h, ids, l, self.numerics);
+            let f = moe::forward(c, &lw.moe, &h, &ids, l, self.numerics);
             hc::post(&f, &mut x, &mix, n);
         }
-        cache.pos += l;
-        let rows = match want {
-            Logits::None => return Ok(Vec::new()),
-            Logits::All => 0..l,
-            Logits::Last => l - 1..l,
-        };
-        let xs = &x[rows.start * n * d..rows.end * n * d];
+        // The rows whose logits are wanted, and which sequence each belongs to.
+        let mut rows = Vec::new();
+        let mut per_seq = Vec::with_capacity(seqs.len());
+        let mut off = 0;
+        for s in seqs.iter_mut() {
+            let len = s.ids.len();
+            s.cache.pos += len;
+            let r = match s.want {
+                Logits::None => off..off,
+                _ if len == 0 => off..off,
+                Logits::All => off..off + len,
+                Logits::Last => off + len - 1..off + len,
+            };
+            per_seq.push(r.len());
+            rows.extend(r);
+            off += len;
+        }
         let m = rows.len();
-        let mut y = hc::head(&self.weights.hc_head, xs, m, n, reps, heps);
+        let mut out: Vec<Vec<f32>> = Vec::with_capacity(seqs.len());
+        if m == 0 {
+            out.resize(seqs.len(), Vec::new());
+            return Ok(out);
+        }
+        let xs: Vec<f32> = rows
+            .iter()
+            .flat_map(|&t| x[t * n * d..(t + 1) * n * d].iter().copied())
+            .collect();
+        let mut y = hc::head(&self.weights.hc_head, &xs, m, n, reps, heps);
         norm::rms_norm(&mut y, &self.weights.norm, reps);
-        Ok(self.weights.head.apply(&y, m))
+        let logits = self.weights.head.apply(&y, m);
+        let vocab = self.weights.head.out;
+        let mut start = 0;
+        for k in per_seq {
+            out.push(logits[start * vocab..(start + k) * vocab].to_vec());
+            start += k;
+        }
+        Ok(out)
     }
+}
+
+/// One sequence of a [`Model::forward_batch`] call.
+pub struct SeqInput<'a> {
+    pub cache: &'a mut SeqCache,
+    /// New tokens, appended at `cache.pos`.
+    pub ids: &'a [u32],
+    pub want: Logits,
 }
