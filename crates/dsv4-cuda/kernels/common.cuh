@@ -13,6 +13,8 @@
 #define FMT_F16 2
 #define FMT_FP8 3
 #define FMT_FP4 4
+#define FMT_AFFINE 5  // MLX affine: little-endian bit stream of `bits`-wide codes, scale/bias per group
+#define FMT_MXFP8 6   // MLX mxfp8: e4m3 codes, e8m0 per 32
 
 // A `[out, in]` weight matrix on the device, passed by value (mirrors `LinearDesc` in Rust).
 struct LinearW {
@@ -22,6 +24,10 @@ struct LinearW {
     int32_t out, in;
     int32_t bo, bi;         // FP8 block shape
     int32_t scale_cols;     // FP8: ceil(in/bi)
+    const void* biases;     // affine: [out, in/group]
+    int32_t bits, group;    // affine
+    int32_t sdt;            // affine scale/bias dtype: 0 f32, 1 bf16, 2 f16
+    int32_t pad_;
 };
 
 __device__ __forceinline__ float e8m0_to_f32(uint8_t u) {
@@ -47,7 +53,16 @@ __device__ __forceinline__ float e2m1_to_f32(uint32_t v) {
     return __half2float(__half(h)) * 16384.0f;
 }
 
-// One element of a weight matrix, any format (slow path: tails, embeddings, tests).
+__device__ __forceinline__ float load_f(const void* p, int dt, size_t i) {
+    if (dt == 0) return ((const float*)p)[i];
+    uint16_t u = ((const uint16_t*)p)[i];
+    if (dt == 1) return __uint_as_float(((uint32_t)u) << 16);
+    __half_raw h;
+    h.x = u;
+    return __half2float(__half(h));
+}
+
+// One element of a weight matrix, any format (slow path: tails, embeddings, MLX formats).
 __device__ __forceinline__ float load_elem(const LinearW& W, int r, int k) {
     size_t idx = (size_t)r * W.in + k;
     switch (W.fmt) {
@@ -58,6 +73,18 @@ __device__ __forceinline__ float load_elem(const LinearW& W, int r, int k) {
         float s = ((const float*)W.scales)[(r / W.bo) * W.scale_cols + k / W.bi];
         return e4m3_to_f32(W.w[idx]) * s;
     }
+    case FMT_AFFINE: {
+        const size_t row_bytes = (size_t)W.in * W.bits / 8;
+        const size_t bit = (size_t)k * W.bits;
+        const size_t at = (size_t)r * row_bytes + bit / 8;
+        uint32_t v = W.w[at];
+        if (bit / 8 + 1 < row_bytes) v |= (uint32_t)W.w[at + 1] << 8;
+        const uint32_t code = (v >> (bit % 8)) & ((1u << W.bits) - 1);
+        const size_t g = (size_t)r * (W.in / W.group) + k / W.group;
+        return (float)code * load_f(W.scales, W.sdt, g) + load_f(W.biases, W.sdt, g);
+    }
+    case FMT_MXFP8:
+        return e4m3_to_f32(W.w[idx]) * e8m0_to_f32(((const uint8_t*)W.scales)[(size_t)r * (W.in / 32) + k / 32]);
     default: {
         uint8_t b = W.w[idx >> 1];
         uint32_t v = (idx & 1) ? (b >> 4) : (b & 15);

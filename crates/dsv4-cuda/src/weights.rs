@@ -19,16 +19,21 @@ pub enum Fmt {
     F16 = 2,
     Fp8 = 3,
     Fp4 = 4,
+    /// MLX affine and mxfp8: decoded element by element (no 16-byte kernel path yet).
+    Affine = 5,
+    Mxfp8 = 6,
 }
 
 impl Fmt {
+    /// The kernel instantiation that serves this format (MLX formats take the element-wise
+    /// path of any instantiation; the format itself travels in the descriptor).
     pub fn name(self) -> &'static str {
-        ["f32", "bf16", "f16", "fp8", "fp4"][self as usize]
+        ["f32", "bf16", "f16", "fp8", "fp4", "f32", "f32"][self as usize]
     }
 
     /// Elements per 16-byte load in the kernels.
     pub fn chunk(self) -> usize {
-        [4, 8, 8, 16, 32][self as usize]
+        [4, 8, 8, 16, 32, 4, 4][self as usize]
     }
 }
 
@@ -44,6 +49,11 @@ pub struct LinearDesc {
     pub bo: i32,
     pub bi: i32,
     pub scale_cols: i32,
+    pub biases: u64,
+    pub bits: i32,
+    pub group: i32,
+    pub sdt: i32,
+    pub pad: i32,
 }
 
 unsafe impl DeviceRepr for LinearDesc {}
@@ -63,6 +73,7 @@ pub struct GpuLinear {
 impl GpuLinear {
     pub fn upload(gpu: &Gpu, l: &Linear) -> Result<Self> {
         let w = gpu.upload(l.weight_bytes())?;
+        let mut affine = None;
         let (fmt, scales, bo, bi, cols) = match &l.format {
             Format::F32 => (Fmt::F32, None, 1, 1, 0),
             Format::Bf16 => (Fmt::Bf16, None, 1, 1, 0),
@@ -82,16 +93,31 @@ impl GpuLinear {
             Format::Fp4 { scales } | Format::Mxfp4 { scales } => {
                 (Fmt::Fp4, Some(gpu.upload(scales.bytes())?), 1, 1, 0)
             }
-            other => {
-                return Err(crate::Error::Unsupported(format!(
-                    "`{}` is stored as {} (an MLX quantization); those run on the CPU only for \
-                     now",
-                    l.name(),
-                    other.label()
-                )))
+            Format::Affine {
+                bits,
+                group,
+                scales,
+                biases,
+            } => {
+                affine = Some((*bits, *group, scales.dtype, gpu.upload(biases.bytes())?));
+                (Fmt::Affine, Some(gpu.upload(scales.bytes())?), 1, 1, 0)
             }
+            Format::Mxfp8 { scales } => (Fmt::Mxfp8, Some(gpu.upload(scales.bytes())?), 1, 1, 0),
         };
-        let vec = l.inp.is_multiple_of(fmt.chunk()) && (fmt != Fmt::Fp8 || bi % 16 == 0);
+        let vec = l.inp.is_multiple_of(fmt.chunk())
+            && (fmt != Fmt::Fp8 || bi % 16 == 0)
+            && !matches!(fmt, Fmt::Affine | Fmt::Mxfp8);
+        let (bits, group, sdt, biases) = match affine {
+            Some((bits, group, dt, b)) => {
+                let sdt = match dt {
+                    dsv4_core::tensor::DType::F32 => 0,
+                    dsv4_core::tensor::DType::BF16 => 1,
+                    _ => 2,
+                };
+                (bits as i32, group as i32, sdt, Some(b))
+            }
+            None => (0, 1, 0, None),
+        };
         let desc = LinearDesc {
             w: w.ptr,
             scales: scales.as_ref().map_or(0, |s| s.ptr),
@@ -101,9 +127,15 @@ impl GpuLinear {
             bo: bo as i32,
             bi: bi as i32,
             scale_cols: cols as i32,
+            biases: biases.as_ref().map_or(0, |b| b.ptr),
+            bits,
+            group,
+            sdt,
+            pad: 0,
         };
         let mut bufs = vec![w];
         bufs.extend(scales);
+        bufs.extend(biases);
         Ok(GpuLinear {
             desc,
             fmt,

@@ -260,3 +260,35 @@ fn batched_sequences_match_solo() {
         }
     }
 }
+
+/// mlx-community formats (affine at 3/4/8 bits, mxfp4, mxfp8, a mixed recipe) run on the GPU
+/// straight from their stored codes and match the CPU model, one call and token by token.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn mlx_formats_match_cpu() {
+    for name in [
+        "mlx-q4",
+        "mlx-q8",
+        "mlx-q3g32",
+        "mlx-mxfp4",
+        "mlx-mxfp8",
+        "mlx-mixed",
+    ] {
+        let ck = Checkpoint::open(&fixture_dir(name)).unwrap();
+        let cpu = Model::load(&ck).unwrap();
+        let gpu = CudaModel::from_model(&cpu, 0).unwrap();
+        let vocab = cpu.config.vocab_size;
+        let ids = Reference::load(name).ids("ids");
+        let mut cache = cpu.new_cache();
+        let want = cpu.forward(&mut cache, &ids, Logits::All).unwrap();
+        for chunks in [vec![ids.len()], vec![1; ids.len()]] {
+            let got = run(&gpu, &ids, &chunks);
+            let e = worst(&row_errors(&got, &want, vocab));
+            eprintln!(
+                "{name} chunks {}: worst row rel err vs CPU {e:.2e}",
+                chunks.len()
+            );
+            assert!(e < 1e-4, "{name}: {e}");
+        }
+    }
+}
