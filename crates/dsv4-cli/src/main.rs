@@ -321,3 +321,13 @@ fn print_formats(linears: &[(String, &dsv4_core::cpu::linear::Linear)]) {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// clap checks argument definitions only for the subcommand being parsed; check them all.
+    #[test]
+    fn every_subcommand_is_well_formed() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
+}

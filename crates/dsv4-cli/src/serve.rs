@@ -16,9 +16,6 @@ pub struct ServeArgs {
     /// embedded DeepSeek-V4 tokenizer).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
-    /// Where the model runs: `cpu` (a CUDA backend is being built).
-    #[arg(long, default_value = "cpu")]
-    device: String,
     /// Address to listen on (loopback by default: pass 0.0.0.0 to accept remote clients).
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
@@ -55,10 +52,10 @@ pub struct ServeArgs {
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
-    if a.device != "cpu" {
+    if a.numerics.cuda_ordinal()?.is_some() {
         bail!(
-            "--device {}: only `cpu` is available in this build",
-            a.device
+            "the server runs on the CPU for now (the CUDA backend has a batched forward but not \
+             yet the server's clonable sequence state); drop --device"
         );
     }
     if a.max_running == 0 || a.max_batch_tokens == 0 {
