@@ -895,9 +895,6 @@ impl CudaModel {
             w2: mw.w2_table.ptr,
             picks: s.picks.ptr,
             rw: s.rw.ptr,
-            tile_expert: 0,
-            tile_pairs: 0,
-            tile_n: 0,
             x: s.h.ptr,
             h: s.eh.ptr,
             out: s.eout.ptr,
@@ -911,7 +908,7 @@ impl CudaModel {
         // Few pairs per expert (decode batches): each pair streams its expert on its own; many
         // (prefill): group them by expert into tiles.
         if pairs <= GROUP_PAIRS.max(8 * e) {
-            ops::moe_experts(g, mw.fmt, &a, pairs, 1)?;
+            ops::moe_experts(g, mw.fmt, &a, pairs)?;
         } else {
             // Group pairs by expert (tiles of up to 64) so each expert's weights are decoded
             // once per tile and reused by all of its tokens.

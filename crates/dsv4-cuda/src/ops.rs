@@ -305,9 +305,6 @@ pub struct MoeArgs {
     pub w2: u64,
     pub picks: u64,
     pub rw: u64,
-    pub tile_expert: u64,
-    pub tile_pairs: u64,
-    pub tile_n: u64,
     pub x: u64,
     pub h: u64,
     pub out: u64,
@@ -363,22 +360,22 @@ pub fn moe_experts_gemm(gpu: &Gpu, fmt: Fmt, a: &MoeGemmArgs, ntile: usize) -> R
     )
 }
 
-/// The routed experts: gate+up (SwiGLU fused) and down over `ntile` tiles.
-pub fn moe_experts(gpu: &Gpu, fmt: Fmt, a: &MoeArgs, ntile: usize, mt: usize) -> Result<()> {
-    if ntile == 0 {
+/// The routed experts, one block row per (token, slot) pair: gate+up (SwiGLU fused), then down.
+pub fn moe_experts(gpu: &Gpu, fmt: Fmt, a: &MoeArgs, pairs: usize) -> Result<()> {
+    if pairs == 0 {
         return Ok(());
     }
     let f = fmt.name();
     gpu.launch(
-        &format!("moe_up_{f}_{mt}"),
-        (ntile as u32, blocks_for(a.i as usize, 16), 1),
+        &format!("moe_up_{f}"),
+        (pairs as u32, blocks_for(a.i as usize, 16), 1),
         (256, 1, 1),
         0,
         &[a],
     )?;
     gpu.launch(
-        &format!("moe_down_{f}_{mt}"),
-        (ntile as u32, blocks_for(a.d as usize, 32), 1),
+        &format!("moe_down_{f}"),
+        (pairs as u32, blocks_for(a.d as usize, 32), 1),
         (256, 1, 1),
         0,
         &[a],
