@@ -4,6 +4,17 @@
 #include "common.cuh"
 #include <cub/block/block_scan.cuh>
 
+// One sequence's caches in one layer, for kernels where every token of the batch is its own
+// sequence (decode steps: the per-token table lets one launch, and a CUDA graph, serve them
+// all). Compressor tails are rings of 2·ratio rows: position p lives in row p % (2·ratio).
+struct SeqLayer {
+    float* ring;                          // [win, dh]
+    float* c_entries;                     // main compressor entries
+    float* c_tail_kv; float* c_tail_gate;
+    float* i_entries;                     // indexer compressor entries
+    float* i_tail_kv; float* i_tail_gate;
+};
+
 struct AttnArgs {
     const float* q;        // [T, H, dh]
     const float* kv_new;   // [T, dh]
@@ -13,19 +24,47 @@ struct AttnArgs {
     const int* nsel;       // [T]
     const float* sinks;    // [H]
     float* out;            // [T, H, dh]
+    const SeqLayer* seqs;  // per-token caches (decode steps), or null: one sequence
+    const int* positions;  // [T] with `seqs`
     int32_t T, H, dh, win, pos0, ratio, n_entries, sel_cap;
     float scale;
 };
 
-__device__ __forceinline__ const float* attn_key(const AttnArgs& a, int t, int p, int lo, int nwin, int j) {
+// The caches token t attends to: the call's sequence, or its own (`seqs`).
+struct AttnView {
+    const float* ring;
+    const float* entries;
+    const float* kv_new;  // the row of the sequence's first new token
+    int pos0;             // that token's position
+    int p;                // token t's position
+};
+
+__device__ __forceinline__ AttnView attn_view(const AttnArgs& a, int t) {
+    AttnView v;
+    if (a.seqs) {
+        v.ring = a.seqs[t].ring;
+        v.entries = a.seqs[t].c_entries;
+        v.kv_new = a.kv_new + (size_t)t * a.dh;
+        v.pos0 = v.p = a.positions[t];
+    } else {
+        v.ring = a.ring;
+        v.entries = a.entries;
+        v.kv_new = a.kv_new;
+        v.pos0 = a.pos0;
+        v.p = a.pos0 + t;
+    }
+    return v;
+}
+
+__device__ __forceinline__ const float* attn_key(const AttnArgs& a, const AttnView& v, int t, int lo, int nwin, int j) {
     if (j < nwin) {
         int qp = lo + j;
-        return qp >= a.pos0 ? a.kv_new + (size_t)(qp - a.pos0) * a.dh
-                            : a.ring + (size_t)(qp % a.win) * a.dh;
+        return qp >= v.pos0 ? v.kv_new + (size_t)(qp - v.pos0) * a.dh
+                            : v.ring + (size_t)(qp % a.win) * a.dh;
     }
     int e = j - nwin;
     if (a.sel) e = a.sel[(size_t)t * a.sel_cap + e];
-    return a.entries + (size_t)e * a.dh;
+    return v.entries + (size_t)e * a.dh;
 }
 
 #define ATT_KEYS 32       // keys staged per step (one per lane for the softmax)
@@ -41,7 +80,8 @@ extern "C" __global__ void __launch_bounds__(256) attention_partial(AttnArgs a, 
     const int t = blockIdx.x, split = blockIdx.y;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int h = blockIdx.z * ATT_HEADS + warp;
-    const int p = a.pos0 + t;
+    const AttnView view = attn_view(a, t);
+    const int p = view.p;
     const int lo = max(0, p - a.win + 1);
     const int nwin = p - lo + 1;
     int ncomp = 0;
@@ -65,7 +105,7 @@ extern "C" __global__ void __launch_bounds__(256) attention_partial(AttnArgs a, 
         const int nj = min(ATT_KEYS, nk - j0);
         __syncthreads();
         for (int r = warp; r < nj; r += 8) {
-            const float* k = attn_key(a, t, p, lo, nwin, j0 + r);
+            const float* k = attn_key(a, view, t, lo, nwin, j0 + r);
             for (int c = lane * 4; c < dh; c += 128) *(float4*)(keys + r * dh + c) = *(const float4*)(k + c);
         }
         __syncthreads();
@@ -160,35 +200,122 @@ extern "C" __global__ void comp_pool(const float* kv, const float* gate, const f
     out[(size_t)blockIdx.x * d + c] = num / den;
 }
 
+// One decode step of a compressor for every token of the batch (each its own sequence, caches
+// from `seqs`; `which` 0 = the main compressor, 1 = the indexer's). The token's projected kv /
+// gate row joins its sequence's tail ring; when it completes window w the block pools the window
+// (as comp_pool), RMS-normalizes the entry, rotates its trailing channels at position w·m and
+// appends it: the whole of `compress` for one token, without host bookkeeping.
+extern "C" __global__ void __launch_bounds__(256)
+comp_decode(const float* kv, const float* gate, const float* ape, const float* norm_w, const SeqLayer* seqs,
+            int which, const int* positions, int width, int d, int m, int overlap, float eps,
+            const float* inv_freq, int half, float factor) {
+    extern __shared__ float ent[];  // [d]
+    __shared__ float sh[32];
+    const int t = blockIdx.x;
+    const int p = positions[t];
+    const SeqLayer& sl = seqs[t];
+    float* tkv = which ? sl.i_tail_kv : sl.c_tail_kv;
+    float* tg = which ? sl.i_tail_gate : sl.c_tail_gate;
+    float* entries = which ? sl.i_entries : sl.c_entries;
+    const int ring = 2 * m;
+    const size_t slot = (size_t)(p % ring) * width;
+    for (int c = threadIdx.x; c < width; c += blockDim.x) {
+        tkv[slot + c] = kv[(size_t)t * width + c];
+        tg[slot + c] = gate[(size_t)t * width + c];
+    }
+    if ((p + 1) % m != 0) return;
+    __syncthreads();  // the row above is read back below
+    const int w = (p + 1) / m - 1;
+    const int hoff = overlap ? d : 0;
+    const bool prev = overlap && w > 0;
+    const int n = prev ? 2 * m : m;
+    float ss = 0.f;
+    for (int c = threadIdx.x; c < d; c += blockDim.x) {
+        auto slot_of = [&](int i, float& lg, float& v) {
+            const bool a_half = prev && i < m;
+            const int s = a_half ? i : (prev ? i - m : i);
+            const size_t row = (size_t)(((a_half ? w - 1 : w) * m + s) % ring) * width;
+            const int ch = a_half ? c : hoff + c;
+            lg = tg[row + ch] + ape[(size_t)s * width + ch];
+            v = tkv[row + ch];
+        };
+        float mx = -INFINITY;
+        for (int i = 0; i < n; i++) { float g, v; slot_of(i, g, v); mx = fmaxf(mx, g); }
+        float den = 0.f, num = 0.f;
+        for (int i = 0; i < n; i++) {
+            float g, v;
+            slot_of(i, g, v);
+            float e = expf(g - mx);
+            den += e;
+            num += e * v;
+        }
+        float v = num / den;
+        ent[c] = v;
+        ss = fmaf(v, v, ss);
+    }
+    const float r = 1.0f / sqrtf(block_sum(ss, sh) / (float)d + eps);
+    __syncthreads();
+    for (int c = threadIdx.x; c < d; c += blockDim.x) ent[c] = ent[c] * r * norm_w[c];
+    __syncthreads();
+    float* out = entries + (size_t)w * d;
+    const int tail0 = d - 2 * half;
+    for (int c = threadIdx.x; c < tail0; c += blockDim.x) out[c] = ent[c];
+    const float pf = (float)(w * m);
+    for (int j = threadIdx.x; j < half; j += blockDim.x) {
+        double ang = (double)(pf * inv_freq[j]);
+        float co = (float)cos(ang) * factor, si = (float)sin(ang) * factor;
+        float u = ent[tail0 + 2 * j], v = ent[tail0 + 2 * j + 1];
+        out[tail0 + 2 * j] = u * co - v * si;
+        out[tail0 + 2 * j + 1] = v * co + u * si;
+    }
+}
+
+// ring_store for decode steps: token t's K=V row into its own sequence's window ring.
+extern "C" __global__ void ring_store_seqs(const float* kv, const SeqLayer* seqs, const int* positions, int dh, int win) {
+    const int t = blockIdx.x;
+    float* ring = seqs[t].ring + (size_t)(positions[t] % win) * dh;
+    for (int k = threadIdx.x; k < dh; k += blockDim.x) ring[k] = kv[(size_t)t * dh + k];
+}
+
 // scores[t, e] = sum_h hw[t, h] * wscale * relu(q[t, h] . k[e]) * dscale for the entries
-// visible to token t (e < min((pos0 + t + 1) / m, n)); -inf beyond. q rows live in shared
-// memory (padded against bank conflicts); one warp per entry, lanes over heads.
+// visible to token t (e < min((pos0 + t + 1) / m, n)); -inf beyond, up to n. With `seqs` every
+// token is its own sequence at positions[t] with its own keys, and only its visible entries are
+// written. q rows live in shared memory (padded against bank conflicts); one warp per entry,
+// lanes over heads; blocks stride over the entries, so any grid covers them.
 extern "C" __global__ void indexer_scores(const float* q, const float* hw, const float* keys, int hi,
                                           int di, int pos0, int m, int n, float wscale, float dscale,
-                                          float* scores, int ld_scores) {
+                                          float* scores, int ld_scores, const SeqLayer* seqs,
+                                          const int* positions) {
     extern __shared__ float sq[];  // [hi, di + 1]
     const int t = blockIdx.y;
     const int stride = di + 1;
+    int valid;
+    if (seqs) {
+        keys = seqs[t].i_entries;
+        valid = n = (positions[t] + 1) / m;
+    } else {
+        valid = min((pos0 + t + 1) / m, n);
+    }
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+    if (blockIdx.x * nw >= n) return;  // a grid sized for longer contexts
     for (int i = threadIdx.x; i < hi * di; i += blockDim.x)
         sq[(i / di) * stride + i % di] = q[(size_t)t * hi * di + i];
     __syncthreads();
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
-    const int valid = min((pos0 + t + 1) / m, n);
-    const int e = blockIdx.x * nw + warp;
-    if (e >= n) return;
-    float score = -INFINITY;
-    if (e < valid) {
-        const float* k = keys + (size_t)e * di;
-        float part = 0.f;
-        for (int h = lane; h < hi; h += 32) {
-            const float* qh = sq + h * stride;
-            float dot = 0.f;
-            for (int c = 0; c < di; c++) dot = fmaf(qh[c], __ldg(k + c), dot);
-            part += hw[(size_t)t * hi + h] * wscale * fmaxf(dot, 0.f) * dscale;
+    for (int e = blockIdx.x * nw + warp; e < n; e += gridDim.x * nw) {
+        float score = -INFINITY;
+        if (e < valid) {
+            const float* k = keys + (size_t)e * di;
+            float part = 0.f;
+            for (int h = lane; h < hi; h += 32) {
+                const float* qh = sq + h * stride;
+                float dot = 0.f;
+                for (int c = 0; c < di; c++) dot = fmaf(qh[c], __ldg(k + c), dot);
+                part += hw[(size_t)t * hi + h] * wscale * fmaxf(dot, 0.f) * dscale;
+            }
+            score = warp_sum(part);
         }
-        score = warp_sum(part);
+        if (lane == 0) scores[(size_t)t * ld_scores + e] = score;
     }
-    if (lane == 0) scores[(size_t)t * ld_scores + e] = score;
 }
 
 __device__ __forceinline__ uint32_t order_key(float f) {
@@ -201,7 +328,8 @@ __device__ __forceinline__ uint32_t order_key(float f) {
 // Per token: the k best-scoring visible entries (ties -> lower index), ascending, into
 // sel[t, :], their count into nsel[t]. Exact radix select on the scores' order keys.
 extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
-topk_select(const float* scores, int ld_scores, int pos0, int m, int n, int k, int* sel, int sel_cap, int* nsel) {
+topk_select(const float* scores, int ld_scores, int pos0, int m, int n, int k, int* sel, int sel_cap, int* nsel,
+            const int* positions) {
     typedef cub::BlockScan<int, TOPK_THREADS> Scan;
     __shared__ typename Scan::TempStorage scan_tmp;
     __shared__ int hist[256];
@@ -209,7 +337,8 @@ topk_select(const float* scores, int ld_scores, int pos0, int m, int n, int k, i
     __shared__ int s_need;
     const int t = blockIdx.x;
     const float* sc = scores + (size_t)t * ld_scores;
-    const int valid = min((pos0 + t + 1) / m, n);
+    // With `positions`, token t is its own sequence (decode steps).
+    const int valid = positions ? (positions[t] + 1) / m : min((pos0 + t + 1) / m, n);
     int* out = sel + (size_t)t * sel_cap;
     if (valid <= k) {
         for (int i = threadIdx.x; i < valid; i += blockDim.x) out[i] = i;

@@ -4,8 +4,8 @@
 
 use crate::{Error, Result};
 use cudarc::driver::{
-    result, sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr,
-    DeviceRepr, LaunchConfig, PushKernelArg,
+    result, sys, CudaContext, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream,
+    DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -73,9 +73,11 @@ impl Gpu {
                  Hopper (9.0) and newer"
             )));
         }
-        // One stream, no cross-stream hazards: skip cudarc's per-buffer event bookkeeping.
+        // One stream, no cross-stream hazards: skip cudarc's per-buffer event bookkeeping
+        // (it must be off for graph capture too). A created stream, since the legacy default
+        // stream cannot be captured.
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.default_stream();
+        let stream = ctx.new_stream().map_err(drv("creating a stream"))?;
         let module = ctx
             .load_module(cudarc::nvrtc::Ptx::from_binary(FATBIN.to_vec()))
             .map_err(|e| Error::Arch(format!("loading dsv4's kernels on {name}: {e}")))?;
@@ -167,6 +169,22 @@ impl Gpu {
         self.stream
             .synchronize()
             .map_err(drv("a GPU kernel failed"))
+    }
+
+    /// Starts recording this thread's launches on the stream into a graph instead of running
+    /// them; nothing that synchronizes or allocates may happen until [`Gpu::end_capture`].
+    pub fn begin_capture(&self) -> Result<()> {
+        self.stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(drv("starting a CUDA graph capture"))
+    }
+
+    /// Ends a capture; the graph replays the recorded launches with their recorded arguments.
+    pub fn end_capture(&self) -> Result<CudaGraph> {
+        self.stream
+            .end_capture(sys::CUgraphInstantiate_flags(0))
+            .map_err(drv("instantiating a CUDA graph"))?
+            .ok_or_else(|| Error::Driver("a CUDA graph capture recorded nothing".into()))
     }
 
     fn func(&self, name: &str) -> Result<CudaFunction> {

@@ -5,13 +5,15 @@
 
 use crate::gpu::{DevBuf, Gpu};
 use crate::ops::{self, AttnArgs, LinIn, MoeArgs, Partial, Pos, RopeDev};
-use crate::state::{CompState, GpuSeq, LayerState};
+use crate::state::{CompState, GpuSeq, LayerState, SeqLayerPtrs};
 use crate::weights::{GpuCompressor, GpuHc, GpuLayer, GpuRouter, GpuVec, GpuWeights};
 use crate::{Error, Result};
+use cudarc::driver::CudaGraph;
 use dsv4_core::config::AttnKind;
 use dsv4_core::model::rope::RopeTable;
 use dsv4_core::{Engine, EngineState, Logits, Model, ModelConfig};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Tokens per internal forward chunk: bounds the activation scratch (chunked prefill gives the
@@ -39,6 +41,10 @@ struct Seg {
     len: usize,
     pos0: usize,
 }
+
+/// How attention finds each sequence's caches: through the host-side items (any call), or,
+/// when `None`, through the device table of a decode step.
+type PerSeq<'a, 'b> = Option<(&'a mut [BatchItem<'b>], &'a [Seg])>;
 
 /// Activation buffers for up to `cap` tokens of one call.
 struct Scratch {
@@ -83,10 +89,23 @@ struct Scratch {
     scores_floats: usize,
     attn_part: DevBuf,
     out_logits: DevBuf,
+    /// Decode steps: each layer's per-token cache pointers (`[layers, tokens]`), and the
+    /// host copy last uploaded.
+    seq_table: DevBuf,
+    table_host: Vec<SeqLayerPtrs>,
+    /// Captured decode steps by (tokens, with logits). They hold this scratch's addresses, so
+    /// they live and die with it.
+    graphs: HashMap<(usize, bool), CudaGraph>,
 }
 
 impl Scratch {
-    fn new(gpu: &Gpu, c: &ModelConfig, cap: usize, max_ratio: usize) -> Result<Self> {
+    fn new(
+        gpu: &Gpu,
+        c: &ModelConfig,
+        cap: usize,
+        max_ratio: usize,
+        layers: usize,
+    ) -> Result<Self> {
         let f = |n: usize| gpu.alloc(n * 4);
         let (d, n, h, dh) = (c.hidden_size, c.hc_mult, c.num_heads, c.head_dim);
         let k = c.num_experts_per_tok;
@@ -137,6 +156,9 @@ impl Scratch {
             scores_floats: 1 << 24,
             attn_part: f(cap.max(64) * h * (dh + 2))?,
             out_logits: f(cap * c.vocab_size)?,
+            seq_table: gpu.alloc(layers * cap * std::mem::size_of::<SeqLayerPtrs>())?,
+            table_host: Vec::new(),
+            graphs: HashMap::new(),
         })
     }
 }
@@ -150,6 +172,8 @@ pub struct CudaModel {
     rope_compress: (GpuVec, f32),
     scratch: Mutex<Option<Scratch>>,
     id: usize,
+    /// Whether decode steps replay captured CUDA graphs (`DSV4_CUDA_GRAPHS=0` turns it off).
+    graphs: AtomicBool,
 }
 
 impl CudaModel {
@@ -204,8 +228,14 @@ impl CudaModel {
             config,
             scratch: Mutex::new(None),
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            graphs: AtomicBool::new(std::env::var("DSV4_CUDA_GRAPHS").map_or(true, |v| v != "0")),
             gpu,
         })
+    }
+
+    /// Turns the replay of captured decode steps on or off (tests compare both).
+    pub fn set_graphs(&self, on: bool) {
+        self.graphs.store(on, Ordering::Relaxed);
     }
 
     pub fn new_seq(&self) -> Result<GpuSeq> {
@@ -288,6 +318,7 @@ impl CudaModel {
                 &self.config,
                 cap,
                 self.max_ratio(),
+                self.weights.layers.len(),
             )?);
         }
         let s = guard.as_mut().expect("allocated above");
@@ -311,7 +342,6 @@ impl CudaModel {
     ) -> Result<Vec<Vec<f32>>> {
         let g = &*self.gpu;
         let c = &self.config;
-        let (d, n) = (c.hidden_size, c.hc_mult);
         let mut segs = Vec::with_capacity(items.len());
         let (mut ids, mut positions) = (Vec::with_capacity(t), Vec::with_capacity(t));
         for it in items.iter() {
@@ -324,8 +354,143 @@ impl CudaModel {
             ids.extend_from_slice(it.ids);
             positions.extend((pos0..pos0 + it.ids.len()).map(|p| p as i32));
         }
+        // A decode step (one new token per sequence) runs from per-token cache tables, with no
+        // host work between kernels, so it can be captured once and replayed.
+        let decode = items.iter().all(|it| it.ids.len() == 1);
         g.htod(s.ids.ptr, &ids)?;
         g.htod(s.positions.ptr, &positions)?;
+        if decode {
+            self.prepare_decode(s, items)?;
+        }
+        // The rows whose logits are computed: a decode step computes all of them (one graph
+        // per batch size), other calls only the wanted ones.
+        let mut rows = Vec::new();
+        for (it, seg) in items.iter().zip(&segs) {
+            match it.want {
+                Logits::All => rows.extend(seg.start..seg.start + seg.len),
+                Logits::Last if seg.len > 0 => rows.push(seg.start + seg.len - 1),
+                _ => {}
+            }
+        }
+        let head_rows: Vec<usize> = if decode && !rows.is_empty() {
+            (0..t).collect()
+        } else {
+            rows.clone()
+        };
+        let replay = decode && self.moe_per_pair(t) && self.graphs.load(Ordering::Relaxed);
+        if replay {
+            let key = (t, !head_rows.is_empty());
+            if !s.graphs.contains_key(&key) {
+                g.begin_capture()?;
+                let res = self.enqueue(s, None, t, &head_rows);
+                let graph = g.end_capture();
+                res?;
+                s.graphs.insert(key, graph?);
+            }
+            s.graphs[&key]
+                .launch()
+                .map_err(|e| Error::Driver(format!("replaying a decode step: {e}")))?;
+        } else {
+            let per_seq = if decode {
+                None
+            } else {
+                Some((&mut *items, &segs[..]))
+            };
+            self.enqueue(s, per_seq, t, &head_rows)?;
+        }
+        for (it, seg) in items.iter_mut().zip(&segs) {
+            it.seq.pos += seg.len;
+            if decode {
+                // The compressors' entries were appended on the device.
+                for ls in it.seq.layers.iter_mut() {
+                    for cs in [ls.comp.as_mut(), ls.index.as_mut()].into_iter().flatten() {
+                        cs.n = it.seq.pos / cs.ratio;
+                    }
+                }
+            }
+        }
+        if rows.is_empty() {
+            g.sync()?;
+            return Ok(vec![Vec::new(); items.len()]);
+        }
+        let vocab = c.vocab_size;
+        let mut logits = vec![0f32; head_rows.len() * vocab];
+        g.dtoh(s.out_logits.ptr, &mut logits)?;
+        let mut out = Vec::with_capacity(items.len());
+        // Wanted rows appear in `head_rows` in order: find each item's by position.
+        let mut next = 0;
+        for (it, seg) in items.iter().zip(&segs) {
+            let want: Vec<usize> = match it.want {
+                Logits::All => (seg.start..seg.start + seg.len).collect(),
+                Logits::Last if seg.len > 0 => vec![seg.start + seg.len - 1],
+                _ => Vec::new(),
+            };
+            let mut o = Vec::with_capacity(want.len() * vocab);
+            for r in want {
+                while head_rows[next] != r {
+                    next += 1;
+                }
+                o.extend_from_slice(&logits[next * vocab..(next + 1) * vocab]);
+            }
+            out.push(o);
+        }
+        Ok(out)
+    }
+
+    /// Whether `t` tokens take the per-pair MoE kernels (no host round trip).
+    fn moe_per_pair(&self, t: usize) -> bool {
+        let c = &self.config;
+        t * c.num_experts_per_tok <= GROUP_PAIRS.max(8 * c.n_routed_experts)
+    }
+
+    /// Before a decode step: room for the entry each compressor may emit, and the per-token
+    /// cache table (uploaded only when a pointer moved).
+    fn prepare_decode(&self, s: &mut Scratch, items: &mut [BatchItem<'_>]) -> Result<()> {
+        let g = &*self.gpu;
+        let t = items.len();
+        let ld = s.scores_floats / t;
+        for it in items.iter_mut() {
+            let after = it.seq.pos + 1;
+            for ls in it.seq.layers.iter_mut() {
+                for cs in [ls.comp.as_mut(), ls.index.as_mut()].into_iter().flatten() {
+                    cs.reserve(g, after / cs.ratio)?;
+                }
+                if let Some(is) = &ls.index {
+                    if after / is.ratio > ld {
+                        return Err(Error::Unsupported(format!(
+                            "{} indexer entries exceed the score buffer ({ld} per token)",
+                            after / is.ratio
+                        )));
+                    }
+                }
+            }
+        }
+        let layers = self.weights.layers.len();
+        let mut table = Vec::with_capacity(layers * t);
+        for li in 0..layers {
+            table.extend(items.iter().map(|it| it.seq.layers[li].ptrs()));
+        }
+        if table != s.table_host {
+            g.htod(s.seq_table.ptr, &table)?;
+            s.table_host = table;
+        }
+        Ok(())
+    }
+
+    /// Queues the whole forward of a call: embedding, layers and, for `head_rows`, the logits
+    /// into `s.out_logits`. Without `per_seq` (a decode step), attention runs from the per-token
+    /// cache table and nothing here waits on the device or reads host state that changes
+    /// between steps.
+    fn enqueue(
+        &self,
+        s: &mut Scratch,
+        mut per_seq: PerSeq<'_, '_>,
+        t: usize,
+        head_rows: &[usize],
+    ) -> Result<()> {
+        let g = &*self.gpu;
+        let c = &self.config;
+        let (d, n) = (c.hidden_size, c.hc_mult);
         let nn = n as i32;
         g.launch(
             "embed",
@@ -337,35 +502,21 @@ impl CudaModel {
         for (li, lw) in self.weights.layers.iter().enumerate() {
             self.hc_pre(s, &lw.hc_attn, t)?;
             ops::rms_norm(g, s.h.ptr, lw.attn_norm.ptr(), d, t, c.rms_norm_eps)?;
-            self.attention(s, lw, li, items, &segs, t)?;
+            self.attention(s, lw, li, &mut per_seq, t)?;
             self.hc_post(s, t)?;
             self.hc_pre(s, &lw.hc_ffn, t)?;
             ops::rms_norm(g, s.h.ptr, lw.ffn_norm.ptr(), d, t, c.rms_norm_eps)?;
             self.moe(s, lw, t)?;
             self.hc_post(s, t)?;
         }
-        for (it, seg) in items.iter_mut().zip(&segs) {
-            it.seq.pos += seg.len;
+        if head_rows.is_empty() {
+            return Ok(());
         }
-        // The wanted rows, gathered so the head runs once for all of them.
-        let mut rows = Vec::new();
-        for (it, seg) in items.iter().zip(&segs) {
-            match it.want {
-                Logits::All => rows.extend(seg.start..seg.start + seg.len),
-                Logits::Last if seg.len > 0 => rows.push(seg.start + seg.len - 1),
-                _ => {}
-            }
-        }
-        if rows.is_empty() {
-            g.sync()?;
-            return Ok(vec![Vec::new(); items.len()]);
-        }
-        let m = rows.len();
         let row_floats = n * d;
-        let xs = if rows.windows(2).all(|w| w[1] == w[0] + 1) {
-            s.x.at::<f32>(rows[0] * row_floats)
+        let xs = if head_rows.windows(2).all(|w| w[1] == w[0] + 1) {
+            s.x.at::<f32>(head_rows[0] * row_floats)
         } else {
-            for (i, &r) in rows.iter().enumerate() {
+            for (i, &r) in head_rows.iter().enumerate() {
                 g.dtod(
                     s.xg.at::<f32>(i * row_floats),
                     s.x.at::<f32>(r * row_floats),
@@ -374,24 +525,12 @@ impl CudaModel {
             }
             s.xg.ptr
         };
-        let logits = self.head(s, xs, m)?;
-        let vocab = c.vocab_size;
-        let mut out = Vec::with_capacity(items.len());
-        let mut next = 0;
-        for (it, seg) in items.iter().zip(&segs) {
-            let k = match it.want {
-                Logits::All => seg.len,
-                Logits::Last if seg.len > 0 => 1,
-                _ => 0,
-            };
-            out.push(logits[next * vocab..(next + k) * vocab].to_vec());
-            next += k;
-        }
-        Ok(out)
+        self.head(s, xs, head_rows.len())
     }
 
-    /// Hyper-head, final norm and the vocabulary projection of `m` stream rows at `xs`.
-    fn head(&self, s: &Scratch, xs: u64, m: usize) -> Result<Vec<f32>> {
+    /// Hyper-head, final norm and the vocabulary projection of `m` stream rows at `xs` into
+    /// `s.out_logits`.
+    fn head(&self, s: &Scratch, xs: u64, m: usize) -> Result<()> {
         let g = &*self.gpu;
         let c = &self.config;
         let (d, n) = (c.hidden_size, c.hc_mult);
@@ -432,10 +571,7 @@ impl CudaModel {
             s.out_logits.ptr,
             vocab,
             &Self::part(s),
-        )?;
-        let mut out = vec![0f32; m * vocab];
-        g.dtoh(s.out_logits.ptr, &mut out)?;
-        Ok(out)
+        )
     }
 
     /// Collapses the streams in `s.x` into `s.h`; the mix goes to `s.pre/post/comb`.
@@ -518,8 +654,7 @@ impl CudaModel {
         s: &mut Scratch,
         lw: &GpuLayer,
         li: usize,
-        items: &mut [BatchItem<'_>],
-        segs: &[Seg],
+        per_seq: &mut PerSeq<'_, '_>,
         t: usize,
     ) -> Result<()> {
         let g = &*self.gpu;
@@ -558,12 +693,17 @@ impl CudaModel {
             ops::linear(g, &ix.weights_proj, &hin, s.hw.ptr, hi, &part)?;
         }
 
-        for (it, seg) in items.iter_mut().zip(segs) {
-            if seg.len == 0 {
-                continue;
+        match per_seq {
+            None => self.attend_seqs(s, lw, li, t, &rope)?,
+            Some((items, segs)) => {
+                for (it, seg) in items.iter_mut().zip(segs.iter()) {
+                    if seg.len == 0 {
+                        continue;
+                    }
+                    let ls = &mut it.seq.layers[li];
+                    self.attend(s, lw, ls, seg, &rope)?;
+                }
             }
-            let ls = &mut it.seq.layers[li];
-            self.attend(s, lw, ls, seg, &rope)?;
         }
 
         ops::rope(g, s.o.ptr, t * h, dh, h, &rope, pos, true)?;
@@ -613,6 +753,8 @@ impl CudaModel {
             nsel: 0,
             sinks: a.sinks.ptr(),
             out: s.o.at::<f32>(st * h * dh),
+            seqs: 0,
+            positions: 0,
             t: t as i32,
             h: h as i32,
             dh: dh as i32,
@@ -683,6 +825,159 @@ impl CudaModel {
         )
     }
 
+    /// The per-sequence part of attention for a decode step, every token its own sequence with
+    /// its caches in layer `li`'s row of the table: compressors, indexer, attention and the
+    /// window rings, one launch each for the whole batch and with grids fixed by `t` alone.
+    fn attend_seqs(
+        &self,
+        s: &mut Scratch,
+        lw: &GpuLayer,
+        li: usize,
+        t: usize,
+        rope: &RopeDev,
+    ) -> Result<()> {
+        let g = &*self.gpu;
+        let c = &self.config;
+        let a = &lw.attn;
+        let (h, dh) = (c.num_heads, c.head_dim);
+        let seqs = s.seq_table.at::<SeqLayerPtrs>(li * t);
+        let positions = s.positions.ptr;
+        let eps = c.rms_norm_eps;
+        let comp = |cw: &GpuCompressor, which: i32, kv: u64, gate: u64| -> Result<()> {
+            let (width, dim) = (cw.wkv.out as i32, cw.dim as i32);
+            let (m, overlap, half) = (cw.ratio as i32, cw.overlap as i32, rope.half as i32);
+            g.launch(
+                "comp_decode",
+                (t as u32, 1, 1),
+                (256, 1, 1),
+                (cw.dim * 4) as u32,
+                &[
+                    &kv,
+                    &gate,
+                    &cw.ape.ptr(),
+                    &cw.norm.ptr(),
+                    &seqs,
+                    &which,
+                    &positions,
+                    &width,
+                    &dim,
+                    &m,
+                    &overlap,
+                    &eps,
+                    &rope.inv_freq,
+                    &half,
+                    &rope.factor,
+                ],
+            )
+        };
+        let mut args = AttnArgs {
+            q: s.q.ptr,
+            kv_new: s.kv.ptr,
+            ring: 0,
+            entries: 0,
+            sel: 0,
+            nsel: 0,
+            sinks: a.sinks.ptr(),
+            out: s.o.ptr,
+            seqs,
+            positions,
+            t: t as i32,
+            h: h as i32,
+            dh: dh as i32,
+            win: c.sliding_window as i32,
+            pos0: 0,
+            ratio: 0,
+            n_entries: i32::MAX,
+            sel_cap: c.index_topk as i32,
+            scale: 1.0 / (dh as f32).sqrt(),
+        };
+        if let Some(cw) = &a.compressor {
+            comp(cw, 0, s.cproj_kv.ptr, s.cproj_gate.ptr)?;
+            args.ratio = cw.ratio as i32;
+            if let Some(ix) = &a.indexer {
+                let ic = &ix.compressor;
+                comp(ic, 1, s.iproj_kv.ptr, s.iproj_gate.ptr)?;
+                let (hi, di) = (c.index_n_heads, c.index_head_dim);
+                let (wscale, dscale) = (1.0 / (hi as f32).sqrt(), 1.0 / (di as f32).sqrt());
+                let ld = (s.scores_floats / t) as i32;
+                let (hii, dii, m, zero) = (hi as i32, di as i32, ic.ratio as i32, 0i32);
+                let blocks = (2 * g.sm_count).div_ceil(t).max(1);
+                g.launch(
+                    "indexer_scores",
+                    (blocks as u32, t as u32, 1),
+                    (256, 1, 1),
+                    (hi * (di + 1) * 4) as u32,
+                    &[
+                        &s.qi.ptr,
+                        &s.hw.ptr,
+                        &0u64,
+                        &hii,
+                        &dii,
+                        &zero,
+                        &m,
+                        &zero,
+                        &wscale,
+                        &dscale,
+                        &s.scores.ptr,
+                        &ld,
+                        &seqs,
+                        &positions,
+                    ],
+                )?;
+                let k = c.index_topk as i32;
+                g.launch(
+                    "topk_select",
+                    (t as u32, 1, 1),
+                    (1024, 1, 1),
+                    0,
+                    &[
+                        &s.scores.ptr,
+                        &ld,
+                        &zero,
+                        &m,
+                        &zero,
+                        &k,
+                        &s.sel.ptr,
+                        &k,
+                        &s.nsel.ptr,
+                        &positions,
+                    ],
+                )?;
+                args.sel = s.sel.ptr;
+                args.nsel = s.nsel.ptr;
+            }
+        }
+        let groups = h.div_ceil(ATT_HEADS);
+        let nsplit = (2 * g.sm_count)
+            .div_ceil(t * groups)
+            .min(s.attn_part.bytes / 4 / (t * h * (dh + 2)))
+            .max(1);
+        let smem = (ATT_KEYS * dh * 4) as u32;
+        let ns = nsplit as i32;
+        g.launch(
+            "attention_partial",
+            (t as u32, nsplit as u32, groups as u32),
+            (256, 1, 1),
+            smem,
+            &[&args, &s.attn_part.ptr, &ns],
+        )?;
+        let (hi, dhi, wi) = (h as i32, dh as i32, c.sliding_window as i32);
+        g.launch(
+            "attn_combine",
+            (t as u32, h as u32, 1),
+            (128, 1, 1),
+            0,
+            &[&s.attn_part.ptr, &a.sinks.ptr(), &s.o.ptr, &hi, &dhi, &ns],
+        )?;
+        g.launch(
+            "ring_store_seqs",
+            (t as u32, 1, 1),
+            (128, 1, 1),
+            0,
+            &[&s.kv.ptr, &seqs, &positions, &dhi, &wi],
+        )
+    }
+
     /// Appends a sequence's projected rows (`proj` = kv, gate of the whole batch) to its
     /// compressor and emits every window they complete.
     fn compress(
@@ -698,11 +993,11 @@ impl CudaModel {
         let c = &self.config;
         let (m, width, dim) = (cw.ratio, cw.wkv.out, cw.dim);
         let (t, pos0) = (seg.len, seg.pos0);
-        let r = cs.tail_len;
-        let ext_start = cs.tail_start;
+        let ext_start = cs.tail_from(pos0);
+        let r = pos0 - ext_start;
         let row = width * 4;
-        g.dtod(s.ext_kv.ptr, cs.tail_kv.ptr, r * row)?;
-        g.dtod(s.ext_gate.ptr, cs.tail_gate.ptr, r * row)?;
+        // ext = the tail's rows (from the ring), then this call's rows.
+        ring_copy(g, cs, ext_start, r, (s.ext_kv.ptr, s.ext_gate.ptr), false)?;
         let src = seg.start as u64 * row as u64;
         g.dtod(s.ext_kv.at::<f32>(r * width), proj.0 + src, t * row)?;
         g.dtod(s.ext_gate.at::<f32>(r * width), proj.1 + src, t * row)?;
@@ -747,22 +1042,11 @@ impl CudaModel {
             ops::rope(g, out, nw, dim, 1, rope, pos, false)?;
             cs.n = w1;
         }
-        let keep_from = if cw.overlap {
-            w1.saturating_sub(1) * m
-        } else {
-            w1 * m
-        };
-        let off = keep_from - ext_start;
-        let keep = pos1 - keep_from;
-        g.dtod(cs.tail_kv.ptr, s.ext_kv.at::<f32>(off * width), keep * row)?;
-        g.dtod(
-            cs.tail_gate.ptr,
-            s.ext_gate.at::<f32>(off * width),
-            keep * row,
-        )?;
-        cs.tail_start = keep_from;
-        cs.tail_len = keep;
-        Ok(())
+        // The rows later windows need go back into the ring.
+        let keep_from = cs.tail_from(pos1);
+        let off = (keep_from - ext_start) as u64 * row as u64;
+        let ext = (s.ext_kv.ptr + off, s.ext_gate.ptr + off);
+        ring_copy(g, cs, keep_from, pos1 - keep_from, ext, true)
     }
 
     /// The lightning indexer for one sequence: scores its visible entries for each of its
@@ -810,6 +1094,8 @@ impl CudaModel {
                         &dscale,
                         &s.scores.ptr,
                         &a.4,
+                        &0u64,
+                        &0u64,
                     ],
                 )?;
             }
@@ -821,7 +1107,18 @@ impl CudaModel {
                 (tc as u32, 1, 1),
                 (1024, 1, 1),
                 0,
-                &[&s.scores.ptr, &a.4, &p0, &a.2, &a.3, &k, &sel, &cap, &nsel],
+                &[
+                    &s.scores.ptr,
+                    &a.4,
+                    &p0,
+                    &a.2,
+                    &a.3,
+                    &k,
+                    &sel,
+                    &cap,
+                    &nsel,
+                    &0u64,
+                ],
             )?;
         }
         Ok(())
@@ -962,6 +1259,37 @@ impl CudaModel {
             &[&s.f.ptr, &s.eout.ptr, &s.rw.ptr, &ki, &di, &ti, &inside],
         )
     }
+}
+
+/// Copies the projected rows of positions `from..from + len` between a compressor's tail ring
+/// and the linear buffers `lin` (kv, gate): into the ring when `to_ring`, else out of it.
+fn ring_copy(
+    g: &Gpu,
+    cs: &CompState,
+    from: usize,
+    len: usize,
+    lin: (u64, u64),
+    to_ring: bool,
+) -> Result<()> {
+    let ring = 2 * cs.ratio;
+    debug_assert!(len <= ring);
+    let row = (cs.tail_kv.bytes / ring) as u64;
+    let mut done = 0;
+    while done < len {
+        let slot = (from + done) % ring;
+        let n = (len - done).min(ring - slot);
+        let (r, l) = (slot as u64 * row, done as u64 * row);
+        for (ring_buf, lin_buf) in [(cs.tail_kv.ptr, lin.0), (cs.tail_gate.ptr, lin.1)] {
+            let (dst, src) = if to_ring {
+                (ring_buf + r, lin_buf + l)
+            } else {
+                (lin_buf + l, ring_buf + r)
+            };
+            g.dtod(dst, src, n * row as usize)?;
+        }
+        done += n;
+    }
+    Ok(())
 }
 
 impl Engine for CudaModel {

@@ -284,6 +284,9 @@ pub struct AttnArgs {
     pub nsel: u64,
     pub sinks: u64,
     pub out: u64,
+    /// Per-token [`crate::state::SeqLayerPtrs`] (decode steps) or 0.
+    pub seqs: u64,
+    pub positions: u64,
     pub t: i32,
     pub h: i32,
     pub dh: i32,

@@ -1,6 +1,8 @@
 //! One sequence's state on the GPU, per layer: the window ring of K=V rows, and for compressed
 //! layers each compressor's emitted entries (grown by doubling) plus the projected rows it
-//! still needs (the open window, and for CSA the previous window's rows for the overlap).
+//! still needs (the open window, and for CSA the previous window's rows for the overlap), kept
+//! in a ring of 2·ratio rows indexed by position so decode kernels find them without host
+//! bookkeeping.
 
 use crate::gpu::{DevBuf, Gpu};
 use crate::weights::{GpuCompressor, GpuWeights};
@@ -12,11 +14,12 @@ pub struct CompState {
     pub cap: usize,
     pub n: usize,
     pub dim: usize,
-    /// Projected kv / gate rows of positions `tail_start..tail_start + tail_len`, `[2·ratio, width]`.
+    /// Projected kv / gate rows `[2·ratio, width]`: position p in row p % (2·ratio). The rows
+    /// still needed are those of positions `tail_from(pos)..pos`.
     pub tail_kv: DevBuf,
     pub tail_gate: DevBuf,
-    pub tail_start: usize,
-    pub tail_len: usize,
+    pub ratio: usize,
+    pub overlap: bool,
 }
 
 impl CompState {
@@ -30,9 +33,17 @@ impl CompState {
             dim: c.dim,
             tail_kv: gpu.alloc(2 * c.ratio * width * 4)?,
             tail_gate: gpu.alloc(2 * c.ratio * width * 4)?,
-            tail_start: 0,
-            tail_len: 0,
+            ratio: c.ratio,
+            overlap: c.overlap,
         })
+    }
+
+    /// First position whose projected rows a sequence of `pos` tokens still needs: the open
+    /// window's, and with overlap the last complete window's as well.
+    pub fn tail_from(&self, pos: usize) -> usize {
+        let w = pos / self.ratio;
+        let w = if self.overlap { w.saturating_sub(1) } else { w };
+        w * self.ratio
     }
 
     /// Makes room for `need` entries, keeping the valid ones.
@@ -66,16 +77,8 @@ impl CompState {
         self.reserve(gpu, n)?;
         fill(gpu, self.entries.ptr, n * self.dim, seed)?;
         self.n = n;
-        let keep_from = if c.overlap {
-            n.saturating_sub(1) * m
-        } else {
-            n * m
-        };
-        let width = c.wkv.out;
-        self.tail_start = keep_from;
-        self.tail_len = pos - keep_from;
-        fill(gpu, self.tail_kv.ptr, self.tail_len * width, seed + 1)?;
-        fill(gpu, self.tail_gate.ptr, self.tail_len * width, seed + 2)
+        fill(gpu, self.tail_kv.ptr, self.tail_kv.bytes / 4, seed + 1)?;
+        fill(gpu, self.tail_gate.ptr, self.tail_gate.bytes / 4, seed + 2)
     }
 }
 
@@ -84,11 +87,45 @@ fn fill(gpu: &Gpu, ptr: u64, n: usize, seed: u64) -> Result<()> {
     crate::ops::elementwise(gpu, "fill_uniform", n, &[&ptr, &n, &seed, &lo, &hi])
 }
 
+/// `SeqLayer` of `kernels/attention.cu`: one sequence's caches in one layer, as the decode
+/// kernels find them per token.
+#[repr(C)]
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+pub struct SeqLayerPtrs {
+    pub ring: u64,
+    pub c_entries: u64,
+    pub c_tail_kv: u64,
+    pub c_tail_gate: u64,
+    pub i_entries: u64,
+    pub i_tail_kv: u64,
+    pub i_tail_gate: u64,
+}
+
 pub struct LayerState {
     /// `[window, head_dim]`: position p lives in slot p % window.
     pub ring: DevBuf,
     pub comp: Option<CompState>,
     pub index: Option<CompState>,
+}
+
+impl LayerState {
+    pub fn ptrs(&self) -> SeqLayerPtrs {
+        let (ce, ck, cg) = self.comp.as_ref().map_or((0, 0, 0), |c| {
+            (c.entries.ptr, c.tail_kv.ptr, c.tail_gate.ptr)
+        });
+        let (ie, ik, ig) = self.index.as_ref().map_or((0, 0, 0), |c| {
+            (c.entries.ptr, c.tail_kv.ptr, c.tail_gate.ptr)
+        });
+        SeqLayerPtrs {
+            ring: self.ring.ptr,
+            c_entries: ce,
+            c_tail_kv: ck,
+            c_tail_gate: cg,
+            i_entries: ie,
+            i_tail_kv: ik,
+            i_tail_gate: ig,
+        }
+    }
 }
 
 /// The whole state of one sequence on the GPU.
