@@ -149,22 +149,35 @@ extern "C" __global__ void __launch_bounds__(256) attention_partial(AttnArgs a, 
 }
 
 // Merges the splits of one (token, head) with the head's sink: out = sum acc / (sum l + sink).
+// Block (t, h, column block): the split weights are computed once into shared memory, then each
+// thread merges one column.
+#define COMBINE_MAX_SPLITS 256
 extern "C" __global__ void attn_combine(const float* part, const float* sinks, float* out, int H, int dh, int nsplit) {
+    __shared__ float wts[COMBINE_MAX_SPLITS];
+    __shared__ float s_inv;
     const int t = blockIdx.x, h = blockIdx.y;
     const float* base = part + ((size_t)t * nsplit * H + h) * (dh + 2);
     const size_t stride = (size_t)H * (dh + 2);
-    const float sink = sinks[h];
-    float M = sink;
-    for (int s = 0; s < nsplit; s++) M = fmaxf(M, base[s * stride + dh]);
-    float den = expf(sink - M);
-    for (int s = 0; s < nsplit; s++) den += base[s * stride + dh + 1] * expf(base[s * stride + dh] - M);
-    const float inv = 1.0f / den;
-    float* o = out + ((size_t)t * H + h) * dh;
-    for (int c = threadIdx.x; c < dh; c += blockDim.x) {
-        float v = 0.f;
-        for (int s = 0; s < nsplit; s++) v += base[s * stride + c] * expf(base[s * stride + dh] - M);
-        o[c] = v * inv;
+    if (threadIdx.x < 32) {
+        const float sink = sinks[h];
+        float M = sink;
+        for (int s = threadIdx.x; s < nsplit; s += 32) M = fmaxf(M, base[s * stride + dh]);
+        M = warp_max(M);
+        float den = 0.f;
+        for (int s = threadIdx.x; s < nsplit; s += 32) {
+            const float w = expf(base[s * stride + dh] - M);
+            wts[s] = w;
+            den += base[s * stride + dh + 1] * w;
+        }
+        den = warp_sum(den) + expf(sink - M);
+        if (threadIdx.x == 0) s_inv = 1.0f / den;
     }
+    __syncthreads();
+    const int c = blockIdx.z * blockDim.x + threadIdx.x;
+    if (c >= dh) return;
+    float v = 0.f;
+    for (int s = 0; s < nsplit; s++) v += base[s * stride + c] * wts[s];
+    out[((size_t)t * H + h) * dh + c] = v * s_inv;
 }
 
 // Softmax pooling of complete compressor windows w0..w0+nw-1 into entries out[w - w0]. Rows of

@@ -115,6 +115,154 @@ extern "C" __global__ void hc_mix(const float* mu, const float* rinv, const floa
     if (on) comb[(size_t)t * nn + lane] = c;
 }
 
+// Sinkhorn mix of one token from its raw mix rows mu (scaled by the stream rms r), as hc_mix:
+// called by one whole warp; writes pre/post/comb of token t.
+__device__ __forceinline__ void hc_mix_warp(const float* m, float r, const float* base, const float* scale,
+                                            float* pre, float* post, float* comb, int n, int iters,
+                                            float eps, int t) {
+    const int lane = threadIdx.x & 31;
+    if (lane < n) {
+        pre[t * n + lane] = sigmoidf_((m[lane] * r) * scale[0] + base[lane]) + eps;
+        post[t * n + lane] = 2.0f * sigmoidf_((m[n + lane] * r) * scale[1] + base[n + lane]);
+    }
+    const int nn = n * n;
+    const bool on = lane < nn;
+    const int i = on ? lane / n : 0, j = on ? lane % n : 0;
+    float c = on ? (m[2 * n + lane] * r) * scale[2] + base[2 * n + lane] : 0.f;
+    float mx = -INFINITY;
+    for (int k = 0; k < n; k++) mx = fmaxf(mx, __shfl_sync(0xffffffffu, c, i * n + k));
+    c = on ? expf(c - mx) : 0.f;
+    float s = 0.f;
+    for (int k = 0; k < n; k++) s += __shfl_sync(0xffffffffu, c, i * n + k);
+    c = c / s + eps;
+    const int rounds = iters > 0 ? iters : 1;
+    for (int it = 0; it < rounds; it++) {
+        if (it > 0) {
+            float rs = 0.f;
+            for (int k = 0; k < n; k++) rs += __shfl_sync(0xffffffffu, c, i * n + k);
+            c /= rs + eps;
+        }
+        float cs = 0.f;
+        for (int k = 0; k < n; k++) cs += __shfl_sync(0xffffffffu, c, k * n + j);
+        c /= cs + eps;
+    }
+    if (on) comb[(size_t)t * nn + lane] = c;
+}
+
+#define HC_MAX_ROWS 32  // (2 + n) · n mix rows (n <= 4)
+#define HC_THREADS 256
+#define HC_COLS 64      // columns per block: one thread per (stream, column)
+
+struct HcArgs {
+    float* x;              // [T, n, d] streams
+    const float* f;        // [T, d] output of the block that just ran, or null (no post step)
+    const float* fn;       // [(2 + n) n, n d] f32 mix weights of the next block
+    const float* base;
+    const float* scale;
+    const float* norm_w;   // [d] RMS-norm weight of the next block's input
+    float* partial;        // [T, S, rows + 1]
+    unsigned int* counters;  // [T], zero between launches
+    float* pre;            // [T, n]
+    float* post;           // [T, n]: read (previous block's) then written (next block's)
+    float* comb;           // [T, n, n]: likewise
+    float* h;              // [T, d] the next block's normalized input
+    int32_t n, d, iters, S;
+    float hc_eps, norm_eps;
+};
+
+// One launch per hyper-connection boundary of a few tokens (decode): hc_post of the block that
+// ran (x <- post·f + combᵀ·x), then hc_pre of the next (stream rms, the fn mix rows, Sinkhorn,
+// collapse) and its RMS norm into h. Block (s, t) owns HC_COLS columns of all n streams of
+// token t, one thread per (stream, column); the last block of a token to finish sums the
+// partial mix rows in slice order (deterministic) and does the per-token remainder.
+extern "C" __global__ void __launch_bounds__(HC_THREADS) hc_fused(HcArgs a) {
+    __shared__ float red[HC_MAX_ROWS + 1][HC_THREADS / 32];
+    __shared__ float mix[HC_MAX_ROWS + 1];
+    __shared__ float sh[32];
+    __shared__ int last;
+    const int sl = blockIdx.x, t = blockIdx.y;
+    const int n = a.n, d = a.d, rows = (2 + n) * n;
+    const int i = threadIdx.x / HC_COLS, j = sl * HC_COLS + threadIdx.x % HC_COLS;
+    const bool on = i < n && j < d;
+    float* x = a.x + (size_t)t * n * d;
+    float v = 0.f;
+    if (on) {
+        v = x[(size_t)i * d + j];
+        if (a.f) {
+            // Stream i's new value; every stream's old value of column j first.
+            float xs[4];
+#pragma unroll
+            for (int k = 0; k < 4; k++) xs[k] = k < n ? x[(size_t)k * d + j] : 0.f;
+            const float* c = a.comb + (size_t)t * n * n;
+            float o = a.post[t * n + i] * a.f[(size_t)t * d + j];
+            for (int k = 0; k < n; k++) o = fmaf(c[k * n + i], xs[k], o);
+            v = o;
+        }
+    }
+    if (a.f) {
+        __syncthreads();  // all old values read before any is replaced
+        if (on) x[(size_t)i * d + j] = v;
+    }
+    const size_t col = (size_t)i * d + j;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+#pragma unroll
+    for (int r = 0; r < HC_MAX_ROWS; r++) {
+        if (r < rows) {
+            float p = on ? __ldg(a.fn + (size_t)r * n * d + col) * v : 0.f;
+            p = warp_sum(p);
+            if (lane == 0) red[r][warp] = p;
+        }
+    }
+    {
+        float p = warp_sum(v * v);
+        if (lane == 0) red[HC_MAX_ROWS][warp] = p;
+    }
+    __syncthreads();
+    float* part = a.partial + ((size_t)t * a.S + sl) * (rows + 1);
+    for (int r = threadIdx.x; r <= rows; r += blockDim.x) {
+        const int rr = r == rows ? HC_MAX_ROWS : r;
+        float p = 0.f;
+        for (int k = 0; k < HC_THREADS / 32; k++) p += red[rr][k];
+        part[r] = p;
+    }
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(a.counters + t, 1u) == (unsigned)(a.S - 1);
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    // Sum the slices' partials in slice order: warp w takes rows w, w + 8, ...
+    const float* tp = a.partial + (size_t)t * a.S * (rows + 1);
+    for (int r = warp; r <= rows; r += HC_THREADS / 32) {
+        float p = 0.f;
+        for (int k = lane; k < a.S; k += 32) p += __ldcg(tp + (size_t)k * (rows + 1) + r);
+        p = warp_sum(p);
+        if (lane == 0) mix[r] = p;
+    }
+    __syncthreads();
+    // The stream rms over all n·d values, as inv_rms; then the mix of this token.
+    if (warp == 0) {
+        const float r = 1.0f / sqrtf(mix[rows] / (float)(n * d) + a.norm_eps);
+        hc_mix_warp(mix, r, a.base, a.scale, a.pre, a.post, a.comb, n, a.iters, a.hc_eps, t);
+    }
+    __syncthreads();
+    // Collapse with pre (other blocks' columns read through L2), then the RMS norm.
+    float pre[4];
+#pragma unroll
+    for (int k = 0; k < 4; k++) pre[k] = k < n ? a.pre[t * n + k] : 0.f;
+    float* h = a.h + (size_t)t * d;
+    float ss = 0.f;
+    for (int c = threadIdx.x; c < d; c += blockDim.x) {
+        float o = 0.f;
+        for (int k = 0; k < n; k++) o = fmaf(pre[k], __ldcg(x + (size_t)k * d + c), o);
+        h[c] = o;
+        ss = fmaf(o, o, ss);
+    }
+    const float rn = 1.0f / sqrtf(block_sum(ss, sh) / (float)d + a.norm_eps);
+    for (int c = threadIdx.x; c < d; c += blockDim.x) h[c] = h[c] * rn * a.norm_w[c];
+    if (threadIdx.x == 0) a.counters[t] = 0;
+}
+
 // h[t, d] = sum_i pre[t, i] * x[t, i, d].
 extern "C" __global__ void hc_collapse(const float* x, const float* pre, float* h, int n, int d, int T) {
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;

@@ -11,21 +11,20 @@ template <> struct Chunk<FMT_F16> { static constexpr int N = 8; };
 template <> struct Chunk<FMT_FP8> { static constexpr int N = 16; };
 template <> struct Chunk<FMT_FP4> { static constexpr int N = 32; };
 
-// Decodes 16 stored bytes (chunk `c` of row `r`) into f[N]; returns the chunk's scale.
+// Decodes 16 stored bytes into f[N], before the chunk's scale (`RowScale`; FP4 values come out
+// 2^-14 times too small, which its scale undoes).
 template <int FMT>
-__device__ __forceinline__ float decode_chunk(const LinearW& W, int r, int c, uint4 q, float* f) {
+__device__ __forceinline__ void decode_vals(uint4 q, float* f) {
     const uint32_t w[4] = {q.x, q.y, q.z, q.w};
     if constexpr (FMT == FMT_F32) {
 #pragma unroll
         for (int i = 0; i < 4; i++) f[i] = __uint_as_float(w[i]);
-        return 1.f;
     } else if constexpr (FMT == FMT_BF16) {
 #pragma unroll
         for (int i = 0; i < 4; i++) {
             f[2 * i] = __uint_as_float(w[i] << 16);
             f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
         }
-        return 1.f;
     } else if constexpr (FMT == FMT_F16) {
 #pragma unroll
         for (int i = 0; i < 4; i++) {
@@ -36,7 +35,6 @@ __device__ __forceinline__ float decode_chunk(const LinearW& W, int r, int c, ui
             f[2 * i] = v.x;
             f[2 * i + 1] = v.y;
         }
-        return 1.f;
     } else if constexpr (FMT == FMT_FP8) {
 #pragma unroll
         for (int i = 0; i < 4; i++) {
@@ -48,7 +46,6 @@ __device__ __forceinline__ float decode_chunk(const LinearW& W, int r, int c, ui
             f[4 * i + 2] = b.x;
             f[4 * i + 3] = b.y;
         }
-        return ((const float*)W.scales)[(r / W.bo) * W.scale_cols + (c * 16) / W.bi];
     } else {
         // Each byte holds elements 2b (low nibble) and 2b+1 (high nibble). An e2m1 nibble v is
         // the high byte ((v & 8) << 4) | ((v & 7) << 1) of an fp16 worth 2^-14 v (scaled back
@@ -71,14 +68,50 @@ __device__ __forceinline__ float decode_chunk(const LinearW& W, int r, int c, ui
                 f[8 * i + 2 * b + 1] = v.y;
             }
         }
-        return e8m0_to_f32(((const uint8_t*)W.scales)[(size_t)r * (W.in / 32) + c]) * 16384.0f;
     }
+}
+
+// The scales of one row's chunks, with the row's part of the lookup done once: FP8 reads the
+// row's 128×128 block row (a shift when the block width is a power of two), FP4 one e8m0 per
+// 32-element chunk (times 2^14, see decode_vals).
+template <int FMT>
+struct RowScale {
+    const void* base;
+    int shift;  // FP8: chunk -> block column by shift, or -1: divide by bi
+    int bi;
+    RowScale() = default;
+    __device__ __forceinline__ RowScale(const LinearW& W, int r) {
+        if constexpr (FMT == FMT_FP8) {
+            base = (const float*)W.scales + (size_t)(r / W.bo) * W.scale_cols;
+            bi = W.bi;
+            shift = (bi >= 16 && (bi & (bi - 1)) == 0) ? __ffs(bi) - 1 - 4 : -1;
+        } else if constexpr (FMT == FMT_FP4) {
+            base = (const uint8_t*)W.scales + (size_t)r * (W.in / 32);
+        }
+    }
+    __device__ __forceinline__ float at(int c) const {
+        if constexpr (FMT == FMT_FP8) {
+            const int col = shift >= 0 ? c >> shift : (c * 16) / bi;
+            return ((const float*)base)[col];
+        } else if constexpr (FMT == FMT_FP4) {
+            return e8m0_to_f32(((const uint8_t*)base)[c]) * 16384.0f;
+        } else {
+            return 1.f;
+        }
+    }
+};
+
+// Decodes 16 stored bytes (chunk `c` of row `r`) into f[N]; returns the chunk's scale.
+template <int FMT>
+__device__ __forceinline__ float decode_chunk(const LinearW& W, int r, int c, uint4 q, float* f) {
+    decode_vals<FMT>(q, f);
+    return RowScale<FMT>(W, r).at(c);
 }
 
 // acc[i][m] += Ws[i][rows[i], k] · xm[m][xoff + k] for R rows (all of one format and width K)
 // over chunks [c0, c1) (lanes stride 32 chunks), plus the scalar tail k in [kt, K) when `tail`.
-// The next chunk's loads of all R rows are in flight while this one is computed; for one
-// token the x chunk is loaded once and shared by the R rows.
+// For one token, 4 chunks of all R rows are loaded before use and each x chunk is shared by the
+// R rows; for more, the next chunk's loads are in flight while this one is computed.
 template <int FMT, int MT, int R>
 __device__ __forceinline__ void warp_dot_rows(const LinearW* const (&Ws)[R], const int (&rows)[R],
                                               const float* const* xm, int M, int xoff, int c0,
@@ -92,16 +125,17 @@ __device__ __forceinline__ void warp_dot_rows(const LinearW* const (&Ws)[R], con
 #pragma unroll
     for (int i = 0; i < R; i++) p[i] = (const uint4*)(Ws[i]->w + (size_t)rows[i] * row_bytes);
     int c = c0 + lane;
-    uint4 q[R];
+    if constexpr (MT == 1) {
+        // One token: U chunks of every row are loaded before any is used, so short rows (an
+        // expert's 1-2 KB) have all their bytes in flight at once; each x chunk serves R rows.
+        constexpr int U = 4;
+        RowScale<FMT> rs[R];
 #pragma unroll
-    for (int i = 0; i < R; i++) q[i] = c < c1 ? __ldg(p[i] + c) : make_uint4(0, 0, 0, 0);
-    for (; c < c1; c += 32) {
-        uint4 nq[R];
-#pragma unroll
-        for (int i = 0; i < R; i++) nq[i] = c + 32 < c1 ? __ldg(p[i] + c + 32) : q[i];
-        if constexpr (MT == 1) {
+        for (int i = 0; i < R; i++) rs[i] = RowScale<FMT>(*Ws[i], rows[i]);
+        const float* xb = xm[0] + xoff;
+        auto step = [&](int cu, const uint4 (&qu)[R], const float (&sc)[R]) {
             float xv[N];
-            const float4* xp = (const float4*)(xm[0] + xoff + c * N);
+            const float4* xp = (const float4*)(xb + cu * N);
 #pragma unroll
             for (int j = 0; j < N / 4; j++) {
                 float4 v = __ldg(xp + j);
@@ -113,37 +147,63 @@ __device__ __forceinline__ void warp_dot_rows(const LinearW* const (&Ws)[R], con
 #pragma unroll
             for (int i = 0; i < R; i++) {
                 float f[N];
-                float sc = decode_chunk<FMT>(*Ws[i], rows[i], c, q[i], f);
+                decode_vals<FMT>(qu[i], f);
                 float d = 0.f;
 #pragma unroll
                 for (int j = 0; j < N; j++) d = fmaf(f[j], xv[j], d);
-                acc[i][0] = fmaf(d, sc, acc[i][0]);
+                acc[i][0] = fmaf(d, sc[i], acc[i][0]);
             }
-        } else {
+        };
+        // Weights and their scales are all requested before the first is used; chunks past
+        // the row's end are predicated off (a short row is one round trip).
+        for (; c < c1; c += 32 * U) {
+            uint4 q[U][R];
+            float sc[U][R];
 #pragma unroll
-            for (int i = 0; i < R; i++) {
-                float f[N];
-                float sc = decode_chunk<FMT>(*Ws[i], rows[i], c, q[i], f);
+            for (int u = 0; u < U; u++)
 #pragma unroll
-                for (int m = 0; m < MT; m++) {
-                    if (m < M) {
-                        const float4* xp = (const float4*)(xm[m] + xoff + c * N);
-                        float d = 0.f;
+                for (int i = 0; i < R; i++)
+                    q[u][i] = c + 32 * u < c1 ? __ldg(p[i] + c + 32 * u) : make_uint4(0, 0, 0, 0);
 #pragma unroll
-                        for (int j = 0; j < N / 4; j++) {
-                            float4 xv = __ldg(xp + j);
-                            d = fmaf(f[4 * j], xv.x, d);
-                            d = fmaf(f[4 * j + 1], xv.y, d);
-                            d = fmaf(f[4 * j + 2], xv.z, d);
-                            d = fmaf(f[4 * j + 3], xv.w, d);
-                        }
-                        acc[i][m] = fmaf(d, sc, acc[i][m]);
+            for (int u = 0; u < U; u++)
+#pragma unroll
+                for (int i = 0; i < R; i++) sc[u][i] = c + 32 * u < c1 ? rs[i].at(c + 32 * u) : 0.f;
+#pragma unroll
+            for (int u = 0; u < U; u++)
+                if (c + 32 * u < c1) step(c + 32 * u, q[u], sc[u]);
+        }
+    } else {
+    uint4 q[R];
+#pragma unroll
+    for (int i = 0; i < R; i++) q[i] = c < c1 ? __ldg(p[i] + c) : make_uint4(0, 0, 0, 0);
+    for (; c < c1; c += 32) {
+        uint4 nq[R];
+#pragma unroll
+        for (int i = 0; i < R; i++) nq[i] = c + 32 < c1 ? __ldg(p[i] + c + 32) : q[i];
+#pragma unroll
+        for (int i = 0; i < R; i++) {
+            float f[N];
+            float sc = decode_chunk<FMT>(*Ws[i], rows[i], c, q[i], f);
+#pragma unroll
+            for (int m = 0; m < MT; m++) {
+                if (m < M) {
+                    const float4* xp = (const float4*)(xm[m] + xoff + c * N);
+                    float d = 0.f;
+#pragma unroll
+                    for (int j = 0; j < N / 4; j++) {
+                        float4 xv = __ldg(xp + j);
+                        d = fmaf(f[4 * j], xv.x, d);
+                        d = fmaf(f[4 * j + 1], xv.y, d);
+                        d = fmaf(f[4 * j + 2], xv.z, d);
+                        d = fmaf(f[4 * j + 3], xv.w, d);
                     }
+                    acc[i][m] = fmaf(d, sc, acc[i][m]);
                 }
             }
         }
 #pragma unroll
         for (int i = 0; i < R; i++) q[i] = nq[i];
+    }
     }
     if (tail) {
         for (int k = kt + lane; k < K; k += 32) {

@@ -6,7 +6,7 @@
 use crate::gpu::{DevBuf, Gpu};
 use crate::ops::{self, AttnArgs, LinIn, MoeArgs, Partial, Pos, RopeDev};
 use crate::state::{CompState, GpuSeq, LayerState, SeqLayerPtrs};
-use crate::weights::{GpuCompressor, GpuHc, GpuLayer, GpuRouter, GpuVec, GpuWeights};
+use crate::weights::{Fmt, GpuCompressor, GpuHc, GpuLayer, GpuRouter, GpuVec, GpuWeights};
 use crate::{Error, Result};
 use cudarc::driver::CudaGraph;
 use dsv4_core::config::AttnKind;
@@ -22,9 +22,13 @@ const MAX_CHUNK: usize = 2048;
 /// Above this many (token, expert) pairs (and 8 per expert), prefill groups pairs by expert on
 /// the host.
 const GROUP_PAIRS: usize = 64;
+/// Up to this many tokens the hyper-connection boundaries run as one fused launch each.
+const HC_FUSED_TOKENS: usize = 16;
 /// Keys per staged chunk and heads per block of `attention_partial` (kernels/attention.cu).
 const ATT_KEYS: usize = 32;
 const ATT_HEADS: usize = 8;
+/// Most key splits `attn_combine` merges.
+const COMBINE_MAX_SPLITS: usize = 256;
 
 static NEXT_ID: AtomicUsize = AtomicUsize::new(1);
 
@@ -89,6 +93,9 @@ struct Scratch {
     scores_floats: usize,
     attn_part: DevBuf,
     out_logits: DevBuf,
+    /// `hc_fused` partial mix rows and per-token counters (zero between launches).
+    hc_part: DevBuf,
+    hc_ctr: DevBuf,
     /// Decode steps: each layer's per-token cache pointers (`[layers, tokens]`), and the
     /// host copy last uploaded.
     seq_table: DevBuf,
@@ -156,6 +163,8 @@ impl Scratch {
             scores_floats: 1 << 24,
             attn_part: f(cap.max(64) * h * (dh + 2))?,
             out_logits: f(cap * c.vocab_size)?,
+            hc_part: f(HC_FUSED_TOKENS * d.div_ceil(ops::HC_COLS) * ((2 + n) * n + 1))?,
+            hc_ctr: gpu.alloc_zeros(HC_FUSED_TOKENS * 4)?,
             seq_table: gpu.alloc(layers * cap * std::mem::size_of::<SeqLayerPtrs>())?,
             table_host: Vec::new(),
             graphs: HashMap::new(),
@@ -499,15 +508,34 @@ impl CudaModel {
             0,
             &[&self.weights.embed.desc, &s.ids.ptr, &s.x.ptr, &nn],
         )?;
+        // Few tokens: each boundary between blocks (the post-mix of the block that ran, the
+        // pre-mix and norm of the next) is one launch; the last post-mix runs on its own.
+        let fused = t <= HC_FUSED_TOKENS
+            && n <= 4
+            && self
+                .weights
+                .layers
+                .iter()
+                .all(|l| l.hc_attn.fn_.fmt == Fmt::F32 && l.hc_ffn.fn_.fmt == Fmt::F32);
         for (li, lw) in self.weights.layers.iter().enumerate() {
-            self.hc_pre(s, &lw.hc_attn, t)?;
-            ops::rms_norm(g, s.h.ptr, lw.attn_norm.ptr(), d, t, c.rms_norm_eps)?;
+            if fused {
+                self.hc_fused(s, li > 0, &lw.hc_attn, lw.attn_norm.ptr(), t)?;
+            } else {
+                self.hc_pre(s, &lw.hc_attn, t)?;
+                ops::rms_norm(g, s.h.ptr, lw.attn_norm.ptr(), d, t, c.rms_norm_eps)?;
+            }
             self.attention(s, lw, li, &mut per_seq, t)?;
-            self.hc_post(s, t)?;
-            self.hc_pre(s, &lw.hc_ffn, t)?;
-            ops::rms_norm(g, s.h.ptr, lw.ffn_norm.ptr(), d, t, c.rms_norm_eps)?;
+            if fused {
+                self.hc_fused(s, true, &lw.hc_ffn, lw.ffn_norm.ptr(), t)?;
+            } else {
+                self.hc_post(s, t)?;
+                self.hc_pre(s, &lw.hc_ffn, t)?;
+                ops::rms_norm(g, s.h.ptr, lw.ffn_norm.ptr(), d, t, c.rms_norm_eps)?;
+            }
             self.moe(s, lw, t)?;
-            self.hc_post(s, t)?;
+            if !fused || li + 1 == self.weights.layers.len() {
+                self.hc_post(s, t)?;
+            }
         }
         if head_rows.is_empty() {
             return Ok(());
@@ -620,6 +648,42 @@ impl CudaModel {
             "hc_collapse",
             t * d,
             &[&s.x.ptr, &s.pre.ptr, &s.h.ptr, &ni, &di, &ti],
+        )
+    }
+
+    /// A block boundary for `t <= HC_FUSED_TOKENS` tokens in one launch: with `post`, the
+    /// block output `s.f` mixed into the streams (as `hc_post`); then `hc_pre` of `hc` and the
+    /// RMS norm (weight `norm`) into `s.h`.
+    fn hc_fused(&self, s: &Scratch, post: bool, hc: &GpuHc, norm: u64, t: usize) -> Result<()> {
+        let c = &self.config;
+        let (d, n) = (c.hidden_size, c.hc_mult);
+        let slices = d.div_ceil(ops::HC_COLS);
+        let a = ops::HcArgs {
+            x: s.x.ptr,
+            f: if post { s.f.ptr } else { 0 },
+            fn_: hc.fn_.desc.w,
+            base: hc.base.ptr(),
+            scale: hc.scale.ptr(),
+            norm_w: norm,
+            partial: s.hc_part.ptr,
+            counters: s.hc_ctr.ptr,
+            pre: s.pre.ptr,
+            post: s.post.ptr,
+            comb: s.comb.ptr,
+            h: s.h.ptr,
+            n: n as i32,
+            d: d as i32,
+            iters: c.hc_sinkhorn_iters as i32,
+            s: slices as i32,
+            hc_eps: c.hc_eps,
+            norm_eps: c.rms_norm_eps,
+        };
+        self.gpu.launch(
+            "hc_fused",
+            (slices as u32, t as u32, 1),
+            (ops::HC_THREADS as u32, 1, 1),
+            0,
+            &[&a],
         )
     }
 
@@ -796,7 +860,7 @@ impl CudaModel {
             chunks
                 .min((2 * g.sm_count).div_ceil(t * groups))
                 .min(s.attn_part.bytes / 4 / (t * h * (dh + 2)))
-                .max(1)
+                .clamp(1, COMBINE_MAX_SPLITS)
         };
         let smem = (ATT_KEYS * dh * 4) as u32;
         let ns = nsplit as i32;
@@ -810,7 +874,7 @@ impl CudaModel {
         let (hi, dhi) = (h as i32, dh as i32);
         g.launch(
             "attn_combine",
-            (t as u32, h as u32, 1),
+            (t as u32, h as u32, dh.div_ceil(128) as u32),
             (128, 1, 1),
             0,
             &[&s.attn_part.ptr, &a.sinks.ptr(), &args.out, &hi, &dhi, &ns],
@@ -951,7 +1015,7 @@ impl CudaModel {
         let nsplit = (2 * g.sm_count)
             .div_ceil(t * groups)
             .min(s.attn_part.bytes / 4 / (t * h * (dh + 2)))
-            .max(1);
+            .clamp(1, COMBINE_MAX_SPLITS);
         let smem = (ATT_KEYS * dh * 4) as u32;
         let ns = nsplit as i32;
         g.launch(
@@ -964,7 +1028,7 @@ impl CudaModel {
         let (hi, dhi, wi) = (h as i32, dh as i32, c.sliding_window as i32);
         g.launch(
             "attn_combine",
-            (t as u32, h as u32, 1),
+            (t as u32, h as u32, dh.div_ceil(128) as u32),
             (128, 1, 1),
             0,
             &[&s.attn_part.ptr, &a.sinks.ptr(), &s.o.ptr, &hi, &dhi, &ns],

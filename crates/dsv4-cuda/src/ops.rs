@@ -272,6 +272,35 @@ pub fn elementwise(gpu: &Gpu, name: &str, n: usize, args: &[&dyn crate::gpu::Arg
     gpu.launch(name, (blocks_for(n, 256), 1, 1), (256, 1, 1), 0, args)
 }
 
+/// `HcArgs` of `kernels/elementwise.cu`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct HcArgs {
+    pub x: u64,
+    pub f: u64,
+    pub fn_: u64,
+    pub base: u64,
+    pub scale: u64,
+    pub norm_w: u64,
+    pub partial: u64,
+    pub counters: u64,
+    pub pre: u64,
+    pub post: u64,
+    pub comb: u64,
+    pub h: u64,
+    pub n: i32,
+    pub d: i32,
+    pub iters: i32,
+    pub s: i32,
+    pub hc_eps: f32,
+    pub norm_eps: f32,
+}
+unsafe impl DeviceRepr for HcArgs {}
+
+/// Columns per block of `hc_fused` (one thread per stream and column, 4 streams at most).
+pub const HC_COLS: usize = 64;
+pub const HC_THREADS: usize = 256;
+
 /// `AttnArgs` of `kernels/attention.cu`.
 #[repr(C)]
 #[derive(Clone, Copy)]
