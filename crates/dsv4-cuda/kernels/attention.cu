@@ -76,6 +76,7 @@ __device__ __forceinline__ const float* attn_key(const AttnArgs& a, const AttnVi
 // and shared by the block's 8 heads (one warp each; K=V is one shared head). Each warp keeps an
 // online softmax (max, sum, output) and writes its partial for `attn_combine`.
 extern "C" __global__ void __launch_bounds__(256) attention_partial(AttnArgs a, float* part, int nsplit) {
+    pdl_entry();
     extern __shared__ float keys[];  // [ATT_KEYS, dh]
     const int t = blockIdx.x, split = blockIdx.y;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -153,6 +154,7 @@ extern "C" __global__ void __launch_bounds__(256) attention_partial(AttnArgs a, 
 // thread merges one column.
 #define COMBINE_MAX_SPLITS 256
 extern "C" __global__ void attn_combine(const float* part, const float* sinks, float* out, int H, int dh, int nsplit) {
+    pdl_entry();
     __shared__ float wts[COMBINE_MAX_SPLITS];
     __shared__ float s_inv;
     const int t = blockIdx.x, h = blockIdx.y;
@@ -185,6 +187,7 @@ extern "C" __global__ void attn_combine(const float* part, const float* sinks, f
 // adds ape[s, :] to the gate. With overlap, the previous window's first halves join (w > 0).
 extern "C" __global__ void comp_pool(const float* kv, const float* gate, const float* ape, int width,
                                      int d, int m, int overlap, int ext_start, int w0, float* out) {
+    pdl_entry();
     const int w = w0 + blockIdx.x;
     const int c = blockIdx.y * blockDim.x + threadIdx.x;
     if (c >= d) return;
@@ -222,6 +225,7 @@ extern "C" __global__ void __launch_bounds__(256)
 comp_decode(const float* kv, const float* gate, const float* ape, const float* norm_w, const SeqLayer* seqs,
             int which, const int* positions, int width, int d, int m, int overlap, float eps,
             const float* inv_freq, int half, float factor) {
+    pdl_entry();
     extern __shared__ float ent[];  // [d]
     __shared__ float sh[32];
     const int t = blockIdx.x;
@@ -285,6 +289,7 @@ comp_decode(const float* kv, const float* gate, const float* ape, const float* n
 
 // ring_store for decode steps: token t's K=V row into its own sequence's window ring.
 extern "C" __global__ void ring_store_seqs(const float* kv, const SeqLayer* seqs, const int* positions, int dh, int win) {
+    pdl_entry();
     const int t = blockIdx.x;
     float* ring = seqs[t].ring + (size_t)(positions[t] % win) * dh;
     for (int k = threadIdx.x; k < dh; k += blockDim.x) ring[k] = kv[(size_t)t * dh + k];
@@ -299,6 +304,7 @@ extern "C" __global__ void indexer_scores(const float* q, const float* hw, const
                                           int di, int pos0, int m, int n, float wscale, float dscale,
                                           float* scores, int ld_scores, const SeqLayer* seqs,
                                           const int* positions) {
+    pdl_entry();
     extern __shared__ float sq[];  // [hi, di + 1]
     const int t = blockIdx.y;
     const int stride = di + 1;
@@ -343,6 +349,7 @@ __device__ __forceinline__ uint32_t order_key(float f) {
 extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
 topk_select(const float* scores, int ld_scores, int pos0, int m, int n, int k, int* sel, int sel_cap, int* nsel,
             const int* positions) {
+    pdl_entry();
     typedef cub::BlockScan<int, TOPK_THREADS> Scan;
     __shared__ typename Scan::TempStorage scan_tmp;
     __shared__ int hist[256];

@@ -94,6 +94,19 @@ __device__ __forceinline__ float load_elem(const LinearW& W, int r, int k) {
     }
 }
 
+// Programmatic dependent launch: dsv4 launches every kernel so that the next one in the stream
+// may be scheduled while this one runs (its launch latency and, for weight-streaming kernels,
+// its first weight loads overlap this kernel's tail). So every kernel calls pdl_launch() first
+// and pdl_wait() — which returns once the previous kernel has finished and its writes are
+// visible — before it touches memory another kernel writes or reads. Without the launch
+// attribute both are no-ops. (tests: `every_kernel_waits_for_its_predecessor`.)
+__device__ __forceinline__ void pdl_launch() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
+__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+__device__ __forceinline__ void pdl_entry() {
+    pdl_launch();
+    pdl_wait();
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

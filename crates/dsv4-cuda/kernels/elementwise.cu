@@ -22,6 +22,7 @@ __device__ __forceinline__ float row_sumsq(const float* row, int width, float* s
 
 // x[row] <- x[row] / sqrt(mean(x[row]^2) + eps) (* w when given); one block per row.
 extern "C" __global__ void rms_norm(float* x, const float* w, int width, float eps) {
+    pdl_entry();
     __shared__ float sh[32];
     float* row = x + (size_t)blockIdx.x * width;
     float ss = row_sumsq(row, width, sh);
@@ -34,6 +35,7 @@ extern "C" __global__ void rms_norm(float* x, const float* w, int width, float e
 
 // out[row] = 1 / sqrt(mean(x[row]^2) + eps); one block per row.
 extern "C" __global__ void inv_rms(const float* x, float* out, int width, float eps) {
+    pdl_entry();
     __shared__ float sh[32];
     float ss = row_sumsq(x + (size_t)blockIdx.x * width, width, sh);
     if (threadIdx.x == 0) out[blockIdx.x] = 1.0f / sqrtf(ss / (float)width + eps);
@@ -46,6 +48,7 @@ extern "C" __global__ void inv_rms(const float* x, float* out, int width, float 
 extern "C" __global__ void rope(float* x, int rows, int width, int rows_per_token, int half,
                                 const float* inv_freq, float factor, int pos0, int pos_step,
                                 int inverse, const int* positions) {
+    pdl_entry();
     int i = blockIdx.x * blockDim.y + threadIdx.y;
     if (i >= rows) return;
     int tok = i / rows_per_token;
@@ -63,6 +66,7 @@ extern "C" __global__ void rope(float* x, int rows, int width, int rows_per_toke
 
 // x[t, s, :] = E[ids[t], :] for each of the n streams.
 extern "C" __global__ void embed(LinearW E, const int* ids, float* x, int n) {
+    pdl_entry();
     int t = blockIdx.x;
     int id = ids[t];
     int d = E.in;
@@ -81,6 +85,7 @@ __device__ __forceinline__ float sigmoidf_(float x) { return 1.0f / (1.0f + expf
 extern "C" __global__ void hc_mix(const float* mu, const float* rinv, const float* base,
                                   const float* scale, float* pre, float* post, float* comb, int n,
                                   int iters, float eps, int T) {
+    pdl_entry();
     const int t = blockIdx.x;
     const int lane = threadIdx.x;
     const int rows = (2 + n) * n;
@@ -176,6 +181,7 @@ struct HcArgs {
 // token t, one thread per (stream, column); the last block of a token to finish sums the
 // partial mix rows in slice order (deterministic) and does the per-token remainder.
 extern "C" __global__ void __launch_bounds__(HC_THREADS) hc_fused(HcArgs a) {
+    pdl_entry();
     __shared__ float red[HC_MAX_ROWS + 1][HC_THREADS / 32];
     __shared__ float mix[HC_MAX_ROWS + 1];
     __shared__ float sh[32];
@@ -265,6 +271,7 @@ extern "C" __global__ void __launch_bounds__(HC_THREADS) hc_fused(HcArgs a) {
 
 // h[t, d] = sum_i pre[t, i] * x[t, i, d].
 extern "C" __global__ void hc_collapse(const float* x, const float* pre, float* h, int n, int d, int T) {
+    pdl_entry();
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (size_t)T * d) return;
     int t = idx / d, k = idx % d;
@@ -276,6 +283,7 @@ extern "C" __global__ void hc_collapse(const float* x, const float* pre, float* 
 // x[t, k, :] = post[t, k] * f[t, :] + sum_j comb[t, j, k] * x[t, j, :], in place (n <= 16).
 extern "C" __global__ void hc_post(const float* f, float* x, const float* post, const float* comb,
                                    int n, int d, int T) {
+    pdl_entry();
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (size_t)T * d) return;
     int t = idx / d, e = idx % d;
@@ -295,6 +303,7 @@ extern "C" __global__ void hc_post(const float* f, float* x, const float* post, 
 extern "C" __global__ void hc_head(const float* x, const float* mu, const float* rinv,
                                    const float* base, const float* scale, float* y, int n, int d,
                                    float eps, int T) {
+    pdl_entry();
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (size_t)T * d) return;
     int t = idx / d, k = idx % d;
@@ -310,6 +319,7 @@ extern "C" __global__ void hc_head(const float* x, const float* mu, const float*
 // when given.
 extern "C" __global__ void swiglu(float* g, const float* u, int width, size_t total, float lim,
                                   const float* rw) {
+    pdl_entry();
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= total) return;
     float gv = g[idx], uv = u[idx];
@@ -321,6 +331,7 @@ extern "C" __global__ void swiglu(float* g, const float* u, int width, size_t to
 
 // dst[i, :] = src[i, :] for rows of `width` floats with their own strides.
 extern "C" __global__ void copy_rows(const float* src, int lds, float* dst, int ldd, int width, int rows) {
+    pdl_entry();
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (size_t)rows * width) return;
     int i = idx / width, k = idx % width;
@@ -329,6 +340,7 @@ extern "C" __global__ void copy_rows(const float* src, int lds, float* dst, int 
 
 // Writes the new K=V rows of positions >= max(pos0, pos0 + T - win) into the window ring.
 extern "C" __global__ void ring_store(const float* kv, float* ring, int dh, int win, int pos0, int T) {
+    pdl_entry();
     int t = blockIdx.x;
     if (t < T - win) return;
     int slot = (pos0 + t) % win;
@@ -337,6 +349,7 @@ extern "C" __global__ void ring_store(const float* kv, float* ring, int dh, int 
 
 // p[i] = lo + (hi - lo) * u(i), u a hash of (seed, i) in [0, 1): synthetic cache contents.
 extern "C" __global__ void fill_uniform(float* p, size_t n, unsigned long long seed, float lo, float hi) {
+    pdl_entry();
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     unsigned long long z = seed + 0x9e3779b97f4a7c15ull * (i + 1);

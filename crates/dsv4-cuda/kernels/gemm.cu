@@ -109,7 +109,7 @@ __device__ void gemm_impl(const LinearW& W, const GemmArgs& a) {
 }
 
 #define GEMM(FMT, NAME) \
-    extern "C" __global__ void __launch_bounds__(256) gemm_##NAME(LinearW W, GemmArgs a) { gemm_impl<FMT>(W, a); }
+    extern "C" __global__ void __launch_bounds__(256) gemm_##NAME(LinearW W, GemmArgs a) { pdl_entry(); gemm_impl<FMT>(W, a); }
 GEMM(FMT_F32, f32)
 GEMM(FMT_BF16, bf16)
 GEMM(FMT_F16, f16)
@@ -202,8 +202,8 @@ __device__ void moe_down_gemm_impl(const MoeGemmArgs& a) {
 }
 
 #define MOE_GEMM(FMT, NAME)                                                                             \
-    extern "C" __global__ void __launch_bounds__(256) moe_up_gemm_##NAME(MoeGemmArgs a) { moe_up_gemm_impl<FMT>(a); } \
-    extern "C" __global__ void __launch_bounds__(256) moe_down_gemm_##NAME(MoeGemmArgs a) { moe_down_gemm_impl<FMT>(a); }
+    extern "C" __global__ void __launch_bounds__(256) moe_up_gemm_##NAME(MoeGemmArgs a) { pdl_entry(); moe_up_gemm_impl<FMT>(a); } \
+    extern "C" __global__ void __launch_bounds__(256) moe_down_gemm_##NAME(MoeGemmArgs a) { pdl_entry(); moe_down_gemm_impl<FMT>(a); }
 MOE_GEMM(FMT_F32, f32)
 MOE_GEMM(FMT_BF16, bf16)
 MOE_GEMM(FMT_F16, f16)

@@ -56,6 +56,7 @@ __device__ void gemv_impl(const LinearW& W, const GemvArgs& a) {
             }
         }
     }
+    pdl_wait();  // warps without rows (and tiny matrices) still order after the previous kernel
     if (a.S == 1) return;
     // Split K: the last block of this (row block, token chunk) to finish sums the partials in
     // split order (deterministic) and resets the counter for the next launch.
@@ -83,6 +84,7 @@ __device__ void gemv_impl(const LinearW& W, const GemvArgs& a) {
 
 #define GEMV(FMT, NAME, MT)                                                                  \
     extern "C" __global__ void __launch_bounds__(256) gemv_##NAME##_##MT(LinearW W, GemvArgs a) { \
+        pdl_launch(); /* waits inside, once its first weights are requested */               \
         gemv_impl<FMT, MT>(W, a);                                                            \
     }
 #define GEMV_ALL(FMT, NAME) GEMV(FMT, NAME, 1) GEMV(FMT, NAME, 2) GEMV(FMT, NAME, 4) GEMV(FMT, NAME, 8)

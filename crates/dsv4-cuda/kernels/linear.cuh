@@ -168,6 +168,7 @@ __device__ __forceinline__ void warp_dot_rows(const LinearW* const (&Ws)[R], con
             for (int u = 0; u < U; u++)
 #pragma unroll
                 for (int i = 0; i < R; i++) sc[u][i] = c + 32 * u < c1 ? rs[i].at(c + 32 * u) : 0.f;
+            pdl_wait();  // x is the previous kernel's output; the weights were not
 #pragma unroll
             for (int u = 0; u < U; u++)
                 if (c + 32 * u < c1) step(c + 32 * u, q[u], sc[u]);
@@ -176,6 +177,7 @@ __device__ __forceinline__ void warp_dot_rows(const LinearW* const (&Ws)[R], con
     uint4 q[R];
 #pragma unroll
     for (int i = 0; i < R; i++) q[i] = c < c1 ? __ldg(p[i] + c) : make_uint4(0, 0, 0, 0);
+    pdl_wait();
     for (; c < c1; c += 32) {
         uint4 nq[R];
 #pragma unroll
@@ -205,6 +207,7 @@ __device__ __forceinline__ void warp_dot_rows(const LinearW* const (&Ws)[R], con
         for (int i = 0; i < R; i++) q[i] = nq[i];
     }
     }
+    pdl_wait();
     if (tail) {
         for (int k = kt + lane; k < K; k += 32) {
 #pragma unroll

@@ -9,6 +9,7 @@ __device__ __forceinline__ float softplusf_(float x) { return x > 20.f ? x : log
 extern "C" __global__ void moe_route(const float* logits, int E, int k, const float* bias,
                                      const int* tid2eid, const int* ids, float route_scale,
                                      int* picks, float* rw) {
+    pdl_entry();
     extern __shared__ float sm[];  // s[E], key[E]
     float* s = sm;
     float* key = sm + E;
@@ -111,8 +112,8 @@ __device__ void moe_down_impl(const MoeArgs& a) {
 }
 
 #define MOE(FMT, NAME)                                                                                      \
-    extern "C" __global__ void __launch_bounds__(256) moe_up_##NAME(MoeArgs a) { moe_up_impl<FMT>(a); }     \
-    extern "C" __global__ void __launch_bounds__(256) moe_down_##NAME(MoeArgs a) { moe_down_impl<FMT>(a); }
+    extern "C" __global__ void __launch_bounds__(256) moe_up_##NAME(MoeArgs a) { pdl_entry(); moe_up_impl<FMT>(a); }     \
+    extern "C" __global__ void __launch_bounds__(256) moe_down_##NAME(MoeArgs a) { pdl_entry(); moe_down_impl<FMT>(a); }
 MOE(FMT_F32, f32)
 MOE(FMT_BF16, bf16)
 MOE(FMT_F16, f16)
@@ -123,6 +124,7 @@ MOE(FMT_FP4, fp4)
 // routing weight was applied inside).
 extern "C" __global__ void moe_combine(float* y, const float* out, const float* rw, int k, int D,
                                        int T, int rw_inside) {
+    pdl_entry();
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (size_t)T * D) return;
     int t = idx / D, d = idx % D;

@@ -5,7 +5,7 @@
 use crate::{Error, Result};
 use cudarc::driver::{
     result, sys, CudaContext, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream,
-    DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+    DevicePtr, DeviceRepr,
 };
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -35,6 +35,8 @@ pub struct Gpu {
     pub name: String,
     pub ordinal: usize,
     pub sm_count: usize,
+    /// Launch with programmatic dependent launch (`DSV4_CUDA_PDL=0` turns it off).
+    pdl: bool,
 }
 
 fn drv(what: &str) -> impl Fn(result::DriverError) -> Error + '_ {
@@ -92,6 +94,7 @@ impl Gpu {
             name,
             ordinal,
             sm_count,
+            pdl: std::env::var("DSV4_CUDA_PDL").map_or(true, |v| v != "0"),
         }))
     }
 
@@ -217,28 +220,53 @@ impl Gpu {
             )
             .map_err(drv("raising the shared-memory limit"))?;
         }
-        let mut b = self.stream.launch_builder(&func);
-        for a in args {
-            a.push(&mut b);
-        }
-        let cfg = LaunchConfig {
-            grid_dim: grid,
-            block_dim: block,
-            shared_mem_bytes: smem,
+        let mut params: Vec<*mut std::ffi::c_void> = args.iter().map(|a| a.param()).collect();
+        // Programmatic dependent launch (see kernels/common.cuh): the next kernel may be
+        // scheduled while this one finishes.
+        let mut attr = sys::CUlaunchAttribute {
+            id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+            pad: [0; 4],
+            value: unsafe { std::mem::zeroed() },
         };
-        unsafe { b.launch(cfg) }
-            .map(|_| ())
-            .map_err(|e| Error::Driver(format!("launching `{name}` {grid:?}x{block:?}: {e}")))
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let cfg = sys::CUlaunchConfig {
+            gridDimX: grid.0,
+            gridDimY: grid.1,
+            gridDimZ: grid.2,
+            blockDimX: block.0,
+            blockDimY: block.1,
+            blockDimZ: block.2,
+            sharedMemBytes: smem,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: self.pdl as u32,
+        };
+        self.ctx
+            .bind_to_thread()
+            .map_err(drv("binding the CUDA context"))?;
+        // SAFETY: `params` points at one live value per kernel parameter, in order, with the
+        // layout the kernel declares (the `Arg` types mirror the CUDA structs).
+        unsafe {
+            sys::cuLaunchKernelEx(
+                &cfg,
+                func.cu_function(),
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        }
+        .result()
+        .map_err(|e| Error::Driver(format!("launching `{name}` {grid:?}x{block:?}: {e}")))
     }
 }
 
 /// A kernel argument.
 pub trait Arg {
-    fn push<'a>(&'a self, b: &mut cudarc::driver::LaunchArgs<'a>);
+    /// Address of the value, as `cuLaunchKernelEx` takes it.
+    fn param(&self) -> *mut std::ffi::c_void;
 }
 
 impl<T: DeviceRepr> Arg for T {
-    fn push<'a>(&'a self, b: &mut cudarc::driver::LaunchArgs<'a>) {
-        b.arg(self);
+    fn param(&self) -> *mut std::ffi::c_void {
+        self as *const T as *mut std::ffi::c_void
     }
 }
