@@ -174,38 +174,50 @@ __device__ __forceinline__ void warp_dot_rows(const LinearW* const (&Ws)[R], con
                 if (c + 32 * u < c1) step(c + 32 * u, q[u], sc[u]);
         }
     } else {
-    uint4 q[R];
+        // Several tokens: the chunk of every row is decoded once, then each token's x chunk is
+        // loaded once and serves all R rows.
+        RowScale<FMT> rs[R];
 #pragma unroll
-    for (int i = 0; i < R; i++) q[i] = c < c1 ? __ldg(p[i] + c) : make_uint4(0, 0, 0, 0);
-    pdl_wait();
-    for (; c < c1; c += 32) {
-        uint4 nq[R];
+        for (int i = 0; i < R; i++) rs[i] = RowScale<FMT>(*Ws[i], rows[i]);
+        uint4 q[R];
 #pragma unroll
-        for (int i = 0; i < R; i++) nq[i] = c + 32 < c1 ? __ldg(p[i] + c + 32) : q[i];
+        for (int i = 0; i < R; i++) q[i] = c < c1 ? __ldg(p[i] + c) : make_uint4(0, 0, 0, 0);
+        pdl_wait();
+        for (; c < c1; c += 32) {
+            uint4 nq[R];
 #pragma unroll
-        for (int i = 0; i < R; i++) {
-            float f[N];
-            float sc = decode_chunk<FMT>(*Ws[i], rows[i], c, q[i], f);
+            for (int i = 0; i < R; i++) nq[i] = c + 32 < c1 ? __ldg(p[i] + c + 32) : q[i];
+            float f[R][N], sc[R];
+#pragma unroll
+            for (int i = 0; i < R; i++) {
+                decode_vals<FMT>(q[i], f[i]);
+                sc[i] = rs[i].at(c);
+            }
 #pragma unroll
             for (int m = 0; m < MT; m++) {
                 if (m < M) {
                     const float4* xp = (const float4*)(xm[m] + xoff + c * N);
-                    float d = 0.f;
+                    float xv[N];
 #pragma unroll
                     for (int j = 0; j < N / 4; j++) {
-                        float4 xv = __ldg(xp + j);
-                        d = fmaf(f[4 * j], xv.x, d);
-                        d = fmaf(f[4 * j + 1], xv.y, d);
-                        d = fmaf(f[4 * j + 2], xv.z, d);
-                        d = fmaf(f[4 * j + 3], xv.w, d);
+                        float4 v = __ldg(xp + j);
+                        xv[4 * j] = v.x;
+                        xv[4 * j + 1] = v.y;
+                        xv[4 * j + 2] = v.z;
+                        xv[4 * j + 3] = v.w;
                     }
-                    acc[i][m] = fmaf(d, sc, acc[i][m]);
+#pragma unroll
+                    for (int i = 0; i < R; i++) {
+                        float d = 0.f;
+#pragma unroll
+                        for (int j = 0; j < N; j++) d = fmaf(f[i][j], xv[j], d);
+                        acc[i][m] = fmaf(d, sc[i], acc[i][m]);
+                    }
                 }
             }
-        }
 #pragma unroll
-        for (int i = 0; i < R; i++) q[i] = nq[i];
-    }
+            for (int i = 0; i < R; i++) q[i] = nq[i];
+        }
     }
     pdl_wait();
     if (tail) {
