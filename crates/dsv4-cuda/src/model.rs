@@ -23,7 +23,7 @@ const MAX_CHUNK: usize = 2048;
 /// the host.
 const GROUP_PAIRS: usize = 64;
 /// Up to this many tokens the hyper-connection boundaries run as one fused launch each.
-const HC_FUSED_TOKENS: usize = 16;
+const HC_FUSED_TOKENS: usize = 32;
 /// Keys per staged chunk and heads per block of `attention_partial` (kernels/attention.cu).
 const ATT_KEYS: usize = 32;
 const ATT_HEADS: usize = 8;

@@ -123,16 +123,17 @@ pub fn linear(
     let blocks = nrows.div_ceil(GEMV_ROWS);
     let vec =
         w.vec && inp.ldx.is_multiple_of(4) && inp.x.is_multiple_of(16) && gstride.is_multiple_of(4);
-    // Narrow matrices at small m: split K so the whole GPU streams the weight.
+    // Narrow matrices (few row blocks) below the GEMM's token count: split K so the whole GPU
+    // streams the weight.
     let mut s = 1;
-    if m <= 8 && vec {
+    if m <= GEMM_MIN_TOKENS && vec {
         let chunks = w.inp / w.fmt.chunk();
-        let want = (2 * gpu.sm_count).div_ceil(blocks);
+        let want = (2 * gpu.sm_count).div_ceil(blocks * m.div_ceil(mt));
         s = want.min(chunks / 32).clamp(1, 64);
         while s > 1 && s * m * nrows > part.floats {
             s /= 2;
         }
-        if blocks > part.n_counters {
+        if blocks * m.div_ceil(mt) > part.n_counters {
             s = 1;
         }
     }

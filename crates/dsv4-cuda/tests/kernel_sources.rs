@@ -20,9 +20,17 @@ fn every_kernel_waits_for_its_predecessor() {
             let body = &src[at..];
             let open = body.find('{').expect("kernel body");
             let head: String = body[open + 1..].chars().take(200).collect();
-            let name = body[..open].split('(').next().unwrap_or("").split_whitespace().last();
+            let name = body[..open]
+                .split('(')
+                .next()
+                .unwrap_or("")
+                .split_whitespace()
+                .last();
             assert!(
-                head.trim_start().trim_start_matches('\\').trim_start().starts_with("pdl_"),
+                head.trim_start()
+                    .trim_start_matches('\\')
+                    .trim_start()
+                    .starts_with("pdl_"),
                 "{}: kernel {:?} does not start with pdl_entry()/pdl_launch()",
                 path.display(),
                 name
