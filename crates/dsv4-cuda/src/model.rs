@@ -183,6 +183,8 @@ pub struct CudaModel {
     id: usize,
     /// Whether decode steps replay captured CUDA graphs (`DSV4_CUDA_GRAPHS=0` turns it off).
     graphs: AtomicBool,
+    /// Whether few-token calls fuse each hyper-connection boundary (`DSV4_CUDA_HC_FUSED=0`).
+    hc_fused: bool,
 }
 
 impl CudaModel {
@@ -238,6 +240,7 @@ impl CudaModel {
             scratch: Mutex::new(None),
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             graphs: AtomicBool::new(std::env::var("DSV4_CUDA_GRAPHS").map_or(true, |v| v != "0")),
+            hc_fused: std::env::var("DSV4_CUDA_HC_FUSED").map_or(true, |v| v != "0"),
             gpu,
         })
     }
@@ -511,6 +514,7 @@ impl CudaModel {
         // Few tokens: each boundary between blocks (the post-mix of the block that ran, the
         // pre-mix and norm of the next) is one launch; the last post-mix runs on its own.
         let fused = t <= HC_FUSED_TOKENS
+            && self.hc_fused
             && n <= 4
             && self
                 .weights
