@@ -54,6 +54,8 @@ __device__ void gemv_impl(const LinearW& W, const GemvArgs& a) {
                     }
                 }
             }
+            // Partials visible device-wide before this block is counted (by each writer).
+            if (a.S > 1) __threadfence();
         }
     }
     pdl_wait();  // warps without rows (and tiny matrices) still order after the previous kernel
@@ -61,7 +63,6 @@ __device__ void gemv_impl(const LinearW& W, const GemvArgs& a) {
     // Split K: the last block of this (row block, token chunk) to finish sums the partials in
     // split order (deterministic) and resets the counter for the next launch.
     __shared__ int last;
-    __threadfence();  // every writer's partials visible device-wide before the count
     __syncthreads();
     unsigned int* ctr = a.counters + blockIdx.z * gridDim.x + blockIdx.x;
     if (threadIdx.x == 0) {

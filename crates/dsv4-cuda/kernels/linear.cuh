@@ -110,8 +110,8 @@ __device__ __forceinline__ float decode_chunk(const LinearW& W, int r, int c, ui
 
 // acc[i][m] += Ws[i][rows[i], k] · xm[m][xoff + k] for R rows (all of one format and width K)
 // over chunks [c0, c1) (lanes stride 32 chunks), plus the scalar tail k in [kt, K) when `tail`.
-// For one token, 4 chunks of all R rows are loaded before use and each x chunk is shared by the
-// R rows; for more, the next chunk's loads are in flight while this one is computed.
+// The next chunk's loads of all R rows are in flight while this one is computed; each x chunk
+// is loaded once per token and shared by the R rows.
 template <int FMT, int MT, int R>
 __device__ __forceinline__ void warp_dot_rows(const LinearW* const (&Ws)[R], const int (&rows)[R],
                                               const float* const* xm, int M, int xoff, int c0,
@@ -125,17 +125,20 @@ __device__ __forceinline__ void warp_dot_rows(const LinearW* const (&Ws)[R], con
 #pragma unroll
     for (int i = 0; i < R; i++) p[i] = (const uint4*)(Ws[i]->w + (size_t)rows[i] * row_bytes);
     int c = c0 + lane;
-    if constexpr (MT == 1) {
-        // One token: U chunks of every row are loaded before any is used, so short rows (an
-        // expert's 1-2 KB) have all their bytes in flight at once; each x chunk serves R rows.
-        constexpr int U = 4;
-        RowScale<FMT> rs[R];
+    RowScale<FMT> rs[R];
 #pragma unroll
-        for (int i = 0; i < R; i++) rs[i] = RowScale<FMT>(*Ws[i], rows[i]);
-        const float* xb = xm[0] + xoff;
-        auto step = [&](int cu, const uint4 (&qu)[R], const float (&sc)[R]) {
+    for (int i = 0; i < R; i++) rs[i] = RowScale<FMT>(*Ws[i], rows[i]);
+    uint4 q[R];
+#pragma unroll
+    for (int i = 0; i < R; i++) q[i] = c < c1 ? __ldg(p[i] + c) : make_uint4(0, 0, 0, 0);
+    pdl_wait();  // x is the previous kernel's output; the first weights are already requested
+    for (; c < c1; c += 32) {
+        uint4 nq[R];
+#pragma unroll
+        for (int i = 0; i < R; i++) nq[i] = c + 32 < c1 ? __ldg(p[i] + c + 32) : q[i];
+        if constexpr (MT == 1) {
             float xv[N];
-            const float4* xp = (const float4*)(xb + cu * N);
+            const float4* xp = (const float4*)(xm[0] + xoff + c * N);
 #pragma unroll
             for (int j = 0; j < N / 4; j++) {
                 float4 v = __ldg(xp + j);
@@ -147,46 +150,15 @@ __device__ __forceinline__ void warp_dot_rows(const LinearW* const (&Ws)[R], con
 #pragma unroll
             for (int i = 0; i < R; i++) {
                 float f[N];
-                decode_vals<FMT>(qu[i], f);
+                decode_vals<FMT>(q[i], f);
                 float d = 0.f;
 #pragma unroll
                 for (int j = 0; j < N; j++) d = fmaf(f[j], xv[j], d);
-                acc[i][0] = fmaf(d, sc[i], acc[i][0]);
+                acc[i][0] = fmaf(d, rs[i].at(c), acc[i][0]);
             }
-        };
-        // Weights and their scales are all requested before the first is used; chunks past
-        // the row's end are predicated off (a short row is one round trip).
-        for (; c < c1; c += 32 * U) {
-            uint4 q[U][R];
-            float sc[U][R];
-#pragma unroll
-            for (int u = 0; u < U; u++)
-#pragma unroll
-                for (int i = 0; i < R; i++)
-                    q[u][i] = c + 32 * u < c1 ? __ldg(p[i] + c + 32 * u) : make_uint4(0, 0, 0, 0);
-#pragma unroll
-            for (int u = 0; u < U; u++)
-#pragma unroll
-                for (int i = 0; i < R; i++) sc[u][i] = c + 32 * u < c1 ? rs[i].at(c + 32 * u) : 0.f;
-            pdl_wait();  // x is the previous kernel's output; the weights were not
-#pragma unroll
-            for (int u = 0; u < U; u++)
-                if (c + 32 * u < c1) step(c + 32 * u, q[u], sc[u]);
-        }
-    } else {
-        // Several tokens: the chunk of every row is decoded once, then each token's x chunk is
-        // loaded once and serves all R rows.
-        RowScale<FMT> rs[R];
-#pragma unroll
-        for (int i = 0; i < R; i++) rs[i] = RowScale<FMT>(*Ws[i], rows[i]);
-        uint4 q[R];
-#pragma unroll
-        for (int i = 0; i < R; i++) q[i] = c < c1 ? __ldg(p[i] + c) : make_uint4(0, 0, 0, 0);
-        pdl_wait();
-        for (; c < c1; c += 32) {
-            uint4 nq[R];
-#pragma unroll
-            for (int i = 0; i < R; i++) nq[i] = c + 32 < c1 ? __ldg(p[i] + c + 32) : q[i];
+        } else {
+            // Each row chunk is decoded once, then each token's x chunk is loaded once and
+            // serves all R rows.
             float f[R][N], sc[R];
 #pragma unroll
             for (int i = 0; i < R; i++) {
@@ -215,9 +187,9 @@ __device__ __forceinline__ void warp_dot_rows(const LinearW* const (&Ws)[R], con
                     }
                 }
             }
-#pragma unroll
-            for (int i = 0; i < R; i++) q[i] = nq[i];
         }
+#pragma unroll
+        for (int i = 0; i < R; i++) q[i] = nq[i];
     }
     pdl_wait();
     if (tail) {

@@ -103,7 +103,10 @@ fn random_model_matches_cpu_on_every_chunking() {
     let vocab = 1000;
     let mut cache = cpu.new_cache();
     let want = cpu.forward(&mut cache, &ids, Logits::All).unwrap();
-    for chunks in [vec![t], vec![1; t], vec![130, 1, 1, 37, 131]] {
+    // The last pass repeats token-by-token decoding with fused hyper-connection boundaries.
+    let passes = [vec![t], vec![1; t], vec![130, 1, 1, 37, 131], vec![1; t]];
+    for (pass, chunks) in passes.into_iter().enumerate() {
+        gpu.set_hc_fused(pass == 3);
         let got = run(&gpu, &ids, &chunks);
         let e = row_errors(&got, &want, vocab);
         let w = worst(&e);
