@@ -343,6 +343,7 @@ __device__ __forceinline__ uint32_t order_key(float f) {
 }
 
 #define TOPK_THREADS 1024
+#define TOPK_FAST_MAX 2048  // picks sorted in shared memory (larger k: the ordered scan path)
 
 // Per token: the k best-scoring visible entries (ties -> lower index), ascending, into
 // sel[t, :], their count into nsel[t]. Exact radix select on the scores' order keys.
@@ -354,7 +355,8 @@ topk_select(const float* scores, int ld_scores, int pos0, int m, int n, int k, i
     __shared__ typename Scan::TempStorage scan_tmp;
     __shared__ int hist[256];
     __shared__ uint32_t s_prefix;
-    __shared__ int s_need;
+    __shared__ int s_need, s_eq, s_taken;
+    __shared__ int picked[TOPK_FAST_MAX];
     const int t = blockIdx.x;
     const float* sc = scores + (size_t)t * ld_scores;
     // With `positions`, token t is its own sequence (decode steps).
@@ -383,6 +385,7 @@ topk_select(const float* scores, int ld_scores, int pos0, int m, int n, int k, i
             }
             s_prefix = prefix | ((uint32_t)dsel << shift);
             s_need = need - cum;
+            s_eq = hist[dsel];  // after the last pass: how many keys equal the k-th
         }
         __syncthreads();
         prefix = s_prefix;
@@ -391,6 +394,43 @@ topk_select(const float* scores, int ld_scores, int pos0, int m, int n, int k, i
         __syncthreads();
     }
     // prefix is the k-th largest key; take every larger key and the first `need` equal ones.
+    if (k <= TOPK_FAST_MAX && need == s_eq) {
+        // No tie to break by index: one unordered pass (a warp-aggregated slot counter), then
+        // a bitonic sort of the k picks into ascending order.
+        if (threadIdx.x == 0) s_taken = 0;
+        __syncthreads();
+        const int lane = threadIdx.x & 31;
+        for (int base = 0; base < valid; base += blockDim.x) {
+            const int i = base + threadIdx.x;
+            const bool take = i < valid && order_key(sc[i]) >= prefix;
+            const unsigned ballot = __ballot_sync(0xffffffffu, take);
+            int slot0 = 0;
+            if (lane == 0 && ballot) slot0 = atomicAdd(&s_taken, __popc(ballot));
+            slot0 = __shfl_sync(0xffffffffu, slot0, 0);
+            if (take) picked[slot0 + __popc(ballot & ((1u << lane) - 1))] = i;
+        }
+        __syncthreads();
+        int size = 1;
+        while (size < k) size <<= 1;
+        for (int i = k + threadIdx.x; i < size; i += blockDim.x) picked[i] = INT_MAX;
+        for (int len = 2; len <= size; len <<= 1) {
+            for (int stride = len >> 1; stride > 0; stride >>= 1) {
+                __syncthreads();
+                for (int i = threadIdx.x; i < size; i += blockDim.x) {
+                    const int j = i ^ stride;
+                    if (j > i) {
+                        const bool up = (i & len) == 0;
+                        const int a = picked[i], b = picked[j];
+                        if ((a > b) == up) { picked[i] = b; picked[j] = a; }
+                    }
+                }
+            }
+        }
+        __syncthreads();
+        for (int i = threadIdx.x; i < k; i += blockDim.x) out[i] = picked[i];
+        if (threadIdx.x == 0) nsel[t] = k;
+        return;
+    }
     int taken = 0, eq_seen = 0;
     for (int base = 0; base < valid; base += blockDim.x) {
         int i = base + threadIdx.x;
