@@ -491,12 +491,11 @@ impl Linear {
         let threads = rayon::current_num_threads().max(1);
         let per_task = (n / (threads * 4)).clamp(1, 256);
         if m == 1 && !BatchInvariant::active() {
-            let xp =
-                if self.format.is_fp4() || matches!(self.format, Format::Affine { bits: 4, .. }) {
-                    kernels::fp4_order(x)
-                } else {
-                    Vec::new()
-                };
+            let xp = match self.format {
+                Format::Fp4 { .. } | Format::Mxfp4 { .. } => kernels::fp4_order(x),
+                Format::Affine { bits: 4, .. } => kernels::affine4_order(x),
+                _ => Vec::new(),
+            };
             y.par_chunks_mut(per_task).enumerate().for_each(|(c, ys)| {
                 let o0 = r0 + c * per_task;
                 for (j, yv) in ys.iter_mut().enumerate() {

@@ -316,7 +316,7 @@ pub(crate) mod avx512 {
         0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
     ];
 
-    /// `xp` in `kernels::fp4_order`; `None` when the row is not 4- or 8-bit with groups of 32k.
+    /// `xp` in `kernels::affine4_order`; `None` when the row is not 4- or 8-bit with groups of 32k.
     #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
     pub unsafe fn dot_affine(r: AffineRow, x: &[f32], xp: &[f32]) -> Option<f32> {
         let n = x.len();
