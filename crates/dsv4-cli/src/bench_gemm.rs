@@ -88,7 +88,8 @@ pub fn run(ordinal: usize, prompts: &[usize], json_out: bool) -> Result<()> {
     let sw = gpu.upload(&vec![1f32 / 64.0; (s / 128) * (s / 128)])?;
     let sx = gpu.upload(&vec![1f32 / 16.0; (s / 128) * s])?;
     let g = plain(OutType::Bf16, Scaling::Block, false, sw.ptr, sx.ptr);
-    let block_cube_ms = time_ms(&gpu, 5, &mut || Ok(lt.gemm(&g)?))?;
+    let block_cube_ms =
+        time_ms(&gpu, 5, &mut || Ok(lt.gemm(&g)?)).context("block-scaled FP8 GEMM 8192³")?;
     drop((a, b, d, sw, sx));
 
     let shapes = [

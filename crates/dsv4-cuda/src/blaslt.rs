@@ -26,6 +26,9 @@ pub const WORKSPACE_BYTES: usize = 32 << 20;
 /// Row alignment of the token dimension: cuBLASLt's block-scaled kernels take M ≥ 4, and with
 /// M a multiple of 4 the activation-scale layout is the same whether or not it pads its rows.
 pub const M_ALIGN: usize = 4;
+/// Heuristic candidates asked for per shape, and the smallest M whose plan times them.
+const AUTOTUNE_CANDIDATES: usize = 8;
+pub const AUTOTUNE_MIN_M: usize = 256;
 /// Floats per row of the weight scales as cuBLASLt reads them (rows padded to 16 bytes).
 pub const SCALE_ROW_ALIGN: usize = 4;
 
@@ -132,6 +135,17 @@ unsafe fn set_desc<T>(
     .map_err(lt_err("setting a matmul attribute"))
 }
 
+unsafe fn set_scale_pointers(desc: sys::cublasLtMatmulDesc_t, g: &Fp8Gemm) -> Result<()> {
+    use sys::cublasLtMatmulDescAttributes_t as A;
+    if g.scaling == Scaling::Block || g.w_scale != 0 {
+        set_desc(desc, A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &g.w_scale)?;
+    }
+    if g.scaling == Scaling::Block || g.x_scale != 0 {
+        set_desc(desc, A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &g.x_scale)?;
+    }
+    Ok(())
+}
+
 /// The cuBLASLt handle of one GPU, its workspace and the plans of the shapes seen so far.
 pub struct BlasLt {
     gpu: Arc<Gpu>,
@@ -139,6 +153,7 @@ pub struct BlasLt {
     pref: sys::cublasLtMatmulPreference_t,
     workspace: DevBuf,
     plans: Mutex<HashMap<Key, Plan>>,
+    autotune: std::sync::atomic::AtomicBool,
 }
 
 // The handle and descriptors are plain host objects; every use goes through `&self` on the one
@@ -180,6 +195,7 @@ impl BlasLt {
             pref,
             workspace,
             plans: Mutex::new(HashMap::new()),
+            autotune: std::sync::atomic::AtomicBool::new(true),
         })
     }
 
@@ -187,7 +203,7 @@ impl BlasLt {
         &self.gpu
     }
 
-    fn plan(&self, key: Key) -> Result<Plan> {
+    fn plan(&self, key: Key, g: &Fp8Gemm) -> Result<Plan> {
         use sys::cublasLtMatmulDescAttributes_t as A;
         use sys::cublasLtMatmulMatrixScale_t as S;
         let f8 = sys::cudaDataType::CUDA_R_8F_E4M3;
@@ -208,11 +224,12 @@ impl BlasLt {
         unsafe {
             set_desc(desc, A::CUBLASLT_MATMUL_DESC_TRANSA, &1i32)?;
             set_desc(desc, A::CUBLASLT_MATMUL_DESC_TRANSB, &0i32)?;
-            set_desc(
-                desc,
-                A::CUBLASLT_MATMUL_DESC_FAST_ACCUM,
-                &(key.fast_accum as i8),
-            )?;
+            if key.fast_accum {
+                set_desc(desc, A::CUBLASLT_MATMUL_DESC_FAST_ACCUM, &1i8)?;
+            }
+            // The block modes need their scale pointers present when the algorithm is chosen
+            // (a null one is an invalid value); each call sets its own again.
+            set_scale_pointers(desc, g)?;
             if key.scaling == Scaling::Block {
                 set_desc(
                     desc,
@@ -233,8 +250,11 @@ impl BlasLt {
         plan.a = layout(f8, key.k, key.n, key.k)?;
         plan.b = layout(f8, key.k, key.m, key.k)?;
         plan.d = layout(key.out.cuda(), key.n, key.m, key.ldd)?;
-        let h = unsafe {
-            lt::get_matmul_algo_heuristic(
+        let mut cands: Vec<sys::cublasLtMatmulHeuristicResult_t> =
+            vec![unsafe { std::mem::zeroed() }; AUTOTUNE_CANDIDATES];
+        let mut found = 0i32;
+        let st = unsafe {
+            sys::cublasLtMatmulAlgoGetHeuristic(
                 self.handle,
                 desc,
                 plan.a,
@@ -242,22 +262,118 @@ impl BlasLt {
                 plan.d,
                 plan.d,
                 self.pref,
+                cands.len() as i32,
+                cands.as_mut_ptr(),
+                &mut found,
             )
-        }
-        .map_err(|e| {
-            Error::Unsupported(format!(
-                "cuBLASLt has no FP8 {:?}-scaled kernel for M={} N={} K={} ({e})",
+        };
+        cands.truncate(found.max(0) as usize);
+        cands.retain(|c| c.state == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS);
+        if st != sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS || cands.is_empty() {
+            return Err(Error::Unsupported(format!(
+                "cuBLASLt has no FP8 {:?}-scaled kernel for M={} N={} K={} ({st:?})",
                 key.scaling, key.m, key.n, key.k
-            ))
-        })?;
-        plan.algo = h.algo;
-        plan.ws = h.workspaceSize;
+            )));
+        }
+        plan.algo = cands[0].algo;
+        plan.ws = cands[0].workspaceSize;
+        // The heuristic's first choice is not always the fastest for the narrow-K shapes:
+        // time the candidates on this call's own operands (D is rewritten by the call itself).
+        let tune = self.autotune.load(std::sync::atomic::Ordering::Relaxed)
+            && key.m >= AUTOTUNE_MIN_M
+            && cands.len() > 1;
+        if tune {
+            let mut best = f32::INFINITY;
+            for c in &cands {
+                let t = self.time_algo(&plan, c, g);
+                if let Ok(t) = t {
+                    if t < best {
+                        best = t;
+                        plan.algo = c.algo;
+                        plan.ws = c.workspaceSize;
+                    }
+                }
+            }
+        }
         Ok(plan)
+    }
+
+    /// Milliseconds of one run of `g` with candidate `c` (median of 3 after a warm-up).
+    fn time_algo(
+        &self,
+        p: &Plan,
+        c: &sys::cublasLtMatmulHeuristicResult_t,
+        g: &Fp8Gemm,
+    ) -> Result<f32> {
+        use cudarc::driver::sys::CUevent_flags;
+        let ev = || {
+            self.gpu
+                .ctx
+                .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(|e| Error::Driver(format!("creating an event: {e}")))
+        };
+        let (start, end) = (ev()?, ev()?);
+        let mut t = Vec::new();
+        for i in 0..4 {
+            start
+                .record(&self.gpu.stream)
+                .map_err(|e| Error::Driver(format!("recording an event: {e}")))?;
+            self.launch(p, &c.algo, c.workspaceSize, g)?;
+            end.record(&self.gpu.stream)
+                .map_err(|e| Error::Driver(format!("recording an event: {e}")))?;
+            let ms = start
+                .elapsed_ms(&end)
+                .map_err(|e| Error::Driver(format!("timing a GEMM: {e}")))?;
+            if i > 0 {
+                t.push(ms);
+            }
+        }
+        t.sort_by(f32::total_cmp);
+        Ok(t[1])
+    }
+
+    /// Whether new plans of at least [`AUTOTUNE_MIN_M`] rows time the heuristic's candidates
+    /// (default on). Tuning synchronizes the stream: make the plans before any graph capture.
+    pub fn set_autotune(&self, on: bool) {
+        self.autotune
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn launch(
+        &self,
+        p: &Plan,
+        algo: &sys::cublasLtMatmulAlgo_t,
+        ws: usize,
+        g: &Fp8Gemm,
+    ) -> Result<()> {
+        unsafe {
+            // The scale pointers change per call (per-call activation scales); cheap host writes.
+            set_scale_pointers(p.desc, g)?;
+            let (alpha, beta) = (1f32, 0f32);
+            lt::matmul(
+                self.handle,
+                p.desc,
+                &alpha as *const f32 as *const c_void,
+                &beta as *const f32 as *const c_void,
+                g.w as *const c_void,
+                p.a,
+                g.x as *const c_void,
+                p.b,
+                g.d as *const c_void,
+                p.d,
+                g.d as *mut c_void,
+                p.d,
+                algo,
+                self.workspace.ptr as *mut c_void,
+                ws.min(WORKSPACE_BYTES),
+                self.gpu.stream.cu_stream() as sys::cudaStream_t,
+            )
+            .map_err(lt_err("matmul"))
+        }
     }
 
     /// Queues `g` on the GPU's stream (the plan of a new shape is made on first use).
     pub fn gemm(&self, g: &Fp8Gemm) -> Result<()> {
-        use sys::cublasLtMatmulDescAttributes_t as A;
         if g.m == 0 || g.n == 0 {
             return Ok(());
         }
@@ -284,39 +400,11 @@ impl BlasLt {
         };
         let mut plans = self.plans.lock().unwrap_or_else(|p| p.into_inner());
         if !plans.contains_key(&key) {
-            let p = self.plan(key)?;
+            let p = self.plan(key, g)?;
             plans.insert(key, p);
         }
         let p = &plans[&key];
-        unsafe {
-            // The scale pointers change per call (per-call activation scales); cheap host writes.
-            if g.scaling == Scaling::Block || g.w_scale != 0 {
-                set_desc(p.desc, A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &g.w_scale)?;
-            }
-            if g.scaling == Scaling::Block || g.x_scale != 0 {
-                set_desc(p.desc, A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &g.x_scale)?;
-            }
-            let (alpha, beta) = (1f32, 0f32);
-            lt::matmul(
-                self.handle,
-                p.desc,
-                &alpha as *const f32 as *const c_void,
-                &beta as *const f32 as *const c_void,
-                g.w as *const c_void,
-                p.a,
-                g.x as *const c_void,
-                p.b,
-                g.d as *const c_void,
-                p.d,
-                g.d as *mut c_void,
-                p.d,
-                &p.algo,
-                self.workspace.ptr as *mut c_void,
-                p.ws.min(WORKSPACE_BYTES),
-                self.gpu.stream.cu_stream() as sys::cudaStream_t,
-            )
-            .map_err(lt_err("matmul"))
-        }
+        self.launch(p, &p.algo, p.ws, g)
     }
 }
 

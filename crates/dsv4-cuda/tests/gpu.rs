@@ -416,7 +416,10 @@ fn quant_kernels_match_cpu_exactly() {
 
 /// The cuBLASLt block-scaled FP8 GEMM (`ops::linear_fp8_tc`: act_quant + GEMM) against the CPU
 /// computing dequant(Xq) · dequant(W)ᵀ in f32: M from 1 to 1000 (padded to 4), K and N whole
-/// 128-blocks and partial ones, K/128 not a multiple of 4 (the weight-scale row padding).
+/// 128-blocks and partial ones ([2160, 255]: 17 × 2 blocks of 128, the last ones partial), K/128
+/// not a multiple of 4 (the weight-scale row padding). Hopper's FP8 MMA accumulates inside each
+/// 128-wide K block with fewer bits than fp32 (DeepSeek-V3 report §3.3.2: about 14), so the
+/// error is ~1e-4 of the row's largest output, not fp32's 1e-6.
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn fp8_tensor_core_gemm_matches_cpu() {
@@ -428,7 +431,13 @@ fn fp8_tensor_core_gemm_matches_cpu() {
     let lt = BlasLt::new(gpu.clone()).expect("cuBLASLt");
     let mut scratch = Fp8Scratch::default();
     let mut worst_all = 0f32;
-    for (n, k) in [(256, 512), (1040, 384), (208, 200), (512, 4096)] {
+    for (n, k) in [
+        (256, 512),
+        (1024, 384),
+        (384, 1152),
+        (2160, 255),
+        (512, 4096),
+    ] {
         let l: Linear = synthetic::random_linear(F::Fp8, n, k, 11).unwrap();
         let g = GpuLinear::upload(&gpu, &l).unwrap();
         let variants = [
@@ -462,7 +471,7 @@ fn fp8_tensor_core_gemm_matches_cpu() {
         }
     }
     eprintln!("FP8 TC GEMM: worst max rel err {worst_all:.2e}");
-    assert!(worst_all < 1e-4, "{worst_all}");
+    assert!(worst_all < 1e-3, "{worst_all}");
     // Non-FP8 weights are refused with a reason, not a panic.
     let l: Linear = synthetic::random_linear(F::Bf16, 256, 256, 1).unwrap();
     let g = GpuLinear::upload(&gpu, &l).unwrap();
