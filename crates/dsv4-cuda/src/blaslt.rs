@@ -399,11 +399,10 @@ impl BlasLt {
             fast_accum: g.fast_accum,
         };
         let mut plans = self.plans.lock().unwrap_or_else(|p| p.into_inner());
-        if !plans.contains_key(&key) {
-            let p = self.plan(key, g)?;
-            plans.insert(key, p);
-        }
-        let p = &plans[&key];
+        let p = match plans.entry(key) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(self.plan(key, g)?),
+        };
         self.launch(p, &p.algo, p.ws, g)
     }
 }

@@ -300,7 +300,7 @@ fn quant_input(rows: usize, width: usize, seed: u64) -> Vec<f32> {
             let h = (i as u64 + seed).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11;
             let u = (h % 1_000_003) as f32 / 1_000_003.0 - 0.5;
             let e = ((h >> 24) % 24) as i32 - 12;
-            if (h >> 40) % 37 == 0 {
+            if (h >> 40).is_multiple_of(37) {
                 0.0
             } else {
                 u * 2f32.powi(e)
