@@ -55,6 +55,10 @@ pub struct BenchArgs {
     /// single token).
     #[arg(long)]
     batch_invariant: bool,
+    /// CUDA: instead of the model, FP8 tensor-core GEMM rates (cuBLASLt; peak and DeepSeek's
+    /// block scaling at the Flash projection shapes, one row set per --prompts length).
+    #[arg(long)]
+    gemm: bool,
     #[command(flatten)]
     numerics: crate::NumericsArgs,
 }
@@ -173,6 +177,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
 fn run_cuda(a: BenchArgs, ordinal: usize) -> Result<()> {
     if a.model.is_some() {
         anyhow::bail!("--device cuda benchmarks the synthetic model; drop --model");
+    }
+    if a.gemm {
+        return crate::bench_gemm::run(ordinal, &a.prompts, a.json);
     }
     crate::bench_cuda::run(crate::bench_cuda::CudaBench {
         ordinal,

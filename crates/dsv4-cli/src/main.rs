@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 mod bench;
 #[cfg(feature = "cuda")]
 mod bench_cuda;
+#[cfg(feature = "cuda")]
+mod bench_gemm;
 mod convert;
 mod generate;
 mod serve;

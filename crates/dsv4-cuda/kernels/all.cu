@@ -4,3 +4,4 @@
 #include "attention.cu"
 #include "moe.cu"
 #include "gemm.cu"
+#include "quant.cu"

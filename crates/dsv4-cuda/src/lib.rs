@@ -3,12 +3,15 @@
 //! binary); activations and all arithmetic are f32, like the CPU reference, so the GPU matches
 //! it op by op. `CudaModel` implements [`dsv4_core::Engine`].
 
+pub mod blaslt;
 pub mod gpu;
 pub mod model;
 pub mod ops;
+pub mod quant;
 mod state;
 pub mod weights;
 
+pub use cudarc;
 pub use gpu::Gpu;
 pub use model::{BatchItem, CudaModel};
 

@@ -414,3 +414,53 @@ pub fn moe_experts(gpu: &Gpu, fmt: Fmt, a: &MoeArgs, pairs: usize) -> Result<()>
         &[a],
     )
 }
+
+/// `y[t, :] = W · act_quant(x[t, :])` on the tensor cores (official profile, FP8 weights):
+/// the activations are FP8-quantized per token per 128 inputs (`quant::act_quant_fp8`) and
+/// multiplied by cuBLASLt's block-scaled FP8 GEMM, which is DeepSeek's `linear` → `fp8_gemm`
+/// with fp32 accumulation. `y` is f32 with row stride `ldy`. Grouped inputs are not taken
+/// (the grouped `wo_a` is not quantized in the official code).
+pub fn linear_fp8_tc(
+    lt: &crate::blaslt::BlasLt,
+    w: &crate::blaslt::Fp8TcWeight,
+    inp: &LinIn,
+    y: u64,
+    ldy: usize,
+    scratch: &mut crate::blaslt::Fp8Scratch,
+) -> Result<()> {
+    use crate::blaslt::{Fp8Gemm, OutType, Scaling, M_ALIGN};
+    let gpu = lt.gpu();
+    let m = inp.m;
+    if m == 0 {
+        return Ok(());
+    }
+    if inp.group.is_some() {
+        return Err(crate::Error::Unsupported(
+            "linear_fp8_tc takes ungrouped inputs".into(),
+        ));
+    }
+    let mp = m.next_multiple_of(M_ALIGN);
+    // Rows past m exist only in the staging buffer; y holds exactly m rows.
+    let staged = mp != m || !(ldy * 4).is_multiple_of(16);
+    let (codes, scales, out) = scratch.ensure(gpu, mp, w.kp, if staged { w.n } else { 0 })?;
+    crate::quant::act_quant_fp8(gpu, inp.x, inp.ldx, m, w.k, codes, scales, mp, w.kp)?;
+    let (d, ldd) = if staged { (out, w.n) } else { (y, ldy) };
+    lt.gemm(&Fp8Gemm {
+        m: mp,
+        n: w.n,
+        k: w.kp,
+        w: w.w,
+        w_scale: w.scales,
+        x: codes,
+        x_scale: scales,
+        d,
+        ldd,
+        out: OutType::F32,
+        scaling: Scaling::Block,
+        fast_accum: false,
+    })?;
+    if staged {
+        crate::quant::copy_rows_f32(gpu, out, w.n, y, ldy, m, w.n)?;
+    }
+    Ok(())
+}

@@ -372,3 +372,189 @@ fn mlx_formats_match_cpu() {
         }
     }
 }
+
+/// Values over 24 binades with exact zeros, a zero block and a block under the 1e-4 amax floor.
+fn quant_input(rows: usize, width: usize, seed: u64) -> Vec<f32> {
+    let mut x: Vec<f32> = (0..rows * width)
+        .map(|i| {
+            let h = (i as u64 + seed).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11;
+            let u = (h % 1_000_003) as f32 / 1_000_003.0 - 0.5;
+            let e = ((h >> 24) % 24) as i32 - 12;
+            if (h >> 40).is_multiple_of(37) {
+                0.0
+            } else {
+                u * 2f32.powi(e)
+            }
+        })
+        .collect();
+    x[..width.min(128)].fill(0.0);
+    if rows > 1 {
+        x[width..width + width.min(64)]
+            .iter_mut()
+            .for_each(|v| *v *= 1e-9);
+    }
+    x
+}
+
+fn count_bit_mismatches(what: &str, got: &[f32], want: &[f32]) -> usize {
+    let bad: Vec<usize> = (0..want.len())
+        .filter(|&i| got[i].to_bits() != want[i].to_bits())
+        .collect();
+    if let Some(&i) = bad.first() {
+        eprintln!(
+            "{what}: {} of {} differ; first at {i}: gpu {:e} cpu {:e}",
+            bad.len(),
+            want.len(),
+            got[i],
+            want[i]
+        );
+    } else {
+        eprintln!("{what}: {} values bit-identical", want.len());
+    }
+    bad.len()
+}
+
+/// The official profile's roundings on the GPU equal `dsv4_core::numerics` bit for bit:
+/// act_quant codes and scales (cuBLASLt layout, padding included), the in-place FP8 round trip
+/// (GEMV inputs, K/V nope channels) and the indexer's Hadamard + FP4 round trip.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn quant_kernels_match_cpu_exactly() {
+    use dsv4_core::numerics;
+    use dsv4_core::tensor::e8m0_to_f32;
+    use dsv4_cuda::quant;
+    let gpu = Gpu::open(0).expect("GPU");
+    let mut bad = 0;
+
+    // act_quant: 37 rows of 300 (a partial last block) → codes [40, 384], scales [3, 40].
+    let (m, k, mp, kp) = (37usize, 300usize, 40usize, 384usize);
+    let x = quant_input(m, k, 1);
+    let xd = gpu.upload(&x).unwrap();
+    let (cd, sd) = (
+        gpu.alloc(mp * kp).unwrap(),
+        gpu.alloc(kp / 128 * mp * 4).unwrap(),
+    );
+    quant::act_quant_fp8(&gpu, xd.ptr, k, m, k, cd.ptr, sd.ptr, mp, kp).unwrap();
+    let mut codes = vec![0u8; mp * kp];
+    let mut scales = vec![0f32; kp / 128 * mp];
+    gpu.dtoh(cd.ptr, &mut codes).unwrap();
+    gpu.dtoh(sd.ptr, &mut scales).unwrap();
+    let (mut code_bad, mut scale_bad) = (0, 0);
+    for r in 0..mp {
+        let (wc, ws) = if r < m {
+            numerics::fp8_quantize(&x[r * k..(r + 1) * k], 128)
+        } else {
+            (vec![], vec![])
+        };
+        for c in 0..kp {
+            let want = wc.get(c).copied().unwrap_or(0);
+            code_bad += (codes[r * kp + c] != want) as usize;
+        }
+        for b in 0..kp / 128 {
+            let want = ws.get(b).map_or(1.0, |&s| e8m0_to_f32(s));
+            scale_bad += (scales[b * mp + r] != want) as usize;
+        }
+    }
+    eprintln!("act_quant_fp8: {code_bad} code and {scale_bad} scale mismatches");
+    bad += code_bad + scale_bad;
+
+    // Round trip, block 128 over whole rows = gemm_input.
+    gpu.htod(xd.ptr, &x).unwrap();
+    quant::fp8_round_trip(&gpu, xd.ptr, k, m, k, 128).unwrap();
+    let mut got = vec![0f32; m * k];
+    gpu.dtoh(xd.ptr, &mut got).unwrap();
+    let want = numerics::gemm_input(&x, k, true);
+    bad += count_bit_mismatches("fp8_round_trip 128 (gemm_input)", &got, &want);
+
+    // K/V rows: 50 rows of 512, nope channels 448 in blocks of 64.
+    let (rows, ld, nope) = (50usize, 512usize, 448usize);
+    let x = quant_input(rows, ld, 2);
+    let xd = gpu.upload(&x).unwrap();
+    quant::fp8_round_trip(&gpu, xd.ptr, ld, rows, nope, numerics::KV_BLOCK).unwrap();
+    let mut got = vec![0f32; rows * ld];
+    gpu.dtoh(xd.ptr, &mut got).unwrap();
+    let mut want = x.clone();
+    want.chunks_mut(ld)
+        .for_each(|r| numerics::fp8_round_trip(&mut r[..nope], numerics::KV_BLOCK));
+    bad += count_bit_mismatches("fp8_round_trip 64 (K/V nope)", &got, &want);
+
+    // Indexer rows: 70 rows of 128 with a row stride of 132.
+    let (rows, ld) = (70usize, 132usize);
+    let x = quant_input(rows, ld, 3);
+    let xd = gpu.upload(&x).unwrap();
+    quant::hadamard128_fp4_round_trip(&gpu, xd.ptr, ld, rows).unwrap();
+    let mut got = vec![0f32; rows * ld];
+    gpu.dtoh(xd.ptr, &mut got).unwrap();
+    let mut want = x.clone();
+    want.chunks_mut(ld).for_each(|r| {
+        numerics::hadamard(&mut r[..128]);
+        numerics::fp4_round_trip(&mut r[..128], numerics::FP4_BLOCK);
+    });
+    bad += count_bit_mismatches("hadamard128_fp4_round_trip", &got, &want);
+    assert_eq!(bad, 0, "GPU roundings differ from the CPU's");
+}
+
+/// The cuBLASLt block-scaled FP8 GEMM (`ops::linear_fp8_tc`: act_quant + GEMM) against the CPU
+/// computing dequant(Xq) · dequant(W)ᵀ in f32: M from 1 to 1000 (padded to 4), K and N whole
+/// 128-blocks and partial ones ([2160, 255]: 17 × 2 blocks of 128, the last ones partial), K/128
+/// not a multiple of 4 (the weight-scale row padding). Hopper's FP8 MMA accumulates inside each
+/// 128-wide K block with fewer bits than fp32 (DeepSeek-V3 report §3.3.2: about 14), so the
+/// error is ~1e-4 of the row's largest output, not fp32's 1e-6.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn fp8_tensor_core_gemm_matches_cpu() {
+    use dsv4_cuda::blaslt::{BlasLt, Fp8Scratch, Fp8TcWeight};
+    use dsv4_cuda::ops::linear_fp8_tc;
+    use dsv4_cuda::weights::GpuLinear;
+    use synthetic::MatrixFormat as F;
+    let gpu = Gpu::open(0).expect("GPU");
+    let lt = BlasLt::new(gpu.clone()).expect("cuBLASLt");
+    let mut scratch = Fp8Scratch::default();
+    let mut worst_all = 0f32;
+    for (n, k) in [
+        (256, 512),
+        (1024, 384),
+        (384, 1152),
+        (2160, 255),
+        (512, 4096),
+    ] {
+        let l: Linear = synthetic::random_linear(F::Fp8, n, k, 11).unwrap();
+        let g = GpuLinear::upload(&gpu, &l).unwrap();
+        let variants = [
+            ("rows padded to 4", Fp8TcWeight::new(&gpu, &g).unwrap()),
+            (
+                "rows unpadded",
+                Fp8TcWeight::with_scale_align(&gpu, &g, 1).unwrap(),
+            ),
+        ];
+        for m in [1usize, 3, 64, 1000] {
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| (((i * 2654435761usize) % 2001) as f32 / 1000.0 - 1.0) * 3.0)
+                .collect();
+            let xq = dsv4_core::numerics::gemm_input(&x, k, true);
+            let want = l.apply(&xq, m);
+            let xd = gpu.upload(&x).unwrap();
+            let yd = gpu.alloc(m * n * 4).unwrap();
+            for (vi, (label, w)) in variants.iter().enumerate() {
+                if vi == 1 && w.scale_ld == variants[0].1.scale_ld {
+                    continue; // same layout
+                }
+                linear_fp8_tc(&lt, w, &LinIn::rows(xd.ptr, k, m), yd.ptr, n, &mut scratch).unwrap();
+                let mut got = vec![0f32; m * n];
+                gpu.dtoh(yd.ptr, &mut got).unwrap();
+                let e = worst(&row_errors(&got, &want, n));
+                eprintln!("FP8 TC [{n}, {k}] m={m} (weight scales {label}): max rel err {e:.2e}");
+                if vi == 0 {
+                    worst_all = worst_all.max(e);
+                }
+            }
+        }
+    }
+    eprintln!("FP8 TC GEMM: worst max rel err {worst_all:.2e}");
+    assert!(worst_all < 1e-3, "{worst_all}");
+    // Non-FP8 weights are refused with a reason, not a panic.
+    let l: Linear = synthetic::random_linear(F::Bf16, 256, 256, 1).unwrap();
+    let g = GpuLinear::upload(&gpu, &l).unwrap();
+    let e = Fp8TcWeight::new(&gpu, &g).err().expect("refused");
+    eprintln!("bf16 weight: {e}");
+}

@@ -1,0 +1,196 @@
+//! `dsv4 bench --device cuda --gemm`: FP8 tensor-core GEMMs through cuBLASLt. The reference
+//! rate is a plain per-tensor-scaled 8192³ FP8 GEMM; against it, DeepSeek's block-scaled GEMM
+//! (weights 128×128, activations 1×128) at the Flash dense projection shapes for each prompt
+//! length, and the activation quantization kernel that feeds it. Times are CUDA-event medians
+//! after warm-up.
+
+use anyhow::{Context, Result};
+use dsv4_core::{synthetic, ModelConfig};
+use dsv4_cuda::blaslt::{BlasLt, Fp8Gemm, OutType, Scaling};
+use dsv4_cuda::gpu::DevBuf;
+use dsv4_cuda::Gpu;
+use serde_json::json;
+
+const REPS: usize = 11;
+
+/// Median milliseconds of one call of `f` (each sample `inner` back-to-back calls between two
+/// events, after 3 warm-up calls).
+fn time_ms(gpu: &Gpu, inner: usize, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+    use dsv4_cuda::cudarc::driver::sys::CUevent_flags;
+    for _ in 0..3 {
+        f()?;
+    }
+    gpu.sync()?;
+    let ev = || gpu.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT));
+    let (start, end) = (ev()?, ev()?);
+    let mut t = Vec::with_capacity(REPS);
+    for _ in 0..REPS {
+        start.record(&gpu.stream)?;
+        for _ in 0..inner {
+            f()?;
+        }
+        end.record(&gpu.stream)?;
+        t.push(start.elapsed_ms(&end)? as f64 / inner as f64);
+    }
+    t.sort_by(f64::total_cmp);
+    Ok(t[REPS / 2])
+}
+
+/// Device buffer of `n` random e4m3 codes (exponent field below 15: finite, |v| ≤ 240).
+fn random_codes(gpu: &Gpu, n: usize, seed: u64) -> Result<DevBuf> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let v: Vec<u8> = (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 32) as u8 & 0xf7
+        })
+        .collect();
+    Ok(gpu.upload(&v)?)
+}
+
+fn tflops(m: usize, n: usize, k: usize, ms: f64) -> f64 {
+    2.0 * m as f64 * n as f64 * k as f64 / (ms * 1e-3) / 1e12
+}
+
+pub fn run(ordinal: usize, prompts: &[usize], json_out: bool) -> Result<()> {
+    let gpu = Gpu::open(ordinal).with_context(|| format!("cuda:{ordinal}"))?;
+    let lt = BlasLt::new(gpu.clone())?;
+    let c = ModelConfig::from_json(&synthetic::flash_config_json())?;
+
+    // Peak: 8192³, per-tensor scales (none: 1.0), bf16 out.
+    let s = 8192;
+    let (a, b) = (random_codes(&gpu, s * s, 1)?, random_codes(&gpu, s * s, 2)?);
+    let d = gpu.alloc(s * s * 4)?;
+    let plain = |out, scaling, fast_accum, w_scale, x_scale| Fp8Gemm {
+        m: s,
+        n: s,
+        k: s,
+        w: a.ptr,
+        w_scale,
+        x: b.ptr,
+        x_scale,
+        d: d.ptr,
+        ldd: s,
+        out,
+        scaling,
+        fast_accum,
+    };
+    let mut peak = Vec::new();
+    for fast in [false, true] {
+        let g = plain(OutType::Bf16, Scaling::Tensor, fast, 0, 0);
+        let ms = time_ms(&gpu, 5, &mut || Ok(lt.gemm(&g)?))?;
+        peak.push((fast, tflops(s, s, s, ms), ms));
+    }
+    let best = peak.iter().map(|p| p.1).fold(0f64, f64::max);
+    // Block-scaled at the same size, for scale.
+    let sw = gpu.upload(&vec![1f32 / 64.0; (s / 128) * (s / 128)])?;
+    let sx = gpu.upload(&vec![1f32 / 16.0; (s / 128) * s])?;
+    let g = plain(OutType::Bf16, Scaling::Block, false, sw.ptr, sx.ptr);
+    let block_cube_ms =
+        time_ms(&gpu, 5, &mut || Ok(lt.gemm(&g)?)).context("block-scaled FP8 GEMM 8192³")?;
+    drop((a, b, d, sw, sx));
+
+    let shapes = [
+        ("attn.wq_a", c.q_lora_rank, c.hidden_size),
+        ("attn.wkv", c.head_dim, c.hidden_size),
+        ("attn.wq_b", c.num_heads * c.head_dim, c.q_lora_rank),
+        (
+            "indexer.wq_b",
+            c.index_n_heads * c.index_head_dim,
+            c.q_lora_rank,
+        ),
+        ("attn.wo_b", c.hidden_size, c.o_groups * c.o_lora_rank),
+        ("shared.w1/w3", c.moe_intermediate_size, c.hidden_size),
+        ("shared.w2", c.hidden_size, c.moe_intermediate_size),
+    ];
+    let mut rows = Vec::new();
+    for &m in prompts {
+        let mp = m.next_multiple_of(dsv4_cuda::blaslt::M_ALIGN);
+        for &(name, n, k) in &shapes {
+            let w = random_codes(&gpu, n * k, 3)?;
+            let ws = gpu.upload(&vec![1f32 / 64.0; n.div_ceil(128) * (k / 128)])?;
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 2654435761usize) % 2001) as f32 / 1000.0 - 1.0)
+                .collect();
+            let xd = gpu.upload(&x)?;
+            let (codes, scales) = (gpu.alloc(mp * k)?, gpu.alloc(k / 128 * mp * 4)?);
+            let q_ms = time_ms(&gpu, 10, &mut || {
+                Ok(dsv4_cuda::quant::act_quant_fp8(
+                    &gpu, xd.ptr, k, m, k, codes.ptr, scales.ptr, mp, k,
+                )?)
+            })?;
+            let y = gpu.alloc(mp * n * 4)?;
+            let mut r = json!({"tokens": m, "projection": name, "n": n, "k": k,
+                "act_quant_ms": q_ms,
+                "act_quant_gb_s": (m * k * 5) as f64 / (q_ms * 1e-3) / 1e9});
+            for out in [OutType::F32, OutType::Bf16] {
+                let g = Fp8Gemm {
+                    m: mp,
+                    n,
+                    k,
+                    w: w.ptr,
+                    w_scale: ws.ptr,
+                    x: codes.ptr,
+                    x_scale: scales.ptr,
+                    d: y.ptr,
+                    ldd: n,
+                    out,
+                    scaling: Scaling::Block,
+                    fast_accum: false,
+                };
+                let ms = time_ms(&gpu, 5, &mut || Ok(lt.gemm(&g)?))?;
+                let t = tflops(m, n, k, ms);
+                let key = if out == OutType::F32 { "f32" } else { "bf16" };
+                r[format!("{key}_ms")] = json!(ms);
+                r[format!("{key}_tflops")] = json!(t);
+                r[format!("{key}_pct_peak")] = json!(100.0 * t / best);
+            }
+            rows.push(r);
+        }
+    }
+
+    let out = json!({
+        "device": format!("cuda:{ordinal} {}", gpu.name),
+        "peak": peak.iter().map(|(f, t, ms)| json!({"shape": [s, s, s], "fast_accum": f,
+            "tflops": t, "ms": ms})).collect::<Vec<_>>(),
+        "peak_tflops": best,
+        "block_scaled_8192_cubed_tflops": tflops(s, s, s, block_cube_ms),
+        "shapes": rows,
+    });
+    if json_out {
+        println!("{out}");
+        return Ok(());
+    }
+    println!("device: cuda:{ordinal} {}", gpu.name);
+    for (f, t, ms) in &peak {
+        println!(
+            "FP8 8192³ per-tensor scale, bf16 out, fast_accum={f}: {t:.0} TFLOP/s ({ms:.3} ms)"
+        );
+    }
+    println!(
+        "FP8 8192³ block-scaled (1x128 · 128x128), bf16 out: {:.0} TFLOP/s = {:.0}% of peak {best:.0}",
+        tflops(s, s, s, block_cube_ms),
+        100.0 * tflops(s, s, s, block_cube_ms) / best
+    );
+    println!();
+    println!("| tokens | projection | N | K | f32 out TFLOP/s | % peak | bf16 out TFLOP/s | % peak | act_quant µs | act_quant GB/s |");
+    println!("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for r in &rows {
+        println!(
+            "| {} | {} | {} | {} | {:.0} | {:.0}% | {:.0} | {:.0}% | {:.1} | {:.0} |",
+            r["tokens"],
+            r["projection"].as_str().unwrap_or(""),
+            r["n"],
+            r["k"],
+            r["f32_tflops"].as_f64().unwrap_or(0.0),
+            r["f32_pct_peak"].as_f64().unwrap_or(0.0),
+            r["bf16_tflops"].as_f64().unwrap_or(0.0),
+            r["bf16_pct_peak"].as_f64().unwrap_or(0.0),
+            r["act_quant_ms"].as_f64().unwrap_or(0.0) * 1e3,
+            r["act_quant_gb_s"].as_f64().unwrap_or(0.0),
+        );
+    }
+    Ok(())
+}
