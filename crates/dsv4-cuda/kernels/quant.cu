@@ -33,6 +33,7 @@ __device__ __forceinline__ float block_amax(const float* x, int len, float floor
 extern "C" __global__ void act_quant_fp8(const float* __restrict__ x, int ldx, int m, int k,
                                          uint8_t* __restrict__ codes, float* __restrict__ scales,
                                          int mp, int kp) {
+    pdl_entry();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int row = blockIdx.y * 8 + warp, kb = blockIdx.x;
     if (row >= mp) return;
@@ -64,6 +65,7 @@ extern "C" __global__ void act_quant_fp8(const float* __restrict__ x, int ldx, i
 // ceil(rows/8)), 256 threads.
 extern "C" __global__ void fp8_round_trip(float* __restrict__ x, int ld, int rows, int width,
                                           int block) {
+    pdl_entry();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int row = blockIdx.y * 8 + warp;
     if (row >= rows) return;
@@ -90,6 +92,7 @@ __device__ __forceinline__ float e2m1_round(float v) {
 // host's `1/sqrt(128)`. Grid ceil(rows/8), 256 threads.
 extern "C" __global__ void hadamard128_fp4_round_trip(float* __restrict__ x, int ld, int rows,
                                                       float inv_sqrt) {
+    pdl_entry();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int row = blockIdx.x * 8 + warp;
     if (row >= rows) return;
@@ -129,6 +132,7 @@ extern "C" __global__ void hadamard128_fp4_round_trip(float* __restrict__ x, int
 // Copies `rows` rows of `cols` f32 (strides lds, ldd): the unpadded rows of a GEMM output.
 extern "C" __global__ void copy_rows_f32(const float* __restrict__ src, int lds,
                                          float* __restrict__ dst, int ldd, int rows, int cols) {
+    pdl_entry();
     const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (size_t)rows * cols) return;
     const int r = (int)(i / cols), c = (int)(i % cols);
@@ -139,6 +143,7 @@ extern "C" __global__ void copy_rows_f32(const float* __restrict__ src, int lds,
 // f32 block scales [nb, kb] → [nb, kbp] (rows padded to whole 16-byte groups with 1.0).
 extern "C" __global__ void pad_fp8_weight(const uint8_t* __restrict__ w, int n, int k,
                                           uint8_t* __restrict__ wp, int kp) {
+    pdl_entry();
     const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (size_t)n * kp) return;
     const int r = (int)(i / kp), c = (int)(i % kp);
@@ -147,6 +152,7 @@ extern "C" __global__ void pad_fp8_weight(const uint8_t* __restrict__ w, int n, 
 
 extern "C" __global__ void pad_scales(const float* __restrict__ s, int nb, int kb,
                                       float* __restrict__ sp, int kbp) {
+    pdl_entry();
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= nb * kbp) return;
     const int r = i / kbp, c = i % kbp;
