@@ -78,50 +78,10 @@ extern "C" __global__ void embed(LinearW E, const int* ids, float* x, int n) {
 
 __device__ __forceinline__ float sigmoidf_(float x) { return 1.0f / (1.0f + expf(-x)); }
 
-// Per token: mu (raw fn·x, scaled here by the stream rms) -> pre [n], post [n], comb [n, n]
-// (Sinkhorn: row softmax + eps, one column normalization, then iters-1 row/column rounds).
-// One warp per token: lane i*n+j holds comb[i][j]; sums run in the CPU's order (j or i
-// ascending, then + eps).
-extern "C" __global__ void hc_mix(const float* mu, const float* rinv, const float* base,
-                                  const float* scale, float* pre, float* post, float* comb, int n,
-                                  int iters, float eps, int T) {
-    pdl_entry();
-    const int t = blockIdx.x;
-    const int lane = threadIdx.x;
-    const int rows = (2 + n) * n;
-    const float r = rinv[t];
-    const float* m = mu + (size_t)t * rows;
-    if (lane < n) {
-        pre[t * n + lane] = sigmoidf_((m[lane] * r) * scale[0] + base[lane]) + eps;
-        post[t * n + lane] = 2.0f * sigmoidf_((m[n + lane] * r) * scale[1] + base[n + lane]);
-    }
-    const int nn = n * n;
-    const bool on = lane < nn;
-    const int i = on ? lane / n : 0, j = on ? lane % n : 0;
-    float c = on ? (m[2 * n + lane] * r) * scale[2] + base[2 * n + lane] : 0.f;
-    // Row softmax + eps.
-    float mx = -INFINITY;
-    for (int k = 0; k < n; k++) mx = fmaxf(mx, __shfl_sync(0xffffffffu, c, i * n + k));
-    c = on ? expf(c - mx) : 0.f;
-    float s = 0.f;
-    for (int k = 0; k < n; k++) s += __shfl_sync(0xffffffffu, c, i * n + k);
-    c = c / s + eps;
-    const int rounds = iters > 0 ? iters : 1;
-    for (int it = 0; it < rounds; it++) {
-        if (it > 0) {
-            float rs = 0.f;
-            for (int k = 0; k < n; k++) rs += __shfl_sync(0xffffffffu, c, i * n + k);
-            c /= rs + eps;
-        }
-        float cs = 0.f;
-        for (int k = 0; k < n; k++) cs += __shfl_sync(0xffffffffu, c, k * n + j);
-        c /= cs + eps;
-    }
-    if (on) comb[(size_t)t * nn + lane] = c;
-}
-
-// Sinkhorn mix of one token from its raw mix rows mu (scaled by the stream rms r), as hc_mix:
-// called by one whole warp; writes pre/post/comb of token t.
+// Sinkhorn mix of one token from its raw mix rows m (scaled by the stream rms r), called by one
+// whole warp: pre [n], post [n], comb [n, n] of token t (row softmax + eps, one column
+// normalization, then iters-1 row/column rounds; lane i*n+j holds comb[i][j]; sums in the CPU's
+// order: j or i ascending, then + eps).
 __device__ __forceinline__ void hc_mix_warp(const float* m, float r, const float* base, const float* scale,
                                             float* pre, float* post, float* comb, int n, int iters,
                                             float eps, int t) {
@@ -152,6 +112,15 @@ __device__ __forceinline__ void hc_mix_warp(const float* m, float r, const float
         c /= cs + eps;
     }
     if (on) comb[(size_t)t * nn + lane] = c;
+}
+
+// One warp per token: the mix of its raw rows mu (fn·x) and stream rms (hc_mix_warp).
+extern "C" __global__ void hc_mix(const float* mu, const float* rinv, const float* base,
+                                  const float* scale, float* pre, float* post, float* comb, int n,
+                                  int iters, float eps, int T) {
+    pdl_entry();
+    const int t = blockIdx.x;
+    hc_mix_warp(mu + (size_t)t * (2 + n) * n, rinv[t], base, scale, pre, post, comb, n, iters, eps, t);
 }
 
 #define HC_MAX_ROWS 32  // (2 + n) · n mix rows (n <= 4)

@@ -108,6 +108,20 @@ __device__ __forceinline__ float decode_chunk(const LinearW& W, int r, int c, ui
     return RowScale<FMT>(W, r).at(c);
 }
 
+// N consecutive activations (16-byte aligned) into registers.
+template <int N>
+__device__ __forceinline__ void load_x(const float* x, float (&xv)[N]) {
+    const float4* xp = (const float4*)x;
+#pragma unroll
+    for (int j = 0; j < N / 4; j++) {
+        float4 v = __ldg(xp + j);
+        xv[4 * j] = v.x;
+        xv[4 * j + 1] = v.y;
+        xv[4 * j + 2] = v.z;
+        xv[4 * j + 3] = v.w;
+    }
+}
+
 // acc[i][m] += Ws[i][rows[i], k] · xm[m][xoff + k] for R rows (all of one format and width K)
 // over chunks [c0, c1) (lanes stride 32 chunks), plus the scalar tail k in [kt, K) when `tail`.
 // The next chunk's loads of all R rows are in flight while this one is computed; each x chunk
@@ -138,15 +152,7 @@ __device__ __forceinline__ void warp_dot_rows(const LinearW* const (&Ws)[R], con
         for (int i = 0; i < R; i++) nq[i] = c + 32 < c1 ? __ldg(p[i] + c + 32) : q[i];
         if constexpr (MT == 1) {
             float xv[N];
-            const float4* xp = (const float4*)(xm[0] + xoff + c * N);
-#pragma unroll
-            for (int j = 0; j < N / 4; j++) {
-                float4 v = __ldg(xp + j);
-                xv[4 * j] = v.x;
-                xv[4 * j + 1] = v.y;
-                xv[4 * j + 2] = v.z;
-                xv[4 * j + 3] = v.w;
-            }
+            load_x<N>(xm[0] + xoff + c * N, xv);
 #pragma unroll
             for (int i = 0; i < R; i++) {
                 float f[N];
@@ -168,16 +174,8 @@ __device__ __forceinline__ void warp_dot_rows(const LinearW* const (&Ws)[R], con
 #pragma unroll
             for (int m = 0; m < MT; m++) {
                 if (m < M) {
-                    const float4* xp = (const float4*)(xm[m] + xoff + c * N);
                     float xv[N];
-#pragma unroll
-                    for (int j = 0; j < N / 4; j++) {
-                        float4 v = __ldg(xp + j);
-                        xv[4 * j] = v.x;
-                        xv[4 * j + 1] = v.y;
-                        xv[4 * j + 2] = v.z;
-                        xv[4 * j + 3] = v.w;
-                    }
+                    load_x<N>(xm[m] + xoff + c * N, xv);
 #pragma unroll
                     for (int i = 0; i < R; i++) {
                         float d = 0.f;

@@ -873,23 +873,8 @@ impl CudaModel {
                 .min(s.attn_part.bytes / 4 / (t * h * (dh + 2)))
                 .clamp(1, COMBINE_MAX_SPLITS)
         };
-        let smem = (ATT_KEYS * dh * 4) as u32;
-        let ns = nsplit as i32;
-        g.launch(
-            "attention_partial",
-            (t as u32, nsplit as u32, groups as u32),
-            (256, 1, 1),
-            smem,
-            &[&args, &s.attn_part.ptr, &ns],
-        )?;
-        let (hi, dhi) = (h as i32, dh as i32);
-        g.launch(
-            "attn_combine",
-            (t as u32, h as u32, dh.div_ceil(128) as u32),
-            (128, 1, 1),
-            0,
-            &[&s.attn_part.ptr, &a.sinks.ptr(), &args.out, &hi, &dhi, &ns],
-        )?;
+        self.attend_splits(s, &args, nsplit)?;
+        let dhi = dh as i32;
         let (wi, p0, ti) = (c.sliding_window as i32, pos0 as i32, t as i32);
         g.launch(
             "ring_store",
@@ -1027,29 +1012,43 @@ impl CudaModel {
             .div_ceil(t * groups)
             .min(s.attn_part.bytes / 4 / (t * h * (dh + 2)))
             .clamp(1, COMBINE_MAX_SPLITS);
-        let smem = (ATT_KEYS * dh * 4) as u32;
-        let ns = nsplit as i32;
-        g.launch(
-            "attention_partial",
-            (t as u32, nsplit as u32, groups as u32),
-            (256, 1, 1),
-            smem,
-            &[&args, &s.attn_part.ptr, &ns],
-        )?;
-        let (hi, dhi, wi) = (h as i32, dh as i32, c.sliding_window as i32);
-        g.launch(
-            "attn_combine",
-            (t as u32, h as u32, dh.div_ceil(128) as u32),
-            (128, 1, 1),
-            0,
-            &[&s.attn_part.ptr, &a.sinks.ptr(), &s.o.ptr, &hi, &dhi, &ns],
-        )?;
+        self.attend_splits(s, &args, nsplit)?;
+        let (dhi, wi) = (dh as i32, c.sliding_window as i32);
         g.launch(
             "ring_store_seqs",
             (t as u32, 1, 1),
             (128, 1, 1),
             0,
             &[&s.kv.ptr, &seqs, &positions, &dhi, &wi],
+        )
+    }
+
+    /// Attention over `nsplit` key splits per (token, head group), then the merge with the
+    /// sinks into `args.out`.
+    fn attend_splits(&self, s: &Scratch, args: &AttnArgs, nsplit: usize) -> Result<()> {
+        let g = &*self.gpu;
+        let (t, h, dh) = (args.t as u32, args.h as usize, args.dh as usize);
+        let ns = nsplit as i32;
+        g.launch(
+            "attention_partial",
+            (t, nsplit as u32, h.div_ceil(ATT_HEADS) as u32),
+            (256, 1, 1),
+            (ATT_KEYS * dh * 4) as u32,
+            &[args, &s.attn_part.ptr, &ns],
+        )?;
+        g.launch(
+            "attn_combine",
+            (t, h as u32, dh.div_ceil(128) as u32),
+            (128, 1, 1),
+            0,
+            &[
+                &s.attn_part.ptr,
+                &args.sinks,
+                &args.out,
+                &args.h,
+                &args.dh,
+                &ns,
+            ],
         )
     }
 
