@@ -129,16 +129,6 @@ extern "C" __global__ void hadamard128_fp4_round_trip(float* __restrict__ x, int
     *(float4*)(xr + lane * 4) = make_float4(v[0], v[1], v[2], v[3]);
 }
 
-// Copies `rows` rows of `cols` f32 (strides lds, ldd): the unpadded rows of a GEMM output.
-extern "C" __global__ void copy_rows_f32(const float* __restrict__ src, int lds,
-                                         float* __restrict__ dst, int ldd, int rows, int cols) {
-    pdl_entry();
-    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (size_t)rows * cols) return;
-    const int r = (int)(i / cols), c = (int)(i % cols);
-    dst[(size_t)r * ldd + c] = src[(size_t)r * lds + c];
-}
-
 // A stored FP8 weight in the tensor-core layout: codes [n, k] → [n, kp] (zero columns past k),
 // f32 block scales [nb, kb] → [nb, kbp] (rows padded to whole 16-byte groups with 1.0).
 extern "C" __global__ void pad_fp8_weight(const uint8_t* __restrict__ w, int n, int k,

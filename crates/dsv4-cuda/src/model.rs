@@ -383,18 +383,22 @@ impl CudaModel {
         }
         // The rows whose logits are computed: a decode step computes all of them (one graph
         // per batch size), other calls only the wanted ones.
-        let mut rows = Vec::new();
-        for (it, seg) in items.iter().zip(&segs) {
-            match it.want {
-                Logits::All => rows.extend(seg.start..seg.start + seg.len),
-                Logits::Last if seg.len > 0 => rows.push(seg.start + seg.len - 1),
-                _ => {}
-            }
-        }
-        let head_rows: Vec<usize> = if decode && !rows.is_empty() {
+        // Each item's wanted rows of the batch (a contiguous range).
+        let wanted: Vec<std::ops::Range<usize>> = items
+            .iter()
+            .zip(&segs)
+            .map(|(it, seg)| match it.want {
+                Logits::All => seg.start..seg.start + seg.len,
+                Logits::Last if seg.len > 0 => seg.start + seg.len - 1..seg.start + seg.len,
+                _ => 0..0,
+            })
+            .collect();
+        let any_wanted = wanted.iter().any(|r| !r.is_empty());
+        let all_rows = decode && any_wanted;
+        let head_rows: Vec<usize> = if all_rows {
             (0..t).collect()
         } else {
-            rows.clone()
+            wanted.iter().flat_map(|r| r.clone()).collect()
         };
         let replay = decode && self.moe_per_pair(t) && self.graphs.load(Ordering::Relaxed);
         if replay {
@@ -428,31 +432,24 @@ impl CudaModel {
                 }
             }
         }
-        if rows.is_empty() {
+        if !any_wanted {
             g.sync()?;
             return Ok(vec![Vec::new(); items.len()]);
         }
         let vocab = c.vocab_size;
         let mut logits = vec![0f32; head_rows.len() * vocab];
         g.dtoh(s.out_logits.ptr, &mut logits)?;
-        let mut out = Vec::with_capacity(items.len());
-        // Wanted rows appear in `head_rows` in order: find each item's by position.
+        // Logits row of each wanted row: itself when every row was computed, else the rows
+        // follow one another in item order.
         let mut next = 0;
-        for (it, seg) in items.iter().zip(&segs) {
-            let want: Vec<usize> = match it.want {
-                Logits::All => (seg.start..seg.start + seg.len).collect(),
-                Logits::Last if seg.len > 0 => vec![seg.start + seg.len - 1],
-                _ => Vec::new(),
-            };
-            let mut o = Vec::with_capacity(want.len() * vocab);
-            for r in want {
-                while head_rows[next] != r {
-                    next += 1;
-                }
-                o.extend_from_slice(&logits[next * vocab..(next + 1) * vocab]);
-            }
-            out.push(o);
-        }
+        let out = wanted
+            .into_iter()
+            .map(|r| {
+                let at = if all_rows { r.start } else { next };
+                next += r.len();
+                logits[at * vocab..(at + r.len()) * vocab].to_vec()
+            })
+            .collect();
         Ok(out)
     }
 
@@ -1278,7 +1275,7 @@ impl CudaModel {
         };
         // Few pairs per expert (decode batches): each pair streams its expert on its own; many
         // (prefill): group them by expert into tiles.
-        if pairs <= GROUP_PAIRS.max(8 * e) {
+        if self.moe_per_pair(t) {
             ops::moe_experts(g, mw.fmt, &a, pairs)?;
         } else {
             // Group pairs by expert (tiles of up to 64) so each expert's weights are decoded

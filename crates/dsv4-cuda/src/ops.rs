@@ -302,6 +302,25 @@ unsafe impl DeviceRepr for HcArgs {}
 pub const HC_COLS: usize = 64;
 pub const HC_THREADS: usize = 256;
 
+/// Copies `rows` rows of `cols` f32 from `src` (stride `lds`) to `dst` (stride `ldd`).
+pub fn copy_rows(
+    gpu: &Gpu,
+    src: u64,
+    lds: usize,
+    dst: u64,
+    ldd: usize,
+    rows: usize,
+    cols: usize,
+) -> Result<()> {
+    let (lds, ldd, r, c) = (lds as i32, ldd as i32, rows as i32, cols as i32);
+    elementwise(
+        gpu,
+        "copy_rows",
+        rows * cols,
+        &[&src, &lds, &dst, &ldd, &c, &r],
+    )
+}
+
 /// `AttnArgs` of `kernels/attention.cu`.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -460,7 +479,7 @@ pub fn linear_fp8_tc(
         fast_accum: false,
     })?;
     if staged {
-        crate::quant::copy_rows_f32(gpu, out, w.n, y, ldy, m, w.n)?;
+        copy_rows(gpu, out, w.n, y, ldy, m, w.n)?;
     }
     Ok(())
 }

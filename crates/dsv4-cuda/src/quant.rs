@@ -99,27 +99,3 @@ pub fn hadamard128_fp4_round_trip(gpu: &Gpu, x: u64, ld: usize, rows: usize) -> 
         &[&x, &ld, &r, &inv_sqrt],
     )
 }
-
-/// Copies `rows` rows of `cols` f32 from `src` (stride `lds`) to `dst` (stride `ldd`).
-pub fn copy_rows_f32(
-    gpu: &Gpu,
-    src: u64,
-    lds: usize,
-    dst: u64,
-    ldd: usize,
-    rows: usize,
-    cols: usize,
-) -> Result<()> {
-    let n = rows * cols;
-    if n == 0 {
-        return Ok(());
-    }
-    let (lds, ldd, r, c) = (lds as i32, ldd as i32, rows as i32, cols as i32);
-    gpu.launch(
-        "copy_rows_f32",
-        ((n as u32).div_ceil(256), 1, 1),
-        (256, 1, 1),
-        0,
-        &[&src, &lds, &dst, &ldd, &r, &c],
-    )
-}
