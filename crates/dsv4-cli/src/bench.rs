@@ -59,6 +59,10 @@ pub struct BenchArgs {
     /// block scaling at the Flash projection shapes, one row set per --prompts length).
     #[arg(long)]
     gemm: bool,
+    /// CUDA: after each decode row, time one step launch by launch (eager, no PDL) and print
+    /// the kernels' times, grouped by kernel and shape, with the weight rate of GEMVs.
+    #[arg(long)]
+    profile: bool,
     #[command(flatten)]
     numerics: crate::NumericsArgs,
 }
@@ -191,6 +195,7 @@ fn run_cuda(a: BenchArgs, ordinal: usize) -> Result<()> {
         decode: a.decode,
         csv: a.csv,
         json: a.json,
+        profile: a.profile,
     })
 }
 

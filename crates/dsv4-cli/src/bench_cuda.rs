@@ -5,7 +5,7 @@
 use anyhow::{bail, Context, Result};
 use dsv4_core::config::{AttnKind, MlpKind};
 use dsv4_core::{synthetic, Logits, Model, ModelConfig};
-use dsv4_cuda::{BatchItem, CudaModel, Gpu};
+use dsv4_cuda::{BatchItem, CudaModel, Gpu, GpuSeq};
 use serde_json::{json, Value};
 use std::time::Instant;
 
@@ -19,6 +19,7 @@ pub struct CudaBench {
     pub decode: usize,
     pub csv: Option<std::path::PathBuf>,
     pub json: bool,
+    pub profile: bool,
 }
 
 /// Official-style config of a preset with `layers` layers.
@@ -84,6 +85,7 @@ fn decode_row(
     steps_n: usize,
     bw: f64,
     weight_bytes: f64,
+    profile: bool,
 ) -> Result<Value> {
     let layers = cfg.num_layers;
     let mut seqs = Vec::with_capacity(b);
@@ -114,6 +116,9 @@ fn decode_row(
     }
     steps.sort_by(f64::total_cmp);
     let med = steps[steps.len() / 2];
+    if profile {
+        profile_step(model, &mut seqs, cfg, ctx, med)?;
+    }
     // Cache bytes a step reads per sequence: window rows, visible/selected entries, indexer keys.
     let mut cache_bytes = 0usize;
     for kind in &cfg.attn_kinds {
@@ -147,6 +152,76 @@ fn decode_row(
         "bytes_per_step": bytes, "bandwidth_fraction": frac,
         "tok_s_full_depth": b as f64 / (med * full_layers as f64 / layers as f64)}),
     )
+}
+
+/// One more decode step, timed launch by launch (graphs and PDL off), printed grouped by label.
+fn profile_step(
+    model: &CudaModel,
+    seqs: &mut [GpuSeq],
+    cfg: &ModelConfig,
+    ctx: usize,
+    step_s: f64,
+) -> Result<()> {
+    let toks: Vec<[u32; 1]> = (0..seqs.len()).map(|j| [(7 + j * 13) as u32]).collect();
+    let mut items: Vec<BatchItem> = seqs
+        .iter_mut()
+        .zip(&toks)
+        .map(|(seq, t)| BatchItem {
+            seq,
+            ids: t,
+            want: Logits::Last,
+        })
+        .collect();
+    let gpu = &model.gpu;
+    model.set_graphs(false);
+    gpu.set_profile(true);
+    let run = model.forward_batch(&mut items);
+    let launches = gpu.take_profile();
+    gpu.set_profile(false);
+    model.set_graphs(true);
+    run?;
+    let launches = launches?;
+    let mut groups: Vec<(String, usize, usize, f64)> = Vec::new();
+    for l in &launches {
+        match groups.iter_mut().find(|g| g.0 == l.label) {
+            Some(g) => {
+                g.1 += 1;
+                g.2 += l.bytes;
+                g.3 += l.ms;
+            }
+            None => groups.push((l.label.clone(), 1, l.bytes, l.ms)),
+        }
+    }
+    groups.sort_by(|a, b| b.3.total_cmp(&a.3));
+    let total: f64 = launches.iter().map(|l| l.ms).sum();
+    let gemv: f64 = launches.iter().filter(|l| l.bytes > 0).map(|l| l.ms).sum();
+    let gemv_bytes: usize = launches.iter().map(|l| l.bytes).sum();
+    println!(
+        "\nprofile: decode x{} @ {ctx}, {} layers: {} launches, {:.3} ms summed (graph step {:.3} ms); \
+         weight-streaming launches {:.3} ms at {:.0} GB/s",
+        seqs.len(),
+        cfg.num_layers,
+        launches.len(),
+        total,
+        step_s * 1e3,
+        gemv,
+        gemv_bytes as f64 / (gemv * 1e-3) / 1e9
+    );
+    println!("| launch | count | total ms | share | us each | GB/s |");
+    println!("|---|---|---|---|---|---|");
+    for (label, n, bytes, ms) in &groups {
+        let rate = if *bytes > 0 {
+            format!("{:.0}", *bytes as f64 / (ms * 1e-3) / 1e9)
+        } else {
+            String::new()
+        };
+        println!(
+            "| {label} | {n} | {ms:.3} | {:.1}% | {:.1} | {rate} |",
+            100.0 * ms / total,
+            1e3 * ms / *n as f64
+        );
+    }
+    Ok(())
 }
 
 pub fn run(a: CudaBench) -> Result<()> {
@@ -260,6 +335,7 @@ pub fn run(a: CudaBench) -> Result<()> {
                 a.decode,
                 bw,
                 weight_bytes,
+                a.profile,
             ) {
                 Ok(r) => r,
                 Err(e) => {

@@ -105,23 +105,30 @@ extern "C" __global__ void __launch_bounds__(256) attention_partial(AttnArgs a, 
         const int j0 = ch * ATT_KEYS;
         const int nj = min(ATT_KEYS, nk - j0);
         __syncthreads();
+        // All of the chunk's rows in flight at once (a lane's copies do not wait on each other).
         for (int r = warp; r < nj; r += 8) {
             const float* k = attn_key(a, view, t, lo, nwin, j0 + r);
-            for (int c = lane * 4; c < dh; c += 128) *(float4*)(keys + r * dh + c) = *(const float4*)(k + c);
+            for (int c = lane * 4; c < dh; c += 128) cp_async16(keys + r * dh + c, k + c);
         }
+        cp_async_wait_all();
         __syncthreads();
-        // Lane j ends up holding the score of key j.
-        float sj = -INFINITY;
-        for (int j = 0; j < nj; j++) {
-            float d = 0.f;
+        // Lane j ends up holding the score of key j: per-lane partial dots of all 32 keys,
+        // then one transposed warp reduction.
+        float part_dot[ATT_KEYS];
 #pragma unroll
-            for (int i = 0; i < PER; i++) {
-                int c = lane + 32 * i;
-                if (c < dh) d = fmaf(q[i], keys[j * dh + c], d);
+        for (int j = 0; j < ATT_KEYS; j++) {
+            float d = 0.f;
+            if (j < nj) {
+#pragma unroll
+                for (int i = 0; i < PER; i++) {
+                    int c = lane + 32 * i;
+                    if (c < dh) d = fmaf(q[i], keys[j * dh + c], d);
+                }
             }
-            d = warp_sum(d);
-            if (lane == j) sj = d;
+            part_dot[j] = d;
         }
+        float sj = warp_sum_transposed(part_dot);
+        if (lane >= nj) sj = -INFINITY;
         float mc = warp_max(sj);
         float mn = fmaxf(m, mc);
         float pj = (lane < nj) ? expf(sj - mn) : 0.f;

@@ -119,6 +119,40 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
+// One round of warp_sum_transposed: lanes with bit O keep the upper half of v[0, 2O).
+template <int O>
+__device__ __forceinline__ void transposed_round(float (&v)[32], int lane) {
+    const bool upper = lane & O;
+#pragma unroll
+    for (int k = 0; k < O; k++) {
+        const float keep = upper ? v[k + O] : v[k];
+        const float send = upper ? v[k] : v[k + O];
+        v[k] = keep + __shfl_xor_sync(0xffffffffu, send, O);
+    }
+}
+
+// v[j] summed over the warp lands in lane j (32 values in 31 shuffles instead of 32 warp_sums):
+// each round a lane keeps the half of its values whose index has its lane bit and trades the
+// other half with its partner.
+__device__ __forceinline__ float warp_sum_transposed(float (&v)[32]) {
+    const int lane = threadIdx.x & 31;
+    transposed_round<16>(v, lane);
+    transposed_round<8>(v, lane);
+    transposed_round<4>(v, lane);
+    transposed_round<2>(v, lane);
+    transposed_round<1>(v, lane);
+    return v[0];
+}
+
+// 16-byte asynchronous global -> shared copies (sm_80+): many in flight per thread.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_wait_all() {
+    asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;" ::: "memory");
+}
+
 // Block-wide sum; `sh` holds at least 32 floats. All threads get the result.
 __device__ __forceinline__ float block_sum(float v, float* sh) {
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;

@@ -135,7 +135,6 @@ struct HcArgs {
     const float* scale;
     const float* norm_w;   // [d] RMS-norm weight of the next block's input
     float* partial;        // [T, S, rows + 1]
-    unsigned int* counters;  // [T], zero between launches
     float* pre;            // [T, n]
     float* post;           // [T, n]: read (previous block's) then written (next block's)
     float* comb;           // [T, n, n]: likewise
@@ -144,17 +143,13 @@ struct HcArgs {
     float hc_eps, norm_eps;
 };
 
-// One launch per hyper-connection boundary of a few tokens (decode): hc_post of the block that
-// ran (x <- post·f + combᵀ·x), then hc_pre of the next (stream rms, the fn mix rows, Sinkhorn,
-// collapse) and its RMS norm into h. Block (s, t) owns HC_COLS columns of all n streams of
-// token t, one thread per (stream, column); the last block of a token to finish sums the
-// partial mix rows in slice order (deterministic) and does the per-token remainder.
-extern "C" __global__ void __launch_bounds__(HC_THREADS) hc_fused(HcArgs a) {
+// A hyper-connection boundary of a few tokens (decode) in two launches. hc_fused_mix: hc_post
+// of the block that ran (x <- post·f + combᵀ·x), then this slice's part of the next block's mix
+// rows (fn·x) and of the stream sum of squares. Block (s, t) owns HC_COLS columns of all n
+// streams of token t, one thread per (stream, column); partials are written per slice.
+extern "C" __global__ void __launch_bounds__(HC_THREADS) hc_fused_mix(HcArgs a) {
     pdl_entry();
-    __shared__ float red[HC_MAX_ROWS + 1][HC_THREADS / 32];
-    __shared__ float mix[HC_MAX_ROWS + 1];
-    __shared__ float sh[32];
-    __shared__ int last;
+    __shared__ float red[HC_THREADS / 32][32];
     const int sl = blockIdx.x, t = blockIdx.y;
     const int n = a.n, d = a.d, rows = (2 + n) * n;
     const int i = threadIdx.x / HC_COLS, j = sl * HC_COLS + threadIdx.x % HC_COLS;
@@ -180,62 +175,60 @@ extern "C" __global__ void __launch_bounds__(HC_THREADS) hc_fused(HcArgs a) {
     }
     const size_t col = (size_t)i * d + j;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    // Lane r of each warp ends with the warp's sum of mix row r (row HC_MAX_ROWS - 1 holds the
+    // sum of squares), one transposed reduction for all rows.
+    float p[32];
 #pragma unroll
-    for (int r = 0; r < HC_MAX_ROWS; r++) {
-        if (r < rows) {
-            float p = on ? __ldg(a.fn + (size_t)r * n * d + col) * v : 0.f;
-            p = warp_sum(p);
-            if (lane == 0) red[r][warp] = p;
-        }
-    }
-    {
-        float p = warp_sum(v * v);
-        if (lane == 0) red[HC_MAX_ROWS][warp] = p;
-    }
+    for (int r = 0; r < HC_MAX_ROWS - 1; r++)
+        p[r] = (on && r < rows) ? __ldg(a.fn + (size_t)r * n * d + col) * v : 0.f;
+    p[HC_MAX_ROWS - 1] = v * v;
+    red[warp][lane] = warp_sum_transposed(p);
     __syncthreads();
-    float* part = a.partial + ((size_t)t * a.S + sl) * (rows + 1);
-    for (int r = threadIdx.x; r <= rows; r += blockDim.x) {
-        const int rr = r == rows ? HC_MAX_ROWS : r;
-        float p = 0.f;
-        for (int k = 0; k < HC_THREADS / 32; k++) p += red[rr][k];
-        part[r] = p;
+    if (threadIdx.x < 32) {
+        const int r = threadIdx.x;
+        float q = 0.f;
+        for (int k = 0; k < HC_THREADS / 32; k++) q += red[k][r];
+        const int slot = r == HC_MAX_ROWS - 1 ? rows : r;
+        if (r < rows || r == HC_MAX_ROWS - 1) a.partial[((size_t)t * a.S + sl) * (rows + 1) + slot] = q;
     }
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) last = atomicAdd(a.counters + t, 1u) == (unsigned)(a.S - 1);
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    // Sum the slices' partials in slice order: warp w takes rows w, w + 8, ...
+}
+
+// The rest of the boundary, one block per token: the slices' partials summed in slice order,
+// the stream rms and Sinkhorn mix (pre, post, comb), the collapse with pre and the next block's
+// RMS norm into h.
+extern "C" __global__ void __launch_bounds__(1024) hc_fused_pre(HcArgs a) {
+    pdl_entry();
+    __shared__ float mix[HC_MAX_ROWS + 1];
+    __shared__ float sh[32];
+    __shared__ float pre_s[4];
+    const int t = blockIdx.x;
+    const int n = a.n, d = a.d, rows = (2 + n) * n;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
     const float* tp = a.partial + (size_t)t * a.S * (rows + 1);
-    for (int r = warp; r <= rows; r += HC_THREADS / 32) {
-        float p = 0.f;
-        for (int k = lane; k < a.S; k += 32) p += __ldcg(tp + (size_t)k * (rows + 1) + r);
-        p = warp_sum(p);
-        if (lane == 0) mix[r] = p;
+    for (int r = warp; r <= rows; r += nw) {
+        float q = 0.f;
+        for (int k = lane; k < a.S; k += 32) q += tp[(size_t)k * (rows + 1) + r];
+        q = warp_sum(q);
+        if (lane == 0) mix[r] = q;
     }
     __syncthreads();
-    // The stream rms over all n·d values, as inv_rms; then the mix of this token.
     if (warp == 0) {
         const float r = 1.0f / sqrtf(mix[rows] / (float)(n * d) + a.norm_eps);
         hc_mix_warp(mix, r, a.base, a.scale, a.pre, a.post, a.comb, n, a.iters, a.hc_eps, t);
+        if (lane < n) pre_s[lane] = a.pre[t * n + lane];
     }
     __syncthreads();
-    // Collapse with pre (other blocks' columns read through L2), then the RMS norm.
-    float pre[4];
-#pragma unroll
-    for (int k = 0; k < 4; k++) pre[k] = k < n ? a.pre[t * n + k] : 0.f;
+    const float* x = a.x + (size_t)t * n * d;
     float* h = a.h + (size_t)t * d;
     float ss = 0.f;
     for (int c = threadIdx.x; c < d; c += blockDim.x) {
         float o = 0.f;
-        for (int k = 0; k < n; k++) o = fmaf(pre[k], __ldcg(x + (size_t)k * d + c), o);
+        for (int k = 0; k < n; k++) o = fmaf(pre_s[k], x[(size_t)k * d + c], o);
         h[c] = o;
         ss = fmaf(o, o, ss);
     }
     const float rn = 1.0f / sqrtf(block_sum(ss, sh) / (float)d + a.norm_eps);
     for (int c = threadIdx.x; c < d; c += blockDim.x) h[c] = h[c] * rn * a.norm_w[c];
-    if (threadIdx.x == 0) a.counters[t] = 0;
 }
 
 // h[t, d] = sum_i pre[t, i] * x[t, i, d].

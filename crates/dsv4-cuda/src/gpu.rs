@@ -31,12 +31,35 @@ pub struct Gpu {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
     module: Arc<CudaModule>,
-    funcs: Mutex<HashMap<String, CudaFunction>>,
+    /// Loaded kernels, with the dynamic shared memory each is allowed so far.
+    funcs: Mutex<HashMap<String, (CudaFunction, u32)>>,
     pub name: String,
     pub ordinal: usize,
     pub sm_count: usize,
     /// Launch with programmatic dependent launch (`DSV4_CUDA_PDL=0` turns it off).
     pdl: bool,
+    /// Per-launch timing (`set_profile`): events around every launch, PDL off.
+    profile: Mutex<Option<Profile>>,
+}
+
+/// Launches recorded by the profiler: (label, bytes streamed if known, start, end).
+#[derive(Default)]
+struct Profile {
+    launches: Vec<(String, usize, sys::CUevent, sys::CUevent)>,
+    tag: Option<(String, usize)>,
+}
+
+// SAFETY: the events are plain driver handles, used only under the Gpu's mutex with its
+// context bound.
+unsafe impl Send for Profile {}
+
+/// One profiled launch: its label (kernel name and grid, or the tag its caller gave), the
+/// weight bytes it streams when the caller said, and its time.
+#[derive(Clone, Debug)]
+pub struct ProfiledLaunch {
+    pub label: String,
+    pub bytes: usize,
+    pub ms: f64,
 }
 
 fn drv(what: &str) -> impl Fn(result::DriverError) -> Error + '_ {
@@ -80,8 +103,16 @@ impl Gpu {
         // stream cannot be captured.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(drv("creating a stream"))?;
+        // DSV4_CUDA_FATBIN swaps in another build of the kernels (same argument layouts), so
+        // kernel variants can be compared under one binary.
+        let fatbin = match std::env::var_os("DSV4_CUDA_FATBIN") {
+            Some(path) => std::fs::read(&path).map_err(|e| {
+                Error::Driver(format!("reading DSV4_CUDA_FATBIN {}: {e}", path.display()))
+            })?,
+            None => FATBIN.to_vec(),
+        };
         let module = ctx
-            .load_module(cudarc::nvrtc::Ptx::from_binary(FATBIN.to_vec()))
+            .load_module(cudarc::nvrtc::Ptx::from_binary(fatbin))
             .map_err(|e| Error::Arch(format!("loading dsv4's kernels on {name}: {e}")))?;
         let sm_count = ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
@@ -95,6 +126,7 @@ impl Gpu {
             ordinal,
             sm_count,
             pdl: std::env::var("DSV4_CUDA_PDL").map_or(true, |v| v != "0"),
+            profile: Mutex::new(None),
         }))
     }
 
@@ -190,17 +222,81 @@ impl Gpu {
             .ok_or_else(|| Error::Driver("a CUDA graph capture recorded nothing".into()))
     }
 
-    fn func(&self, name: &str) -> Result<CudaFunction> {
-        let mut f = self.funcs.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(func) = f.get(name) {
-            return Ok(func.clone());
+    /// Times every launch from now on with events around it (launches serialized: no PDL, and
+    /// no graph capture may run meanwhile), until [`Gpu::take_profile`].
+    pub fn set_profile(&self, on: bool) {
+        *self.profile.lock().unwrap_or_else(|p| p.into_inner()) = on.then(Profile::default);
+    }
+
+    pub fn profiling(&self) -> bool {
+        self.profile
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
+    /// Names the next launch in the profile (with the bytes it streams); no-op when off.
+    pub fn tag(&self, label: impl FnOnce() -> (String, usize)) {
+        if let Some(p) = self
+            .profile
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            p.tag = Some(label());
         }
-        let func = self
-            .module
-            .load_function(name)
-            .map_err(|e| Error::Driver(format!("kernel `{name}` is missing: {e}")))?;
-        f.insert(name.to_string(), func.clone());
-        Ok(func)
+    }
+
+    /// Waits for the profiled launches and returns their times in launch order; profiling
+    /// stays on with an empty record.
+    pub fn take_profile(&self) -> Result<Vec<ProfiledLaunch>> {
+        self.sync()?;
+        let launches = match self
+            .profile
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            Some(p) => std::mem::take(&mut p.launches),
+            None => return Ok(Vec::new()),
+        };
+        let mut out = Vec::with_capacity(launches.len());
+        for (label, bytes, a, b) in launches {
+            let ms = unsafe { result::event::elapsed(a, b) }.map_err(drv("reading an event"));
+            unsafe {
+                let _ = result::event::destroy(a);
+                let _ = result::event::destroy(b);
+            }
+            out.push(ProfiledLaunch {
+                label,
+                bytes,
+                ms: ms? as f64,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Kernel `name`, allowed at least `smem` bytes of dynamic shared memory (the limit is
+    /// raised once per kernel, not per launch).
+    fn func(&self, name: &str, smem: u32) -> Result<CudaFunction> {
+        let mut f = self.funcs.lock().unwrap_or_else(|p| p.into_inner());
+        if !f.contains_key(name) {
+            let func = self
+                .module
+                .load_function(name)
+                .map_err(|e| Error::Driver(format!("kernel `{name}` is missing: {e}")))?;
+            f.insert(name.to_string(), (func, 48 * 1024));
+        }
+        let (func, allowed) = f.get_mut(name).expect("inserted above");
+        if smem > *allowed {
+            func.set_attribute(
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+            .map_err(drv("raising the shared-memory limit"))?;
+            *allowed = smem;
+        }
+        Ok(func.clone())
     }
 
     /// Launches kernel `name` with `args` (each a `&T: DeviceRepr`).
@@ -212,14 +308,7 @@ impl Gpu {
         smem: u32,
         args: &[&dyn Arg],
     ) -> Result<()> {
-        let func = self.func(name)?;
-        if smem > 48 * 1024 {
-            func.set_attribute(
-                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                smem as i32,
-            )
-            .map_err(drv("raising the shared-memory limit"))?;
-        }
+        let func = self.func(name, smem)?;
         let mut params: Vec<*mut std::ffi::c_void> = args.iter().map(|a| a.param()).collect();
         // Programmatic dependent launch (see kernels/common.cuh): the next kernel may be
         // scheduled while this one finishes.
@@ -229,6 +318,28 @@ impl Gpu {
             value: unsafe { std::mem::zeroed() },
         };
         attr.value.programmaticStreamSerializationAllowed = 1;
+        self.ctx
+            .bind_to_thread()
+            .map_err(drv("binding the CUDA context"))?;
+        let mut prof = self.profile.lock().unwrap_or_else(|p| p.into_inner());
+        let events = match prof.as_mut() {
+            Some(p) => {
+                let ev = || {
+                    result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT)
+                        .map_err(drv("creating an event"))
+                };
+                let (a, b) = (ev()?, ev()?);
+                let (label, bytes) = p
+                    .tag
+                    .take()
+                    .unwrap_or_else(|| (format!("{name} {grid:?}"), 0));
+                p.launches.push((label, bytes, a, b));
+                unsafe { result::event::record(a, self.stream.cu_stream()) }
+                    .map_err(drv("recording an event"))?;
+                Some(b)
+            }
+            None => None,
+        };
         let cfg = sys::CUlaunchConfig {
             gridDimX: grid.0,
             gridDimY: grid.1,
@@ -239,11 +350,8 @@ impl Gpu {
             sharedMemBytes: smem,
             hStream: self.stream.cu_stream(),
             attrs: &mut attr,
-            numAttrs: self.pdl as u32,
+            numAttrs: (self.pdl && events.is_none()) as u32,
         };
-        self.ctx
-            .bind_to_thread()
-            .map_err(drv("binding the CUDA context"))?;
         // SAFETY: `params` points at one live value per kernel parameter, in order, with the
         // layout the kernel declares (the `Arg` types mirror the CUDA structs).
         unsafe {
@@ -255,7 +363,13 @@ impl Gpu {
             )
         }
         .result()
-        .map_err(|e| Error::Driver(format!("launching `{name}` {grid:?}x{block:?}: {e}")))
+        .map_err(|e| Error::Driver(format!("launching `{name}` {grid:?}x{block:?}: {e}")))?;
+        if let Some(b) = events {
+            unsafe { result::event::record(b, self.stream.cu_stream()) }
+                .map_err(drv("recording an event"))?;
+        }
+        drop(prof);
+        Ok(())
     }
 }
 

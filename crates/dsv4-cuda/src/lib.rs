@@ -14,6 +14,7 @@ pub mod weights;
 pub use cudarc;
 pub use gpu::Gpu;
 pub use model::{BatchItem, CudaModel};
+pub use state::GpuSeq;
 
 /// Everything that can go wrong on the device, each with a message a user can act on.
 #[derive(Debug, thiserror::Error)]

@@ -81,6 +81,8 @@ struct Scratch {
     nsel: DevBuf,
     logits_e: DevBuf,
     picks: DevBuf,
+    /// Expert picks that are all 0 (the shared expert through the routed-expert kernels).
+    zeros_i32: DevBuf,
     rw: DevBuf,
     eh: DevBuf,
     eout: DevBuf,
@@ -93,9 +95,8 @@ struct Scratch {
     scores_floats: usize,
     attn_part: DevBuf,
     out_logits: DevBuf,
-    /// `hc_fused` partial mix rows and per-token counters (zero between launches).
+    /// `hc_fused` partial mix rows of each column slice.
     hc_part: DevBuf,
-    hc_ctr: DevBuf,
     /// Decode steps: each layer's per-token cache pointers (`[layers, tokens]`), and the
     /// host copy last uploaded.
     seq_table: DevBuf,
@@ -151,6 +152,7 @@ impl Scratch {
             nsel: f(cap)?,
             logits_e: f(cap * c.n_routed_experts)?,
             picks: f(pairs)?,
+            zeros_i32: gpu.alloc_zeros(4 * cap.max(1))?,
             rw: f(pairs)?,
             eh: f(pairs * inter)?,
             eout: f(pairs * d)?,
@@ -164,7 +166,6 @@ impl Scratch {
             attn_part: f(cap.max(64) * h * (dh + 2))?,
             out_logits: f(cap * c.vocab_size)?,
             hc_part: f(HC_FUSED_TOKENS * d.div_ceil(ops::HC_COLS) * ((2 + n) * n + 1))?,
-            hc_ctr: gpu.alloc_zeros(HC_FUSED_TOKENS * 4)?,
             seq_table: gpu.alloc(layers * cap * std::mem::size_of::<SeqLayerPtrs>())?,
             table_host: Vec::new(),
             graphs: HashMap::new(),
@@ -516,7 +517,7 @@ impl CudaModel {
             &[&self.weights.embed.desc, &s.ids.ptr, &s.x.ptr, &nn],
         )?;
         // Few tokens: each boundary between blocks (the post-mix of the block that ran, the
-        // pre-mix and norm of the next) is one launch; the last post-mix runs on its own.
+        // pre-mix and norm of the next) is two launches; the last post-mix runs on its own.
         let fused = t <= HC_FUSED_TOKENS
             && self.hc_fused.load(Ordering::Relaxed)
             && n <= 4
@@ -659,7 +660,7 @@ impl CudaModel {
         )
     }
 
-    /// A block boundary for `t <= HC_FUSED_TOKENS` tokens in one launch: with `post`, the
+    /// A block boundary for `t <= HC_FUSED_TOKENS` tokens in two launches: with `post`, the
     /// block output `s.f` mixed into the streams (as `hc_post`); then `hc_pre` of `hc` and the
     /// RMS norm (weight `norm`) into `s.h`.
     fn hc_fused(&self, s: &Scratch, post: bool, hc: &GpuHc, norm: u64, t: usize) -> Result<()> {
@@ -674,7 +675,6 @@ impl CudaModel {
             scale: hc.scale.ptr(),
             norm_w: norm,
             partial: s.hc_part.ptr,
-            counters: s.hc_ctr.ptr,
             pre: s.pre.ptr,
             post: s.post.ptr,
             comb: s.comb.ptr,
@@ -687,12 +687,14 @@ impl CudaModel {
             norm_eps: c.rms_norm_eps,
         };
         self.gpu.launch(
-            "hc_fused",
+            "hc_fused_mix",
             (slices as u32, t as u32, 1),
             (ops::HC_THREADS as u32, 1, 1),
             0,
             &[&a],
-        )
+        )?;
+        self.gpu
+            .launch("hc_fused_pre", (t as u32, 1, 1), (1024, 1, 1), 0, &[&a])
     }
 
     /// Mixes the block output `s.f` back into the streams `s.x`.
@@ -1232,9 +1234,31 @@ impl CudaModel {
             ],
         )?;
         let lim = c.swiglu_limit.unwrap_or(f32::NAN);
-        // The shared expert into s.f (zeros without one).
-        match &mw.shared {
-            Some(sh) => {
+        // The shared expert into s.f (zeros without one). One token: through the routed-expert
+        // kernels (one pass for gate, up and SwiGLU, one for down); more: GEMVs that read each
+        // weight once for all tokens.
+        match (&mw.shared, &mw.shared_table) {
+            (Some(sh), Some(table)) if t == 1 => {
+                let desc = std::mem::size_of::<crate::weights::LinearDesc>() as u64;
+                let a = MoeArgs {
+                    w1: table.ptr,
+                    w3: table.ptr + desc,
+                    w2: table.ptr + 2 * desc,
+                    picks: s.zeros_i32.ptr,
+                    rw: 0,
+                    x: s.h.ptr,
+                    h: s.sg.ptr,
+                    out: s.f.ptr,
+                    k: 1,
+                    d: d as i32,
+                    i: sh.w1.out as i32,
+                    vec: (sh.w1.vec && sh.w3.vec && sh.w2.vec) as i32,
+                    rw_inside: 0,
+                    lim,
+                };
+                ops::moe_experts(g, sh.w1.fmt, &a, t)?;
+            }
+            (Some(sh), _) => {
                 ops::linear(g, &sh.w1, &hin, s.sg.ptr, inter, &part)?;
                 ops::linear(g, &sh.w3, &hin, s.su.ptr, inter, &part)?;
                 let total = t * sh.w1.out;
@@ -1254,7 +1278,7 @@ impl CudaModel {
                     &part,
                 )?;
             }
-            None => g.memset(s.f.ptr, 0, t * d * 4)?,
+            (None, _) => g.memset(s.f.ptr, 0, t * d * 4)?,
         }
         let pairs = t * k;
         let a = MoeArgs {

@@ -153,8 +153,24 @@ pub fn linear(
         vec: vec as i32,
     };
     let name = format!("gemv_{}_{mt}", w.fmt.name());
+    gpu.tag(|| {
+        (
+            format!("gemv {} {}x{} m{m} s{s}", w.fmt.name(), nrows, w.inp),
+            w.stored_bytes,
+        )
+    });
     let grid = (blocks as u32, s as u32, m.div_ceil(mt) as u32);
     gpu.launch(&name, grid, (256, 1, 1), 0, &[&w.desc, &args])
+}
+
+/// Stored bytes of a `rows × inp` matrix in `fmt` (weights and scales; profiler labels).
+fn gpu_bytes(fmt: Fmt, rows: usize, inp: usize) -> usize {
+    match fmt {
+        Fmt::Fp4 => rows * inp / 2 + rows * inp / 32,
+        Fmt::Fp8 => rows * inp + rows.div_ceil(128) * inp.div_ceil(128) * 4,
+        Fmt::F32 => rows * inp * 4,
+        _ => rows * inp * 2,
+    }
 }
 
 fn blocks_for(n: usize, per: usize) -> u32 {
@@ -284,7 +300,6 @@ pub struct HcArgs {
     pub scale: u64,
     pub norm_w: u64,
     pub partial: u64,
-    pub counters: u64,
     pub pre: u64,
     pub post: u64,
     pub comb: u64,
@@ -418,6 +433,9 @@ pub fn moe_experts(gpu: &Gpu, fmt: Fmt, a: &MoeArgs, pairs: usize) -> Result<()>
         return Ok(());
     }
     let f = fmt.name();
+    let expert = |rows: usize, inp: usize| gpu_bytes(fmt, rows, inp);
+    let (d, i) = (a.d as usize, a.i as usize);
+    gpu.tag(|| (format!("moe_up {f} x{pairs}"), pairs * expert(2 * i, d)));
     gpu.launch(
         &format!("moe_up_{f}"),
         (pairs as u32, blocks_for(a.i as usize, 16), 1),
@@ -425,6 +443,7 @@ pub fn moe_experts(gpu: &Gpu, fmt: Fmt, a: &MoeArgs, pairs: usize) -> Result<()>
         0,
         &[a],
     )?;
+    gpu.tag(|| (format!("moe_down {f} x{pairs}"), pairs * expert(d, i)));
     gpu.launch(
         &format!("moe_down_{f}"),
         (pairs as u32, blocks_for(a.d as usize, 32), 1),

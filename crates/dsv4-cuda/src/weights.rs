@@ -289,6 +289,9 @@ pub struct GpuMoe {
     pub fmt: Fmt,
     pub vec: bool,
     pub shared: Option<GpuExpert>,
+    /// The shared expert's [w1, w3, w2] descriptors, so one token's shared expert can run
+    /// through the routed-expert kernels (gate, up and SwiGLU in one pass).
+    pub shared_table: Option<DevBuf>,
 }
 
 pub struct GpuLayer {
@@ -335,6 +338,16 @@ impl GpuLayer {
                 bias: GpuVec::upload(gpu, bias)?,
             },
         };
+        let shared = l
+            .moe
+            .shared
+            .as_ref()
+            .map(|e| GpuExpert::upload(gpu, e))
+            .transpose()?;
+        let shared_table = match &shared {
+            Some(e) => Some(gpu.upload(&[e.w1.desc, e.w3.desc, e.w2.desc])?),
+            None => None,
+        };
         Ok(GpuLayer {
             kind: l.kind,
             dense_bytes: l.dense_bytes(),
@@ -354,12 +367,8 @@ impl GpuLayer {
                 experts,
                 fmt,
                 vec,
-                shared: l
-                    .moe
-                    .shared
-                    .as_ref()
-                    .map(|e| GpuExpert::upload(gpu, e))
-                    .transpose()?,
+                shared,
+                shared_table,
             },
         })
     }
