@@ -75,8 +75,9 @@ __device__ __forceinline__ const float* attn_key(const AttnArgs& a, const AttnVi
 // token t (window, then compressed/selected entries) are staged 32 at a time in shared memory
 // and shared by the block's 8 heads (one warp each; K=V is one shared head). Each warp keeps an
 // online softmax (max, sum, output) and writes its partial for `attn_combine`.
-extern "C" __global__ void __launch_bounds__(256) attention_partial(AttnArgs a, float* part, int nsplit) {
-    pdl_entry();
+// DH: the head dim at compile time (the release's 512: no per-channel bounds checks), or 0.
+template <int DH>
+__device__ __forceinline__ void attention_partial_impl(const AttnArgs& a, float* part, int nsplit) {
     extern __shared__ float keys[];  // [ATT_KEYS, dh]
     const int t = blockIdx.x, split = blockIdx.y;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -89,7 +90,7 @@ extern "C" __global__ void __launch_bounds__(256) attention_partial(AttnArgs a, 
     if (a.ratio > 0) ncomp = a.sel ? a.nsel[t] : min((p + 1) / a.ratio, a.n_entries);
     const int nk = nwin + ncomp;
     const int nchunks = (nk + ATT_KEYS - 1) / ATT_KEYS;
-    const int dh = a.dh;
+    const int dh = DH ? DH : a.dh;
     constexpr int PER = ATT_DMAX / 32;
     float q[PER], acc[PER];
     const bool head_ok = h < a.H;
@@ -154,6 +155,12 @@ extern "C" __global__ void __launch_bounds__(256) attention_partial(AttnArgs a, 
         if (c < dh) out[c] = acc[i];
     }
     if (lane == 0) { out[dh] = m; out[dh + 1] = l; }
+}
+
+extern "C" __global__ void __launch_bounds__(256) attention_partial(AttnArgs a, float* part, int nsplit) {
+    pdl_entry();
+    if (a.dh == ATT_DMAX) attention_partial_impl<ATT_DMAX>(a, part, nsplit);
+    else attention_partial_impl<0>(a, part, nsplit);
 }
 
 // Merges the splits of one (token, head) with the head's sink: out = sum acc / (sum l + sink).
@@ -324,6 +331,33 @@ extern "C" __global__ void indexer_scores(const float* q, const float* hw, const
     }
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
     if (blockIdx.x * nw >= n) return;  // a grid sized for longer contexts
+    if (hi == 64 && di == 128) {
+        // The release's shape: q staged with float4 loads all in flight; an entry's key is one
+        // float4 per lane, each head's dot is 4 FMAs per lane, and two transposed reductions
+        // leave heads h and h + 32 in lane h.
+        const float4* q4 = (const float4*)(q + (size_t)t * 64 * 128);
+        float4* s4 = (float4*)sq;
+        for (int i = threadIdx.x; i < 64 * 32; i += blockDim.x) s4[i] = q4[i];
+        __syncthreads();
+        const float w0 = hw[(size_t)t * 64 + lane] * wscale, w1 = hw[(size_t)t * 64 + 32 + lane] * wscale;
+        for (int e = blockIdx.x * nw + warp; e < n; e += gridDim.x * nw) {
+            float score = -INFINITY;
+            if (e < valid) {
+                const float4 k = __ldg((const float4*)(keys + (size_t)e * 128) + lane);
+                float lo[32], hi2[32];
+#pragma unroll
+                for (int h = 0; h < 32; h++) {
+                    const float4 a = s4[h * 32 + lane], b = s4[(h + 32) * 32 + lane];
+                    lo[h] = fmaf(a.x, k.x, fmaf(a.y, k.y, fmaf(a.z, k.z, a.w * k.w)));
+                    hi2[h] = fmaf(b.x, k.x, fmaf(b.y, k.y, fmaf(b.z, k.z, b.w * k.w)));
+                }
+                const float d0 = warp_sum_transposed(lo), d1 = warp_sum_transposed(hi2);
+                score = warp_sum(w0 * fmaxf(d0, 0.f) * dscale + w1 * fmaxf(d1, 0.f) * dscale);
+            }
+            if (lane == 0) scores[(size_t)t * ld_scores + e] = score;
+        }
+        return;
+    }
     for (int i = threadIdx.x; i < hi * di; i += blockDim.x)
         sq[(i / di) * stride + i % di] = q[(size_t)t * hi * di + i];
     __syncthreads();
