@@ -94,3 +94,138 @@ GEMV_ALL(FMT_BF16, bf16)
 GEMV_ALL(FMT_F16, f16)
 GEMV_ALL(FMT_FP8, fp8)
 GEMV_ALL(FMT_FP4, fp4)
+
+// One token, long-lived warps: the grid is sized to the GPU, and warp w takes a contiguous run
+// of tasks (row group g of 4 rows, K split s), so consecutive tasks are consecutive rows. The
+// next chunk's loads are issued before the current one is used, across task boundaries too,
+// so a warp's load stream does not drain between row groups (short-lived blocks spent much of
+// each launch ramping up and draining). Split-K partials are summed, in split order, by the
+// warp that finishes a row group's last split.
+template <int FMT>
+__device__ void gemv_stream_impl(const LinearW& W, const GemvArgs& a) {
+    constexpr int N = Chunk<FMT>::N;
+    const int lane = threadIdx.x & 31;
+    const int nw = gridDim.x * (blockDim.x >> 5);
+    const int w = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int G = (a.nrows + 3) / 4, S = a.S, nch = W.in / N;
+    const long long T = (long long)G * S;
+    const int t0 = (int)(T * w / nw), t1 = (int)(T * (w + 1) / nw);
+    const size_t row_bytes = (FMT == FMT_FP4) ? (size_t)W.in / 2
+                           : (size_t)W.in * (FMT == FMT_F32 ? 4 : (FMT == FMT_FP8 ? 1 : 2));
+    const float* x = a.x;
+    // Task state: rows of group g (clamped to the last row), chunk range [c0, c1), lane's chunk c.
+    auto setup = [&](int tau, int& g, int& c0, int& c1, const uint4* (&p)[4], RowScale<FMT> (&rs)[4]) {
+        g = tau / S;
+        const int s = tau % S;
+        c0 = (int)((long long)nch * s / S);
+        c1 = (int)((long long)nch * (s + 1) / S);
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const int r = a.row0 + min(4 * g + i, a.nrows - 1);
+            p[i] = (const uint4*)(W.w + (size_t)r * row_bytes);
+            rs[i] = RowScale<FMT>(W, r);
+        }
+    };
+    if (t0 >= t1) {
+        pdl_wait();
+        return;
+    }
+    int tau = t0, g, c0, c1;
+    const uint4* p[4];
+    RowScale<FMT> rs[4];
+    setup(tau, g, c0, c1, p, rs);
+    int cb = c0;  // this iteration's first chunk (lane 0's)
+    uint4 q[4];
+#pragma unroll
+    for (int i = 0; i < 4; i++) q[i] = cb + lane < c1 ? __ldg(p[i] + cb + lane) : make_uint4(0, 0, 0, 0);
+    pdl_wait();  // x is the previous kernel's output; the first weights are already requested
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    while (true) {
+        // Where the next iteration reads: further along this task, or the start of the next.
+        int ntau = tau, ng = g, nc0 = c0, nc1 = c1, ncb = cb + 32;
+        const uint4* np[4] = {p[0], p[1], p[2], p[3]};
+        RowScale<FMT> nrs[4] = {rs[0], rs[1], rs[2], rs[3]};
+        if (ncb >= c1) {
+            ntau = tau + 1;
+            if (ntau < t1) {
+                setup(ntau, ng, nc0, nc1, np, nrs);
+                ncb = nc0;
+            }
+        }
+        const bool more = ntau < t1;
+        uint4 nq[4];
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+            nq[i] = more && ncb + lane < nc1 ? __ldg(np[i] + ncb + lane) : make_uint4(0, 0, 0, 0);
+        const int c = cb + lane;
+        if (c < c1) {
+            const int xoff = a.xg_rows ? ((a.row0 + 4 * g) / a.xg_rows) * a.xg_stride : 0;
+            float xv[N];
+            load_x<N>(x + xoff + c * N, xv);
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                float f[N];
+                decode_vals<FMT>(q[i], f);
+                float d = 0.f;
+#pragma unroll
+                for (int j = 0; j < N; j++) d = fmaf(f[j], xv[j], d);
+                acc[i] = fmaf(d, rs[i].at(c), acc[i]);
+            }
+        }
+        if (ntau != tau) {
+            // Task done: its 4 row sums, written or kept as a partial.
+            const int s = tau % S;
+#pragma unroll
+            for (int i = 0; i < 4; i++) acc[i] = warp_sum(acc[i]);
+            const int nr = min(4, a.nrows - 4 * g);
+            if (lane == 0) {
+                for (int i = 0; i < nr; i++) {
+                    if (S == 1) a.y[4 * g + i] = acc[i];
+                    else a.partial[(size_t)s * a.nrows + 4 * g + i] = acc[i];
+                }
+            }
+            if (S > 1) {
+                int last = 0;
+                if (lane == 0) {
+                    __threadfence();
+                    last = atomicAdd(a.counters + g, 1u) == (unsigned)(S - 1);
+                }
+                last = __shfl_sync(0xffffffffu, last, 0);
+                if (last) {
+                    __threadfence();
+                    if (lane < nr) {
+                        float v = 0.f;
+                        for (int k = 0; k < S; k++) v += __ldcg(a.partial + (size_t)k * a.nrows + 4 * g + lane);
+                        a.y[4 * g + lane] = v;
+                    }
+                    if (lane == 0) a.counters[g] = 0;
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < 4; i++) acc[i] = 0.f;
+        }
+        if (!more) break;
+        tau = ntau;
+        g = ng;
+        c0 = nc0;
+        c1 = nc1;
+        cb = ncb;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            p[i] = np[i];
+            rs[i] = nrs[i];
+            q[i] = nq[i];
+        }
+    }
+}
+
+#define GEMV_STREAM(FMT, NAME)                                                                  \
+    extern "C" __global__ void __launch_bounds__(256) gemv_stream_##NAME(LinearW W, GemvArgs a) { \
+        pdl_launch(); /* waits inside, once its first weights are requested */                  \
+        gemv_stream_impl<FMT>(W, a);                                                            \
+    }
+GEMV_STREAM(FMT_F32, f32)
+GEMV_STREAM(FMT_BF16, bf16)
+GEMV_STREAM(FMT_F16, f16)
+GEMV_STREAM(FMT_FP8, fp8)
+GEMV_STREAM(FMT_FP4, fp4)

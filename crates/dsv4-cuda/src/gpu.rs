@@ -38,6 +38,8 @@ pub struct Gpu {
     pub sm_count: usize,
     /// Launch with programmatic dependent launch (`DSV4_CUDA_PDL=0` turns it off).
     pdl: bool,
+    /// One-token GEMVs on long-lived warps (`gemv_stream_*`; `DSV4_CUDA_STREAM=0` turns it off).
+    pub stream_gemv: bool,
     /// Per-launch timing (`set_profile`): events around every launch, PDL off.
     profile: Mutex<Option<Profile>>,
 }
@@ -127,6 +129,7 @@ impl Gpu {
             sm_count,
             pdl: std::env::var("DSV4_CUDA_PDL").map_or(true, |v| v != "0"),
             profile: Mutex::new(None),
+            stream_gemv: std::env::var("DSV4_CUDA_STREAM").map_or(true, |v| v != "0"),
         }))
     }
 

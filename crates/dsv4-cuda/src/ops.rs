@@ -121,6 +121,14 @@ pub fn linear(
         return gpu.launch(&name, grid, (256, 1, 1), 0, &[&w.desc, &args]);
     }
     let blocks = nrows.div_ceil(GEMV_ROWS);
+    let vec_ok =
+        w.vec && inp.ldx.is_multiple_of(4) && inp.x.is_multiple_of(16) && gstride.is_multiple_of(4);
+    // Short rows (≤ 2 KB: wq_b, the indexer's wq_b) leave the block-per-32-rows kernel's
+    // blocks too short-lived to keep loads in flight; long rows stream better through it.
+    let row_bytes = w.stored_bytes / w.out.max(1);
+    if m == 1 && vec_ok && gpu.stream_gemv && gs.is_multiple_of(4) && row_bytes <= 2048 {
+        return gemv_stream(gpu, w, inp, y, part);
+    }
     let vec =
         w.vec && inp.ldx.is_multiple_of(4) && inp.x.is_multiple_of(16) && gstride.is_multiple_of(4);
     // Narrow matrices (few row blocks) below the GEMM's token count: split K so the whole GPU
@@ -171,6 +179,54 @@ fn gpu_bytes(fmt: Fmt, rows: usize, inp: usize) -> usize {
         Fmt::F32 => rows * inp * 4,
         _ => rows * inp * 2,
     }
+}
+
+/// One token through `gemv_stream_*`: a grid of two blocks per SM whose warps each take a
+/// contiguous run of (4-row group, K split) tasks; K is split until there are at least two
+/// tasks per warp (each split keeping two chunk rounds), as far as the workspace allows.
+fn gemv_stream(gpu: &Gpu, w: &GpuLinear, inp: &LinIn, y: u64, part: &Partial) -> Result<()> {
+    let nrows = w.out;
+    let groups = nrows.div_ceil(4);
+    let warps = 2 * gpu.sm_count * 8;
+    let chunks = w.inp / w.fmt.chunk();
+    let mut s = (2 * warps).div_ceil(groups).min(chunks / 64).clamp(1, 64);
+    while s > 1 && s * nrows > part.floats {
+        s /= 2;
+    }
+    if groups > part.n_counters {
+        s = 1;
+    }
+    let (gs, gstride) = inp.group.unwrap_or((0, 0));
+    let args = GemvArgs {
+        x: inp.x,
+        y,
+        partial: part.ptr,
+        counters: part.counters,
+        row0: 0,
+        nrows: nrows as i32,
+        ldx: inp.ldx as i32,
+        ldy: 0,
+        m: 1,
+        s: s as i32,
+        xg_rows: gs as i32,
+        xg_stride: gstride as i32,
+        vec: 1,
+    };
+    let blocks = (groups * s).div_ceil(8).min(2 * gpu.sm_count);
+    gpu.tag(|| {
+        (
+            format!("gemv_stream {} {}x{} s{s}", w.fmt.name(), nrows, w.inp),
+            w.stored_bytes,
+        )
+    });
+    let name = format!("gemv_stream_{}", w.fmt.name());
+    gpu.launch(
+        &name,
+        (blocks as u32, 1, 1),
+        (256, 1, 1),
+        0,
+        &[&w.desc, &args],
+    )
 }
 
 fn blocks_for(n: usize, per: usize) -> u32 {
