@@ -418,15 +418,31 @@ topk_select(const float* scores, int ld_scores, int pos0, int m, int n, int k, i
             if ((u & mask) == prefix) atomicAdd(&hist[(u >> shift) & 0xff], 1);
         }
         __syncthreads();
-        if (threadIdx.x == 0) {
-            int cum = 0, dsel = 0;
-            for (int dg = 255; dg >= 0; dg--) {
-                if (cum + hist[dg] >= need) { dsel = dg; break; }
-                cum += hist[dg];
+        if (threadIdx.x < 32) {
+            // The digit holding the need-th largest key, scanning bins from the top: lane l
+            // owns bins [8l, 8l + 8); a suffix sum over lanes finds the one lane whose bins
+            // cross `need`, which then walks its 8 (a serial walk of 256 bins took µs per pass).
+            const int lane = threadIdx.x;
+            int own = 0;
+#pragma unroll
+            for (int b = 0; b < 8; b++) own += hist[8 * lane + b];
+            int suf = own;  // sum over lanes >= lane
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                const int v = __shfl_down_sync(0xffffffffu, suf, o);
+                if (lane + o < 32) suf += v;
             }
-            s_prefix = prefix | ((uint32_t)dsel << shift);
-            s_need = need - cum;
-            s_eq = hist[dsel];  // after the last pass: how many keys equal the k-th
+            int cum = suf - own;  // keys in the bins above this lane's
+            if (cum < need && need <= suf) {
+                int dsel = 8 * lane;
+                for (int dg = 8 * lane + 7; dg >= 8 * lane; dg--) {
+                    if (cum + hist[dg] >= need) { dsel = dg; break; }
+                    cum += hist[dg];
+                }
+                s_prefix = prefix | ((uint32_t)dsel << shift);
+                s_need = need - cum;
+                s_eq = hist[dsel];  // after the last pass: how many keys equal the k-th
+            }
         }
         __syncthreads();
         prefix = s_prefix;
