@@ -99,15 +99,7 @@ fn decode_row(
         let toks: Vec<[u32; 1]> = (0..b)
             .map(|j| [((5 + i * 131 + j * 17) % cfg.vocab_size) as u32])
             .collect();
-        let mut items: Vec<BatchItem> = seqs
-            .iter_mut()
-            .zip(&toks)
-            .map(|(seq, t)| BatchItem {
-                seq,
-                ids: t,
-                want: Logits::Last,
-            })
-            .collect();
+        let mut items = step_items(&mut seqs, &toks);
         let t = Instant::now();
         model.forward_batch(&mut items)?;
         if i >= 2 {
@@ -154,6 +146,18 @@ fn decode_row(
     )
 }
 
+/// One decode step's batch: sequence j adds token toks[j], last-row logits.
+fn step_items<'a>(seqs: &'a mut [GpuSeq], toks: &'a [[u32; 1]]) -> Vec<BatchItem<'a>> {
+    seqs.iter_mut()
+        .zip(toks)
+        .map(|(seq, t)| BatchItem {
+            seq,
+            ids: t,
+            want: Logits::Last,
+        })
+        .collect()
+}
+
 /// One more decode step, timed launch by launch (graphs and PDL off), printed grouped by label.
 fn profile_step(
     model: &CudaModel,
@@ -163,15 +167,7 @@ fn profile_step(
     step_s: f64,
 ) -> Result<()> {
     let toks: Vec<[u32; 1]> = (0..seqs.len()).map(|j| [(7 + j * 13) as u32]).collect();
-    let mut items: Vec<BatchItem> = seqs
-        .iter_mut()
-        .zip(&toks)
-        .map(|(seq, t)| BatchItem {
-            seq,
-            ids: t,
-            want: Logits::Last,
-        })
-        .collect();
+    let mut items = step_items(seqs, &toks);
     let gpu = &model.gpu;
     model.set_graphs(false);
     gpu.set_profile(true);

@@ -26,6 +26,36 @@ struct GemvArgs {
 }
 unsafe impl DeviceRepr for GemvArgs {}
 
+impl GemvArgs {
+    /// All `nrows` rows of a matrix for the tokens of `inp`, K split `s` ways.
+    fn new(
+        inp: &LinIn,
+        y: u64,
+        ldy: usize,
+        nrows: usize,
+        s: usize,
+        vec: bool,
+        part: &Partial,
+    ) -> Self {
+        let (gs, gstride) = inp.group.unwrap_or((0, 0));
+        GemvArgs {
+            x: inp.x,
+            y,
+            partial: part.ptr,
+            counters: part.counters,
+            row0: 0,
+            nrows: nrows as i32,
+            ldx: inp.ldx as i32,
+            ldy: ldy as i32,
+            m: inp.m as i32,
+            s: s as i32,
+            xg_rows: gs as i32,
+            xg_stride: gstride as i32,
+            vec: vec as i32,
+        }
+    }
+}
+
 /// `GemmArgs` of `kernels/gemm.cu`.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -145,21 +175,7 @@ pub fn linear(
             s = 1;
         }
     }
-    let args = GemvArgs {
-        x: inp.x,
-        y,
-        partial: part.ptr,
-        counters: part.counters,
-        row0: 0,
-        nrows: nrows as i32,
-        ldx: inp.ldx as i32,
-        ldy: ldy as i32,
-        m: m as i32,
-        s: s as i32,
-        xg_rows: gs as i32,
-        xg_stride: gstride as i32,
-        vec: vec as i32,
-    };
+    let args = GemvArgs::new(inp, y, ldy, nrows, s, vec, part);
     let name = format!("gemv_{}_{mt}", w.fmt.name());
     gpu.tag(|| {
         (
@@ -196,22 +212,7 @@ fn gemv_stream(gpu: &Gpu, w: &GpuLinear, inp: &LinIn, y: u64, part: &Partial) ->
     if groups > part.n_counters {
         s = 1;
     }
-    let (gs, gstride) = inp.group.unwrap_or((0, 0));
-    let args = GemvArgs {
-        x: inp.x,
-        y,
-        partial: part.ptr,
-        counters: part.counters,
-        row0: 0,
-        nrows: nrows as i32,
-        ldx: inp.ldx as i32,
-        ldy: 0,
-        m: 1,
-        s: s as i32,
-        xg_rows: gs as i32,
-        xg_stride: gstride as i32,
-        vec: 1,
-    };
+    let args = GemvArgs::new(inp, y, 0, nrows, s, true, part);
     let blocks = (groups * s).div_ceil(8).min(2 * gpu.sm_count);
     gpu.tag(|| {
         (
