@@ -628,21 +628,21 @@ mod avx512 {
     }
 
     /// Σ of one 128-input block: 8 × 16 f16 patterns at `h` against activations in
-    /// [`fp8_order`] at `xq`, in two FMA chains. Unscaled lane sums.
+    /// [`fp8_order`] at `xq`. Unscaled lane sums, in one FMA chain: each lane adds its inputs in
+    /// the order the tiled path's matmul does (over a row decoded in the same order), so a
+    /// one-block row gives the tiled path's result and longer rows stay close to it. (Two chains
+    /// measured no faster; the official profile's act-quant chunking test is sensitive to it.)
+    /// Latency is hidden by the two independent blocks of each step.
     #[target_feature(enable = "avx512f,avx512bw,fma")]
     #[inline]
     unsafe fn fp8_block(h: *const u16, xq: *const f32) -> __m512 {
         let w = |k: usize| cvt16(h.add(16 * k));
         let x = |k: usize| _mm512_loadu_ps(xq.add(16 * k));
-        let a = _mm512_mul_ps(w(0), x(0));
-        let c = _mm512_mul_ps(w(1), x(1));
-        let a = _mm512_fmadd_ps(w(2), x(2), a);
-        let c = _mm512_fmadd_ps(w(3), x(3), c);
-        let a = _mm512_fmadd_ps(w(4), x(4), a);
-        let c = _mm512_fmadd_ps(w(5), x(5), c);
-        let a = _mm512_fmadd_ps(w(6), x(6), a);
-        let c = _mm512_fmadd_ps(w(7), x(7), c);
-        _mm512_add_ps(a, c)
+        let mut a = _mm512_mul_ps(w(0), x(0));
+        for k in 1..8 {
+            a = _mm512_fmadd_ps(w(k), x(k), a);
+        }
+        a
     }
 
     /// Whether some byte of a [`fp8_halves`] NaN accumulator is 0xfe.
