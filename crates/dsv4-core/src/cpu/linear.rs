@@ -493,8 +493,9 @@ impl Linear {
         if m == 1 && !BatchInvariant::active() {
             let xp = match self.format {
                 Format::Fp4 { .. } | Format::Mxfp4 { .. } => kernels::fp4_order(x),
+                Format::Fp8 { .. } => kernels::fp8_order(x),
                 Format::Affine { bits: 4, .. } => kernels::affine4_order(x),
-                _ => Vec::new(),
+                _ => kernels::Prepared::default(),
             };
             y.par_chunks_mut(per_task).enumerate().for_each(|(c, ys)| {
                 let o0 = r0 + c * per_task;
@@ -504,12 +505,18 @@ impl Linear {
             });
             return;
         }
-        // FP4 tiles come out in the kernels' FP4 order: reorder the tokens to match, once.
+        // FP4 and FP8 tiles come out in the kernels' orders: reorder the tokens to match, once.
         let reordered;
-        let xs = if self.format.is_fp4() && kernels::wants_fp4_order() {
+        let order: Option<fn(&[f32]) -> kernels::Prepared> = match self.format {
+            _ if !kernels::wants_fp4_order() => None,
+            ref f if f.is_fp4() => Some(kernels::fp4_order),
+            Format::Fp8 { .. } => Some(kernels::fp8_order),
+            _ => None,
+        };
+        let xs = if let Some(order) = order {
             reordered = x
                 .chunks(self.inp)
-                .flat_map(kernels::fp4_order)
+                .flat_map(|t| order(t).to_vec())
                 .collect::<Vec<f32>>();
             &reordered[..]
         } else {
