@@ -629,9 +629,10 @@ mod avx512 {
 
     /// Σ of one 128-input block: 8 × 16 f16 patterns at `h` against activations in
     /// [`fp8_order`] at `xq`. Unscaled lane sums, in one FMA chain: each lane adds its inputs in
-    /// the order the tiled path's matmul does (over a row decoded in the same order), so a
-    /// one-block row gives the tiled path's result and longer rows stay close to it. (Two chains
-    /// measured no faster; the official profile's act-quant chunking test is sensitive to it.)
+    /// the order the tiled path's matmul does (over a row decoded in the same order), so with
+    /// power-of-two scales a one-block row gives the tiled path's result bitwise and longer rows
+    /// stay close to it. (Two chains measured no faster; the official profile's act-quant
+    /// chunking test is sensitive to the order.)
     /// Latency is hidden by the two independent blocks of each step.
     #[target_feature(enable = "avx512f,avx512bw,fma")]
     #[inline]
@@ -746,16 +747,19 @@ mod avx512 {
         let mut buf = Halves([0; 256]);
         let mut nan = _mm512_setzero_si512();
         let o = out.as_mut_ptr();
-        for u in 0..chunks {
-            let h = buf.0.as_mut_ptr();
-            fp8_halves(codes.as_ptr().add(64 * u), h, &mut nan);
-            let h = std::hint::black_box(h) as *const u16;
-            let s = _mm512_set1_ps(scales[64 * u / block] * 256.0);
-            for k in 0..4 {
-                _mm512_storeu_ps(
-                    o.add(64 * u + 16 * k),
-                    _mm512_mul_ps(cvt16(h.add(16 * k)), s),
-                );
+        let per = block / 64; // chunks per scale block
+        for (bi, &scale) in scales.iter().enumerate().take(chunks.div_ceil(per)) {
+            let s = _mm512_set1_ps(scale * 256.0);
+            for u in bi * per..((bi + 1) * per).min(chunks) {
+                let h = buf.0.as_mut_ptr();
+                fp8_halves(codes.as_ptr().add(64 * u), h, &mut nan);
+                let h = std::hint::black_box(h) as *const u16;
+                for k in 0..4 {
+                    _mm512_storeu_ps(
+                        o.add(64 * u + 16 * k),
+                        _mm512_mul_ps(cvt16(h.add(16 * k)), s),
+                    );
+                }
             }
         }
         if fp8_any_nan(nan) {
