@@ -462,8 +462,45 @@ pub struct MoeGemmArgs {
 }
 unsafe impl DeviceRepr for MoeGemmArgs {}
 
+/// The official profile's treatment of the experts' hidden rows before the down projection:
+/// each pair's row multiplied by its routing weight (`rw`, when set) and FP8-rounded per 128
+/// (DeepSeek's `Expert.forward` order; the combine must then not weight it again).
+#[derive(Clone, Copy)]
+pub struct HiddenRound {
+    pub rw: Option<u64>,
+}
+
+fn round_hidden(
+    gpu: &Gpu,
+    r: Option<HiddenRound>,
+    h: u64,
+    width: usize,
+    rows: usize,
+) -> Result<()> {
+    match r {
+        None => Ok(()),
+        Some(r) => crate::quant::fp8_round_rows(
+            gpu,
+            h,
+            width,
+            rows,
+            width,
+            dsv4_core::numerics::ACT_BLOCK,
+            None,
+            r.rw,
+        ),
+    }
+}
+
 /// The routed experts for many tokens: tiles of 64 pairs × 64 rows.
-pub fn moe_experts_gemm(gpu: &Gpu, fmt: Fmt, a: &MoeGemmArgs, ntile: usize) -> Result<()> {
+pub fn moe_experts_gemm(
+    gpu: &Gpu,
+    fmt: Fmt,
+    a: &MoeGemmArgs,
+    ntile: usize,
+    pairs: usize,
+    round: Option<HiddenRound>,
+) -> Result<()> {
     if ntile == 0 {
         return Ok(());
     }
@@ -475,6 +512,7 @@ pub fn moe_experts_gemm(gpu: &Gpu, fmt: Fmt, a: &MoeGemmArgs, ntile: usize) -> R
         0,
         &[a],
     )?;
+    round_hidden(gpu, round, a.h, a.i as usize, pairs)?;
     gpu.launch(
         &format!("moe_down_gemm_{f}"),
         (ntile as u32, blocks_for(a.d as usize, GEMM_TILE), 1),
@@ -485,7 +523,13 @@ pub fn moe_experts_gemm(gpu: &Gpu, fmt: Fmt, a: &MoeGemmArgs, ntile: usize) -> R
 }
 
 /// The routed experts, one block row per (token, slot) pair: gate+up (SwiGLU fused), then down.
-pub fn moe_experts(gpu: &Gpu, fmt: Fmt, a: &MoeArgs, pairs: usize) -> Result<()> {
+pub fn moe_experts(
+    gpu: &Gpu,
+    fmt: Fmt,
+    a: &MoeArgs,
+    pairs: usize,
+    round: Option<HiddenRound>,
+) -> Result<()> {
     if pairs == 0 {
         return Ok(());
     }
@@ -500,6 +544,7 @@ pub fn moe_experts(gpu: &Gpu, fmt: Fmt, a: &MoeArgs, pairs: usize) -> Result<()>
         0,
         &[a],
     )?;
+    round_hidden(gpu, round, a.h, i, pairs)?;
     gpu.tag(|| (format!("moe_down {f} x{pairs}"), pairs * expert(d, i)));
     gpu.launch(
         &format!("moe_down_{f}"),
