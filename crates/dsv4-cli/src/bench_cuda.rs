@@ -181,7 +181,7 @@ fn profile_step(
     run?;
     let what = format!("decode x{} @ {ctx}, {} layers", items.len(), cfg.num_layers);
     let note = format!("graph step {:.3} ms", step_s * 1e3);
-    print_profile(&what, &note, &launches?);
+    print_profile(&what, &note, &launches?, false);
     Ok(())
 }
 
@@ -199,21 +199,31 @@ fn profile_prefill(model: &CudaModel, ids: &[u32], layers: usize) -> Result<()> 
     run?;
     let what = format!("prefill {} tokens, {layers} layers", ids.len());
     let note = format!("wall {:.1} ms while profiled", wall * 1e3);
-    print_profile(&what, &note, &launches?);
+    print_profile(&what, &note, &launches?, true);
     Ok(())
 }
 
 /// Launches grouped by label, longest first, with the weight rate of those that stream weights.
-fn print_profile(what: &str, note: &str, launches: &[dsv4_cuda::gpu::ProfiledLaunch]) {
+/// `by_kernel` groups launches by kernel name alone (prefill: the MoE tiles vary per call).
+fn print_profile(
+    what: &str,
+    note: &str,
+    launches: &[dsv4_cuda::gpu::ProfiledLaunch],
+    by_kernel: bool,
+) {
     let mut groups: Vec<(String, usize, usize, f64)> = Vec::new();
     for l in launches {
-        match groups.iter_mut().find(|g| g.0 == l.label) {
+        let label = match l.label.split_once(" (") {
+            Some((name, _)) if by_kernel => name,
+            _ => &l.label,
+        };
+        match groups.iter_mut().find(|g| g.0 == label) {
             Some(g) => {
                 g.1 += 1;
                 g.2 += l.bytes;
                 g.3 += l.ms;
             }
-            None => groups.push((l.label.clone(), 1, l.bytes, l.ms)),
+            None => groups.push((label.to_string(), 1, l.bytes, l.ms)),
         }
     }
     groups.sort_by(|a, b| b.3.total_cmp(&a.3));
