@@ -749,3 +749,49 @@ fn fp8_tensor_core_gemm_matches_cpu() {
     let e = Fp8TcWeight::new(&gpu, &g).err().expect("refused");
     eprintln!("bf16 weight: {e}");
 }
+
+#[test]
+#[ignore = "debug"]
+fn zz_debug_official() {
+    for (ratios, hash) in [
+        (vec![0, 0, 0], 0),
+        (vec![4, 0, 0], 0),
+        (vec![128, 0, 0], 0),
+        (vec![16, 0, 0], 0),
+        (vec![0, 0, 0], 2),
+        (vec![4, 4, 0], 2),
+    ] {
+        let mut j = synthetic::flash_config_json();
+        let n = ratios.len() - 1;
+        let over = serde_json::json!({"vocab_size": 1000, "hidden_size": 512, "num_hidden_layers": n,
+            "compress_ratios": ratios.clone(), "num_hash_layers": hash, "n_routed_experts": 16,
+            "moe_intermediate_size": 256, "index_topk": 16, "o_groups": 4, "o_lora_rank": 128,
+            "num_attention_heads": 8, "q_lora_rank": 256, "index_n_heads": 8, "index_head_dim": 128});
+        for (k, v) in over.as_object().unwrap() {
+            j[k] = v.clone();
+        }
+        let cfg = ModelConfig::from_json(&j).unwrap();
+        let ck = synthetic::checkpoint(cfg, 3).unwrap();
+        let mut cpu = Model::load(&ck).unwrap();
+        for nm in [Numerics::Reference, Numerics::Official { act_quant: false }] {
+            cpu.numerics = nm;
+            let gpu = CudaModel::from_model(&cpu, 0).unwrap();
+            let t = 300;
+            let ids: Vec<u32> = (0..t).map(|i| (i * 7919 % 997) as u32 + 1).collect();
+            let mut cache = cpu.new_cache();
+            let want = cpu.forward(&mut cache, &ids, Logits::All).unwrap();
+            for ch in [vec![t], vec![1; t]] {
+                let got = run(&gpu, &ids, &ch);
+                let e = row_errors(&got, &want, 1000);
+                let bad: Vec<usize> = (0..t).filter(|&r| e[r] > 1e-4).collect();
+                eprintln!(
+                    "{ratios:?} hash {hash} {nm:?} chunks {}: worst {:.2e}, {} rows > 1e-4, first {:?}",
+                    ch.len(),
+                    worst(&e),
+                    bad.len(),
+                    &bad[..bad.len().min(8)]
+                );
+            }
+        }
+    }
+}
