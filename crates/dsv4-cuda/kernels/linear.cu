@@ -16,16 +16,16 @@ struct GemvArgs {
     int32_t vec;       // 16-byte path allowed (alignment checked by the host)
 };
 
+// Block (bx, s, bz) of a grid with gx row blocks: rows bx·32.., K split s, token chunk bz.
 template <int FMT, int MT>
-__device__ void gemv_impl(const LinearW& W, const GemvArgs& a) {
+__device__ void gemv_impl(const LinearW& W, const GemvArgs& a, int bx, int s, int bz, int gx) {
     constexpr int N = Chunk<FMT>::N;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int ri = blockIdx.x * GEMV_ROWS_PER_BLOCK + warp * 4;
+    const int ri = bx * GEMV_ROWS_PER_BLOCK + warp * 4;
     const bool active = ri < a.nrows;
     const int nr = min(4, a.nrows - ri);
-    const int m0 = blockIdx.z * MT;
+    const int m0 = bz * MT;
     const int M = min(MT, a.M - m0);
-    const int s = blockIdx.y;
     if (active) {
         const int r0 = a.row0 + ri;
         const float* xm[MT];
@@ -64,7 +64,7 @@ __device__ void gemv_impl(const LinearW& W, const GemvArgs& a) {
     // split order (deterministic) and resets the counter for the next launch.
     __shared__ int last;
     __syncthreads();
-    unsigned int* ctr = a.counters + blockIdx.z * gridDim.x + blockIdx.x;
+    unsigned int* ctr = a.counters + bz * gx + bx;
     if (threadIdx.x == 0) {
         __threadfence();
         last = atomicAdd(ctr, 1u) == (unsigned)(a.S - 1);
@@ -74,7 +74,7 @@ __device__ void gemv_impl(const LinearW& W, const GemvArgs& a) {
     __threadfence();
     for (int idx = threadIdx.x; idx < GEMV_ROWS_PER_BLOCK * M; idx += blockDim.x) {
         const int i = idx % GEMV_ROWS_PER_BLOCK, m = idx / GEMV_ROWS_PER_BLOCK;
-        const int r = blockIdx.x * GEMV_ROWS_PER_BLOCK + i;
+        const int r = bx * GEMV_ROWS_PER_BLOCK + i;
         if (r >= a.nrows) continue;
         float v = 0.f;
         for (int k = 0; k < a.S; k++) v += __ldcg(a.partial + ((size_t)k * a.M + m0 + m) * a.nrows + r);
@@ -86,7 +86,7 @@ __device__ void gemv_impl(const LinearW& W, const GemvArgs& a) {
 #define GEMV(FMT, NAME, MT)                                                                  \
     extern "C" __global__ void __launch_bounds__(256) gemv_##NAME##_##MT(LinearW W, GemvArgs a) { \
         pdl_launch(); /* waits inside, once its first weights are requested */               \
-        gemv_impl<FMT, MT>(W, a);                                                            \
+        gemv_impl<FMT, MT>(W, a, blockIdx.x, blockIdx.y, blockIdx.z, gridDim.x);             \
     }
 #define GEMV_ALL(FMT, NAME) GEMV(FMT, NAME, 1) GEMV(FMT, NAME, 2) GEMV(FMT, NAME, 4) GEMV(FMT, NAME, 8)
 GEMV_ALL(FMT_F32, f32)
@@ -94,6 +94,49 @@ GEMV_ALL(FMT_BF16, bf16)
 GEMV_ALL(FMT_F16, f16)
 GEMV_ALL(FMT_FP8, fp8)
 GEMV_ALL(FMT_FP4, fp4)
+
+// Several GEMVs of the same token count in one launch (matrices that read the same activations
+// in a decode step: one launch instead of several short ones, whose ramp-up and drain dominate
+// at a few MB each). Job j owns the grid's blocks [end[j-1], end[j]), laid out as its own
+// (row block, K split, token chunk) grid; each job has its own split-K workspace and counters.
+#define GEMV_MULTI_MAX 8
+struct GemvJob {
+    LinearW W;
+    GemvArgs a;
+    int32_t end;  // one past this job's last block of the launch grid
+    int32_t gx;   // its row blocks
+};
+struct GemvMulti {
+    int32_t n, pad_;
+    GemvJob j[GEMV_MULTI_MAX];
+};
+
+template <int MT>
+__device__ void gemv_multi_impl(const GemvMulti& g) {
+    int j = 0;
+    while (j + 1 < g.n && (int)blockIdx.x >= g.j[j].end) j++;
+    const GemvJob& job = g.j[j];
+    const int local = blockIdx.x - (j ? g.j[j - 1].end : 0);
+    const int bx = local % job.gx, rest = local / job.gx;
+    const int s = rest % job.a.S, bz = rest / job.a.S;
+    switch (job.W.fmt) {
+        case FMT_F32: gemv_impl<FMT_F32, MT>(job.W, job.a, bx, s, bz, job.gx); break;
+        case FMT_BF16: gemv_impl<FMT_BF16, MT>(job.W, job.a, bx, s, bz, job.gx); break;
+        case FMT_F16: gemv_impl<FMT_F16, MT>(job.W, job.a, bx, s, bz, job.gx); break;
+        case FMT_FP8: gemv_impl<FMT_FP8, MT>(job.W, job.a, bx, s, bz, job.gx); break;
+        default: gemv_impl<FMT_FP4, MT>(job.W, job.a, bx, s, bz, job.gx); break;
+    }
+}
+
+#define GEMV_MULTI(MT)                                                                      \
+    extern "C" __global__ void __launch_bounds__(256) gemv_multi_##MT(GemvMulti g) {        \
+        pdl_launch(); /* waits inside, once its first weights are requested */              \
+        gemv_multi_impl<MT>(g);                                                             \
+    }
+GEMV_MULTI(1)
+GEMV_MULTI(2)
+GEMV_MULTI(4)
+GEMV_MULTI(8)
 
 // One token, long-lived warps: the grid is sized to the GPU, and warp w takes a contiguous run
 // of tasks (row group g of 4 rows, K split s), so consecutive tasks are consecutive rows. The

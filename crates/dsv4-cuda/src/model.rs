@@ -4,7 +4,7 @@
 //! expert.
 
 use crate::gpu::{DevBuf, Gpu};
-use crate::ops::{self, AttnArgs, LinIn, MoeArgs, Partial, Pos, RopeDev};
+use crate::ops::{self, AttnArgs, LinIn, LinJob, MoeArgs, Partial, Pos, RopeDev};
 use crate::state::{CompState, GpuSeq, LayerState, SeqLayerPtrs};
 use crate::weights::{Fmt, GpuCompressor, GpuHc, GpuLayer, GpuRouter, GpuVec, GpuWeights};
 use crate::{Error, Result};
@@ -204,6 +204,9 @@ pub struct CudaModel {
     hc_fused: AtomicBool,
     /// The arithmetic followed (the CPU model's profile).
     numerics: Numerics,
+    /// Whether a decode step's projections of one input share a launch (`DSV4_CUDA_MULTI=0`
+    /// off, for A/B).
+    multi_gemv: bool,
     /// cuBLASLt and the FP8 weights in its layout (by code address), for prefill under the
     /// official profile with activation quantization; `None` otherwise or without cuBLASLt
     /// (`DSV4_CUDA_FP8_TC=0` turns it off).
@@ -294,6 +297,7 @@ impl CudaModel {
             graphs: AtomicBool::new(std::env::var("DSV4_CUDA_GRAPHS").map_or(true, |v| v != "0")),
             hc_fused: AtomicBool::new(std::env::var("DSV4_CUDA_HC_FUSED").is_ok_and(|v| v == "1")),
             numerics: model.numerics,
+            multi_gemv: std::env::var("DSV4_CUDA_MULTI").map_or(true, |v| v != "0"),
             tc,
             gpu,
         })
@@ -829,6 +833,19 @@ impl CudaModel {
         ops::linear(&self.gpu, w, inp, y, ldy, &Self::part(s))
     }
 
+    /// Several products of one input batch: one launch for a decode step's GEMVs
+    /// (`ops::linear_multi`), else each on its own (`dense`: the tensor cores where they apply).
+    fn project(&self, s: &mut Scratch, jobs: &[LinJob<'_>]) -> Result<()> {
+        let m = jobs.first().map_or(0, |j| j.inp.m);
+        if m <= ops::GEMM_MIN_TOKENS && self.multi_gemv {
+            return ops::linear_multi(&self.gpu, jobs, &Self::part(s));
+        }
+        for j in jobs {
+            self.dense(s, j.w, &j.inp, j.y, j.w.out)?;
+        }
+        Ok(())
+    }
+
     /// With activation quantization: `rows` rows of `width` at `x` FP8-rounded in place (the
     /// input of the next FP8/FP4 GEMM; nothing else reads them unrounded).
     fn round_gemm_input(&self, x: u64, width: usize, rows: usize) -> Result<()> {
@@ -882,7 +899,42 @@ impl CudaModel {
         let hq = self.gemm_h(s, t)?;
         let pos = Pos::Table(s.positions.ptr);
 
-        self.dense(s, &a.wq_a, &hq, s.qr.ptr, c.q_lora_rank)?;
+        // Every projection of h at once: one launch in a decode step.
+        let mut jobs = vec![
+            LinJob {
+                w: &a.wq_a,
+                inp: hq,
+                y: s.qr.ptr,
+            },
+            LinJob {
+                w: &a.wkv,
+                inp: hq,
+                y: s.kv.ptr,
+            },
+        ];
+        if let Some(cw) = &a.compressor {
+            jobs.push(LinJob {
+                w: &cw.wkv,
+                inp: hin,
+                y: s.cproj_kv.ptr,
+            });
+            jobs.push(LinJob {
+                w: &cw.wgate,
+                inp: hin,
+                y: s.cproj_gate.ptr,
+            });
+        }
+        if let Some(ix) = &a.indexer {
+            let ic = &ix.compressor;
+            for (w, y) in [
+                (&ic.wkv, s.iproj_kv.ptr),
+                (&ic.wgate, s.iproj_gate.ptr),
+                (&ix.weights_proj, s.hw.ptr),
+            ] {
+                jobs.push(LinJob { w, inp: hin, y });
+            }
+        }
+        self.project(s, &jobs)?;
         ops::rms_norm(g, s.qr.ptr, a.q_norm.ptr(), c.q_lora_rank, t, eps)?;
         // Both readers of qr (wq_b, the indexer's wq_b) are FP8 GEMMs.
         self.round_gemm_input(s.qr.ptr, c.q_lora_rank, t)?;
@@ -891,29 +943,19 @@ impl CudaModel {
         ops::rms_norm(g, s.q.ptr, 0, dh, t * h, eps)?;
         ops::rope(g, s.q.ptr, t * h, dh, h, &rope, pos, false)?;
 
-        self.dense(s, &a.wkv, &hq, s.kv.ptr, dh)?;
         ops::rms_norm(g, s.kv.ptr, a.kv_norm.ptr(), dh, t, eps)?;
         ops::rope(g, s.kv.ptr, t, dh, 1, &rope, pos, false)?;
         // The row is key and value as stored: the official profile's FP8 nope channels.
         self.round_entries(s.kv.ptr, dh, t, self.entry_round(false))?;
 
-        // Compressor and indexer projections for every token at once.
-        if let Some(cw) = &a.compressor {
-            ops::linear(g, &cw.wkv, &hin, s.cproj_kv.ptr, cw.wkv.out, &part)?;
-            ops::linear(g, &cw.wgate, &hin, s.cproj_gate.ptr, cw.wgate.out, &part)?;
-        }
         if let Some(ix) = &a.indexer {
             let (hi, di) = (c.index_n_heads, c.index_head_dim);
-            let ic = &ix.compressor;
-            ops::linear(g, &ic.wkv, &hin, s.iproj_kv.ptr, ic.wkv.out, &part)?;
-            ops::linear(g, &ic.wgate, &hin, s.iproj_gate.ptr, ic.wgate.out, &part)?;
             self.dense(s, &ix.wq_b, &qrin, s.qi.ptr, hi * di)?;
             ops::rope(g, s.qi.ptr, t * hi, di, hi, &rope, pos, false)?;
             // Official: queries rotated and rounded like the stored keys.
             if self.numerics.is_official() {
                 crate::quant::hadamard_fp4_round_trip(g, s.qi.ptr, di, t * hi, di)?;
             }
-            ops::linear(g, &ix.weights_proj, &hin, s.hw.ptr, hi, &part)?;
         }
 
         match per_seq {
@@ -1363,8 +1405,33 @@ impl CudaModel {
         let hin = LinIn::rows(s.h.ptr, d, t);
         // The router reads h as is (f32 in the official code too); the experts' GEMMs read
         // it FP8-rounded under activation quantization.
-        ops::linear(g, &mw.gate, &hin, s.logits_e.ptr, e, &part)?;
         let hq = self.gemm_h(s, t)?;
+        // One token's shared expert runs through the routed-expert kernels (below); otherwise
+        // its gate/up products go with the router's.
+        let shared_one = t == 1 && mw.shared_table.is_some();
+        match &mw.shared {
+            Some(sh) if !shared_one => self.project(
+                s,
+                &[
+                    LinJob {
+                        w: &mw.gate,
+                        inp: hin,
+                        y: s.logits_e.ptr,
+                    },
+                    LinJob {
+                        w: &sh.w1,
+                        inp: hq,
+                        y: s.sg.ptr,
+                    },
+                    LinJob {
+                        w: &sh.w3,
+                        inp: hq,
+                        y: s.su.ptr,
+                    },
+                ],
+            )?,
+            _ => ops::linear(g, &mw.gate, &hin, s.logits_e.ptr, e, &part)?,
+        }
         let aq = self.numerics.act_quant();
         let round = |rw: Option<u64>| aq.then_some(ops::HiddenRound { rw });
         let (bias, tid2eid) = match &mw.router {
@@ -1394,7 +1461,7 @@ impl CudaModel {
         // kernels (one pass for gate, up and SwiGLU, one for down); more: GEMVs that read each
         // weight once for all tokens.
         match (&mw.shared, &mw.shared_table) {
-            (Some(sh), Some(table)) if t == 1 => {
+            (Some(sh), Some(table)) if shared_one => {
                 let desc = std::mem::size_of::<crate::weights::LinearDesc>() as u64;
                 let a = MoeArgs {
                     w1: table.ptr,
@@ -1415,8 +1482,6 @@ impl CudaModel {
                 ops::moe_experts(g, sh.w1.fmt, &a, t, round(None))?;
             }
             (Some(sh), _) => {
-                self.dense(s, &sh.w1, &hq, s.sg.ptr, inter)?;
-                self.dense(s, &sh.w3, &hq, s.su.ptr, inter)?;
                 let total = t * sh.w1.out;
                 let (wd, tot, null) = (sh.w1.out as i32, total, 0u64);
                 ops::elementwise(

@@ -75,13 +75,14 @@ unsafe impl DeviceRepr for GemmArgs {}
 pub const GEMM_TILE: usize = 64;
 /// Up to this many tokens the GEMV (weights streamed once per 8 tokens) beats a mostly empty
 /// GEMM tile (decode batches).
-const GEMM_MIN_TOKENS: usize = 64;
+pub const GEMM_MIN_TOKENS: usize = 64;
 
 /// Rows per block of the GEMV kernels (8 warps × 4 rows).
 const GEMV_ROWS: usize = 32;
 
 /// Input of a linear layer: `m` rows of `x` with leading dimension `ldx`; with grouping, output
 /// row r reads its input at offset `(r / rows) · stride` (the grouped `wo_a`).
+#[derive(Clone, Copy)]
 pub struct LinIn {
     pub x: u64,
     pub ldx: usize,
@@ -185,6 +186,122 @@ pub fn linear(
     });
     let grid = (blocks as u32, s as u32, m.div_ceil(mt) as u32);
     gpu.launch(&name, grid, (256, 1, 1), 0, &[&w.desc, &args])
+}
+
+/// One product of [`linear_multi`]: `y[t, :] = W · inp[t, :]`, `y` with leading dimension
+/// `W.out`.
+pub struct LinJob<'a> {
+    pub w: &'a GpuLinear,
+    pub inp: LinIn,
+    pub y: u64,
+}
+
+/// `GemvJob` / `GemvMulti` of `kernels/linear.cu`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct GemvJob {
+    w: crate::weights::LinearDesc,
+    a: GemvArgs,
+    end: i32,
+    gx: i32,
+}
+const GEMV_MULTI_MAX: usize = 8;
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct GemvMulti {
+    n: i32,
+    pad: i32,
+    j: [GemvJob; GEMV_MULTI_MAX],
+}
+unsafe impl DeviceRepr for GemvMulti {}
+const _: () = assert!(std::mem::size_of::<GemvJob>() == 144);
+
+/// Several products of the same token count (≤ the GEMV range) in one launch: decode's
+/// matrices that read the same activations, a few MB each, stream better as one launch than as
+/// several short ones that each ramp up and drain. Other shapes run one [`linear`] each.
+pub fn linear_multi(gpu: &Gpu, jobs: &[LinJob<'_>], part: &Partial) -> Result<()> {
+    let m = jobs.first().map_or(0, |j| j.inp.m);
+    let fits = |j: &LinJob<'_>| {
+        j.inp.m == m
+            && j.inp.group.is_none()
+            && j.w.out > 0
+            && matches!(
+                j.w.fmt,
+                Fmt::F32 | Fmt::Bf16 | Fmt::F16 | Fmt::Fp8 | Fmt::Fp4
+            )
+    };
+    if jobs.len() < 2
+        || jobs.len() > GEMV_MULTI_MAX
+        || m == 0
+        || m > GEMM_MIN_TOKENS
+        || !jobs.iter().all(fits)
+    {
+        for j in jobs {
+            linear(gpu, j.w, &j.inp, j.y, j.w.out, part)?;
+        }
+        return Ok(());
+    }
+    let mt = match m {
+        1 => 1,
+        2 => 2,
+        3 | 4 => 4,
+        _ => 8,
+    };
+    let z = m.div_ceil(mt);
+    // One K split for all, so the launch covers the GPU twice; each job's partials and
+    // counters in their own part of the workspace (no split where it would not fit).
+    let base: usize = jobs.iter().map(|j| j.w.out.div_ceil(GEMV_ROWS) * z).sum();
+    let want = (2 * gpu.sm_count).div_ceil(base);
+    let (mut po, mut co, mut end) = (0usize, 0usize, 0usize);
+    let blank = GemvJob {
+        w: jobs[0].w.desc,
+        a: GemvArgs::new(&jobs[0].inp, 0, 0, 0, 1, false, part),
+        end: 0,
+        gx: 1,
+    };
+    let mut g = GemvMulti {
+        n: jobs.len() as i32,
+        pad: 0,
+        j: [blank; GEMV_MULTI_MAX],
+    };
+    let mut bytes = 0;
+    for (slot, j) in g.j.iter_mut().zip(jobs) {
+        let (w, inp) = (j.w, &j.inp);
+        let gx = w.out.div_ceil(GEMV_ROWS);
+        let vec = w.vec && inp.ldx.is_multiple_of(4) && inp.x.is_multiple_of(16);
+        let mut s = if vec {
+            want.min(w.inp / w.fmt.chunk() / 32).clamp(1, 64)
+        } else {
+            1
+        };
+        while s > 1 && po + s * m * w.out > part.floats {
+            s /= 2;
+        }
+        if co + gx * z > part.n_counters {
+            s = 1;
+        }
+        let jp = Partial {
+            ptr: part.ptr + 4 * po as u64,
+            floats: part.floats - po.min(part.floats),
+            counters: part.counters + 4 * co as u64,
+            n_counters: part.n_counters - co.min(part.n_counters),
+        };
+        if s > 1 {
+            po += s * m * w.out;
+            co += gx * z;
+        }
+        end += gx * s * z;
+        *slot = GemvJob {
+            w: w.desc,
+            a: GemvArgs::new(inp, j.y, w.out, w.out, s, vec, &jp),
+            end: end as i32,
+            gx: gx as i32,
+        };
+        bytes += w.stored_bytes;
+    }
+    gpu.tag(|| (format!("gemv_multi x{} m{m}", jobs.len()), bytes));
+    let name = format!("gemv_multi_{mt}");
+    gpu.launch(&name, (end as u32, 1, 1), (256, 1, 1), 0, &[&g])
 }
 
 /// Stored bytes of a `rows × inp` matrix in `fmt` (weights and scales; profiler labels).

@@ -77,6 +77,74 @@ fn linear_kernels_match_cpu() {
     }
 }
 
+/// Several GEMVs in one launch (`linear_multi`: mixed formats and widths, each job its own
+/// input, output and split-K workspace) against the CPU, token counts 1..64; and more tokens
+/// than the GEMV range (one `linear` each).
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn multi_gemv_matches_cpu() {
+    use dsv4_cuda::ops::{linear_multi, LinJob};
+    use dsv4_cuda::weights::GpuLinear;
+    use synthetic::MatrixFormat as F;
+    let gpu = Gpu::open(0).expect("GPU");
+    let part_buf = gpu.alloc(1 << 24).unwrap();
+    let counters = gpu.alloc_zeros(1 << 18).unwrap();
+    let part = Partial {
+        ptr: part_buf.ptr,
+        floats: 1 << 22,
+        counters: counters.ptr,
+        n_counters: 1 << 16,
+    };
+    let shapes = [
+        (F::Fp8, 1024, 4096),
+        (F::Bf16, 512, 4096),
+        (F::Fp4, 96, 4096),
+        (F::Fp8, 130, 1024),
+        (F::Bf16, 7, 1000),
+    ];
+    let mats: Vec<(Linear, GpuLinear)> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, &(f, out, inp))| {
+            let l: Linear = synthetic::random_linear(f, out, inp, 20 + i as u64).unwrap();
+            let g = GpuLinear::upload(&gpu, &l).unwrap();
+            (l, g)
+        })
+        .collect();
+    for m in [1usize, 2, 3, 8, 33, 64, 70] {
+        let xs: Vec<Vec<f32>> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, &(_, _, inp))| {
+                (0..m * inp)
+                    .map(|k| (((k + 77 * i) * 2654435761usize) % 1000) as f32 / 500.0 - 1.0)
+                    .collect()
+            })
+            .collect();
+        let xd: Vec<_> = xs.iter().map(|x| gpu.upload(x).unwrap()).collect();
+        let yd: Vec<_> = shapes
+            .iter()
+            .map(|&(_, out, _)| gpu.alloc(m * out * 4).unwrap())
+            .collect();
+        let jobs: Vec<LinJob<'_>> = (0..shapes.len())
+            .map(|i| LinJob {
+                w: &mats[i].1,
+                inp: LinIn::rows(xd[i].ptr, shapes[i].2, m),
+                y: yd[i].ptr,
+            })
+            .collect();
+        linear_multi(&gpu, &jobs, &part).unwrap();
+        for (i, &(f, out, inp)) in shapes.iter().enumerate() {
+            let want = mats[i].0.apply(&xs[i], m);
+            let mut got = vec![0f32; m * out];
+            gpu.dtoh(yd[i].ptr, &mut got).unwrap();
+            let e = worst(&row_errors(&got, &want, out));
+            assert!(e < 1e-5, "multi {f:?} [{out}, {inp}] m={m}: {e}");
+        }
+        eprintln!("linear_multi x{} m={m}: all within 1e-5", shapes.len());
+    }
+}
+
 /// A random model with Flash's head sizes (head_dim 512, window 128, CSA/HCA/sliding layers,
 /// index_topk below the number of entries) and a 1000-token vocabulary.
 fn random_model() -> Model {
