@@ -40,6 +40,9 @@ pub struct Gpu {
     pdl: bool,
     /// One-token GEMVs on long-lived warps (`gemv_stream_*`; `DSV4_CUDA_STREAM=0` turns it off).
     pub stream_gemv: bool,
+    /// Multi-token products of BF16/FP8/FP4 weights on the tensor cores (`kernels/gemm_tc.cu`;
+    /// `DSV4_CUDA_TC=0` keeps the SIMT GEMMs, for A/B comparisons).
+    pub tc: bool,
     /// Per-launch timing (`set_profile`): events around every launch, PDL off.
     profile: Mutex<Option<Profile>>,
 }
@@ -130,6 +133,7 @@ impl Gpu {
             pdl: std::env::var("DSV4_CUDA_PDL").map_or(true, |v| v != "0"),
             profile: Mutex::new(None),
             stream_gemv: std::env::var("DSV4_CUDA_STREAM").map_or(true, |v| v != "0"),
+            tc: std::env::var("DSV4_CUDA_TC").map_or(true, |v| v != "0"),
         }))
     }
 

@@ -158,7 +158,8 @@ impl Scratch {
             eout: f(pairs * d)?,
             sg: f(cap * inter)?,
             su: f(cap * inter)?,
-            tiles: f(2 * (pairs + e_count) + 64 * (pairs + e_count))?,
+            // At most pairs + experts tiles: expert, count and MOE_TILE_PAIRS pairs each.
+            tiles: f((2 + ops::MOE_TILE_PAIRS) * (pairs + e_count))?,
             partial: f(1 << 22)?,
             counters: gpu.alloc_zeros(4 << 16)?,
             scores: f(1 << 24)?,
@@ -791,6 +792,7 @@ impl CudaModel {
             ldx: h * dh,
             m: t,
             group: Some((rk, gw)),
+            terms: 3,
         };
         ops::linear(g, &a.wo_a, &oin, s.z.ptr, gr * rk, &part)?;
         ops::linear(
@@ -1302,7 +1304,7 @@ impl CudaModel {
         if self.moe_per_pair(t) {
             ops::moe_experts(g, mw.fmt, &a, pairs)?;
         } else {
-            // Group pairs by expert (tiles of up to 64) so each expert's weights are decoded
+            // Group pairs by expert (tiles of up to MOE_TILE_PAIRS) so each expert's weights are decoded
             // once per tile and reused by all of its tokens.
             let mut picks = vec![0i32; pairs];
             g.dtoh(s.picks.ptr, &mut picks)?;
@@ -1314,7 +1316,7 @@ impl CudaModel {
                     .ok_or_else(|| Error::Driver(format!("router picked expert {ex}")))?;
                 by_expert[ex].push(p as i32);
             }
-            let tp_w = ops::GEMM_TILE;
+            let tp_w = ops::MOE_TILE_PAIRS;
             let (mut te, mut tp, mut tn) = (Vec::new(), Vec::new(), Vec::new());
             for (ex, list) in by_expert.iter().enumerate() {
                 for chunk in list.chunks(tp_w) {
@@ -1343,8 +1345,12 @@ impl CudaModel {
                 i: a.i,
                 vec: a.vec,
                 lim: a.lim,
+                rw: a.rw,
+                rw_inside: a.rw_inside,
+                terms: 3,
             };
-            ops::moe_experts_gemm(g, mw.fmt, &ga, ntile)?;
+            // Activations are f32 here: three bf16 parts carry them whole.
+            ops::moe_experts_gemm(g, mw.fmt, mw.tc, 3, &ga, ntile)?;
         }
         let (ki, di, ti, inside) = (k as i32, d as i32, t as i32, 0i32);
         ops::elementwise(

@@ -68,11 +68,28 @@ struct GemmArgs {
     xg_rows: i32,
     xg_stride: i32,
     vec: i32,
+    terms: i32,
 }
 unsafe impl DeviceRepr for GemmArgs {}
 
 /// Tile of the multi-token kernels: 64 rows × 64 tokens.
 pub const GEMM_TILE: usize = 64;
+/// Pairs per tile of the MoE tile kernels (SIMT and tensor-core alike): the host groups each
+/// expert's (token, slot) pairs into tiles of this many.
+pub const MOE_TILE_PAIRS: usize = 64;
+/// Block tile of the tensor-core kernels (`kernels/gemm_tc.cu`): rows of W (the gated MoE tile
+/// takes half of them from w1, half from w3), tokens of the dense kernel, and the shared-memory
+/// row of 32 bf16 inputs plus padding.
+pub const TC_ROWS: usize = 128;
+pub const TC_TOKENS: usize = 128;
+const TC_BK: usize = 32;
+const TC_LD: usize = TC_BK + 8;
+
+/// Dynamic shared memory of a tensor-core kernel: two stages of the bf16 weight tile and the
+/// `terms` bf16 parts of `tokens` activations.
+fn tc_smem(tokens: usize, terms: u8) -> u32 {
+    (2 * (TC_ROWS + terms as usize * tokens) * TC_LD * 2) as u32
+}
 /// Up to this many tokens the GEMV (weights streamed once per 8 tokens) beats a mostly empty
 /// GEMM tile (decode batches).
 const GEMM_MIN_TOKENS: usize = 64;
@@ -87,6 +104,9 @@ pub struct LinIn {
     pub ldx: usize,
     pub m: usize,
     pub group: Option<(usize, usize)>,
+    /// bf16 parts of each activation in the tensor-core GEMMs (1..=3): 3 carries f32's whole
+    /// significand; 1 is exact when x holds bf16 values (FP8-rounded GEMM inputs).
+    pub terms: u8,
 }
 
 impl LinIn {
@@ -96,6 +116,7 @@ impl LinIn {
             ldx,
             m,
             group: None,
+            terms: 3,
         }
     }
 }
@@ -129,26 +150,18 @@ pub fn linear(
         _ => 8,
     };
     let (gs, gstride) = inp.group.unwrap_or((0, 0));
+    // Many tokens on the tensor cores where they compute this matrix exactly (a grid of at
+    // least half a block per SM).
+    if m > GEMM_MIN_TOKENS
+        && tc_applies(gpu, w, inp)
+        && 2 * nrows.div_ceil(TC_ROWS) * m.div_ceil(TC_TOKENS) >= gpu.sm_count
+    {
+        return gemm_tc(gpu, w, inp, y, ldy);
+    }
     // Many tokens: the tiled kernel reuses each decoded weight tile for 64 tokens.
     let tiles = nrows.div_ceil(GEMM_TILE) * m.div_ceil(GEMM_TILE);
     if m > GEMM_MIN_TOKENS && gs.is_multiple_of(GEMM_TILE) && 2 * tiles >= gpu.sm_count {
-        let args = GemmArgs {
-            x: inp.x,
-            y,
-            ldx: inp.ldx as i32,
-            ldy: ldy as i32,
-            m: m as i32,
-            xg_rows: gs as i32,
-            xg_stride: gstride as i32,
-            vec: w.vec as i32,
-        };
-        let grid = (
-            nrows.div_ceil(GEMM_TILE) as u32,
-            m.div_ceil(GEMM_TILE) as u32,
-            1,
-        );
-        let name = format!("gemm_{}", w.fmt.name());
-        return gpu.launch(&name, grid, (256, 1, 1), 0, &[&w.desc, &args]);
+        return gemm_simt(gpu, w, inp, y, ldy);
     }
     let blocks = nrows.div_ceil(GEMV_ROWS);
     let vec_ok =
@@ -185,6 +198,93 @@ pub fn linear(
     });
     let grid = (blocks as u32, s as u32, m.div_ceil(mt) as u32);
     gpu.launch(&name, grid, (256, 1, 1), 0, &[&w.desc, &args])
+}
+
+/// `y[t, :] = W · x[t, :]` through the SIMT tile kernel `gemm_*` (64 rows × 64 tokens per
+/// block, f32 arithmetic), any format; a grouped input must keep 64-row tiles in one group.
+pub fn gemm_simt(gpu: &Gpu, w: &GpuLinear, inp: &LinIn, y: u64, ldy: usize) -> Result<()> {
+    let (m, nrows) = (inp.m, w.out);
+    if m == 0 || nrows == 0 {
+        return Ok(());
+    }
+    let (gs, gstride) = inp.group.unwrap_or((0, 0));
+    let args = GemmArgs {
+        x: inp.x,
+        y,
+        ldx: inp.ldx as i32,
+        ldy: ldy as i32,
+        m: m as i32,
+        xg_rows: gs as i32,
+        xg_stride: gstride as i32,
+        vec: w.vec as i32,
+        terms: inp.terms as i32,
+    };
+    let grid = (
+        nrows.div_ceil(GEMM_TILE) as u32,
+        m.div_ceil(GEMM_TILE) as u32,
+        1,
+    );
+    let name = format!("gemm_{}", w.fmt.name());
+    gpu.launch(&name, grid, (256, 1, 1), 0, &[&w.desc, &args])
+}
+
+/// Whether [`gemm_tc`] takes `w` with this input: its weights decode exactly to bf16
+/// ([`GpuLinear::tc`]), a grouped input keeps each 128-row tile inside one group, and the
+/// tensor-core kernels are on (`DSV4_CUDA_TC`).
+pub fn tc_applies(gpu: &Gpu, w: &GpuLinear, inp: &LinIn) -> bool {
+    gpu.tc
+        && w.tc
+        && matches!(w.fmt, Fmt::Bf16 | Fmt::Fp8 | Fmt::Fp4)
+        && inp
+            .group
+            .is_none_or(|(gs, _)| gs > 0 && gs.is_multiple_of(TC_ROWS))
+}
+
+/// `y[t, :] = W · x[t, :]` on the tensor cores (`gemm_tc_*`: 128 rows × 128 tokens per block,
+/// x split into `inp.terms` bf16 parts), whatever the shape; an error where
+/// [`tc_applies`] says no.
+pub fn gemm_tc(gpu: &Gpu, w: &GpuLinear, inp: &LinIn, y: u64, ldy: usize) -> Result<()> {
+    if !tc_applies(gpu, w, inp) {
+        return Err(crate::Error::Unsupported(format!(
+            "the tensor-core GEMM does not take this {} matrix",
+            w.fmt.name()
+        )));
+    }
+    let (m, nrows) = (inp.m, w.out);
+    if m == 0 || nrows == 0 {
+        return Ok(());
+    }
+    let terms = inp.terms.clamp(1, 3);
+    let (gs, gstride) = inp.group.unwrap_or((0, 0));
+    let args = GemmArgs {
+        x: inp.x,
+        y,
+        ldx: inp.ldx as i32,
+        ldy: ldy as i32,
+        m: m as i32,
+        xg_rows: gs as i32,
+        xg_stride: gstride as i32,
+        vec: 1,
+        terms: terms as i32,
+    };
+    gpu.tag(|| {
+        (
+            format!("gemm_tc {} {}x{} m{m} t{terms}", w.fmt.name(), nrows, w.inp),
+            w.stored_bytes,
+        )
+    });
+    let grid = (
+        nrows.div_ceil(TC_ROWS) as u32,
+        m.div_ceil(TC_TOKENS) as u32,
+        1,
+    );
+    gpu.launch(
+        &format!("gemm_tc_{}", w.fmt.name()),
+        grid,
+        (256, 1, 1),
+        tc_smem(TC_TOKENS, terms),
+        &[&w.desc, &args],
+    )
 }
 
 /// Stored bytes of a `rows × inp` matrix in `fmt` (weights and scales; profiler labels).
@@ -459,15 +559,53 @@ pub struct MoeGemmArgs {
     pub i: i32,
     pub vec: i32,
     pub lim: f32,
+    /// `[T * k]` routing weights, one per pair (read when `rw_inside`).
+    pub rw: u64,
+    /// 1: the up kernel scales each pair's SwiGLU output by its routing weight.
+    pub rw_inside: i32,
+    /// bf16 parts of the activations in the tensor-core kernels (set by [`moe_experts_gemm`]).
+    pub terms: i32,
 }
 unsafe impl DeviceRepr for MoeGemmArgs {}
 
-/// The routed experts for many tokens: tiles of 64 pairs × 64 rows.
-pub fn moe_experts_gemm(gpu: &Gpu, fmt: Fmt, a: &MoeGemmArgs, ntile: usize) -> Result<()> {
+/// The routed experts for many tokens, over tiles of up to [`MOE_TILE_PAIRS`] pairs of one
+/// expert: on the tensor cores (activations in `terms` bf16 parts) when `tc` (every expert's
+/// [`GpuLinear::tc`]) and the GPU allows, else the SIMT kernels (64 rows per block).
+pub fn moe_experts_gemm(
+    gpu: &Gpu,
+    fmt: Fmt,
+    tc: bool,
+    terms: u8,
+    a: &MoeGemmArgs,
+    ntile: usize,
+) -> Result<()> {
     if ntile == 0 {
         return Ok(());
     }
     let f = fmt.name();
+    if tc && gpu.tc && matches!(fmt, Fmt::Bf16 | Fmt::Fp8 | Fmt::Fp4) {
+        let terms = terms.clamp(1, 3);
+        let a = MoeGemmArgs {
+            terms: terms as i32,
+            ..*a
+        };
+        let smem = tc_smem(MOE_TILE_PAIRS, terms);
+        // Up: 64 intermediate rows (gate and up) per block; down: 128 output rows.
+        gpu.launch(
+            &format!("moe_up_gemm_tc_{f}"),
+            (ntile as u32, blocks_for(a.i as usize, TC_ROWS / 2), 1),
+            (256, 1, 1),
+            smem,
+            &[&a],
+        )?;
+        return gpu.launch(
+            &format!("moe_down_gemm_tc_{f}"),
+            (ntile as u32, blocks_for(a.d as usize, TC_ROWS), 1),
+            (256, 1, 1),
+            smem,
+            &[&a],
+        );
+    }
     gpu.launch(
         &format!("moe_up_gemm_{f}"),
         (ntile as u32, blocks_for(a.i as usize, GEMM_TILE), 1),

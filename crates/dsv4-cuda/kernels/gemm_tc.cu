@@ -1,0 +1,348 @@
+// Tensor-core versions of the multi-token GEMMs of gemm.cu for BF16, FP8 and FP4 weights, with
+// f32 results equal to the SIMT kernels' up to f32 rounding:
+//  - the weight tile is decoded into shared memory as bf16 with its scale applied. The host
+//    takes this path only when that is exact (bf16 weights; e4m3 or e2m1 values times a
+//    power-of-two scale that keeps every product a normal number: `GpuLinear::tc`);
+//  - the f32 activations are split into `terms` bf16 parts hi + mid + lo (3 parts carry all 24
+//    bits of an f32 significand; 1 is exact when x already holds bf16 values), each multiplied
+//    on the tensor cores (mma.sync m16n8k16, bf16 in, f32 accumulate) into one accumulator.
+// A block computes a 128-row x BN-token tile with 8 warps (4 along the rows x 2 along the
+// tokens, each 32 rows x BN/2 tokens); the K loop steps by 32 through two shared-memory stages,
+// the next step's global loads in flight in registers while this step's MMAs run.
+#pragma once
+#include "gemm.cu"
+
+#define TC_BM 128
+#define TC_BK 32
+#define TC_LD 40  // bf16 per shared row: 32 + 8 pad, so the 8 rows of an ldmatrix hit distinct banks
+#define TC_THREADS 256
+
+typedef uint16_t bf16_t;  // raw bf16 bits in shared memory
+
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const bf16_t* p) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(s)
+                 : "memory");
+}
+
+__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two f32 as a bf16x2 word (round to nearest; exact for the weights the host lets through).
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *(uint32_t*)&v;
+}
+
+// The next K step's weight chunks of one thread, loaded from global memory but not yet decoded.
+// Shared row r of the tile is row row0 + r of W0 for r < split, else row row0 + r - split of W1
+// (the gated MoE tile stacks 64 gate rows over 64 up rows).
+template <int FMT>
+struct TcWLoad {
+    static constexpr int N = Chunk<FMT>::N;
+    static constexpr int PER_ROW = TC_BK / N;
+    static constexpr int CHUNKS = TC_BM * PER_ROW;
+    static constexpr int L = (CHUNKS + TC_THREADS - 1) / TC_THREADS;
+    uint4 q[L];
+    float s[L];
+
+    __device__ __forceinline__ void load(const LinearW& W0, const LinearW& W1, int split, int row0, int k0) {
+#pragma unroll
+        for (int l = 0; l < L; l++) {
+            const int ci = threadIdx.x + l * TC_THREADS;
+            q[l] = make_uint4(0, 0, 0, 0);
+            s[l] = 0.f;
+            if (CHUNKS % TC_THREADS != 0 && ci >= CHUNKS) continue;
+            const int r = ci / PER_ROW, c = ci % PER_ROW;
+            // W1 has W0's shape: select its pointers field by field (a reference to either
+            // struct would put both on the stack).
+            LinearW W = W0;
+            if (r >= split) {
+                W.w = W1.w;
+                W.scales = W1.scales;
+            }
+            const int g = row0 + (r < split ? r : r - split);
+            // The host takes this path only with the 16-byte layout (W.in a multiple of N), so
+            // a chunk lies wholly inside or outside the matrix.
+            if (g >= W.out || k0 + c * N >= W.in) continue;
+            const size_t row_bytes = (FMT == FMT_FP4) ? (size_t)W.in / 2 : (size_t)W.in * (FMT == FMT_FP8 ? 1 : 2);
+            const int chunk = k0 / N + c;
+            q[l] = __ldg((const uint4*)(W.w + (size_t)g * row_bytes) + chunk);
+            s[l] = RowScale<FMT>(W, g).at(chunk);
+        }
+    }
+
+    // Decodes the chunks into the shared tile A[TC_BM][TC_LD] as bf16, scale applied.
+    __device__ __forceinline__ void store(bf16_t* A) const {
+#pragma unroll
+        for (int l = 0; l < L; l++) {
+            const int ci = threadIdx.x + l * TC_THREADS;
+            if (CHUNKS % TC_THREADS != 0 && ci >= CHUNKS) continue;
+            const int r = ci / PER_ROW, c = ci % PER_ROW;
+            uint4* dst = (uint4*)(A + r * TC_LD + c * N);
+            if constexpr (FMT == FMT_BF16) {
+                dst[0] = q[l];  // already bf16 (zeros outside the matrix)
+            } else {
+                float f[N];
+                decode_vals<FMT>(q[l], f);
+#pragma unroll
+                for (int j = 0; j < N / 8; j++) {
+                    const int b = 8 * j;
+                    dst[j] = make_uint4(pack_bf16(f[b] * s[l], f[b + 1] * s[l]), pack_bf16(f[b + 2] * s[l], f[b + 3] * s[l]),
+                                        pack_bf16(f[b + 4] * s[l], f[b + 5] * s[l]), pack_bf16(f[b + 6] * s[l], f[b + 7] * s[l]));
+                }
+            }
+        }
+    }
+};
+
+// The next K step's activations of one thread: BN tokens x 32 inputs as float4 pieces
+// (piece i: token i / 8, inputs 4 (i % 8) ..+4); zeros past the tokens or K.
+template <int BN>
+struct TcXLoad {
+    static constexpr int L = BN * TC_BK / 4 / TC_THREADS;
+    float4 v[L];
+
+    template <typename XRow>
+    __device__ __forceinline__ void load(XRow xrow, int ntok, int k0, int K, bool xvec) {
+#pragma unroll
+        for (int l = 0; l < L; l++) {
+            const int i = threadIdx.x + l * TC_THREADS;
+            const int t = i / 8, k = k0 + (i % 8) * 4;
+            float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (t < ntok) {
+                const float* p = xrow(t) + k;
+                if (xvec) {
+                    if (k < K) x = __ldg((const float4*)p);  // K % 4 == 0 here
+                } else {
+                    if (k < K) x.x = p[0];
+                    if (k + 1 < K) x.y = p[1];
+                    if (k + 2 < K) x.z = p[2];
+                    if (k + 3 < K) x.w = p[3];
+                }
+            }
+            v[l] = x;
+        }
+    }
+
+    // Splits into bf16 parts X[term][BN][TC_LD]: x = hi + mid + lo (+ what lies below f32's
+    // 24 bits of significand), the first `terms` of them stored. Each remainder x - bf16(x) is
+    // exact in f32.
+    __device__ __forceinline__ void store(bf16_t* X, int terms) const {
+#pragma unroll
+        for (int l = 0; l < L; l++) {
+            const int i = threadIdx.x + l * TC_THREADS;
+            const int t = i / 8, kq = (i % 8) * 4;
+            float cur[4] = {v[l].x, v[l].y, v[l].z, v[l].w};
+#pragma unroll
+            for (int term = 0; term < 3; term++) {
+                if (term >= terms) break;
+                uint32_t w[2];
+#pragma unroll
+                for (int j = 0; j < 2; j++) {
+                    const __nv_bfloat162 b = __floats2bfloat162_rn(cur[2 * j], cur[2 * j + 1]);
+                    w[j] = *(const uint32_t*)&b;
+                    cur[2 * j] -= __low2float(b);
+                    cur[2 * j + 1] -= __high2float(b);
+                }
+                *(uint2*)(X + (term * BN + t) * TC_LD + kq) = make_uint2(w[0], w[1]);
+            }
+        }
+    }
+};
+
+// Shared bytes of the two stages: the 128-row weight tile and `terms` BN-token activation tiles.
+__host__ __device__ constexpr int tc_stage_elems(int bn, int terms) { return (TC_BM + terms * bn) * TC_LD; }
+
+// One K step (32 inputs) of a warp's 32 x BN/2 accumulators from a shared stage. The warp's two
+// 16-row MMA tiles start at shared rows m0 and m1; its tokens at wn * BN/2.
+template <int BN>
+__device__ __forceinline__ void tc_step(const bf16_t* A, const bf16_t* X, int terms, int m0, int m1,
+                                        float (&acc)[2][BN / 16][4]) {
+    constexpr int NT = BN / 16;  // 8-token MMA tiles per warp
+    const int lane = threadIdx.x & 31, wn = (threadIdx.x >> 5) >> 2;
+#pragma unroll
+    for (int kk = 0; kk < TC_BK; kk += 16) {
+        // A fragments: lanes 0-15 address rows 0-15 at k, lanes 16-31 the same rows at k + 8.
+        uint32_t a[2][4];
+        ldsm_x4(a[0], A + (m0 + (lane & 15)) * TC_LD + kk + (lane >> 4) * 8);
+        ldsm_x4(a[1], A + (m1 + (lane & 15)) * TC_LD + kk + (lane >> 4) * 8);
+        for (int term = 0; term < terms; term++) {
+            const bf16_t* Xt = X + term * BN * TC_LD;
+#pragma unroll
+            for (int jp = 0; jp < NT / 2; jp++) {
+                // B fragments of two 8-token tiles: matrices (tokens 0-7, k 0-7), (0-7, 8-15),
+                // (8-15, 0-7), (8-15, 8-15), the shared rows being tokens (the .col operand).
+                uint32_t b[4];
+                const int n = wn * (BN / 2) + jp * 16 + (lane & 7) + (lane >> 4) * 8;
+                ldsm_x4(b, Xt + n * TC_LD + kk + ((lane >> 3) & 1) * 8);
+#pragma unroll
+                for (int i = 0; i < 2; i++) {
+                    mma_bf16(acc[i][2 * jp], a[i], b[0], b[1]);
+                    mma_bf16(acc[i][2 * jp + 1], a[i], b[2], b[3]);
+                }
+            }
+        }
+    }
+}
+
+// The K loop of one block tile (see the top of the file); acc as in tc_step.
+template <int FMT, int BN, typename XRow>
+__device__ __forceinline__ void tc_mainloop(const LinearW& W0, const LinearW& W1, int split, int row0, int K,
+                                            XRow xrow, int ntok, bool xvec, int terms, int m0, int m1,
+                                            float (&acc)[2][BN / 16][4]) {
+    extern __shared__ __align__(16) uint8_t tc_smem[];
+    bf16_t* sm = (bf16_t*)tc_smem;
+    const int stage = tc_stage_elems(BN, terms);
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int j = 0; j < BN / 16; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) acc[i][j][e] = 0.f;
+    TcWLoad<FMT> wl;
+    TcXLoad<BN> xl;
+    wl.load(W0, W1, split, row0, 0);
+    xl.load(xrow, ntok, 0, K, xvec);
+    wl.store(sm);
+    xl.store(sm + TC_BM * TC_LD, terms);
+    __syncthreads();
+    const int nk = (K + TC_BK - 1) / TC_BK;
+    for (int kt = 0; kt < nk; kt++) {
+        const bf16_t* cur = sm + (kt & 1) * stage;
+        const bool more = kt + 1 < nk;
+        if (more) {
+            wl.load(W0, W1, split, row0, (kt + 1) * TC_BK);
+            xl.load(xrow, ntok, (kt + 1) * TC_BK, K, xvec);
+        }
+        tc_step<BN>(cur, cur + TC_BM * TC_LD, terms, m0, m1, acc);
+        if (more) {
+            // The other stage was last read before the previous barrier.
+            bf16_t* nxt = sm + ((kt + 1) & 1) * stage;
+            wl.store(nxt);
+            xl.store(nxt + TC_BM * TC_LD, terms);
+        }
+        __syncthreads();
+    }
+}
+
+// Accumulator element e of MMA tile (i, j): row offset within the 16-row tile, token offset
+// within the warp's tokens.
+__device__ __forceinline__ int tc_row(int e) { return ((threadIdx.x & 31) >> 2) + (e >> 1) * 8; }
+template <int BN>
+__device__ __forceinline__ int tc_tok(int j, int e) {
+    return ((threadIdx.x >> 5) >> 2) * (BN / 2) + j * 8 + 2 * (threadIdx.x & 3) + (e & 1);
+}
+
+// y = W x for a 128-row x BN-token tile (semantics of gemm_impl).
+template <int FMT, int BN>
+__device__ void gemm_tc_impl(const LinearW& W, const GemmArgs& a) {
+    const int row0 = blockIdx.x * TC_BM, tok0 = blockIdx.y * BN;
+    const int ntok = min(BN, a.M - tok0);
+    // Grouped input (wo_a): the host keeps a tile's rows inside one group (xg_rows % 128 == 0).
+    const int xoff = a.xg_rows ? (row0 / a.xg_rows) * a.xg_stride : 0;
+    const float* xb = a.x + (size_t)tok0 * a.ldx + xoff;
+    const int ldx = a.ldx;
+    const bool xvec = ((uintptr_t)xb % 16 == 0) && ldx % 4 == 0 && W.in % 4 == 0;
+    auto xrow = [&](int t) { return xb + (size_t)t * ldx; };
+    const int wm = (threadIdx.x >> 5) & 3;
+    float acc[2][BN / 16][4];
+    tc_mainloop<FMT, BN>(W, W, TC_BM, row0, W.in, xrow, ntok, xvec, a.terms, wm * 32, wm * 32 + 16, acc);
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int j = 0; j < BN / 16; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int r = row0 + wm * 32 + i * 16 + tc_row(e), t = tc_tok<BN>(j, e);
+                if (r < W.out && t < ntok) a.y[(size_t)(tok0 + t) * a.ldy + r] = acc[i][j][e];
+            }
+}
+
+#define TC_GEMM_BN 128  // tokens per block of the dense kernels
+#define GEMM_TC(FMT, NAME)                                                                  \
+    extern "C" __global__ void __launch_bounds__(TC_THREADS) gemm_tc_##NAME(LinearW W, GemmArgs a) { \
+        pdl_entry();                                                                        \
+        gemm_tc_impl<FMT, TC_GEMM_BN>(W, a);                                                \
+    }
+GEMM_TC(FMT_BF16, bf16)
+GEMM_TC(FMT_FP8, fp8)
+GEMM_TC(FMT_FP4, fp4)
+
+// The tile's pairs into shared memory (see load_pairs); GB_T (64) pairs per tile.
+#define TC_MOE_BN GB_T
+
+// Gate and up of 64 intermediate rows for a tile of pairs of one expert, SwiGLU fused
+// (semantics of moe_up_gemm_impl): shared rows 0-63 are w1's, 64-127 w3's, so each warp holds
+// the gate (MMA tile 0) and up (MMA tile 1) values of the same 16 rows.
+template <int FMT>
+__device__ void moe_up_gemm_tc_impl(const MoeGemmArgs& a) {
+    __shared__ int pairs[GB_T];
+    const int tile = blockIdx.x, row0 = blockIdx.y * (TC_BM / 2);
+    const int e = a.tile_expert[tile], n = load_pairs(a, tile, pairs);
+    const LinearW W1 = a.w1[e], W3 = a.w3[e];
+    auto xrow = [&](int t) { return a.x + (size_t)(pairs[t] / a.k) * a.D; };
+    const bool xvec = ((uintptr_t)a.x % 16 == 0) && a.D % 4 == 0;
+    const int wm = (threadIdx.x >> 5) & 3;
+    float acc[2][TC_MOE_BN / 16][4];
+    tc_mainloop<FMT, TC_MOE_BN>(W1, W3, TC_BM / 2, row0, a.D, xrow, n, xvec, a.terms, wm * 16, TC_BM / 2 + wm * 16, acc);
+#pragma unroll
+    for (int j = 0; j < TC_MOE_BN / 16; j++)
+#pragma unroll
+        for (int c = 0; c < 4; c++) {
+            const int r = row0 + wm * 16 + tc_row(c), t = tc_tok<TC_MOE_BN>(j, c);
+            if (r >= a.I || t >= n) continue;
+            float gv = acc[0][j][c], uv = acc[1][j][c];
+            if (!isnan(a.lim)) {
+                gv = fminf(gv, a.lim);
+                uv = fminf(fmaxf(uv, -a.lim), a.lim);
+            }
+            const int p = pairs[t];
+            float hv = gv / (1.0f + expf(-gv)) * uv;
+            if (a.rw_inside) hv *= a.rw[p];
+            a.h[(size_t)p * a.I + r] = hv;
+        }
+}
+
+// Down projection of a tile of pairs (semantics of moe_down_gemm_impl).
+template <int FMT>
+__device__ void moe_down_gemm_tc_impl(const MoeGemmArgs& a) {
+    __shared__ int pairs[GB_T];
+    const int tile = blockIdx.x, row0 = blockIdx.y * TC_BM;
+    const int e = a.tile_expert[tile], n = load_pairs(a, tile, pairs);
+    const LinearW W2 = a.w2[e];
+    auto xrow = [&](int t) { return a.h + (size_t)pairs[t] * a.I; };
+    const bool xvec = ((uintptr_t)a.h % 16 == 0) && a.I % 4 == 0;
+    const int wm = (threadIdx.x >> 5) & 3;
+    float acc[2][TC_MOE_BN / 16][4];
+    tc_mainloop<FMT, TC_MOE_BN>(W2, W2, TC_BM, row0, a.I, xrow, n, xvec, a.terms, wm * 32, wm * 32 + 16, acc);
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int j = 0; j < TC_MOE_BN / 16; j++)
+#pragma unroll
+            for (int c = 0; c < 4; c++) {
+                const int r = row0 + wm * 32 + i * 16 + tc_row(c), t = tc_tok<TC_MOE_BN>(j, c);
+                if (r < a.D && t < n) a.out[(size_t)pairs[t] * a.D + r] = acc[i][j][c];
+            }
+}
+
+#define MOE_GEMM_TC(FMT, NAME)                                                                    \
+    extern "C" __global__ void __launch_bounds__(TC_THREADS) moe_up_gemm_tc_##NAME(MoeGemmArgs a) { \
+        pdl_entry();                                                                              \
+        moe_up_gemm_tc_impl<FMT>(a);                                                              \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(TC_THREADS) moe_down_gemm_tc_##NAME(MoeGemmArgs a) { \
+        pdl_entry();                                                                              \
+        moe_down_gemm_tc_impl<FMT>(a);                                                            \
+    }
+MOE_GEMM_TC(FMT_BF16, bf16)
+MOE_GEMM_TC(FMT_FP8, fp8)
+MOE_GEMM_TC(FMT_FP4, fp4)
