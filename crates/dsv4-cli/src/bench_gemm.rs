@@ -199,26 +199,36 @@ pub fn run(ordinal: usize, prompts: &[usize], json_out: bool) -> Result<()> {
     }
     println!();
     println!("Tile kernels at {TILE_TOKENS} tokens (TFLOP/s; TC = tensor cores, x in 1 or 3 bf16 parts):");
-    println!("| GEMM | format | N × K | SIMT | TC 1 part | TC 3 parts | TC 1 / SIMT |");
-    println!("| --- | --- | --- | ---: | ---: | ---: | ---: |");
+    println!("(BK: inputs per K step; 64 is the default, 32 the _k32 kernels)");
+    println!(
+        "| GEMM | format | N × K | SIMT | TC 1 part BK 64 | BK 32 | TC 3 parts BK 64 | BK 32 | best TC 1 / SIMT |"
+    );
+    println!("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |");
     for r in &tiles {
         let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
         println!(
-            "| {} | {} | {} × {} | {:.1} | {:.1} | {:.1} | {:.1}x |",
+            "| {} | {} | {} × {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1}x |",
             r["gemm"].as_str().unwrap_or(""),
             r["format"].as_str().unwrap_or(""),
             r["n"],
             r["k"],
             f("simt_tflops"),
             f("tc1_tflops"),
+            f("tc1_k32_tflops"),
             f("tc3_tflops"),
-            f("tc1_tflops") / f("simt_tflops").max(1e-9),
+            f("tc3_k32_tflops"),
+            f("tc1_tflops").max(f("tc1_k32_tflops")) / f("simt_tflops").max(1e-9),
         );
     }
     Ok(())
 }
 
 const TILE_TOKENS: usize = 8192;
+
+/// JSON key of a tensor-core timing: parts of x, and `_k32` for the 32-input K step.
+fn tc_key(terms: u8, bk: usize) -> String {
+    format!("tc{terms}{}", if bk == 32 { "_k32" } else { "" })
+}
 
 /// The tile kernels (`ops::gemm_simt`, `ops::gemm_tc`, `ops::moe_experts_gemm`) at
 /// [`TILE_TOKENS`] tokens: Flash's wq_b, wo_b and shared-expert w1 in FP8, and its routed
@@ -257,11 +267,14 @@ fn tile_kernels(gpu: &Gpu, c: &ModelConfig) -> Result<Vec<serde_json::Value>> {
             "tc": w.tc, "simt_ms": simt, "simt_tflops": tflops(m, n, k, simt)});
         if w.tc {
             for (terms, xp) in [(1u8, xqd.ptr), (3, xd.ptr)] {
-                let ms = time_ms(gpu, 2, &mut || {
-                    Ok(ops::gemm_tc(gpu, &w, &inp(xp, terms), y.ptr, n)?)
-                })?;
-                r[format!("tc{terms}_ms")] = json!(ms);
-                r[format!("tc{terms}_tflops")] = json!(tflops(m, n, k, ms));
+                for bk in [64, 32] {
+                    let ms = time_ms(gpu, 2, &mut || {
+                        Ok(ops::gemm_tc_bk(gpu, &w, &inp(xp, terms), y.ptr, n, bk)?)
+                    })?;
+                    let key = tc_key(terms, bk);
+                    r[format!("{key}_ms")] = json!(ms);
+                    r[format!("{key}_tflops")] = json!(tflops(m, n, k, ms));
+                }
             }
         }
         rows.push(r);
@@ -356,18 +369,21 @@ fn tile_kernels(gpu: &Gpu, c: &ModelConfig) -> Result<Vec<serde_json::Value>> {
         "simt_ms": simt, "simt_tflops": flops(simt)});
     if tc {
         for terms in [1u8, 3] {
-            let ms = time_ms(gpu, 1, &mut || {
-                Ok(ops::moe_experts_gemm(
-                    gpu,
-                    Fmt::Fp4,
-                    true,
-                    terms,
-                    &a,
-                    ntile,
-                )?)
-            })?;
-            r[format!("tc{terms}_ms")] = json!(ms);
-            r[format!("tc{terms}_tflops")] = json!(flops(ms));
+            for bk in [64, 32] {
+                let ms = time_ms(gpu, 1, &mut || {
+                    Ok(ops::moe_experts_gemm_tc(
+                        gpu,
+                        Fmt::Fp4,
+                        terms,
+                        bk,
+                        &a,
+                        ntile,
+                    )?)
+                })?;
+                let key = tc_key(terms, bk);
+                r[format!("{key}_ms")] = json!(ms);
+                r[format!("{key}_tflops")] = json!(flops(ms));
+            }
         }
     }
     rows.push(r);

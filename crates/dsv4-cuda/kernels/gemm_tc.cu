@@ -7,14 +7,16 @@
 //    bits of an f32 significand; 1 is exact when x already holds bf16 values), each multiplied
 //    on the tensor cores (mma.sync m16n8k16, bf16 in, f32 accumulate) into one accumulator.
 // A block computes a 128-row x BN-token tile with 8 warps (4 along the rows x 2 along the
-// tokens, each 32 rows x BN/2 tokens); the K loop steps by 32 through two shared-memory stages,
+// tokens, each 32 rows x BN/2 tokens); the K loop steps by BK through two shared-memory stages,
 // the next step's global loads in flight in registers while this step's MMAs run.
 #pragma once
 #include "gemm.cu"
 
 #define TC_BM 128
-#define TC_BK 32
-#define TC_LD 40  // bf16 per shared row: 32 + 8 pad, so the 8 rows of an ldmatrix hit distinct banks
+// BK: inputs per K step, 64 or 32 (the `_k32` kernels), a template parameter throughout.
+// bf16 per shared row: BK + 8, the pad putting the 8 rows of an ldmatrix in distinct banks.
+template <int BK>
+__host__ __device__ constexpr int tc_ld() { return BK + 8; }
 #define TC_THREADS 256
 
 typedef uint16_t bf16_t;  // raw bf16 bits in shared memory
@@ -44,10 +46,11 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
 // The next K step's weight chunks of one thread, loaded from global memory but not yet decoded.
 // Shared row r of the tile is row row0 + r of W0 for r < split, else row row0 + r - split of W1
 // (the gated MoE tile stacks 64 gate rows over 64 up rows).
-template <int FMT>
+template <int FMT, int BK>
 struct TcWLoad {
     static constexpr int N = Chunk<FMT>::N;
-    static constexpr int PER_ROW = TC_BK / N;
+    static constexpr int LD = tc_ld<BK>();
+    static constexpr int PER_ROW = BK / N;
     static constexpr int CHUNKS = TC_BM * PER_ROW;
     static constexpr int L = (CHUNKS + TC_THREADS - 1) / TC_THREADS;
     uint4 q[L];
@@ -79,14 +82,14 @@ struct TcWLoad {
         }
     }
 
-    // Decodes the chunks into the shared tile A[TC_BM][TC_LD] as bf16, scale applied.
+    // Decodes the chunks into the shared tile A[TC_BM][LD] as bf16, scale applied.
     __device__ __forceinline__ void store(bf16_t* A) const {
 #pragma unroll
         for (int l = 0; l < L; l++) {
             const int ci = threadIdx.x + l * TC_THREADS;
             if (CHUNKS % TC_THREADS != 0 && ci >= CHUNKS) continue;
             const int r = ci / PER_ROW, c = ci % PER_ROW;
-            uint4* dst = (uint4*)(A + r * TC_LD + c * N);
+            uint4* dst = (uint4*)(A + r * LD + c * N);
             if constexpr (FMT == FMT_BF16) {
                 dst[0] = q[l];  // already bf16 (zeros outside the matrix)
             } else {
@@ -103,11 +106,13 @@ struct TcWLoad {
     }
 };
 
-// The next K step's activations of one thread: BN tokens x 32 inputs as float4 pieces
-// (piece i: token i / 8, inputs 4 (i % 8) ..+4); zeros past the tokens or K.
-template <int BN>
+// The next K step's activations of one thread: BN tokens x BK inputs as float4 pieces
+// (piece i: token i / XP, inputs 4 (i % XP) ..+4); zeros past the tokens or K.
+template <int BN, int BK>
 struct TcXLoad {
-    static constexpr int L = BN * TC_BK / 4 / TC_THREADS;
+    static constexpr int LD = tc_ld<BK>();
+    static constexpr int XP = BK / 4;
+    static constexpr int L = BN * XP / TC_THREADS;
     float4 v[L];
 
     template <typename XRow>
@@ -115,7 +120,7 @@ struct TcXLoad {
 #pragma unroll
         for (int l = 0; l < L; l++) {
             const int i = threadIdx.x + l * TC_THREADS;
-            const int t = i / 8, k = k0 + (i % 8) * 4;
+            const int t = i / XP, k = k0 + (i % XP) * 4;
             float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
             if (t < ntok) {
                 const float* p = xrow(t) + k;
@@ -132,14 +137,14 @@ struct TcXLoad {
         }
     }
 
-    // Splits into bf16 parts X[term][BN][TC_LD]: x = hi + mid + lo (+ what lies below f32's
+    // Splits into bf16 parts X[term][BN][LD]: x = hi + mid + lo (+ what lies below f32's
     // 24 bits of significand), the first `terms` of them stored. Each remainder x - bf16(x) is
     // exact in f32.
     __device__ __forceinline__ void store(bf16_t* X, int terms) const {
 #pragma unroll
         for (int l = 0; l < L; l++) {
             const int i = threadIdx.x + l * TC_THREADS;
-            const int t = i / 8, kq = (i % 8) * 4;
+            const int t = i / XP, kq = (i % XP) * 4;
             float cur[4] = {v[l].x, v[l].y, v[l].z, v[l].w};
 #pragma unroll
             for (int term = 0; term < 3; term++) {
@@ -152,37 +157,39 @@ struct TcXLoad {
                     cur[2 * j] -= __low2float(b);
                     cur[2 * j + 1] -= __high2float(b);
                 }
-                *(uint2*)(X + (term * BN + t) * TC_LD + kq) = make_uint2(w[0], w[1]);
+                *(uint2*)(X + (term * BN + t) * LD + kq) = make_uint2(w[0], w[1]);
             }
         }
     }
 };
 
 // Shared bytes of the two stages: the 128-row weight tile and `terms` BN-token activation tiles.
-__host__ __device__ constexpr int tc_stage_elems(int bn, int terms) { return (TC_BM + terms * bn) * TC_LD; }
+template <int BK>
+__host__ __device__ constexpr int tc_stage_elems(int bn, int terms) { return (TC_BM + terms * bn) * tc_ld<BK>(); }
 
-// One K step (32 inputs) of a warp's 32 x BN/2 accumulators from a shared stage. The warp's two
-// 16-row MMA tiles start at shared rows m0 and m1; its tokens at wn * BN/2.
-template <int BN>
+// One K step (BK inputs) of a warp's 32 x BN/2 accumulators from a shared stage. The warp's
+// two 16-row MMA tiles start at shared rows m0 and m1; its tokens at wn * BN/2.
+template <int BN, int BK>
 __device__ __forceinline__ void tc_step(const bf16_t* A, const bf16_t* X, int terms, int m0, int m1,
                                         float (&acc)[2][BN / 16][4]) {
     constexpr int NT = BN / 16;  // 8-token MMA tiles per warp
+    constexpr int LD = tc_ld<BK>();
     const int lane = threadIdx.x & 31, wn = (threadIdx.x >> 5) >> 2;
 #pragma unroll
-    for (int kk = 0; kk < TC_BK; kk += 16) {
+    for (int kk = 0; kk < BK; kk += 16) {
         // A fragments: lanes 0-15 address rows 0-15 at k, lanes 16-31 the same rows at k + 8.
         uint32_t a[2][4];
-        ldsm_x4(a[0], A + (m0 + (lane & 15)) * TC_LD + kk + (lane >> 4) * 8);
-        ldsm_x4(a[1], A + (m1 + (lane & 15)) * TC_LD + kk + (lane >> 4) * 8);
+        ldsm_x4(a[0], A + (m0 + (lane & 15)) * LD + kk + (lane >> 4) * 8);
+        ldsm_x4(a[1], A + (m1 + (lane & 15)) * LD + kk + (lane >> 4) * 8);
         for (int term = 0; term < terms; term++) {
-            const bf16_t* Xt = X + term * BN * TC_LD;
+            const bf16_t* Xt = X + term * BN * LD;
 #pragma unroll
             for (int jp = 0; jp < NT / 2; jp++) {
                 // B fragments of two 8-token tiles: matrices (tokens 0-7, k 0-7), (0-7, 8-15),
                 // (8-15, 0-7), (8-15, 8-15), the shared rows being tokens (the .col operand).
                 uint32_t b[4];
                 const int n = wn * (BN / 2) + jp * 16 + (lane & 7) + (lane >> 4) * 8;
-                ldsm_x4(b, Xt + n * TC_LD + kk + ((lane >> 3) & 1) * 8);
+                ldsm_x4(b, Xt + n * LD + kk + ((lane >> 3) & 1) * 8);
 #pragma unroll
                 for (int i = 0; i < 2; i++) {
                     mma_bf16(acc[i][2 * jp], a[i], b[0], b[1]);
@@ -194,40 +201,41 @@ __device__ __forceinline__ void tc_step(const bf16_t* A, const bf16_t* X, int te
 }
 
 // The K loop of one block tile (see the top of the file); acc as in tc_step.
-template <int FMT, int BN, typename XRow>
+template <int FMT, int BN, int BK, typename XRow>
 __device__ __forceinline__ void tc_mainloop(const LinearW& W0, const LinearW& W1, int split, int row0, int K,
                                             XRow xrow, int ntok, bool xvec, int terms, int m0, int m1,
                                             float (&acc)[2][BN / 16][4]) {
     extern __shared__ __align__(16) uint8_t tc_smem[];
     bf16_t* sm = (bf16_t*)tc_smem;
-    const int stage = tc_stage_elems(BN, terms);
+    constexpr int LD = tc_ld<BK>();
+    const int stage = tc_stage_elems<BK>(BN, terms);
 #pragma unroll
     for (int i = 0; i < 2; i++)
 #pragma unroll
         for (int j = 0; j < BN / 16; j++)
 #pragma unroll
             for (int e = 0; e < 4; e++) acc[i][j][e] = 0.f;
-    TcWLoad<FMT> wl;
-    TcXLoad<BN> xl;
+    TcWLoad<FMT, BK> wl;
+    TcXLoad<BN, BK> xl;
     wl.load(W0, W1, split, row0, 0);
     xl.load(xrow, ntok, 0, K, xvec);
     wl.store(sm);
-    xl.store(sm + TC_BM * TC_LD, terms);
+    xl.store(sm + TC_BM * LD, terms);
     __syncthreads();
-    const int nk = (K + TC_BK - 1) / TC_BK;
+    const int nk = (K + BK - 1) / BK;
     for (int kt = 0; kt < nk; kt++) {
         const bf16_t* cur = sm + (kt & 1) * stage;
         const bool more = kt + 1 < nk;
         if (more) {
-            wl.load(W0, W1, split, row0, (kt + 1) * TC_BK);
-            xl.load(xrow, ntok, (kt + 1) * TC_BK, K, xvec);
+            wl.load(W0, W1, split, row0, (kt + 1) * BK);
+            xl.load(xrow, ntok, (kt + 1) * BK, K, xvec);
         }
-        tc_step<BN>(cur, cur + TC_BM * TC_LD, terms, m0, m1, acc);
+        tc_step<BN, BK>(cur, cur + TC_BM * LD, terms, m0, m1, acc);
         if (more) {
             // The other stage was last read before the previous barrier.
             bf16_t* nxt = sm + ((kt + 1) & 1) * stage;
             wl.store(nxt);
-            xl.store(nxt + TC_BM * TC_LD, terms);
+            xl.store(nxt + TC_BM * LD, terms);
         }
         __syncthreads();
     }
@@ -242,7 +250,7 @@ __device__ __forceinline__ int tc_tok(int j, int e) {
 }
 
 // y = W x for a 128-row x BN-token tile (semantics of gemm_impl).
-template <int FMT, int BN>
+template <int FMT, int BN, int BK>
 __device__ void gemm_tc_impl(const LinearW& W, const GemmArgs& a) {
     const int row0 = blockIdx.x * TC_BM, tok0 = blockIdx.y * BN;
     const int ntok = min(BN, a.M - tok0);
@@ -254,7 +262,7 @@ __device__ void gemm_tc_impl(const LinearW& W, const GemmArgs& a) {
     auto xrow = [&](int t) { return xb + (size_t)t * ldx; };
     const int wm = (threadIdx.x >> 5) & 3;
     float acc[2][BN / 16][4];
-    tc_mainloop<FMT, BN>(W, W, TC_BM, row0, W.in, xrow, ntok, xvec, a.terms, wm * 32, wm * 32 + 16, acc);
+    tc_mainloop<FMT, BN, BK>(W, W, TC_BM, row0, W.in, xrow, ntok, xvec, a.terms, wm * 32, wm * 32 + 16, acc);
 #pragma unroll
     for (int i = 0; i < 2; i++)
 #pragma unroll
@@ -267,11 +275,14 @@ __device__ void gemm_tc_impl(const LinearW& W, const GemmArgs& a) {
 }
 
 #define TC_GEMM_BN 128  // tokens per block of the dense kernels
-#define GEMM_TC(FMT, NAME)                                                                  \
-    extern "C" __global__ void __launch_bounds__(TC_THREADS) gemm_tc_##NAME(LinearW W, GemmArgs a) { \
-        pdl_entry();                                                                        \
-        gemm_tc_impl<FMT, TC_GEMM_BN>(W, a);                                                \
+#define GEMM_TC_K(FMT, NAME, BK, SUFFIX)                                                                 \
+    extern "C" __global__ void __launch_bounds__(TC_THREADS) gemm_tc_##NAME##SUFFIX(LinearW W, GemmArgs a) { \
+        pdl_entry();                                                                                     \
+        gemm_tc_impl<FMT, TC_GEMM_BN, BK>(W, a);                                                         \
     }
+#define GEMM_TC(FMT, NAME)       \
+    GEMM_TC_K(FMT, NAME, 64, )   \
+    GEMM_TC_K(FMT, NAME, 32, _k32)
 GEMM_TC(FMT_BF16, bf16)
 GEMM_TC(FMT_FP8, fp8)
 GEMM_TC(FMT_FP4, fp4)
@@ -282,7 +293,7 @@ GEMM_TC(FMT_FP4, fp4)
 // Gate and up of 64 intermediate rows for a tile of pairs of one expert, SwiGLU fused
 // (semantics of moe_up_gemm_impl): shared rows 0-63 are w1's, 64-127 w3's, so each warp holds
 // the gate (MMA tile 0) and up (MMA tile 1) values of the same 16 rows.
-template <int FMT>
+template <int FMT, int BK>
 __device__ void moe_up_gemm_tc_impl(const MoeGemmArgs& a) {
     __shared__ int pairs[GB_T];
     const int tile = blockIdx.x, row0 = blockIdx.y * (TC_BM / 2);
@@ -292,7 +303,7 @@ __device__ void moe_up_gemm_tc_impl(const MoeGemmArgs& a) {
     const bool xvec = ((uintptr_t)a.x % 16 == 0) && a.D % 4 == 0;
     const int wm = (threadIdx.x >> 5) & 3;
     float acc[2][TC_MOE_BN / 16][4];
-    tc_mainloop<FMT, TC_MOE_BN>(W1, W3, TC_BM / 2, row0, a.D, xrow, n, xvec, a.terms, wm * 16, TC_BM / 2 + wm * 16, acc);
+    tc_mainloop<FMT, TC_MOE_BN, BK>(W1, W3, TC_BM / 2, row0, a.D, xrow, n, xvec, a.terms, wm * 16, TC_BM / 2 + wm * 16, acc);
 #pragma unroll
     for (int j = 0; j < TC_MOE_BN / 16; j++)
 #pragma unroll
@@ -312,7 +323,7 @@ __device__ void moe_up_gemm_tc_impl(const MoeGemmArgs& a) {
 }
 
 // Down projection of a tile of pairs (semantics of moe_down_gemm_impl).
-template <int FMT>
+template <int FMT, int BK>
 __device__ void moe_down_gemm_tc_impl(const MoeGemmArgs& a) {
     __shared__ int pairs[GB_T];
     const int tile = blockIdx.x, row0 = blockIdx.y * TC_BM;
@@ -322,7 +333,7 @@ __device__ void moe_down_gemm_tc_impl(const MoeGemmArgs& a) {
     const bool xvec = ((uintptr_t)a.h % 16 == 0) && a.I % 4 == 0;
     const int wm = (threadIdx.x >> 5) & 3;
     float acc[2][TC_MOE_BN / 16][4];
-    tc_mainloop<FMT, TC_MOE_BN>(W2, W2, TC_BM, row0, a.I, xrow, n, xvec, a.terms, wm * 32, wm * 32 + 16, acc);
+    tc_mainloop<FMT, TC_MOE_BN, BK>(W2, W2, TC_BM, row0, a.I, xrow, n, xvec, a.terms, wm * 32, wm * 32 + 16, acc);
 #pragma unroll
     for (int i = 0; i < 2; i++)
 #pragma unroll
@@ -334,15 +345,18 @@ __device__ void moe_down_gemm_tc_impl(const MoeGemmArgs& a) {
             }
 }
 
-#define MOE_GEMM_TC(FMT, NAME)                                                                    \
-    extern "C" __global__ void __launch_bounds__(TC_THREADS) moe_up_gemm_tc_##NAME(MoeGemmArgs a) { \
-        pdl_entry();                                                                              \
-        moe_up_gemm_tc_impl<FMT>(a);                                                              \
-    }                                                                                             \
-    extern "C" __global__ void __launch_bounds__(TC_THREADS) moe_down_gemm_tc_##NAME(MoeGemmArgs a) { \
-        pdl_entry();                                                                              \
-        moe_down_gemm_tc_impl<FMT>(a);                                                            \
+#define MOE_GEMM_TC_K(FMT, NAME, BK, SUFFIX)                                                              \
+    extern "C" __global__ void __launch_bounds__(TC_THREADS) moe_up_gemm_tc_##NAME##SUFFIX(MoeGemmArgs a) {   \
+        pdl_entry();                                                                                     \
+        moe_up_gemm_tc_impl<FMT, BK>(a);                                                                 \
+    }                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(TC_THREADS) moe_down_gemm_tc_##NAME##SUFFIX(MoeGemmArgs a) { \
+        pdl_entry();                                                                                     \
+        moe_down_gemm_tc_impl<FMT, BK>(a);                                                               \
     }
+#define MOE_GEMM_TC(FMT, NAME)        \
+    MOE_GEMM_TC_K(FMT, NAME, 64, )    \
+    MOE_GEMM_TC_K(FMT, NAME, 32, _k32)
 MOE_GEMM_TC(FMT_BF16, bf16)
 MOE_GEMM_TC(FMT_FP8, fp8)
 MOE_GEMM_TC(FMT_FP4, fp4)

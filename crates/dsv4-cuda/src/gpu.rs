@@ -43,6 +43,9 @@ pub struct Gpu {
     /// Multi-token products of BF16/FP8/FP4 weights on the tensor cores (`kernels/gemm_tc.cu`;
     /// `DSV4_CUDA_TC=0` keeps the SIMT GEMMs, for A/B comparisons).
     pub tc: bool,
+    /// Inputs per K step of the tensor-core kernels: 64, or 32 with `DSV4_CUDA_TC_BK=32` (the
+    /// `_k32` kernels, for comparison).
+    pub tc_bk: usize,
     /// Per-launch timing (`set_profile`): events around every launch, PDL off.
     profile: Mutex<Option<Profile>>,
 }
@@ -134,6 +137,11 @@ impl Gpu {
             profile: Mutex::new(None),
             stream_gemv: std::env::var("DSV4_CUDA_STREAM").map_or(true, |v| v != "0"),
             tc: std::env::var("DSV4_CUDA_TC").map_or(true, |v| v != "0"),
+            tc_bk: if std::env::var("DSV4_CUDA_TC_BK").is_ok_and(|v| v == "32") {
+                32
+            } else {
+                64
+            },
         }))
     }
 

@@ -78,17 +78,24 @@ pub const GEMM_TILE: usize = 64;
 /// expert's (token, slot) pairs into tiles of this many.
 pub const MOE_TILE_PAIRS: usize = 64;
 /// Block tile of the tensor-core kernels (`kernels/gemm_tc.cu`): rows of W (the gated MoE tile
-/// takes half of them from w1, half from w3), tokens of the dense kernel, and the shared-memory
-/// row of 32 bf16 inputs plus padding.
+/// takes half of them from w1, half from w3) and tokens of the dense kernel.
 pub const TC_ROWS: usize = 128;
 pub const TC_TOKENS: usize = 128;
-const TC_BK: usize = 32;
-const TC_LD: usize = TC_BK + 8;
 
-/// Dynamic shared memory of a tensor-core kernel: two stages of the bf16 weight tile and the
-/// `terms` bf16 parts of `tokens` activations.
-fn tc_smem(tokens: usize, terms: u8) -> u32 {
-    (2 * (TC_ROWS + terms as usize * tokens) * TC_LD * 2) as u32
+/// Dynamic shared memory of a tensor-core kernel stepping `bk` inputs (64 or 32): two stages
+/// of the bf16 weight tile and the `terms` bf16 parts of `tokens` activations, in shared rows
+/// of `bk + 8` bf16.
+fn tc_smem(tokens: usize, terms: u8, bk: usize) -> u32 {
+    (2 * (TC_ROWS + terms as usize * tokens) * (bk + 8) * 2) as u32
+}
+
+/// Kernel-name suffix of the tensor-core kernels stepping `bk` inputs.
+fn tc_suffix(bk: usize) -> &'static str {
+    if bk == 32 {
+        "_k32"
+    } else {
+        ""
+    }
 }
 /// Up to this many tokens the GEMV (weights streamed once per 8 tokens) beats a mostly empty
 /// GEMM tile (decode batches).
@@ -244,6 +251,18 @@ pub fn tc_applies(gpu: &Gpu, w: &GpuLinear, inp: &LinIn) -> bool {
 /// x split into `inp.terms` bf16 parts), whatever the shape; an error where
 /// [`tc_applies`] says no.
 pub fn gemm_tc(gpu: &Gpu, w: &GpuLinear, inp: &LinIn, y: u64, ldy: usize) -> Result<()> {
+    gemm_tc_bk(gpu, w, inp, y, ldy, gpu.tc_bk)
+}
+
+/// [`gemm_tc`] stepping `bk` inputs (64, or 32: the `_k32` kernels).
+pub fn gemm_tc_bk(
+    gpu: &Gpu,
+    w: &GpuLinear,
+    inp: &LinIn,
+    y: u64,
+    ldy: usize,
+    bk: usize,
+) -> Result<()> {
     if !tc_applies(gpu, w, inp) {
         return Err(crate::Error::Unsupported(format!(
             "the tensor-core GEMM does not take this {} matrix",
@@ -279,10 +298,10 @@ pub fn gemm_tc(gpu: &Gpu, w: &GpuLinear, inp: &LinIn, y: u64, ldy: usize) -> Res
         1,
     );
     gpu.launch(
-        &format!("gemm_tc_{}", w.fmt.name()),
+        &format!("gemm_tc_{}{}", w.fmt.name(), tc_suffix(bk)),
         grid,
         (256, 1, 1),
-        tc_smem(TC_TOKENS, terms),
+        tc_smem(TC_TOKENS, terms, bk),
         &[&w.desc, &args],
     )
 }
@@ -584,27 +603,7 @@ pub fn moe_experts_gemm(
     }
     let f = fmt.name();
     if tc && gpu.tc && matches!(fmt, Fmt::Bf16 | Fmt::Fp8 | Fmt::Fp4) {
-        let terms = terms.clamp(1, 3);
-        let a = MoeGemmArgs {
-            terms: terms as i32,
-            ..*a
-        };
-        let smem = tc_smem(MOE_TILE_PAIRS, terms);
-        // Up: 64 intermediate rows (gate and up) per block; down: 128 output rows.
-        gpu.launch(
-            &format!("moe_up_gemm_tc_{f}"),
-            (ntile as u32, blocks_for(a.i as usize, TC_ROWS / 2), 1),
-            (256, 1, 1),
-            smem,
-            &[&a],
-        )?;
-        return gpu.launch(
-            &format!("moe_down_gemm_tc_{f}"),
-            (ntile as u32, blocks_for(a.d as usize, TC_ROWS), 1),
-            (256, 1, 1),
-            smem,
-            &[&a],
-        );
+        return moe_experts_gemm_tc(gpu, fmt, terms, gpu.tc_bk, a, ntile);
     }
     gpu.launch(
         &format!("moe_up_gemm_{f}"),
@@ -619,6 +618,43 @@ pub fn moe_experts_gemm(
         (256, 1, 1),
         0,
         &[a],
+    )
+}
+
+/// The tensor-core half of [`moe_experts_gemm`] stepping `bk` inputs (64, or 32: the `_k32`
+/// kernels); `fmt` must be BF16, FP8 or FP4 and every expert [`GpuLinear::tc`].
+pub fn moe_experts_gemm_tc(
+    gpu: &Gpu,
+    fmt: Fmt,
+    terms: u8,
+    bk: usize,
+    a: &MoeGemmArgs,
+    ntile: usize,
+) -> Result<()> {
+    if ntile == 0 {
+        return Ok(());
+    }
+    let (f, sfx) = (fmt.name(), tc_suffix(bk));
+    let terms = terms.clamp(1, 3);
+    let a = MoeGemmArgs {
+        terms: terms as i32,
+        ..*a
+    };
+    let smem = tc_smem(MOE_TILE_PAIRS, terms, bk);
+    // Up: 64 intermediate rows (gate and up) per block; down: 128 output rows.
+    gpu.launch(
+        &format!("moe_up_gemm_tc_{f}{sfx}"),
+        (ntile as u32, blocks_for(a.i as usize, TC_ROWS / 2), 1),
+        (256, 1, 1),
+        smem,
+        &[&a],
+    )?;
+    gpu.launch(
+        &format!("moe_down_gemm_tc_{f}{sfx}"),
+        (ntile as u32, blocks_for(a.d as usize, TC_ROWS), 1),
+        (256, 1, 1),
+        smem,
+        &[&a],
     )
 }
 

@@ -580,7 +580,7 @@ fn random_f32(n: usize, seed: u64) -> Vec<f32> {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn tensor_core_gemm_matches_cpu() {
-    use dsv4_cuda::ops::gemm_tc;
+    use dsv4_cuda::ops::gemm_tc_bk;
     use dsv4_cuda::weights::GpuLinear;
     use synthetic::MatrixFormat as F;
     let gpu = Gpu::open(0).expect("GPU");
@@ -607,26 +607,29 @@ fn tensor_core_gemm_matches_cpu() {
             for (terms, xs, tol) in [(3u8, &x, 2e-5f32), (1, &xq, 2e-6)] {
                 let want = l.apply(xs, m);
                 let xd = gpu.upload(xs).unwrap();
-                // Poisoned output: every element must be written.
-                let yd = gpu.upload(&vec![f32::NAN; m * n]).unwrap();
                 let inp = LinIn {
                     terms,
                     ..LinIn::rows(xd.ptr, k, m)
                 };
-                gemm_tc(&gpu, &g, &inp, yd.ptr, n).unwrap();
-                let mut got = vec![0f32; m * n];
-                gpu.dtoh(yd.ptr, &mut got).unwrap();
-                assert!(
-                    got.iter().all(|v| v.is_finite()),
-                    "unwritten or non-finite outputs"
-                );
-                let e = worst(&row_errors(&got, &want, n));
-                eprintln!("TC {fmt:?} [{n}, {k}] m={m} terms={terms}: max rel err {e:.2e}");
-                assert!(e <= tol, "{fmt:?} [{n}, {k}] m={m} terms={terms}: {e}");
-                if terms == 3 {
-                    worst3 = worst3.max(e);
-                } else {
-                    worst1 = worst1.max(e);
+                for bk in [64, 32] {
+                    // Poisoned output: every element must be written.
+                    let yd = gpu.upload(&vec![f32::NAN; m * n]).unwrap();
+                    gemm_tc_bk(&gpu, &g, &inp, yd.ptr, n, bk).unwrap();
+                    let mut got = vec![0f32; m * n];
+                    gpu.dtoh(yd.ptr, &mut got).unwrap();
+                    let what = format!("TC {fmt:?} [{n}, {k}] m={m} terms={terms} bk={bk}");
+                    assert!(
+                        got.iter().all(|v| v.is_finite()),
+                        "{what}: unwritten outputs"
+                    );
+                    let e = worst(&row_errors(&got, &want, n));
+                    eprintln!("{what}: max rel err {e:.2e}");
+                    assert!(e <= tol, "{what}: {e}");
+                    if terms == 3 {
+                        worst3 = worst3.max(e);
+                    } else {
+                        worst1 = worst1.max(e);
+                    }
                 }
             }
         }
@@ -659,7 +662,7 @@ fn tensor_core_gemm_matches_cpu() {
         group: Some((rk, gw)),
         terms: 3,
     };
-    gemm_tc(&gpu, &g, &inp, yd.ptr, n).unwrap();
+    gemm_tc_bk(&gpu, &g, &inp, yd.ptr, n, 64).unwrap();
     let mut got = vec![0f32; m * n];
     gpu.dtoh(yd.ptr, &mut got).unwrap();
     assert!(
@@ -677,7 +680,7 @@ fn tensor_core_gemm_matches_cpu() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn tensor_core_moe_gemm_matches_simt() {
-    use dsv4_cuda::ops::{moe_experts_gemm, MoeGemmArgs, MOE_TILE_PAIRS};
+    use dsv4_cuda::ops::{moe_experts_gemm, moe_experts_gemm_tc, MoeGemmArgs, MOE_TILE_PAIRS};
     use dsv4_cuda::weights::{Fmt, GpuLinear, LinearDesc};
     use synthetic::MatrixFormat as F;
     let gpu = Gpu::open(0).expect("GPU");
@@ -727,7 +730,8 @@ fn tensor_core_moe_gemm_matches_simt() {
         let x = gpu.upload(&random_f32(t * d, 5)).unwrap();
         let rw = gpu.upload(&random_f32(pairs, 6)).unwrap();
         let mut outs = Vec::new();
-        for tc in [false, true] {
+        // SIMT, then the tensor cores stepping 64 and 32 inputs.
+        for bk in [0, 64, 32] {
             let h = gpu.upload(&vec![f32::NAN; pairs * inter]).unwrap();
             let out = gpu.upload(&vec![f32::NAN; pairs * d]).unwrap();
             let a = MoeGemmArgs {
@@ -751,19 +755,30 @@ fn tensor_core_moe_gemm_matches_simt() {
             };
             let f = mats[0][0].fmt;
             assert!(matches!(f, Fmt::Fp4 | Fmt::Fp8 | Fmt::Bf16));
-            moe_experts_gemm(&gpu, f, tc, 3, &a, ntile).unwrap();
+            if bk == 0 {
+                moe_experts_gemm(&gpu, f, false, 3, &a, ntile).unwrap();
+            } else {
+                moe_experts_gemm_tc(&gpu, f, 3, bk, &a, ntile).unwrap();
+            }
             let (mut hv, mut ov) = (vec![0f32; pairs * inter], vec![0f32; pairs * d]);
             gpu.dtoh(h.ptr, &mut hv).unwrap();
             gpu.dtoh(out.ptr, &mut ov).unwrap();
             assert!(
                 hv.iter().chain(&ov).all(|v| v.is_finite()),
-                "tc={tc}: unwritten outputs"
+                "bk={bk}: unwritten outputs"
             );
             outs.push((hv, ov));
         }
-        let eh = worst(&row_errors(&outs[1].0, &outs[0].0, inter));
-        let eo = worst(&row_errors(&outs[1].1, &outs[0].1, d));
-        eprintln!("TC MoE {fmt:?} D={d} I={inter}: h max rel err {eh:.2e}, out {eo:.2e}");
-        assert!(eh <= 2e-5 && eo <= 2e-5, "{fmt:?}: h {eh}, out {eo}");
+        for (bk, tc) in [(64, &outs[1]), (32, &outs[2])] {
+            let eh = worst(&row_errors(&tc.0, &outs[0].0, inter));
+            let eo = worst(&row_errors(&tc.1, &outs[0].1, d));
+            eprintln!(
+                "TC MoE {fmt:?} D={d} I={inter} bk={bk}: h max rel err {eh:.2e}, out {eo:.2e}"
+            );
+            assert!(
+                eh <= 2e-5 && eo <= 2e-5,
+                "{fmt:?} bk={bk}: h {eh}, out {eo}"
+            );
+        }
     }
 }
