@@ -169,33 +169,64 @@ __host__ __device__ constexpr int tc_stage_elems(int bn, int terms) { return (TC
 
 // One K step (BK inputs) of a warp's 32 x BN/2 accumulators from a shared stage. The warp's
 // two 16-row MMA tiles start at shared rows m0 and m1; its tokens at wn * BN/2.
+// The tensor cores truncate (round toward zero) each MMA's f32 sum, a bias that grows with the
+// number of MMAs feeding one accumulator (K / 16 x terms): so each 32 inputs' products are
+// summed from zero in a partial accumulator and added to acc with an ordinary (rounded) add,
+// for up to 4 token tiles at a time (8 independent MMA chains).
 template <int BN, int BK>
 __device__ __forceinline__ void tc_step(const bf16_t* A, const bf16_t* X, int terms, int m0, int m1,
                                         float (&acc)[2][BN / 16][4]) {
-    constexpr int NT = BN / 16;  // 8-token MMA tiles per warp
+    constexpr int NT = BN / 16;            // 8-token MMA tiles per warp
+    constexpr int TG = NT < 4 ? NT : 4;    // token tiles per partial accumulator group
     constexpr int LD = tc_ld<BK>();
+    static_assert(BK % 32 == 0 && NT % TG == 0 && TG % 2 == 0, "tile shape");
     const int lane = threadIdx.x & 31, wn = (threadIdx.x >> 5) >> 2;
 #pragma unroll
-    for (int kk = 0; kk < BK; kk += 16) {
-        // A fragments: lanes 0-15 address rows 0-15 at k, lanes 16-31 the same rows at k + 8.
-        uint32_t a[2][4];
-        ldsm_x4(a[0], A + (m0 + (lane & 15)) * LD + kk + (lane >> 4) * 8);
-        ldsm_x4(a[1], A + (m1 + (lane & 15)) * LD + kk + (lane >> 4) * 8);
-        for (int term = 0; term < terms; term++) {
-            const bf16_t* Xt = X + term * BN * LD;
+    for (int k32 = 0; k32 < BK; k32 += 32) {
+        // A fragments of both 16-input halves: lanes 0-15 address rows 0-15 at k, lanes 16-31
+        // the same rows at k + 8.
+        uint32_t a[2][2][4];
 #pragma unroll
-            for (int jp = 0; jp < NT / 2; jp++) {
-                // B fragments of two 8-token tiles: matrices (tokens 0-7, k 0-7), (0-7, 8-15),
-                // (8-15, 0-7), (8-15, 8-15), the shared rows being tokens (the .col operand).
-                uint32_t b[4];
-                const int n = wn * (BN / 2) + jp * 16 + (lane & 7) + (lane >> 4) * 8;
-                ldsm_x4(b, Xt + n * LD + kk + ((lane >> 3) & 1) * 8);
+        for (int h = 0; h < 2; h++) {
+            const int kk = k32 + 16 * h;
+            ldsm_x4(a[h][0], A + (m0 + (lane & 15)) * LD + kk + (lane >> 4) * 8);
+            ldsm_x4(a[h][1], A + (m1 + (lane & 15)) * LD + kk + (lane >> 4) * 8);
+        }
 #pragma unroll
-                for (int i = 0; i < 2; i++) {
-                    mma_bf16(acc[i][2 * jp], a[i], b[0], b[1]);
-                    mma_bf16(acc[i][2 * jp + 1], a[i], b[2], b[3]);
+        for (int g = 0; g < NT; g += TG) {
+            float part[2][TG][4];
+#pragma unroll
+            for (int i = 0; i < 2; i++)
+#pragma unroll
+                for (int j = 0; j < TG; j++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) part[i][j][e] = 0.f;
+            for (int term = 0; term < terms; term++) {
+                const bf16_t* Xt = X + term * BN * LD;
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+#pragma unroll
+                    for (int jp = 0; jp < TG / 2; jp++) {
+                        // B fragments of two 8-token tiles: matrices (tokens 0-7, k 0-7),
+                        // (0-7, 8-15), (8-15, 0-7), (8-15, 8-15), the shared rows being
+                        // tokens (the .col operand).
+                        uint32_t b[4];
+                        const int n = wn * (BN / 2) + (g + 2 * jp) * 8 + (lane & 7) + (lane >> 4) * 8;
+                        ldsm_x4(b, Xt + n * LD + k32 + 16 * h + ((lane >> 3) & 1) * 8);
+#pragma unroll
+                        for (int i = 0; i < 2; i++) {
+                            mma_bf16(part[i][2 * jp], a[h][i], b[0], b[1]);
+                            mma_bf16(part[i][2 * jp + 1], a[h][i], b[2], b[3]);
+                        }
+                    }
                 }
             }
+#pragma unroll
+            for (int i = 0; i < 2; i++)
+#pragma unroll
+                for (int j = 0; j < TG; j++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) acc[i][g + j][e] += part[i][j][e];
         }
     }
 }
