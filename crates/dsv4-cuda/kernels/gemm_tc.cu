@@ -30,11 +30,18 @@ __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const bf16_t* p) {
 }
 
 __device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// d = a b (a zero accumulator, with no registers to clear).
+__device__ __forceinline__ void mma_bf16_zero(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%10,%10,%10,%10};"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.f));
 }
 
 // Two f32 as a bf16x2 word (round to nearest; exact for the weights the host lets through).
@@ -167,67 +174,72 @@ struct TcXLoad {
 template <int BK>
 __host__ __device__ constexpr int tc_stage_elems(int bn, int terms) { return (TC_BM + terms * bn) * tc_ld<BK>(); }
 
+// MMAs of one 16-input slice: the warp's two 16-row tiles (A fragments `a`) times TG 8-token
+// tiles from token `n0` of the activation part at Xt (offset to the slice), into `part`
+// (overwritten when FIRST).
+template <bool FIRST, int TG, int LD>
+__device__ __forceinline__ void tc_mma_slice(float (&part)[2][TG][4], const uint32_t (&a)[2][4], const bf16_t* Xt,
+                                             int n0) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int jp = 0; jp < TG / 2; jp++) {
+        // B fragments of two 8-token tiles: matrices (tokens 0-7, k 0-7), (0-7, 8-15),
+        // (8-15, 0-7), (8-15, 8-15), the shared rows being tokens (the .col operand).
+        uint32_t b[4];
+        const int n = n0 + jp * 16 + (lane & 7) + (lane >> 4) * 8;
+        ldsm_x4(b, Xt + n * LD + ((lane >> 3) & 1) * 8);
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            if constexpr (FIRST) {
+                mma_bf16_zero(part[i][2 * jp], a[i], b[0], b[1]);
+                mma_bf16_zero(part[i][2 * jp + 1], a[i], b[2], b[3]);
+            } else {
+                mma_bf16(part[i][2 * jp], a[i], b[0], b[1]);
+                mma_bf16(part[i][2 * jp + 1], a[i], b[2], b[3]);
+            }
+        }
+    }
+}
+
 // One K step (BK inputs) of a warp's 32 x BN/2 accumulators from a shared stage. The warp's
 // two 16-row MMA tiles start at shared rows m0 and m1; its tokens at wn * BN/2.
 // The tensor cores truncate (round toward zero) each MMA's f32 sum, a bias that grows with the
-// number of MMAs feeding one accumulator (K / 16 x terms): so each 32 inputs' products are
-// summed from zero in a partial accumulator and added to acc with an ordinary (rounded) add,
-// for up to 4 token tiles at a time (8 independent MMA chains).
+// number of MMAs feeding one accumulator (K / 16 x terms): so each step's products are summed
+// from zero in a partial accumulator, then added to acc with an ordinary (rounded) add; up to
+// 4 token tiles at a time (8 independent MMA chains).
 template <int BN, int BK>
 __device__ __forceinline__ void tc_step(const bf16_t* A, const bf16_t* X, int terms, int m0, int m1,
                                         float (&acc)[2][BN / 16][4]) {
     constexpr int NT = BN / 16;            // 8-token MMA tiles per warp
     constexpr int TG = NT < 4 ? NT : 4;    // token tiles per partial accumulator group
+    constexpr int KS = BK / 16;            // 16-input slices per step
     constexpr int LD = tc_ld<BK>();
-    static_assert(BK % 32 == 0 && NT % TG == 0 && TG % 2 == 0, "tile shape");
+    static_assert(BK % 16 == 0 && NT % TG == 0 && TG % 2 == 0, "tile shape");
     const int lane = threadIdx.x & 31, wn = (threadIdx.x >> 5) >> 2;
+    // A fragments of every slice: lanes 0-15 address rows 0-15 at k, lanes 16-31 the same rows
+    // at k + 8.
+    uint32_t a[KS][2][4];
 #pragma unroll
-    for (int k32 = 0; k32 < BK; k32 += 32) {
-        // A fragments of both 16-input halves: lanes 0-15 address rows 0-15 at k, lanes 16-31
-        // the same rows at k + 8.
-        uint32_t a[2][2][4];
+    for (int h = 0; h < KS; h++) {
+        ldsm_x4(a[h][0], A + (m0 + (lane & 15)) * LD + 16 * h + (lane >> 4) * 8);
+        ldsm_x4(a[h][1], A + (m1 + (lane & 15)) * LD + 16 * h + (lane >> 4) * 8);
+    }
 #pragma unroll
-        for (int h = 0; h < 2; h++) {
-            const int kk = k32 + 16 * h;
-            ldsm_x4(a[h][0], A + (m0 + (lane & 15)) * LD + kk + (lane >> 4) * 8);
-            ldsm_x4(a[h][1], A + (m1 + (lane & 15)) * LD + kk + (lane >> 4) * 8);
-        }
+    for (int g = 0; g < NT; g += TG) {
+        const int n0 = wn * (BN / 2) + g * 8;
+        float part[2][TG][4];
+        tc_mma_slice<true, TG, LD>(part, a[0], X, n0);
+        for (int term = 1; term < terms; term++) tc_mma_slice<false, TG, LD>(part, a[0], X + term * BN * LD, n0);
 #pragma unroll
-        for (int g = 0; g < NT; g += TG) {
-            float part[2][TG][4];
+        for (int h = 1; h < KS; h++)
+            for (int term = 0; term < terms; term++)
+                tc_mma_slice<false, TG, LD>(part, a[h], X + term * BN * LD + 16 * h, n0);
 #pragma unroll
-            for (int i = 0; i < 2; i++)
+        for (int i = 0; i < 2; i++)
 #pragma unroll
-                for (int j = 0; j < TG; j++)
+            for (int j = 0; j < TG; j++)
 #pragma unroll
-                    for (int e = 0; e < 4; e++) part[i][j][e] = 0.f;
-            for (int term = 0; term < terms; term++) {
-                const bf16_t* Xt = X + term * BN * LD;
-#pragma unroll
-                for (int h = 0; h < 2; h++) {
-#pragma unroll
-                    for (int jp = 0; jp < TG / 2; jp++) {
-                        // B fragments of two 8-token tiles: matrices (tokens 0-7, k 0-7),
-                        // (0-7, 8-15), (8-15, 0-7), (8-15, 8-15), the shared rows being
-                        // tokens (the .col operand).
-                        uint32_t b[4];
-                        const int n = wn * (BN / 2) + (g + 2 * jp) * 8 + (lane & 7) + (lane >> 4) * 8;
-                        ldsm_x4(b, Xt + n * LD + k32 + 16 * h + ((lane >> 3) & 1) * 8);
-#pragma unroll
-                        for (int i = 0; i < 2; i++) {
-                            mma_bf16(part[i][2 * jp], a[h][i], b[0], b[1]);
-                            mma_bf16(part[i][2 * jp + 1], a[h][i], b[2], b[3]);
-                        }
-                    }
-                }
-            }
-#pragma unroll
-            for (int i = 0; i < 2; i++)
-#pragma unroll
-                for (int j = 0; j < TG; j++)
-#pragma unroll
-                    for (int e = 0; e < 4; e++) acc[i][g + j][e] += part[i][j][e];
-        }
+                for (int e = 0; e < 4; e++) acc[i][g + j][e] += part[i][j][e];
     }
 }
 
