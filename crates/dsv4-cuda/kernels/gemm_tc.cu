@@ -44,10 +44,41 @@ __device__ __forceinline__ void mma_bf16_zero(float (&d)[4], const uint32_t (&a)
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.f));
 }
 
-// Two f32 as a bf16x2 word (round to nearest; exact for the weights the host lets through).
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *(uint32_t*)&v;
+__device__ __forceinline__ uint32_t mul_bf16x2(uint32_t a, uint32_t b) {
+    uint32_t d;
+    asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+    return d;
+}
+
+// Four e4m3 bytes as two bf16x2 words worth 2^-112 times their values: e4m3 -> f16 exactly
+// (cvt), then the f16 exponent and top mantissa bits moved down into bf16's fields (an f16 of
+// exponent field e is 2^(e-15)(1.m), the bf16 of the same field 2^(e-127)(1.m); e4m3 values are
+// f16 normals or zero, so no subnormal arises).
+__device__ __forceinline__ void e4m3x4_to_bf16(uint32_t w, uint32_t& lo, uint32_t& hi) {
+    const __half2_raw a = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(w & 0xffff), __NV_E4M3);
+    const __half2_raw b = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(w >> 16), __NV_E4M3);
+    const uint32_t ha = (uint32_t)a.x | ((uint32_t)a.y << 16), hb = (uint32_t)b.x | ((uint32_t)b.y << 16);
+    lo = ((ha >> 3) & 0x0fff0fffu) | (ha & 0x80008000u);
+    hi = ((hb >> 3) & 0x0fff0fffu) | (hb & 0x80008000u);
+}
+
+// Eight e2m1 nibbles (element 2b in the low nibble of byte b) as four bf16x2 words of their
+// exact values: byte-permute tables give the low and high bytes of the bf16 of each magnitude
+// (0, 0.5, 1, 1.5, 2, 3, 4, 6), the sign bits are permuted into the high bytes, and the bytes
+// are interleaved into pairs.
+__device__ __forceinline__ void e2m1x8_to_bf16(uint32_t w, uint32_t (&p)[4]) {
+    const uint32_t lo_a = 0xC0800000u, lo_b = 0xC0804000u, hi_a = 0x3F3F3F00u, hi_b = 0x40404040u;
+    const uint32_t mag = w & 0x77777777u;
+    const uint32_t l0 = __byte_perm(lo_a, lo_b, mag), l1 = __byte_perm(lo_a, lo_b, mag >> 16);
+    uint32_t h0 = __byte_perm(hi_a, hi_b, mag), h1 = __byte_perm(hi_a, hi_b, mag >> 16);
+    // Bit 7 of byte b: the sign of element 2b (t) and 2b + 1 (u).
+    const uint32_t t = (w << 4) & 0x80808080u, u = w & 0x80808080u;
+    h0 |= __byte_perm(t, u, 0x5140);
+    h1 |= __byte_perm(t, u, 0x7362);
+    p[0] = __byte_perm(l0, h0, 0x5140);
+    p[1] = __byte_perm(l0, h0, 0x7362);
+    p[2] = __byte_perm(l1, h1, 0x5140);
+    p[3] = __byte_perm(l1, h1, 0x7362);
 }
 
 // The next K step's weight chunks of one thread, loaded from global memory but not yet decoded.
@@ -61,14 +92,14 @@ struct TcWLoad {
     static constexpr int CHUNKS = TC_BM * PER_ROW;
     static constexpr int L = (CHUNKS + TC_THREADS - 1) / TC_THREADS;
     uint4 q[L];
-    float s[L];
+    uint32_t s[L];  // the chunk's scale as a bf16x2 pair (see scale_bf16x2)
 
     __device__ __forceinline__ void load(const LinearW& W0, const LinearW& W1, int split, int row0, int k0) {
 #pragma unroll
         for (int l = 0; l < L; l++) {
             const int ci = threadIdx.x + l * TC_THREADS;
             q[l] = make_uint4(0, 0, 0, 0);
-            s[l] = 0.f;
+            s[l] = 0;
             if (CHUNKS % TC_THREADS != 0 && ci >= CHUNKS) continue;
             const int r = ci / PER_ROW, c = ci % PER_ROW;
             // W1 has W0's shape: select its pointers field by field (a reference to either
@@ -85,11 +116,27 @@ struct TcWLoad {
             const size_t row_bytes = (FMT == FMT_FP4) ? (size_t)W.in / 2 : (size_t)W.in * (FMT == FMT_FP8 ? 1 : 2);
             const int chunk = k0 / N + c;
             q[l] = __ldg((const uint4*)(W.w + (size_t)g * row_bytes) + chunk);
-            s[l] = RowScale<FMT>(W, g).at(chunk);
+            s[l] = scale_bf16x2(W, g, chunk);
         }
     }
 
-    // Decodes the chunks into the shared tile A[TC_BM][LD] as bf16, scale applied.
+    // The scale of chunk `chunk` of row g, as the bf16 both halves of a bf16x2 are multiplied
+    // by: FP8 2^112 times the f32 block scale (undoing e4m3x4_to_bf16's 2^-112), FP4 the e8m0
+    // byte u as a bf16 (exponent field u). Exact, like the products, for the scales the host
+    // lets through (`tc_exact` in weights.rs).
+    __device__ __forceinline__ uint32_t scale_bf16x2(const LinearW& W, int g, int chunk) const {
+        uint32_t b = 0;
+        if constexpr (FMT == FMT_FP8) {
+            const __nv_bfloat16 v = __float2bfloat16_rn(RowScale<FMT>(W, g).at(chunk) * 0x1p112f);
+            b = *(const uint16_t*)&v;
+        } else if constexpr (FMT == FMT_FP4) {
+            b = (uint32_t)((const uint8_t*)W.scales)[(size_t)g * (W.in / 32) + chunk] << 7;
+        }
+        return b | (b << 16);
+    }
+
+    // Decodes the chunks into the shared tile A[TC_BM][LD] as bf16, scale applied (zero chunks
+    // outside the matrix: zero codes times a zero scale).
     __device__ __forceinline__ void store(bf16_t* A) const {
 #pragma unroll
         for (int l = 0; l < L; l++) {
@@ -100,14 +147,24 @@ struct TcWLoad {
             if constexpr (FMT == FMT_BF16) {
                 dst[0] = q[l];  // already bf16 (zeros outside the matrix)
             } else {
-                float f[N];
-                decode_vals<FMT>(q[l], f);
+                const uint32_t w[4] = {q[l].x, q[l].y, q[l].z, q[l].w};
+                constexpr int PAIRS = N / 2;  // bf16x2 words of the chunk
+                uint32_t p[PAIRS];
 #pragma unroll
-                for (int j = 0; j < N / 8; j++) {
-                    const int b = 8 * j;
-                    dst[j] = make_uint4(pack_bf16(f[b] * s[l], f[b + 1] * s[l]), pack_bf16(f[b + 2] * s[l], f[b + 3] * s[l]),
-                                        pack_bf16(f[b + 4] * s[l], f[b + 5] * s[l]), pack_bf16(f[b + 6] * s[l], f[b + 7] * s[l]));
+                for (int i = 0; i < 4; i++) {
+                    if constexpr (FMT == FMT_FP8) {
+                        e4m3x4_to_bf16(w[i], p[2 * i], p[2 * i + 1]);
+                    } else {
+                        uint32_t v[4];
+                        e2m1x8_to_bf16(w[i], v);
+#pragma unroll
+                        for (int j = 0; j < 4; j++) p[4 * i + j] = v[j];
+                    }
                 }
+#pragma unroll
+                for (int j = 0; j < PAIRS / 4; j++)
+                    dst[j] = make_uint4(mul_bf16x2(p[4 * j], s[l]), mul_bf16x2(p[4 * j + 1], s[l]),
+                                        mul_bf16x2(p[4 * j + 2], s[l]), mul_bf16x2(p[4 * j + 3], s[l]));
             }
         }
     }

@@ -74,20 +74,21 @@ pub struct GpuLinear {
 }
 
 /// Whether every weight of `l`, scale applied, is exactly a normal bf16 number (or zero), so
-/// that `kernels/gemm_tc.cu` may decode its tiles to bf16: BF16 itself; FP8 e4m3 (at most 4
-/// significant bits, magnitudes 2^-9..448) times power-of-two f32 block scales 2^-117..2^118;
-/// FP4 e2m1 (magnitudes 0.5..6) times e8m0 scales 2^-125..2^113 (the kernels' decode carries
-/// FP4 scales times 2^14 in an f32). Any other scale (a non-power-of-two f32 block scale, as
-/// some checkpoints store) leaves the matrix to the SIMT kernels.
+/// that `kernels/gemm_tc.cu` may decode its tiles to bf16 (multiplying code and scale as bf16):
+/// BF16 itself; FP8 e4m3 (at most 4 significant bits, magnitudes 2^-9..448) times
+/// power-of-two f32 block scales 2^-117..2^15 (the decode carries 2^112 times the scale as a
+/// bf16); FP4 e2m1 (magnitudes 0.5..6) times e8m0 scales 2^-125..2^125. Any other scale (a
+/// non-power-of-two f32 block scale, as some checkpoints store) leaves the matrix to the SIMT
+/// kernels.
 pub fn tc_exact(l: &Linear) -> bool {
     match &l.format {
         Format::Bf16 => true,
         Format::Fp8 { scales, .. } => scales.iter().all(|&s| {
             let b = s.to_bits() & 0x7fff_ffff;
-            b == 0 || (b & 0x7f_ffff == 0 && (10..=245).contains(&(b >> 23)))
+            b == 0 || (b & 0x7f_ffff == 0 && (10..=142).contains(&(b >> 23)))
         }),
         Format::Fp4 { scales } | Format::Mxfp4 { scales } => {
-            scales.bytes().iter().all(|u| (2..=240).contains(u))
+            scales.bytes().iter().all(|u| (2..=252).contains(u))
         }
         _ => false,
     }
