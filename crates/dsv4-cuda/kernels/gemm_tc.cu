@@ -127,7 +127,13 @@ struct TcWLoad {
     __device__ __forceinline__ uint32_t scale_bf16x2(const LinearW& W, int g, int chunk) const {
         uint32_t b = 0;
         if constexpr (FMT == FMT_FP8) {
-            const __nv_bfloat16 v = __float2bfloat16_rn(RowScale<FMT>(W, g).at(chunk) * 0x1p112f);
+            // Block row and column by shifts when the block shape is a power of two (it is
+            // 128 x 128 in the releases): no integer division per chunk and K step.
+            const int k = chunk * N;
+            const int br = (W.bo & (W.bo - 1)) == 0 ? g >> (__ffs(W.bo) - 1) : g / W.bo;
+            const int bc = (W.bi & (W.bi - 1)) == 0 ? k >> (__ffs(W.bi) - 1) : k / W.bi;
+            const float sc = ((const float*)W.scales)[(size_t)br * W.scale_cols + bc];
+            const __nv_bfloat16 v = __float2bfloat16_rn(sc * 0x1p112f);
             b = *(const uint16_t*)&v;
         } else if constexpr (FMT == FMT_FP4) {
             b = (uint32_t)((const uint8_t*)W.scales)[(size_t)g * (W.in / 32) + chunk] << 7;
@@ -399,7 +405,11 @@ __device__ void moe_up_gemm_tc_impl(const MoeGemmArgs& a) {
     const int tile = blockIdx.x, row0 = blockIdx.y * (TC_BM / 2);
     const int e = a.tile_expert[tile], n = load_pairs(a, tile, pairs);
     const LinearW W1 = a.w1[e], W3 = a.w3[e];
-    auto xrow = [&](int t) { return a.x + (size_t)(pairs[t] / a.k) * a.D; };
+    // The tokens' rows of x, once per block (not a division per load and K step).
+    __shared__ const float* xrows[GB_T];
+    if (threadIdx.x < GB_T) xrows[threadIdx.x] = a.x + (size_t)(pairs[threadIdx.x] / a.k) * a.D;
+    __syncthreads();
+    auto xrow = [&](int t) { return xrows[t]; };
     const bool xvec = ((uintptr_t)a.x % 16 == 0) && a.D % 4 == 0;
     const int wm = (threadIdx.x >> 5) & 3;
     float acc[2][TC_MOE_BN / 16][4];
