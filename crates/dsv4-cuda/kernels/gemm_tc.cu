@@ -396,13 +396,17 @@ GEMM_TC(FMT_FP4, fp4)
 // The tile's pairs into shared memory (see load_pairs); GB_T (64) pairs per tile.
 #define TC_MOE_BN GB_T
 
+// Grid of the MoE kernels: (row blocks, tiles), row blocks varying fastest, so the blocks in
+// flight share a few tiles' activations and their experts' weights in L2 (tiles first would
+// spread them over all of x and re-read it from memory for every row block).
+
 // Gate and up of 64 intermediate rows for a tile of pairs of one expert, SwiGLU fused
 // (semantics of moe_up_gemm_impl): shared rows 0-63 are w1's, 64-127 w3's, so each warp holds
 // the gate (MMA tile 0) and up (MMA tile 1) values of the same 16 rows.
 template <int FMT, int BK>
 __device__ void moe_up_gemm_tc_impl(const MoeGemmArgs& a) {
     __shared__ int pairs[GB_T];
-    const int tile = blockIdx.x, row0 = blockIdx.y * (TC_BM / 2);
+    const int tile = blockIdx.y, row0 = blockIdx.x * (TC_BM / 2);
     const int e = a.tile_expert[tile], n = load_pairs(a, tile, pairs);
     const LinearW W1 = a.w1[e], W3 = a.w3[e];
     // The tokens' rows of x, once per block (not a division per load and K step).
@@ -436,7 +440,7 @@ __device__ void moe_up_gemm_tc_impl(const MoeGemmArgs& a) {
 template <int FMT, int BK>
 __device__ void moe_down_gemm_tc_impl(const MoeGemmArgs& a) {
     __shared__ int pairs[GB_T];
-    const int tile = blockIdx.x, row0 = blockIdx.y * TC_BM;
+    const int tile = blockIdx.y, row0 = blockIdx.x * TC_BM;
     const int e = a.tile_expert[tile], n = load_pairs(a, tile, pairs);
     const LinearW W2 = a.w2[e];
     auto xrow = [&](int t) { return a.h + (size_t)pairs[t] * a.I; };

@@ -602,7 +602,7 @@ pub fn moe_experts_gemm(
         return Ok(());
     }
     let f = fmt.name();
-    if tc && gpu.tc && matches!(fmt, Fmt::Bf16 | Fmt::Fp8 | Fmt::Fp4) {
+    if tc && gpu.tc && matches!(fmt, Fmt::Bf16 | Fmt::Fp8 | Fmt::Fp4) && ntile <= TC_MAX_TILES {
         return moe_experts_gemm_tc(gpu, fmt, terms, gpu.tc_bk, a, ntile);
     }
     gpu.launch(
@@ -621,6 +621,9 @@ pub fn moe_experts_gemm(
     )
 }
 
+/// Tiles of one tensor-core MoE launch at most (the grid's y dimension).
+const TC_MAX_TILES: usize = 65535;
+
 /// The tensor-core half of [`moe_experts_gemm`] stepping `bk` inputs (64, or 32: the `_k32`
 /// kernels); `fmt` must be BF16, FP8 or FP4 and every expert [`GpuLinear::tc`].
 pub fn moe_experts_gemm_tc(
@@ -634,6 +637,11 @@ pub fn moe_experts_gemm_tc(
     if ntile == 0 {
         return Ok(());
     }
+    if ntile > TC_MAX_TILES {
+        return Err(crate::Error::Unsupported(format!(
+            "{ntile} MoE tiles exceed the tensor-core grid's {TC_MAX_TILES}"
+        )));
+    }
     let (f, sfx) = (fmt.name(), tc_suffix(bk));
     let terms = terms.clamp(1, 3);
     let a = MoeGemmArgs {
@@ -641,17 +649,18 @@ pub fn moe_experts_gemm_tc(
         ..*a
     };
     let smem = tc_smem(MOE_TILE_PAIRS, terms, bk);
-    // Up: 64 intermediate rows (gate and up) per block; down: 128 output rows.
+    // Up: 64 intermediate rows (gate and up) per block; down: 128 output rows. Row blocks
+    // vary fastest (see kernels/gemm_tc.cu).
     gpu.launch(
         &format!("moe_up_gemm_tc_{f}{sfx}"),
-        (ntile as u32, blocks_for(a.i as usize, TC_ROWS / 2), 1),
+        (blocks_for(a.i as usize, TC_ROWS / 2), ntile as u32, 1),
         (256, 1, 1),
         smem,
         &[&a],
     )?;
     gpu.launch(
         &format!("moe_down_gemm_tc_{f}{sfx}"),
-        (ntile as u32, blocks_for(a.d as usize, TC_ROWS), 1),
+        (blocks_for(a.d as usize, TC_ROWS), ntile as u32, 1),
         (256, 1, 1),
         smem,
         &[&a],
