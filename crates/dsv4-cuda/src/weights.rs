@@ -448,3 +448,33 @@ impl GpuWeights {
                 .sum::<usize>()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::tc_exact;
+    use dsv4_core::cpu::linear::Format;
+    use dsv4_core::synthetic::{self, MatrixFormat as F};
+
+    /// The synthetic checkpoints' formats decode exactly to bf16; an FP8 block scale that is not
+    /// a power of two, or one so large that 2^112 times it leaves f32, does not.
+    #[test]
+    fn tensor_core_decode_exactness() {
+        for fmt in [F::Fp8, F::Fp4, F::Bf16] {
+            let l = synthetic::random_linear(fmt, 256, 256, 1).unwrap();
+            assert!(tc_exact(&l), "{fmt:?}");
+        }
+        for bad in [1.5f32, 3.0e-3, 65536.0] {
+            let mut l = synthetic::random_linear(F::Fp8, 256, 256, 1).unwrap();
+            if let Format::Fp8 { scales, .. } = &mut l.format {
+                scales[1] = bad;
+            }
+            assert!(!tc_exact(&l), "scale {bad}");
+        }
+        let mut l = synthetic::random_linear(F::Fp8, 256, 256, 1).unwrap();
+        if let Format::Fp8 { scales, .. } = &mut l.format {
+            scales[0] = 0.0;
+            scales[1] = -0.25;
+        }
+        assert!(tc_exact(&l));
+    }
+}
