@@ -5,7 +5,8 @@
 //    power-of-two scale that keeps every product a normal number: `GpuLinear::tc`);
 //  - the f32 activations are split into `terms` bf16 parts hi + mid + lo (3 parts carry all 24
 //    bits of an f32 significand; 1 is exact when x already holds bf16 values), each multiplied
-//    on the tensor cores (mma.sync m16n8k16, bf16 in, f32 accumulate) into one accumulator.
+//    on the tensor cores (mma.sync m16n8k16, bf16 in, f32 accumulate); each K step's products
+//    are summed from zero and added to the f32 accumulators (see tc_step).
 // A block computes a 128-row x BN-token tile with 8 warps (4 along the rows x 2 along the
 // tokens, each 32 rows x BN/2 tokens); the K loop steps by BK through two shared-memory stages,
 // the next step's global loads in flight in registers while this step's MMAs run.
