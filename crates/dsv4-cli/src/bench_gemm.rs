@@ -199,25 +199,47 @@ pub fn run(ordinal: usize, prompts: &[usize], json_out: bool) -> Result<()> {
     }
     println!();
     println!("Tile kernels at {TILE_TOKENS} tokens (TFLOP/s; TC = tensor cores, x in 1 or 3 bf16 parts):");
-    println!("(BK: inputs per K step; 64 is the default, 32 the _k32 kernels)");
     println!(
-        "| GEMM | format | N × K | SIMT | TC 1 part BK 64 | BK 32 | TC 3 parts BK 64 | BK 32 | best TC 1 / SIMT |"
+        "(TC columns: tokens (MoE: pairs) per block × inputs per K step; 128×64 is the dense \
+         default, 64×64 the MoE one)"
     );
-    println!("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    let cols: Vec<String> = [1u8, 3]
+        .iter()
+        .flat_map(|&t| TC_SHAPES.map(|(n, k)| tc_key(t, n, k)))
+        .collect();
+    let head: Vec<String> = [1, 3]
+        .iter()
+        .flat_map(|t| {
+            TC_SHAPES.map(|(n, k)| format!("{t} part{} {n}×{k}", if *t > 1 { "s" } else { "" }))
+        })
+        .collect();
+    println!(
+        "| GEMM | format | N × K | SIMT | {} | best 1 part / SIMT |",
+        head.join(" | ")
+    );
+    println!(
+        "| --- | --- | --- | ---: |{} ---: |",
+        " ---: |".repeat(cols.len())
+    );
     for r in &tiles {
-        let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
+        let f = |k: &str| r[k].as_f64();
+        let cells: Vec<String> = cols
+            .iter()
+            .map(|c| f(&format!("{c}_tflops")).map_or("-".into(), |v| format!("{v:.1}")))
+            .collect();
+        let best = TC_SHAPES
+            .iter()
+            .filter_map(|&(n, k)| f(&format!("{}_tflops", tc_key(1, n, k))))
+            .fold(0f64, f64::max);
         println!(
-            "| {} | {} | {} × {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1}x |",
+            "| {} | {} | {} × {} | {:.1} | {} | {:.1}x |",
             r["gemm"].as_str().unwrap_or(""),
             r["format"].as_str().unwrap_or(""),
             r["n"],
             r["k"],
-            f("simt_tflops"),
-            f("tc1_tflops"),
-            f("tc1_k32_tflops"),
-            f("tc3_tflops"),
-            f("tc3_k32_tflops"),
-            f("tc1_tflops").max(f("tc1_k32_tflops")) / f("simt_tflops").max(1e-9),
+            f("simt_tflops").unwrap_or(0.0),
+            cells.join(" | "),
+            best / f("simt_tflops").unwrap_or(0.0).max(1e-9),
         );
     }
     Ok(())
@@ -225,9 +247,12 @@ pub fn run(ordinal: usize, prompts: &[usize], json_out: bool) -> Result<()> {
 
 const TILE_TOKENS: usize = 8192;
 
-/// JSON key of a tensor-core timing: parts of x, and `_k32` for the 32-input K step.
-fn tc_key(terms: u8, bk: usize) -> String {
-    format!("tc{terms}{}", if bk == 32 { "_k32" } else { "" })
+/// Tensor-core kernel shapes timed: (tokens per block, inputs per K step).
+const TC_SHAPES: [(usize, usize); 4] = [(128, 64), (128, 32), (64, 64), (64, 32)];
+
+/// JSON key of a tensor-core timing: parts of x, tokens per block, inputs per K step.
+fn tc_key(terms: u8, tokens: usize, bk: usize) -> String {
+    format!("tc{terms}_{tokens}x{bk}")
 }
 
 /// The tile kernels (`ops::gemm_simt`, `ops::gemm_tc`, `ops::moe_experts_gemm`) at
@@ -267,11 +292,19 @@ fn tile_kernels(gpu: &Gpu, c: &ModelConfig) -> Result<Vec<serde_json::Value>> {
             "tc": w.tc, "simt_ms": simt, "simt_tflops": tflops(m, n, k, simt)});
         if w.tc {
             for (terms, xp) in [(1u8, xqd.ptr), (3, xd.ptr)] {
-                for bk in [64, 32] {
+                for (tokens, bk) in TC_SHAPES {
                     let ms = time_ms(gpu, 2, &mut || {
-                        Ok(ops::gemm_tc_bk(gpu, &w, &inp(xp, terms), y.ptr, n, bk)?)
+                        Ok(ops::gemm_tc_shape(
+                            gpu,
+                            &w,
+                            &inp(xp, terms),
+                            y.ptr,
+                            n,
+                            tokens,
+                            bk,
+                        )?)
                     })?;
-                    let key = tc_key(terms, bk);
+                    let key = tc_key(terms, tokens, bk);
                     r[format!("{key}_ms")] = json!(ms);
                     r[format!("{key}_tflops")] = json!(tflops(m, n, k, ms));
                 }
@@ -380,7 +413,7 @@ fn tile_kernels(gpu: &Gpu, c: &ModelConfig) -> Result<Vec<serde_json::Value>> {
                         ntile,
                     )?)
                 })?;
-                let key = tc_key(terms, bk);
+                let key = tc_key(terms, MOE_TILE_PAIRS, bk);
                 r[format!("{key}_ms")] = json!(ms);
                 r[format!("{key}_tflops")] = json!(flops(ms));
             }

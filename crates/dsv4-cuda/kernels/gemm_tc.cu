@@ -381,15 +381,18 @@ __device__ void gemm_tc_impl(const LinearW& W, const GemmArgs& a) {
             }
 }
 
-#define TC_GEMM_BN 128  // tokens per block of the dense kernels
-#define GEMM_TC_K(FMT, NAME, BK, SUFFIX)                                                                 \
+// Dense kernels: 128 or 64 (`_n64`) tokens per block, K steps of 64 or 32 (`_k32`). 64 tokens
+// need fewer registers (two blocks per SM at K step 32), 128 reuse each decoded weight tile more.
+#define GEMM_TC_K(FMT, NAME, BN, BK, SUFFIX)                                                             \
     extern "C" __global__ void __launch_bounds__(TC_THREADS) gemm_tc_##NAME##SUFFIX(LinearW W, GemmArgs a) { \
         pdl_entry();                                                                                     \
-        gemm_tc_impl<FMT, TC_GEMM_BN, BK>(W, a);                                                         \
+        gemm_tc_impl<FMT, BN, BK>(W, a);                                                                 \
     }
-#define GEMM_TC(FMT, NAME)       \
-    GEMM_TC_K(FMT, NAME, 64, )   \
-    GEMM_TC_K(FMT, NAME, 32, _k32)
+#define GEMM_TC(FMT, NAME)                \
+    GEMM_TC_K(FMT, NAME, 128, 64, )       \
+    GEMM_TC_K(FMT, NAME, 128, 32, _k32)   \
+    GEMM_TC_K(FMT, NAME, 64, 64, _n64)    \
+    GEMM_TC_K(FMT, NAME, 64, 32, _n64_k32)
 GEMM_TC(FMT_BF16, bf16)
 GEMM_TC(FMT_FP8, fp8)
 GEMM_TC(FMT_FP4, fp4)

@@ -44,8 +44,10 @@ pub struct Gpu {
     /// `DSV4_CUDA_TC=0` keeps the SIMT GEMMs, for A/B comparisons).
     pub tc: bool,
     /// Inputs per K step of the tensor-core kernels: 64, or 32 with `DSV4_CUDA_TC_BK=32` (the
-    /// `_k32` kernels, for comparison).
+    /// `_k32` kernels), and tokens per block of the dense ones: 128, or 64 with
+    /// `DSV4_CUDA_TC_TOKENS=64` (`_n64`); for comparisons.
     pub tc_bk: usize,
+    pub tc_tokens: usize,
     /// Per-launch timing (`set_profile`): events around every launch, PDL off.
     profile: Mutex<Option<Profile>>,
 }
@@ -141,6 +143,11 @@ impl Gpu {
                 32
             } else {
                 64
+            },
+            tc_tokens: if std::env::var("DSV4_CUDA_TC_TOKENS").is_ok_and(|v| v == "64") {
+                64
+            } else {
+                128
             },
         }))
     }

@@ -77,10 +77,9 @@ pub const GEMM_TILE: usize = 64;
 /// Pairs per tile of the MoE tile kernels (SIMT and tensor-core alike): the host groups each
 /// expert's (token, slot) pairs into tiles of this many.
 pub const MOE_TILE_PAIRS: usize = 64;
-/// Block tile of the tensor-core kernels (`kernels/gemm_tc.cu`): rows of W (the gated MoE tile
-/// takes half of them from w1, half from w3) and tokens of the dense kernel.
+/// Rows of W per block of the tensor-core kernels (`kernels/gemm_tc.cu`; the gated MoE tile
+/// takes half of them from w1, half from w3).
 pub const TC_ROWS: usize = 128;
-pub const TC_TOKENS: usize = 128;
 
 /// Dynamic shared memory of a tensor-core kernel stepping `bk` inputs (64 or 32): two stages
 /// of the bf16 weight tile and the `terms` bf16 parts of `tokens` activations, in shared rows
@@ -89,12 +88,14 @@ fn tc_smem(tokens: usize, terms: u8, bk: usize) -> u32 {
     (2 * (TC_ROWS + terms as usize * tokens) * (bk + 8) * 2) as u32
 }
 
-/// Kernel-name suffix of the tensor-core kernels stepping `bk` inputs.
-fn tc_suffix(bk: usize) -> &'static str {
-    if bk == 32 {
-        "_k32"
-    } else {
-        ""
+/// Kernel-name suffix of the tensor-core kernels with `tokens` per block (dense: 128 or 64)
+/// stepping `bk` inputs (64 or 32).
+fn tc_suffix(tokens: usize, bk: usize) -> &'static str {
+    match (tokens, bk) {
+        (64, 32) => "_n64_k32",
+        (64, _) => "_n64",
+        (_, 32) => "_k32",
+        _ => "",
     }
 }
 /// Up to this many tokens the GEMV (weights streamed once per 8 tokens) beats a mostly empty
@@ -161,7 +162,7 @@ pub fn linear(
     // least half a block per SM).
     if m > GEMM_MIN_TOKENS
         && tc_applies(gpu, w, inp)
-        && 2 * nrows.div_ceil(TC_ROWS) * m.div_ceil(TC_TOKENS) >= gpu.sm_count
+        && 2 * nrows.div_ceil(TC_ROWS) * m.div_ceil(gpu.tc_tokens) >= gpu.sm_count
     {
         return gemm_tc(gpu, w, inp, y, ldy);
     }
@@ -247,22 +248,25 @@ pub fn tc_applies(gpu: &Gpu, w: &GpuLinear, inp: &LinIn) -> bool {
             .is_none_or(|(gs, _)| gs > 0 && gs.is_multiple_of(TC_ROWS))
 }
 
-/// `y[t, :] = W · x[t, :]` on the tensor cores (`gemm_tc_*`: 128 rows × 128 tokens per block,
-/// x split into `inp.terms` bf16 parts), whatever the shape; an error where
+/// `y[t, :] = W · x[t, :]` on the tensor cores (`gemm_tc_*`: 128 rows × 128 tokens per block
+/// by default, x split into `inp.terms` bf16 parts), whatever the shape; an error where
 /// [`tc_applies`] says no.
 pub fn gemm_tc(gpu: &Gpu, w: &GpuLinear, inp: &LinIn, y: u64, ldy: usize) -> Result<()> {
-    gemm_tc_bk(gpu, w, inp, y, ldy, gpu.tc_bk)
+    gemm_tc_shape(gpu, w, inp, y, ldy, gpu.tc_tokens, gpu.tc_bk)
 }
 
-/// [`gemm_tc`] stepping `bk` inputs (64, or 32: the `_k32` kernels).
-pub fn gemm_tc_bk(
+/// [`gemm_tc`] with `tokens` per block (128, or 64: the `_n64` kernels) stepping `bk` inputs
+/// (64, or 32: `_k32`).
+pub fn gemm_tc_shape(
     gpu: &Gpu,
     w: &GpuLinear,
     inp: &LinIn,
     y: u64,
     ldy: usize,
+    tokens: usize,
     bk: usize,
 ) -> Result<()> {
+    let tokens = if tokens == 64 { 64 } else { 128 };
     if !tc_applies(gpu, w, inp) {
         return Err(crate::Error::Unsupported(format!(
             "the tensor-core GEMM does not take this {} matrix",
@@ -292,16 +296,12 @@ pub fn gemm_tc_bk(
             w.stored_bytes,
         )
     });
-    let grid = (
-        nrows.div_ceil(TC_ROWS) as u32,
-        m.div_ceil(TC_TOKENS) as u32,
-        1,
-    );
+    let grid = (nrows.div_ceil(TC_ROWS) as u32, m.div_ceil(tokens) as u32, 1);
     gpu.launch(
-        &format!("gemm_tc_{}{}", w.fmt.name(), tc_suffix(bk)),
+        &format!("gemm_tc_{}{}", w.fmt.name(), tc_suffix(tokens, bk)),
         grid,
         (256, 1, 1),
-        tc_smem(TC_TOKENS, terms, bk),
+        tc_smem(tokens, terms, bk),
         &[&w.desc, &args],
     )
 }
@@ -642,7 +642,8 @@ pub fn moe_experts_gemm_tc(
             "{ntile} MoE tiles exceed the tensor-core grid's {TC_MAX_TILES}"
         )));
     }
-    let (f, sfx) = (fmt.name(), tc_suffix(bk));
+    // The MoE kernels' tiles are MOE_TILE_PAIRS pairs: only the K step varies.
+    let (f, sfx) = (fmt.name(), if bk == 32 { "_k32" } else { "" });
     let terms = terms.clamp(1, 3);
     let a = MoeGemmArgs {
         terms: terms as i32,

@@ -580,7 +580,7 @@ fn random_f32(n: usize, seed: u64) -> Vec<f32> {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn tensor_core_gemm_matches_cpu() {
-    use dsv4_cuda::ops::gemm_tc_bk;
+    use dsv4_cuda::ops::gemm_tc_shape;
     use dsv4_cuda::weights::GpuLinear;
     use synthetic::MatrixFormat as F;
     let gpu = Gpu::open(0).expect("GPU");
@@ -611,13 +611,14 @@ fn tensor_core_gemm_matches_cpu() {
                     terms,
                     ..LinIn::rows(xd.ptr, k, m)
                 };
-                for bk in [64, 32] {
+                // Every kernel shape: tokens per block, inputs per K step.
+                for (tokens, bk) in [(128, 64), (128, 32), (64, 64), (64, 32)] {
                     // Poisoned output: every element must be written.
                     let yd = gpu.upload(&vec![f32::NAN; m * n]).unwrap();
-                    gemm_tc_bk(&gpu, &g, &inp, yd.ptr, n, bk).unwrap();
+                    gemm_tc_shape(&gpu, &g, &inp, yd.ptr, n, tokens, bk).unwrap();
                     let mut got = vec![0f32; m * n];
                     gpu.dtoh(yd.ptr, &mut got).unwrap();
-                    let what = format!("TC {fmt:?} [{n}, {k}] m={m} terms={terms} bk={bk}");
+                    let what = format!("TC {fmt:?} [{n}, {k}] m={m} terms={terms} {tokens}x{bk}");
                     assert!(
                         got.iter().all(|v| v.is_finite()),
                         "{what}: unwritten outputs"
@@ -662,7 +663,7 @@ fn tensor_core_gemm_matches_cpu() {
         group: Some((rk, gw)),
         terms: 3,
     };
-    gemm_tc_bk(&gpu, &g, &inp, yd.ptr, n, 64).unwrap();
+    gemm_tc_shape(&gpu, &g, &inp, yd.ptr, n, 128, 64).unwrap();
     let mut got = vec![0f32; m * n];
     gpu.dtoh(yd.ptr, &mut got).unwrap();
     assert!(
