@@ -196,6 +196,7 @@ fn run_cuda(a: BenchArgs, ordinal: usize) -> Result<()> {
         csv: a.csv,
         json: a.json,
         profile: a.profile,
+        numerics: a.numerics.profile()?,
     })
 }
 

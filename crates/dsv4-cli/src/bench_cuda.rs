@@ -20,6 +20,9 @@ pub struct CudaBench {
     pub csv: Option<std::path::PathBuf>,
     pub json: bool,
     pub profile: bool,
+    /// The arithmetic (`--numerics official [--act-quant]` adds DeepSeek's roundings and, for
+    /// prefill, the FP8 tensor-core GEMMs).
+    pub numerics: dsv4_core::numerics::Numerics,
 }
 
 /// Official-style config of a preset with `layers` layers.
@@ -176,16 +179,51 @@ fn profile_step(
     gpu.set_profile(false);
     model.set_graphs(true);
     run?;
-    let launches = launches?;
+    let what = format!("decode x{} @ {ctx}, {} layers", items.len(), cfg.num_layers);
+    let note = format!("graph step {:.3} ms", step_s * 1e3);
+    print_profile(&what, &note, &launches?, false);
+    Ok(())
+}
+
+/// One prefill of `ids`, timed launch by launch (cuBLASLt's GEMMs are not launches of ours:
+/// they show as the gap between the summed launches and the wall time).
+fn profile_prefill(model: &CudaModel, ids: &[u32], layers: usize) -> Result<()> {
+    let gpu = &model.gpu;
+    let mut seq = model.new_seq()?;
+    gpu.set_profile(true);
+    let t = Instant::now();
+    let run = model.forward(&mut seq, ids, Logits::Last);
+    let wall = t.elapsed().as_secs_f64();
+    let launches = gpu.take_profile();
+    gpu.set_profile(false);
+    run?;
+    let what = format!("prefill {} tokens, {layers} layers", ids.len());
+    let note = format!("wall {:.1} ms while profiled", wall * 1e3);
+    print_profile(&what, &note, &launches?, true);
+    Ok(())
+}
+
+/// Launches grouped by label, longest first, with the weight rate of those that stream weights.
+/// `by_kernel` groups launches by kernel name alone (prefill: the MoE tiles vary per call).
+fn print_profile(
+    what: &str,
+    note: &str,
+    launches: &[dsv4_cuda::gpu::ProfiledLaunch],
+    by_kernel: bool,
+) {
     let mut groups: Vec<(String, usize, usize, f64)> = Vec::new();
-    for l in &launches {
-        match groups.iter_mut().find(|g| g.0 == l.label) {
+    for l in launches {
+        let label = match l.label.split_once(" (") {
+            Some((name, _)) if by_kernel => name,
+            _ => &l.label,
+        };
+        match groups.iter_mut().find(|g| g.0 == label) {
             Some(g) => {
                 g.1 += 1;
                 g.2 += l.bytes;
                 g.3 += l.ms;
             }
-            None => groups.push((l.label.clone(), 1, l.bytes, l.ms)),
+            None => groups.push((label.to_string(), 1, l.bytes, l.ms)),
         }
     }
     groups.sort_by(|a, b| b.3.total_cmp(&a.3));
@@ -193,13 +231,10 @@ fn profile_step(
     let gemv: f64 = launches.iter().filter(|l| l.bytes > 0).map(|l| l.ms).sum();
     let gemv_bytes: usize = launches.iter().map(|l| l.bytes).sum();
     println!(
-        "\nprofile: decode x{} @ {ctx}, {} layers: {} launches, {:.3} ms summed (graph step {:.3} ms); \
-         weight-streaming launches {:.3} ms at {:.0} GB/s",
-        seqs.len(),
-        cfg.num_layers,
+        "\nprofile: {what}: {} launches, {:.3} ms summed ({note}); weight-streaming launches \
+         {:.3} ms at {:.0} GB/s",
         launches.len(),
         total,
-        step_s * 1e3,
         gemv,
         gemv_bytes as f64 / (gemv * 1e-3) / 1e9
     );
@@ -217,7 +252,6 @@ fn profile_step(
             1e3 * ms / *n as f64
         );
     }
-    Ok(())
 }
 
 pub fn run(a: CudaBench) -> Result<()> {
@@ -247,7 +281,8 @@ pub fn run(a: CudaBench) -> Result<()> {
     );
     let t = Instant::now();
     let ck = synthetic::checkpoint(host_cfg, 1)?;
-    let host = Model::load(&ck)?;
+    let mut host = Model::load(&ck)?;
+    host.numerics = a.numerics;
     let gen_s = t.elapsed().as_secs_f64();
 
     // As many layers as fit, leaving room for activations and caches.
@@ -305,7 +340,9 @@ pub fn run(a: CudaBench) -> Result<()> {
     for &p in a.prompts.iter().filter(|&&p| p > 0) {
         let ids = ids_for(p);
         let mut seq = model.new_seq()?;
-        model.forward(&mut seq, &ids[..p.min(16)], Logits::Last)?; // warm-up
+        // Warm-up over the chunk shapes the timed call will use (cuBLASLt times its
+        // candidate kernels once per shape).
+        model.forward(&mut seq, &ids[..p.min(4096)], Logits::Last)?;
         let mut seq2 = model.new_seq()?;
         let t = Instant::now();
         model.forward(&mut seq2, &ids, Logits::Last)?;
@@ -317,6 +354,9 @@ pub fn run(a: CudaBench) -> Result<()> {
             "tok_s": p as f64 / s, "ms_per_layer": 1e3 * s / layers as f64}),
         );
         eprintln!("prefill {p}: {:.0} tok/s", p as f64 / s);
+        if a.profile && p == *a.prompts.iter().filter(|&&q| q <= 8192).max().unwrap_or(&0) {
+            profile_prefill(&model, &ids, layers)?;
+        }
     }
     // Decode at each context and batch size, the caches filled with random entries of the
     // right count; a batch is B sequences each adding one token per step.
@@ -376,9 +416,10 @@ pub fn run(a: CudaBench) -> Result<()> {
     }
     println!(
         "{} · synthetic {} shapes, {layers} of {full_layers} layers (official FP8/FP4 formats) · \
-         copy bandwidth {:.0} GB/s · peak GPU memory {:.1} GB of {:.1}",
+         numerics {:?} · copy bandwidth {:.0} GB/s · peak GPU memory {:.1} GB of {:.1}",
         model.gpu.name,
         a.preset,
+        a.numerics,
         bw / 1e9,
         peak_used as f64 / 1e9,
         total as f64 / 1e9

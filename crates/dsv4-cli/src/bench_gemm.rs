@@ -395,7 +395,16 @@ fn tile_kernels(gpu: &Gpu, c: &ModelConfig) -> Result<Vec<serde_json::Value>> {
     // Gate + up (2·inter rows) and down: 3 products of pairs × inter × d.
     let flops = |ms: f64| tflops(pairs, 3 * inter, d, ms);
     let simt = time_ms(gpu, 1, &mut || {
-        Ok(ops::moe_experts_gemm(gpu, Fmt::Fp4, false, 3, &a, ntile)?)
+        Ok(ops::moe_experts_gemm(
+            gpu,
+            Fmt::Fp4,
+            false,
+            3,
+            &a,
+            ntile,
+            pairs,
+            None,
+        )?)
     })?;
     let mut r = json!({"gemm": format!("experts ({ne}, {topk}/token, {ntile} tiles)"),
         "format": "fp4", "n": 3 * inter, "k": d, "tokens": m, "pairs": pairs, "tc": tc,
@@ -411,6 +420,8 @@ fn tile_kernels(gpu: &Gpu, c: &ModelConfig) -> Result<Vec<serde_json::Value>> {
                         bk,
                         &a,
                         ntile,
+                        pairs,
+                        None,
                     )?)
                 })?;
                 let key = tc_key(terms, MOE_TILE_PAIRS, bk);

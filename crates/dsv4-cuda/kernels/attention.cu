@@ -1,7 +1,7 @@
 // Attention of new queries over the sliding window (cached ring + this call's rows) and the
 // compressed entries (all visible ones, or the indexer's selection), with per-head sinks;
 // the compressors' window pooling; the lightning indexer's scores and exact top-k.
-#include "common.cuh"
+#include "quant.cuh"
 #include <cub/block/block_scan.cuh>
 
 // One sequence's caches in one layer, for kernels where every token of the batch is its own
@@ -238,9 +238,9 @@ extern "C" __global__ void comp_pool(const float* kv, const float* gate, const f
 extern "C" __global__ void __launch_bounds__(256)
 comp_decode(const float* kv, const float* gate, const float* ape, const float* norm_w, const SeqLayer* seqs,
             int which, const int* positions, int width, int d, int m, int overlap, float eps,
-            const float* inv_freq, int half, float factor) {
+            const float* inv_freq, int half, float factor, int round_mode, float inv_sqrt) {
     pdl_entry();
-    extern __shared__ float ent[];  // [d]
+    extern __shared__ __align__(16) float ent[];  // [d]
     __shared__ float sh[32];
     const int t = blockIdx.x;
     const int p = positions[t];
@@ -290,15 +290,22 @@ comp_decode(const float* kv, const float* gate, const float* ape, const float* n
     __syncthreads();
     float* out = entries + (size_t)w * d;
     const int tail0 = d - 2 * half;
-    for (int c = threadIdx.x; c < tail0; c += blockDim.x) out[c] = ent[c];
     const float pf = (float)(w * m);
     for (int j = threadIdx.x; j < half; j += blockDim.x) {
         double ang = (double)(pf * inv_freq[j]);
         float co = (float)cos(ang) * factor, si = (float)sin(ang) * factor;
         float u = ent[tail0 + 2 * j], v = ent[tail0 + 2 * j + 1];
-        out[tail0 + 2 * j] = u * co - v * si;
-        out[tail0 + 2 * j + 1] = v * co + u * si;
+        ent[tail0 + 2 * j] = u * co - v * si;
+        ent[tail0 + 2 * j + 1] = v * co + u * si;
     }
+    // The official profile stores the entry rounded (main: FP8 nope channels; indexer: FP4 of
+    // its Hadamard rotation).
+    if (round_mode != ROUND_NONE) {
+        __syncthreads();
+        block_round_row(ent, d, 2 * half, round_mode, inv_sqrt);
+    }
+    __syncthreads();
+    for (int c = threadIdx.x; c < d; c += blockDim.x) out[c] = ent[c];
 }
 
 // ring_store for decode steps: token t's K=V row into its own sequence's window ring.

@@ -11,6 +11,7 @@ use crate::{Error, Result};
 use cudarc::driver::CudaGraph;
 use dsv4_core::config::AttnKind;
 use dsv4_core::model::rope::RopeTable;
+use dsv4_core::numerics::{Numerics, ACT_BLOCK, KV_BLOCK};
 use dsv4_core::{Engine, EngineState, Logits, Model, ModelConfig};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -29,6 +30,9 @@ const ATT_KEYS: usize = 32;
 const ATT_HEADS: usize = 8;
 /// Most key splits `attn_combine` merges.
 const COMBINE_MAX_SPLITS: usize = 256;
+/// From this many tokens, prefill's FP8 GEMMs (official profile with activation quantization)
+/// run on the tensor cores through cuBLASLt.
+const TC_MIN_TOKENS: usize = 65;
 
 static NEXT_ID: AtomicUsize = AtomicUsize::new(1);
 
@@ -62,6 +66,9 @@ struct Scratch {
     iproj_kv: DevBuf,
     iproj_gate: DevBuf,
     h: DevBuf,
+    /// `h` FP8-rounded per 128 (official profile with activation quantization: the input of
+    /// the FP8/FP4 GEMMs, while BF16/f32 consumers read `h` itself).
+    hq: DevBuf,
     f: DevBuf,
     mu: DevBuf,
     rinv: DevBuf,
@@ -104,6 +111,10 @@ struct Scratch {
     /// Captured decode steps by (tokens, with logits). They hold this scratch's addresses, so
     /// they live and die with it.
     graphs: HashMap<(usize, bool), CudaGraph>,
+    /// Whether the call being queued may use the cuBLASLt GEMMs (not a captured decode step:
+    /// cuBLASLt's plan search synchronizes).
+    tc_ok: bool,
+    fp8: crate::blaslt::Fp8Scratch,
 }
 
 impl Scratch {
@@ -133,6 +144,7 @@ impl Scratch {
             iproj_kv: f(cap * 2 * c.index_head_dim)?,
             iproj_gate: f(cap * 2 * c.index_head_dim)?,
             h: f(cap * d)?,
+            hq: f(cap * d)?,
             f: f(cap * d)?,
             mu: f(cap * (2 + n) * n)?,
             rinv: f(cap)?,
@@ -170,6 +182,8 @@ impl Scratch {
             seq_table: gpu.alloc(layers * cap * std::mem::size_of::<SeqLayerPtrs>())?,
             table_host: Vec::new(),
             graphs: HashMap::new(),
+            tc_ok: false,
+            fp8: Default::default(),
         })
     }
 }
@@ -189,6 +203,28 @@ pub struct CudaModel {
     /// by default: on an H100 the fused launch's serial per-token tail cost more than the five
     /// launches it replaces, 3.82 vs 3.53 ms per 8-layer decode step).
     hc_fused: AtomicBool,
+    /// The arithmetic followed (the CPU model's profile).
+    numerics: Numerics,
+    /// cuBLASLt and the FP8 weights in its layout (by code address), for prefill under the
+    /// official profile with activation quantization; `None` otherwise or without cuBLASLt
+    /// (`DSV4_CUDA_FP8_TC=0` turns it off).
+    tc: Option<FpTc>,
+}
+
+struct FpTc {
+    on: AtomicBool,
+    lt: crate::blaslt::BlasLt,
+    weights: Mutex<HashMap<u64, Arc<crate::blaslt::Fp8TcWeight>>>,
+}
+
+/// How a compressor's entries are stored (the official profile rounds them).
+#[derive(Clone, Copy)]
+enum EntryRound {
+    None = 0,
+    /// FP8 nope channels, blocks of 64 (main entries).
+    Fp8Nope = 1,
+    /// Hadamard-128 then FP4, blocks of 32 (indexer keys).
+    HadamardFp4 = 2,
 }
 
 impl CudaModel {
@@ -208,11 +244,7 @@ impl CudaModel {
         progress: impl FnMut(usize, usize),
     ) -> Result<Self> {
         if model.numerics.is_official() {
-            return Err(Error::Unsupported(
-                "the official numerics profile (FP8 K/V cache, FP4 indexer) runs on the CPU only \
-                 for now; use --numerics reference"
-                    .into(),
-            ));
+            crate::quant::check_hadamard_width(config.index_head_dim)?;
         }
         if config.hc_mult * config.hc_mult > 32 {
             return Err(Error::Unsupported(format!(
@@ -235,6 +267,23 @@ impl CudaModel {
         };
         let rope_main = rope(&config.rope_main)?;
         let rope_compress = rope(&config.rope_compress)?;
+        let tc = if model.numerics.act_quant()
+            && std::env::var("DSV4_CUDA_FP8_TC").map_or(true, |v| v != "0")
+        {
+            match crate::blaslt::BlasLt::new(gpu.clone()) {
+                Ok(lt) => Some(FpTc {
+                    on: AtomicBool::new(true),
+                    lt,
+                    weights: Mutex::new(HashMap::new()),
+                }),
+                Err(e) => {
+                    eprintln!("dsv4: prefill FP8 GEMMs stay off the tensor cores: {e}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         gpu.sync()?;
         Ok(CudaModel {
             rope_main,
@@ -245,6 +294,8 @@ impl CudaModel {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             graphs: AtomicBool::new(std::env::var("DSV4_CUDA_GRAPHS").map_or(true, |v| v != "0")),
             hc_fused: AtomicBool::new(std::env::var("DSV4_CUDA_HC_FUSED").is_ok_and(|v| v == "1")),
+            numerics: model.numerics,
+            tc,
             gpu,
         })
     }
@@ -252,6 +303,15 @@ impl CudaModel {
     /// Turns the replay of captured decode steps on or off (tests compare both).
     pub fn set_graphs(&self, on: bool) {
         self.graphs.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether prefill's FP8 GEMMs may run on the tensor cores (official profile with activation
+    /// quantization; tests compare both). Returns whether they can at all.
+    pub fn set_fp8_tensor_cores(&self, on: bool) -> bool {
+        self.tc
+            .as_ref()
+            .inspect(|tc| tc.on.store(on, Ordering::Relaxed))
+            .is_some()
     }
 
     /// Turns the fused hyper-connection boundaries on or off.
@@ -510,6 +570,7 @@ impl CudaModel {
         let c = &self.config;
         let (d, n) = (c.hidden_size, c.hc_mult);
         let nn = n as i32;
+        s.tc_ok = per_seq.is_some();
         g.launch(
             "embed",
             (t as u32, 1, 1),
@@ -722,6 +783,98 @@ impl CudaModel {
         }
     }
 
+    /// The input of the FP8/FP4 GEMMs that read `s.h` (`t` rows): `s.h`, or with activation
+    /// quantization its FP8-rounded copy in `s.hq`.
+    fn gemm_h(&self, s: &Scratch, t: usize) -> Result<LinIn> {
+        let d = self.config.hidden_size;
+        if !self.numerics.act_quant() {
+            return Ok(LinIn::rows(s.h.ptr, d, t));
+        }
+        crate::quant::fp8_round_copy(&self.gpu, (s.h.ptr, d), s.hq.ptr, d, t, d)?;
+        Ok(LinIn::rows(s.hq.ptr, d, t))
+    }
+
+    /// `y = W x` for a GEMM whose input is FP8-quantized in the official profile: on the tensor
+    /// cores (cuBLASLt, DeepSeek's `fp8_gemm`) for FP8 weights when prefill has enough tokens,
+    /// else `ops::linear` (exact f32 over the same rounded input).
+    fn dense(
+        &self,
+        s: &mut Scratch,
+        w: &crate::weights::GpuLinear,
+        inp: &LinIn,
+        y: u64,
+        ldy: usize,
+    ) -> Result<()> {
+        if let Some(tc) = &self.tc {
+            if s.tc_ok
+                && tc.on.load(Ordering::Relaxed)
+                && w.fmt == Fmt::Fp8
+                && inp.m >= TC_MIN_TOKENS
+                && inp.group.is_none()
+            {
+                let tw = {
+                    let mut map = tc.weights.lock().unwrap_or_else(|p| p.into_inner());
+                    match map.get(&w.desc.w) {
+                        Some(tw) => Some(tw.clone()),
+                        // Shapes cuBLASLt cannot take stay on the exact path.
+                        None => crate::blaslt::Fp8TcWeight::new(&self.gpu, w)
+                            .ok()
+                            .map(|tw| map.entry(w.desc.w).or_insert(Arc::new(tw)).clone()),
+                    }
+                };
+                if let Some(tw) = tw {
+                    return ops::linear_fp8_tc(&tc.lt, &tw, inp, y, ldy, &mut s.fp8);
+                }
+            }
+        }
+        // The input is FP8-rounded under activation quantization: one bf16 part carries it
+        // exactly on the tensor-core path.
+        let inp = LinIn {
+            x: inp.x,
+            ldx: inp.ldx,
+            m: inp.m,
+            group: inp.group,
+            terms: if self.numerics.act_quant() {
+                1
+            } else {
+                inp.terms
+            },
+        };
+        ops::linear(&self.gpu, w, &inp, y, ldy, &Self::part(s))
+    }
+
+    /// With activation quantization: `rows` rows of `width` at `x` FP8-rounded in place (the
+    /// input of the next FP8/FP4 GEMM; nothing else reads them unrounded).
+    fn round_gemm_input(&self, x: u64, width: usize, rows: usize) -> Result<()> {
+        if !self.numerics.act_quant() {
+            return Ok(());
+        }
+        crate::quant::fp8_round_trip(&self.gpu, x, width, rows, width, ACT_BLOCK)
+    }
+
+    /// How this layer's compressor entries are stored (`indexer`: the indexer's keys).
+    fn entry_round(&self, indexer: bool) -> EntryRound {
+        match (self.numerics.is_official(), indexer) {
+            (false, _) => EntryRound::None,
+            (true, false) => EntryRound::Fp8Nope,
+            (true, true) => EntryRound::HadamardFp4,
+        }
+    }
+
+    /// `rows` stored rows of `d` values at `x` rounded as `mode` says.
+    fn round_entries(&self, x: u64, d: usize, rows: usize, mode: EntryRound) -> Result<()> {
+        let nope = d - self.config.rope_dim;
+        match mode {
+            EntryRound::None => Ok(()),
+            EntryRound::Fp8Nope => {
+                crate::quant::fp8_round_trip(&self.gpu, x, d, rows, nope, KV_BLOCK)
+            }
+            EntryRound::HadamardFp4 => {
+                crate::quant::hadamard_fp4_round_trip(&self.gpu, x, d, rows, d)
+            }
+        }
+    }
+
     /// Attention of the batch's tokens: reads `s.h`, writes `s.f`. Projections, norms and RoPE
     /// run over all tokens; compressors, indexer, attention and the window ring per sequence.
     fn attention(
@@ -740,18 +893,23 @@ impl CudaModel {
         let rope = self.rope_dev(lw.kind);
         let part = Self::part(s);
         let hin = LinIn::rows(s.h.ptr, d, t);
+        let hq = self.gemm_h(s, t)?;
         let pos = Pos::Table(s.positions.ptr);
 
-        ops::linear(g, &a.wq_a, &hin, s.qr.ptr, c.q_lora_rank, &part)?;
+        self.dense(s, &a.wq_a, &hq, s.qr.ptr, c.q_lora_rank)?;
         ops::rms_norm(g, s.qr.ptr, a.q_norm.ptr(), c.q_lora_rank, t, eps)?;
+        // Both readers of qr (wq_b, the indexer's wq_b) are FP8 GEMMs.
+        self.round_gemm_input(s.qr.ptr, c.q_lora_rank, t)?;
         let qrin = LinIn::rows(s.qr.ptr, c.q_lora_rank, t);
-        ops::linear(g, &a.wq_b, &qrin, s.q.ptr, h * dh, &part)?;
+        self.dense(s, &a.wq_b, &qrin, s.q.ptr, h * dh)?;
         ops::rms_norm(g, s.q.ptr, 0, dh, t * h, eps)?;
         ops::rope(g, s.q.ptr, t * h, dh, h, &rope, pos, false)?;
 
-        ops::linear(g, &a.wkv, &hin, s.kv.ptr, dh, &part)?;
+        self.dense(s, &a.wkv, &hq, s.kv.ptr, dh)?;
         ops::rms_norm(g, s.kv.ptr, a.kv_norm.ptr(), dh, t, eps)?;
         ops::rope(g, s.kv.ptr, t, dh, 1, &rope, pos, false)?;
+        // The row is key and value as stored: the official profile's FP8 nope channels.
+        self.round_entries(s.kv.ptr, dh, t, self.entry_round(false))?;
 
         // Compressor and indexer projections for every token at once.
         if let Some(cw) = &a.compressor {
@@ -763,8 +921,12 @@ impl CudaModel {
             let ic = &ix.compressor;
             ops::linear(g, &ic.wkv, &hin, s.iproj_kv.ptr, ic.wkv.out, &part)?;
             ops::linear(g, &ic.wgate, &hin, s.iproj_gate.ptr, ic.wgate.out, &part)?;
-            ops::linear(g, &ix.wq_b, &qrin, s.qi.ptr, hi * di, &part)?;
+            self.dense(s, &ix.wq_b, &qrin, s.qi.ptr, hi * di)?;
             ops::rope(g, s.qi.ptr, t * hi, di, hi, &rope, pos, false)?;
+            // Official: queries rotated and rounded like the stored keys.
+            if self.numerics.is_official() {
+                crate::quant::hadamard_fp4_round_trip(g, s.qi.ptr, di, t * hi, di)?;
+            }
             ops::linear(g, &ix.weights_proj, &hin, s.hw.ptr, hi, &part)?;
         }
 
@@ -795,14 +957,8 @@ impl CudaModel {
             terms: 3,
         };
         ops::linear(g, &a.wo_a, &oin, s.z.ptr, gr * rk, &part)?;
-        ops::linear(
-            g,
-            &a.wo_b,
-            &LinIn::rows(s.z.ptr, gr * rk, t),
-            s.f.ptr,
-            d,
-            &part,
-        )
+        self.round_gemm_input(s.z.ptr, gr * rk, t)?;
+        self.dense(s, &a.wo_b, &LinIn::rows(s.z.ptr, gr * rk, t), s.f.ptr, d)
     }
 
     /// One sequence's share of the attention: compressors, indexer selection, attention over
@@ -848,7 +1004,7 @@ impl CudaModel {
                 .as_mut()
                 .expect("compressed layers have compressor state");
             let proj = (s.cproj_kv.ptr, s.cproj_gate.ptr);
-            self.compress(s, cw, cs, seg, proj, rope)?;
+            self.compress(s, cw, cs, seg, proj, rope, self.entry_round(false))?;
             args.entries = cs.entries.ptr;
             args.ratio = cw.ratio as i32;
             args.n_entries = cs.n as i32;
@@ -856,7 +1012,8 @@ impl CudaModel {
             if let Some(ix) = &a.indexer {
                 let is = ls.index.as_mut().expect("CSA layers have indexer state");
                 let proj = (s.iproj_kv.ptr, s.iproj_gate.ptr);
-                self.compress(s, &ix.compressor, is, seg, proj, rope)?;
+                let round = self.entry_round(true);
+                self.compress(s, &ix.compressor, is, seg, proj, rope, round)?;
                 self.indexer_select(s, ix, is, seg)?;
                 args.sel = s.sel.at::<i32>(st * c.index_topk);
                 args.nsel = s.nsel.at::<i32>(st);
@@ -907,6 +1064,8 @@ impl CudaModel {
         let comp = |cw: &GpuCompressor, which: i32, kv: u64, gate: u64| -> Result<()> {
             let (width, dim) = (cw.wkv.out as i32, cw.dim as i32);
             let (m, overlap, half) = (cw.ratio as i32, cw.overlap as i32, rope.half as i32);
+            let round = self.entry_round(which == 1) as i32;
+            let inv_sqrt = crate::quant::hadamard_factor(cw.dim);
             g.launch(
                 "comp_decode",
                 (t as u32, 1, 1),
@@ -928,6 +1087,8 @@ impl CudaModel {
                     &rope.inv_freq,
                     &half,
                     &rope.factor,
+                    &round,
+                    &inv_sqrt,
                 ],
             )
         };
@@ -1054,7 +1215,8 @@ impl CudaModel {
     }
 
     /// Appends a sequence's projected rows (`proj` = kv, gate of the whole batch) to its
-    /// compressor and emits every window they complete.
+    /// compressor and emits every window they complete, stored rounded as `round` says.
+    #[allow(clippy::too_many_arguments)] // the state, the batch's rows and how to store
     fn compress(
         &self,
         s: &mut Scratch,
@@ -1063,6 +1225,7 @@ impl CudaModel {
         seg: &Seg,
         proj: (u64, u64),
         rope: &RopeDev,
+        round: EntryRound,
     ) -> Result<()> {
         let g = &*self.gpu;
         let c = &self.config;
@@ -1115,6 +1278,7 @@ impl CudaModel {
                 step: m,
             };
             ops::rope(g, out, nw, dim, 1, rope, pos, false)?;
+            self.round_entries(out, dim, nw, round)?;
             cs.n = w1;
         }
         // The rows later windows need go back into the ring.
@@ -1212,7 +1376,12 @@ impl CudaModel {
         );
         let part = Self::part(s);
         let hin = LinIn::rows(s.h.ptr, d, t);
+        // The router reads h as is (f32 in the official code too); the experts' GEMMs read
+        // it FP8-rounded under activation quantization.
         ops::linear(g, &mw.gate, &hin, s.logits_e.ptr, e, &part)?;
+        let hq = self.gemm_h(s, t)?;
+        let aq = self.numerics.act_quant();
+        let round = |rw: Option<u64>| aq.then_some(ops::HiddenRound { rw });
         let (bias, tid2eid) = match &mw.router {
             GpuRouter::TopK { bias } => (bias.ptr(), 0u64),
             GpuRouter::Hash { tid2eid } => (0u64, tid2eid.ptr),
@@ -1248,7 +1417,7 @@ impl CudaModel {
                     w2: table.ptr + 2 * desc,
                     picks: s.zeros_i32.ptr,
                     rw: 0,
-                    x: s.h.ptr,
+                    x: hq.x,
                     h: s.sg.ptr,
                     out: s.f.ptr,
                     k: 1,
@@ -1258,11 +1427,11 @@ impl CudaModel {
                     rw_inside: 0,
                     lim,
                 };
-                ops::moe_experts(g, sh.w1.fmt, &a, t)?;
+                ops::moe_experts(g, sh.w1.fmt, &a, t, round(None))?;
             }
             (Some(sh), _) => {
-                ops::linear(g, &sh.w1, &hin, s.sg.ptr, inter, &part)?;
-                ops::linear(g, &sh.w3, &hin, s.su.ptr, inter, &part)?;
+                self.dense(s, &sh.w1, &hq, s.sg.ptr, inter)?;
+                self.dense(s, &sh.w3, &hq, s.su.ptr, inter)?;
                 let total = t * sh.w1.out;
                 let (wd, tot, null) = (sh.w1.out as i32, total, 0u64);
                 ops::elementwise(
@@ -1271,14 +1440,9 @@ impl CudaModel {
                     total,
                     &[&s.sg.ptr, &s.su.ptr, &wd, &tot, &lim, &null],
                 )?;
-                ops::linear(
-                    g,
-                    &sh.w2,
-                    &LinIn::rows(s.sg.ptr, sh.w1.out, t),
-                    s.f.ptr,
-                    d,
-                    &part,
-                )?;
+                self.round_gemm_input(s.sg.ptr, sh.w1.out, t)?;
+                let sgin = LinIn::rows(s.sg.ptr, sh.w1.out, t);
+                self.dense(s, &sh.w2, &sgin, s.f.ptr, d)?;
             }
             (None, _) => g.memset(s.f.ptr, 0, t * d * 4)?,
         }
@@ -1289,7 +1453,7 @@ impl CudaModel {
             w2: mw.w2_table.ptr,
             picks: s.picks.ptr,
             rw: s.rw.ptr,
-            x: s.h.ptr,
+            x: hq.x,
             h: s.eh.ptr,
             out: s.eout.ptr,
             k: k as i32,
@@ -1302,7 +1466,7 @@ impl CudaModel {
         // Few pairs per expert (decode batches): each pair streams its expert on its own; many
         // (prefill): group them by expert into tiles.
         if self.moe_per_pair(t) {
-            ops::moe_experts(g, mw.fmt, &a, pairs)?;
+            ops::moe_experts(g, mw.fmt, &a, pairs, round(Some(s.rw.ptr)))?;
         } else {
             // Group pairs by expert (tiles of up to MOE_TILE_PAIRS) so each expert's weights are decoded
             // once per tile and reused by all of its tokens.
@@ -1349,10 +1513,22 @@ impl CudaModel {
                 rw_inside: a.rw_inside,
                 terms: 3,
             };
-            // Activations are f32 here: three bf16 parts carry them whole.
-            ops::moe_experts_gemm(g, mw.fmt, mw.tc, 3, &ga, ntile)?;
+            // Under activation quantization both products read FP8-rounded rows (x here,
+            // the hidden rows after `round`): one bf16 part each is exact; else three.
+            let terms = if aq { 1 } else { 3 };
+            ops::moe_experts_gemm(
+                g,
+                mw.fmt,
+                mw.tc,
+                terms,
+                &ga,
+                ntile,
+                pairs,
+                round(Some(s.rw.ptr)),
+            )?;
         }
-        let (ki, di, ti, inside) = (k as i32, d as i32, t as i32, 0i32);
+        // Under activation quantization the routing weights were applied before `w2`.
+        let (ki, di, ti, inside) = (k as i32, d as i32, t as i32, aq as i32);
         ops::elementwise(
             g,
             "moe_combine",

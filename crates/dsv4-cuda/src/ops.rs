@@ -587,9 +587,41 @@ pub struct MoeGemmArgs {
 }
 unsafe impl DeviceRepr for MoeGemmArgs {}
 
+/// The official profile's treatment of the experts' hidden rows before the down projection:
+/// each pair's row multiplied by its routing weight (`rw`, when set) and FP8-rounded per 128
+/// (DeepSeek's `Expert.forward` order; the combine must then not weight it again).
+#[derive(Clone, Copy)]
+pub struct HiddenRound {
+    pub rw: Option<u64>,
+}
+
+fn round_hidden(
+    gpu: &Gpu,
+    r: Option<HiddenRound>,
+    h: u64,
+    width: usize,
+    rows: usize,
+) -> Result<()> {
+    match r {
+        None => Ok(()),
+        Some(r) => crate::quant::fp8_round_rows(
+            gpu,
+            h,
+            width,
+            rows,
+            width,
+            dsv4_core::numerics::ACT_BLOCK,
+            None,
+            r.rw,
+        ),
+    }
+}
+
 /// The routed experts for many tokens, over tiles of up to [`MOE_TILE_PAIRS`] pairs of one
 /// expert: on the tensor cores (activations in `terms` bf16 parts) when `tc` (every expert's
-/// [`GpuLinear::tc`]) and the GPU allows, else the SIMT kernels (64 rows per block).
+/// [`GpuLinear::tc`]) and the GPU allows, else the SIMT kernels (64 rows per block). `round`:
+/// the hidden rows between the two products (official profile).
+#[allow(clippy::too_many_arguments)] // the launch's full shape; a struct would only rename it
 pub fn moe_experts_gemm(
     gpu: &Gpu,
     fmt: Fmt,
@@ -597,13 +629,15 @@ pub fn moe_experts_gemm(
     terms: u8,
     a: &MoeGemmArgs,
     ntile: usize,
+    pairs: usize,
+    round: Option<HiddenRound>,
 ) -> Result<()> {
     if ntile == 0 {
         return Ok(());
     }
     let f = fmt.name();
     if tc && gpu.tc && matches!(fmt, Fmt::Bf16 | Fmt::Fp8 | Fmt::Fp4) && ntile <= TC_MAX_TILES {
-        return moe_experts_gemm_tc(gpu, fmt, terms, gpu.tc_bk, a, ntile);
+        return moe_experts_gemm_tc(gpu, fmt, terms, gpu.tc_bk, a, ntile, pairs, round);
     }
     gpu.launch(
         &format!("moe_up_gemm_{f}"),
@@ -612,6 +646,7 @@ pub fn moe_experts_gemm(
         0,
         &[a],
     )?;
+    round_hidden(gpu, round, a.h, a.i as usize, pairs)?;
     gpu.launch(
         &format!("moe_down_gemm_{f}"),
         (ntile as u32, blocks_for(a.d as usize, GEMM_TILE), 1),
@@ -626,6 +661,7 @@ const TC_MAX_TILES: usize = 65535;
 
 /// The tensor-core half of [`moe_experts_gemm`] stepping `bk` inputs (64, or 32: the `_k32`
 /// kernels); `fmt` must be BF16, FP8 or FP4 and every expert [`GpuLinear::tc`].
+#[allow(clippy::too_many_arguments)] // the launch's full shape; a struct would only rename it
 pub fn moe_experts_gemm_tc(
     gpu: &Gpu,
     fmt: Fmt,
@@ -633,6 +669,8 @@ pub fn moe_experts_gemm_tc(
     bk: usize,
     a: &MoeGemmArgs,
     ntile: usize,
+    pairs: usize,
+    round: Option<HiddenRound>,
 ) -> Result<()> {
     if ntile == 0 {
         return Ok(());
@@ -659,6 +697,7 @@ pub fn moe_experts_gemm_tc(
         smem,
         &[&a],
     )?;
+    round_hidden(gpu, round, a.h, a.i as usize, pairs)?;
     gpu.launch(
         &format!("moe_down_gemm_tc_{f}{sfx}"),
         (blocks_for(a.d as usize, TC_ROWS), ntile as u32, 1),
@@ -669,7 +708,13 @@ pub fn moe_experts_gemm_tc(
 }
 
 /// The routed experts, one block row per (token, slot) pair: gate+up (SwiGLU fused), then down.
-pub fn moe_experts(gpu: &Gpu, fmt: Fmt, a: &MoeArgs, pairs: usize) -> Result<()> {
+pub fn moe_experts(
+    gpu: &Gpu,
+    fmt: Fmt,
+    a: &MoeArgs,
+    pairs: usize,
+    round: Option<HiddenRound>,
+) -> Result<()> {
     if pairs == 0 {
         return Ok(());
     }
@@ -684,6 +729,7 @@ pub fn moe_experts(gpu: &Gpu, fmt: Fmt, a: &MoeArgs, pairs: usize) -> Result<()>
         0,
         &[a],
     )?;
+    round_hidden(gpu, round, a.h, i, pairs)?;
     gpu.tag(|| (format!("moe_down {f} x{pairs}"), pairs * expert(d, i)));
     gpu.launch(
         &format!("moe_down_{f}"),

@@ -8,6 +8,7 @@ mod common;
 
 use common::{fixture_dir, row_errors, Reference};
 use dsv4_core::cpu::linear::Linear;
+use dsv4_core::numerics::Numerics;
 use dsv4_core::{synthetic, Checkpoint, Logits, Model, ModelConfig};
 use dsv4_cuda::ops::{linear, LinIn, Partial};
 use dsv4_cuda::{CudaModel, Gpu};
@@ -79,10 +80,14 @@ fn linear_kernels_match_cpu() {
 /// A random model with Flash's head sizes (head_dim 512, window 128, CSA/HCA/sliding layers,
 /// index_topk below the number of entries) and a 1000-token vocabulary.
 fn random_model() -> Model {
+    random_model_with_topk(16)
+}
+
+fn random_model_with_topk(index_topk: usize) -> Model {
     let mut j = synthetic::flash_config_json();
     let over = serde_json::json!({"vocab_size": 1000, "hidden_size": 512, "num_hidden_layers": 5,
         "compress_ratios": [0, 4, 128, 4, 16, 0], "num_hash_layers": 2, "n_routed_experts": 16,
-        "moe_intermediate_size": 256, "index_topk": 16, "o_groups": 4, "o_lora_rank": 128,
+        "moe_intermediate_size": 256, "index_topk": index_topk, "o_groups": 4, "o_lora_rank": 128,
         "num_attention_heads": 8, "q_lora_rank": 256, "index_n_heads": 8, "index_head_dim": 128});
     for (k, v) in over.as_object().unwrap() {
         j[k] = v.clone();
@@ -96,7 +101,28 @@ fn random_model() -> Model {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn random_model_matches_cpu_on_every_chunking() {
-    let cpu = random_model();
+    random_model_on_every_chunking(Numerics::Reference);
+}
+
+/// The same with the official profile's FP8 K/V rows and entries and FP4 indexer. The indexer
+/// keeps every entry here (index_topk 128 ≥ 75): with FP4 queries and keys (one mantissa bit) a
+/// value within float noise of a rounding boundary may round either way on the GPU and move a
+/// top-k pick, and a moved pick changes that row by percents and, through the next layers'
+/// K/V, later rows too (measured: 74 of 300 rows over 1e-3 with index_topk 16, while every
+/// single-kind model stays within 2e-4). Selections below the entry count are checked
+/// strictly by the fixtures, whose decisions are clear of ties.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn random_model_official_profile_matches_cpu() {
+    random_model_on_every_chunking(Numerics::Official { act_quant: false });
+}
+
+fn random_model_on_every_chunking(numerics: Numerics) {
+    let mut cpu = match numerics {
+        Numerics::Reference => random_model(),
+        _ => random_model_with_topk(128),
+    };
+    cpu.numerics = numerics;
     let gpu = CudaModel::from_model(&cpu, 0).unwrap();
     let t = 300;
     let ids: Vec<u32> = (0..t).map(|i| (i * 7919 % 997) as u32 + 1).collect();
@@ -111,7 +137,7 @@ fn random_model_matches_cpu_on_every_chunking() {
         let e = row_errors(&got, &want, vocab);
         let w = worst(&e);
         eprintln!(
-            "chunks {:?}...: worst row rel err {w:.2e}",
+            "{numerics:?} chunks {:?}...: worst row rel err {w:.2e}",
             &chunks[..chunks.len().min(5)]
         );
         assert!(w < 1e-3, "worst {w}");
@@ -121,6 +147,144 @@ fn random_model_matches_cpu_on_every_chunking() {
                 &want[r * vocab..(r + 1) * vocab],
             );
             assert_eq!(common::argmax(g), common::argmax(c), "row {r} argmax");
+        }
+    }
+}
+
+/// The official profile with activation quantization, 300-token prefill: the exact kernels
+/// against the CPU (rounding flips aside, the same logits), and prefill's FP8 GEMMs on the
+/// tensor cores (cuBLASLt, Hopper's FP8 accumulation) against the exact kernels.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn random_model_act_quant_on_tensor_cores() {
+    let mut cpu = random_model();
+    cpu.numerics = Numerics::Official { act_quant: true };
+    let gpu = CudaModel::from_model(&cpu, 0).unwrap();
+    let t = 300;
+    let ids: Vec<u32> = (0..t).map(|i| (i * 7919 % 997) as u32 + 1).collect();
+    let vocab = 1000;
+    let mut cache = cpu.new_cache();
+    let want = cpu.forward(&mut cache, &ids, Logits::All).unwrap();
+    assert!(gpu.set_fp8_tensor_cores(false), "cuBLASLt is needed here");
+    let exact = run(&gpu, &ids, &[t]);
+    gpu.set_fp8_tensor_cores(true);
+    let tc = run(&gpu, &ids, &[t]);
+    let agree = |a: &[f32], b: &[f32]| {
+        (0..t)
+            .filter(|&r| {
+                let row = r * vocab..(r + 1) * vocab;
+                common::argmax(&a[row.clone()]) == common::argmax(&b[row])
+            })
+            .count()
+    };
+    // Activation quantization turns float noise into rounding flips that compound down the
+    // sequence (the fixtures' reference diverges from itself in f64 after ~50 rows): the
+    // leading rows agree closely, the rest stay near, the argmax mostly agrees. The tensor
+    // cores' FP8 accumulation (~1e-4 of a GEMM's outputs) starts the drift from the first row.
+    // The exact kernels: the leading rows within 1e-4 of the CPU, the argmax mostly equal.
+    // The tensor cores: Hopper's FP8 MMA accumulates each 128-wide K block with ~14 bits
+    // before the fp32 promotion (as DeepSeek's own fp8_gemm does), ~4e-4 of a GEMM's outputs,
+    // and every next act_quant turns that into FP8 rounding flips from the first token on: the
+    // logits agree to tens of percent of their range at worst, the argmax on most rows (a
+    // wrong GEMM agrees on a handful of rows out of 300).
+    for (what, got, want, lead_tol, min_lead, min_same) in [
+        (
+            "exact kernels vs CPU",
+            &exact,
+            &want,
+            1e-4f32,
+            20,
+            t * 9 / 10,
+        ),
+        (
+            "tensor cores vs exact kernels",
+            &tc,
+            &exact,
+            5e-2,
+            0,
+            t * 3 / 5,
+        ),
+    ] {
+        let e = row_errors(got, want, vocab);
+        let lead = e.iter().take_while(|&&x| x <= lead_tol).count();
+        let mean = e.iter().sum::<f32>() / t as f32;
+        let same = agree(got, want);
+        eprintln!(
+            "act-quant {what}: first {lead} rows within {lead_tol:.0e}, mean row rel err \
+             {mean:.2e}, worst {:.2e}, argmax {same}/{t}",
+            worst(&e)
+        );
+        assert!(lead >= min_lead, "{what}: only {lead} leading rows agree");
+        assert!(mean <= 0.3, "{what}: mean row error {mean:.2e}");
+        assert!(same >= min_same, "{what}: argmax agrees on {same}/{t} rows");
+    }
+}
+
+/// The official numerics profile (NUMERICS.md) on the GPU against its references in
+/// tests/fixtures-official (transformers in f32 with DeepSeek's roundings patched in): without
+/// activation quantization on every path within 1e-4 and the same argmax; with it, the CPU
+/// test's smoke criteria (FP8 rounding of every GEMM input turns summation-order noise into
+/// occasional rounding flips, so only the leading rows agree closely).
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn official_profile_matches_reference_on_gpu() {
+    for name in ["official-fp8", "hf-bf16"] {
+        let name = format!("../fixtures-official/{name}");
+        let ck = Checkpoint::open(&fixture_dir(&name)).unwrap();
+        let mut cpu = Model::load(&ck).unwrap();
+        cpu.numerics = Numerics::Official { act_quant: false };
+        let model = CudaModel::from_model(&cpu, 0).unwrap();
+        let r = Reference::load(&name);
+        let vocab = cpu.config.vocab_size;
+        let ids = r.ids("ids");
+        let argmax = r.ints("argmax");
+        let want = r.floats("logits");
+        let t = ids.len();
+        let p = r.ints("decode_prefill")[0] as usize;
+        let mut decode = vec![p];
+        decode.extend(std::iter::repeat_n(1, t - p));
+        let chunks: Vec<usize> = r.ints("chunks").into_iter().map(|x| x as usize).collect();
+        for (what, ch) in [
+            ("one call", vec![t]),
+            ("chunks", chunks),
+            ("decode", decode.clone()),
+            ("token by token", vec![1; t]),
+        ] {
+            let got = run(&model, &ids, &ch);
+            let errs = row_errors(&got, &want, vocab);
+            for (row, e) in errs.iter().enumerate() {
+                assert!(*e <= 1e-4, "{name} {what}: row {row} rel err {e:.2e}");
+                let g = &got[row * vocab..(row + 1) * vocab];
+                assert_eq!(
+                    common::argmax(g) as i64,
+                    argmax[row],
+                    "{name} {what}: row {row}"
+                );
+            }
+            eprintln!(
+                "{name} official {what}: worst row rel err {:.2e}",
+                worst(&errs)
+            );
+        }
+        cpu.numerics = Numerics::Official { act_quant: true };
+        let model = CudaModel::from_model(&cpu, 0).unwrap();
+        model.set_fp8_tensor_cores(false); // exact kernels here (see the test above for those)
+        let want = r.floats("logits_act_quant");
+        for (what, ch) in [("one call", vec![t]), ("decode", decode)] {
+            let errs = row_errors(&run(&model, &ids, &ch), &want, vocab);
+            let lead = errs.iter().take_while(|&&e| e <= 1e-4).count();
+            let mean = errs.iter().sum::<f32>() / t as f32;
+            eprintln!(
+                "{name} act-quant {what}: first {lead} rows within 1e-4, mean row error {mean:.2e}"
+            );
+            assert!(
+                lead >= 20,
+                "{name} act-quant {what}: only {lead} leading rows agree"
+            );
+            assert!(
+                mean <= 5e-2,
+                "{name} act-quant {what}: mean row error {mean:.2e}"
+            );
         }
     }
 }
@@ -466,6 +630,20 @@ fn quant_kernels_match_cpu_exactly() {
     let want = numerics::gemm_input(&x, k, true);
     bad += count_bit_mismatches("fp8_round_trip 128 (gemm_input)", &got, &want);
 
+    // The same from a copy, and with each row first scaled (the experts' routing weight).
+    let src = gpu.upload(&x).unwrap();
+    quant::fp8_round_copy(&gpu, (src.ptr, k), xd.ptr, k, m, k).unwrap();
+    gpu.dtoh(xd.ptr, &mut got).unwrap();
+    bad += count_bit_mismatches("fp8_round_copy", &got, &want);
+    let rw: Vec<f32> = (0..m).map(|r| 0.1 + r as f32 * 0.37).collect();
+    let rwd = gpu.upload(&rw).unwrap();
+    gpu.htod(xd.ptr, &x).unwrap();
+    quant::fp8_round_rows(&gpu, xd.ptr, k, m, k, 128, None, Some(rwd.ptr)).unwrap();
+    gpu.dtoh(xd.ptr, &mut got).unwrap();
+    let scaled: Vec<f32> = x.iter().enumerate().map(|(i, v)| v * rw[i / k]).collect();
+    let want = numerics::gemm_input(&scaled, k, true);
+    bad += count_bit_mismatches("fp8_round_rows scaled", &got, &want);
+
     // K/V rows: 50 rows of 512, nope channels 448 in blocks of 64.
     let (rows, ld, nope) = (50usize, 512usize, 448usize);
     let x = quant_input(rows, ld, 2);
@@ -478,19 +656,21 @@ fn quant_kernels_match_cpu_exactly() {
         .for_each(|r| numerics::fp8_round_trip(&mut r[..nope], numerics::KV_BLOCK));
     bad += count_bit_mismatches("fp8_round_trip 64 (K/V nope)", &got, &want);
 
-    // Indexer rows: 70 rows of 128 with a row stride of 132.
-    let (rows, ld) = (70usize, 132usize);
-    let x = quant_input(rows, ld, 3);
-    let xd = gpu.upload(&x).unwrap();
-    quant::hadamard128_fp4_round_trip(&gpu, xd.ptr, ld, rows).unwrap();
-    let mut got = vec![0f32; rows * ld];
-    gpu.dtoh(xd.ptr, &mut got).unwrap();
-    let mut want = x.clone();
-    want.chunks_mut(ld).for_each(|r| {
-        numerics::hadamard(&mut r[..128]);
-        numerics::fp4_round_trip(&mut r[..128], numerics::FP4_BLOCK);
-    });
-    bad += count_bit_mismatches("hadamard128_fp4_round_trip", &got, &want);
+    // Indexer rows: 70 rows of n ∈ {128, 64, 32} with a row stride of n + 4.
+    for n in [128usize, 64, 32] {
+        let (rows, ld) = (70usize, n + 4);
+        let x = quant_input(rows, ld, 3);
+        let xd = gpu.upload(&x).unwrap();
+        quant::hadamard_fp4_round_trip(&gpu, xd.ptr, ld, rows, n).unwrap();
+        let mut got = vec![0f32; rows * ld];
+        gpu.dtoh(xd.ptr, &mut got).unwrap();
+        let mut want = x.clone();
+        want.chunks_mut(ld).for_each(|r| {
+            numerics::hadamard(&mut r[..n]);
+            numerics::fp4_round_trip(&mut r[..n], numerics::FP4_BLOCK);
+        });
+        bad += count_bit_mismatches(&format!("hadamard_fp4_round_trip {n}"), &got, &want);
+    }
     assert_eq!(bad, 0, "GPU roundings differ from the CPU's");
 }
 
@@ -757,9 +937,9 @@ fn tensor_core_moe_gemm_matches_simt() {
             let f = mats[0][0].fmt;
             assert!(matches!(f, Fmt::Fp4 | Fmt::Fp8 | Fmt::Bf16));
             if bk == 0 {
-                moe_experts_gemm(&gpu, f, false, 3, &a, ntile).unwrap();
+                moe_experts_gemm(&gpu, f, false, 3, &a, ntile, pairs, None).unwrap();
             } else {
-                moe_experts_gemm_tc(&gpu, f, 3, bk, &a, ntile).unwrap();
+                moe_experts_gemm_tc(&gpu, f, 3, bk, &a, ntile, pairs, None).unwrap();
             }
             let (mut hv, mut ov) = (vec![0f32; pairs * inter], vec![0f32; pairs * d]);
             gpu.dtoh(h.ptr, &mut hv).unwrap();
