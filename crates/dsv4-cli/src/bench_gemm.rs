@@ -1,8 +1,10 @@
 //! `dsv4 bench --device cuda --gemm`: FP8 tensor-core GEMMs through cuBLASLt. The reference
 //! rate is a plain per-tensor-scaled 8192³ FP8 GEMM; against it, DeepSeek's block-scaled GEMM
 //! (weights 128×128, activations 1×128) at the Flash dense projection shapes for each prompt
-//! length, and the activation quantization kernel that feeds it. Times are CUDA-event medians
-//! after warm-up.
+//! length, and the activation quantization kernel that feeds it. Then the engine's own tile
+//! kernels at 8192 tokens: the tensor-core GEMMs (x in 1 or 3 bf16 parts) against the SIMT ones
+//! they replace, on the dense Flash shapes (FP8) and the routed experts (FP4). Times are
+//! CUDA-event medians after warm-up.
 
 use anyhow::{Context, Result};
 use dsv4_core::{synthetic, ModelConfig};
@@ -151,6 +153,8 @@ pub fn run(ordinal: usize, prompts: &[usize], json_out: bool) -> Result<()> {
         }
     }
 
+    let tiles = tile_kernels(&gpu, &c)?;
+
     let out = json!({
         "device": format!("cuda:{ordinal} {}", gpu.name),
         "peak": peak.iter().map(|(f, t, ms)| json!({"shape": [s, s, s], "fast_accum": f,
@@ -158,6 +162,7 @@ pub fn run(ordinal: usize, prompts: &[usize], json_out: bool) -> Result<()> {
         "peak_tflops": best,
         "block_scaled_8192_cubed_tflops": tflops(s, s, s, block_cube_ms),
         "shapes": rows,
+        "tile_kernels": tiles,
     });
     if json_out {
         println!("{out}");
@@ -192,5 +197,239 @@ pub fn run(ordinal: usize, prompts: &[usize], json_out: bool) -> Result<()> {
             r["act_quant_gb_s"].as_f64().unwrap_or(0.0),
         );
     }
+    println!();
+    println!("Tile kernels at {TILE_TOKENS} tokens (TFLOP/s; TC = tensor cores, x in 1 or 3 bf16 parts):");
+    println!(
+        "(TC columns: tokens (MoE: pairs) per block × inputs per K step; 128×64 is the dense \
+         default, 64×64 the MoE one)"
+    );
+    let cols: Vec<String> = [1u8, 3]
+        .iter()
+        .flat_map(|&t| TC_SHAPES.map(|(n, k)| tc_key(t, n, k)))
+        .collect();
+    let head: Vec<String> = [1, 3]
+        .iter()
+        .flat_map(|t| {
+            TC_SHAPES.map(|(n, k)| format!("{t} part{} {n}×{k}", if *t > 1 { "s" } else { "" }))
+        })
+        .collect();
+    println!(
+        "| GEMM | format | N × K | SIMT | {} | best 1 part / SIMT |",
+        head.join(" | ")
+    );
+    println!(
+        "| --- | --- | --- | ---: |{} ---: |",
+        " ---: |".repeat(cols.len())
+    );
+    for r in &tiles {
+        let f = |k: &str| r[k].as_f64();
+        let cells: Vec<String> = cols
+            .iter()
+            .map(|c| f(&format!("{c}_tflops")).map_or("-".into(), |v| format!("{v:.1}")))
+            .collect();
+        let best = TC_SHAPES
+            .iter()
+            .filter_map(|&(n, k)| f(&format!("{}_tflops", tc_key(1, n, k))))
+            .fold(0f64, f64::max);
+        println!(
+            "| {} | {} | {} × {} | {:.1} | {} | {:.1}x |",
+            r["gemm"].as_str().unwrap_or(""),
+            r["format"].as_str().unwrap_or(""),
+            r["n"],
+            r["k"],
+            f("simt_tflops").unwrap_or(0.0),
+            cells.join(" | "),
+            best / f("simt_tflops").unwrap_or(0.0).max(1e-9),
+        );
+    }
     Ok(())
+}
+
+const TILE_TOKENS: usize = 8192;
+
+/// Tensor-core kernel shapes timed: (tokens per block, inputs per K step).
+const TC_SHAPES: [(usize, usize); 4] = [(128, 64), (128, 32), (64, 64), (64, 32)];
+
+/// JSON key of a tensor-core timing: parts of x, tokens per block, inputs per K step.
+fn tc_key(terms: u8, tokens: usize, bk: usize) -> String {
+    format!("tc{terms}_{tokens}x{bk}")
+}
+
+/// The tile kernels (`ops::gemm_simt`, `ops::gemm_tc`, `ops::moe_experts_gemm`) at
+/// [`TILE_TOKENS`] tokens: Flash's wq_b, wo_b and shared-expert w1 in FP8, and its routed
+/// experts in FP4 (gate+up then down; 6 of 256 experts per token, pairs grouped by expert into
+/// tiles as the model does; 16 distinct weight sets cycled over the 256 experts, 200 MB, so
+/// the weights do not sit in L2).
+fn tile_kernels(gpu: &Gpu, c: &ModelConfig) -> Result<Vec<serde_json::Value>> {
+    use dsv4_cuda::ops::{self, LinIn, MoeGemmArgs, MOE_TILE_PAIRS};
+    use dsv4_cuda::weights::{Fmt, GpuLinear, LinearDesc};
+    use synthetic::MatrixFormat as F;
+    let m = TILE_TOKENS;
+    let mut rows = Vec::new();
+    let dense = [
+        ("attn.wq_b", c.num_heads * c.head_dim, c.q_lora_rank),
+        ("attn.wo_b", c.hidden_size, c.o_groups * c.o_lora_rank),
+        ("shared.w1", c.moe_intermediate_size, c.hidden_size),
+    ];
+    for (name, n, k) in dense {
+        let l = synthetic::random_linear(F::Fp8, n, k, 21)?;
+        let w = GpuLinear::upload(gpu, &l)?;
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 2654435761usize) % 2001) as f32 / 1000.0 - 1.0)
+            .collect();
+        // One part is meant for bf16-valued inputs: FP8-rounded ones, as the official profile.
+        let xq = dsv4_core::numerics::gemm_input(&x, k, true);
+        let (xd, xqd) = (gpu.upload(&x)?, gpu.upload(&xq)?);
+        let y = gpu.alloc(m * n * 4)?;
+        let inp = |x: u64, terms| LinIn {
+            terms,
+            ..LinIn::rows(x, k, m)
+        };
+        let simt = time_ms(gpu, 1, &mut || {
+            Ok(ops::gemm_simt(gpu, &w, &inp(xd.ptr, 3), y.ptr, n)?)
+        })?;
+        let mut r = json!({"gemm": name, "format": "fp8", "n": n, "k": k, "tokens": m,
+            "tc": w.tc, "simt_ms": simt, "simt_tflops": tflops(m, n, k, simt)});
+        if w.tc {
+            for (terms, xp) in [(1u8, xqd.ptr), (3, xd.ptr)] {
+                for (tokens, bk) in TC_SHAPES {
+                    let ms = time_ms(gpu, 2, &mut || {
+                        Ok(ops::gemm_tc_shape(
+                            gpu,
+                            &w,
+                            &inp(xp, terms),
+                            y.ptr,
+                            n,
+                            tokens,
+                            bk,
+                        )?)
+                    })?;
+                    let key = tc_key(terms, tokens, bk);
+                    r[format!("{key}_ms")] = json!(ms);
+                    r[format!("{key}_tflops")] = json!(tflops(m, n, k, ms));
+                }
+            }
+        }
+        rows.push(r);
+    }
+
+    // Routed experts.
+    let (d, inter, ne, topk) = (
+        c.hidden_size,
+        c.moe_intermediate_size,
+        c.n_routed_experts,
+        c.num_experts_per_tok,
+    );
+    let sets: Vec<[GpuLinear; 3]> = (0..16u64)
+        .map(|i| -> Result<[GpuLinear; 3]> {
+            let up = |s| -> Result<GpuLinear> {
+                Ok(GpuLinear::upload(
+                    gpu,
+                    &synthetic::random_linear(F::Fp4, inter, d, s)?,
+                )?)
+            };
+            let down = synthetic::random_linear(F::Fp4, d, inter, 100 + i)?;
+            Ok([up(200 + i)?, up(300 + i)?, GpuLinear::upload(gpu, &down)?])
+        })
+        .collect::<Result<_>>()?;
+    let tc = sets.iter().flatten().all(|w| w.tc);
+    let table = |j: usize| -> Result<DevBuf> {
+        let v: Vec<LinearDesc> = (0..ne).map(|e| sets[e % sets.len()][j].desc).collect();
+        Ok(gpu.upload(&v)?)
+    };
+    let (w1, w3, w2) = (table(0)?, table(1)?, table(2)?);
+    // topk distinct pseudo-random experts per token, grouped as CudaModel::moe does.
+    let pairs = m * topk;
+    let mut by_expert: Vec<Vec<i32>> = vec![Vec::new(); ne];
+    let mut s = 0x2545_F491_4F6C_DD1Du64;
+    for t in 0..m {
+        let mut picked = Vec::with_capacity(topk);
+        while picked.len() < topk {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            let e = (s >> 33) as usize % ne;
+            if !picked.contains(&e) {
+                picked.push(e);
+            }
+        }
+        for (j, &e) in picked.iter().enumerate() {
+            by_expert[e].push((t * topk + j) as i32);
+        }
+    }
+    let (mut te, mut tn, mut tp) = (Vec::new(), Vec::new(), Vec::new());
+    for (ex, list) in by_expert.iter().enumerate() {
+        for chunk in list.chunks(MOE_TILE_PAIRS) {
+            te.push(ex as i32);
+            tn.push(chunk.len() as i32);
+            tp.extend(chunk.iter().copied());
+            tp.extend(std::iter::repeat_n(chunk[0], MOE_TILE_PAIRS - chunk.len()));
+        }
+    }
+    let ntile = te.len();
+    let (te, tn, tp) = (gpu.upload(&te)?, gpu.upload(&tn)?, gpu.upload(&tp)?);
+    let x: Vec<f32> = (0..m * d)
+        .map(|i| ((i * 2654435761usize) % 2001) as f32 / 1000.0 - 1.0)
+        .collect();
+    let x = gpu.upload(&dsv4_core::numerics::gemm_input(&x, d, true))?;
+    let (h, out) = (gpu.alloc(pairs * inter * 4)?, gpu.alloc(pairs * d * 4)?);
+    let a = MoeGemmArgs {
+        w1: w1.ptr,
+        w3: w3.ptr,
+        w2: w2.ptr,
+        tile_expert: te.ptr,
+        tile_pairs: tp.ptr,
+        tile_n: tn.ptr,
+        x: x.ptr,
+        h: h.ptr,
+        out: out.ptr,
+        k: topk as i32,
+        d: d as i32,
+        i: inter as i32,
+        vec: 1,
+        lim: c.swiglu_limit.unwrap_or(f32::NAN),
+        rw: 0,
+        rw_inside: 0,
+        terms: 3,
+    };
+    // Gate + up (2·inter rows) and down: 3 products of pairs × inter × d.
+    let flops = |ms: f64| tflops(pairs, 3 * inter, d, ms);
+    let simt = time_ms(gpu, 1, &mut || {
+        Ok(ops::moe_experts_gemm(
+            gpu,
+            Fmt::Fp4,
+            false,
+            3,
+            &a,
+            ntile,
+            pairs,
+            None,
+        )?)
+    })?;
+    let mut r = json!({"gemm": format!("experts ({ne}, {topk}/token, {ntile} tiles)"),
+        "format": "fp4", "n": 3 * inter, "k": d, "tokens": m, "pairs": pairs, "tc": tc,
+        "simt_ms": simt, "simt_tflops": flops(simt)});
+    if tc {
+        for terms in [1u8, 3] {
+            for bk in [64, 32] {
+                let ms = time_ms(gpu, 1, &mut || {
+                    Ok(ops::moe_experts_gemm_tc(
+                        gpu,
+                        Fmt::Fp4,
+                        terms,
+                        bk,
+                        &a,
+                        ntile,
+                        pairs,
+                        None,
+                    )?)
+                })?;
+                let key = tc_key(terms, MOE_TILE_PAIRS, bk);
+                r[format!("{key}_ms")] = json!(ms);
+                r[format!("{key}_tflops")] = json!(flops(ms));
+            }
+        }
+    }
+    rows.push(r);
+    Ok(rows)
 }

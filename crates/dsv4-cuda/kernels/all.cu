@@ -4,4 +4,5 @@
 #include "attention.cu"
 #include "moe.cu"
 #include "gemm.cu"
+#include "gemm_tc.cu"
 #include "quant.cu"

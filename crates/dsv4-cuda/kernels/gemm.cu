@@ -2,6 +2,7 @@
 // weight tile decoded once into shared memory (scales applied) and reused for all 64 tokens,
 // each thread accumulating 4 rows x 4 tokens in registers. The MoE variants run one expert on
 // up to 64 of the (token, slot) pairs routed to it.
+#pragma once
 #include "linear.cuh"
 
 #define GB_M 64
@@ -75,6 +76,7 @@ struct GemmArgs {
     int32_t ldx, ldy, M;
     int32_t xg_rows, xg_stride;  // grouped input (wo_a); a tile's rows share one group
     int32_t vec;
+    int32_t terms;  // bf16 parts of x for the tensor-core kernels (gemm_tc.cu); unused here
 };
 
 template <int FMT>
@@ -129,6 +131,9 @@ struct MoeGemmArgs {
     float* out;       // [T * k, D]
     int32_t k, D, I, vec;
     float lim;
+    const float* rw;    // [T * k] routing weights, one per pair
+    int32_t rw_inside;  // 1: the up kernels scale each pair's SwiGLU output by rw[pair]
+    int32_t terms;      // bf16 parts of x for the tensor-core kernels (gemm_tc.cu)
 };
 
 // The tile's pairs into shared memory (padded with 0); returns the tile's pair count.
@@ -168,7 +173,9 @@ __device__ void moe_up_gemm_impl(const MoeGemmArgs& a) {
             if (r >= a.I) continue;
             float gv = g[i][j], uv = u[i][j];
             if (!isnan(a.lim)) { gv = fminf(gv, a.lim); uv = fminf(fmaxf(uv, -a.lim), a.lim); }
-            a.h[(size_t)pairs[t] * a.I + r] = gv / (1.0f + expf(-gv)) * uv;
+            float hv = gv / (1.0f + expf(-gv)) * uv;
+            if (a.rw_inside) hv *= a.rw[pairs[t]];
+            a.h[(size_t)pairs[t] * a.I + r] = hv;
         }
     }
 }

@@ -40,6 +40,14 @@ pub struct Gpu {
     pdl: bool,
     /// One-token GEMVs on long-lived warps (`gemv_stream_*`; `DSV4_CUDA_STREAM=0` turns it off).
     pub stream_gemv: bool,
+    /// Multi-token products of BF16/FP8/FP4 weights on the tensor cores (`kernels/gemm_tc.cu`;
+    /// `DSV4_CUDA_TC=0` keeps the SIMT GEMMs, for A/B comparisons).
+    pub tc: bool,
+    /// Inputs per K step of the tensor-core kernels: 64, or 32 with `DSV4_CUDA_TC_BK=32` (the
+    /// `_k32` kernels), and tokens per block of the dense ones: 128, or 64 with
+    /// `DSV4_CUDA_TC_TOKENS=64` (`_n64`); for comparisons.
+    pub tc_bk: usize,
+    pub tc_tokens: usize,
     /// Per-launch timing (`set_profile`): events around every launch, PDL off.
     profile: Mutex<Option<Profile>>,
 }
@@ -130,6 +138,17 @@ impl Gpu {
             pdl: std::env::var("DSV4_CUDA_PDL").map_or(true, |v| v != "0"),
             profile: Mutex::new(None),
             stream_gemv: std::env::var("DSV4_CUDA_STREAM").map_or(true, |v| v != "0"),
+            tc: std::env::var("DSV4_CUDA_TC").map_or(true, |v| v != "0"),
+            tc_bk: if std::env::var("DSV4_CUDA_TC_BK").is_ok_and(|v| v == "32") {
+                32
+            } else {
+                64
+            },
+            tc_tokens: if std::env::var("DSV4_CUDA_TC_TOKENS").is_ok_and(|v| v == "64") {
+                64
+            } else {
+                128
+            },
         }))
     }
 

@@ -170,7 +170,8 @@ impl Scratch {
             eout: f(pairs * d)?,
             sg: f(cap * inter)?,
             su: f(cap * inter)?,
-            tiles: f(2 * (pairs + e_count) + 64 * (pairs + e_count))?,
+            // At most pairs + experts tiles: expert, count and MOE_TILE_PAIRS pairs each.
+            tiles: f((2 + ops::MOE_TILE_PAIRS) * (pairs + e_count))?,
             partial: f(1 << 22)?,
             counters: gpu.alloc_zeros(4 << 16)?,
             scores: f(1 << 24)?,
@@ -794,7 +795,20 @@ impl CudaModel {
             return Ok(LinIn::rows(s.h.ptr, d, t));
         }
         crate::quant::fp8_round_copy(&self.gpu, (s.h.ptr, d), s.hq.ptr, d, t, d)?;
-        Ok(LinIn::rows(s.hq.ptr, d, t))
+        Ok(self.gemm_input(LinIn::rows(s.hq.ptr, d, t)))
+    }
+
+    /// An input that holds FP8-rounded values under activation quantization: one bf16 part
+    /// carries it exactly through the tensor-core kernels (f32 inputs need three).
+    fn gemm_input(&self, inp: LinIn) -> LinIn {
+        LinIn {
+            terms: if self.numerics.act_quant() {
+                1
+            } else {
+                inp.terms
+            },
+            ..inp
+        }
     }
 
     /// `y = W x` for a GEMM whose input is FP8-quantized in the official profile: on the tensor
@@ -938,7 +952,7 @@ impl CudaModel {
         ops::rms_norm(g, s.qr.ptr, a.q_norm.ptr(), c.q_lora_rank, t, eps)?;
         // Both readers of qr (wq_b, the indexer's wq_b) are FP8 GEMMs.
         self.round_gemm_input(s.qr.ptr, c.q_lora_rank, t)?;
-        let qrin = LinIn::rows(s.qr.ptr, c.q_lora_rank, t);
+        let qrin = self.gemm_input(LinIn::rows(s.qr.ptr, c.q_lora_rank, t));
         self.dense(s, &a.wq_b, &qrin, s.q.ptr, h * dh)?;
         ops::rms_norm(g, s.q.ptr, 0, dh, t * h, eps)?;
         ops::rope(g, s.q.ptr, t * h, dh, h, &rope, pos, false)?;
@@ -982,10 +996,12 @@ impl CudaModel {
             ldx: h * dh,
             m: t,
             group: Some((rk, gw)),
+            terms: 3,
         };
         ops::linear(g, &a.wo_a, &oin, s.z.ptr, gr * rk, &part)?;
         self.round_gemm_input(s.z.ptr, gr * rk, t)?;
-        self.dense(s, &a.wo_b, &LinIn::rows(s.z.ptr, gr * rk, t), s.f.ptr, d)
+        let zin = self.gemm_input(LinIn::rows(s.z.ptr, gr * rk, t));
+        self.dense(s, &a.wo_b, &zin, s.f.ptr, d)
     }
 
     /// One sequence's share of the attention: compressors, indexer selection, attention over
@@ -1491,7 +1507,7 @@ impl CudaModel {
                     &[&s.sg.ptr, &s.su.ptr, &wd, &tot, &lim, &null],
                 )?;
                 self.round_gemm_input(s.sg.ptr, sh.w1.out, t)?;
-                let sgin = LinIn::rows(s.sg.ptr, sh.w1.out, t);
+                let sgin = self.gemm_input(LinIn::rows(s.sg.ptr, sh.w1.out, t));
                 self.dense(s, &sh.w2, &sgin, s.f.ptr, d)?;
             }
             (None, _) => g.memset(s.f.ptr, 0, t * d * 4)?,
@@ -1518,7 +1534,7 @@ impl CudaModel {
         if self.moe_per_pair(t) {
             ops::moe_experts(g, mw.fmt, &a, pairs, round(Some(s.rw.ptr)))?;
         } else {
-            // Group pairs by expert (tiles of up to 64) so each expert's weights are decoded
+            // Group pairs by expert (tiles of up to MOE_TILE_PAIRS) so each expert's weights are decoded
             // once per tile and reused by all of its tokens.
             let mut picks = vec![0i32; pairs];
             g.dtoh(s.picks.ptr, &mut picks)?;
@@ -1530,7 +1546,7 @@ impl CudaModel {
                     .ok_or_else(|| Error::Driver(format!("router picked expert {ex}")))?;
                 by_expert[ex].push(p as i32);
             }
-            let tp_w = ops::GEMM_TILE;
+            let tp_w = ops::MOE_TILE_PAIRS;
             let (mut te, mut tp, mut tn) = (Vec::new(), Vec::new(), Vec::new());
             for (ex, list) in by_expert.iter().enumerate() {
                 for chunk in list.chunks(tp_w) {
@@ -1559,8 +1575,23 @@ impl CudaModel {
                 i: a.i,
                 vec: a.vec,
                 lim: a.lim,
+                rw: a.rw,
+                rw_inside: a.rw_inside,
+                terms: 3,
             };
-            ops::moe_experts_gemm(g, mw.fmt, &ga, ntile, pairs, round(Some(s.rw.ptr)))?;
+            // Under activation quantization both products read FP8-rounded rows (x here,
+            // the hidden rows after `round`): one bf16 part each is exact; else three.
+            let terms = if aq { 1 } else { 3 };
+            ops::moe_experts_gemm(
+                g,
+                mw.fmt,
+                mw.tc,
+                terms,
+                &ga,
+                ntile,
+                pairs,
+                round(Some(s.rw.ptr)),
+            )?;
         }
         // Under activation quantization the routing weights were applied before `w2`.
         let (ki, di, ti, inside) = (k as i32, d as i32, t as i32, aq as i32);

@@ -68,11 +68,36 @@ struct GemmArgs {
     xg_rows: i32,
     xg_stride: i32,
     vec: i32,
+    terms: i32,
 }
 unsafe impl DeviceRepr for GemmArgs {}
 
 /// Tile of the multi-token kernels: 64 rows × 64 tokens.
 pub const GEMM_TILE: usize = 64;
+/// Pairs per tile of the MoE tile kernels (SIMT and tensor-core alike): the host groups each
+/// expert's (token, slot) pairs into tiles of this many.
+pub const MOE_TILE_PAIRS: usize = 64;
+/// Rows of W per block of the tensor-core kernels (`kernels/gemm_tc.cu`; the gated MoE tile
+/// takes half of them from w1, half from w3).
+pub const TC_ROWS: usize = 128;
+
+/// Dynamic shared memory of a tensor-core kernel stepping `bk` inputs (64 or 32): two stages
+/// of the bf16 weight tile and the `terms` bf16 parts of `tokens` activations, in shared rows
+/// of `bk + 8` bf16.
+fn tc_smem(tokens: usize, terms: u8, bk: usize) -> u32 {
+    (2 * (TC_ROWS + terms as usize * tokens) * (bk + 8) * 2) as u32
+}
+
+/// Kernel-name suffix of the tensor-core kernels with `tokens` per block (dense: 128 or 64)
+/// stepping `bk` inputs (64 or 32).
+fn tc_suffix(tokens: usize, bk: usize) -> &'static str {
+    match (tokens, bk) {
+        (64, 32) => "_n64_k32",
+        (64, _) => "_n64",
+        (_, 32) => "_k32",
+        _ => "",
+    }
+}
 /// Up to this many tokens the GEMV (weights streamed once per 8 tokens) beats a mostly empty
 /// GEMM tile (decode batches).
 pub const GEMM_MIN_TOKENS: usize = 64;
@@ -88,6 +113,9 @@ pub struct LinIn {
     pub ldx: usize,
     pub m: usize,
     pub group: Option<(usize, usize)>,
+    /// bf16 parts of each activation in the tensor-core GEMMs (1..=3): 3 carries f32's whole
+    /// significand; 1 is exact when x holds bf16 values (FP8-rounded GEMM inputs).
+    pub terms: u8,
 }
 
 impl LinIn {
@@ -97,6 +125,7 @@ impl LinIn {
             ldx,
             m,
             group: None,
+            terms: 3,
         }
     }
 }
@@ -130,26 +159,18 @@ pub fn linear(
         _ => 8,
     };
     let (gs, gstride) = inp.group.unwrap_or((0, 0));
+    // Many tokens on the tensor cores where they compute this matrix exactly (a grid of at
+    // least half a block per SM).
+    if m > GEMM_MIN_TOKENS
+        && tc_applies(gpu, w, inp)
+        && 2 * nrows.div_ceil(TC_ROWS) * m.div_ceil(gpu.tc_tokens) >= gpu.sm_count
+    {
+        return gemm_tc(gpu, w, inp, y, ldy);
+    }
     // Many tokens: the tiled kernel reuses each decoded weight tile for 64 tokens.
     let tiles = nrows.div_ceil(GEMM_TILE) * m.div_ceil(GEMM_TILE);
     if m > GEMM_MIN_TOKENS && gs.is_multiple_of(GEMM_TILE) && 2 * tiles >= gpu.sm_count {
-        let args = GemmArgs {
-            x: inp.x,
-            y,
-            ldx: inp.ldx as i32,
-            ldy: ldy as i32,
-            m: m as i32,
-            xg_rows: gs as i32,
-            xg_stride: gstride as i32,
-            vec: w.vec as i32,
-        };
-        let grid = (
-            nrows.div_ceil(GEMM_TILE) as u32,
-            m.div_ceil(GEMM_TILE) as u32,
-            1,
-        );
-        let name = format!("gemm_{}", w.fmt.name());
-        return gpu.launch(&name, grid, (256, 1, 1), 0, &[&w.desc, &args]);
+        return gemm_simt(gpu, w, inp, y, ldy);
     }
     let blocks = nrows.div_ceil(GEMV_ROWS);
     let vec_ok =
@@ -302,6 +323,104 @@ pub fn linear_multi(gpu: &Gpu, jobs: &[LinJob<'_>], part: &Partial) -> Result<()
     gpu.tag(|| (format!("gemv_multi x{} m{m}", jobs.len()), bytes));
     let name = format!("gemv_multi_{mt}");
     gpu.launch(&name, (end as u32, 1, 1), (256, 1, 1), 0, &[&g])
+}
+
+/// `y[t, :] = W · x[t, :]` through the SIMT tile kernel `gemm_*` (64 rows × 64 tokens per
+/// block, f32 arithmetic), any format; a grouped input must keep 64-row tiles in one group.
+pub fn gemm_simt(gpu: &Gpu, w: &GpuLinear, inp: &LinIn, y: u64, ldy: usize) -> Result<()> {
+    let (m, nrows) = (inp.m, w.out);
+    if m == 0 || nrows == 0 {
+        return Ok(());
+    }
+    let (gs, gstride) = inp.group.unwrap_or((0, 0));
+    let args = GemmArgs {
+        x: inp.x,
+        y,
+        ldx: inp.ldx as i32,
+        ldy: ldy as i32,
+        m: m as i32,
+        xg_rows: gs as i32,
+        xg_stride: gstride as i32,
+        vec: w.vec as i32,
+        terms: inp.terms as i32,
+    };
+    let grid = (
+        nrows.div_ceil(GEMM_TILE) as u32,
+        m.div_ceil(GEMM_TILE) as u32,
+        1,
+    );
+    let name = format!("gemm_{}", w.fmt.name());
+    gpu.launch(&name, grid, (256, 1, 1), 0, &[&w.desc, &args])
+}
+
+/// Whether [`gemm_tc`] takes `w` with this input: its weights decode exactly to bf16
+/// ([`GpuLinear::tc`]), a grouped input keeps each 128-row tile inside one group, and the
+/// tensor-core kernels are on (`DSV4_CUDA_TC`).
+pub fn tc_applies(gpu: &Gpu, w: &GpuLinear, inp: &LinIn) -> bool {
+    gpu.tc
+        && w.tc
+        && matches!(w.fmt, Fmt::Bf16 | Fmt::Fp8 | Fmt::Fp4)
+        && inp
+            .group
+            .is_none_or(|(gs, _)| gs > 0 && gs.is_multiple_of(TC_ROWS))
+}
+
+/// `y[t, :] = W · x[t, :]` on the tensor cores (`gemm_tc_*`: 128 rows × 128 tokens per block
+/// by default, x split into `inp.terms` bf16 parts), whatever the shape; an error where
+/// [`tc_applies`] says no.
+pub fn gemm_tc(gpu: &Gpu, w: &GpuLinear, inp: &LinIn, y: u64, ldy: usize) -> Result<()> {
+    gemm_tc_shape(gpu, w, inp, y, ldy, gpu.tc_tokens, gpu.tc_bk)
+}
+
+/// [`gemm_tc`] with `tokens` per block (128, or 64: the `_n64` kernels) stepping `bk` inputs
+/// (64, or 32: `_k32`).
+pub fn gemm_tc_shape(
+    gpu: &Gpu,
+    w: &GpuLinear,
+    inp: &LinIn,
+    y: u64,
+    ldy: usize,
+    tokens: usize,
+    bk: usize,
+) -> Result<()> {
+    let tokens = if tokens == 64 { 64 } else { 128 };
+    if !tc_applies(gpu, w, inp) {
+        return Err(crate::Error::Unsupported(format!(
+            "the tensor-core GEMM does not take this {} matrix",
+            w.fmt.name()
+        )));
+    }
+    let (m, nrows) = (inp.m, w.out);
+    if m == 0 || nrows == 0 {
+        return Ok(());
+    }
+    let terms = inp.terms.clamp(1, 3);
+    let (gs, gstride) = inp.group.unwrap_or((0, 0));
+    let args = GemmArgs {
+        x: inp.x,
+        y,
+        ldx: inp.ldx as i32,
+        ldy: ldy as i32,
+        m: m as i32,
+        xg_rows: gs as i32,
+        xg_stride: gstride as i32,
+        vec: 1,
+        terms: terms as i32,
+    };
+    gpu.tag(|| {
+        (
+            format!("gemm_tc {} {}x{} m{m} t{terms}", w.fmt.name(), nrows, w.inp),
+            w.stored_bytes,
+        )
+    });
+    let grid = (nrows.div_ceil(TC_ROWS) as u32, m.div_ceil(tokens) as u32, 1);
+    gpu.launch(
+        &format!("gemm_tc_{}{}", w.fmt.name(), tc_suffix(tokens, bk)),
+        grid,
+        (256, 1, 1),
+        tc_smem(tokens, terms, bk),
+        &[&w.desc, &args],
+    )
 }
 
 /// Stored bytes of a `rows × inp` matrix in `fmt` (weights and scales; profiler labels).
@@ -576,6 +695,12 @@ pub struct MoeGemmArgs {
     pub i: i32,
     pub vec: i32,
     pub lim: f32,
+    /// `[T * k]` routing weights, one per pair (read when `rw_inside`).
+    pub rw: u64,
+    /// 1: the up kernel scales each pair's SwiGLU output by its routing weight.
+    pub rw_inside: i32,
+    /// bf16 parts of the activations in the tensor-core kernels (set by [`moe_experts_gemm`]).
+    pub terms: i32,
 }
 unsafe impl DeviceRepr for MoeGemmArgs {}
 
@@ -609,10 +734,16 @@ fn round_hidden(
     }
 }
 
-/// The routed experts for many tokens: tiles of 64 pairs × 64 rows.
+/// The routed experts for many tokens, over tiles of up to [`MOE_TILE_PAIRS`] pairs of one
+/// expert: on the tensor cores (activations in `terms` bf16 parts) when `tc` (every expert's
+/// [`GpuLinear::tc`]) and the GPU allows, else the SIMT kernels (64 rows per block). `round`:
+/// the hidden rows between the two products (official profile).
+#[allow(clippy::too_many_arguments)] // the launch's full shape; a struct would only rename it
 pub fn moe_experts_gemm(
     gpu: &Gpu,
     fmt: Fmt,
+    tc: bool,
+    terms: u8,
     a: &MoeGemmArgs,
     ntile: usize,
     pairs: usize,
@@ -622,6 +753,9 @@ pub fn moe_experts_gemm(
         return Ok(());
     }
     let f = fmt.name();
+    if tc && gpu.tc && matches!(fmt, Fmt::Bf16 | Fmt::Fp8 | Fmt::Fp4) && ntile <= TC_MAX_TILES {
+        return moe_experts_gemm_tc(gpu, fmt, terms, gpu.tc_bk, a, ntile, pairs, round);
+    }
     gpu.launch(
         &format!("moe_up_gemm_{f}"),
         (ntile as u32, blocks_for(a.i as usize, GEMM_TILE), 1),
@@ -636,6 +770,57 @@ pub fn moe_experts_gemm(
         (256, 1, 1),
         0,
         &[a],
+    )
+}
+
+/// Tiles of one tensor-core MoE launch at most (the grid's y dimension).
+const TC_MAX_TILES: usize = 65535;
+
+/// The tensor-core half of [`moe_experts_gemm`] stepping `bk` inputs (64, or 32: the `_k32`
+/// kernels); `fmt` must be BF16, FP8 or FP4 and every expert [`GpuLinear::tc`].
+#[allow(clippy::too_many_arguments)] // the launch's full shape; a struct would only rename it
+pub fn moe_experts_gemm_tc(
+    gpu: &Gpu,
+    fmt: Fmt,
+    terms: u8,
+    bk: usize,
+    a: &MoeGemmArgs,
+    ntile: usize,
+    pairs: usize,
+    round: Option<HiddenRound>,
+) -> Result<()> {
+    if ntile == 0 {
+        return Ok(());
+    }
+    if ntile > TC_MAX_TILES {
+        return Err(crate::Error::Unsupported(format!(
+            "{ntile} MoE tiles exceed the tensor-core grid's {TC_MAX_TILES}"
+        )));
+    }
+    // The MoE kernels' tiles are MOE_TILE_PAIRS pairs: only the K step varies.
+    let (f, sfx) = (fmt.name(), if bk == 32 { "_k32" } else { "" });
+    let terms = terms.clamp(1, 3);
+    let a = MoeGemmArgs {
+        terms: terms as i32,
+        ..*a
+    };
+    let smem = tc_smem(MOE_TILE_PAIRS, terms, bk);
+    // Up: 64 intermediate rows (gate and up) per block; down: 128 output rows. Row blocks
+    // vary fastest (see kernels/gemm_tc.cu).
+    gpu.launch(
+        &format!("moe_up_gemm_tc_{f}{sfx}"),
+        (blocks_for(a.i as usize, TC_ROWS / 2), ntile as u32, 1),
+        (256, 1, 1),
+        smem,
+        &[&a],
+    )?;
+    round_hidden(gpu, round, a.h, a.i as usize, pairs)?;
+    gpu.launch(
+        &format!("moe_down_gemm_tc_{f}{sfx}"),
+        (blocks_for(a.d as usize, TC_ROWS), ntile as u32, 1),
+        (256, 1, 1),
+        smem,
+        &[&a],
     )
 }
 

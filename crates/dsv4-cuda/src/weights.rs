@@ -66,8 +66,32 @@ pub struct GpuLinear {
     pub inp: usize,
     /// The 16-byte kernel path applies (rows and scale blocks aligned to whole loads).
     pub vec: bool,
+    /// The tensor-core GEMMs may take it: its values decode exactly to bf16 ([`tc_exact`]) and
+    /// the 16-byte path applies.
+    pub tc: bool,
     pub stored_bytes: usize,
     _bufs: Vec<DevBuf>,
+}
+
+/// Whether every weight of `l`, scale applied, is exactly a normal bf16 number (or zero), so
+/// that `kernels/gemm_tc.cu` may decode its tiles to bf16 (multiplying code and scale as bf16):
+/// BF16 itself; FP8 e4m3 (at most 4 significant bits, magnitudes 2^-9..448) times
+/// power-of-two f32 block scales 2^-117..2^15 (the decode carries 2^112 times the scale as a
+/// bf16); FP4 e2m1 (magnitudes 0.5..6) times e8m0 scales 2^-125..2^125. Any other scale (a
+/// non-power-of-two f32 block scale, as some checkpoints store) leaves the matrix to the SIMT
+/// kernels.
+pub fn tc_exact(l: &Linear) -> bool {
+    match &l.format {
+        Format::Bf16 => true,
+        Format::Fp8 { scales, .. } => scales.iter().all(|&s| {
+            let b = s.to_bits() & 0x7fff_ffff;
+            b == 0 || (b & 0x7f_ffff == 0 && (10..=142).contains(&(b >> 23)))
+        }),
+        Format::Fp4 { scales } | Format::Mxfp4 { scales } => {
+            scales.bytes().iter().all(|u| (2..=252).contains(u))
+        }
+        _ => false,
+    }
 }
 
 impl GpuLinear {
@@ -142,6 +166,7 @@ impl GpuLinear {
             out: l.out,
             inp: l.inp,
             vec,
+            tc: vec && tc_exact(l),
             stored_bytes: l.stored_bytes(),
             _bufs: bufs,
         })
@@ -288,6 +313,8 @@ pub struct GpuMoe {
     /// All experts share one format and the 16-byte path applies to all.
     pub fmt: Fmt,
     pub vec: bool,
+    /// The tensor-core tile kernels may take every routed expert ([`GpuLinear::tc`]).
+    pub tc: bool,
     pub shared: Option<GpuExpert>,
     /// The shared expert's [w1, w3, w2] descriptors, so one token's shared expert can run
     /// through the routed-expert kernels (gate, up and SwiGLU in one pass).
@@ -326,6 +353,7 @@ impl GpuLayer {
             ));
         }
         let vec = experts.iter().all(|e| e.w1.vec && e.w3.vec && e.w2.vec);
+        let tc = experts.iter().all(|e| e.w1.tc && e.w3.tc && e.w2.tc);
         let table = |f: fn(&GpuExpert) -> &GpuLinear| -> Result<DevBuf> {
             let descs: Vec<LinearDesc> = experts.iter().map(|e| f(e).desc).collect();
             gpu.upload(&descs)
@@ -367,6 +395,7 @@ impl GpuLayer {
                 experts,
                 fmt,
                 vec,
+                tc,
                 shared,
                 shared_table,
             },
@@ -417,5 +446,35 @@ impl GpuWeights {
                 .iter()
                 .map(|l| l.dense_bytes + k * l.expert_bytes)
                 .sum::<usize>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tc_exact;
+    use dsv4_core::cpu::linear::Format;
+    use dsv4_core::synthetic::{self, MatrixFormat as F};
+
+    /// The synthetic checkpoints' formats decode exactly to bf16; an FP8 block scale that is not
+    /// a power of two, or one so large that 2^112 times it leaves f32, does not.
+    #[test]
+    fn tensor_core_decode_exactness() {
+        for fmt in [F::Fp8, F::Fp4, F::Bf16] {
+            let l = synthetic::random_linear(fmt, 256, 256, 1).unwrap();
+            assert!(tc_exact(&l), "{fmt:?}");
+        }
+        for bad in [1.5f32, 3.0e-3, 65536.0] {
+            let mut l = synthetic::random_linear(F::Fp8, 256, 256, 1).unwrap();
+            if let Format::Fp8 { scales, .. } = &mut l.format {
+                scales[1] = bad;
+            }
+            assert!(!tc_exact(&l), "scale {bad}");
+        }
+        let mut l = synthetic::random_linear(F::Fp8, 256, 256, 1).unwrap();
+        if let Format::Fp8 { scales, .. } = &mut l.format {
+            scales[0] = 0.0;
+            scales[1] = -0.25;
+        }
+        assert!(tc_exact(&l));
     }
 }

@@ -806,3 +806,228 @@ fn fp8_tensor_core_gemm_matches_cpu() {
     let e = Fp8TcWeight::new(&gpu, &g).err().expect("refused");
     eprintln!("bf16 weight: {e}");
 }
+
+/// Random f32 in [-1, 1) with full significands (seeded xorshift).
+fn random_f32(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+/// The tensor-core GEMMs (`ops::gemm_tc`: bf16-decoded weight tiles, x in bf16 parts, f32
+/// accumulation) against the CPU's f32 `Linear::apply`: FP8, FP4 and BF16 weights, rows,
+/// inputs and tokens that are not multiples of the 128 × 128 × 32 tiles; 3 parts on random f32
+/// inputs (f32 accuracy), 1 part on FP8-rounded inputs (bf16 values: exact products); and the
+/// grouped input of `wo_a`.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn tensor_core_gemm_matches_cpu() {
+    use dsv4_cuda::ops::gemm_tc_shape;
+    use dsv4_cuda::weights::GpuLinear;
+    use synthetic::MatrixFormat as F;
+    let gpu = Gpu::open(0).expect("GPU");
+    let (mut worst3, mut worst1) = (0f32, 0f32);
+    let mut seed = 1;
+    for (fmt, n, k) in [
+        (F::Fp8, 64, 128),
+        (F::Fp8, 200, 384),
+        (F::Fp8, 1024, 4096),
+        (F::Fp4, 64, 128),
+        (F::Fp4, 200, 384),
+        (F::Fp4, 1024, 4096),
+        (F::Bf16, 64, 128),
+        (F::Bf16, 200, 1000),
+        (F::Bf16, 1024, 4096),
+    ] {
+        let l: Linear = synthetic::random_linear(fmt, n, k, 5).unwrap();
+        let g = GpuLinear::upload(&gpu, &l).unwrap();
+        assert!(g.tc, "{fmt:?} [{n}, {k}] should decode exactly to bf16");
+        for m in [65usize, 130, 1000] {
+            seed += 1;
+            let x = random_f32(m * k, seed);
+            let xq = dsv4_core::numerics::gemm_input(&x, k, true).into_owned();
+            for (terms, xs, tol) in [(3u8, &x, 2e-5f32), (1, &xq, 2e-6)] {
+                let want = l.apply(xs, m);
+                let xd = gpu.upload(xs).unwrap();
+                let inp = LinIn {
+                    terms,
+                    ..LinIn::rows(xd.ptr, k, m)
+                };
+                // Every kernel shape: tokens per block, inputs per K step.
+                for (tokens, bk) in [(128, 64), (128, 32), (64, 64), (64, 32)] {
+                    // Poisoned output: every element must be written.
+                    let yd = gpu.upload(&vec![f32::NAN; m * n]).unwrap();
+                    gemm_tc_shape(&gpu, &g, &inp, yd.ptr, n, tokens, bk).unwrap();
+                    let mut got = vec![0f32; m * n];
+                    gpu.dtoh(yd.ptr, &mut got).unwrap();
+                    let what = format!("TC {fmt:?} [{n}, {k}] m={m} terms={terms} {tokens}x{bk}");
+                    assert!(
+                        got.iter().all(|v| v.is_finite()),
+                        "{what}: unwritten outputs"
+                    );
+                    let e = worst(&row_errors(&got, &want, n));
+                    eprintln!("{what}: max rel err {e:.2e}");
+                    assert!(e <= tol, "{what}: {e}");
+                    if terms == 3 {
+                        worst3 = worst3.max(e);
+                    } else {
+                        worst1 = worst1.max(e);
+                    }
+                }
+            }
+        }
+    }
+    eprintln!("TC GEMM: worst max rel err {worst3:.2e} (3 parts), {worst1:.2e} (1 part)");
+
+    // Grouped input (wo_a): 4 groups of 128 rows, group g reading inputs [g·256, (g+1)·256)
+    // of rows 1024 wide.
+    let (groups, rk, gw, m) = (4, 128, 256, 130);
+    let l: Linear = synthetic::random_linear(F::Fp8, groups * rk, gw, 9).unwrap();
+    let g = GpuLinear::upload(&gpu, &l).unwrap();
+    let n = groups * rk;
+    let x = random_f32(m * groups * gw, 77);
+    let mut want = vec![0f32; m * n];
+    for gi in 0..groups {
+        let xg: Vec<f32> = (0..m)
+            .flat_map(|t| x[t * groups * gw + gi * gw..][..gw].iter().copied())
+            .collect();
+        let yg = l.apply(&xg, m);
+        for t in 0..m {
+            want[t * n + gi * rk..][..rk].copy_from_slice(&yg[t * n + gi * rk..][..rk]);
+        }
+    }
+    let xd = gpu.upload(&x).unwrap();
+    let yd = gpu.upload(&vec![f32::NAN; m * n]).unwrap();
+    let inp = LinIn {
+        x: xd.ptr,
+        ldx: groups * gw,
+        m,
+        group: Some((rk, gw)),
+        terms: 3,
+    };
+    gemm_tc_shape(&gpu, &g, &inp, yd.ptr, n, 128, 64).unwrap();
+    let mut got = vec![0f32; m * n];
+    gpu.dtoh(yd.ptr, &mut got).unwrap();
+    assert!(
+        got.iter().all(|v| v.is_finite()),
+        "grouped: unwritten outputs"
+    );
+    let e = worst(&row_errors(&got, &want, n));
+    eprintln!("TC grouped [{n}, {gw}] m={m}: max rel err {e:.2e}");
+    assert!(e <= 2e-5, "grouped: {e}");
+}
+
+/// The tensor-core MoE tile kernels against the SIMT ones (which the model tests hold to the
+/// CPU): 5 FP4 experts, 300 tokens × 2 slots grouped into tiles of `MOE_TILE_PAIRS` as the model
+/// does, routing weights applied inside the up kernel, SwiGLU clamp on; ragged I and D.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn tensor_core_moe_gemm_matches_simt() {
+    use dsv4_cuda::ops::{moe_experts_gemm, moe_experts_gemm_tc, MoeGemmArgs, MOE_TILE_PAIRS};
+    use dsv4_cuda::weights::{Fmt, GpuLinear, LinearDesc};
+    use synthetic::MatrixFormat as F;
+    let gpu = Gpu::open(0).expect("GPU");
+    for (fmt, d, inter) in [(F::Fp4, 512, 192), (F::Fp8, 384, 320), (F::Bf16, 200, 136)] {
+        let (e, t, k) = (5usize, 300usize, 2usize);
+        let mats: Vec<[GpuLinear; 3]> = (0..e as u64)
+            .map(|i| {
+                let up = |s| {
+                    let l = synthetic::random_linear(fmt, inter, d, s).unwrap();
+                    GpuLinear::upload(&gpu, &l).unwrap()
+                };
+                let l2 = synthetic::random_linear(fmt, d, inter, 10 * i + 3).unwrap();
+                [
+                    up(10 * i + 1),
+                    up(10 * i + 2),
+                    GpuLinear::upload(&gpu, &l2).unwrap(),
+                ]
+            })
+            .collect();
+        assert!(mats.iter().flatten().all(|m| m.tc));
+        let table = |j: usize| {
+            let v: Vec<LinearDesc> = mats.iter().map(|m| m[j].desc).collect();
+            gpu.upload(&v).unwrap()
+        };
+        let (w1, w3, w2) = (table(0), table(1), table(2));
+        // Pair p = token p / k, slot p % k: expert (token + 3·slot) % e (distinct per token).
+        let pairs = t * k;
+        let mut by_expert: Vec<Vec<i32>> = vec![Vec::new(); e];
+        for p in 0..pairs {
+            by_expert[(p / k + 3 * (p % k)) % e].push(p as i32);
+        }
+        let (mut te, mut tn, mut tp) = (Vec::new(), Vec::new(), Vec::new());
+        for (ex, list) in by_expert.iter().enumerate() {
+            for chunk in list.chunks(MOE_TILE_PAIRS) {
+                te.push(ex as i32);
+                tn.push(chunk.len() as i32);
+                tp.extend(chunk.iter().copied());
+                tp.extend(std::iter::repeat_n(chunk[0], MOE_TILE_PAIRS - chunk.len()));
+            }
+        }
+        let ntile = te.len();
+        let (te, tn, tp) = (
+            gpu.upload(&te).unwrap(),
+            gpu.upload(&tn).unwrap(),
+            gpu.upload(&tp).unwrap(),
+        );
+        let x = gpu.upload(&random_f32(t * d, 5)).unwrap();
+        let rw = gpu.upload(&random_f32(pairs, 6)).unwrap();
+        let mut outs = Vec::new();
+        // SIMT, then the tensor cores stepping 64 and 32 inputs.
+        for bk in [0, 64, 32] {
+            let h = gpu.upload(&vec![f32::NAN; pairs * inter]).unwrap();
+            let out = gpu.upload(&vec![f32::NAN; pairs * d]).unwrap();
+            let a = MoeGemmArgs {
+                w1: w1.ptr,
+                w3: w3.ptr,
+                w2: w2.ptr,
+                tile_expert: te.ptr,
+                tile_pairs: tp.ptr,
+                tile_n: tn.ptr,
+                x: x.ptr,
+                h: h.ptr,
+                out: out.ptr,
+                k: k as i32,
+                d: d as i32,
+                i: inter as i32,
+                vec: 1,
+                lim: 0.3,
+                rw: rw.ptr,
+                rw_inside: 1,
+                terms: 3,
+            };
+            let f = mats[0][0].fmt;
+            assert!(matches!(f, Fmt::Fp4 | Fmt::Fp8 | Fmt::Bf16));
+            if bk == 0 {
+                moe_experts_gemm(&gpu, f, false, 3, &a, ntile, pairs, None).unwrap();
+            } else {
+                moe_experts_gemm_tc(&gpu, f, 3, bk, &a, ntile, pairs, None).unwrap();
+            }
+            let (mut hv, mut ov) = (vec![0f32; pairs * inter], vec![0f32; pairs * d]);
+            gpu.dtoh(h.ptr, &mut hv).unwrap();
+            gpu.dtoh(out.ptr, &mut ov).unwrap();
+            assert!(
+                hv.iter().chain(&ov).all(|v| v.is_finite()),
+                "bk={bk}: unwritten outputs"
+            );
+            outs.push((hv, ov));
+        }
+        for (bk, tc) in [(64, &outs[1]), (32, &outs[2])] {
+            let eh = worst(&row_errors(&tc.0, &outs[0].0, inter));
+            let eo = worst(&row_errors(&tc.1, &outs[0].1, d));
+            eprintln!(
+                "TC MoE {fmt:?} D={d} I={inter} bk={bk}: h max rel err {eh:.2e}, out {eo:.2e}"
+            );
+            assert!(
+                eh <= 2e-5 && eo <= 2e-5,
+                "{fmt:?} bk={bk}: h {eh}, out {eo}"
+            );
+        }
+    }
+}
