@@ -847,11 +847,13 @@ impl CudaModel {
         ops::linear(&self.gpu, w, inp, y, ldy, &Self::part(s))
     }
 
-    /// Several products of one input batch: one launch for a decode step's GEMVs
+    /// Several products of one input batch: one launch for a one-token step's GEMVs
     /// (`ops::linear_multi`), else each on its own (`dense`: the tensor cores where they apply).
     fn project(&self, s: &mut Scratch, jobs: &[LinJob<'_>]) -> Result<()> {
         let m = jobs.first().map_or(0, |j| j.inp.m);
-        if m <= ops::GEMM_MIN_TOKENS && self.multi_gemv {
+        // One token only: with more, the several-format kernel's registers (the most any
+        // format needs) cost more than the launches it saves (A/B on an H200, batch 8 and 32).
+        if m == 1 && self.multi_gemv {
             return ops::linear_multi(&self.gpu, jobs, &Self::part(s));
         }
         for j in jobs {

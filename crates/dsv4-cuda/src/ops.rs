@@ -101,6 +101,8 @@ fn tc_suffix(tokens: usize, bk: usize) -> &'static str {
 /// Up to this many tokens the GEMV (weights streamed once per 8 tokens) beats a mostly empty
 /// GEMM tile (decode batches).
 pub const GEMM_MIN_TOKENS: usize = 64;
+/// From this many tokens a decode batch takes the tensor-core tile for tall matrices.
+const DECODE_TC_TOKENS: usize = 16;
 
 /// Rows per block of the GEMV kernels (8 warps × 4 rows).
 const GEMV_ROWS: usize = 32;
@@ -159,6 +161,15 @@ pub fn linear(
         _ => 8,
     };
     let (gs, gstride) = inp.group.unwrap_or((0, 0));
+    // Decode batches of 16+ tokens through tall matrices (the vocabulary head, wq_b): the
+    // GEMV would stream the weights once per 8 tokens; a 64-token tensor-core tile reads them
+    // once, with a block per SM at least.
+    if (DECODE_TC_TOKENS..=GEMM_MIN_TOKENS).contains(&m)
+        && tc_applies(gpu, w, inp)
+        && nrows.div_ceil(TC_ROWS) >= gpu.sm_count
+    {
+        return gemm_tc_shape(gpu, w, inp, y, ldy, 64, gpu.tc_bk);
+    }
     // Many tokens on the tensor cores where they compute this matrix exactly (a grid of at
     // least half a block per SM).
     if m > GEMM_MIN_TOKENS

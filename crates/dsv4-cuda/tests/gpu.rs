@@ -214,7 +214,18 @@ fn random_model_on_every_chunking(numerics: Numerics) {
                 &got[r * vocab..(r + 1) * vocab],
                 &want[r * vocab..(r + 1) * vocab],
             );
-            assert_eq!(common::argmax(g), common::argmax(c), "row {r} argmax");
+            // The argmax must agree wherever the CPU's top two are further apart than the row's
+            // error could move them (the random model has no tie guard; the fixtures do).
+            let scale = c.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let top = common::argmax(c);
+            let second = c
+                .iter()
+                .enumerate()
+                .filter(|&(i, _)| i != top)
+                .fold(f32::NEG_INFINITY, |m, (_, &x)| m.max(x));
+            if c[top] - second > 2.0 * e[r] * scale {
+                assert_eq!(common::argmax(g), top, "row {r} argmax");
+            }
         }
     }
 }
@@ -933,7 +944,9 @@ fn tensor_core_moe_gemm_matches_simt() {
     use dsv4_cuda::weights::{Fmt, GpuLinear, LinearDesc};
     use synthetic::MatrixFormat as F;
     let gpu = Gpu::open(0).expect("GPU");
-    for (fmt, d, inter) in [(F::Fp4, 512, 192), (F::Fp8, 384, 320), (F::Bf16, 200, 136)] {
+    // FP8 widths are whole 128-blocks (the synthetic generator spreads other widths over
+    // blocks of odd sizes, which take the SIMT path).
+    for (fmt, d, inter) in [(F::Fp4, 512, 192), (F::Fp8, 384, 256), (F::Bf16, 200, 136)] {
         let (e, t, k) = (5usize, 300usize, 2usize);
         let mats: Vec<[GpuLinear; 3]> = (0..e as u64)
             .map(|i| {
