@@ -63,8 +63,9 @@ struct MoeArgs {
 };
 
 template <int FMT>
-__device__ void moe_up_pair(const MoeArgs& a, int pair) {
+__device__ void moe_up_impl(const MoeArgs& a) {
     constexpr int N = Chunk<FMT>::N;
+    const int pair = blockIdx.x;
     const int e = a.picks[pair];
     const LinearW W1 = a.w1[e], W3 = a.w3[e];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -91,8 +92,9 @@ __device__ void moe_up_pair(const MoeArgs& a, int pair) {
 }
 
 template <int FMT>
-__device__ void moe_down_pair(const MoeArgs& a, int pair) {
+__device__ void moe_down_impl(const MoeArgs& a) {
     constexpr int N = Chunk<FMT>::N;
+    const int pair = blockIdx.x;
     const LinearW W2 = a.w2[a.picks[pair]];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int r = blockIdx.y * 32 + warp * 4;
@@ -110,90 +112,13 @@ __device__ void moe_down_pair(const MoeArgs& a, int pair) {
 }
 
 #define MOE(FMT, NAME)                                                                                      \
-    extern "C" __global__ void __launch_bounds__(256) moe_up_##NAME(MoeArgs a) { pdl_entry(); moe_up_pair<FMT>(a, blockIdx.x); }     \
-    extern "C" __global__ void __launch_bounds__(256) moe_down_##NAME(MoeArgs a) { pdl_entry(); moe_down_pair<FMT>(a, blockIdx.x); }
+    extern "C" __global__ void __launch_bounds__(256) moe_up_##NAME(MoeArgs a) { pdl_entry(); moe_up_impl<FMT>(a); }     \
+    extern "C" __global__ void __launch_bounds__(256) moe_down_##NAME(MoeArgs a) { pdl_entry(); moe_down_impl<FMT>(a); }
 MOE(FMT_F32, f32)
 MOE(FMT_BF16, bf16)
 MOE(FMT_F16, f16)
 MOE(FMT_FP8, fp8)
 MOE(FMT_FP4, fp4)
-
-// Decode batches: the (token, slot) pairs grouped by expert on the device, so each picked
-// expert's rows are streamed once for all its pairs (B sequences pick far fewer than 6·B
-// distinct experts). `moe_group` (one block) counts pairs per expert, places each pair in its
-// expert's run of `order` (the order inside a run does not matter: every pair's sums are
-// computed alone) and cuts the runs into items of at most MOE_GROUP_MT pairs:
-// items[3i..3i+3] = (expert, start in order, count); n_items[0] = their number.
-#define MOE_GROUP_MT 4
-extern "C" __global__ void moe_group(const int* picks, int pairs, int E, int* order, int* items,
-                                     int* n_items) {
-    pdl_entry();
-    extern __shared__ int gs[];  // cnt[E], start[E]
-    int* cnt = gs;
-    int* start = gs + E;
-    for (int e = threadIdx.x; e < E; e += blockDim.x) cnt[e] = 0;
-    __syncthreads();
-    for (int p = threadIdx.x; p < pairs; p += blockDim.x) atomicAdd(&cnt[picks[p]], 1);
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        int off = 0, n = 0;
-        for (int e = 0; e < E; e++) {
-            start[e] = off;
-            for (int c = 0; c < cnt[e]; c += MOE_GROUP_MT) {
-                items[3 * n] = e;
-                items[3 * n + 1] = off + c;
-                items[3 * n + 2] = min(MOE_GROUP_MT, cnt[e] - c);
-                n++;
-            }
-            off += cnt[e];
-            cnt[e] = 0;
-        }
-        n_items[0] = n;
-    }
-    __syncthreads();
-    for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
-        const int e = picks[p];
-        order[start[e] + atomicAdd(&cnt[e], 1)] = p;
-    }
-}
-
-// One item's pairs, one after the other through the per-pair code: the expert's rows come
-// from DRAM for the first pair and from L2 for the rest (decoding rows once for several pairs,
-// as the GEMV does for 8 tokens, needs twice the registers: one block per SM instead of two).
-template <int FMT>
-__device__ void moe_up_grouped_impl(const MoeArgs& a, const int* order, const int* items,
-                                    const int* n_items) {
-    const int item = blockIdx.x;
-    if (item >= n_items[0]) return;
-    const int p0 = items[3 * item + 1], M = items[3 * item + 2];
-    for (int m = 0; m < M; m++) moe_up_pair<FMT>(a, order[p0 + m]);
-}
-
-template <int FMT>
-__device__ void moe_down_grouped_impl(const MoeArgs& a, const int* order, const int* items,
-                                      const int* n_items) {
-    const int item = blockIdx.x;
-    if (item >= n_items[0]) return;
-    const int p0 = items[3 * item + 1], M = items[3 * item + 2];
-    for (int m = 0; m < M; m++) moe_down_pair<FMT>(a, order[p0 + m]);
-}
-
-#define MOE_GROUPED(FMT, NAME)                                                                    \
-    extern "C" __global__ void __launch_bounds__(256)                                             \
-        moe_up_grouped_##NAME(MoeArgs a, const int* order, const int* items, const int* n_items) { \
-        pdl_entry();                                                                              \
-        moe_up_grouped_impl<FMT>(a, order, items, n_items);                                       \
-    }                                                                                             \
-    extern "C" __global__ void __launch_bounds__(256) moe_down_grouped_##NAME(                    \
-        MoeArgs a, const int* order, const int* items, const int* n_items) {                      \
-        pdl_entry();                                                                              \
-        moe_down_grouped_impl<FMT>(a, order, items, n_items);                                     \
-    }
-MOE_GROUPED(FMT_F32, f32)
-MOE_GROUPED(FMT_BF16, bf16)
-MOE_GROUPED(FMT_F16, f16)
-MOE_GROUPED(FMT_FP8, fp8)
-MOE_GROUPED(FMT_FP4, fp4)
 
 // y[t, :] += sum_j scale_j * out[t * k + j, :], j ascending (scale_j = rw, or 1 when the
 // routing weight was applied inside).

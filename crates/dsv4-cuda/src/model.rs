@@ -88,9 +88,6 @@ struct Scratch {
     nsel: DevBuf,
     logits_e: DevBuf,
     picks: DevBuf,
-    /// Decode batches' pairs grouped by expert (`ops::moe_experts_grouped`): order, items and
-    /// their count.
-    moe_group: DevBuf,
     /// Expert picks that are all 0 (the shared expert through the routed-expert kernels).
     zeros_i32: DevBuf,
     rw: DevBuf,
@@ -167,9 +164,6 @@ impl Scratch {
             nsel: f(cap)?,
             logits_e: f(cap * c.n_routed_experts)?,
             picks: f(pairs)?,
-            moe_group: f(pairs
-                + 3 * (e_count.min(pairs) + pairs.div_ceil(ops::MOE_GROUP_PAIRS))
-                + 1)?,
             zeros_i32: gpu.alloc_zeros(4 * cap.max(1))?,
             rw: f(pairs)?,
             eh: f(pairs * inter)?,
@@ -214,9 +208,6 @@ pub struct CudaModel {
     /// Whether a decode step's projections of one input share a launch (`DSV4_CUDA_MULTI=0`
     /// off, for A/B).
     multi_gemv: bool,
-    /// Whether decode batches group their (token, expert) pairs by expert on the device
-    /// (`DSV4_CUDA_MOE_GROUP=0` off, for A/B).
-    moe_group: bool,
     /// cuBLASLt and the FP8 weights in its layout (by code address), for prefill under the
     /// official profile with activation quantization; `None` otherwise or without cuBLASLt
     /// (`DSV4_CUDA_FP8_TC=0` turns it off).
@@ -308,7 +299,6 @@ impl CudaModel {
             hc_fused: AtomicBool::new(std::env::var("DSV4_CUDA_HC_FUSED").is_ok_and(|v| v == "1")),
             numerics: model.numerics,
             multi_gemv: std::env::var("DSV4_CUDA_MULTI").map_or(true, |v| v != "0"),
-            moe_group: std::env::var("DSV4_CUDA_MOE_GROUP").map_or(true, |v| v != "0"),
             tc,
             gpu,
         })
@@ -1543,18 +1533,7 @@ impl CudaModel {
         };
         // Few pairs per expert (decode batches): each pair streams its expert on its own; many
         // (prefill): group them by expert into tiles.
-        if self.moe_per_pair(t) && t > 1 && self.moe_group {
-            // Several tokens: B sequences pick far fewer than 6·B distinct experts.
-            let max_items = e.min(pairs) + pairs.div_ceil(ops::MOE_GROUP_PAIRS);
-            let b = ops::MoeGroupBufs {
-                order: s.moe_group.ptr,
-                items: s.moe_group.at::<i32>(pairs),
-                n_items: s.moe_group.at::<i32>(pairs + 3 * max_items),
-                max_items,
-            };
-            let round = round(Some(s.rw.ptr));
-            ops::moe_experts_grouped(g, mw.fmt, &a, pairs, e, &b, round)?;
-        } else if self.moe_per_pair(t) {
+        if self.moe_per_pair(t) {
             ops::moe_experts(g, mw.fmt, &a, pairs, round(Some(s.rw.ptr)))?;
         } else {
             // Group pairs by expert (tiles of up to MOE_TILE_PAIRS) so each expert's weights are decoded

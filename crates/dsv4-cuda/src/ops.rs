@@ -840,66 +840,6 @@ pub fn moe_experts_gemm_tc(
     )
 }
 
-/// Device buffers of [`moe_experts_grouped`]: the pairs ordered by expert, the items (expert,
-/// start, count), and their number.
-pub struct MoeGroupBufs {
-    pub order: u64,
-    pub items: u64,
-    pub n_items: u64,
-    /// Items a launch must cover at most.
-    pub max_items: usize,
-}
-
-/// Pairs per item of the grouped MoE kernels (`MOE_GROUP_MT` in kernels/moe.cu).
-pub const MOE_GROUP_PAIRS: usize = 4;
-
-/// The routed experts of a decode batch with the pairs grouped by expert on the device (one
-/// launch sorts them), so each picked expert is streamed from memory once for all its pairs;
-/// the grids cover the most items `pairs` could form, the surplus blocks exit at once (the
-/// launches depend on the batch size alone, as a captured decode step needs).
-#[allow(clippy::too_many_arguments)] // the per-pair call's arguments plus the grouping buffers
-pub fn moe_experts_grouped(
-    gpu: &Gpu,
-    fmt: Fmt,
-    a: &MoeArgs,
-    pairs: usize,
-    experts: usize,
-    b: &MoeGroupBufs,
-    round: Option<HiddenRound>,
-) -> Result<()> {
-    if pairs == 0 {
-        return Ok(());
-    }
-    let (p, e) = (pairs as i32, experts as i32);
-    gpu.launch(
-        "moe_group",
-        (1, 1, 1),
-        (1024, 1, 1),
-        (2 * experts * 4) as u32,
-        &[&a.picks, &p, &e, &b.order, &b.items, &b.n_items],
-    )?;
-    let f = fmt.name();
-    let items = b.max_items as u32;
-    let (d, i) = (a.d as usize, a.i as usize);
-    gpu.tag(|| (format!("moe_up_grouped {f} x{pairs}"), 0));
-    gpu.launch(
-        &format!("moe_up_grouped_{f}"),
-        (items, blocks_for(i, 16), 1),
-        (256, 1, 1),
-        0,
-        &[a, &b.order, &b.items, &b.n_items],
-    )?;
-    round_hidden(gpu, round, a.h, i, pairs)?;
-    gpu.tag(|| (format!("moe_down_grouped {f} x{pairs}"), 0));
-    gpu.launch(
-        &format!("moe_down_grouped_{f}"),
-        (items, blocks_for(d, 32), 1),
-        (256, 1, 1),
-        0,
-        &[a, &b.order, &b.items, &b.n_items],
-    )
-}
-
 /// The routed experts, one block row per (token, slot) pair: gate+up (SwiGLU fused), then down.
 pub fn moe_experts(
     gpu: &Gpu,
