@@ -68,21 +68,20 @@ __device__ __forceinline__ const float* attn_key(const AttnArgs& a, const AttnVi
 }
 
 #define ATT_KEYS 32       // keys staged per step (one per lane for the softmax)
-// Heads per block = warps per block (8 or 16; the host picks: 16 halves the key traffic of
-// prefill, where every token's block reloads its keys; 8 keeps decode's grids wide).
+#define ATT_HEADS 8       // heads per block (one per warp)
 #define ATT_DMAX 512      // largest head_dim the registers hold
 
 // Flash-decoding attention, split over key chunks. Block (t, split, head group): the keys of
 // token t (window, then compressed/selected entries) are staged 32 at a time in shared memory
-// and shared by the block's heads (one warp each; K=V is one shared head). Each warp keeps an
+// and shared by the block's 8 heads (one warp each; K=V is one shared head). Each warp keeps an
 // online softmax (max, sum, output) and writes its partial for `attn_combine`.
 // DH: the head dim at compile time (the release's 512: no per-channel bounds checks), or 0.
 template <int DH>
 __device__ __forceinline__ void attention_partial_impl(const AttnArgs& a, float* part, int nsplit) {
     extern __shared__ float keys[];  // [ATT_KEYS, dh]
     const int t = blockIdx.x, split = blockIdx.y;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
-    const int h = blockIdx.z * nw + warp;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int h = blockIdx.z * ATT_HEADS + warp;
     const AttnView view = attn_view(a, t);
     const int p = view.p;
     const int lo = max(0, p - a.win + 1);
@@ -108,7 +107,7 @@ __device__ __forceinline__ void attention_partial_impl(const AttnArgs& a, float*
         const int nj = min(ATT_KEYS, nk - j0);
         __syncthreads();
         // All of the chunk's rows in flight at once (a lane's copies do not wait on each other).
-        for (int r = warp; r < nj; r += nw) {
+        for (int r = warp; r < nj; r += 8) {
             const float* k = attn_key(a, view, t, lo, nwin, j0 + r);
             for (int c = lane * 4; c < dh; c += 128) cp_async16(keys + r * dh + c, k + c);
         }
@@ -158,7 +157,7 @@ __device__ __forceinline__ void attention_partial_impl(const AttnArgs& a, float*
     if (lane == 0) { out[dh] = m; out[dh + 1] = l; }
 }
 
-extern "C" __global__ void __launch_bounds__(512) attention_partial(AttnArgs a, float* part, int nsplit) {
+extern "C" __global__ void __launch_bounds__(256) attention_partial(AttnArgs a, float* part, int nsplit) {
     pdl_entry();
     if (a.dh == ATT_DMAX) attention_partial_impl<ATT_DMAX>(a, part, nsplit);
     else attention_partial_impl<0>(a, part, nsplit);

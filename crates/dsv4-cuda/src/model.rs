@@ -28,10 +28,6 @@ const HC_FUSED_TOKENS: usize = 32;
 /// Keys per staged chunk and heads per block of `attention_partial` (kernels/attention.cu).
 const ATT_KEYS: usize = 32;
 const ATT_HEADS: usize = 8;
-/// Heads per block of prefill attention (from `ATT_WIDE_TOKENS` tokens): every token's block
-/// stages its own keys, so more heads per block read them fewer times.
-const ATT_HEADS_WIDE: usize = 16;
-const ATT_WIDE_TOKENS: usize = 64;
 /// Most key splits `attn_combine` merges.
 const COMBINE_MAX_SPLITS: usize = 256;
 /// From this many tokens, prefill's FP8 GEMMs (official profile with activation quantization)
@@ -212,8 +208,6 @@ pub struct CudaModel {
     /// Whether a decode step's projections of one input share a launch (`DSV4_CUDA_MULTI=0`
     /// off, for A/B).
     multi_gemv: bool,
-    /// Whether prefill attention takes 16 heads per block (`DSV4_CUDA_ATT_WIDE=0`: 8).
-    att_wide: bool,
     /// cuBLASLt and the FP8 weights in its layout (by code address), for prefill under the
     /// official profile with activation quantization; `None` otherwise or without cuBLASLt
     /// (`DSV4_CUDA_FP8_TC=0` turns it off).
@@ -305,7 +299,6 @@ impl CudaModel {
             hc_fused: AtomicBool::new(std::env::var("DSV4_CUDA_HC_FUSED").is_ok_and(|v| v == "1")),
             numerics: model.numerics,
             multi_gemv: std::env::var("DSV4_CUDA_MULTI").map_or(true, |v| v != "0"),
-            att_wide: std::env::var("DSV4_CUDA_ATT_WIDE").map_or(true, |v| v != "0"),
             tc,
             gpu,
         })
@@ -1243,15 +1236,10 @@ impl CudaModel {
         let g = &*self.gpu;
         let (t, h, dh) = (args.t as u32, args.h as usize, args.dh as usize);
         let ns = nsplit as i32;
-        let hb = if self.att_wide && t as usize >= ATT_WIDE_TOKENS && nsplit == 1 {
-            ATT_HEADS_WIDE
-        } else {
-            ATT_HEADS
-        };
         g.launch(
             "attention_partial",
-            (t, nsplit as u32, h.div_ceil(hb) as u32),
-            (32 * hb as u32, 1, 1),
+            (t, nsplit as u32, h.div_ceil(ATT_HEADS) as u32),
+            (256, 1, 1),
             (ATT_KEYS * dh * 4) as u32,
             &[args, &s.attn_part.ptr, &ns],
         )?;
