@@ -72,6 +72,23 @@ struct GemmArgs {
 }
 unsafe impl DeviceRepr for GemmArgs {}
 
+impl GemmArgs {
+    fn new(inp: &LinIn, y: u64, ldy: usize, vec: bool, terms: u8) -> Self {
+        let (gs, gstride) = inp.group.unwrap_or((0, 0));
+        GemmArgs {
+            x: inp.x,
+            y,
+            ldx: inp.ldx as i32,
+            ldy: ldy as i32,
+            m: inp.m as i32,
+            xg_rows: gs as i32,
+            xg_stride: gstride as i32,
+            vec: vec as i32,
+            terms: terms as i32,
+        }
+    }
+}
+
 /// Tile of the multi-token kernels: 64 rows × 64 tokens.
 pub const GEMM_TILE: usize = 64;
 /// Pairs per tile of the MoE tile kernels (SIMT and tensor-core alike): the host groups each
@@ -343,18 +360,7 @@ pub fn gemm_simt(gpu: &Gpu, w: &GpuLinear, inp: &LinIn, y: u64, ldy: usize) -> R
     if m == 0 || nrows == 0 {
         return Ok(());
     }
-    let (gs, gstride) = inp.group.unwrap_or((0, 0));
-    let args = GemmArgs {
-        x: inp.x,
-        y,
-        ldx: inp.ldx as i32,
-        ldy: ldy as i32,
-        m: m as i32,
-        xg_rows: gs as i32,
-        xg_stride: gstride as i32,
-        vec: w.vec as i32,
-        terms: inp.terms as i32,
-    };
+    let args = GemmArgs::new(inp, y, ldy, w.vec, inp.terms);
     let grid = (
         nrows.div_ceil(GEMM_TILE) as u32,
         m.div_ceil(GEMM_TILE) as u32,
@@ -406,18 +412,7 @@ pub fn gemm_tc_shape(
         return Ok(());
     }
     let terms = inp.terms.clamp(1, 3);
-    let (gs, gstride) = inp.group.unwrap_or((0, 0));
-    let args = GemmArgs {
-        x: inp.x,
-        y,
-        ldx: inp.ldx as i32,
-        ldy: ldy as i32,
-        m: m as i32,
-        xg_rows: gs as i32,
-        xg_stride: gstride as i32,
-        vec: 1,
-        terms: terms as i32,
-    };
+    let args = GemmArgs::new(inp, y, ldy, true, terms);
     gpu.tag(|| {
         (
             format!("gemm_tc {} {}x{} m{m} t{terms}", w.fmt.name(), nrows, w.inp),
