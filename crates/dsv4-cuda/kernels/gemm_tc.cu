@@ -277,8 +277,11 @@ extern "C" __global__ void __launch_bounds__(256) tc_split_x(const float* __rest
         uint2 pl[3], ph[3];
         tc_split4(lo, terms, pl);
         tc_split4(hi, terms, ph);
-        for (int term = 0; term < terms; term++)
-            *(uint4*)(out + (r * terms + term) * cols + c) = make_uint4(pl[term].x, pl[term].y, ph[term].x, ph[term].y);
+#pragma unroll
+        for (int term = 0; term < 3; term++)
+            if (term < terms)
+                *(uint4*)(out + (r * terms + term) * cols + c) =
+                    make_uint4(pl[term].x, pl[term].y, ph[term].x, ph[term].y);
     }
 }
 
@@ -289,7 +292,7 @@ __device__ __forceinline__ void cp_async16_zfill(void* smem, const void* gmem, b
                  : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-__device__ __forceinline__ void cp_async_wait0() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait1() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
 
 // The activation tile from pre-split planes: BN tokens x BK inputs of each part copied
 // asynchronously into X[term][BN][LD], the same layout and values TcXLoad::store writes
@@ -320,6 +323,7 @@ struct TcXsLoad {
 // Shared bytes of the two stages: the 128-row weight tile and `terms` BN-token activation tiles.
 template <int BK>
 __host__ __device__ constexpr int tc_stage_elems(int bn, int terms) { return (TC_BM + terms * bn) * tc_ld<BK>(); }
+// The `_xs` kernels: two weight stages and three activation stages (`tc_xs_smem` in ops.rs).
 
 // MMAs of one 16-input slice: the warp's two 16-row tiles (A fragments `a`) times TG 8-token
 // tiles from token `n0` of the activation part at Xt (offset to the slice), into `part`
@@ -400,7 +404,6 @@ __device__ __forceinline__ void tc_mainloop(const LinearW& W0, const LinearW& W1
     extern __shared__ __align__(16) uint8_t tc_smem[];
     bf16_t* sm = (bf16_t*)tc_smem;
     constexpr int LD = tc_ld<BK>();
-    const int stage = tc_stage_elems<BK>(BN, terms);
 #pragma unroll
     for (int i = 0; i < 2; i++)
 #pragma unroll
@@ -409,31 +412,46 @@ __device__ __forceinline__ void tc_mainloop(const LinearW& W0, const LinearW& W1
             for (int e = 0; e < 4; e++) acc[i][j][e] = 0.f;
     TcWLoad<FMT, BK> wl;
     if constexpr (XS) {
+        // Deeper than the in-block split: the weight codes of step s load into register set
+        // s & 1 two steps ahead (issued after the store of step s - 2, decoded at the end of step
+        // s - 1), and the activations of step s copy into X stage s % 3 two steps ahead
+        // (cp.async groups, one per step, empty ones too, so wait_group 1 leaves just the
+        // newest in flight). Shared: W stages 0 and 1, then X stages 0-2 (tc_xs_smem).
+        bf16_t* xsm = sm + 2 * TC_BM * LD;
+        const int xstage = terms * BN * LD;
+        const int nk = (K + BK - 1) / BK;
+        TcWLoad<FMT, BK> wl2;
         wl.load(W0, W1, split, row0, 0);
-        TcXsLoad<BN, BK>::issue(sm + TC_BM * LD, xrow, ntok, 0, K, xs_ld, terms);
+        TcXsLoad<BN, BK>::issue(xsm, xrow, ntok, 0, K, xs_ld, terms);
+        cp_async_commit();
+        if (nk > 1) {
+            wl2.load(W0, W1, split, row0, BK);
+            TcXsLoad<BN, BK>::issue(xsm + xstage, xrow, ntok, BK, K, xs_ld, terms);
+        }
         cp_async_commit();
         wl.store(sm);
-        cp_async_wait0();
+        if (nk > 2) wl.load(W0, W1, split, row0, 2 * BK);
+        cp_async_wait1();
         __syncthreads();
-        const int nk = (K + BK - 1) / BK;
-        for (int kt = 0; kt < nk; kt++) {
-            const bf16_t* cur = sm + (kt & 1) * stage;
-            bf16_t* nxt = sm + ((kt + 1) & 1) * stage;
-            const bool more = kt + 1 < nk;
-            // The other stage was last read before the previous barrier.
-            if (more) {
-                wl.load(W0, W1, split, row0, (kt + 1) * BK);
-                TcXsLoad<BN, BK>::issue(nxt + TC_BM * LD, xrow, ntok, (kt + 1) * BK, K, xs_ld, terms);
-                cp_async_commit();
-            }
-            tc_step<BN, BK>(cur, cur + TC_BM * LD, terms, m0, m1, acc);
-            if (more) {
-                wl.store(nxt);
-                cp_async_wait0();
-            }
+        // Step kt with `next` the register set of step kt + 1 (and kt + 3).
+        auto step = [&](int kt, TcWLoad<FMT, BK>& next) {
+            // X stage (kt + 2) % 3 and W stage (kt + 1) & 1 were last read in step kt - 1,
+            // before the previous barrier.
+            if (kt + 2 < nk)
+                TcXsLoad<BN, BK>::issue(xsm + ((kt + 2) % 3) * xstage, xrow, ntok, (kt + 2) * BK, K, xs_ld, terms);
+            cp_async_commit();
+            tc_step<BN, BK>(sm + (kt & 1) * TC_BM * LD, xsm + (kt % 3) * xstage, terms, m0, m1, acc);
+            if (kt + 1 < nk) next.store(sm + ((kt + 1) & 1) * TC_BM * LD);
+            if (kt + 3 < nk) next.load(W0, W1, split, row0, (kt + 3) * BK);
+            cp_async_wait1();  // step kt + 1's activations
             __syncthreads();
+        };
+        for (int kt = 0; kt < nk; kt += 2) {
+            step(kt, wl2);
+            if (kt + 1 < nk) step(kt + 1, wl);
         }
     } else {
+        const int stage = tc_stage_elems<BK>(BN, terms);
         TcXLoad<BN, BK> xl;
         wl.load(W0, W1, split, row0, 0);
         xl.load(xrow, ntok, 0, K, xvec);

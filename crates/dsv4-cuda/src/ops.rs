@@ -88,6 +88,12 @@ fn tc_smem(tokens: usize, terms: u8, bk: usize) -> u32 {
     (2 * (TC_ROWS + terms as usize * tokens) * (bk + 8) * 2) as u32
 }
 
+/// [`tc_smem`] of the `_xs` kernels (pre-split activations): two weight stages and three
+/// activation stages (the activations are copied two steps ahead).
+fn tc_xs_smem(tokens: usize, terms: u8, bk: usize) -> u32 {
+    ((2 * TC_ROWS + 3 * terms as usize * tokens) * (bk + 8) * 2) as u32
+}
+
 /// Kernel-name suffix of the tensor-core kernels with `tokens` per block (dense: 128 or 64)
 /// stepping `bk` inputs (64 or 32).
 fn tc_suffix(tokens: usize, bk: usize) -> &'static str {
@@ -440,7 +446,7 @@ pub fn gemm_tc_shape(
                 &format!("{name}_xs"),
                 grid,
                 (256, 1, 1),
-                tc_smem(tokens, terms, bk),
+                tc_xs_smem(tokens, terms, bk),
                 &[&w.desc, &args],
             );
         }
@@ -882,7 +888,10 @@ pub fn moe_experts_gemm_tc(
         terms: terms as i32,
         ..*a
     };
-    let smem = tc_smem(MOE_TILE_PAIRS, terms, bk);
+    let (smem, xs_smem) = (
+        tc_smem(MOE_TILE_PAIRS, terms, bk),
+        tc_xs_smem(MOE_TILE_PAIRS, terms, bk),
+    );
     let (d, i) = (a.d as usize, a.i as usize);
     // The activations pre-split into bf16 parts (the `_xs` kernels read them through `x`):
     // the tokens' rows for up (pair p reads token p / k), the pairs' hidden rows for down.
@@ -900,7 +909,7 @@ pub fn moe_experts_gemm_tc(
             &format!("moe_up_gemm_tc_{f}{sfx}_xs"),
             up_grid,
             (256, 1, 1),
-            smem,
+            xs_smem,
             &[&MoeGemmArgs { x: xs, ..a }],
         )?,
         None => gpu.launch(
@@ -922,7 +931,7 @@ pub fn moe_experts_gemm_tc(
             &format!("moe_down_gemm_tc_{f}{sfx}_xs"),
             down_grid,
             (256, 1, 1),
-            smem,
+            xs_smem,
             &[&MoeGemmArgs { x: hs, ..a }],
         ),
         None => gpu.launch(
