@@ -521,6 +521,13 @@ __device__ void gemm_tc_impl(const LinearW& W, const GemmArgs& a) {
             }
 }
 
+// Blocks per SM the `_xs` kernels are compiled for: two of 64 tokens x 32 inputs (128
+// registers; three would spill).
+#ifndef TC_XS_BLOCKS
+#define TC_XS_BLOCKS 2
+#endif
+#define TC_XS_MINB(BN, BK) ((BN) == 64 && (BK) == 32 ? TC_XS_BLOCKS : 1)
+
 // Dense kernels: 128 or 64 (`_n64`) tokens per block, K steps of 64 or 32 (`_k32`). 64 tokens
 // need fewer registers (two blocks per SM at K step 32), 128 reuse each decoded weight tile more.
 // `_xs`: the same on pre-split activations (tc_split_x), bit for bit.
@@ -529,7 +536,7 @@ __device__ void gemm_tc_impl(const LinearW& W, const GemmArgs& a) {
         pdl_entry();                                                                                     \
         gemm_tc_impl<FMT, BN, BK>(W, a);                                                                 \
     }                                                                                                    \
-    extern "C" __global__ void __launch_bounds__(TC_THREADS) gemm_tc_##NAME##SUFFIX##_xs(LinearW W, GemmArgs a) { \
+    extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_XS_MINB(BN, BK)) gemm_tc_##NAME##SUFFIX##_xs(LinearW W, GemmArgs a) { \
         pdl_entry();                                                                                     \
         gemm_tc_impl<FMT, BN, BK, true>(W, a);                                                           \
     }
@@ -641,11 +648,11 @@ __device__ void moe_down_gemm_tc_impl(const MoeGemmArgs& a) {
         pdl_entry();                                                                                     \
         moe_down_gemm_tc_impl<FMT, BK>(a);                                                               \
     }                                                                                                    \
-    extern "C" __global__ void __launch_bounds__(TC_THREADS) moe_up_gemm_tc_##NAME##SUFFIX##_xs(MoeGemmArgs a) { \
+    extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_XS_MINB(TC_MOE_BN, BK)) moe_up_gemm_tc_##NAME##SUFFIX##_xs(MoeGemmArgs a) { \
         pdl_entry();                                                                                     \
         moe_up_gemm_tc_impl<FMT, BK, true>(a);                                                           \
     }                                                                                                    \
-    extern "C" __global__ void __launch_bounds__(TC_THREADS) moe_down_gemm_tc_##NAME##SUFFIX##_xs(MoeGemmArgs a) { \
+    extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_XS_MINB(TC_MOE_BN, BK)) moe_down_gemm_tc_##NAME##SUFFIX##_xs(MoeGemmArgs a) { \
         pdl_entry();                                                                                     \
         moe_down_gemm_tc_impl<FMT, BK, true>(a);                                                         \
     }

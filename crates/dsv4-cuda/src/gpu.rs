@@ -49,6 +49,8 @@ pub struct Gpu {
     /// `DSV4_CUDA_TC_TOKENS=64` (`_n64`); for comparisons.
     pub tc_bk: usize,
     pub tc_tokens: usize,
+    /// Neither of those two variables is set: prefill GEMMs take the measured best shape.
+    pub tc_shape_default: bool,
     /// Tensor-core GEMMs of more than 64 tokens split the activations into bf16 parts once
     /// (`tc_split_x`) and run the `_xs` kernels on them (same results, bit for bit);
     /// `DSV4_CUDA_TC_XS=0` or [`Gpu::set_tc_xs`] keeps the in-block split, for A/B comparisons.
@@ -157,6 +159,8 @@ impl Gpu {
             } else {
                 128
             },
+            tc_shape_default: std::env::var_os("DSV4_CUDA_TC_BK").is_none()
+                && std::env::var_os("DSV4_CUDA_TC_TOKENS").is_none(),
             tc_xs: AtomicBool::new(std::env::var("DSV4_CUDA_TC_XS").map_or(true, |v| v != "0")),
             xs_buf: Mutex::new(None),
         }))
