@@ -177,6 +177,60 @@ struct TcWLoad {
     }
 };
 
+// TcWLoad for FP4 at 32 inputs per step, where a row is one 16-byte chunk and only half the
+// threads would decode: each thread takes half a chunk (8 bytes, 16 values), the same bf16 into
+// the same places, so all 8 warps share the decode.
+template <int BK>
+struct TcWLoadFp4Half {
+    static constexpr int LD = tc_ld<BK>();
+    static constexpr int PER_ROW = BK / 32;
+    static constexpr int UNITS = 2 * TC_BM * PER_ROW;
+    static_assert(UNITS <= TC_THREADS, "one half chunk per thread at most");
+    uint2 q;
+    uint32_t s;
+
+    __device__ __forceinline__ void load(const LinearW& W0, const LinearW& W1, int split, int row0, int k0) {
+        const int u = threadIdx.x, ch = u >> 1, h = u & 1;
+        const int r = ch / PER_ROW, c = ch % PER_ROW;
+        q = make_uint2(0, 0);
+        s = 0;
+        if (UNITS < TC_THREADS && u >= UNITS) return;
+        LinearW W = W0;
+        if (r >= split) {
+            W.w = W1.w;
+            W.scales = W1.scales;
+        }
+        const int g = row0 + (r < split ? r : r - split);
+        if (g >= W.out || k0 + c * 32 >= W.in) return;
+        const int chunk = k0 / 32 + c;
+        q = __ldg((const uint2*)(W.w + (size_t)g * (W.in / 2)) + 2 * chunk + h);
+        const uint32_t b = (uint32_t)((const uint8_t*)W.scales)[(size_t)g * (W.in / 32) + chunk] << 7;
+        s = b | (b << 16);
+    }
+
+    __device__ __forceinline__ void store(bf16_t* A) const {
+        const int u = threadIdx.x, ch = u >> 1, h = u & 1;
+        if (UNITS < TC_THREADS && u >= UNITS) return;
+        const int r = ch / PER_ROW, c = ch % PER_ROW;
+        uint4* dst = (uint4*)(A + r * LD + c * 32 + h * 16);
+        uint32_t v0[4], v1[4];
+        e2m1x8_to_bf16(q.x, v0);
+        e2m1x8_to_bf16(q.y, v1);
+        dst[0] = make_uint4(mul_bf16x2(v0[0], s), mul_bf16x2(v0[1], s), mul_bf16x2(v0[2], s), mul_bf16x2(v0[3], s));
+        dst[1] = make_uint4(mul_bf16x2(v1[0], s), mul_bf16x2(v1[1], s), mul_bf16x2(v1[2], s), mul_bf16x2(v1[3], s));
+    }
+};
+
+// The weight loader of the `_xs` kernels.
+template <int FMT, int BK>
+struct TcWSel {
+    using T = TcWLoad<FMT, BK>;
+};
+template <>
+struct TcWSel<FMT_FP4, 32> {
+    using T = TcWLoadFp4Half<32>;
+};
+
 // The next K step's activations of one thread: BN tokens x BK inputs as float4 pieces
 // (piece i: token i / XP, inputs 4 (i % XP) ..+4); zeros past the tokens or K.
 template <int BN, int BK>
@@ -410,7 +464,6 @@ __device__ __forceinline__ void tc_mainloop(const LinearW& W0, const LinearW& W1
         for (int j = 0; j < BN / 16; j++)
 #pragma unroll
             for (int e = 0; e < 4; e++) acc[i][j][e] = 0.f;
-    TcWLoad<FMT, BK> wl;
     if constexpr (XS) {
         // Deeper than the in-block split: the weight codes of step s load into register set
         // s & 1 two steps ahead (issued after the store of step s - 2, decoded at the end of step
@@ -420,7 +473,7 @@ __device__ __forceinline__ void tc_mainloop(const LinearW& W0, const LinearW& W1
         bf16_t* xsm = sm + 2 * TC_BM * LD;
         const int xstage = terms * BN * LD;
         const int nk = (K + BK - 1) / BK;
-        TcWLoad<FMT, BK> wl2;
+        typename TcWSel<FMT, BK>::T wl, wl2;
         wl.load(W0, W1, split, row0, 0);
         TcXsLoad<BN, BK>::issue(xsm, xrow, ntok, 0, K, xs_ld, terms);
         cp_async_commit();
@@ -434,7 +487,7 @@ __device__ __forceinline__ void tc_mainloop(const LinearW& W0, const LinearW& W1
         cp_async_wait1();
         __syncthreads();
         // Step kt with `next` the register set of step kt + 1 (and kt + 3).
-        auto step = [&](int kt, TcWLoad<FMT, BK>& next) {
+        auto step = [&](int kt, typename TcWSel<FMT, BK>::T& next) {
             // X stage (kt + 2) % 3 and W stage (kt + 1) & 1 were last read in step kt - 1,
             // before the previous barrier.
             if (kt + 2 < nk)
@@ -452,6 +505,7 @@ __device__ __forceinline__ void tc_mainloop(const LinearW& W0, const LinearW& W1
         }
     } else {
         const int stage = tc_stage_elems<BK>(BN, terms);
+        TcWLoad<FMT, BK> wl;
         TcXLoad<BN, BK> xl;
         wl.load(W0, W1, split, row0, 0);
         xl.load(xrow, ntok, 0, K, xvec);
