@@ -200,8 +200,8 @@ pub fn run(ordinal: usize, prompts: &[usize], json_out: bool) -> Result<()> {
     println!();
     println!("Tile kernels at {TILE_TOKENS} tokens (TFLOP/s; TC = tensor cores, x in 1 or 3 bf16 parts):");
     println!(
-        "(TC columns: tokens (MoE: pairs) per block × inputs per K step; 128×64 is the dense \
-         default, 64×64 the MoE one)"
+        "(TC columns: tokens (MoE: pairs) per block × inputs per K step; 64×32 is the default \
+         of both, x pre-split into its bf16 parts (DSV4_CUDA_TC_XS=0: split in every block))"
     );
     let cols: Vec<String> = [1u8, 3]
         .iter()

@@ -177,6 +177,60 @@ struct TcWLoad {
     }
 };
 
+// TcWLoad for FP4 at 32 inputs per step, where a row is one 16-byte chunk and only half the
+// threads would decode: each thread takes half a chunk (8 bytes, 16 values), the same bf16 into
+// the same places, so all 8 warps share the decode.
+template <int BK>
+struct TcWLoadFp4Half {
+    static constexpr int LD = tc_ld<BK>();
+    static constexpr int PER_ROW = BK / 32;
+    static constexpr int UNITS = 2 * TC_BM * PER_ROW;
+    static_assert(UNITS <= TC_THREADS, "one half chunk per thread at most");
+    uint2 q;
+    uint32_t s;
+
+    __device__ __forceinline__ void load(const LinearW& W0, const LinearW& W1, int split, int row0, int k0) {
+        const int u = threadIdx.x, ch = u >> 1, h = u & 1;
+        const int r = ch / PER_ROW, c = ch % PER_ROW;
+        q = make_uint2(0, 0);
+        s = 0;
+        if (UNITS < TC_THREADS && u >= UNITS) return;
+        LinearW W = W0;
+        if (r >= split) {
+            W.w = W1.w;
+            W.scales = W1.scales;
+        }
+        const int g = row0 + (r < split ? r : r - split);
+        if (g >= W.out || k0 + c * 32 >= W.in) return;
+        const int chunk = k0 / 32 + c;
+        q = __ldg((const uint2*)(W.w + (size_t)g * (W.in / 2)) + 2 * chunk + h);
+        const uint32_t b = (uint32_t)((const uint8_t*)W.scales)[(size_t)g * (W.in / 32) + chunk] << 7;
+        s = b | (b << 16);
+    }
+
+    __device__ __forceinline__ void store(bf16_t* A) const {
+        const int u = threadIdx.x, ch = u >> 1, h = u & 1;
+        if (UNITS < TC_THREADS && u >= UNITS) return;
+        const int r = ch / PER_ROW, c = ch % PER_ROW;
+        uint4* dst = (uint4*)(A + r * LD + c * 32 + h * 16);
+        uint32_t v0[4], v1[4];
+        e2m1x8_to_bf16(q.x, v0);
+        e2m1x8_to_bf16(q.y, v1);
+        dst[0] = make_uint4(mul_bf16x2(v0[0], s), mul_bf16x2(v0[1], s), mul_bf16x2(v0[2], s), mul_bf16x2(v0[3], s));
+        dst[1] = make_uint4(mul_bf16x2(v1[0], s), mul_bf16x2(v1[1], s), mul_bf16x2(v1[2], s), mul_bf16x2(v1[3], s));
+    }
+};
+
+// The weight loader of the `_xs` kernels.
+template <int FMT, int BK>
+struct TcWSel {
+    using T = TcWLoad<FMT, BK>;
+};
+template <>
+struct TcWSel<FMT_FP4, 32> {
+    using T = TcWLoadFp4Half<32>;
+};
+
 // The next K step's activations of one thread: BN tokens x BK inputs as float4 pieces
 // (piece i: token i / XP, inputs 4 (i % XP) ..+4); zeros past the tokens or K.
 template <int BN, int BK>
@@ -234,9 +288,96 @@ struct TcXLoad {
     }
 };
 
+// The bf16 parts of one f32 quartet as TcXLoad::store computes them (the same f32 operations,
+// so the pre-split planes below hold the very bits the in-block split stores).
+__device__ __forceinline__ void tc_split4(float (&cur)[4], int terms, uint2 (&out)[3]) {
+#pragma unroll
+    for (int term = 0; term < 3; term++) {
+        if (term >= terms) break;
+        uint32_t w[2];
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+            const __nv_bfloat162 b = __floats2bfloat162_rn(cur[2 * j], cur[2 * j + 1]);
+            w[j] = *(const uint32_t*)&b;
+            cur[2 * j] -= __low2float(b);
+            cur[2 * j + 1] -= __high2float(b);
+        }
+        out[term] = make_uint2(w[0], w[1]);
+    }
+}
+
+// Pre-split activations ("xs" kernels): x [rows, cols] f32 (row stride ldx) into bf16 parts,
+// row r's part j at out + (r * terms + j) * cols (cols % 8 == 0), once per GEMM instead of once
+// per block and K step; each thread splits 8 inputs.
+extern "C" __global__ void __launch_bounds__(256) tc_split_x(const float* __restrict__ x, int ldx, int rows,
+                                                             int cols, int terms, bf16_t* __restrict__ out) {
+    pdl_entry();
+    const int c8 = cols / 8;
+    const size_t n = (size_t)rows * c8;
+    const bool vec = ((uintptr_t)x % 16 == 0) && ldx % 4 == 0;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const size_t r = i / c8;
+        const int c = (int)(i % c8) * 8;
+        const float* p = x + r * ldx + c;
+        float v[8];
+        if (vec) {
+            const float4 a = __ldg((const float4*)p), b = __ldg((const float4*)p + 1);
+            v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+        } else {
+#pragma unroll
+            for (int j = 0; j < 8; j++) v[j] = p[j];
+        }
+        float lo[4] = {v[0], v[1], v[2], v[3]}, hi[4] = {v[4], v[5], v[6], v[7]};
+        uint2 pl[3], ph[3];
+        tc_split4(lo, terms, pl);
+        tc_split4(hi, terms, ph);
+#pragma unroll
+        for (int term = 0; term < 3; term++)
+            if (term < terms)
+                *(uint4*)(out + (r * terms + term) * cols + c) =
+                    make_uint4(pl[term].x, pl[term].y, ph[term].x, ph[term].y);
+    }
+}
+
+// 16 bytes global -> shared without registers; zero-filled (nothing read) when !valid.
+__device__ __forceinline__ void cp_async16_zfill(void* smem, const void* gmem, bool valid) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(gmem), "r"(valid ? 16 : 0)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait1() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
+
+// The activation tile from pre-split planes: BN tokens x BK inputs of each part copied
+// asynchronously into X[term][BN][LD], the same layout and values TcXLoad::store writes
+// (zeros past the tokens or K; K % 8 == 0, so a 16-byte piece is wholly inside or outside).
+// xrow(t): token t's part 0; part j lies j * ld further.
+template <int BN, int BK>
+struct TcXsLoad {
+    static constexpr int LD = tc_ld<BK>();
+    static constexpr int XP = BK / 8;  // 16-byte pieces per token and part
+    static constexpr int L = BN * XP / TC_THREADS;
+    static_assert(BN * XP % TC_THREADS == 0, "tile shape");
+
+    template <typename XRow>
+    __device__ __forceinline__ static void issue(bf16_t* X, XRow xrow, int ntok, int k0, int K, int ld, int terms) {
+#pragma unroll
+        for (int l = 0; l < L; l++) {
+            const int i = threadIdx.x + l * TC_THREADS;
+            const int t = i / XP, kq = (i % XP) * 8, k = k0 + kq;
+            const bool ok = t < ntok && k < K;
+            // Nothing is read where !ok; the address is token 0's (a block has one at least).
+            const bf16_t* src = ok ? xrow(t) + k : xrow(0);
+            for (int term = 0; term < terms; term++)
+                cp_async16_zfill(X + (term * BN + t) * LD + kq, src + (ok ? (size_t)term * ld : 0), ok);
+        }
+    }
+};
+
 // Shared bytes of the two stages: the 128-row weight tile and `terms` BN-token activation tiles.
 template <int BK>
 __host__ __device__ constexpr int tc_stage_elems(int bn, int terms) { return (TC_BM + terms * bn) * tc_ld<BK>(); }
+// The `_xs` kernels: two weight stages and three activation stages (`tc_xs_smem` in ops.rs).
 
 // MMAs of one 16-input slice: the warp's two 16-row tiles (A fragments `a`) times TG 8-token
 // tiles from token `n0` of the activation part at Xt (offset to the slice), into `part`
@@ -307,44 +448,87 @@ __device__ __forceinline__ void tc_step(const bf16_t* A, const bf16_t* X, int te
     }
 }
 
-// The K loop of one block tile (see the top of the file); acc as in tc_step.
-template <int FMT, int BN, int BK, typename XRow>
+// The K loop of one block tile (see the top of the file); acc as in tc_step. XS: xrow gives
+// pre-split bf16 planes (part j of a row xs_ld after part j - 1), copied with cp.async straight
+// into the next stage while this step's MMAs run; else f32 rows split here.
+template <int FMT, int BN, int BK, bool XS = false, typename XRow>
 __device__ __forceinline__ void tc_mainloop(const LinearW& W0, const LinearW& W1, int split, int row0, int K,
                                             XRow xrow, int ntok, bool xvec, int terms, int m0, int m1,
-                                            float (&acc)[2][BN / 16][4]) {
+                                            float (&acc)[2][BN / 16][4], int xs_ld = 0) {
     extern __shared__ __align__(16) uint8_t tc_smem[];
     bf16_t* sm = (bf16_t*)tc_smem;
     constexpr int LD = tc_ld<BK>();
-    const int stage = tc_stage_elems<BK>(BN, terms);
 #pragma unroll
     for (int i = 0; i < 2; i++)
 #pragma unroll
         for (int j = 0; j < BN / 16; j++)
 #pragma unroll
             for (int e = 0; e < 4; e++) acc[i][j][e] = 0.f;
-    TcWLoad<FMT, BK> wl;
-    TcXLoad<BN, BK> xl;
-    wl.load(W0, W1, split, row0, 0);
-    xl.load(xrow, ntok, 0, K, xvec);
-    wl.store(sm);
-    xl.store(sm + TC_BM * LD, terms);
-    __syncthreads();
-    const int nk = (K + BK - 1) / BK;
-    for (int kt = 0; kt < nk; kt++) {
-        const bf16_t* cur = sm + (kt & 1) * stage;
-        const bool more = kt + 1 < nk;
-        if (more) {
-            wl.load(W0, W1, split, row0, (kt + 1) * BK);
-            xl.load(xrow, ntok, (kt + 1) * BK, K, xvec);
+    if constexpr (XS) {
+        // Deeper than the in-block split: the weight codes of step s load into register set
+        // s & 1 two steps ahead (issued after the store of step s - 2, decoded at the end of step
+        // s - 1), and the activations of step s copy into X stage s % 3 two steps ahead
+        // (cp.async groups, one per step, empty ones too, so wait_group 1 leaves just the
+        // newest in flight). Shared: W stages 0 and 1, then X stages 0-2 (tc_xs_smem).
+        bf16_t* xsm = sm + 2 * TC_BM * LD;
+        const int xstage = terms * BN * LD;
+        const int nk = (K + BK - 1) / BK;
+        typename TcWSel<FMT, BK>::T wl, wl2;
+        wl.load(W0, W1, split, row0, 0);
+        TcXsLoad<BN, BK>::issue(xsm, xrow, ntok, 0, K, xs_ld, terms);
+        cp_async_commit();
+        if (nk > 1) {
+            wl2.load(W0, W1, split, row0, BK);
+            TcXsLoad<BN, BK>::issue(xsm + xstage, xrow, ntok, BK, K, xs_ld, terms);
         }
-        tc_step<BN, BK>(cur, cur + TC_BM * LD, terms, m0, m1, acc);
-        if (more) {
-            // The other stage was last read before the previous barrier.
-            bf16_t* nxt = sm + ((kt + 1) & 1) * stage;
-            wl.store(nxt);
-            xl.store(nxt + TC_BM * LD, terms);
-        }
+        cp_async_commit();
+        wl.store(sm);
+        if (nk > 2) wl.load(W0, W1, split, row0, 2 * BK);
+        cp_async_wait1();
         __syncthreads();
+        // Step kt with `next` the register set of step kt + 1 (and kt + 3).
+        auto step = [&](int kt, typename TcWSel<FMT, BK>::T& next) {
+            // X stage (kt + 2) % 3 and W stage (kt + 1) & 1 were last read in step kt - 1,
+            // before the previous barrier.
+            if (kt + 2 < nk)
+                TcXsLoad<BN, BK>::issue(xsm + ((kt + 2) % 3) * xstage, xrow, ntok, (kt + 2) * BK, K, xs_ld, terms);
+            cp_async_commit();
+            tc_step<BN, BK>(sm + (kt & 1) * TC_BM * LD, xsm + (kt % 3) * xstage, terms, m0, m1, acc);
+            if (kt + 1 < nk) next.store(sm + ((kt + 1) & 1) * TC_BM * LD);
+            if (kt + 3 < nk) next.load(W0, W1, split, row0, (kt + 3) * BK);
+            cp_async_wait1();  // step kt + 1's activations
+            __syncthreads();
+        };
+        for (int kt = 0; kt < nk; kt += 2) {
+            step(kt, wl2);
+            if (kt + 1 < nk) step(kt + 1, wl);
+        }
+    } else {
+        const int stage = tc_stage_elems<BK>(BN, terms);
+        TcWLoad<FMT, BK> wl;
+        TcXLoad<BN, BK> xl;
+        wl.load(W0, W1, split, row0, 0);
+        xl.load(xrow, ntok, 0, K, xvec);
+        wl.store(sm);
+        xl.store(sm + TC_BM * LD, terms);
+        __syncthreads();
+        const int nk = (K + BK - 1) / BK;
+        for (int kt = 0; kt < nk; kt++) {
+            const bf16_t* cur = sm + (kt & 1) * stage;
+            const bool more = kt + 1 < nk;
+            if (more) {
+                wl.load(W0, W1, split, row0, (kt + 1) * BK);
+                xl.load(xrow, ntok, (kt + 1) * BK, K, xvec);
+            }
+            tc_step<BN, BK>(cur, cur + TC_BM * LD, terms, m0, m1, acc);
+            if (more) {
+                // The other stage was last read before the previous barrier.
+                bf16_t* nxt = sm + ((kt + 1) & 1) * stage;
+                wl.store(nxt);
+                xl.store(nxt + TC_BM * LD, terms);
+            }
+            __syncthreads();
+        }
     }
 }
 
@@ -356,20 +540,30 @@ __device__ __forceinline__ int tc_tok(int j, int e) {
     return ((threadIdx.x >> 5) >> 2) * (BN / 2) + j * 8 + 2 * (threadIdx.x & 3) + (e & 1);
 }
 
-// y = W x for a 128-row x BN-token tile (semantics of gemm_impl).
-template <int FMT, int BN, int BK>
+// y = W x for a 128-row x BN-token tile (semantics of gemm_impl). XS (the `_xs` kernels): a.x
+// holds tc_split_x's planes of rows a.ldx inputs long (a.terms parts per token, a.ldx % 8 == 0,
+// xg_stride % 8 == 0 and W.in % 8 == 0: whole 16-byte pieces).
+template <int FMT, int BN, int BK, bool XS = false>
 __device__ void gemm_tc_impl(const LinearW& W, const GemmArgs& a) {
     const int row0 = blockIdx.x * TC_BM, tok0 = blockIdx.y * BN;
     const int ntok = min(BN, a.M - tok0);
     // Grouped input (wo_a): the host keeps a tile's rows inside one group (xg_rows % 128 == 0).
     const int xoff = a.xg_rows ? (row0 / a.xg_rows) * a.xg_stride : 0;
-    const float* xb = a.x + (size_t)tok0 * a.ldx + xoff;
-    const int ldx = a.ldx;
-    const bool xvec = ((uintptr_t)xb % 16 == 0) && ldx % 4 == 0 && W.in % 4 == 0;
-    auto xrow = [&](int t) { return xb + (size_t)t * ldx; };
     const int wm = (threadIdx.x >> 5) & 3;
     float acc[2][BN / 16][4];
-    tc_mainloop<FMT, BN, BK>(W, W, TC_BM, row0, W.in, xrow, ntok, xvec, a.terms, wm * 32, wm * 32 + 16, acc);
+    if constexpr (XS) {
+        const size_t rs = (size_t)a.terms * a.ldx;  // elements per token (all its parts)
+        const bf16_t* xb = (const bf16_t*)a.x + (size_t)tok0 * rs + xoff;
+        auto xrow = [&](int t) { return xb + (size_t)t * rs; };
+        tc_mainloop<FMT, BN, BK, true>(W, W, TC_BM, row0, W.in, xrow, ntok, true, a.terms, wm * 32, wm * 32 + 16,
+                                       acc, a.ldx);
+    } else {
+        const float* xb = a.x + (size_t)tok0 * a.ldx + xoff;
+        const int ldx = a.ldx;
+        const bool xvec = ((uintptr_t)xb % 16 == 0) && ldx % 4 == 0 && W.in % 4 == 0;
+        auto xrow = [&](int t) { return xb + (size_t)t * ldx; };
+        tc_mainloop<FMT, BN, BK>(W, W, TC_BM, row0, W.in, xrow, ntok, xvec, a.terms, wm * 32, wm * 32 + 16, acc);
+    }
 #pragma unroll
     for (int i = 0; i < 2; i++)
 #pragma unroll
@@ -381,12 +575,24 @@ __device__ void gemm_tc_impl(const LinearW& W, const GemmArgs& a) {
             }
 }
 
+// Blocks per SM the `_xs` kernels are compiled for: two of 64 tokens x 32 inputs (128
+// registers; three would spill).
+#ifndef TC_XS_BLOCKS
+#define TC_XS_BLOCKS 2
+#endif
+#define TC_XS_MINB(BN, BK) ((BN) == 64 && (BK) == 32 ? TC_XS_BLOCKS : 1)
+
 // Dense kernels: 128 or 64 (`_n64`) tokens per block, K steps of 64 or 32 (`_k32`). 64 tokens
 // need fewer registers (two blocks per SM at K step 32), 128 reuse each decoded weight tile more.
+// `_xs`: the same on pre-split activations (tc_split_x), bit for bit.
 #define GEMM_TC_K(FMT, NAME, BN, BK, SUFFIX)                                                             \
     extern "C" __global__ void __launch_bounds__(TC_THREADS) gemm_tc_##NAME##SUFFIX(LinearW W, GemmArgs a) { \
         pdl_entry();                                                                                     \
         gemm_tc_impl<FMT, BN, BK>(W, a);                                                                 \
+    }                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_XS_MINB(BN, BK)) gemm_tc_##NAME##SUFFIX##_xs(LinearW W, GemmArgs a) { \
+        pdl_entry();                                                                                     \
+        gemm_tc_impl<FMT, BN, BK, true>(W, a);                                                           \
     }
 #define GEMM_TC(FMT, NAME)                \
     GEMM_TC_K(FMT, NAME, 128, 64, )       \
@@ -406,22 +612,35 @@ GEMM_TC(FMT_FP4, fp4)
 
 // Gate and up of 64 intermediate rows for a tile of pairs of one expert, SwiGLU fused
 // (semantics of moe_up_gemm_impl): shared rows 0-63 are w1's, 64-127 w3's, so each warp holds
-// the gate (MMA tile 0) and up (MMA tile 1) values of the same 16 rows.
-template <int FMT, int BK>
+// the gate (MMA tile 0) and up (MMA tile 1) values of the same 16 rows. XS: a.x holds
+// tc_split_x's planes of the tokens' rows (a.terms parts of a.D inputs per token, a.D % 8 == 0).
+template <int FMT, int BK, bool XS = false>
 __device__ void moe_up_gemm_tc_impl(const MoeGemmArgs& a) {
     __shared__ int pairs[GB_T];
     const int tile = blockIdx.y, row0 = blockIdx.x * (TC_BM / 2);
     const int e = a.tile_expert[tile], n = load_pairs(a, tile, pairs);
     const LinearW W1 = a.w1[e], W3 = a.w3[e];
-    // The tokens' rows of x, once per block (not a division per load and K step).
-    __shared__ const float* xrows[GB_T];
-    if (threadIdx.x < GB_T) xrows[threadIdx.x] = a.x + (size_t)(pairs[threadIdx.x] / a.k) * a.D;
-    __syncthreads();
-    auto xrow = [&](int t) { return xrows[t]; };
-    const bool xvec = ((uintptr_t)a.x % 16 == 0) && a.D % 4 == 0;
     const int wm = (threadIdx.x >> 5) & 3;
     float acc[2][TC_MOE_BN / 16][4];
-    tc_mainloop<FMT, TC_MOE_BN, BK>(W1, W3, TC_BM / 2, row0, a.D, xrow, n, xvec, a.terms, wm * 16, TC_BM / 2 + wm * 16, acc);
+    if constexpr (XS) {
+        // The tokens' rows, once per block (not a division per load and K step).
+        __shared__ const bf16_t* xrows[GB_T];
+        if (threadIdx.x < GB_T)
+            xrows[threadIdx.x] = (const bf16_t*)a.x + (size_t)(pairs[threadIdx.x] / a.k) * a.terms * a.D;
+        __syncthreads();
+        auto xrow = [&](int t) { return xrows[t]; };
+        tc_mainloop<FMT, TC_MOE_BN, BK, true>(W1, W3, TC_BM / 2, row0, a.D, xrow, n, true, a.terms, wm * 16,
+                                              TC_BM / 2 + wm * 16, acc, a.D);
+    } else {
+        // The tokens' rows of x, once per block (not a division per load and K step).
+        __shared__ const float* xrows[GB_T];
+        if (threadIdx.x < GB_T) xrows[threadIdx.x] = a.x + (size_t)(pairs[threadIdx.x] / a.k) * a.D;
+        __syncthreads();
+        auto xrow = [&](int t) { return xrows[t]; };
+        const bool xvec = ((uintptr_t)a.x % 16 == 0) && a.D % 4 == 0;
+        tc_mainloop<FMT, TC_MOE_BN, BK>(W1, W3, TC_BM / 2, row0, a.D, xrow, n, xvec, a.terms, wm * 16,
+                                        TC_BM / 2 + wm * 16, acc);
+    }
 #pragma unroll
     for (int j = 0; j < TC_MOE_BN / 16; j++)
 #pragma unroll
@@ -440,18 +659,29 @@ __device__ void moe_up_gemm_tc_impl(const MoeGemmArgs& a) {
         }
 }
 
-// Down projection of a tile of pairs (semantics of moe_down_gemm_impl).
-template <int FMT, int BK>
+// Down projection of a tile of pairs (semantics of moe_down_gemm_impl). XS: a.x (unused
+// otherwise) holds tc_split_x's planes of h (a.terms parts of a.I inputs per pair,
+// a.I % 8 == 0).
+template <int FMT, int BK, bool XS = false>
 __device__ void moe_down_gemm_tc_impl(const MoeGemmArgs& a) {
     __shared__ int pairs[GB_T];
     const int tile = blockIdx.y, row0 = blockIdx.x * TC_BM;
     const int e = a.tile_expert[tile], n = load_pairs(a, tile, pairs);
     const LinearW W2 = a.w2[e];
-    auto xrow = [&](int t) { return a.h + (size_t)pairs[t] * a.I; };
-    const bool xvec = ((uintptr_t)a.h % 16 == 0) && a.I % 4 == 0;
     const int wm = (threadIdx.x >> 5) & 3;
     float acc[2][TC_MOE_BN / 16][4];
-    tc_mainloop<FMT, TC_MOE_BN, BK>(W2, W2, TC_BM, row0, a.I, xrow, n, xvec, a.terms, wm * 32, wm * 32 + 16, acc);
+    if constexpr (XS) {
+        const bf16_t* hs = (const bf16_t*)a.x;
+        const size_t rs = (size_t)a.terms * a.I;
+        auto xrow = [&](int t) { return hs + (size_t)pairs[t] * rs; };
+        tc_mainloop<FMT, TC_MOE_BN, BK, true>(W2, W2, TC_BM, row0, a.I, xrow, n, true, a.terms, wm * 32,
+                                              wm * 32 + 16, acc, a.I);
+    } else {
+        auto xrow = [&](int t) { return a.h + (size_t)pairs[t] * a.I; };
+        const bool xvec = ((uintptr_t)a.h % 16 == 0) && a.I % 4 == 0;
+        tc_mainloop<FMT, TC_MOE_BN, BK>(W2, W2, TC_BM, row0, a.I, xrow, n, xvec, a.terms, wm * 32, wm * 32 + 16,
+                                        acc);
+    }
 #pragma unroll
     for (int i = 0; i < 2; i++)
 #pragma unroll
@@ -471,6 +701,14 @@ __device__ void moe_down_gemm_tc_impl(const MoeGemmArgs& a) {
     extern "C" __global__ void __launch_bounds__(TC_THREADS) moe_down_gemm_tc_##NAME##SUFFIX(MoeGemmArgs a) { \
         pdl_entry();                                                                                     \
         moe_down_gemm_tc_impl<FMT, BK>(a);                                                               \
+    }                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_XS_MINB(TC_MOE_BN, BK)) moe_up_gemm_tc_##NAME##SUFFIX##_xs(MoeGemmArgs a) { \
+        pdl_entry();                                                                                     \
+        moe_up_gemm_tc_impl<FMT, BK, true>(a);                                                           \
+    }                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_XS_MINB(TC_MOE_BN, BK)) moe_down_gemm_tc_##NAME##SUFFIX##_xs(MoeGemmArgs a) { \
+        pdl_entry();                                                                                     \
+        moe_down_gemm_tc_impl<FMT, BK, true>(a);                                                         \
     }
 #define MOE_GEMM_TC(FMT, NAME)        \
     MOE_GEMM_TC_K(FMT, NAME, 64, )    \

@@ -8,6 +8,7 @@ use cudarc::driver::{
     DevicePtr, DeviceRepr,
 };
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kernels.fatbin"));
@@ -48,6 +49,15 @@ pub struct Gpu {
     /// `DSV4_CUDA_TC_TOKENS=64` (`_n64`); for comparisons.
     pub tc_bk: usize,
     pub tc_tokens: usize,
+    /// Neither of those two variables is set: prefill GEMMs take the measured best shape.
+    pub tc_shape_default: bool,
+    /// Tensor-core GEMMs of more than 64 tokens split the activations into bf16 parts once
+    /// (`tc_split_x`) and run the `_xs` kernels on them (same results, bit for bit);
+    /// `DSV4_CUDA_TC_XS=0` or [`Gpu::set_tc_xs`] keeps the in-block split, for A/B comparisons.
+    tc_xs: AtomicBool,
+    /// The pre-split planes, grown on demand (never inside a graph capture: only prefill-sized
+    /// GEMMs use them).
+    xs_buf: Mutex<Option<DevBuf>>,
     /// Per-launch timing (`set_profile`): events around every launch, PDL off.
     profile: Mutex<Option<Profile>>,
 }
@@ -149,7 +159,34 @@ impl Gpu {
             } else {
                 128
             },
+            tc_shape_default: std::env::var_os("DSV4_CUDA_TC_BK").is_none()
+                && std::env::var_os("DSV4_CUDA_TC_TOKENS").is_none(),
+            tc_xs: AtomicBool::new(std::env::var("DSV4_CUDA_TC_XS").map_or(true, |v| v != "0")),
+            xs_buf: Mutex::new(None),
         }))
+    }
+
+    /// Whether the tensor-core GEMMs pre-split their activations (see `tc_xs`).
+    pub fn tc_xs(&self) -> bool {
+        self.tc_xs.load(Ordering::Relaxed)
+    }
+
+    pub fn set_tc_xs(&self, on: bool) {
+        self.tc_xs.store(on, Ordering::Relaxed);
+    }
+
+    /// Device scratch of at least `bytes` for the pre-split activations, valid until the next
+    /// call (all work is on the one stream, and a replaced buffer is freed in stream order);
+    /// `None` when it cannot be allocated (the caller keeps the in-block split).
+    pub fn tc_scratch(&self, bytes: usize) -> Option<u64> {
+        let mut buf = self.xs_buf.lock().unwrap_or_else(|p| p.into_inner());
+        if buf.as_ref().is_none_or(|b| b.bytes < bytes) {
+            // Free the old one first (stream-ordered) so both need not fit at once.
+            *buf = None;
+            // Some headroom, so slowly growing sizes do not reallocate each time.
+            *buf = Some(self.alloc(bytes + bytes / 8).ok()?);
+        }
+        buf.as_ref().map(|b| b.ptr)
     }
 
     /// (free, total) device memory in bytes.

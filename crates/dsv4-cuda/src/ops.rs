@@ -105,6 +105,12 @@ fn tc_smem(tokens: usize, terms: u8, bk: usize) -> u32 {
     (2 * (TC_ROWS + terms as usize * tokens) * (bk + 8) * 2) as u32
 }
 
+/// [`tc_smem`] of the `_xs` kernels (pre-split activations): two weight stages and three
+/// activation stages (the activations are copied two steps ahead).
+fn tc_xs_smem(tokens: usize, terms: u8, bk: usize) -> u32 {
+    ((2 * TC_ROWS + 3 * terms as usize * tokens) * (bk + 8) * 2) as u32
+}
+
 /// Kernel-name suffix of the tensor-core kernels with `tokens` per block (dense: 128 or 64)
 /// stepping `bk` inputs (64 or 32).
 fn tc_suffix(tokens: usize, bk: usize) -> &'static str {
@@ -386,6 +392,12 @@ pub fn tc_applies(gpu: &Gpu, w: &GpuLinear, inp: &LinIn) -> bool {
 /// by default, x split into `inp.terms` bf16 parts), whatever the shape; an error where
 /// [`tc_applies`] says no.
 pub fn gemm_tc(gpu: &Gpu, w: &GpuLinear, inp: &LinIn, y: u64, ldy: usize) -> Result<()> {
+    // On pre-split activations (m > 64) 64 tokens × 32 inputs per block is the best shape:
+    // two blocks per SM (H200, 8192 tokens, FP8: 134–138 TFLOP/s at 1 part and 86–88 at 3,
+    // against 117–121 and 77–79 at 128 × 64; `bench --gemm`).
+    if gpu.tc_shape_default && gpu.tc_xs() && inp.m > GEMM_MIN_TOKENS {
+        return gemm_tc_shape(gpu, w, inp, y, ldy, 64, 32);
+    }
     gemm_tc_shape(gpu, w, inp, y, ldy, gpu.tc_tokens, gpu.tc_bk)
 }
 
@@ -420,13 +432,75 @@ pub fn gemm_tc_shape(
         )
     });
     let grid = (nrows.div_ceil(TC_ROWS) as u32, m.div_ceil(tokens) as u32, 1);
+    let name = format!("gemm_tc_{}{}", w.fmt.name(), tc_suffix(tokens, bk));
+    // Prefill sizes (never captured in a graph) split x into bf16 parts once, in whole
+    // 16-byte pieces: the input columns the row blocks read, [0, cols).
+    let cols = w.inp + (nrows - 1) / gs.max(1) * gstride;
+    if m > GEMM_MIN_TOKENS && w.inp.is_multiple_of(8) && gstride.is_multiple_of(8) {
+        if let Some(xs) = split_x(gpu, inp.x, inp.ldx, m, cols, terms)? {
+            let args = GemmArgs {
+                x: xs,
+                ldx: cols as i32,
+                ..args
+            };
+            return gpu.launch(
+                &format!("{name}_xs"),
+                grid,
+                (256, 1, 1),
+                tc_xs_smem(tokens, terms, bk),
+                &[&w.desc, &args],
+            );
+        }
+    }
     gpu.launch(
-        &format!("gemm_tc_{}{}", w.fmt.name(), tc_suffix(tokens, bk)),
+        &name,
         grid,
         (256, 1, 1),
         tc_smem(tokens, terms, bk),
         &[&w.desc, &args],
     )
+}
+
+/// `rows × cols` f32 activations (row stride `ldx`; `cols % 8 == 0`) as `terms` bf16 parts
+/// in the GPU's scratch (`tc_split_x`: row r's part j at element `(r·terms + j)·cols`), for the
+/// `_xs` tensor-core kernels; `None` when those are off or the scratch cannot be had.
+fn split_x(
+    gpu: &Gpu,
+    x: u64,
+    ldx: usize,
+    rows: usize,
+    cols: usize,
+    terms: u8,
+) -> Result<Option<u64>> {
+    if !gpu.tc_xs() || rows == 0 || cols == 0 || !cols.is_multiple_of(8) {
+        return Ok(None);
+    }
+    let Some(xs) = gpu.tc_scratch(rows * cols * terms as usize * 2) else {
+        return Ok(None);
+    };
+    let pieces = rows * cols / 8;
+    let blocks = pieces.div_ceil(256).min(gpu.sm_count * 16) as u32;
+    gpu.tag(|| {
+        (
+            format!("tc_split_x {rows}x{cols} t{terms}"),
+            rows * cols * 4,
+        )
+    });
+    gpu.launch(
+        "tc_split_x",
+        (blocks, 1, 1),
+        (256, 1, 1),
+        0,
+        &[
+            &x,
+            &(ldx as i32),
+            &(rows as i32),
+            &(cols as i32),
+            &(terms as i32),
+            &xs,
+        ],
+    )?;
+    Ok(Some(xs))
 }
 
 /// Stored bytes of a `rows × inp` matrix in `fmt` (weights and scales; profiler labels).
@@ -815,24 +889,60 @@ pub fn moe_experts_gemm_tc(
         terms: terms as i32,
         ..*a
     };
-    let smem = tc_smem(MOE_TILE_PAIRS, terms, bk);
+    let (smem, xs_smem) = (
+        tc_smem(MOE_TILE_PAIRS, terms, bk),
+        tc_xs_smem(MOE_TILE_PAIRS, terms, bk),
+    );
+    let (d, i) = (a.d as usize, a.i as usize);
+    // The activations pre-split into bf16 parts (the `_xs` kernels read them through `x`):
+    // the tokens' rows for up (pair p reads token p / k), the pairs' hidden rows for down.
+    let xs_ok = d.is_multiple_of(8) && i.is_multiple_of(8) && a.k > 0;
+    let tokens = pairs.div_ceil(a.k.max(1) as usize);
     // Up: 64 intermediate rows (gate and up) per block; down: 128 output rows. Row blocks
     // vary fastest (see kernels/gemm_tc.cu).
-    gpu.launch(
-        &format!("moe_up_gemm_tc_{f}{sfx}"),
-        (blocks_for(a.i as usize, TC_ROWS / 2), ntile as u32, 1),
-        (256, 1, 1),
-        smem,
-        &[&a],
-    )?;
-    round_hidden(gpu, round, a.h, a.i as usize, pairs)?;
-    gpu.launch(
-        &format!("moe_down_gemm_tc_{f}{sfx}"),
-        (blocks_for(a.d as usize, TC_ROWS), ntile as u32, 1),
-        (256, 1, 1),
-        smem,
-        &[&a],
-    )
+    let up_grid = (blocks_for(i, TC_ROWS / 2), ntile as u32, 1);
+    match xs_ok
+        .then(|| split_x(gpu, a.x, d, tokens, d, terms))
+        .transpose()?
+        .flatten()
+    {
+        Some(xs) => gpu.launch(
+            &format!("moe_up_gemm_tc_{f}{sfx}_xs"),
+            up_grid,
+            (256, 1, 1),
+            xs_smem,
+            &[&MoeGemmArgs { x: xs, ..a }],
+        )?,
+        None => gpu.launch(
+            &format!("moe_up_gemm_tc_{f}{sfx}"),
+            up_grid,
+            (256, 1, 1),
+            smem,
+            &[&a],
+        )?,
+    }
+    round_hidden(gpu, round, a.h, i, pairs)?;
+    let down_grid = (blocks_for(d, TC_ROWS), ntile as u32, 1);
+    match xs_ok
+        .then(|| split_x(gpu, a.h, i, pairs, i, terms))
+        .transpose()?
+        .flatten()
+    {
+        Some(hs) => gpu.launch(
+            &format!("moe_down_gemm_tc_{f}{sfx}_xs"),
+            down_grid,
+            (256, 1, 1),
+            xs_smem,
+            &[&MoeGemmArgs { x: hs, ..a }],
+        ),
+        None => gpu.launch(
+            &format!("moe_down_gemm_tc_{f}{sfx}"),
+            down_grid,
+            (256, 1, 1),
+            smem,
+            &[&a],
+        ),
+    }
 }
 
 /// The routed experts, one block row per (token, slot) pair: gate+up (SwiGLU fused), then down.

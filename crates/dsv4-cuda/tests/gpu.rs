@@ -885,6 +885,20 @@ fn tensor_core_gemm_matches_cpu() {
                     let e = worst(&row_errors(&got, &want, n));
                     eprintln!("{what}: max rel err {e:.2e}");
                     assert!(e <= tol, "{what}: {e}");
+                    // The pre-split activations (`_xs` kernels, m > 64) give the in-block
+                    // split's bits.
+                    gpu.set_tc_xs(false);
+                    let yd2 = gpu.upload(&vec![f32::NAN; m * n]).unwrap();
+                    gemm_tc_shape(&gpu, &g, &inp, yd2.ptr, n, tokens, bk).unwrap();
+                    gpu.set_tc_xs(true);
+                    let mut old = vec![0f32; m * n];
+                    gpu.dtoh(yd2.ptr, &mut old).unwrap();
+                    assert!(
+                        got.iter()
+                            .zip(&old)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{what}: pre-split and in-block split differ"
+                    );
                     if terms == 3 {
                         worst3 = worst3.max(e);
                     } else {
@@ -932,6 +946,18 @@ fn tensor_core_gemm_matches_cpu() {
     let e = worst(&row_errors(&got, &want, n));
     eprintln!("TC grouped [{n}, {gw}] m={m}: max rel err {e:.2e}");
     assert!(e <= 2e-5, "grouped: {e}");
+    gpu.set_tc_xs(false);
+    let yd2 = gpu.upload(&vec![f32::NAN; m * n]).unwrap();
+    gemm_tc_shape(&gpu, &g, &inp, yd2.ptr, n, 128, 64).unwrap();
+    gpu.set_tc_xs(true);
+    let mut old = vec![0f32; m * n];
+    gpu.dtoh(yd2.ptr, &mut old).unwrap();
+    assert!(
+        got.iter()
+            .zip(&old)
+            .all(|(a, b)| a.to_bits() == b.to_bits()),
+        "grouped: pre-split and in-block split differ"
+    );
 }
 
 /// The tensor-core MoE tile kernels against the SIMT ones (which the model tests hold to the
@@ -992,8 +1018,9 @@ fn tensor_core_moe_gemm_matches_simt() {
         let x = gpu.upload(&random_f32(t * d, 5)).unwrap();
         let rw = gpu.upload(&random_f32(pairs, 6)).unwrap();
         let mut outs = Vec::new();
-        // SIMT, then the tensor cores stepping 64 and 32 inputs.
-        for bk in [0, 64, 32] {
+        // SIMT, then the tensor cores stepping 64 and 32 inputs (pre-split activations),
+        // then stepping 32 with the in-block split (bk 33), which must give the same bits.
+        for bk in [0, 64, 32, 33] {
             let h = gpu.upload(&vec![f32::NAN; pairs * inter]).unwrap();
             let out = gpu.upload(&vec![f32::NAN; pairs * d]).unwrap();
             let a = MoeGemmArgs {
@@ -1020,7 +1047,10 @@ fn tensor_core_moe_gemm_matches_simt() {
             if bk == 0 {
                 moe_experts_gemm(&gpu, f, false, 3, &a, ntile, pairs, None).unwrap();
             } else {
-                moe_experts_gemm_tc(&gpu, f, 3, bk, &a, ntile, pairs, None).unwrap();
+                gpu.set_tc_xs(bk != 33);
+                let step = if bk == 33 { 32 } else { bk };
+                moe_experts_gemm_tc(&gpu, f, 3, step, &a, ntile, pairs, None).unwrap();
+                gpu.set_tc_xs(true);
             }
             let (mut hv, mut ov) = (vec![0f32; pairs * inter], vec![0f32; pairs * d]);
             gpu.dtoh(h.ptr, &mut hv).unwrap();
@@ -1031,6 +1061,11 @@ fn tensor_core_moe_gemm_matches_simt() {
             );
             outs.push((hv, ov));
         }
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert!(
+            bits(&outs[2].0) == bits(&outs[3].0) && bits(&outs[2].1) == bits(&outs[3].1),
+            "{fmt:?}: pre-split and in-block split differ"
+        );
         for (bk, tc) in [(64, &outs[1]), (32, &outs[2])] {
             let eh = worst(&row_errors(&tc.0, &outs[0].0, inter));
             let eo = worst(&row_errors(&tc.1, &outs[0].1, d));
