@@ -200,8 +200,9 @@ pub fn run(ordinal: usize, prompts: &[usize], json_out: bool) -> Result<()> {
     println!();
     println!("Tile kernels at {TILE_TOKENS} tokens (TFLOP/s; TC = tensor cores, x in 1 or 3 bf16 parts):");
     println!(
-        "(TC columns: tokens (MoE: pairs) per block × inputs per K step; 64×32 is the default \
-         of both, x pre-split into its bf16 parts (DSV4_CUDA_TC_XS=0: split in every block))"
+        "(TC columns: tokens (MoE: pairs) per block × inputs per K step; 64×32 is the MoE \
+         shape; x split in every block, or once with DSV4_CUDA_TC_XS=1 (then 64×32 is the \
+         dense default too))"
     );
     let cols: Vec<String> = [1u8, 3]
         .iter()

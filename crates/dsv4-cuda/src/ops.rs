@@ -425,6 +425,7 @@ pub fn gemm_tc_shape(
     }
     let terms = inp.terms.clamp(1, 3);
     let args = GemmArgs::new(inp, y, ldy, true, terms);
+    let (gs, gstride) = inp.group.unwrap_or((0, 0));
     gpu.tag(|| {
         (
             format!("gemm_tc {} {}x{} m{m} t{terms}", w.fmt.name(), nrows, w.inp),
