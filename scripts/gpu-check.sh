@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# On a GPU machine, from the repository root, after `scripts/gpu-pack.sh` packed .devcarry/:
+# the GPU tests (all of them, output in $OUT/gpu-tests.txt when OUT is set), then, with
+# `--bench`, an 8-layer prefill + decode run of the synthetic Flash model.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-.}
+xz -d -k -f .devcarry/dsv4.xz .devcarry/gpu.xz
+chmod +x .devcarry/dsv4 .devcarry/gpu
+export DSV4_FIXTURES=$PWD/tests/fixtures
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/cuda-13.0/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}
+.devcarry/gpu --ignored --test-threads 1 --nocapture >"$out/gpu-tests.txt" 2>&1
+status=$?
+grep -E "^test |test result|panicked" "$out/gpu-tests.txt"
+if [ "${1:-}" = "--bench" ]; then
+  .devcarry/dsv4 bench --device cuda --layers 8 --prompts 1024,8192 --contexts 1024,65536 \
+    --batch 1,8,32 --decode 24 2>&1 | grep -vE "layer [0-9]+/"
+fi
+exit $status
