@@ -197,8 +197,9 @@ fn random_model_on_every_chunking(numerics: Numerics) {
     let vocab = 1000;
     let mut cache = cpu.new_cache();
     let want = cpu.forward(&mut cache, &ids, Logits::All).unwrap();
-    // The last pass repeats token-by-token decoding with fused hyper-connection boundaries;
-    // the fifth repeats the chunked prefill with the tile GEMMs on pre-split activations.
+    // The fourth pass repeats token-by-token decoding with fused hyper-connection boundaries;
+    // the fifth repeats the chunked prefill with the tile GEMMs on pre-split activations
+    // (`DSV4_CUDA_TC_XS`: another K step too, so close to the CPU, not bit-equal to pass 3).
     let passes = [
         vec![t],
         vec![1; t],
@@ -253,15 +254,7 @@ fn random_model_act_quant_on_tensor_cores() {
     let mut cache = cpu.new_cache();
     let want = cpu.forward(&mut cache, &ids, Logits::All).unwrap();
     assert!(gpu.set_fp8_tensor_cores(false), "cuBLASLt is needed here");
-    gpu.gpu.set_tc_xs(false);
     let exact = run(&gpu, &ids, &[t]);
-    // The tile GEMMs on activations split once (`_xs` kernels): the same bits, through the
-    // whole model (dense, MoE up, and MoE down after the routing-weight rounding).
-    gpu.gpu.set_tc_xs(true);
-    let presplit = run(&gpu, &ids, &[t]);
-    gpu.gpu.set_tc_xs(false);
-    let differ = exact.iter().zip(&presplit).filter(|(a, b)| a != b).count();
-    assert_eq!(differ, 0, "pre-split tile GEMMs change {differ} logits");
     gpu.set_fp8_tensor_cores(true);
     let tc = run(&gpu, &ids, &[t]);
     let agree = |a: &[f32], b: &[f32]| {
