@@ -303,11 +303,16 @@ pub fn linear_multi(gpu: &Gpu, jobs: &[LinJob<'_>], part: &Partial) -> Result<()
         _ => 8,
     };
     let z = m.div_ceil(mt);
-    // One K split for all, so the launch covers the GPU twice; each job's partials and
-    // counters in their own part of the workspace (no split where it would not fit).
-    let base: usize = jobs.iter().map(|j| j.w.out.div_ceil(GEMV_ROWS) * z).sum();
-    let want = (2 * gpu.sm_count).div_ceil(base);
-    let (mut po, mut co, mut end) = (0usize, 0usize, 0usize);
+    let vecs: Vec<bool> = jobs
+        .iter()
+        .map(|j| j.w.vec && j.inp.ldx.is_multiple_of(4) && j.inp.x.is_multiple_of(16))
+        .collect();
+    let shapes: Vec<(usize, usize, bool)> = jobs
+        .iter()
+        .zip(&vecs)
+        .map(|(j, &v)| (j.w.out, j.w.inp / j.w.fmt.chunk(), v))
+        .collect();
+    let plan = plan_multi(&shapes, m, z, gpu.sm_count, part.floats, part.n_counters);
     let blank = GemvJob {
         w: jobs[0].w.desc,
         a: GemvArgs::new(&jobs[0].inp, 0, 0, 0, 1, false, part),
@@ -320,40 +325,23 @@ pub fn linear_multi(gpu: &Gpu, jobs: &[LinJob<'_>], part: &Partial) -> Result<()
         j: [blank; GEMV_MULTI_MAX],
     };
     let mut bytes = 0;
-    for (slot, j) in g.j.iter_mut().zip(jobs) {
-        let (w, inp) = (j.w, &j.inp);
-        let gx = w.out.div_ceil(GEMV_ROWS);
-        let vec = w.vec && inp.ldx.is_multiple_of(4) && inp.x.is_multiple_of(16);
-        let mut s = if vec {
-            want.min(w.inp / w.fmt.chunk() / 32).clamp(1, 64)
-        } else {
-            1
-        };
-        while s > 1 && po + s * m * w.out > part.floats {
-            s /= 2;
-        }
-        if co + gx * z > part.n_counters {
-            s = 1;
-        }
+    for (((slot, j), p), &vec) in g.j.iter_mut().zip(jobs).zip(&plan).zip(&vecs) {
+        let w = j.w;
         let jp = Partial {
-            ptr: part.ptr + 4 * po as u64,
-            floats: part.floats - po.min(part.floats),
-            counters: part.counters + 4 * co as u64,
-            n_counters: part.n_counters - co.min(part.n_counters),
+            ptr: part.ptr + 4 * p.po as u64,
+            floats: part.floats - p.po.min(part.floats),
+            counters: part.counters + 4 * p.co as u64,
+            n_counters: part.n_counters - p.co.min(part.n_counters),
         };
-        if s > 1 {
-            po += s * m * w.out;
-            co += gx * z;
-        }
-        end += gx * s * z;
         *slot = GemvJob {
             w: w.desc,
-            a: GemvArgs::new(inp, j.y, w.out, w.out, s, vec, &jp),
-            end: end as i32,
-            gx: gx as i32,
+            a: GemvArgs::new(&j.inp, j.y, w.out, w.out, p.s, vec, &jp),
+            end: p.end as i32,
+            gx: p.gx as i32,
         };
         bytes += w.stored_bytes;
     }
+    let end = plan.last().map_or(0, |p| p.end);
     gpu.tag(|| (format!("gemv_multi x{} m{m}", jobs.len()), bytes));
     let name = format!("gemv_multi_{mt}");
     gpu.launch(&name, (end as u32, 1, 1), (256, 1, 1), 0, &[&g])
@@ -502,6 +490,68 @@ fn split_x(
         ],
     )?;
     Ok(Some(xs))
+}
+
+/// One job's share of a [`linear_multi`] launch: its K split `s`, where its partials (`po`
+/// floats) and counters (`co`) start in the workspace, its row blocks `gx`, and one past its
+/// last block of the launch grid.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct MultiSlot {
+    s: usize,
+    po: usize,
+    co: usize,
+    gx: usize,
+    end: usize,
+}
+
+/// Plans a [`linear_multi`] launch of jobs `(rows, 16-byte chunks per row, 16-byte path)` for
+/// `m` tokens in `z` token chunks: one K split for all, so the grid covers the GPU twice, each
+/// job's partials and counters in its own part of the workspace (`floats`, `n_counters`), no
+/// split where it would not fit.
+fn plan_multi(
+    shapes: &[(usize, usize, bool)],
+    m: usize,
+    z: usize,
+    sm_count: usize,
+    floats: usize,
+    n_counters: usize,
+) -> Vec<MultiSlot> {
+    let base: usize = shapes
+        .iter()
+        .map(|&(rows, ..)| rows.div_ceil(GEMV_ROWS) * z)
+        .sum();
+    let want = (2 * sm_count).div_ceil(base.max(1));
+    let (mut po, mut co, mut end) = (0usize, 0usize, 0usize);
+    shapes
+        .iter()
+        .map(|&(rows, chunks, vec)| {
+            let gx = rows.div_ceil(GEMV_ROWS);
+            let mut s = if vec {
+                want.min(chunks / 32).clamp(1, 64)
+            } else {
+                1
+            };
+            while s > 1 && po + s * m * rows > floats {
+                s /= 2;
+            }
+            if co + gx * z > n_counters {
+                s = 1;
+            }
+            let slot = MultiSlot {
+                s,
+                po,
+                co,
+                gx,
+                end: end + gx * s * z,
+            };
+            if s > 1 {
+                po += s * m * rows;
+                co += gx * z;
+            }
+            end = slot.end;
+            slot
+        })
+        .collect()
 }
 
 /// Stored bytes of a `rows × inp` matrix in `fmt` (weights and scales; profiler labels).
@@ -1027,4 +1077,59 @@ pub fn linear_fp8_tc(
         copy_rows(gpu, out, w.n, y, ldy, m, w.n)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every split job's partials and counters lie in the workspace and apart from the others',
+    /// the grid ranges follow one another, and a full workspace only removes splits.
+    #[test]
+    fn multi_gemv_plan_keeps_workspaces_apart() {
+        let shapes = [
+            (1024, 256, true),
+            (512, 256, true),
+            (96, 128, true),
+            (130, 64, false),
+            (7, 62, true),
+        ];
+        for (m, z) in [(1, 1), (3, 1), (8, 1), (33, 5)] {
+            for (floats, counters) in [(1 << 22, 1 << 16), (20_000, 40), (0, 0)] {
+                let plan = plan_multi(&shapes, m, z, 132, floats, counters);
+                let mut end = 0;
+                let mut regions = Vec::new();
+                for (p, &(rows, chunks, vec)) in plan.iter().zip(&shapes) {
+                    assert!(p.s >= 1 && (vec || p.s == 1) && p.s <= (chunks / 32).max(1));
+                    assert_eq!(p.gx, rows.div_ceil(GEMV_ROWS));
+                    assert_eq!(p.end, end + p.gx * p.s * z);
+                    end = p.end;
+                    if p.s > 1 {
+                        assert!(p.po + p.s * m * rows <= floats, "partials overflow");
+                        assert!(p.co + p.gx * z <= counters, "counters overflow");
+                        regions.push((p.po, p.s * m * rows, p.co, p.gx * z));
+                    }
+                }
+                for (i, a) in regions.iter().enumerate() {
+                    for b in &regions[i + 1..] {
+                        assert!(a.0 + a.1 <= b.0 || b.0 + b.1 <= a.0, "partials overlap");
+                        assert!(a.2 + a.3 <= b.2 || b.2 + b.3 <= a.2, "counters overlap");
+                    }
+                }
+                if floats == 0 {
+                    assert!(plan.iter().all(|p| p.s == 1));
+                }
+            }
+        }
+        // Few row blocks: the split fills the GPU.
+        let plan = plan_multi(
+            &[(64, 256, true), (64, 256, true)],
+            1,
+            1,
+            132,
+            1 << 22,
+            1 << 16,
+        );
+        assert!(plan.iter().all(|p| p.s > 1));
+    }
 }
