@@ -358,17 +358,13 @@ fn tile_kernels(gpu: &Gpu, c: &ModelConfig) -> Result<Vec<serde_json::Value>> {
             by_expert[e].push((t * topk + j) as i32);
         }
     }
-    let (mut te, mut tn, mut tp) = (Vec::new(), Vec::new(), Vec::new());
-    for (ex, list) in by_expert.iter().enumerate() {
-        for chunk in list.chunks(MOE_TILE_PAIRS) {
-            te.push(ex as i32);
-            tn.push(chunk.len() as i32);
-            tp.extend(chunk.iter().copied());
-            tp.extend(std::iter::repeat_n(chunk[0], MOE_TILE_PAIRS - chunk.len()));
-        }
-    }
-    let ntile = te.len();
-    let (te, tn, tp) = (gpu.upload(&te)?, gpu.upload(&tn)?, gpu.upload(&tp)?);
+    let tiles = ops::MoeTiles::new(&by_expert);
+    let ntile = tiles.expert.len();
+    let (te, tn, tp) = (
+        gpu.upload(&tiles.expert)?,
+        gpu.upload(&tiles.count)?,
+        gpu.upload(&tiles.pairs)?,
+    );
     let x: Vec<f32> = (0..m * d)
         .map(|i| ((i * 2654435761usize) % 2001) as f32 / 1000.0 - 1.0)
         .collect();

@@ -862,13 +862,13 @@ impl CudaModel {
         Ok(())
     }
 
-    /// With activation quantization: `rows` rows of `width` at `x` FP8-rounded in place (the
-    /// input of the next FP8/FP4 GEMM; nothing else reads them unrounded).
-    fn round_gemm_input(&self, x: u64, width: usize, rows: usize) -> Result<()> {
-        if !self.numerics.act_quant() {
-            return Ok(());
+    /// The input of the next FP8/FP4 GEMM, `rows` rows of `width` at `x`: with activation
+    /// quantization FP8-rounded in place first (nothing else reads them unrounded).
+    fn round_in_place(&self, x: u64, width: usize, rows: usize) -> Result<LinIn> {
+        if self.numerics.act_quant() {
+            crate::quant::fp8_round_trip(&self.gpu, x, width, rows, width, ACT_BLOCK)?;
         }
-        crate::quant::fp8_round_trip(&self.gpu, x, width, rows, width, ACT_BLOCK)
+        Ok(self.gemm_input(LinIn::rows(x, width, rows)))
     }
 
     /// How this layer's compressor entries are stored (`indexer`: the indexer's keys).
@@ -882,10 +882,10 @@ impl CudaModel {
 
     /// `rows` stored rows of `d` values at `x` rounded as `mode` says.
     fn round_entries(&self, x: u64, d: usize, rows: usize, mode: EntryRound) -> Result<()> {
-        let nope = d - self.config.rope_dim;
         match mode {
             EntryRound::None => Ok(()),
             EntryRound::Fp8Nope => {
+                let nope = d - self.config.rope_dim;
                 crate::quant::fp8_round_trip(&self.gpu, x, d, rows, nope, KV_BLOCK)
             }
             EntryRound::HadamardFp4 => {
@@ -953,8 +953,7 @@ impl CudaModel {
         self.project(s, &jobs)?;
         ops::rms_norm(g, s.qr.ptr, a.q_norm.ptr(), c.q_lora_rank, t, eps)?;
         // Both readers of qr (wq_b, the indexer's wq_b) are FP8 GEMMs.
-        self.round_gemm_input(s.qr.ptr, c.q_lora_rank, t)?;
-        let qrin = self.gemm_input(LinIn::rows(s.qr.ptr, c.q_lora_rank, t));
+        let qrin = self.round_in_place(s.qr.ptr, c.q_lora_rank, t)?;
         self.dense(s, &a.wq_b, &qrin, s.q.ptr, h * dh)?;
         ops::rms_norm(g, s.q.ptr, 0, dh, t * h, eps)?;
         ops::rope(g, s.q.ptr, t * h, dh, h, &rope, pos, false)?;
@@ -969,9 +968,7 @@ impl CudaModel {
             self.dense(s, &ix.wq_b, &qrin, s.qi.ptr, hi * di)?;
             ops::rope(g, s.qi.ptr, t * hi, di, hi, &rope, pos, false)?;
             // Official: queries rotated and rounded like the stored keys.
-            if self.numerics.is_official() {
-                crate::quant::hadamard_fp4_round_trip(g, s.qi.ptr, di, t * hi, di)?;
-            }
+            self.round_entries(s.qi.ptr, di, t * hi, self.entry_round(true))?;
         }
 
         match per_seq {
@@ -1001,8 +998,7 @@ impl CudaModel {
             terms: 3,
         };
         ops::linear(g, &a.wo_a, &oin, s.z.ptr, gr * rk, &part)?;
-        self.round_gemm_input(s.z.ptr, gr * rk, t)?;
-        let zin = self.gemm_input(LinIn::rows(s.z.ptr, gr * rk, t));
+        let zin = self.round_in_place(s.z.ptr, gr * rk, t)?;
         self.dense(s, &a.wo_b, &zin, s.f.ptr, d)
     }
 
@@ -1508,8 +1504,7 @@ impl CudaModel {
                     total,
                     &[&s.sg.ptr, &s.su.ptr, &wd, &tot, &lim, &null],
                 )?;
-                self.round_gemm_input(s.sg.ptr, sh.w1.out, t)?;
-                let sgin = self.gemm_input(LinIn::rows(s.sg.ptr, sh.w1.out, t));
+                let sgin = self.round_in_place(s.sg.ptr, sh.w1.out, t)?;
                 self.dense(s, &sh.w2, &sgin, s.f.ptr, d)?;
             }
             (None, _) => g.memset(s.f.ptr, 0, t * d * 4)?,
@@ -1548,20 +1543,11 @@ impl CudaModel {
                     .ok_or_else(|| Error::Driver(format!("router picked expert {ex}")))?;
                 by_expert[ex].push(p as i32);
             }
-            let tp_w = ops::MOE_TILE_PAIRS;
-            let (mut te, mut tp, mut tn) = (Vec::new(), Vec::new(), Vec::new());
-            for (ex, list) in by_expert.iter().enumerate() {
-                for chunk in list.chunks(tp_w) {
-                    te.push(ex as i32);
-                    tn.push(chunk.len() as i32);
-                    tp.extend(chunk.iter().copied());
-                    tp.extend(std::iter::repeat_n(chunk[0], tp_w - chunk.len()));
-                }
-            }
-            let ntile = te.len();
-            g.htod(s.tiles.ptr, &te)?;
-            g.htod(s.tiles.at::<i32>(ntile), &tn)?;
-            g.htod(s.tiles.at::<i32>(2 * ntile), &tp)?;
+            let tiles = ops::MoeTiles::new(&by_expert);
+            let ntile = tiles.expert.len();
+            g.htod(s.tiles.ptr, &tiles.expert)?;
+            g.htod(s.tiles.at::<i32>(ntile), &tiles.count)?;
+            g.htod(s.tiles.at::<i32>(2 * ntile), &tiles.pairs)?;
             let ga = ops::MoeGemmArgs {
                 w1: a.w1,
                 w3: a.w3,
@@ -1581,14 +1567,12 @@ impl CudaModel {
                 rw_inside: a.rw_inside,
                 terms: 3,
             };
-            // Under activation quantization both products read FP8-rounded rows (x here,
-            // the hidden rows after `round`): one bf16 part each is exact; else three.
-            let terms = if aq { 1 } else { 3 };
+            // Both products read rows as rounded as x (the hidden rows after `round`).
             ops::moe_experts_gemm(
                 g,
                 mw.fmt,
                 mw.tc,
-                terms,
+                hq.terms,
                 &ga,
                 ntile,
                 pairs,

@@ -177,13 +177,8 @@ pub fn linear(
     if m == 0 || nrows == 0 {
         return Ok(());
     }
-    let mt = match m {
-        1 => 1,
-        2 => 2,
-        3 | 4 => 4,
-        _ => 8,
-    };
-    let (gs, gstride) = inp.group.unwrap_or((0, 0));
+    let mt = gemv_tokens(m);
+    let gs = inp.group.map_or(0, |(rows, _)| rows);
     // Decode batches of 16+ tokens through tall matrices (the vocabulary head, wq_b): the
     // GEMV would stream the weights once per 8 tokens; a 64-token tensor-core tile reads them
     // once, with a block per SM at least.
@@ -207,16 +202,13 @@ pub fn linear(
         return gemm_simt(gpu, w, inp, y, ldy);
     }
     let blocks = nrows.div_ceil(GEMV_ROWS);
-    let vec_ok =
-        w.vec && inp.ldx.is_multiple_of(4) && inp.x.is_multiple_of(16) && gstride.is_multiple_of(4);
+    let vec = gemv_vec(w, inp);
     // Short rows (≤ 2 KB: wq_b, the indexer's wq_b) leave the block-per-32-rows kernel's
     // blocks too short-lived to keep loads in flight; long rows stream better through it.
     let row_bytes = w.stored_bytes / w.out.max(1);
-    if m == 1 && vec_ok && gpu.stream_gemv && gs.is_multiple_of(4) && row_bytes <= 2048 {
+    if m == 1 && vec && gpu.stream_gemv && gs.is_multiple_of(4) && row_bytes <= 2048 {
         return gemv_stream(gpu, w, inp, y, part);
     }
-    let vec =
-        w.vec && inp.ldx.is_multiple_of(4) && inp.x.is_multiple_of(16) && gstride.is_multiple_of(4);
     // Narrow matrices (few row blocks) below the GEMM's token count: split K so the whole GPU
     // streams the weight.
     let mut s = 1;
@@ -241,6 +233,23 @@ pub fn linear(
     });
     let grid = (blocks as u32, s as u32, m.div_ceil(mt) as u32);
     gpu.launch(&name, grid, (256, 1, 1), 0, &[&w.desc, &args])
+}
+
+/// Tokens per pass of the GEMV kernels (`gemv_*_{1,2,4,8}`) for `m` tokens.
+fn gemv_tokens(m: usize) -> usize {
+    match m {
+        1 => 1,
+        2 => 2,
+        3 | 4 => 4,
+        _ => 8,
+    }
+}
+
+/// Whether the GEMV may take its 16-byte path: the matrix allows it and the input rows (and
+/// groups) are 16-byte aligned.
+fn gemv_vec(w: &GpuLinear, inp: &LinIn) -> bool {
+    let gstride = inp.group.map_or(0, |(_, s)| s);
+    w.vec && inp.ldx.is_multiple_of(4) && inp.x.is_multiple_of(16) && gstride.is_multiple_of(4)
 }
 
 /// One product of [`linear_multi`]: `y[t, :] = W · inp[t, :]`, `y` with leading dimension
@@ -296,17 +305,9 @@ pub fn linear_multi(gpu: &Gpu, jobs: &[LinJob<'_>], part: &Partial) -> Result<()
         }
         return Ok(());
     }
-    let mt = match m {
-        1 => 1,
-        2 => 2,
-        3 | 4 => 4,
-        _ => 8,
-    };
+    let mt = gemv_tokens(m);
     let z = m.div_ceil(mt);
-    let vecs: Vec<bool> = jobs
-        .iter()
-        .map(|j| j.w.vec && j.inp.ldx.is_multiple_of(4) && j.inp.x.is_multiple_of(16))
-        .collect();
+    let vecs: Vec<bool> = jobs.iter().map(|j| gemv_vec(j.w, &j.inp)).collect();
     let shapes: Vec<(usize, usize, bool)> = jobs
         .iter()
         .zip(&vecs)
@@ -906,6 +907,35 @@ pub fn moe_experts_gemm(
     )
 }
 
+/// The tile lists of the MoE tile kernels: each expert's pairs (`by_expert[e]`, pair indices)
+/// cut into tiles of up to [`MOE_TILE_PAIRS`]; per tile its expert, its pair count and
+/// [`MOE_TILE_PAIRS`] pair indices (the short tail padded with the tile's first pair).
+pub struct MoeTiles {
+    pub expert: Vec<i32>,
+    pub count: Vec<i32>,
+    pub pairs: Vec<i32>,
+}
+
+impl MoeTiles {
+    pub fn new(by_expert: &[Vec<i32>]) -> Self {
+        let mut t = MoeTiles {
+            expert: Vec::new(),
+            count: Vec::new(),
+            pairs: Vec::new(),
+        };
+        for (ex, list) in by_expert.iter().enumerate() {
+            for chunk in list.chunks(MOE_TILE_PAIRS) {
+                t.expert.push(ex as i32);
+                t.count.push(chunk.len() as i32);
+                t.pairs.extend_from_slice(chunk);
+                t.pairs
+                    .extend(std::iter::repeat_n(chunk[0], MOE_TILE_PAIRS - chunk.len()));
+            }
+        }
+        t
+    }
+}
+
 /// K step of the tensor-core MoE kernels.
 const MOE_TC_BK: usize = 32;
 
@@ -951,49 +981,36 @@ pub fn moe_experts_gemm_tc(
     let tokens = pairs.div_ceil(a.k.max(1) as usize);
     // Up: 64 intermediate rows (gate and up) per block; down: 128 output rows. Row blocks
     // vary fastest (see kernels/gemm_tc.cu).
+    // `kernel` over rows of `src` (width `ld`): its `_xs` twin on a split copy where one can
+    // be made, else the in-block split.
+    let launch = |kernel: String, grid: (u32, u32, u32), src: u64, ld: usize, rows: usize| {
+        let xs = if xs_ok {
+            split_x(gpu, src, ld, rows, ld, terms)?
+        } else {
+            None
+        };
+        match xs {
+            Some(xs) => gpu.launch(
+                &format!("{kernel}_xs"),
+                grid,
+                (256, 1, 1),
+                xs_smem,
+                &[&MoeGemmArgs { x: xs, ..a }],
+            ),
+            None => gpu.launch(&kernel, grid, (256, 1, 1), smem, &[&a]),
+        }
+    };
     let up_grid = (blocks_for(i, TC_ROWS / 2), ntile as u32, 1);
-    match xs_ok
-        .then(|| split_x(gpu, a.x, d, tokens, d, terms))
-        .transpose()?
-        .flatten()
-    {
-        Some(xs) => gpu.launch(
-            &format!("moe_up_gemm_tc_{f}{sfx}_xs"),
-            up_grid,
-            (256, 1, 1),
-            xs_smem,
-            &[&MoeGemmArgs { x: xs, ..a }],
-        )?,
-        None => gpu.launch(
-            &format!("moe_up_gemm_tc_{f}{sfx}"),
-            up_grid,
-            (256, 1, 1),
-            smem,
-            &[&a],
-        )?,
-    }
+    launch(format!("moe_up_gemm_tc_{f}{sfx}"), up_grid, a.x, d, tokens)?;
     round_hidden(gpu, round, a.h, i, pairs)?;
     let down_grid = (blocks_for(d, TC_ROWS), ntile as u32, 1);
-    match xs_ok
-        .then(|| split_x(gpu, a.h, i, pairs, i, terms))
-        .transpose()?
-        .flatten()
-    {
-        Some(hs) => gpu.launch(
-            &format!("moe_down_gemm_tc_{f}{sfx}_xs"),
-            down_grid,
-            (256, 1, 1),
-            xs_smem,
-            &[&MoeGemmArgs { x: hs, ..a }],
-        ),
-        None => gpu.launch(
-            &format!("moe_down_gemm_tc_{f}{sfx}"),
-            down_grid,
-            (256, 1, 1),
-            smem,
-            &[&a],
-        ),
-    }
+    launch(
+        format!("moe_down_gemm_tc_{f}{sfx}"),
+        down_grid,
+        a.h,
+        i,
+        pairs,
+    )
 }
 
 /// The routed experts, one block row per (token, slot) pair: gate+up (SwiGLU fused), then down.

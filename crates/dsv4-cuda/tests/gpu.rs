@@ -975,7 +975,7 @@ fn tensor_core_gemm_matches_cpu() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn tensor_core_moe_gemm_matches_simt() {
-    use dsv4_cuda::ops::{moe_experts_gemm, moe_experts_gemm_tc, MoeGemmArgs, MOE_TILE_PAIRS};
+    use dsv4_cuda::ops::{moe_experts_gemm, moe_experts_gemm_tc, MoeGemmArgs, MoeTiles};
     use dsv4_cuda::weights::{Fmt, GpuLinear, LinearDesc};
     use synthetic::MatrixFormat as F;
     let gpu = Gpu::open(0).expect("GPU");
@@ -1009,20 +1009,12 @@ fn tensor_core_moe_gemm_matches_simt() {
         for p in 0..pairs {
             by_expert[(p / k + 3 * (p % k)) % e].push(p as i32);
         }
-        let (mut te, mut tn, mut tp) = (Vec::new(), Vec::new(), Vec::new());
-        for (ex, list) in by_expert.iter().enumerate() {
-            for chunk in list.chunks(MOE_TILE_PAIRS) {
-                te.push(ex as i32);
-                tn.push(chunk.len() as i32);
-                tp.extend(chunk.iter().copied());
-                tp.extend(std::iter::repeat_n(chunk[0], MOE_TILE_PAIRS - chunk.len()));
-            }
-        }
-        let ntile = te.len();
+        let tiles = MoeTiles::new(&by_expert);
+        let ntile = tiles.expert.len();
         let (te, tn, tp) = (
-            gpu.upload(&te).unwrap(),
-            gpu.upload(&tn).unwrap(),
-            gpu.upload(&tp).unwrap(),
+            gpu.upload(&tiles.expert).unwrap(),
+            gpu.upload(&tiles.count).unwrap(),
+            gpu.upload(&tiles.pairs).unwrap(),
         );
         let x = gpu.upload(&random_f32(t * d, 5)).unwrap();
         let rw = gpu.upload(&random_f32(pairs, 6)).unwrap();
