@@ -201,8 +201,8 @@ pub fn run(ordinal: usize, prompts: &[usize], json_out: bool) -> Result<()> {
     println!("Tile kernels at {TILE_TOKENS} tokens (TFLOP/s; TC = tensor cores, x in 1 or 3 bf16 parts):");
     println!(
         "(TC columns: tokens (MoE: pairs) per block × inputs per K step; 64×32 is the MoE \
-         shape; x split in every block, or once with DSV4_CUDA_TC_XS=1 (then 64×32 is the \
-         dense default too))"
+         shape; x split once, as the model does, or in every block with DSV4_CUDA_TC_XS=0 \
+         (64×32 is the dense default when split once))"
     );
     let cols: Vec<String> = [1u8, 3]
         .iter()

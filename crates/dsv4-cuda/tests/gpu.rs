@@ -198,8 +198,9 @@ fn random_model_on_every_chunking(numerics: Numerics) {
     let mut cache = cpu.new_cache();
     let want = cpu.forward(&mut cache, &ids, Logits::All).unwrap();
     // The fourth pass repeats token-by-token decoding with fused hyper-connection boundaries;
-    // the fifth repeats the chunked prefill with the tile GEMMs on pre-split activations
-    // (`DSV4_CUDA_TC_XS`: another K step too, so close to the CPU, not bit-equal to pass 3).
+    // the fifth repeats the chunked prefill with the tile GEMMs splitting the activations in
+    // every block instead of once (`DSV4_CUDA_TC_XS=0`: another K step too, so close to the
+    // CPU, not bit-equal to pass 3).
     let passes = [
         vec![t],
         vec![1; t],
@@ -209,7 +210,7 @@ fn random_model_on_every_chunking(numerics: Numerics) {
     ];
     for (pass, chunks) in passes.into_iter().enumerate() {
         gpu.set_hc_fused(pass == 3);
-        gpu.gpu.set_tc_xs(pass == 4);
+        gpu.gpu.set_tc_xs(pass != 4);
         let got = run(&gpu, &ids, &chunks);
         let e = row_errors(&got, &want, vocab);
         let w = worst(&e);
