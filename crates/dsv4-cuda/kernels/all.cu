@@ -6,3 +6,4 @@
 #include "gemm.cu"
 #include "gemm_tc.cu"
 #include "quant.cu"
+#include "gemv_bulk.cu"

@@ -41,6 +41,12 @@ pub struct Gpu {
     pdl: bool,
     /// One-token GEMVs on long-lived warps (`gemv_stream_*`; `DSV4_CUDA_STREAM=0` turns it off).
     pub stream_gemv: bool,
+    /// Few-token products streamed through shared memory by bulk copies (`kernels/gemv_bulk.cu`;
+    /// `DSV4_CUDA_BULK=0` turns it off).
+    pub bulk: bool,
+    /// Rows per warp of the dense bulk-copy kernels (1, 2 or 4; 0: by row length), from
+    /// `DSV4_CUDA_BULK_RPW`, for comparisons.
+    pub bulk_rpw: usize,
     /// Multi-token products of BF16/FP8/FP4 weights on the tensor cores (`kernels/gemm_tc.cu`;
     /// `DSV4_CUDA_TC=0` keeps the SIMT GEMMs, for A/B comparisons).
     pub tc: bool,
@@ -149,6 +155,12 @@ impl Gpu {
             pdl: std::env::var("DSV4_CUDA_PDL").map_or(true, |v| v != "0"),
             profile: Mutex::new(None),
             stream_gemv: std::env::var("DSV4_CUDA_STREAM").map_or(true, |v| v != "0"),
+            bulk: std::env::var("DSV4_CUDA_BULK").map_or(true, |v| v != "0"),
+            bulk_rpw: std::env::var("DSV4_CUDA_BULK_RPW")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .filter(|r| [1, 2, 4].contains(r))
+                .unwrap_or(0),
             tc: std::env::var("DSV4_CUDA_TC").map_or(true, |v| v != "0"),
             tc_bk: if std::env::var("DSV4_CUDA_TC_BK").is_ok_and(|v| v == "32") {
                 32

@@ -203,6 +203,9 @@ pub fn linear(
     }
     let blocks = nrows.div_ceil(GEMV_ROWS);
     let vec = gemv_vec(w, inp);
+    if m <= 2 && vec && gpu.bulk && w.bulk && gs.is_multiple_of(32) {
+        return gemv_bulk(gpu, w, inp, y, ldy, part);
+    }
     // Short rows (≤ 2 KB: wq_b, the indexer's wq_b) leave the block-per-32-rows kernel's
     // blocks too short-lived to keep loads in flight; long rows stream better through it.
     let row_bytes = w.stored_bytes / w.out.max(1);
@@ -595,6 +598,78 @@ fn gemv_stream(gpu: &Gpu, w: &GpuLinear, inp: &LinIn, y: u64, part: &Partial) ->
         (256, 1, 1),
         0,
         &[&w.desc, &args],
+    )
+}
+
+/// Stages of the bulk-copy kernels (`kernels/gemv_bulk.cu`), 32 KB of weights each, and
+/// their threads (8 consumer warps and a producer).
+const BULK_STAGE: usize = 32768;
+const BULK_STAGES: usize = 4;
+const BULK_THREADS: u32 = 288;
+
+/// Rows per warp of a bulk-copy kernel reading rows of `row_bytes` (a multiple of 1024): whole
+/// rows up to 4 KB (1 KB rows: 4 per warp), else 4 KB slices of one row per warp.
+fn bulk_rpw(row_bytes: usize) -> usize {
+    4096 / row_bytes.min(4096)
+}
+
+/// Dynamic shared memory of a bulk-copy kernel (`bulk_stage_bytes` × stages): the weights and
+/// their scale bytes (FP4: one per 32 elements; FP8: the tile's block scales of the slice).
+fn bulk_smem(fmt: Fmt, rpw: usize) -> u32 {
+    let aux = match fmt {
+        Fmt::Fp8 => (4096 / rpw) / 32,
+        Fmt::Fp4 => BULK_STAGE / 16,
+        _ => 0,
+    };
+    (BULK_STAGES * (BULK_STAGE + aux)) as u32
+}
+
+/// One or two tokens through `gemv_bulk_*`: a block per SM at most, each a contiguous run of
+/// (tile of 8·rpw rows, K split) items; K is split until there is an item per SM, as far as
+/// the workspace allows.
+fn gemv_bulk(
+    gpu: &Gpu,
+    w: &GpuLinear,
+    inp: &LinIn,
+    y: u64,
+    ldy: usize,
+    part: &Partial,
+) -> Result<()> {
+    let (m, nrows) = (inp.m, w.out);
+    let row_bytes = crate::weights::bulk_row_bytes(w.fmt, w.inp).unwrap_or(0);
+    let rpw = match gpu.bulk_rpw {
+        r if r > 0 && row_bytes.is_multiple_of(4096 / r) => r,
+        _ => bulk_rpw(row_bytes),
+    };
+    let tiles = nrows.div_ceil(8 * rpw);
+    let nslices = row_bytes / (4096 / rpw);
+    let mut s = gpu.sm_count.div_ceil(tiles).clamp(1, nslices.max(1));
+    while s > 1 && s * m * nrows > part.floats {
+        s /= 2;
+    }
+    if tiles * 8 > part.n_counters {
+        s = 1;
+    }
+    let args = GemvArgs::new(inp, y, ldy, nrows, s, true, part);
+    let blocks = (tiles * s).min(gpu.sm_count);
+    gpu.tag(|| {
+        (
+            format!(
+                "gemv_bulk {} {}x{} m{m} r{rpw} s{s}",
+                w.fmt.name(),
+                nrows,
+                w.inp
+            ),
+            w.stored_bytes,
+        )
+    });
+    let ns = nslices as i32;
+    gpu.launch(
+        &format!("gemv_bulk_{}_{m}_r{rpw}", w.fmt.name()),
+        (blocks as u32, 1, 1),
+        (BULK_THREADS, 1, 1),
+        bulk_smem(w.fmt, rpw),
+        &[&w.desc, &args, &ns],
     )
 }
 

@@ -69,8 +69,45 @@ pub struct GpuLinear {
     /// The tensor-core GEMMs may take it: its values decode exactly to bf16 ([`tc_exact`]) and
     /// the 16-byte path applies.
     pub tc: bool,
+    /// The bulk-copy kernels (`kernels/gemv_bulk.cu`) may stream it ([`bulk_ok`]).
+    pub bulk: bool,
     pub stored_bytes: usize,
     _bufs: Vec<DevBuf>,
+}
+
+/// Stored bytes of a row of `inp` inputs, in the formats the bulk-copy kernels decode.
+pub fn bulk_row_bytes(fmt: Fmt, inp: usize) -> Option<usize> {
+    match fmt {
+        Fmt::Bf16 => Some(inp * 2),
+        Fmt::Fp8 => Some(inp),
+        Fmt::Fp4 => Some(inp / 2),
+        _ => None,
+    }
+}
+
+/// Rows of the bulk-copy kernels are read in slices of 4096, 2048 or 1024 bytes
+/// (`kernels/gemv_bulk.cu`): rows must be whole multiples of the smallest.
+pub const BULK_MIN_SLICE: usize = 1024;
+
+/// Whether the bulk-copy kernels can stream `d`: a format they decode, rows of whole
+/// [`BULK_MIN_SLICE`]s, and each slice's scale bytes copyable as 16-byte aligned runs (FP8:
+/// 128-wide blocks whose height is a multiple of the 32-row tiles, rows of scales a multiple of
+/// 4; FP4: one e8m0 per 32).
+pub fn bulk_ok(d: &LinearDesc, fmt: Fmt, vec: bool) -> bool {
+    let Some(row_bytes) = bulk_row_bytes(fmt, d.inp as usize) else {
+        return false;
+    };
+    let scales_ok = match fmt {
+        Fmt::Fp8 => {
+            d.bi == 128 && d.bo % 32 == 0 && d.scale_cols % 4 == 0 && d.scales.is_multiple_of(16)
+        }
+        Fmt::Fp4 => d.scales.is_multiple_of(16),
+        _ => true,
+    };
+    vec && row_bytes > 0
+        && row_bytes.is_multiple_of(BULK_MIN_SLICE)
+        && d.w.is_multiple_of(16)
+        && scales_ok
 }
 
 /// Whether every weight of `l`, scale applied, is exactly a normal bf16 number (or zero), so
@@ -167,6 +204,7 @@ impl GpuLinear {
             inp: l.inp,
             vec,
             tc: vec && tc_exact(l),
+            bulk: bulk_ok(&desc, fmt, vec),
             stored_bytes: l.stored_bytes(),
             _bufs: bufs,
         })

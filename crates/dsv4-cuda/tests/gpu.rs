@@ -46,7 +46,9 @@ fn linear_kernels_match_cpu() {
         (F::Fp8, 300, 1024),
         (F::Fp8, 64, 4096),
         (F::Fp8, 130, 200),
+        (F::Fp8, 100, 8192),
         (F::Fp4, 256, 2048),
+        (F::Fp4, 40, 8192),
         (F::Fp4, 33, 96),
         (F::Bf16, 512, 4096),
         (F::Bf16, 24, 16384),
@@ -54,6 +56,13 @@ fn linear_kernels_match_cpu() {
     ] {
         let l: Linear = synthetic::random_linear(fmt, out, inp, 7).unwrap();
         let g = GpuLinear::upload(&gpu, &l).unwrap();
+        // Rows of whole KB go through the bulk-copy kernels for one and two tokens.
+        let row_bytes = match fmt {
+            F::Fp8 => inp,
+            F::Fp4 => inp / 2,
+            _ => 2 * inp,
+        };
+        assert_eq!(g.bulk, row_bytes % 1024 == 0, "{fmt:?} [{out}, {inp}]");
         for m in [1usize, 2, 3, 8, 20, 100] {
             let x: Vec<f32> = (0..m * inp)
                 .map(|i| ((i * 2654435761usize) % 1000) as f32 / 500.0 - 1.0)

@@ -1,0 +1,332 @@
+// Weight streaming through shared memory with bulk asynchronous copies (the 1-D form of the
+// Hopper tensor memory accelerator), for decode's few-token products.
+//
+// The register-pipelined GEMVs (linear.cu) keep one 16-byte chunk per row and lane in flight:
+// about 8 KB per SM, far below what hides HBM latency, so their 8–50 MB launches stream at
+// 0.9–1.5 of 4.2 TB/s. Here a producer warp keeps BULK_STAGES stages of 32 KB in flight
+// (128 KB per SM) with a few large copies per stage, and costs the eight consumer warps no
+// registers. The grid is one block per SM, each block a contiguous run of work items, so the
+// copy stream never drains between tiles; the weights are requested before
+// `griddepcontrol.wait`, so a launch's first stages load while the kernel before it finishes.
+#include "linear.cuh"
+
+#define BULK_STAGE 32768  // weight bytes per stage
+#define BULK_STAGES 4
+#define BULK_THREADS 288  // 8 consumer warps + 1 producer warp
+
+// A stage holds R = 8·RPW rows × KS = 4096/RPW bytes of each: a whole row when the row is KS
+// bytes (then a tile's rows are one contiguous copy), else a K slice of each row, one copy per
+// row. Large copies matter: 512-byte copies stream at 1.3–2.0 TB/s on an
+// H200, 2 KB at 3.5–4.4, 4 KB+ at 4.5. The copy's shape is not the compute's: warp w takes
+// a group of four rows (q = w mod R/4) and two of each row's 512-byte columns of lanes (u-group
+// w div R/4), so each activation chunk loaded serves four rows (the x reads from L1, not the
+// weights, bound these kernels); the u-groups' sums of a row are added, in order, at the end
+// of each tile. Scale bytes follow the weights: FP4 an e8m0 per 32 elements per row, FP8 the
+// f32 block scales of the slice (a tile's rows share a 128-row scale block).
+template <int FMT, int RPW>
+__host__ __device__ constexpr int bulk_aux_bytes() {
+    return FMT == FMT_FP4 ? BULK_STAGE / 16 : FMT == FMT_FP8 ? (4096 / RPW) / 32 : 0;
+}
+template <int FMT, int RPW>
+__host__ __device__ constexpr int bulk_stage_bytes() {
+    return BULK_STAGE + bulk_aux_bytes<FMT, RPW>();
+}
+
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+    return (unsigned)__cvta_generic_to_shared(p);
+}
+__device__ __forceinline__ void mbar_init(uint64_t* b, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(b)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive_expect(uint64_t* b, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(b)), "r"(bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* b) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(b)) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* b, unsigned parity) {
+    unsigned done = 0;
+    while (!done) {
+        asm volatile(
+            "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+            " selp.u32 %0, 1, 0, p;\n}"
+            : "=r"(done)
+            : "r"(smem_u32(b)), "r"(parity)
+            : "memory");
+    }
+}
+// `bytes` (a multiple of 16, both addresses 16-byte aligned) from global to shared memory,
+// counted against the transaction bytes `bar` expects. Weights are read once per launch:
+// evict-first keeps them from pushing activations and caches out of L2.
+__device__ __forceinline__ void bulk_copy(void* dst, const void* src, unsigned bytes, uint64_t* bar,
+                                          uint64_t policy) {
+    asm volatile(
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], "
+        "%2, [%3], %4;" ::"r"(smem_u32(dst)),
+        "l"(src), "r"(bytes), "r"(smem_u32(bar)), "l"(policy)
+        : "memory");
+}
+__device__ __forceinline__ uint64_t evict_first_policy() {
+    uint64_t p;
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(p));
+    return p;
+}
+
+// The walk of one block over its work items: item = (tile, K split s), each split a run of
+// KS-byte slices of every row of the tile. Producer and consumers step it alike.
+struct BulkWalk {
+    int item, item_end, slice, slice_end;
+    int nslices, S;
+    __device__ __forceinline__ BulkWalk(int items, int nslices_, int S_) : nslices(nslices_), S(S_) {
+        const long long b = blockIdx.x, nb = gridDim.x;
+        item = (int)(items * b / nb);
+        item_end = (int)(items * (b + 1) / nb);
+        enter();
+    }
+    __device__ __forceinline__ void enter() {
+        if (item < item_end) {
+            const int s = item % S;
+            slice = nslices * s / S;
+            slice_end = nslices * (s + 1) / S;
+        }
+    }
+    __device__ __forceinline__ bool done() const { return item >= item_end; }
+    __device__ __forceinline__ int tile() const { return item / S; }
+    __device__ __forceinline__ int split() const { return item % S; }
+    // Advances one slice; true when that finished the item.
+    __device__ __forceinline__ bool advance() {
+        if (++slice < slice_end) return false;
+        item++;
+        enter();
+        return true;
+    }
+};
+
+template <int FMT>
+__device__ __forceinline__ int bulk_row_bytes(int in) {
+    return FMT == FMT_FP4 ? in / 2 : in * (FMT == FMT_F32 ? 4 : (FMT == FMT_FP8 ? 1 : 2));
+}
+// Where row r of W starts, and its scale bytes (FP8: its 128-row block's scale row).
+template <int FMT>
+__device__ __forceinline__ const uint8_t* bulk_row(const LinearW& W, int r) {
+    return W.w + (size_t)r * bulk_row_bytes<FMT>(W.in);
+}
+template <int FMT>
+__device__ __forceinline__ const uint8_t* bulk_aux(const LinearW& W, int r) {
+    if constexpr (FMT == FMT_FP8)
+        return (const uint8_t*)((const float*)W.scales + (size_t)(r / W.bo) * W.scale_cols);
+    else
+        return (const uint8_t*)W.scales + (size_t)r * (W.in / 32);
+}
+
+// The engine over the rows of one matrix: `Src` says where a tile's rows live (`row(t, j)` /
+// `aux(t, j)`: start and scale bytes of smem row j; `rows(t)`: how many exist, for whole-row
+// tiles, whose missing rows are left out of the copy and computed from stale smem, never
+// written), where token m's activations are (`x(t, m)`) and what to do with a row group's
+// four sums (`finish`).
+template <int FMT, int MT, int RPW, class Src>
+__device__ __forceinline__ void gemv_bulk_run(const Src& src, int items, int nslices, int S) {
+    constexpr int W = 8;  // consumer warps (16 measured no faster)
+    constexpr int N = Chunk<FMT>::N;
+    constexpr int R = 8 * RPW, KS = 4096 / RPW, CPL = KS / 512;
+    constexpr int AUX = bulk_aux_bytes<FMT, RPW>();
+    constexpr int STAGE = bulk_stage_bytes<FMT, RPW>();
+    extern __shared__ __align__(128) uint8_t bulk_smem[];
+    __shared__ __align__(8) uint64_t full[BULK_STAGES], empty[BULK_STAGES];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    unsigned dyn_smem;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn_smem));
+    if (dyn_smem < BULK_STAGES * STAGE) __trap();  // the host's `bulk_smem` disagrees
+    if (threadIdx.x == 0) {
+        for (int i = 0; i < BULK_STAGES; i++) {
+            mbar_init(&full[i], 1);
+            mbar_init(&empty[i], W);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncthreads();
+    BulkWalk walk(items, nslices, S);
+    const bool whole = nslices == 1;
+    if (warp == W) {
+        // Producer: the weights do not depend on the previous kernel, so no wait.
+        const uint64_t policy = evict_first_policy();
+        for (int n = 0; !walk.done(); n++) {
+            const int slot = n % BULK_STAGES, t = walk.tile(), sl = walk.slice;
+            uint8_t* st = bulk_smem + slot * STAGE;
+            if (n >= BULK_STAGES) mbar_wait(&empty[slot], ((n / BULK_STAGES) - 1) & 1);
+            // Weights (and FP4 scale bytes): a whole-row tile as one copy (lane 0; lane 1 its
+            // scale bytes), else one copy per row (lane j: smem row j). FP8: lane 16 copies the
+            // block scales of the slice.
+            const int rows = whole ? src.rows(t) : R;
+            if (lane == 0)
+                mbar_arrive_expect(&full[slot], rows * (KS + (FMT == FMT_FP4 ? KS / 16 : 0)) +
+                                                    (FMT == FMT_FP8 ? AUX : 0));
+            __syncwarp();
+            if (whole) {
+                if (lane == 0) bulk_copy(st, src.row(t, 0), rows * KS, &full[slot], policy);
+                if constexpr (FMT == FMT_FP4)
+                    if (lane == 1) bulk_copy(st + BULK_STAGE, src.aux(t, 0), rows * (KS / 16), &full[slot], policy);
+            } else if (lane < R) {
+                bulk_copy(st + lane * KS, src.row(t, lane) + (size_t)sl * KS, KS, &full[slot], policy);
+                if constexpr (FMT == FMT_FP4)
+                    bulk_copy(st + BULK_STAGE + lane * (KS / 16), src.aux(t, lane) + sl * (KS / 16), KS / 16,
+                              &full[slot], policy);
+            }
+            if constexpr (FMT == FMT_FP8)
+                if (lane == 16) bulk_copy(st + BULK_STAGE, src.aux(t, 0) + sl * (KS / 32), KS / 32, &full[slot], policy);
+            walk.advance();
+        }
+        return;
+    }
+    pdl_wait();  // the activations are the previous kernel's output
+    constexpr int G = R / 4, UG = W / G, UPW = CPL / UG;  // row groups, u-groups, u's per warp
+    const int q = warp % G, ug = warp / G;
+    __shared__ float red[2][W][4 * MT];  // u-group sums, by item parity
+    float acc[4][MT];
+#pragma unroll
+    for (int k = 0; k < 4; k++)
+#pragma unroll
+        for (int m = 0; m < MT; m++) acc[k][m] = 0.f;
+    for (int n = 0, it = 0; !walk.done(); n++) {
+        const int slot = n % BULK_STAGES;
+        const int t = walk.tile();
+        const uint8_t* st = bulk_smem + slot * STAGE;
+        mbar_wait(&full[slot], (n / BULK_STAGES) & 1);
+#pragma unroll
+        for (int uu = 0; uu < UPW; uu++) {
+            const int u = UPW * ug + uu;
+            const int c = walk.slice * (KS / 16) + u * 32 + lane;  // chunk of the row
+            float xv[MT][N];
+#pragma unroll
+            for (int m = 0; m < MT; m++) load_x<N>(src.x(t, m) + c * N, xv[m]);
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                const int j = 4 * q + k;
+                const uint4 qv = *(const uint4*)(st + j * KS + u * 512 + lane * 16);
+                float sc;
+                if constexpr (FMT == FMT_FP8)
+                    sc = ((const float*)(st + BULK_STAGE))[u * 4 + (lane >> 3)];
+                else if constexpr (FMT == FMT_FP4)
+                    sc = e8m0_to_f32(st[BULK_STAGE + j * (KS / 16) + u * 32 + lane]) * 16384.0f;
+                else
+                    sc = 1.f;
+                float f[N];
+                decode_vals<FMT>(qv, f);
+#pragma unroll
+                for (int m = 0; m < MT; m++) {
+                    float d = 0.f;
+#pragma unroll
+                    for (int e = 0; e < N; e++) d = fmaf(f[e], xv[m][e], d);
+                    acc[k][m] = fmaf(d, sc, acc[k][m]);
+                }
+            }
+        }
+        __syncwarp();
+        if (lane == 0) mbar_arrive(&empty[slot]);
+        const int split = walk.split();
+        if (walk.advance()) {
+#pragma unroll
+            for (int k = 0; k < 4; k++)
+#pragma unroll
+                for (int m = 0; m < MT; m++) acc[k][m] = warp_sum(acc[k][m]);
+            if constexpr (UG > 1) {
+                // The u-groups' sums of each row, added in u order by u-group 0.
+                float (&r)[W][4 * MT] = red[it & 1];
+                if (lane == 0)
+#pragma unroll
+                    for (int k = 0; k < 4; k++)
+#pragma unroll
+                        for (int m = 0; m < MT; m++) r[warp][k * MT + m] = acc[k][m];
+                asm volatile("bar.sync 1, 256;" ::: "memory");
+                if (ug == 0)
+#pragma unroll
+                    for (int k = 0; k < 4; k++)
+#pragma unroll
+                        for (int m = 0; m < MT; m++) {
+                            float v = r[q][k * MT + m];
+                            for (int g = 1; g < UG; g++) v += r[q + g * G][k * MT + m];
+                            acc[k][m] = v;
+                        }
+            }
+            if (ug == 0) src.finish(t, split, q, acc);
+            it++;
+#pragma unroll
+            for (int k = 0; k < 4; k++)
+#pragma unroll
+                for (int m = 0; m < MT; m++) acc[k][m] = 0.f;
+        }
+    }
+}
+
+// Dense: all rows of one matrix for M ≤ MT tokens (one token chunk), K split S ways (partials
+// summed, in split order, by the warp that finishes its rows' last split). Tile t holds rows
+// t·R + j; group q's are t·R + 4q + k.
+template <int FMT, int MT, int RPW>
+struct DenseSrc {
+    static constexpr int R = 8 * RPW;
+    const LinearW& W;
+    const GemvArgs& a;
+    __device__ __forceinline__ int row_of(int t, int j) const { return a.row0 + min(t * R + j, a.nrows - 1); }
+    __device__ __forceinline__ const uint8_t* row(int t, int j) const { return bulk_row<FMT>(W, row_of(t, j)); }
+    __device__ __forceinline__ const uint8_t* aux(int t, int j) const { return bulk_aux<FMT>(W, row_of(t, j)); }
+    __device__ __forceinline__ int rows(int t) const { return min(R, a.nrows - t * R); }
+    // Token m's activations (past the last token: the last again, computed and not written;
+    // grouped inputs: one group per tile, checked by the host).
+    __device__ __forceinline__ const float* x(int t, int m) const {
+        const int off = a.xg_rows ? ((a.row0 + t * R) / a.xg_rows) * a.xg_stride : 0;
+        return a.x + (size_t)min(m, a.M - 1) * a.ldx + off;
+    }
+    __device__ __forceinline__ void finish(int t, int s, int q, float (&acc)[4][MT]) const {
+        const int lane = threadIdx.x & 31;
+        const int r0 = t * R + 4 * q;
+        const int nr = min(4, a.nrows - r0);
+        if (nr <= 0) return;
+        if (lane == 0) {
+#pragma unroll
+            for (int m = 0; m < MT; m++) {
+                if (m >= a.M) break;
+#pragma unroll
+                for (int k = 0; k < 4; k++) {
+                    if (k >= nr) break;
+                    if (a.S == 1) a.y[(size_t)m * a.ldy + r0 + k] = acc[k][m];
+                    else a.partial[((size_t)s * a.M + m) * a.nrows + r0 + k] = acc[k][m];
+                }
+            }
+        }
+        if (a.S == 1) return;
+        int last = 0;
+        const int g = r0 / 4;
+        if (lane == 0) {
+            __threadfence();
+            last = atomicAdd(a.counters + g, 1u) == (unsigned)(a.S - 1);
+        }
+        last = __shfl_sync(0xffffffffu, last, 0);
+        if (!last) return;
+        __threadfence();
+        if (lane < 4 * a.M) {
+            const int k = lane & 3, m = lane >> 2;
+            if (k < nr) {
+                float v = 0.f;
+                for (int i = 0; i < a.S; i++) v += __ldcg(a.partial + ((size_t)i * a.M + m) * a.nrows + r0 + k);
+                a.y[(size_t)m * a.ldy + r0 + k] = v;
+            }
+        }
+        if (lane == 0) a.counters[g] = 0;
+    }
+};
+
+#define GEMV_BULK(FMT, NAME, MT, RPW)                                                        \
+    extern "C" __global__ void __launch_bounds__(BULK_THREADS, 1)                            \
+        gemv_bulk_##NAME##_##MT##_r##RPW(LinearW W, GemvArgs a, int nslices) {               \
+        pdl_launch();                                                                        \
+        const DenseSrc<FMT, MT, RPW> src{W, a};                                              \
+        const int tiles = (a.nrows + 8 * RPW - 1) / (8 * RPW);                               \
+        gemv_bulk_run<FMT, MT, RPW>(src, tiles * a.S, nslices, a.S);                         \
+    }
+#define GEMV_BULK_R(FMT, NAME, MT) GEMV_BULK(FMT, NAME, MT, 1) GEMV_BULK(FMT, NAME, MT, 2) GEMV_BULK(FMT, NAME, MT, 4)
+// One or two tokens (more would read each token's activations from L1 once per row group).
+#define GEMV_BULK_ALL(FMT, NAME) GEMV_BULK_R(FMT, NAME, 1) GEMV_BULK_R(FMT, NAME, 2)
+GEMV_BULK_ALL(FMT_BF16, bf16)
+GEMV_BULK_ALL(FMT_FP8, fp8)
+GEMV_BULK_ALL(FMT_FP4, fp4)
