@@ -1,0 +1,132 @@
+// How fast bulk asynchronous copies (cp.async.bulk, the 1-D TMA form) stream global memory into
+// a shared-memory ring, by copy size and stage size, against plain 16-byte loads. No compute:
+// one block per SM, a producer warp issuing the copies, eight warps that wait for each stage and
+// release it. `rowstride` reads each copy from a different row (rows that far apart), the way
+// a K slice of several matrix rows is read; 0 reads the stage contiguously.
+//
+// This sized the stages of crates/dsv4-cuda/kernels/gemv_bulk.cu (docs/PERFORMANCE.md, "GPU:
+// decode GEMVs through bulk copies"). On a GPU machine:
+//   nvcc -std=c++17 -O3 -arch=sm_90a -o bulk_copy_bw tools/gpu/bulk_copy_bw.cu && ./bulk_copy_bw
+#include <cstdint>
+#include <cstdio>
+#include <cuda_runtime.h>
+
+__device__ __forceinline__ unsigned smem_addr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+
+__device__ __forceinline__ void wait_phase(uint64_t* bar, unsigned parity) {
+    unsigned done = 0;
+    while (!done)
+        asm volatile(
+            "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
+            : "=r"(done)
+            : "r"(smem_addr(bar)), "r"(parity)
+            : "memory");
+}
+
+template <int STAGES>
+__global__ void __launch_bounds__(288, 1)
+    ring(const uint8_t* src, size_t total, int copy, int stage_bytes, int rowstride, float* sink) {
+    extern __shared__ __align__(128) uint8_t sm[];
+    __shared__ __align__(8) uint64_t full[STAGES], empty[STAGES];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (threadIdx.x == 0) {
+        for (int i = 0; i < STAGES; i++) {
+            asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(&full[i])));
+            asm volatile("mbarrier.init.shared::cta.b64 [%0], 8;" ::"r"(smem_addr(&empty[i])));
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;");
+    }
+    __syncthreads();
+    const size_t per = total / gridDim.x / stage_bytes * stage_bytes, base = per * blockIdx.x;
+    const int nst = (int)(per / stage_bytes), ncopies = stage_bytes / copy;
+    if (warp == 8) {
+        for (int n = 0; n < nst; n++) {
+            const int slot = n % STAGES;
+            if (n >= STAGES) wait_phase(&empty[slot], ((n / STAGES) - 1) & 1);
+            if (lane == 0)
+                asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(&full[slot])),
+                             "r"(stage_bytes)
+                             : "memory");
+            __syncwarp();
+            for (int c = lane; c < ncopies; c += 32) {
+                // Row-strided: stage n reads slice n % (rowstride / copy) of `ncopies` rows.
+                const int per_row = rowstride / copy;
+                const uint8_t* from =
+                    rowstride ? src + base + (size_t)(n / per_row) * per_row * stage_bytes + (size_t)c * rowstride +
+                                    (size_t)(n % per_row) * copy
+                              : src + base + (size_t)n * stage_bytes + (size_t)c * copy;
+                asm volatile(
+                    "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                        smem_addr(sm + slot * stage_bytes + c * copy)),
+                    "l"(from), "r"(copy), "r"(smem_addr(&full[slot]))
+                    : "memory");
+            }
+        }
+        return;
+    }
+    float acc = 0.f;
+    for (int n = 0; n < nst; n++) {
+        const int slot = n % STAGES;
+        wait_phase(&full[slot], (n / STAGES) & 1);
+        acc += ((const float*)(sm + slot * stage_bytes))[threadIdx.x];
+        __syncwarp();
+        if (lane == 0) asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(&empty[slot])) : "memory");
+    }
+    if (acc == 12345.f) sink[0] = acc;  // keeps the reads
+}
+
+__global__ void plain_loads(const uint4* src, size_t n, float* sink) {
+    uint32_t a = 0;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const uint4 v = __ldg(src + i);
+        a ^= v.x ^ v.y ^ v.z ^ v.w;
+    }
+    if (a == 0x12345u) sink[0] = (float)a;
+}
+
+int main() {
+    int sms = 0;
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0);
+    const size_t total = (size_t)1 << 30;
+    uint8_t* buf;
+    float* sink;
+    if (cudaMalloc(&buf, total + (64 << 20)) != cudaSuccess || cudaMalloc(&sink, 64) != cudaSuccess) {
+        printf("no GPU memory\n");
+        return 1;
+    }
+    cudaMemset(buf, 1, total);
+    cudaEvent_t a, b;
+    cudaEventCreate(&a);
+    cudaEventCreate(&b);
+    float ms = 0.f;
+    auto time = [&](auto launch) {
+        for (int r = 0; r < 2; r++) {  // the second run is reported
+            cudaEventRecord(a);
+            launch();
+            cudaEventRecord(b);
+            cudaEventSynchronize(b);
+            cudaEventElapsedTime(&ms, a, b);
+        }
+    };
+    for (size_t sz : {(size_t)32 << 20, total}) {
+        time([&] { plain_loads<<<sms * 4, 512>>>((const uint4*)buf, sz / 16, sink); });
+        printf("16-byte loads, %zu MB: %.1f us, %.0f GB/s\n", sz >> 20, ms * 1e3, sz / ms / 1e6);
+        for (int stage : {16384, 32768}) {
+            for (int copy : {512, 1024, 2048, 4096, 16384}) {
+                if (copy > stage) continue;
+                const int stages = stage == 32768 ? 4 : 6, smem = stages * stage;
+                auto k = stage == 32768 ? ring<4> : ring<6>;
+                cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+                for (int rs : {0, 4096, 8192}) {
+                    if (rs && (copy > 2048 || stage / copy > 32)) continue;
+                    time([&] { k<<<sms, 288, smem>>>(buf, sz, copy, stage, rs, sink); });
+                    const size_t moved = sz / sms / stage * stage * sms;
+                    printf("bulk, %zu MB, %d stages of %d, copies of %d, rowstride %d: %.1f us, %.0f GB/s (%s)\n",
+                           sz >> 20, stages, stage, copy, rs, ms * 1e3, moved / ms / 1e6,
+                           cudaGetErrorString(cudaGetLastError()));
+                }
+            }
+        }
+    }
+    return 0;
+}
