@@ -320,6 +320,7 @@ struct DenseSrc {
     extern "C" __global__ void __launch_bounds__(BULK_THREADS, 1)                            \
         gemv_bulk_##NAME##_##MT##_r##RPW(LinearW W, GemvArgs a, int nslices) {               \
         pdl_launch();                                                                        \
+        if (nslices * (4096 / RPW) != bulk_row_bytes<FMT>(W.in)) __trap(); /* host's slicing */ \
         const DenseSrc<FMT, MT, RPW> src{W, a};                                              \
         const int tiles = (a.nrows + 8 * RPW - 1) / (8 * RPW);                               \
         gemv_bulk_run<FMT, MT, RPW>(src, tiles * a.S, nslices, a.S);                         \

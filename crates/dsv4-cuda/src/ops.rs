@@ -607,10 +607,15 @@ const BULK_STAGE: usize = 32768;
 const BULK_STAGES: usize = 4;
 const BULK_THREADS: u32 = 288;
 
-/// Rows per warp of a bulk-copy kernel reading rows of `row_bytes` (a multiple of 1024): whole
-/// rows up to 4 KB (1 KB rows: 4 per warp), else 4 KB slices of one row per warp.
+/// Rows per warp of a bulk-copy kernel reading rows of `row_bytes` (a multiple of 1024): the
+/// slice is the largest of 4096, 2048 and 1024 bytes that divides the row (whole rows up to
+/// 4 KB; a 3 KB row takes three 1 KB slices), and a stage holds 32 KB of slices.
 fn bulk_rpw(row_bytes: usize) -> usize {
-    4096 / row_bytes.min(4096)
+    let slice = [4096, 2048, 1024]
+        .into_iter()
+        .find(|&s| row_bytes.is_multiple_of(s))
+        .unwrap_or(1024);
+    4096 / slice
 }
 
 /// Dynamic shared memory of a bulk-copy kernel (`bulk_stage_bytes` × stages): the weights and
@@ -1174,6 +1179,27 @@ pub fn linear_fp8_tc(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every row of whole KB is read in slices that divide it (the kernel traps otherwise), as
+    /// whole rows up to 4 KB.
+    #[test]
+    fn bulk_slices_divide_rows() {
+        for kb in 1..=64 {
+            let row = kb * 1024;
+            let rpw = bulk_rpw(row);
+            assert!([1, 2, 4].contains(&rpw), "{row}");
+            assert!(
+                row.is_multiple_of(4096 / rpw),
+                "{row}: slice {}",
+                4096 / rpw
+            );
+        }
+        let got: Vec<usize> = [1024, 2048, 3072, 4096, 6144, 7168, 8192]
+            .iter()
+            .map(|&r| bulk_rpw(r))
+            .collect();
+        assert_eq!(got, [4, 2, 4, 1, 2, 4, 1]);
+    }
 
     /// Every split job's partials and counters lie in the workspace and apart from the others',
     /// the grid ranges follow one another, and a full workspace only removes splits.
