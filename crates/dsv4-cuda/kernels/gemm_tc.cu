@@ -231,6 +231,24 @@ struct TcWSel<FMT_FP4, 32> {
     using T = TcWLoadFp4Half<32>;
 };
 
+// The bf16 parts of one f32 quartet: the in-block split (TcXLoad::store) and the pre-split
+// planes (tc_split_x) both take them from here, so they hold the very same bits.
+__device__ __forceinline__ void tc_split4(float (&cur)[4], int terms, uint2 (&out)[3]) {
+#pragma unroll
+    for (int term = 0; term < 3; term++) {
+        if (term >= terms) break;
+        uint32_t w[2];
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+            const __nv_bfloat162 b = __floats2bfloat162_rn(cur[2 * j], cur[2 * j + 1]);
+            w[j] = *(const uint32_t*)&b;
+            cur[2 * j] -= __low2float(b);
+            cur[2 * j + 1] -= __high2float(b);
+        }
+        out[term] = make_uint2(w[0], w[1]);
+    }
+}
+
 // The next K step's activations of one thread: BN tokens x BK inputs as float4 pieces
 // (piece i: token i / XP, inputs 4 (i % XP) ..+4); zeros past the tokens or K.
 template <int BN, int BK>
@@ -271,40 +289,17 @@ struct TcXLoad {
             const int i = threadIdx.x + l * TC_THREADS;
             const int t = i / XP, kq = (i % XP) * 4;
             float cur[4] = {v[l].x, v[l].y, v[l].z, v[l].w};
+            uint2 parts[3];
+            tc_split4(cur, terms, parts);
 #pragma unroll
             for (int term = 0; term < 3; term++) {
                 if (term >= terms) break;
-                uint32_t w[2];
-#pragma unroll
-                for (int j = 0; j < 2; j++) {
-                    const __nv_bfloat162 b = __floats2bfloat162_rn(cur[2 * j], cur[2 * j + 1]);
-                    w[j] = *(const uint32_t*)&b;
-                    cur[2 * j] -= __low2float(b);
-                    cur[2 * j + 1] -= __high2float(b);
-                }
-                *(uint2*)(X + (term * BN + t) * LD + kq) = make_uint2(w[0], w[1]);
+                *(uint2*)(X + (term * BN + t) * LD + kq) = parts[term];
             }
         }
     }
 };
 
-// The bf16 parts of one f32 quartet as TcXLoad::store computes them (the same f32 operations,
-// so the pre-split planes below hold the very bits the in-block split stores).
-__device__ __forceinline__ void tc_split4(float (&cur)[4], int terms, uint2 (&out)[3]) {
-#pragma unroll
-    for (int term = 0; term < 3; term++) {
-        if (term >= terms) break;
-        uint32_t w[2];
-#pragma unroll
-        for (int j = 0; j < 2; j++) {
-            const __nv_bfloat162 b = __floats2bfloat162_rn(cur[2 * j], cur[2 * j + 1]);
-            w[j] = *(const uint32_t*)&b;
-            cur[2 * j] -= __low2float(b);
-            cur[2 * j + 1] -= __high2float(b);
-        }
-        out[term] = make_uint2(w[0], w[1]);
-    }
-}
 
 // Pre-split activations ("xs" kernels): x [rows, cols] f32 (row stride ldx) into bf16 parts,
 // row r's part j at out + (r * terms + j) * cols (cols % 8 == 0), once per GEMM instead of once

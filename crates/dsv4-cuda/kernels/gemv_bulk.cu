@@ -294,25 +294,7 @@ struct DenseSrc {
                 }
             }
         }
-        if (a.S == 1) return;
-        int last = 0;
-        const int g = r0 / 4;
-        if (lane == 0) {
-            __threadfence();
-            last = atomicAdd(a.counters + g, 1u) == (unsigned)(a.S - 1);
-        }
-        last = __shfl_sync(0xffffffffu, last, 0);
-        if (!last) return;
-        __threadfence();
-        if (lane < 4 * a.M) {
-            const int k = lane & 3, m = lane >> 2;
-            if (k < nr) {
-                float v = 0.f;
-                for (int i = 0; i < a.S; i++) v += __ldcg(a.partial + ((size_t)i * a.M + m) * a.nrows + r0 + k);
-                a.y[(size_t)m * a.ldy + r0 + k] = v;
-            }
-        }
-        if (lane == 0) a.counters[g] = 0;
+        if (a.S > 1) warp_split_k_last(a, r0 / 4, r0, nr, a.M);
     }
 };
 

@@ -16,6 +16,30 @@ struct GemvArgs {
     int32_t vec;       // 16-byte path allowed (alignment checked by the host)
 };
 
+// Split K, one warp per group g of four rows (r0.., nr of them) for M tokens, once its
+// partials are written and fenced: the warp whose split arrives last sums the S partials, in
+// split order, into y and resets the group's counter for the next launch.
+__device__ __forceinline__ void warp_split_k_last(const GemvArgs& a, int g, int r0, int nr, int M) {
+    const int lane = threadIdx.x & 31;
+    int last = 0;
+    if (lane == 0) {
+        __threadfence();
+        last = atomicAdd(a.counters + g, 1u) == (unsigned)(a.S - 1);
+    }
+    last = __shfl_sync(0xffffffffu, last, 0);
+    if (!last) return;
+    __threadfence();
+    if (lane < 4 * M) {
+        const int k = lane & 3, m = lane >> 2;
+        if (k < nr) {
+            float v = 0.f;
+            for (int i = 0; i < a.S; i++) v += __ldcg(a.partial + ((size_t)i * a.M + m) * a.nrows + r0 + k);
+            a.y[(size_t)m * a.ldy + r0 + k] = v;
+        }
+    }
+    if (lane == 0) a.counters[g] = 0;
+}
+
 // Block (bx, s, bz) of a grid with gx row blocks: rows bx·32.., K split s, token chunk bz.
 template <int FMT, int MT>
 __device__ void gemv_impl(const LinearW& W, const GemvArgs& a, int bx, int s, int bz, int gx) {
@@ -230,23 +254,7 @@ __device__ void gemv_stream_impl(const LinearW& W, const GemvArgs& a) {
                     else a.partial[(size_t)s * a.nrows + 4 * g + i] = acc[i];
                 }
             }
-            if (S > 1) {
-                int last = 0;
-                if (lane == 0) {
-                    __threadfence();
-                    last = atomicAdd(a.counters + g, 1u) == (unsigned)(S - 1);
-                }
-                last = __shfl_sync(0xffffffffu, last, 0);
-                if (last) {
-                    __threadfence();
-                    if (lane < nr) {
-                        float v = 0.f;
-                        for (int k = 0; k < S; k++) v += __ldcg(a.partial + (size_t)k * a.nrows + 4 * g + lane);
-                        a.y[4 * g + lane] = v;
-                    }
-                    if (lane == 0) a.counters[g] = 0;
-                }
-            }
+            if (S > 1) warp_split_k_last(a, g, 4 * g, nr, 1);  // one token: a.M == 1, ldy unused
 #pragma unroll
             for (int i = 0; i < 4; i++) acc[i] = 0.f;
         }
