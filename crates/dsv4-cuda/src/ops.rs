@@ -164,6 +164,21 @@ pub struct Partial {
     pub n_counters: usize,
 }
 
+impl Partial {
+    /// The K splits a launch may take, from `want`: halved until `want × per_split` partial
+    /// floats fit, and none (1) when it needs more counters than there are.
+    fn fit_splits(&self, want: usize, per_split: usize, counters: usize) -> usize {
+        let mut s = want;
+        while s > 1 && s * per_split > self.floats {
+            s /= 2;
+        }
+        if counters > self.n_counters {
+            s = 1;
+        }
+        s
+    }
+}
+
 /// `y[t, :] = W · x[t, :]` for all rows of `w`; `y` has leading dimension `ldy`.
 pub fn linear(
     gpu: &Gpu,
@@ -218,13 +233,11 @@ pub fn linear(
     if m <= GEMM_MIN_TOKENS && vec {
         let chunks = w.inp / w.fmt.chunk();
         let want = (2 * gpu.sm_count).div_ceil(blocks * m.div_ceil(mt));
-        s = want.min(chunks / 32).clamp(1, 64);
-        while s > 1 && s * m * nrows > part.floats {
-            s /= 2;
-        }
-        if blocks * m.div_ceil(mt) > part.n_counters {
-            s = 1;
-        }
+        s = part.fit_splits(
+            want.min(chunks / 32).clamp(1, 64),
+            m * nrows,
+            blocks * m.div_ceil(mt),
+        );
     }
     let args = GemvArgs::new(inp, y, ldy, nrows, s, vec, part);
     let name = format!("gemv_{}_{mt}", w.fmt.name());
@@ -576,13 +589,11 @@ fn gemv_stream(gpu: &Gpu, w: &GpuLinear, inp: &LinIn, y: u64, part: &Partial) ->
     let groups = nrows.div_ceil(4);
     let warps = 2 * gpu.sm_count * 8;
     let chunks = w.inp / w.fmt.chunk();
-    let mut s = (2 * warps).div_ceil(groups).min(chunks / 64).clamp(1, 64);
-    while s > 1 && s * nrows > part.floats {
-        s /= 2;
-    }
-    if groups > part.n_counters {
-        s = 1;
-    }
+    let s = part.fit_splits(
+        (2 * warps).div_ceil(groups).min(chunks / 64).clamp(1, 64),
+        nrows,
+        groups,
+    );
     let args = GemvArgs::new(inp, y, 0, nrows, s, true, part);
     let blocks = (groups * s).div_ceil(8).min(2 * gpu.sm_count);
     gpu.tag(|| {
@@ -648,13 +659,11 @@ fn gemv_bulk(
     };
     let tiles = nrows.div_ceil(8 * rpw);
     let nslices = row_bytes / (4096 / rpw);
-    let mut s = gpu.sm_count.div_ceil(tiles).clamp(1, nslices.max(1));
-    while s > 1 && s * m * nrows > part.floats {
-        s /= 2;
-    }
-    if tiles * 8 > part.n_counters {
-        s = 1;
-    }
+    let s = part.fit_splits(
+        gpu.sm_count.div_ceil(tiles).clamp(1, nslices.max(1)),
+        m * nrows,
+        tiles * 8,
+    );
     let args = GemvArgs::new(inp, y, ldy, nrows, s, true, part);
     let blocks = (tiles * s).min(gpu.sm_count);
     gpu.tag(|| {

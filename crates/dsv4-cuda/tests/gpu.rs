@@ -32,6 +32,20 @@ fn worst(e: &[f32]) -> f32 {
     e.iter().cloned().fold(0f32, f32::max)
 }
 
+/// A split-K workspace for the GEMV tests (4 Mi partial floats, 64 Ki zeroed counters) and
+/// the buffers behind it.
+fn gemv_workspace(gpu: &Gpu) -> ([dsv4_cuda::gpu::DevBuf; 2], Partial) {
+    let part = gpu.alloc(1 << 24).unwrap();
+    let counters = gpu.alloc_zeros(1 << 18).unwrap();
+    let p = Partial {
+        ptr: part.ptr,
+        floats: 1 << 22,
+        counters: counters.ptr,
+        n_counters: 1 << 16,
+    };
+    ([part, counters], p)
+}
+
 /// The GPU GEMV against the CPU kernels: every format, widths with and without the 16-byte
 /// path, 1..20 tokens (split-K, token chunks).
 #[test]
@@ -39,8 +53,7 @@ fn worst(e: &[f32]) -> f32 {
 fn linear_kernels_match_cpu() {
     use dsv4_cuda::weights::GpuLinear;
     let gpu = Gpu::open(0).expect("GPU");
-    let part = gpu.alloc(1 << 24).unwrap();
-    let counters = gpu.alloc_zeros(1 << 18).unwrap();
+    let (_bufs, part) = gemv_workspace(&gpu);
     use synthetic::MatrixFormat as F;
     for (fmt, out, inp) in [
         (F::Fp8, 300, 1024),
@@ -85,12 +98,6 @@ fn linear_kernels_match_cpu() {
             let want = l.apply(&x, m);
             let xd = gpu.upload(&x).unwrap();
             let yd = gpu.alloc(m * out * 4).unwrap();
-            let part = Partial {
-                ptr: part.ptr,
-                floats: 1 << 22,
-                counters: counters.ptr,
-                n_counters: 1 << 16,
-            };
             linear(&gpu, &g, &LinIn::rows(xd.ptr, inp, m), yd.ptr, out, &part).unwrap();
             let mut got = vec![0f32; m * out];
             gpu.dtoh(yd.ptr, &mut got).unwrap();
@@ -111,14 +118,7 @@ fn multi_gemv_matches_cpu() {
     use dsv4_cuda::weights::GpuLinear;
     use synthetic::MatrixFormat as F;
     let gpu = Gpu::open(0).expect("GPU");
-    let part_buf = gpu.alloc(1 << 24).unwrap();
-    let counters = gpu.alloc_zeros(1 << 18).unwrap();
-    let part = Partial {
-        ptr: part_buf.ptr,
-        floats: 1 << 22,
-        counters: counters.ptr,
-        n_counters: 1 << 16,
-    };
+    let (_bufs, part) = gemv_workspace(&gpu);
     let shapes = [
         (F::Fp8, 1024, 4096),
         (F::Bf16, 512, 4096),
