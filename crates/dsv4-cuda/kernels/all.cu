@@ -7,3 +7,4 @@
 #include "gemm_tc.cu"
 #include "quant.cu"
 #include "gemv_bulk.cu"
+#include "moe_tc.cu"

@@ -62,6 +62,9 @@ pub struct Gpu {
     /// On by default (8-layer prefill +3.5–4.3%, H200); `DSV4_CUDA_TC_XS=0` or
     /// [`Gpu::set_tc_xs`] turns it off.
     tc_xs: AtomicBool,
+    /// The routed experts of decode batches (FP4) on the tensor cores (`kernels/moe_tc.cu`);
+    /// `DSV4_CUDA_MOE_TC=0` or [`Gpu::set_moe_tc`] keeps the SIMT per-pair kernels.
+    moe_tc: AtomicBool,
     /// The pre-split planes, grown on demand (never inside a graph capture: only prefill-sized
     /// GEMMs use them).
     xs_buf: Mutex<Option<DevBuf>>,
@@ -175,6 +178,7 @@ impl Gpu {
             tc_shape_default: std::env::var_os("DSV4_CUDA_TC_BK").is_none()
                 && std::env::var_os("DSV4_CUDA_TC_TOKENS").is_none(),
             tc_xs: AtomicBool::new(std::env::var("DSV4_CUDA_TC_XS").map_or(true, |v| v != "0")),
+            moe_tc: AtomicBool::new(std::env::var("DSV4_CUDA_MOE_TC").map_or(true, |v| v != "0")),
             xs_buf: Mutex::new(None),
         }))
     }
@@ -186,6 +190,15 @@ impl Gpu {
 
     pub fn set_tc_xs(&self, on: bool) {
         self.tc_xs.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether decode batches run the routed FP4 experts on the tensor cores (see `moe_tc`).
+    pub fn moe_tc(&self) -> bool {
+        self.moe_tc.load(Ordering::Relaxed)
+    }
+
+    pub fn set_moe_tc(&self, on: bool) {
+        self.moe_tc.store(on, Ordering::Relaxed);
     }
 
     /// Device scratch of at least `bytes` for the pre-split activations, valid until the next

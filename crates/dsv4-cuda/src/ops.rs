@@ -1116,6 +1116,9 @@ pub fn moe_experts(
     let f = fmt.name();
     let expert = |rows: usize, inp: usize| gpu_bytes(fmt, rows, inp);
     let (d, i) = (a.d as usize, a.i as usize);
+    if moe_tc_ok(gpu, fmt, a) {
+        return moe_experts_tc(gpu, a, pairs, round);
+    }
     gpu.tag(|| (format!("moe_up {f} x{pairs}"), pairs * expert(2 * i, d)));
     gpu.launch(
         &format!("moe_up_{f}"),
@@ -1131,6 +1134,44 @@ pub fn moe_experts(
         (pairs as u32, blocks_for(a.d as usize, 32), 1),
         (256, 1, 1),
         0,
+        &[a],
+    )
+}
+
+/// Whether the routed experts of a decode batch take the tensor-core kernels
+/// (`kernels/moe_tc.cu`): FP4 weights in 16-byte aligned rows of whole 256-input steps.
+pub fn moe_tc_ok(gpu: &Gpu, fmt: Fmt, a: &MoeArgs) -> bool {
+    gpu.moe_tc() && fmt == Fmt::Fp4 && a.vec != 0 && a.d % 256 == 0 && a.i % 256 == 0
+}
+
+/// [`moe_experts`] on the tensor cores: one block row per expert picked (the first of its
+/// pairs; the others exit at once), serving up to 4 of its tokens per pass.
+fn moe_experts_tc(gpu: &Gpu, a: &MoeArgs, pairs: usize, round: Option<HiddenRound>) -> Result<()> {
+    let (d, i) = (a.d as usize, a.i as usize);
+    let tokens = pairs.div_ceil(a.k.max(1) as usize);
+    let mt = match tokens {
+        1 => 1,
+        2 => 2,
+        _ => 4,
+    };
+    let smem = |k: usize| (64 + mt * k * 4) as u32;
+    let expert = |rows: usize, inp: usize| gpu_bytes(Fmt::Fp4, rows, inp);
+    const WARPS: usize = 4;
+    gpu.tag(|| (format!("moe_up_tc fp4 x{pairs}"), pairs * expert(2 * i, d)));
+    gpu.launch(
+        &format!("moe_up_tc_fp4_m{mt}"),
+        (pairs as u32, blocks_for(i, 8 * WARPS), 1),
+        (32 * WARPS as u32, 1, 1),
+        smem(d),
+        &[a],
+    )?;
+    round_hidden(gpu, round, a.h, i, pairs)?;
+    gpu.tag(|| (format!("moe_down_tc fp4 x{pairs}"), pairs * expert(d, i)));
+    gpu.launch(
+        &format!("moe_down_tc_fp4_m{mt}"),
+        (pairs as u32, blocks_for(d, 16 * WARPS), 1),
+        (32 * WARPS as u32, 1, 1),
+        smem(i),
         &[a],
     )
 }

@@ -1105,3 +1105,89 @@ fn tensor_core_moe_gemm_matches_simt() {
         }
     }
 }
+
+/// The routed experts of decode batches on the tensor cores (`kernels/moe_tc.cu`: FP4 decoded
+/// to f16 fields, activations in two f16 parts after a per-token power-of-two scaling, one
+/// block per expert serving all of its tokens in passes of up to 4) against the SIMT per-pair
+/// kernels: 1, 2, 3 and 9 tokens (9 tokens: up to 4 pairs per expert, so two passes), and
+/// tokens scaled by 1e3 and 1e-4 (the scaling must keep f32 accuracy at any magnitude).
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn moe_tensor_cores_match_simt_in_decode() {
+    use dsv4_cuda::ops::{moe_experts, moe_tc_ok, MoeArgs};
+    use dsv4_cuda::weights::{GpuLinear, LinearDesc};
+    use synthetic::MatrixFormat as F;
+    let gpu = Gpu::open(0).expect("GPU");
+    let (e, k, d, inter) = (5usize, 2usize, 512usize, 256usize);
+    let mats: Vec<[GpuLinear; 3]> = (0..e as u64)
+        .map(|i| {
+            let up = |r, c, s| {
+                let l = synthetic::random_linear(F::Fp4, r, c, s).unwrap();
+                GpuLinear::upload(&gpu, &l).unwrap()
+            };
+            [
+                up(inter, d, 10 * i + 1),
+                up(inter, d, 10 * i + 2),
+                up(d, inter, 10 * i + 3),
+            ]
+        })
+        .collect();
+    let table = |j: usize| {
+        let v: Vec<LinearDesc> = mats.iter().map(|m| m[j].desc).collect();
+        gpu.upload(&v).unwrap()
+    };
+    let (w1, w3, w2) = (table(0), table(1), table(2));
+    for t in [1usize, 2, 3, 9] {
+        let pairs = t * k;
+        // Pair p = token p / k, slot p % k: expert (token + 3·slot) % e.
+        let picks: Vec<i32> = (0..pairs)
+            .map(|p| ((p / k + 3 * (p % k)) % e) as i32)
+            .collect();
+        let mut x = random_f32(t * d, 40 + t as u64);
+        for (tok, row) in x.chunks_mut(d).enumerate() {
+            let s = [1.0f32, 1e3, 1e-4][tok % 3];
+            row.iter_mut().for_each(|v| *v *= s);
+        }
+        let (picks, x) = (gpu.upload(&picks).unwrap(), gpu.upload(&x).unwrap());
+        let rw = gpu.upload(&random_f32(pairs, 7)).unwrap();
+        let mut outs = Vec::new();
+        for tc in [false, true] {
+            let h = gpu.upload(&vec![f32::NAN; pairs * inter]).unwrap();
+            let out = gpu.upload(&vec![f32::NAN; pairs * d]).unwrap();
+            let a = MoeArgs {
+                w1: w1.ptr,
+                w3: w3.ptr,
+                w2: w2.ptr,
+                picks: picks.ptr,
+                rw: rw.ptr,
+                x: x.ptr,
+                h: h.ptr,
+                out: out.ptr,
+                k: k as i32,
+                d: d as i32,
+                i: inter as i32,
+                vec: 1,
+                rw_inside: 1,
+                // No clamp: a clamped gate of a 1e3-scaled token cancels to near zero, where
+                // any rounding (22 bits here, 24 in the SIMT sums) is a large relative error.
+                lim: f32::NAN,
+            };
+            gpu.set_moe_tc(tc);
+            assert_eq!(moe_tc_ok(&gpu, mats[0][0].fmt, &a), tc);
+            moe_experts(&gpu, mats[0][0].fmt, &a, pairs, None).unwrap();
+            let (mut hv, mut ov) = (vec![0f32; pairs * inter], vec![0f32; pairs * d]);
+            gpu.dtoh(h.ptr, &mut hv).unwrap();
+            gpu.dtoh(out.ptr, &mut ov).unwrap();
+            assert!(
+                hv.iter().chain(&ov).all(|v| v.is_finite()),
+                "tc={tc} t={t}: unwritten outputs"
+            );
+            outs.push((hv, ov));
+        }
+        gpu.set_moe_tc(true);
+        let eh = worst(&row_errors(&outs[1].0, &outs[0].0, inter));
+        let eo = worst(&row_errors(&outs[1].1, &outs[0].1, d));
+        eprintln!("MoE TC decode, {t} tokens: h max rel err {eh:.2e}, out {eo:.2e}");
+        assert!(eh <= 1e-5 && eo <= 1e-5, "{t} tokens: h {eh}, out {eo}");
+    }
+}
