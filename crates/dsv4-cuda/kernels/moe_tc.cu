@@ -11,13 +11,13 @@
 // by the tensor core (as the tile GEMMs do, since its accumulation truncates), then scaled by
 // its own e8m0 and added in f32.
 //
-// Activations are scaled per token by a power of two into f16 range (max |x| in [2^14, 2^15))
-// and the scale undone at the end, so the split is exact for every magnitude f32 holds.
+// Activations are scaled per 32-input group by a power of two into f16 range, undone in the
+// group's f32 scaling, so the split keeps 22 bits at every magnitude f32 holds.
 //
-// Block x is a pair (token, slot); only the first pair that picked an expert works, and it
-// serves every pair of that expert, up to MT tokens per pass, so an expert's weights are read
-// once however many tokens picked it. Block y is a tile of rows: 8 gate + 8 up rows per warp
-// (SwiGLU in the warp) for `up`, 16 rows per warp for `down`.
+// Block x is a pair (token, slot). An expert's pairs go in chunks of up to MT to the blocks of
+// each chunk's first pair (the others exit), so an expert's weights are read once per MT
+// tokens that picked it, and an expert many tokens picked still spreads over many blocks. Warps take 16-row tiles: 8 gate + 8 up rows (SwiGLU in
+// the warp) for `up`, 16 rows for `down`; each lane keeps PF steps of loads in flight.
 #include "linear.cuh"  // MoeArgs: moe.cu, before this file in all.cu
 
 #define MOE_TC_WARPS 4
@@ -50,120 +50,140 @@ __device__ __forceinline__ uint32_t half2_bits(float a, float b) {
 // The B operand of one token: per 32-input group G and part p, 16 words in the order the lanes
 // read them (word i of the group's nibbles feeds MMAs 2i and 2i+1, see fp4x8_to_half2):
 // [half2(x8i, x8i+4), half2(x8i+2, x8i+6), half2(x8i+1, x8i+5), half2(x8i+3, x8i+7)].
-// Returns the factor that undoes the token's scaling and the 2^-14 of the weights.
-__device__ float moe_tc_prep(const float* x, int K, uint4* B, float* red) {
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    float amax = 0.f;
-    for (int c = tid; c < K / 8; c += blockDim.x) {
+// Each group is scaled by a power of two that brings its max |x| into [2^14, 2^15) (so two
+// f16 parts keep 22 bits at any magnitude); gs[G] gets the factor that undoes it and the
+// weights' 2^-14. One pass, no block-wide step: the 4 threads of a group share their max.
+__device__ void moe_tc_prep(const float* x, int K, uint4* B, float* gs) {
+    for (int c = threadIdx.x; c < K / 8; c += blockDim.x) {
         const float4 u = __ldg((const float4*)x + 2 * c), v = __ldg((const float4*)x + 2 * c + 1);
-        amax = fmaxf(amax, fmaxf(fmaxf(fabsf(u.x), fabsf(u.y)), fmaxf(fabsf(u.z), fabsf(u.w))));
-        amax = fmaxf(amax, fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))));
-        // NaN must win the max (fmaxf drops it): keep it as a NaN flag.
-        if (isnan(u.x + u.y + u.z + u.w + v.x + v.y + v.z + v.w)) amax = INFINITY;
-    }
-    amax = warp_max(amax);
-    __syncthreads();  // red[] may still be read by the previous pass
-    if (lane == 0) red[warp] = amax;
-    __syncthreads();
-    amax = red[0];
-    for (int w = 1; w < (int)(blockDim.x >> 5); w++) amax = fmaxf(amax, red[w]);
-    // 2^sh brings max |x| into [2^14, 2^15); inf/NaN and zero rows keep sh = 0.
-    int sh = 0;
-    if (amax > 0.f && amax < INFINITY) {
-        const int e = (int)((__float_as_uint(amax) >> 23) & 0xff) - 127;
-        sh = min(max(14 - e, -100), 100);
-    }
-    const float up = __uint_as_float((uint32_t)(127 + sh) << 23);
-    for (int c = tid; c < K / 8; c += blockDim.x) {
-        const float4 u = __ldg((const float4*)x + 2 * c), v = __ldg((const float4*)x + 2 * c + 1);
-        const float f[8] = {u.x * up, u.y * up, u.z * up, u.w * up, v.x * up, v.y * up, v.z * up, v.w * up};
+        const float f[8] = {u.x, u.y, u.z, u.w, v.x, v.y, v.z, v.w};
+        float amax = 0.f;
+        bool nan = false;
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            amax = fmaxf(amax, fabsf(f[j]));
+            nan |= isnan(f[j]);
+        }
+        if (nan) amax = INFINITY;  // fmaxf drops NaN
+        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+        // inf/NaN and zero groups keep sh = 0.
+        int sh = 0;
+        if (amax > 0.f && amax < INFINITY) {
+            const int e = (int)((__float_as_uint(amax) >> 23) & 0xff) - 127;
+            sh = min(max(14 - e, -100), 100);
+        }
+        const float up = __uint_as_float((uint32_t)(127 + sh) << 23);
         float hi[8], lo[8];
 #pragma unroll
         for (int j = 0; j < 8; j++) {
-            hi[j] = __half2float(__float2half_rn(f[j]));
-            lo[j] = f[j] - hi[j];  // exact
+            const float y = f[j] * up;
+            hi[j] = __half2float(__float2half_rn(y));
+            lo[j] = y - hi[j];  // exact
         }
         const int G = c >> 2, i = c & 3;
         B[(G * 2) * 4 + i] = make_uint4(half2_bits(hi[0], hi[4]), half2_bits(hi[2], hi[6]),
                                         half2_bits(hi[1], hi[5]), half2_bits(hi[3], hi[7]));
         B[(G * 2 + 1) * 4 + i] = make_uint4(half2_bits(lo[0], lo[4]), half2_bits(lo[2], lo[6]),
                                             half2_bits(lo[1], lo[5]), half2_bits(lo[3], lo[7]));
+        if (i == 0) gs[G] = __uint_as_float((uint32_t)(127 + 14 - sh) << 23);
     }
-    return __uint_as_float((uint32_t)(127 + 14 - sh) << 23);
 }
 
+// Weight loads. DSV4_MOE_TC_L2_256 (a build switch, for comparisons) asks L2 to fetch the
+// 256-byte block around each miss.
+__device__ __forceinline__ uint4 moe_tc_ld(const uint4* p) {
+#ifdef DSV4_MOE_TC_L2_256
+    uint4 r;
+    asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
+        : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+        : "l"(p));
+    return r;
+#else
+    return __ldg(p);
+#endif
+}
+
+// One step's loads of a lane: 32 bytes of each of its two rows (two scale groups) and the
+// rows' scale words.
+struct MoeTcStep {
+    uint4 q[2][2];
+    uint32_t s[2];
+};
+
 // Rows (ra of A, rb of Bw) · the pass's tokens, for the warp's 16 rows: ra/rb are this lane's
-// rows g and g + 8. Returns per token the two rows' sums, complete in every lane of the quad.
-template <int MT>
-__device__ __forceinline__ void moe_tc_dot(const LinearW& A, int ra, const LinearW& Bw, int rb,
-                                           int K, const uint4* Bs, int nm, float (&ya)[MT],
-                                           float (&yb)[MT]) {
+// rows g and g + 8; `st` holds the first PF steps' loads. Returns per token the two rows' sums,
+// complete in every lane of the quad.
+template <int MT, int PF>
+__device__ __forceinline__ void moe_tc_dot(const uint4* pa, const uint4* pb, const uint32_t* sa,
+                                           const uint32_t* sb, int K, MoeTcStep (&st)[PF],
+                                           const uint4* Bs, const float* gsc, int nm,
+                                           float (&ya)[MT], float (&yb)[MT]) {
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const size_t rowb = (size_t)K / 2, srow = (size_t)K / 32;
-    const uint4* pa = (const uint4*)(A.w + ra * rowb) + 2 * t;
-    const uint4* pb = (const uint4*)(Bw.w + rb * rowb) + 2 * t;
-    const uint32_t* sa = (const uint32_t*)((const uint8_t*)A.scales + ra * srow) + (t & 1);
-    const uint32_t* sb = (const uint32_t*)((const uint8_t*)Bw.scales + rb * srow) + (t & 1);
     // Lane (g, t) feeds B's column g, which is nonzero for the inputs of lane t = g % 4 only
     // (part g / 4); the other lanes read a zero block.
     const bool active = (g & 3) == t;
     const int part = g >> 2;
-    const int tok_stride = active ? K / 32 * 2 * 4 : 0;  // uint4s per token
+    const int G32 = K / 32;
+    const int tok_stride = active ? G32 * 2 * 4 : 0;  // uint4s per token
     float acc[MT][4] = {};
     const int steps = K / 256;  // 8 groups (256 inputs, 128 bytes per row) per step
-    uint4 q[2][2] = {{__ldg(pa), __ldg(pa + 1)}, {__ldg(pb), __ldg(pb + 1)}};
-    uint32_t s[2] = {__ldg(sa), __ldg(sb)};
-    for (int st = 0; st < steps; st++) {
-        uint4 nq[2][2] = {{q[0][0], q[0][1]}, {q[1][0], q[1][1]}};
-        uint32_t ns[2] = {s[0], s[1]};
-        if (st + 1 < steps) {
-            nq[0][0] = __ldg(pa + 8 * (st + 1));
-            nq[0][1] = __ldg(pa + 8 * (st + 1) + 1);
-            nq[1][0] = __ldg(pb + 8 * (st + 1));
-            nq[1][1] = __ldg(pb + 8 * (st + 1) + 1);
-            ns[0] = __ldg(sa + 2 * (st + 1));
-            ns[1] = __ldg(sb + 2 * (st + 1));
-        }
+    for (int s0 = 0; s0 < steps; s0 += PF) {
 #pragma unroll
-        for (int ng = 0; ng < 2; ng++) {
-            const int G = st * 8 + 2 * t + ng;
-            const uint4* bp = active ? Bs + 4 + (G * 2 + part) * 4 : Bs;  // Bs[0..3]: zeros
-            float d[MT][4] = {};
-            const uint32_t wa[4] = {q[0][ng].x, q[0][ng].y, q[0][ng].z, q[0][ng].w};
-            const uint32_t wb[4] = {q[1][ng].x, q[1][ng].y, q[1][ng].z, q[1][ng].w};
+        for (int u = 0; u < PF; u++) {
+            const int stp = s0 + u;
+            if (stp >= steps) break;
 #pragma unroll
-            for (int i = 0; i < 4; i++) {
-                uint32_t xa[4], xb[4];
-                fp4x8_to_half2(wa[i], xa);
-                fp4x8_to_half2(wb[i], xb);
+            for (int ng = 0; ng < 2; ng++) {
+                const int G = stp * 8 + 2 * t + ng;
+                const uint4* bp = active ? Bs + 4 + (G * 2 + part) * 4 : Bs;  // Bs[0..3]: zeros
+                float d[MT][4] = {};
+                const uint4 qa = st[u].q[0][ng], qb = st[u].q[1][ng];
+                const uint32_t wa[4] = {qa.x, qa.y, qa.z, qa.w};
+                const uint32_t wb[4] = {qb.x, qb.y, qb.z, qb.w};
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    uint32_t xa[4], xb[4];
+                    fp4x8_to_half2(wa[i], xa);
+                    fp4x8_to_half2(wb[i], xb);
+#pragma unroll
+                    for (int m = 0; m < MT; m++) {
+                        if (m < nm) {
+                            const uint4 b = bp[m * tok_stride + i];
+                            mma_f16(d[m], xa[0], xb[0], xa[1], xb[1], b.x, b.y);
+                            mma_f16(d[m], xa[2], xb[2], xa[3], xb[3], b.z, b.w);
+                        }
+                    }
+                }
+                // Column 2t (+1) is group lane j = (2t) % 4 (+1): group 2j + ng of the step,
+                // bytes ng and 2 + ng of this lane's scale words.
+                const int j0 = (2 * t) & 3;
+                const int Ga = stp * 8 + 2 * j0 + ng, Gb = Ga + 2;
+                const float a0 = e8m0_to_f32((uint8_t)(st[u].s[0] >> (8 * ng)));
+                const float a1 = e8m0_to_f32((uint8_t)(st[u].s[0] >> (8 * (2 + ng))));
+                const float b0 = e8m0_to_f32((uint8_t)(st[u].s[1] >> (8 * ng)));
+                const float b1 = e8m0_to_f32((uint8_t)(st[u].s[1] >> (8 * (2 + ng))));
 #pragma unroll
                 for (int m = 0; m < MT; m++) {
                     if (m < nm) {
-                        const uint4 b = bp[m * tok_stride + i];
-                        mma_f16(d[m], xa[0], xb[0], xa[1], xb[1], b.x, b.y);
-                        mma_f16(d[m], xa[2], xb[2], xa[3], xb[3], b.z, b.w);
+                        const float xa = gsc[m * G32 + Ga], xb = gsc[m * G32 + Gb];
+                        acc[m][0] = fmaf(d[m][0], a0 * xa, acc[m][0]);
+                        acc[m][1] = fmaf(d[m][1], a1 * xb, acc[m][1]);
+                        acc[m][2] = fmaf(d[m][2], b0 * xa, acc[m][2]);
+                        acc[m][3] = fmaf(d[m][3], b1 * xb, acc[m][3]);
                     }
                 }
             }
-            // Column 2t (+1) is group lane (2t) % 4 (+1): groups 2j + ng of the step, bytes
-            // ng and 2 + ng of this lane's scale word.
-            const float a0 = e8m0_to_f32((uint8_t)(s[0] >> (8 * ng)));
-            const float a1 = e8m0_to_f32((uint8_t)(s[0] >> (8 * (2 + ng))));
-            const float b0 = e8m0_to_f32((uint8_t)(s[1] >> (8 * ng)));
-            const float b1 = e8m0_to_f32((uint8_t)(s[1] >> (8 * (2 + ng))));
-#pragma unroll
-            for (int m = 0; m < MT; m++) {
-                acc[m][0] = fmaf(d[m][0], a0, acc[m][0]);
-                acc[m][1] = fmaf(d[m][1], a1, acc[m][1]);
-                acc[m][2] = fmaf(d[m][2], b0, acc[m][2]);
-                acc[m][3] = fmaf(d[m][3], b1, acc[m][3]);
+            // This buffer now takes the step PF ahead.
+            const int nx = stp + PF;
+            if (nx < steps) {
+                st[u].q[0][0] = moe_tc_ld(pa + 8 * nx);
+                st[u].q[0][1] = moe_tc_ld(pa + 8 * nx + 1);
+                st[u].q[1][0] = moe_tc_ld(pb + 8 * nx);
+                st[u].q[1][1] = moe_tc_ld(pb + 8 * nx + 1);
+                st[u].s[0] = __ldg(sa + 2 * nx);
+                st[u].s[1] = __ldg(sb + 2 * nx);
             }
-        }
-#pragma unroll
-        for (int r = 0; r < 2; r++) {
-            q[r][0] = nq[r][0];
-            q[r][1] = nq[r][1];
-            s[r] = ns[r];
         }
     }
 #pragma unroll
@@ -178,103 +198,116 @@ __device__ __forceinline__ void moe_tc_dot(const LinearW& A, int ra, const Linea
     }
 }
 
-// The next (up to MT) pairs at or after *next that picked expert e, in pair order.
+// The (up to MT) pairs from `from` on that picked expert e, in pair order (warp-wide).
 template <int MT>
-__device__ int moe_tc_members(const int* picks, int P, int e, int* next, int* mem) {
+__device__ int moe_tc_members(const int* picks, int P, int e, int from, int* mem) {
     const int lane = threadIdx.x & 31;
-    int n = 0, p0 = *next, stop = P;
-    while (n < MT && p0 < P) {
-        const bool hit = p0 + lane < P && picks[p0 + lane] == e;
-        unsigned b = __ballot_sync(0xffffffffu, hit);
-        while (b && n < MT) {
-            const int l = __ffs(b) - 1;
-            if (lane == 0) mem[n] = p0 + l;
-            n++;
-            b &= b - 1;
-            if (n == MT) stop = p0 + l + 1;
-        }
-        p0 += 32;
+    int n = 0;
+    for (int p0 = from; n < MT && p0 < P; p0 += 32) {
+        unsigned b = __ballot_sync(0xffffffffu, p0 + lane < P && picks[p0 + lane] == e);
+        for (; b && n < MT; b &= b - 1, n++)
+            if (lane == 0) mem[n] = p0 + __ffs(b) - 1;
     }
-    *next = n == MT ? stop : P;
     return n;
 }
 
-// Shared memory: zeros (4 uint4), then MT tokens' B planes (K * 4 bytes each).
-template <int MT, bool UP>
+// Shared memory: zeros (4 uint4), then MT tokens' B planes (K * 4 bytes each), then their
+// group factors (K / 32 floats each). Warps stride over the matrix's 16-row tiles (8 gate + 8
+// up rows for `up`), so a grid of fewer blocks reuses each block's planes for more rows.
+template <int MT, int PF, bool UP>
 __device__ void moe_tc_impl(const MoeArgs& a) {
     extern __shared__ uint4 smem_u4[];
     __shared__ int mem[MT];
-    __shared__ float fac[MT];
-    __shared__ float red[MOE_TC_WARPS];
-    __shared__ int nm_s, next_s;
+    __shared__ int nm_s;
     const int P = gridDim.x, pair = blockIdx.x;
     const int e = a.picks[pair];
-    // Only the first pair of each expert works (it serves the others).
-    int dup = 0;
-    for (int p = threadIdx.x; p < pair; p += blockDim.x) dup |= a.picks[p] == e;
-    if (__syncthreads_or(dup)) return;
+    // The pairs of an expert go in chunks of MT (in pair order) to the blocks of each chunk's
+    // first pair; the others exit.
+    int rank = 0;
+    for (int p0 = 0; p0 < pair; p0 += blockDim.x) {
+        const int p = p0 + threadIdx.x;
+        rank += __syncthreads_count(p < pair && a.picks[p] == e);
+    }
+    if (rank % MT != 0) return;
     const int K = UP ? a.D : a.I;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
     if (tid < 16) ((uint32_t*)smem_u4)[tid] = 0u;
-    const int tile = blockIdx.y * MOE_TC_WARPS + warp;
+    const size_t plane = (size_t)K / 32 * 2 * 4;  // uint4s per token
+    float* gsc = (float*)(smem_u4 + 4 + MT * plane);
     const LinearW Wa = UP ? a.w1[e] : a.w2[e];
     const LinearW Wb = UP ? a.w3[e] : Wa;
-    const int ra = UP ? tile * 8 + g : tile * 16 + g;
-    const int rb = UP ? ra : ra + 8;
-    const size_t plane = (size_t)K / 32 * 2 * 4;  // uint4s per token
-    if (tid == 0) next_s = pair;
+    const int tiles = UP ? a.I / 8 : a.D / 16;
+    const int warps = gridDim.y * MOE_TC_WARPS;
+    const size_t rowb = (size_t)K / 2, srow = (size_t)K / 32;
+    const int steps = K / 256;
+    if (warp == 0) {
+        const int n = moe_tc_members<MT>(a.picks, P, e, pair, mem);
+        if (lane == 0) nm_s = n;
+    }
     __syncthreads();
-    for (;;) {
-        if (warp == 0) {
-            int next = next_s;
-            const int n = moe_tc_members<MT>(a.picks, P, e, &next, mem);
-            if (lane == 0) {
-                nm_s = n;
-                next_s = next;
+    const int nm = nm_s;
+    bool first = true;
+    for (int tile = blockIdx.y * MOE_TC_WARPS + warp; tile < tiles; tile += warps) {
+        const int ra = UP ? tile * 8 + g : tile * 16 + g;
+        const int rb = UP ? ra : ra + 8;
+        const uint4* pa = (const uint4*)(Wa.w + ra * rowb) + 2 * t;
+        const uint4* pb = (const uint4*)(Wb.w + rb * rowb) + 2 * t;
+        const uint32_t* sa = (const uint32_t*)((const uint8_t*)Wa.scales + ra * srow) + (t & 1);
+        const uint32_t* sb = (const uint32_t*)((const uint8_t*)Wb.scales + rb * srow) + (t & 1);
+        MoeTcStep st[PF];
+#pragma unroll
+        for (int u = 0; u < PF; u++) {
+            if (u < steps) {
+                st[u].q[0][0] = moe_tc_ld(pa + 8 * u);
+                st[u].q[0][1] = moe_tc_ld(pa + 8 * u + 1);
+                st[u].q[1][0] = moe_tc_ld(pb + 8 * u);
+                st[u].q[1][1] = moe_tc_ld(pb + 8 * u + 1);
+                st[u].s[0] = __ldg(sa + 2 * u);
+                st[u].s[1] = __ldg(sb + 2 * u);
             }
         }
-        __syncthreads();
-        const int nm = nm_s;
-        if (nm == 0) return;
-        for (int m = 0; m < nm; m++) {
-            const int p = mem[m];
-            const float* x = UP ? a.x + (size_t)(p / a.k) * a.D : a.h + (size_t)p * a.I;
-            const float f = moe_tc_prep(x, K, smem_u4 + 4 + m * plane, red);
-            if (tid == 0) fac[m] = f;
+        if (first) {
+            // The activations' planes, while the first weights are on their way. (Every
+            // warp has at least one tile: the grid never has more warps than tiles.)
+            for (int m = 0; m < nm; m++) {
+                const int p = mem[m];
+                const float* x = UP ? a.x + (size_t)(p / a.k) * a.D : a.h + (size_t)p * a.I;
+                moe_tc_prep(x, K, smem_u4 + 4 + m * plane, gsc + m * (K / 32));
+            }
+            __syncthreads();
+            first = false;
         }
-        __syncthreads();
         float ya[MT], yb[MT];
-        moe_tc_dot<MT>(Wa, ra, Wb, rb, K, smem_u4, nm, ya, yb);
+        moe_tc_dot<MT, PF>(pa, pb, sa, sb, K, st, smem_u4, gsc, nm, ya, yb);
         if (t == 0) {
 #pragma unroll
             for (int m = 0; m < MT; m++) {
                 if (m >= nm) break;
                 const int p = mem[m];
                 if (UP) {
-                    float gv = ya[m] * fac[m], uv = yb[m] * fac[m];
+                    float gv = ya[m], uv = yb[m];
                     if (!isnan(a.lim)) { gv = fminf(gv, a.lim); uv = fminf(fmaxf(uv, -a.lim), a.lim); }
                     float v = gv / (1.0f + expf(-gv)) * uv;
                     if (a.rw_inside) v *= a.rw[p];
                     a.h[(size_t)p * a.I + ra] = v;
                 } else {
-                    a.out[(size_t)p * a.D + ra] = ya[m] * fac[m];
-                    a.out[(size_t)p * a.D + rb] = yb[m] * fac[m];
+                    a.out[(size_t)p * a.D + ra] = ya[m];
+                    a.out[(size_t)p * a.D + rb] = yb[m];
                 }
             }
         }
-        __syncthreads();  // mem / fac / the planes are rewritten by the next pass
     }
 }
 
-#define MOE_TC(MT)                                                                          \
+#define MOE_TC(MT, PF)                                                                      \
     extern "C" __global__ void __launch_bounds__(32 * MOE_TC_WARPS) moe_up_tc_fp4_m##MT(MoeArgs a) { \
         pdl_entry();                                                                        \
-        moe_tc_impl<MT, true>(a);                                                           \
+        moe_tc_impl<MT, PF, true>(a);                                                       \
     }                                                                                       \
     extern "C" __global__ void __launch_bounds__(32 * MOE_TC_WARPS) moe_down_tc_fp4_m##MT(MoeArgs a) { \
         pdl_entry();                                                                        \
-        moe_tc_impl<MT, false>(a);                                                          \
+        moe_tc_impl<MT, PF, false>(a);                                                      \
     }
-MOE_TC(1)
-MOE_TC(2)
-MOE_TC(4)
+MOE_TC(1, 4)
+MOE_TC(2, 3)
+MOE_TC(4, 2)

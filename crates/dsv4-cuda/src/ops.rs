@@ -1154,13 +1154,18 @@ fn moe_experts_tc(gpu: &Gpu, a: &MoeArgs, pairs: usize, round: Option<HiddenRoun
         2 => 2,
         _ => 4,
     };
-    let smem = |k: usize| (64 + mt * k * 4) as u32;
+    // Planes (4 bytes per input) and group factors per token, after 64 bytes of zeros.
+    let smem = |k: usize| (64 + mt * (k * 4 + k / 8)) as u32;
     let expert = |rows: usize, inp: usize| gpu_bytes(Fmt::Fp4, rows, inp);
     const WARPS: usize = 4;
+    // Tiles per warp: one for a few pairs (every warp in flight is needed to keep the weights
+    // streaming), more as pairs grow, so each block's activation planes serve more rows.
+    let per_warp = (pairs / 12).next_power_of_two().clamp(1, 8);
+    let blocks = |tiles: usize| tiles.div_ceil(WARPS * per_warp) as u32;
     gpu.tag(|| (format!("moe_up_tc fp4 x{pairs}"), pairs * expert(2 * i, d)));
     gpu.launch(
         &format!("moe_up_tc_fp4_m{mt}"),
-        (pairs as u32, blocks_for(i, 8 * WARPS), 1),
+        (pairs as u32, blocks(i / 8), 1),
         (32 * WARPS as u32, 1, 1),
         smem(d),
         &[a],
@@ -1169,7 +1174,7 @@ fn moe_experts_tc(gpu: &Gpu, a: &MoeArgs, pairs: usize, round: Option<HiddenRoun
     gpu.tag(|| (format!("moe_down_tc fp4 x{pairs}"), pairs * expert(d, i)));
     gpu.launch(
         &format!("moe_down_tc_fp4_m{mt}"),
-        (pairs as u32, blocks_for(d, 16 * WARPS), 1),
+        (pairs as u32, blocks(d / 16), 1),
         (32 * WARPS as u32, 1, 1),
         smem(i),
         &[a],

@@ -1109,7 +1109,8 @@ fn tensor_core_moe_gemm_matches_simt() {
 /// The routed experts of decode batches on the tensor cores (`kernels/moe_tc.cu`: FP4 decoded
 /// to f16 fields, activations in two f16 parts after a per-token power-of-two scaling, one
 /// block per expert serving all of its tokens in passes of up to 4) against the SIMT per-pair
-/// kernels: 1, 2, 3 and 9 tokens (9 tokens: up to 4 pairs per expert, so two passes), and
+/// kernels: 1, 2, 3, 9 and 21 tokens (21: about 8 pairs per expert, so passes of 4, and
+/// several row tiles per warp), and
 /// tokens scaled by 1e3 and 1e-4 (the scaling must keep f32 accuracy at any magnitude).
 #[test]
 #[ignore = "needs a CUDA GPU"]
@@ -1137,7 +1138,7 @@ fn moe_tensor_cores_match_simt_in_decode() {
         gpu.upload(&v).unwrap()
     };
     let (w1, w3, w2) = (table(0), table(1), table(2));
-    for t in [1usize, 2, 3, 9] {
+    for t in [1usize, 2, 3, 9, 21] {
         let pairs = t * k;
         // Pair p = token p / k, slot p % k: expert (token + 3·slot) % e.
         let picks: Vec<i32> = (0..pairs)
