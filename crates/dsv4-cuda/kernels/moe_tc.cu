@@ -90,18 +90,9 @@ __device__ void moe_tc_prep(const float* x, int K, uint4* B, float* gs) {
     }
 }
 
-// Weight loads. DSV4_MOE_TC_L2_256 (a build switch, for comparisons) asks L2 to fetch the
-// 256-byte block around each miss.
-__device__ __forceinline__ uint4 moe_tc_ld(const uint4* p) {
-#ifdef DSV4_MOE_TC_L2_256
-    uint4 r;
-    asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
-        : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-        : "l"(p));
-    return r;
-#else
-    return __ldg(p);
-#endif
+// Byte j of w as an e8m0 scale in 1..254 (no zero or NaN code: the f32 of exponent field b).
+__device__ __forceinline__ float e8m0_normal(uint32_t w, int j) {
+    return __uint_as_float(__byte_perm(w, 0, 0x4440 + j) << 23);
 }
 
 // One step's loads of a lane: 32 bytes of each of its two rows (two scale groups) and the
@@ -137,7 +128,8 @@ __device__ __forceinline__ void moe_tc_dot(const uint4* pa, const uint4* pb, con
             for (int ng = 0; ng < 2; ng++) {
                 const int G = stp * 8 + 2 * t + ng;
                 const uint4* bp = active ? Bs + 4 + (G * 2 + part) * 4 : Bs;  // Bs[0..3]: zeros
-                float d[MT][4] = {};
+                // Two accumulator chains (words 0-1, 2-3) for more independent MMAs in flight.
+                float d[MT][4] = {}, d2[MT][4] = {};
                 const uint4 qa = st[u].q[0][ng], qb = st[u].q[1][ng];
                 const uint32_t wa[4] = {qa.x, qa.y, qa.z, qa.w};
                 const uint32_t wb[4] = {qb.x, qb.y, qb.z, qb.w};
@@ -150,8 +142,9 @@ __device__ __forceinline__ void moe_tc_dot(const uint4* pa, const uint4* pb, con
                     for (int m = 0; m < MT; m++) {
                         if (m < nm) {
                             const uint4 b = bp[m * tok_stride + i];
-                            mma_f16(d[m], xa[0], xb[0], xa[1], xb[1], b.x, b.y);
-                            mma_f16(d[m], xa[2], xb[2], xa[3], xb[3], b.z, b.w);
+                            float(&dd)[4] = i < 2 ? d[m] : d2[m];
+                            mma_f16(dd, xa[0], xb[0], xa[1], xb[1], b.x, b.y);
+                            mma_f16(dd, xa[2], xb[2], xa[3], xb[3], b.z, b.w);
                         }
                     }
                 }
@@ -159,28 +152,27 @@ __device__ __forceinline__ void moe_tc_dot(const uint4* pa, const uint4* pb, con
                 // bytes ng and 2 + ng of this lane's scale words.
                 const int j0 = (2 * t) & 3;
                 const int Ga = stp * 8 + 2 * j0 + ng, Gb = Ga + 2;
-                const float a0 = e8m0_to_f32((uint8_t)(st[u].s[0] >> (8 * ng)));
-                const float a1 = e8m0_to_f32((uint8_t)(st[u].s[0] >> (8 * (2 + ng))));
-                const float b0 = e8m0_to_f32((uint8_t)(st[u].s[1] >> (8 * ng)));
-                const float b1 = e8m0_to_f32((uint8_t)(st[u].s[1] >> (8 * (2 + ng))));
+                // (The scales are 2..252: GpuLinear::tc, checked by the caller.)
+                const float a0 = e8m0_normal(st[u].s[0], ng), a1 = e8m0_normal(st[u].s[0], 2 + ng);
+                const float b0 = e8m0_normal(st[u].s[1], ng), b1 = e8m0_normal(st[u].s[1], 2 + ng);
 #pragma unroll
                 for (int m = 0; m < MT; m++) {
                     if (m < nm) {
                         const float xa = gsc[m * G32 + Ga], xb = gsc[m * G32 + Gb];
-                        acc[m][0] = fmaf(d[m][0], a0 * xa, acc[m][0]);
-                        acc[m][1] = fmaf(d[m][1], a1 * xb, acc[m][1]);
-                        acc[m][2] = fmaf(d[m][2], b0 * xa, acc[m][2]);
-                        acc[m][3] = fmaf(d[m][3], b1 * xb, acc[m][3]);
+                        acc[m][0] = fmaf(d[m][0] + d2[m][0], a0 * xa, acc[m][0]);
+                        acc[m][1] = fmaf(d[m][1] + d2[m][1], a1 * xb, acc[m][1]);
+                        acc[m][2] = fmaf(d[m][2] + d2[m][2], b0 * xa, acc[m][2]);
+                        acc[m][3] = fmaf(d[m][3] + d2[m][3], b1 * xb, acc[m][3]);
                     }
                 }
             }
             // This buffer now takes the step PF ahead.
             const int nx = stp + PF;
             if (nx < steps) {
-                st[u].q[0][0] = moe_tc_ld(pa + 8 * nx);
-                st[u].q[0][1] = moe_tc_ld(pa + 8 * nx + 1);
-                st[u].q[1][0] = moe_tc_ld(pb + 8 * nx);
-                st[u].q[1][1] = moe_tc_ld(pb + 8 * nx + 1);
+                st[u].q[0][0] = __ldg(pa + 8 * nx);
+                st[u].q[0][1] = __ldg(pa + 8 * nx + 1);
+                st[u].q[1][0] = __ldg(pb + 8 * nx);
+                st[u].q[1][1] = __ldg(pb + 8 * nx + 1);
                 st[u].s[0] = __ldg(sa + 2 * nx);
                 st[u].s[1] = __ldg(sb + 2 * nx);
             }
@@ -258,10 +250,10 @@ __device__ void moe_tc_impl(const MoeArgs& a) {
 #pragma unroll
         for (int u = 0; u < PF; u++) {
             if (u < steps) {
-                st[u].q[0][0] = moe_tc_ld(pa + 8 * u);
-                st[u].q[0][1] = moe_tc_ld(pa + 8 * u + 1);
-                st[u].q[1][0] = moe_tc_ld(pb + 8 * u);
-                st[u].q[1][1] = moe_tc_ld(pb + 8 * u + 1);
+                st[u].q[0][0] = __ldg(pa + 8 * u);
+                st[u].q[0][1] = __ldg(pa + 8 * u + 1);
+                st[u].q[1][0] = __ldg(pb + 8 * u);
+                st[u].q[1][1] = __ldg(pb + 8 * u + 1);
                 st[u].s[0] = __ldg(sa + 2 * u);
                 st[u].s[1] = __ldg(sb + 2 * u);
             }

@@ -1106,6 +1106,7 @@ pub fn moe_experts_gemm_tc(
 pub fn moe_experts(
     gpu: &Gpu,
     fmt: Fmt,
+    exact_tc: bool,
     a: &MoeArgs,
     pairs: usize,
     round: Option<HiddenRound>,
@@ -1116,7 +1117,7 @@ pub fn moe_experts(
     let f = fmt.name();
     let expert = |rows: usize, inp: usize| gpu_bytes(fmt, rows, inp);
     let (d, i) = (a.d as usize, a.i as usize);
-    if moe_tc_ok(gpu, fmt, a) {
+    if moe_tc_ok(gpu, fmt, exact_tc, a, pairs) {
         return moe_experts_tc(gpu, a, pairs, round);
     }
     gpu.tag(|| (format!("moe_up {f} x{pairs}"), pairs * expert(2 * i, d)));
@@ -1138,10 +1139,25 @@ pub fn moe_experts(
     )
 }
 
+/// The largest decode batch whose routed experts take the tensor-core kernels.
+pub const MOE_TC_MAX_TOKENS: usize = 8;
+
 /// Whether the routed experts of a decode batch take the tensor-core kernels
 /// (`kernels/moe_tc.cu`): FP4 weights in 16-byte aligned rows of whole 256-input steps.
-pub fn moe_tc_ok(gpu: &Gpu, fmt: Fmt, a: &MoeArgs) -> bool {
-    gpu.moe_tc() && fmt == Fmt::Fp4 && a.vec != 0 && a.d % 256 == 0 && a.i % 256 == 0
+/// `exact_tc`: every expert matrix passed [`GpuLinear::tc`](crate::weights::GpuLinear) (its
+/// e8m0 scales are normal numbers, which the kernels read without the zero/NaN codes).
+/// Batches of more than [`MOE_TC_MAX_TOKENS`] keep the SIMT kernels: a block serves at most 4
+/// tokens of an expert, so an expert that many tokens picked is re-read per 4 (from DRAM
+/// once the layer's picked experts outgrow L2), where the per-pair kernels all stream it at
+/// once (8 layers, H200: 28 against 43–48 ms per step at batch 32 when the tokens agree).
+pub fn moe_tc_ok(gpu: &Gpu, fmt: Fmt, exact_tc: bool, a: &MoeArgs, pairs: usize) -> bool {
+    gpu.moe_tc()
+        && exact_tc
+        && pairs <= MOE_TC_MAX_TOKENS * a.k.max(1) as usize
+        && fmt == Fmt::Fp4
+        && a.vec != 0
+        && a.d % 256 == 0
+        && a.i % 256 == 0
 }
 
 /// [`moe_experts`] on the tensor cores: one block row per expert picked (the first of its

@@ -1107,9 +1107,9 @@ fn tensor_core_moe_gemm_matches_simt() {
 }
 
 /// The routed experts of decode batches on the tensor cores (`kernels/moe_tc.cu`: FP4 decoded
-/// to f16 fields, activations in two f16 parts after a per-token power-of-two scaling, one
-/// block per expert serving all of its tokens in passes of up to 4) against the SIMT per-pair
-/// kernels: 1, 2, 3, 9 and 21 tokens (21: about 8 pairs per expert, so passes of 4, and
+/// to f16 fields, activations in two f16 parts after a per-group power-of-two scaling, a block
+/// per chunk of up to 4 pairs of one expert) against the SIMT per-pair
+/// kernels: 1, 2, 3 and 8 tokens of 3 picks (8: about 5 pairs per expert, so two chunks, and
 /// several row tiles per warp), and
 /// tokens scaled by 1e3 and 1e-4 (the scaling must keep f32 accuracy at any magnitude).
 #[test]
@@ -1119,7 +1119,7 @@ fn moe_tensor_cores_match_simt_in_decode() {
     use dsv4_cuda::weights::{GpuLinear, LinearDesc};
     use synthetic::MatrixFormat as F;
     let gpu = Gpu::open(0).expect("GPU");
-    let (e, k, d, inter) = (5usize, 2usize, 512usize, 256usize);
+    let (e, k, d, inter) = (5usize, 3usize, 512usize, 256usize);
     let mats: Vec<[GpuLinear; 3]> = (0..e as u64)
         .map(|i| {
             let up = |r, c, s| {
@@ -1138,7 +1138,7 @@ fn moe_tensor_cores_match_simt_in_decode() {
         gpu.upload(&v).unwrap()
     };
     let (w1, w3, w2) = (table(0), table(1), table(2));
-    for t in [1usize, 2, 3, 9, 21] {
+    for t in [1usize, 2, 3, 8] {
         let pairs = t * k;
         // Pair p = token p / k, slot p % k: expert (token + 3·slot) % e.
         let picks: Vec<i32> = (0..pairs)
@@ -1174,8 +1174,12 @@ fn moe_tensor_cores_match_simt_in_decode() {
                 lim: f32::NAN,
             };
             gpu.set_moe_tc(tc);
-            assert_eq!(moe_tc_ok(&gpu, mats[0][0].fmt, &a), tc);
-            moe_experts(&gpu, mats[0][0].fmt, &a, pairs, None).unwrap();
+            assert!(mats.iter().flatten().all(|m| m.tc));
+            assert_eq!(
+                moe_tc_ok(&gpu, mats[0][0].fmt, true, &a, pairs),
+                tc && t <= 8
+            );
+            moe_experts(&gpu, mats[0][0].fmt, true, &a, pairs, None).unwrap();
             let (mut hv, mut ov) = (vec![0f32; pairs * inter], vec![0f32; pairs * d]);
             gpu.dtoh(h.ptr, &mut hv).unwrap();
             gpu.dtoh(out.ptr, &mut ov).unwrap();
