@@ -65,6 +65,9 @@ pub struct Gpu {
     /// The routed experts of decode batches (FP4) on the tensor cores (`kernels/moe_tc.cu`);
     /// `DSV4_CUDA_MOE_TC=0` or [`Gpu::set_moe_tc`] keeps the SIMT per-pair kernels.
     moe_tc: AtomicBool,
+    /// The largest decode batch whose routed experts take those kernels:
+    /// [`crate::ops::MOE_TC_MAX_TOKENS`], or `DSV4_CUDA_MOE_TC_TOKENS` for comparisons.
+    pub moe_tc_tokens: usize,
     /// The pre-split planes, grown on demand (never inside a graph capture: only prefill-sized
     /// GEMMs use them).
     xs_buf: Mutex<Option<DevBuf>>,
@@ -178,6 +181,10 @@ impl Gpu {
             tc_shape_default: std::env::var_os("DSV4_CUDA_TC_BK").is_none()
                 && std::env::var_os("DSV4_CUDA_TC_TOKENS").is_none(),
             tc_xs: AtomicBool::new(std::env::var("DSV4_CUDA_TC_XS").map_or(true, |v| v != "0")),
+            moe_tc_tokens: std::env::var("DSV4_CUDA_MOE_TC_TOKENS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(crate::ops::MOE_TC_MAX_TOKENS),
             moe_tc: AtomicBool::new(std::env::var("DSV4_CUDA_MOE_TC").map_or(true, |v| v != "0")),
             xs_buf: Mutex::new(None),
         }))

@@ -1139,21 +1139,21 @@ pub fn moe_experts(
     )
 }
 
-/// The largest decode batch whose routed experts take the tensor-core kernels.
-pub const MOE_TC_MAX_TOKENS: usize = 8;
+/// The largest decode batch whose routed experts take the tensor-core kernels (measured up to
+/// 32: 8 layers on an H200, batch 32 at 22.8 against 27.8–29.2 ms per step). A block serves at
+/// most 4 tokens of an expert, so an expert that many tokens picked is streamed once per 4
+/// of them; past 32 tokens that is untested against the per-pair kernels.
+pub const MOE_TC_MAX_TOKENS: usize = 32;
 
 /// Whether the routed experts of a decode batch take the tensor-core kernels
 /// (`kernels/moe_tc.cu`): FP4 weights in 16-byte aligned rows of whole 256-input steps.
 /// `exact_tc`: every expert matrix passed [`GpuLinear::tc`](crate::weights::GpuLinear) (its
 /// e8m0 scales are normal numbers, which the kernels read without the zero/NaN codes).
-/// Batches of more than [`MOE_TC_MAX_TOKENS`] keep the SIMT kernels: a block serves at most 4
-/// tokens of an expert, so an expert that many tokens picked is re-read per 4 (from DRAM
-/// once the layer's picked experts outgrow L2), where the per-pair kernels all stream it at
-/// once (8 layers, H200: 28 against 43–48 ms per step at batch 32 when the tokens agree).
+/// Batches of more than [`Gpu::moe_tc_tokens`] tokens keep the SIMT kernels.
 pub fn moe_tc_ok(gpu: &Gpu, fmt: Fmt, exact_tc: bool, a: &MoeArgs, pairs: usize) -> bool {
     gpu.moe_tc()
         && exact_tc
-        && pairs <= MOE_TC_MAX_TOKENS * a.k.max(1) as usize
+        && pairs <= gpu.moe_tc_tokens * a.k.max(1) as usize
         && fmt == Fmt::Fp4
         && a.vec != 0
         && a.d % 256 == 0

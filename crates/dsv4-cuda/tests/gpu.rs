@@ -1109,8 +1109,8 @@ fn tensor_core_moe_gemm_matches_simt() {
 /// The routed experts of decode batches on the tensor cores (`kernels/moe_tc.cu`: FP4 decoded
 /// to f16 fields, activations in two f16 parts after a per-group power-of-two scaling, a block
 /// per chunk of up to 4 pairs of one expert) against the SIMT per-pair
-/// kernels: 1, 2, 3 and 8 tokens of 3 picks (8: about 5 pairs per expert, so two chunks, and
-/// several row tiles per warp), and
+/// kernels: 1, 2, 3, 8 and 21 tokens of 3 picks (8: about 5 pairs per expert, so two chunks,
+/// and several row tiles per warp; 21: about 13, four chunks), and
 /// tokens scaled by 1e3 and 1e-4 (the scaling must keep f32 accuracy at any magnitude).
 #[test]
 #[ignore = "needs a CUDA GPU"]
@@ -1138,7 +1138,7 @@ fn moe_tensor_cores_match_simt_in_decode() {
         gpu.upload(&v).unwrap()
     };
     let (w1, w3, w2) = (table(0), table(1), table(2));
-    for t in [1usize, 2, 3, 8] {
+    for t in [1usize, 2, 3, 8, 21] {
         let pairs = t * k;
         // Pair p = token p / k, slot p % k: expert (token + 3·slot) % e.
         let picks: Vec<i32> = (0..pairs)
