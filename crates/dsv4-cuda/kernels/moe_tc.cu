@@ -100,6 +100,16 @@ __device__ __forceinline__ float e8m0_normal(uint32_t w, int j) {
 struct MoeTcStep {
     uint4 q[2][2];
     uint32_t s[2];
+    // Step n from the lane's row pointers (weights: 8 uint4 per step, scales: 2 words).
+    __device__ __forceinline__ void load(const uint4* pa, const uint4* pb, const uint32_t* sa,
+                                         const uint32_t* sb, int n) {
+        q[0][0] = __ldg(pa + 8 * n);
+        q[0][1] = __ldg(pa + 8 * n + 1);
+        q[1][0] = __ldg(pb + 8 * n);
+        q[1][1] = __ldg(pb + 8 * n + 1);
+        s[0] = __ldg(sa + 2 * n);
+        s[1] = __ldg(sb + 2 * n);
+    }
 };
 
 // Rows (ra of A, rb of Bw) · the pass's tokens, for the warp's 16 rows: ra/rb are this lane's
@@ -168,14 +178,7 @@ __device__ __forceinline__ void moe_tc_dot(const uint4* pa, const uint4* pb, con
             }
             // This buffer now takes the step PF ahead.
             const int nx = stp + PF;
-            if (nx < steps) {
-                st[u].q[0][0] = __ldg(pa + 8 * nx);
-                st[u].q[0][1] = __ldg(pa + 8 * nx + 1);
-                st[u].q[1][0] = __ldg(pb + 8 * nx);
-                st[u].q[1][1] = __ldg(pb + 8 * nx + 1);
-                st[u].s[0] = __ldg(sa + 2 * nx);
-                st[u].s[1] = __ldg(sb + 2 * nx);
-            }
+            if (nx < steps) st[u].load(pa, pb, sa, sb, nx);
         }
     }
 #pragma unroll
@@ -249,14 +252,7 @@ __device__ void moe_tc_impl(const MoeArgs& a) {
         MoeTcStep st[PF];
 #pragma unroll
         for (int u = 0; u < PF; u++) {
-            if (u < steps) {
-                st[u].q[0][0] = __ldg(pa + 8 * u);
-                st[u].q[0][1] = __ldg(pa + 8 * u + 1);
-                st[u].q[1][0] = __ldg(pb + 8 * u);
-                st[u].q[1][1] = __ldg(pb + 8 * u + 1);
-                st[u].s[0] = __ldg(sa + 2 * u);
-                st[u].s[1] = __ldg(sb + 2 * u);
-            }
+            if (u < steps) st[u].load(pa, pb, sa, sb, u);
         }
         if (first) {
             // The activations' planes, while the first weights are on their way. (Every

@@ -865,6 +865,24 @@ fn random_f32(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// The MoE kernels' hidden rows and outputs (h, out: device pointer and length), read back;
+/// both were filled with NaN before the launch, so a NaN left is an unwritten value.
+fn read_moe_outputs(
+    gpu: &Gpu,
+    h: (u64, usize),
+    out: (u64, usize),
+    what: &str,
+) -> (Vec<f32>, Vec<f32>) {
+    let (mut hv, mut ov) = (vec![0f32; h.1], vec![0f32; out.1]);
+    gpu.dtoh(h.0, &mut hv).unwrap();
+    gpu.dtoh(out.0, &mut ov).unwrap();
+    assert!(
+        hv.iter().chain(&ov).all(|v| v.is_finite()),
+        "{what}: unwritten outputs"
+    );
+    (hv, ov)
+}
+
 /// The tensor-core GEMMs (`ops::gemm_tc`: bf16-decoded weight tiles, x in bf16 parts, f32
 /// accumulation) against the CPU's f32 `Linear::apply`: FP8, FP4 and BF16 weights, rows,
 /// inputs and tokens that are not multiples of the 128 × 128 × 32 tiles; 3 parts on random f32
@@ -1078,14 +1096,12 @@ fn tensor_core_moe_gemm_matches_simt() {
                 moe_experts_gemm_tc(&gpu, f, 3, step, &a, ntile, pairs, None).unwrap();
                 gpu.set_tc_xs(true);
             }
-            let (mut hv, mut ov) = (vec![0f32; pairs * inter], vec![0f32; pairs * d]);
-            gpu.dtoh(h.ptr, &mut hv).unwrap();
-            gpu.dtoh(out.ptr, &mut ov).unwrap();
-            assert!(
-                hv.iter().chain(&ov).all(|v| v.is_finite()),
-                "bk={bk}: unwritten outputs"
-            );
-            outs.push((hv, ov));
+            outs.push(read_moe_outputs(
+                &gpu,
+                (h.ptr, pairs * inter),
+                (out.ptr, pairs * d),
+                &format!("bk={bk}"),
+            ));
         }
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert!(
@@ -1177,14 +1193,12 @@ fn moe_tensor_cores_match_simt_in_decode() {
             assert!(mats.iter().flatten().all(|m| m.tc));
             assert_eq!(moe_tc_ok(&gpu, mats[0][0].fmt, true, &a, pairs), tc);
             moe_experts(&gpu, mats[0][0].fmt, true, &a, pairs, None).unwrap();
-            let (mut hv, mut ov) = (vec![0f32; pairs * inter], vec![0f32; pairs * d]);
-            gpu.dtoh(h.ptr, &mut hv).unwrap();
-            gpu.dtoh(out.ptr, &mut ov).unwrap();
-            assert!(
-                hv.iter().chain(&ov).all(|v| v.is_finite()),
-                "tc={tc} t={t}: unwritten outputs"
-            );
-            outs.push((hv, ov));
+            outs.push(read_moe_outputs(
+                &gpu,
+                (h.ptr, pairs * inter),
+                (out.ptr, pairs * d),
+                &format!("tc={tc} t={t}"),
+            ));
         }
         gpu.set_moe_tc(true);
         let eh = worst(&row_errors(&outs[1].0, &outs[0].0, inter));
