@@ -71,7 +71,7 @@ __device__ void moe_tc_prep(const float* x, int K, uint4* B, float* gs) {
         int sh = 0;
         if (amax > 0.f && amax < INFINITY) {
             const int e = (int)((__float_as_uint(amax) >> 23) & 0xff) - 127;
-            sh = min(max(14 - e, -100), 100);
+            sh = min(max(14 - e, -113), 127);  // 2^sh and 2^(14 - sh) stay normal floats
         }
         const float up = __uint_as_float((uint32_t)(127 + sh) << 23);
         float hi[8], lo[8];
@@ -79,7 +79,7 @@ __device__ void moe_tc_prep(const float* x, int K, uint4* B, float* gs) {
         for (int j = 0; j < 8; j++) {
             const float y = f[j] * up;
             hi[j] = __half2float(__float2half_rn(y));
-            lo[j] = y - hi[j];  // exact
+            lo[j] = isfinite(hi[j]) ? y - hi[j] : 0.f;  // exact; an inf stays inf, not NaN
         }
         const int G = c >> 2, i = c & 3;
         B[(G * 2) * 4 + i] = make_uint4(half2_bits(hi[0], hi[4]), half2_bits(hi[2], hi[6]),

@@ -1156,22 +1156,37 @@ pub fn moe_tc_ok(gpu: &Gpu, fmt: Fmt, exact_tc: bool, a: &MoeArgs, pairs: usize)
         && pairs <= gpu.moe_tc_tokens * a.k.max(1) as usize
         && fmt == Fmt::Fp4
         && a.vec != 0
+        && a.d > 0
+        && a.i > 0
         && a.d % 256 == 0
         && a.i % 256 == 0
+        && moe_tc_smem(moe_tc_tokens_per_block(pairs, a), a.d.max(a.i) as usize) <= MAX_SMEM
+}
+
+/// Dynamic shared memory a Hopper block may opt into (227 KB), less room for static arrays.
+const MAX_SMEM: usize = 227 * 1024 - 1024;
+
+/// Tokens per block of the tensor-core expert kernels (their `_m1`, `_m2`, `_m4` variants).
+fn moe_tc_tokens_per_block(pairs: usize, a: &MoeArgs) -> usize {
+    match pairs.div_ceil(a.k.max(1) as usize) {
+        1 => 1,
+        2 => 2,
+        _ => 4,
+    }
+}
+
+/// Their dynamic shared memory for inputs of width `k`: 64 bytes of zeros, then per token the
+/// activation planes (4 bytes per input) and group factors (a float per 32).
+fn moe_tc_smem(mt: usize, k: usize) -> usize {
+    64 + mt * (k * 4 + k / 8)
 }
 
 /// [`moe_experts`] on the tensor cores: one block row per expert picked (the first of its
 /// pairs; the others exit at once), serving up to 4 of its tokens per pass.
 fn moe_experts_tc(gpu: &Gpu, a: &MoeArgs, pairs: usize, round: Option<HiddenRound>) -> Result<()> {
     let (d, i) = (a.d as usize, a.i as usize);
-    let tokens = pairs.div_ceil(a.k.max(1) as usize);
-    let mt = match tokens {
-        1 => 1,
-        2 => 2,
-        _ => 4,
-    };
-    // Planes (4 bytes per input) and group factors per token, after 64 bytes of zeros.
-    let smem = |k: usize| (64 + mt * (k * 4 + k / 8)) as u32;
+    let mt = moe_tc_tokens_per_block(pairs, a);
+    let smem = |k: usize| moe_tc_smem(mt, k) as u32;
     let expert = |rows: usize, inp: usize| gpu_bytes(Fmt::Fp4, rows, inp);
     const WARPS: usize = 4;
     // Tiles per warp: one for a few pairs (every warp in flight is needed to keep the weights
