@@ -25,10 +25,14 @@ extern "C" __global__ void moe_route(const float* logits, int E, int k, const fl
             if (lane == 0) pk[j] = tid2eid[(size_t)ids[t] * k + j];
             continue;
         }
+        // NaN keys (NaN logits) count as -inf, and each lane takes its first expert even at
+        // -inf, so the pick is always an expert id < E (duplicates only when no key is
+        // finite, where the outputs are NaN anyway).
         float best = -INFINITY;
         int bi = E;
         for (int e = lane; e < E; e += 32) {
-            if (key[e] > best) { best = key[e]; bi = e; }
+            const float kv = isnan(key[e]) ? -INFINITY : key[e];
+            if (kv > best || bi == E) { best = kv; bi = e; }
         }
         for (int o = 16; o > 0; o >>= 1) {
             float ob = __shfl_xor_sync(0xffffffffu, best, o);

@@ -1251,3 +1251,47 @@ fn moe_tensor_cores_match_simt_in_decode() {
         assert!(eh <= 1e-5 && eo <= 1e-5, "{t} tokens: h {eh}, out {eo}");
     }
 }
+
+/// The router on NaN logits (a diverged activation) picks expert ids < E, so the expert
+/// kernels never index past their tables: a row of all-NaN logits, and a row where NaN
+/// logits sit among finite ones (which must still win, in order).
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn router_picks_valid_experts_on_nan_logits() {
+    let gpu = Gpu::open(0).expect("GPU");
+    let (e, k) = (64usize, 6usize);
+    let mut logits = vec![f32::NAN; 2 * e];
+    let finite = [
+        (3usize, 2.0f32),
+        (40, 5.0),
+        (17, 1.0),
+        (63, 4.0),
+        (8, 3.0),
+        (30, 0.5),
+        (9, 0.25),
+    ];
+    for &(i, v) in &finite {
+        logits[e + i] = v;
+    }
+    let bias = gpu.upload(&vec![0f32; e]).unwrap();
+    let lg = gpu.upload(&logits).unwrap();
+    let ids = gpu.upload(&[0i32, 0]).unwrap();
+    let picks = gpu.upload(&vec![-1i32; 2 * k]).unwrap();
+    let rw = gpu.upload(&vec![0f32; 2 * k]).unwrap();
+    let (ei, ki, scale, null) = (e as i32, k as i32, 1.0f32, 0u64);
+    gpu.launch(
+        "moe_route",
+        (2, 1, 1),
+        (32, 1, 1),
+        (2 * e * 4) as u32,
+        &[
+            &lg.ptr, &ei, &ki, &bias.ptr, &null, &ids.ptr, &scale, &picks.ptr, &rw.ptr,
+        ],
+    )
+    .unwrap();
+    let mut got = vec![0i32; 2 * k];
+    gpu.dtoh(picks.ptr, &mut got).unwrap();
+    assert!(got.iter().all(|&p| (0..e as i32).contains(&p)), "{got:?}");
+    // Token 1: the six largest finite logits, largest first (the score is monotone in them).
+    assert_eq!(&got[k..], &[40, 63, 8, 3, 17, 30], "{got:?}");
+}
