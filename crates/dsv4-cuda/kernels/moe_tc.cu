@@ -3,21 +3,23 @@
 // compute-bound at ~1.2 of 4.2 TB/s; here a weight costs ~1.4 (nibbles -> f16 bit fields, no
 // conversion to f32) and the products run as mma.sync m16n8k16 f16 -> f32.
 //
-// Layout of one MMA (16 rows × 16 inputs): lane (g, t) of a warp owns one 32-input scale group
-// of rows g and g+8 per step, and the four lanes t of a row hold four different groups. The
-// activation matrix B is block-diagonal: column n = 4p + j carries part p (of two f16 parts,
-// so the split keeps 22 bits) of the inputs owned by lane j only. So D[row][4p + j] is the
-// dot product of one scale group with one part: each column's 32 products are summed from zero
-// by the tensor core (as the tile GEMMs do, since its accumulation truncates), then scaled by
-// its own e8m0 and added in f32.
+// Layout: a step is 256 inputs (128 bytes of each row). Lane (g, t) of a warp loads 32 bytes of
+// rows g and g+8 — two 32-input scale groups, taken one after the other (`ng`) — so in each
+// MMA (16 rows × 16 inputs) the four lanes t of a row hold four different groups. The
+// activation operand B is block-diagonal: column n = 4p + j carries part p (of two f16 parts,
+// 22 bits) of the inputs of lane j only. So D[row][4p + j] is one scale group's dot product
+// with one part: its 32 products are summed from zero by the tensor core (as the tile GEMMs
+// do, since its accumulation truncates), then the lane scales it by the group's weight e8m0
+// and activation factor and adds it in f32. `tools/check_moe_tc.py` emulates this layout.
 //
-// Activations are scaled per 32-input group by a power of two into f16 range, undone in the
-// group's f32 scaling, so the split keeps 22 bits at every magnitude f32 holds.
+// Activations are scaled per 32-input group by a power of two into f16 range, undone in that
+// f32 scaling, so the split keeps 22 bits at every magnitude f32 holds.
 //
 // Block x is a pair (token, slot). An expert's pairs go in chunks of up to MT to the blocks of
-// each chunk's first pair (the others exit), so an expert's weights are read once per MT
-// tokens that picked it, and an expert many tokens picked still spreads over many blocks. Warps take 16-row tiles: 8 gate + 8 up rows (SwiGLU in
-// the warp) for `up`, 16 rows for `down`; each lane keeps PF steps of loads in flight.
+// each chunk's first pair (the others exit), so an expert's weights are read once per MT tokens
+// that picked it, and an expert many tokens picked still spreads over many blocks. Warps take
+// 16-row tiles: 8 gate + 8 up rows (SwiGLU in the warp) for `up`, 16 rows for `down`; each
+// lane keeps PF steps of loads in flight.
 #include "linear.cuh"  // MoeArgs: moe.cu, before this file in all.cu
 
 #define MOE_TC_WARPS 4
