@@ -107,6 +107,13 @@ __device__ __forceinline__ void pdl_entry() {
     pdl_wait();
 }
 
+// The experts' gated activation: silu(min(g, lim)) * clamp(u, -lim, lim), no clamp when lim
+// is NaN (the model has no swiglu_limit).
+__device__ __forceinline__ float swiglu_clamped(float g, float u, float lim) {
+    if (!isnan(lim)) { g = fminf(g, lim); u = fminf(fmaxf(u, -lim), lim); }
+    return g / (1.0f + expf(-g)) * u;
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

@@ -284,9 +284,7 @@ extern "C" __global__ void swiglu(float* g, const float* u, int width, size_t to
     pdl_entry();
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= total) return;
-    float gv = g[idx], uv = u[idx];
-    if (!isnan(lim)) { gv = fminf(gv, lim); uv = fminf(fmaxf(uv, -lim), lim); }
-    float v = gv / (1.0f + expf(-gv)) * uv;
+    float v = swiglu_clamped(g[idx], u[idx], lim);
     if (rw) v *= rw[idx / width];
     g[idx] = v;
 }

@@ -171,9 +171,7 @@ __device__ void moe_up_gemm_impl(const MoeGemmArgs& a) {
         for (int i = 0; i < 4; i++) {
             const int r = row0 + ty * 4 + i;
             if (r >= a.I) continue;
-            float gv = g[i][j], uv = u[i][j];
-            if (!isnan(a.lim)) { gv = fminf(gv, a.lim); uv = fminf(fmaxf(uv, -a.lim), a.lim); }
-            float hv = gv / (1.0f + expf(-gv)) * uv;
+            float hv = swiglu_clamped(g[i][j], u[i][j], a.lim);
             if (a.rw_inside) hv *= a.rw[pairs[t]];
             a.h[(size_t)pairs[t] * a.I + r] = hv;
         }

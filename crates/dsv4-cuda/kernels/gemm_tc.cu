@@ -642,13 +642,8 @@ __device__ void moe_up_gemm_tc_impl(const MoeGemmArgs& a) {
         for (int c = 0; c < 4; c++) {
             const int r = row0 + wm * 16 + tc_row(c), t = tc_tok<TC_MOE_BN>(j, c);
             if (r >= a.I || t >= n) continue;
-            float gv = acc[0][j][c], uv = acc[1][j][c];
-            if (!isnan(a.lim)) {
-                gv = fminf(gv, a.lim);
-                uv = fminf(fmaxf(uv, -a.lim), a.lim);
-            }
             const int p = pairs[t];
-            float hv = gv / (1.0f + expf(-gv)) * uv;
+            float hv = swiglu_clamped(acc[0][j][c], acc[1][j][c], a.lim);
             if (a.rw_inside) hv *= a.rw[p];
             a.h[(size_t)p * a.I + r] = hv;
         }

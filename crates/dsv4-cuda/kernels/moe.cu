@@ -86,9 +86,7 @@ __device__ void moe_up_impl(const MoeArgs& a) {
     warp_dot_rows<FMT, 1, 4>(ws, rows, xm, 1, 0, 0, nch, true, nch * N, acc);
     if (lane == 0) {
         for (int i = 0; i < nr; i++) {
-            float gv = acc[i][0], uv = acc[2 + i][0];
-            if (!isnan(a.lim)) { gv = fminf(gv, a.lim); uv = fminf(fmaxf(uv, -a.lim), a.lim); }
-            float v = gv / (1.0f + expf(-gv)) * uv;
+            float v = swiglu_clamped(acc[i][0], acc[2 + i][0], a.lim);
             if (a.rw_inside) v *= a.rw[pair];
             a.h[(size_t)pair * a.I + r + i] = v;
         }

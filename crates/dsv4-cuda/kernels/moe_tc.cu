@@ -275,9 +275,7 @@ __device__ void moe_tc_impl(const MoeArgs& a) {
                 if (m >= nm) break;
                 const int p = mem[m];
                 if (UP) {
-                    float gv = ya[m], uv = yb[m];
-                    if (!isnan(a.lim)) { gv = fminf(gv, a.lim); uv = fminf(fmaxf(uv, -a.lim), a.lim); }
-                    float v = gv / (1.0f + expf(-gv)) * uv;
+                    float v = swiglu_clamped(ya[m], yb[m], a.lim);
                     if (a.rw_inside) v *= a.rw[p];
                     a.h[(size_t)p * a.I + ra] = v;
                 } else {

@@ -1114,12 +1114,12 @@ pub fn moe_experts(
     if pairs == 0 {
         return Ok(());
     }
-    let f = fmt.name();
-    let expert = |rows: usize, inp: usize| gpu_bytes(fmt, rows, inp);
-    let (d, i) = (a.d as usize, a.i as usize);
     if moe_tc_ok(gpu, fmt, exact_tc, a, pairs) {
         return moe_experts_tc(gpu, a, pairs, round);
     }
+    let f = fmt.name();
+    let expert = |rows: usize, inp: usize| gpu_bytes(fmt, rows, inp);
+    let (d, i) = (a.d as usize, a.i as usize);
     gpu.tag(|| (format!("moe_up {f} x{pairs}"), pairs * expert(2 * i, d)));
     gpu.launch(
         &format!("moe_up_{f}"),
@@ -1181,8 +1181,8 @@ fn moe_tc_smem(mt: usize, k: usize) -> usize {
     64 + mt * (k * 4 + k / 8)
 }
 
-/// [`moe_experts`] on the tensor cores: one block row per expert picked (the first of its
-/// pairs; the others exit at once), serving up to 4 of its tokens per pass.
+/// [`moe_experts`] on the tensor cores: a block row per pair, of which the first pair of each
+/// chunk of up to `mt` pairs of one expert works (serving the chunk) and the others exit.
 fn moe_experts_tc(gpu: &Gpu, a: &MoeArgs, pairs: usize, round: Option<HiddenRound>) -> Result<()> {
     let (d, i) = (a.d as usize, a.i as usize);
     let mt = moe_tc_tokens_per_block(pairs, a);
