@@ -11,6 +11,8 @@ Run: python3 tools/check_moe_tc.py  (pure Python, a few seconds).
 import random
 import struct
 
+from check_tc_kernels import mma, prmt  # the fragment and byte-permute emulations
+
 E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
 
 
@@ -21,11 +23,6 @@ def f16(v):
 
 def h2f(bits):
     return struct.unpack("<e", struct.pack("<H", bits & 0xFFFF))[0]
-
-
-def prmt(a, b, sel):
-    src = a.to_bytes(4, "little") + b.to_bytes(4, "little")
-    return int.from_bytes(bytes(src[(sel >> (4 * i)) & 7] for i in range(4)), "little")
 
 
 def fp4x8_to_half2(w):
@@ -69,29 +66,22 @@ def check(K, seed):
     acc = [[0.0] * 4 for _ in range(32)]
     for stp in range(K // 256):
         for ng in range(2):
-            D = [[0.0] * 8 for _ in range(16)]
+            D = [[0.0] * 4 for _ in range(32)]  # c0..c3 of each lane
             for i in range(4):
                 for s2 in range(2):  # the two MMAs of word i
-                    A = [[0.0] * 16 for _ in range(16)]
-                    B = [[0.0] * 8 for _ in range(16)]
+                    A, B = [], []
                     for lane in range(32):
                         g, t = lane >> 2, lane & 3
                         off = stp * 128 + 32 * t + 16 * ng + 4 * i
                         xa, xb = fp4x8_to_half2(word(g, off)), fp4x8_to_half2(word(g + 8, off))
-                        a0, a2 = (xa[0], xa[1]) if s2 == 0 else (xa[2], xa[3])
-                        a1, a3 = (xb[0], xb[1]) if s2 == 0 else (xb[2], xb[3])
-                        A[g][2 * t:2 * t + 2] = a0
-                        A[g + 8][2 * t:2 * t + 2] = a1
-                        A[g][2 * t + 8:2 * t + 10] = a2
-                        A[g + 8][2 * t + 8:2 * t + 10] = a3
+                        j = 0 if s2 == 0 else 2
+                        A.append([xa[j], xb[j], xa[j + 1], xb[j + 1]])
+                        b = [(0.0, 0.0), (0.0, 0.0)]
                         if (g & 3) == t:  # the lanes that feed B's column g
                             w4 = planes[(stp * 8 + 2 * t + ng, g >> 2, i)]
-                            b0, b1 = (w4[0], w4[1]) if s2 == 0 else (w4[2], w4[3])
-                            B[2 * t][g], B[2 * t + 1][g] = b0
-                            B[2 * t + 8][g], B[2 * t + 9][g] = b1
-                    for r in range(16):
-                        for n in range(8):
-                            D[r][n] += sum(A[r][k] * B[k][n] for k in range(16))
+                            b = [w4[j], w4[j + 1]]
+                        B.append(b)
+                    mma(D, A, B, 0, 1)
             for lane in range(32):
                 g, t = lane >> 2, lane & 3
                 at = stp * 8 + 4 * (t & 1)
@@ -100,7 +90,7 @@ def check(K, seed):
                 e8 = lambda w, j: 2.0 ** (((w >> (8 * j)) & 0xFF) - 127)
                 ga = stp * 8 + 2 * ((2 * t) & 3) + ng
                 gb = ga + 2
-                d = [D[g][2 * t], D[g][2 * t + 1], D[g + 8][2 * t], D[g + 8][2 * t + 1]]
+                d = D[lane]
                 acc[lane][0] += d[0] * e8(swa, ng) * gsc[ga]
                 acc[lane][1] += d[1] * e8(swa, 2 + ng) * gsc[gb]
                 acc[lane][2] += d[2] * e8(swb, ng) * gsc[ga]
