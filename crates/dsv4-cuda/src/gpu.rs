@@ -4,8 +4,8 @@
 
 use crate::{Error, Result};
 use cudarc::driver::{
-    result, sys, CudaContext, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream,
-    DevicePtr, DeviceRepr,
+    result, sys, CudaContext, CudaEvent, CudaFunction, CudaGraph, CudaModule, CudaSlice,
+    CudaStream, DevicePtr, DeviceRepr,
 };
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -73,6 +73,21 @@ pub struct Gpu {
     xs_buf: Mutex<Option<DevBuf>>,
     /// Per-launch timing (`set_profile`): events around every launch, PDL off.
     profile: Mutex<Option<Profile>>,
+    /// Diagnostics only: kernels whose names start with one of these are not launched
+    /// (`DSV4_CUDA_SKIP=hc_mix,rope`), so a step's time without them shows what they cost on
+    /// its critical path. Every result is wrong while it is set.
+    skip: Vec<String>,
+    /// Decode steps run independent work (the shared expert beside the routed ones) on a side
+    /// stream, a parallel branch of the captured graph; `DSV4_CUDA_BRANCHES=0` or
+    /// [`Gpu::set_branches`] keeps everything on one stream.
+    branches: AtomicBool,
+    side: Arc<CudaStream>,
+    fork_ev: CudaEvent,
+    join_ev: CudaEvent,
+    /// Launches and copies go to the side stream (inside [`Gpu::on_side`]).
+    on_side: AtomicBool,
+    /// Work queued on the side stream since the last [`Gpu::join_side`].
+    side_pending: AtomicBool,
 }
 
 /// Launches recorded by the profiler: (label, bytes streamed if known, start, end).
@@ -136,6 +151,9 @@ impl Gpu {
         // stream cannot be captured.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(drv("creating a stream"))?;
+        let side = ctx.new_stream().map_err(drv("creating a stream"))?;
+        let event = || ctx.new_event(None).map_err(drv("creating an event"));
+        let (fork_ev, join_ev) = (event()?, event()?);
         // DSV4_CUDA_FATBIN swaps in another build of the kernels (same argument layouts), so
         // kernel variants can be compared under one binary.
         let fatbin = match std::env::var_os("DSV4_CUDA_FATBIN") {
@@ -187,6 +205,22 @@ impl Gpu {
                 .unwrap_or(crate::ops::MOE_TC_MAX_TOKENS),
             moe_tc: AtomicBool::new(std::env::var("DSV4_CUDA_MOE_TC").map_or(true, |v| v != "0")),
             xs_buf: Mutex::new(None),
+            skip: std::env::var("DSV4_CUDA_SKIP")
+                .map(|v| {
+                    v.split(',')
+                        .filter(|p| !p.is_empty())
+                        .map(str::to_string)
+                        .collect()
+                })
+                .unwrap_or_default(),
+            branches: AtomicBool::new(
+                std::env::var("DSV4_CUDA_BRANCHES").map_or(true, |v| v != "0"),
+            ),
+            side,
+            fork_ev,
+            join_ev,
+            on_side: AtomicBool::new(false),
+            side_pending: AtomicBool::new(false),
         }))
     }
 
@@ -264,7 +298,7 @@ impl Gpu {
         if data.is_empty() {
             return Ok(());
         }
-        unsafe { result::memcpy_htod_async(dst, data, self.stream.cu_stream()) }
+        unsafe { result::memcpy_htod_async(dst, data, self.cur()) }
             .map_err(drv("copying to the GPU"))
     }
 
@@ -273,7 +307,7 @@ impl Gpu {
         if out.is_empty() {
             return Ok(());
         }
-        unsafe { result::memcpy_dtoh_async(out, src, self.stream.cu_stream()) }
+        unsafe { result::memcpy_dtoh_async(out, src, self.cur()) }
             .map_err(drv("copying from the GPU"))?;
         self.sync()
     }
@@ -282,17 +316,70 @@ impl Gpu {
         if bytes == 0 {
             return Ok(());
         }
-        unsafe { result::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream()) }
+        unsafe { result::memcpy_dtod_async(dst, src, bytes, self.cur()) }
             .map_err(drv("copying on the GPU"))
     }
 
     pub fn memset(&self, dst: u64, value: u8, bytes: usize) -> Result<()> {
-        unsafe { result::memset_d8_async(dst, value, bytes, self.stream.cu_stream()) }
+        unsafe { result::memset_d8_async(dst, value, bytes, self.cur()) }
             .map_err(drv("clearing GPU memory"))
     }
 
     /// Waits for all queued work; reports asynchronous kernel faults.
+    pub fn branches(&self) -> bool {
+        self.branches.load(Ordering::Relaxed)
+    }
+
+    pub fn set_branches(&self, on: bool) {
+        self.branches.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether work is being queued on the side stream (inside [`Gpu::on_side`]).
+    pub fn is_on_side(&self) -> bool {
+        self.on_side.load(Ordering::Relaxed)
+    }
+
+    /// The stream work is queued on now: the side stream inside [`Gpu::on_side`].
+    fn cur(&self) -> sys::CUstream {
+        if self.on_side.load(Ordering::Relaxed) {
+            self.side.cu_stream()
+        } else {
+            self.stream.cu_stream()
+        }
+    }
+
+    /// Queues `f`'s launches and copies on the side stream, after everything queued so far and
+    /// beside what is queued next, until [`Gpu::join_side`] makes the main stream wait for
+    /// them. (Under capture this is a parallel branch of the graph.)
+    pub fn on_side<R>(&self, f: impl FnOnce() -> Result<R>) -> Result<R> {
+        self.fork_ev
+            .record(&self.stream)
+            .map_err(drv("recording an event"))?;
+        self.side
+            .wait(&self.fork_ev)
+            .map_err(drv("waiting for an event"))?;
+        self.on_side.store(true, Ordering::Relaxed);
+        self.side_pending.store(true, Ordering::Relaxed);
+        let r = f();
+        self.on_side.store(false, Ordering::Relaxed);
+        r
+    }
+
+    /// Makes the main stream's next work wait for the side stream's.
+    pub fn join_side(&self) -> Result<()> {
+        if self.side_pending.swap(false, Ordering::Relaxed) {
+            self.join_ev
+                .record(&self.side)
+                .map_err(drv("recording an event"))?;
+            self.stream
+                .wait(&self.join_ev)
+                .map_err(drv("waiting for an event"))?;
+        }
+        Ok(())
+    }
+
     pub fn sync(&self) -> Result<()> {
+        self.join_side()?;
         self.stream
             .synchronize()
             .map_err(drv("a GPU kernel failed"))
@@ -308,6 +395,7 @@ impl Gpu {
 
     /// Ends a capture; the graph replays the recorded launches with their recorded arguments.
     pub fn end_capture(&self) -> Result<CudaGraph> {
+        self.join_side()?;
         self.stream
             .end_capture(sys::CUgraphInstantiate_flags(0))
             .map_err(drv("instantiating a CUDA graph"))?
@@ -400,6 +488,9 @@ impl Gpu {
         smem: u32,
         args: &[&dyn Arg],
     ) -> Result<()> {
+        if self.skip.iter().any(|p| name.starts_with(p.as_str())) {
+            return Ok(());
+        }
         let func = self.func(name, smem)?;
         let mut params: Vec<*mut std::ffi::c_void> = args.iter().map(|a| a.param()).collect();
         // Programmatic dependent launch (see kernels/common.cuh): the next kernel may be
@@ -426,7 +517,7 @@ impl Gpu {
                     .take()
                     .unwrap_or_else(|| (format!("{name} {grid:?}"), 0));
                 p.launches.push((label, bytes, a, b));
-                unsafe { result::event::record(a, self.stream.cu_stream()) }
+                unsafe { result::event::record(a, self.cur()) }
                     .map_err(drv("recording an event"))?;
                 Some(b)
             }
@@ -440,7 +531,7 @@ impl Gpu {
             blockDimY: block.1,
             blockDimZ: block.2,
             sharedMemBytes: smem,
-            hStream: self.stream.cu_stream(),
+            hStream: self.cur(),
             attrs: &mut attr,
             numAttrs: (self.pdl && events.is_none()) as u32,
         };
@@ -457,8 +548,7 @@ impl Gpu {
         .result()
         .map_err(|e| Error::Driver(format!("launching `{name}` {grid:?}x{block:?}: {e}")))?;
         if let Some(b) = events {
-            unsafe { result::event::record(b, self.stream.cu_stream()) }
-                .map_err(drv("recording an event"))?;
+            unsafe { result::event::record(b, self.cur()) }.map_err(drv("recording an event"))?;
         }
         drop(prof);
         Ok(())

@@ -98,6 +98,8 @@ struct Scratch {
     tiles: DevBuf,
     partial: DevBuf,
     counters: DevBuf,
+    partial_side: DevBuf,
+    counters_side: DevBuf,
     scores: DevBuf,
     scores_floats: usize,
     attn_part: DevBuf,
@@ -114,6 +116,9 @@ struct Scratch {
     /// Whether the call being queued may use the cuBLASLt GEMMs (not a captured decode step:
     /// cuBLASLt's plan search synchronizes).
     tc_ok: bool,
+    /// Whether the call being queued runs independent work on the side stream
+    /// ([`Gpu::on_side`]): decode steps, whose kernels are too short to fill the GPU alone.
+    branch: bool,
     fp8: crate::blaslt::Fp8Scratch,
 }
 
@@ -174,6 +179,8 @@ impl Scratch {
             tiles: f((2 + ops::MOE_TILE_PAIRS) * (pairs + e_count))?,
             partial: f(1 << 22)?,
             counters: gpu.alloc_zeros(4 << 16)?,
+            partial_side: f(1 << 20)?,
+            counters_side: gpu.alloc_zeros(4 << 16)?,
             scores: f(1 << 24)?,
             scores_floats: 1 << 24,
             attn_part: f(cap.max(64) * h * (dh + 2))?,
@@ -183,6 +190,7 @@ impl Scratch {
             table_host: Vec::new(),
             graphs: HashMap::new(),
             tc_ok: false,
+            branch: false,
             fp8: Default::default(),
         })
     }
@@ -323,6 +331,12 @@ impl CudaModel {
         self.hc_fused.store(on, Ordering::Relaxed);
     }
 
+    /// Decode steps run independent work on a side stream ([`Gpu::on_side`]); off, everything
+    /// queues on one stream (same results, bit for bit).
+    pub fn set_branches(&self, on: bool) {
+        self.gpu.set_branches(on);
+    }
+
     pub fn new_seq(&self) -> Result<GpuSeq> {
         GpuSeq::new(
             &self.gpu,
@@ -410,12 +424,19 @@ impl CudaModel {
         self.run_batch(s, items, total)
     }
 
-    fn part(s: &Scratch) -> Partial {
+    /// The split-K scratch of products queued now: the side stream's own, so products on the
+    /// two streams never share it.
+    fn part(&self, s: &Scratch) -> Partial {
+        let (p, c) = if self.gpu.is_on_side() {
+            (&s.partial_side, &s.counters_side)
+        } else {
+            (&s.partial, &s.counters)
+        };
         Partial {
-            ptr: s.partial.ptr,
-            floats: s.partial.bytes / 4,
-            counters: s.counters.ptr,
-            n_counters: s.counters.bytes / 4,
+            ptr: p.ptr,
+            floats: p.bytes / 4,
+            counters: c.ptr,
+            n_counters: c.bytes / 4,
         }
     }
 
@@ -575,6 +596,7 @@ impl CudaModel {
         let (d, n) = (c.hidden_size, c.hc_mult);
         let nn = n as i32;
         s.tc_ok = per_seq.is_some();
+        s.branch = per_seq.is_none() && g.branches();
         g.launch(
             "embed",
             (t as u32, 1, 1),
@@ -612,6 +634,7 @@ impl CudaModel {
                 self.hc_post(s, t)?;
             }
         }
+        g.join_side()?;
         if head_rows.is_empty() {
             return Ok(());
         }
@@ -645,7 +668,7 @@ impl CudaModel {
             &LinIn::rows(xs, n * d, m),
             s.mu.ptr,
             n,
-            &Self::part(s),
+            &self.part(s),
         )?;
         let (ni, di, ti, eps) = (n as i32, d as i32, m as i32, c.hc_eps);
         ops::elementwise(
@@ -673,7 +696,7 @@ impl CudaModel {
             &LinIn::rows(s.h.ptr, d, m),
             s.out_logits.ptr,
             vocab,
-            &Self::part(s),
+            &self.part(s),
         )
     }
 
@@ -690,7 +713,7 @@ impl CudaModel {
             &LinIn::rows(s.x.ptr, n * d, t),
             s.mu.ptr,
             rows,
-            &Self::part(s),
+            &self.part(s),
         )?;
         let (ni, it, eps, ti, di) = (
             n as i32,
@@ -844,7 +867,7 @@ impl CudaModel {
                 }
             }
         }
-        ops::linear(&self.gpu, w, inp, y, ldy, &Self::part(s))
+        ops::linear(&self.gpu, w, inp, y, ldy, &self.part(s))
     }
 
     /// Several products of one input batch: one launch for a one-token step's GEMVs
@@ -854,7 +877,7 @@ impl CudaModel {
         // One token only: with more, the several-format kernel's registers (the most any
         // format needs) cost more than the launches it saves (A/B on an H200, batch 8 and 32).
         if m == 1 && self.multi_gemv {
-            return ops::linear_multi(&self.gpu, jobs, &Self::part(s));
+            return ops::linear_multi(&self.gpu, jobs, &self.part(s));
         }
         for j in jobs {
             self.dense(s, j.w, &j.inp, j.y, j.w.out)?;
@@ -910,7 +933,7 @@ impl CudaModel {
         let (d, h, dh) = (c.hidden_size, c.num_heads, c.head_dim);
         let eps = c.rms_norm_eps;
         let rope = self.rope_dev(lw.kind);
-        let part = Self::part(s);
+        let part = self.part(s);
         let hin = LinIn::rows(s.h.ptr, d, t);
         let hq = self.gemm_h(s, t)?;
         let pos = Pos::Table(s.positions.ptr);
@@ -954,6 +977,15 @@ impl CudaModel {
         ops::rms_norm(g, s.qr.ptr, a.q_norm.ptr(), c.q_lora_rank, t, eps)?;
         // Both readers of qr (wq_b, the indexer's wq_b) are FP8 GEMMs.
         let qrin = self.round_in_place(s.qr.ptr, c.q_lora_rank, t)?;
+        // A decode step queues the indexer's queries, the compressors and the indexer's
+        // selection on the side stream, beside the queries and keys below.
+        let prep = match per_seq {
+            None if s.branch => Some(g.on_side(|| {
+                self.indexer_queries(s, a, &qrin, &rope, pos, t)?;
+                self.attend_prep(s, lw, li, t, &rope)
+            })?),
+            _ => None,
+        };
         self.dense(s, &a.wq_b, &qrin, s.q.ptr, h * dh)?;
         ops::rms_norm(g, s.q.ptr, 0, dh, t * h, eps)?;
         ops::rope(g, s.q.ptr, t * h, dh, h, &rope, pos, false)?;
@@ -963,17 +995,18 @@ impl CudaModel {
         // The row is key and value as stored: the official profile's FP8 nope channels.
         self.round_entries(s.kv.ptr, dh, t, self.entry_round(false))?;
 
-        if let Some(ix) = &a.indexer {
-            let (hi, di) = (c.index_n_heads, c.index_head_dim);
-            self.dense(s, &ix.wq_b, &qrin, s.qi.ptr, hi * di)?;
-            ops::rope(g, s.qi.ptr, t * hi, di, hi, &rope, pos, false)?;
-            // Official: queries rotated and rounded like the stored keys.
-            self.round_entries(s.qi.ptr, di, t * hi, self.entry_round(true))?;
-        }
-
-        match per_seq {
-            None => self.attend_seqs(s, lw, li, t, &rope)?,
-            Some((items, segs)) => {
+        match (per_seq, prep) {
+            (None, Some(args)) => {
+                g.join_side()?;
+                self.attend_seqs(s, t, &args)?;
+            }
+            (None, None) => {
+                self.indexer_queries(s, a, &qrin, &rope, pos, t)?;
+                let args = self.attend_prep(s, lw, li, t, &rope)?;
+                self.attend_seqs(s, t, &args)?;
+            }
+            (Some((items, segs)), _) => {
+                self.indexer_queries(s, a, &qrin, &rope, pos, t)?;
                 for (it, seg) in items.iter_mut().zip(segs.iter()) {
                     if seg.len == 0 {
                         continue;
@@ -1087,14 +1120,37 @@ impl CudaModel {
     /// The per-sequence part of attention for a decode step, every token its own sequence with
     /// its caches in layer `li`'s row of the table: compressors, indexer, attention and the
     /// window rings, one launch each for the whole batch and with grids fixed by `t` alone.
-    fn attend_seqs(
+    /// The indexer's queries of the `t` rows (`s.qi`) from the normed query latents `qrin`.
+    fn indexer_queries(
+        &self,
+        s: &mut Scratch,
+        a: &crate::weights::GpuAttention,
+        qrin: &LinIn,
+        rope: &RopeDev,
+        pos: Pos,
+        t: usize,
+    ) -> Result<()> {
+        let Some(ix) = &a.indexer else {
+            return Ok(());
+        };
+        let c = &self.config;
+        let (hi, di) = (c.index_n_heads, c.index_head_dim);
+        self.dense(s, &ix.wq_b, qrin, s.qi.ptr, hi * di)?;
+        ops::rope(&self.gpu, s.qi.ptr, t * hi, di, hi, rope, pos, false)?;
+        // Official: queries rotated and rounded like the stored keys.
+        self.round_entries(s.qi.ptr, di, t * hi, self.entry_round(true))
+    }
+
+    /// A decode step's compressor updates and indexer selection (each token's caches through
+    /// the per-token table), and the attention arguments they lead to.
+    fn attend_prep(
         &self,
         s: &mut Scratch,
         lw: &GpuLayer,
         li: usize,
         t: usize,
         rope: &RopeDev,
-    ) -> Result<()> {
+    ) -> Result<AttnArgs> {
         let g = &*self.gpu;
         let c = &self.config;
         let a = &lw.attn;
@@ -1210,19 +1266,27 @@ impl CudaModel {
                 args.nsel = s.nsel.ptr;
             }
         }
+        Ok(args)
+    }
+
+    /// A decode step's attention (after [`Self::attend_prep`]) and the window ring update.
+    fn attend_seqs(&self, s: &mut Scratch, t: usize, args: &AttnArgs) -> Result<()> {
+        let g = &*self.gpu;
+        let c = &self.config;
+        let (h, dh) = (c.num_heads, c.head_dim);
         let groups = h.div_ceil(ATT_HEADS);
         let nsplit = (2 * g.sm_count)
             .div_ceil(t * groups)
             .min(s.attn_part.bytes / 4 / (t * h * (dh + 2)))
             .clamp(1, COMBINE_MAX_SPLITS);
-        self.attend_splits(s, &args, nsplit)?;
+        self.attend_splits(s, args, nsplit)?;
         let (dhi, wi) = (dh as i32, c.sliding_window as i32);
         g.launch(
             "ring_store_seqs",
             (t as u32, 1, 1),
             (128, 1, 1),
             0,
-            &[&s.kv.ptr, &seqs, &positions, &dhi, &wi],
+            &[&s.kv.ptr, &args.seqs, &args.positions, &dhi, &wi],
         )
     }
 
@@ -1415,14 +1479,43 @@ impl CudaModel {
             c.num_experts_per_tok,
             c.moe_intermediate_size,
         );
-        let part = Self::part(s);
+        let part = self.part(s);
         let hin = LinIn::rows(s.h.ptr, d, t);
         // The router reads h as is (f32 in the official code too); the experts' GEMMs read
         // it FP8-rounded under activation quantization.
         let hq = self.gemm_h(s, t)?;
-        // One token's shared expert runs through the routed-expert kernels (below); otherwise
-        // its gate/up products go with the router's.
+        let aq = self.numerics.act_quant();
+        let round = |rw: Option<u64>| aq.then_some(ops::HiddenRound { rw });
+        let lim = c.swiglu_limit.unwrap_or(f32::NAN);
+        // One token's shared expert into s.f through the routed-expert kernels (one pass for
+        // gate, up and SwiGLU, one for down), in a decode step on the side stream beside the
+        // routing and the routed experts; otherwise its gate/up products go with the router's.
         let shared_one = t == 1 && mw.shared_table.is_some();
+        if let (Some(sh), Some(table), true) = (&mw.shared, &mw.shared_table, shared_one) {
+            let desc = std::mem::size_of::<crate::weights::LinearDesc>() as u64;
+            let a = MoeArgs {
+                w1: table.ptr,
+                w3: table.ptr + desc,
+                w2: table.ptr + 2 * desc,
+                picks: s.zeros_i32.ptr,
+                rw: 0,
+                x: hq.x,
+                h: s.sg.ptr,
+                out: s.f.ptr,
+                k: 1,
+                d: d as i32,
+                i: sh.w1.out as i32,
+                vec: (sh.w1.vec && sh.w3.vec && sh.w2.vec) as i32,
+                rw_inside: 0,
+                lim,
+            };
+            let run = || ops::moe_experts(g, sh.w1.fmt, false, &a, t, round(None));
+            if s.branch {
+                g.on_side(run)?;
+            } else {
+                run()?;
+            }
+        }
         match &mw.shared {
             Some(sh) if !shared_one => self.project(
                 s,
@@ -1446,8 +1539,6 @@ impl CudaModel {
             )?,
             _ => ops::linear(g, &mw.gate, &hin, s.logits_e.ptr, e, &part)?,
         }
-        let aq = self.numerics.act_quant();
-        let round = |rw: Option<u64>| aq.then_some(ops::HiddenRound { rw });
         let (bias, tid2eid) = match &mw.router {
             GpuRouter::TopK { bias } => (bias.ptr(), 0u64),
             GpuRouter::Hash { tid2eid } => (0u64, tid2eid.ptr),
@@ -1470,32 +1561,11 @@ impl CudaModel {
                 &s.rw.ptr,
             ],
         )?;
-        let lim = c.swiglu_limit.unwrap_or(f32::NAN);
-        // The shared expert into s.f (zeros without one). One token: through the routed-expert
-        // kernels (one pass for gate, up and SwiGLU, one for down); more: GEMVs that read each
+        // The shared expert of more tokens into s.f (zeros without one): GEMVs that read each
         // weight once for all tokens.
-        match (&mw.shared, &mw.shared_table) {
-            (Some(sh), Some(table)) if shared_one => {
-                let desc = std::mem::size_of::<crate::weights::LinearDesc>() as u64;
-                let a = MoeArgs {
-                    w1: table.ptr,
-                    w3: table.ptr + desc,
-                    w2: table.ptr + 2 * desc,
-                    picks: s.zeros_i32.ptr,
-                    rw: 0,
-                    x: hq.x,
-                    h: s.sg.ptr,
-                    out: s.f.ptr,
-                    k: 1,
-                    d: d as i32,
-                    i: sh.w1.out as i32,
-                    vec: (sh.w1.vec && sh.w3.vec && sh.w2.vec) as i32,
-                    rw_inside: 0,
-                    lim,
-                };
-                ops::moe_experts(g, sh.w1.fmt, false, &a, t, round(None))?;
-            }
-            (Some(sh), _) => {
+        match &mw.shared {
+            Some(_) if shared_one => {} // queued above
+            Some(sh) => {
                 let total = t * sh.w1.out;
                 let (wd, tot, null) = (sh.w1.out as i32, total, 0u64);
                 ops::elementwise(
@@ -1507,7 +1577,7 @@ impl CudaModel {
                 let sgin = self.round_in_place(s.sg.ptr, sh.w1.out, t)?;
                 self.dense(s, &sh.w2, &sgin, s.f.ptr, d)?;
             }
-            (None, _) => g.memset(s.f.ptr, 0, t * d * 4)?,
+            None => g.memset(s.f.ptr, 0, t * d * 4)?,
         }
         let pairs = t * k;
         let a = MoeArgs {
@@ -1580,6 +1650,7 @@ impl CudaModel {
             )?;
         }
         // Under activation quantization the routing weights were applied before `w2`.
+        g.join_side()?;
         let (ki, di, ti, inside) = (k as i32, d as i32, t as i32, aq as i32);
         ops::elementwise(
             g,

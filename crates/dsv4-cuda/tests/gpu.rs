@@ -402,21 +402,26 @@ fn official_profile_matches_reference_on_gpu() {
     }
 }
 
-/// Decode steps replayed from captured CUDA graphs give bit-identical logits to the same steps
-/// launched one kernel at a time, for one sequence and for a batch whose sequences sit at
+/// Decode steps replayed from captured CUDA graphs, and steps whose independent work runs on
+/// the side stream, give bit-identical logits to the same steps launched one kernel at a time
+/// on one stream, for one sequence and for a batch whose sequences sit at
 /// different positions (compressor windows closing on different steps, entry buffers growing).
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn decode_graphs_replay_exactly() {
     use dsv4_cuda::BatchItem;
     let cpu = random_model();
-    // Two copies of the model stepped in lockstep: one launching kernel by kernel, one
-    // replaying graphs.
-    let models: Vec<CudaModel> = (0..2)
+    // Three copies of the model stepped in lockstep: one launching kernel by kernel on one
+    // stream, one the same with the side-stream branches, one replaying graphs (with them).
+    let models: Vec<CudaModel> = (0..3)
         .map(|_| CudaModel::from_model(&cpu, 0).unwrap())
         .collect();
     models[0].set_graphs(false);
-    models[1].set_graphs(true);
+    models[0].set_branches(false);
+    models[1].set_graphs(false);
+    models[1].set_branches(true);
+    models[2].set_graphs(true);
+    models[2].set_branches(true);
     let prompts: Vec<Vec<u32>> = [37usize, 3, 130]
         .iter()
         .enumerate()
@@ -464,18 +469,21 @@ fn decode_graphs_replay_exactly() {
             outs[0].iter().all(|v| v.is_finite()),
             "step {i}: non-finite logits"
         );
-        if outs[0] != outs[1] {
-            let d = outs[0]
-                .iter()
-                .zip(&outs[1])
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
-            bad.push((i, n, d));
+        for (j, o) in outs.iter().enumerate().skip(1) {
+            if outs[0] != *o {
+                let d = outs[0]
+                    .iter()
+                    .zip(o)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                bad.push((j, i, n, d));
+            }
         }
     }
     assert!(
         bad.is_empty(),
-        "graph replay differs from eager launches at (step, batch, max abs diff) {bad:?}"
+        "branches (1) or graph replay (2) differ from one-stream eager launches at (model, \
+         step, batch, max abs diff) {bad:?}"
     );
 }
 
