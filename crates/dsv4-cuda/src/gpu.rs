@@ -5,7 +5,7 @@
 use crate::{Error, Result};
 use cudarc::driver::{
     result, sys, CudaContext, CudaEvent, CudaFunction, CudaGraph, CudaModule, CudaSlice,
-    CudaStream, DevicePtr, DeviceRepr,
+    CudaStream, DevicePtr, DeviceRepr, PinnedHostSlice,
 };
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -88,7 +88,16 @@ pub struct Gpu {
     on_side: AtomicBool,
     /// Work queued on the side stream since the last [`Gpu::join_side`].
     side_pending: AtomicBool,
+    /// Page-locked staging for results read back (the logits), grown on demand up to
+    /// [`PINNED_MAX_FLOATS`]: the copy runs at full PCIe speed and the caller copies it once.
+    pinned: Mutex<Option<PinnedHostSlice<f32>>>,
+    /// `DSV4_CUDA_PINNED=0` reads back through pageable memory only (for comparisons).
+    pinned_on: bool,
 }
+
+/// Largest read-back staged in page-locked memory (64 MB: 128 rows of Flash's vocabulary);
+/// larger ones go through pageable memory.
+pub const PINNED_MAX_FLOATS: usize = 16 << 20;
 
 /// Launches recorded by the profiler: (label, bytes streamed if known, start, end).
 #[derive(Default)]
@@ -221,6 +230,8 @@ impl Gpu {
             join_ev,
             on_side: AtomicBool::new(false),
             side_pending: AtomicBool::new(false),
+            pinned: Mutex::new(None),
+            pinned_on: std::env::var("DSV4_CUDA_PINNED").map_or(true, |v| v != "0"),
         }))
     }
 
@@ -303,6 +314,34 @@ impl Gpu {
     }
 
     /// Copies `out.len()` elements from `src` and waits for them.
+    /// Reads `n` floats at `src` once the queued work is done and hands them to `f`, through
+    /// the page-locked staging buffer when they fit.
+    pub fn dtoh_with<R>(&self, src: u64, n: usize, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+        if n > PINNED_MAX_FLOATS || !self.pinned_on {
+            let mut v = vec![0f32; n];
+            self.dtoh(src, &mut v)?;
+            return Ok(f(&v));
+        }
+        let mut guard = self.pinned.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.as_ref().is_none_or(|p| p.len() < n) {
+            *guard = None;
+            // Flags 0: cached memory the CPU reads fast (cudarc's default is write-combined).
+            let buf = unsafe { self.ctx.alloc_pinned_with_flags::<f32>(n.max(1 << 16), 0) }
+                .map_err(drv("allocating page-locked host memory"))?;
+            *guard = Some(buf);
+        }
+        let buf = guard.as_mut().expect("allocated above");
+        let host = &mut buf
+            .as_mut_slice()
+            .map_err(drv("reading page-locked host memory"))?[..n];
+        if n > 0 {
+            unsafe { result::memcpy_dtoh_async(&mut *host, src, self.cur()) }
+                .map_err(drv("copying from the GPU"))?;
+        }
+        self.sync()?;
+        Ok(f(host))
+    }
+
     pub fn dtoh<T: Copy>(&self, src: u64, out: &mut [T]) -> Result<()> {
         if out.is_empty() {
             return Ok(());

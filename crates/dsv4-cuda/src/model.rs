@@ -527,20 +527,19 @@ impl CudaModel {
             return Ok(vec![Vec::new(); items.len()]);
         }
         let vocab = c.vocab_size;
-        let mut logits = vec![0f32; head_rows.len() * vocab];
-        g.dtoh(s.out_logits.ptr, &mut logits)?;
         // Logits row of each wanted row: itself when every row was computed, else the rows
         // follow one another in item order.
-        let mut next = 0;
-        let out = wanted
-            .into_iter()
-            .map(|r| {
-                let at = if all_rows { r.start } else { next };
-                next += r.len();
-                logits[at * vocab..(at + r.len()) * vocab].to_vec()
-            })
-            .collect();
-        Ok(out)
+        g.dtoh_with(s.out_logits.ptr, head_rows.len() * vocab, |logits| {
+            let mut next = 0;
+            wanted
+                .into_iter()
+                .map(|r| {
+                    let at = if all_rows { r.start } else { next };
+                    next += r.len();
+                    logits[at * vocab..(at + r.len()) * vocab].to_vec()
+                })
+                .collect()
+        })
     }
 
     /// Whether `t` tokens take the per-pair MoE kernels (no host round trip).
