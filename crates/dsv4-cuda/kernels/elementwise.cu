@@ -64,6 +64,33 @@ extern "C" __global__ void rope(float* x, int rows, int width, int rows_per_toke
     }
 }
 
+// rms_norm then rope (not inverse) of the same rows, in one launch: one block per row, the
+// same arithmetic as the two kernels (the row's normalized tail is re-read after a barrier).
+extern "C" __global__ void rms_norm_rope(float* x, const float* w, int width, float eps, int rows_per_token,
+                                         int half, const float* inv_freq, float factor, int pos0, int pos_step,
+                                         const int* positions) {
+    pdl_entry();
+    __shared__ float sh[32];
+    float* row = x + (size_t)blockIdx.x * width;
+    float ss = row_sumsq(row, width, sh);
+    float r = 1.0f / sqrtf(ss / (float)width + eps);
+    for (int i = threadIdx.x; i < width; i += blockDim.x) {
+        float v = row[i] * r;
+        row[i] = w ? v * w[i] : v;
+    }
+    __syncthreads();
+    const int tok = blockIdx.x / rows_per_token;
+    const float p = (float)(positions ? positions[tok] : pos0 + tok * pos_step);
+    float* tail = row + (width - 2 * half);
+    for (int j = threadIdx.x; j < half; j += blockDim.x) {
+        double a = (double)(p * inv_freq[j]);
+        float c = (float)cos(a) * factor, s = (float)sin(a) * factor;
+        float u = tail[2 * j], v = tail[2 * j + 1];
+        tail[2 * j] = u * c - v * s;
+        tail[2 * j + 1] = v * c + u * s;
+    }
+}
+
 // x[t, s, :] = E[ids[t], :] for each of the n streams.
 extern "C" __global__ void embed(LinearW E, const int* ids, float* x, int n) {
     pdl_entry();
@@ -81,10 +108,13 @@ __device__ __forceinline__ float sigmoidf_(float x) { return 1.0f / (1.0f + expf
 // Sinkhorn mix of one token from its raw mix rows m (scaled by the stream rms r), called by one
 // whole warp: pre [n], post [n], comb [n, n] of token t (row softmax + eps, one column
 // normalization, then iters-1 row/column rounds; lane i*n+j holds comb[i][j]; sums in the CPU's
-// order: j or i ascending, then + eps).
-__device__ __forceinline__ void hc_mix_warp(const float* m, float r, const float* base, const float* scale,
-                                            float* pre, float* post, float* comb, int n, int iters,
-                                            float eps, int t) {
+// order: j or i ascending, then + eps). NT > 0 fixes n at compile time (the release models' 4),
+// so the sums' shuffles unroll and issue together; NT = 0 takes any n.
+template <int NT>
+__device__ __forceinline__ void hc_mix_warp_n(const float* m, float r, const float* base, const float* scale,
+                                              float* pre, float* post, float* comb, int n_rt, int iters,
+                                              float eps, int t) {
+    const int n = NT > 0 ? NT : n_rt;
     const int lane = threadIdx.x & 31;
     if (lane < n) {
         pre[t * n + lane] = sigmoidf_((m[lane] * r) * scale[0] + base[lane]) + eps;
@@ -112,6 +142,15 @@ __device__ __forceinline__ void hc_mix_warp(const float* m, float r, const float
         c /= cs + eps;
     }
     if (on) comb[(size_t)t * nn + lane] = c;
+}
+
+__device__ __forceinline__ void hc_mix_warp(const float* m, float r, const float* base, const float* scale,
+                                            float* pre, float* post, float* comb, int n, int iters,
+                                            float eps, int t) {
+    if (n == 4)
+        hc_mix_warp_n<4>(m, r, base, scale, pre, post, comb, n, iters, eps, t);
+    else
+        hc_mix_warp_n<0>(m, r, base, scale, pre, post, comb, n, iters, eps, t);
 }
 
 // One warp per token: the mix of its raw rows mu (fn·x) and stream rms (hc_mix_warp).

@@ -990,11 +990,8 @@ impl CudaModel {
             _ => None,
         };
         self.dense(s, &a.wq_b, &qrin, s.q.ptr, h * dh)?;
-        ops::rms_norm(g, s.q.ptr, 0, dh, t * h, eps)?;
-        ops::rope(g, s.q.ptr, t * h, dh, h, &rope, pos, false)?;
-
-        ops::rms_norm(g, s.kv.ptr, a.kv_norm.ptr(), dh, t, eps)?;
-        ops::rope(g, s.kv.ptr, t, dh, 1, &rope, pos, false)?;
+        ops::rms_norm_rope(g, s.q.ptr, 0, dh, t * h, eps, h, &rope, pos)?;
+        ops::rms_norm_rope(g, s.kv.ptr, a.kv_norm.ptr(), dh, t, eps, 1, &rope, pos)?;
         // The row is key and value as stored: the official profile's FP8 nope channels.
         self.round_entries(s.kv.ptr, dh, t, self.entry_round(false))?;
 

@@ -701,6 +701,55 @@ pub fn rms_norm(gpu: &Gpu, x: u64, w: u64, width: usize, rows: usize, eps: f32) 
     row_kernel(gpu, "rms_norm", x, w, width, rows, eps)
 }
 
+/// [`rms_norm`] then [`rope`] (not inverse) of the same rows in one launch, with the same
+/// results; `rows_per_token` rows share a position.
+#[allow(clippy::too_many_arguments)]
+pub fn rms_norm_rope(
+    gpu: &Gpu,
+    x: u64,
+    w: u64,
+    width: usize,
+    rows: usize,
+    eps: f32,
+    rows_per_token: usize,
+    r: &RopeDev,
+    pos: Pos,
+) -> Result<()> {
+    if rows == 0 {
+        return Ok(());
+    }
+    let (pos0, step, table) = match pos {
+        Pos::Step { pos0, step } => (pos0, step, 0u64),
+        Pos::Table(t) => (0, 0, t),
+    };
+    let a = (
+        width as i32,
+        rows_per_token as i32,
+        r.half as i32,
+        pos0 as i32,
+        step as i32,
+    );
+    gpu.launch(
+        "rms_norm_rope",
+        (rows as u32, 1, 1),
+        (norm_threads(width), 1, 1),
+        0,
+        &[
+            &x,
+            &w,
+            &a.0,
+            &eps,
+            &a.1,
+            &a.2,
+            &r.inv_freq,
+            &r.factor,
+            &a.3,
+            &a.4,
+            &table,
+        ],
+    )
+}
+
 /// `out[row] = 1 / rms(x[row])` for `rows` rows of `width`.
 pub fn inv_rms(gpu: &Gpu, x: u64, out: u64, width: usize, rows: usize, eps: f32) -> Result<()> {
     row_kernel(gpu, "inv_rms", x, out, width, rows, eps)
