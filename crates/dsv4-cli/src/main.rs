@@ -13,6 +13,8 @@ mod bench_gemm;
 mod convert;
 mod generate;
 mod serve;
+#[cfg(feature = "cuda")]
+mod serve_cuda;
 
 #[derive(Parser)]
 #[command(name = "dsv4", version, about = "DeepSeek-V4 inference engine")]

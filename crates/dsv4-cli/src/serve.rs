@@ -4,7 +4,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use dsv4_core::tokenizer::Tokenizer;
 use dsv4_core::{synthetic, Checkpoint, Model};
-use dsv4_server::{CpuBackend, EngineConfig, ServerConfig};
+use dsv4_server::{Backend, CpuBackend, EngineConfig, ServerConfig};
 use std::path::PathBuf;
 
 #[derive(Args)]
@@ -52,10 +52,11 @@ pub struct ServeArgs {
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
-    if a.numerics.cuda_ordinal()?.is_some() {
+    let ordinal = a.numerics.cuda_ordinal()?;
+    if ordinal.is_some() && !cfg!(feature = "cuda") {
         bail!(
-            "the server runs on the CPU for now (the CUDA backend has a batched forward but not \
-             yet the server's clonable sequence state); drop --device"
+            "this dsv4 was built without CUDA support; rebuild with \
+             `cargo build --release -p dsv4-cli --features cuda`"
         );
     }
     if a.max_running == 0 || a.max_batch_tokens == 0 {
@@ -110,23 +111,57 @@ pub fn run(a: ServeArgs) -> Result<()> {
             prefix_cache_bytes: a.prefix_cache_mb << 20,
         },
     };
+    let addr = format!("{}:{}", a.host, a.port);
+    match ordinal {
+        None => {
+            let backend = CpuBackend::with_invariance(model, !a.no_batch_invariant);
+            serve_on(backend, tok, config, &addr, "the CPU".into())
+        }
+        Some(n) => serve_cuda(model, n, tok, config, &addr),
+    }
+}
+
+/// The model on GPU `n`, its CPU copy dropped once uploaded.
+#[cfg(feature = "cuda")]
+fn serve_cuda(
+    model: Model,
+    n: usize,
+    tok: Tokenizer,
+    config: ServerConfig,
+    addr: &str,
+) -> Result<()> {
+    let gpu = dsv4_cuda::CudaModel::from_model(&model, n).with_context(|| format!("cuda:{n}"))?;
+    let where_ = format!("cuda:{n} {}", gpu.gpu.name);
+    let backend = crate::serve_cuda::CudaBackend::new(gpu, model.config.clone());
+    drop(model);
+    serve_on(backend, tok, config, addr, where_)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn serve_cuda(_: Model, _: usize, _: Tokenizer, _: ServerConfig, _: &str) -> Result<()> {
+    unreachable!("checked before loading")
+}
+
+/// Runs the HTTP server on `addr` until it is stopped.
+fn serve_on<B: Backend>(
+    backend: B,
+    tok: Tokenizer,
+    config: ServerConfig,
+    addr: &str,
+    device: String,
+) -> Result<()> {
     let name = config.model_name.clone();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let app = dsv4_server::app(
-            CpuBackend::with_invariance(model, !a.no_batch_invariant),
-            tok,
-            config,
-        )?;
-        let addr = format!("{}:{}", a.host, a.port);
-        let listener = tokio::net::TcpListener::bind(&addr)
+        let app = dsv4_server::app(backend, tok, config)?;
+        let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding {addr}"))?;
         eprintln!(
-            "dsv4: serving `{name}` on http://{} (OpenAI API under /v1)",
+            "dsv4: serving `{name}` on {device} at http://{} (OpenAI API under /v1)",
             listener.local_addr()?
         );
         dsv4_server::serve(listener, app).await?;

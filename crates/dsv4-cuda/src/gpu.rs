@@ -309,6 +309,7 @@ impl Gpu {
         if data.is_empty() {
             return Ok(());
         }
+        self.bind()?;
         unsafe { result::memcpy_htod_async(dst, data, self.cur()) }
             .map_err(drv("copying to the GPU"))
     }
@@ -335,6 +336,7 @@ impl Gpu {
             .as_mut_slice()
             .map_err(drv("reading page-locked host memory"))?[..n];
         if n > 0 {
+            self.bind()?;
             unsafe { result::memcpy_dtoh_async(&mut *host, src, self.cur()) }
                 .map_err(drv("copying from the GPU"))?;
         }
@@ -346,6 +348,7 @@ impl Gpu {
         if out.is_empty() {
             return Ok(());
         }
+        self.bind()?;
         unsafe { result::memcpy_dtoh_async(out, src, self.cur()) }
             .map_err(drv("copying from the GPU"))?;
         self.sync()
@@ -355,11 +358,13 @@ impl Gpu {
         if bytes == 0 {
             return Ok(());
         }
+        self.bind()?;
         unsafe { result::memcpy_dtod_async(dst, src, bytes, self.cur()) }
             .map_err(drv("copying on the GPU"))
     }
 
     pub fn memset(&self, dst: u64, value: u8, bytes: usize) -> Result<()> {
+        self.bind()?;
         unsafe { result::memset_d8_async(dst, value, bytes, self.cur()) }
             .map_err(drv("clearing GPU memory"))
     }
@@ -376,6 +381,14 @@ impl Gpu {
     /// Whether work is being queued on the side stream (inside [`Gpu::on_side`]).
     pub fn is_on_side(&self) -> bool {
         self.on_side.load(Ordering::Relaxed)
+    }
+
+    /// Makes the context current on the calling thread (the server's engine thread is not the
+    /// one that opened the GPU); the raw driver calls below need it.
+    fn bind(&self) -> Result<()> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(drv("binding the CUDA context"))
     }
 
     /// The stream work is queued on now: the side stream inside [`Gpu::on_side`].
@@ -540,9 +553,7 @@ impl Gpu {
             value: unsafe { std::mem::zeroed() },
         };
         attr.value.programmaticStreamSerializationAllowed = 1;
-        self.ctx
-            .bind_to_thread()
-            .map_err(drv("binding the CUDA context"))?;
+        self.bind()?;
         let mut prof = self.profile.lock().unwrap_or_else(|p| p.into_inner());
         let events = match prof.as_mut() {
             Some(p) => {

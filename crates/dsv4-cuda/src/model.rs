@@ -115,7 +115,7 @@ struct Scratch {
     table_host: Vec<SeqLayerPtrs>,
     /// Captured decode steps by (tokens, with logits). They hold this scratch's addresses, so
     /// they live and die with it.
-    graphs: HashMap<(usize, bool), CudaGraph>,
+    graphs: HashMap<(usize, bool), StepGraph>,
     /// Whether the call being queued may use the cuBLASLt GEMMs (not a captured decode step:
     /// cuBLASLt's plan search synchronizes).
     tc_ok: bool,
@@ -124,6 +124,14 @@ struct Scratch {
     branch: bool,
     fp8: crate::blaslt::Fp8Scratch,
 }
+
+/// A captured decode step.
+struct StepGraph(CudaGraph);
+
+// SAFETY: the driver's graph handles are not tied to a thread; a graph lives in its model's
+// scratch, whose mutex serializes every launch, so moving the model to another thread (the
+// server's engine thread) never runs one graph from two threads at once.
+unsafe impl Send for StepGraph {}
 
 impl Scratch {
     fn new(
@@ -340,6 +348,16 @@ impl CudaModel {
         self.gpu.set_branches(on);
     }
 
+    /// An independent copy of `seq` (which this model created), continuing exactly as it would.
+    pub fn copy_seq(&self, seq: &GpuSeq) -> Result<GpuSeq> {
+        if seq.owner != self.id {
+            return Err(Error::Unsupported(
+                "a sequence state of another GPU model".into(),
+            ));
+        }
+        seq.copy(&self.gpu)
+    }
+
     pub fn new_seq(&self) -> Result<GpuSeq> {
         GpuSeq::new(
             &self.gpu,
@@ -498,9 +516,10 @@ impl CudaModel {
                 let res = self.enqueue(s, None, t, &head_rows);
                 let graph = g.end_capture();
                 res?;
-                s.graphs.insert(key, graph?);
+                s.graphs.insert(key, StepGraph(graph?));
             }
             s.graphs[&key]
+                .0
                 .launch()
                 .map_err(|e| Error::Driver(format!("replaying a decode step: {e}")))?;
         } else {

@@ -63,6 +63,23 @@ impl CompState {
         self.entries.bytes + self.tail_kv.bytes + self.tail_gate.bytes
     }
 
+    /// An independent copy: the same capacity, the valid entries and both tail rings.
+    fn copy(&self, gpu: &Gpu) -> Result<Self> {
+        let dup = |b: &DevBuf, bytes: usize| -> Result<DevBuf> {
+            let fresh = gpu.alloc(b.bytes)?;
+            if bytes > 0 {
+                gpu.dtod(fresh.ptr, b.ptr, bytes)?;
+            }
+            Ok(fresh)
+        };
+        Ok(CompState {
+            entries: dup(&self.entries, self.n * self.dim * 4)?,
+            tail_kv: dup(&self.tail_kv, self.tail_kv.bytes)?,
+            tail_gate: dup(&self.tail_gate, self.tail_gate.bytes)?,
+            ..*self
+        })
+    }
+
     /// Random contents for a sequence at position `pos` (benchmarks: decode cost depends on
     /// the number of entries, not on their values).
     fn fill_synthetic(
@@ -186,6 +203,29 @@ impl GpuSeq {
         }
         self.pos = pos;
         gpu.sync()
+    }
+
+    /// An independent copy of this sequence's caches (stream-ordered device copies), for a
+    /// prefix-cache snapshot or a sequence resumed from one.
+    pub fn copy(&self, gpu: &Gpu) -> Result<GpuSeq> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| -> Result<LayerState> {
+                let ring = gpu.alloc(l.ring.bytes)?;
+                gpu.dtod(ring.ptr, l.ring.ptr, l.ring.bytes)?;
+                Ok(LayerState {
+                    ring,
+                    comp: l.comp.as_ref().map(|c| c.copy(gpu)).transpose()?,
+                    index: l.index.as_ref().map(|c| c.copy(gpu)).transpose()?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(GpuSeq {
+            pos: self.pos,
+            layers,
+            owner: self.owner,
+        })
     }
 
     /// Device bytes held by this sequence.

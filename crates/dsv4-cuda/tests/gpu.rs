@@ -558,6 +558,52 @@ fn no_gpu_is_a_clear_error() {
     }
 }
 
+/// A copied sequence (`CudaModel::copy_seq`, the server's prefix-cache snapshots) continues
+/// exactly as the original would, bit for bit, and the two stay independent: copies taken
+/// inside a compressor window and after the entry buffers grew.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn copied_sequences_continue_like_the_original() {
+    let cpu = random_model();
+    let gpu = CudaModel::from_model(&cpu, 0).unwrap();
+    let ids = |n: usize, salt: usize| -> Vec<u32> {
+        (0..n).map(|i| ((i * 37 + salt) % 991) as u32 + 2).collect()
+    };
+    // 37 and then 301 tokens: mid-window for every ratio, and past the first entry capacity.
+    for (prompt_len, at) in [(37usize, "inside a window"), (301, "after entries grew")] {
+        let mut orig = gpu.new_seq().unwrap();
+        gpu.forward(&mut orig, &ids(prompt_len, 1), Logits::Last)
+            .unwrap();
+        let mut copy = gpu.copy_seq(&orig).unwrap();
+        assert_eq!(copy.pos, orig.pos);
+        // The original moves on first (a prefill chunk, then decode steps); the copy then takes
+        // the same tokens and must give the same logits.
+        let cont = ids(9, 5);
+        let feeds: [&[u32]; 4] = [&cont[..5], &cont[5..6], &cont[6..7], &cont[7..9]];
+        let a: Vec<Vec<f32>> = feeds
+            .iter()
+            .map(|f| gpu.forward(&mut orig, f, Logits::Last).unwrap())
+            .collect();
+        let b: Vec<Vec<f32>> = feeds
+            .iter()
+            .map(|f| gpu.forward(&mut copy, f, Logits::Last).unwrap())
+            .collect();
+        assert!(a.iter().flatten().all(|v| v.is_finite()));
+        assert!(a == b, "{at}: the copy's logits differ from the original's");
+        // A copy of a copy, fed something else, leaves its source unchanged.
+        let mut other = gpu.copy_seq(&copy).unwrap();
+        gpu.forward(&mut other, &ids(3, 9), Logits::Last).unwrap();
+        let next = [cont[0]];
+        let x = gpu.forward(&mut orig, &next, Logits::Last).unwrap();
+        let y = gpu.forward(&mut copy, &next, Logits::Last).unwrap();
+        assert!(x == y, "{at}: feeding a copy changed its source");
+        eprintln!(
+            "{at}: copy continues bit-exactly over {} steps",
+            feeds.len() + 1
+        );
+    }
+}
+
 /// Sequences of different lengths fed together (ragged prefill chunks, a sequence sitting a
 /// step out, then batched decode) get the logits each gets alone.
 #[test]

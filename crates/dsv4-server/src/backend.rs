@@ -1,6 +1,7 @@
-//! What the scheduler needs from a model: per-sequence state it can clone (the prefix cache
+//! What the scheduler needs from a model: per-sequence state it can copy (the prefix cache
 //! keeps snapshots) and one batched forward over a ragged set of sequences. The CPU model is the
-//! implementation here; a CUDA backend plugs in behind the same trait.
+//! implementation here; the CUDA one (`dsv4 serve --device cuda`) lives in the CLI, which
+//! links both crates.
 
 use dsv4_core::{Logits, Model, SeqCache, SeqInput};
 
@@ -14,11 +15,14 @@ pub struct BatchItem<'a, S> {
 
 /// A model the scheduler can drive.
 pub trait Backend: Send + 'static {
-    /// A sequence's state (KV and compressor caches); cloned for prefix-cache snapshots.
-    type State: Clone + Send + 'static;
+    /// A sequence's state (KV and compressor caches); copied for prefix-cache snapshots.
+    type State: Send + 'static;
 
-    /// Fresh state for an empty sequence.
-    fn new_state(&self) -> Self::State;
+    /// Fresh state for an empty sequence (fails when its memory cannot be had).
+    fn new_state(&self) -> dsv4_core::Result<Self::State>;
+    /// An independent copy of `state` (a prefix-cache snapshot, or a sequence resumed from
+    /// one).
+    fn copy_state(&self, state: &Self::State) -> dsv4_core::Result<Self::State>;
     /// Memory held by a state (the prefix cache's budget counts this).
     fn state_bytes(&self, state: &Self::State) -> usize;
     /// Feeds every item in one pass. Returns, per item, the last token's logits when wanted
@@ -55,8 +59,12 @@ impl CpuBackend {
 impl Backend for CpuBackend {
     type State = SeqCache;
 
-    fn new_state(&self) -> SeqCache {
-        self.model.new_cache()
+    fn new_state(&self) -> dsv4_core::Result<SeqCache> {
+        Ok(self.model.new_cache())
+    }
+
+    fn copy_state(&self, state: &SeqCache) -> dsv4_core::Result<SeqCache> {
+        Ok(state.clone())
     }
 
     fn state_bytes(&self, state: &SeqCache) -> usize {

@@ -264,10 +264,22 @@ impl<B: Backend> Engine<B> {
                     continue;
                 }
             };
-            // At least the last prompt token is fed, for the logits of the first sample.
-            let (cached, state) = match self.cache.lookup(&r.prompt, r.prompt.len() - 1) {
+            // At least the last prompt token is fed, for the logits of the first sample. A
+            // snapshot that cannot be copied (device memory) is a miss.
+            let hit = self
+                .cache
+                .lookup(&r.prompt, r.prompt.len() - 1)
+                .and_then(|(len, s)| self.backend.copy_state(s).ok().map(|c| (len, c)));
+            let (cached, state) = match hit {
                 Some(hit) => hit,
-                None => (0, self.backend.new_state()),
+                None => match self.backend.new_state() {
+                    Ok(s) => (0, s),
+                    Err(e) => {
+                        self.metrics.requests_failed.fetch_add(1, Relaxed);
+                        let _ = r.events.send(Event::Error(e.to_string()));
+                        continue;
+                    }
+                },
             };
             let m = &self.metrics;
             m.requests_received.fetch_add(1, Relaxed);
@@ -356,7 +368,10 @@ impl<B: Backend> Engine<B> {
             s.fed += std::mem::take(&mut s.scheduled);
             if self.cache.is_boundary(s.fed) && !self.cache.contains(&s.tokens[..s.fed]) {
                 let bytes = self.backend.state_bytes(&s.state);
-                self.cache.insert(&s.tokens[..s.fed], &s.state, bytes);
+                // A snapshot that cannot be copied (device memory) is not kept.
+                if let Ok(copy) = self.backend.copy_state(&s.state) {
+                    self.cache.insert(&s.tokens[..s.fed], copy, bytes);
+                }
             }
             if s.fed < s.tokens.len() || sample(&mut s, row, &self.metrics) {
                 keep.push(s);

@@ -39,7 +39,7 @@ pub struct PrefixCache<S> {
     stats: PrefixStats,
 }
 
-impl<S: Clone> PrefixCache<S> {
+impl<S> PrefixCache<S> {
     /// A cache of snapshots every `block` tokens holding at most `capacity` bytes of state
     /// (0 disables it).
     pub fn new(block: usize, capacity: usize) -> Self {
@@ -81,25 +81,31 @@ impl<S: Clone> PrefixCache<S> {
             .collect()
     }
 
-    /// The longest cached prefix of `tokens` no longer than `max_len`: its length and a copy of
-    /// its state. Counts a hit or a miss.
-    pub fn lookup(&mut self, tokens: &[u32], max_len: usize) -> Option<(usize, S)> {
+    /// The longest cached prefix of `tokens` no longer than `max_len`: its length and its
+    /// state (for the caller to copy). Counts a hit or a miss.
+    pub fn lookup(&mut self, tokens: &[u32], max_len: usize) -> Option<(usize, &S)> {
         let usable = &tokens[..max_len.min(tokens.len())];
         let keys = self.keys(usable);
         self.clock += 1;
-        for (k, key) in keys.iter().enumerate().rev() {
+        let found = keys.iter().enumerate().rev().find_map(|(k, key)| {
             let len = (k + 1) * self.block;
-            if let Some(e) = self.entries.get_mut(key) {
-                if e.tokens[..] == usable[..len] {
-                    e.last_used = self.clock;
-                    self.stats.hits += 1;
-                    self.stats.hit_tokens += len as u64;
-                    return Some((len, e.state.clone()));
-                }
+            self.entries
+                .get(key)
+                .is_some_and(|e| e.tokens[..] == usable[..len])
+                .then_some((len, *key))
+        });
+        match found.and_then(|(len, key)| Some((len, self.entries.get_mut(&key)?))) {
+            Some((len, e)) => {
+                self.stats.hits += 1;
+                self.stats.hit_tokens += len as u64;
+                e.last_used = self.clock;
+                Some((len, &e.state))
+            }
+            None => {
+                self.stats.misses += 1;
+                None
             }
         }
-        self.stats.misses += 1;
-        None
     }
 
     /// True when `len` is a snapshot position.
@@ -119,7 +125,7 @@ impl<S: Clone> PrefixCache<S> {
 
     /// Stores `state`, the state after exactly `tokens` (a whole number of blocks), evicting
     /// the least recently used snapshots to stay within the capacity.
-    pub fn insert(&mut self, tokens: &[u32], state: &S, bytes: usize) {
+    pub fn insert(&mut self, tokens: &[u32], state: S, bytes: usize) {
         if !self.is_boundary(tokens.len()) || bytes > self.capacity {
             return;
         }
@@ -143,7 +149,7 @@ impl<S: Clone> PrefixCache<S> {
             key,
             Entry {
                 tokens: tokens.to_vec(),
-                state: state.clone(),
+                state,
                 bytes,
                 last_used: self.clock,
             },
@@ -163,16 +169,16 @@ mod tests {
     fn finds_the_longest_cached_prefix_within_the_limit() {
         let mut c = PrefixCache::<usize>::new(4, 1000);
         let t = toks(20, 0);
-        c.insert(&t[..4], &4, 10);
-        c.insert(&t[..12], &12, 10);
-        c.insert(&t[..7], &7, 10); // not a boundary: ignored
-        assert_eq!(c.lookup(&t, 20), Some((12, 12)));
-        assert_eq!(c.lookup(&t, 11), Some((4, 4)), "limited to 11 tokens");
+        c.insert(&t[..4], 4, 10);
+        c.insert(&t[..12], 12, 10);
+        c.insert(&t[..7], 7, 10); // not a boundary: ignored
+        assert_eq!(c.lookup(&t, 20), Some((12, &12)));
+        assert_eq!(c.lookup(&t, 11), Some((4, &4)), "limited to 11 tokens");
         assert_eq!(c.lookup(&t, 3), None);
         // A different prompt sharing only the first block.
         let mut u = t.clone();
         u[5] = 999;
-        assert_eq!(c.lookup(&u, 20), Some((4, 4)));
+        assert_eq!(c.lookup(&u, 20), Some((4, &4)));
         assert_eq!(c.lookup(&toks(20, 1), 20), None);
         let s = c.stats();
         assert_eq!((s.hits, s.misses, s.hit_tokens), (3, 2, 20));
@@ -184,18 +190,18 @@ mod tests {
     fn evicts_least_recently_used_within_capacity() {
         let mut c = PrefixCache::<u32>::new(2, 30);
         let (a, b, d) = (toks(2, 0), toks(2, 1), toks(2, 2));
-        c.insert(&a, &1, 10);
-        c.insert(&b, &2, 10);
-        c.insert(&d, &3, 10);
+        c.insert(&a, 1, 10);
+        c.insert(&b, 2, 10);
+        c.insert(&d, 3, 10);
         assert!(c.lookup(&a, 2).is_some()); // a is now the most recent
-        c.insert(&toks(2, 3), &4, 10); // evicts b
+        c.insert(&toks(2, 3), 4, 10); // evicts b
         assert!(c.lookup(&b, 2).is_none());
         assert!(c.lookup(&a, 2).is_some() && c.lookup(&d, 2).is_some());
         assert_eq!(c.stats().bytes, 30);
-        c.insert(&toks(2, 4), &5, 31); // larger than the whole cache: not stored
+        c.insert(&toks(2, 4), 5, 31); // larger than the whole cache: not stored
         assert_eq!(c.stats().entries, 3);
         let mut off = PrefixCache::<u32>::new(2, 0);
-        off.insert(&a, &1, 1);
+        off.insert(&a, 1, 1);
         assert!(off.lookup(&a, 2).is_none());
     }
 }

@@ -433,8 +433,11 @@ struct Scripted {
 
 impl Backend for Scripted {
     type State = Vec<u32>;
-    fn new_state(&self) -> Vec<u32> {
-        Vec::new()
+    fn new_state(&self) -> dsv4_core::Result<Vec<u32>> {
+        Ok(Vec::new())
+    }
+    fn copy_state(&self, s: &Vec<u32>) -> dsv4_core::Result<Vec<u32>> {
+        Ok(s.clone())
     }
     fn state_bytes(&self, s: &Vec<u32>) -> usize {
         s.len() * 4
