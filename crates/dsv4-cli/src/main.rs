@@ -30,7 +30,8 @@ struct Cli {
 /// runs it.
 #[derive(clap::Args, Clone, Debug)]
 pub struct NumericsArgs {
-    /// `cpu`, or `cuda` / `cuda:N` for GPU N (needs a build with `--features cuda`).
+    /// `cpu`, or `cuda` / `cuda:N` for GPU N, or `cuda:0,1,...` for the layers split over
+    /// several GPUs (needs a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
     device: String,
     /// `reference` (transformers-exact f32) or `official` (DeepSeek's inference: FP8 K/V cache,
@@ -53,36 +54,59 @@ impl NumericsArgs {
         }
     }
 
-    /// The GPU ordinal of `--device cuda[:N]`, or `None` for the CPU.
-    pub fn cuda_ordinal(&self) -> Result<Option<usize>> {
-        match self.device.as_str() {
+    /// The GPU ordinals of `--device cuda[:N[,M...]]` (one per pipeline stage), or `None` for
+    /// the CPU.
+    pub fn cuda_ordinals(&self) -> Result<Option<Vec<usize>>> {
+        let d = self.device.as_str();
+        let bad = || {
+            anyhow::anyhow!("--device must be `cpu`, `cuda`, `cuda:N` or `cuda:N,M,...`, got `{d}`")
+        };
+        match d {
             "cpu" => Ok(None),
-            "cuda" => Ok(Some(0)),
-            d => match d.strip_prefix("cuda:").map(str::parse::<usize>) {
-                Some(Ok(n)) => Ok(Some(n)),
-                _ => bail!("--device must be `cpu`, `cuda` or `cuda:N`, got `{d}`"),
-            },
+            "cuda" => Ok(Some(vec![0])),
+            _ => {
+                let list = d.strip_prefix("cuda:").ok_or_else(bad)?;
+                let ords = list
+                    .split(',')
+                    .map(|n| n.trim().parse::<usize>())
+                    .collect::<std::result::Result<Vec<_>, _>>()
+                    .map_err(|_| bad())?;
+                Ok(Some(ords))
+            }
+        }
+    }
+
+    /// The one GPU of `--device`, for commands that run on a single GPU.
+    pub fn cuda_ordinal(&self) -> Result<Option<usize>> {
+        match self.cuda_ordinals()?.as_deref() {
+            None => Ok(None),
+            Some([n]) => Ok(Some(*n)),
+            Some(_) => bail!("this command runs on one GPU; give --device cuda:N"),
         }
     }
 
     /// Puts a loaded model on the chosen device.
     pub fn engine(&self, model: Model) -> Result<Box<dyn dsv4_core::Engine>> {
-        match self.cuda_ordinal()? {
+        match self.cuda_ordinals()? {
             None => Ok(Box::new(model)),
-            Some(n) => cuda_engine(&model, n),
+            Some(n) => cuda_engine(&model, &n),
         }
     }
 }
 
 #[cfg(feature = "cuda")]
-fn cuda_engine(model: &Model, ordinal: usize) -> Result<Box<dyn dsv4_core::Engine>> {
-    let m = dsv4_cuda::CudaModel::from_model(model, ordinal)
-        .with_context(|| format!("cuda:{ordinal}"))?;
-    Ok(Box::new(m))
+fn cuda_engine(model: &Model, ordinals: &[usize]) -> Result<Box<dyn dsv4_core::Engine>> {
+    if let [n] = ordinals {
+        let m = dsv4_cuda::CudaModel::from_model(model, *n).with_context(|| format!("cuda:{n}"))?;
+        return Ok(Box::new(m));
+    }
+    let p = dsv4_cuda::Pipeline::new(model, ordinals)
+        .with_context(|| format!("a pipeline over cuda:{ordinals:?}"))?;
+    Ok(Box::new(p))
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda_engine(_: &Model, _: usize) -> Result<Box<dyn dsv4_core::Engine>> {
+fn cuda_engine(_: &Model, _: &[usize]) -> Result<Box<dyn dsv4_core::Engine>> {
     bail!(
         "this dsv4 was built without CUDA support; rebuild with \
          `cargo build --release -p dsv4-cli --features cuda`"
@@ -159,7 +183,7 @@ fn run(cmd: Cmd) -> Result<()> {
 
 fn load(dir: &Path, numerics: &NumericsArgs) -> Result<Box<dyn dsv4_core::Engine>> {
     let profile = numerics.profile()?;
-    numerics.cuda_ordinal()?;
+    numerics.cuda_ordinals()?;
     let ck = Checkpoint::open(dir)?;
     let mut model = Model::load(&ck)?;
     model.numerics = profile;

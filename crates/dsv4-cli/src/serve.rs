@@ -52,8 +52,8 @@ pub struct ServeArgs {
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
-    let ordinal = a.numerics.cuda_ordinal()?;
-    if ordinal.is_some() && !cfg!(feature = "cuda") {
+    let ordinals = a.numerics.cuda_ordinals()?;
+    if ordinals.is_some() && !cfg!(feature = "cuda") {
         bail!(
             "this dsv4 was built without CUDA support; rebuild with \
              `cargo build --release -p dsv4-cli --features cuda`"
@@ -112,33 +112,43 @@ pub fn run(a: ServeArgs) -> Result<()> {
         },
     };
     let addr = format!("{}:{}", a.host, a.port);
-    match ordinal {
+    match ordinals {
         None => {
             let backend = CpuBackend::with_invariance(model, !a.no_batch_invariant);
             serve_on(backend, tok, config, &addr, "the CPU".into())
         }
-        Some(n) => serve_cuda(model, n, tok, config, &addr),
+        Some(n) => serve_cuda(model, &n, tok, config, &addr),
     }
 }
 
-/// The model on GPU `n`, its CPU copy dropped once uploaded.
+/// The model on GPU `n`, or split by layers over the GPUs `n`; its CPU copy dropped once
+/// uploaded.
 #[cfg(feature = "cuda")]
 fn serve_cuda(
     model: Model,
-    n: usize,
+    n: &[usize],
     tok: Tokenizer,
     config: ServerConfig,
     addr: &str,
 ) -> Result<()> {
-    let gpu = dsv4_cuda::CudaModel::from_model(&model, n).with_context(|| format!("cuda:{n}"))?;
-    let where_ = format!("cuda:{n} {}", gpu.gpu.name);
-    let backend = crate::serve_cuda::CudaBackend::new(gpu, model.config.clone());
+    use crate::serve_cuda::CudaBackend;
+    let cfg = model.config.clone();
+    if let [one] = n {
+        let gpu = dsv4_cuda::CudaModel::from_model(&model, *one)
+            .with_context(|| format!("cuda:{one}"))?;
+        let where_ = format!("cuda:{one} {}", gpu.gpu.name);
+        drop(model);
+        return serve_on(CudaBackend::new(gpu, cfg), tok, config, addr, where_);
+    }
+    let p = dsv4_cuda::Pipeline::new(&model, n)
+        .with_context(|| format!("a pipeline over cuda:{n:?}"))?;
+    let where_ = dsv4_core::Engine::device(&p);
     drop(model);
-    serve_on(backend, tok, config, addr, where_)
+    serve_on(CudaBackend::new(p, cfg), tok, config, addr, where_)
 }
 
 #[cfg(not(feature = "cuda"))]
-fn serve_cuda(_: Model, _: usize, _: Tokenizer, _: ServerConfig, _: &str) -> Result<()> {
+fn serve_cuda(_: Model, _: &[usize], _: Tokenizer, _: ServerConfig, _: &str) -> Result<()> {
     unreachable!("checked before loading")
 }
 

@@ -499,4 +499,25 @@ fn device_errors_are_clean() {
         );
         assert!(!err.contains("panicked"), "{err}");
     }
+    // A list of GPUs (pipeline stages) is parsed; a malformed one is refused by name.
+    let o = dsv4(&[
+        "logits", "--model", m, "--ids", "1,2", "--out", out, "--device", "cuda:0,x",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--device must be"));
+    let o = dsv4(&[
+        "logits", "--model", m, "--ids", "1,2", "--out", out, "--device", "cuda:0,1",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    if !o.status.success() {
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(
+            !err.contains("--device must be") && !err.contains("panicked"),
+            "{err}"
+        );
+    }
+    // The benchmark runs on one GPU.
+    let o = dsv4(&["bench", "--device", "cuda:0,1"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("runs on one GPU"));
 }

@@ -84,7 +84,8 @@ pub struct Gpu {
     side: Arc<CudaStream>,
     fork_ev: CudaEvent,
     join_ev: CudaEvent,
-    /// Launches and copies go to the side stream (inside [`Gpu::on_side`]).
+    /// Launches and copies go to the side stream (inside [`Gpu::on_side`]). One flag for the
+    /// `Gpu`: a model queues work from one thread at a time (the server's engine thread).
     on_side: AtomicBool,
     /// Work queued on the side stream since the last [`Gpu::join_side`].
     side_pending: AtomicBool,
@@ -326,12 +327,18 @@ impl Gpu {
         let mut guard = self.pinned.lock().unwrap_or_else(|p| p.into_inner());
         if guard.as_ref().is_none_or(|p| p.len() < n) {
             *guard = None;
-            // Flags 0: cached memory the CPU reads fast (cudarc's default is write-combined).
-            let buf = unsafe { self.ctx.alloc_pinned_with_flags::<f32>(n.max(1 << 16), 0) }
-                .map_err(drv("allocating page-locked host memory"))?;
-            *guard = Some(buf);
+            // Grown by powers of two (a decode batch grows a request at a time). Flags 0:
+            // cached memory the CPU reads fast (cudarc's default is write-combined).
+            let len = n.next_power_of_two().clamp(1 << 16, PINNED_MAX_FLOATS);
+            *guard = unsafe { self.ctx.alloc_pinned_with_flags::<f32>(len, 0) }.ok();
         }
-        let buf = guard.as_mut().expect("allocated above");
+        let Some(buf) = guard.as_mut() else {
+            // No page-locked memory to be had: the pageable path.
+            drop(guard);
+            let mut v = vec![0f32; n];
+            self.dtoh(src, &mut v)?;
+            return Ok(f(&v));
+        };
         let host = &mut buf
             .as_mut_slice()
             .map_err(drv("reading page-locked host memory"))?[..n];
@@ -410,11 +417,17 @@ impl Gpu {
         self.side
             .wait(&self.fork_ev)
             .map_err(drv("waiting for an event"))?;
+        // Back on the main stream however `f` ends (an error, or a panic the caller survives).
+        struct Back<'a>(&'a Gpu);
+        impl Drop for Back<'_> {
+            fn drop(&mut self) {
+                self.0.on_side.store(false, Ordering::Relaxed);
+                self.0.side_pending.store(true, Ordering::Relaxed);
+            }
+        }
+        let _back = Back(self);
         self.on_side.store(true, Ordering::Relaxed);
-        self.side_pending.store(true, Ordering::Relaxed);
-        let r = f();
-        self.on_side.store(false, Ordering::Relaxed);
-        r
+        f()
     }
 
     /// Makes the main stream's next work wait for the side stream's.

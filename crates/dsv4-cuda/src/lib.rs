@@ -1,19 +1,22 @@
 //! dsv4-cuda: the DeepSeek-V4 forward on an NVIDIA GPU. Weights are uploaded in their stored
 //! formats and decoded inside the kernels (compiled ahead of time by nvcc, embedded in the
 //! binary); activations and all arithmetic are f32, like the CPU reference, so the GPU matches
-//! it op by op. `CudaModel` implements [`dsv4_core::Engine`].
+//! it op by op. `CudaModel` (one GPU) and `Pipeline` (the layers split over several) implement
+//! [`dsv4_core::Engine`].
 
 pub mod blaslt;
 pub mod gpu;
 pub mod model;
 pub mod ops;
+mod pipeline;
 pub mod quant;
 mod state;
 pub mod weights;
 
 pub use cudarc;
 pub use gpu::Gpu;
-pub use model::{BatchItem, CudaModel};
+pub use model::{BatchItem, CudaModel, PartOut};
+pub use pipeline::{split_layers, PipeItem, PipeSeq, Pipeline};
 pub use state::GpuSeq;
 
 /// Everything that can go wrong on the device, each with a message a user can act on.

@@ -6,7 +6,7 @@
 use crate::gpu::{DevBuf, Gpu};
 use crate::ops::{self, AttnArgs, LinIn, LinJob, MoeArgs, Partial, Pos, RopeDev};
 use crate::state::{CompState, GpuSeq, LayerState, SeqLayerPtrs};
-use crate::weights::{Fmt, GpuCompressor, GpuHc, GpuLayer, GpuRouter, GpuVec, GpuWeights};
+use crate::weights::{Ends, Fmt, GpuCompressor, GpuHc, GpuLayer, GpuRouter, GpuVec, GpuWeights};
 use crate::{Error, Result};
 use cudarc::driver::CudaGraph;
 use dsv4_core::config::AttnKind;
@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 
 /// Tokens per internal forward chunk: bounds the activation scratch (chunked prefill gives the
 /// one-call logits, so the split is invisible).
-const MAX_CHUNK: usize = 2048;
+pub(crate) const MAX_CHUNK: usize = 2048;
 /// Above this many (token, expert) pairs (and 8 per expert), prefill groups pairs by expert on
 /// the host.
 const GROUP_PAIRS: usize = 64;
@@ -44,6 +44,14 @@ pub struct BatchItem<'a> {
     pub seq: &'a mut GpuSeq,
     pub ids: &'a [u32],
     pub want: Logits,
+}
+
+/// What one pipeline stage hands on ([`CudaModel::forward_part`]).
+pub enum PartOut {
+    /// Each item's logits (the stage with the head).
+    Logits(Vec<Vec<f32>>),
+    /// The hidden streams of every token, `[tokens, hc_mult, hidden]`, for the next stage.
+    Hidden(Vec<f32>),
 }
 
 /// Where a sequence's tokens sit in a batched call.
@@ -256,6 +264,28 @@ impl CudaModel {
         Self::from_model_layers(model, ordinal, model.config.clone(), &src, |_, _| {})
     }
 
+    /// Uploads host layers `layers` of a loaded model to GPU `ordinal`, with the embedding
+    /// and the head when `ends` says: one stage of a [`crate::Pipeline`].
+    pub fn from_model_part(
+        model: &Model,
+        ordinal: usize,
+        layers: std::ops::Range<usize>,
+        ends: Ends,
+    ) -> Result<Self> {
+        let mut config = model.config.clone();
+        if layers.end > config.num_layers || layers.is_empty() {
+            return Err(Error::Unsupported(format!(
+                "layers {layers:?} of a {}-layer model",
+                config.num_layers
+            )));
+        }
+        config.num_layers = layers.len();
+        config.attn_kinds = config.attn_kinds[layers.clone()].to_vec();
+        config.mlp_kinds = config.mlp_kinds[layers.clone()].to_vec();
+        let src: Vec<usize> = layers.collect();
+        Self::build(model, ordinal, config, &src, ends, |_, _| {})
+    }
+
     /// Uploads with GPU layer `i` taken from host layer `src[i]` and `config` describing the
     /// result (a synthetic Flash/Pro built from a few distinct host layers).
     pub fn from_model_layers(
@@ -263,6 +293,17 @@ impl CudaModel {
         ordinal: usize,
         config: ModelConfig,
         src: &[usize],
+        progress: impl FnMut(usize, usize),
+    ) -> Result<Self> {
+        Self::build(model, ordinal, config, src, Ends::BOTH, progress)
+    }
+
+    fn build(
+        model: &Model,
+        ordinal: usize,
+        config: ModelConfig,
+        src: &[usize],
+        ends: Ends,
         progress: impl FnMut(usize, usize),
     ) -> Result<Self> {
         if model.numerics.is_official() {
@@ -281,8 +322,14 @@ impl CudaModel {
             )));
         }
         let gpu = Gpu::open(ordinal)?;
-        let weights =
-            GpuWeights::upload(&gpu, &model.weights, &model.config.mlp_kinds, src, progress)?;
+        let weights = GpuWeights::upload(
+            &gpu,
+            &model.weights,
+            &model.config.mlp_kinds,
+            src,
+            ends,
+            progress,
+        )?;
         let rope = |spec| -> Result<(GpuVec, f32)> {
             let t = RopeTable::new(spec, config.rope_dim);
             Ok((GpuVec::upload(&gpu, &t.inv_freq)?, t.attention_factor))
@@ -346,6 +393,15 @@ impl CudaModel {
     /// queues on one stream (same results, bit for bit).
     pub fn set_branches(&self, on: bool) {
         self.gpu.set_branches(on);
+        // Steps captured before were recorded with the other setting.
+        if let Some(s) = self
+            .scratch
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            s.graphs.clear();
+        }
     }
 
     /// An independent copy of `seq` (which this model created), continuing exactly as it would.
@@ -405,20 +461,7 @@ impl CudaModel {
     /// each item's logits (`[rows, vocab]`, empty for `Logits::None`). Inputs are checked before
     /// any state changes.
     pub fn forward_batch(&self, items: &mut [BatchItem<'_>]) -> Result<Vec<Vec<f32>>> {
-        let vocab = self.config.vocab_size;
-        for it in items.iter() {
-            if it.seq.owner != self.id {
-                return Err(Error::Unsupported(
-                    "a sequence state created by another model".into(),
-                ));
-            }
-            if let Some(&bad) = it.ids.iter().find(|&&t| t as usize >= vocab) {
-                return Err(dsv4_core::Error::Input(format!(
-                    "token id {bad} is out of range (vocabulary size {vocab})"
-                ))
-                .into());
-            }
-        }
+        self.check_items(items)?;
         let total: usize = items.iter().map(|it| it.ids.len()).sum();
         if total > MAX_CHUNK {
             return items
@@ -426,8 +469,51 @@ impl CudaModel {
                 .map(|it| self.forward(it.seq, it.ids, it.want))
                 .collect();
         }
+        match self.forward_part(items, None)? {
+            PartOut::Logits(l) => Ok(l),
+            PartOut::Hidden(_) => Err(Error::Unsupported(
+                "this GPU holds a pipeline stage without the head; run the whole pipeline".into(),
+            )),
+        }
+    }
+
+    /// One stage of a pipeline on a call of at most [`MAX_CHUNK`] tokens: `x_in` holds the
+    /// hidden streams of every token from the previous stage (`[tokens, hc_mult, hidden]`;
+    /// `None` on the stage with the embedding). Returns the items' logits on the stage with
+    /// the head, the hidden streams for the next stage otherwise.
+    pub fn forward_part(
+        &self,
+        items: &mut [BatchItem<'_>],
+        x_in: Option<&[f32]>,
+    ) -> Result<PartOut> {
+        self.check_items(items)?;
+        let total: usize = items.iter().map(|it| it.ids.len()).sum();
+        if total > MAX_CHUNK {
+            return Err(Error::Unsupported(format!(
+                "{total} tokens in one pipeline step (at most {MAX_CHUNK})"
+            )));
+        }
+        let rows = total * self.config.hc_mult * self.config.hidden_size;
+        match (&self.weights.embed, x_in) {
+            (Some(_), None) => {}
+            (None, Some(x)) if x.len() == rows => {}
+            (Some(_), Some(_)) => {
+                return Err(Error::Unsupported(
+                    "hidden streams given to the stage with the embedding".into(),
+                ))
+            }
+            (None, x) => {
+                return Err(Error::Unsupported(format!(
+                    "a later pipeline stage needs {rows} hidden values, got {}",
+                    x.map_or(0, |x| x.len())
+                )))
+            }
+        }
         if total == 0 {
-            return Ok(vec![Vec::new(); items.len()]);
+            return Ok(match self.weights.head {
+                Some(_) => PartOut::Logits(vec![Vec::new(); items.len()]),
+                None => PartOut::Hidden(Vec::new()),
+            });
         }
         let mut guard = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
         if guard.as_ref().is_none_or(|s| s.cap < total) {
@@ -442,7 +528,26 @@ impl CudaModel {
             )?);
         }
         let s = guard.as_mut().expect("allocated above");
-        self.run_batch(s, items, total)
+        self.run_batch(s, items, total, x_in)
+    }
+
+    /// Every item's state is this model's and its tokens are in the vocabulary.
+    fn check_items(&self, items: &[BatchItem<'_>]) -> Result<()> {
+        let vocab = self.config.vocab_size;
+        for it in items.iter() {
+            if it.seq.owner != self.id {
+                return Err(Error::Unsupported(
+                    "a sequence state created by another model".into(),
+                ));
+            }
+            if let Some(&bad) = it.ids.iter().find(|&&t| t as usize >= vocab) {
+                return Err(dsv4_core::Error::Input(format!(
+                    "token id {bad} is out of range (vocabulary size {vocab})"
+                ))
+                .into());
+            }
+        }
+        Ok(())
     }
 
     /// The split-K scratch of products queued now: the side stream's own, so products on the
@@ -466,9 +571,11 @@ impl CudaModel {
         s: &mut Scratch,
         items: &mut [BatchItem<'_>],
         t: usize,
-    ) -> Result<Vec<Vec<f32>>> {
+        x_in: Option<&[f32]>,
+    ) -> Result<PartOut> {
         let g = &*self.gpu;
         let c = &self.config;
+        let last = self.weights.head.is_some();
         let mut segs = Vec::with_capacity(items.len());
         let (mut ids, mut positions) = (Vec::with_capacity(t), Vec::with_capacity(t));
         for it in items.iter() {
@@ -486,6 +593,10 @@ impl CudaModel {
         let decode = items.iter().all(|it| it.ids.len() == 1);
         g.htod(s.ids.ptr, &ids)?;
         g.htod(s.positions.ptr, &positions)?;
+        if let Some(x) = x_in {
+            // A later pipeline stage starts from the previous stage's streams.
+            g.htod(s.x.ptr, x)?;
+        }
         if decode {
             self.prepare_decode(s, items)?;
         }
@@ -501,7 +612,8 @@ impl CudaModel {
                 _ => 0..0,
             })
             .collect();
-        let any_wanted = wanted.iter().any(|r| !r.is_empty());
+        // (A stage without the head computes no logits.)
+        let any_wanted = last && wanted.iter().any(|r| !r.is_empty());
         let all_rows = decode && any_wanted;
         let head_rows: Vec<usize> = if all_rows {
             (0..t).collect()
@@ -541,23 +653,29 @@ impl CudaModel {
                 }
             }
         }
+        if !last {
+            let rows = t * c.hc_mult * c.hidden_size;
+            return g.dtoh_with(s.x.ptr, rows, |x| PartOut::Hidden(x.to_vec()));
+        }
         if !any_wanted {
             g.sync()?;
-            return Ok(vec![Vec::new(); items.len()]);
+            return Ok(PartOut::Logits(vec![Vec::new(); items.len()]));
         }
         let vocab = c.vocab_size;
         // Logits row of each wanted row: itself when every row was computed, else the rows
         // follow one another in item order.
         g.dtoh_with(s.out_logits.ptr, head_rows.len() * vocab, |logits| {
             let mut next = 0;
-            wanted
-                .into_iter()
-                .map(|r| {
-                    let at = if all_rows { r.start } else { next };
-                    next += r.len();
-                    logits[at * vocab..(at + r.len()) * vocab].to_vec()
-                })
-                .collect()
+            PartOut::Logits(
+                wanted
+                    .into_iter()
+                    .map(|r| {
+                        let at = if all_rows { r.start } else { next };
+                        next += r.len();
+                        logits[at * vocab..(at + r.len()) * vocab].to_vec()
+                    })
+                    .collect(),
+            )
         })
     }
 
@@ -619,13 +737,16 @@ impl CudaModel {
         s.tc_ok = per_seq.is_some();
         // (Not while profiling: the profile times launches one at a time.)
         s.branch = per_seq.is_none() && t <= BRANCH_TOKENS && g.branches() && !g.profiling();
-        g.launch(
-            "embed",
-            (t as u32, 1, 1),
-            (256, 1, 1),
-            0,
-            &[&self.weights.embed.desc, &s.ids.ptr, &s.x.ptr, &nn],
-        )?;
+        // A later pipeline stage finds the previous stage's streams in s.x instead.
+        if let Some(embed) = &self.weights.embed {
+            g.launch(
+                "embed",
+                (t as u32, 1, 1),
+                (256, 1, 1),
+                0,
+                &[&embed.desc, &s.ids.ptr, &s.x.ptr, &nn],
+            )?;
+        }
         // Few tokens: each boundary between blocks (the post-mix of the block that ran, the
         // pre-mix and norm of the next) is two launches; the last post-mix runs on its own.
         let fused = t <= HC_FUSED_TOKENS
@@ -682,7 +803,12 @@ impl CudaModel {
         let g = &*self.gpu;
         let c = &self.config;
         let (d, n) = (c.hidden_size, c.hc_mult);
-        let hh = &self.weights.hc_head;
+        let Some(wh) = &self.weights.head else {
+            return Err(Error::Unsupported(
+                "a pipeline stage without the head".into(),
+            ));
+        };
+        let hh = &wh.hc_head;
         ops::inv_rms(g, xs, s.rinv.ptr, n * d, m, c.rms_norm_eps)?;
         ops::linear(
             g,
@@ -710,11 +836,11 @@ impl CudaModel {
                 &ti,
             ],
         )?;
-        ops::rms_norm(g, s.h.ptr, self.weights.norm.ptr(), d, m, c.rms_norm_eps)?;
+        ops::rms_norm(g, s.h.ptr, wh.norm.ptr(), d, m, c.rms_norm_eps)?;
         let vocab = c.vocab_size;
         ops::linear(
             g,
-            &self.weights.head,
+            &wh.head,
             &LinIn::rows(s.h.ptr, d, m),
             s.out_logits.ptr,
             vocab,

@@ -443,11 +443,32 @@ impl GpuLayer {
 
 /// Every weight of the model on one GPU.
 pub struct GpuWeights {
-    pub embed: GpuLinear,
+    /// The token embedding: on the first GPU of a pipeline only.
+    pub embed: Option<GpuLinear>,
+    /// Hyper-head, final norm and vocabulary projection: on the last GPU only.
+    pub head: Option<GpuHead>,
+    pub layers: Vec<GpuLayer>,
+}
+
+pub struct GpuHead {
     pub head: GpuLinear,
     pub norm: GpuVec,
     pub hc_head: GpuHc,
-    pub layers: Vec<GpuLayer>,
+}
+
+/// Which ends of the model a GPU holds besides its layers (a pipeline splits the layers over
+/// several GPUs: the embedding goes on the first, the head on the last).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ends {
+    pub embed: bool,
+    pub head: bool,
+}
+
+impl Ends {
+    pub const BOTH: Ends = Ends {
+        embed: true,
+        head: true,
+    };
 }
 
 impl GpuWeights {
@@ -458,6 +479,7 @@ impl GpuWeights {
         w: &ModelWeights,
         mlp_kinds: &[MlpKind],
         src: &[usize],
+        ends: Ends,
         mut progress: impl FnMut(usize, usize),
     ) -> Result<Self> {
         let mut layers = Vec::with_capacity(src.len());
@@ -465,11 +487,23 @@ impl GpuWeights {
             layers.push(GpuLayer::upload(gpu, &w.layers[s], mlp_kinds[s])?);
             progress(i + 1, src.len());
         }
+        let embed = if ends.embed {
+            Some(GpuLinear::upload(gpu, &w.embed)?)
+        } else {
+            None
+        };
+        let head = if ends.head {
+            Some(GpuHead {
+                head: GpuLinear::upload(gpu, &w.head)?,
+                norm: GpuVec::upload(gpu, &w.norm)?,
+                hc_head: GpuHc::upload(gpu, &w.hc_head)?,
+            })
+        } else {
+            None
+        };
         Ok(GpuWeights {
-            embed: GpuLinear::upload(gpu, &w.embed)?,
-            head: GpuLinear::upload(gpu, &w.head)?,
-            norm: GpuVec::upload(gpu, &w.norm)?,
-            hc_head: GpuHc::upload(gpu, &w.hc_head)?,
+            embed,
+            head,
             layers,
         })
     }
@@ -477,8 +511,9 @@ impl GpuWeights {
     /// Weight bytes one decode step reads with `k` routed experts per token: every dense matrix,
     /// `k` experts and the shared one per layer, the head (the embedding reads one row).
     pub fn decode_bytes(&self, k: usize) -> usize {
-        self.head.stored_bytes
-            + self.hc_head.fn_.stored_bytes
+        self.head
+            .as_ref()
+            .map_or(0, |h| h.head.stored_bytes + h.hc_head.fn_.stored_bytes)
             + self
                 .layers
                 .iter()

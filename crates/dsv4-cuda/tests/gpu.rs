@@ -604,6 +604,100 @@ fn copied_sequences_continue_like_the_original() {
     }
 }
 
+/// The layers split over pipeline stages (two and three stages on GPU 0, and over GPUs 0 and 1
+/// when there are two) give bit-identical logits to the whole model on one GPU: ragged batched
+/// prefill, batched decode (graphs) and a copied sequence.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn pipeline_stages_match_one_gpu() {
+    use dsv4_cuda::{BatchItem, PipeItem, Pipeline};
+    let cpu = random_model();
+    let whole = CudaModel::from_model(&cpu, 0).unwrap();
+    let gpus = dsv4_cuda::cudarc::driver::CudaContext::device_count().unwrap_or(1);
+    let mut layouts = vec![vec![0usize, 0], vec![0, 0, 0]];
+    if gpus >= 2 {
+        layouts.push(vec![0, 1]);
+    }
+    let prompts: Vec<Vec<u32>> = [41usize, 9]
+        .iter()
+        .enumerate()
+        .map(|(k, &n)| {
+            (0..n)
+                .map(|i| ((i * 29 + k * 13) % 993) as u32 + 2)
+                .collect()
+        })
+        .collect();
+    // The reference: both prompts in one call, then 6 batched decode steps.
+    let mut ref_seqs: Vec<_> = (0..2).map(|_| whole.new_seq().unwrap()).collect();
+    let mut expect = Vec::new();
+    {
+        let mut items: Vec<BatchItem> = ref_seqs
+            .iter_mut()
+            .zip(&prompts)
+            .map(|(seq, ids)| BatchItem {
+                seq,
+                ids,
+                want: Logits::Last,
+            })
+            .collect();
+        expect.push(whole.forward_batch(&mut items).unwrap());
+    }
+    let steps: Vec<[u32; 2]> = (0..6).map(|i| [7 + i * 11, 300 + i * 5]).collect();
+    for st in &steps {
+        let toks: Vec<[u32; 1]> = st.iter().map(|&t| [t]).collect();
+        let mut items: Vec<BatchItem> = ref_seqs
+            .iter_mut()
+            .zip(&toks)
+            .map(|(seq, ids)| BatchItem {
+                seq,
+                ids,
+                want: Logits::Last,
+            })
+            .collect();
+        expect.push(whole.forward_batch(&mut items).unwrap());
+    }
+    for ords in &layouts {
+        let pipe = Pipeline::new(&cpu, ords).unwrap();
+        assert_eq!(pipe.stages().len(), ords.len());
+        let mut seqs: Vec<_> = (0..2).map(|_| pipe.new_seq().unwrap()).collect();
+        let mut got = Vec::new();
+        {
+            let mut items: Vec<PipeItem> = seqs
+                .iter_mut()
+                .zip(&prompts)
+                .map(|(seq, ids)| PipeItem {
+                    seq,
+                    ids,
+                    want: Logits::Last,
+                })
+                .collect();
+            got.push(pipe.forward_batch(&mut items).unwrap());
+        }
+        // Halfway through decode, sequence 0 continues from a copy of itself.
+        for (i, st) in steps.iter().enumerate() {
+            if i == 3 {
+                seqs[0] = pipe.copy_seq(&seqs[0]).unwrap();
+            }
+            let toks: Vec<[u32; 1]> = st.iter().map(|&t| [t]).collect();
+            let mut items: Vec<PipeItem> = seqs
+                .iter_mut()
+                .zip(&toks)
+                .map(|(seq, ids)| PipeItem {
+                    seq,
+                    ids,
+                    want: Logits::Last,
+                })
+                .collect();
+            got.push(pipe.forward_batch(&mut items).unwrap());
+        }
+        assert!(
+            got == expect,
+            "stages on {ords:?}: logits differ from the whole model on one GPU"
+        );
+        eprintln!("stages on {ords:?}: bit-identical over prefill and 6 decode steps");
+    }
+}
+
 /// Sequences of different lengths fed together (ragged prefill chunks, a sequence sitting a
 /// step out, then batched decode) get the logits each gets alone.
 #[test]

@@ -366,11 +366,14 @@ impl<B: Backend> Engine<B> {
                 }
             };
             s.fed += std::mem::take(&mut s.scheduled);
-            if self.cache.is_boundary(s.fed) && !self.cache.contains(&s.tokens[..s.fed]) {
+            if self.cache.is_boundary(s.fed) {
                 let bytes = self.backend.state_bytes(&s.state);
-                // A snapshot that cannot be copied (device memory) is not kept.
-                if let Ok(copy) = self.backend.copy_state(&s.state) {
-                    self.cache.insert(&s.tokens[..s.fed], copy, bytes);
+                // Copied only when it will be kept; one that cannot be copied (device memory)
+                // is not kept.
+                if self.cache.would_keep(&s.tokens[..s.fed], bytes) {
+                    if let Ok(copy) = self.backend.copy_state(&s.state) {
+                        self.cache.insert(&s.tokens[..s.fed], copy, bytes);
+                    }
                 }
             }
             if s.fed < s.tokens.len() || sample(&mut s, row, &self.metrics) {

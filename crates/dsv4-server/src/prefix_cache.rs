@@ -108,6 +108,12 @@ impl<S> PrefixCache<S> {
         }
     }
 
+    /// True when a snapshot of `bytes` after exactly `tokens` would be stored (a boundary not
+    /// yet cached, and room for it), so the caller copies a state only then.
+    pub fn would_keep(&self, tokens: &[u32], bytes: usize) -> bool {
+        self.capacity > 0 && bytes <= self.capacity && !self.contains(tokens)
+    }
+
     /// True when `len` is a snapshot position.
     pub fn is_boundary(&self, len: usize) -> bool {
         len > 0 && len.is_multiple_of(self.block)
@@ -198,9 +204,17 @@ mod tests {
         assert!(c.lookup(&b, 2).is_none());
         assert!(c.lookup(&a, 2).is_some() && c.lookup(&d, 2).is_some());
         assert_eq!(c.stats().bytes, 30);
+        // What the engine asks before copying a state: kept only when new and it fits.
+        assert!(!c.would_keep(&a, 10), "already cached");
+        assert!(
+            !c.would_keep(&toks(2, 4), 31),
+            "larger than the whole cache"
+        );
+        assert!(c.would_keep(&toks(2, 4), 30));
         c.insert(&toks(2, 4), 5, 31); // larger than the whole cache: not stored
         assert_eq!(c.stats().entries, 3);
         let mut off = PrefixCache::<u32>::new(2, 0);
+        assert!(!off.would_keep(&a, 1), "a cache of no bytes keeps nothing");
         off.insert(&a, 1, 1);
         assert!(off.lookup(&a, 2).is_none());
     }
