@@ -46,6 +46,25 @@ pub struct BatchItem<'a> {
     pub want: Logits,
 }
 
+/// Feeds `ids` through `step` in chunks of at most [`MAX_CHUNK`] tokens (only the last chunk
+/// asked for `Logits::Last`), returning the requested logits rows in order.
+pub(crate) fn forward_chunks(
+    ids: &[u32],
+    want: Logits,
+    mut step: impl FnMut(&[u32], Logits) -> Result<Vec<Vec<f32>>>,
+) -> Result<Vec<f32>> {
+    let mut out = Vec::new();
+    let chunks: Vec<&[u32]> = ids.chunks(MAX_CHUNK).collect();
+    for (i, chunk) in chunks.iter().enumerate() {
+        let want = match want {
+            Logits::Last if i + 1 < chunks.len() => Logits::None,
+            w => w,
+        };
+        out.extend(step(chunk, want)?.into_iter().flatten());
+    }
+    Ok(out)
+}
+
 /// What one pipeline stage hands on ([`CudaModel::forward_part`]).
 pub enum PartOut {
     /// Each item's logits (the stage with the head).
@@ -436,24 +455,14 @@ impl CudaModel {
     /// Feeds `ids` after the tokens in `seq`; returns the requested logits (`[rows, vocab]`).
     /// Long inputs run in chunks of at most `MAX_CHUNK` tokens.
     pub fn forward(&self, seq: &mut GpuSeq, ids: &[u32], want: Logits) -> Result<Vec<f32>> {
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut out = Vec::new();
-        let chunks: Vec<&[u32]> = ids.chunks(MAX_CHUNK).collect();
-        for (i, chunk) in chunks.iter().enumerate() {
-            let want = match want {
-                Logits::Last if i + 1 < chunks.len() => Logits::None,
-                w => w,
-            };
+        forward_chunks(ids, want, |ids, want| {
             let mut items = [BatchItem {
                 seq: &mut *seq,
-                ids: chunk,
+                ids,
                 want,
             }];
-            out.extend(self.forward_batch(&mut items)?.into_iter().flatten());
-        }
-        Ok(out)
+            self.forward_batch(&mut items)
+        })
     }
 
     /// Feeds several sequences in one pass: every weight is read once for all their tokens;

@@ -4,7 +4,7 @@
 //! (`[tokens, hc_mult, hidden]` f32, 64 KB per token for Flash) go through host memory. Each
 //! stage keeps its own decode graphs, scratch and per-sequence caches.
 
-use crate::model::{BatchItem, PartOut, MAX_CHUNK};
+use crate::model::{forward_chunks, BatchItem, PartOut, MAX_CHUNK};
 use crate::state::GpuSeq;
 use crate::weights::Ends;
 use crate::{CudaModel, Error, Result};
@@ -109,21 +109,14 @@ impl Pipeline {
 
     /// Feeds `ids` to one sequence (in calls of at most [`MAX_CHUNK`] tokens).
     pub fn forward(&self, seq: &mut PipeSeq, ids: &[u32], want: Logits) -> Result<Vec<f32>> {
-        let mut out = Vec::new();
-        let chunks: Vec<&[u32]> = ids.chunks(MAX_CHUNK).collect();
-        for (i, chunk) in chunks.iter().enumerate() {
-            let want = match want {
-                Logits::Last if i + 1 < chunks.len() => Logits::None,
-                w => w,
-            };
+        forward_chunks(ids, want, |ids, want| {
             let mut items = [PipeItem {
                 seq: &mut *seq,
-                ids: chunk,
+                ids,
                 want,
             }];
-            out.extend(self.forward_batch(&mut items)?.into_iter().flatten());
-        }
-        Ok(out)
+            self.forward_batch(&mut items)
+        })
     }
 
     /// Feeds several sequences in one pass per stage (as [`CudaModel::forward_batch`]). Inputs
