@@ -20,17 +20,21 @@ __device__ __forceinline__ float row_sumsq(const float* row, int width, float* s
     return block_sum(ss, sh);
 }
 
-// x[row] <- x[row] / sqrt(mean(x[row]^2) + eps) (* w when given); one block per row.
-extern "C" __global__ void rms_norm(float* x, const float* w, int width, float eps) {
-    pdl_entry();
-    __shared__ float sh[32];
-    float* row = x + (size_t)blockIdx.x * width;
+// row <- row / sqrt(mean(row^2) + eps) (* w when given), by the whole block.
+__device__ __forceinline__ void norm_row(float* row, const float* w, int width, float eps, float* sh) {
     float ss = row_sumsq(row, width, sh);
     float r = 1.0f / sqrtf(ss / (float)width + eps);
     for (int i = threadIdx.x; i < width; i += blockDim.x) {
         float v = row[i] * r;
         row[i] = w ? v * w[i] : v;
     }
+}
+
+// x[row] <- x[row] / sqrt(mean(x[row]^2) + eps) (* w when given); one block per row.
+extern "C" __global__ void rms_norm(float* x, const float* w, int width, float eps) {
+    pdl_entry();
+    __shared__ float sh[32];
+    norm_row(x + (size_t)blockIdx.x * width, w, width, eps, sh);
 }
 
 // out[row] = 1 / sqrt(mean(x[row]^2) + eps); one block per row.
@@ -45,15 +49,9 @@ extern "C" __global__ void inv_rms(const float* x, float* out, int width, float 
 // belongs to token i / rows_per_token at position positions[token] when given (a batch of
 // sequences), else pos0 + token * pos_step. The angle is the
 // f32 product pos * inv_freq, its cos/sin taken in double (as the CPU reference).
-extern "C" __global__ void rope(float* x, int rows, int width, int rows_per_token, int half,
-                                const float* inv_freq, float factor, int pos0, int pos_step,
-                                int inverse, const int* positions) {
-    pdl_entry();
-    int i = blockIdx.x * blockDim.y + threadIdx.y;
-    if (i >= rows) return;
-    int tok = i / rows_per_token;
-    float p = (float)(positions ? positions[tok] : pos0 + tok * pos_step);
-    float* tail = x + (size_t)i * width + (width - 2 * half);
+// Rotates the `half` interleaved pairs of `tail` by position p, the threads of x striding.
+__device__ __forceinline__ void rope_tail(float* tail, int half, float p, const float* inv_freq, float factor,
+                                          int inverse) {
     for (int j = threadIdx.x; j < half; j += blockDim.x) {
         double a = (double)(p * inv_freq[j]);
         float c = (float)cos(a) * factor, s = (float)sin(a) * factor;
@@ -64,6 +62,17 @@ extern "C" __global__ void rope(float* x, int rows, int width, int rows_per_toke
     }
 }
 
+extern "C" __global__ void rope(float* x, int rows, int width, int rows_per_token, int half,
+                                const float* inv_freq, float factor, int pos0, int pos_step,
+                                int inverse, const int* positions) {
+    pdl_entry();
+    int i = blockIdx.x * blockDim.y + threadIdx.y;
+    if (i >= rows) return;
+    int tok = i / rows_per_token;
+    float p = (float)(positions ? positions[tok] : pos0 + tok * pos_step);
+    rope_tail(x + (size_t)i * width + (width - 2 * half), half, p, inv_freq, factor, inverse);
+}
+
 // rms_norm then rope (not inverse) of the same rows, in one launch: one block per row, the
 // same arithmetic as the two kernels (the row's normalized tail is re-read after a barrier).
 extern "C" __global__ void rms_norm_rope(float* x, const float* w, int width, float eps, int rows_per_token,
@@ -72,23 +81,11 @@ extern "C" __global__ void rms_norm_rope(float* x, const float* w, int width, fl
     pdl_entry();
     __shared__ float sh[32];
     float* row = x + (size_t)blockIdx.x * width;
-    float ss = row_sumsq(row, width, sh);
-    float r = 1.0f / sqrtf(ss / (float)width + eps);
-    for (int i = threadIdx.x; i < width; i += blockDim.x) {
-        float v = row[i] * r;
-        row[i] = w ? v * w[i] : v;
-    }
+    norm_row(row, w, width, eps, sh);
     __syncthreads();
     const int tok = blockIdx.x / rows_per_token;
     const float p = (float)(positions ? positions[tok] : pos0 + tok * pos_step);
-    float* tail = row + (width - 2 * half);
-    for (int j = threadIdx.x; j < half; j += blockDim.x) {
-        double a = (double)(p * inv_freq[j]);
-        float c = (float)cos(a) * factor, s = (float)sin(a) * factor;
-        float u = tail[2 * j], v = tail[2 * j + 1];
-        tail[2 * j] = u * c - v * s;
-        tail[2 * j + 1] = v * c + u * s;
-    }
+    rope_tail(row + (width - 2 * half), half, p, inv_freq, factor, 0);
 }
 
 // x[t, s, :] = E[ids[t], :] for each of the n streams.
