@@ -8,6 +8,8 @@ use dsv4_core::{synthetic, Model};
 use dsv4_server::{Backend, BatchItem, CpuBackend, EngineConfig, ServerConfig};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 async fn start<B: Backend>(backend: B, engine: EngineConfig, api_key: Option<&str>) -> String {
@@ -429,14 +431,38 @@ struct Scripted {
     vocab: usize,
     /// A token the backend refuses (as a model refuses bad input: before changing any state).
     poison: Option<u32>,
+    /// States cannot be copied (a GPU out of memory for a snapshot).
+    copy_fails: bool,
+    /// New states cannot be made while set.
+    new_fails: Arc<AtomicBool>,
+}
+
+impl Scripted {
+    fn new(script: Vec<u32>, vocab: usize) -> Self {
+        Scripted {
+            script,
+            vocab,
+            poison: None,
+            copy_fails: false,
+            new_fails: Arc::default(),
+        }
+    }
 }
 
 impl Backend for Scripted {
     type State = Vec<u32>;
     fn new_state(&self) -> dsv4_core::Result<Vec<u32>> {
+        if self.new_fails.load(Ordering::Relaxed) {
+            return Err(dsv4_core::Error::Input(
+                "no memory for a new sequence".into(),
+            ));
+        }
         Ok(Vec::new())
     }
     fn copy_state(&self, s: &Vec<u32>) -> dsv4_core::Result<Vec<u32>> {
+        if self.copy_fails {
+            return Err(dsv4_core::Error::Input("no memory for a snapshot".into()));
+        }
         Ok(s.clone())
     }
     fn state_bytes(&self, s: &Vec<u32>) -> usize {
@@ -484,11 +510,7 @@ const CALLS: &str = "Checking.\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dsml_tool_calls_become_tool_calls_streamed_and_not() {
     let tok = Tokenizer::embedded().expect("tokenizer");
-    let backend = Scripted {
-        script: tok.encode(CALLS).expect("encode"),
-        vocab: tok.vocab_size(),
-        poison: None,
-    };
+    let backend = Scripted::new(tok.encode(CALLS).expect("encode"), tok.vocab_size());
     let url = start(backend, small_engine(), None).await;
     let tools = json!([
         {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object",
@@ -552,9 +574,11 @@ async fn dsml_tool_calls_become_tool_calls_streamed_and_not() {
 async fn a_failing_request_does_not_disturb_the_others() {
     let tok = Tokenizer::embedded().expect("tokenizer");
     let backend = Scripted {
-        script: tok.encode("All fine here.").expect("encode"),
-        vocab: tok.vocab_size(),
         poison: Some(4242),
+        ..Scripted::new(
+            tok.encode("All fine here.").expect("encode"),
+            tok.vocab_size(),
+        )
     };
     let url = start(backend, small_engine(), None).await;
     let good = json!({"model": "test-model", "messages": [{"role": "user", "content": "hi"}]});
@@ -587,4 +611,44 @@ async fn a_failing_request_does_not_disturb_the_others() {
             assert_eq!(v["choices"][0]["finish_reason"], "stop");
         }
     }
+}
+
+/// A backend whose states cannot be copied (a GPU without memory for snapshots) serves every
+/// request from scratch with the same output; one that cannot make a new state fails that
+/// request alone with an error, and serves again once it can.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_memory_failures_are_misses_or_clean_errors() {
+    let tok = Tokenizer::embedded().expect("tokenizer");
+    let mut backend = Scripted::new(tok.encode("Still fine.").expect("encode"), tok.vocab_size());
+    backend.copy_fails = true;
+    let new_fails = backend.new_fails.clone();
+    let url = start(backend, small_engine(), None).await;
+    let long = "a shared system prompt that spans several snapshot blocks ".repeat(4);
+    let body = json!({"model": "test-model", "messages": [
+        {"role": "system", "content": long}, {"role": "user", "content": "hi"}]});
+    for round in 0..2 {
+        let (st, v) = post(&url, "/v1/chat/completions", body.clone()).await;
+        assert_eq!(st, 200, "round {round}: {v}");
+        assert_eq!(v["choices"][0]["message"]["content"], "Still fine.");
+    }
+    // No snapshot could be copied, so every prompt token was computed.
+    let (prompt, computed) = (
+        metric(&url, "dsv4_prompt_tokens_total").await,
+        metric(&url, "dsv4_prefill_tokens_total").await,
+    );
+    assert!(prompt > 0.0 && computed == prompt, "{computed} of {prompt}");
+    new_fails.store(true, Ordering::Relaxed);
+    let (st, v) = post(&url, "/v1/chat/completions", body.clone()).await;
+    assert_eq!(st, 500, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .expect("msg")
+            .contains("no memory"),
+        "{v}"
+    );
+    new_fails.store(false, Ordering::Relaxed);
+    let (st, v) = post(&url, "/v1/chat/completions", body).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["choices"][0]["message"]["content"], "Still fine.");
 }
