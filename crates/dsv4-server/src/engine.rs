@@ -266,10 +266,16 @@ impl<B: Backend> Engine<B> {
             };
             // At least the last prompt token is fed, for the logits of the first sample. A
             // snapshot that cannot be copied (device memory) is a miss.
-            let hit = self
-                .cache
-                .lookup(&r.prompt, r.prompt.len() - 1)
-                .and_then(|(len, s)| self.backend.copy_state(s).ok().map(|c| (len, c)));
+            let hit = match self.cache.lookup(&r.prompt, r.prompt.len() - 1) {
+                Some((len, s)) => match self.backend.copy_state(s) {
+                    Ok(c) => Some((len, c)),
+                    Err(_) => {
+                        self.cache.hit_unusable(len);
+                        None
+                    }
+                },
+                None => None,
+            };
             let (cached, state) = match hit {
                 Some(hit) => hit,
                 None => match self.backend.new_state() {

@@ -108,6 +108,13 @@ impl<S> PrefixCache<S> {
         }
     }
 
+    /// Recounts the last hit, of `len` tokens, as a miss: its state could not be copied.
+    pub fn hit_unusable(&mut self, len: usize) {
+        self.stats.hits = self.stats.hits.saturating_sub(1);
+        self.stats.hit_tokens = self.stats.hit_tokens.saturating_sub(len as u64);
+        self.stats.misses += 1;
+    }
+
     /// True when a snapshot of `bytes` after exactly `tokens` would be stored (a boundary not
     /// yet cached, and room for it), so the caller copies a state only then.
     pub fn would_keep(&self, tokens: &[u32], bytes: usize) -> bool {

@@ -431,8 +431,8 @@ struct Scripted {
     vocab: usize,
     /// A token the backend refuses (as a model refuses bad input: before changing any state).
     poison: Option<u32>,
-    /// States cannot be copied (a GPU out of memory for a snapshot).
-    copy_fails: bool,
+    /// States cannot be copied while set (a GPU out of memory for a snapshot).
+    copy_fails: Arc<AtomicBool>,
     /// New states cannot be made while set.
     new_fails: Arc<AtomicBool>,
 }
@@ -443,7 +443,7 @@ impl Scripted {
             script,
             vocab,
             poison: None,
-            copy_fails: false,
+            copy_fails: Arc::default(),
             new_fails: Arc::default(),
         }
     }
@@ -460,7 +460,7 @@ impl Backend for Scripted {
         Ok(Vec::new())
     }
     fn copy_state(&self, s: &Vec<u32>) -> dsv4_core::Result<Vec<u32>> {
-        if self.copy_fails {
+        if self.copy_fails.load(Ordering::Relaxed) {
             return Err(dsv4_core::Error::Input("no memory for a snapshot".into()));
         }
         Ok(s.clone())
@@ -613,30 +613,36 @@ async fn a_failing_request_does_not_disturb_the_others() {
     }
 }
 
-/// A backend whose states cannot be copied (a GPU without memory for snapshots) serves every
-/// request from scratch with the same output; one that cannot make a new state fails that
-/// request alone with an error, and serves again once it can.
+/// When a cached snapshot cannot be copied (a GPU without memory for it), the request is served
+/// from scratch with the same output and the lookup counts as a miss; when no new state can be
+/// made, that request alone fails with an error, and the server serves again once it can.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_memory_failures_are_misses_or_clean_errors() {
     let tok = Tokenizer::embedded().expect("tokenizer");
-    let mut backend = Scripted::new(tok.encode("Still fine.").expect("encode"), tok.vocab_size());
-    backend.copy_fails = true;
-    let new_fails = backend.new_fails.clone();
+    let backend = Scripted::new(tok.encode("Still fine.").expect("encode"), tok.vocab_size());
+    let (copy_fails, new_fails) = (backend.copy_fails.clone(), backend.new_fails.clone());
     let url = start(backend, small_engine(), None).await;
     let long = "a shared system prompt that spans several snapshot blocks ".repeat(4);
     let body = json!({"model": "test-model", "messages": [
         {"role": "system", "content": long}, {"role": "user", "content": "hi"}]});
-    for round in 0..2 {
-        let (st, v) = post(&url, "/v1/chat/completions", body.clone()).await;
-        assert_eq!(st, 200, "round {round}: {v}");
-        assert_eq!(v["choices"][0]["message"]["content"], "Still fine.");
-    }
-    // No snapshot could be copied, so every prompt token was computed.
-    let (prompt, computed) = (
-        metric(&url, "dsv4_prompt_tokens_total").await,
-        metric(&url, "dsv4_prefill_tokens_total").await,
-    );
+    // The first request leaves snapshots of its prompt in the cache.
+    let (st, v) = post(&url, "/v1/chat/completions", body.clone()).await;
+    assert_eq!(st, 200, "{v}");
+    let prompt0 = metric(&url, "dsv4_prompt_tokens_total").await;
+    let computed0 = metric(&url, "dsv4_prefill_tokens_total").await;
+    // The second finds them but cannot copy one: computed from scratch, counted as a miss.
+    copy_fails.store(true, Ordering::Relaxed);
+    let (st, v) = post(&url, "/v1/chat/completions", body.clone()).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["choices"][0]["message"]["content"], "Still fine.");
+    let prompt = metric(&url, "dsv4_prompt_tokens_total").await - prompt0;
+    let computed = metric(&url, "dsv4_prefill_tokens_total").await - computed0;
     assert!(prompt > 0.0 && computed == prompt, "{computed} of {prompt}");
+    let hits = metric(&url, "dsv4_prefix_cache_lookups_total{result=\"hit\"}").await;
+    assert_eq!(
+        hits, 0.0,
+        "a snapshot that could not be copied counts as a miss"
+    );
     new_fails.store(true, Ordering::Relaxed);
     let (st, v) = post(&url, "/v1/chat/completions", body.clone()).await;
     assert_eq!(st, 500, "{v}");
