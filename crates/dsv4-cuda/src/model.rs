@@ -65,6 +65,17 @@ pub(crate) fn forward_chunks(
     Ok(out)
 }
 
+/// Every token id is below `vocab` (an input error naming the first that is not).
+pub(crate) fn check_ids(ids: &[u32], vocab: usize) -> Result<()> {
+    match ids.iter().find(|&&t| t as usize >= vocab) {
+        Some(&bad) => Err(dsv4_core::Error::Input(format!(
+            "token id {bad} is out of range (vocabulary size {vocab})"
+        ))
+        .into()),
+        None => Ok(()),
+    }
+}
+
 /// What one pipeline stage hands on ([`CudaModel::forward_part`]).
 pub enum PartOut {
     /// Each item's logits (the stage with the head).
@@ -549,12 +560,7 @@ impl CudaModel {
                     "a sequence state created by another model".into(),
                 ));
             }
-            if let Some(&bad) = it.ids.iter().find(|&&t| t as usize >= vocab) {
-                return Err(dsv4_core::Error::Input(format!(
-                    "token id {bad} is out of range (vocabulary size {vocab})"
-                ))
-                .into());
-            }
+            check_ids(it.ids, vocab)?;
         }
         Ok(())
     }

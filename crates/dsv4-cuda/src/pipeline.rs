@@ -4,7 +4,7 @@
 //! (`[tokens, hc_mult, hidden]` f32, 64 KB per token for Flash) go through host memory. Each
 //! stage keeps its own decode graphs, scratch and per-sequence caches.
 
-use crate::model::{forward_chunks, BatchItem, PartOut, MAX_CHUNK};
+use crate::model::{check_ids, forward_chunks, BatchItem, PartOut, MAX_CHUNK};
 use crate::state::GpuSeq;
 use crate::weights::Ends;
 use crate::{CudaModel, Error, Result};
@@ -129,12 +129,7 @@ impl Pipeline {
                     "a sequence state of another pipeline".into(),
                 ));
             }
-            if let Some(&bad) = it.ids.iter().find(|&&t| t as usize >= vocab) {
-                return Err(dsv4_core::Error::Input(format!(
-                    "token id {bad} is out of range (vocabulary size {vocab})"
-                ))
-                .into());
-            }
+            check_ids(it.ids, vocab)?;
         }
         let total: usize = items.iter().map(|it| it.ids.len()).sum();
         if total > MAX_CHUNK {
