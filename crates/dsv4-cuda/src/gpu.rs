@@ -315,42 +315,40 @@ impl Gpu {
             .map_err(drv("copying to the GPU"))
     }
 
-    /// Copies `out.len()` elements from `src` and waits for them.
     /// Reads `n` floats at `src` once the queued work is done and hands them to `f`, through
-    /// the page-locked staging buffer when they fit.
+    /// the page-locked staging buffer when they fit (else, or when no page-locked memory can
+    /// be had, through pageable memory).
     pub fn dtoh_with<R>(&self, src: u64, n: usize, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-        if n > PINNED_MAX_FLOATS || !self.pinned_on {
-            let mut v = vec![0f32; n];
-            self.dtoh(src, &mut v)?;
-            return Ok(f(&v));
+        if n == 0 {
+            self.sync()?;
+            return Ok(f(&[]));
         }
         let mut guard = self.pinned.lock().unwrap_or_else(|p| p.into_inner());
-        if guard.as_ref().is_none_or(|p| p.len() < n) {
+        let staged = n <= PINNED_MAX_FLOATS && self.pinned_on;
+        if staged && guard.as_ref().is_none_or(|p| p.len() < n) {
             *guard = None;
             // Grown by powers of two (a decode batch grows a request at a time). Flags 0:
             // cached memory the CPU reads fast (cudarc's default is write-combined).
             let len = n.next_power_of_two().clamp(1 << 16, PINNED_MAX_FLOATS);
             *guard = unsafe { self.ctx.alloc_pinned_with_flags::<f32>(len, 0) }.ok();
         }
-        let Some(buf) = guard.as_mut() else {
-            // No page-locked memory to be had: the pageable path.
-            drop(guard);
-            let mut v = vec![0f32; n];
-            self.dtoh(src, &mut v)?;
-            return Ok(f(&v));
-        };
-        let host = &mut buf
-            .as_mut_slice()
-            .map_err(drv("reading page-locked host memory"))?[..n];
-        if n > 0 {
-            self.bind()?;
-            unsafe { result::memcpy_dtoh_async(&mut *host, src, self.cur()) }
-                .map_err(drv("copying from the GPU"))?;
+        match guard.as_mut().filter(|_| staged) {
+            Some(buf) => {
+                let host = &mut buf
+                    .as_mut_slice()
+                    .map_err(drv("reading page-locked host memory"))?[..n];
+                self.dtoh(src, &mut *host)?;
+                Ok(f(host))
+            }
+            None => {
+                let mut v = vec![0f32; n];
+                self.dtoh(src, &mut v)?;
+                Ok(f(&v))
+            }
         }
-        self.sync()?;
-        Ok(f(host))
     }
 
+    /// Copies `out.len()` elements from `src` and waits for them.
     pub fn dtoh<T: Copy>(&self, src: u64, out: &mut [T]) -> Result<()> {
         if out.is_empty() {
             return Ok(());
@@ -376,7 +374,6 @@ impl Gpu {
             .map_err(drv("clearing GPU memory"))
     }
 
-    /// Waits for all queued work; reports asynchronous kernel faults.
     pub fn branches(&self) -> bool {
         self.branches.load(Ordering::Relaxed)
     }
@@ -443,6 +440,7 @@ impl Gpu {
         Ok(())
     }
 
+    /// Waits for all queued work; reports asynchronous kernel faults.
     pub fn sync(&self) -> Result<()> {
         self.join_side()?;
         self.stream

@@ -436,7 +436,7 @@ impl CudaModel {
 
     /// An independent copy of `seq` (which this model created), continuing exactly as it would.
     pub fn copy_seq(&self, seq: &GpuSeq) -> Result<GpuSeq> {
-        if seq.owner != self.id {
+        if !self.owns(seq) {
             return Err(Error::Unsupported(
                 "a sequence state of another GPU model".into(),
             ));
@@ -489,7 +489,7 @@ impl CudaModel {
                 .map(|it| self.forward(it.seq, it.ids, it.want))
                 .collect();
         }
-        match self.forward_part(items, None)? {
+        match self.run_part(items, None)? {
             PartOut::Logits(l) => Ok(l),
             PartOut::Hidden(_) => Err(Error::Unsupported(
                 "this GPU holds a pipeline stage without the head; run the whole pipeline".into(),
@@ -507,6 +507,15 @@ impl CudaModel {
         x_in: Option<&[f32]>,
     ) -> Result<PartOut> {
         self.check_items(items)?;
+        self.run_part(items, x_in)
+    }
+
+    /// [`Self::forward_part`] on items already checked.
+    pub(crate) fn run_part(
+        &self,
+        items: &mut [BatchItem<'_>],
+        x_in: Option<&[f32]>,
+    ) -> Result<PartOut> {
         let total: usize = items.iter().map(|it| it.ids.len()).sum();
         if total > MAX_CHUNK {
             return Err(Error::Unsupported(format!(
@@ -551,11 +560,16 @@ impl CudaModel {
         self.run_batch(s, items, total, x_in)
     }
 
+    /// Whether this model created `seq`.
+    pub(crate) fn owns(&self, seq: &GpuSeq) -> bool {
+        seq.owner == self.id
+    }
+
     /// Every item's state is this model's and its tokens are in the vocabulary.
     fn check_items(&self, items: &[BatchItem<'_>]) -> Result<()> {
         let vocab = self.config.vocab_size;
         for it in items.iter() {
-            if it.seq.owner != self.id {
+            if !self.owns(it.seq) {
                 return Err(Error::Unsupported(
                     "a sequence state created by another model".into(),
                 ));
@@ -1143,10 +1157,9 @@ impl CudaModel {
         // A decode step queues the indexer's queries, the compressors and the indexer's
         // selection on the side stream, beside the queries and keys below.
         let prep = match per_seq {
-            None if s.branch => Some(g.on_side(|| {
-                self.indexer_queries(s, a, &qrin, &rope, pos, t)?;
-                self.attend_prep(s, lw, li, t, &rope)
-            })?),
+            None if s.branch => {
+                Some(g.on_side(|| self.decode_prep(s, lw, li, t, &rope, &qrin, pos))?)
+            }
             _ => None,
         };
         self.dense(s, &a.wq_b, &qrin, s.q.ptr, h * dh)?;
@@ -1161,8 +1174,7 @@ impl CudaModel {
                 self.attend_seqs(s, t, &args)?;
             }
             (None, None) => {
-                self.indexer_queries(s, a, &qrin, &rope, pos, t)?;
-                let args = self.attend_prep(s, lw, li, t, &rope)?;
+                let args = self.decode_prep(s, lw, li, t, &rope, &qrin, pos)?;
                 self.attend_seqs(s, t, &args)?;
             }
             (Some((items, segs)), _) => {
@@ -1277,9 +1289,25 @@ impl CudaModel {
         )
     }
 
-    /// The per-sequence part of attention for a decode step, every token its own sequence with
-    /// its caches in layer `li`'s row of the table: compressors, indexer, attention and the
-    /// window rings, one launch each for the whole batch and with grids fixed by `t` alone.
+    /// The per-sequence part of attention for a decode step before the attention itself, every
+    /// token its own sequence with its caches in layer `li`'s row of the table: the indexer's
+    /// queries, the compressors and the indexer's selection, one launch each for the whole
+    /// batch and with grids fixed by `t` alone. Returns the attention's arguments.
+    #[allow(clippy::too_many_arguments)]
+    fn decode_prep(
+        &self,
+        s: &mut Scratch,
+        lw: &GpuLayer,
+        li: usize,
+        t: usize,
+        rope: &RopeDev,
+        qrin: &LinIn,
+        pos: Pos,
+    ) -> Result<AttnArgs> {
+        self.indexer_queries(s, &lw.attn, qrin, rope, pos, t)?;
+        self.attend_prep(s, lw, li, t, rope)
+    }
+
     /// The indexer's queries of the `t` rows (`s.qi`) from the normed query latents `qrin`.
     fn indexer_queries(
         &self,

@@ -718,16 +718,13 @@ pub fn rms_norm_rope(
     if rows == 0 {
         return Ok(());
     }
-    let (pos0, step, table) = match pos {
-        Pos::Step { pos0, step } => (pos0, step, 0u64),
-        Pos::Table(t) => (0, 0, t),
-    };
+    let (pos0, step, table) = pos.args();
     let a = (
         width as i32,
         rows_per_token as i32,
         r.half as i32,
-        pos0 as i32,
-        step as i32,
+        pos0,
+        step,
     );
     gpu.launch(
         "rms_norm_rope",
@@ -793,6 +790,16 @@ pub enum Pos {
     Table(u64),
 }
 
+impl Pos {
+    /// The kernels' `(pos0, pos_step, positions)` arguments.
+    fn args(self) -> (i32, i32, u64) {
+        match self {
+            Pos::Step { pos0, step } => (pos0 as i32, step as i32, 0),
+            Pos::Table(t) => (0, 0, t),
+        }
+    }
+}
+
 /// Rotates the trailing channels of `rows` rows of `width`; row i belongs to token
 /// `i / rows_per_token`.
 #[allow(clippy::too_many_arguments)] // the launch's full shape; a struct would only rename it
@@ -806,21 +813,18 @@ pub fn rope(
     pos: Pos,
     inverse: bool,
 ) -> Result<()> {
-    let (pos0, step, table) = match pos {
-        Pos::Step { pos0, step } => (pos0, step, 0u64),
-        Pos::Table(t) => (0, 0, t),
-    };
     if rows == 0 || r.half == 0 {
         return Ok(());
     }
+    let (pos0, step, table) = pos.args();
     let per_block = 8;
     let a = (
         rows as i32,
         width as i32,
         rows_per_token as i32,
         r.half as i32,
-        pos0 as i32,
-        step as i32,
+        pos0,
+        step,
         inverse as i32,
     );
     gpu.launch(

@@ -120,11 +120,18 @@ impl Pipeline {
     }
 
     /// Feeds several sequences in one pass per stage (as [`CudaModel::forward_batch`]). Inputs
-    /// are checked before any stage runs, so a refused call changes no state.
+    /// (every stage's share of each state, the token ids) are checked before any stage runs,
+    /// so a refused call changes no state.
     pub fn forward_batch(&self, items: &mut [PipeItem<'_>]) -> Result<Vec<Vec<f32>>> {
         let vocab = self.config.vocab_size;
         for it in items.iter() {
-            if it.seq.stages.len() != self.stages.len() {
+            let ours = it.seq.stages.len() == self.stages.len()
+                && self
+                    .stages
+                    .iter()
+                    .zip(&it.seq.stages)
+                    .all(|(m, s)| m.owns(s));
+            if !ours {
                 return Err(Error::Unsupported(
                     "a sequence state of another pipeline".into(),
                 ));
@@ -148,7 +155,7 @@ impl Pipeline {
                     want: it.want,
                 })
                 .collect();
-            match stage.forward_part(&mut part, hidden.as_deref())? {
+            match stage.run_part(&mut part, hidden.as_deref())? {
                 PartOut::Hidden(h) => hidden = Some(h),
                 PartOut::Logits(l) => return Ok(l),
             }

@@ -65,17 +65,10 @@ impl CompState {
 
     /// An independent copy: the same capacity, the valid entries and both tail rings.
     fn copy(&self, gpu: &Gpu) -> Result<Self> {
-        let dup = |b: &DevBuf, bytes: usize| -> Result<DevBuf> {
-            let fresh = gpu.alloc(b.bytes)?;
-            if bytes > 0 {
-                gpu.dtod(fresh.ptr, b.ptr, bytes)?;
-            }
-            Ok(fresh)
-        };
         Ok(CompState {
-            entries: dup(&self.entries, self.n * self.dim * 4)?,
-            tail_kv: dup(&self.tail_kv, self.tail_kv.bytes)?,
-            tail_gate: dup(&self.tail_gate, self.tail_gate.bytes)?,
+            entries: copy_buf(gpu, &self.entries, self.n * self.dim * 4)?,
+            tail_kv: copy_buf(gpu, &self.tail_kv, self.tail_kv.bytes)?,
+            tail_gate: copy_buf(gpu, &self.tail_gate, self.tail_gate.bytes)?,
             ..*self
         })
     }
@@ -97,6 +90,13 @@ impl CompState {
         fill(gpu, self.tail_kv.ptr, self.tail_kv.bytes / 4, seed + 1)?;
         fill(gpu, self.tail_gate.ptr, self.tail_gate.bytes / 4, seed + 2)
     }
+}
+
+/// A buffer of `b`'s size holding a copy of its first `bytes` (stream-ordered).
+fn copy_buf(gpu: &Gpu, b: &DevBuf, bytes: usize) -> Result<DevBuf> {
+    let fresh = gpu.alloc(b.bytes)?;
+    gpu.dtod(fresh.ptr, b.ptr, bytes)?;
+    Ok(fresh)
 }
 
 fn fill(gpu: &Gpu, ptr: u64, n: usize, seed: u64) -> Result<()> {
@@ -212,10 +212,8 @@ impl GpuSeq {
             .layers
             .iter()
             .map(|l| -> Result<LayerState> {
-                let ring = gpu.alloc(l.ring.bytes)?;
-                gpu.dtod(ring.ptr, l.ring.ptr, l.ring.bytes)?;
                 Ok(LayerState {
-                    ring,
+                    ring: copy_buf(gpu, &l.ring, l.ring.bytes)?,
                     comp: l.comp.as_ref().map(|c| c.copy(gpu)).transpose()?,
                     index: l.index.as_ref().map(|c| c.copy(gpu)).transpose()?,
                 })
