@@ -646,8 +646,10 @@ impl CudaModel {
         let all_rows = decode && any_wanted;
         let head_rows: Vec<usize> = if all_rows {
             (0..t).collect()
-        } else {
+        } else if last {
             wanted.iter().flat_map(|r| r.clone()).collect()
+        } else {
+            Vec::new()
         };
         let replay = decode && self.moe_per_pair(t) && self.graphs.load(Ordering::Relaxed);
         if replay {
