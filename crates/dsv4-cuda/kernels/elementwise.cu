@@ -162,10 +162,13 @@ extern "C" __global__ void hc_mix(const float* mu, const float* rinv, const floa
 #define HC_MAX_ROWS 32  // (2 + n) · n mix rows (n <= 4)
 #define HC_THREADS 256
 #define HC_COLS 64      // columns per block: one thread per (stream, column)
+#define HC_PRE_COLS 4096  // columns whose streams hc_boundary's tail loads before the mix
 
 struct HcArgs {
     float* x;              // [T, n, d] streams
     const float* f;        // [T, d] output of the block that just ran, or null (no post step)
+    const float* eout;     // [T, k, d] routed experts' outputs still to add into f, or null
+    const float* rw;       // [T, k] their routing weights (unused with rw_inside)
     const float* fn;       // [(2 + n) n, n d] f32 mix weights of the next block
     const float* base;
     const float* scale;
@@ -175,77 +178,129 @@ struct HcArgs {
     float* post;           // [T, n]: read (previous block's) then written (next block's)
     float* comb;           // [T, n, n]: likewise
     float* h;              // [T, d] the next block's normalized input
-    int32_t n, d, iters, S;
+    unsigned* count;       // [T] blocks done per token; zero between launches
+    int32_t n, d, iters, S, k, rw_inside;
     float hc_eps, norm_eps;
 };
 
-// A hyper-connection boundary of a few tokens (decode) in two launches. hc_fused_mix: hc_post
-// of the block that ran (x <- post·f + combᵀ·x), then this slice's part of the next block's mix
-// rows (fn·x) and of the stream sum of squares. Block (s, t) owns HC_COLS columns of all n
-// streams of token t, one thread per (stream, column); partials are written per slice.
-extern "C" __global__ void __launch_bounds__(HC_THREADS) hc_fused_mix(HcArgs a) {
-    pdl_entry();
+// A hyper-connection boundary of a few tokens (decode) in one launch. Block (s, t) owns HC_COLS
+// columns of all n streams of token t, one thread per (stream, column):
+// - the routed experts' weighted outputs added into f (as moe_combine), when given;
+// - hc_post of the block that ran (x <- post·f + combᵀ·x), when f is given;
+// - this slice's part of the next block's mix rows (fn·x) and of the stream sum of squares.
+// The last block of token t to finish (a counter) sums the slices' parts in slice order, runs the
+// Sinkhorn mix (pre, post, comb), and writes the collapse with pre, RMS-normed, into h.
+extern "C" __global__ void __launch_bounds__(HC_THREADS) hc_boundary(HcArgs a) {
+    pdl_launch();
     __shared__ float red[HC_THREADS / 32][32];
+    __shared__ float mix[HC_MAX_ROWS + 1];
+    __shared__ float sh[32];
+    __shared__ float pre_s[4];
+    __shared__ int is_last;
     const int sl = blockIdx.x, t = blockIdx.y;
     const int n = a.n, d = a.d, rows = (2 + n) * n;
     const int i = threadIdx.x / HC_COLS, j = sl * HC_COLS + threadIdx.x % HC_COLS;
     const bool on = i < n && j < d;
+    const size_t col = (size_t)i * d + j;
+    // The mix weights do not depend on earlier kernels: they load while those finish.
+    float w[HC_MAX_ROWS - 1];
+#pragma unroll
+    for (int r = 0; r < HC_MAX_ROWS - 1; r++)
+        w[r] = (on && r < rows) ? __ldg(a.fn + (size_t)r * n * d + col) : 0.f;
+    pdl_wait();
     float* x = a.x + (size_t)t * n * d;
     float v = 0.f;
     if (on) {
-        v = x[(size_t)i * d + j];
+        v = x[col];
         if (a.f) {
             // Stream i's new value; every stream's old value of column j first.
             float xs[4];
 #pragma unroll
             for (int k = 0; k < 4; k++) xs[k] = k < n ? x[(size_t)k * d + j] : 0.f;
+            float fv = a.f[(size_t)t * d + j];
+            if (a.eout) {
+                for (int q = 0; q < a.k; q++) {
+                    const float wq = a.rw_inside ? 1.f : a.rw[(size_t)t * a.k + q];
+                    fv = fmaf(wq, a.eout[((size_t)t * a.k + q) * d + j], fv);
+                }
+            }
             const float* c = a.comb + (size_t)t * n * n;
-            float o = a.post[t * n + i] * a.f[(size_t)t * d + j];
+            float o = a.post[t * n + i] * fv;
             for (int k = 0; k < n; k++) o = fmaf(c[k * n + i], xs[k], o);
             v = o;
         }
     }
     if (a.f) {
         __syncthreads();  // all old values read before any is replaced
-        if (on) x[(size_t)i * d + j] = v;
+        if (on) x[col] = v;
     }
-    const size_t col = (size_t)i * d + j;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     // Lane r of each warp ends with the warp's sum of mix row r (row HC_MAX_ROWS - 1 holds the
     // sum of squares), one transposed reduction for all rows.
     float p[32];
 #pragma unroll
-    for (int r = 0; r < HC_MAX_ROWS - 1; r++)
-        p[r] = (on && r < rows) ? __ldg(a.fn + (size_t)r * n * d + col) * v : 0.f;
+    for (int r = 0; r < HC_MAX_ROWS - 1; r++) p[r] = (on && r < rows) ? w[r] * v : 0.f;
     p[HC_MAX_ROWS - 1] = v * v;
     red[warp][lane] = warp_sum_transposed(p);
     __syncthreads();
+    float* tp = a.partial + (size_t)t * a.S * (rows + 1);
     if (threadIdx.x < 32) {
         const int r = threadIdx.x;
         float q = 0.f;
         for (int k = 0; k < HC_THREADS / 32; k++) q += red[k][r];
         const int slot = r == HC_MAX_ROWS - 1 ? rows : r;
-        if (r < rows || r == HC_MAX_ROWS - 1) a.partial[((size_t)t * a.S + sl) * (rows + 1) + slot] = q;
+        if (r < rows || r == HC_MAX_ROWS - 1) tp[(size_t)sl * (rows + 1) + slot] = q;
     }
-}
-
-// The rest of the boundary, one block per token: the slices' partials summed in slice order,
-// the stream rms and Sinkhorn mix (pre, post, comb), the collapse with pre and the next block's
-// RMS norm into h.
-extern "C" __global__ void __launch_bounds__(1024) hc_fused_pre(HcArgs a) {
-    pdl_entry();
-    __shared__ float mix[HC_MAX_ROWS + 1];
-    __shared__ float sh[32];
-    __shared__ float pre_s[4];
-    const int t = blockIdx.x;
-    const int n = a.n, d = a.d, rows = (2 + n) * n;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
-    const float* tp = a.partial + (size_t)t * a.S * (rows + 1);
-    for (int r = warp; r <= rows; r += nw) {
-        float q = 0.f;
-        for (int k = lane; k < a.S; k += 32) q += tp[(size_t)k * (rows + 1) + r];
-        q = warp_sum(q);
-        if (lane == 0) mix[r] = q;
+    __threadfence();  // every thread's streams and parts before the count
+    __syncthreads();
+    if (threadIdx.x == 0) is_last = atomicAdd(a.count + t, 1u) == gridDim.x - 1;
+    __syncthreads();
+    if (!is_last) return;
+    // The last block: every other block's parts and streams are visible (read past L1).
+    __threadfence();
+    if (threadIdx.x == 0) a.count[t] = 0;
+    // The streams of the first HC_PRE_COLS columns load while the mix is found: float4 u of
+    // each stream (columns 4 (u·HC_THREADS + tid)...; the host keeps d % 4 == 0, n <= 4).
+    constexpr int U = HC_PRE_COLS / (4 * HC_THREADS);
+    float4 xv[U][4];
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+        const int c = 4 * (u * HC_THREADS + threadIdx.x);
+#pragma unroll
+        for (int k = 0; k < 4; k++)
+            xv[u][k] = (c < d && k < n) ? __ldcg((const float4*)(x + (size_t)k * d + c))
+                                        : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+    float4 g4[U];  // the norm weights too
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+        const int c = 4 * (u * HC_THREADS + threadIdx.x);
+        g4[u] = c < d ? __ldg((const float4*)(a.norm_w + c)) : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+    // Mix row r (r <= rows) summed over the slices by warp r % 8, each lane a strided run of
+    // slices: every load of the warp's rows issued before any sum.
+    constexpr int RW = (HC_MAX_ROWS + HC_THREADS / 32) / (HC_THREADS / 32);  // rows per warp
+    constexpr int SL = 2;  // slices per lane in one pass (64 slices for d = 4096)
+    float q[RW] = {};
+    for (int k0 = 0; k0 < a.S; k0 += 32 * SL) {
+        float v[RW][SL];
+#pragma unroll
+        for (int m = 0; m < RW; m++)
+#pragma unroll
+            for (int u = 0; u < SL; u++) {
+                const int r = warp + m * (HC_THREADS / 32), k = k0 + lane + 32 * u;
+                v[m][u] = (r <= rows && k < a.S) ? __ldcg(tp + (size_t)k * (rows + 1) + r) : 0.f;
+            }
+#pragma unroll
+        for (int m = 0; m < RW; m++)
+#pragma unroll
+            for (int u = 0; u < SL; u++) q[m] += v[m][u];
+    }
+#pragma unroll
+    for (int m = 0; m < RW; m++) {
+        const int r = warp + m * (HC_THREADS / 32);
+        const float sum = warp_sum(q[m]);
+        if (lane == 0 && r <= rows) mix[r] = sum;
     }
     __syncthreads();
     if (warp == 0) {
@@ -254,17 +309,39 @@ extern "C" __global__ void __launch_bounds__(1024) hc_fused_pre(HcArgs a) {
         if (lane < n) pre_s[lane] = a.pre[t * n + lane];
     }
     __syncthreads();
-    const float* x = a.x + (size_t)t * n * d;
     float* h = a.h + (size_t)t * d;
     float ss = 0.f;
-    for (int c = threadIdx.x; c < d; c += blockDim.x) {
+    float4 o4[U];
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+        float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+        for (int k = 0; k < n; k++) {
+            o.x = fmaf(pre_s[k], xv[u][k].x, o.x);
+            o.y = fmaf(pre_s[k], xv[u][k].y, o.y);
+            o.z = fmaf(pre_s[k], xv[u][k].z, o.z);
+            o.w = fmaf(pre_s[k], xv[u][k].w, o.w);
+        }
+        o4[u] = o;
+        if (4 * (u * HC_THREADS + threadIdx.x) < d)
+            ss = fmaf(o.w, o.w, fmaf(o.z, o.z, fmaf(o.y, o.y, fmaf(o.x, o.x, ss))));
+    }
+    // Columns past HC_PRE_COLS (wider models), loaded now.
+    for (int c = HC_PRE_COLS + threadIdx.x; c < d; c += HC_THREADS) {
         float o = 0.f;
-        for (int k = 0; k < n; k++) o = fmaf(pre_s[k], x[(size_t)k * d + c], o);
+        for (int k = 0; k < n; k++) o = fmaf(pre_s[k], __ldcg(x + (size_t)k * d + c), o);
         h[c] = o;
         ss = fmaf(o, o, ss);
     }
     const float rn = 1.0f / sqrtf(block_sum(ss, sh) / (float)d + a.norm_eps);
-    for (int c = threadIdx.x; c < d; c += blockDim.x) h[c] = h[c] * rn * a.norm_w[c];
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+        const int c = 4 * (u * HC_THREADS + threadIdx.x);
+        if (c < d) {
+            const float4 g = g4[u], o = o4[u];
+            *(float4*)(h + c) = make_float4(o.x * rn * g.x, o.y * rn * g.y, o.z * rn * g.z, o.w * rn * g.w);
+        }
+    }
+    for (int c = HC_PRE_COLS + threadIdx.x; c < d; c += HC_THREADS) h[c] = h[c] * rn * a.norm_w[c];
 }
 
 // h[t, d] = sum_i pre[t, i] * x[t, i, d].

@@ -23,8 +23,10 @@ pub(crate) const MAX_CHUNK: usize = 2048;
 /// Above this many (token, expert) pairs (and 8 per expert), prefill groups pairs by expert on
 /// the host.
 const GROUP_PAIRS: usize = 64;
-/// Up to this many tokens the hyper-connection boundaries run as one fused launch each.
-const HC_FUSED_TOKENS: usize = 32;
+/// Up to this many tokens the hyper-connection boundaries run as one fused launch each (on the
+/// H200: batch 1, 2 and 8 steps 2–3% faster, batch 32 3% slower, where one block per token
+/// finishing each boundary is the longer path).
+const HC_FUSED_TOKENS: usize = 8;
 /// Keys per staged chunk and heads per block of `attention_partial` (kernels/attention.cu).
 const ATT_KEYS: usize = 32;
 const ATT_HEADS: usize = 8;
@@ -145,8 +147,10 @@ struct Scratch {
     scores_floats: usize,
     attn_part: DevBuf,
     out_logits: DevBuf,
-    /// `hc_fused` partial mix rows of each column slice.
+    /// `hc_boundary`'s partial mix rows of each column slice, and its per-token count of
+    /// finished slices (zero between launches).
     hc_part: DevBuf,
+    hc_count: DevBuf,
     /// Decode steps: each layer's per-token cache pointers (`[layers, tokens]`), and the
     /// host copy last uploaded.
     seq_table: DevBuf,
@@ -235,6 +239,7 @@ impl Scratch {
             attn_part: f(cap.max(64) * h * (dh + 2))?,
             out_logits: f(cap * c.vocab_size)?,
             hc_part: f(HC_FUSED_TOKENS * d.div_ceil(ops::HC_COLS) * ((2 + n) * n + 1))?,
+            hc_count: gpu.alloc_zeros(4 * HC_FUSED_TOKENS)?,
             seq_table: gpu.alloc(layers * cap * std::mem::size_of::<SeqLayerPtrs>())?,
             table_host: Vec::new(),
             graphs: HashMap::new(),
@@ -256,9 +261,8 @@ pub struct CudaModel {
     id: usize,
     /// Whether decode steps replay captured CUDA graphs (`DSV4_CUDA_GRAPHS=0` turns it off).
     graphs: AtomicBool,
-    /// Whether few-token calls fuse each hyper-connection boundary (`DSV4_CUDA_HC_FUSED=1`; off
-    /// by default: on an H100 the fused launch's serial per-token tail cost more than the five
-    /// launches it replaces, 3.82 vs 3.53 ms per 8-layer decode step).
+    /// Whether calls of up to `HC_FUSED_TOKENS` tokens run each hyper-connection boundary as one
+    /// `hc_boundary` launch (`DSV4_CUDA_HC_FUSED=0` keeps the six launches of the long path).
     hc_fused: AtomicBool,
     /// The arithmetic followed (the CPU model's profile).
     numerics: Numerics,
@@ -392,7 +396,9 @@ impl CudaModel {
             scratch: Mutex::new(None),
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             graphs: AtomicBool::new(std::env::var("DSV4_CUDA_GRAPHS").map_or(true, |v| v != "0")),
-            hc_fused: AtomicBool::new(std::env::var("DSV4_CUDA_HC_FUSED").is_ok_and(|v| v == "1")),
+            hc_fused: AtomicBool::new(
+                std::env::var("DSV4_CUDA_HC_FUSED").map_or(true, |v| v != "0"),
+            ),
             numerics: model.numerics,
             multi_gemv: std::env::var("DSV4_CUDA_MULTI").map_or(true, |v| v != "0"),
             tc,
@@ -783,28 +789,32 @@ impl CudaModel {
         let fused = t <= HC_FUSED_TOKENS
             && self.hc_fused.load(Ordering::Relaxed)
             && n <= 4
+            && d % 4 == 0
             && self
                 .weights
                 .layers
                 .iter()
                 .all(|l| l.hc_attn.fn_.fmt == Fmt::F32 && l.hc_ffn.fn_.fmt == Fmt::F32);
+        let layers = self.weights.layers.len();
         for (li, lw) in self.weights.layers.iter().enumerate() {
             if fused {
-                self.hc_fused(s, li > 0, &lw.hc_attn, lw.attn_norm.ptr(), t)?;
+                // (The previous layer's experts are combined into its output here.)
+                self.hc_fused(s, li > 0, true, &lw.hc_attn, lw.attn_norm.ptr(), t)?;
             } else {
                 self.hc_pre(s, &lw.hc_attn, t)?;
                 ops::rms_norm(g, s.h.ptr, lw.attn_norm.ptr(), d, t, c.rms_norm_eps)?;
             }
             self.attention(s, lw, li, &mut per_seq, t)?;
             if fused {
-                self.hc_fused(s, true, &lw.hc_ffn, lw.ffn_norm.ptr(), t)?;
+                self.hc_fused(s, true, false, &lw.hc_ffn, lw.ffn_norm.ptr(), t)?;
             } else {
                 self.hc_post(s, t)?;
                 self.hc_pre(s, &lw.hc_ffn, t)?;
                 ops::rms_norm(g, s.h.ptr, lw.ffn_norm.ptr(), d, t, c.rms_norm_eps)?;
             }
-            self.moe(s, lw, t)?;
-            if !fused || li + 1 == self.weights.layers.len() {
+            let boundary_combines = fused && li + 1 < layers;
+            self.moe(s, lw, t, !boundary_combines)?;
+            if !boundary_combines {
                 self.hc_post(s, t)?;
             }
         }
@@ -928,16 +938,27 @@ impl CudaModel {
         )
     }
 
-    /// A block boundary for `t <= HC_FUSED_TOKENS` tokens in two launches: with `post`, the
-    /// block output `s.f` mixed into the streams (as `hc_post`); then `hc_pre` of `hc` and the
-    /// RMS norm (weight `norm`) into `s.h`.
-    fn hc_fused(&self, s: &Scratch, post: bool, hc: &GpuHc, norm: u64, t: usize) -> Result<()> {
+    /// A block boundary for `t <= HC_FUSED_TOKENS` tokens in one launch: with `post`, the block
+    /// output `s.f` (plus the routed experts' outputs when `combine`, which `moe` then leaves
+    /// out) mixed into the streams (as `hc_post`); then `hc_pre` of `hc` and the RMS norm
+    /// (weight `norm`) into `s.h`.
+    fn hc_fused(
+        &self,
+        s: &Scratch,
+        post: bool,
+        combine: bool,
+        hc: &GpuHc,
+        norm: u64,
+        t: usize,
+    ) -> Result<()> {
         let c = &self.config;
         let (d, n) = (c.hidden_size, c.hc_mult);
         let slices = d.div_ceil(ops::HC_COLS);
         let a = ops::HcArgs {
             x: s.x.ptr,
             f: if post { s.f.ptr } else { 0 },
+            eout: if post && combine { s.eout.ptr } else { 0 },
+            rw: s.rw.ptr,
             fn_: hc.fn_.desc.w,
             base: hc.base.ptr(),
             scale: hc.scale.ptr(),
@@ -947,22 +968,23 @@ impl CudaModel {
             post: s.post.ptr,
             comb: s.comb.ptr,
             h: s.h.ptr,
+            count: s.hc_count.ptr,
             n: n as i32,
             d: d as i32,
             iters: c.hc_sinkhorn_iters as i32,
             s: slices as i32,
+            k: c.num_experts_per_tok as i32,
+            rw_inside: self.numerics.act_quant() as i32,
             hc_eps: c.hc_eps,
             norm_eps: c.rms_norm_eps,
         };
         self.gpu.launch(
-            "hc_fused_mix",
+            "hc_boundary",
             (slices as u32, t as u32, 1),
             (ops::HC_THREADS as u32, 1, 1),
             0,
             &[&a],
-        )?;
-        self.gpu
-            .launch("hc_fused_pre", (t as u32, 1, 1), (1024, 1, 1), 0, &[&a])
+        )
     }
 
     /// Mixes the block output `s.f` back into the streams `s.x`.
@@ -1659,7 +1681,9 @@ impl CudaModel {
     }
 
     /// The MoE block: reads `s.h` and token ids `s.ids`, writes `s.f`.
-    fn moe(&self, s: &mut Scratch, lw: &GpuLayer, t: usize) -> Result<()> {
+    /// The FFN block into `s.f`; without `combine`, the routed experts' weighted outputs stay in
+    /// `s.eout` for the next block boundary to add.
+    fn moe(&self, s: &mut Scratch, lw: &GpuLayer, t: usize, combine: bool) -> Result<()> {
         let g = &*self.gpu;
         let c = &self.config;
         let mw = &lw.moe;
@@ -1841,6 +1865,9 @@ impl CudaModel {
         }
         // Under activation quantization the routing weights were applied before `w2`.
         g.join_side()?;
+        if !combine {
+            return Ok(());
+        }
         let (ki, di, ti, inside) = (k as i32, d as i32, t as i32, aq as i32);
         ops::elementwise(
             g,

@@ -862,6 +862,8 @@ pub fn elementwise(gpu: &Gpu, name: &str, n: usize, args: &[&dyn crate::gpu::Arg
 pub struct HcArgs {
     pub x: u64,
     pub f: u64,
+    pub eout: u64,
+    pub rw: u64,
     pub fn_: u64,
     pub base: u64,
     pub scale: u64,
@@ -871,16 +873,19 @@ pub struct HcArgs {
     pub post: u64,
     pub comb: u64,
     pub h: u64,
+    pub count: u64,
     pub n: i32,
     pub d: i32,
     pub iters: i32,
     pub s: i32,
+    pub k: i32,
+    pub rw_inside: i32,
     pub hc_eps: f32,
     pub norm_eps: f32,
 }
 unsafe impl DeviceRepr for HcArgs {}
 
-/// Columns per block of `hc_fused` (one thread per stream and column, 4 streams at most).
+/// Columns per block of `hc_boundary` (one thread per stream and column, 4 streams at most).
 pub const HC_COLS: usize = 64;
 pub const HC_THREADS: usize = 256;
 
