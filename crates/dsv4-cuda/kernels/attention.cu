@@ -163,11 +163,15 @@ extern "C" __global__ void __launch_bounds__(256) attention_partial(AttnArgs a, 
     else attention_partial_impl<0>(a, part, nsplit);
 }
 
-// Merges the splits of one (token, head) with the head's sink: out = sum acc / (sum l + sink).
-// Block (t, h, column block): the split weights are computed once into shared memory, then each
-// thread merges one column.
+// Merges the splits of one (token, head) with the head's sink: out = sum acc / (sum l + sink),
+// then, with inv_freq, the inverse RoPE of the head's trailing 2·half channels at the token's
+// position (as `rope` with inverse set: the same arithmetic). Block (t, h, column block): the
+// split weights are computed once into shared memory, then each thread merges one column; a
+// rotated pair (c, c ^ 1) sits in adjacent lanes.
 #define COMBINE_MAX_SPLITS 256
-extern "C" __global__ void attn_combine(const float* part, const float* sinks, float* out, int H, int dh, int nsplit) {
+extern "C" __global__ void attn_combine(const float* part, const float* sinks, float* out, int H, int dh,
+                                        int nsplit, const float* inv_freq, int half, float factor,
+                                        const int* positions) {
     pdl_entry();
     __shared__ float wts[COMBINE_MAX_SPLITS];
     __shared__ float s_inv;
@@ -190,10 +194,22 @@ extern "C" __global__ void attn_combine(const float* part, const float* sinks, f
     }
     __syncthreads();
     const int c = blockIdx.z * blockDim.x + threadIdx.x;
-    if (c >= dh) return;
     float v = 0.f;
-    for (int s = 0; s < nsplit; s++) v += base[s * stride + c] * wts[s];
-    out[((size_t)t * H + h) * dh + c] = v * s_inv;
+    if (c < dh) {
+        for (int s = 0; s < nsplit; s++) v += base[s * stride + c] * wts[s];
+        v *= s_inv;
+    }
+    const int tail = dh - 2 * half;
+    if (inv_freq && (int)(blockIdx.z * blockDim.x + blockDim.x) > tail) {  // block-uniform
+        const float other = __shfl_xor_sync(0xffffffffu, v, 1);
+        if (c >= tail && c < dh) {
+            const int j = (c - tail) >> 1;
+            const double a = (double)((float)positions[t] * inv_freq[j]);
+            const float cs = (float)cos(a) * factor, sn = -((float)sin(a) * factor);
+            v = ((c - tail) & 1) == 0 ? v * cs - other * sn : v * cs + other * sn;
+        }
+    }
+    if (c < dh) out[((size_t)t * H + h) * dh + c] = v;
 }
 
 // Softmax pooling of complete compressor windows w0..w0+nw-1 into entries out[w - w0]. Rows of

@@ -226,7 +226,9 @@ extern "C" __global__ void __launch_bounds__(HC_THREADS) hc_boundary(HcArgs a) {
             }
             const float* c = a.comb + (size_t)t * n * n;
             float o = a.post[t * n + i] * fv;
-            for (int k = 0; k < n; k++) o = fmaf(c[k * n + i], xs[k], o);
+#pragma unroll
+            for (int k = 0; k < 4; k++)
+                if (k < n) o = fmaf(c[k * n + i], xs[k], o);
             v = o;
         }
     }
@@ -315,7 +317,9 @@ extern "C" __global__ void __launch_bounds__(HC_THREADS) hc_boundary(HcArgs a) {
 #pragma unroll
     for (int u = 0; u < U; u++) {
         float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
-        for (int k = 0; k < n; k++) {
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            if (k >= n) break;
             o.x = fmaf(pre_s[k], xv[u][k].x, o.x);
             o.y = fmaf(pre_s[k], xv[u][k].y, o.y);
             o.z = fmaf(pre_s[k], xv[u][k].z, o.z);
@@ -356,22 +360,42 @@ extern "C" __global__ void hc_collapse(const float* x, const float* pre, float* 
 }
 
 // x[t, k, :] = post[t, k] * f[t, :] + sum_j comb[t, j, k] * x[t, j, :], in place (n <= 16).
+// NT > 0: n fixed at compile time (the release models' 4), so xs and out stay in registers.
+template <int NT>
+__device__ __forceinline__ void hc_post_n(const float* f, float* x, const float* post, const float* comb,
+                                          int n_rt, int d, size_t idx) {
+    constexpr int NM = NT > 0 ? NT : 16;
+    const int n = NT > 0 ? NT : n_rt;
+    int t = idx / d, e = idx % d;
+    float xs[NM], out[NM];
+#pragma unroll
+    for (int j = 0; j < NM; j++)
+        if (j < n) xs[j] = x[((size_t)t * n + j) * d + e];
+    float fv = f[idx];
+    const float* c = comb + (size_t)t * n * n;
+#pragma unroll
+    for (int k = 0; k < NM; k++) {
+        if (k >= n) break;
+        float o = post[t * n + k] * fv;
+#pragma unroll
+        for (int j = 0; j < NM; j++)
+            if (j < n) o = fmaf(c[j * n + k], xs[j], o);
+        out[k] = o;
+    }
+#pragma unroll
+    for (int k = 0; k < NM; k++)
+        if (k < n) x[((size_t)t * n + k) * d + e] = out[k];
+}
+
 extern "C" __global__ void hc_post(const float* f, float* x, const float* post, const float* comb,
                                    int n, int d, int T) {
     pdl_entry();
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (size_t)T * d) return;
-    int t = idx / d, e = idx % d;
-    float xs[16], out[16];
-    for (int j = 0; j < n; j++) xs[j] = x[((size_t)t * n + j) * d + e];
-    float fv = f[idx];
-    const float* c = comb + (size_t)t * n * n;
-    for (int k = 0; k < n; k++) {
-        float o = post[t * n + k] * fv;
-        for (int j = 0; j < n; j++) o = fmaf(c[j * n + k], xs[j], o);
-        out[k] = o;
-    }
-    for (int k = 0; k < n; k++) x[((size_t)t * n + k) * d + e] = out[k];
+    if (n == 4)
+        hc_post_n<4>(f, x, post, comb, n, d, idx);
+    else
+        hc_post_n<0>(f, x, post, comb, n, d, idx);
 }
 
 // The hyper-head: y[t, :] = sum_i (sigmoid(mu_i * r * scale + base_i) + eps) * x[t, i, :].

@@ -6,48 +6,79 @@
 __device__ __forceinline__ float softplusf_(float x) { return x > 20.f ? x : log1pf(expf(x)); }
 
 // One warp per token. picks/rw: [T, k]. bias == null: hash routing through tid2eid [vocab, k].
+// Lane l holds the scores and keys of experts l, l + 32, ... in registers (E <= 32 ROUTE_PL and
+// k <= 32: the host checks), so a round of the top-k is a register scan and one shuffle argmax.
+#define ROUTE_PL 16
 extern "C" __global__ void moe_route(const float* logits, int E, int k, const float* bias,
                                      const int* tid2eid, const int* ids, float route_scale,
                                      int* picks, float* rw) {
-    pdl_entry();
-    extern __shared__ float sm[];  // s[E], key[E]
-    float* s = sm;
-    float* key = sm + E;
+    pdl_launch();
     const int t = blockIdx.x, lane = threadIdx.x;
-    for (int e = lane; e < E; e += 32) {
-        s[e] = sqrtf(softplusf_(logits[(size_t)t * E + e]));
-        key[e] = bias ? s[e] + bias[e] : 0.f;
+    float s[ROUTE_PL], key[ROUTE_PL];
+#pragma unroll
+    for (int m = 0; m < ROUTE_PL; m++) {
+        const int e = lane + 32 * m;
+        key[m] = (bias && e < E) ? __ldg(bias + e) : 0.f;  // a weight: loads before the wait
     }
-    __syncwarp();
-    int* pk = picks + (size_t)t * k;
+    pdl_wait();
+#pragma unroll
+    for (int m = 0; m < ROUTE_PL; m++) {
+        const int e = lane + 32 * m;
+        s[m] = e < E ? sqrtf(softplusf_(logits[(size_t)t * E + e])) : 0.f;
+        // NaN keys (NaN logits) count as -inf.
+        const float kv = s[m] + key[m];
+        key[m] = isnan(kv) ? -INFINITY : kv;
+    }
+    int my_pick = 0;
+    float my_s = 0.f;
     for (int j = 0; j < k; j++) {
+        int bi;
+        float bs = 0.f;  // the pick's score
         if (!bias) {
-            if (lane == 0) pk[j] = tid2eid[(size_t)ids[t] * k + j];
-            continue;
+            bi = tid2eid[(size_t)ids[t] * k + j];
+            // Its score again, as computed above (an index into s would put s in local memory).
+            if (bi >= 0 && bi < E) bs = sqrtf(softplusf_(logits[(size_t)t * E + bi]));
+        } else {
+            // Each lane takes its first expert even at -inf, so the pick is always an expert
+            // id < E (duplicates only when no key is finite, where the outputs are NaN anyway).
+            float best = -INFINITY;
+            bi = E;
+#pragma unroll
+            for (int m = 0; m < ROUTE_PL; m++) {
+                const int e = lane + 32 * m;
+                if (e < E && (key[m] > best || bi == E)) {
+                    best = key[m];
+                    bi = e;
+                    bs = s[m];
+                }
+            }
+            for (int o = 16; o > 0; o >>= 1) {
+                const float ob = __shfl_xor_sync(0xffffffffu, best, o);
+                const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+                const float os = __shfl_xor_sync(0xffffffffu, bs, o);
+                if (ob > best || (ob == best && oi < bi)) {
+                    best = ob;
+                    bi = oi;
+                    bs = os;
+                }
+            }
+            // The winner drops out. (Selects over every register, not an index into the
+            // array, which would put it in local memory.)
+            const int mine = (bi & 31) == lane ? bi >> 5 : -1;
+#pragma unroll
+            for (int m = 0; m < ROUTE_PL; m++) key[m] = m == mine ? -INFINITY : key[m];
         }
-        // NaN keys (NaN logits) count as -inf, and each lane takes its first expert even at
-        // -inf, so the pick is always an expert id < E (duplicates only when no key is
-        // finite, where the outputs are NaN anyway).
-        float best = -INFINITY;
-        int bi = E;
-        for (int e = lane; e < E; e += 32) {
-            const float kv = isnan(key[e]) ? -INFINITY : key[e];
-            if (kv > best || bi == E) { best = kv; bi = e; }
+        if (lane == j) {
+            my_pick = bi;
+            my_s = bs;
         }
-        for (int o = 16; o > 0; o >>= 1) {
-            float ob = __shfl_xor_sync(0xffffffffu, best, o);
-            int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-            if (ob > best || (ob == best && oi < bi)) { best = ob; bi = oi; }
-        }
-        if (lane == 0) { pk[j] = bi; key[bi] = -INFINITY; }
-        __syncwarp();
     }
-    __syncwarp();
-    if (lane == 0) {
-        float sum = 0.f;
-        for (int j = 0; j < k; j++) sum += s[pk[j]];
-        sum += 1e-20f;
-        for (int j = 0; j < k; j++) rw[(size_t)t * k + j] = s[pk[j]] / sum * route_scale;
+    float sum = 0.f;
+    for (int j = 0; j < k; j++) sum += __shfl_sync(0xffffffffu, my_s, j);
+    sum += 1e-20f;
+    if (lane < k) {
+        picks[(size_t)t * k + lane] = my_pick;
+        rw[(size_t)t * k + lane] = my_s / sum * route_scale;
     }
 }
 

@@ -29,6 +29,8 @@ const GROUP_PAIRS: usize = 64;
 const HC_FUSED_TOKENS: usize = 8;
 /// Keys per staged chunk and heads per block of `attention_partial` (kernels/attention.cu).
 const ATT_KEYS: usize = 32;
+/// Experts `moe_route` holds in its warp's registers (ROUTE_PL per lane, kernels/moe.cu).
+const ROUTE_EXPERTS: usize = 32 * 16;
 const ATT_HEADS: usize = 8;
 /// Most key splits `attn_combine` merges.
 const COMBINE_MAX_SPLITS: usize = 256;
@@ -347,6 +349,13 @@ impl CudaModel {
             return Err(Error::Unsupported(format!(
                 "hc_mult {} (the hyper-connection kernel holds n·n ≤ 32 weights)",
                 config.hc_mult
+            )));
+        }
+        if config.n_routed_experts > ROUTE_EXPERTS || config.num_experts_per_tok > 32 {
+            return Err(Error::Unsupported(format!(
+                "{} routed experts, {} per token (the router holds at most {ROUTE_EXPERTS}, \
+                 picks at most 32)",
+                config.n_routed_experts, config.num_experts_per_tok
             )));
         }
         if !config.head_dim.is_multiple_of(4) || config.head_dim > 512 {
@@ -1195,11 +1204,11 @@ impl CudaModel {
         match (per_seq, prep) {
             (None, Some(args)) => {
                 g.join_side()?;
-                self.attend_seqs(s, t, &args)?;
+                self.attend_seqs(s, t, &args, &rope)?;
             }
             (None, None) => {
                 let args = self.decode_prep(s, lw, li, t, &rope, &qrin, pos)?;
-                self.attend_seqs(s, t, &args)?;
+                self.attend_seqs(s, t, &args, &rope)?;
             }
             (Some((items, segs)), _) => {
                 self.indexer_queries(s, a, &qrin, &rope, pos, t)?;
@@ -1213,7 +1222,7 @@ impl CudaModel {
             }
         }
 
-        ops::rope(g, s.o.ptr, t * h, dh, h, &rope, pos, true)?;
+        // (attn_combine applied the inverse RoPE to the outputs.)
         let (gr, rk) = (c.o_groups, c.o_lora_rank);
         let gw = h / gr * dh;
         if !rk.is_multiple_of(2) {
@@ -1301,7 +1310,7 @@ impl CudaModel {
                 .min(s.attn_part.bytes / 4 / (t * h * (dh + 2)))
                 .clamp(1, COMBINE_MAX_SPLITS)
         };
-        self.attend_splits(s, &args, nsplit)?;
+        self.attend_splits(s, &args, nsplit, rope, s.positions.at::<i32>(st))?;
         let dhi = dh as i32;
         let (wi, p0, ti) = (c.sliding_window as i32, pos0 as i32, t as i32);
         g.launch(
@@ -1482,7 +1491,13 @@ impl CudaModel {
     }
 
     /// A decode step's attention (after [`Self::attend_prep`]) and the window ring update.
-    fn attend_seqs(&self, s: &mut Scratch, t: usize, args: &AttnArgs) -> Result<()> {
+    fn attend_seqs(
+        &self,
+        s: &mut Scratch,
+        t: usize,
+        args: &AttnArgs,
+        rope: &RopeDev,
+    ) -> Result<()> {
         let g = &*self.gpu;
         let c = &self.config;
         let (h, dh) = (c.num_heads, c.head_dim);
@@ -1491,7 +1506,7 @@ impl CudaModel {
             .div_ceil(t * groups)
             .min(s.attn_part.bytes / 4 / (t * h * (dh + 2)))
             .clamp(1, COMBINE_MAX_SPLITS);
-        self.attend_splits(s, args, nsplit)?;
+        self.attend_splits(s, args, nsplit, rope, s.positions.ptr)?;
         let (dhi, wi) = (dh as i32, c.sliding_window as i32);
         g.launch(
             "ring_store_seqs",
@@ -1503,11 +1518,20 @@ impl CudaModel {
     }
 
     /// Attention over `nsplit` key splits per (token, head group), then the merge with the
-    /// sinks into `args.out`.
-    fn attend_splits(&self, s: &Scratch, args: &AttnArgs, nsplit: usize) -> Result<()> {
+    /// sinks into `args.out` and the outputs' inverse RoPE (`positions`: the tokens' own).
+    fn attend_splits(
+        &self,
+        s: &Scratch,
+        args: &AttnArgs,
+        nsplit: usize,
+        rope: &RopeDev,
+        positions: u64,
+    ) -> Result<()> {
         let g = &*self.gpu;
         let (t, h, dh) = (args.t as u32, args.h as usize, args.dh as usize);
         let ns = nsplit as i32;
+        let inv_freq = if rope.half > 0 { rope.inv_freq } else { 0 };
+        let half = rope.half as i32;
         g.launch(
             "attention_partial",
             (t, nsplit as u32, h.div_ceil(ATT_HEADS) as u32),
@@ -1527,6 +1551,10 @@ impl CudaModel {
                 &args.h,
                 &args.dh,
                 &ns,
+                &inv_freq,
+                &half,
+                &rope.factor,
+                &positions,
             ],
         )
     }
@@ -1762,7 +1790,7 @@ impl CudaModel {
             "moe_route",
             (t as u32, 1, 1),
             (32, 1, 1),
-            (2 * e * 4) as u32,
+            0,
             &[
                 &s.logits_e.ptr,
                 &ei,

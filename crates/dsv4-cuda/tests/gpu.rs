@@ -1431,7 +1431,7 @@ fn router_picks_valid_experts_on_nan_logits() {
         "moe_route",
         (2, 1, 1),
         (32, 1, 1),
-        (2 * e * 4) as u32,
+        0,
         &[
             &lg.ptr, &ei, &ki, &bias.ptr, &null, &ids.ptr, &scale, &picks.ptr, &rw.ptr,
         ],
