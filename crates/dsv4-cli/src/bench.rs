@@ -68,8 +68,8 @@ pub struct BenchArgs {
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
-    if let Some(ordinal) = a.numerics.cuda_ordinal()? {
-        return run_cuda(a, ordinal);
+    if let Some(ordinals) = a.numerics.cuda_ordinals()? {
+        return run_cuda(a, ordinals);
     }
     let threads = rayon::current_num_threads();
     eprintln!("measuring memory bandwidth ({threads} threads)...");
@@ -178,15 +178,18 @@ pub fn run(a: BenchArgs) -> Result<()> {
 }
 
 #[cfg(feature = "cuda")]
-fn run_cuda(a: BenchArgs, ordinal: usize) -> Result<()> {
+fn run_cuda(a: BenchArgs, ordinals: Vec<usize>) -> Result<()> {
     if a.model.is_some() {
         anyhow::bail!("--device cuda benchmarks the synthetic model; drop --model");
     }
     if a.gemm {
+        let [ordinal] = ordinals[..] else {
+            anyhow::bail!("--gemm runs on one GPU; give --device cuda:N");
+        };
         return crate::bench_gemm::run(ordinal, &a.prompts, a.json);
     }
     crate::bench_cuda::run(crate::bench_cuda::CudaBench {
-        ordinal,
+        ordinals,
         preset: a.synthetic,
         layers: a.layers,
         prompts: a.prompts,
@@ -201,7 +204,7 @@ fn run_cuda(a: BenchArgs, ordinal: usize) -> Result<()> {
 }
 
 #[cfg(not(feature = "cuda"))]
-fn run_cuda(_: BenchArgs, _: usize) -> Result<()> {
+fn run_cuda(_: BenchArgs, _: Vec<usize>) -> Result<()> {
     anyhow::bail!(
         "this dsv4 was built without CUDA support; rebuild with \
          `cargo build --release -p dsv4-cli --features cuda`"

@@ -1,16 +1,19 @@
 //! `dsv4 bench --device cuda`: a synthetic DeepSeek-V4 (Flash or Pro shapes, official FP8/FP4
 //! formats) on the GPU — as many layers as fit — measuring prefill and decode against the
-//! device's measured copy bandwidth; markdown table, CSV and JSON.
+//! device's measured copy bandwidth; markdown table, CSV and JSON. `--device cuda:0,1,...`
+//! splits the layers over several GPUs (a [`Pipeline`]), so the whole model can fit.
 
 use anyhow::{bail, Context, Result};
 use dsv4_core::config::{AttnKind, MlpKind};
 use dsv4_core::{synthetic, Logits, Model, ModelConfig};
-use dsv4_cuda::{BatchItem, CudaModel, Gpu, GpuSeq};
+use dsv4_cuda::weights::Ends;
+use dsv4_cuda::{split_layers, BatchItem, CudaModel, Gpu, GpuSeq, PipeItem, PipeSeq, Pipeline};
 use serde_json::{json, Value};
 use std::time::Instant;
 
 pub struct CudaBench {
-    pub ordinal: usize,
+    /// One GPU, or the stages of a pipeline in order.
+    pub ordinals: Vec<usize>,
     pub preset: String,
     pub layers: Option<usize>,
     pub prompts: Vec<usize>,
@@ -77,10 +80,126 @@ fn layer_bytes(m: &Model, i: usize) -> usize {
     l.dense_bytes() + l.moe.experts.len() * l.expert_bytes()
 }
 
+/// What the benchmark runs: the model on one GPU, or a pipeline of stages over several.
+trait Target {
+    type Seq;
+    fn new_seq(&self) -> dsv4_cuda::Result<Self::Seq>;
+    /// Caches holding `ctx` random entries, as if `ctx` tokens had been fed.
+    fn fill(&self, seq: &mut Self::Seq, ctx: usize) -> dsv4_cuda::Result<()>;
+    /// One decode step: sequence j adds token toks[j] (last-row logits).
+    fn step(&self, seqs: &mut [Self::Seq], toks: &[[u32; 1]]) -> dsv4_cuda::Result<()>;
+    fn prefill(&self, seq: &mut Self::Seq, ids: &[u32]) -> dsv4_cuda::Result<()>;
+    /// One more decode step timed launch by launch (`--profile`, one GPU only).
+    fn profile_step(
+        &self,
+        seqs: &mut [Self::Seq],
+        cfg: &ModelConfig,
+        ctx: usize,
+        step_s: f64,
+    ) -> Result<()>;
+    /// The one-GPU model, for `--profile`.
+    fn single(&self) -> Option<&CudaModel>;
+    /// The GPUs it runs on, each once.
+    fn gpus(&self) -> Vec<&Gpu>;
+    /// Weight bytes a decode step of one token reads (k experts per layer).
+    fn decode_bytes(&self, k: usize) -> usize;
+}
+
+impl Target for CudaModel {
+    type Seq = GpuSeq;
+    fn new_seq(&self) -> dsv4_cuda::Result<GpuSeq> {
+        CudaModel::new_seq(self)
+    }
+    fn fill(&self, seq: &mut GpuSeq, ctx: usize) -> dsv4_cuda::Result<()> {
+        seq.fill_synthetic(&self.gpu, &self.weights, ctx)
+    }
+    fn step(&self, seqs: &mut [GpuSeq], toks: &[[u32; 1]]) -> dsv4_cuda::Result<()> {
+        self.forward_batch(&mut step_items(seqs, toks)).map(drop)
+    }
+    fn prefill(&self, seq: &mut GpuSeq, ids: &[u32]) -> dsv4_cuda::Result<()> {
+        self.forward(seq, ids, Logits::Last).map(drop)
+    }
+    fn profile_step(
+        &self,
+        seqs: &mut [GpuSeq],
+        cfg: &ModelConfig,
+        ctx: usize,
+        step_s: f64,
+    ) -> Result<()> {
+        profile_step(self, seqs, cfg, ctx, step_s)
+    }
+    fn single(&self) -> Option<&CudaModel> {
+        Some(self)
+    }
+    fn gpus(&self) -> Vec<&Gpu> {
+        vec![&self.gpu]
+    }
+    fn decode_bytes(&self, k: usize) -> usize {
+        self.weights.decode_bytes(k)
+    }
+}
+
+impl Target for Pipeline {
+    type Seq = PipeSeq;
+    fn new_seq(&self) -> dsv4_cuda::Result<PipeSeq> {
+        Pipeline::new_seq(self)
+    }
+    fn fill(&self, seq: &mut PipeSeq, ctx: usize) -> dsv4_cuda::Result<()> {
+        for (stage, s) in self.stages().iter().zip(&mut seq.stages) {
+            s.fill_synthetic(&stage.gpu, &stage.weights, ctx)?;
+        }
+        Ok(())
+    }
+    fn step(&self, seqs: &mut [PipeSeq], toks: &[[u32; 1]]) -> dsv4_cuda::Result<()> {
+        let mut items: Vec<PipeItem> = seqs
+            .iter_mut()
+            .zip(toks)
+            .map(|(seq, t)| PipeItem {
+                seq,
+                ids: t,
+                want: Logits::Last,
+            })
+            .collect();
+        self.forward_batch(&mut items).map(drop)
+    }
+    fn prefill(&self, seq: &mut PipeSeq, ids: &[u32]) -> dsv4_cuda::Result<()> {
+        self.forward(seq, ids, Logits::Last).map(drop)
+    }
+    fn profile_step(&self, _: &mut [PipeSeq], _: &ModelConfig, _: usize, _: f64) -> Result<()> {
+        bail!("--profile times one GPU's launches; give --device cuda:N")
+    }
+    fn single(&self) -> Option<&CudaModel> {
+        None
+    }
+    fn gpus(&self) -> Vec<&Gpu> {
+        let mut out: Vec<&Gpu> = Vec::new();
+        for st in self.stages() {
+            if !out.iter().any(|g| g.ordinal == st.gpu.ordinal) {
+                out.push(&st.gpu);
+            }
+        }
+        out
+    }
+    fn decode_bytes(&self, k: usize) -> usize {
+        self.stages()
+            .iter()
+            .map(|s| s.weights.decode_bytes(k))
+            .sum()
+    }
+}
+
+/// Device memory in use, summed over the GPUs.
+fn used_bytes(gpus: &[&Gpu]) -> usize {
+    gpus.iter()
+        .filter_map(|g| g.mem_info().ok())
+        .map(|(free, total)| total - free)
+        .sum()
+}
+
 /// Decode steps of `b` sequences at context `ctx`: one row of the table.
 #[allow(clippy::too_many_arguments)] // one row's whole setup; a struct would only rename it
-fn decode_row(
-    model: &CudaModel,
+fn decode_row<M: Target>(
+    model: &M,
     full_layers: usize,
     cfg: &ModelConfig,
     ctx: usize,
@@ -94,7 +213,7 @@ fn decode_row(
     let mut seqs = Vec::with_capacity(b);
     for _ in 0..b {
         let mut seq = model.new_seq()?;
-        seq.fill_synthetic(&model.gpu, &model.weights, ctx)?;
+        model.fill(&mut seq, ctx)?;
         seqs.push(seq);
     }
     let mut steps = Vec::new();
@@ -102,9 +221,8 @@ fn decode_row(
         let toks: Vec<[u32; 1]> = (0..b)
             .map(|j| [((5 + i * 131 + j * 17) % cfg.vocab_size) as u32])
             .collect();
-        let mut items = step_items(&mut seqs, &toks);
         let t = Instant::now();
-        model.forward_batch(&mut items)?;
+        model.step(&mut seqs, &toks)?;
         if i >= 2 {
             steps.push(t.elapsed().as_secs_f64());
         }
@@ -112,7 +230,7 @@ fn decode_row(
     steps.sort_by(f64::total_cmp);
     let med = steps[steps.len() / 2];
     if profile {
-        profile_step(model, &mut seqs, cfg, ctx, med)?;
+        model.profile_step(&mut seqs, cfg, ctx, med)?;
     }
     // Cache bytes a step reads per sequence: window rows, visible/selected entries, indexer keys.
     let mut cache_bytes = 0usize;
@@ -254,11 +372,102 @@ fn print_profile(
     }
 }
 
+/// The prefill rows, then the decode rows of every context and batch size; with the peak
+/// device memory in use and the weight bytes a decode step reads.
+fn measure<M: Target>(
+    model: &M,
+    a: &CudaBench,
+    cfg: &ModelConfig,
+    full_layers: usize,
+    bw: f64,
+) -> Result<(Vec<Value>, usize, f64)> {
+    let layers = cfg.num_layers;
+    let gpus = model.gpus();
+    let mut peak_used = used_bytes(&gpus);
+    let weight_bytes = model.decode_bytes(cfg.num_experts_per_tok) as f64;
+    let mut rows = Vec::new();
+    let ids_for = |n: usize| -> Vec<u32> {
+        (0..n)
+            .map(|i| (3 + i * 7919 % (cfg.vocab_size - 3)) as u32)
+            .collect()
+    };
+    for &p in a.prompts.iter().filter(|&&p| p > 0) {
+        let ids = ids_for(p);
+        let mut seq = model.new_seq()?;
+        // Warm-up over the chunk shapes the timed call will use (cuBLASLt times its
+        // candidate kernels once per shape).
+        model.prefill(&mut seq, &ids[..p.min(4096)])?;
+        let mut seq2 = model.new_seq()?;
+        let t = Instant::now();
+        model.prefill(&mut seq2, &ids)?;
+        let s = t.elapsed().as_secs_f64();
+        peak_used = peak_used.max(used_bytes(&gpus));
+        drop(seq);
+        rows.push(
+            json!({"phase": "prefill", "tokens": p, "context": p, "seconds": s,
+            "tok_s": p as f64 / s, "ms_per_layer": 1e3 * s / layers as f64}),
+        );
+        eprintln!("prefill {p}: {:.0} tok/s", p as f64 / s);
+        let profiled = *a.prompts.iter().filter(|&&q| q <= 8192).max().unwrap_or(&0);
+        if let (true, true, Some(m)) = (a.profile, p == profiled, model.single()) {
+            profile_prefill(m, &ids, layers)?;
+        }
+    }
+    // Decode at each context and batch size, the caches filled with random entries of the
+    // right count; a batch is B sequences each adding one token per step.
+    for &ctx in &a.contexts {
+        for &b in &a.batches {
+            let row = match decode_row(
+                model,
+                full_layers,
+                cfg,
+                ctx,
+                b.max(1),
+                a.decode,
+                bw,
+                weight_bytes,
+                a.profile,
+            ) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("decode @ {ctx} x{b}: {e}");
+                    json!({"phase": "decode", "tokens": b, "context": ctx, "error": e.to_string()})
+                }
+            };
+            peak_used = peak_used.max(used_bytes(&gpus));
+            rows.push(row);
+        }
+    }
+    Ok((rows, peak_used, weight_bytes))
+}
+
 pub fn run(a: CudaBench) -> Result<()> {
-    let gpu = Gpu::open(a.ordinal)?;
+    let ords = a.ordinals.clone();
+    let Some(&first) = ords.first() else {
+        bail!("no GPU given");
+    };
+    if a.profile && ords.len() > 1 {
+        bail!("--profile times one GPU's launches; give --device cuda:N");
+    }
+    let gpu = Gpu::open(first)?;
     eprintln!("measuring {} copy bandwidth...", gpu.name);
     let bw = copy_bandwidth(&gpu)?;
-    let (free0, total) = gpu.mem_info()?;
+    // Room on every GPU, each counted once (an ordinal may repeat), less a reserve each for
+    // activations and caches.
+    let reserve = 10usize << 30;
+    let mut distinct = ords.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    let (mut room, mut total) = (0usize, 0usize);
+    for &o in &distinct {
+        let (free, all) = if o == first {
+            gpu.mem_info()?
+        } else {
+            Gpu::open(o)?.mem_info()?
+        };
+        room += free.saturating_sub(reserve);
+        total += all;
+    }
     let full_layers = if a.preset == "pro" { 61 } else { 43 };
 
     // Host: one layer of each distinct (attention kind, MoE kind) of the target schedule.
@@ -285,14 +494,13 @@ pub fn run(a: CudaBench) -> Result<()> {
     host.numerics = a.numerics;
     let gen_s = t.elapsed().as_secs_f64();
 
-    // As many layers as fit, leaving room for activations and caches.
+    // As many layers as fit.
     let per_layer = (0..kinds.len())
         .map(|i| layer_bytes(&host, i))
         .max()
         .unwrap_or(1);
     let fixed = host.weights.embed.stored_bytes() + host.weights.head.stored_bytes();
-    let reserve = 10usize << 30;
-    let fit = free0.saturating_sub(fixed + reserve) / per_layer;
+    let fit = room.saturating_sub(fixed) / per_layer;
     let layers = a.layers.unwrap_or(fit.min(full_layers)).max(1);
     let cfg = ModelConfig::from_json(&preset(&a.preset, layers)?)?;
     let src: Vec<usize> = cfg
@@ -307,85 +515,53 @@ pub fn run(a: CudaBench) -> Result<()> {
         })
         .collect();
     eprintln!(
-        "uploading {layers} layers ({:.1} GB each) to {}...",
+        "uploading {layers} layers ({:.1} GB each) to {} (cuda:{})...",
         per_layer as f64 / 1e9,
-        gpu.name
+        gpu.name,
+        ords.iter()
+            .map(|o| o.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
     );
     let t = Instant::now();
-    let model = CudaModel::from_model_layers(&host, a.ordinal, cfg.clone(), &src, |i, n| {
-        eprint!("\r  layer {i}/{n}");
-    })
-    .context("uploading the synthetic model")?;
-    eprintln!();
+    // One stage per listed GPU, each a contiguous run of layers.
+    let ranges = split_layers(layers, ords.len());
+    let last = ranges.len() - 1;
+    let mut stages = Vec::with_capacity(ranges.len());
+    for (i, (r, &o)) in ranges.iter().zip(&ords).enumerate() {
+        let mut c = cfg.clone();
+        c.num_layers = r.len();
+        c.attn_kinds = cfg.attn_kinds[r.clone()].to_vec();
+        c.mlp_kinds = cfg.mlp_kinds[r.clone()].to_vec();
+        let ends = Ends {
+            embed: i == 0,
+            head: i == last,
+        };
+        let stage = CudaModel::from_model_layers(&host, o, c, &src[r.clone()], ends, |j, n| {
+            eprint!("\r  cuda:{o}: layer {j}/{n}");
+        })
+        .with_context(|| format!("uploading the synthetic model's layers {r:?} to cuda:{o}"))?;
+        eprintln!();
+        stages.push(stage);
+    }
     let upload_s = t.elapsed().as_secs_f64();
     drop(host);
     drop(ck);
-    let mut peak_used = 0usize;
-    let mut note_mem = |g: &Gpu| {
-        if let Ok((free, total)) = g.mem_info() {
-            peak_used = peak_used.max(total - free);
-        }
+    let (rows, peak_used, weight_bytes) = if stages.len() == 1 {
+        let model = stages.pop().expect("one stage");
+        measure(&model, &a, &cfg, full_layers, bw)?
+    } else {
+        let pipe = Pipeline::from_stages(stages, cfg.clone())?;
+        measure(&pipe, &a, &cfg, full_layers, bw)?
     };
-    note_mem(&model.gpu);
 
-    let k = cfg.num_experts_per_tok;
-    let weight_bytes = model.weights.decode_bytes(k) as f64;
-    let mut rows = Vec::new();
-    let ids_for = |n: usize| -> Vec<u32> {
-        (0..n)
-            .map(|i| (3 + i * 7919 % (cfg.vocab_size - 3)) as u32)
-            .collect()
-    };
-    // Prefill.
-    for &p in a.prompts.iter().filter(|&&p| p > 0) {
-        let ids = ids_for(p);
-        let mut seq = model.new_seq()?;
-        // Warm-up over the chunk shapes the timed call will use (cuBLASLt times its
-        // candidate kernels once per shape).
-        model.forward(&mut seq, &ids[..p.min(4096)], Logits::Last)?;
-        let mut seq2 = model.new_seq()?;
-        let t = Instant::now();
-        model.forward(&mut seq2, &ids, Logits::Last)?;
-        let s = t.elapsed().as_secs_f64();
-        note_mem(&model.gpu);
-        drop(seq);
-        rows.push(
-            json!({"phase": "prefill", "tokens": p, "context": p, "seconds": s,
-            "tok_s": p as f64 / s, "ms_per_layer": 1e3 * s / layers as f64}),
-        );
-        eprintln!("prefill {p}: {:.0} tok/s", p as f64 / s);
-        if a.profile && p == *a.prompts.iter().filter(|&&q| q <= 8192).max().unwrap_or(&0) {
-            profile_prefill(&model, &ids, layers)?;
-        }
-    }
-    // Decode at each context and batch size, the caches filled with random entries of the
-    // right count; a batch is B sequences each adding one token per step.
-    for &ctx in &a.contexts {
-        for &b in &a.batches {
-            let row = match decode_row(
-                &model,
-                full_layers,
-                &cfg,
-                ctx,
-                b.max(1),
-                a.decode,
-                bw,
-                weight_bytes,
-                a.profile,
-            ) {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("decode @ {ctx} x{b}: {e}");
-                    json!({"phase": "decode", "tokens": b, "context": ctx, "error": e.to_string()})
-                }
-            };
-            note_mem(&model.gpu);
-            rows.push(row);
-        }
-    }
-
+    let devices = ords
+        .iter()
+        .map(|o| o.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
     let result = json!({
-        "device": format!("cuda:{} {}", a.ordinal, model.gpu.name), "preset": a.preset,
+        "device": format!("cuda:{devices} {}", gpu.name), "preset": a.preset,
         "layers": layers, "full_layers": full_layers, "copy_bandwidth_bytes_per_s": bw,
         "gpu_total_bytes": total, "peak_gpu_used_bytes": peak_used,
         "host_generate_s": gen_s, "upload_s": upload_s,
@@ -417,7 +593,11 @@ pub fn run(a: CudaBench) -> Result<()> {
     println!(
         "{} · synthetic {} shapes, {layers} of {full_layers} layers (official FP8/FP4 formats) · \
          numerics {:?} · copy bandwidth {:.0} GB/s · peak GPU memory {:.1} GB of {:.1}",
-        model.gpu.name,
+        if ords.len() > 1 {
+            format!("{} (cuda:{devices}, layers split in order)", gpu.name)
+        } else {
+            gpu.name.clone()
+        },
         a.preset,
         a.numerics,
         bw / 1e9,

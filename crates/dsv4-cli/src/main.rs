@@ -76,15 +76,6 @@ impl NumericsArgs {
         }
     }
 
-    /// The one GPU of `--device`, for commands that run on a single GPU.
-    pub fn cuda_ordinal(&self) -> Result<Option<usize>> {
-        match self.cuda_ordinals()?.as_deref() {
-            None => Ok(None),
-            Some([n]) => Ok(Some(*n)),
-            Some(_) => bail!("this command runs on one GPU; give --device cuda:N"),
-        }
-    }
-
     /// Puts a loaded model on the chosen device.
     pub fn engine(&self, model: Model) -> Result<Box<dyn dsv4_core::Engine>> {
         match self.cuda_ordinals()? {

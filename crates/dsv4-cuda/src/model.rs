@@ -297,7 +297,14 @@ impl CudaModel {
     /// Uploads a loaded (validated) model to GPU `ordinal`.
     pub fn from_model(model: &Model, ordinal: usize) -> Result<Self> {
         let src: Vec<usize> = (0..model.config.num_layers).collect();
-        Self::from_model_layers(model, ordinal, model.config.clone(), &src, |_, _| {})
+        Self::from_model_layers(
+            model,
+            ordinal,
+            model.config.clone(),
+            &src,
+            Ends::BOTH,
+            |_, _| {},
+        )
     }
 
     /// Uploads host layers `layers` of a loaded model to GPU `ordinal`, with the embedding
@@ -323,15 +330,17 @@ impl CudaModel {
     }
 
     /// Uploads with GPU layer `i` taken from host layer `src[i]` and `config` describing the
-    /// result (a synthetic Flash/Pro built from a few distinct host layers).
+    /// result (a synthetic Flash/Pro built from a few distinct host layers), with the embedding
+    /// and the head as `ends` says.
     pub fn from_model_layers(
         model: &Model,
         ordinal: usize,
         config: ModelConfig,
         src: &[usize],
+        ends: Ends,
         progress: impl FnMut(usize, usize),
     ) -> Result<Self> {
-        Self::build(model, ordinal, config, src, Ends::BOTH, progress)
+        Self::build(model, ordinal, config, src, ends, progress)
     }
 
     fn build(

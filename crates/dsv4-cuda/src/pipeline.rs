@@ -74,6 +74,34 @@ impl Pipeline {
         })
     }
 
+    /// A pipeline of stages built elsewhere (the benchmark's synthetic layers): the first
+    /// must hold the embedding, the last the head, none between either, and their layers
+    /// together `config`'s.
+    pub fn from_stages(stages: Vec<CudaModel>, config: ModelConfig) -> Result<Self> {
+        let last = stages
+            .len()
+            .checked_sub(1)
+            .ok_or_else(|| Error::Unsupported("a pipeline of no GPUs".into()))?;
+        for (i, st) in stages.iter().enumerate() {
+            let w = &st.weights;
+            if w.embed.is_some() != (i == 0) || w.head.is_some() != (i == last) {
+                return Err(Error::Unsupported(format!(
+                    "pipeline stage {i} of {}: the embedding belongs on the first stage and \
+                     the head on the last",
+                    last + 1
+                )));
+            }
+        }
+        let layers: usize = stages.iter().map(|s| s.weights.layers.len()).sum();
+        if layers != config.num_layers {
+            return Err(Error::Unsupported(format!(
+                "pipeline stages hold {layers} layers, the model has {}",
+                config.num_layers
+            )));
+        }
+        Ok(Pipeline { stages, config })
+    }
+
     pub fn stages(&self) -> &[CudaModel] {
         &self.stages
     }
