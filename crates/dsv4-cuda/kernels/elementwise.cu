@@ -188,7 +188,8 @@ struct HcArgs {
 // - the routed experts' weighted outputs added into f (as moe_combine), when given;
 // - hc_post of the block that ran (x <- post·f + combᵀ·x), when f is given;
 // - this slice's part of the next block's mix rows (fn·x) and of the stream sum of squares.
-// The last block of token t to finish (a counter) sums the slices' parts in slice order, runs the
+// The last block of token t to finish (a counter) sums the slices' parts (in an order fixed by
+// the slice count alone, whichever block is last), runs the
 // Sinkhorn mix (pre, post, comb), and writes the collapse with pre, RMS-normed, into h.
 extern "C" __global__ void __launch_bounds__(HC_THREADS) hc_boundary(HcArgs a) {
     pdl_launch();
@@ -255,12 +256,12 @@ extern "C" __global__ void __launch_bounds__(HC_THREADS) hc_boundary(HcArgs a) {
     }
     __threadfence();  // every thread's streams and parts before the count
     __syncthreads();
-    if (threadIdx.x == 0) is_last = atomicAdd(a.count + t, 1u) == gridDim.x - 1;
+    // atomicInc wraps the count back to zero on the last block: ready for the next launch.
+    if (threadIdx.x == 0) is_last = atomicInc(a.count + t, gridDim.x - 1) == gridDim.x - 1;
     __syncthreads();
     if (!is_last) return;
     // The last block: every other block's parts and streams are visible (read past L1).
     __threadfence();
-    if (threadIdx.x == 0) a.count[t] = 0;
     // The streams of the first HC_PRE_COLS columns load while the mix is found: float4 u of
     // each stream (columns 4 (u·HC_THREADS + tid)...; the host keeps d % 4 == 0, n <= 4).
     constexpr int U = HC_PRE_COLS / (4 * HC_THREADS);
@@ -360,7 +361,8 @@ extern "C" __global__ void hc_collapse(const float* x, const float* pre, float* 
 }
 
 // x[t, k, :] = post[t, k] * f[t, :] + sum_j comb[t, j, k] * x[t, j, :], in place (n <= 16).
-// NT > 0: n fixed at compile time (the release models' 4), so xs and out stay in registers.
+// NT > 0: n fixed at compile time (the release models' 4), so xs and out stay in registers;
+// NT = 0 takes any n <= 16 with rolled loops (fewer registers for the kernel as a whole).
 template <int NT>
 __device__ __forceinline__ void hc_post_n(const float* f, float* x, const float* post, const float* comb,
                                           int n_rt, int d, size_t idx) {
@@ -368,23 +370,19 @@ __device__ __forceinline__ void hc_post_n(const float* f, float* x, const float*
     const int n = NT > 0 ? NT : n_rt;
     int t = idx / d, e = idx % d;
     float xs[NM], out[NM];
-#pragma unroll
-    for (int j = 0; j < NM; j++)
-        if (j < n) xs[j] = x[((size_t)t * n + j) * d + e];
+#pragma unroll(NT > 0 ? NM : 1)
+    for (int j = 0; j < n; j++) xs[j] = x[((size_t)t * n + j) * d + e];
     float fv = f[idx];
     const float* c = comb + (size_t)t * n * n;
-#pragma unroll
-    for (int k = 0; k < NM; k++) {
-        if (k >= n) break;
+#pragma unroll(NT > 0 ? NM : 1)
+    for (int k = 0; k < n; k++) {
         float o = post[t * n + k] * fv;
-#pragma unroll
-        for (int j = 0; j < NM; j++)
-            if (j < n) o = fmaf(c[j * n + k], xs[j], o);
+#pragma unroll(NT > 0 ? NM : 1)
+        for (int j = 0; j < n; j++) o = fmaf(c[j * n + k], xs[j], o);
         out[k] = o;
     }
-#pragma unroll
-    for (int k = 0; k < NM; k++)
-        if (k < n) x[((size_t)t * n + k) * d + e] = out[k];
+#pragma unroll(NT > 0 ? NM : 1)
+    for (int k = 0; k < n; k++) x[((size_t)t * n + k) * d + e] = out[k];
 }
 
 extern "C" __global__ void hc_post(const float* f, float* x, const float* post, const float* comb,

@@ -6,7 +6,7 @@
 __device__ __forceinline__ float softplusf_(float x) { return x > 20.f ? x : log1pf(expf(x)); }
 
 // One warp per token. picks/rw: [T, k]. bias == null: hash routing through tid2eid [vocab, k].
-// Lane l holds the scores and keys of experts l, l + 32, ... in registers (E <= 32 ROUTE_PL and
+// Lane l holds the scores and keys of experts l, l + 32, ... in registers (E <= 32 · ROUTE_PL and
 // k <= 32: the host checks), so a round of the top-k is a register scan and one shuffle argmax.
 #define ROUTE_PL 16
 extern "C" __global__ void moe_route(const float* logits, int E, int k, const float* bias,

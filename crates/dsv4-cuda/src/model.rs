@@ -441,13 +441,18 @@ impl CudaModel {
     /// Turns the fused hyper-connection boundaries on or off.
     pub fn set_hc_fused(&self, on: bool) {
         self.hc_fused.store(on, Ordering::Relaxed);
+        self.drop_graphs();
     }
 
     /// Decode steps run independent work on a side stream ([`Gpu::on_side`]); off, everything
     /// queues on one stream (same results, bit for bit).
     pub fn set_branches(&self, on: bool) {
         self.gpu.set_branches(on);
-        // Steps captured before were recorded with the other setting.
+        self.drop_graphs();
+    }
+
+    /// Forgets the captured decode steps (recorded with settings that just changed).
+    fn drop_graphs(&self) {
         if let Some(s) = self
             .scratch
             .lock()
@@ -803,7 +808,7 @@ impl CudaModel {
             )?;
         }
         // Few tokens: each boundary between blocks (the post-mix of the block that ran, the
-        // pre-mix and norm of the next) is two launches; the last post-mix runs on its own.
+        // pre-mix and norm of the next) is one launch; the last post-mix runs on its own.
         let fused = t <= HC_FUSED_TOKENS
             && self.hc_fused.load(Ordering::Relaxed)
             && n <= 4
