@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On a GPU machine, from the repository root, after `scripts/gpu-pack.sh` packed .devcarry/:
 # the GPU tests (all of them, output in $OUT/gpu-tests.txt when OUT is set), then, with
-# `--bench`, an 8-layer prefill + decode run of the synthetic Flash model.
+# `--bench`, an 8-layer prefill + decode run of the synthetic Flash model, on one GPU and as a
+# two-stage pipeline.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-.}
@@ -18,5 +19,11 @@ grep -E "^test |test result|panicked" "$out/gpu-tests.txt"
 if [ "${1:-}" = "--bench" ]; then
   .devcarry/dsv4 bench --device cuda --layers 8 --prompts 1024,8192 --contexts 1024,65536 \
     --batch 1,8,32 --decode 24 2>&1 | grep -vE "layer [0-9]+/"
+  # The same layers as a two-stage pipeline (on one GPU when only one is present).
+  gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
+  dev=cuda:0,0
+  [ "$gpus" -ge 2 ] && dev=cuda:0,1
+  .devcarry/dsv4 bench --device $dev --layers 8 --prompts 1024 --contexts 1024 \
+    --batch 1,8 --decode 24 2>&1 | grep -vE "layer [0-9]+/"
 fi
 exit $status
