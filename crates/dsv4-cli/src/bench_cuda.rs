@@ -529,10 +529,7 @@ pub fn run(a: CudaBench) -> Result<()> {
     let last = ranges.len() - 1;
     let mut stages = Vec::with_capacity(ranges.len());
     for (i, (r, &o)) in ranges.iter().zip(&ords).enumerate() {
-        let mut c = cfg.clone();
-        c.num_layers = r.len();
-        c.attn_kinds = cfg.attn_kinds[r.clone()].to_vec();
-        c.mlp_kinds = cfg.mlp_kinds[r.clone()].to_vec();
+        let c = dsv4_cuda::model::part_config(&cfg, r.clone())?;
         let ends = Ends {
             embed: i == 0,
             head: i == last,

@@ -293,6 +293,21 @@ enum EntryRound {
     HadamardFp4 = 2,
 }
 
+/// The config of layers `layers` of a model (one pipeline stage's share).
+pub fn part_config(config: &ModelConfig, layers: std::ops::Range<usize>) -> Result<ModelConfig> {
+    if layers.end > config.num_layers || layers.is_empty() {
+        return Err(Error::Unsupported(format!(
+            "layers {layers:?} of a {}-layer model",
+            config.num_layers
+        )));
+    }
+    let mut part = config.clone();
+    part.num_layers = layers.len();
+    part.attn_kinds = config.attn_kinds[layers.clone()].to_vec();
+    part.mlp_kinds = config.mlp_kinds[layers].to_vec();
+    Ok(part)
+}
+
 impl CudaModel {
     /// Uploads a loaded (validated) model to GPU `ordinal`.
     pub fn from_model(model: &Model, ordinal: usize) -> Result<Self> {
@@ -315,16 +330,7 @@ impl CudaModel {
         layers: std::ops::Range<usize>,
         ends: Ends,
     ) -> Result<Self> {
-        let mut config = model.config.clone();
-        if layers.end > config.num_layers || layers.is_empty() {
-            return Err(Error::Unsupported(format!(
-                "layers {layers:?} of a {}-layer model",
-                config.num_layers
-            )));
-        }
-        config.num_layers = layers.len();
-        config.attn_kinds = config.attn_kinds[layers.clone()].to_vec();
-        config.mlp_kinds = config.mlp_kinds[layers.clone()].to_vec();
+        let config = part_config(&model.config, layers.clone())?;
         let src: Vec<usize> = layers.collect();
         Self::build(model, ordinal, config, &src, ends, |_, _| {})
     }

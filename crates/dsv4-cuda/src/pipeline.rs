@@ -233,6 +233,25 @@ impl Engine for Pipeline {
 #[cfg(test)]
 mod tests {
     use super::split_layers;
+    use crate::model::part_config;
+    use dsv4_core::synthetic::demo_config;
+
+    #[test]
+    fn stage_configs_hold_their_layers_kinds() {
+        // The demo's 4 layers: sliding, CSA 4, HCA 16, CSA 4; layer 0 hash-routed.
+        let c = demo_config();
+        let parts: Vec<_> = split_layers(c.num_layers, 2)
+            .into_iter()
+            .map(|r| part_config(&c, r).unwrap())
+            .collect();
+        assert_eq!(parts[0].num_layers, 2);
+        assert_eq!(parts[0].attn_kinds, c.attn_kinds[..2]);
+        assert_eq!(parts[1].attn_kinds, c.attn_kinds[2..]);
+        assert_eq!(parts[0].mlp_kinds, c.mlp_kinds[..2]);
+        assert_eq!(parts[1].mlp_kinds, c.mlp_kinds[2..]);
+        assert!(part_config(&c, 3..5).is_err());
+        assert!(part_config(&c, 2..2).is_err());
+    }
 
     #[test]
     fn layer_ranges_cover_the_model_in_order() {
