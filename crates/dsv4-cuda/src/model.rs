@@ -13,6 +13,7 @@ use dsv4_core::config::AttnKind;
 use dsv4_core::model::rope::RopeTable;
 use dsv4_core::numerics::{Numerics, ACT_BLOCK, KV_BLOCK};
 use dsv4_core::{Engine, EngineState, Logits, Model, ModelConfig};
+use rayon::prelude::*;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -29,6 +30,8 @@ const GROUP_PAIRS: usize = 64;
 const HC_FUSED_TOKENS: usize = 8;
 /// Keys per staged chunk and heads per block of `attention_partial` (kernels/attention.cu).
 const ATT_KEYS: usize = 32;
+/// From this many items up, a step's logits are copied out of the staging buffer in parallel.
+const PAR_COPY_ITEMS: usize = 4;
 /// Experts `moe_route` holds in its warp's registers (ROUTE_PL per lane, kernels/moe.cu).
 const ROUTE_EXPERTS: usize = 32 * 16;
 const ATT_HEADS: usize = 8;
@@ -730,18 +733,23 @@ impl CudaModel {
         let vocab = c.vocab_size;
         // Logits row of each wanted row: itself when every row was computed, else the rows
         // follow one another in item order.
+        let mut next = 0;
+        let spans: Vec<std::ops::Range<usize>> = wanted
+            .into_iter()
+            .map(|r| {
+                let at = if all_rows { r.start } else { next };
+                next += r.len();
+                at * vocab..(at + r.len()) * vocab
+            })
+            .collect();
         g.dtoh_with(s.out_logits.ptr, head_rows.len() * vocab, |logits| {
-            let mut next = 0;
-            PartOut::Logits(
-                wanted
-                    .into_iter()
-                    .map(|r| {
-                        let at = if all_rows { r.start } else { next };
-                        next += r.len();
-                        logits[at * vocab..(at + r.len()) * vocab].to_vec()
-                    })
-                    .collect(),
-            )
+            // Several items' rows (0.5 MB each for Flash's vocabulary) are copied out by
+            // several threads.
+            PartOut::Logits(if spans.len() >= PAR_COPY_ITEMS {
+                spans.into_par_iter().map(|r| logits[r].to_vec()).collect()
+            } else {
+                spans.into_iter().map(|r| logits[r].to_vec()).collect()
+            })
         })
     }
 
