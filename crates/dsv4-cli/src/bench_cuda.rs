@@ -228,7 +228,7 @@ fn decode_row<M: Target>(
         }
     }
     steps.sort_by(f64::total_cmp);
-    let med = steps[steps.len() / 2];
+    let med = steps[steps.len() / 2]; // (steps_n >= 1: `run` checks)
     if profile {
         model.profile_step(&mut seqs, cfg, ctx, med)?;
     }
@@ -449,23 +449,25 @@ pub fn run(a: CudaBench) -> Result<()> {
     if a.profile && ords.len() > 1 {
         bail!("--profile times one GPU's launches; give --device cuda:N");
     }
+    if a.decode == 0 && !a.contexts.is_empty() && !a.batches.is_empty() {
+        bail!("--decode must be at least 1 (steps timed per decode row)");
+    }
     let gpu = Gpu::open(first)?;
     eprintln!("measuring {} copy bandwidth...", gpu.name);
     let bw = copy_bandwidth(&gpu)?;
-    // Room on every GPU, each counted once (an ordinal may repeat), less a reserve each for
-    // activations and caches.
-    let reserve = 10usize << 30;
+    // Free memory of every GPU, each once (an ordinal may repeat).
     let mut distinct = ords.clone();
     distinct.sort_unstable();
     distinct.dedup();
-    let (mut room, mut total) = (0usize, 0usize);
+    let mut free_of = Vec::with_capacity(distinct.len());
+    let mut total = 0usize;
     for &o in &distinct {
         let (free, all) = if o == first {
             gpu.mem_info()?
         } else {
             Gpu::open(o)?.mem_info()?
         };
-        room += free.saturating_sub(reserve);
+        free_of.push((o, free));
         total += all;
     }
     let full_layers = if a.preset == "pro" { 61 } else { 43 };
@@ -499,9 +501,42 @@ pub fn run(a: CudaBench) -> Result<()> {
         .map(|i| layer_bytes(&host, i))
         .max()
         .unwrap_or(1);
-    let fixed = host.weights.embed.stored_bytes() + host.weights.head.stored_bytes();
-    let fit = room.saturating_sub(fixed) / per_layer;
-    let layers = a.layers.unwrap_or(fit.min(full_layers)).max(1);
+    let (embed_b, head_b) = (
+        host.weights.embed.stored_bytes(),
+        host.weights.head.stored_bytes(),
+    );
+    // Whether `l` layers fit: on every GPU, its stages' layers, the embedding (first stage) and
+    // the head (last), and a reserve per stage for its activations and caches.
+    let reserve = 10usize << 30;
+    let fits = |l: usize| {
+        let ranges = split_layers(l, ords.len());
+        let last = ranges.len() - 1;
+        free_of.iter().all(|&(o, free)| {
+            let need: usize = ranges
+                .iter()
+                .zip(&ords)
+                .enumerate()
+                .filter(|(_, (_, &so))| so == o)
+                .map(|(i, (r, _))| {
+                    r.len() * per_layer
+                        + reserve
+                        + if i == 0 { embed_b } else { 0 }
+                        + if i == last { head_b } else { 0 }
+                })
+                .sum();
+            need <= free
+        })
+    };
+    let layers = match a.layers {
+        Some(l) => l.max(1),
+        None => (1..=full_layers).rev().find(|&l| fits(l)).unwrap_or(1),
+    };
+    if layers < ords.len() {
+        bail!(
+            "{layers} layers cannot be split over {} GPUs; list at most {layers}",
+            ords.len()
+        );
+    }
     let cfg = ModelConfig::from_json(&preset(&a.preset, layers)?)?;
     let src: Vec<usize> = cfg
         .attn_kinds
