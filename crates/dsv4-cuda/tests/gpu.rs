@@ -707,7 +707,7 @@ fn batched_sequences_match_solo() {
     let cpu = random_model();
     let gpu = CudaModel::from_model(&cpu, 0).unwrap();
     let vocab = 1000;
-    let seqs: Vec<Vec<u32>> = [155usize, 12, 70]
+    let seqs: Vec<Vec<u32>> = [155usize, 12, 70, 36]
         .iter()
         .enumerate()
         .map(|(k, &n)| {
@@ -720,25 +720,25 @@ fn batched_sequences_match_solo() {
         .iter()
         .map(|ids| run(&gpu, ids, &[ids.len()]))
         .collect();
-    // Steps: which slice of each sequence goes in (None: sits the step out).
-    let (a, b, c) = (&seqs[0], &seqs[1], &seqs[2]);
-    let steps: Vec<[Option<std::ops::Range<usize>>; 3]> = vec![
-        [Some(0..100), Some(0..7), Some(0..1)],
-        [Some(100..150), None, Some(1..65)],
-        [Some(150..151), Some(7..8), Some(65..66)],
-        [Some(151..152), Some(8..9), Some(66..67)],
-        [Some(152..153), Some(9..10), Some(67..68)],
-        [Some(153..154), Some(10..11), Some(68..69)],
-        [Some(154..155), Some(11..12), Some(69..70)],
+    // Steps: which slice of each sequence goes in (None: sits the step out). Four items, so
+    // the logits of a step are copied out on several threads (PAR_COPY_ITEMS).
+    let steps: Vec<[Option<std::ops::Range<usize>>; 4]> = vec![
+        [Some(0..100), Some(0..7), Some(0..1), Some(0..30)],
+        [Some(100..150), None, Some(1..65), Some(30..31)],
+        [Some(150..151), Some(7..8), Some(65..66), Some(31..32)],
+        [Some(151..152), Some(8..9), Some(66..67), Some(32..33)],
+        [Some(152..153), Some(9..10), Some(67..68), Some(33..34)],
+        [Some(153..154), Some(10..11), Some(68..69), Some(34..35)],
+        [Some(154..155), Some(11..12), Some(69..70), Some(35..36)],
     ];
-    let mut states: Vec<_> = (0..3).map(|_| gpu.new_seq().unwrap()).collect();
-    let mut got: Vec<Vec<f32>> = vec![Vec::new(); 3];
+    let mut states: Vec<_> = (0..4).map(|_| gpu.new_seq().unwrap()).collect();
+    let mut got: Vec<Vec<f32>> = vec![Vec::new(); 4];
     for step in &steps {
         let mut which = Vec::new();
         let mut items = Vec::new();
         for (k, (st, r)) in states.iter_mut().zip(step).enumerate() {
             if let Some(r) = r {
-                let ids = [a, b, c][k];
+                let ids = &seqs[k];
                 items.push(BatchItem {
                     seq: st,
                     ids: &ids[r.clone()],
@@ -752,7 +752,7 @@ fn batched_sequences_match_solo() {
             got[k].extend(o);
         }
     }
-    for k in 0..3 {
+    for k in 0..4 {
         let e = worst(&row_errors(&got[k], &solo[k], vocab));
         eprintln!("sequence {k}: batched vs solo worst row rel err {e:.2e}");
         assert!(e < 1e-4, "sequence {k}: {e}");
