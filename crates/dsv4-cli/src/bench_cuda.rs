@@ -114,7 +114,8 @@ impl Target for CudaModel {
         seq.fill_synthetic(&self.gpu, &self.weights, ctx)
     }
     fn step(&self, seqs: &mut [GpuSeq], toks: &[[u32; 1]]) -> dsv4_cuda::Result<()> {
-        self.forward_batch(&mut step_items(seqs, toks)).map(drop)
+        self.forward_batch(&mut BatchItem::last_rows(seqs, toks))
+            .map(drop)
     }
     fn prefill(&self, seq: &mut GpuSeq, ids: &[u32]) -> dsv4_cuda::Result<()> {
         self.forward(seq, ids, Logits::Last).map(drop)
@@ -151,16 +152,8 @@ impl Target for Pipeline {
         Ok(())
     }
     fn step(&self, seqs: &mut [PipeSeq], toks: &[[u32; 1]]) -> dsv4_cuda::Result<()> {
-        let mut items: Vec<PipeItem> = seqs
-            .iter_mut()
-            .zip(toks)
-            .map(|(seq, t)| PipeItem {
-                seq,
-                ids: t,
-                want: Logits::Last,
-            })
-            .collect();
-        self.forward_batch(&mut items).map(drop)
+        self.forward_batch(&mut PipeItem::last_rows(seqs, toks))
+            .map(drop)
     }
     fn prefill(&self, seq: &mut PipeSeq, ids: &[u32]) -> dsv4_cuda::Result<()> {
         self.forward(seq, ids, Logits::Last).map(drop)
@@ -267,18 +260,6 @@ fn decode_row<M: Target>(
     )
 }
 
-/// One decode step's batch: sequence j adds token toks[j], last-row logits.
-fn step_items<'a>(seqs: &'a mut [GpuSeq], toks: &'a [[u32; 1]]) -> Vec<BatchItem<'a>> {
-    seqs.iter_mut()
-        .zip(toks)
-        .map(|(seq, t)| BatchItem {
-            seq,
-            ids: t,
-            want: Logits::Last,
-        })
-        .collect()
-}
-
 /// One more decode step, timed launch by launch (graphs and PDL off), printed grouped by label.
 fn profile_step(
     model: &CudaModel,
@@ -288,7 +269,7 @@ fn profile_step(
     step_s: f64,
 ) -> Result<()> {
     let toks: Vec<[u32; 1]> = (0..seqs.len()).map(|j| [(7 + j * 13) as u32]).collect();
-    let mut items = step_items(seqs, &toks);
+    let mut items = BatchItem::last_rows(seqs, &toks);
     let gpu = &model.gpu;
     model.set_graphs(false);
     gpu.set_profile(true);

@@ -53,6 +53,21 @@ pub struct BatchItem<'a> {
     pub want: Logits,
 }
 
+impl<'a> BatchItem<'a> {
+    /// One item per sequence, `ids[i]` fed to `seqs[i]` (as far as both go), each wanting its
+    /// last row's logits.
+    pub fn last_rows<T: AsRef<[u32]>>(seqs: &'a mut [GpuSeq], ids: &'a [T]) -> Vec<Self> {
+        seqs.iter_mut()
+            .zip(ids)
+            .map(|(seq, ids)| BatchItem {
+                seq,
+                ids: ids.as_ref(),
+                want: Logits::Last,
+            })
+            .collect()
+    }
+}
+
 /// Feeds `ids` through `step` in chunks of at most [`MAX_CHUNK`] tokens (only the last chunk
 /// asked for `Logits::Last`), returning the requested logits rows in order.
 pub(crate) fn forward_chunks(

@@ -39,6 +39,21 @@ pub struct PipeItem<'a> {
     pub want: Logits,
 }
 
+impl<'a> PipeItem<'a> {
+    /// One item per sequence, each wanting its last row's logits (as
+    /// [`BatchItem::last_rows`]).
+    pub fn last_rows<T: AsRef<[u32]>>(seqs: &'a mut [PipeSeq], ids: &'a [T]) -> Vec<Self> {
+        seqs.iter_mut()
+            .zip(ids)
+            .map(|(seq, ids)| PipeItem {
+                seq,
+                ids: ids.as_ref(),
+                want: Logits::Last,
+            })
+            .collect()
+    }
+}
+
 /// Contiguous layer ranges, one per stage, as even in count as they can be.
 pub fn split_layers(layers: usize, stages: usize) -> Vec<std::ops::Range<usize>> {
     let stages = stages.clamp(1, layers.max(1));

@@ -453,16 +453,7 @@ fn decode_graphs_replay_exactly() {
         let n = if i % 2 == 1 { 1 } else { 3 };
         let mut outs = Vec::new();
         for (m, sts) in models.iter().zip(states.iter_mut()) {
-            let mut items: Vec<BatchItem> = sts
-                .iter_mut()
-                .zip(&toks)
-                .take(n)
-                .map(|(st, ids)| BatchItem {
-                    seq: st,
-                    ids,
-                    want: Logits::Last,
-                })
-                .collect();
+            let mut items = BatchItem::last_rows(&mut sts[..n], &toks);
             outs.push(m.forward_batch(&mut items).unwrap().concat());
         }
         assert!(
@@ -631,29 +622,13 @@ fn pipeline_stages_match_one_gpu() {
     let mut ref_seqs: Vec<_> = (0..2).map(|_| whole.new_seq().unwrap()).collect();
     let mut expect = Vec::new();
     {
-        let mut items: Vec<BatchItem> = ref_seqs
-            .iter_mut()
-            .zip(&prompts)
-            .map(|(seq, ids)| BatchItem {
-                seq,
-                ids,
-                want: Logits::Last,
-            })
-            .collect();
+        let mut items = BatchItem::last_rows(&mut ref_seqs, &prompts);
         expect.push(whole.forward_batch(&mut items).unwrap());
     }
     let steps: Vec<[u32; 2]> = (0..6).map(|i| [7 + i * 11, 300 + i * 5]).collect();
     for st in &steps {
         let toks: Vec<[u32; 1]> = st.iter().map(|&t| [t]).collect();
-        let mut items: Vec<BatchItem> = ref_seqs
-            .iter_mut()
-            .zip(&toks)
-            .map(|(seq, ids)| BatchItem {
-                seq,
-                ids,
-                want: Logits::Last,
-            })
-            .collect();
+        let mut items = BatchItem::last_rows(&mut ref_seqs, &toks);
         expect.push(whole.forward_batch(&mut items).unwrap());
     }
     for ords in &layouts {
@@ -662,15 +637,7 @@ fn pipeline_stages_match_one_gpu() {
         let mut seqs: Vec<_> = (0..2).map(|_| pipe.new_seq().unwrap()).collect();
         let mut got = Vec::new();
         {
-            let mut items: Vec<PipeItem> = seqs
-                .iter_mut()
-                .zip(&prompts)
-                .map(|(seq, ids)| PipeItem {
-                    seq,
-                    ids,
-                    want: Logits::Last,
-                })
-                .collect();
+            let mut items = PipeItem::last_rows(&mut seqs, &prompts);
             got.push(pipe.forward_batch(&mut items).unwrap());
         }
         // Halfway through decode, sequence 0 continues from a copy of itself.
@@ -679,15 +646,7 @@ fn pipeline_stages_match_one_gpu() {
                 seqs[0] = pipe.copy_seq(&seqs[0]).unwrap();
             }
             let toks: Vec<[u32; 1]> = st.iter().map(|&t| [t]).collect();
-            let mut items: Vec<PipeItem> = seqs
-                .iter_mut()
-                .zip(&toks)
-                .map(|(seq, ids)| PipeItem {
-                    seq,
-                    ids,
-                    want: Logits::Last,
-                })
-                .collect();
+            let mut items = PipeItem::last_rows(&mut seqs, &toks);
             got.push(pipe.forward_batch(&mut items).unwrap());
         }
         assert!(
