@@ -3,6 +3,7 @@
 //! BF16, F16, F32). AVX2+FMA+F16C and AVX-512 versions are chosen at run time; the scalar
 //! versions are the reference and the fallback.
 
+use super::gemm;
 use super::mlx_rows::{self, AffineRow};
 use crate::tensor::{bf16_to_f32, e8m0_to_f32, E2M1_VALUES, E4M3_LUT};
 
@@ -113,6 +114,37 @@ pub fn wants_fp4_order() -> bool {
     false
 }
 
+/// Whether the FP8, FP4, BF16, F16 and F32 GEMVs and the tile kernel follow the blocked accumulation
+/// order (`gemm`), so that a token's result does not depend on how many share the call.
+pub fn blocked_order() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return has_avx512();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Whether the single-token GEMV for rows of this kind follows the blocked order (then the
+/// tile kernel gives the same result for a token in any batch).
+pub fn gemv_is_blocked(row: Row) -> bool {
+    blocked_order()
+        && matches!(
+            row,
+            Row::Fp8 { .. } | Row::Fp4 { .. } | Row::Bf16(_) | Row::F16(_) | Row::F32(_)
+        )
+}
+
+/// Decodes a row for the tile kernel (`gemm::tile`): with the blocked order, the full blocks'
+/// weights unscaled in the kernel order into `w`, their 16 lane scales per block into `s`, and
+/// the tail scaled in natural order; otherwise the row as [`dequant_prepared`] gives it.
+pub fn prep_row(row: Row, w: &mut [f32], s: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: the features were detected above.
+        return unsafe { avx512::prep_row(row, w, s) };
+    }
+    dequant_prepared(row, w)
+}
+
 /// Activations for FP4 rows (e2m1 + e8m0 per 32, official or mxfp4). Each full block of 128
 /// inputs is transposed as 8 × 16: position `16k + j` holds input `8j + k`, so that the `k`-th
 /// nibble of the block's `j`-th 32-bit word of packed codes (nibbles low first) meets its input
@@ -133,29 +165,21 @@ pub fn fp4_order(x: &[f32]) -> Prepared {
     out
 }
 
-/// Inverse of [`fp4_order`].
-fn unorder_fp4(xp: &[f32]) -> Vec<f32> {
-    let mut out = xp.to_vec();
-    for (o, b) in out.chunks_exact_mut(128).zip(xp.chunks_exact(128)) {
-        for k in 0..8 {
-            for j in 0..16 {
-                o[8 * j + k] = b[16 * k + j];
-            }
-        }
-    }
-    out
-}
-
-/// Activations for FP8 rows (e4m3 codes with block scales): each full chunk of 64 inputs as its
-/// 32 even then its 32 odd inputs, the two halves in which `vpmaddubsw` decodes 64 code bytes
-/// (position `64c + j` holds input `64c + 2j`, position `64c + 32 + j` input `64c + 2j + 1`). A
-/// ragged tail (`len % 64`) stays in natural order. Empty when no kernel needs it.
+/// Activations for FP8 rows (e4m3 codes with block scales): each 64-input chunk of the full
+/// 128-input blocks as its 32 even then its 32 odd inputs, the two halves in which `vpmaddubsw`
+/// decodes 64 code bytes (position `64c + j` holds input `64c + 2j`, position `64c + 32 + j`
+/// input `64c + 2j + 1`). A ragged tail (`len % 128`) stays in natural order, as the blocked
+/// order (`gemm`) wants. Empty when no kernel needs it.
 pub fn fp8_order(x: &[f32]) -> Prepared {
     if !wants_fp4_order() {
         return Prepared::default();
     }
     let mut out = Prepared::from_slice(x);
-    for (o, c) in out.chunks_exact_mut(64).zip(x.chunks_exact(64)) {
+    let full = x.len() / 128 * 128;
+    for (o, c) in out[..full]
+        .chunks_exact_mut(64)
+        .zip(x[..full].chunks_exact(64))
+    {
         for j in 0..32 {
             o[j] = c[2 * j];
             o[32 + j] = c[2 * j + 1];
@@ -168,7 +192,11 @@ pub fn fp8_order(x: &[f32]) -> Prepared {
 #[cfg(test)]
 fn unorder_fp8(xp: &[f32]) -> Vec<f32> {
     let mut out = xp.to_vec();
-    for (o, c) in out.chunks_exact_mut(64).zip(xp.chunks_exact(64)) {
+    let full = xp.len() / 128 * 128;
+    for (o, c) in out[..full]
+        .chunks_exact_mut(64)
+        .zip(xp[..full].chunks_exact(64))
+    {
         for j in 0..32 {
             o[2 * j] = c[j];
             o[2 * j + 1] = c[32 + j];
@@ -659,32 +687,38 @@ mod avx512 {
     /// quarter of its speed; 1–4 KB measured the same.
     const FP8_PREFETCH: usize = 2048;
 
-    /// FP8 over activations in [`fp8_order`] (`xp`), 128 inputs per block and two blocks per
-    /// step. The 256 codes are decoded to f16 patterns in an aligned scratch ([`fp8_halves`]:
-    /// 2 arithmetic uops per 32 codes), which `vcvtph2ps` reads back from memory ([`cvt16`]);
-    /// one FMA per 16 weights, the lane sums of each block scaled once. Per 32 weights that is
-    /// about 6 arithmetic uops (plus the NaN check), against 10 for the previous
-    /// sign-extend/shift/convert-from-register kernel. Rows whose scale blocks are not a
-    /// multiple of 128 or with no `xp` take the AVX2 path; rows with a NaN code or a scale too
-    /// large for the folded 2^8 the scalar one. A ragged tail (`len % 128`) is summed by the
-    /// scalar code.
+    /// FP8 over activations in [`fp8_order`] (`xp`), in the blocked order (`gemm`): 128 inputs
+    /// per block, two blocks per step. The 256 codes are decoded to f16 patterns in an aligned
+    /// scratch ([`fp8_halves`]: 2 arithmetic uops per 32 codes), which `vcvtph2ps` reads back
+    /// from memory ([`cvt16`]); one FMA per 16 weights, and one more per block that adds the
+    /// block's lane sums, times its scale × 2^8, to the even or odd blocks' totals (a single
+    /// chain of totals measured 8% slower). Per 32 weights that is
+    /// about 6 arithmetic uops (plus the NaN check). Rows whose scale blocks are not a multiple
+    /// of 128, with a NaN code or a scale too large for the folded 2^8 go through
+    /// [`prep_row`] and [`gemm::avx512::dot_blocked`]: the same order as the tile kernel.
     #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    #[inline(never)]
     unsafe fn dot_fp8(codes: &[u8], scales: &[f32], block: usize, x: &[f32], xp: &[f32]) -> f32 {
         let n = x.len();
-        if !block.is_multiple_of(128) || xp.len() != n {
-            return avx2::dot_fp8(codes, scales, block, x);
-        }
-        let row = || Row::Fp8 {
+        let row = Row::Fp8 {
             codes,
             scales,
             block,
         };
-        if !fp8_scales_fit(&scales[..n.div_ceil(block)]) {
-            return scalar::dot(row(), x);
+        let ordered;
+        let xp = if xp.len() == n {
+            xp
+        } else {
+            ordered = fp8_order(x);
+            &ordered[..]
+        };
+        if !block.is_multiple_of(128) || !fp8_scales_fit(&scales[..n.div_ceil(block)]) {
+            return dot_via_prep(row, xp);
         }
         let blocks = n / 128;
         let per = block / 128; // 128-input blocks per scale (1 for DeepSeek's 128 × 128)
-        let scale = |b: usize| _mm512_set1_ps(scales[if per == 1 { b } else { b / per }] * 256.0);
+                               // (A plain index, not a closure: a closure returning a vector register is not inlined.)
+        let scale_of = |b: usize| scales[if per == 1 { b } else { b / per }] * 256.0;
         let mut buf = Halves([0; 256]);
         let mut nan = _mm512_setzero_si512();
         let (mut t0, mut t1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
@@ -704,8 +738,8 @@ mod avx512 {
             let h = std::hint::black_box(h) as *const u16;
             let p0 = fp8_block(h, xq.add(128 * b));
             let p1 = fp8_block(h.add(128), xq.add(128 * b + 128));
-            t0 = _mm512_fmadd_ps(p0, scale(b), t0);
-            t1 = _mm512_fmadd_ps(p1, scale(b + 1), t1);
+            t0 = _mm512_fmadd_ps(p0, _mm512_set1_ps(scale_of(b)), t0);
+            t1 = _mm512_fmadd_ps(p1, _mm512_set1_ps(scale_of(b + 1)), t1);
             b += 2;
         }
         if b < blocks {
@@ -714,13 +748,27 @@ mod avx512 {
             fp8_halves(c, h, &mut nan);
             fp8_halves(c.add(64), h.add(64), &mut nan);
             let h = std::hint::black_box(h) as *const u16;
-            t0 = _mm512_fmadd_ps(fp8_block(h, xq.add(128 * b)), scale(b), t0);
+            let p = fp8_block(h, xq.add(128 * b));
+            t0 = _mm512_fmadd_ps(p, _mm512_set1_ps(scale_of(b)), t0); // `b` is even here
         }
         if fp8_any_nan(nan) {
-            return scalar::dot(row(), x);
+            return dot_via_prep(row, xp);
         }
-        let s = _mm512_reduce_add_ps(_mm512_add_ps(t0, t1));
-        s + scalar::dot_fp8_from(codes, scales, block, x, 128 * blocks)
+        let tail: Vec<f32> = (128 * blocks..n)
+            .map(|j| E4M3_LUT[codes[j] as usize] * scales[j / block])
+            .collect();
+        gemm::avx512::total(t0, t1) + gemm::tail_dot(&tail, &xp[128 * blocks..])
+    }
+
+    /// One row in the blocked order through its prepared decode (`xp` in the row's order): the
+    /// GEMVs' path for rows their fast decode does not take.
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    unsafe fn dot_via_prep(row: Row, xp: &[f32]) -> f32 {
+        let n = xp.len();
+        let mut w = vec![0f32; n];
+        let mut s = vec![0f32; gemm::blocks(n) * 16];
+        prep_row(row, &mut w, &mut s);
+        gemm::avx512::dot_blocked(&w, &s, xp)
     }
 
     /// FP8 row decode for the tiled matmul, in [`fp8_order`]: each 64-input chunk as in
@@ -743,7 +791,7 @@ mod avx512 {
         if !block.is_multiple_of(64) || !fp8_scales_fit(&scales[..n.div_ceil(block)]) {
             return scalar(out);
         }
-        let chunks = n / 64;
+        let chunks = n / 128 * 2; // the blocked order's full blocks; the tail stays natural
         let mut buf = Halves([0; 256]);
         let mut nan = _mm512_setzero_si512();
         let o = out.as_mut_ptr();
@@ -798,60 +846,46 @@ mod avx512 {
         zero == 0 && full == 0 && chunks.remainder().iter().all(|&u| u != 0 && u != 255)
     }
 
-    /// One 128-input FP4 block: 64 code bytes at `pk`, activations in [`fp4_order`] at `xq`, 4
-    /// scale bytes at `sp`. Returns the 16 lane partial sums (unscaled) and the lane scales.
+    /// One 128-input FP4 block's 16 unscaled lane sums: 64 code bytes at `pk`, activations in
+    /// [`fp4_order`] at `xq`, in one chain over the 8 nibble planes (the blocked order).
     ///
     /// `vpermps` reads only the low 4 bits of each 32-bit index, so the codes need no masking:
     /// the block's 16 words shifted right by `4k` give the `k`-th nibble of every word, and one
     /// permute of the 16-entry e2m1 table turns them into 16 f32 weights.
     #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
     #[inline]
-    unsafe fn fp4_block(
-        pk: *const u8,
-        sp: *const u8,
-        xq: *const f32,
-        table: __m512,
-        spread: __m512i,
-    ) -> (__m512, __m512) {
+    unsafe fn fp4_block(pk: *const u8, xq: *const f32, table: __m512) -> __m512 {
         let v = _mm512_loadu_si512(pk as *const _);
         let x = |k: usize| _mm512_loadu_ps(xq.add(16 * k));
         let w = |i: __m512i| _mm512_permutexvar_ps(i, table);
-        let a = _mm512_mul_ps(w(v), x(0));
-        let c = _mm512_mul_ps(w(_mm512_srli_epi32::<4>(v)), x(1));
-        let a = _mm512_fmadd_ps(w(_mm512_srli_epi32::<8>(v)), x(2), a);
-        let c = _mm512_fmadd_ps(w(_mm512_srli_epi32::<12>(v)), x(3), c);
-        let a = _mm512_fmadd_ps(w(_mm512_srli_epi32::<16>(v)), x(4), a);
-        let c = _mm512_fmadd_ps(w(_mm512_srli_epi32::<20>(v)), x(5), c);
-        let a = _mm512_fmadd_ps(w(_mm512_srli_epi32::<24>(v)), x(6), a);
-        let c = _mm512_fmadd_ps(w(_mm512_srli_epi32::<28>(v)), x(7), c);
-        (_mm512_add_ps(a, c), fp4_lane_scales(sp, spread))
+        let p = _mm512_mul_ps(w(v), x(0));
+        let p = _mm512_fmadd_ps(w(_mm512_srli_epi32::<4>(v)), x(1), p);
+        let p = _mm512_fmadd_ps(w(_mm512_srli_epi32::<8>(v)), x(2), p);
+        let p = _mm512_fmadd_ps(w(_mm512_srli_epi32::<12>(v)), x(3), p);
+        let p = _mm512_fmadd_ps(w(_mm512_srli_epi32::<16>(v)), x(4), p);
+        let p = _mm512_fmadd_ps(w(_mm512_srli_epi32::<20>(v)), x(5), p);
+        let p = _mm512_fmadd_ps(w(_mm512_srli_epi32::<24>(v)), x(6), p);
+        _mm512_fmadd_ps(w(_mm512_srli_epi32::<28>(v)), x(7), p)
     }
 
     /// [`fp4_block`] for a block that is not the row's last: the low nibbles of bytes `4j + m`
     /// come from a load at byte offset `m` (which reads up to 3 bytes past the block) instead of
-    /// a shift, so only the high nibbles need one.
+    /// a shift, so only the high nibbles need one. Same planes, same chain.
     #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
     #[inline]
-    unsafe fn fp4_block_inner(
-        pk: *const u8,
-        sp: *const u8,
-        xq: *const f32,
-        table: __m512,
-        spread: __m512i,
-    ) -> (__m512, __m512) {
+    unsafe fn fp4_block_inner(pk: *const u8, xq: *const f32, table: __m512) -> __m512 {
         let ld = |m: usize| _mm512_loadu_si512(pk.add(m) as *const _);
         let x = |k: usize| _mm512_loadu_ps(xq.add(16 * k));
         let w = |i: __m512i| _mm512_permutexvar_ps(i, table);
         let (v0, v1, v2, v3) = (ld(0), ld(1), ld(2), ld(3));
-        let a = _mm512_mul_ps(w(v0), x(0));
-        let c = _mm512_mul_ps(w(_mm512_srli_epi32::<4>(v0)), x(1));
-        let a = _mm512_fmadd_ps(w(v1), x(2), a);
-        let c = _mm512_fmadd_ps(w(_mm512_srli_epi32::<4>(v1)), x(3), c);
-        let a = _mm512_fmadd_ps(w(v2), x(4), a);
-        let c = _mm512_fmadd_ps(w(_mm512_srli_epi32::<4>(v2)), x(5), c);
-        let a = _mm512_fmadd_ps(w(v3), x(6), a);
-        let c = _mm512_fmadd_ps(w(_mm512_srli_epi32::<4>(v3)), x(7), c);
-        (_mm512_add_ps(a, c), fp4_lane_scales(sp, spread))
+        let p = _mm512_mul_ps(w(v0), x(0));
+        let p = _mm512_fmadd_ps(w(_mm512_srli_epi32::<4>(v0)), x(1), p);
+        let p = _mm512_fmadd_ps(w(v1), x(2), p);
+        let p = _mm512_fmadd_ps(w(_mm512_srli_epi32::<4>(v1)), x(3), p);
+        let p = _mm512_fmadd_ps(w(v2), x(4), p);
+        let p = _mm512_fmadd_ps(w(_mm512_srli_epi32::<4>(v2)), x(5), p);
+        let p = _mm512_fmadd_ps(w(v3), x(6), p);
+        _mm512_fmadd_ps(w(_mm512_srli_epi32::<4>(v3)), x(7), p)
     }
 
     /// The block's 4 e8m0 scale bytes at `sp` as 16 f32 lane scales (see [`SCALE_SPREAD`]).
@@ -862,14 +896,16 @@ mod avx512 {
         _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_shuffle_epi8(u, spread)))
     }
 
-    /// FP4 over activations in [`fp4_order`], 128 inputs (64 bytes of codes) per block: the
-    /// lane sums of a block are scaled once by their lanes' group scales. Rows with a zero or
-    /// NaN scale byte take the scalar path.
+    /// FP4 over activations in [`fp4_order`], in the blocked order: 128 inputs (64 bytes of
+    /// codes) per block, two blocks per step, each block's lane sums added to the even or odd
+    /// blocks' totals through their lanes' group scales. Rows with a zero or NaN scale byte go through
+    /// [`prep_row`] (exact lane scales, same order).
     #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+    #[inline(never)]
     unsafe fn dot_fp4(packed: &[u8], scales: &[u8], xp: &[f32]) -> f32 {
         let n = xp.len();
         if !scales_normal(&scales[..n.div_ceil(32)]) {
-            return super::scalar::dot(Row::Fp4 { packed, scales }, &unorder_fp4(xp));
+            return dot_via_prep(Row::Fp4 { packed, scales }, xp);
         }
         let blocks = n / 128;
         let table = _mm512_loadu_ps(E2M1_VALUES.as_ptr());
@@ -882,36 +918,214 @@ mod avx512 {
         } else {
             blocks.saturating_sub(1)
         };
-        let at = |b: usize| (pk.add(64 * b), sp.add(4 * b), xq.add(128 * b));
         let mut b = 0;
         while b + 2 <= inner {
-            let ((p0, q0, x0), (p1, q1, x1)) = (at(b), at(b + 1));
             _mm_prefetch::<_MM_HINT_T0>(pk.wrapping_add(64 * b + 1024) as *const i8);
             _mm_prefetch::<_MM_HINT_T0>(pk.wrapping_add(64 * b + 1088) as *const i8);
-            let (p0, s0) = fp4_block_inner(p0, q0, x0, table, spread);
-            let (p1, s1) = fp4_block_inner(p1, q1, x1, table, spread);
-            t0 = _mm512_fmadd_ps(p0, s0, t0);
-            t1 = _mm512_fmadd_ps(p1, s1, t1);
+            let p0 = fp4_block_inner(pk.add(64 * b), xq.add(128 * b), table);
+            let p1 = fp4_block_inner(pk.add(64 * b + 64), xq.add(128 * b + 128), table);
+            t0 = _mm512_fmadd_ps(p0, fp4_lane_scales(sp.add(4 * b), spread), t0);
+            t1 = _mm512_fmadd_ps(p1, fp4_lane_scales(sp.add(4 * b + 4), spread), t1);
             b += 2;
         }
         while b < blocks {
-            let (p0, q0, x0) = at(b);
-            let (p0, s0) = fp4_block(p0, q0, x0, table, spread);
-            t0 = _mm512_fmadd_ps(p0, s0, t0);
+            let p = fp4_block(pk.add(64 * b), xq.add(128 * b), table);
+            let s = fp4_lane_scales(sp.add(4 * b), spread);
+            if b % 2 == 0 {
+                t0 = _mm512_fmadd_ps(p, s, t0);
+            } else {
+                t1 = _mm512_fmadd_ps(p, s, t1);
+            }
             b += 1;
         }
-        let mut s = _mm512_reduce_add_ps(_mm512_add_ps(t0, t1));
+        let mut s = gemm::avx512::total(t0, t1);
         if blocks * 128 < n {
             // The ragged tail is stored, and ordered, naturally.
-            s += super::scalar::dot(
+            let mut tail = vec![0f32; n - 128 * blocks];
+            super::dequant(
                 Row::Fp4 {
                     packed: &packed[64 * blocks..],
                     scales: &scales[4 * blocks..],
                 },
-                &xp[128 * blocks..],
+                &mut tail,
             );
+            s += gemm::tail_dot(&tail, &xp[128 * blocks..]);
         }
         s
+    }
+
+    /// A row of weights that widen exactly to f32 (BF16, F16, F32) in the blocked order:
+    /// `|i| load` gives the 16 weights from input `i`, `|j| at` one weight. One chain per
+    /// 128-input block, the block sums added to the even or odd blocks' lane totals (through a lane scale
+    /// of 1, as the tile kernel does), two blocks per step; the prefetch runs `FP8_PREFETCH`
+    /// bytes ahead of `w`, whose elements are `size` bytes (a row of the BF16 head is 8 KB, two
+    /// pages). A macro rather than a function taking closures: closures do not inherit the
+    /// caller's target features, and one returning a vector register is then not inlined.
+    macro_rules! dot_widened {
+        ($w:expr, $size:expr, $x:expr, |$i:ident| $load:expr, |$j:ident| $at:expr) => {{
+            let (w, size, x): (*const u8, usize, &[f32]) = ($w, $size, $x);
+            let n = x.len();
+            let blocks = n / 128;
+            let xq = x.as_ptr();
+            macro_rules! block {
+                ($b:expr) => {{
+                    let b = $b;
+                    let $i = 128 * b;
+                    let mut p = _mm512_mul_ps($load, _mm512_loadu_ps(xq.add(128 * b)));
+                    for k in 1..8 {
+                        let $i = 128 * b + 16 * k;
+                        p = _mm512_fmadd_ps($load, _mm512_loadu_ps(xq.add($i)), p);
+                    }
+                    p
+                }};
+            }
+            let one = _mm512_set1_ps(1.0);
+            let (mut t0, mut t1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+            let mut b = 0;
+            while b + 2 <= blocks {
+                let c = w.wrapping_add(128 * size * b);
+                for l in 0..4 * size {
+                    _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(FP8_PREFETCH + 64 * l) as *const i8);
+                }
+                let (p0, p1) = (block!(b), block!(b + 1));
+                t0 = _mm512_fmadd_ps(p0, one, t0);
+                t1 = _mm512_fmadd_ps(p1, one, t1);
+                b += 2;
+            }
+            if b < blocks {
+                t0 = _mm512_fmadd_ps(block!(b), one, t0);
+            }
+            let tail: Vec<f32> = (128 * blocks..n).map(|$j| $at).collect();
+            gemm::avx512::total(t0, t1) + gemm::tail_dot(&tail, &x[128 * blocks..])
+        }};
+    }
+
+    /// [`dot_widened`] over BF16 (`bf16 << 16` is the f32), F16 (`vcvtph2ps`) or F32 rows.
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    #[inline(never)]
+    unsafe fn dot_exact(row: Row, x: &[f32]) -> f32 {
+        let u16_at = |w: &[u8], j: usize| u16::from_le_bytes([w[2 * j], w[2 * j + 1]]);
+        match row {
+            Row::Bf16(w) => {
+                let p = w.as_ptr() as *const u16;
+                dot_widened!(
+                    w.as_ptr(),
+                    2,
+                    x,
+                    |i| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
+                        _mm256_loadu_si256(p.add(i) as *const __m256i)
+                    ))),
+                    |j| bf16_to_f32(u16_at(w, j))
+                )
+            }
+            Row::F16(w) => {
+                let p = w.as_ptr() as *const u16;
+                dot_widened!(
+                    w.as_ptr(),
+                    2,
+                    x,
+                    |i| _mm512_cvtph_ps(_mm256_loadu_si256(p.add(i) as *const __m256i)),
+                    |j| half::f16::from_bits(u16_at(w, j)).to_f32()
+                )
+            }
+            Row::F32(w) => {
+                let p = w.as_ptr() as *const f32;
+                dot_widened!(w.as_ptr(), 4, x, |i| _mm512_loadu_ps(p.add(i)), |j| {
+                    f32::from_le_bytes([w[4 * j], w[4 * j + 1], w[4 * j + 2], w[4 * j + 3]])
+                })
+            }
+            other => dot_via_prep(other, x),
+        }
+    }
+
+    /// A row for the tile kernel in the blocked order (see [`super::prep_row`]): FP8 rows with
+    /// blocks of 128 as codes × 2^-8 and lane scales of the block scale × 2^8 (codes and scales
+    /// as they are when the scale cannot carry the 2^8, and through the scalar decode when a
+    /// code is NaN); FP4 as e2m1 values with each lane's e8m0 scale; BF16 as is; everything
+    /// else decoded and scaled by [`dequant`] in its kernel order, with lane scales of 1.
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    pub unsafe fn prep_row(row: Row, w: &mut [f32], s: &mut [f32]) {
+        let n = w.len();
+        let nb = gemm::blocks(n);
+        match row {
+            Row::Fp8 {
+                codes,
+                scales,
+                block,
+            } if block.is_multiple_of(128) => {
+                let fits = fp8_scales_fit(&scales[..n.div_ceil(block)]);
+                let per = block / 128;
+                let mut nan = _mm512_setzero_si512();
+                if fits {
+                    let mut buf = Halves([0; 256]);
+                    for u in 0..2 * nb {
+                        let h = buf.0.as_mut_ptr();
+                        fp8_halves(codes.as_ptr().add(64 * u), h, &mut nan);
+                        let h = std::hint::black_box(h) as *const u16;
+                        for k in 0..4 {
+                            _mm512_storeu_ps(
+                                w.as_mut_ptr().add(64 * u + 16 * k),
+                                cvt16(h.add(16 * k)),
+                            );
+                        }
+                    }
+                }
+                let (unit, lift) = if fits {
+                    (1.0 / 256.0, 256.0)
+                } else {
+                    (1.0, 1.0)
+                };
+                if !fits || fp8_any_nan(nan) {
+                    let natural: Vec<f32> = codes[..128 * nb]
+                        .iter()
+                        .map(|&c| E4M3_LUT[c as usize] * unit)
+                        .collect();
+                    w[..128 * nb].copy_from_slice(&fp8_order(&natural));
+                }
+                for b in 0..nb {
+                    s[16 * b..16 * (b + 1)].fill(scales[b / per] * lift);
+                }
+                for j in 128 * nb..n {
+                    w[j] = E4M3_LUT[codes[j] as usize] * scales[j / block];
+                }
+            }
+            Row::Fp4 { packed, scales } => {
+                let table = _mm512_loadu_ps(E2M1_VALUES.as_ptr());
+                for b in 0..nb {
+                    let v = _mm512_loadu_si512(packed.as_ptr().add(64 * b) as *const _);
+                    let o = w.as_mut_ptr().add(128 * b);
+                    macro_rules! put {
+                        ($k:literal, $i:expr) => {
+                            _mm512_storeu_ps(o.add(16 * $k), _mm512_permutexvar_ps($i, table))
+                        };
+                    }
+                    put!(0, v);
+                    put!(1, _mm512_srli_epi32::<4>(v));
+                    put!(2, _mm512_srli_epi32::<8>(v));
+                    put!(3, _mm512_srli_epi32::<12>(v));
+                    put!(4, _mm512_srli_epi32::<16>(v));
+                    put!(5, _mm512_srli_epi32::<20>(v));
+                    put!(6, _mm512_srli_epi32::<24>(v));
+                    put!(7, _mm512_srli_epi32::<28>(v));
+                    for (j, l) in s[16 * b..16 * (b + 1)].iter_mut().enumerate() {
+                        *l = e8m0_to_f32(scales[4 * b + j / 4]);
+                    }
+                }
+                if nb * 128 < n {
+                    super::dequant(
+                        Row::Fp4 {
+                            packed: &packed[64 * nb..],
+                            scales: &scales[4 * nb..],
+                        },
+                        &mut w[128 * nb..],
+                    );
+                }
+            }
+            other => {
+                dequant(other, w);
+                s[..16 * nb].fill(1.0);
+            }
+        }
     }
 
     /// Row decode for the tiled matmul: FP8 in [`fp8_order`], FP4 in [`fp4_order`].
@@ -975,7 +1189,14 @@ mod avx512 {
                 scales,
                 block,
             } => dot_fp8(codes, scales, block, x, xp),
-            Row::Fp4 { packed, scales } => dot_fp4(packed, scales, xp),
+            Row::Fp4 { packed, scales } => {
+                if xp.len() == x.len() {
+                    dot_fp4(packed, scales, xp)
+                } else {
+                    dot_fp4(packed, scales, &fp4_order(x))
+                }
+            }
+            Row::Bf16(_) | Row::F16(_) | Row::F32(_) => dot_exact(row, x),
             Row::Affine(r) => match mlx_rows::avx512::dot_affine(r, x, xp) {
                 Some(v) => v,
                 None => avx2::dot(row, x),
@@ -1151,9 +1372,11 @@ mod tests {
 
     /// Every e4m3 code (NaN codes included) at every position of rows whose length ends in a
     /// partial 64-input chunk, for scale blocks of 128 and 256 (the fast path) and 64 and 32
-    /// (fallbacks): each path gives exactly code × x × scale, or NaN for 0x7f and 0xff. With one
-    /// nonzero weight every path rounds the same two products, so the results are equal (up to
-    /// the sign of zero); distinct activations check that each code meets its own input.
+    /// (fallbacks): each path gives code × x × scale rounded as `(code · x) · scale` or (where
+    /// the blocked order scales weights first: the ragged tail, blocks that are not a multiple
+    /// of 128) as `(code · scale) · x`, or NaN for 0x7f and 0xff. With one nonzero weight every
+    /// path rounds just those two products, so the results are equal to one of them (up to the
+    /// sign of zero); distinct activations check that each code meets its own input.
     #[test]
     fn fp8_every_code_every_position() {
         let n: usize = 3 * 128 + 37;
@@ -1171,10 +1394,12 @@ mod tests {
                         scales: &scales,
                         block,
                     };
-                    let want = (E4M3_LUT[code as usize] * x[pos]) * scales[pos / block];
+                    let c = E4M3_LUT[code as usize];
+                    let want = (c * x[pos]) * scales[pos / block];
+                    let scaled_first = (c * scales[pos / block]) * x[pos];
                     for (label, got) in fp8_dots(row, &x) {
                         assert!(
-                            got == want || (got.is_nan() && want.is_nan()),
+                            got == want || got == scaled_first || (got.is_nan() && want.is_nan()),
                             "{label} block {block} code {code:#04x} at {pos}: {got} vs {want}"
                         );
                     }
@@ -1187,7 +1412,9 @@ mod tests {
     /// FP8 rows of random non-NaN codes over ragged lengths (partial 64-input chunks, partial
     /// 128-input blocks, partial scale blocks) and block sizes, with scales from e8m0 bytes
     /// (0 = 2^-127 included) and arbitrary f32 values: every path agrees with an f64 reference.
-    /// A scale too large to carry the kernels' 2^8 takes the scalar path and still agrees.
+    /// A scale too large to carry the kernels' 2^8 takes the unscaled decode and still agrees
+    /// (on blocks of 128-multiples that lie in the full blocks: the blocked order scales the
+    /// ragged tail's weights first, where such a scale overflows f32 as the reference would).
     /// The prepared decode (tiled path) is the plain decode in [`fp8_order`], bitwise.
     #[test]
     fn fp8_random_rows() {
@@ -1220,7 +1447,8 @@ mod tests {
                     .collect();
                 let scales: Vec<f32> = (0..n.div_ceil(block))
                     .map(|b| match (next(&mut s) % 4, b, huge) {
-                        (_, 0, true) => 2f32.powi(125), // × 2^8 overflows f32
+                        // × 2^8 overflows f32
+                        (_, 0, true) if block % 128 == 0 && n >= block => 2f32.powi(125),
                         (0, _, _) => e8m0_to_f32((next(&mut s) % 40) as u8 + 100),
                         (1, _, _) if case % 3 == 0 => e8m0_to_f32(0),
                         (1, _, _) => e8m0_to_f32(1),
