@@ -43,6 +43,17 @@ pub fn hsum16_ref(l: &[f32; 16]) -> f32 {
     p[0] + p[1]
 }
 
+/// A row's sum from its lane totals' sum and its ragged tail (weights and activations): the
+/// tail's products added one by one in natural order, none added when there is no tail.
+#[inline]
+pub fn finish(total: f32, w: &[f32], x: &[f32]) -> f32 {
+    if w.is_empty() {
+        total
+    } else {
+        total + tail_dot(w, x)
+    }
+}
+
 /// The ragged tail's products, added one by one in natural order.
 #[inline]
 pub fn tail_dot(w: &[f32], x: &[f32]) -> f32 {
@@ -70,7 +81,7 @@ pub fn dot_blocked_ref(w: &[f32], s: &[f32], x: &[f32]) -> f32 {
         }
     }
     let lanes: [f32; 16] = std::array::from_fn(|j| t[0][j] + t[1][j]);
-    hsum16_ref(&lanes) + tail_dot(&w[BLOCK * nb..], &x[BLOCK * nb..])
+    finish(hsum16_ref(&lanes), &w[BLOCK * nb..], &x[BLOCK * nb..])
 }
 
 /// A few weight rows decoded once for the tile kernel: per row `n` f32 (full blocks unscaled in
@@ -124,7 +135,7 @@ pub fn tile(prepped: &Prepped, rows: usize, n: usize, xs: &[f32], m: usize, out:
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512 {
-    use super::{blocks, tail_dot, Prepped, Sink, BLOCK};
+    use super::{blocks, finish, Prepped, Sink, BLOCK};
     use std::arch::x86_64::*;
 
     /// The blocked order's end of the lane totals: `T₀ + T₁` lane by lane, then
@@ -153,7 +164,11 @@ pub(crate) mod avx512 {
         let n = x.len();
         let [t0, t1] = micro::<1, 1>(w.as_ptr(), s.as_ptr(), n, blocks(n), [x.as_ptr()]);
         let nb = blocks(n);
-        total(t0[0][0], t1[0][0]) + tail_dot(&w[BLOCK * nb..n], &x[BLOCK * nb..])
+        finish(
+            total(t0[0][0], t1[0][0]),
+            &w[BLOCK * nb..n],
+            &x[BLOCK * nb..],
+        )
     }
 
     /// Lane totals (`[T₀, T₁]`) of `R` rows × `NT` tokens. Each (row, token) pair keeps its
@@ -245,7 +260,7 @@ pub(crate) mod avx512 {
                             let wt = &prepped.w[(r0 + i) * n + BLOCK * nb..(r0 + i + 1) * n];
                             for j in 0..$t {
                                 let xt = &xs[(t0 + j) * n + BLOCK * nb..(t0 + j + 1) * n];
-                                let v = total(a0[i][j], a1[i][j]) + tail_dot(wt, xt);
+                                let v = finish(total(a0[i][j], a1[i][j]), wt, xt);
                                 out.put(r0 + i, t0 + j, v);
                             }
                         }

@@ -705,13 +705,9 @@ mod avx512 {
             scales,
             block,
         };
-        let ordered;
-        let xp = if xp.len() == n {
-            xp
-        } else {
-            ordered = fp8_order(x);
-            &ordered[..]
-        };
+        if xp.len() != n {
+            return dot_fp8(codes, scales, block, x, &fp8_order(x));
+        }
         if !block.is_multiple_of(128) || !fp8_scales_fit(&scales[..n.div_ceil(block)]) {
             return dot_via_prep(row, xp);
         }
@@ -754,10 +750,14 @@ mod avx512 {
         if fp8_any_nan(nan) {
             return dot_via_prep(row, xp);
         }
+        let total = gemm::avx512::total(t0, t1);
+        if 128 * blocks == n {
+            return total;
+        }
         let tail: Vec<f32> = (128 * blocks..n)
             .map(|j| E4M3_LUT[codes[j] as usize] * scales[j / block])
             .collect();
-        gemm::avx512::total(t0, t1) + gemm::tail_dot(&tail, &xp[128 * blocks..])
+        gemm::finish(total, &tail, &xp[128 * blocks..])
     }
 
     /// One row in the blocked order through its prepared decode (`xp` in the row's order): the
@@ -938,8 +938,10 @@ mod avx512 {
             }
             b += 1;
         }
-        let mut s = gemm::avx512::total(t0, t1);
-        if blocks * 128 < n {
+        let total = gemm::avx512::total(t0, t1);
+        if blocks * 128 == n {
+            total
+        } else {
             // The ragged tail is stored, and ordered, naturally.
             let mut tail = vec![0f32; n - 128 * blocks];
             super::dequant(
@@ -949,17 +951,16 @@ mod avx512 {
                 },
                 &mut tail,
             );
-            s += gemm::tail_dot(&tail, &xp[128 * blocks..]);
+            gemm::finish(total, &tail, &xp[128 * blocks..])
         }
-        s
     }
 
     /// A row of weights that widen exactly to f32 (BF16, F16, F32) in the blocked order:
     /// `|i| load` gives the 16 weights from input `i`, `|j| at` one weight. One chain per
-    /// 128-input block, the block sums added to the even or odd blocks' lane totals (through a lane scale
-    /// of 1, as the tile kernel does), two blocks per step; the prefetch runs `FP8_PREFETCH`
-    /// bytes ahead of `w`, whose elements are `size` bytes (a row of the BF16 head is 8 KB, two
-    /// pages). A macro rather than a function taking closures: closures do not inherit the
+    /// 128-input block, the block sums added to the even or odd blocks' lane totals (through a
+    /// lane scale of 1, as the tile kernel does), two blocks per step; the prefetch runs
+    /// `FP8_PREFETCH` bytes ahead of `w`, whose elements are `size` bytes (a row of the BF16 head
+    /// is 8 KB, two pages). A macro rather than a function taking closures: closures do not inherit the
     /// caller's target features, and one returning a vector register is then not inlined.
     macro_rules! dot_widened {
         ($w:expr, $size:expr, $x:expr, |$i:ident| $load:expr, |$j:ident| $at:expr) => {{
@@ -996,7 +997,7 @@ mod avx512 {
                 t0 = _mm512_fmadd_ps(block!(b), one, t0);
             }
             let tail: Vec<f32> = (128 * blocks..n).map(|$j| $at).collect();
-            gemm::avx512::total(t0, t1) + gemm::tail_dot(&tail, &x[128 * blocks..])
+            gemm::finish(gemm::avx512::total(t0, t1), &tail, &x[128 * blocks..])
         }};
     }
 
