@@ -564,8 +564,11 @@ impl Linear {
             Format::Fp8 { .. } => Some(kernels::fp8_order),
             _ => None,
         };
-        XS.with(|buf| {
-            let mut buf = buf.borrow_mut();
+        XS.with(|cell| {
+            // A nested call on this thread (a rayon worker that picked up another layer's job
+            // while waiting) finds the buffer taken and uses its own.
+            let (mut guard, mut own) = (cell.try_borrow_mut().ok(), Vec::new());
+            let buf = guard.as_deref_mut().unwrap_or(&mut own);
             let xs = match order {
                 Some(order) => {
                     buf.resize(m * inp, 0.0);
@@ -582,8 +585,10 @@ impl Linear {
                 n,
             };
             (0..n.div_ceil(per)).into_par_iter().for_each(|c| {
-                PREPPED.with(|p| {
-                    let mut p = p.borrow_mut();
+                PREPPED.with(|cell| {
+                    let (mut guard, mut own) =
+                        (cell.try_borrow_mut().ok(), gemm::Prepped::default());
+                    let p = guard.as_deref_mut().unwrap_or(&mut own);
                     p.reserve(TILE, inp);
                     let rows = per.min(n - c * per);
                     for j0 in (0..rows).step_by(TILE) {
@@ -593,7 +598,7 @@ impl Linear {
                             let (w, s) = p.row_mut(j, inp);
                             kernels::prep_row(self.row(r0 + o0 + j), w, s);
                         }
-                        gemm::tile(&p, nr, inp, xs, m, &out.at(o0));
+                        gemm::tile(p, nr, inp, xs, m, &out.at(o0));
                     }
                 });
             });
