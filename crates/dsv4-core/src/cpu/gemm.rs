@@ -15,8 +15,9 @@
 //! * the lanes of `T₀ + T₁` are added in a fixed tree ([`hsum16_ref`]), then the tail's
 //!   products one by one in natural order ([`tail_dot`]).
 //!
-//! The single-token FP8, FP4 and BF16 GEMVs (`kernels`) decode weights in registers and follow
-//! this order exactly; the tile kernel here decodes a few rows once into unscaled f32 plus lane
+//! The single-token FP8, FP4, BF16, F16 and F32 GEMVs (`kernels`) decode weights in registers
+//! and follow this order exactly (rows their fast decode does not take go through the tile's
+//! own decode and a one-row kernel); the tile kernel here decodes a few rows once into unscaled f32 plus lane
 //! scales ([`Prepped`], `kernels::prep_row`) and applies them to many tokens. So a token's
 //! result is bitwise the same alone or in a batch of any size, and the server's batch-invariant
 //! mode can keep the GEMV's speed for single tokens.
@@ -94,10 +95,15 @@ pub struct Prepped {
 }
 
 impl Prepped {
-    /// Room for `rows` rows of `n` inputs.
+    /// Room for `rows` rows of `n` inputs (grown only, so alternating layer widths do not
+    /// refill it).
     pub fn reserve(&mut self, rows: usize, n: usize) {
-        self.w.resize(rows * n, 0.0);
-        self.s.resize(rows * blocks(n) * 16, 0.0);
+        if self.w.len() < rows * n {
+            self.w.resize(rows * n, 0.0);
+        }
+        if self.s.len() < rows * blocks(n) * 16 {
+            self.s.resize(rows * blocks(n) * 16, 0.0);
+        }
     }
 
     /// Row `r`'s weights and lane scales.
@@ -119,7 +125,12 @@ pub trait Sink {
 /// (`[m, n]`, in the rows' input order): the blocked order with AVX-512 (`prepped` from
 /// `kernels::prep_row`), otherwise a dot per pair over rows decoded to f32 (`prepped.w` only).
 pub fn tile(prepped: &Prepped, rows: usize, n: usize, xs: &[f32], m: usize, out: &impl Sink) {
-    debug_assert!(prepped.w.len() >= rows * n && xs.len() >= m * n);
+    assert!(
+        prepped.w.len() >= rows * n
+            && prepped.s.len() >= rows * blocks(n) * 16
+            && xs.len() >= m * n,
+        "tile: buffers too short for {rows} rows × {m} tokens of {n} inputs"
+    );
     #[cfg(target_arch = "x86_64")]
     if kernels::blocked_order() {
         // SAFETY: `blocked_order` implies AVX-512F.

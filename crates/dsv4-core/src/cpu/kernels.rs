@@ -137,6 +137,10 @@ pub fn gemv_is_blocked(row: Row) -> bool {
 /// weights unscaled in the kernel order into `w`, their 16 lane scales per block into `s`, and
 /// the tail scaled in natural order; otherwise the row as [`dequant_prepared`] gives it.
 pub fn prep_row(row: Row, w: &mut [f32], s: &mut [f32]) {
+    assert!(
+        s.len() >= gemm::blocks(w.len()) * 16,
+        "prep_row: too few lane scales"
+    );
     #[cfg(target_arch = "x86_64")]
     if has_avx512() {
         // SAFETY: the features were detected above.
@@ -656,12 +660,8 @@ mod avx512 {
     }
 
     /// Σ of one 128-input block: 8 × 16 f16 patterns at `h` against activations in
-    /// [`fp8_order`] at `xq`. Unscaled lane sums, in one FMA chain: each lane adds its inputs in
-    /// the order the tiled path's matmul does (over a row decoded in the same order), so with
-    /// power-of-two scales a one-block row gives the tiled path's result bitwise and longer rows
-    /// stay close to it. (Two chains measured no faster; the official profile's act-quant
-    /// chunking test is sensitive to the order.)
-    /// Latency is hidden by the two independent blocks of each step.
+    /// [`fp8_order`] at `xq`. Unscaled lane sums in one FMA chain, the blocked order's block sum
+    /// (`gemm`). Latency is hidden by the two independent blocks of each step.
     #[target_feature(enable = "avx512f,avx512bw,fma")]
     #[inline]
     unsafe fn fp8_block(h: *const u16, xq: *const f32) -> __m512 {
@@ -713,7 +713,6 @@ mod avx512 {
         }
         let blocks = n / 128;
         let per = block / 128; // 128-input blocks per scale (1 for DeepSeek's 128 × 128)
-                               // (A plain index, not a closure: a closure returning a vector register is not inlined.)
         let scale_of = |b: usize| scales[if per == 1 { b } else { b / per }] * 256.0;
         let mut buf = Halves([0; 256]);
         let mut nan = _mm512_setzero_si512();
@@ -960,8 +959,7 @@ mod avx512 {
     /// 128-input block, the block sums added to the even or odd blocks' lane totals (through a
     /// lane scale of 1, as the tile kernel does), two blocks per step; the prefetch runs
     /// `FP8_PREFETCH` bytes ahead of `w`, whose elements are `size` bytes (a row of the BF16 head
-    /// is 8 KB, two pages). A macro rather than a function taking closures: closures do not inherit the
-    /// caller's target features, and one returning a vector register is then not inlined.
+    /// is 8 KB, two pages). A macro, so that each format's load is written inline in its loop.
     macro_rules! dot_widened {
         ($w:expr, $size:expr, $x:expr, |$i:ident| $load:expr, |$j:ident| $at:expr) => {{
             let (w, size, x): (*const u8, usize, &[f32]) = ($w, $size, $x);
@@ -1211,6 +1209,29 @@ mod avx512 {
 mod tests {
     use super::*;
 
+    /// With the blocked order, the dispatched GEMV equals the scalar reference of that order
+    /// (`gemm::dot_blocked_ref`) over the tile's own decode of the row, bitwise (NaN with NaN):
+    /// the invariant that lets one token take the GEMV in batch-invariant mode.
+    fn assert_gemv_is_blocked(row: Row, x: &[f32], what: &str) {
+        if !gemv_is_blocked(row) {
+            return;
+        }
+        let xo = match row {
+            Row::Fp8 { .. } => fp8_order(x),
+            Row::Fp4 { .. } => fp4_order(x),
+            _ => Prepared::from_slice(x),
+        };
+        let n = x.len();
+        let (mut w, mut s) = (vec![0f32; n], vec![0f32; gemm::blocks(n) * 16]);
+        prep_row(row, &mut w, &mut s);
+        let want = gemm::dot_blocked_ref(&w, &s, &xo);
+        let got = dot(row, x);
+        assert!(
+            got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+            "{what}: GEMV {got} vs blocked order {want}"
+        );
+    }
+
     fn rng(seed: &mut u64) -> f32 {
         *seed ^= *seed << 13;
         *seed ^= *seed >> 7;
@@ -1247,6 +1268,7 @@ mod tests {
                 Row::Bf16(&bf),
             ];
             for row in rows {
+                assert_gemv_is_blocked(row, &x, &format!("n={n}"));
                 let mut w = vec![0f32; n];
                 dequant(row, &mut w);
                 let want: f64 = w.iter().zip(&x).map(|(a, b)| *a as f64 * *b as f64).sum();
@@ -1331,6 +1353,7 @@ mod tests {
                     "{label} n={n}: {g} vs {want}"
                 );
             }
+            assert_gemv_is_blocked(row, &x, &format!("fp4 n={n} case {case}"));
             let mut wp = vec![0f32; n];
             dequant_prepared(row, &mut wp);
             let order = fp4_order(&w);
@@ -1475,6 +1498,7 @@ mod tests {
                         "{label} block {block} n={n}: {got} vs {want}"
                     );
                 }
+                assert_gemv_is_blocked(row, &x, &format!("fp8 block {block} n={n}"));
                 let mut w = vec![0f32; n];
                 dequant(row, &mut w);
                 let mut wp = vec![0f32; n];
@@ -1520,6 +1544,7 @@ mod tests {
                 for (label, got) in fp8_dots(row, &x) {
                     assert!(got.is_nan(), "{label} NaN {nan:#04x} at {pos}: {got}");
                 }
+                assert_gemv_is_blocked(row, &x, &format!("NaN at {pos}"));
                 let mut wp = vec![0f32; n];
                 dequant_prepared(row, &mut wp);
                 let wn = if wants_fp4_order() {
