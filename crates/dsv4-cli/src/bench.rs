@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 use clap::Args;
-use dsv4_core::{bench, synthetic, Checkpoint, Logits, Model, ModelConfig};
+use dsv4_core::{bench, synthetic, Checkpoint, Logits, Model, ModelConfig, SeqCache, SeqInput};
 use serde_json::json;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -45,7 +45,8 @@ pub struct BenchArgs {
     /// CUDA: context lengths to decode at.
     #[arg(long, value_delimiter = ',', default_value = "1024,8192,32768,65536")]
     contexts: Vec<usize>,
-    /// CUDA: batch sizes to decode at (sequences stepping together).
+    /// Batch sizes to decode at (sequences stepping together). On the CPU, sizes above 1 are
+    /// measured after the single-sequence run, on copies of its cache.
     #[arg(long, value_delimiter = ',', default_value = "1")]
     batch: Vec<usize>,
     /// CUDA: write the table as CSV here too.
@@ -122,6 +123,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
     steps.sort_by(f64::total_cmp);
     let median = steps.get(steps.len() / 2).copied().unwrap_or(f64::NAN);
     let decode_tok_s = a.decode as f64 / steps.iter().sum::<f64>();
+    let batched: Vec<(usize, f64)> = a
+        .batch
+        .iter()
+        .filter(|&&b| b > 1)
+        .map(|&b| Ok((b, batch_step(&model, &cache, &logits, b, a.decode)?)))
+        .collect::<Result<_>>()?;
     let bytes = model.weights.decode_bytes(c.num_experts_per_tok) as f64;
     let achieved = bytes / median;
     let peak = bench::peak_rss_bytes();
@@ -135,6 +142,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "bandwidth_fraction": achieved / bw, "peak_rss_bytes": peak,
         "cache_bytes": cache.bytes(),
         "numerics": format!("{:?}", model.numerics),
+        "batch_decode": batched.iter().map(|&(b, step)| json!({
+            "batch": b, "step_median_s": step, "tok_s": b as f64 / step,
+        })).collect::<Vec<_>>(),
     });
     if a.json {
         println!("{result}");
@@ -155,6 +165,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
             a.decode,
             median * 1e3
         );
+        for &(b, step) in &batched {
+            println!(
+                "decode batch {b:<5} {:.2} tok/s (median step {:.1} ms, {b} sequences)",
+                b as f64 / step,
+                step * 1e3
+            );
+        }
         println!(
             "decode traffic:     {:.1} MB/token of weights → {:.2} GB/s",
             bytes / 1e6,
@@ -209,6 +226,38 @@ fn run_cuda(_: BenchArgs, _: Vec<usize>) -> Result<()> {
         "this dsv4 was built without CUDA support; rebuild with \
          `cargo build --release -p dsv4-cli --features cuda`"
     )
+}
+
+/// Median step of `steps` decode steps of `b` sequences stepping together (`forward_batch`),
+/// each a copy of `cache` starting from its greedy token.
+fn batch_step(
+    model: &Model,
+    cache: &SeqCache,
+    logits: &[f32],
+    b: usize,
+    steps: usize,
+) -> Result<f64> {
+    let mut caches = vec![cache.clone(); b];
+    let mut next = vec![argmax(logits); b];
+    let mut times = Vec::with_capacity(steps);
+    for _ in 0..steps {
+        let ids: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
+        let mut seqs: Vec<SeqInput> = caches
+            .iter_mut()
+            .zip(&ids)
+            .map(|(cache, ids)| SeqInput {
+                cache,
+                ids,
+                want: Logits::Last,
+            })
+            .collect();
+        let t = Instant::now();
+        let out = model.forward_batch(&mut seqs)?;
+        times.push(t.elapsed().as_secs_f64());
+        next = out.iter().map(|l| argmax(l)).collect();
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times.get(times.len() / 2).copied().unwrap_or(f64::NAN))
 }
 
 fn argmax(x: &[f32]) -> u32 {

@@ -243,6 +243,22 @@ pub fn dot_prepared(row: Row, x: &[f32], xp: &[f32]) -> f32 {
     scalar::dot(row, x)
 }
 
+/// Most tokens [`dot_multi`] serves from one decode of a row; more go in groups this size.
+pub const MULTI_TOKENS: usize = 4;
+
+/// [`dot_prepared`] of one row against several tokens (`xs`, each in the row's order: the
+/// `xp` of [`dot_prepared`] for FP8/FP4, natural otherwise), each weight vector decoded once in
+/// registers for up to [`MULTI_TOKENS`] of them. For rows whose GEMV follows the blocked order
+/// ([`gemv_is_blocked`]) only: every token's result is bitwise its [`dot_prepared`].
+pub fn dot_multi(row: Row, xs: &[&[f32]], out: &mut [f32]) {
+    assert!(gemv_is_blocked(row) && out.len() == xs.len());
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `gemv_is_blocked` implies AVX-512.
+    unsafe {
+        avx512::dot_multi(row, xs, out)
+    }
+}
+
 /// Dot product of two f32 slices of equal length.
 #[inline]
 pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
@@ -757,6 +773,195 @@ mod avx512 {
             .map(|j| E4M3_LUT[codes[j] as usize] * scales[j / block])
             .collect();
         gemm::finish(total, &tail, &xp[128 * blocks..])
+    }
+
+    /// One block's 8 weight vectors (`w`, unscaled) and lane scales `s` applied to each token of
+    /// `xs` at input `off`: per token a chain of 8 FMAs, then `t[j] = fma(p, s, t[j])`. The
+    /// blocked order's block step (`gemm`), token by token.
+    macro_rules! block_tokens {
+        ($w:expr, $s:expr, $xs:expr, $off:expr, $t:expr) => {{
+            for (j, x) in $xs.iter().enumerate() {
+                let xq = x.as_ptr().add($off);
+                let mut p = _mm512_mul_ps($w[0], _mm512_loadu_ps(xq));
+                for k in 1..8 {
+                    p = _mm512_fmadd_ps($w[k], _mm512_loadu_ps(xq.add(16 * k)), p);
+                }
+                $t[j] = _mm512_fmadd_ps(p, $s, $t[j]);
+            }
+        }};
+    }
+
+    /// Several tokens against one row in the blocked order, `NT` at a time (see
+    /// [`super::dot_multi`]). Rows the fast decodes do not take (as for the GEMVs) go through
+    /// [`prep_row`] once and [`gemm::avx512::dot_blocked`] per token.
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    pub unsafe fn dot_multi(row: Row, xs: &[&[f32]], out: &mut [f32]) {
+        let mut j = 0;
+        while j < xs.len() {
+            let g = (xs.len() - j).min(MULTI_TOKENS);
+            let (x, o) = (&xs[j..j + g], &mut out[j..j + g]);
+            let done = match g {
+                4 => multi::<4>(row, x, o),
+                3 => multi::<3>(row, x, o),
+                2 => multi::<2>(row, x, o),
+                _ => {
+                    o[0] = dot(row, x[0], x[0]);
+                    true
+                }
+            };
+            if !done {
+                let n = x[0].len();
+                let mut w = vec![0f32; n];
+                let mut s = vec![0f32; gemm::blocks(n) * 16];
+                prep_row(row, &mut w, &mut s);
+                for (o, x) in o.iter_mut().zip(x) {
+                    *o = gemm::avx512::dot_blocked(&w, &s, x);
+                }
+            }
+            j += g;
+        }
+    }
+
+    /// `NT` tokens of [`dot_multi`]; false when the row needs the prepared decode.
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    #[inline(never)]
+    unsafe fn multi<const NT: usize>(row: Row, xs: &[&[f32]], out: &mut [f32]) -> bool {
+        let n = xs[0].len();
+        let blocks = n / 128;
+        let (mut t0, mut t1) = ([_mm512_setzero_ps(); NT], [_mm512_setzero_ps(); NT]);
+        let tail: Vec<f32> = match row {
+            Row::Fp8 {
+                codes,
+                scales,
+                block,
+            } => {
+                if !block.is_multiple_of(128) || !fp8_scales_fit(&scales[..n.div_ceil(block)]) {
+                    return false;
+                }
+                let per = block / 128;
+                let mut buf = Halves([0; 256]);
+                let mut nan = _mm512_setzero_si512();
+                for b in 0..blocks {
+                    let c = codes.as_ptr().add(128 * b);
+                    _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(FP8_PREFETCH) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(FP8_PREFETCH + 64) as *const i8);
+                    let h = buf.0.as_mut_ptr();
+                    fp8_halves(c, h, &mut nan);
+                    fp8_halves(c.add(64), h.add(64), &mut nan);
+                    let h = std::hint::black_box(h) as *const u16;
+                    let mut w = [_mm512_setzero_ps(); 8];
+                    for (k, v) in w.iter_mut().enumerate() {
+                        *v = cvt16(h.add(16 * k));
+                    }
+                    let s = _mm512_set1_ps(scales[b / per] * 256.0);
+                    if b % 2 == 0 {
+                        block_tokens!(w, s, xs, 128 * b, t0);
+                    } else {
+                        block_tokens!(w, s, xs, 128 * b, t1);
+                    }
+                }
+                if fp8_any_nan(nan) {
+                    return false;
+                }
+                (128 * blocks..n)
+                    .map(|j| E4M3_LUT[codes[j] as usize] * scales[j / block])
+                    .collect()
+            }
+            Row::Fp4 { packed, scales } => {
+                if !scales_normal(&scales[..n.div_ceil(32)]) {
+                    return false;
+                }
+                let table = _mm512_loadu_ps(E2M1_VALUES.as_ptr());
+                let spread = _mm512_loadu_si512(SCALE_SPREAD.as_ptr() as *const _);
+                for b in 0..blocks {
+                    let pk = packed.as_ptr().add(64 * b);
+                    _mm_prefetch::<_MM_HINT_T0>(pk.wrapping_add(1024) as *const i8);
+                    let v = _mm512_loadu_si512(pk as *const _);
+                    let w = [
+                        _mm512_permutexvar_ps(v, table),
+                        _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(v), table),
+                        _mm512_permutexvar_ps(_mm512_srli_epi32::<8>(v), table),
+                        _mm512_permutexvar_ps(_mm512_srli_epi32::<12>(v), table),
+                        _mm512_permutexvar_ps(_mm512_srli_epi32::<16>(v), table),
+                        _mm512_permutexvar_ps(_mm512_srli_epi32::<20>(v), table),
+                        _mm512_permutexvar_ps(_mm512_srli_epi32::<24>(v), table),
+                        _mm512_permutexvar_ps(_mm512_srli_epi32::<28>(v), table),
+                    ];
+                    let s = fp4_lane_scales(scales.as_ptr().add(4 * b), spread);
+                    if b % 2 == 0 {
+                        block_tokens!(w, s, xs, 128 * b, t0);
+                    } else {
+                        block_tokens!(w, s, xs, 128 * b, t1);
+                    }
+                }
+                let mut tail = vec![0f32; n - 128 * blocks];
+                if !tail.is_empty() {
+                    super::dequant(
+                        Row::Fp4 {
+                            packed: &packed[64 * blocks..],
+                            scales: &scales[4 * blocks..],
+                        },
+                        &mut tail,
+                    );
+                }
+                tail
+            }
+            Row::Bf16(_) | Row::F16(_) | Row::F32(_) => {
+                let one = _mm512_set1_ps(1.0);
+                // Each format's load written inline in its own loop.
+                macro_rules! widened {
+                    (|$i:ident| $load:expr) => {
+                        for b in 0..blocks {
+                            let mut w = [_mm512_setzero_ps(); 8];
+                            for (k, v) in w.iter_mut().enumerate() {
+                                let $i = 128 * b + 16 * k;
+                                *v = $load;
+                            }
+                            if b % 2 == 0 {
+                                block_tokens!(w, one, xs, 128 * b, t0);
+                            } else {
+                                block_tokens!(w, one, xs, 128 * b, t1);
+                            }
+                        }
+                    };
+                }
+                let from = 128 * blocks;
+                let tail_row = match row {
+                    Row::Bf16(r) => {
+                        let p = r.as_ptr() as *const u16;
+                        widened!(|i| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(
+                            _mm512_cvtepu16_epi32(_mm256_loadu_si256(p.add(i) as *const __m256i))
+                        )));
+                        Row::Bf16(&r[2 * from..])
+                    }
+                    Row::F16(r) => {
+                        let p = r.as_ptr() as *const u16;
+                        widened!(|i| _mm512_cvtph_ps(_mm256_loadu_si256(
+                            p.add(i) as *const __m256i
+                        )));
+                        Row::F16(&r[2 * from..])
+                    }
+                    Row::F32(r) => {
+                        let p = r.as_ptr() as *const f32;
+                        widened!(|i| _mm512_loadu_ps(p.add(i)));
+                        Row::F32(&r[4 * from..])
+                    }
+                    _ => unreachable!(),
+                };
+                let mut tail = vec![0f32; n - from];
+                super::dequant(tail_row, &mut tail);
+                tail
+            }
+            _ => return false,
+        };
+        for (j, o) in out.iter_mut().enumerate() {
+            *o = gemm::finish(
+                gemm::avx512::total(t0[j], t1[j]),
+                &tail,
+                &xs[j][128 * blocks..],
+            );
+        }
+        true
     }
 
     /// One row in the blocked order through its prepared decode (`xp` in the row's order): the

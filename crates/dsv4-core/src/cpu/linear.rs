@@ -42,6 +42,10 @@ impl Drop for BatchInvariant {
     }
 }
 
+/// Most tokens a call serves through the fused multi-token GEMV (`kernels::dot_multi`) rather
+/// than the tile, where the GEMV follows the blocked order.
+const FUSED_TOKENS: usize = 8;
+
 /// Weight rows decoded per tile of the multi-token path: enough rows that a group of tokens,
 /// once in cache, meets many of them; few enough that the tile (16 rows of 4096 inputs: 256 KB)
 /// stays in L2.
@@ -550,7 +554,43 @@ impl Linear {
             });
             return;
         }
+        if m <= FUSED_TOKENS && kernels::gemv_is_blocked(self.row(r0)) {
+            return self.forward_fused(x, m, r0, n, y, per_task);
+        }
         self.forward_tiled(x, m, r0, n, y, per_task);
+    }
+
+    /// A few tokens (decode batches): each row decoded once in registers per group of
+    /// `kernels::MULTI_TOKENS` tokens (`kernels::dot_multi`), in the blocked order, so each token
+    /// gets bitwise what it gets alone or in the tile.
+    fn forward_fused(&self, x: &[f32], m: usize, r0: usize, n: usize, y: &mut [f32], per: usize) {
+        let order: Option<fn(&[f32]) -> kernels::Prepared> = match self.format {
+            ref f if f.is_fp4() => Some(kernels::fp4_order),
+            Format::Fp8 { .. } => Some(kernels::fp8_order),
+            _ => None,
+        };
+        let prepared: Vec<kernels::Prepared> = match order {
+            Some(order) => x.chunks(self.inp).map(order).collect(),
+            None => Vec::new(),
+        };
+        let xs: Vec<&[f32]> = match order {
+            Some(_) => prepared.iter().map(|p| &p[..]).collect(),
+            None => x.chunks(self.inp).collect(),
+        };
+        let out = Out {
+            y: y.as_mut_ptr(),
+            n,
+        };
+        (0..n.div_ceil(per)).into_par_iter().for_each(|c| {
+            let (o0, mut v) = (c * per, [0f32; FUSED_TOKENS]);
+            let at = out.at(o0);
+            for j in 0..per.min(n - o0) {
+                kernels::dot_multi(self.row(r0 + o0 + j), &xs, &mut v[..m]);
+                for (t, &v) in v[..m].iter().enumerate() {
+                    gemm::Sink::put(&at, j, t, v);
+                }
+            }
+        });
     }
 
     /// The multi-token path: rows decoded [`TILE`] at a time (`kernels::prep_row`) and applied
@@ -788,13 +828,14 @@ mod tests {
                 .all(|(x, y)| x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()))
     }
 
-    /// In batch-invariant mode a token's outputs are bitwise the same alone, in a batch of 7 and
-    /// in a batch of 3, for every stored format and ragged width; where the GEMV follows the
+    /// In batch-invariant mode a token's outputs are bitwise the same alone, in a batch of 13,
+    /// of 7 and of 3, for every stored format and ragged width; where the GEMV follows the
     /// blocked order (FP8, FP4, BF16, F16, F32 with AVX-512) that holds without the mode too. The batch
     /// agrees with an f64 dot over the decoded rows.
     #[test]
     fn a_token_gets_the_same_result_in_any_batch() {
-        let (out, m) = (37, 7);
+        // 13 tokens take the tile, 3 and 7 the fused multi-token GEMV (for the blocked formats).
+        let (out, m) = (37, 13);
         // Odd and even block counts, with and without a ragged tail (4096: the Flash width).
         for inp in [4096 + 192, 4096, 256, 192] {
             let mut s = 99u64;
@@ -813,7 +854,12 @@ mod tests {
                     let _g = invariant.then(BatchInvariant::enter);
                     let all = run(&x, m);
                     let mid = run(&x[2 * inp..5 * inp], 3);
-                    assert!(same(&mid, &all[2 * out..5 * out]), "{label} {inp}: 3 vs 7");
+                    assert!(
+                        same(&mid, &all[2 * out..5 * out]),
+                        "{label} {inp}: 3 vs {m}"
+                    );
+                    let seven = run(&x[..7 * inp], 7);
+                    assert!(same(&seven, &all[..7 * out]), "{label} {inp}: 7 vs {m}");
                     for t in 0..m {
                         let one = run(&x[t * inp..(t + 1) * inp], 1);
                         let want = &all[t * out..(t + 1) * out];
