@@ -537,3 +537,40 @@ fn device_errors_are_clean() {
         "1",
     ]));
 }
+
+/// The CPU bench decodes batches of sequences stepping together, one JSON row per size.
+#[test]
+fn cpu_bench_measures_decode_batches() {
+    let o = dsv4(&[
+        "bench",
+        "--layers",
+        "2",
+        "--experts",
+        "8",
+        "--vocab",
+        "512",
+        "--prompt",
+        "4",
+        "--decode",
+        "2",
+        "--batch",
+        "1,2,3",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j = json_line(&o);
+    let rows = j["batch_decode"].as_array().expect("batch_decode rows");
+    let sizes: Vec<u64> = rows.iter().map(|r| r["batch"].as_u64().unwrap()).collect();
+    assert_eq!(
+        sizes,
+        [2, 3],
+        "sizes above 1 are measured after the single-sequence run"
+    );
+    for r in rows {
+        let (step, tok_s) = (
+            r["step_median_s"].as_f64().unwrap(),
+            r["tok_s"].as_f64().unwrap(),
+        );
+        assert!(step > 0.0 && (tok_s * step - r["batch"].as_f64().unwrap()).abs() < 1e-6);
+    }
+}
