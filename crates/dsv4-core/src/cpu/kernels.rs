@@ -780,8 +780,9 @@ mod avx512 {
     /// blocked order's block step (`gemm`), token by token.
     macro_rules! block_tokens {
         ($w:expr, $s:expr, $xs:expr, $off:expr, $t:expr) => {{
-            for (j, x) in $xs.iter().enumerate() {
-                let xq = x.as_ptr().add($off);
+            // Over the const `NT` pointers: unrolled, the totals stay in registers.
+            for j in 0..$xs.len() {
+                let xq = $xs[j].add($off);
                 let mut p = _mm512_mul_ps($w[0], _mm512_loadu_ps(xq));
                 for k in 1..8 {
                     p = _mm512_fmadd_ps($w[k], _mm512_loadu_ps(xq.add(16 * k)), p);
@@ -829,6 +830,10 @@ mod avx512 {
         let n = xs[0].len();
         let blocks = n / 128;
         let (mut t0, mut t1) = ([_mm512_setzero_ps(); NT], [_mm512_setzero_ps(); NT]);
+        let mut xq = [std::ptr::null::<f32>(); NT];
+        for (p, x) in xq.iter_mut().zip(xs) {
+            *p = x.as_ptr();
+        }
         let tail: Vec<f32> = match row {
             Row::Fp8 {
                 codes,
@@ -855,9 +860,9 @@ mod avx512 {
                     }
                     let s = _mm512_set1_ps(scales[b / per] * 256.0);
                     if b % 2 == 0 {
-                        block_tokens!(w, s, xs, 128 * b, t0);
+                        block_tokens!(w, s, xq, 128 * b, t0);
                     } else {
-                        block_tokens!(w, s, xs, 128 * b, t1);
+                        block_tokens!(w, s, xq, 128 * b, t1);
                     }
                 }
                 if fp8_any_nan(nan) {
@@ -889,9 +894,9 @@ mod avx512 {
                     ];
                     let s = fp4_lane_scales(scales.as_ptr().add(4 * b), spread);
                     if b % 2 == 0 {
-                        block_tokens!(w, s, xs, 128 * b, t0);
+                        block_tokens!(w, s, xq, 128 * b, t0);
                     } else {
-                        block_tokens!(w, s, xs, 128 * b, t1);
+                        block_tokens!(w, s, xq, 128 * b, t1);
                     }
                 }
                 let mut tail = vec![0f32; n - 128 * blocks];
@@ -918,9 +923,9 @@ mod avx512 {
                                 *v = $load;
                             }
                             if b % 2 == 0 {
-                                block_tokens!(w, one, xs, 128 * b, t0);
+                                block_tokens!(w, one, xq, 128 * b, t0);
                             } else {
-                                block_tokens!(w, one, xs, 128 * b, t1);
+                                block_tokens!(w, one, xq, 128 * b, t1);
                             }
                         }
                     };
