@@ -972,6 +972,8 @@ mod avx512 {
     /// One row in the blocked order through its prepared decode (`xp` in the row's order): the
     /// GEMVs' path for rows their fast decode does not take.
     #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    #[cold]
+    #[inline(never)]
     unsafe fn dot_via_prep(row: Row, xp: &[f32]) -> f32 {
         let n = xp.len();
         let mut w = vec![0f32; n];
