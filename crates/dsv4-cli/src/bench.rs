@@ -123,6 +123,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     steps.sort_by(f64::total_cmp);
     let median = steps.get(steps.len() / 2).copied().unwrap_or(f64::NAN);
     let decode_tok_s = a.decode as f64 / steps.iter().sum::<f64>();
+    let peak = bench::peak_rss_bytes(); // before the batches' cache copies
     let batched: Vec<(usize, f64)> = a
         .batch
         .iter()
@@ -131,7 +132,6 @@ pub fn run(a: BenchArgs) -> Result<()> {
         .collect::<Result<_>>()?;
     let bytes = model.weights.decode_bytes(c.num_experts_per_tok) as f64;
     let achieved = bytes / median;
-    let peak = bench::peak_rss_bytes();
     let ckb = ck.total_bytes();
     let result = json!({
         "model": label, "threads": threads, "load_s": load_s,
@@ -229,7 +229,9 @@ fn run_cuda(_: BenchArgs, _: Vec<usize>) -> Result<()> {
 }
 
 /// Median step of `steps` decode steps of `b` sequences stepping together (`forward_batch`),
-/// each a copy of `cache` starting from its greedy token.
+/// each a copy of `cache`. Sequence `i` starts from the `i`-th most likely token, so the
+/// sequences diverge (different tokens route to different experts, as in real serving) instead
+/// of repeating one sequence `b` times.
 fn batch_step(
     model: &Model,
     cache: &SeqCache,
@@ -238,7 +240,9 @@ fn batch_step(
     steps: usize,
 ) -> Result<f64> {
     let mut caches = vec![cache.clone(); b];
-    let mut next = vec![argmax(logits); b];
+    let mut ranked: Vec<u32> = (0..logits.len() as u32).collect();
+    ranked.sort_by(|&i, &j| logits[j as usize].total_cmp(&logits[i as usize]));
+    let mut next: Vec<u32> = (0..b).map(|i| ranked[i % ranked.len()]).collect();
     let mut times = Vec::with_capacity(steps);
     for _ in 0..steps {
         let ids: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();

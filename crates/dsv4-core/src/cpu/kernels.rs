@@ -252,6 +252,11 @@ pub const MULTI_TOKENS: usize = 4;
 /// ([`gemv_is_blocked`]) only: every token's result is bitwise its [`dot_prepared`].
 pub fn dot_multi(row: Row, xs: &[&[f32]], out: &mut [f32]) {
     assert!(gemv_is_blocked(row) && out.len() == xs.len());
+    let n = xs.first().map_or(0, |x| x.len());
+    assert!(
+        xs.iter().all(|x| x.len() == n),
+        "dot_multi: tokens of unequal length"
+    );
     #[cfg(target_arch = "x86_64")]
     // SAFETY: `gemv_is_blocked` implies AVX-512.
     unsafe {
@@ -811,13 +816,15 @@ mod avx512 {
                 }
             };
             if !done {
+                // A row the fast decodes do not take: decode it once for all remaining tokens.
                 let n = x[0].len();
                 let mut w = vec![0f32; n];
                 let mut s = vec![0f32; gemm::blocks(n) * 16];
                 prep_row(row, &mut w, &mut s);
-                for (o, x) in o.iter_mut().zip(x) {
+                for (o, x) in out[j..].iter_mut().zip(&xs[j..]) {
                     *o = gemm::avx512::dot_blocked(&w, &s, x);
                 }
+                return;
             }
             j += g;
         }
