@@ -837,7 +837,7 @@ mod tests {
         // 13 tokens take the tile, 2 to 8 the fused multi-token GEMV (for the blocked formats).
         let (out, m) = (37, 13);
         // Odd and even block counts, with and without a ragged tail (4096: the Flash width).
-        for inp in [4096 + 192, 4096, 256, 192] {
+        for inp in [4096 + 192, 4096, 256, 192, 64] {
             let mut s = 99u64;
             let x: Vec<f32> = (0..m * inp).map(|_| unit(&mut s)).collect();
             for (label, lin) in matrices(out, inp) {
@@ -861,6 +861,16 @@ mod tests {
                     for k in 2..=8 {
                         let some = run(&x[..k * inp], k);
                         assert!(same(&some, &all[..k * out]), "{label} {inp}: {k} vs {m}");
+                    }
+                    // A row range (the grouped output projection's path), fused and tiled.
+                    for k in [3, m] {
+                        let (r0, nr) = (5, 20);
+                        let mut part = vec![0f32; k * nr];
+                        lin.forward_rows(&x[..k * inp], k, r0, nr, &mut part);
+                        for t in 0..k {
+                            let want = &all[t * out + r0..t * out + r0 + nr];
+                            assert!(same(&part[t * nr..(t + 1) * nr], want), "{label} rows {k}");
+                        }
                     }
                     for t in 0..m {
                         let one = run(&x[t * inp..(t + 1) * inp], 1);
