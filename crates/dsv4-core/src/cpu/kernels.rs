@@ -1428,9 +1428,10 @@ mod avx512 {
 mod tests {
     use super::*;
 
-    /// With the blocked order, the dispatched GEMV equals the scalar reference of that order
-    /// (`gemm::dot_blocked_ref`) over the tile's own decode of the row, bitwise (NaN with NaN):
-    /// the invariant that lets one token take the GEMV in batch-invariant mode.
+    /// With the blocked order, the dispatched GEMV and the fused multi-token GEMV equal the
+    /// scalar reference of that order (`gemm::dot_blocked_ref`) over the tile's own decode of
+    /// the row, bitwise (NaN with NaN): the invariant that lets one token take the GEMV in
+    /// batch-invariant mode.
     fn assert_gemv_is_blocked(row: Row, x: &[f32], what: &str) {
         if !gemv_is_blocked(row) {
             return;
@@ -1445,10 +1446,23 @@ mod tests {
         prep_row(row, &mut w, &mut s);
         let want = gemm::dot_blocked_ref(&w, &s, &xo);
         let got = dot(row, x);
+        let same = |a: f32, b: f32| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
         assert!(
-            got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+            same(got, want),
             "{what}: GEMV {got} vs blocked order {want}"
         );
+        // The fused multi-token GEMV: groups of 4, 3 and 1.
+        for k in [3, 5] {
+            let xs = vec![&xo[..]; k];
+            let mut out = vec![0f32; k];
+            dot_multi(row, &xs, &mut out);
+            for v in out {
+                assert!(
+                    same(v, want),
+                    "{what}: {k} tokens {v} vs blocked order {want}"
+                );
+            }
+        }
     }
 
     fn rng(seed: &mut u64) -> f32 {
