@@ -149,6 +149,13 @@ pub fn prep_row(row: Row, w: &mut [f32], s: &mut [f32]) {
     dequant_prepared(row, w)
 }
 
+/// One row of `n` inputs through [`prep_row`] into new buffers: (weights, lane scales).
+fn prepped(row: Row, n: usize) -> (Vec<f32>, Vec<f32>) {
+    let (mut w, mut s) = (vec![0f32; n], vec![0f32; gemm::blocks(n) * 16]);
+    prep_row(row, &mut w, &mut s);
+    (w, s)
+}
+
 /// Activations for FP4 rows (e2m1 + e8m0 per 32, official or mxfp4). Each full block of 128
 /// inputs is transposed as 8 × 16: position `16k + j` holds input `8j + k`, so that the `k`-th
 /// nibble of the block's `j`-th 32-bit word of packed codes (nibbles low first) meets its input
@@ -356,6 +363,47 @@ pub fn dequant(row: Row, out: &mut [f32]) {
             }
         }
     }
+}
+
+/// Inputs `from..from + out.len()` of a row decoded to f32 in natural order: the blocked order's
+/// ragged tail (`from` a multiple of 128), shared by every kernel that follows that order.
+fn dequant_tail(row: Row, from: usize, out: &mut [f32]) {
+    if out.is_empty() {
+        return;
+    }
+    match row {
+        Row::Fp8 {
+            codes,
+            scales,
+            block,
+        } => {
+            for (j, o) in (from..).zip(out.iter_mut()) {
+                *o = E4M3_LUT[codes[j] as usize] * scales[j / block];
+            }
+        }
+        Row::Fp4 { packed, scales } => dequant(
+            Row::Fp4 {
+                packed: &packed[from / 2..],
+                scales: &scales[from / 32..],
+            },
+            out,
+        ),
+        Row::Bf16(b) => dequant(Row::Bf16(&b[2 * from..]), out),
+        Row::F16(b) => dequant(Row::F16(&b[2 * from..]), out),
+        Row::F32(b) => dequant(Row::F32(&b[4 * from..]), out),
+        other => {
+            let mut all = vec![0f32; from + out.len()];
+            dequant(other, &mut all);
+            out.copy_from_slice(&all[from..]);
+        }
+    }
+}
+
+/// [`dequant_tail`] into a new vector: inputs `from..n`.
+fn tail_of(row: Row, from: usize, n: usize) -> Vec<f32> {
+    let mut t = vec![0f32; n - from];
+    dequant_tail(row, from, &mut t);
+    t
 }
 
 pub(crate) mod scalar {
@@ -774,10 +822,7 @@ mod avx512 {
         if 128 * blocks == n {
             return total;
         }
-        let tail: Vec<f32> = (128 * blocks..n)
-            .map(|j| E4M3_LUT[codes[j] as usize] * scales[j / block])
-            .collect();
-        gemm::finish(total, &tail, &xp[128 * blocks..])
+        gemm::finish(total, &tail_of(row, 128 * blocks, n), &xp[128 * blocks..])
     }
 
     /// One block's 8 weight vectors (`w`, unscaled) and lane scales `s` applied to each token of
@@ -817,10 +862,7 @@ mod avx512 {
             };
             if !done {
                 // A row the fast decodes do not take: decode it once for all remaining tokens.
-                let n = x[0].len();
-                let mut w = vec![0f32; n];
-                let mut s = vec![0f32; gemm::blocks(n) * 16];
-                prep_row(row, &mut w, &mut s);
+                let (w, s) = prepped(row, x[0].len());
                 for (o, x) in out[j..].iter_mut().zip(&xs[j..]) {
                     *o = gemm::avx512::dot_blocked(&w, &s, x);
                 }
@@ -841,7 +883,7 @@ mod avx512 {
         for (p, x) in xq.iter_mut().zip(xs) {
             *p = x.as_ptr();
         }
-        let tail: Vec<f32> = match row {
+        match row {
             Row::Fp8 {
                 codes,
                 scales,
@@ -875,9 +917,6 @@ mod avx512 {
                 if fp8_any_nan(nan) {
                     return false;
                 }
-                (128 * blocks..n)
-                    .map(|j| E4M3_LUT[codes[j] as usize] * scales[j / block])
-                    .collect()
             }
             Row::Fp4 { packed, scales } => {
                 if !scales_normal(&scales[..n.div_ceil(32)]) {
@@ -906,17 +945,6 @@ mod avx512 {
                         block_tokens!(w, s, xq, 128 * b, t1);
                     }
                 }
-                let mut tail = vec![0f32; n - 128 * blocks];
-                if !tail.is_empty() {
-                    super::dequant(
-                        Row::Fp4 {
-                            packed: &packed[64 * blocks..],
-                            scales: &scales[4 * blocks..],
-                        },
-                        &mut tail,
-                    );
-                }
-                tail
             }
             Row::Bf16(_) | Row::F16(_) | Row::F32(_) => {
                 let one = _mm512_set1_ps(1.0);
@@ -937,35 +965,25 @@ mod avx512 {
                         }
                     };
                 }
-                let from = 128 * blocks;
-                let tail_row = match row {
+                match row {
                     Row::Bf16(r) => {
                         let p = r.as_ptr() as *const u16;
-                        widened!(|i| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(
-                            _mm512_cvtepu16_epi32(_mm256_loadu_si256(p.add(i) as *const __m256i))
-                        )));
-                        Row::Bf16(&r[2 * from..])
+                        widened!(|i| widen_bf16(p.add(i)));
                     }
                     Row::F16(r) => {
                         let p = r.as_ptr() as *const u16;
-                        widened!(|i| _mm512_cvtph_ps(_mm256_loadu_si256(
-                            p.add(i) as *const __m256i
-                        )));
-                        Row::F16(&r[2 * from..])
+                        widened!(|i| widen_f16(p.add(i)));
                     }
                     Row::F32(r) => {
                         let p = r.as_ptr() as *const f32;
                         widened!(|i| _mm512_loadu_ps(p.add(i)));
-                        Row::F32(&r[4 * from..])
                     }
                     _ => unreachable!(),
-                };
-                let mut tail = vec![0f32; n - from];
-                super::dequant(tail_row, &mut tail);
-                tail
+                }
             }
             _ => return false,
-        };
+        }
+        let tail = tail_of(row, 128 * blocks, n);
         for (j, o) in out.iter_mut().enumerate() {
             *o = gemm::finish(
                 gemm::avx512::total(t0[j], t1[j]),
@@ -982,10 +1000,7 @@ mod avx512 {
     #[cold]
     #[inline(never)]
     unsafe fn dot_via_prep(row: Row, xp: &[f32]) -> f32 {
-        let n = xp.len();
-        let mut w = vec![0f32; n];
-        let mut s = vec![0f32; gemm::blocks(n) * 16];
-        prep_row(row, &mut w, &mut s);
+        let (w, s) = prepped(row, xp.len());
         gemm::avx512::dot_blocked(&w, &s, xp)
     }
 
@@ -1031,9 +1046,7 @@ mod avx512 {
         if fp8_any_nan(nan) {
             return scalar(out);
         }
-        for j in 64 * chunks..n {
-            out[j] = E4M3_LUT[codes[j] as usize] * scales[j / block];
-        }
+        dequant_tail(row, 64 * chunks, &mut out[64 * chunks..]);
     }
 
     /// `vpshufb` control that spreads a broadcast dword of 4 scale bytes over 16 lanes: lane `j`
@@ -1156,31 +1169,34 @@ mod avx512 {
             }
             b += 1;
         }
-        let total = gemm::avx512::total(t0, t1);
-        if blocks * 128 == n {
-            total
-        } else {
-            // The ragged tail is stored, and ordered, naturally.
-            let mut tail = vec![0f32; n - 128 * blocks];
-            super::dequant(
-                Row::Fp4 {
-                    packed: &packed[64 * blocks..],
-                    scales: &scales[4 * blocks..],
-                },
-                &mut tail,
-            );
-            gemm::finish(total, &tail, &xp[128 * blocks..])
-        }
+        // The ragged tail is stored, and ordered, naturally.
+        let tail = tail_of(Row::Fp4 { packed, scales }, 128 * blocks, n);
+        gemm::finish(gemm::avx512::total(t0, t1), &tail, &xp[128 * blocks..])
+    }
+
+    /// 16 BF16 weights at `p` as f32 (`bf16 << 16`).
+    #[target_feature(enable = "avx512f,avx512bw")]
+    #[inline]
+    unsafe fn widen_bf16(p: *const u16) -> __m512 {
+        let h = _mm256_loadu_si256(p as *const __m256i);
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+    }
+
+    /// 16 F16 weights at `p` as f32.
+    #[target_feature(enable = "avx512f,f16c")]
+    #[inline]
+    unsafe fn widen_f16(p: *const u16) -> __m512 {
+        _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
     }
 
     /// A row of weights that widen exactly to f32 (BF16, F16, F32) in the blocked order:
-    /// `|i| load` gives the 16 weights from input `i`, `|j| at` one weight. One chain per
+    /// `|i| load` gives the 16 weights from input `i`. One chain per
     /// 128-input block, the block sums added to the even or odd blocks' lane totals (through a
     /// lane scale of 1, as the tile kernel does), two blocks per step; the prefetch runs
     /// `FP8_PREFETCH` bytes ahead of `w`, whose elements are `size` bytes (a row of the BF16 head
     /// is 8 KB, two pages). A macro, so that each format's load is written inline in its loop.
     macro_rules! dot_widened {
-        ($w:expr, $size:expr, $x:expr, |$i:ident| $load:expr, |$j:ident| $at:expr) => {{
+        ($row:expr, $w:expr, $size:expr, $x:expr, |$i:ident| $load:expr) => {{
             let (w, size, x): (*const u8, usize, &[f32]) = ($w, $size, $x);
             let n = x.len();
             let blocks = n / 128;
@@ -1213,7 +1229,7 @@ mod avx512 {
             if b < blocks {
                 t0 = _mm512_fmadd_ps(block!(b), one, t0);
             }
-            let tail: Vec<f32> = (128 * blocks..n).map(|$j| $at).collect();
+            let tail = tail_of($row, 128 * blocks, n);
             gemm::finish(gemm::avx512::total(t0, t1), &tail, &x[128 * blocks..])
         }};
     }
@@ -1222,35 +1238,18 @@ mod avx512 {
     #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
     #[inline(never)]
     unsafe fn dot_exact(row: Row, x: &[f32]) -> f32 {
-        let u16_at = |w: &[u8], j: usize| u16::from_le_bytes([w[2 * j], w[2 * j + 1]]);
         match row {
             Row::Bf16(w) => {
                 let p = w.as_ptr() as *const u16;
-                dot_widened!(
-                    w.as_ptr(),
-                    2,
-                    x,
-                    |i| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
-                        _mm256_loadu_si256(p.add(i) as *const __m256i)
-                    ))),
-                    |j| bf16_to_f32(u16_at(w, j))
-                )
+                dot_widened!(row, w.as_ptr(), 2, x, |i| widen_bf16(p.add(i)))
             }
             Row::F16(w) => {
                 let p = w.as_ptr() as *const u16;
-                dot_widened!(
-                    w.as_ptr(),
-                    2,
-                    x,
-                    |i| _mm512_cvtph_ps(_mm256_loadu_si256(p.add(i) as *const __m256i)),
-                    |j| half::f16::from_bits(u16_at(w, j)).to_f32()
-                )
+                dot_widened!(row, w.as_ptr(), 2, x, |i| widen_f16(p.add(i)))
             }
             Row::F32(w) => {
                 let p = w.as_ptr() as *const f32;
-                dot_widened!(w.as_ptr(), 4, x, |i| _mm512_loadu_ps(p.add(i)), |j| {
-                    f32::from_le_bytes([w[4 * j], w[4 * j + 1], w[4 * j + 2], w[4 * j + 3]])
-                })
+                dot_widened!(row, w.as_ptr(), 4, x, |i| _mm512_loadu_ps(p.add(i)))
             }
             other => dot_via_prep(other, x),
         }
@@ -1303,9 +1302,7 @@ mod avx512 {
                 for b in 0..nb {
                     s[16 * b..16 * (b + 1)].fill(scales[b / per] * lift);
                 }
-                for j in 128 * nb..n {
-                    w[j] = E4M3_LUT[codes[j] as usize] * scales[j / block];
-                }
+                dequant_tail(row, 128 * nb, &mut w[128 * nb..]);
             }
             Row::Fp4 { packed, scales } => {
                 let table = _mm512_loadu_ps(E2M1_VALUES.as_ptr());
@@ -1329,15 +1326,7 @@ mod avx512 {
                         *l = e8m0_to_f32(scales[4 * b + j / 4]);
                     }
                 }
-                if nb * 128 < n {
-                    super::dequant(
-                        Row::Fp4 {
-                            packed: &packed[64 * nb..],
-                            scales: &scales[4 * nb..],
-                        },
-                        &mut w[128 * nb..],
-                    );
-                }
+                dequant_tail(row, 128 * nb, &mut w[128 * nb..]);
             }
             other => {
                 dequant(other, w);
@@ -1385,15 +1374,11 @@ mod avx512 {
                     put(6, _mm512_srli_epi32::<24>(v));
                     put(7, _mm512_srli_epi32::<28>(v));
                 }
-                if blocks * 128 < n {
-                    super::dequant(
-                        Row::Fp4 {
-                            packed: &packed[64 * blocks..],
-                            scales: &scales[4 * blocks..],
-                        },
-                        &mut out[128 * blocks..],
-                    );
-                }
+                dequant_tail(
+                    Row::Fp4 { packed, scales },
+                    128 * blocks,
+                    &mut out[128 * blocks..],
+                );
             }
             other => super::dequant(other, out),
         }
@@ -1441,9 +1426,7 @@ mod tests {
             Row::Fp4 { .. } => fp4_order(x),
             _ => Prepared::from_slice(x),
         };
-        let n = x.len();
-        let (mut w, mut s) = (vec![0f32; n], vec![0f32; gemm::blocks(n) * 16]);
-        prep_row(row, &mut w, &mut s);
+        let (w, s) = prepped(row, x.len());
         let want = gemm::dot_blocked_ref(&w, &s, &xo);
         let got = dot(row, x);
         let same = |a: f32, b: f32| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());

@@ -560,15 +560,22 @@ impl Linear {
         self.forward_tiled(x, m, r0, n, y, per_task);
     }
 
+    /// How the multi-token paths reorder each token to meet rows decoded in the kernels' order
+    /// (FP4 and FP8 where the kernels want it; `None`: natural order).
+    fn multi_token_order(&self) -> Option<fn(&[f32]) -> kernels::Prepared> {
+        match self.format {
+            _ if !kernels::wants_fp4_order() => None,
+            ref f if f.is_fp4() => Some(kernels::fp4_order),
+            Format::Fp8 { .. } => Some(kernels::fp8_order),
+            _ => None,
+        }
+    }
+
     /// A few tokens (decode batches): each row decoded once in registers per group of
     /// `kernels::MULTI_TOKENS` tokens (`kernels::dot_multi`), in the blocked order, so each token
     /// gets bitwise what it gets alone or in the tile.
     fn forward_fused(&self, x: &[f32], m: usize, r0: usize, n: usize, y: &mut [f32], per: usize) {
-        let order: Option<fn(&[f32]) -> kernels::Prepared> = match self.format {
-            ref f if f.is_fp4() => Some(kernels::fp4_order),
-            Format::Fp8 { .. } => Some(kernels::fp8_order),
-            _ => None,
-        };
+        let order = self.multi_token_order();
         let prepared: Vec<kernels::Prepared> = match order {
             Some(order) => x.chunks(self.inp).map(order).collect(),
             None => Vec::new(),
@@ -597,13 +604,7 @@ impl Linear {
     /// to every token by `gemm::tile`, results written straight into `y` (`[m, n]`).
     fn forward_tiled(&self, x: &[f32], m: usize, r0: usize, n: usize, y: &mut [f32], per: usize) {
         let inp = self.inp;
-        // FP4 and FP8 rows come out in the kernels' orders: reorder the tokens to match, once.
-        let order: Option<fn(&[f32]) -> kernels::Prepared> = match self.format {
-            _ if !kernels::wants_fp4_order() => None,
-            ref f if f.is_fp4() => Some(kernels::fp4_order),
-            Format::Fp8 { .. } => Some(kernels::fp8_order),
-            _ => None,
-        };
+        let order = self.multi_token_order();
         XS.with(|cell| {
             // Defensive: Linear is not called from rayon tasks, but a nested call on this thread
             // would find the buffer taken and use its own.
