@@ -8,3 +8,4 @@
 #include "quant.cu"
 #include "gemv_bulk.cu"
 #include "moe_tc.cu"
+#include "moe_bulk.cu"

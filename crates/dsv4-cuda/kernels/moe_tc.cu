@@ -55,8 +55,9 @@ __device__ __forceinline__ uint32_t half2_bits(float a, float b) {
 // Each group is scaled by a power of two that brings its max |x| into [2^14, 2^15) (so two
 // f16 parts keep 22 bits at any magnitude); gs[G] gets the factor that undoes it and the
 // weights' 2^-14. One pass, no block-wide step: the 4 threads of a group share their max.
-__device__ void moe_tc_prep(const float* x, int K, uint4* B, float* gs) {
-    for (int c = threadIdx.x; c < K / 8; c += blockDim.x) {
+// Threads 0..nthreads-1 take part (a multiple of 32; K / 8 too, so whole warps shuffle).
+__device__ void moe_tc_prep(const float* x, int K, uint4* B, float* gs, int nthreads) {
+    for (int c = threadIdx.x; c < K / 8; c += nthreads) {
         const float4 u = __ldg((const float4*)x + 2 * c), v = __ldg((const float4*)x + 2 * c + 1);
         const float f[8] = {u.x, u.y, u.z, u.w, v.x, v.y, v.z, v.w};
         float amax = 0.f;
@@ -114,75 +115,69 @@ struct MoeTcStep {
     }
 };
 
-// Rows (ra of A, rb of Bw) · the pass's tokens, for the warp's 16 rows: ra/rb are this lane's
-// rows g and g + 8; `st` holds the first PF steps' loads. Returns per token the two rows' sums,
-// complete in every lane of the quad.
-template <int MT, int PF>
-__device__ __forceinline__ void moe_tc_dot(const uint4* pa, const uint4* pb, const uint32_t* sa,
-                                           const uint32_t* sb, int K, MoeTcStep (&st)[PF],
-                                           const uint4* Bs, const float* gsc, int nm,
-                                           float (&ya)[MT], float (&yb)[MT]) {
+// One step (256 inputs) of the warp's 16 rows · the pass's tokens, folded into acc: `st` holds
+// the lane's loads of the step, `zero` four zero uint4s (the B operand of inactive lanes),
+// `plane` token 0's B plane (token m's at m · plane_u4) and `gsc` token 0's group factors (K / 32
+// per token).
+template <int MT>
+__device__ __forceinline__ void moe_tc_step(const MoeTcStep& st, int stp, const uint4* zero,
+                                            const uint4* plane, int plane_u4, const float* gsc,
+                                            int G32, int nm, float (&acc)[MT][4]) {
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     // Lane (g, t) feeds B's column g, which is nonzero for the inputs of lane t = g % 4 only
     // (part g / 4); the other lanes read a zero block.
     const bool active = (g & 3) == t;
     const int part = g >> 2;
-    const int G32 = K / 32;
-    const int tok_stride = active ? G32 * 2 * 4 : 0;  // uint4s per token
-    float acc[MT][4] = {};
-    const int steps = K / 256;  // 8 groups (256 inputs, 128 bytes per row) per step
-    for (int s0 = 0; s0 < steps; s0 += PF) {
+    const int tok_stride = active ? plane_u4 : 0;
 #pragma unroll
-        for (int u = 0; u < PF; u++) {
-            const int stp = s0 + u;
-            if (stp >= steps) break;
+    for (int ng = 0; ng < 2; ng++) {
+        const int G = stp * 8 + 2 * t + ng;
+        const uint4* bp = active ? plane + (G * 2 + part) * 4 : zero;
+        // Two accumulator chains (words 0-1, 2-3) for more independent MMAs in flight.
+        float d[MT][4] = {}, d2[MT][4] = {};
+        const uint4 qa = st.q[0][ng], qb = st.q[1][ng];
+        const uint32_t wa[4] = {qa.x, qa.y, qa.z, qa.w};
+        const uint32_t wb[4] = {qb.x, qb.y, qb.z, qb.w};
 #pragma unroll
-            for (int ng = 0; ng < 2; ng++) {
-                const int G = stp * 8 + 2 * t + ng;
-                const uint4* bp = active ? Bs + 4 + (G * 2 + part) * 4 : Bs;  // Bs[0..3]: zeros
-                // Two accumulator chains (words 0-1, 2-3) for more independent MMAs in flight.
-                float d[MT][4] = {}, d2[MT][4] = {};
-                const uint4 qa = st[u].q[0][ng], qb = st[u].q[1][ng];
-                const uint32_t wa[4] = {qa.x, qa.y, qa.z, qa.w};
-                const uint32_t wb[4] = {qb.x, qb.y, qb.z, qb.w};
+        for (int i = 0; i < 4; i++) {
+            uint32_t xa[4], xb[4];
+            fp4x8_to_half2(wa[i], xa);
+            fp4x8_to_half2(wb[i], xb);
 #pragma unroll
-                for (int i = 0; i < 4; i++) {
-                    uint32_t xa[4], xb[4];
-                    fp4x8_to_half2(wa[i], xa);
-                    fp4x8_to_half2(wb[i], xb);
-#pragma unroll
-                    for (int m = 0; m < MT; m++) {
-                        if (m < nm) {
-                            const uint4 b = bp[m * tok_stride + i];
-                            float(&dd)[4] = i < 2 ? d[m] : d2[m];
-                            mma_f16(dd, xa[0], xb[0], xa[1], xb[1], b.x, b.y);
-                            mma_f16(dd, xa[2], xb[2], xa[3], xb[3], b.z, b.w);
-                        }
-                    }
-                }
-                // Column 2t (+1) is group lane j = (2t) % 4 (+1): group 2j + ng of the step,
-                // bytes ng and 2 + ng of this lane's scale words.
-                const int j0 = (2 * t) & 3;
-                const int Ga = stp * 8 + 2 * j0 + ng, Gb = Ga + 2;
-                // (The scales are 2..252: GpuLinear::tc, checked by the caller.)
-                const float a0 = e8m0_normal(st[u].s[0], ng), a1 = e8m0_normal(st[u].s[0], 2 + ng);
-                const float b0 = e8m0_normal(st[u].s[1], ng), b1 = e8m0_normal(st[u].s[1], 2 + ng);
-#pragma unroll
-                for (int m = 0; m < MT; m++) {
-                    if (m < nm) {
-                        const float xa = gsc[m * G32 + Ga], xb = gsc[m * G32 + Gb];
-                        acc[m][0] = fmaf(d[m][0] + d2[m][0], a0 * xa, acc[m][0]);
-                        acc[m][1] = fmaf(d[m][1] + d2[m][1], a1 * xb, acc[m][1]);
-                        acc[m][2] = fmaf(d[m][2] + d2[m][2], b0 * xa, acc[m][2]);
-                        acc[m][3] = fmaf(d[m][3] + d2[m][3], b1 * xb, acc[m][3]);
-                    }
+            for (int m = 0; m < MT; m++) {
+                if (m < nm) {
+                    const uint4 b = bp[m * tok_stride + i];
+                    float(&dd)[4] = i < 2 ? d[m] : d2[m];
+                    mma_f16(dd, xa[0], xb[0], xa[1], xb[1], b.x, b.y);
+                    mma_f16(dd, xa[2], xb[2], xa[3], xb[3], b.z, b.w);
                 }
             }
-            // This buffer now takes the step PF ahead.
-            const int nx = stp + PF;
-            if (nx < steps) st[u].load(pa, pb, sa, sb, nx);
+        }
+        // Column 2t (+1) is group lane j = (2t) % 4 (+1): group 2j + ng of the step,
+        // bytes ng and 2 + ng of this lane's scale words.
+        const int j0 = (2 * t) & 3;
+        const int Ga = stp * 8 + 2 * j0 + ng, Gb = Ga + 2;
+        // (The scales are 2..252: GpuLinear::tc, checked by the caller.)
+        const float a0 = e8m0_normal(st.s[0], ng), a1 = e8m0_normal(st.s[0], 2 + ng);
+        const float b0 = e8m0_normal(st.s[1], ng), b1 = e8m0_normal(st.s[1], 2 + ng);
+#pragma unroll
+        for (int m = 0; m < MT; m++) {
+            if (m < nm) {
+                const float xa = gsc[m * G32 + Ga], xb = gsc[m * G32 + Gb];
+                acc[m][0] = fmaf(d[m][0] + d2[m][0], a0 * xa, acc[m][0]);
+                acc[m][1] = fmaf(d[m][1] + d2[m][1], a1 * xb, acc[m][1]);
+                acc[m][2] = fmaf(d[m][2] + d2[m][2], b0 * xa, acc[m][2]);
+                acc[m][3] = fmaf(d[m][3] + d2[m][3], b1 * xb, acc[m][3]);
+            }
         }
     }
+}
+
+// The quad's sums of acc: per token, rows g (ya) and g + 8 (yb), complete in every lane of the
+// quad.
+template <int MT>
+__device__ __forceinline__ void moe_tc_quad_sums(const float (&acc)[MT][4], float (&ya)[MT],
+                                                 float (&yb)[MT]) {
 #pragma unroll
     for (int m = 0; m < MT; m++) {
         float u = acc[m][0] + acc[m][1], v = acc[m][2] + acc[m][3];
@@ -193,6 +188,32 @@ __device__ __forceinline__ void moe_tc_dot(const uint4* pa, const uint4* pb, con
         ya[m] = u;
         yb[m] = v;
     }
+}
+
+// Rows (ra of A, rb of Bw) · the pass's tokens, for the warp's 16 rows: ra/rb are this lane's
+// rows g and g + 8; `st` holds the first PF steps' loads. Returns per token the two rows' sums,
+// complete in every lane of the quad.
+template <int MT, int PF>
+__device__ __forceinline__ void moe_tc_dot(const uint4* pa, const uint4* pb, const uint32_t* sa,
+                                           const uint32_t* sb, int K, MoeTcStep (&st)[PF],
+                                           const uint4* Bs, const float* gsc, int nm,
+                                           float (&ya)[MT], float (&yb)[MT]) {
+    const int G32 = K / 32;
+    const int plane_u4 = G32 * 2 * 4;  // uint4s per token
+    float acc[MT][4] = {};
+    const int steps = K / 256;  // 8 groups (256 inputs, 128 bytes per row) per step
+    for (int s0 = 0; s0 < steps; s0 += PF) {
+#pragma unroll
+        for (int u = 0; u < PF; u++) {
+            const int stp = s0 + u;
+            if (stp >= steps) break;
+            moe_tc_step<MT>(st[u], stp, Bs, Bs + 4, plane_u4, gsc, G32, nm, acc);
+            // This buffer now takes the step PF ahead.
+            const int nx = stp + PF;
+            if (nx < steps) st[u].load(pa, pb, sa, sb, nx);
+        }
+    }
+    moe_tc_quad_sums<MT>(acc, ya, yb);
 }
 
 // The (up to MT) pairs from `from` on that picked expert e, in pair order (warp-wide).
@@ -262,7 +283,7 @@ __device__ void moe_tc_impl(const MoeArgs& a) {
             for (int m = 0; m < nm; m++) {
                 const int p = mem[m];
                 const float* x = UP ? a.x + (size_t)(p / a.k) * a.D : a.h + (size_t)p * a.I;
-                moe_tc_prep(x, K, smem_u4 + 4 + m * plane, gsc + m * (K / 32));
+                moe_tc_prep(x, K, smem_u4 + 4 + m * plane, gsc + m * (K / 32), blockDim.x);
             }
             __syncthreads();
             first = false;

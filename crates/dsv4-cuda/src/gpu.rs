@@ -8,7 +8,7 @@ use cudarc::driver::{
     CudaStream, DevicePtr, DeviceRepr, PinnedHostSlice,
 };
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kernels.fatbin"));
@@ -68,6 +68,11 @@ pub struct Gpu {
     /// The largest decode batch whose routed experts take those kernels:
     /// [`crate::ops::MOE_TC_MAX_TOKENS`], or `DSV4_CUDA_MOE_TC_TOKENS` for comparisons.
     pub moe_tc_tokens: usize,
+    /// Decode batches of up to this many tokens stream their routed FP4 experts through bulk
+    /// copies into the tensor-core kernels of `kernels/moe_bulk.cu`:
+    /// [`crate::ops::MOE_BULK_MAX_TOKENS`], `DSV4_CUDA_MOE_BULK_TOKENS` (0: never) or
+    /// [`Gpu::set_moe_bulk_tokens`].
+    moe_bulk_tokens: AtomicUsize,
     /// The pre-split planes, grown on demand (never inside a graph capture: only prefill-sized
     /// GEMMs use them).
     xs_buf: Mutex<Option<DevBuf>>,
@@ -214,6 +219,12 @@ impl Gpu {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(crate::ops::MOE_TC_MAX_TOKENS),
             moe_tc: AtomicBool::new(std::env::var("DSV4_CUDA_MOE_TC").map_or(true, |v| v != "0")),
+            moe_bulk_tokens: AtomicUsize::new(
+                std::env::var("DSV4_CUDA_MOE_BULK_TOKENS")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(crate::ops::MOE_BULK_MAX_TOKENS),
+            ),
             xs_buf: Mutex::new(None),
             skip: std::env::var("DSV4_CUDA_SKIP")
                 .map(|v| {
@@ -252,6 +263,16 @@ impl Gpu {
 
     pub fn set_moe_tc(&self, on: bool) {
         self.moe_tc.store(on, Ordering::Relaxed);
+    }
+
+    /// The largest decode batch whose routed experts take the bulk-copy kernels (see
+    /// `moe_bulk_tokens`).
+    pub fn moe_bulk_tokens(&self) -> usize {
+        self.moe_bulk_tokens.load(Ordering::Relaxed)
+    }
+
+    pub fn set_moe_bulk_tokens(&self, tokens: usize) {
+        self.moe_bulk_tokens.store(tokens, Ordering::Relaxed);
     }
 
     /// Device scratch of at least `bytes` for the pre-split activations, valid until the next

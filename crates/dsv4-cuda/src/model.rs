@@ -1794,7 +1794,7 @@ impl CudaModel {
                 rw_inside: 0,
                 lim,
             };
-            let run = || ops::moe_experts(g, sh.w1.fmt, false, &a, t, round(None));
+            let run = || ops::moe_experts(g, sh.w1.fmt, false, false, &a, t, round(None));
             if s.branch {
                 g.on_side(run)?;
             } else {
@@ -1884,7 +1884,7 @@ impl CudaModel {
         // Few pairs per expert (decode batches): each pair streams its expert on its own; many
         // (prefill): group them by expert into tiles.
         if self.moe_per_pair(t) {
-            ops::moe_experts(g, mw.fmt, mw.tc, &a, pairs, round(Some(s.rw.ptr)))?;
+            ops::moe_experts(g, mw.fmt, mw.tc, mw.bulk, &a, pairs, round(Some(s.rw.ptr)))?;
         } else {
             // Group pairs by expert (tiles of up to MOE_TILE_PAIRS) so each expert's weights are decoded
             // once per tile and reused by all of its tokens.

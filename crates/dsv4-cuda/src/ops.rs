@@ -1161,16 +1161,23 @@ pub fn moe_experts_gemm_tc(
 }
 
 /// The routed experts, one block row per (token, slot) pair: gate+up (SwiGLU fused), then down.
+/// `exact_tc`: every expert matrix passed [`GpuLinear::tc`](crate::weights::GpuLinear);
+/// `bulk`: every expert's weights and scales may be bulk-copied
+/// ([`GpuMoe::bulk`](crate::weights::GpuMoe)).
 pub fn moe_experts(
     gpu: &Gpu,
     fmt: Fmt,
     exact_tc: bool,
+    bulk: bool,
     a: &MoeArgs,
     pairs: usize,
     round: Option<HiddenRound>,
 ) -> Result<()> {
     if pairs == 0 {
         return Ok(());
+    }
+    if bulk && moe_bulk_ok(gpu, fmt, exact_tc, a, pairs) {
+        return moe_experts_bulk(gpu, a, pairs, round);
     }
     if moe_tc_ok(gpu, fmt, exact_tc, a, pairs) {
         return moe_experts_tc(gpu, a, pairs, round);
@@ -1219,6 +1226,120 @@ pub fn moe_tc_ok(gpu: &Gpu, fmt: Fmt, exact_tc: bool, a: &MoeArgs, pairs: usize)
         && a.d % 256 == 0
         && a.i % 256 == 0
         && moe_tc_smem(moe_tc_tokens_per_block(pairs, a), a.d.max(a.i) as usize) <= MAX_SMEM
+}
+
+/// The largest decode batch whose routed experts take the bulk-copy tensor-core kernels
+/// (`kernels/moe_bulk.cu`) by default. Each pair streams its expert there (no grouping of the
+/// pairs that picked one expert), which only one token guarantees costs nothing.
+pub const MOE_BULK_MAX_TOKENS: usize = 0;
+
+/// Threads of the bulk-copy MoE kernels (8 consumer warps and a producer) and their most
+/// stages in flight (`MB_*` in `kernels/moe_bulk.cu`).
+const MB_THREADS: u32 = 288;
+const MB_MAX_STAGES: usize = 8;
+/// Dynamic shared memory they may take: 227 KB less their static arrays (1.2 KB).
+const MB_MAX_SMEM: usize = 227 * 1024 - 2048;
+
+/// The launch of one bulk-copy MoE kernel.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct MoeBulkLaunch {
+    blocks: u32,
+    stages: i32,
+    planes: i32,
+    smem: u32,
+}
+
+/// The launch of `moe_{up,down}_bulk_fp4` over `pairs` pairs of `tiles` 16-row tiles each, on
+/// inputs of width `kin`, on `sms` SMs: a block per SM, each a contiguous run of (pair, tile)
+/// items (as the kernel cuts them), with room for the activation planes of every input its run
+/// reads (up: tokens, `k` pairs each; down: pairs) and as many whole-tile stages as then fit.
+/// `None` when fewer than two stages fit.
+fn moe_bulk_launch(
+    sms: usize,
+    k: usize,
+    pairs: usize,
+    tiles: usize,
+    kin: usize,
+    up: bool,
+) -> Option<MoeBulkLaunch> {
+    let items = pairs * tiles;
+    if items == 0 || k == 0 {
+        return None;
+    }
+    let nb = sms.clamp(1, items);
+    let input = |it: usize| if up { it / tiles / k } else { it / tiles };
+    let planes = (0..nb)
+        .map(|b| {
+            let (i0, i1) = (items * b / nb, items * (b + 1) / nb);
+            if i0 < i1 {
+                input(i1 - 1) - input(i0) + 1
+            } else {
+                0
+            }
+        })
+        .max()?;
+    let tile = 16 * (kin / 2 + kin / 32);
+    let fixed = 64 + planes * (kin * 4 + kin / 8);
+    let stages = (MB_MAX_SMEM.checked_sub(fixed)? / tile).min(MB_MAX_STAGES);
+    (stages >= 2).then_some(MoeBulkLaunch {
+        blocks: nb as u32,
+        stages: stages as i32,
+        planes: planes as i32,
+        smem: (stages * tile + fixed) as u32,
+    })
+}
+
+/// Whether the routed experts of `pairs` pairs take the bulk-copy kernels: the tensor-core
+/// kernels' conditions ([`moe_tc_ok`]), a batch of at most [`Gpu::moe_bulk_tokens`] tokens and
+/// a shared-memory layout that fits.
+pub fn moe_bulk_ok(gpu: &Gpu, fmt: Fmt, exact_tc: bool, a: &MoeArgs, pairs: usize) -> bool {
+    let (d, i, k) = (a.d as usize, a.i as usize, a.k.max(1) as usize);
+    moe_tc_ok(gpu, fmt, exact_tc, a, pairs)
+        && pairs <= gpu.moe_bulk_tokens() * k
+        && moe_bulk_launch(gpu.sm_count, k, pairs, i / 8, d, true).is_some()
+        && moe_bulk_launch(gpu.sm_count, k, pairs, d / 16, i, false).is_some()
+}
+
+/// [`moe_experts`] through `kernels/moe_bulk.cu` ([`moe_bulk_ok`] holds).
+fn moe_experts_bulk(
+    gpu: &Gpu,
+    a: &MoeArgs,
+    pairs: usize,
+    round: Option<HiddenRound>,
+) -> Result<()> {
+    let (d, i, k) = (a.d as usize, a.i as usize, a.k.max(1) as usize);
+    let expert = |rows: usize, inp: usize| gpu_bytes(Fmt::Fp4, rows, inp);
+    let bad = || crate::Error::Unsupported("MoE bulk layout".into());
+    let np = pairs as i32;
+    let up = moe_bulk_launch(gpu.sm_count, k, pairs, i / 8, d, true).ok_or_else(bad)?;
+    gpu.tag(|| {
+        (
+            format!("moe_up_bulk fp4 x{pairs} s{}", up.stages),
+            pairs * expert(2 * i, d),
+        )
+    });
+    gpu.launch(
+        "moe_up_bulk_fp4",
+        (up.blocks, 1, 1),
+        (MB_THREADS, 1, 1),
+        up.smem,
+        &[a, &np, &up.stages, &up.planes],
+    )?;
+    round_hidden(gpu, round, a.h, i, pairs)?;
+    let dn = moe_bulk_launch(gpu.sm_count, k, pairs, d / 16, i, false).ok_or_else(bad)?;
+    gpu.tag(|| {
+        (
+            format!("moe_down_bulk fp4 x{pairs} s{}", dn.stages),
+            pairs * expert(d, i),
+        )
+    });
+    gpu.launch(
+        "moe_down_bulk_fp4",
+        (dn.blocks, 1, 1),
+        (MB_THREADS, 1, 1),
+        dn.smem,
+        &[a, &np, &dn.stages, &dn.planes],
+    )
 }
 
 /// Dynamic shared memory a Hopper block may opt into (227 KB), less room for static arrays.
@@ -1323,6 +1444,44 @@ pub fn linear_fp8_tc(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The bulk-copy MoE launches: room for the planes of every input a block's run of items
+    /// reads (cut as the kernel cuts it), stages that fit the shared memory, and Flash's decode
+    /// shapes on an H200's 132 SMs as measured.
+    #[test]
+    fn moe_bulk_launch_covers_every_block() {
+        for &(sms, k, pairs, tiles, kin, up) in &[
+            (132, 6, 6, 256, 4096, true),
+            (132, 6, 6, 256, 2048, false),
+            (132, 6, 18, 256, 4096, true),
+            (132, 3, 9, 160, 2048, true),
+            (132, 3, 9, 128, 1280, false),
+            (7, 6, 12, 3, 4096, false),
+            (200, 1, 1, 8, 256, true),
+        ] {
+            let l = moe_bulk_launch(sms, k, pairs, tiles, kin, up).unwrap();
+            let items = pairs * tiles;
+            let nb = l.blocks as usize;
+            assert_eq!(nb, sms.min(items));
+            let input = |it: usize| if up { it / tiles / k } else { it / tiles };
+            for b in 0..nb {
+                let (i0, i1) = (items * b / nb, items * (b + 1) / nb);
+                assert!(i0 < i1, "block {b} has no items");
+                assert!(input(i1 - 1) - input(i0) < l.planes as usize);
+            }
+            let tile = 16 * (kin / 2 + kin / 32);
+            let need = l.stages as usize * tile + 64 + l.planes as usize * (kin * 4 + kin / 8);
+            assert_eq!(l.smem as usize, need);
+            assert!(need <= MB_MAX_SMEM && (2..=MB_MAX_STAGES as i32).contains(&l.stages));
+        }
+        let up = moe_bulk_launch(132, 6, 6, 256, 4096, true).unwrap();
+        assert_eq!((up.blocks, up.stages, up.planes), (132, 6, 1));
+        let down = moe_bulk_launch(132, 6, 6, 256, 2048, false).unwrap();
+        assert_eq!((down.blocks, down.stages, down.planes), (132, 8, 1));
+        // Inputs too wide for two stages and their planes: none.
+        assert_eq!(moe_bulk_launch(132, 6, 6, 256, 16384, true), None);
+        assert_eq!(moe_bulk_launch(132, 6, 0, 256, 4096, true), None);
+    }
 
     /// Every row of whole KB is read in slices that divide it (the kernel traps otherwise), as
     /// whole rows up to 4 KB.

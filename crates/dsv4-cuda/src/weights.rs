@@ -353,6 +353,9 @@ pub struct GpuMoe {
     pub vec: bool,
     /// The tensor-core tile kernels may take every routed expert ([`GpuLinear::tc`]).
     pub tc: bool,
+    /// Every routed expert's weights and scales start 16-byte aligned, so whole tiles of their
+    /// rows may be bulk-copied (`kernels/moe_bulk.cu`).
+    pub bulk: bool,
     pub shared: Option<GpuExpert>,
     /// The shared expert's [w1, w3, w2] descriptors, so one token's shared expert can run
     /// through the routed-expert kernels (gate, up and SwiGLU in one pass).
@@ -392,6 +395,11 @@ impl GpuLayer {
         }
         let vec = experts.iter().all(|e| e.w1.vec && e.w3.vec && e.w2.vec);
         let tc = experts.iter().all(|e| e.w1.tc && e.w3.tc && e.w2.tc);
+        let bulk = experts.iter().all(|e| {
+            [&e.w1, &e.w3, &e.w2]
+                .iter()
+                .all(|l| l.desc.w.is_multiple_of(16) && l.desc.scales.is_multiple_of(16))
+        });
         let table = |f: fn(&GpuExpert) -> &GpuLinear| -> Result<DevBuf> {
             let descs: Vec<LinearDesc> = experts.iter().map(|e| f(e).desc).collect();
             gpu.upload(&descs)
@@ -434,6 +442,7 @@ impl GpuLayer {
                 fmt,
                 vec,
                 tc,
+                bulk,
                 shared,
                 shared_table,
             },

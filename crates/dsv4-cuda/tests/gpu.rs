@@ -1257,7 +1257,10 @@ fn vary_fp4_scales(mut l: Linear, seed: u64) -> Linear {
 
 /// The routed experts of decode batches on the tensor cores (`kernels/moe_tc.cu`: FP4 decoded
 /// to f16 fields, activations in two f16 parts after a per-group power-of-two scaling, a block
-/// per chunk of up to 4 pairs of one expert) against the SIMT per-pair kernels:
+/// per chunk of up to 4 pairs of one expert), and for 1–3 tokens through the bulk-copy kernels
+/// (`kernels/moe_bulk.cu`: whole tiles streamed into shared memory, the steps split over 8
+/// warps; 3 tokens put several tokens' and pairs' planes in one block), against the SIMT
+/// per-pair kernels:
 /// - 1, 2, 3, 8 and 21 tokens of 3 picks (8: about 5 pairs per expert, so two chunks, and
 ///   several row tiles per warp; 21: about 13, four chunks);
 /// - every weight group with its own scale and every activation group its own magnitude
@@ -1268,7 +1271,7 @@ fn vary_fp4_scales(mut l: Linear, seed: u64) -> Linear {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn moe_tensor_cores_match_simt_in_decode() {
-    use dsv4_cuda::ops::{moe_experts, moe_tc_ok, MoeArgs};
+    use dsv4_cuda::ops::{moe_bulk_ok, moe_experts, moe_tc_ok, MoeArgs};
     use dsv4_cuda::weights::{GpuLinear, LinearDesc};
     use synthetic::MatrixFormat as F;
     let gpu = Gpu::open(0).expect("GPU");
@@ -1309,7 +1312,13 @@ fn moe_tensor_cores_match_simt_in_decode() {
         let (picks, x) = (gpu.upload(&picks).unwrap(), gpu.upload(&x).unwrap());
         let rw = gpu.upload(&random_f32(pairs, 7)).unwrap();
         let mut outs = Vec::new();
-        for tc in [false, true] {
+        // SIMT, tensor cores, then (up to 3 tokens) the bulk-copy kernels.
+        let modes: &[(bool, usize)] = if t <= 3 {
+            &[(false, 0), (true, 0), (true, 3)]
+        } else {
+            &[(false, 0), (true, 0)]
+        };
+        for &(tc, bulk_tokens) in modes {
             let h = gpu.upload(&vec![f32::NAN; pairs * inter]).unwrap();
             let out = gpu.upload(&vec![f32::NAN; pairs * d]).unwrap();
             let a = MoeArgs {
@@ -1331,17 +1340,21 @@ fn moe_tensor_cores_match_simt_in_decode() {
                 lim: f32::NAN,
             };
             gpu.set_moe_tc(tc);
+            gpu.set_moe_bulk_tokens(bulk_tokens);
             assert!(mats.iter().flatten().all(|m| m.tc));
             assert_eq!(moe_tc_ok(&gpu, mats[0][0].fmt, true, &a, pairs), tc);
-            moe_experts(&gpu, mats[0][0].fmt, true, &a, pairs, None).unwrap();
+            let fmt = mats[0][0].fmt;
+            assert_eq!(moe_bulk_ok(&gpu, fmt, true, &a, pairs), bulk_tokens > 0);
+            moe_experts(&gpu, fmt, true, true, &a, pairs, None).unwrap();
             outs.push(read_moe_outputs(
                 &gpu,
                 (h.ptr, pairs * inter),
                 (out.ptr, pairs * d),
-                &format!("tc={tc} t={t}"),
+                &format!("tc={tc} bulk={bulk_tokens} t={t}"),
             ));
         }
         gpu.set_moe_tc(true);
+        gpu.set_moe_bulk_tokens(dsv4_cuda::ops::MOE_BULK_MAX_TOKENS);
         // Relative to each row's largest value, with no floor (the 1e-3 tokens' rows are small).
         let rel = |got: &[f32], want: &[f32], w: usize| {
             got.chunks(w)
@@ -1352,10 +1365,15 @@ fn moe_tensor_cores_match_simt_in_decode() {
                 })
                 .fold(0f32, f32::max)
         };
-        let eh = rel(&outs[1].0, &outs[0].0, inter);
-        let eo = rel(&outs[1].1, &outs[0].1, d);
-        eprintln!("MoE TC decode, {t} tokens: h max rel err {eh:.2e}, out {eo:.2e}");
-        assert!(eh <= 1e-5 && eo <= 1e-5, "{t} tokens: h {eh}, out {eo}");
+        for (o, name) in outs[1..].iter().zip(["TC", "bulk"]) {
+            let eh = rel(&o.0, &outs[0].0, inter);
+            let eo = rel(&o.1, &outs[0].1, d);
+            eprintln!("MoE {name} decode, {t} tokens: h max rel err {eh:.2e}, out {eo:.2e}");
+            assert!(
+                eh <= 1e-5 && eo <= 1e-5,
+                "{name}, {t} tokens: h {eh}, out {eo}"
+            );
+        }
     }
 }
 

@@ -1,0 +1,159 @@
+// The routed experts of one decode token (FP4 weights) with the weights streamed through shared
+// memory by bulk copies (gemv_bulk.cu's producer) and multiplied on the tensor cores
+// (moe_tc.cu's step). The per-pair tensor-core kernels keep each warp's own loads in flight
+// and, at one token, give the SMs too few warps to hide their latency (Nsight: 33% of DRAM
+// busy, 1.7 TB/s); here a producer warp per SM keeps several whole tiles in flight and the
+// consumer warps only read shared memory.
+//
+// Work: items (pair, tile) in pair order, a contiguous run per block (one block per SM). A tile
+// is 16 rows of the pair's expert — 8 gate + 8 up rows for `up` (SwiGLU at the end), 16 rows
+// of `down` — and one stage holds a whole tile: its rows (K / 2 bytes each) then their e8m0
+// scale bytes (K / 32 each). The 8 consumer warps split a tile's 256-input steps, and their
+// sums of each row are added in warp order. The down projection's weights do not depend on
+// the kernel before (only on the routing, two kernels back: `moe_up_bulk` lets it launch only
+// once its own wait is over), so they start streaming while the up projection finishes.
+#include "linear.cuh"
+
+#define MB_WARPS 8  // consumer warps
+#define MB_THREADS (32 * (MB_WARPS + 1))
+#define MB_MAX_STAGES 8
+
+// Stage bytes of a tile of 16 rows of K inputs: weights then scales.
+__host__ __device__ constexpr int moe_bulk_tile_bytes(int K) { return 16 * (K / 2 + K / 32); }
+
+// A pass over `pairs` (token, slot) pairs. `stages` whole-tile stages are in flight; `npl`
+// activation planes (tokens for up, pairs for down) fit in shared memory after them — at least
+// as many as the inputs a block's run of items spans (the host's count).
+template <bool UP>
+__device__ void moe_bulk_impl(const MoeArgs& a, int pairs, int stages, int npl) {
+    extern __shared__ __align__(128) uint8_t mb_smem[];
+    __shared__ __align__(8) uint64_t full[MB_MAX_STAGES], empty[MB_MAX_STAGES];
+    __shared__ float red[2][MB_WARPS][16];  // warps' row sums, by item parity
+    const int K = UP ? a.D : a.I;
+    const int tpp = UP ? a.I / 8 : a.D / 16;  // tiles per pair
+    const int items = pairs * tpp;
+    const long long b = blockIdx.x, nb = gridDim.x;
+    const int i0 = (int)(items * b / nb), i1 = (int)(items * (b + 1) / nb);
+    const int rowb = K / 2, srow = K / 32, tile_bytes = moe_bulk_tile_bytes(K);
+    const int plane_u4 = K / 4;  // B-plane uint4s per input (moe_tc_prep)
+    // Input index (token for up, pair for down) of item it.
+    auto input_of = [&](int it) { return UP ? (it / tpp) / a.k : it / tpp; };
+    const int first = i0 < i1 ? input_of(i0) : 0, last = i0 < i1 ? input_of(i1 - 1) : -1;
+    uint4* zero = (uint4*)(mb_smem + (size_t)stages * tile_bytes);
+    uint4* planes = zero + 4;
+    float* gsc = (float*)(planes + (size_t)npl * plane_u4);
+    unsigned dyn_smem;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn_smem));
+    if (stages > MB_MAX_STAGES || last - first + 1 > npl ||
+        dyn_smem < (size_t)stages * tile_bytes + 64 + (size_t)npl * (K * 4 + K / 8))
+        __trap();  // the host's layout disagrees
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (threadIdx.x == 0) {
+        for (int i = 0; i < stages; i++) {
+            mbar_init(&full[i], 1);
+            mbar_init(&empty[i], MB_WARPS);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncthreads();
+    if (warp == MB_WARPS) {
+        // Producer. The picks: up's come from the kernel just before (moe_route, or the hidden
+        // rounding after it); down's were final before up's wait returned (see above).
+        if (UP) pdl_wait();
+        const uint64_t policy = evict_first_policy();
+        for (int it = i0, n = 0; it < i1; it++, n++) {
+            const int slot = n % stages, p = it / tpp, tile = it % tpp;
+            if (n >= stages) mbar_wait(&empty[slot], ((n / stages) - 1) & 1);
+            const int e = __ldcg(a.picks + p);
+            uint8_t* st = mb_smem + (size_t)slot * tile_bytes;
+            if (lane == 0) mbar_arrive_expect(&full[slot], tile_bytes);
+            __syncwarp();
+            if (UP) {
+                // Gate rows 8·tile.. into stage rows 0-7, up rows into 8-15; scales alike.
+                const LinearW& W = lane == 0 || lane == 2 ? a.w1[e] : a.w3[e];
+                const size_t r0 = (size_t)tile * 8;
+                if (lane < 2)
+                    bulk_copy(st + lane * 8 * rowb, W.w + r0 * rowb, 8 * rowb, &full[slot], policy);
+                else if (lane < 4)
+                    bulk_copy(st + 16 * rowb + (lane - 2) * 8 * srow,
+                              (const uint8_t*)W.scales + r0 * srow, 8 * srow, &full[slot], policy);
+            } else {
+                const LinearW& W = a.w2[e];
+                const size_t r0 = (size_t)tile * 16;
+                if (lane == 0) bulk_copy(st, W.w + r0 * rowb, 16 * rowb, &full[slot], policy);
+                if (lane == 1)
+                    bulk_copy(st + 16 * rowb, (const uint8_t*)W.scales + r0 * srow, 16 * srow,
+                              &full[slot], policy);
+            }
+        }
+        return;
+    }
+    pdl_wait();  // the activations are the previous kernel's output
+    if (UP) pdl_launch();  // down reads the picks before its wait: they are final now
+    // The activation planes of the inputs this block's items read.
+    if (threadIdx.x < 16) ((uint32_t*)zero)[threadIdx.x] = 0u;
+    for (int in = first; in <= last; in++) {
+        const float* x = UP ? a.x + (size_t)in * a.D : a.h + (size_t)in * a.I;
+        moe_tc_prep(x, K, planes + (size_t)(in - first) * plane_u4, gsc + (size_t)(in - first) * (K / 32),
+                    32 * MB_WARPS);
+    }
+    asm volatile("bar.sync 1, %0;" ::"n"(32 * MB_WARPS) : "memory");
+    const int g = lane >> 2, t = lane & 3;
+    const int steps = K / 256;
+    const int s0 = warp * steps / MB_WARPS, s1 = (warp + 1) * steps / MB_WARPS;
+    for (int it = i0, n = 0; it < i1; it++, n++) {
+        const int slot = n % stages, p = it / tpp, tile = it % tpp;
+        const uint8_t* st = mb_smem + (size_t)slot * tile_bytes;
+        const int pl = input_of(it) - first;
+        mbar_wait(&full[slot], (n / stages) & 1);
+        float acc[1][4] = {};
+        for (int s = s0; s < s1; s++) {
+            MoeTcStep q;
+#pragma unroll
+            for (int ng = 0; ng < 2; ng++) {
+                q.q[0][ng] = *(const uint4*)(st + g * rowb + s * 128 + 32 * t + 16 * ng);
+                q.q[1][ng] = *(const uint4*)(st + (g + 8) * rowb + s * 128 + 32 * t + 16 * ng);
+            }
+            const uint8_t* sc = st + 16 * rowb + s * 8 + 4 * (t & 1);
+            q.s[0] = *(const uint32_t*)(sc + g * srow);
+            q.s[1] = *(const uint32_t*)(sc + (g + 8) * srow);
+            moe_tc_step<1>(q, s, zero, planes + (size_t)pl * plane_u4, plane_u4, gsc + (size_t)pl * (K / 32),
+                           K / 32, 1, acc);
+        }
+        __syncwarp();
+        if (lane == 0) mbar_arrive(&empty[slot]);
+        float ya[1], yb[1];
+        moe_tc_quad_sums<1>(acc, ya, yb);
+        float (&r)[MB_WARPS][16] = red[n & 1];
+        if (t == 0) {
+            r[warp][g] = ya[0];
+            r[warp][g + 8] = yb[0];
+        }
+        asm volatile("bar.sync 1, %0;" ::"n"(32 * MB_WARPS) : "memory");
+        if (warp == 0 && lane < (UP ? 8 : 16)) {
+            float u = 0.f, v = 0.f;
+#pragma unroll
+            for (int w = 0; w < MB_WARPS; w++) {
+                u += r[w][lane];
+                if (UP) v += r[w][lane + 8];
+            }
+            if (UP) {
+                float y = swiglu_clamped(u, v, a.lim);
+                if (a.rw_inside) y *= a.rw[p];
+                a.h[(size_t)p * a.I + tile * 8 + lane] = y;
+            } else {
+                a.out[(size_t)p * a.D + tile * 16 + lane] = u;
+            }
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(MB_THREADS, 1)
+    moe_up_bulk_fp4(MoeArgs a, int pairs, int stages, int npl) {
+    moe_bulk_impl<true>(a, pairs, stages, npl);
+}
+extern "C" __global__ void __launch_bounds__(MB_THREADS, 1)
+    moe_down_bulk_fp4(MoeArgs a, int pairs, int stages, int npl) {
+    pdl_launch();
+    moe_bulk_impl<false>(a, pairs, stages, npl);
+}
