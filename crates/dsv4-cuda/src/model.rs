@@ -289,11 +289,6 @@ pub struct CudaModel {
     /// Whether a decode step's projections of one input share a launch (`DSV4_CUDA_MULTI=0`
     /// off, for A/B).
     multi_gemv: bool,
-    /// Whether a decode step projects h for the compressors and the indexer in a launch of
-    /// their own, on the side stream with branches (only its work reads them), off the
-    /// queries' path (`DSV4_CUDA_SIDE_PROJ=0`: one launch with the queries' and keys'
-    /// projections, for A/B).
-    side_proj: bool,
     /// cuBLASLt and the FP8 weights in its layout (by code address), for prefill under the
     /// official profile with activation quantization; `None` otherwise or without cuBLASLt
     /// (`DSV4_CUDA_FP8_TC=0` turns it off).
@@ -448,7 +443,6 @@ impl CudaModel {
             ),
             numerics: model.numerics,
             multi_gemv: std::env::var("DSV4_CUDA_MULTI").map_or(true, |v| v != "0"),
-            side_proj: std::env::var("DSV4_CUDA_SIDE_PROJ").is_ok_and(|v| v != "0"),
             tc,
             gpu,
         })
@@ -1197,9 +1191,7 @@ impl CudaModel {
         let hq = self.gemm_h(s, t)?;
         let pos = Pos::Table(s.positions.ptr);
 
-        // Every projection of h at once: one launch in a decode step. With branches, those
-        // of the compressors and the indexer (only the side stream's work reads them) are a
-        // second launch on the side stream, off the queries' path.
+        // Every projection of h at once: one launch in a decode step.
         let mut jobs = vec![
             LinJob {
                 w: &a.wq_a,
@@ -1212,9 +1204,6 @@ impl CudaModel {
                 y: s.kv.ptr,
             },
         ];
-        // (Split the same way without branches, so both give the same sums: the K splits of
-        // a shared launch depend on all its jobs.)
-        let side_proj = per_seq.is_none() && self.side_proj;
         if let Some(cw) = &a.compressor {
             jobs.push(LinJob {
                 w: &cw.wkv,
@@ -1235,14 +1224,6 @@ impl CudaModel {
                 (&ix.weights_proj, s.hw.ptr),
             ] {
                 jobs.push(LinJob { w, inp: hin, y });
-            }
-        }
-        if side_proj && jobs.len() > 2 {
-            let side = jobs.split_off(2);
-            if s.branch {
-                g.on_side(|| self.project(s, &side))?;
-            } else {
-                self.project(s, &side)?;
             }
         }
         self.project(s, &jobs)?;
