@@ -14,8 +14,6 @@
 // once its own wait is over), so they start streaming while the up projection finishes.
 #include "linear.cuh"
 
-#define MB_WARPS 8  // consumer warps
-#define MB_THREADS (32 * (MB_WARPS + 1))
 #define MB_MAX_STAGES 8
 
 // Stage bytes of a tile of 16 rows of K inputs: weights then scales.
@@ -24,7 +22,7 @@ __host__ __device__ constexpr int moe_bulk_tile_bytes(int K) { return 16 * (K / 
 // A pass over `pairs` (token, slot) pairs. `stages` whole-tile stages are in flight; `npl`
 // activation planes (tokens for up, pairs for down) fit in shared memory after them — at least
 // as many as the inputs a block's run of items spans (the host's count).
-template <bool UP>
+template <bool UP, int MB_WARPS>  // consumer warps
 __device__ void moe_bulk_impl(const MoeArgs& a, int pairs, int stages, int npl) {
     extern __shared__ __align__(128) uint8_t mb_smem[];
     __shared__ __align__(8) uint64_t full[MB_MAX_STAGES], empty[MB_MAX_STAGES];
@@ -57,8 +55,8 @@ __device__ void moe_bulk_impl(const MoeArgs& a, int pairs, int stages, int npl) 
     }
     __syncthreads();
     if (warp == MB_WARPS) {
-        // Producer. The picks: up's come from the kernel just before (moe_route, or the hidden
-        // rounding after it); down's were final before up's wait returned (see above).
+        // Producer. The picks: up's come from a kernel before it (moe_route, two kernels back
+        // at most); down's were final before up's wait returned (see above).
         if (UP) pdl_wait();
         const uint64_t policy = evict_first_policy();
         for (int it = i0, n = 0; it < i1; it++, n++) {
@@ -97,7 +95,7 @@ __device__ void moe_bulk_impl(const MoeArgs& a, int pairs, int stages, int npl) 
         moe_tc_prep(x, K, planes + (size_t)(in - first) * plane_u4, gsc + (size_t)(in - first) * (K / 32),
                     32 * MB_WARPS);
     }
-    asm volatile("bar.sync 1, %0;" ::"n"(32 * MB_WARPS) : "memory");
+    asm volatile("bar.sync 1, %0;" ::"r"(32 * MB_WARPS) : "memory");
     const int g = lane >> 2, t = lane & 3;
     const int steps = K / 256;
     const int s0 = warp * steps / MB_WARPS, s1 = (warp + 1) * steps / MB_WARPS;
@@ -129,7 +127,7 @@ __device__ void moe_bulk_impl(const MoeArgs& a, int pairs, int stages, int npl) 
             r[warp][g] = ya[0];
             r[warp][g + 8] = yb[0];
         }
-        asm volatile("bar.sync 1, %0;" ::"n"(32 * MB_WARPS) : "memory");
+        asm volatile("bar.sync 1, %0;" ::"r"(32 * MB_WARPS) : "memory");
         if (warp == 0 && lane < (UP ? 8 : 16)) {
             float u = 0.f, v = 0.f;
 #pragma unroll
@@ -148,12 +146,18 @@ __device__ void moe_bulk_impl(const MoeArgs& a, int pairs, int stages, int npl) 
     }
 }
 
-extern "C" __global__ void __launch_bounds__(MB_THREADS, 1)
-    moe_up_bulk_fp4(MoeArgs a, int pairs, int stages, int npl) {
-    moe_bulk_impl<true>(a, pairs, stages, npl);
-}
-extern "C" __global__ void __launch_bounds__(MB_THREADS, 1)
-    moe_down_bulk_fp4(MoeArgs a, int pairs, int stages, int npl) {
-    pdl_launch();
-    moe_bulk_impl<false>(a, pairs, stages, npl);
-}
+// Up waits before anything and lets its dependents launch only after that (inside): down reads
+// the picks before its own wait. 8 or 16 consumer warps (`_w16`) and the producer.
+#define MOE_BULK(W, SFX)                                                                      \
+    extern "C" __global__ void __launch_bounds__(32 * (W + 1), 1)                             \
+        moe_up_bulk_fp4##SFX(MoeArgs a, int pairs, int stages, int npl) {                     \
+        pdl_wait();                                                                           \
+        moe_bulk_impl<true, W>(a, pairs, stages, npl);                                        \
+    }                                                                                         \
+    extern "C" __global__ void __launch_bounds__(32 * (W + 1), 1)                             \
+        moe_down_bulk_fp4##SFX(MoeArgs a, int pairs, int stages, int npl) {                   \
+        pdl_launch();                                                                         \
+        moe_bulk_impl<false, W>(a, pairs, stages, npl);                                       \
+    }
+MOE_BULK(8, )
+MOE_BULK(16, _w16)

@@ -1231,14 +1231,13 @@ pub fn moe_tc_ok(gpu: &Gpu, fmt: Fmt, exact_tc: bool, a: &MoeArgs, pairs: usize)
 /// The largest decode batch whose routed experts take the bulk-copy tensor-core kernels
 /// (`kernels/moe_bulk.cu`) by default. Each pair streams its expert there (no grouping of the
 /// pairs that picked one expert), which only one token guarantees costs nothing.
-pub const MOE_BULK_MAX_TOKENS: usize = 0;
+pub const MOE_BULK_MAX_TOKENS: usize = 1;
 
-/// Threads of the bulk-copy MoE kernels (8 consumer warps and a producer) and their most
-/// stages in flight (`MB_*` in `kernels/moe_bulk.cu`).
-const MB_THREADS: u32 = 288;
+/// The most stages in flight of the bulk-copy MoE kernels (`MB_MAX_STAGES` in
+/// `kernels/moe_bulk.cu`).
 const MB_MAX_STAGES: usize = 8;
-/// Dynamic shared memory they may take: 227 KB less their static arrays (1.2 KB).
-const MB_MAX_SMEM: usize = 227 * 1024 - 2048;
+/// Dynamic shared memory they may take: 227 KB less their static arrays (up to 2.2 KB).
+const MB_MAX_SMEM: usize = 227 * 1024 - 3072;
 
 /// The launch of one bulk-copy MoE kernel.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -1318,10 +1317,13 @@ fn moe_experts_bulk(
             pairs * expert(2 * i, d),
         )
     });
+    // 8 or 16 consumer warps, and the producer.
+    let variant = |w: usize| if w == 16 { ("_w16", 544) } else { ("", 288) };
+    let (sfx, threads) = variant(gpu.moe_bulk_warps[0]);
     gpu.launch(
-        "moe_up_bulk_fp4",
+        &format!("moe_up_bulk_fp4{sfx}"),
         (up.blocks, 1, 1),
-        (MB_THREADS, 1, 1),
+        (threads, 1, 1),
         up.smem,
         &[a, &np, &up.stages, &up.planes],
     )?;
@@ -1333,10 +1335,11 @@ fn moe_experts_bulk(
             pairs * expert(d, i),
         )
     });
+    let (sfx, threads) = variant(gpu.moe_bulk_warps[1]);
     gpu.launch(
-        "moe_down_bulk_fp4",
+        &format!("moe_down_bulk_fp4{sfx}"),
         (dn.blocks, 1, 1),
-        (MB_THREADS, 1, 1),
+        (threads, 1, 1),
         dn.smem,
         &[a, &np, &dn.stages, &dn.planes],
     )

@@ -1257,10 +1257,10 @@ fn vary_fp4_scales(mut l: Linear, seed: u64) -> Linear {
 
 /// The routed experts of decode batches on the tensor cores (`kernels/moe_tc.cu`: FP4 decoded
 /// to f16 fields, activations in two f16 parts after a per-group power-of-two scaling, a block
-/// per chunk of up to 4 pairs of one expert), and for 1–3 tokens through the bulk-copy kernels
+/// per chunk of up to 4 pairs of one expert), and for 1–5 tokens through the bulk-copy kernels
 /// (`kernels/moe_bulk.cu`: whole tiles streamed into shared memory, the steps split over 8
-/// warps; 3 tokens put several tokens' and pairs' planes in one block), against the SIMT
-/// per-pair kernels:
+/// warps; 5 tokens, 132 not a multiple of 5, put two tokens' planes in some up blocks and two
+/// pairs' in some down blocks), against the SIMT per-pair kernels:
 /// - 1, 2, 3, 8 and 21 tokens of 3 picks (8: about 5 pairs per expert, so two chunks, and
 ///   several row tiles per warp; 21: about 13, four chunks);
 /// - every weight group with its own scale and every activation group its own magnitude
@@ -1294,7 +1294,7 @@ fn moe_tensor_cores_match_simt_in_decode() {
         gpu.upload(&v).unwrap()
     };
     let (w1, w3, w2) = (table(0), table(1), table(2));
-    for t in [1usize, 2, 3, 8, 21] {
+    for t in [1usize, 2, 3, 5, 8, 21] {
         let pairs = t * k;
         // Pair p = token p / k, slot p % k: expert (token + 3·slot) % e.
         let picks: Vec<i32> = (0..pairs)
@@ -1312,9 +1312,9 @@ fn moe_tensor_cores_match_simt_in_decode() {
         let (picks, x) = (gpu.upload(&picks).unwrap(), gpu.upload(&x).unwrap());
         let rw = gpu.upload(&random_f32(pairs, 7)).unwrap();
         let mut outs = Vec::new();
-        // SIMT, tensor cores, then (up to 3 tokens) the bulk-copy kernels.
-        let modes: &[(bool, usize)] = if t <= 3 {
-            &[(false, 0), (true, 0), (true, 3)]
+        // SIMT, tensor cores, then (up to 5 tokens) the bulk-copy kernels.
+        let modes: &[(bool, usize)] = if t <= 5 {
+            &[(false, 0), (true, 0), (true, 5)]
         } else {
             &[(false, 0), (true, 0)]
         };
