@@ -202,7 +202,8 @@ fn random_model_matches_cpu_on_every_chunking() {
 /// top-k pick, and a moved pick changes that row by percents and, through the next layers'
 /// K/V, later rows too (measured: 74 of 300 rows over 1e-3 with index_topk 16, while every
 /// single-kind model stays within 2e-4). Selections below the entry count are checked
-/// strictly by the fixtures, whose decisions are clear of ties.
+/// strictly by the fixtures, whose decisions are clear of ties. Router picks are not tie-guarded
+/// here either: one row may move (see the check below).
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn random_model_official_profile_matches_cpu() {
@@ -238,11 +239,22 @@ fn random_model_on_every_chunking(numerics: Numerics) {
         let got = run(&gpu, &ids, &chunks);
         let e = row_errors(&got, &want, vocab);
         let w = worst(&e);
+        // The official profile's bf16 roundings can turn float noise into a moved router pick
+        // (this random model has no tie guard): a change of the CPU's summation order alone
+        // (stop 17) moved row 205 by 0.2 and no other row by 1e-3. One such row is allowed
+        // there; every other row must agree, and the reference profile allows none.
+        let over = e.iter().filter(|&&x| x >= 1e-3).count();
+        let allowed = if numerics == Numerics::Reference {
+            0
+        } else {
+            1
+        };
+        let second = e.iter().copied().filter(|&x| x < w).fold(0f32, f32::max);
         eprintln!(
-            "{numerics:?} chunks {:?}...: worst row rel err {w:.2e}",
+            "{numerics:?} chunks {:?}...: worst row rel err {w:.2e}, next {second:.2e}, {over} rows over 1e-3",
             &chunks[..chunks.len().min(5)]
         );
-        assert!(w < 1e-3, "worst {w}");
+        assert!(over <= allowed, "{over} rows over 1e-3, worst {w}");
         for r in 0..t {
             let (g, c) = (
                 &got[r * vocab..(r + 1) * vocab],
