@@ -73,8 +73,6 @@ pub struct Gpu {
     /// [`crate::ops::MOE_BULK_MAX_TOKENS`], `DSV4_CUDA_MOE_BULK_TOKENS` (0: never) or
     /// [`Gpu::set_moe_bulk_tokens`].
     moe_bulk_tokens: AtomicUsize,
-    /// Consumer warps of those kernels, up and down: 8 or 16 (`DSV4_CUDA_MOE_BULK_WARPS=16,8`).
-    pub moe_bulk_warps: [usize; 2],
     /// The pre-split planes, grown on demand (never inside a graph capture: only prefill-sized
     /// GEMMs use them).
     xs_buf: Mutex<Option<DevBuf>>,
@@ -221,14 +219,6 @@ impl Gpu {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(crate::ops::MOE_TC_MAX_TOKENS),
             moe_tc: AtomicBool::new(std::env::var("DSV4_CUDA_MOE_TC").map_or(true, |v| v != "0")),
-            moe_bulk_warps: {
-                let v: Vec<usize> = std::env::var("DSV4_CUDA_MOE_BULK_WARPS")
-                    .unwrap_or_default()
-                    .split(',')
-                    .map(|w| if w.trim() == "16" { 16 } else { 8 })
-                    .collect();
-                [v[0], *v.get(1).unwrap_or(&8)]
-            },
             moe_bulk_tokens: AtomicUsize::new(
                 std::env::var("DSV4_CUDA_MOE_BULK_TOKENS")
                     .ok()

@@ -1236,6 +1236,8 @@ pub const MOE_BULK_MAX_TOKENS: usize = 1;
 /// The most stages in flight of the bulk-copy MoE kernels (`MB_MAX_STAGES` in
 /// `kernels/moe_bulk.cu`).
 const MB_MAX_STAGES: usize = 8;
+/// Their threads: 8 consumer warps and the producer.
+const MB_THREADS: u32 = 288;
 /// Dynamic shared memory they may take: 227 KB less their static arrays (up to 2.2 KB).
 const MB_MAX_SMEM: usize = 227 * 1024 - 3072;
 
@@ -1317,13 +1319,10 @@ fn moe_experts_bulk(
             pairs * expert(2 * i, d),
         )
     });
-    // 8 or 16 consumer warps, and the producer.
-    let variant = |w: usize| if w == 16 { ("_w16", 544) } else { ("", 288) };
-    let (sfx, threads) = variant(gpu.moe_bulk_warps[0]);
     gpu.launch(
-        &format!("moe_up_bulk_fp4{sfx}"),
+        "moe_up_bulk_fp4",
         (up.blocks, 1, 1),
-        (threads, 1, 1),
+        (MB_THREADS, 1, 1),
         up.smem,
         &[a, &np, &up.stages, &up.planes],
     )?;
@@ -1335,11 +1334,10 @@ fn moe_experts_bulk(
             pairs * expert(d, i),
         )
     });
-    let (sfx, threads) = variant(gpu.moe_bulk_warps[1]);
     gpu.launch(
-        &format!("moe_down_bulk_fp4{sfx}"),
+        "moe_down_bulk_fp4",
         (dn.blocks, 1, 1),
-        (threads, 1, 1),
+        (MB_THREADS, 1, 1),
         dn.smem,
         &[a, &np, &dn.stages, &dn.planes],
     )
