@@ -55,9 +55,8 @@ __device__ void moe_bulk_impl(const MoeArgs& a, int pairs, int stages, int npl) 
     }
     __syncthreads();
     if (warp == MB_WARPS) {
-        // Producer. The picks: up's come from a kernel before it (moe_route, two kernels back
-        // at most); down's were final before up's wait returned (see above).
-        if (UP) pdl_wait();
+        // Producer. The picks: up waited for them at entry (moe_route, two kernels back at
+        // most); down's were final before up's wait returned (see above).
         const uint64_t policy = evict_first_policy();
         for (int it = i0, n = 0; it < i1; it++, n++) {
             const int slot = n % stages, p = it / tpp, tile = it % tpp;
