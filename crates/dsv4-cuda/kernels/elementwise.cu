@@ -75,15 +75,21 @@ extern "C" __global__ void rope(float* x, int rows, int width, int rows_per_toke
 
 // rms_norm then rope (not inverse) of the same rows, in one launch: one block per row, the
 // same arithmetic as the two kernels (the row's normalized tail is re-read after a barrier).
-extern "C" __global__ void rms_norm_rope(float* x, const float* w, int width, float eps, int rows_per_token,
-                                         int half, const float* inv_freq, float factor, int pos0, int pos_step,
+// Two sets of rows of one width and RoPE table (the queries' heads and the key rows): blocks
+// below rows1 take row b of x (weight w, rows_per_token rows per position), the rest row
+// b - rows1 of x2 (w2, rpt2).
+extern "C" __global__ void rms_norm_rope(float* x, const float* w, int rows1, int rows_per_token, float* x2,
+                                         const float* w2, int rpt2, int width, float eps, int half,
+                                         const float* inv_freq, float factor, int pos0, int pos_step,
                                          const int* positions) {
     pdl_entry();
     __shared__ float sh[32];
-    float* row = x + (size_t)blockIdx.x * width;
-    norm_row(row, w, width, eps, sh);
+    const bool first = (int)blockIdx.x < rows1;
+    const int b = first ? blockIdx.x : blockIdx.x - rows1;
+    float* row = (first ? x : x2) + (size_t)b * width;
+    norm_row(row, first ? w : w2, width, eps, sh);
     __syncthreads();
-    const int tok = blockIdx.x / rows_per_token;
+    const int tok = b / (first ? rows_per_token : rpt2);
     const float p = (float)(positions ? positions[tok] : pos0 + tok * pos_step);
     rope_tail(row + (width - 2 * half), half, p, inv_freq, factor, 0);
 }

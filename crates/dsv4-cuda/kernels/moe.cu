@@ -9,22 +9,28 @@ __device__ __forceinline__ float softplusf_(float x) { return x > 20.f ? x : log
 // Lane l holds the scores and keys of experts l, l + 32, ... in registers (E <= 32 · ROUTE_PL and
 // k <= 32: the host checks), so a round of the top-k is a register scan and one shuffle argmax.
 #define ROUTE_PL 16
-extern "C" __global__ void moe_route(const float* logits, int E, int k, const float* bias,
-                                     const int* tid2eid, const int* ids, float route_scale,
-                                     int* picks, float* rw) {
-    pdl_launch();
-    const int t = blockIdx.x, lane = threadIdx.x;
-    float s[ROUTE_PL], key[ROUTE_PL];
+// The router's keys (the bias, or 0) of lane `lane`'s experts lane, lane + 32, ...: weights, so
+// they load before the previous kernel is waited for.
+__device__ __forceinline__ void route_keys(const float* bias, int E, int lane, float (&key)[ROUTE_PL]) {
 #pragma unroll
     for (int m = 0; m < ROUTE_PL; m++) {
         const int e = lane + 32 * m;
-        key[m] = (bias && e < E) ? __ldg(bias + e) : 0.f;  // a weight: loads before the wait
+        key[m] = (bias && e < E) ? __ldg(bias + e) : 0.f;
     }
-    pdl_wait();
+}
+
+// One token's routing by one whole warp, from its E logits `lg` (read through L2: another block
+// of the caller may have written them): sqrt-softplus scores, biased top-k (ties → lower id) or
+// the hash table's picks for token id `id`, then the normalized, scaled weights of its k picks.
+__device__ __forceinline__ void route_token(const float* lg, int E, int k, const float* bias, const int* tid2eid,
+                                            int id, float route_scale, int* picks, float* rw,
+                                            float (&key)[ROUTE_PL]) {
+    const int lane = threadIdx.x & 31;
+    float s[ROUTE_PL];
 #pragma unroll
     for (int m = 0; m < ROUTE_PL; m++) {
         const int e = lane + 32 * m;
-        s[m] = e < E ? sqrtf(softplusf_(logits[(size_t)t * E + e])) : 0.f;
+        s[m] = e < E ? sqrtf(softplusf_(__ldcg(lg + e))) : 0.f;
         // NaN keys (NaN logits) count as -inf.
         const float kv = s[m] + key[m];
         key[m] = isnan(kv) ? -INFINITY : kv;
@@ -35,9 +41,9 @@ extern "C" __global__ void moe_route(const float* logits, int E, int k, const fl
         int bi;
         float bs = 0.f;  // the pick's score
         if (!bias) {
-            bi = tid2eid[(size_t)ids[t] * k + j];
+            bi = tid2eid[(size_t)id * k + j];
             // Its score again, as computed above (an index into s would put s in local memory).
-            if (bi >= 0 && bi < E) bs = sqrtf(softplusf_(logits[(size_t)t * E + bi]));
+            if (bi >= 0 && bi < E) bs = sqrtf(softplusf_(__ldcg(lg + bi)));
         } else {
             // Each lane takes its first expert even at -inf, so the pick is always an expert
             // id < E (duplicates only when no key is finite, where the outputs are NaN anyway).
@@ -77,9 +83,85 @@ extern "C" __global__ void moe_route(const float* logits, int E, int k, const fl
     for (int j = 0; j < k; j++) sum += __shfl_sync(0xffffffffu, my_s, j);
     sum += 1e-20f;
     if (lane < k) {
-        picks[(size_t)t * k + lane] = my_pick;
-        rw[(size_t)t * k + lane] = my_s / sum * route_scale;
+        picks[lane] = my_pick;
+        rw[lane] = my_s / sum * route_scale;
     }
+}
+
+extern "C" __global__ void moe_route(const float* logits, int E, int k, const float* bias,
+                                     const int* tid2eid, const int* ids, float route_scale,
+                                     int* picks, float* rw) {
+    pdl_launch();
+    const int t = blockIdx.x, lane = threadIdx.x;
+    float key[ROUTE_PL];
+    route_keys(bias, E, lane, key);
+    pdl_wait();
+    route_token(logits + (size_t)t * E, E, k, bias, tid2eid, ids[t], route_scale, picks + (size_t)t * k,
+                rw + (size_t)t * k, key);
+}
+
+// The router of a decode step's few tokens (T <= RR_TOKENS, BF16 gate with rows of whole
+// 16-byte chunks) in one launch instead of a GEMV and `moe_route`: a warp per gate row, its
+// first RR_PRE chunks per lane requested before the previous kernel is waited for, x
+// (the normed h, [T, d]) read after; the block that finishes last (an atomic count, reset for
+// the next launch) routes the tokens, a warp each, from the logits the blocks wrote.
+#define RR_WARPS 4
+#define RR_TOKENS 4
+#define RR_PRE 16
+extern "C" __global__ void __launch_bounds__(RR_WARPS * 32)
+    moe_router_route(LinearW G, const float* x, int T, float* logits, unsigned* count, int k, const float* bias,
+                     const int* tid2eid, const int* ids, float route_scale, int* picks, float* rw) {
+    pdl_launch();
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int E = G.out, d = G.in, nch = d / 8;
+    const int r = blockIdx.x * RR_WARPS + warp;
+    const uint4* row = (const uint4*)(G.w + (size_t)min(r, E - 1) * d * 2);
+    uint4 wv[RR_PRE];
+#pragma unroll
+    for (int i = 0; i < RR_PRE; i++) {
+        const int c = lane + 32 * i;
+        if (c < nch) wv[i] = __ldg(row + c);
+    }
+    pdl_wait();
+    float acc[RR_TOKENS];
+#pragma unroll
+    for (int m = 0; m < RR_TOKENS; m++) acc[m] = 0.f;
+    auto chunk = [&](uint4 q, int c) {
+        float f[8];
+        decode_vals<FMT_BF16>(q, f);
+#pragma unroll
+        for (int m = 0; m < RR_TOKENS; m++) {
+            if (m >= T) break;
+            float xv[8];
+            load_x<8>(x + (size_t)m * d + c * 8, xv);
+#pragma unroll
+            for (int e = 0; e < 8; e++) acc[m] = fmaf(f[e], xv[e], acc[m]);
+        }
+    };
+#pragma unroll
+    for (int i = 0; i < RR_PRE; i++) {
+        const int c = lane + 32 * i;
+        if (c < nch) chunk(wv[i], c);
+    }
+    for (int c = lane + 32 * RR_PRE; c < nch; c += 32) chunk(__ldg(row + c), c);
+#pragma unroll
+    for (int m = 0; m < RR_TOKENS; m++) acc[m] = warp_sum(acc[m]);
+    if (lane == 0 && r < E)
+        for (int m = 0; m < T; m++) logits[(size_t)m * E + r] = acc[m];
+    __shared__ int last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(count, 1u) == gridDim.x - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    if (warp < T) {
+        float key[ROUTE_PL];
+        route_keys(bias, E, lane, key);
+        route_token(logits + (size_t)warp * E, E, k, bias, tid2eid, ids[warp], route_scale, picks + (size_t)warp * k,
+                    rw + (size_t)warp * k, key);
+    }
+    if (threadIdx.x == 0) *count = 0;
 }
 
 // The routed experts of a few tokens (decode): block x is one (token, slot) pair, which streams

@@ -181,6 +181,8 @@ struct Scratch {
     /// finished slices (zero between launches).
     hc_part: DevBuf,
     hc_count: DevBuf,
+    /// `moe_router_route`'s count of finished blocks (zero between launches).
+    route_count: DevBuf,
     /// Decode steps: each layer's per-token cache pointers (`[layers, tokens]`), and the
     /// host copy last uploaded.
     seq_table: DevBuf,
@@ -270,6 +272,7 @@ impl Scratch {
             out_logits: f(cap * c.vocab_size)?,
             hc_part: f(HC_FUSED_TOKENS * d.div_ceil(ops::HC_COLS) * ((2 + n) * n + 1))?,
             hc_count: gpu.alloc_zeros(4 * HC_FUSED_TOKENS)?,
+            route_count: gpu.alloc_zeros(4)?,
             seq_table: gpu.alloc(layers * cap * std::mem::size_of::<SeqLayerPtrs>())?,
             table_host: Vec::new(),
             graphs: HashMap::new(),
@@ -294,6 +297,10 @@ pub struct CudaModel {
     /// Whether calls of up to `HC_FUSED_TOKENS` tokens run each hyper-connection boundary as one
     /// `hc_boundary` launch (`DSV4_CUDA_HC_FUSED=0` keeps the six launches of the long path).
     hc_fused: AtomicBool,
+    /// Whether calls of up to [`ops::ROUTER_ROUTE_TOKENS`] tokens compute the router's logits
+    /// and the routing in one launch (`moe_router_route`; `DSV4_CUDA_ROUTE_FUSED=0` keeps the
+    /// GEMV and `moe_route`).
+    route_fused: AtomicBool,
     /// The arithmetic followed (the CPU model's profile).
     numerics: Numerics,
     /// Whether a decode step's projections of one input share a launch (`DSV4_CUDA_MULTI=0`
@@ -451,6 +458,9 @@ impl CudaModel {
             hc_fused: AtomicBool::new(
                 std::env::var("DSV4_CUDA_HC_FUSED").map_or(true, |v| v != "0"),
             ),
+            route_fused: AtomicBool::new(
+                std::env::var("DSV4_CUDA_ROUTE_FUSED").map_or(true, |v| v != "0"),
+            ),
             numerics: model.numerics,
             multi_gemv: std::env::var("DSV4_CUDA_MULTI").map_or(true, |v| v != "0"),
             tc,
@@ -470,6 +480,12 @@ impl CudaModel {
             .as_ref()
             .inspect(|tc| tc.on.store(on, Ordering::Relaxed))
             .is_some()
+    }
+
+    /// Turns the one-launch router of few-token calls on or off (tests compare both).
+    pub fn set_route_fused(&self, on: bool) {
+        self.route_fused.store(on, Ordering::Relaxed);
+        self.drop_graphs();
     }
 
     /// Turns the fused hyper-connection boundaries on or off.
@@ -1285,8 +1301,20 @@ impl CudaModel {
         };
         self.dense(s, &a.wq_b, &qrin, s.q.ptr, h * dh)?;
         self.prefetch(s, PF_WO_A, &[&a.wo_a])?;
-        ops::rms_norm_rope(g, s.q.ptr, 0, dh, t * h, eps, h, &rope, pos)?;
-        ops::rms_norm_rope(g, s.kv.ptr, a.kv_norm.ptr(), dh, t, eps, 1, &rope, pos)?;
+        // The query heads (no weight) and the key row: one launch.
+        let heads = ops::NormRows {
+            x: s.q.ptr,
+            w: 0,
+            rows: t * h,
+            rows_per_token: h,
+        };
+        let keys = ops::NormRows {
+            x: s.kv.ptr,
+            w: a.kv_norm.ptr(),
+            rows: t,
+            rows_per_token: 1,
+        };
+        ops::rms_norm_rope(g, heads, Some(keys), dh, eps, &rope, pos)?;
         // The row is key and value as stored: the official profile's FP8 nope channels.
         self.round_entries(s.kv.ptr, dh, t, self.entry_round(false))?;
 
@@ -1862,51 +1890,75 @@ impl CudaModel {
                 run()?;
             }
         }
-        match &mw.shared {
-            Some(sh) if !shared_one => self.project(
-                s,
-                &[
-                    LinJob {
-                        w: &mw.gate,
-                        inp: hin,
-                        y: s.logits_e.ptr,
-                    },
-                    LinJob {
-                        w: &sh.w1,
-                        inp: hq,
-                        y: s.sg.ptr,
-                    },
-                    LinJob {
-                        w: &sh.w3,
-                        inp: hq,
-                        y: s.su.ptr,
-                    },
-                ],
-            )?,
-            _ => ops::linear(g, &mw.gate, &hin, s.logits_e.ptr, e, &part)?,
-        }
         let (bias, tid2eid) = match &mw.router {
             GpuRouter::TopK { bias } => (bias.ptr(), 0u64),
             GpuRouter::Hash { tid2eid } => (0u64, tid2eid.ptr),
         };
         let (ei, ki, scale) = (e as i32, k as i32, c.routed_scaling_factor);
-        g.launch(
-            "moe_route",
-            (t as u32, 1, 1),
-            (32, 1, 1),
-            0,
-            &[
-                &s.logits_e.ptr,
-                &ei,
-                &ki,
-                &bias,
-                &tid2eid,
-                &s.ids.ptr,
-                &scale,
-                &s.picks.ptr,
-                &s.rw.ptr,
-            ],
-        )?;
+        let gate_with_shared = mw.shared.is_some() && !shared_one;
+        if !gate_with_shared
+            && self.route_fused.load(Ordering::Relaxed)
+            && ops::router_route_ok(&mw.gate, t)
+        {
+            ops::router_route(
+                g,
+                &mw.gate,
+                &ops::RouteArgs {
+                    x: s.h.ptr,
+                    t,
+                    logits: s.logits_e.ptr,
+                    count: s.route_count.ptr,
+                    k,
+                    bias,
+                    tid2eid,
+                    ids: s.ids.ptr,
+                    scale,
+                    picks: s.picks.ptr,
+                    rw: s.rw.ptr,
+                },
+            )?;
+        } else {
+            match &mw.shared {
+                Some(sh) if gate_with_shared => self.project(
+                    s,
+                    &[
+                        LinJob {
+                            w: &mw.gate,
+                            inp: hin,
+                            y: s.logits_e.ptr,
+                        },
+                        LinJob {
+                            w: &sh.w1,
+                            inp: hq,
+                            y: s.sg.ptr,
+                        },
+                        LinJob {
+                            w: &sh.w3,
+                            inp: hq,
+                            y: s.su.ptr,
+                        },
+                    ],
+                )?,
+                _ => ops::linear(g, &mw.gate, &hin, s.logits_e.ptr, e, &part)?,
+            }
+            g.launch(
+                "moe_route",
+                (t as u32, 1, 1),
+                (32, 1, 1),
+                0,
+                &[
+                    &s.logits_e.ptr,
+                    &ei,
+                    &ki,
+                    &bias,
+                    &tid2eid,
+                    &s.ids.ptr,
+                    &scale,
+                    &s.picks.ptr,
+                    &s.rw.ptr,
+                ],
+            )?;
+        }
         if let Some(nl) = next {
             self.prefetch(s, PF_PROJ, &Self::proj_weights(nl))?;
         }

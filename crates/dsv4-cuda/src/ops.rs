@@ -701,30 +701,45 @@ pub fn rms_norm(gpu: &Gpu, x: u64, w: u64, width: usize, rows: usize, eps: f32) 
     row_kernel(gpu, "rms_norm", x, w, width, rows, eps)
 }
 
+/// Rows of one [`rms_norm_rope`] set: `rows` rows of `x`, weighted by `w` when non-zero,
+/// `rows_per_token` consecutive rows sharing a position.
+#[derive(Clone, Copy)]
+pub struct NormRows {
+    pub x: u64,
+    pub w: u64,
+    pub rows: usize,
+    pub rows_per_token: usize,
+}
+
 /// [`rms_norm`] then [`rope`] (not inverse) of the same rows in one launch, with the same
-/// results; `rows_per_token` rows share a position.
-#[allow(clippy::too_many_arguments)]
+/// results, for one or two sets of rows of one width and RoPE table (a decode step's query
+/// heads and key row).
 pub fn rms_norm_rope(
     gpu: &Gpu,
-    x: u64,
-    w: u64,
+    a: NormRows,
+    b: Option<NormRows>,
     width: usize,
-    rows: usize,
     eps: f32,
-    rows_per_token: usize,
     r: &RopeDev,
     pos: Pos,
 ) -> Result<()> {
+    let b = b.unwrap_or(NormRows {
+        x: 0,
+        w: 0,
+        rows: 0,
+        rows_per_token: 1,
+    });
+    let rows = a.rows + b.rows;
     if rows == 0 {
         return Ok(());
     }
     let (pos0, step, table) = pos.args();
-    let a = (
+    let ints = (
+        a.rows as i32,
+        a.rows_per_token.max(1) as i32,
+        b.rows_per_token.max(1) as i32,
         width as i32,
-        rows_per_token as i32,
         r.half as i32,
-        pos0,
-        step,
     );
     gpu.launch(
         "rms_norm_rope",
@@ -732,16 +747,20 @@ pub fn rms_norm_rope(
         (norm_threads(width), 1, 1),
         0,
         &[
-            &x,
-            &w,
-            &a.0,
+            &a.x,
+            &a.w,
+            &ints.0,
+            &ints.1,
+            &b.x,
+            &b.w,
+            &ints.2,
+            &ints.3,
             &eps,
-            &a.1,
-            &a.2,
+            &ints.4,
             &r.inv_freq,
             &r.factor,
-            &a.3,
-            &a.4,
+            &pos0,
+            &step,
             &table,
         ],
     )
@@ -1226,6 +1245,53 @@ pub fn moe_tc_ok(gpu: &Gpu, fmt: Fmt, exact_tc: bool, a: &MoeArgs, pairs: usize)
         && a.d % 256 == 0
         && a.i % 256 == 0
         && moe_tc_smem(moe_tc_tokens_per_block(pairs, a), a.d.max(a.i) as usize) <= MAX_SMEM
+}
+
+/// Most tokens `moe_router_route` takes (`RR_TOKENS` in `kernels/moe.cu`).
+pub const ROUTER_ROUTE_TOKENS: usize = 4;
+/// Gate rows per block of `moe_router_route` (`RR_WARPS`).
+const RR_WARPS: usize = 4;
+
+/// The router of a few tokens in one launch: h `[t, d]` at `x`, logits `[t, E]` out, picks and
+/// routing weights `[t, k]` (see `moe_route`); `count` a zeroed u32 the kernel resets.
+pub struct RouteArgs {
+    pub x: u64,
+    pub t: usize,
+    pub logits: u64,
+    pub count: u64,
+    pub k: usize,
+    pub bias: u64,
+    pub tid2eid: u64,
+    pub ids: u64,
+    pub scale: f32,
+    pub picks: u64,
+    pub rw: u64,
+}
+
+/// Whether `moe_router_route` can take `gate` for `t` tokens: BF16 rows of whole 16-byte
+/// chunks, 16-byte aligned.
+pub fn router_route_ok(gate: &GpuLinear, t: usize) -> bool {
+    (1..=ROUTER_ROUTE_TOKENS).contains(&t)
+        && gate.fmt == Fmt::Bf16
+        && gate.vec
+        && gate.inp.is_multiple_of(8)
+        && gate.desc.w.is_multiple_of(16)
+}
+
+/// `moe_router_route`: the gate's logits and the routing of `a.t` tokens in one launch (the
+/// caller checked [`router_route_ok`]).
+pub fn router_route(gpu: &Gpu, gate: &GpuLinear, a: &RouteArgs) -> Result<()> {
+    let (t, k) = (a.t as i32, a.k as i32);
+    gpu.launch(
+        "moe_router_route",
+        (blocks_for(gate.out, RR_WARPS), 1, 1),
+        (32 * RR_WARPS as u32, 1, 1),
+        0,
+        &[
+            &gate.desc, &a.x, &t, &a.logits, &a.count, &k, &a.bias, &a.tid2eid, &a.ids, &a.scale,
+            &a.picks, &a.rw,
+        ],
+    )
 }
 
 /// The largest decode batch whose routed experts take the bulk-copy tensor-core kernels
