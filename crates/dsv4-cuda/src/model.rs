@@ -1632,13 +1632,23 @@ impl CudaModel {
             .clamp(1, COMBINE_MAX_SPLITS);
         self.attend_splits(s, args, nsplit, rope, s.positions.ptr)?;
         let (dhi, wi) = (dh as i32, c.sliding_window as i32);
-        g.launch(
-            "ring_store_seqs",
-            (t as u32, 1, 1),
-            (128, 1, 1),
-            0,
-            &[&s.kv.ptr, &args.seqs, &args.positions, &dhi, &wi],
-        )
+        // Nothing in this step reads the ring slot written (the attention took the new row
+        // from s.kv), so a decode step stores it on the side stream beside `wo_a`; the branch
+        // rejoins at the end of the layer's experts, before s.kv is written again.
+        let store = || {
+            g.launch(
+                "ring_store_seqs",
+                (t as u32, 1, 1),
+                (128, 1, 1),
+                0,
+                &[&s.kv.ptr, &args.seqs, &args.positions, &dhi, &wi],
+            )
+        };
+        if s.branch {
+            g.on_side(store)
+        } else {
+            store()
+        }
     }
 
     /// Attention over `nsplit` key splits per (token, head group), then the merge with the
