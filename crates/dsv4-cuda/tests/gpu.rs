@@ -1432,3 +1432,89 @@ fn router_picks_valid_experts_on_nan_logits() {
     // Token 1: the six largest finite logits, largest first (the score is monotone in them).
     assert_eq!(&got[k..], &[40, 63, 8, 3, 17, 30], "{got:?}");
 }
+
+/// The one-launch router of few tokens (`moe_router_route`) against the CPU's gate product and
+/// the two-launch path (`moe_route` on those logits): 256 BF16 gate rows of 4096 and of 7168
+/// (chunks past the prefetched ones), 1–4 tokens, biased top-6 and hash routing; launched
+/// twice, so the block count it resets is checked too.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn router_in_one_launch_matches_gemv_and_route() {
+    use dsv4_cuda::ops::{router_route, router_route_ok, RouteArgs};
+    use dsv4_cuda::weights::GpuLinear;
+    use synthetic::MatrixFormat as F;
+    let gpu = Gpu::open(0).expect("GPU");
+    let (e, k) = (256usize, 6usize);
+    for d in [4096usize, 7168] {
+        let l: Linear = synthetic::random_linear(F::Bf16, e, d, 11).unwrap();
+        let g = GpuLinear::upload(&gpu, &l).unwrap();
+        let bias: Vec<f32> = random_f32(e, 5).iter().map(|v| v * 0.01).collect();
+        let bias_d = gpu.upload(&bias).unwrap();
+        let tid2eid: Vec<i32> = (0..8 * k).map(|i| ((i * 37) % e) as i32).collect();
+        let tid_d = gpu.upload(&tid2eid).unwrap();
+        let count = gpu.alloc_zeros(4).unwrap();
+        for t in 1..=4usize {
+            assert!(router_route_ok(&g, t));
+            let x = random_f32(t * d, 100 + t as u64);
+            let want_logits = l.apply(&x, t);
+            let xd = gpu.upload(&x).unwrap();
+            let ids: Vec<i32> = (0..t as i32).map(|i| 2 * i + 1).collect();
+            let ids_d = gpu.upload(&ids).unwrap();
+            for hash in [false, true] {
+                let (bias_p, tid_p) = if hash {
+                    (0u64, tid_d.ptr)
+                } else {
+                    (bias_d.ptr, 0u64)
+                };
+                // The two-launch path on the CPU's logits.
+                let lg = gpu.upload(&want_logits).unwrap();
+                let (p0, r0) = (gpu.alloc(4 * t * k).unwrap(), gpu.alloc(4 * t * k).unwrap());
+                let (ei, ki, scale) = (e as i32, k as i32, 2.5f32);
+                gpu.launch(
+                    "moe_route",
+                    (t as u32, 1, 1),
+                    (32, 1, 1),
+                    0,
+                    &[
+                        &lg.ptr, &ei, &ki, &bias_p, &tid_p, &ids_d.ptr, &scale, &p0.ptr, &r0.ptr,
+                    ],
+                )
+                .unwrap();
+                let mut want_picks = vec![0i32; t * k];
+                let mut want_rw = vec![0f32; t * k];
+                gpu.dtoh(p0.ptr, &mut want_picks).unwrap();
+                gpu.dtoh(r0.ptr, &mut want_rw).unwrap();
+                for rep in 0..2 {
+                    let lo = gpu.alloc(4 * t * e).unwrap();
+                    let (p1, r1) = (gpu.alloc(4 * t * k).unwrap(), gpu.alloc(4 * t * k).unwrap());
+                    let a = RouteArgs {
+                        x: xd.ptr,
+                        t,
+                        logits: lo.ptr,
+                        count: count.ptr,
+                        k,
+                        bias: bias_p,
+                        tid2eid: tid_p,
+                        ids: ids_d.ptr,
+                        scale,
+                        picks: p1.ptr,
+                        rw: r1.ptr,
+                    };
+                    router_route(&gpu, &g, &a).unwrap();
+                    let mut got_logits = vec![0f32; t * e];
+                    let mut picks = vec![0i32; t * k];
+                    let mut rw = vec![0f32; t * k];
+                    gpu.dtoh(lo.ptr, &mut got_logits).unwrap();
+                    gpu.dtoh(p1.ptr, &mut picks).unwrap();
+                    gpu.dtoh(r1.ptr, &mut rw).unwrap();
+                    let what = format!("d {d} t {t} hash {hash} launch {rep}");
+                    let el = worst(&row_errors(&got_logits, &want_logits, e));
+                    assert!(el < 1e-5, "{what}: logits {el}");
+                    assert_eq!(picks, want_picks, "{what}");
+                    let er = worst(&row_errors(&rw, &want_rw, k));
+                    assert!(er < 1e-5, "{what}: weights {er}");
+                }
+            }
+        }
+    }
+}
