@@ -109,6 +109,10 @@ pub struct Gpu {
     pinned: Mutex<Option<PinnedHostSlice<f32>>>,
     /// `DSV4_CUDA_PINNED=0` reads back through pageable memory only (for comparisons).
     pinned_on: bool,
+    /// Preferred shared-memory carveout (percent of the unified L1/shared array) set on every
+    /// kernel (`DSV4_CUDA_CARVEOUT`). An SM changes its carveout only when idle, so kernels
+    /// that prefer different splits cannot overlap under programmatic dependent launch.
+    carveout: Option<i32>,
 }
 
 /// Largest read-back staged in page-locked memory (64 MB: 128 rows of Flash's vocabulary);
@@ -285,6 +289,10 @@ impl Gpu {
             pf_pending: AtomicBool::new(false),
             pinned: Mutex::new(None),
             pinned_on: std::env::var("DSV4_CUDA_PINNED").map_or(true, |v| v != "0"),
+            carveout: std::env::var("DSV4_CUDA_CARVEOUT")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .filter(|p| (0..=100).contains(p)),
         }))
     }
 
@@ -662,6 +670,13 @@ impl Gpu {
                 .module
                 .load_function(name)
                 .map_err(|e| Error::Driver(format!("kernel `{name}` is missing: {e}")))?;
+            if let Some(p) = self.carveout {
+                func.set_attribute(
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+                    p,
+                )
+                .map_err(drv("setting the shared-memory carveout"))?;
+            }
             f.insert(name.to_string(), (func, 48 * 1024));
         }
         let (func, allowed) = f.get_mut(name).expect("inserted above");
