@@ -313,30 +313,3 @@ struct DenseSrc {
 GEMV_BULK_ALL(FMT_BF16, bf16)
 GEMV_BULK_ALL(FMT_FP8, fp8)
 GEMV_BULK_ALL(FMT_FP4, fp4)
-
-// Upcoming weights into L2 while the latency-bound kernels of a decode step leave HBM idle
-// (`Gpu::prefetch_l2`, a parallel branch of the graph): fire-and-forget bulk prefetches of up to
-// PF_RANGES ranges in PF_CHUNK pieces, spread over the grid's threads. Nothing waits on them:
-// the GEMVs that read the weights later hit L2 for what arrived and HBM for the rest.
-#define PF_RANGES 8
-#define PF_CHUNK 65536ull
-struct PrefetchList {
-    const uint8_t* ptr[PF_RANGES];
-    unsigned long long bytes[PF_RANGES];
-    int n;
-};
-extern "C" __global__ void l2_prefetch(PrefetchList l) {
-    pdl_launch();  // reads no other kernel's output
-    const long long nt = (long long)gridDim.x * blockDim.x;
-    long long u = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    for (int i = 0; i < l.n && i < PF_RANGES; i++) {
-        const long long units = (long long)((l.bytes[i] + PF_CHUNK - 1) / PF_CHUNK);
-        for (; u < units; u += nt) {
-            const unsigned long long off = (unsigned long long)u * PF_CHUNK;
-            const unsigned sz = (unsigned)(min(PF_CHUNK, l.bytes[i] - off) & ~15ull);
-            if (sz)
-                asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(l.ptr[i] + off), "r"(sz) : "memory");
-        }
-        u -= units;
-    }
-}

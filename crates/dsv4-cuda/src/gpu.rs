@@ -94,16 +94,6 @@ pub struct Gpu {
     on_side: AtomicBool,
     /// Work queued on the side stream since the last [`Gpu::join_side`].
     side_pending: AtomicBool,
-    /// Which of a decode step's L2 prefetch points are on ([`Gpu::prefetch_l2`]; bits named
-    /// by the caller; `DSV4_CUDA_L2_PREFETCH`, 0 = none).
-    l2_prefetch: AtomicUsize,
-    /// The prefetch stream: a branch of its own that nothing waits on until
-    /// [`Gpu::join_prefetch`] (the end of a step).
-    pf: Arc<CudaStream>,
-    pf_fork_ev: CudaEvent,
-    pf_join_ev: CudaEvent,
-    on_pf: AtomicBool,
-    pf_pending: AtomicBool,
     /// Page-locked staging for results read back (the logits), grown on demand up to
     /// [`PINNED_MAX_FLOATS`]: the copy runs at full PCIe speed and the caller copies it once.
     pinned: Mutex<Option<PinnedHostSlice<f32>>>,
@@ -118,24 +108,6 @@ pub struct Gpu {
 /// Largest read-back staged in page-locked memory (64 MB: 128 rows of Flash's vocabulary);
 /// larger ones go through pageable memory.
 pub const PINNED_MAX_FLOATS: usize = 16 << 20;
-
-/// Ranges of one [`Gpu::prefetch_l2`] (`PF_RANGES` in `kernels/gemv_bulk.cu`).
-pub const PF_RANGES: usize = 8;
-
-/// Prefetch points on unless `DSV4_CUDA_L2_PREFETCH` says otherwise.
-pub const L2_PREFETCH_DEFAULT: usize = 0;
-
-/// `PrefetchList` of `kernels/gemv_bulk.cu`.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct PrefetchList {
-    ptr: [u64; PF_RANGES],
-    bytes: [u64; PF_RANGES],
-    n: i32,
-    pad: i32,
-}
-
-unsafe impl DeviceRepr for PrefetchList {}
 
 /// Launches recorded by the profiler: (label, bytes streamed if known, start, end).
 #[derive(Default)]
@@ -201,8 +173,6 @@ impl Gpu {
         let side = ctx.new_stream().map_err(drv("creating a stream"))?;
         let event = || ctx.new_event(None).map_err(drv("creating an event"));
         let (fork_ev, join_ev) = (event()?, event()?);
-        let pf = ctx.new_stream().map_err(drv("creating a stream"))?;
-        let (pf_fork_ev, pf_join_ev) = (event()?, event()?);
         // DSV4_CUDA_FATBIN swaps in another build of the kernels (same argument layouts), so
         // kernel variants can be compared under one binary.
         let fatbin = match std::env::var_os("DSV4_CUDA_FATBIN") {
@@ -276,17 +246,6 @@ impl Gpu {
             join_ev,
             on_side: AtomicBool::new(false),
             side_pending: AtomicBool::new(false),
-            l2_prefetch: AtomicUsize::new(
-                std::env::var("DSV4_CUDA_L2_PREFETCH")
-                    .ok()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(L2_PREFETCH_DEFAULT),
-            ),
-            pf,
-            pf_fork_ev,
-            pf_join_ev,
-            on_pf: AtomicBool::new(false),
-            pf_pending: AtomicBool::new(false),
             pinned: Mutex::new(None),
             pinned_on: std::env::var("DSV4_CUDA_PINNED").map_or(true, |v| v != "0"),
             carveout: std::env::var("DSV4_CUDA_CARVEOUT")
@@ -467,9 +426,7 @@ impl Gpu {
 
     /// The stream work is queued on now: the side stream inside [`Gpu::on_side`].
     fn cur(&self) -> sys::CUstream {
-        if self.on_pf.load(Ordering::Relaxed) {
-            self.pf.cu_stream()
-        } else if self.on_side.load(Ordering::Relaxed) {
+        if self.on_side.load(Ordering::Relaxed) {
             self.side.cu_stream()
         } else {
             self.stream.cu_stream()
@@ -512,78 +469,9 @@ impl Gpu {
         Ok(())
     }
 
-    /// The prefetch points (bits) a decode step takes.
-    pub fn l2_prefetch(&self) -> usize {
-        self.l2_prefetch.load(Ordering::Relaxed)
-    }
-
-    pub fn set_l2_prefetch(&self, mask: usize) {
-        self.l2_prefetch.store(mask, Ordering::Relaxed);
-    }
-
-    /// Prefetch point `bit`: when it is on, starts bringing `ranges` (address, bytes; at most
-    /// [`PF_RANGES`], 16-byte aligned) into L2 once the work queued so far on the main stream
-    /// is done, on a branch nothing waits for until [`Gpu::join_prefetch`]. Weights that a
-    /// later kernel streams are then read from L2 while the kernels between leave HBM idle.
-    /// Not while profiling (launches are timed one at a time) or inside [`Gpu::on_side`].
-    pub fn prefetch_l2(&self, bit: usize, ranges: &[(u64, usize)]) -> Result<()> {
-        let ranges: Vec<_> = ranges
-            .iter()
-            .filter(|r| r.1 >= 16 && r.0.is_multiple_of(16))
-            .take(PF_RANGES)
-            .collect();
-        if self.l2_prefetch() & bit == 0
-            || ranges.is_empty()
-            || self.is_on_side()
-            || self.profiling()
-        {
-            return Ok(());
-        }
-        let mut list = PrefetchList {
-            ptr: [0; PF_RANGES],
-            bytes: [0; PF_RANGES],
-            n: ranges.len() as i32,
-            pad: 0,
-        };
-        for (i, r) in ranges.iter().enumerate() {
-            list.ptr[i] = r.0;
-            list.bytes[i] = r.1 as u64;
-        }
-        let total: usize = ranges.iter().map(|r| r.1).sum();
-        // A thread per 64 KB piece, up to 32 blocks of a warp (each block's copy engine
-        // queues its own).
-        let blocks = total.div_ceil(64 << 10).div_ceil(32).clamp(1, 32) as u32;
-        self.pf_fork_ev
-            .record(&self.stream)
-            .map_err(drv("recording an event"))?;
-        self.pf
-            .wait(&self.pf_fork_ev)
-            .map_err(drv("waiting for an event"))?;
-        self.on_pf.store(true, Ordering::Relaxed);
-        let r = self.launch("l2_prefetch", (blocks, 1, 1), (32, 1, 1), 0, &[&list]);
-        self.on_pf.store(false, Ordering::Relaxed);
-        self.pf_pending.store(true, Ordering::Relaxed);
-        r
-    }
-
-    /// Makes the main stream's next work wait for the prefetch branch (the end of a step:
-    /// a capture must rejoin every branch).
-    pub fn join_prefetch(&self) -> Result<()> {
-        if self.pf_pending.swap(false, Ordering::Relaxed) {
-            self.pf_join_ev
-                .record(&self.pf)
-                .map_err(drv("recording an event"))?;
-            self.stream
-                .wait(&self.pf_join_ev)
-                .map_err(drv("waiting for an event"))?;
-        }
-        Ok(())
-    }
-
     /// Waits for all queued work; reports asynchronous kernel faults.
     pub fn sync(&self) -> Result<()> {
         self.join_side()?;
-        self.join_prefetch()?;
         self.stream
             .synchronize()
             .map_err(drv("a GPU kernel failed"))
@@ -600,7 +488,6 @@ impl Gpu {
     /// Ends a capture; the graph replays the recorded launches with their recorded arguments.
     pub fn end_capture(&self) -> Result<CudaGraph> {
         self.join_side()?;
-        self.join_prefetch()?;
         self.stream
             .end_capture(sys::CUgraphInstantiate_flags(0))
             .map_err(drv("instantiating a CUDA graph"))?

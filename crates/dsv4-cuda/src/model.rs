@@ -6,9 +6,7 @@
 use crate::gpu::{DevBuf, Gpu};
 use crate::ops::{self, AttnArgs, LinIn, LinJob, MoeArgs, Partial, Pos, RopeDev};
 use crate::state::{CompState, GpuSeq, LayerState, SeqLayerPtrs};
-use crate::weights::{
-    Ends, Fmt, GpuCompressor, GpuHc, GpuLayer, GpuLinear, GpuRouter, GpuVec, GpuWeights,
-};
+use crate::weights::{Ends, Fmt, GpuCompressor, GpuHc, GpuLayer, GpuRouter, GpuVec, GpuWeights};
 use crate::{Error, Result};
 use cudarc::driver::CudaGraph;
 use dsv4_core::config::AttnKind;
@@ -45,14 +43,6 @@ const TC_MIN_TOKENS: usize = 65;
 /// Largest decode batch that runs independent work on the side stream: batch 1 gained 4–9%
 /// (H200, 8 layers); batches 2 and 8 showed no gain beyond the ±2% noise, so they keep one stream.
 const BRANCH_TOKENS: usize = 4;
-/// L2 prefetch points of a decode step ([`Gpu::prefetch_l2`], `DSV4_CUDA_L2_PREFETCH` a sum of
-/// them): a layer's projections of h and `wq_b` beside the previous layer's experts; `wo_a`
-/// beside the attention; `wo_b` beside `wo_a`; the router and the shared expert beside the
-/// boundary after `wo_b`.
-const PF_PROJ: usize = 1;
-const PF_WO_A: usize = 2;
-const PF_WO_B: usize = 4;
-const PF_FFN: usize = 8;
 
 static NEXT_ID: AtomicUsize = AtomicUsize::new(1);
 
@@ -874,9 +864,6 @@ impl CudaModel {
                 .iter()
                 .all(|l| l.hc_attn.fn_.fmt == Fmt::F32 && l.hc_ffn.fn_.fmt == Fmt::F32);
         let layers = self.weights.layers.len();
-        if let Some(l0) = self.weights.layers.first() {
-            self.prefetch(s, PF_PROJ, &Self::proj_weights(l0))?;
-        }
         for (li, lw) in self.weights.layers.iter().enumerate() {
             if fused {
                 // (The previous layer's experts are combined into its output here.)
@@ -894,19 +881,12 @@ impl CudaModel {
                 ops::rms_norm(g, s.h.ptr, lw.ffn_norm.ptr(), d, t, c.rms_norm_eps)?;
             }
             let boundary_combines = fused && li + 1 < layers;
-            self.moe(
-                s,
-                lw,
-                self.weights.layers.get(li + 1),
-                t,
-                !boundary_combines,
-            )?;
+            self.moe(s, lw, t, !boundary_combines)?;
             if !boundary_combines {
                 self.hc_post(s, t)?;
             }
         }
         g.join_side()?;
-        g.join_prefetch()?;
         if head_rows.is_empty() {
             return Ok(());
         }
@@ -924,31 +904,6 @@ impl CudaModel {
             s.xg.ptr
         };
         self.head(s, xs, head_rows.len())
-    }
-
-    /// Prefetch point `bit` ([`Gpu::prefetch_l2`]) of a decode step: `ws`'s weight codes into
-    /// L2 from the end of the work queued so far.
-    fn prefetch(&self, s: &Scratch, bit: usize, ws: &[&GpuLinear]) -> Result<()> {
-        if !s.branch {
-            return Ok(());
-        }
-        let ranges: Vec<_> = ws.iter().filter_map(|w| w.code_range()).collect();
-        self.gpu.prefetch_l2(bit, &ranges)
-    }
-
-    /// The matrices a layer's attention streams first, in order: the projections of h (one
-    /// `gemv_multi` launch in a decode step), then `wq_b`.
-    fn proj_weights(lw: &GpuLayer) -> Vec<&GpuLinear> {
-        let a = &lw.attn;
-        let mut v = vec![&a.wq_a, &a.wkv];
-        if let Some(cw) = &a.compressor {
-            v.extend([&cw.wkv, &cw.wgate]);
-        }
-        if let Some(ix) = &a.indexer {
-            v.extend([&ix.compressor.wkv, &ix.compressor.wgate, &ix.weights_proj]);
-        }
-        v.push(&a.wq_b);
-        v
     }
 
     /// Hyper-head, final norm and the vocabulary projection of `m` stream rows at `xs` into
@@ -1300,7 +1255,6 @@ impl CudaModel {
             _ => None,
         };
         self.dense(s, &a.wq_b, &qrin, s.q.ptr, h * dh)?;
-        self.prefetch(s, PF_WO_A, &[&a.wo_a])?;
         // The query heads (no weight) and the key row: one launch.
         let heads = ops::NormRows {
             x: s.q.ptr,
@@ -1352,16 +1306,9 @@ impl CudaModel {
             group: Some((rk, gw)),
             terms: 3,
         };
-        self.prefetch(s, PF_WO_B, &[&a.wo_b])?;
         ops::linear(g, &a.wo_a, &oin, s.z.ptr, gr * rk, &part)?;
         let zin = self.round_in_place(s.z.ptr, gr * rk, t)?;
-        self.dense(s, &a.wo_b, &zin, s.f.ptr, d)?;
-        let mw = &lw.moe;
-        let mut ffn = vec![&mw.gate];
-        if let Some(sh) = &mw.shared {
-            ffn.extend([&sh.w1, &sh.w3, &sh.w2]);
-        }
-        self.prefetch(s, PF_FFN, &ffn)
+        self.dense(s, &a.wo_b, &zin, s.f.ptr, d)
     }
 
     /// One sequence's share of the attention: compressors, indexer selection, attention over
@@ -1845,15 +1792,7 @@ impl CudaModel {
     /// The MoE block: reads `s.h` and token ids `s.ids`, writes `s.f`.
     /// The FFN block into `s.f`; without `combine`, the routed experts' weighted outputs stay in
     /// `s.eout` for the next block boundary to add.
-    /// `next`: the following layer, whose first weights are prefetched beside the experts.
-    fn moe(
-        &self,
-        s: &mut Scratch,
-        lw: &GpuLayer,
-        next: Option<&GpuLayer>,
-        t: usize,
-        combine: bool,
-    ) -> Result<()> {
+    fn moe(&self, s: &mut Scratch, lw: &GpuLayer, t: usize, combine: bool) -> Result<()> {
         let g = &*self.gpu;
         let c = &self.config;
         let mw = &lw.moe;
@@ -1968,9 +1907,6 @@ impl CudaModel {
                     &s.rw.ptr,
                 ],
             )?;
-        }
-        if let Some(nl) = next {
-            self.prefetch(s, PF_PROJ, &Self::proj_weights(nl))?;
         }
         // The shared expert of more tokens into s.f (zeros without one): GEMVs that read each
         // weight once for all tokens.

@@ -132,15 +132,6 @@ pub fn tc_exact(l: &Linear) -> bool {
 }
 
 impl GpuLinear {
-    /// Address and length of the weight codes (not their scales), for L2 prefetching.
-    pub fn code_range(&self) -> Option<(u64, usize)> {
-        let row = match self.fmt {
-            Fmt::F32 => Some(self.inp * 4),
-            f => bulk_row_bytes(f, self.inp),
-        }?;
-        Some((self.desc.w, self.out * row))
-    }
-
     pub fn upload(gpu: &Gpu, l: &Linear) -> Result<Self> {
         let w = gpu.upload(l.weight_bytes())?;
         let mut affine = None;
