@@ -125,35 +125,68 @@ __device__ __forceinline__ const uint8_t* bulk_aux(const LinearW& W, int r) {
 // tiles, whose missing rows are left out of the copy and computed from stale smem, never
 // written), where token m's activations are (`x(t, m)`) and what to do with a row group's
 // four sums (`finish`).
-template <int FMT, int MT, int RPW, class Src>
-__device__ __forceinline__ void gemv_bulk_run(const Src& src, int items, int nslices, int S) {
-    constexpr int W = 8;  // consumer warps (16 measured no faster)
-    constexpr int N = Chunk<FMT>::N;
-    constexpr int R = 8 * RPW, KS = 4096 / RPW, CPL = KS / 512;
-    constexpr int AUX = bulk_aux_bytes<FMT, RPW>();
-    constexpr int STAGE = bulk_stage_bytes<FMT, RPW>();
-    extern __shared__ __align__(128) uint8_t bulk_smem[];
+// The stage ring of one launch: its barriers and the count of stages passed so far, which the
+// producer and the consumers keep alike (they walk the same items), so a launch may run
+// several matrices through one ring (`gemv_bulk_pair`). STRIDE: bytes per stage slot.
+struct BulkRing {
+    uint64_t* full;
+    uint64_t* empty;
+    int n;
+};
+__device__ __forceinline__ BulkRing bulk_ring_init(unsigned need) {
     __shared__ __align__(8) uint64_t full[BULK_STAGES], empty[BULK_STAGES];
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     unsigned dyn_smem;
     asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn_smem));
-    if (dyn_smem < BULK_STAGES * STAGE) __trap();  // the host's `bulk_smem` disagrees
+    if (dyn_smem < need) __trap();  // the host's `bulk_smem` disagrees
     if (threadIdx.x == 0) {
         for (int i = 0; i < BULK_STAGES; i++) {
             mbar_init(&full[i], 1);
-            mbar_init(&empty[i], W);
+            mbar_init(&empty[i], 8);  // the consumer warps
         }
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
     __syncthreads();
+    return BulkRing{full, empty, 0};
+}
+
+// N activations of token m through L2 (`COH`: written earlier in this launch by other blocks,
+// which the read-only path may not see) or the read-only path.
+template <int N, bool COH>
+__device__ __forceinline__ void load_x_bulk(const float* x, float (&xv)[N]) {
+    if constexpr (COH) {
+#pragma unroll
+        for (int j = 0; j < N / 4; j++) {
+            const float4 v = __ldcg((const float4*)x + j);
+            xv[4 * j] = v.x;
+            xv[4 * j + 1] = v.y;
+            xv[4 * j + 2] = v.z;
+            xv[4 * j + 3] = v.w;
+        }
+    } else {
+        load_x<N>(x, xv);
+    }
+}
+
+// The producer warp (warp 8) or the consumer warps' share of one matrix through the ring.
+template <int FMT, int MT, int RPW, int STRIDE, bool COH, class Src>
+__device__ __forceinline__ void gemv_bulk_steps(const Src& src, int items, int nslices, int S, BulkRing& ring) {
+    constexpr int W = 8;  // consumer warps (16 measured no faster)
+    constexpr int N = Chunk<FMT>::N;
+    constexpr int R = 8 * RPW, KS = 4096 / RPW, CPL = KS / 512;
+    constexpr int AUX = bulk_aux_bytes<FMT, RPW>();
+    static_assert(STRIDE >= bulk_stage_bytes<FMT, RPW>(), "stage slot too small");
+    extern __shared__ __align__(128) uint8_t bulk_smem[];
+    uint64_t* full = ring.full;
+    uint64_t* empty = ring.empty;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     BulkWalk walk(items, nslices, S);
     const bool whole = nslices == 1;
     if (warp == W) {
         // Producer: the weights do not depend on the previous kernel, so no wait.
         const uint64_t policy = evict_first_policy();
-        for (int n = 0; !walk.done(); n++) {
+        for (int& n = ring.n; !walk.done(); n++) {
             const int slot = n % BULK_STAGES, t = walk.tile(), sl = walk.slice;
-            uint8_t* st = bulk_smem + slot * STAGE;
+            uint8_t* st = bulk_smem + slot * STRIDE;
             if (n >= BULK_STAGES) mbar_wait(&empty[slot], ((n / BULK_STAGES) - 1) & 1);
             // Weights (and FP4 scale bytes): a whole-row tile as one copy (lane 0; lane 1 its
             // scale bytes), else one copy per row (lane j: smem row j). FP8: lane 16 copies the
@@ -179,7 +212,6 @@ __device__ __forceinline__ void gemv_bulk_run(const Src& src, int items, int nsl
         }
         return;
     }
-    pdl_wait();  // the activations are the previous kernel's output
     constexpr int G = R / 4, UG = W / G, UPW = CPL / UG;  // row groups, u-groups, u's per warp
     const int q = warp % G, ug = warp / G;
     __shared__ float red[2][W][4 * MT];  // u-group sums, by item parity
@@ -188,10 +220,11 @@ __device__ __forceinline__ void gemv_bulk_run(const Src& src, int items, int nsl
     for (int k = 0; k < 4; k++)
 #pragma unroll
         for (int m = 0; m < MT; m++) acc[k][m] = 0.f;
-    for (int n = 0, it = 0; !walk.done(); n++) {
+    int it = 0;
+    for (int& n = ring.n; !walk.done(); n++) {
         const int slot = n % BULK_STAGES;
         const int t = walk.tile();
-        const uint8_t* st = bulk_smem + slot * STAGE;
+        const uint8_t* st = bulk_smem + slot * STRIDE;
         mbar_wait(&full[slot], (n / BULK_STAGES) & 1);
 #pragma unroll
         for (int uu = 0; uu < UPW; uu++) {
@@ -199,7 +232,7 @@ __device__ __forceinline__ void gemv_bulk_run(const Src& src, int items, int nsl
             const int c = walk.slice * (KS / 16) + u * 32 + lane;  // chunk of the row
             float xv[MT][N];
 #pragma unroll
-            for (int m = 0; m < MT; m++) load_x<N>(src.x(t, m) + c * N, xv[m]);
+            for (int m = 0; m < MT; m++) load_x_bulk<N, COH>(src.x(t, m) + c * N, xv[m]);
 #pragma unroll
             for (int k = 0; k < 4; k++) {
                 const int j = 4 * q + k;
@@ -259,6 +292,17 @@ __device__ __forceinline__ void gemv_bulk_run(const Src& src, int items, int nsl
     }
 }
 
+// One matrix through the ring of a launch of its own.
+template <int FMT, int MT, int RPW, class Src>
+__device__ __forceinline__ void gemv_bulk_run(const Src& src, int items, int nslices, int S) {
+    constexpr int STAGE = bulk_stage_bytes<FMT, RPW>();
+    BulkRing ring = bulk_ring_init(BULK_STAGES * STAGE);
+    // The producer needs no wait (weights do not depend on the previous kernel); the
+    // consumers' activations are the previous kernel's output.
+    if (threadIdx.x < 256) pdl_wait();
+    gemv_bulk_steps<FMT, MT, RPW, STAGE, false>(src, items, nslices, S, ring);
+}
+
 // Dense: all rows of one matrix for M ≤ MT tokens (one token chunk), K split S ways (partials
 // summed, in split order, by the warp that finishes its rows' last split). Tile t holds rows
 // t·R + j; group q's are t·R + 4q + k.
@@ -297,6 +341,62 @@ struct DenseSrc {
         if (a.S > 1) warp_split_k_last(a, r0 / 4, r0, nr, a.M);
     }
 };
+
+// Every block of a launch past this point before any goes on: the consumer warps only (the
+// producer streams on into the next matrix). Blocks never outnumber SMs and one fits per SM,
+// so all are resident. bar[0] counts arrivals (reset by the last), bar[1] counts passes.
+__device__ __forceinline__ void grid_barrier_consumers(unsigned* bar) {
+    asm volatile("bar.sync 1, 256;" ::: "memory");
+    if (threadIdx.x == 0) {
+        volatile unsigned* gen = bar + 1;
+        const unsigned g = *gen;
+        __threadfence();  // this block's outputs before its arrival
+        if (atomicAdd(bar, 1u) == gridDim.x - 1) {
+            atomicExch(bar, 0u);
+            __threadfence();
+            atomicAdd(bar + 1, 1u);
+        } else {
+            while (*gen == g) __nanosleep(32);
+        }
+        __threadfence();
+    }
+    asm volatile("bar.sync 1, 256;" ::: "memory");
+}
+
+// Two dependent products in one launch (wo_a then wo_b of a decode step): y1 = W1·y0 after
+// y0 = W0·x, each all rows of its matrix with K unsplit. One ring streams both matrices, so
+// W1's first stages load while W0's last rows are computed and the blocks wait for each other,
+// where two launches would pay a launch boundary and a pipeline fill.
+template <int F0, int R0, int F1, int R1, int MT>
+__device__ __forceinline__ void gemv_bulk_pair_impl(const LinearW& W0, const GemvArgs& a0, int ns0, const LinearW& W1,
+                                                    const GemvArgs& a1, int ns1, unsigned* bar) {
+    constexpr int S0 = bulk_stage_bytes<F0, R0>(), S1 = bulk_stage_bytes<F1, R1>();
+    constexpr int STRIDE = S0 > S1 ? S0 : S1;
+    if (ns0 * (4096 / R0) != bulk_row_bytes<F0>(W0.in) || ns1 * (4096 / R1) != bulk_row_bytes<F1>(W1.in) ||
+        a0.S != 1 || a1.S != 1)
+        __trap();  // the host's slicing
+    BulkRing ring = bulk_ring_init(BULK_STAGES * STRIDE);
+    const DenseSrc<F0, MT, R0> s0{W0, a0};
+    const DenseSrc<F1, MT, R1> s1{W1, a1};
+    const int t0 = (a0.nrows + 8 * R0 - 1) / (8 * R0), t1 = (a1.nrows + 8 * R1 - 1) / (8 * R1);
+    if (threadIdx.x < 256) pdl_wait();
+    gemv_bulk_steps<F0, MT, R0, STRIDE, false>(s0, t0, ns0, 1, ring);
+    if (threadIdx.x < 256) grid_barrier_consumers(bar);
+    gemv_bulk_steps<F1, MT, R1, STRIDE, true>(s1, t1, ns1, 1, ring);
+}
+
+#define GEMV_BULK_PAIR(F0, N0, R0, F1, N1, R1, MT)                                                          \
+    extern "C" __global__ void __launch_bounds__(BULK_THREADS, 1)                                            \
+        gemv_bulk_pair_##N0##_r##R0##_##N1##_r##R1##_##MT(LinearW W0, GemvArgs a0, int ns0, LinearW W1,     \
+                                                           GemvArgs a1, int ns1, unsigned* bar) {           \
+        pdl_launch(); /* every block is resident before a dependent can take an SM */                       \
+        gemv_bulk_pair_impl<F0, R0, F1, R1, MT>(W0, a0, ns0, W1, a1, ns1, bar);                             \
+    }
+// wo_a (rows of 4 KB: Flash and Pro) then wo_b (8 or 16 KB rows), FP8 as released or BF16.
+GEMV_BULK_PAIR(FMT_FP8, fp8, 1, FMT_FP8, fp8, 1, 1)
+GEMV_BULK_PAIR(FMT_FP8, fp8, 1, FMT_FP8, fp8, 1, 2)
+GEMV_BULK_PAIR(FMT_BF16, bf16, 1, FMT_BF16, bf16, 1, 1)
+GEMV_BULK_PAIR(FMT_BF16, bf16, 1, FMT_BF16, bf16, 1, 2)
 
 #define GEMV_BULK(FMT, NAME, MT, RPW)                                                        \
     extern "C" __global__ void __launch_bounds__(BULK_THREADS, 1)                            \

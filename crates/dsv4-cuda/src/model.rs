@@ -173,6 +173,8 @@ struct Scratch {
     hc_count: DevBuf,
     /// `moe_router_route`'s count of finished blocks (zero between launches).
     route_count: DevBuf,
+    /// The grid barrier of `ops::linear_pair` (arrivals, passes).
+    pair_bar: DevBuf,
     /// Decode steps: each layer's per-token cache pointers (`[layers, tokens]`), and the
     /// host copy last uploaded.
     seq_table: DevBuf,
@@ -263,6 +265,7 @@ impl Scratch {
             hc_part: f(HC_FUSED_TOKENS * d.div_ceil(ops::HC_COLS) * ((2 + n) * n + 1))?,
             hc_count: gpu.alloc_zeros(4 * HC_FUSED_TOKENS)?,
             route_count: gpu.alloc_zeros(4)?,
+            pair_bar: gpu.alloc_zeros(8)?,
             seq_table: gpu.alloc(layers * cap * std::mem::size_of::<SeqLayerPtrs>())?,
             table_host: Vec::new(),
             graphs: HashMap::new(),
@@ -1306,9 +1309,22 @@ impl CudaModel {
             group: Some((rk, gw)),
             terms: 3,
         };
-        ops::linear(g, &a.wo_a, &oin, s.z.ptr, gr * rk, &part)?;
-        let zin = self.round_in_place(s.z.ptr, gr * rk, t)?;
-        self.dense(s, &a.wo_b, &zin, s.f.ptr, d)
+        if t <= 2 && !self.numerics.act_quant() {
+            // Decode: wo_b streams in wo_a's launch (nothing to round between them).
+            let zin = self.gemm_input(LinIn::rows(s.z.ptr, gr * rk, t));
+            let job = |w, inp, y, ldy| ops::PairJob { w, inp, y, ldy };
+            ops::linear_pair(
+                g,
+                &job(&a.wo_a, oin, s.z.ptr, gr * rk),
+                &job(&a.wo_b, zin, s.f.ptr, d),
+                &part,
+                s.pair_bar.ptr,
+            )
+        } else {
+            ops::linear(g, &a.wo_a, &oin, s.z.ptr, gr * rk, &part)?;
+            let zin = self.round_in_place(s.z.ptr, gr * rk, t)?;
+            self.dense(s, &a.wo_b, &zin, s.f.ptr, d)
+        }
     }
 
     /// One sequence's share of the attention: compressors, indexer selection, attention over

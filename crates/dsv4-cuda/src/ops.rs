@@ -218,7 +218,7 @@ pub fn linear(
     }
     let blocks = nrows.div_ceil(GEMV_ROWS);
     let vec = gemv_vec(w, inp);
-    if m <= 2 && vec && gpu.bulk && w.bulk && gs.is_multiple_of(32) {
+    if bulk_applies(gpu, w, inp) {
         return gemv_bulk(gpu, w, inp, y, ldy, part);
     }
     // Short rows (≤ 2 KB: wq_b, the indexer's wq_b) leave the block-per-32-rows kernel's
@@ -640,18 +640,18 @@ fn bulk_smem(fmt: Fmt, rpw: usize) -> u32 {
     (BULK_STAGES * (BULK_STAGE + aux)) as u32
 }
 
-/// One or two tokens through `gemv_bulk_*`: a block per SM at most, each a contiguous run of
-/// (tile of 8·rpw rows, K split) items; K is split until there is an item per SM, as far as
-/// the workspace allows.
-fn gemv_bulk(
-    gpu: &Gpu,
-    w: &GpuLinear,
-    inp: &LinIn,
-    y: u64,
-    ldy: usize,
-    part: &Partial,
-) -> Result<()> {
-    let (m, nrows) = (inp.m, w.out);
+/// How the bulk-copy kernels stream a matrix for `m` tokens: rows per warp, K slices per
+/// row, K splits and tiles of 8·rpw rows. K is split until there is an item per SM, as far
+/// as the workspace allows.
+struct BulkPlan {
+    rpw: usize,
+    nslices: usize,
+    s: usize,
+    tiles: usize,
+}
+
+fn bulk_plan(gpu: &Gpu, w: &GpuLinear, m: usize, part: &Partial) -> BulkPlan {
+    let nrows = w.out;
     let row_bytes = crate::weights::bulk_row_bytes(w.fmt, w.inp).unwrap_or(0);
     let rpw = match gpu.bulk_rpw {
         r if r > 0 && row_bytes.is_multiple_of(4096 / r) => r,
@@ -664,6 +664,37 @@ fn gemv_bulk(
         m * nrows,
         tiles * 8,
     );
+    BulkPlan {
+        rpw,
+        nslices,
+        s,
+        tiles,
+    }
+}
+
+/// Whether [`linear`] takes the bulk-copy kernels for these tokens.
+fn bulk_applies(gpu: &Gpu, w: &GpuLinear, inp: &LinIn) -> bool {
+    let gs = inp.group.map_or(0, |(rows, _)| rows);
+    (1..=2).contains(&inp.m) && gemv_vec(w, inp) && gpu.bulk && w.bulk && gs.is_multiple_of(32)
+}
+
+/// One or two tokens through `gemv_bulk_*`: a block per SM at most, each a contiguous run of
+/// (tile of 8·rpw rows, K split) items.
+fn gemv_bulk(
+    gpu: &Gpu,
+    w: &GpuLinear,
+    inp: &LinIn,
+    y: u64,
+    ldy: usize,
+    part: &Partial,
+) -> Result<()> {
+    let (m, nrows) = (inp.m, w.out);
+    let BulkPlan {
+        rpw,
+        nslices,
+        s,
+        tiles,
+    } = bulk_plan(gpu, w, m, part);
     let args = GemvArgs::new(inp, y, ldy, nrows, s, true, part);
     let blocks = (tiles * s).min(gpu.sm_count);
     gpu.tag(|| {
@@ -684,6 +715,77 @@ fn gemv_bulk(
         (BULK_THREADS, 1, 1),
         bulk_smem(w.fmt, rpw),
         &[&w.desc, &args, &ns],
+    )
+}
+
+/// One product of [`linear_pair`]: `y = W · inp`, `y` with leading dimension `ldy`.
+pub struct PairJob<'a> {
+    pub w: &'a GpuLinear,
+    pub inp: LinIn,
+    pub y: u64,
+    pub ldy: usize,
+}
+
+/// `b` after `a` where `b` reads `a`'s output (a decode step's `wo_a` then `wo_b`): one
+/// launch of `gemv_bulk_pair_*` when both take the bulk kernels unsplit in a format pair it
+/// is built for and [`Gpu::bulk_pair`] is on, else two [`linear`] calls. `bar`: two u32 of
+/// device memory, zero before the first launch (the kernel's grid barrier keeps them so).
+pub fn linear_pair(
+    gpu: &Gpu,
+    a: &PairJob<'_>,
+    b: &PairJob<'_>,
+    part: &Partial,
+    bar: u64,
+) -> Result<()> {
+    let m = a.inp.m;
+    let fused = gpu.bulk_pair()
+        && b.inp.m == m
+        && b.inp.x == a.y
+        && bulk_applies(gpu, a.w, &a.inp)
+        && bulk_applies(gpu, b.w, &b.inp);
+    let plans = fused.then(|| (bulk_plan(gpu, a.w, m, part), bulk_plan(gpu, b.w, m, part)));
+    let name = plans.as_ref().and_then(|(pa, pb)| {
+        let fmts = (a.w.fmt, pa.rpw, b.w.fmt, pb.rpw);
+        let built = matches!(
+            fmts,
+            (Fmt::Fp8, 1, Fmt::Fp8, 1) | (Fmt::Bf16, 1, Fmt::Bf16, 1)
+        );
+        (built && pa.s == 1 && pb.s == 1).then(|| {
+            format!(
+                "gemv_bulk_pair_{}_r1_{}_r1_{m}",
+                a.w.fmt.name(),
+                b.w.fmt.name()
+            )
+        })
+    });
+    let (Some(name), Some((pa, pb))) = (name, plans) else {
+        linear(gpu, a.w, &a.inp, a.y, a.ldy, part)?;
+        return linear(gpu, b.w, &b.inp, b.y, b.ldy, part);
+    };
+    let args_a = GemvArgs::new(&a.inp, a.y, a.ldy, a.w.out, 1, true, part);
+    let args_b = GemvArgs::new(&b.inp, b.y, b.ldy, b.w.out, 1, true, part);
+    let blocks = pa.tiles.max(pb.tiles).min(gpu.sm_count);
+    gpu.tag(|| {
+        (
+            format!(
+                "gemv_bulk_pair {} {}x{} + {}x{} m{m}",
+                a.w.fmt.name(),
+                a.w.out,
+                a.w.inp,
+                b.w.out,
+                b.w.inp
+            ),
+            a.w.stored_bytes + b.w.stored_bytes,
+        )
+    });
+    let (na, nb) = (pa.nslices as i32, pb.nslices as i32);
+    let smem = bulk_smem(a.w.fmt, pa.rpw).max(bulk_smem(b.w.fmt, pb.rpw));
+    gpu.launch(
+        &name,
+        (blocks as u32, 1, 1),
+        (BULK_THREADS, 1, 1),
+        smem,
+        &[&a.w.desc, &args_a, &na, &b.w.desc, &args_b, &nb, &bar],
     )
 }
 

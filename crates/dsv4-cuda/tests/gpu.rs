@@ -1518,3 +1518,104 @@ fn router_in_one_launch_matches_gemv_and_route() {
         }
     }
 }
+
+/// Two dependent GEMVs in one launch (`linear_pair`, a decode step's `wo_a` then `wo_b`, the
+/// first with grouped inputs) against the two launches it replaces — the same sums, so equal
+/// bit for bit — and against the CPU; one and two tokens, FP8 at Flash's shapes and BF16,
+/// three launches in a row so the grid barrier's reset is covered.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn dependent_pair_in_one_launch_matches_two() {
+    use dsv4_cuda::ops::{linear_pair, PairJob};
+    use dsv4_cuda::weights::GpuLinear;
+    use synthetic::MatrixFormat as F;
+    let gpu = Gpu::open(0).expect("GPU");
+    let (_bufs, part) = gemv_workspace(&gpu);
+    let bar = gpu.alloc_zeros(8).unwrap();
+    // (format, groups, rows per group, group width, second matrix's rows)
+    for (fmt, groups, rk, gw, out) in [
+        (F::Fp8, 8, 1024, 4096, 4096),
+        (F::Bf16, 2, 1024, 2048, 2048),
+    ] {
+        let (mid, xw) = (groups * rk, groups * gw);
+        let wa: Linear = synthetic::random_linear(fmt, mid, gw, 21).unwrap();
+        let wb: Linear = synthetic::random_linear(fmt, out, mid, 22).unwrap();
+        let (ga, gb) = (
+            GpuLinear::upload(&gpu, &wa).unwrap(),
+            GpuLinear::upload(&gpu, &wb).unwrap(),
+        );
+        for m in [1usize, 2] {
+            let x = random_f32(m * xw, 30 + m as u64);
+            // CPU: group j's rows read inputs j·gw.. of each token.
+            let mut z = vec![0f32; m * mid];
+            for j in 0..groups {
+                let xs: Vec<f32> = (0..m)
+                    .flat_map(|t| x[t * xw + j * gw..t * xw + (j + 1) * gw].to_vec())
+                    .collect();
+                let rows = wa.apply(&xs, m);
+                for t in 0..m {
+                    let at = t * mid + j * rk;
+                    z[at..at + rk].copy_from_slice(&rows[at..at + rk]);
+                }
+            }
+            let want = wb.apply(&z, m);
+            let xd = gpu.upload(&x).unwrap();
+            let zd = gpu.alloc(4 * m * mid).unwrap();
+            let inp_a = LinIn {
+                x: xd.ptr,
+                ldx: xw,
+                m,
+                group: Some((rk, gw)),
+                terms: 3,
+            };
+            let mut outs = Vec::new();
+            for (pair, rep) in [(false, 0), (true, 0), (true, 1), (true, 2)] {
+                gpu.set_bulk_pair(pair);
+                let yd = gpu.alloc_zeros(4 * m * out).unwrap();
+                gpu.set_profile(true);
+                linear_pair(
+                    &gpu,
+                    &PairJob {
+                        w: &ga,
+                        inp: inp_a,
+                        y: zd.ptr,
+                        ldy: mid,
+                    },
+                    &PairJob {
+                        w: &gb,
+                        inp: LinIn::rows(zd.ptr, mid, m),
+                        y: yd.ptr,
+                        ldy: out,
+                    },
+                    &part,
+                    bar.ptr,
+                )
+                .unwrap();
+                let labels: Vec<String> = gpu
+                    .take_profile()
+                    .unwrap()
+                    .into_iter()
+                    .map(|l| l.label)
+                    .collect();
+                gpu.set_profile(false);
+                let what = format!("{fmt:?} m {m} pair {pair} launch {rep}");
+                assert_eq!(labels.len(), if pair { 1 } else { 2 }, "{what}: {labels:?}");
+                let mut got = vec![0f32; m * out];
+                gpu.dtoh(yd.ptr, &mut got).unwrap();
+                let e = worst(&row_errors(&got, &want, out));
+                eprintln!("{what}: max rel err vs CPU {e:.2e}");
+                assert!(e < 1e-5, "{what}: {e}");
+                outs.push(got);
+            }
+            for o in &outs[1..] {
+                assert!(
+                    o.iter()
+                        .zip(&outs[0])
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{fmt:?} m {m}: pair differs from two launches"
+                );
+            }
+        }
+    }
+    gpu.set_bulk_pair(true);
+}
