@@ -232,7 +232,7 @@ __device__ __forceinline__ void gemv_bulk_steps(const Src& src, int items, int n
             const int c = walk.slice * (KS / 16) + u * 32 + lane;  // chunk of the row
             float xv[MT][N];
 #pragma unroll
-            for (int m = 0; m < MT; m++) load_x_bulk<N, COH>(src.x(t, m) + c * N, xv[m]);
+            for (int m = 0; m < MT; m++) src.template load<N, COH>(t, m, c * N, xv[m]);
 #pragma unroll
             for (int k = 0; k < 4; k++) {
                 const int j = 4 * q + k;
@@ -321,6 +321,11 @@ struct DenseSrc {
         const int off = a.xg_rows ? ((a.row0 + t * R) / a.xg_rows) * a.xg_stride : 0;
         return a.x + (size_t)min(m, a.M - 1) * a.ldx + off;
     }
+    // Activations k.. of token m for tile t, as the product reads them.
+    template <int N, bool COH>
+    __device__ __forceinline__ void load(int t, int m, int k, float (&xv)[N]) const {
+        load_x_bulk<N, COH>(x(t, m) + k, xv);
+    }
     __device__ __forceinline__ void finish(int t, int s, int q, float (&acc)[4][MT]) const {
         const int lane = threadIdx.x & 31;
         const int r0 = t * R + 4 * q;
@@ -341,6 +346,80 @@ struct DenseSrc {
         if (a.S > 1) warp_split_k_last(a, r0 / 4, r0, nr, a.M);
     }
 };
+
+// A dense product of RMS-normed inputs: x·r·g as `rms_norm` would have written it (a decode
+// step's query latents before wq_b), the norm found by every block instead of a launch of its
+// own. Ungrouped inputs of one row per token.
+template <int FMT, int MT, int RPW>
+struct NormSrc : DenseSrc<FMT, MT, RPW> {
+    const float* g;
+    float r[MT];
+    template <int N, bool COH>
+    __device__ __forceinline__ void load(int t, int m, int k, float (&xv)[N]) const {
+        load_x_bulk<N, COH>(this->x(t, m) + k, xv);
+        float gv[N];
+        load_x<N>(g + k, gv);
+#pragma unroll
+        for (int e = 0; e < N; e++) xv[e] = (xv[e] * r[m]) * gv[e];
+    }
+};
+
+// 1 / sqrt(mean(x²) + eps) of each token's row, by the 256 consumer threads in the order of
+// a 256-thread `rms_norm` block (so a 1024-wide row gets the same r bit for bit).
+template <int MT>
+__device__ __forceinline__ void bulk_inv_rms(const GemvArgs& a, int width, float eps, float (&r)[MT]) {
+    __shared__ float part[MT][8];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+#pragma unroll
+    for (int m = 0; m < MT; m++) {
+        const float4* row = (const float4*)(a.x + (size_t)min(m, a.M - 1) * a.ldx);
+        float ss = 0.f;
+        for (int i = threadIdx.x; i < width / 4; i += 256) {
+            const float4 v = row[i];
+            ss = fmaf(v.x, v.x, ss);
+            ss = fmaf(v.y, v.y, ss);
+            ss = fmaf(v.z, v.z, ss);
+            ss = fmaf(v.w, v.w, ss);
+        }
+        ss = warp_sum(ss);
+        if (lane == 0) part[m][warp] = ss;
+    }
+    asm volatile("bar.sync 1, 256;" ::: "memory");
+#pragma unroll
+    for (int m = 0; m < MT; m++) {
+        float t = 0.f;
+        for (int i = 0; i < 8; i++) t += part[m][i];
+        r[m] = 1.0f / sqrtf(t / (float)width + eps);
+    }
+}
+
+template <int FMT, int MT, int RPW>
+__device__ __forceinline__ void gemv_bulk_norm_impl(const LinearW& W, const GemvArgs& a, int nslices, const float* g,
+                                                    float eps) {
+    constexpr int STAGE = bulk_stage_bytes<FMT, RPW>();
+    if (nslices * (4096 / RPW) != bulk_row_bytes<FMT>(W.in) || a.xg_rows) __trap();  // the host's plan
+    BulkRing ring = bulk_ring_init(BULK_STAGES * STAGE);
+    NormSrc<FMT, MT, RPW> src{{W, a}, g, {}};
+    if (threadIdx.x < 256) {
+        pdl_wait();
+        bulk_inv_rms<MT>(a, W.in, eps, src.r);
+    }
+    const int tiles = (a.nrows + 8 * RPW - 1) / (8 * RPW);
+    gemv_bulk_steps<FMT, MT, RPW, STAGE, false>(src, tiles * a.S, nslices, a.S, ring);
+}
+
+#define GEMV_BULK_NORM(FMT, NAME, MT, RPW)                                                                 \
+    extern "C" __global__ void __launch_bounds__(BULK_THREADS, 1) gemv_bulk_norm_##NAME##_##MT##_r##RPW( \
+        LinearW W, GemvArgs a, int nslices, const float* g, float eps) {                                  \
+        pdl_launch();                                                                                      \
+        gemv_bulk_norm_impl<FMT, MT, RPW>(W, a, nslices, g, eps);                                          \
+    }
+#define GEMV_BULK_NORM_R(FMT, NAME, MT) \
+    GEMV_BULK_NORM(FMT, NAME, MT, 1) GEMV_BULK_NORM(FMT, NAME, MT, 2) GEMV_BULK_NORM(FMT, NAME, MT, 4)
+GEMV_BULK_NORM_R(FMT_FP8, fp8, 1)
+GEMV_BULK_NORM_R(FMT_FP8, fp8, 2)
+GEMV_BULK_NORM_R(FMT_BF16, bf16, 1)
+GEMV_BULK_NORM_R(FMT_BF16, bf16, 2)
 
 // Every block of a launch past this point before any goes on: the consumer warps only (the
 // producer streams on into the next matrix). Blocks never outnumber SMs and one fits per SM,
@@ -364,7 +443,7 @@ __device__ __forceinline__ void grid_barrier_consumers(unsigned* bar) {
 }
 
 // Two dependent products in one launch (wo_a then wo_b of a decode step): y1 = W1·y0 after
-// y0 = W0·x, each all rows of its matrix with K unsplit. One ring streams both matrices, so
+// y0 = W0·x, each all rows of its matrix. One ring streams both matrices, so
 // W1's first stages load while W0's last rows are computed and the blocks wait for each other,
 // where two launches would pay a launch boundary and a pipeline fill.
 template <int F0, int R0, int F1, int R1, int MT>
@@ -372,17 +451,18 @@ __device__ __forceinline__ void gemv_bulk_pair_impl(const LinearW& W0, const Gem
                                                     const GemvArgs& a1, int ns1, unsigned* bar) {
     constexpr int S0 = bulk_stage_bytes<F0, R0>(), S1 = bulk_stage_bytes<F1, R1>();
     constexpr int STRIDE = S0 > S1 ? S0 : S1;
-    if (ns0 * (4096 / R0) != bulk_row_bytes<F0>(W0.in) || ns1 * (4096 / R1) != bulk_row_bytes<F1>(W1.in) ||
-        a0.S != 1 || a1.S != 1)
+    if (ns0 * (4096 / R0) != bulk_row_bytes<F0>(W0.in) || ns1 * (4096 / R1) != bulk_row_bytes<F1>(W1.in))
         __trap();  // the host's slicing
     BulkRing ring = bulk_ring_init(BULK_STAGES * STRIDE);
     const DenseSrc<F0, MT, R0> s0{W0, a0};
     const DenseSrc<F1, MT, R1> s1{W1, a1};
     const int t0 = (a0.nrows + 8 * R0 - 1) / (8 * R0), t1 = (a1.nrows + 8 * R1 - 1) / (8 * R1);
     if (threadIdx.x < 256) pdl_wait();
-    gemv_bulk_steps<F0, MT, R0, STRIDE, false>(s0, t0, ns0, 1, ring);
+    gemv_bulk_steps<F0, MT, R0, STRIDE, false>(s0, t0 * a0.S, ns0, a0.S, ring);
+    // (W0's split-K partials are summed, and their counters reset, before the barrier: W1
+    // reuses the workspace.)
     if (threadIdx.x < 256) grid_barrier_consumers(bar);
-    gemv_bulk_steps<F1, MT, R1, STRIDE, true>(s1, t1, ns1, 1, ring);
+    gemv_bulk_steps<F1, MT, R1, STRIDE, true>(s1, t1 * a1.S, ns1, a1.S, ring);
 }
 
 #define GEMV_BULK_PAIR(F0, N0, R0, F1, N1, R1, MT)                                                          \

@@ -103,9 +103,6 @@ pub struct Gpu {
     /// kernel (`DSV4_CUDA_CARVEOUT`). An SM changes its carveout only when idle, so kernels
     /// that prefer different splits cannot overlap under programmatic dependent launch.
     carveout: Option<i32>,
-    /// Two dependent bulk GEMVs (a decode step's `wo_a`, `wo_b`) in one launch
-    /// (`ops::linear_pair`); `DSV4_CUDA_BULK_PAIR=0` or [`Gpu::set_bulk_pair`] off.
-    bulk_pair: AtomicBool,
 }
 
 /// Largest read-back staged in page-locked memory (64 MB: 128 rows of Flash's vocabulary);
@@ -251,23 +248,11 @@ impl Gpu {
             side_pending: AtomicBool::new(false),
             pinned: Mutex::new(None),
             pinned_on: std::env::var("DSV4_CUDA_PINNED").map_or(true, |v| v != "0"),
-            bulk_pair: AtomicBool::new(
-                std::env::var("DSV4_CUDA_BULK_PAIR").map_or(true, |v| v != "0"),
-            ),
             carveout: std::env::var("DSV4_CUDA_CARVEOUT")
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .filter(|p| (0..=100).contains(p)),
         }))
-    }
-
-    /// Whether dependent bulk GEMV pairs run as one launch (see `bulk_pair`).
-    pub fn bulk_pair(&self) -> bool {
-        self.bulk_pair.load(Ordering::Relaxed)
-    }
-
-    pub fn set_bulk_pair(&self, on: bool) {
-        self.bulk_pair.store(on, Ordering::Relaxed);
     }
 
     /// Whether the tensor-core GEMMs pre-split their activations (see `tc_xs`).

@@ -718,6 +718,64 @@ fn gemv_bulk(
     )
 }
 
+/// Whether [`linear_normed`] takes one launch for these tokens.
+pub fn linear_normed_ok(gpu: &Gpu, w: &GpuLinear, inp: &LinIn) -> bool {
+    bulk_applies(gpu, w, inp) && inp.group.is_none() && matches!(w.fmt, Fmt::Fp8 | Fmt::Bf16)
+}
+
+/// `y = W · (x / rms(x) · g)` for one or two tokens in one launch (`gemv_bulk_norm_*`, every
+/// block finding the norm itself) where [`linear_normed_ok`]; an error elsewhere. `x` itself is
+/// left as it is.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_normed(
+    gpu: &Gpu,
+    w: &GpuLinear,
+    inp: &LinIn,
+    g: u64,
+    eps: f32,
+    y: u64,
+    ldy: usize,
+    part: &Partial,
+) -> Result<()> {
+    if !linear_normed_ok(gpu, w, inp) {
+        return Err(crate::Error::Unsupported(format!(
+            "a normed-input GEMV of {} [{}, {}] for {} tokens",
+            w.fmt.name(),
+            w.out,
+            w.inp,
+            inp.m
+        )));
+    }
+    let (m, nrows) = (inp.m, w.out);
+    let BulkPlan {
+        rpw,
+        nslices,
+        s,
+        tiles,
+    } = bulk_plan(gpu, w, m, part);
+    let args = GemvArgs::new(inp, y, ldy, nrows, s, true, part);
+    let blocks = (tiles * s).min(gpu.sm_count);
+    gpu.tag(|| {
+        (
+            format!(
+                "gemv_bulk_norm {} {}x{} m{m} r{rpw} s{s}",
+                w.fmt.name(),
+                nrows,
+                w.inp
+            ),
+            w.stored_bytes,
+        )
+    });
+    let ns = nslices as i32;
+    gpu.launch(
+        &format!("gemv_bulk_norm_{}_{m}_r{rpw}", w.fmt.name()),
+        (blocks as u32, 1, 1),
+        (BULK_THREADS, 1, 1),
+        bulk_smem(w.fmt, rpw),
+        &[&w.desc, &args, &ns, &g, &eps],
+    )
+}
+
 /// One product of [`linear_pair`]: `y = W · inp`, `y` with leading dimension `ldy`.
 pub struct PairJob<'a> {
     pub w: &'a GpuLinear,
@@ -727,8 +785,8 @@ pub struct PairJob<'a> {
 }
 
 /// `b` after `a` where `b` reads `a`'s output (a decode step's `wo_a` then `wo_b`): one
-/// launch of `gemv_bulk_pair_*` when both take the bulk kernels unsplit in a format pair it
-/// is built for and [`Gpu::bulk_pair`] is on, else two [`linear`] calls. `bar`: two u32 of
+/// launch of `gemv_bulk_pair_*` when both take the bulk kernels in a format pair it is built
+/// for, else two [`linear`] calls. `bar`: two u32 of
 /// device memory, zero before the first launch (the kernel's grid barrier keeps them so).
 pub fn linear_pair(
     gpu: &Gpu,
@@ -738,8 +796,7 @@ pub fn linear_pair(
     bar: u64,
 ) -> Result<()> {
     let m = a.inp.m;
-    let fused = gpu.bulk_pair()
-        && b.inp.m == m
+    let fused = b.inp.m == m
         && b.inp.x == a.y
         && bulk_applies(gpu, a.w, &a.inp)
         && bulk_applies(gpu, b.w, &b.inp);
@@ -750,7 +807,7 @@ pub fn linear_pair(
             fmts,
             (Fmt::Fp8, 1, Fmt::Fp8, 1) | (Fmt::Bf16, 1, Fmt::Bf16, 1)
         );
-        (built && pa.s == 1 && pb.s == 1).then(|| {
+        built.then(|| {
             format!(
                 "gemv_bulk_pair_{}_r1_{}_r1_{m}",
                 a.w.fmt.name(),
@@ -762,9 +819,11 @@ pub fn linear_pair(
         linear(gpu, a.w, &a.inp, a.y, a.ldy, part)?;
         return linear(gpu, b.w, &b.inp, b.y, b.ldy, part);
     };
-    let args_a = GemvArgs::new(&a.inp, a.y, a.ldy, a.w.out, 1, true, part);
-    let args_b = GemvArgs::new(&b.inp, b.y, b.ldy, b.w.out, 1, true, part);
-    let blocks = pa.tiles.max(pb.tiles).min(gpu.sm_count);
+    // (The two share the split-K workspace: the first's partials are summed and its counters
+    // reset before the grid barrier.)
+    let args_a = GemvArgs::new(&a.inp, a.y, a.ldy, a.w.out, pa.s, true, part);
+    let args_b = GemvArgs::new(&b.inp, b.y, b.ldy, b.w.out, pb.s, true, part);
+    let blocks = (pa.tiles * pa.s).max(pb.tiles * pb.s).min(gpu.sm_count);
     gpu.tag(|| {
         (
             format!(

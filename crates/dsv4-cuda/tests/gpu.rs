@@ -1521,8 +1521,9 @@ fn router_in_one_launch_matches_gemv_and_route() {
 
 /// Two dependent GEMVs in one launch (`linear_pair`, a decode step's `wo_a` then `wo_b`, the
 /// first with grouped inputs) against the two launches it replaces — the same sums, so equal
-/// bit for bit — and against the CPU; one and two tokens, FP8 at Flash's shapes and BF16,
-/// three launches in a row so the grid barrier's reset is covered.
+/// bit for bit — and against the CPU; one and two tokens, FP8 at Flash's shapes (K unsplit)
+/// and BF16 with a split second product, three launches in a row so the grid barrier's reset
+/// is covered.
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn dependent_pair_in_one_launch_matches_two() {
@@ -1533,10 +1534,8 @@ fn dependent_pair_in_one_launch_matches_two() {
     let (_bufs, part) = gemv_workspace(&gpu);
     let bar = gpu.alloc_zeros(8).unwrap();
     // (format, groups, rows per group, group width, second matrix's rows)
-    for (fmt, groups, rk, gw, out) in [
-        (F::Fp8, 8, 1024, 4096, 4096),
-        (F::Bf16, 2, 1024, 2048, 2048),
-    ] {
+    for (fmt, groups, rk, gw, out) in [(F::Fp8, 8, 1024, 4096, 4096), (F::Bf16, 2, 1024, 2048, 512)]
+    {
         let (mid, xw) = (groups * rk, groups * gw);
         let wa: Linear = synthetic::random_linear(fmt, mid, gw, 21).unwrap();
         let wb: Linear = synthetic::random_linear(fmt, out, mid, 22).unwrap();
@@ -1568,29 +1567,25 @@ fn dependent_pair_in_one_launch_matches_two() {
                 group: Some((rk, gw)),
                 terms: 3,
             };
+            let inp_b = LinIn::rows(zd.ptr, mid, m);
             let mut outs = Vec::new();
             for (pair, rep) in [(false, 0), (true, 0), (true, 1), (true, 2)] {
-                gpu.set_bulk_pair(pair);
                 let yd = gpu.alloc_zeros(4 * m * out).unwrap();
                 gpu.set_profile(true);
-                linear_pair(
-                    &gpu,
-                    &PairJob {
-                        w: &ga,
-                        inp: inp_a,
-                        y: zd.ptr,
-                        ldy: mid,
-                    },
-                    &PairJob {
-                        w: &gb,
-                        inp: LinIn::rows(zd.ptr, mid, m),
-                        y: yd.ptr,
-                        ldy: out,
-                    },
-                    &part,
-                    bar.ptr,
-                )
-                .unwrap();
+                if pair {
+                    let job = |w, inp, y, ldy| PairJob { w, inp, y, ldy };
+                    linear_pair(
+                        &gpu,
+                        &job(&ga, inp_a, zd.ptr, mid),
+                        &job(&gb, inp_b, yd.ptr, out),
+                        &part,
+                        bar.ptr,
+                    )
+                    .unwrap();
+                } else {
+                    linear(&gpu, &ga, &inp_a, zd.ptr, mid, &part).unwrap();
+                    linear(&gpu, &gb, &inp_b, yd.ptr, out, &part).unwrap();
+                }
                 let labels: Vec<String> = gpu
                     .take_profile()
                     .unwrap()
@@ -1603,7 +1598,7 @@ fn dependent_pair_in_one_launch_matches_two() {
                 let mut got = vec![0f32; m * out];
                 gpu.dtoh(yd.ptr, &mut got).unwrap();
                 let e = worst(&row_errors(&got, &want, out));
-                eprintln!("{what}: max rel err vs CPU {e:.2e}");
+                eprintln!("{what} ({labels:?}): max rel err vs CPU {e:.2e}");
                 assert!(e < 1e-5, "{what}: {e}");
                 outs.push(got);
             }
@@ -1617,5 +1612,81 @@ fn dependent_pair_in_one_launch_matches_two() {
             }
         }
     }
-    gpu.set_bulk_pair(true);
+}
+
+/// A decode step's fused launches — `wq_b` norming its own input (`gemv_bulk_norm`), `wo_a`
+/// and `wo_b` in one launch — against the separate launches, on a random model whose shapes
+/// take them (query latents of 1 KB FP8 rows, `wo_a`/`wo_b` rows of 4 KB; a CSA layer, so
+/// the indexer's normed copy is used): the same sums in the same order, so the logits of 40
+/// single-sequence and batched decode steps are equal bit for bit; both also graph-replayed.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn decode_fusions_match_separate_launches() {
+    use dsv4_cuda::BatchItem;
+    let mut j = synthetic::flash_config_json();
+    let over = serde_json::json!({"vocab_size": 1000, "hidden_size": 512, "num_hidden_layers": 3,
+        "compress_ratios": [0, 4, 128, 0], "num_hash_layers": 1, "n_routed_experts": 16,
+        "moe_intermediate_size": 256, "index_topk": 16, "o_groups": 1, "o_lora_rank": 4096,
+        "num_attention_heads": 8, "q_lora_rank": 1024, "index_n_heads": 8, "index_head_dim": 128});
+    for (k, v) in over.as_object().unwrap() {
+        j[k] = v.clone();
+    }
+    let cfg = ModelConfig::from_json(&j).unwrap();
+    let cpu = Model::load(&synthetic::checkpoint(cfg, 5).unwrap()).unwrap();
+    let models: Vec<CudaModel> = (0..3)
+        .map(|_| CudaModel::from_model(&cpu, 0).unwrap())
+        .collect();
+    models[0].set_norm_fold(false);
+    models[0].set_pair_fused(false);
+    models[0].set_graphs(false);
+    models[1].set_graphs(false);
+    models[2].set_graphs(true);
+    let prompts: Vec<Vec<u32>> = [23usize, 70]
+        .iter()
+        .enumerate()
+        .map(|(k, &n)| {
+            (0..n)
+                .map(|i| ((i * 31 + k * 3) % 997) as u32 + 1)
+                .collect()
+        })
+        .collect();
+    let mut states: Vec<Vec<_>> = models
+        .iter()
+        .map(|m| {
+            prompts
+                .iter()
+                .map(|p| {
+                    let mut st = m.new_seq().unwrap();
+                    m.forward(&mut st, p, Logits::Last).unwrap();
+                    st
+                })
+                .collect()
+        })
+        .collect();
+    for i in 0..40 {
+        let toks: Vec<[u32; 1]> = (0..2)
+            .map(|k| [((i * 11 + k * 5) % 990) as u32 + 1])
+            .collect();
+        let n = 1 + i % 2;
+        let outs: Vec<Vec<f32>> = models
+            .iter()
+            .zip(states.iter_mut())
+            .map(|(m, sts)| {
+                let mut items = BatchItem::last_rows(&mut sts[..n], &toks);
+                m.forward_batch(&mut items).unwrap().concat()
+            })
+            .collect();
+        assert!(
+            outs[0].iter().all(|v| v.is_finite()),
+            "step {i}: non-finite logits"
+        );
+        assert!(
+            outs[1] == outs[0],
+            "step {i} (batch {n}): fused launches differ from separate ones"
+        );
+        assert!(
+            outs[2] == outs[0],
+            "step {i} (batch {n}): fused graph replay differs"
+        );
+    }
 }
