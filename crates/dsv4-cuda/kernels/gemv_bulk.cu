@@ -423,7 +423,7 @@ GEMV_BULK_NORM_R(FMT_BF16, bf16, 2)
 
 // Every block of a launch past this point before any goes on: the consumer warps only (the
 // producer streams on into the next matrix). Blocks never outnumber SMs and one fits per SM,
-// so all are resident. bar[0] counts arrivals (reset by the last), bar[1] counts passes.
+// so all become resident once the kernels before them (which never wait on them) finish. bar[0] counts arrivals (reset by the last), bar[1] counts passes.
 __device__ __forceinline__ void grid_barrier_consumers(unsigned* bar) {
     asm volatile("bar.sync 1, 256;" ::: "memory");
     if (threadIdx.x == 0) {
@@ -435,7 +435,13 @@ __device__ __forceinline__ void grid_barrier_consumers(unsigned* bar) {
             __threadfence();
             atomicAdd(bar + 1, 1u);
         } else {
-            while (*gen == g) __nanosleep(32);
+            // Another grid-barrier launch holding the other SMs (two models driven from two
+            // threads on one GPU) could keep blocks from ever arriving: after ~seconds, fail
+            // the launch rather than hang.
+            for (unsigned spins = 0; *gen == g; spins++) {
+                if (spins > (1u << 26)) __trap();
+                __nanosleep(32);
+            }
         }
         __threadfence();
     }
