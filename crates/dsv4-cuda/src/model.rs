@@ -298,10 +298,11 @@ pub struct CudaModel {
     /// GEMV and `moe_route`).
     route_fused: AtomicBool,
     /// Whether a decode step's `wq_b` norms the query latents itself (`gemv_bulk_norm`) instead
-    /// of an `rms_norm` launch before it (`DSV4_CUDA_NORM_FOLD=0` keeps the launch).
+    /// of an `rms_norm` launch before it (`DSV4_CUDA_NORM_FOLD=1`; off until it has run on a
+    /// GPU).
     norm_fold: AtomicBool,
     /// Whether a decode step's `wo_a` and `wo_b` run as one launch (`ops::linear_pair`;
-    /// `DSV4_CUDA_BULK_PAIR=0` keeps two).
+    /// `DSV4_CUDA_BULK_PAIR=1`; off until it has run on a GPU).
     pair_fused: AtomicBool,
     /// The arithmetic followed (the CPU model's profile).
     numerics: Numerics,
@@ -464,10 +465,10 @@ impl CudaModel {
                 std::env::var("DSV4_CUDA_ROUTE_FUSED").map_or(true, |v| v != "0"),
             ),
             norm_fold: AtomicBool::new(
-                std::env::var("DSV4_CUDA_NORM_FOLD").map_or(true, |v| v != "0"),
+                std::env::var("DSV4_CUDA_NORM_FOLD").is_ok_and(|v| v == "1"),
             ),
             pair_fused: AtomicBool::new(
-                std::env::var("DSV4_CUDA_BULK_PAIR").map_or(true, |v| v != "0"),
+                std::env::var("DSV4_CUDA_BULK_PAIR").is_ok_and(|v| v == "1"),
             ),
             numerics: model.numerics,
             multi_gemv: std::env::var("DSV4_CUDA_MULTI").map_or(true, |v| v != "0"),

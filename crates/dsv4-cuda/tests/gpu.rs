@@ -1639,6 +1639,10 @@ fn decode_fusions_match_separate_launches() {
     models[0].set_norm_fold(false);
     models[0].set_pair_fused(false);
     models[0].set_graphs(false);
+    for m in &models[1..] {
+        m.set_norm_fold(true);
+        m.set_pair_fused(true);
+    }
     models[1].set_graphs(false);
     models[2].set_graphs(true);
     let prompts: Vec<Vec<u32>> = [23usize, 70]
