@@ -688,6 +688,20 @@ fn gemv_bulk(
     ldy: usize,
     part: &Partial,
 ) -> Result<()> {
+    launch_bulk(gpu, "gemv_bulk", w, inp, (y, ldy), part, &[])
+}
+
+/// A launch of the bulk kernel family `kind` (`gemv_bulk`, `gemv_bulk_norm`) over all rows of
+/// `w` into `out` (pointer, leading dimension), `extra` the arguments after the slice count.
+fn launch_bulk(
+    gpu: &Gpu,
+    kind: &str,
+    w: &GpuLinear,
+    inp: &LinIn,
+    (y, ldy): (u64, usize),
+    part: &Partial,
+    extra: &[&dyn crate::gpu::Arg],
+) -> Result<()> {
     let (m, nrows) = (inp.m, w.out);
     let BulkPlan {
         rpw,
@@ -700,7 +714,7 @@ fn gemv_bulk(
     gpu.tag(|| {
         (
             format!(
-                "gemv_bulk {} {}x{} m{m} r{rpw} s{s}",
+                "{kind} {} {}x{} m{m} r{rpw} s{s}",
                 w.fmt.name(),
                 nrows,
                 w.inp
@@ -709,12 +723,14 @@ fn gemv_bulk(
         )
     });
     let ns = nslices as i32;
+    let mut all: Vec<&dyn crate::gpu::Arg> = vec![&w.desc, &args, &ns];
+    all.extend_from_slice(extra);
     gpu.launch(
-        &format!("gemv_bulk_{}_{m}_r{rpw}", w.fmt.name()),
+        &format!("{kind}_{}_{m}_r{rpw}", w.fmt.name()),
         (blocks as u32, 1, 1),
         (BULK_THREADS, 1, 1),
         bulk_smem(w.fmt, rpw),
-        &[&w.desc, &args, &ns],
+        &all,
     )
 }
 
@@ -746,34 +762,7 @@ pub fn linear_normed(
             inp.m
         )));
     }
-    let (m, nrows) = (inp.m, w.out);
-    let BulkPlan {
-        rpw,
-        nslices,
-        s,
-        tiles,
-    } = bulk_plan(gpu, w, m, part);
-    let args = GemvArgs::new(inp, y, ldy, nrows, s, true, part);
-    let blocks = (tiles * s).min(gpu.sm_count);
-    gpu.tag(|| {
-        (
-            format!(
-                "gemv_bulk_norm {} {}x{} m{m} r{rpw} s{s}",
-                w.fmt.name(),
-                nrows,
-                w.inp
-            ),
-            w.stored_bytes,
-        )
-    });
-    let ns = nslices as i32;
-    gpu.launch(
-        &format!("gemv_bulk_norm_{}_{m}_r{rpw}", w.fmt.name()),
-        (blocks as u32, 1, 1),
-        (BULK_THREADS, 1, 1),
-        bulk_smem(w.fmt, rpw),
-        &[&w.desc, &args, &ns, &g, &eps],
-    )
+    launch_bulk(gpu, "gemv_bulk_norm", w, inp, (y, ldy), part, &[&g, &eps])
 }
 
 /// One product of [`linear_pair`]: `y = W · inp`, `y` with leading dimension `ldy`.

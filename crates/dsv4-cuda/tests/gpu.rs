@@ -443,19 +443,7 @@ fn decode_graphs_replay_exactly() {
                 .collect()
         })
         .collect();
-    let mut states: Vec<Vec<_>> = models
-        .iter()
-        .map(|m| {
-            prompts
-                .iter()
-                .map(|p| {
-                    let mut st = m.new_seq().unwrap();
-                    m.forward(&mut st, p, Logits::Last).unwrap();
-                    st
-                })
-                .collect()
-        })
-        .collect();
+    let mut states = prefilled(&models, &prompts);
     let mut bad = Vec::new();
     for i in 0..140 {
         let toks: Vec<[u32; 1]> = (0..3)
@@ -488,6 +476,23 @@ fn decode_graphs_replay_exactly() {
         "branches (1) or graph replay (2) differ from one-stream eager launches at (model, \
          step, batch, max abs diff) {bad:?}"
     );
+}
+
+/// Each model's sequences after prefilling `prompts` (one sequence per prompt).
+fn prefilled(models: &[CudaModel], prompts: &[Vec<u32>]) -> Vec<Vec<dsv4_cuda::GpuSeq>> {
+    models
+        .iter()
+        .map(|m| {
+            prompts
+                .iter()
+                .map(|p| {
+                    let mut st = m.new_seq().unwrap();
+                    m.forward(&mut st, p, Logits::Last).unwrap();
+                    st
+                })
+                .collect()
+        })
+        .collect()
 }
 
 /// The transformers fixtures through the GPU: one call, the reference chunking, prefill +
@@ -1654,19 +1659,7 @@ fn decode_fusions_match_separate_launches() {
                 .collect()
         })
         .collect();
-    let mut states: Vec<Vec<_>> = models
-        .iter()
-        .map(|m| {
-            prompts
-                .iter()
-                .map(|p| {
-                    let mut st = m.new_seq().unwrap();
-                    m.forward(&mut st, p, Logits::Last).unwrap();
-                    st
-                })
-                .collect()
-        })
-        .collect();
+    let mut states = prefilled(&models, &prompts);
     for i in 0..40 {
         let toks: Vec<[u32; 1]> = (0..2)
             .map(|k| [((i * 11 + k * 5) % 990) as u32 + 1])
