@@ -120,11 +120,6 @@ __device__ __forceinline__ const uint8_t* bulk_aux(const LinearW& W, int r) {
         return (const uint8_t*)W.scales + (size_t)r * (W.in / 32);
 }
 
-// The engine over the rows of one matrix: `Src` says where a tile's rows live (`row(t, j)` /
-// `aux(t, j)`: start and scale bytes of smem row j; `rows(t)`: how many exist, for whole-row
-// tiles, whose missing rows are left out of the copy and computed from stale smem, never
-// written), where token m's activations are (`x(t, m)`) and what to do with a row group's
-// four sums (`finish`).
 // The stage ring of one launch: its barriers and the count of stages passed so far, which the
 // producer and the consumers keep alike (they walk the same items), so a launch may run
 // several matrices through one ring (`gemv_bulk_pair`). STRIDE: bytes per stage slot.
@@ -167,7 +162,12 @@ __device__ __forceinline__ void load_x_bulk(const float* x, float (&xv)[N]) {
     }
 }
 
-// The producer warp (warp 8) or the consumer warps' share of one matrix through the ring.
+// The engine over the rows of one matrix: `Src` says where a tile's rows live (`row(t, j)` /
+// `aux(t, j)`: start and scale bytes of smem row j; `rows(t)`: how many exist, for whole-row
+// tiles, whose missing rows are left out of the copy and computed from stale smem, never
+// written), where token m's activations are (`load(t, m, k, xv)`) and what to do with a row group's
+// four sums (`finish`).
+// Called by the producer warp (warp 8) and the consumer warps alike.
 template <int FMT, int MT, int RPW, int STRIDE, bool COH, class Src>
 __device__ __forceinline__ void gemv_bulk_steps(const Src& src, int items, int nslices, int S, BulkRing& ring) {
     constexpr int W = 8;  // consumer warps (16 measured no faster)
