@@ -1363,7 +1363,8 @@ impl CudaModel {
             terms: 3,
         };
         if t <= 2 && !self.numerics.act_quant() && self.pair_fused.load(Ordering::Relaxed) {
-            // Decode: wo_b streams in wo_a's launch (nothing to round between them).
+            // One or two tokens (decode): wo_b streams in wo_a's launch (nothing to round
+            // between them).
             let zin = self.gemm_input(LinIn::rows(s.z.ptr, gr * rk, t));
             let job = |w, inp, y, ldy| ops::PairJob { w, inp, y, ldy };
             ops::linear_pair(

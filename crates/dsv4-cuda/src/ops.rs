@@ -776,7 +776,8 @@ pub struct PairJob<'a> {
 /// `b` after `a` where `b` reads `a`'s output (a decode step's `wo_a` then `wo_b`): one
 /// launch of `gemv_bulk_pair_*` when both take the bulk kernels in a format pair it is built
 /// for, else two [`linear`] calls. `bar`: two u32 of
-/// device memory, zero before the first launch (the kernel's grid barrier keeps them so).
+/// device memory, zero before the first launch (arrivals return to zero after each barrier;
+/// the pass count only grows).
 pub fn linear_pair(
     gpu: &Gpu,
     a: &PairJob<'_>,
@@ -787,6 +788,7 @@ pub fn linear_pair(
     let m = a.inp.m;
     let fused = b.inp.m == m
         && b.inp.x == a.y
+        && b.inp.ldx == a.ldy
         && bulk_applies(gpu, a.w, &a.inp)
         && bulk_applies(gpu, b.w, &b.inp);
     let plans = fused.then(|| (bulk_plan(gpu, a.w, m, part), bulk_plan(gpu, b.w, m, part)));
