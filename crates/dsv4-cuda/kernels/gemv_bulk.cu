@@ -144,30 +144,12 @@ __device__ __forceinline__ BulkRing bulk_ring_init(unsigned need) {
     return BulkRing{full, empty, 0};
 }
 
-// N activations of token m through L2 (`COH`: written earlier in this launch by other blocks,
-// which the read-only path may not see) or the read-only path.
-template <int N, bool COH>
-__device__ __forceinline__ void load_x_bulk(const float* x, float (&xv)[N]) {
-    if constexpr (COH) {
-#pragma unroll
-        for (int j = 0; j < N / 4; j++) {
-            const float4 v = __ldcg((const float4*)x + j);
-            xv[4 * j] = v.x;
-            xv[4 * j + 1] = v.y;
-            xv[4 * j + 2] = v.z;
-            xv[4 * j + 3] = v.w;
-        }
-    } else {
-        load_x<N>(x, xv);
-    }
-}
-
 // The engine over the rows of one matrix: `Src` says where a tile's rows live (`row(t, j)` /
 // `aux(t, j)`: start and scale bytes of smem row j; `rows(t)`: how many exist, for whole-row
 // tiles, whose missing rows are left out of the copy and computed from stale smem, never
-// written), where token m's activations are (`load(t, m, k, xv)`) and what to do with a row group's
-// four sums (`finish`).
-// Called by the producer warp (warp 8) and the consumer warps alike.
+// written), where token m's activations are (`load(t, m, k, xv)`) and what to do with a row
+// group's four sums (`finish`). Called by the producer warp (warp 8) and the consumer warps
+// alike; traps on a host slicing that does not cover the rows.
 template <int FMT, int MT, int RPW, int STRIDE, bool COH, class Src>
 __device__ __forceinline__ void gemv_bulk_steps(const Src& src, int items, int nslices, int S, BulkRing& ring) {
     constexpr int W = 8;  // consumer warps (16 measured no faster)
@@ -176,6 +158,7 @@ __device__ __forceinline__ void gemv_bulk_steps(const Src& src, int items, int n
     constexpr int AUX = bulk_aux_bytes<FMT, RPW>();
     static_assert(STRIDE >= bulk_stage_bytes<FMT, RPW>(), "stage slot too small");
     extern __shared__ __align__(128) uint8_t bulk_smem[];
+    if (nslices * KS != src.row_bytes()) __trap();  // the host's slicing
     uint64_t* full = ring.full;
     uint64_t* empty = ring.empty;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -315,6 +298,8 @@ struct DenseSrc {
     __device__ __forceinline__ const uint8_t* row(int t, int j) const { return bulk_row<FMT>(W, row_of(t, j)); }
     __device__ __forceinline__ const uint8_t* aux(int t, int j) const { return bulk_aux<FMT>(W, row_of(t, j)); }
     __device__ __forceinline__ int rows(int t) const { return min(R, a.nrows - t * R); }
+    __device__ __forceinline__ int tiles() const { return (a.nrows + R - 1) / R; }
+    __device__ __forceinline__ int row_bytes() const { return bulk_row_bytes<FMT>(W.in); }
     // Token m's activations (past the last token: the last again, computed and not written;
     // grouped inputs: one group per tile, checked by the host).
     __device__ __forceinline__ const float* x(int t, int m) const {
@@ -324,7 +309,7 @@ struct DenseSrc {
     // Activations k.. of token m for tile t, as the product reads them.
     template <int N, bool COH>
     __device__ __forceinline__ void load(int t, int m, int k, float (&xv)[N]) const {
-        load_x_bulk<N, COH>(x(t, m) + k, xv);
+        load_x<N, COH>(x(t, m) + k, xv);
     }
     __device__ __forceinline__ void finish(int t, int s, int q, float (&acc)[4][MT]) const {
         const int lane = threadIdx.x & 31;
@@ -356,7 +341,7 @@ struct NormSrc : DenseSrc<FMT, MT, RPW> {
     float r[MT];
     template <int N, bool COH>
     __device__ __forceinline__ void load(int t, int m, int k, float (&xv)[N]) const {
-        load_x_bulk<N, COH>(this->x(t, m) + k, xv);
+        load_x<N, COH>(this->x(t, m) + k, xv);
         float gv[N];
         load_x<N>(g + k, gv);
 #pragma unroll
@@ -397,15 +382,14 @@ template <int FMT, int MT, int RPW>
 __device__ __forceinline__ void gemv_bulk_norm_impl(const LinearW& W, const GemvArgs& a, int nslices, const float* g,
                                                     float eps) {
     constexpr int STAGE = bulk_stage_bytes<FMT, RPW>();
-    if (nslices * (4096 / RPW) != bulk_row_bytes<FMT>(W.in) || a.xg_rows) __trap();  // the host's plan
+    if (a.xg_rows) __trap();  // the host's plan: ungrouped inputs
     BulkRing ring = bulk_ring_init(BULK_STAGES * STAGE);
     NormSrc<FMT, MT, RPW> src{{W, a}, g, {}};
     if (threadIdx.x < 256) {
         pdl_wait();
         bulk_inv_rms<MT>(a, W.in, eps, src.r);
     }
-    const int tiles = (a.nrows + 8 * RPW - 1) / (8 * RPW);
-    gemv_bulk_steps<FMT, MT, RPW, STAGE, false>(src, tiles * a.S, nslices, a.S, ring);
+    gemv_bulk_steps<FMT, MT, RPW, STAGE, false>(src, src.tiles() * a.S, nslices, a.S, ring);
 }
 
 #define GEMV_BULK_NORM(FMT, NAME, MT, RPW)                                                                 \
@@ -423,7 +407,8 @@ GEMV_BULK_NORM_R(FMT_BF16, bf16, 2)
 
 // Every block of a launch past this point before any goes on: the consumer warps only (the
 // producer streams on into the next matrix). Blocks never outnumber SMs and one fits per SM,
-// so all become resident once the kernels before them (which never wait on them) finish. bar[0] counts arrivals (reset by the last), bar[1] counts passes.
+// so all become resident once the kernels before them (which never wait on them) finish.
+// bar[0] counts arrivals (reset by the last), bar[1] counts passes.
 __device__ __forceinline__ void grid_barrier_consumers(unsigned* bar) {
     asm volatile("bar.sync 1, 256;" ::: "memory");
     if (threadIdx.x == 0) {
@@ -457,18 +442,15 @@ __device__ __forceinline__ void gemv_bulk_pair_impl(const LinearW& W0, const Gem
                                                     const GemvArgs& a1, int ns1, unsigned* bar) {
     constexpr int S0 = bulk_stage_bytes<F0, R0>(), S1 = bulk_stage_bytes<F1, R1>();
     constexpr int STRIDE = S0 > S1 ? S0 : S1;
-    if (ns0 * (4096 / R0) != bulk_row_bytes<F0>(W0.in) || ns1 * (4096 / R1) != bulk_row_bytes<F1>(W1.in))
-        __trap();  // the host's slicing
     BulkRing ring = bulk_ring_init(BULK_STAGES * STRIDE);
     const DenseSrc<F0, MT, R0> s0{W0, a0};
     const DenseSrc<F1, MT, R1> s1{W1, a1};
-    const int t0 = (a0.nrows + 8 * R0 - 1) / (8 * R0), t1 = (a1.nrows + 8 * R1 - 1) / (8 * R1);
     if (threadIdx.x < 256) pdl_wait();
-    gemv_bulk_steps<F0, MT, R0, STRIDE, false>(s0, t0 * a0.S, ns0, a0.S, ring);
+    gemv_bulk_steps<F0, MT, R0, STRIDE, false>(s0, s0.tiles() * a0.S, ns0, a0.S, ring);
     // (W0's split-K partials are summed, and their counters reset, before the barrier: W1
     // reuses the workspace.)
     if (threadIdx.x < 256) grid_barrier_consumers(bar);
-    gemv_bulk_steps<F1, MT, R1, STRIDE, true>(s1, t1 * a1.S, ns1, a1.S, ring);
+    gemv_bulk_steps<F1, MT, R1, STRIDE, true>(s1, s1.tiles() * a1.S, ns1, a1.S, ring);
 }
 
 #define GEMV_BULK_PAIR(F0, N0, R0, F1, N1, R1, MT)                                                          \
@@ -488,10 +470,8 @@ GEMV_BULK_PAIR(FMT_BF16, bf16, 1, FMT_BF16, bf16, 1, 2)
     extern "C" __global__ void __launch_bounds__(BULK_THREADS, 1)                            \
         gemv_bulk_##NAME##_##MT##_r##RPW(LinearW W, GemvArgs a, int nslices) {               \
         pdl_launch();                                                                        \
-        if (nslices * (4096 / RPW) != bulk_row_bytes<FMT>(W.in)) __trap(); /* host's slicing */ \
         const DenseSrc<FMT, MT, RPW> src{W, a};                                              \
-        const int tiles = (a.nrows + 8 * RPW - 1) / (8 * RPW);                               \
-        gemv_bulk_run<FMT, MT, RPW>(src, tiles * a.S, nslices, a.S);                         \
+        gemv_bulk_run<FMT, MT, RPW>(src, src.tiles() * a.S, nslices, a.S);                   \
     }
 #define GEMV_BULK_R(FMT, NAME, MT) GEMV_BULK(FMT, NAME, MT, 1) GEMV_BULK(FMT, NAME, MT, 2) GEMV_BULK(FMT, NAME, MT, 4)
 // One or two tokens (more would read each token's activations from L1 once per row group).

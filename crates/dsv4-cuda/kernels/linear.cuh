@@ -108,13 +108,15 @@ __device__ __forceinline__ float decode_chunk(const LinearW& W, int r, int c, ui
     return RowScale<FMT>(W, r).at(c);
 }
 
-// N consecutive activations (16-byte aligned) into registers.
-template <int N>
+// N consecutive activations (16-byte aligned) into registers: through the read-only path, or
+// through L2 (`COH`) when other blocks of the same launch wrote them, which that path may not
+// see.
+template <int N, bool COH = false>
 __device__ __forceinline__ void load_x(const float* x, float (&xv)[N]) {
     const float4* xp = (const float4*)x;
 #pragma unroll
     for (int j = 0; j < N / 4; j++) {
-        float4 v = __ldg(xp + j);
+        float4 v = COH ? __ldcg(xp + j) : __ldg(xp + j);
         xv[4 * j] = v.x;
         xv[4 * j + 1] = v.y;
         xv[4 * j + 2] = v.z;

@@ -1286,19 +1286,18 @@ impl CudaModel {
         let (prep, qrin) = if fold {
             // wq_b norms its input itself (no launch between the projections and wq_b); the
             // indexer's queries on the side stream read a normed copy.
+            let qrin = LinIn::rows(s.qrn.ptr, qlr, t);
             let prep = g.on_side(|| {
                 if a.indexer.is_some() {
                     g.dtod(s.qrn.ptr, s.qr.ptr, 4 * t * qlr)?;
                     ops::rms_norm(g, s.qrn.ptr, a.q_norm.ptr(), qlr, t, eps)?;
                 }
-                let qrin = LinIn::rows(s.qrn.ptr, qlr, t);
                 self.decode_prep(s, lw, li, t, &rope, &qrin, pos)
             })?;
             let part = self.part(s);
             let qn = a.q_norm.ptr();
             ops::linear_normed(g, &a.wq_b, &qraw, qn, eps, s.q.ptr, h * dh, &part)?;
-            // (Only the branch reads queries, so `qrin` goes unused.)
-            (Some(prep), LinIn::rows(s.qrn.ptr, qlr, t))
+            (Some(prep), qrin)
         } else {
             ops::rms_norm(g, s.qr.ptr, a.q_norm.ptr(), qlr, t, eps)?;
             // Both readers of qr (wq_b, the indexer's wq_b) are FP8 GEMMs.

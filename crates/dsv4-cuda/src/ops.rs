@@ -791,25 +791,24 @@ pub fn linear_pair(
         && b.inp.ldx == a.ldy
         && bulk_applies(gpu, a.w, &a.inp)
         && bulk_applies(gpu, b.w, &b.inp);
-    let plans = fused.then(|| (bulk_plan(gpu, a.w, m, part), bulk_plan(gpu, b.w, m, part)));
-    let name = plans.as_ref().and_then(|(pa, pb)| {
-        let fmts = (a.w.fmt, pa.rpw, b.w.fmt, pb.rpw);
-        let built = matches!(
-            fmts,
-            (Fmt::Fp8, 1, Fmt::Fp8, 1) | (Fmt::Bf16, 1, Fmt::Bf16, 1)
-        );
-        built.then(|| {
-            format!(
-                "gemv_bulk_pair_{}_r1_{}_r1_{m}",
-                a.w.fmt.name(),
-                b.w.fmt.name()
+    // Built for whole-row-slice (rpw 1) FP8 and BF16 pairs.
+    let plans = fused
+        .then(|| (bulk_plan(gpu, a.w, m, part), bulk_plan(gpu, b.w, m, part)))
+        .filter(|(pa, pb)| {
+            matches!(
+                (a.w.fmt, pa.rpw, b.w.fmt, pb.rpw),
+                (Fmt::Fp8, 1, Fmt::Fp8, 1) | (Fmt::Bf16, 1, Fmt::Bf16, 1)
             )
-        })
-    });
-    let (Some(name), Some((pa, pb))) = (name, plans) else {
+        });
+    let Some((pa, pb)) = plans else {
         linear(gpu, a.w, &a.inp, a.y, a.ldy, part)?;
         return linear(gpu, b.w, &b.inp, b.y, b.ldy, part);
     };
+    let name = format!(
+        "gemv_bulk_pair_{}_r1_{}_r1_{m}",
+        a.w.fmt.name(),
+        b.w.fmt.name()
+    );
     // (The two share the split-K workspace: the first's partials are summed and its counters
     // reset before the grid barrier.)
     let args_a = GemvArgs::new(&a.inp, a.y, a.ldy, a.w.out, pa.s, true, part);
