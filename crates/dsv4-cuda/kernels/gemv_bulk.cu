@@ -73,15 +73,22 @@ __device__ __forceinline__ uint64_t evict_first_policy() {
     return p;
 }
 
+// This block's contiguous share [lo, hi) of `items` work items spread over the grid.
+struct ItemRange {
+    int lo, hi;
+};
+__device__ __forceinline__ ItemRange block_items(int items) {
+    const long long b = blockIdx.x, nb = gridDim.x;
+    return ItemRange{(int)(items * b / nb), (int)(items * (b + 1) / nb)};
+}
+
 // The walk of one block over its work items: item = (tile, K split s), each split a run of
 // KS-byte slices of every row of the tile. Producer and consumers step it alike.
 struct BulkWalk {
     int item, item_end, slice, slice_end;
     int nslices, S;
-    __device__ __forceinline__ BulkWalk(int items, int nslices_, int S_) : nslices(nslices_), S(S_) {
-        const long long b = blockIdx.x, nb = gridDim.x;
-        item = (int)(items * b / nb);
-        item_end = (int)(items * (b + 1) / nb);
+    __device__ __forceinline__ BulkWalk(ItemRange r, int nslices_, int S_)
+        : item(r.lo), item_end(r.hi), nslices(nslices_), S(S_) {
         enter();
     }
     __device__ __forceinline__ void enter() {
@@ -127,6 +134,7 @@ struct BulkRing {
     uint64_t* full;
     uint64_t* empty;
     int n;
+    int done;  // items a consumer warp has finished: the parity of the u-group sums' buffer
 };
 __device__ __forceinline__ BulkRing bulk_ring_init(unsigned need) {
     __shared__ __align__(8) uint64_t full[BULK_STAGES], empty[BULK_STAGES];
@@ -141,7 +149,7 @@ __device__ __forceinline__ BulkRing bulk_ring_init(unsigned need) {
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
     __syncthreads();
-    return BulkRing{full, empty, 0};
+    return BulkRing{full, empty, 0, 0};
 }
 
 // The engine over the rows of one matrix: `Src` says where a tile's rows live (`row(t, j)` /
@@ -151,7 +159,7 @@ __device__ __forceinline__ BulkRing bulk_ring_init(unsigned need) {
 // group's four sums (`finish`). Called by the producer warp (warp 8) and the consumer warps
 // alike; traps on a host slicing that does not cover the rows.
 template <int FMT, int MT, int RPW, int STRIDE, bool COH, class Src>
-__device__ __forceinline__ void gemv_bulk_steps(const Src& src, int items, int nslices, int S, BulkRing& ring) {
+__device__ __forceinline__ void gemv_bulk_steps(const Src& src, ItemRange mine, int nslices, int S, BulkRing& ring) {
     constexpr int W = 8;  // consumer warps (16 measured no faster)
     constexpr int N = Chunk<FMT>::N;
     constexpr int R = 8 * RPW, KS = 4096 / RPW, CPL = KS / 512;
@@ -162,7 +170,7 @@ __device__ __forceinline__ void gemv_bulk_steps(const Src& src, int items, int n
     uint64_t* full = ring.full;
     uint64_t* empty = ring.empty;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    BulkWalk walk(items, nslices, S);
+    BulkWalk walk(mine, nslices, S);
     const bool whole = nslices == 1;
     if (warp == W) {
         // Producer: the weights do not depend on the previous kernel, so no wait.
@@ -197,13 +205,12 @@ __device__ __forceinline__ void gemv_bulk_steps(const Src& src, int items, int n
     }
     constexpr int G = R / 4, UG = W / G, UPW = CPL / UG;  // row groups, u-groups, u's per warp
     const int q = warp % G, ug = warp / G;
-    __shared__ float red[2][W][4 * MT];  // u-group sums, by item parity
+    __shared__ float red[2][W][4 * MT];  // u-group sums, by item parity (across calls: ring.done)
     float acc[4][MT];
 #pragma unroll
     for (int k = 0; k < 4; k++)
 #pragma unroll
         for (int m = 0; m < MT; m++) acc[k][m] = 0.f;
-    int it = 0;
     for (int& n = ring.n; !walk.done(); n++) {
         const int slot = n % BULK_STAGES;
         const int t = walk.tile();
@@ -248,7 +255,7 @@ __device__ __forceinline__ void gemv_bulk_steps(const Src& src, int items, int n
                 for (int m = 0; m < MT; m++) acc[k][m] = warp_sum(acc[k][m]);
             if constexpr (UG > 1) {
                 // The u-groups' sums of each row, added in u order by u-group 0.
-                float (&r)[W][4 * MT] = red[it & 1];
+                float (&r)[W][4 * MT] = red[ring.done & 1];
                 if (lane == 0)
 #pragma unroll
                     for (int k = 0; k < 4; k++)
@@ -266,7 +273,7 @@ __device__ __forceinline__ void gemv_bulk_steps(const Src& src, int items, int n
                         }
             }
             if (ug == 0) src.finish(t, split, q, acc);
-            it++;
+            ring.done++;
 #pragma unroll
             for (int k = 0; k < 4; k++)
 #pragma unroll
@@ -283,7 +290,7 @@ __device__ __forceinline__ void gemv_bulk_run(const Src& src, int items, int nsl
     // The producer needs no wait (weights do not depend on the previous kernel); the
     // consumers' activations are the previous kernel's output.
     if (threadIdx.x < 256) pdl_wait();
-    gemv_bulk_steps<FMT, MT, RPW, STAGE, false>(src, items, nslices, S, ring);
+    gemv_bulk_steps<FMT, MT, RPW, STAGE, false>(src, block_items(items), nslices, S, ring);
 }
 
 // Dense: all rows of one matrix for M ≤ MT tokens (one token chunk), K split S ways (partials
@@ -389,7 +396,7 @@ __device__ __forceinline__ void gemv_bulk_norm_impl(const LinearW& W, const Gemv
         pdl_wait();
         bulk_inv_rms<MT>(a, W.in, eps, src.r);
     }
-    gemv_bulk_steps<FMT, MT, RPW, STAGE, false>(src, src.tiles() * a.S, nslices, a.S, ring);
+    gemv_bulk_steps<FMT, MT, RPW, STAGE, false>(src, block_items(src.tiles() * a.S), nslices, a.S, ring);
 }
 
 #define GEMV_BULK_NORM(FMT, NAME, MT, RPW)                                                                 \
@@ -446,11 +453,11 @@ __device__ __forceinline__ void gemv_bulk_pair_impl(const LinearW& W0, const Gem
     const DenseSrc<F0, MT, R0> s0{W0, a0};
     const DenseSrc<F1, MT, R1> s1{W1, a1};
     if (threadIdx.x < 256) pdl_wait();
-    gemv_bulk_steps<F0, MT, R0, STRIDE, false>(s0, s0.tiles() * a0.S, ns0, a0.S, ring);
+    gemv_bulk_steps<F0, MT, R0, STRIDE, false>(s0, block_items(s0.tiles() * a0.S), ns0, a0.S, ring);
     // (W0's split-K partials are summed, and their counters reset, before the barrier: W1
     // reuses the workspace.)
     if (threadIdx.x < 256) grid_barrier_consumers(bar);
-    gemv_bulk_steps<F1, MT, R1, STRIDE, true>(s1, s1.tiles() * a1.S, ns1, a1.S, ring);
+    gemv_bulk_steps<F1, MT, R1, STRIDE, true>(s1, block_items(s1.tiles() * a1.S), ns1, a1.S, ring);
 }
 
 #define GEMV_BULK_PAIR(F0, N0, R0, F1, N1, R1, MT)                                                          \
@@ -465,6 +472,63 @@ GEMV_BULK_PAIR(FMT_FP8, fp8, 1, FMT_FP8, fp8, 1, 1)
 GEMV_BULK_PAIR(FMT_FP8, fp8, 1, FMT_FP8, fp8, 1, 2)
 GEMV_BULK_PAIR(FMT_BF16, bf16, 1, FMT_BF16, bf16, 1, 1)
 GEMV_BULK_PAIR(FMT_BF16, bf16, 1, FMT_BF16, bf16, 1, 2)
+
+// Several products of one step's activations in one launch (a decode step's projections of
+// h: 2–7 matrices, 6–28 MB). Their work items are laid end to end and split evenly over the
+// grid, so each block streams one contiguous run across matrix boundaries through one ring,
+// and all of it is requested before the wait: a small layer's whole share (6 MB is 45 KB per
+// SM) is in shared memory before the kernel that writes h has finished.
+#define BULK_MULTI_MAX 8
+struct BulkJob {
+    LinearW W;
+    GemvArgs a;
+    int32_t nslices, rpw;
+    int32_t items;  // tiles × K splits
+    int32_t pad_;
+};
+struct BulkMulti {
+    int32_t n, pad_;
+    BulkJob j[BULK_MULTI_MAX];
+};
+
+template <int FMT, int MT, int RPW, int STRIDE>
+__device__ __forceinline__ void bulk_multi_job(const BulkJob& b, ItemRange r, BulkRing& ring) {
+    const DenseSrc<FMT, MT, RPW> src{b.W, b.a};
+    gemv_bulk_steps<FMT, MT, RPW, STRIDE, false>(src, r, b.nslices, b.a.S, ring);
+}
+
+template <int MT>
+__device__ __forceinline__ void gemv_bulk_multi_impl(const BulkMulti& g) {
+    constexpr int STRIDE = bulk_stage_bytes<FMT_FP8, 1>();  // the largest FP8 or BF16 stage
+    BulkRing ring = bulk_ring_init(BULK_STAGES * STRIDE);
+    if (threadIdx.x < 256) pdl_wait();
+    int total = 0;
+    for (int j = 0; j < g.n; j++) total += g.j[j].items;
+    const ItemRange mine = block_items(total);
+    for (int j = 0, off = 0; j < g.n; off += g.j[j].items, j++) {
+        const BulkJob& b = g.j[j];
+        const ItemRange r{max(mine.lo - off, 0), min(mine.hi - off, b.items)};
+        if (r.lo >= r.hi) continue;
+        switch (b.W.fmt * 8 + b.rpw) {
+            case FMT_FP8 * 8 + 1: bulk_multi_job<FMT_FP8, MT, 1, STRIDE>(b, r, ring); break;
+            case FMT_FP8 * 8 + 2: bulk_multi_job<FMT_FP8, MT, 2, STRIDE>(b, r, ring); break;
+            case FMT_FP8 * 8 + 4: bulk_multi_job<FMT_FP8, MT, 4, STRIDE>(b, r, ring); break;
+            case FMT_BF16 * 8 + 1: bulk_multi_job<FMT_BF16, MT, 1, STRIDE>(b, r, ring); break;
+            case FMT_BF16 * 8 + 2: bulk_multi_job<FMT_BF16, MT, 2, STRIDE>(b, r, ring); break;
+            case FMT_BF16 * 8 + 4: bulk_multi_job<FMT_BF16, MT, 4, STRIDE>(b, r, ring); break;
+            default: __trap();  // the host's plan: FP8 and BF16 only
+        }
+    }
+}
+
+#define GEMV_BULK_MULTI(MT)                                                                   \
+    extern "C" __global__ void __launch_bounds__(BULK_THREADS, 1)                             \
+        gemv_bulk_multi_##MT(const __grid_constant__ BulkMulti g) {                           \
+        pdl_launch();                                                                         \
+        gemv_bulk_multi_impl<MT>(g);                                                          \
+    }
+GEMV_BULK_MULTI(1)
+GEMV_BULK_MULTI(2)
 
 #define GEMV_BULK(FMT, NAME, MT, RPW)                                                        \
     extern "C" __global__ void __launch_bounds__(BULK_THREADS, 1)                            \

@@ -304,6 +304,9 @@ pub struct CudaModel {
     /// Whether a decode step's `wo_a` and `wo_b` run as one launch (`ops::linear_pair`;
     /// `DSV4_CUDA_BULK_PAIR=1`; off until it has run on a GPU).
     pair_fused: AtomicBool,
+    /// Whether a decode step's projections of h stream through one bulk-copy launch
+    /// (`ops::linear_bulk_multi`; `DSV4_CUDA_BULK_MULTI=0` keeps `gemv_multi`).
+    bulk_multi: AtomicBool,
     /// The arithmetic followed (the CPU model's profile).
     numerics: Numerics,
     /// Whether a decode step's projections of one input share a launch (`DSV4_CUDA_MULTI=0`
@@ -470,6 +473,9 @@ impl CudaModel {
             pair_fused: AtomicBool::new(
                 std::env::var("DSV4_CUDA_BULK_PAIR").is_ok_and(|v| v == "1"),
             ),
+            bulk_multi: AtomicBool::new(
+                std::env::var("DSV4_CUDA_BULK_MULTI").map_or(true, |v| v != "0"),
+            ),
             numerics: model.numerics,
             multi_gemv: std::env::var("DSV4_CUDA_MULTI").map_or(true, |v| v != "0"),
             tc,
@@ -494,6 +500,12 @@ impl CudaModel {
     /// Turns the query-latent norm folded into decode's `wq_b` on or off (tests compare both).
     pub fn set_norm_fold(&self, on: bool) {
         self.norm_fold.store(on, Ordering::Relaxed);
+        self.drop_graphs();
+    }
+
+    /// Turns decode's projections of h in one bulk-copy launch on or off (tests compare both).
+    pub fn set_bulk_multi(&self, on: bool) {
+        self.bulk_multi.store(on, Ordering::Relaxed);
         self.drop_graphs();
     }
 
@@ -1174,6 +1186,12 @@ impl CudaModel {
     /// (`ops::linear_multi`), else each on its own (`dense`: the tensor cores where they apply).
     fn project(&self, s: &mut Scratch, jobs: &[LinJob<'_>]) -> Result<()> {
         let m = jobs.first().map_or(0, |j| j.inp.m);
+        if self.multi_gemv
+            && self.bulk_multi.load(Ordering::Relaxed)
+            && ops::bulk_multi_ok(&self.gpu, jobs)
+        {
+            return ops::linear_bulk_multi(&self.gpu, jobs, &self.part(s));
+        }
         // One token only: with more, the several-format kernel's registers (the most any
         // format needs) cost more than the launches it saves (A/B on an H200, batch 8 and 32).
         if m == 1 && self.multi_gemv {

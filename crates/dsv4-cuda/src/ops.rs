@@ -838,6 +838,141 @@ pub fn linear_pair(
     )
 }
 
+/// `BulkJob` / `BulkMulti` of `kernels/gemv_bulk.cu`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct BulkJob {
+    w: crate::weights::LinearDesc,
+    a: GemvArgs,
+    nslices: i32,
+    rpw: i32,
+    items: i32,
+    pad: i32,
+}
+const BULK_MULTI_MAX: usize = 8;
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct BulkMulti {
+    n: i32,
+    pad: i32,
+    j: [BulkJob; BULK_MULTI_MAX],
+}
+unsafe impl DeviceRepr for BulkMulti {}
+const _: () = assert!(std::mem::size_of::<BulkJob>() == 152);
+
+/// Whether [`linear_bulk_multi`] takes these products in one launch: 2 to 8 of them, FP8 or
+/// BF16, all for the same one or two tokens, each taking the bulk kernels.
+pub fn bulk_multi_ok(gpu: &Gpu, jobs: &[LinJob<'_>]) -> bool {
+    let m = jobs.first().map_or(0, |j| j.inp.m);
+    (2..=BULK_MULTI_MAX).contains(&jobs.len())
+        && jobs.iter().all(|j| {
+            j.inp.m == m
+                && j.inp.group.is_none()
+                && matches!(j.w.fmt, Fmt::Fp8 | Fmt::Bf16)
+                && bulk_applies(gpu, j.w, &j.inp)
+        })
+}
+
+/// The K splits of a [`linear_bulk_multi`] launch, one per job `(rows, tiles, slices)`: the
+/// same for all, enough for an item per SM where the slices allow, each split job's partials
+/// and counters in its own part of the workspace (`floats`, `n_counters`), no split where it
+/// would not fit. Returns `(s, partial offset, counter offset)` per job.
+fn plan_bulk_multi(
+    shapes: &[(usize, usize, usize)],
+    m: usize,
+    sm_count: usize,
+    floats: usize,
+    n_counters: usize,
+) -> Vec<(usize, usize, usize)> {
+    let tiles: usize = shapes.iter().map(|&(_, t, _)| t).sum();
+    let want = sm_count.div_ceil(tiles.max(1));
+    let (mut po, mut co) = (0usize, 0usize);
+    shapes
+        .iter()
+        .map(|&(rows, _, nslices)| {
+            let mut s = want.clamp(1, nslices.max(1));
+            while s > 1 && po + s * m * rows > floats {
+                s /= 2;
+            }
+            let counters = rows.div_ceil(4);
+            if co + counters > n_counters {
+                s = 1;
+            }
+            let slot = (s, po, co);
+            if s > 1 {
+                po += s * m * rows;
+                co += counters;
+            }
+            slot
+        })
+        .collect()
+}
+
+/// Products of one or two tokens' activations (a decode step's projections of h) in one
+/// launch of `gemv_bulk_multi_*` where [`bulk_multi_ok`]; an error elsewhere.
+pub fn linear_bulk_multi(gpu: &Gpu, jobs: &[LinJob<'_>], part: &Partial) -> Result<()> {
+    if !bulk_multi_ok(gpu, jobs) {
+        return Err(crate::Error::Unsupported(format!(
+            "one bulk launch for {} products",
+            jobs.len()
+        )));
+    }
+    let m = jobs[0].inp.m;
+    let plans: Vec<BulkPlan> = jobs.iter().map(|j| bulk_plan(gpu, j.w, m, part)).collect();
+    if let Some(p) = plans.iter().find(|p| ![1, 2, 4].contains(&p.rpw)) {
+        return Err(crate::Error::Unsupported(format!(
+            "one bulk launch with {} rows per warp",
+            p.rpw
+        )));
+    }
+    let shapes: Vec<_> = jobs
+        .iter()
+        .zip(&plans)
+        .map(|(j, p)| (j.w.out, p.tiles, p.nslices))
+        .collect();
+    let splits = plan_bulk_multi(&shapes, m, gpu.sm_count, part.floats, part.n_counters);
+    let blank = BulkJob {
+        w: jobs[0].w.desc,
+        a: GemvArgs::new(&jobs[0].inp, 0, 0, 0, 1, true, part),
+        nslices: 1,
+        rpw: 1,
+        items: 0,
+        pad: 0,
+    };
+    let mut g = BulkMulti {
+        n: jobs.len() as i32,
+        pad: 0,
+        j: [blank; BULK_MULTI_MAX],
+    };
+    let (mut items, mut bytes) = (0, 0);
+    for (((slot, j), p), &(s, po, co)) in g.j.iter_mut().zip(jobs).zip(&plans).zip(&splits) {
+        let jp = Partial {
+            ptr: part.ptr + 4 * po as u64,
+            floats: part.floats - po.min(part.floats),
+            counters: part.counters + 4 * co as u64,
+            n_counters: part.n_counters - co.min(part.n_counters),
+        };
+        *slot = BulkJob {
+            w: j.w.desc,
+            a: GemvArgs::new(&j.inp, j.y, j.w.out, j.w.out, s, true, &jp),
+            nslices: p.nslices as i32,
+            rpw: p.rpw as i32,
+            items: (p.tiles * s) as i32,
+            pad: 0,
+        };
+        items += p.tiles * s;
+        bytes += j.w.stored_bytes;
+    }
+    gpu.tag(|| (format!("gemv_bulk_multi x{} m{m}", jobs.len()), bytes));
+    gpu.launch(
+        &format!("gemv_bulk_multi_{m}"),
+        (items.min(gpu.sm_count) as u32, 1, 1),
+        (BULK_THREADS, 1, 1),
+        bulk_smem(Fmt::Fp8, 1),
+        &[&g],
+    )
+}
+
 fn blocks_for(n: usize, per: usize) -> u32 {
     n.div_ceil(per) as u32
 }

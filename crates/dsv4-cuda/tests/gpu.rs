@@ -169,6 +169,89 @@ fn multi_gemv_matches_cpu() {
     }
 }
 
+/// Decode's projections of h in one bulk-copy launch (`linear_bulk_multi`) against the CPU:
+/// Flash's CSA layer shapes (FP8 and BF16 rows of 4 and 8 KB), Pro's rows of 7168 inputs
+/// (1 KB and 2 KB slices), a partial tile, and a launch small enough to split K.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn bulk_multi_matches_cpu() {
+    use dsv4_cuda::ops::{bulk_multi_ok, linear_bulk_multi, LinJob};
+    use dsv4_cuda::weights::GpuLinear;
+    use synthetic::MatrixFormat as F;
+    let gpu = Gpu::open(0).expect("GPU");
+    let (_bufs, part) = gemv_workspace(&gpu);
+    let sets: [&[(F, usize, usize)]; 3] = [
+        &[
+            (F::Fp8, 1024, 4096),
+            (F::Fp8, 512, 4096),
+            (F::Bf16, 1024, 4096),
+            (F::Bf16, 1024, 4096),
+            (F::Bf16, 256, 4096),
+            (F::Bf16, 256, 4096),
+            (F::Bf16, 64, 4096),
+        ],
+        &[
+            (F::Fp8, 1536, 7168),
+            (F::Bf16, 130, 7168),
+            (F::Fp8, 130, 1024),
+        ],
+        &[(F::Bf16, 64, 4096), (F::Fp8, 40, 4096)],
+    ];
+    for (si, shapes) in sets.iter().enumerate() {
+        let mats: Vec<(Linear, GpuLinear)> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, &(f, out, inp))| {
+                let l: Linear = synthetic::random_linear(f, out, inp, 40 + i as u64).unwrap();
+                let g = GpuLinear::upload(&gpu, &l).unwrap();
+                (l, g)
+            })
+            .collect();
+        for m in [1usize, 2] {
+            let xs: Vec<Vec<f32>> = shapes
+                .iter()
+                .enumerate()
+                .map(|(i, &(_, _, inp))| {
+                    (0..m * inp)
+                        .map(|k| (((k + 31 * i) * 2654435761usize) % 1000) as f32 / 500.0 - 1.0)
+                        .collect()
+                })
+                .collect();
+            let xd: Vec<_> = xs.iter().map(|x| gpu.upload(x).unwrap()).collect();
+            let yd: Vec<_> = shapes
+                .iter()
+                .map(|&(_, out, _)| gpu.alloc(m * out * 4).unwrap())
+                .collect();
+            let jobs: Vec<LinJob<'_>> = (0..shapes.len())
+                .map(|i| LinJob {
+                    w: &mats[i].1,
+                    inp: LinIn::rows(xd[i].ptr, shapes[i].2, m),
+                    y: yd[i].ptr,
+                })
+                .collect();
+            assert!(bulk_multi_ok(&gpu, &jobs), "set {si} m={m}: not taken");
+            // Twice: the split-K counters must be back at zero after a launch.
+            for rep in 0..2 {
+                linear_bulk_multi(&gpu, &jobs, &part).unwrap();
+                for (i, &(f, out, inp)) in shapes.iter().enumerate() {
+                    let want = mats[i].0.apply(&xs[i], m);
+                    let mut got = vec![0f32; m * out];
+                    gpu.dtoh(yd[i].ptr, &mut got).unwrap();
+                    let e = worst(&row_errors(&got, &want, out));
+                    assert!(
+                        e < 1e-5,
+                        "bulk multi set {si} {f:?} [{out}, {inp}] m={m} launch {rep}: {e}"
+                    );
+                }
+            }
+            eprintln!(
+                "linear_bulk_multi set {si} x{} m={m}: all within 1e-5",
+                shapes.len()
+            );
+        }
+    }
+}
+
 /// A random model with Flash's head sizes (head_dim 512, window 128, CSA/HCA/sliding layers,
 /// index_topk below the number of entries) and a 1000-token vocabulary.
 fn random_model() -> Model {
@@ -1629,7 +1712,7 @@ fn dependent_pair_in_one_launch_matches_two() {
 fn decode_fusions_match_separate_launches() {
     use dsv4_cuda::BatchItem;
     let mut j = synthetic::flash_config_json();
-    let over = serde_json::json!({"vocab_size": 1000, "hidden_size": 512, "num_hidden_layers": 3,
+    let over = serde_json::json!({"vocab_size": 1000, "hidden_size": 1024, "num_hidden_layers": 3,
         "compress_ratios": [0, 4, 128, 0], "num_hash_layers": 1, "n_routed_experts": 16,
         "moe_intermediate_size": 256, "index_topk": 16, "o_groups": 1, "o_lora_rank": 4096,
         "num_attention_heads": 8, "q_lora_rank": 1024, "index_n_heads": 8, "index_head_dim": 128});
@@ -1638,16 +1721,23 @@ fn decode_fusions_match_separate_launches() {
     }
     let cfg = ModelConfig::from_json(&j).unwrap();
     let cpu = Model::load(&synthetic::checkpoint(cfg, 5).unwrap()).unwrap();
-    let models: Vec<CudaModel> = (0..3)
+    // (Hidden size 1024: the projections of h take the bulk kernels, in one launch on all
+    // of models 0–2; model 3 runs them as `gemv_multi`, a different summation order.)
+    let models: Vec<CudaModel> = (0..4)
         .map(|_| CudaModel::from_model(&cpu, 0).unwrap())
         .collect();
-    models[0].set_norm_fold(false);
-    models[0].set_pair_fused(false);
-    models[0].set_graphs(false);
-    for m in &models[1..] {
+    for m in [&models[0], &models[3]] {
+        m.set_norm_fold(false);
+        m.set_pair_fused(false);
+        m.set_graphs(false);
+    }
+    models[3].set_bulk_multi(false);
+    for m in &models[1..3] {
         m.set_norm_fold(true);
         m.set_pair_fused(true);
+        m.set_bulk_multi(true);
     }
+    models[0].set_bulk_multi(true);
     models[1].set_graphs(false);
     models[2].set_graphs(true);
     let prompts: Vec<Vec<u32>> = [23usize, 70]
@@ -1685,5 +1775,13 @@ fn decode_fusions_match_separate_launches() {
             outs[2] == outs[0],
             "step {i} (batch {n}): fused graph replay differs"
         );
+        let e = worst(&row_errors(&outs[0], &outs[3], 1000));
+        assert!(
+            e < 1e-4,
+            "step {i} (batch {n}): one bulk launch for the projections of h vs gemv_multi: {e}"
+        );
+        if i == 39 {
+            eprintln!("projections of h in one bulk launch vs gemv_multi: worst row {e:.2e}");
+        }
     }
 }
