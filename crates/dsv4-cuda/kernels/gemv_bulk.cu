@@ -222,12 +222,7 @@ __device__ __forceinline__ void gemv_bulk_steps(const Src& src, ItemRange mine, 
             const int c = walk.slice * (KS / 16) + u * 32 + lane;  // chunk of the row
             float xv[MT][N];
 #pragma unroll
-            for (int m = 0; m < MT; m++) {
-                src.template load<N, COH>(t, m, c * N, xv[m]);
-                if constexpr (FMT == FMT_FP8)  // see decode_fp8_2m120 (×2^56 after the sums)
-#pragma unroll
-                    for (int e = 0; e < N; e++) xv[m][e] *= 0x1p64f;
-            }
+            for (int m = 0; m < MT; m++) src.template load<N, COH>(t, m, c * N, xv[m]);
 #pragma unroll
             for (int k = 0; k < 4; k++) {
                 const int j = 4 * q + k;
@@ -240,10 +235,7 @@ __device__ __forceinline__ void gemv_bulk_steps(const Src& src, ItemRange mine, 
                 else
                     sc = 1.f;
                 float f[N];
-                if constexpr (FMT == FMT_FP8)
-                    decode_fp8_2m120(qv, f);
-                else
-                    decode_vals<FMT>(qv, f);
+                decode_vals<FMT>(qv, f);
 #pragma unroll
                 for (int m = 0; m < MT; m++) {
                     float d = 0.f;
@@ -260,7 +252,7 @@ __device__ __forceinline__ void gemv_bulk_steps(const Src& src, ItemRange mine, 
 #pragma unroll
             for (int k = 0; k < 4; k++)
 #pragma unroll
-                for (int m = 0; m < MT; m++) acc[k][m] = warp_sum(acc[k][m]) * (FMT == FMT_FP8 ? 0x1p56f : 1.f);
+                for (int m = 0; m < MT; m++) acc[k][m] = warp_sum(acc[k][m]);
             if constexpr (UG > 1) {
                 // The u-groups' sums of each row, added in u order by u-group 0.
                 float (&r)[W][4 * MT] = red[ring.done & 1];

@@ -71,27 +71,6 @@ __device__ __forceinline__ void decode_vals(uint4 q, float* f) {
     }
 }
 
-// 16 FP8 e4m3 bytes as f32 worth 2^-120 times their values, by integer operations alone: the
-// conversion instructions of decode_vals issue at a quarter of the integer rate and bound the
-// bulk GEMVs' consumers. Each byte's exponent and mantissa bits go to the low end of the f32
-// exponent field and the top of its mantissa (sign to sign), so normal codes come out as
-// 2^(e-127)·1.m and subnormal codes as f32 subnormals 2^-126·0.m: both exactly 2^-120 times
-// the code's value (NaN codes come out finite). Callers scale the activations by 2^64 and the
-// sums by 2^56, powers of two that leave every rounding as it was.
-__device__ __forceinline__ float fp8_top_byte_2m120(uint32_t top) {
-    return __int_as_float((int)(((int)top >> 4) & (int)0x87f00000u));
-}
-__device__ __forceinline__ void decode_fp8_2m120(uint4 q, float* f) {
-    const uint32_t w[4] = {q.x, q.y, q.z, q.w};
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        f[4 * i] = fp8_top_byte_2m120(w[i] << 24);
-        f[4 * i + 1] = fp8_top_byte_2m120(w[i] << 16);
-        f[4 * i + 2] = fp8_top_byte_2m120(w[i] << 8);
-        f[4 * i + 3] = fp8_top_byte_2m120(w[i]);
-    }
-}
-
 // The scales of one row's chunks, with the row's part of the lookup done once: FP8 reads the
 // row's 128×128 block row (a shift when the block width is a power of two), FP4 one e8m0 per
 // 32-element chunk (times 2^14, see decode_vals).
