@@ -82,6 +82,10 @@ pub struct Gpu {
     /// (`DSV4_CUDA_SKIP=hc_mix,rope`), so a step's time without them shows what they cost on
     /// its critical path. Every result is wrong while it is set.
     skip: Vec<String>,
+    /// Diagnostics: kernels whose names start with one of these launch without programmatic
+    /// dependent launch (`DSV4_CUDA_NOPDL=moe_up_bulk`): they start only once the kernel before
+    /// has finished, rather than holding SMs while they wait for it. Results are unchanged.
+    no_pdl: Vec<String>,
     /// Decode steps run independent work (the shared expert beside the routed ones) on a side
     /// stream, a parallel branch of the captured graph; `DSV4_CUDA_BRANCHES=0` or
     /// [`Gpu::set_branches`] keeps everything on one stream.
@@ -230,14 +234,8 @@ impl Gpu {
                     .unwrap_or(crate::ops::MOE_BULK_MAX_TOKENS),
             ),
             xs_buf: Mutex::new(None),
-            skip: std::env::var("DSV4_CUDA_SKIP")
-                .map(|v| {
-                    v.split(',')
-                        .filter(|p| !p.is_empty())
-                        .map(str::to_string)
-                        .collect()
-                })
-                .unwrap_or_default(),
+            skip: name_prefixes("DSV4_CUDA_SKIP"),
+            no_pdl: name_prefixes("DSV4_CUDA_NOPDL"),
             branches: AtomicBool::new(
                 std::env::var("DSV4_CUDA_BRANCHES").map_or(true, |v| v != "0"),
             ),
@@ -630,7 +628,10 @@ impl Gpu {
             sharedMemBytes: smem,
             hStream: self.cur(),
             attrs: &mut attr,
-            numAttrs: (self.pdl && events.is_none()) as u32,
+            numAttrs: (self.pdl
+                && events.is_none()
+                && !self.no_pdl.iter().any(|p| name.starts_with(p.as_str())))
+                as u32,
         };
         // SAFETY: `params` points at one live value per kernel parameter, in order, with the
         // layout the kernel declares (the `Arg` types mirror the CUDA structs).
@@ -650,6 +651,18 @@ impl Gpu {
         drop(prof);
         Ok(())
     }
+}
+
+/// The comma-separated kernel-name prefixes of environment variable `var` (none when unset).
+fn name_prefixes(var: &str) -> Vec<String> {
+    std::env::var(var)
+        .map(|v| {
+            v.split(',')
+                .filter(|p| !p.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// A kernel argument.
