@@ -585,6 +585,32 @@ impl Gpu {
         smem: u32,
         args: &[&dyn Arg],
     ) -> Result<()> {
+        self.launch_ex(name, grid, block, smem, args, true)
+    }
+
+    /// [`Gpu::launch`] without programmatic dependent launch: the kernel takes no SM before
+    /// the one queued before it has finished. For kernels that can do nothing before their
+    /// wait and whose blocks would hold SMs that a parallel branch could use meanwhile.
+    pub fn launch_after(
+        &self,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        smem: u32,
+        args: &[&dyn Arg],
+    ) -> Result<()> {
+        self.launch_ex(name, grid, block, smem, args, false)
+    }
+
+    fn launch_ex(
+        &self,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        smem: u32,
+        args: &[&dyn Arg],
+        pdl: bool,
+    ) -> Result<()> {
         if self.skip.iter().any(|p| name.starts_with(p.as_str())) {
             return Ok(());
         }
@@ -629,6 +655,7 @@ impl Gpu {
             hStream: self.cur(),
             attrs: &mut attr,
             numAttrs: (self.pdl
+                && pdl
                 && events.is_none()
                 && !self.no_pdl.iter().any(|p| name.starts_with(p.as_str())))
                 as u32,

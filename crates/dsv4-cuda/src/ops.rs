@@ -1671,7 +1671,11 @@ fn moe_experts_bulk(
             pairs * expert(2 * i, d),
         )
     });
-    gpu.launch(
+    // Up waits for the routing before it does anything: launched early it would only hold
+    // every SM's shared memory meanwhile, keeping a decode step's shared expert (side stream,
+    // beside the router) off the GPU until the routing is done (H100, batch 1: 1.82 / 1.79 ms
+    // a step against 1.87 / 1.83 with the early launch).
+    gpu.launch_after(
         "moe_up_bulk_fp4",
         (up.blocks, 1, 1),
         (MB_THREADS, 1, 1),
