@@ -717,6 +717,7 @@ impl CudaModel {
         let g = &*self.gpu;
         let c = &self.config;
         let last = self.weights.head.is_some();
+        let timer = StepTimer::start();
         let mut segs = Vec::with_capacity(items.len());
         let (mut ids, mut positions) = (Vec::with_capacity(t), Vec::with_capacity(t));
         for it in items.iter() {
@@ -764,6 +765,7 @@ impl CudaModel {
             Vec::new()
         };
         let replay = decode && self.moe_per_pair(t) && self.graphs.load(Ordering::Relaxed);
+        let timer = timer.mark();
         if replay {
             let key = (t, !head_rows.is_empty());
             if !s.graphs.contains_key(&key) {
@@ -785,6 +787,7 @@ impl CudaModel {
             };
             self.enqueue(s, per_seq, t, &head_rows)?;
         }
+        let timer = timer.mark();
         for (it, seg) in items.iter_mut().zip(&segs) {
             it.seq.pos += seg.len;
             if decode {
@@ -816,7 +819,7 @@ impl CudaModel {
                 at * vocab..(at + r.len()) * vocab
             })
             .collect();
-        g.dtoh_with(s.out_logits.ptr, head_rows.len() * vocab, |logits| {
+        let out = g.dtoh_with(s.out_logits.ptr, head_rows.len() * vocab, |logits| {
             // Several items' rows (0.5 MB each for Flash's vocabulary) are copied out by
             // several threads.
             PartOut::Logits(if spans.len() >= PAR_COPY_ITEMS {
@@ -824,7 +827,9 @@ impl CudaModel {
             } else {
                 spans.into_iter().map(|r| logits[r].to_vec()).collect()
             })
-        })
+        });
+        timer.report(t, items.first().map_or(0, |it| it.seq.pos));
+        out
     }
 
     /// Whether `t` tokens take the per-pair MoE kernels (no host round trip).
@@ -2152,5 +2157,42 @@ impl Engine for CudaModel {
             .downcast_mut::<GpuSeq>()
             .ok_or_else(|| dsv4_core::Error::Input("sequence state of another backend".into()))?;
         Ok(CudaModel::forward(self, seq, ids, want)?)
+    }
+}
+
+/// Diagnostics (`DSV4_CUDA_STEP_TIMES=1`): where a call's host time goes, printed per call:
+/// preparation (uploads, tables), queueing or replaying the launches, then waiting for the
+/// device and reading the results back.
+struct StepTimer(Option<(std::time::Instant, Vec<std::time::Duration>)>);
+
+impl StepTimer {
+    fn start() -> Self {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let on = *ON.get_or_init(|| std::env::var("DSV4_CUDA_STEP_TIMES").is_ok_and(|v| v == "1"));
+        StepTimer(on.then(|| (std::time::Instant::now(), Vec::new())))
+    }
+
+    fn mark(mut self) -> Self {
+        if let Some((t0, marks)) = &mut self.0 {
+            marks.push(t0.elapsed());
+        }
+        self
+    }
+
+    fn report(self, tokens: usize, pos: usize) {
+        if let Some((t0, marks)) = self.0 {
+            let us = |d: std::time::Duration| d.as_secs_f64() * 1e6;
+            let (a, b) = (
+                marks.first().copied().unwrap_or_default(),
+                marks.get(1).copied().unwrap_or_default(),
+            );
+            let end = t0.elapsed();
+            eprintln!(
+                "step times ({tokens} tokens, position {pos}): prepare {:.0} us, launch {:.0} us, wait + read back {:.0} us",
+                us(a),
+                us(b - a),
+                us(end - b)
+            );
+        }
     }
 }
