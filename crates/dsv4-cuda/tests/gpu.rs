@@ -108,14 +108,82 @@ fn linear_kernels_match_cpu() {
     }
 }
 
+/// Random matrices of `shapes` (format, out, in) and their uploads; seeds from `seed`.
+fn random_mats(
+    gpu: &Gpu,
+    shapes: &[(synthetic::MatrixFormat, usize, usize)],
+    seed: u64,
+) -> Vec<(Linear, dsv4_cuda::weights::GpuLinear)> {
+    shapes
+        .iter()
+        .enumerate()
+        .map(|(i, &(f, out, inp))| {
+            let l = synthetic::random_linear(f, out, inp, seed + i as u64).unwrap();
+            let g = dsv4_cuda::weights::GpuLinear::upload(gpu, &l).unwrap();
+            (l, g)
+        })
+        .collect()
+}
+
+/// The products of `mats` for `m` tokens (each its own input) through `run`, each output
+/// against the CPU within 1e-5, `reps` launches in a row (split-K counters must return to
+/// zero).
+fn check_products(
+    gpu: &Gpu,
+    mats: &[(Linear, dsv4_cuda::weights::GpuLinear)],
+    m: usize,
+    reps: usize,
+    what: &str,
+    run: impl Fn(&[dsv4_cuda::ops::LinJob<'_>]),
+) {
+    let xs: Vec<Vec<f32>> = mats
+        .iter()
+        .enumerate()
+        .map(|(i, (l, _))| {
+            (0..m * l.inp)
+                .map(|k| (((k + 77 * i) * 2654435761usize) % 1000) as f32 / 500.0 - 1.0)
+                .collect()
+        })
+        .collect();
+    let xd: Vec<_> = xs.iter().map(|x| gpu.upload(x).unwrap()).collect();
+    let yd: Vec<_> = mats
+        .iter()
+        .map(|(l, _)| gpu.alloc(m * l.out * 4).unwrap())
+        .collect();
+    let jobs: Vec<dsv4_cuda::ops::LinJob<'_>> = mats
+        .iter()
+        .enumerate()
+        .map(|(i, (l, g))| dsv4_cuda::ops::LinJob {
+            w: g,
+            inp: LinIn::rows(xd[i].ptr, l.inp, m),
+            y: yd[i].ptr,
+        })
+        .collect();
+    for rep in 0..reps {
+        run(&jobs);
+        for (i, (l, _)) in mats.iter().enumerate() {
+            let want = l.apply(&xs[i], m);
+            let mut got = vec![0f32; m * l.out];
+            gpu.dtoh(yd[i].ptr, &mut got).unwrap();
+            let e = worst(&row_errors(&got, &want, l.out));
+            assert!(
+                e < 1e-5,
+                "{what}: {} [{}, {}] m={m} launch {rep}: {e}",
+                l.format.label(),
+                l.out,
+                l.inp
+            );
+        }
+    }
+    eprintln!("{what} x{} m={m}: all within 1e-5", mats.len());
+}
+
 /// Several GEMVs in one launch (`linear_multi`: mixed formats and widths, each job its own
 /// input, output and split-K workspace) against the CPU, token counts 1..64; and more tokens
 /// than the GEMV range (one `linear` each).
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn multi_gemv_matches_cpu() {
-    use dsv4_cuda::ops::{linear_multi, LinJob};
-    use dsv4_cuda::weights::GpuLinear;
     use synthetic::MatrixFormat as F;
     let gpu = Gpu::open(0).expect("GPU");
     let (_bufs, part) = gemv_workspace(&gpu);
@@ -126,46 +194,11 @@ fn multi_gemv_matches_cpu() {
         (F::Fp8, 130, 1024),
         (F::Bf16, 7, 1000),
     ];
-    let mats: Vec<(Linear, GpuLinear)> = shapes
-        .iter()
-        .enumerate()
-        .map(|(i, &(f, out, inp))| {
-            let l: Linear = synthetic::random_linear(f, out, inp, 20 + i as u64).unwrap();
-            let g = GpuLinear::upload(&gpu, &l).unwrap();
-            (l, g)
-        })
-        .collect();
+    let mats = random_mats(&gpu, &shapes, 20);
     for m in [1usize, 2, 3, 8, 33, 64, 70] {
-        let xs: Vec<Vec<f32>> = shapes
-            .iter()
-            .enumerate()
-            .map(|(i, &(_, _, inp))| {
-                (0..m * inp)
-                    .map(|k| (((k + 77 * i) * 2654435761usize) % 1000) as f32 / 500.0 - 1.0)
-                    .collect()
-            })
-            .collect();
-        let xd: Vec<_> = xs.iter().map(|x| gpu.upload(x).unwrap()).collect();
-        let yd: Vec<_> = shapes
-            .iter()
-            .map(|&(_, out, _)| gpu.alloc(m * out * 4).unwrap())
-            .collect();
-        let jobs: Vec<LinJob<'_>> = (0..shapes.len())
-            .map(|i| LinJob {
-                w: &mats[i].1,
-                inp: LinIn::rows(xd[i].ptr, shapes[i].2, m),
-                y: yd[i].ptr,
-            })
-            .collect();
-        linear_multi(&gpu, &jobs, &part).unwrap();
-        for (i, &(f, out, inp)) in shapes.iter().enumerate() {
-            let want = mats[i].0.apply(&xs[i], m);
-            let mut got = vec![0f32; m * out];
-            gpu.dtoh(yd[i].ptr, &mut got).unwrap();
-            let e = worst(&row_errors(&got, &want, out));
-            assert!(e < 1e-5, "multi {f:?} [{out}, {inp}] m={m}: {e}");
-        }
-        eprintln!("linear_multi x{} m={m}: all within 1e-5", shapes.len());
+        check_products(&gpu, &mats, m, 1, "linear_multi", |jobs| {
+            dsv4_cuda::ops::linear_multi(&gpu, jobs, &part).unwrap()
+        });
     }
 }
 
@@ -176,8 +209,7 @@ fn multi_gemv_matches_cpu() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn bulk_multi_matches_cpu() {
-    use dsv4_cuda::ops::{bulk_multi_ok, linear_bulk_multi, LinJob};
-    use dsv4_cuda::weights::GpuLinear;
+    use dsv4_cuda::ops::{bulk_multi_ok, linear_bulk_multi};
     use synthetic::MatrixFormat as F;
     let gpu = Gpu::open(0).expect("GPU");
     let (_bufs, part) = gemv_workspace(&gpu);
@@ -199,56 +231,13 @@ fn bulk_multi_matches_cpu() {
         &[(F::Bf16, 64, 4096), (F::Fp8, 64, 4096)],
     ];
     for (si, shapes) in sets.iter().enumerate() {
-        let mats: Vec<(Linear, GpuLinear)> = shapes
-            .iter()
-            .enumerate()
-            .map(|(i, &(f, out, inp))| {
-                let l: Linear = synthetic::random_linear(f, out, inp, 40 + i as u64).unwrap();
-                let g = GpuLinear::upload(&gpu, &l).unwrap();
-                (l, g)
-            })
-            .collect();
+        let mats = random_mats(&gpu, shapes, 40);
         for m in [1usize, 2] {
-            let xs: Vec<Vec<f32>> = shapes
-                .iter()
-                .enumerate()
-                .map(|(i, &(_, _, inp))| {
-                    (0..m * inp)
-                        .map(|k| (((k + 31 * i) * 2654435761usize) % 1000) as f32 / 500.0 - 1.0)
-                        .collect()
-                })
-                .collect();
-            let xd: Vec<_> = xs.iter().map(|x| gpu.upload(x).unwrap()).collect();
-            let yd: Vec<_> = shapes
-                .iter()
-                .map(|&(_, out, _)| gpu.alloc(m * out * 4).unwrap())
-                .collect();
-            let jobs: Vec<LinJob<'_>> = (0..shapes.len())
-                .map(|i| LinJob {
-                    w: &mats[i].1,
-                    inp: LinIn::rows(xd[i].ptr, shapes[i].2, m),
-                    y: yd[i].ptr,
-                })
-                .collect();
-            assert!(bulk_multi_ok(&gpu, &jobs), "set {si} m={m}: not taken");
-            // Twice: the split-K counters must be back at zero after a launch.
-            for rep in 0..2 {
-                linear_bulk_multi(&gpu, &jobs, &part).unwrap();
-                for (i, &(f, out, inp)) in shapes.iter().enumerate() {
-                    let want = mats[i].0.apply(&xs[i], m);
-                    let mut got = vec![0f32; m * out];
-                    gpu.dtoh(yd[i].ptr, &mut got).unwrap();
-                    let e = worst(&row_errors(&got, &want, out));
-                    assert!(
-                        e < 1e-5,
-                        "bulk multi set {si} {f:?} [{out}, {inp}] m={m} launch {rep}: {e}"
-                    );
-                }
-            }
-            eprintln!(
-                "linear_bulk_multi set {si} x{} m={m}: all within 1e-5",
-                shapes.len()
-            );
+            let what = format!("linear_bulk_multi set {si}");
+            check_products(&gpu, &mats, m, 2, &what, |jobs| {
+                assert!(bulk_multi_ok(&gpu, jobs), "{what} m={m}: not taken");
+                linear_bulk_multi(&gpu, jobs, &part).unwrap()
+            });
         }
     }
 }
