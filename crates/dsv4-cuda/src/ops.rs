@@ -1910,4 +1910,51 @@ mod tests {
         );
         assert!(plan.iter().all(|p| p.s > 1));
     }
+
+    #[test]
+    fn bulk_multi_plan_keeps_workspaces_apart() {
+        // (rows, tiles, slices): Flash's CSA projections of h, then a launch too small to
+        // give every SM an item.
+        let csa = [
+            (1024, 128, 1),
+            (512, 64, 1),
+            (1024, 128, 2),
+            (1024, 128, 2),
+            (256, 32, 2),
+            (256, 32, 2),
+            (64, 8, 2),
+        ];
+        let small = [(64, 8, 2), (64, 8, 1)];
+        for shapes in [&csa[..], &small[..]] {
+            for m in [1, 2] {
+                for (floats, counters) in [(1 << 22, 1 << 16), (300, 20), (0, 0)] {
+                    let plan = plan_bulk_multi(shapes, m, 132, floats, counters);
+                    let mut regions = Vec::new();
+                    for (&(s, po, co), &(rows, _, slices)) in plan.iter().zip(shapes) {
+                        assert!(s >= 1 && s <= slices, "{s} splits of {slices} slices");
+                        if s > 1 {
+                            assert!(po + s * m * rows <= floats, "partials overflow");
+                            assert!(co + rows.div_ceil(4) <= counters, "counters overflow");
+                            regions.push((po, s * m * rows, co, rows.div_ceil(4)));
+                        }
+                    }
+                    for (i, a) in regions.iter().enumerate() {
+                        for b in &regions[i + 1..] {
+                            assert!(a.0 + a.1 <= b.0 || b.0 + b.1 <= a.0, "partials overlap");
+                            assert!(a.2 + a.3 <= b.2 || b.2 + b.3 <= a.2, "counters overlap");
+                        }
+                    }
+                    if floats == 0 {
+                        assert!(plan.iter().all(|p| p.0 == 1));
+                    }
+                }
+            }
+        }
+        // Enough items for every SM: no split. Too few: the jobs with slices to split, split.
+        assert!(plan_bulk_multi(&csa, 1, 132, 1 << 22, 1 << 16)
+            .iter()
+            .all(|p| p.0 == 1));
+        let plan = plan_bulk_multi(&small, 1, 132, 1 << 22, 1 << 16);
+        assert_eq!((plan[0].0, plan[1].0), (2, 1));
+    }
 }
