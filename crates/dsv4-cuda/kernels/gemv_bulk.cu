@@ -11,7 +11,7 @@
 #include "linear.cuh"
 
 #define BULK_STAGE 32768  // weight bytes per stage
-#define BULK_STAGES 4
+#define BULK_STAGES 4  // the most stages a ring has (see BulkRing)
 #define BULK_THREADS 288  // 8 consumer warps + 1 producer warp
 
 // A stage holds R = 8·RPW rows × KS = 4096/RPW bytes of each: a whole row when the row is KS
@@ -129,27 +129,31 @@ __device__ __forceinline__ const uint8_t* bulk_aux(const LinearW& W, int r) {
 
 // The stage ring of one launch: its barriers and the count of stages passed so far, which the
 // producer and the consumers keep alike (they walk the same items), so a launch may run
-// several matrices through one ring (`gemv_bulk_pair`). STRIDE: bytes per stage slot.
+// several matrices through one ring (`gemv_bulk_pair`). The ring has as many slots of
+// `stride` bytes as the launch's dynamic shared memory holds, up to BULK_STAGES (the host's
+// `Gpu::bulk_stages`: fewer let two bulk launches share an SM, for comparisons).
 struct BulkRing {
     uint64_t* full;
     uint64_t* empty;
     int n;
-    int done;  // items a consumer warp has finished: the parity of the u-group sums' buffer
+    int done;    // items a consumer warp has finished: the parity of the u-group sums' buffer
+    int stages;  // slots in the ring
 };
-__device__ __forceinline__ BulkRing bulk_ring_init(unsigned need) {
+__device__ __forceinline__ BulkRing bulk_ring_init(unsigned stride) {
     __shared__ __align__(8) uint64_t full[BULK_STAGES], empty[BULK_STAGES];
     unsigned dyn_smem;
     asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn_smem));
-    if (dyn_smem < need) __trap();  // the host's `bulk_smem` disagrees
+    const int stages = min((int)(dyn_smem / stride), BULK_STAGES);
+    if (stages < 2) __trap();  // the host's `bulk_smem` disagrees
     if (threadIdx.x == 0) {
-        for (int i = 0; i < BULK_STAGES; i++) {
+        for (int i = 0; i < stages; i++) {
             mbar_init(&full[i], 1);
             mbar_init(&empty[i], 8);  // the consumer warps
         }
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
     __syncthreads();
-    return BulkRing{full, empty, 0, 0};
+    return BulkRing{full, empty, 0, 0, stages};
 }
 
 // The engine over the rows of one matrix: `Src` says where a tile's rows live (`row(t, j)` /
@@ -170,15 +174,16 @@ __device__ __forceinline__ void gemv_bulk_steps(const Src& src, ItemRange mine, 
     uint64_t* full = ring.full;
     uint64_t* empty = ring.empty;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int NS = ring.stages;
     BulkWalk walk(mine, nslices, S);
     const bool whole = nslices == 1;
     if (warp == W) {
         // Producer: the weights do not depend on the previous kernel, so no wait.
         const uint64_t policy = evict_first_policy();
         for (int& n = ring.n; !walk.done(); n++) {
-            const int slot = n % BULK_STAGES, t = walk.tile(), sl = walk.slice;
+            const int slot = n % NS, t = walk.tile(), sl = walk.slice;
             uint8_t* st = bulk_smem + slot * STRIDE;
-            if (n >= BULK_STAGES) mbar_wait(&empty[slot], ((n / BULK_STAGES) - 1) & 1);
+            if (n >= NS) mbar_wait(&empty[slot], ((n / NS) - 1) & 1);
             // Weights (and FP4 scale bytes): a whole-row tile as one copy (lane 0; lane 1 its
             // scale bytes), else one copy per row (lane j: smem row j). FP8: lane 16 copies the
             // block scales of the slice.
@@ -212,10 +217,10 @@ __device__ __forceinline__ void gemv_bulk_steps(const Src& src, ItemRange mine, 
 #pragma unroll
         for (int m = 0; m < MT; m++) acc[k][m] = 0.f;
     for (int& n = ring.n; !walk.done(); n++) {
-        const int slot = n % BULK_STAGES;
+        const int slot = n % NS;
         const int t = walk.tile();
         const uint8_t* st = bulk_smem + slot * STRIDE;
-        mbar_wait(&full[slot], (n / BULK_STAGES) & 1);
+        mbar_wait(&full[slot], (n / NS) & 1);
 #pragma unroll
         for (int uu = 0; uu < UPW; uu++) {
             const int u = UPW * ug + uu;
@@ -286,7 +291,7 @@ __device__ __forceinline__ void gemv_bulk_steps(const Src& src, ItemRange mine, 
 template <int FMT, int MT, int RPW, class Src>
 __device__ __forceinline__ void gemv_bulk_run(const Src& src, int items, int nslices, int S) {
     constexpr int STAGE = bulk_stage_bytes<FMT, RPW>();
-    BulkRing ring = bulk_ring_init(BULK_STAGES * STAGE);
+    BulkRing ring = bulk_ring_init(STAGE);
     // The producer needs no wait (weights do not depend on the previous kernel); the
     // consumers' activations are the previous kernel's output.
     if (threadIdx.x < 256) pdl_wait();
@@ -390,7 +395,7 @@ __device__ __forceinline__ void gemv_bulk_norm_impl(const LinearW& W, const Gemv
                                                     float eps) {
     constexpr int STAGE = bulk_stage_bytes<FMT, RPW>();
     if (a.xg_rows) __trap();  // the host's plan: ungrouped inputs
-    BulkRing ring = bulk_ring_init(BULK_STAGES * STAGE);
+    BulkRing ring = bulk_ring_init(STAGE);
     NormSrc<FMT, MT, RPW> src{{W, a}, g, {}};
     if (threadIdx.x < 256) {
         pdl_wait();
@@ -449,7 +454,7 @@ __device__ __forceinline__ void gemv_bulk_pair_impl(const LinearW& W0, const Gem
                                                     const GemvArgs& a1, int ns1, unsigned* bar) {
     constexpr int S0 = bulk_stage_bytes<F0, R0>(), S1 = bulk_stage_bytes<F1, R1>();
     constexpr int STRIDE = S0 > S1 ? S0 : S1;
-    BulkRing ring = bulk_ring_init(BULK_STAGES * STRIDE);
+    BulkRing ring = bulk_ring_init(STRIDE);
     const DenseSrc<F0, MT, R0> s0{W0, a0};
     const DenseSrc<F1, MT, R1> s1{W1, a1};
     if (threadIdx.x < 256) pdl_wait();
@@ -500,7 +505,7 @@ __device__ __forceinline__ void bulk_multi_job(const BulkJob& b, ItemRange r, Bu
 template <int MT>
 __device__ __forceinline__ void gemv_bulk_multi_impl(const BulkMulti& g) {
     constexpr int STRIDE = bulk_stage_bytes<FMT_FP8, 1>();  // the largest FP8 or BF16 stage
-    BulkRing ring = bulk_ring_init(BULK_STAGES * STRIDE);
+    BulkRing ring = bulk_ring_init(STRIDE);
     if (threadIdx.x < 256) pdl_wait();
     int total = 0;
     for (int j = 0; j < g.n; j++) total += g.j[j].items;

@@ -47,6 +47,9 @@ pub struct Gpu {
     /// Rows per warp of the dense bulk-copy kernels (1, 2 or 4; 0: by row length), from
     /// `DSV4_CUDA_BULK_RPW`, for comparisons.
     pub bulk_rpw: usize,
+    /// Shared-memory stages of the dense bulk-copy kernels: 4, or 2–3 from
+    /// `DSV4_CUDA_BULK_STAGES` (with fewer, two launches fit on an SM: comparisons).
+    pub bulk_stages: usize,
     /// Multi-token products of BF16/FP8/FP4 weights on the tensor cores (`kernels/gemm_tc.cu`;
     /// `DSV4_CUDA_TC=0` keeps the SIMT GEMMs, for A/B comparisons).
     pub tc: bool,
@@ -208,6 +211,11 @@ impl Gpu {
                 .and_then(|v| v.parse().ok())
                 .filter(|r| [1, 2, 4].contains(r))
                 .unwrap_or(0),
+            bulk_stages: std::env::var("DSV4_CUDA_BULK_STAGES")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .filter(|n| (2..=4).contains(n))
+                .unwrap_or(4),
             tc: std::env::var("DSV4_CUDA_TC").map_or(true, |v| v != "0"),
             tc_bk: if std::env::var("DSV4_CUDA_TC_BK").is_ok_and(|v| v == "32") {
                 32

@@ -612,10 +612,9 @@ fn gemv_stream(gpu: &Gpu, w: &GpuLinear, inp: &LinIn, y: u64, part: &Partial) ->
     )
 }
 
-/// Stages of the bulk-copy kernels (`kernels/gemv_bulk.cu`), 32 KB of weights each, and
-/// their threads (8 consumer warps and a producer).
+/// A stage of the bulk-copy kernels (`kernels/gemv_bulk.cu`: `Gpu::bulk_stages` of them), 32 KB
+/// of weights, and their threads (8 consumer warps and a producer).
 const BULK_STAGE: usize = 32768;
-const BULK_STAGES: usize = 4;
 const BULK_THREADS: u32 = 288;
 
 /// Rows per warp of a bulk-copy kernel reading rows of `row_bytes` (a multiple of 1024): the
@@ -629,15 +628,16 @@ fn bulk_rpw(row_bytes: usize) -> usize {
     4096 / slice
 }
 
-/// Dynamic shared memory of a bulk-copy kernel (`bulk_stage_bytes` × stages): the weights and
-/// their scale bytes (FP4: one per 32 elements; FP8: the tile's block scales of the slice).
-fn bulk_smem(fmt: Fmt, rpw: usize) -> u32 {
+/// Dynamic shared memory of a bulk-copy kernel (`bulk_stage_bytes` × stages; the kernel's ring
+/// takes as many stages as fit): the weights and their scale bytes (FP4: one per 32 elements;
+/// FP8: the tile's block scales of the slice).
+fn bulk_smem(gpu: &Gpu, fmt: Fmt, rpw: usize) -> u32 {
     let aux = match fmt {
         Fmt::Fp8 => (4096 / rpw) / 32,
         Fmt::Fp4 => BULK_STAGE / 16,
         _ => 0,
     };
-    (BULK_STAGES * (BULK_STAGE + aux)) as u32
+    (gpu.bulk_stages * (BULK_STAGE + aux)) as u32
 }
 
 /// How the bulk-copy kernels stream a matrix for `m` tokens: rows per warp, K slices per
@@ -729,7 +729,7 @@ fn launch_bulk(
         &format!("{kind}_{}_{m}_r{rpw}", w.fmt.name()),
         (blocks as u32, 1, 1),
         (BULK_THREADS, 1, 1),
-        bulk_smem(w.fmt, rpw),
+        bulk_smem(gpu, w.fmt, rpw),
         &all,
     )
 }
@@ -828,7 +828,7 @@ pub fn linear_pair(
         )
     });
     let (na, nb) = (pa.nslices as i32, pb.nslices as i32);
-    let smem = bulk_smem(a.w.fmt, pa.rpw).max(bulk_smem(b.w.fmt, pb.rpw));
+    let smem = bulk_smem(gpu, a.w.fmt, pa.rpw).max(bulk_smem(gpu, b.w.fmt, pb.rpw));
     gpu.launch(
         &name,
         (blocks as u32, 1, 1),
@@ -968,7 +968,7 @@ pub fn linear_bulk_multi(gpu: &Gpu, jobs: &[LinJob<'_>], part: &Partial) -> Resu
         &format!("gemv_bulk_multi_{m}"),
         (items.min(gpu.sm_count) as u32, 1, 1),
         (BULK_THREADS, 1, 1),
-        bulk_smem(Fmt::Fp8, 1),
+        bulk_smem(gpu, Fmt::Fp8, 1),
         &[&g],
     )
 }

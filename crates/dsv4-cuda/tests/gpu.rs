@@ -204,15 +204,14 @@ fn multi_gemv_matches_cpu() {
 
 /// Decode's projections of h in one bulk-copy launch (`linear_bulk_multi`) against the CPU:
 /// Flash's CSA layer shapes (FP8 and BF16 rows of 4 and 8 KB), Pro's rows of 7168 inputs
-/// (1 KB and 2 KB slices), a partial tile, and a launch small enough to split K. (FP8 row
-/// counts keep the scale blocks a multiple of the 32-row tiles, as the bulk kernels need.)
+/// (1 KB and 2 KB slices), a partial tile, and a launch small enough to split K, through rings
+/// of 4, 3 and 2 stages. (FP8 row counts keep the scale blocks a multiple of the 32-row tiles,
+/// as the bulk kernels need.)
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn bulk_multi_matches_cpu() {
     use dsv4_cuda::ops::{bulk_multi_ok, linear_bulk_multi};
     use synthetic::MatrixFormat as F;
-    let gpu = Gpu::open(0).expect("GPU");
-    let (_bufs, part) = gemv_workspace(&gpu);
     let sets: [&[(F, usize, usize)]; 3] = [
         &[
             (F::Fp8, 1024, 4096),
@@ -230,14 +229,22 @@ fn bulk_multi_matches_cpu() {
         ],
         &[(F::Bf16, 64, 4096), (F::Fp8, 64, 4096)],
     ];
-    for (si, shapes) in sets.iter().enumerate() {
-        let mats = random_mats(&gpu, shapes, 40);
-        for m in [1usize, 2] {
-            let what = format!("linear_bulk_multi set {si}");
-            check_products(&gpu, &mats, m, 2, &what, |jobs| {
-                assert!(bulk_multi_ok(&gpu, jobs), "{what} m={m}: not taken");
-                linear_bulk_multi(&gpu, jobs, &part).unwrap()
-            });
+    // Rings of 4 stages (the default), and of 3 and 2 (`DSV4_CUDA_BULK_STAGES`).
+    for stages in [4, 3, 2] {
+        let mut gpu = Gpu::open(0).expect("GPU");
+        std::sync::Arc::get_mut(&mut gpu)
+            .expect("one owner")
+            .bulk_stages = stages;
+        let (_bufs, part) = gemv_workspace(&gpu);
+        for (si, shapes) in sets.iter().enumerate() {
+            let mats = random_mats(&gpu, shapes, 40);
+            for m in [1usize, 2] {
+                let what = format!("linear_bulk_multi set {si}, {stages} stages");
+                check_products(&gpu, &mats, m, 2, &what, |jobs| {
+                    assert!(bulk_multi_ok(&gpu, jobs), "{what} m={m}: not taken");
+                    linear_bulk_multi(&gpu, jobs, &part).unwrap()
+                });
+            }
         }
     }
 }
