@@ -19,6 +19,7 @@ args=("$@")
 [ ${#args[@]} -eq 0 ] && args=(--layers 8 --prompts 0 --contexts 1024 --batch 1 --decode 32)
 CUDA_INJECTION64_PATH=$out/libktrace.so KTRACE_OUT=$out/ktrace.csv \
   .devcarry/dsv4 bench --device cuda "${args[@]}" 2>&1 | grep -E '^decode @|^prefill @'
-python3 tools/ktrace_summary.py "$out/ktrace.csv" --timeline > "$out/ktrace-summary.txt"
+python3 tools/ktrace_summary.py "$out/ktrace.csv" --timeline --layers > "$out/ktrace-summary.txt"
+grep -E '^layer [0-9]+:' "$out/ktrace-summary.txt" | head -4
 sed -n '/^kernel /,$p' "$out/ktrace-summary.txt"
 head -1 "$out/ktrace-summary.txt"

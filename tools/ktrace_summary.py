@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
 """Where a decode step's time goes inside its CUDA graph, from tools/gpu/kernel_trace.cpp's CSV.
 
-    python3 tools/ktrace_summary.py trace.csv [--timeline] [--graph N]
+    python3 tools/ktrace_summary.py trace.csv [--timeline] [--layers] [--graph N]
 
 Takes the graph with the most replays (or --graph N), splits it into steps at each `embed`
 kernel and uses the median step. Per kernel name: launches per step, mean duration, and how the
 step's span is shared out: a kernel's *advance* is how far its end pushes the latest end seen so
 far (kernels sorted by start), its *gap* the idle time between that frontier and its start (no
 kernel running: launch latency or a dependency wait that nothing overlaps). Advances plus gaps
-add up to the step's span.
+add up to the step's span. `--layers` also prints each layer's advances in launch order (a layer
+starts at every second `hc_boundary`; the six-launch boundary path is not split).
 """
 import collections
 import csv
@@ -23,6 +24,7 @@ def short(name):
 def main():
     path = sys.argv[1]
     timeline = "--timeline" in sys.argv
+    layers = "--layers" in sys.argv
     rows = []
     with open(path) as f:
         for r in csv.DictReader(f):
@@ -49,6 +51,7 @@ def main():
     agg = collections.defaultdict(lambda: [0, 0.0, 0.0, 0.0])
     frontier = t0
     gaps = 0.0
+    per_layer, boundaries = [[]], 0
     if timeline:
         print(f"{'start':>8} {'dur':>7} {'gap':>6} {'adv':>6}  kernel")
     for s, e, _, n in step:
@@ -63,7 +66,17 @@ def main():
         gaps += gap / 1e3
         if timeline:
             print(f"{(s - t0) / 1e3:8.1f} {(e - s) / 1e3:7.1f} {gap / 1e3:6.1f} {adv / 1e3:6.1f}  {n}")
+        if n == "hc_boundary":
+            if boundaries % 2 == 0:
+                per_layer.append([])
+            boundaries += 1
+        per_layer[-1].append((n, (adv + gap) / 1e3))
     total = (frontier - t0) / 1e3
+    if layers:
+        for i, ks in enumerate(per_layer):
+            name = "before layer 0" if i == 0 else f"layer {i - 1}"
+            body = ", ".join(f"{n} {a:.1f}" for n, a in ks if a >= 0.05)
+            print(f"{name}: {sum(a for _, a in ks):.1f} us | {body}")
     print(f"\n{'kernel':<40} {'n':>4} {'mean us':>8} {'advance':>8} {'gaps':>7} {'share':>6}")
     for n, (c, d, adv, gap) in sorted(agg.items(), key=lambda kv: -(kv[1][2] + kv[1][3])):
         print(f"{n[:40]:<40} {c:4d} {d / c:8.2f} {adv:8.1f} {gap:7.1f} {100 * (adv + gap) / total:5.1f}%")
