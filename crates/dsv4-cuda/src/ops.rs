@@ -165,18 +165,41 @@ pub struct Partial {
 }
 
 impl Partial {
-    /// The K splits a launch may take, from `want`: halved until `want × per_split` partial
-    /// floats fit, and none (1) when it needs more counters than there are.
+    /// The K splits a launch may take, from `want` (see [`fit_splits`]).
     fn fit_splits(&self, want: usize, per_split: usize, counters: usize) -> usize {
-        let mut s = want;
-        while s > 1 && s * per_split > self.floats {
-            s /= 2;
-        }
-        if counters > self.n_counters {
-            s = 1;
-        }
-        s
+        fit_splits(self.floats, self.n_counters, want, per_split, counters)
     }
+
+    /// The workspace past its first `po` partial floats and `co` counters (one job's share of
+    /// a several-product launch).
+    fn past(&self, po: usize, co: usize) -> Partial {
+        Partial {
+            ptr: self.ptr + 4 * po as u64,
+            floats: self.floats - po.min(self.floats),
+            counters: self.counters + 4 * co as u64,
+            n_counters: self.n_counters - co.min(self.n_counters),
+        }
+    }
+}
+
+/// The K splits a launch may take in a workspace of `floats` partial floats and `n_counters`
+/// counters, from `want`: halved until `want × per_split` floats fit, and none (1) when it
+/// needs more counters than there are.
+fn fit_splits(
+    floats: usize,
+    n_counters: usize,
+    want: usize,
+    per_split: usize,
+    counters: usize,
+) -> usize {
+    let mut s = want;
+    while s > 1 && s * per_split > floats {
+        s /= 2;
+    }
+    if counters > n_counters {
+        s = 1;
+    }
+    s
 }
 
 /// `y[t, :] = W · x[t, :]` for all rows of `w`; `y` has leading dimension `ldy`.
@@ -344,12 +367,7 @@ pub fn linear_multi(gpu: &Gpu, jobs: &[LinJob<'_>], part: &Partial) -> Result<()
     let mut bytes = 0;
     for (((slot, j), p), &vec) in g.j.iter_mut().zip(jobs).zip(&plan).zip(&vecs) {
         let w = j.w;
-        let jp = Partial {
-            ptr: part.ptr + 4 * p.po as u64,
-            floats: part.floats - p.po.min(part.floats),
-            counters: part.counters + 4 * p.co as u64,
-            n_counters: part.n_counters - p.co.min(part.n_counters),
-        };
+        let jp = part.past(p.po, p.co);
         *slot = GemvJob {
             w: w.desc,
             a: GemvArgs::new(&j.inp, j.y, w.out, w.out, p.s, vec, &jp),
@@ -543,17 +561,12 @@ fn plan_multi(
         .iter()
         .map(|&(rows, chunks, vec)| {
             let gx = rows.div_ceil(GEMV_ROWS);
-            let mut s = if vec {
+            let want = if vec {
                 want.min(chunks / 32).clamp(1, 64)
             } else {
                 1
             };
-            while s > 1 && po + s * m * rows > floats {
-                s /= 2;
-            }
-            if co + gx * z > n_counters {
-                s = 1;
-            }
+            let s = fit_splits(floats - po, n_counters - co, want, m * rows, gx * z);
             let slot = MultiSlot {
                 s,
                 po,
@@ -890,14 +903,9 @@ fn plan_bulk_multi(
     shapes
         .iter()
         .map(|&(rows, _, nslices)| {
-            let mut s = want.clamp(1, nslices.max(1));
-            while s > 1 && po + s * m * rows > floats {
-                s /= 2;
-            }
             let counters = rows.div_ceil(4);
-            if co + counters > n_counters {
-                s = 1;
-            }
+            let want = want.clamp(1, nslices.max(1));
+            let s = fit_splits(floats - po, n_counters - co, want, m * rows, counters);
             let slot = (s, po, co);
             if s > 1 {
                 po += s * m * rows;
@@ -918,13 +926,8 @@ pub fn linear_bulk_multi(gpu: &Gpu, jobs: &[LinJob<'_>], part: &Partial) -> Resu
         )));
     }
     let m = jobs[0].inp.m;
+    // (`bulk_plan` gives 1, 2 or 4 rows per warp, each built in the kernel.)
     let plans: Vec<BulkPlan> = jobs.iter().map(|j| bulk_plan(gpu, j.w, m, part)).collect();
-    if let Some(p) = plans.iter().find(|p| ![1, 2, 4].contains(&p.rpw)) {
-        return Err(crate::Error::Unsupported(format!(
-            "one bulk launch with {} rows per warp",
-            p.rpw
-        )));
-    }
     let shapes: Vec<_> = jobs
         .iter()
         .zip(&plans)
@@ -946,12 +949,7 @@ pub fn linear_bulk_multi(gpu: &Gpu, jobs: &[LinJob<'_>], part: &Partial) -> Resu
     };
     let (mut items, mut bytes) = (0, 0);
     for (((slot, j), p), &(s, po, co)) in g.j.iter_mut().zip(jobs).zip(&plans).zip(&splits) {
-        let jp = Partial {
-            ptr: part.ptr + 4 * po as u64,
-            floats: part.floats - po.min(part.floats),
-            counters: part.counters + 4 * co as u64,
-            n_counters: part.n_counters - co.min(part.n_counters),
-        };
+        let jp = part.past(po, co);
         *slot = BulkJob {
             w: j.w.desc,
             a: GemvArgs::new(&j.inp, j.y, j.w.out, j.w.out, s, true, &jp),
