@@ -102,9 +102,11 @@ extern "C" __global__ void moe_route(const float* logits, int E, int k, const fl
 
 // The router of a decode step's few tokens (T <= RR_TOKENS, BF16 gate with rows of whole
 // 16-byte chunks) in one launch instead of a GEMV and `moe_route`: a warp per gate row, its
-// first RR_PRE chunks per lane requested before the previous kernel is waited for, x
-// (the normed h, [T, d]) read after; the block that finishes last (an atomic count, reset for
-// the next launch) routes the tokens, a warp each, from the logits the blocks wrote.
+// first RR_PRE chunks per lane requested before the previous kernel is waited for; x (the
+// normed h, [T, d]) is then copied into shared memory (T·d floats of dynamic shared memory)
+// with all of a thread's loads in flight at once, so the dot products wait for one L2 round
+// trip instead of one per chunk; the block that finishes last (an atomic count, reset for the
+// next launch) routes the tokens, a warp each, from the logits the blocks wrote.
 #define RR_WARPS 4
 #define RR_TOKENS 4
 #define RR_PRE 16
@@ -123,6 +125,25 @@ extern "C" __global__ void __launch_bounds__(RR_WARPS * 32)
         if (c < nch) wv[i] = __ldg(row + c);
     }
     pdl_wait();
+    extern __shared__ float4 xs4[];  // [T, d / 4]
+    {
+        const int n4 = T * d / 4;
+        constexpr int U = 8;  // loads in flight per thread before the first store
+        for (int i0 = threadIdx.x; i0 < n4; i0 += U * RR_WARPS * 32) {
+            float4 v[U];
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                const int i = i0 + u * RR_WARPS * 32;
+                if (i < n4) v[u] = __ldcg((const float4*)x + i);
+            }
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                const int i = i0 + u * RR_WARPS * 32;
+                if (i < n4) xs4[i] = v[u];
+            }
+        }
+    }
+    __syncthreads();
     float acc[RR_TOKENS];
 #pragma unroll
     for (int m = 0; m < RR_TOKENS; m++) acc[m] = 0.f;
@@ -132,8 +153,8 @@ extern "C" __global__ void __launch_bounds__(RR_WARPS * 32)
 #pragma unroll
         for (int m = 0; m < RR_TOKENS; m++) {
             if (m >= T) break;
-            float xv[8];
-            load_x<8>(x + (size_t)m * d + c * 8, xv);
+            const float4 a = xs4[(m * d + c * 8) / 4], b = xs4[(m * d + c * 8) / 4 + 1];
+            const float xv[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
 #pragma unroll
             for (int e = 0; e < 8; e++) acc[m] = fmaf(f[e], xv[e], acc[m]);
         }

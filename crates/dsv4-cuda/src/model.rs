@@ -1665,8 +1665,11 @@ impl CudaModel {
         let c = &self.config;
         let (h, dh) = (c.num_heads, c.head_dim);
         let groups = h.div_ceil(ATT_HEADS);
-        let nsplit = (2 * g.sm_count)
-            .div_ceil(t * groups)
+        let nsplit = match g.att_waves {
+            Some(w) => (w * g.sm_count / (t * groups)).max(1),
+            None => (2 * g.sm_count).div_ceil(t * groups),
+        };
+        let nsplit = nsplit
             .min(s.attn_part.bytes / 4 / (t * h * (dh + 2)))
             .clamp(1, COMBINE_MAX_SPLITS);
         self.attend_splits(s, args, nsplit, rope, s.positions.ptr)?;

@@ -1556,6 +1556,7 @@ pub struct RouteArgs {
 /// chunks, 16-byte aligned.
 pub fn router_route_ok(gate: &GpuLinear, t: usize) -> bool {
     (1..=ROUTER_ROUTE_TOKENS).contains(&t)
+        && t * gate.inp * 4 <= MAX_SMEM
         && gate.fmt == Fmt::Bf16
         && gate.vec
         && gate.inp.is_multiple_of(8)
@@ -1566,11 +1567,13 @@ pub fn router_route_ok(gate: &GpuLinear, t: usize) -> bool {
 /// caller checked [`router_route_ok`]).
 pub fn router_route(gpu: &Gpu, gate: &GpuLinear, a: &RouteArgs) -> Result<()> {
     let (t, k) = (a.t as i32, a.k as i32);
+    // x staged in shared memory (`router_route_ok` checked that it fits).
+    let smem = (a.t * gate.inp * 4) as u32;
     gpu.launch(
         "moe_router_route",
         (blocks_for(gate.out, RR_WARPS), 1, 1),
         (32 * RR_WARPS as u32, 1, 1),
-        0,
+        smem,
         &[
             &gate.desc, &a.x, &t, &a.logits, &a.count, &k, &a.bias, &a.tid2eid, &a.ids, &a.scale,
             &a.picks, &a.rw,
