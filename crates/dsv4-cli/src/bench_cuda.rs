@@ -395,9 +395,12 @@ fn measure<M: Target>(
         }
     }
     // Decode at each context and batch size, the caches filled with random entries of the
-    // right count; a batch is B sequences each adding one token per step.
-    for &ctx in &a.contexts {
-        for &b in &a.batches {
+    // right count; a batch is B sequences each adding one token per step. Batch-major, so that
+    // each batch size's context sweep runs under the same memory state (the larger batches'
+    // caches, allocated and freed, leave the GPU full); rows are listed context-major.
+    let first_decode = rows.len();
+    for &b in &a.batches {
+        for &ctx in &a.contexts {
             let row = match decode_row(
                 model,
                 full_layers,
@@ -419,6 +422,8 @@ fn measure<M: Target>(
             rows.push(row);
         }
     }
+    let pos = |ctx: usize| a.contexts.iter().position(|&c| c == ctx);
+    rows[first_decode..].sort_by_key(|r| pos(r["context"].as_u64().unwrap_or(0) as usize));
     Ok((rows, peak_used, weight_bytes))
 }
 
