@@ -124,6 +124,9 @@ extern "C" __global__ void __launch_bounds__(RR_WARPS * 32)
         const int c = lane + 32 * i;
         if (c < nch) wv[i] = __ldg(row + c);
     }
+    // The routing's keys too (weights), in the warps that would route if this block is last.
+    float key[ROUTE_PL];
+    if (warp < T) route_keys(bias, E, lane, key);
     pdl_wait();
     extern __shared__ float4 xs4[];  // [T, d / 4]
     {
@@ -177,8 +180,6 @@ extern "C" __global__ void __launch_bounds__(RR_WARPS * 32)
     if (!last) return;
     __threadfence();
     if (warp < T) {
-        float key[ROUTE_PL];
-        route_keys(bias, E, lane, key);
         route_token(logits + (size_t)warp * E, E, k, bias, tid2eid, ids[warp], route_scale, picks + (size_t)warp * k,
                     rw + (size_t)warp * k, key);
     }

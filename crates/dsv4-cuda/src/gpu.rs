@@ -578,7 +578,13 @@ impl Gpu {
                 )
                 .map_err(drv("setting the shared-memory carveout"))?;
             }
-            f.insert(name.to_string(), (func, 48 * 1024));
+            // Without raising, a launch may take 48 KB less the kernel's static arrays.
+            let allowed = func
+                .get_attribute(
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                )
+                .map_err(drv("reading a kernel's shared-memory limit"))?;
+            f.insert(name.to_string(), (func, allowed.max(0) as u32));
         }
         let (func, allowed) = f.get_mut(name).expect("inserted above");
         if smem > *allowed {
@@ -687,7 +693,11 @@ impl Gpu {
             )
         }
         .result()
-        .map_err(|e| Error::Driver(format!("launching `{name}` {grid:?}x{block:?}: {e}")))?;
+        .map_err(|e| {
+            Error::Driver(format!(
+                "launching `{name}` {grid:?}x{block:?} with {smem} B of dynamic shared memory: {e}"
+            ))
+        })?;
         if let Some(b) = events {
             unsafe { result::event::record(b, self.cur()) }.map_err(drv("recording an event"))?;
         }
