@@ -50,10 +50,6 @@ pub struct Gpu {
     /// Shared-memory stages of the dense bulk-copy kernels: 4, or 2–3 from
     /// `DSV4_CUDA_BULK_STAGES` (with fewer, two launches fit on an SM: comparisons).
     pub bulk_stages: usize,
-    /// Attention blocks per SM a decode step's key splits aim at, from `DSV4_CUDA_ATT_WAVES`
-    /// (1 leaves each SM the shared memory of a 4-stage bulk block, so the output projection
-    /// can stream beside the attention; comparisons); `None`: two, rounded up.
-    pub att_waves: Option<usize>,
     /// Multi-token products of BF16/FP8/FP4 weights on the tensor cores (`kernels/gemm_tc.cu`;
     /// `DSV4_CUDA_TC=0` keeps the SIMT GEMMs, for A/B comparisons).
     pub tc: bool,
@@ -220,10 +216,6 @@ impl Gpu {
                 .and_then(|v| v.parse().ok())
                 .filter(|n| (2..=4).contains(n))
                 .unwrap_or(4),
-            att_waves: std::env::var("DSV4_CUDA_ATT_WAVES")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .filter(|n| (1..=4).contains(n)),
             tc: std::env::var("DSV4_CUDA_TC").map_or(true, |v| v != "0"),
             tc_bk: if std::env::var("DSV4_CUDA_TC_BK").is_ok_and(|v| v == "32") {
                 32

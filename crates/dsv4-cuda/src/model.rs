@@ -6,9 +6,7 @@
 use crate::gpu::{DevBuf, Gpu};
 use crate::ops::{self, AttnArgs, LinIn, LinJob, MoeArgs, Partial, Pos, RopeDev};
 use crate::state::{CompState, GpuSeq, LayerState, SeqLayerPtrs};
-use crate::weights::{
-    Ends, Fmt, GpuCompressor, GpuExpert, GpuHc, GpuLayer, GpuRouter, GpuVec, GpuWeights,
-};
+use crate::weights::{Ends, Fmt, GpuCompressor, GpuHc, GpuLayer, GpuRouter, GpuVec, GpuWeights};
 use crate::{Error, Result};
 use cudarc::driver::CudaGraph;
 use dsv4_core::config::AttnKind;
@@ -309,11 +307,6 @@ pub struct CudaModel {
     /// Whether a decode step's projections of h stream through one bulk-copy launch
     /// (`ops::linear_bulk_multi`; `DSV4_CUDA_BULK_MULTI=0` keeps `gemv_multi`).
     bulk_multi: AtomicBool,
-    /// Whether a one-token decode step's shared expert runs on the main stream through the bulk
-    /// kernels (gate and up in one launch, then down reading the gated products), the routing
-    /// beside it on the side stream (`DSV4_CUDA_SHARED_MAIN=0`: on the side stream through the
-    /// routed-expert kernels, the router on the main stream).
-    shared_main: AtomicBool,
     /// The arithmetic followed (the CPU model's profile).
     numerics: Numerics,
     /// Whether a decode step's projections of one input share a launch (`DSV4_CUDA_MULTI=0`
@@ -483,9 +476,6 @@ impl CudaModel {
             bulk_multi: AtomicBool::new(
                 std::env::var("DSV4_CUDA_BULK_MULTI").map_or(true, |v| v != "0"),
             ),
-            shared_main: AtomicBool::new(
-                std::env::var("DSV4_CUDA_SHARED_MAIN").map_or(true, |v| v != "0"),
-            ),
             numerics: model.numerics,
             multi_gemv: std::env::var("DSV4_CUDA_MULTI").map_or(true, |v| v != "0"),
             tc,
@@ -516,13 +506,6 @@ impl CudaModel {
     /// Turns decode's projections of h in one bulk-copy launch on or off (tests compare both).
     pub fn set_bulk_multi(&self, on: bool) {
         self.bulk_multi.store(on, Ordering::Relaxed);
-        self.drop_graphs();
-    }
-
-    /// Turns a one-token step's shared expert on the main stream (bulk kernels) on or off
-    /// (tests compare both).
-    pub fn set_shared_main(&self, on: bool) {
-        self.shared_main.store(on, Ordering::Relaxed);
         self.drop_graphs();
     }
 
@@ -1682,11 +1665,8 @@ impl CudaModel {
         let c = &self.config;
         let (h, dh) = (c.num_heads, c.head_dim);
         let groups = h.div_ceil(ATT_HEADS);
-        let nsplit = match g.att_waves {
-            Some(w) => (w * g.sm_count / (t * groups)).max(1),
-            None => (2 * g.sm_count).div_ceil(t * groups),
-        };
-        let nsplit = nsplit
+        let nsplit = (2 * g.sm_count)
+            .div_ceil(t * groups)
             .min(s.attn_part.bytes / 4 / (t * h * (dh + 2)))
             .clamp(1, COMBINE_MAX_SPLITS);
         self.attend_splits(s, args, nsplit, rope, s.positions.ptr)?;
@@ -1922,32 +1902,11 @@ impl CudaModel {
         let aq = self.numerics.act_quant();
         let round = |rw: Option<u64>| aq.then_some(ops::HiddenRound { rw });
         let lim = c.swiglu_limit.unwrap_or(f32::NAN);
+        // One token's shared expert into s.f through the routed-expert kernels (one pass for
+        // gate, up and SwiGLU, one for down), in a decode step on the side stream beside the
+        // routing and the routed experts; otherwise its gate/up products go with the router's.
         let shared_one = t == 1 && mw.shared_table.is_some();
-        // One token's shared expert on the main stream through the bulk kernels (gate and up in
-        // one launch, whose weights load into shared memory while the block boundary before it
-        // runs; down reading the gated products), the routing beside it on the side stream.
-        let shared_main = match &mw.shared {
-            Some(sh)
-                if shared_one
-                    && s.branch
-                    && !aq
-                    && self.multi_gemv
-                    && self.bulk_multi.load(Ordering::Relaxed)
-                    && self.shared_main.load(Ordering::Relaxed) =>
-            {
-                let (gj, uj) = sh_job(sh, &hq, s);
-                let gin = LinIn::rows(s.sg.ptr, sh.w1.out, 1);
-                ops::bulk_multi_ok(g, &[gj, uj]) && ops::linear_swiglu_ok(g, &sh.w2, &gin)
-            }
-            _ => false,
-        };
-        // Otherwise one token's shared expert goes into s.f through the routed-expert kernels
-        // (one pass for gate, up and SwiGLU, one for down), in a decode step on the side stream
-        // beside the routing and the routed experts; more tokens' gate/up products go with the
-        // router's.
-        if let (Some(sh), Some(table), true, false) =
-            (&mw.shared, &mw.shared_table, shared_one, shared_main)
-        {
+        if let (Some(sh), Some(table), true) = (&mw.shared, &mw.shared_table, shared_one) {
             let desc = std::mem::size_of::<crate::weights::LinearDesc>() as u64;
             let a = MoeArgs {
                 w1: table.ptr,
@@ -1978,29 +1937,28 @@ impl CudaModel {
         };
         let (ei, ki, scale) = (e as i32, k as i32, c.routed_scaling_factor);
         let gate_with_shared = mw.shared.is_some() && !shared_one;
-        let route = |s: &mut Scratch| -> Result<()> {
-            if !gate_with_shared
-                && self.route_fused.load(Ordering::Relaxed)
-                && ops::router_route_ok(&mw.gate, t)
-            {
-                return ops::router_route(
-                    g,
-                    &mw.gate,
-                    &ops::RouteArgs {
-                        x: s.h.ptr,
-                        t,
-                        logits: s.logits_e.ptr,
-                        count: s.route_count.ptr,
-                        k,
-                        bias,
-                        tid2eid,
-                        ids: s.ids.ptr,
-                        scale,
-                        picks: s.picks.ptr,
-                        rw: s.rw.ptr,
-                    },
-                );
-            }
+        if !gate_with_shared
+            && self.route_fused.load(Ordering::Relaxed)
+            && ops::router_route_ok(&mw.gate, t)
+        {
+            ops::router_route(
+                g,
+                &mw.gate,
+                &ops::RouteArgs {
+                    x: s.h.ptr,
+                    t,
+                    logits: s.logits_e.ptr,
+                    count: s.route_count.ptr,
+                    k,
+                    bias,
+                    tid2eid,
+                    ids: s.ids.ptr,
+                    scale,
+                    picks: s.picks.ptr,
+                    rw: s.rw.ptr,
+                },
+            )?;
+        } else {
             match &mw.shared {
                 Some(sh) if gate_with_shared => self.project(
                     s,
@@ -2040,19 +1998,7 @@ impl CudaModel {
                     &s.picks.ptr,
                     &s.rw.ptr,
                 ],
-            )
-        };
-        match &mw.shared {
-            Some(sh) if shared_main => {
-                g.on_side(|| route(s))?;
-                let (gj, uj) = sh_job(sh, &hq, s);
-                self.project(s, &[gj, uj])?;
-                let gin = LinIn::rows(s.sg.ptr, sh.w1.out, 1);
-                ops::linear_swiglu(g, &sh.w2, &gin, s.su.ptr, lim, s.f.ptr, d, &part)?;
-                // The routed experts need the routing.
-                g.join_side()?;
-            }
-            _ => route(s)?,
+            )?;
         }
         // The shared expert of more tokens into s.f (zeros without one): GEMVs that read each
         // weight once for all tokens.
@@ -2155,22 +2101,6 @@ impl CudaModel {
             &[&s.f.ptr, &s.eout.ptr, &s.rw.ptr, &ki, &di, &ti, &inside],
         )
     }
-}
-
-/// The shared expert's gate and up products of the FFN input `hq`, into `s.sg` and `s.su`.
-fn sh_job<'a>(sh: &'a GpuExpert, hq: &LinIn, s: &Scratch) -> (LinJob<'a>, LinJob<'a>) {
-    (
-        LinJob {
-            w: &sh.w1,
-            inp: *hq,
-            y: s.sg.ptr,
-        },
-        LinJob {
-            w: &sh.w3,
-            inp: *hq,
-            y: s.su.ptr,
-        },
-    )
 }
 
 /// Copies the projected rows of positions `from..from + len` between a compressor's tail ring
