@@ -361,36 +361,6 @@ struct NormSrc : DenseSrc<FMT, MT, RPW> {
     }
 };
 
-// A dense product of SwiGLU-gated inputs, x = swiglu_clamped(g, u) as the experts' up pass
-// stores it, g at the activations' place and u at the same offsets from `u`: one token's
-// shared-expert down projection right after its gate and up products, no launch for the gate.
-template <int FMT, int MT, int RPW>
-struct SwigluSrc : DenseSrc<FMT, MT, RPW> {
-    const float* u;
-    float lim;
-    template <int N, bool COH>
-    __device__ __forceinline__ void load(int t, int m, int k, float (&xv)[N]) const {
-        const float* g = this->x(t, m) + k;
-        float uv[N];
-        load_x<N, COH>(g, xv);
-        load_x<N, COH>(u + (g - this->a.x), uv);
-#pragma unroll
-        for (int e = 0; e < N; e++) xv[e] = swiglu_clamped(xv[e], uv[e], lim);
-    }
-};
-
-#define GEMV_BULK_SWIGLU(FMT, NAME, RPW)                                                          \
-    extern "C" __global__ void __launch_bounds__(BULK_THREADS, 1) gemv_bulk_swiglu_##NAME##_1_r##RPW( \
-        LinearW W, GemvArgs a, int nslices, const float* u, float lim) {                            \
-        pdl_launch();                                                                               \
-        const SwigluSrc<FMT, 1, RPW> src{{W, a}, u, lim};                                           \
-        gemv_bulk_run<FMT, 1, RPW>(src, src.tiles() * a.S, nslices, a.S);                            \
-    }
-#define GEMV_BULK_SWIGLU_R(FMT, NAME) \
-    GEMV_BULK_SWIGLU(FMT, NAME, 1) GEMV_BULK_SWIGLU(FMT, NAME, 2) GEMV_BULK_SWIGLU(FMT, NAME, 4)
-GEMV_BULK_SWIGLU_R(FMT_FP8, fp8)
-GEMV_BULK_SWIGLU_R(FMT_BF16, bf16)
-
 // 1 / sqrt(mean(x²) + eps) of each token's row, by the 256 consumer threads in the order of
 // a 256-thread `rms_norm` block (so a 1024-wide row gets the same r bit for bit).
 template <int MT>

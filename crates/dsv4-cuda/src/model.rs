@@ -6,9 +6,7 @@
 use crate::gpu::{DevBuf, Gpu};
 use crate::ops::{self, AttnArgs, LinIn, LinJob, MoeArgs, Partial, Pos, RopeDev};
 use crate::state::{CompState, GpuSeq, LayerState, SeqLayerPtrs};
-use crate::weights::{
-    Ends, Fmt, GpuCompressor, GpuExpert, GpuHc, GpuLayer, GpuRouter, GpuVec, GpuWeights,
-};
+use crate::weights::{Ends, Fmt, GpuCompressor, GpuHc, GpuLayer, GpuRouter, GpuVec, GpuWeights};
 use crate::{Error, Result};
 use cudarc::driver::CudaGraph;
 use dsv4_core::config::AttnKind;
@@ -309,9 +307,6 @@ pub struct CudaModel {
     /// Whether a decode step's projections of h stream through one bulk-copy launch
     /// (`ops::linear_bulk_multi`; `DSV4_CUDA_BULK_MULTI=0` keeps `gemv_multi`).
     bulk_multi: AtomicBool,
-    /// Whether a one-token decode step's shared expert streams through the bulk kernels on the
-    /// side stream (`DSV4_CUDA_SHARED_BULK=0`: through the routed-expert kernels).
-    shared_bulk: AtomicBool,
     /// The arithmetic followed (the CPU model's profile).
     numerics: Numerics,
     /// Whether a decode step's projections of one input share a launch (`DSV4_CUDA_MULTI=0`
@@ -481,9 +476,6 @@ impl CudaModel {
             bulk_multi: AtomicBool::new(
                 std::env::var("DSV4_CUDA_BULK_MULTI").map_or(true, |v| v != "0"),
             ),
-            shared_bulk: AtomicBool::new(
-                std::env::var("DSV4_CUDA_SHARED_BULK").map_or(true, |v| v != "0"),
-            ),
             numerics: model.numerics,
             multi_gemv: std::env::var("DSV4_CUDA_MULTI").map_or(true, |v| v != "0"),
             tc,
@@ -515,43 +507,6 @@ impl CudaModel {
     pub fn set_bulk_multi(&self, on: bool) {
         self.bulk_multi.store(on, Ordering::Relaxed);
         self.drop_graphs();
-    }
-
-    /// Turns a one-token step's shared expert through the bulk kernels on or off (tests
-    /// compare both).
-    pub fn set_shared_bulk(&self, on: bool) {
-        self.shared_bulk.store(on, Ordering::Relaxed);
-        self.drop_graphs();
-    }
-
-    /// Whether layer `layer`'s shared expert takes the bulk kernels in a one-token decode step
-    /// (with the setting on and no activation rounding).
-    pub fn shared_expert_bulk(&self, layer: usize) -> bool {
-        !self.numerics.act_quant()
-            && self
-                .weights
-                .layers
-                .get(layer)
-                .is_some_and(|lw| self.shared_bulk_applies(&lw.moe))
-    }
-
-    /// Whether `mw`'s shared expert can take the bulk kernels for one token: gate and up in one
-    /// bulk launch, down through `gemv_bulk_swiglu`.
-    fn shared_bulk_applies(&self, mw: &crate::weights::GpuMoe) -> bool {
-        let Some(sh) = &mw.shared else {
-            return false;
-        };
-        let d = self.config.hidden_size;
-        // Alignment-only stand-ins for the step's buffers (device allocations are 256-byte
-        // aligned): the checks read shapes, formats and strides.
-        let hq = LinIn::rows(256, d, 1);
-        let gin = LinIn::rows(256, sh.w1.out, 1);
-        let up = [&sh.w1, &sh.w3].map(|w| LinJob { w, inp: hq, y: 0 });
-        self.multi_gemv
-            && self.bulk_multi.load(Ordering::Relaxed)
-            && self.shared_bulk.load(Ordering::Relaxed)
-            && ops::bulk_multi_ok(&self.gpu, &up)
-            && ops::linear_swiglu_ok(&self.gpu, &sh.w2, &gin)
     }
 
     /// Turns decode's `wo_a` + `wo_b` in one launch on or off (tests compare both).
@@ -1947,45 +1902,33 @@ impl CudaModel {
         let aq = self.numerics.act_quant();
         let round = |rw: Option<u64>| aq.then_some(ops::HiddenRound { rw });
         let lim = c.swiglu_limit.unwrap_or(f32::NAN);
-        // One token's shared expert into s.f, in a decode step on the side stream beside the
-        // routing and the routed experts: through the bulk kernels where its matrices take
-        // them and the step has no activation rounding (gate and up in one launch, then down
-        // gating its inputs), so its 25 MB (Flash) stream at the bulk rate while the router
-        // runs; else through the routed-expert kernels (one pass for gate, up and SwiGLU, one
-        // for down). More tokens' gate/up products go with the router's.
+        // One token's shared expert into s.f through the routed-expert kernels (one pass for
+        // gate, up and SwiGLU, one for down), in a decode step on the side stream beside the
+        // routing and the routed experts; otherwise its gate/up products go with the router's.
         let shared_one = t == 1 && mw.shared_table.is_some();
         if let (Some(sh), Some(table), true) = (&mw.shared, &mw.shared_table, shared_one) {
-            if s.branch && !aq && self.shared_bulk_applies(mw) {
-                g.on_side(|| {
-                    let (gj, uj) = shared_gate_up(sh, hq, s);
-                    self.project(s, &[gj, uj])?;
-                    let gin = LinIn::rows(s.sg.ptr, sh.w1.out, 1);
-                    ops::linear_swiglu(g, &sh.w2, &gin, s.su.ptr, lim, s.f.ptr, d, &part)
-                })?;
+            let desc = std::mem::size_of::<crate::weights::LinearDesc>() as u64;
+            let a = MoeArgs {
+                w1: table.ptr,
+                w3: table.ptr + desc,
+                w2: table.ptr + 2 * desc,
+                picks: s.zeros_i32.ptr,
+                rw: 0,
+                x: hq.x,
+                h: s.sg.ptr,
+                out: s.f.ptr,
+                k: 1,
+                d: d as i32,
+                i: sh.w1.out as i32,
+                vec: (sh.w1.vec && sh.w3.vec && sh.w2.vec) as i32,
+                rw_inside: 0,
+                lim,
+            };
+            let run = || ops::moe_experts(g, sh.w1.fmt, false, false, &a, t, round(None));
+            if s.branch {
+                g.on_side(run)?;
             } else {
-                let desc = std::mem::size_of::<crate::weights::LinearDesc>() as u64;
-                let a = MoeArgs {
-                    w1: table.ptr,
-                    w3: table.ptr + desc,
-                    w2: table.ptr + 2 * desc,
-                    picks: s.zeros_i32.ptr,
-                    rw: 0,
-                    x: hq.x,
-                    h: s.sg.ptr,
-                    out: s.f.ptr,
-                    k: 1,
-                    d: d as i32,
-                    i: sh.w1.out as i32,
-                    vec: (sh.w1.vec && sh.w3.vec && sh.w2.vec) as i32,
-                    rw_inside: 0,
-                    lim,
-                };
-                let run = || ops::moe_experts(g, sh.w1.fmt, false, false, &a, t, round(None));
-                if s.branch {
-                    g.on_side(run)?;
-                } else {
-                    run()?;
-                }
+                run()?;
             }
         }
         let (bias, tid2eid) = match &mw.router {
@@ -2158,22 +2101,6 @@ impl CudaModel {
             &[&s.f.ptr, &s.eout.ptr, &s.rw.ptr, &ki, &di, &ti, &inside],
         )
     }
-}
-
-/// The shared expert's gate and up products of the FFN input `hq`, into `s.sg` and `s.su`.
-fn shared_gate_up<'a>(sh: &'a GpuExpert, hq: LinIn, s: &Scratch) -> (LinJob<'a>, LinJob<'a>) {
-    (
-        LinJob {
-            w: &sh.w1,
-            inp: hq,
-            y: s.sg.ptr,
-        },
-        LinJob {
-            w: &sh.w3,
-            inp: hq,
-            y: s.su.ptr,
-        },
-    )
 }
 
 /// Copies the projected rows of positions `from..from + len` between a compressor's tail ring

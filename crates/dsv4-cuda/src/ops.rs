@@ -778,37 +778,6 @@ pub fn linear_normed(
     launch_bulk(gpu, "gemv_bulk_norm", w, inp, (y, ldy), part, &[&g, &eps])
 }
 
-/// Whether [`linear_swiglu`] takes one launch for these tokens.
-pub fn linear_swiglu_ok(gpu: &Gpu, w: &GpuLinear, inp: &LinIn) -> bool {
-    inp.m == 1 && linear_normed_ok(gpu, w, inp)
-}
-
-/// `y = W · swiglu(g, u)` for one token in one launch (`gemv_bulk_swiglu_*`): `inp` holds the
-/// gate products g, `u` the up products at the same offsets, the gating clamped at `lim` (NaN:
-/// none) as the experts' kernels do it; where [`linear_swiglu_ok`], an error elsewhere.
-#[allow(clippy::too_many_arguments)]
-pub fn linear_swiglu(
-    gpu: &Gpu,
-    w: &GpuLinear,
-    inp: &LinIn,
-    u: u64,
-    lim: f32,
-    y: u64,
-    ldy: usize,
-    part: &Partial,
-) -> Result<()> {
-    if !linear_swiglu_ok(gpu, w, inp) {
-        return Err(crate::Error::Unsupported(format!(
-            "a SwiGLU-input GEMV of {} [{}, {}] for {} tokens",
-            w.fmt.name(),
-            w.out,
-            w.inp,
-            inp.m
-        )));
-    }
-    launch_bulk(gpu, "gemv_bulk_swiglu", w, inp, (y, ldy), part, &[&u, &lim])
-}
-
 /// One product of [`linear_pair`]: `y = W · inp`, `y` with leading dimension `ldy`.
 pub struct PairJob<'a> {
     pub w: &'a GpuLinear,
