@@ -139,8 +139,6 @@ struct Scratch {
     post: DevBuf,
     comb: DevBuf,
     qr: DevBuf,
-    /// A normed copy of `qr` for the indexer when `wq_b` norms its input itself.
-    qrn: DevBuf,
     q: DevBuf,
     kv: DevBuf,
     o: DevBuf,
@@ -236,7 +234,6 @@ impl Scratch {
             post: f(cap * n)?,
             comb: f(cap * n * n)?,
             qr: f(cap * c.q_lora_rank)?,
-            qrn: f(cap * c.q_lora_rank)?,
             q: f(cap * h * dh)?,
             kv: f(cap * dh)?,
             o: f(cap * h * dh)?,
@@ -297,10 +294,6 @@ pub struct CudaModel {
     /// and the routing in one launch (`moe_router_route`; `DSV4_CUDA_ROUTE_FUSED=0` keeps the
     /// GEMV and `moe_route`).
     route_fused: AtomicBool,
-    /// Whether a decode step's `wq_b` norms the query latents itself (`gemv_bulk_norm`) instead
-    /// of an `rms_norm` launch before it (`DSV4_CUDA_NORM_FOLD=1`; off until it has run on a
-    /// GPU).
-    norm_fold: AtomicBool,
     /// Whether a decode step's `wo_a` and `wo_b` run as one launch (`ops::linear_pair`;
     /// `DSV4_CUDA_BULK_PAIR=1`; off until it has run on a GPU).
     pair_fused: AtomicBool,
@@ -467,9 +460,6 @@ impl CudaModel {
             route_fused: AtomicBool::new(
                 std::env::var("DSV4_CUDA_ROUTE_FUSED").map_or(true, |v| v != "0"),
             ),
-            norm_fold: AtomicBool::new(
-                std::env::var("DSV4_CUDA_NORM_FOLD").is_ok_and(|v| v == "1"),
-            ),
             pair_fused: AtomicBool::new(
                 std::env::var("DSV4_CUDA_BULK_PAIR").is_ok_and(|v| v == "1"),
             ),
@@ -495,12 +485,6 @@ impl CudaModel {
             .as_ref()
             .inspect(|tc| tc.on.store(on, Ordering::Relaxed))
             .is_some()
-    }
-
-    /// Turns the query-latent norm folded into decode's `wq_b` on or off (tests compare both).
-    pub fn set_norm_fold(&self, on: bool) {
-        self.norm_fold.store(on, Ordering::Relaxed);
-        self.drop_graphs();
     }
 
     /// Turns decode's projections of h in one bulk-copy launch on or off (tests compare both).
@@ -1298,41 +1282,18 @@ impl CudaModel {
         }
         self.project(s, &jobs)?;
         let qlr = c.q_lora_rank;
-        let qraw = LinIn::rows(s.qr.ptr, qlr, t);
         // A decode step queues the indexer's queries, the compressors and the indexer's
         // selection on the side stream, beside the queries and keys below.
         let branch = per_seq.is_none() && s.branch;
-        let fold = branch
-            && !self.numerics.act_quant()
-            && self.norm_fold.load(Ordering::Relaxed)
-            && ops::linear_normed_ok(g, &a.wq_b, &qraw);
-        let (prep, qrin) = if fold {
-            // wq_b norms its input itself (no launch between the projections and wq_b); the
-            // indexer's queries on the side stream read a normed copy.
-            let qrin = LinIn::rows(s.qrn.ptr, qlr, t);
-            let prep = g.on_side(|| {
-                if a.indexer.is_some() {
-                    g.dtod(s.qrn.ptr, s.qr.ptr, 4 * t * qlr)?;
-                    ops::rms_norm(g, s.qrn.ptr, a.q_norm.ptr(), qlr, t, eps)?;
-                }
-                self.decode_prep(s, lw, li, t, &rope, &qrin, pos)
-            })?;
-            let part = self.part(s);
-            let qn = a.q_norm.ptr();
-            ops::linear_normed(g, &a.wq_b, &qraw, qn, eps, s.q.ptr, h * dh, &part)?;
-            (Some(prep), qrin)
+        ops::rms_norm(g, s.qr.ptr, a.q_norm.ptr(), qlr, t, eps)?;
+        // Both readers of qr (wq_b, the indexer's wq_b) are FP8 GEMMs.
+        let qrin = self.round_in_place(s.qr.ptr, qlr, t)?;
+        let prep = if branch {
+            Some(g.on_side(|| self.decode_prep(s, lw, li, t, &rope, &qrin, pos))?)
         } else {
-            ops::rms_norm(g, s.qr.ptr, a.q_norm.ptr(), qlr, t, eps)?;
-            // Both readers of qr (wq_b, the indexer's wq_b) are FP8 GEMMs.
-            let qrin = self.round_in_place(s.qr.ptr, qlr, t)?;
-            let prep = if branch {
-                Some(g.on_side(|| self.decode_prep(s, lw, li, t, &rope, &qrin, pos))?)
-            } else {
-                None
-            };
-            self.dense(s, &a.wq_b, &qrin, s.q.ptr, h * dh)?;
-            (prep, qrin)
+            None
         };
+        self.dense(s, &a.wq_b, &qrin, s.q.ptr, h * dh)?;
         // The query heads (no weight) and the key row: one launch.
         let heads = ops::NormRows {
             x: s.q.ptr,

@@ -701,20 +701,6 @@ fn gemv_bulk(
     ldy: usize,
     part: &Partial,
 ) -> Result<()> {
-    launch_bulk(gpu, "gemv_bulk", w, inp, (y, ldy), part, &[])
-}
-
-/// A launch of the bulk kernel family `kind` (`gemv_bulk`, `gemv_bulk_norm`) over all rows of
-/// `w` into `out` (pointer, leading dimension), `extra` the arguments after the slice count.
-fn launch_bulk(
-    gpu: &Gpu,
-    kind: &str,
-    w: &GpuLinear,
-    inp: &LinIn,
-    (y, ldy): (u64, usize),
-    part: &Partial,
-    extra: &[&dyn crate::gpu::Arg],
-) -> Result<()> {
     let (m, nrows) = (inp.m, w.out);
     let BulkPlan {
         rpw,
@@ -727,7 +713,7 @@ fn launch_bulk(
     gpu.tag(|| {
         (
             format!(
-                "{kind} {} {}x{} m{m} r{rpw} s{s}",
+                "gemv_bulk {} {}x{} m{m} r{rpw} s{s}",
                 w.fmt.name(),
                 nrows,
                 w.inp
@@ -736,46 +722,13 @@ fn launch_bulk(
         )
     });
     let ns = nslices as i32;
-    let mut all: Vec<&dyn crate::gpu::Arg> = vec![&w.desc, &args, &ns];
-    all.extend_from_slice(extra);
     gpu.launch(
-        &format!("{kind}_{}_{m}_r{rpw}", w.fmt.name()),
+        &format!("gemv_bulk_{}_{m}_r{rpw}", w.fmt.name()),
         (blocks as u32, 1, 1),
         (BULK_THREADS, 1, 1),
         bulk_smem(gpu, w.fmt, rpw),
-        &all,
+        &[&w.desc, &args, &ns],
     )
-}
-
-/// Whether [`linear_normed`] takes one launch for these tokens.
-pub fn linear_normed_ok(gpu: &Gpu, w: &GpuLinear, inp: &LinIn) -> bool {
-    bulk_applies(gpu, w, inp) && inp.group.is_none() && matches!(w.fmt, Fmt::Fp8 | Fmt::Bf16)
-}
-
-/// `y = W · (x / rms(x) · g)` for one or two tokens in one launch (`gemv_bulk_norm_*`, every
-/// block finding the norm itself) where [`linear_normed_ok`]; an error elsewhere. `x` itself is
-/// left as it is.
-#[allow(clippy::too_many_arguments)]
-pub fn linear_normed(
-    gpu: &Gpu,
-    w: &GpuLinear,
-    inp: &LinIn,
-    g: u64,
-    eps: f32,
-    y: u64,
-    ldy: usize,
-    part: &Partial,
-) -> Result<()> {
-    if !linear_normed_ok(gpu, w, inp) {
-        return Err(crate::Error::Unsupported(format!(
-            "a normed-input GEMV of {} [{}, {}] for {} tokens",
-            w.fmt.name(),
-            w.out,
-            w.inp,
-            inp.m
-        )));
-    }
-    launch_bulk(gpu, "gemv_bulk_norm", w, inp, (y, ldy), part, &[&g, &eps])
 }
 
 /// One product of [`linear_pair`]: `y = W · inp`, `y` with leading dimension `ldy`.

@@ -1699,11 +1699,10 @@ fn dependent_pair_in_one_launch_matches_two() {
     }
 }
 
-/// A decode step's fused launches — `wq_b` norming its own input (`gemv_bulk_norm`), `wo_a`
-/// and `wo_b` in one launch — against the separate launches, on a random model whose shapes
-/// take them (query latents of 1 KB FP8 rows, `wo_a`/`wo_b` rows of 4 KB; a CSA layer, so
-/// the indexer's normed copy is used): the same sums in the same order, so the logits of 40
-/// single-sequence and batched decode steps are equal bit for bit; both also graph-replayed.
+/// A decode step's fused launch — `wo_a` and `wo_b` in one launch — against the separate
+/// launches, on a random model whose shapes take it (`wo_a`/`wo_b` rows of 4 KB): the same sums
+/// in the same order, so the logits of 40 single-sequence and batched decode steps are equal
+/// bit for bit; both also graph-replayed.
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn decode_fusions_match_separate_launches() {
@@ -1724,13 +1723,11 @@ fn decode_fusions_match_separate_launches() {
         .map(|_| CudaModel::from_model(&cpu, 0).unwrap())
         .collect();
     for m in [&models[0], &models[3]] {
-        m.set_norm_fold(false);
         m.set_pair_fused(false);
         m.set_graphs(false);
     }
     models[3].set_bulk_multi(false);
     for m in &models[1..3] {
-        m.set_norm_fold(true);
         m.set_pair_fused(true);
         m.set_bulk_multi(true);
     }
