@@ -104,9 +104,10 @@ extern "C" __global__ void moe_route(const float* logits, int E, int k, const fl
 // 16-byte chunks) in one launch instead of a GEMV and `moe_route`: a warp per gate row, its
 // first RR_PRE chunks per lane requested before the previous kernel is waited for; x (the
 // normed h, [T, d]) is then copied into shared memory (T·d floats of dynamic shared memory)
-// with all of a thread's loads in flight at once, so the dot products wait for one L2 round
-// trip instead of one per chunk; the block that finishes last (an atomic count, reset for the
-// next launch) routes the tokens, a warp each, from the logits the blocks wrote.
+// with all of a thread's loads in flight at once, read from there by the dot products (each
+// block reads x from L2 once; the step time measured the same as per-chunk loads); the block
+// that finishes last (an atomic count, reset for the next launch) routes the tokens, a warp
+// each, from the logits the blocks wrote.
 #define RR_WARPS 4
 #define RR_TOKENS 4
 #define RR_PRE 16
