@@ -1509,24 +1509,27 @@ pub struct RouteArgs {
 /// chunks, 16-byte aligned.
 pub fn router_route_ok(gate: &GpuLinear, t: usize) -> bool {
     (1..=ROUTER_ROUTE_TOKENS).contains(&t)
-        && t * gate.inp * 4 <= MAX_SMEM
+        && router_route_smem(gate, t) <= MAX_SMEM
         && gate.fmt == Fmt::Bf16
         && gate.vec
         && gate.inp.is_multiple_of(8)
         && gate.desc.w.is_multiple_of(16)
 }
 
+/// Dynamic shared memory of `moe_router_route`: the `t` tokens' inputs, staged in f32.
+fn router_route_smem(gate: &GpuLinear, t: usize) -> usize {
+    t * gate.inp * 4
+}
+
 /// `moe_router_route`: the gate's logits and the routing of `a.t` tokens in one launch (the
 /// caller checked [`router_route_ok`]).
 pub fn router_route(gpu: &Gpu, gate: &GpuLinear, a: &RouteArgs) -> Result<()> {
     let (t, k) = (a.t as i32, a.k as i32);
-    // x staged in shared memory (`router_route_ok` checked that it fits).
-    let smem = (a.t * gate.inp * 4) as u32;
     gpu.launch(
         "moe_router_route",
         (blocks_for(gate.out, RR_WARPS), 1, 1),
         (32 * RR_WARPS as u32, 1, 1),
-        smem,
+        router_route_smem(gate, a.t) as u32,
         &[
             &gate.desc, &a.x, &t, &a.logits, &a.count, &k, &a.bias, &a.tid2eid, &a.ids, &a.scale,
             &a.picks, &a.rw,
