@@ -156,6 +156,47 @@ __device__ __forceinline__ BulkRing bulk_ring_init(unsigned stride) {
     return BulkRing{full, empty, 0, 0, stages};
 }
 
+// The producer warp of a launch: streams its walk's stages — R rows × KS bytes each (whole
+// rows as one copy when KS is the row, else one copy per row), then their scale bytes — into
+// the ring. The weights do not depend on the previous kernel, so it never waits for it. `src`
+// says where a tile's rows live (`row(t, j)` / `aux(t, j)`: start and scale bytes of row j;
+// `rows(t)`: how many exist, for whole-row tiles, whose missing rows are left out of the copy
+// and computed from stale shared memory, never written).
+template <int FMT, int R, int KS, int STRIDE, class Src>
+__device__ __forceinline__ void bulk_produce(const Src& src, BulkWalk walk, BulkRing& ring) {
+    constexpr int FP4_AUX = FMT == FMT_FP4 ? KS / 16 : 0;  // e8m0 bytes per row slice
+    constexpr int FP8_AUX = FMT == FMT_FP8 ? KS / 32 : 0;  // f32 block scales of the slice
+    static_assert(STRIDE >= R * (KS + FP4_AUX) + FP8_AUX, "stage slot too small");
+    extern __shared__ __align__(128) uint8_t bulk_smem[];
+    const int lane = threadIdx.x & 31;
+    const int NS = ring.stages;
+    const bool whole = walk.nslices == 1;
+    const uint64_t policy = evict_first_policy();
+    for (int& n = ring.n; !walk.done(); n++) {
+        const int slot = n % NS, t = walk.tile(), sl = walk.slice;
+        uint8_t* st = bulk_smem + slot * STRIDE;
+        if (n >= NS) mbar_wait(&ring.empty[slot], ((n / NS) - 1) & 1);
+        const int rows = whole ? src.rows(t) : R;
+        if (lane == 0) mbar_arrive_expect(&ring.full[slot], rows * (KS + FP4_AUX) + FP8_AUX);
+        __syncwarp();
+        if (whole) {
+            if (lane == 0) bulk_copy(st, src.row(t, 0), rows * KS, &ring.full[slot], policy);
+            if constexpr (FMT == FMT_FP4)
+                if (lane == 1) bulk_copy(st + R * KS, src.aux(t, 0), rows * FP4_AUX, &ring.full[slot], policy);
+        } else {
+            for (int j = lane; j < R; j += 32) {
+                bulk_copy(st + j * KS, src.row(t, j) + (size_t)sl * KS, KS, &ring.full[slot], policy);
+                if constexpr (FMT == FMT_FP4)
+                    bulk_copy(st + R * KS + j * FP4_AUX, src.aux(t, j) + sl * FP4_AUX, FP4_AUX, &ring.full[slot],
+                              policy);
+            }
+        }
+        if constexpr (FMT == FMT_FP8)
+            if (lane == 16) bulk_copy(st + R * KS, src.aux(t, 0) + sl * FP8_AUX, FP8_AUX, &ring.full[slot], policy);
+        walk.advance();
+    }
+}
+
 // The engine over the rows of one matrix: `Src` says where a tile's rows live (`row(t, j)` /
 // `aux(t, j)`: start and scale bytes of smem row j; `rows(t)`: how many exist, for whole-row
 // tiles, whose missing rows are left out of the copy and computed from stale smem, never
@@ -176,36 +217,8 @@ __device__ __forceinline__ void gemv_bulk_steps(const Src& src, ItemRange mine, 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int NS = ring.stages;
     BulkWalk walk(mine, nslices, S);
-    const bool whole = nslices == 1;
     if (warp == W) {
-        // Producer: the weights do not depend on the previous kernel, so no wait.
-        const uint64_t policy = evict_first_policy();
-        for (int& n = ring.n; !walk.done(); n++) {
-            const int slot = n % NS, t = walk.tile(), sl = walk.slice;
-            uint8_t* st = bulk_smem + slot * STRIDE;
-            if (n >= NS) mbar_wait(&empty[slot], ((n / NS) - 1) & 1);
-            // Weights (and FP4 scale bytes): a whole-row tile as one copy (lane 0; lane 1 its
-            // scale bytes), else one copy per row (lane j: smem row j). FP8: lane 16 copies the
-            // block scales of the slice.
-            const int rows = whole ? src.rows(t) : R;
-            if (lane == 0)
-                mbar_arrive_expect(&full[slot], rows * (KS + (FMT == FMT_FP4 ? KS / 16 : 0)) +
-                                                    (FMT == FMT_FP8 ? AUX : 0));
-            __syncwarp();
-            if (whole) {
-                if (lane == 0) bulk_copy(st, src.row(t, 0), rows * KS, &full[slot], policy);
-                if constexpr (FMT == FMT_FP4)
-                    if (lane == 1) bulk_copy(st + BULK_STAGE, src.aux(t, 0), rows * (KS / 16), &full[slot], policy);
-            } else if (lane < R) {
-                bulk_copy(st + lane * KS, src.row(t, lane) + (size_t)sl * KS, KS, &full[slot], policy);
-                if constexpr (FMT == FMT_FP4)
-                    bulk_copy(st + BULK_STAGE + lane * (KS / 16), src.aux(t, lane) + sl * (KS / 16), KS / 16,
-                              &full[slot], policy);
-            }
-            if constexpr (FMT == FMT_FP8)
-                if (lane == 16) bulk_copy(st + BULK_STAGE, src.aux(t, 0) + sl * (KS / 32), KS / 32, &full[slot], policy);
-            walk.advance();
-        }
+        bulk_produce<FMT, R, KS, STRIDE>(src, walk, ring);
         return;
     }
     constexpr int G = R / 4, UG = W / G, UPW = CPL / UG;  // row groups, u-groups, u's per warp
@@ -475,3 +488,182 @@ GEMV_BULK_MULTI(2)
 GEMV_BULK_ALL(FMT_BF16, bf16)
 GEMV_BULK_ALL(FMT_FP8, fp8)
 GEMV_BULK_ALL(FMT_FP4, fp4)
+
+// Decode batches of 3–16 tokens on the tensor cores, through the same producer and ring. The
+// SIMT consumers above read every token's activations once per four rows, which at 8 tokens
+// made the products compute-bound (0.4–0.5 TB/s). Here the tokens are the rows of the MMA
+// (m16n8k16: A = 16 tokens × 16 inputs of the activations, split into `terms` bf16 parts as
+// gemm_tc.cu splits them; B = 8 weight rows decoded to bf16 with their scale applied, exactly,
+// as gemm_tc.cu decodes its tiles: the host takes this path only where `GpuLinear::tc` says
+// that is exact). A stage is 32 rows × KS bytes (2 KB slices, or whole 1 KB rows); each of the
+// 8 consumer warps takes an eighth of the stage's inputs for all 32 rows, so each activation
+// fragment serves four MMAs. The inputs of an MMA step are permuted (the four a lane holds are
+// adjacent in memory, in both operands), which leaves the dot products unchanged.
+#define BTC_ROWS 32
+
+template <int FMT, int KS, bool HI, int STRIDE, class Src>
+__device__ __forceinline__ void gemv_bulk_tc_consume(const Src& src, const GemvArgs& a, BulkWalk walk, BulkRing& ring,
+                                                     int terms) {
+    static_assert(FMT == FMT_FP8 || FMT == FMT_BF16, "FP8 or BF16 weights");
+    constexpr int ES = FMT == FMT_FP8 ? 1 : 2;  // bytes per weight
+    constexpr int KE = KS / ES;                 // inputs of a row slice
+    constexpr int KW = KE / 8;                  // ... per consumer warp
+    constexpr int EPL = 16 / ES;                // inputs in a lane's 16 bytes of a row
+    constexpr int CHE = 4 * EPL;                // inputs of a chunk (the four lanes of a row)
+    constexpr int NCH = KW / CHE;               // chunks per warp and stage
+    constexpr int SPC = EPL / 4;                // MMA steps (16 inputs) per chunk
+    static_assert(NCH >= 1 && KW % CHE == 0, "slice split");
+    extern __shared__ __align__(128) uint8_t bulk_smem[];
+    __shared__ float red[8][16][BTC_ROWS + 1];  // the warps' sums: token × row
+    __shared__ int last_split;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
+    const int NS = ring.stages;
+    const bool on0 = g < a.M, on1 = HI && g + 8 < a.M;  // this lane's tokens g and g + 8
+    float acc[4][4];  // row group j (rows 8j..): C of tokens g, g + 8 × rows 8j + 2 t4, +1
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) acc[j][i] = 0.f;
+    for (int& n = ring.n; !walk.done(); n++) {
+        const int slot = n % NS, t = walk.tile(), sl = walk.slice;
+        const uint8_t* st = bulk_smem + slot * STRIDE;
+        const float* x0 = src.x(t, g) + (size_t)sl * KE;
+        const float* x1 = src.x(t, g + 8) + (size_t)sl * KE;
+        mbar_wait(&ring.full[slot], (n / NS) & 1);
+#pragma unroll
+        for (int c = 0; c < NCH; c++) {
+            const int e = warp * KW + c * CHE + t4 * EPL;  // the lane's first input in the slice
+            float xa[EPL], xb[EPL];
+            if (on0) {
+                load_x<EPL, false>(x0 + e, xa);
+            } else {
+#pragma unroll
+                for (int i = 0; i < EPL; i++) xa[i] = 0.f;
+            }
+            if (on1) {
+                load_x<EPL, false>(x1 + e, xb);
+            } else {
+#pragma unroll
+                for (int i = 0; i < EPL; i++) xb[i] = 0.f;
+            }
+            uint32_t scb = 0;  // FP8: 2^112 times the slice's block scale, as bf16x2
+            if constexpr (FMT == FMT_FP8) {
+                const float sc = ((const float*)(st + BTC_ROWS * KS))[e >> 7];
+                const __nv_bfloat16 v = __float2bfloat16_rn(sc * 0x1p112f);
+                scb = *(const uint16_t*)&v;
+                scb |= scb << 16;
+            }
+            uint4 wq[4];  // row 8j + g, the lane's 16 bytes
+#pragma unroll
+            for (int j = 0; j < 4; j++) wq[j] = *(const uint4*)(st + (8 * j + g) * KS + e * ES);
+#pragma unroll
+            for (int s = 0; s < SPC; s++) {
+                float qa[4] = {xa[4 * s], xa[4 * s + 1], xa[4 * s + 2], xa[4 * s + 3]};
+                float qb[4] = {xb[4 * s], xb[4 * s + 1], xb[4 * s + 2], xb[4 * s + 3]};
+                uint2 pa[3], pb[3];
+                tc_split4(qa, terms, pa);
+                tc_split4(qb, terms, pb);
+                uint32_t b0[4], b1[4];
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    const uint32_t w[4] = {wq[j].x, wq[j].y, wq[j].z, wq[j].w};
+                    if constexpr (FMT == FMT_FP8) {
+                        uint32_t lo, hi;
+                        e4m3x4_to_bf16(w[s], lo, hi);
+                        b0[j] = mul_bf16x2(lo, scb);
+                        b1[j] = mul_bf16x2(hi, scb);
+                    } else {
+                        b0[j] = w[2 * s];
+                        b1[j] = w[2 * s + 1];
+                    }
+                }
+#pragma unroll
+                for (int term = 0; term < 3; term++) {
+                    if (term >= terms) break;
+                    const uint32_t A[4] = {pa[term].x, pb[term].x, pa[term].y, pb[term].y};
+#pragma unroll
+                    for (int j = 0; j < 4; j++) mma_bf16(acc[j], A, b0[j], b1[j]);
+                }
+            }
+        }
+        __syncwarp();
+        if (lane == 0) mbar_arrive(&ring.empty[slot]);
+        const int split = walk.split();
+        if (!walk.advance()) continue;
+        // Item (tile t, K split) done: the warps' sums of each (token, row), added in warp
+        // (input) order, into y or this split's partials.
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            red[warp][g][8 * j + 2 * t4] = acc[j][0];
+            red[warp][g][8 * j + 2 * t4 + 1] = acc[j][1];
+            if (HI) {
+                red[warp][g + 8][8 * j + 2 * t4] = acc[j][2];
+                red[warp][g + 8][8 * j + 2 * t4 + 1] = acc[j][3];
+            }
+#pragma unroll
+            for (int i = 0; i < 4; i++) acc[j][i] = 0.f;
+        }
+        asm volatile("bar.sync 1, 256;" ::: "memory");
+        for (int i = threadIdx.x; i < 16 * BTC_ROWS; i += 256) {
+            const int m = i / BTC_ROWS, r = i % BTC_ROWS, row = t * BTC_ROWS + r;
+            if (m < a.M && row < a.nrows) {
+                float v = red[0][m][r];
+#pragma unroll
+                for (int w = 1; w < 8; w++) v += red[w][m][r];
+                if (a.S == 1)
+                    a.y[(size_t)m * a.ldy + row] = v;
+                else
+                    a.partial[((size_t)split * a.M + m) * a.nrows + row] = v;
+            }
+        }
+        if (a.S > 1) {
+            // The block that writes a tile's last split sums the splits, in split order, and
+            // resets the tile's counter for the next launch.
+            __threadfence();
+            asm volatile("bar.sync 1, 256;" ::: "memory");
+            if (threadIdx.x == 0) last_split = atomicAdd(a.counters + t, 1u) == (unsigned)(a.S - 1);
+            asm volatile("bar.sync 1, 256;" ::: "memory");
+            if (last_split) {
+                __threadfence();
+                for (int i = threadIdx.x; i < 16 * BTC_ROWS; i += 256) {
+                    const int m = i / BTC_ROWS, row = t * BTC_ROWS + i % BTC_ROWS;
+                    if (m < a.M && row < a.nrows) {
+                        float v = 0.f;
+                        for (int q = 0; q < a.S; q++) v += __ldcg(a.partial + ((size_t)q * a.M + m) * a.nrows + row);
+                        a.y[(size_t)m * a.ldy + row] = v;
+                    }
+                }
+                if (threadIdx.x == 0) a.counters[t] = 0;
+            }
+        }
+        asm volatile("bar.sync 1, 256;" ::: "memory");  // red and last_split free again
+    }
+}
+
+// All rows of one matrix for 3–16 tokens (HI: more than 8), K split a.S ways.
+template <int FMT, int KS, bool HI>
+__device__ __forceinline__ void gemv_bulk_tc_run(const LinearW& W, const GemvArgs& a, int nslices, int terms) {
+    constexpr int STRIDE = BTC_ROWS * KS + (FMT == FMT_FP8 ? KS / 32 : 0);
+    BulkRing ring = bulk_ring_init(STRIDE);
+    const DenseSrc<FMT, 1, BTC_ROWS / 8> src{W, a};
+    const BulkWalk walk(block_items(src.tiles() * a.S), nslices, a.S);
+    if (nslices * KS != src.row_bytes()) __trap();  // the host's slicing
+    if (threadIdx.x >= 256) {
+        bulk_produce<FMT, BTC_ROWS, KS, STRIDE>(src, walk, ring);
+        return;
+    }
+    pdl_wait();  // the activations are the previous kernel's output
+    gemv_bulk_tc_consume<FMT, KS, HI, STRIDE>(src, a, walk, ring, terms);
+}
+
+#define GEMV_BULK_TC(FMT, NAME, KS, HI, M)                                                    \
+    extern "C" __global__ void __launch_bounds__(BULK_THREADS, 1)                             \
+        gemv_bulk_tc_##NAME##_k##KS##_m##M(LinearW W, GemvArgs a, int nslices, int terms) {   \
+        pdl_launch();                                                                         \
+        gemv_bulk_tc_run<FMT, KS, HI>(W, a, nslices, terms);                                  \
+    }
+#define GEMV_BULK_TC_M(FMT, NAME, KS) GEMV_BULK_TC(FMT, NAME, KS, false, 8) GEMV_BULK_TC(FMT, NAME, KS, true, 16)
+GEMV_BULK_TC_M(FMT_FP8, fp8, 2048)
+GEMV_BULK_TC_M(FMT_FP8, fp8, 1024)
+GEMV_BULK_TC_M(FMT_BF16, bf16, 2048)
+GEMV_BULK_TC_M(FMT_BF16, bf16, 1024)

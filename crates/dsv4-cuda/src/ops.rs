@@ -125,7 +125,7 @@ fn tc_suffix(tokens: usize, bk: usize) -> &'static str {
 /// GEMM tile (decode batches).
 pub const GEMM_MIN_TOKENS: usize = 64;
 /// From this many tokens a decode batch takes the tensor-core tile for tall matrices.
-const DECODE_TC_TOKENS: usize = 16;
+pub const DECODE_TC_TOKENS: usize = 16;
 
 /// Rows per block of the GEMV kernels (8 warps × 4 rows).
 const GEMV_ROWS: usize = 32;
@@ -215,12 +215,15 @@ pub fn linear(
     if m == 0 || nrows == 0 {
         return Ok(());
     }
+    if bulk_tc_applies(gpu, w, inp) {
+        return gemv_bulk_tc(gpu, w, inp, y, ldy, part);
+    }
     let mt = gemv_tokens(m);
     let gs = inp.group.map_or(0, |(rows, _)| rows);
     // Decode batches of 16+ tokens through tall matrices (the vocabulary head, wq_b): the
     // GEMV would stream the weights once per 8 tokens; a 64-token tensor-core tile reads them
     // once, with a block per SM at least.
-    if (DECODE_TC_TOKENS..=GEMM_MIN_TOKENS).contains(&m)
+    if (gpu.decode_tc_tokens..=GEMM_MIN_TOKENS).contains(&m)
         && tc_applies(gpu, w, inp)
         && nrows.div_ceil(TC_ROWS) >= gpu.sm_count
     {
@@ -333,8 +336,11 @@ pub fn linear_multi(gpu: &Gpu, jobs: &[LinJob<'_>], part: &Partial) -> Result<()
                 Fmt::F32 | Fmt::Bf16 | Fmt::F16 | Fmt::Fp8 | Fmt::Fp4
             )
     };
+    // Batches the bulk tensor-core kernels take stream better one matrix per launch through
+    // them than together through the SIMT kernel.
     if jobs.len() < 2
         || jobs.len() > GEMV_MULTI_MAX
+        || jobs.iter().all(|j| bulk_tc_applies(gpu, j.w, &j.inp))
         || m == 0
         || m > GEMM_MIN_TOKENS
         || !jobs.iter().all(fits)
@@ -728,6 +734,114 @@ fn gemv_bulk(
         (BULK_THREADS, 1, 1),
         bulk_smem(gpu, w.fmt, rpw),
         &[&w.desc, &args, &ns],
+    )
+}
+
+/// Token counts of the bulk-copy tensor-core GEMVs (`gemv_bulk_tc_*`): fewer take the SIMT
+/// bulk kernels, more the tile GEMMs.
+pub const BULK_TC_TOKENS: std::ops::RangeInclusive<usize> = 3..=16;
+/// Rows of a stage of the bulk tensor-core kernels (`BTC_ROWS`).
+const BTC_ROWS: usize = 32;
+/// Dynamic shared memory those kernels may take: 227 KB less their static arrays (17 KB).
+const BTC_MAX_SMEM: usize = 227 * 1024 - 18 * 1024;
+
+/// Whether [`linear`] takes the bulk-copy tensor-core kernels: 3–16 tokens, a matrix the bulk
+/// kernels stream and the tensor cores compute exactly (FP8 or BF16), 32-row input groups.
+pub fn bulk_tc_applies(gpu: &Gpu, w: &GpuLinear, inp: &LinIn) -> bool {
+    let gs = inp.group.map_or(0, |(rows, _)| rows);
+    gpu.bulk_tc
+        && BULK_TC_TOKENS.contains(&inp.m)
+        && gemv_vec(w, inp)
+        && gpu.bulk
+        && w.bulk
+        && w.tc
+        && matches!(w.fmt, Fmt::Fp8 | Fmt::Bf16)
+        && gs.is_multiple_of(BTC_ROWS)
+}
+
+/// How `gemv_bulk_tc_*` streams a matrix: row slices of `ks` bytes (2 KB, or whole 1 KB rows),
+/// `nslices` per row, `s` K splits, `tiles` of 32 rows, `stages` in the ring.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct BulkTcPlan {
+    ks: usize,
+    nslices: usize,
+    s: usize,
+    tiles: usize,
+    stages: usize,
+}
+
+fn bulk_tc_plan(
+    sms: usize,
+    fmt: Fmt,
+    nrows: usize,
+    inp: usize,
+    m: usize,
+    part: &Partial,
+) -> Option<BulkTcPlan> {
+    let row_bytes = crate::weights::bulk_row_bytes(fmt, inp)?;
+    let ks = if row_bytes.is_multiple_of(2048) {
+        2048
+    } else {
+        1024
+    };
+    if row_bytes == 0 || !row_bytes.is_multiple_of(ks) {
+        return None;
+    }
+    let tiles = nrows.div_ceil(BTC_ROWS);
+    let nslices = row_bytes / ks;
+    let s = part.fit_splits(sms.div_ceil(tiles).clamp(1, nslices), m * nrows, tiles);
+    let stride = BTC_ROWS * ks + if fmt == Fmt::Fp8 { ks / 32 } else { 0 };
+    let stages = (BTC_MAX_SMEM / stride).min(4);
+    (stages >= 2).then_some(BulkTcPlan {
+        ks,
+        nslices,
+        s,
+        tiles,
+        stages,
+    })
+}
+
+/// 3–16 tokens through `gemv_bulk_tc_*` ([`bulk_tc_applies`] holds): a block per SM at most,
+/// each a contiguous run of (32-row tile, K split) items.
+fn gemv_bulk_tc(
+    gpu: &Gpu,
+    w: &GpuLinear,
+    inp: &LinIn,
+    y: u64,
+    ldy: usize,
+    part: &Partial,
+) -> Result<()> {
+    let (m, nrows) = (inp.m, w.out);
+    let p = bulk_tc_plan(gpu.sm_count, w.fmt, nrows, w.inp, m, part)
+        .ok_or_else(|| crate::Error::Unsupported("bulk tensor-core GEMV layout".into()))?;
+    let args = GemvArgs::new(inp, y, ldy, nrows, p.s, true, part);
+    let blocks = (p.tiles * p.s).min(gpu.sm_count);
+    gpu.tag(|| {
+        (
+            format!(
+                "gemv_bulk_tc {} {}x{} m{m} k{} s{}",
+                w.fmt.name(),
+                nrows,
+                w.inp,
+                p.ks,
+                p.s
+            ),
+            w.stored_bytes,
+        )
+    });
+    let stride = BTC_ROWS * p.ks + if w.fmt == Fmt::Fp8 { p.ks / 32 } else { 0 };
+    let (ns, terms) = (p.nslices as i32, inp.terms.clamp(1, 3) as i32);
+    gpu.launch(
+        &format!(
+            "gemv_bulk_tc_{}_k{}_m{}",
+            w.fmt.name(),
+            p.ks,
+            if m > 8 { 16 } else { 8 }
+        ),
+        (blocks as u32, 1, 1),
+        (BULK_THREADS, 1, 1),
+        (p.stages * stride) as u32,
+        &[&w.desc, &args, &ns, &terms],
     )
 }
 

@@ -108,6 +108,102 @@ fn linear_kernels_match_cpu() {
     }
 }
 
+/// Decode batches of 3–16 tokens through the bulk-copy tensor-core GEMVs (`gemv_bulk_tc_*`)
+/// against the CPU: FP8 rows of whole 1 KB (whole-row stages) and of 2–8 KB (2 KB slices, K
+/// split), 3 KB rows (1 KB slices), BF16 rows of 8 KB and 7 KB, partial 32-row tiles, every FP8
+/// block with its own power-of-two scale; each launch twice (split-K counters return to zero).
+/// Then a grouped input (`wo_a`'s shape: each 32-row group reads its own slice of x) against
+/// the SIMT GEMV.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn bulk_tensor_core_gemv_matches_cpu() {
+    use dsv4_core::cpu::linear::Format;
+    use dsv4_cuda::ops::bulk_tc_applies;
+    use synthetic::MatrixFormat as F;
+    let gpu = Gpu::open(0).expect("GPU");
+    let (_bufs, part) = gemv_workspace(&gpu);
+    let shapes = [
+        (F::Fp8, 1024, 1024),
+        (F::Fp8, 96, 4096),
+        (F::Fp8, 512, 8192),
+        (F::Fp8, 64, 3072),
+        (F::Fp8, 256, 2048),
+        (F::Bf16, 512, 4096),
+        (F::Bf16, 20, 4096),
+        (F::Bf16, 40, 3584),
+    ];
+    for (si, &(fmt, out, inp)) in shapes.iter().enumerate() {
+        let mut l: Linear = synthetic::random_linear(fmt, out, inp, 90 + si as u64).unwrap();
+        if let Format::Fp8 { scales, .. } = &mut l.format {
+            for (i, s) in scales.iter_mut().enumerate() {
+                *s *= [1.0, 2.0, 0.25, 0.5, 4.0][i % 5];
+            }
+        }
+        let g = dsv4_cuda::weights::GpuLinear::upload(&gpu, &l).unwrap();
+        for m in [3usize, 5, 8, 9, 13, 16] {
+            let x: Vec<f32> = (0..m * inp)
+                .map(|i| ((i * 2654435761usize) % 1000) as f32 / 500.0 - 1.0)
+                .collect();
+            let inp_rows = LinIn::rows(0, inp, m);
+            assert!(
+                bulk_tc_applies(&gpu, &g, &inp_rows),
+                "{fmt:?} [{out}, {inp}] m={m}: not taken"
+            );
+            let want = l.apply(&x, m);
+            let xd = gpu.upload(&x).unwrap();
+            let yd = gpu.alloc(m * out * 4).unwrap();
+            for rep in 0..2 {
+                linear(&gpu, &g, &LinIn::rows(xd.ptr, inp, m), yd.ptr, out, &part).unwrap();
+                let mut got = vec![0f32; m * out];
+                gpu.dtoh(yd.ptr, &mut got).unwrap();
+                let e = worst(&row_errors(&got, &want, out));
+                if rep == 0 {
+                    eprintln!("bulk tc {fmt:?} [{out}, {inp}] m={m}: max rel err {e:.2e}");
+                }
+                assert!(e < 1e-5, "{fmt:?} [{out}, {inp}] m={m} launch {rep}: {e}");
+            }
+        }
+    }
+    // Grouped: 8 groups of 128 rows, group q reading x[.., q·1024 ..+1024], against the SIMT
+    // GEMV of the same launch arguments.
+    let mut simt = Gpu::open(0).expect("GPU");
+    std::sync::Arc::get_mut(&mut simt)
+        .expect("one owner")
+        .bulk_tc = false;
+    let (out, inp, groups) = (1024usize, 1024usize, 8usize);
+    let l: Linear = synthetic::random_linear(F::Fp8, out, inp, 99).unwrap();
+    let g = dsv4_cuda::weights::GpuLinear::upload(&gpu, &l).unwrap();
+    let gs = dsv4_cuda::weights::GpuLinear::upload(&simt, &l).unwrap();
+    let (_sbufs, spart) = gemv_workspace(&simt);
+    for m in [4usize, 11] {
+        let ldx = groups * inp;
+        let x: Vec<f32> = (0..m * ldx)
+            .map(|i| ((i * 40503usize) % 997) as f32 / 498.5 - 1.0)
+            .collect();
+        let grouped = |x: u64| LinIn {
+            group: Some((out / groups, inp)),
+            ..LinIn::rows(x, ldx, m)
+        };
+        assert!(
+            bulk_tc_applies(&gpu, &g, &grouped(0)),
+            "grouped m={m}: not taken"
+        );
+        let run = |gpu: &std::sync::Arc<Gpu>, w, part: &Partial| {
+            let xd = gpu.upload(&x).unwrap();
+            let yd = gpu.alloc(m * out * 4).unwrap();
+            linear(gpu, w, &grouped(xd.ptr), yd.ptr, out, part).unwrap();
+            let mut y = vec![0f32; m * out];
+            gpu.dtoh(yd.ptr, &mut y).unwrap();
+            y
+        };
+        let got = run(&gpu, &g, &part);
+        let want = run(&simt, &gs, &spart);
+        let e = worst(&row_errors(&got, &want, out));
+        eprintln!("bulk tc grouped m={m}: max rel err {e:.2e} against the SIMT GEMV");
+        assert!(e < 1e-5, "grouped m={m}: {e}");
+    }
+}
+
 /// Random matrices of `shapes` (format, out, in) and their uploads; seeds from `seed`.
 fn random_mats(
     gpu: &Gpu,
