@@ -489,7 +489,7 @@ GEMV_BULK_ALL(FMT_BF16, bf16)
 GEMV_BULK_ALL(FMT_FP8, fp8)
 GEMV_BULK_ALL(FMT_FP4, fp4)
 
-// Decode batches of 3–16 tokens on the tensor cores, through the same producer and ring. The
+// Decode batches of 3–32 tokens on the tensor cores, through the same producer and ring. The
 // SIMT consumers above read every token's activations once per four rows, which at 8 tokens
 // made the products compute-bound (0.4–0.5 TB/s). Here the tokens are the rows of the MMA
 // (m16n8k16: A = 16 tokens × 16 inputs of the activations, split into `terms` bf16 parts as
@@ -501,10 +501,11 @@ GEMV_BULK_ALL(FMT_FP4, fp4)
 // adjacent in memory, in both operands), which leaves the dot products unchanged.
 #define BTC_ROWS 32
 
-template <int FMT, int KS, bool HI, int STRIDE, class Src>
+template <int FMT, int KS, int MG, int STRIDE, class Src>
 __device__ __forceinline__ void gemv_bulk_tc_consume(const Src& src, const GemvArgs& a, BulkWalk walk, BulkRing& ring,
                                                      int terms) {
     static_assert(FMT == FMT_FP8 || FMT == FMT_BF16, "FP8 or BF16 weights");
+    static_assert(MG == 1 || MG == 2 || MG == 4, "8, 16 or 32 tokens");
     constexpr int ES = FMT == FMT_FP8 ? 1 : 2;  // bytes per weight
     constexpr int KE = KS / ES;                 // inputs of a row slice
     constexpr int KW = KE / 8;                  // ... per consumer warp
@@ -512,40 +513,28 @@ __device__ __forceinline__ void gemv_bulk_tc_consume(const Src& src, const GemvA
     constexpr int CHE = 4 * EPL;                // inputs of a chunk (the four lanes of a row)
     constexpr int NCH = KW / CHE;               // chunks per warp and stage
     constexpr int SPC = EPL / 4;                // MMA steps (16 inputs) per chunk
+    constexpr int MU = (MG + 1) / 2;            // 16-token MMA row blocks
+    constexpr int MT = 8 * MG;                  // tokens
     static_assert(NCH >= 1 && KW % CHE == 0, "slice split");
     extern __shared__ __align__(128) uint8_t bulk_smem[];
-    __shared__ float red[8][16][BTC_ROWS + 1];  // the warps' sums: token × row
+    __shared__ float red[4][MT][BTC_ROWS + 1];  // warp pairs' sums: token × row
     __shared__ int last_split;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
     const int NS = ring.stages;
-    const bool on0 = g < a.M, on1 = HI && g + 8 < a.M;  // this lane's tokens g and g + 8
-    float acc[4][4];  // row group j (rows 8j..): C of tokens g, g + 8 × rows 8j + 2 t4, +1
+    float acc[MU][4][4];  // token block u, row group j: tokens 16u + g, +8 × rows 8j + 2 t4, +1
 #pragma unroll
-    for (int j = 0; j < 4; j++)
+    for (int u = 0; u < MU; u++)
 #pragma unroll
-        for (int i = 0; i < 4; i++) acc[j][i] = 0.f;
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) acc[u][j][i] = 0.f;
     for (int& n = ring.n; !walk.done(); n++) {
         const int slot = n % NS, t = walk.tile(), sl = walk.slice;
         const uint8_t* st = bulk_smem + slot * STRIDE;
-        const float* x0 = src.x(t, g) + (size_t)sl * KE;
-        const float* x1 = src.x(t, g + 8) + (size_t)sl * KE;
         mbar_wait(&ring.full[slot], (n / NS) & 1);
 #pragma unroll
         for (int c = 0; c < NCH; c++) {
             const int e = warp * KW + c * CHE + t4 * EPL;  // the lane's first input in the slice
-            float xa[EPL], xb[EPL];
-            if (on0) {
-                load_x<EPL, false>(x0 + e, xa);
-            } else {
-#pragma unroll
-                for (int i = 0; i < EPL; i++) xa[i] = 0.f;
-            }
-            if (on1) {
-                load_x<EPL, false>(x1 + e, xb);
-            } else {
-#pragma unroll
-                for (int i = 0; i < EPL; i++) xb[i] = 0.f;
-            }
             uint32_t scb = 0;  // FP8: 2^112 times the slice's block scale, as bf16x2
             if constexpr (FMT == FMT_FP8) {
                 const float sc = ((const float*)(st + BTC_ROWS * KS))[e >> 7];
@@ -556,13 +545,18 @@ __device__ __forceinline__ void gemv_bulk_tc_consume(const Src& src, const GemvA
             uint4 wq[4];  // row 8j + g, the lane's 16 bytes
 #pragma unroll
             for (int j = 0; j < 4; j++) wq[j] = *(const uint4*)(st + (8 * j + g) * KS + e * ES);
+            float xv[MG][EPL];  // tokens 8h + g, inputs e..
+#pragma unroll
+            for (int h = 0; h < MG; h++) {
+                if (8 * h + g < a.M) {
+                    load_x<EPL, false>(src.x(t, 8 * h + g) + (size_t)sl * KE + e, xv[h]);
+                } else {
+#pragma unroll
+                    for (int i = 0; i < EPL; i++) xv[h][i] = 0.f;
+                }
+            }
 #pragma unroll
             for (int s = 0; s < SPC; s++) {
-                float qa[4] = {xa[4 * s], xa[4 * s + 1], xa[4 * s + 2], xa[4 * s + 3]};
-                float qb[4] = {xb[4 * s], xb[4 * s + 1], xb[4 * s + 2], xb[4 * s + 3]};
-                uint2 pa[3], pb[3];
-                tc_split4(qa, terms, pa);
-                tc_split4(qb, terms, pb);
                 uint32_t b0[4], b1[4];
 #pragma unroll
                 for (int j = 0; j < 4; j++) {
@@ -578,11 +572,22 @@ __device__ __forceinline__ void gemv_bulk_tc_consume(const Src& src, const GemvA
                     }
                 }
 #pragma unroll
-                for (int term = 0; term < 3; term++) {
-                    if (term >= terms) break;
-                    const uint32_t A[4] = {pa[term].x, pb[term].x, pa[term].y, pb[term].y};
+                for (int u = 0; u < MU; u++) {
+                    uint2 pa[3], pb[3] = {};
+                    float qa[4] = {xv[2 * u][4 * s], xv[2 * u][4 * s + 1], xv[2 * u][4 * s + 2], xv[2 * u][4 * s + 3]};
+                    tc_split4(qa, terms, pa);
+                    if (2 * u + 1 < MG) {
+                        float qb[4] = {xv[2 * u + 1][4 * s], xv[2 * u + 1][4 * s + 1], xv[2 * u + 1][4 * s + 2],
+                                       xv[2 * u + 1][4 * s + 3]};
+                        tc_split4(qb, terms, pb);
+                    }
 #pragma unroll
-                    for (int j = 0; j < 4; j++) mma_bf16(acc[j], A, b0[j], b1[j]);
+                    for (int term = 0; term < 3; term++) {
+                        if (term >= terms) break;
+                        const uint32_t A[4] = {pa[term].x, pb[term].x, pa[term].y, pb[term].y};
+#pragma unroll
+                        for (int j = 0; j < 4; j++) mma_bf16(acc[u][j], A, b0[j], b1[j]);
+                    }
                 }
             }
         }
@@ -590,26 +595,33 @@ __device__ __forceinline__ void gemv_bulk_tc_consume(const Src& src, const GemvA
         if (lane == 0) mbar_arrive(&ring.empty[slot]);
         const int split = walk.split();
         if (!walk.advance()) continue;
-        // Item (tile t, K split) done: the warps' sums of each (token, row), added in warp
-        // (input) order, into y or this split's partials.
+        // Item (tile t, K split) done: the warps' sums of each (token, row) — warps w and w + 4
+        // first, then the four pairs in order — into y or this split's partials.
+        for (int pass = 0; pass < 2; pass++) {
+            if ((warp >> 2) == 1 - pass) {
+                float (&r)[MT][BTC_ROWS + 1] = red[warp & 3];
 #pragma unroll
-        for (int j = 0; j < 4; j++) {
-            red[warp][g][8 * j + 2 * t4] = acc[j][0];
-            red[warp][g][8 * j + 2 * t4 + 1] = acc[j][1];
-            if (HI) {
-                red[warp][g + 8][8 * j + 2 * t4] = acc[j][2];
-                red[warp][g + 8][8 * j + 2 * t4 + 1] = acc[j][3];
+                for (int u = 0; u < MU; u++)
+#pragma unroll
+                    for (int j = 0; j < 4; j++)
+#pragma unroll
+                        for (int i = 0; i < 4; i++) {
+                            const int m = 16 * u + g + 8 * (i >> 1), row = 8 * j + 2 * t4 + (i & 1);
+                            if (m < MT) r[m][row] = pass ? r[m][row] + acc[u][j][i] : acc[u][j][i];
+                        }
             }
-#pragma unroll
-            for (int i = 0; i < 4; i++) acc[j][i] = 0.f;
+            asm volatile("bar.sync 1, 256;" ::: "memory");
         }
-        asm volatile("bar.sync 1, 256;" ::: "memory");
-        for (int i = threadIdx.x; i < 16 * BTC_ROWS; i += 256) {
+#pragma unroll
+        for (int u = 0; u < MU; u++)
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+#pragma unroll
+                for (int i = 0; i < 4; i++) acc[u][j][i] = 0.f;
+        for (int i = threadIdx.x; i < MT * BTC_ROWS; i += 256) {
             const int m = i / BTC_ROWS, r = i % BTC_ROWS, row = t * BTC_ROWS + r;
             if (m < a.M && row < a.nrows) {
-                float v = red[0][m][r];
-#pragma unroll
-                for (int w = 1; w < 8; w++) v += red[w][m][r];
+                const float v = ((red[0][m][r] + red[1][m][r]) + red[2][m][r]) + red[3][m][r];
                 if (a.S == 1)
                     a.y[(size_t)m * a.ldy + row] = v;
                 else
@@ -625,7 +637,7 @@ __device__ __forceinline__ void gemv_bulk_tc_consume(const Src& src, const GemvA
             asm volatile("bar.sync 1, 256;" ::: "memory");
             if (last_split) {
                 __threadfence();
-                for (int i = threadIdx.x; i < 16 * BTC_ROWS; i += 256) {
+                for (int i = threadIdx.x; i < MT * BTC_ROWS; i += 256) {
                     const int m = i / BTC_ROWS, row = t * BTC_ROWS + i % BTC_ROWS;
                     if (m < a.M && row < a.nrows) {
                         float v = 0.f;
@@ -640,29 +652,29 @@ __device__ __forceinline__ void gemv_bulk_tc_consume(const Src& src, const GemvA
     }
 }
 
-// All rows of one matrix for 3–16 tokens (HI: more than 8), K split a.S ways.
-template <int FMT, int KS, bool HI>
+// All rows of one matrix for 3–32 tokens (up to 8·MG), K split a.S ways.
+template <int FMT, int KS, int MG>
 __device__ __forceinline__ void gemv_bulk_tc_run(const LinearW& W, const GemvArgs& a, int nslices, int terms) {
     constexpr int STRIDE = BTC_ROWS * KS + (FMT == FMT_FP8 ? KS / 32 : 0);
     BulkRing ring = bulk_ring_init(STRIDE);
     const DenseSrc<FMT, 1, BTC_ROWS / 8> src{W, a};
     const BulkWalk walk(block_items(src.tiles() * a.S), nslices, a.S);
-    if (nslices * KS != src.row_bytes()) __trap();  // the host's slicing
+    if (nslices * KS != src.row_bytes() || a.M > 8 * MG) __trap();  // the host's plan
     if (threadIdx.x >= 256) {
         bulk_produce<FMT, BTC_ROWS, KS, STRIDE>(src, walk, ring);
         return;
     }
     pdl_wait();  // the activations are the previous kernel's output
-    gemv_bulk_tc_consume<FMT, KS, HI, STRIDE>(src, a, walk, ring, terms);
+    gemv_bulk_tc_consume<FMT, KS, MG, STRIDE>(src, a, walk, ring, terms);
 }
 
-#define GEMV_BULK_TC(FMT, NAME, KS, HI, M)                                                    \
-    extern "C" __global__ void __launch_bounds__(BULK_THREADS, 1)                             \
-        gemv_bulk_tc_##NAME##_k##KS##_m##M(LinearW W, GemvArgs a, int nslices, int terms) {   \
-        pdl_launch();                                                                         \
-        gemv_bulk_tc_run<FMT, KS, HI>(W, a, nslices, terms);                                  \
+#define GEMV_BULK_TC(FMT, NAME, KS, MG)                                                            \
+    extern "C" __global__ void __launch_bounds__(BULK_THREADS, 1)                                  \
+        gemv_bulk_tc_##NAME##_k##KS##_m##MG(LinearW W, GemvArgs a, int nslices, int terms) {       \
+        pdl_launch();                                                                              \
+        gemv_bulk_tc_run<FMT, KS, MG>(W, a, nslices, terms);                                       \
     }
-#define GEMV_BULK_TC_M(FMT, NAME, KS) GEMV_BULK_TC(FMT, NAME, KS, false, 8) GEMV_BULK_TC(FMT, NAME, KS, true, 16)
+#define GEMV_BULK_TC_M(FMT, NAME, KS) GEMV_BULK_TC(FMT, NAME, KS, 1) GEMV_BULK_TC(FMT, NAME, KS, 2) GEMV_BULK_TC(FMT, NAME, KS, 4)
 GEMV_BULK_TC_M(FMT_FP8, fp8, 2048)
 GEMV_BULK_TC_M(FMT_FP8, fp8, 1024)
 GEMV_BULK_TC_M(FMT_BF16, bf16, 2048)

@@ -108,7 +108,7 @@ fn linear_kernels_match_cpu() {
     }
 }
 
-/// Decode batches of 3–16 tokens through the bulk-copy tensor-core GEMVs (`gemv_bulk_tc_*`)
+/// Decode batches of 3–32 tokens through the bulk-copy tensor-core GEMVs (`gemv_bulk_tc_*`)
 /// against the CPU: FP8 rows of whole 1 KB (whole-row stages) and of 2–8 KB (2 KB slices, K
 /// split), 3 KB rows (1 KB slices), BF16 rows of 8 KB and 7 KB, partial 32-row tiles, every FP8
 /// block with its own power-of-two scale; each launch twice (split-K counters return to zero).
@@ -140,7 +140,7 @@ fn bulk_tensor_core_gemv_matches_cpu() {
             }
         }
         let g = dsv4_cuda::weights::GpuLinear::upload(&gpu, &l).unwrap();
-        for m in [3usize, 5, 8, 9, 13, 16] {
+        for m in [3usize, 5, 8, 9, 13, 16, 21, 32] {
             let x: Vec<f32> = (0..m * inp)
                 .map(|i| ((i * 2654435761usize) % 1000) as f32 / 500.0 - 1.0)
                 .collect();
@@ -175,7 +175,7 @@ fn bulk_tensor_core_gemv_matches_cpu() {
     let g = dsv4_cuda::weights::GpuLinear::upload(&gpu, &l).unwrap();
     let gs = dsv4_cuda::weights::GpuLinear::upload(&simt, &l).unwrap();
     let (_sbufs, spart) = gemv_workspace(&simt);
-    for m in [4usize, 11] {
+    for m in [4usize, 11, 27] {
         let ldx = groups * inp;
         let x: Vec<f32> = (0..m * ldx)
             .map(|i| ((i * 40503usize) % 997) as f32 / 498.5 - 1.0)
@@ -1505,13 +1505,8 @@ fn moe_tensor_cores_match_simt_in_decode() {
         let (picks, x) = (gpu.upload(&picks).unwrap(), gpu.upload(&x).unwrap());
         let rw = gpu.upload(&random_f32(pairs, 7)).unwrap();
         let mut outs = Vec::new();
-        // SIMT, tensor cores, then (up to 5 tokens) the bulk-copy kernels.
-        let modes: &[(bool, usize)] = if t <= 5 {
-            &[(false, 0), (true, 0), (true, 5)]
-        } else {
-            &[(false, 0), (true, 0)]
-        };
-        for &(tc, bulk_tokens) in modes {
+        // SIMT, tensor cores, then the bulk-copy kernels.
+        for (tc, bulk_tokens) in [(false, 0), (true, 0), (true, 32)] {
             let h = gpu.upload(&vec![f32::NAN; pairs * inter]).unwrap();
             let out = gpu.upload(&vec![f32::NAN; pairs * d]).unwrap();
             let a = MoeArgs {
