@@ -518,6 +518,7 @@ __device__ __forceinline__ void gemv_bulk_tc_consume(const Src& src, const GemvA
     static_assert(NCH >= 1 && KW % CHE == 0, "slice split");
     extern __shared__ __align__(128) uint8_t bulk_smem[];
     __shared__ float red[4][MT][BTC_ROWS + 1];  // warp pairs' sums: token × row
+    static_assert(sizeof(red) + 1024 <= 18 * 1024, "the host's BTC_MAX_SMEM reserve");
     __shared__ int last_split;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
     const int NS = ring.stages;

@@ -47,9 +47,11 @@ pub struct Gpu {
     /// Rows per warp of the dense bulk-copy kernels (1, 2 or 4; 0: by row length), from
     /// `DSV4_CUDA_BULK_RPW`, for comparisons.
     pub bulk_rpw: usize,
-    /// Decode batches of 3–16 tokens through the bulk-copy tensor-core kernels
-    /// (`gemv_bulk_tc_*`); `DSV4_CUDA_BULK_TC=0` keeps the SIMT GEMVs, for comparisons.
-    pub bulk_tc: bool,
+    /// Decode batches of 3 up to this many tokens take the bulk-copy tensor-core kernels
+    /// (`gemv_bulk_tc_*`): [`crate::ops::BULK_TC_DEFAULT_TOKENS`], or
+    /// `DSV4_CUDA_BULK_TC_TOKENS` (up to [`crate::ops::BULK_TC_MAX_TOKENS`]; 0 or
+    /// `DSV4_CUDA_BULK_TC=0` keeps the SIMT GEMVs), for comparisons.
+    pub bulk_tc_tokens: usize,
     /// Shared-memory stages of the dense bulk-copy kernels: 4, or 2–3 from
     /// `DSV4_CUDA_BULK_STAGES` (with fewer, two launches fit on an SM: comparisons).
     pub bulk_stages: usize,
@@ -61,9 +63,6 @@ pub struct Gpu {
     /// `DSV4_CUDA_TC_TOKENS=64` (`_n64`); for comparisons.
     pub tc_bk: usize,
     pub tc_tokens: usize,
-    /// From this many tokens a decode batch's tall matrices take the tensor-core tile:
-    /// [`crate::ops::DECODE_TC_TOKENS`], or `DSV4_CUDA_DECODE_TC_TOKENS` for comparisons.
-    pub decode_tc_tokens: usize,
     /// Neither of those two variables is set: prefill GEMMs take the measured best shape.
     pub tc_shape_default: bool,
     /// Tensor-core GEMMs of more than 64 tokens split the activations into bf16 parts once
@@ -212,7 +211,15 @@ impl Gpu {
             profile: Mutex::new(None),
             stream_gemv: std::env::var("DSV4_CUDA_STREAM").map_or(true, |v| v != "0"),
             bulk: std::env::var("DSV4_CUDA_BULK").map_or(true, |v| v != "0"),
-            bulk_tc: std::env::var("DSV4_CUDA_BULK_TC").map_or(true, |v| v != "0"),
+            bulk_tc_tokens: if std::env::var("DSV4_CUDA_BULK_TC").is_ok_and(|v| v == "0") {
+                0
+            } else {
+                std::env::var("DSV4_CUDA_BULK_TC_TOKENS")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(crate::ops::BULK_TC_DEFAULT_TOKENS)
+                    .min(crate::ops::BULK_TC_MAX_TOKENS)
+            },
             bulk_rpw: std::env::var("DSV4_CUDA_BULK_RPW")
                 .ok()
                 .and_then(|v| v.parse().ok())
@@ -234,10 +241,6 @@ impl Gpu {
             } else {
                 128
             },
-            decode_tc_tokens: std::env::var("DSV4_CUDA_DECODE_TC_TOKENS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(crate::ops::DECODE_TC_TOKENS),
             tc_shape_default: std::env::var_os("DSV4_CUDA_TC_BK").is_none()
                 && std::env::var_os("DSV4_CUDA_TC_TOKENS").is_none(),
             tc_xs: AtomicBool::new(std::env::var("DSV4_CUDA_TC_XS").map_or(true, |v| v != "0")),

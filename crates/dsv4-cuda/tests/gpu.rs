@@ -110,8 +110,9 @@ fn linear_kernels_match_cpu() {
 
 /// Decode batches of 3–32 tokens through the bulk-copy tensor-core GEMVs (`gemv_bulk_tc_*`)
 /// against the CPU: FP8 rows of whole 1 KB (whole-row stages) and of 2–8 KB (2 KB slices, K
-/// split), 3 KB rows (1 KB slices), BF16 rows of 8 KB and 7 KB, partial 32-row tiles, every FP8
-/// block with its own power-of-two scale; each launch twice (split-K counters return to zero).
+/// split), 3 KB rows (1 KB slices), BF16 rows of 8 KB and 7 KB, partial 32-row tiles, shapes
+/// with several stages and items per block, every FP8 block with its own power-of-two scale;
+/// each launch twice (split-K counters return to zero).
 /// Then a grouped input (`wo_a`'s shape: each 32-row group reads its own slice of x) against
 /// the SIMT GEMV.
 #[test]
@@ -120,7 +121,10 @@ fn bulk_tensor_core_gemv_matches_cpu() {
     use dsv4_core::cpu::linear::Format;
     use dsv4_cuda::ops::bulk_tc_applies;
     use synthetic::MatrixFormat as F;
-    let gpu = Gpu::open(0).expect("GPU");
+    let mut gpu = Gpu::open(0).expect("GPU");
+    std::sync::Arc::get_mut(&mut gpu)
+        .expect("one owner")
+        .bulk_tc_tokens = dsv4_cuda::ops::BULK_TC_MAX_TOKENS;
     let (_bufs, part) = gemv_workspace(&gpu);
     let shapes = [
         (F::Fp8, 1024, 1024),
@@ -131,6 +135,12 @@ fn bulk_tensor_core_gemv_matches_cpu() {
         (F::Bf16, 512, 4096),
         (F::Bf16, 20, 4096),
         (F::Bf16, 40, 3584),
+        // Several items and stages per block (ring wrap, the reduction buffer reused, blocks
+        // running several K splits), and a whole-row last tile of 10 rows after others.
+        (F::Bf16, 4096, 8192),
+        (F::Fp8, 3200, 4096),
+        (F::Fp8, 8192, 4096),
+        (F::Fp8, 20010, 1024),
     ];
     for (si, &(fmt, out, inp)) in shapes.iter().enumerate() {
         let mut l: Linear = synthetic::random_linear(fmt, out, inp, 90 + si as u64).unwrap();
@@ -169,7 +179,7 @@ fn bulk_tensor_core_gemv_matches_cpu() {
     let mut simt = Gpu::open(0).expect("GPU");
     std::sync::Arc::get_mut(&mut simt)
         .expect("one owner")
-        .bulk_tc = false;
+        .bulk_tc_tokens = 0;
     let (out, inp, groups) = (1024usize, 1024usize, 8usize);
     let l: Linear = synthetic::random_linear(F::Fp8, out, inp, 99).unwrap();
     let g = dsv4_cuda::weights::GpuLinear::upload(&gpu, &l).unwrap();
