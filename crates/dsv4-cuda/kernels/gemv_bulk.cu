@@ -501,6 +501,16 @@ GEMV_BULK_ALL(FMT_FP4, fp4)
 // adjacent in memory, in both operands), which leaves the dot products unchanged.
 #define BTC_ROWS 32
 
+template <int MU>
+__device__ __forceinline__ void zero_acc(float (&acc)[MU][4][4]) {
+#pragma unroll
+    for (int u = 0; u < MU; u++)
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) acc[u][j][i] = 0.f;
+}
+
 template <int FMT, int KS, int MG, int STRIDE, class Src>
 __device__ __forceinline__ void gemv_bulk_tc_consume(const Src& src, const GemvArgs& a, BulkWalk walk, BulkRing& ring,
                                                      int terms) {
@@ -523,12 +533,7 @@ __device__ __forceinline__ void gemv_bulk_tc_consume(const Src& src, const GemvA
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
     const int NS = ring.stages;
     float acc[MU][4][4];  // token block u, row group j: tokens 16u + g, +8 × rows 8j + 2 t4, +1
-#pragma unroll
-    for (int u = 0; u < MU; u++)
-#pragma unroll
-        for (int j = 0; j < 4; j++)
-#pragma unroll
-            for (int i = 0; i < 4; i++) acc[u][j][i] = 0.f;
+    zero_acc(acc);
     for (int& n = ring.n; !walk.done(); n++) {
         const int slot = n % NS, t = walk.tile(), sl = walk.slice;
         const uint8_t* st = bulk_smem + slot * STRIDE;
@@ -613,12 +618,7 @@ __device__ __forceinline__ void gemv_bulk_tc_consume(const Src& src, const GemvA
             }
             asm volatile("bar.sync 1, 256;" ::: "memory");
         }
-#pragma unroll
-        for (int u = 0; u < MU; u++)
-#pragma unroll
-            for (int j = 0; j < 4; j++)
-#pragma unroll
-                for (int i = 0; i < 4; i++) acc[u][j][i] = 0.f;
+        zero_acc(acc);
         for (int i = threadIdx.x; i < MT * BTC_ROWS; i += 256) {
             const int m = i / BTC_ROWS, r = i % BTC_ROWS, row = t * BTC_ROWS + r;
             if (m < a.M && row < a.nrows) {

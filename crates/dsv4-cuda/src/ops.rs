@@ -1892,46 +1892,37 @@ mod tests {
             counters: 0,
             n_counters: 1 << 16,
         };
-        let big = part(1 << 22);
-        let plan = |fmt, out, inp, m, p: &Partial| bulk_tc_plan(132, fmt, out, inp, m, p);
-        let want = |ks, nslices, s, tiles, stages| {
-            Some(BulkTcPlan {
+        // (format, rows, inputs, tokens, workspace floats) -> (ks, nslices, s, tiles, stages):
+        // wq_b, wo_a, wo_b, the shared expert's down, the head, the router's gate, 3 KB rows
+        // (1 KB slices), and a workspace too small for the router's four splits.
+        let cases = [
+            ((Fmt::Fp8, 32768, 1024, 8, 1 << 22), (1024, 1, 1, 1024, 4)),
+            ((Fmt::Fp8, 8192, 4096, 8, 1 << 22), (2048, 2, 1, 256, 3)),
+            ((Fmt::Fp8, 4096, 8192, 8, 1 << 22), (2048, 4, 2, 128, 3)),
+            ((Fmt::Fp8, 4096, 2048, 8, 1 << 22), (2048, 1, 1, 128, 3)),
+            (
+                (Fmt::Bf16, 129280, 4096, 32, 1 << 22),
+                (2048, 4, 1, 4040, 3),
+            ),
+            ((Fmt::Bf16, 256, 4096, 8, 1 << 22), (2048, 4, 4, 8, 3)),
+            ((Fmt::Fp8, 64, 3072, 8, 1 << 22), (1024, 3, 3, 2, 4)),
+            ((Fmt::Bf16, 256, 4096, 8, 256 * 8 * 2), (2048, 4, 2, 8, 3)),
+        ];
+        for ((fmt, out, inp, m, floats), (ks, nslices, s, tiles, stages)) in cases {
+            let want = BulkTcPlan {
                 ks,
                 nslices,
                 s,
                 tiles,
                 stages,
-            })
-        };
-        // wq_b, wo_a, wo_b, the shared expert's down, the head, the router's gate.
+            };
+            let got = bulk_tc_plan(132, fmt, out, inp, m, &part(floats));
+            assert_eq!(got, Some(want), "{fmt:?} [{out}, {inp}] m={m}");
+        }
         assert_eq!(
-            plan(Fmt::Fp8, 32768, 1024, 8, &big),
-            want(1024, 1, 1, 1024, 4)
+            bulk_tc_plan(132, Fmt::Fp8, 64, 1000, 8, &part(1 << 22)),
+            None
         );
-        assert_eq!(
-            plan(Fmt::Fp8, 8192, 4096, 8, &big),
-            want(2048, 2, 1, 256, 3)
-        );
-        assert_eq!(
-            plan(Fmt::Fp8, 4096, 8192, 8, &big),
-            want(2048, 4, 2, 128, 3)
-        );
-        assert_eq!(
-            plan(Fmt::Fp8, 4096, 2048, 8, &big),
-            want(2048, 1, 1, 128, 3)
-        );
-        assert_eq!(
-            plan(Fmt::Bf16, 129280, 4096, 32, &big),
-            want(2048, 4, 1, 4040, 3)
-        );
-        assert_eq!(plan(Fmt::Bf16, 256, 4096, 8, &big), want(2048, 4, 4, 8, 3));
-        // 3 KB rows: 1 KB slices; a workspace too small for the splits' partials: fewer.
-        assert_eq!(plan(Fmt::Fp8, 64, 3072, 8, &big), want(1024, 3, 3, 2, 4));
-        assert_eq!(
-            plan(Fmt::Bf16, 256, 4096, 8, &part(256 * 8 * 2)),
-            want(2048, 4, 2, 8, 3)
-        );
-        assert_eq!(plan(Fmt::Fp8, 64, 1000, 8, &big), None);
     }
 
     /// The bulk-copy MoE launches: room for the planes of every input a block's run of items
