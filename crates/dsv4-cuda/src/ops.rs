@@ -750,11 +750,12 @@ const BTC_ROWS: usize = 32;
 /// kernel checks its reduction buffer against this reserve).
 const BTC_MAX_SMEM: usize = 227 * 1024 - 18 * 1024;
 
-/// Whether [`linear`] takes the bulk-copy tensor-core kernels: 3 to [`Gpu::bulk_tc_tokens`] tokens, a matrix the bulk
-/// kernels stream and the tensor cores compute exactly (FP8 or BF16), 32-row input groups.
+/// Whether [`linear`] takes the bulk-copy tensor-core kernels: 3 to [`Gpu::bulk_tc_tokens`]
+/// tokens, a matrix the bulk kernels stream and the tensor cores compute exactly (FP8 or
+/// BF16), 32-row input groups.
 pub fn bulk_tc_applies(gpu: &Gpu, w: &GpuLinear, inp: &LinIn) -> bool {
     let gs = inp.group.map_or(0, |(rows, _)| rows);
-    (3..=gpu.bulk_tc_tokens).contains(&inp.m)
+    (3..=gpu.bulk_tc_tokens.min(BULK_TC_MAX_TOKENS)).contains(&inp.m)
         && gpu.tc
         && gemv_vec(w, inp)
         && gpu.bulk
@@ -775,6 +776,14 @@ struct BulkTcPlan {
     stages: usize,
 }
 
+/// Bytes of one stage of `gemv_bulk_tc_*`: 32 row slices of `ks` bytes, then (FP8) their
+/// f32 block scales.
+fn bulk_tc_stride(fmt: Fmt, ks: usize) -> usize {
+    BTC_ROWS * ks + if fmt == Fmt::Fp8 { ks / 32 } else { 0 }
+}
+
+/// The plan of `nrows` rows of `inp` inputs for `m` tokens on `sms` SMs; `None` for rows that
+/// are not whole KB.
 fn bulk_tc_plan(
     sms: usize,
     fmt: Fmt,
@@ -795,8 +804,7 @@ fn bulk_tc_plan(
     let tiles = nrows.div_ceil(BTC_ROWS);
     let nslices = row_bytes / ks;
     let s = part.fit_splits(sms.div_ceil(tiles).clamp(1, nslices), m * nrows, tiles);
-    let stride = BTC_ROWS * ks + if fmt == Fmt::Fp8 { ks / 32 } else { 0 };
-    let stages = (BTC_MAX_SMEM / stride).min(4);
+    let stages = (BTC_MAX_SMEM / bulk_tc_stride(fmt, ks)).min(4);
     (stages >= 2).then_some(BulkTcPlan {
         ks,
         nslices,
@@ -834,7 +842,7 @@ fn gemv_bulk_tc(
             w.stored_bytes,
         )
     });
-    let stride = BTC_ROWS * p.ks + if w.fmt == Fmt::Fp8 { p.ks / 32 } else { 0 };
+    let stride = bulk_tc_stride(w.fmt, p.ks);
     let (ns, terms) = (p.nslices as i32, inp.terms.clamp(1, 3) as i32);
     gpu.launch(
         &format!(
