@@ -23,8 +23,24 @@ struct GemvArgs {
     xg_rows: i32,
     xg_stride: i32,
     vec: i32,
+    /// Bulk kernels: stages the producer requests before it waits for the previous kernel
+    /// (-1: all of them, never waiting; `DSV4_CUDA_BULK_PREWAIT`, for comparisons).
+    prewait: i32,
 }
 unsafe impl DeviceRepr for GemvArgs {}
+
+/// `GemvArgs::prewait` of every launch: `DSV4_CUDA_BULK_PREWAIT`, else -1. (Does a burst of
+/// every SM's stages, requested while the short kernel before runs, delay that kernel's own
+/// loads? `wq_b`'s 17 MB beside the query norm is the case in point.)
+fn bulk_prewait() -> i32 {
+    static P: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
+    *P.get_or_init(|| {
+        std::env::var("DSV4_CUDA_BULK_PREWAIT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(-1)
+    })
+}
 
 impl GemvArgs {
     /// All `nrows` rows of a matrix for the tokens of `inp`, K split `s` ways.
@@ -52,6 +68,7 @@ impl GemvArgs {
             xg_rows: gs as i32,
             xg_stride: gstride as i32,
             vec: vec as i32,
+            prewait: bulk_prewait(),
         }
     }
 }
@@ -750,12 +767,12 @@ const BTC_ROWS: usize = 32;
 /// kernel checks its reduction buffer against this reserve).
 const BTC_MAX_SMEM: usize = 227 * 1024 - 18 * 1024;
 
-/// Whether [`linear`] takes the bulk-copy tensor-core kernels: 3 to [`Gpu::bulk_tc_tokens`]
-/// tokens, a matrix the bulk kernels stream and the tensor cores compute exactly (FP8 or
+/// Whether [`linear`] takes the bulk-copy tensor-core kernels: [`Gpu::bulk_tc_min`] (3) to
+/// [`Gpu::bulk_tc_tokens`] tokens, a matrix the bulk kernels stream and the tensor cores compute exactly (FP8 or
 /// BF16), 32-row input groups.
 pub fn bulk_tc_applies(gpu: &Gpu, w: &GpuLinear, inp: &LinIn) -> bool {
     let gs = inp.group.map_or(0, |(rows, _)| rows);
-    (3..=gpu.bulk_tc_tokens.min(BULK_TC_MAX_TOKENS)).contains(&inp.m)
+    (gpu.bulk_tc_min..=gpu.bulk_tc_tokens.min(BULK_TC_MAX_TOKENS)).contains(&inp.m)
         && gpu.tc
         && gemv_vec(w, inp)
         && gpu.bulk

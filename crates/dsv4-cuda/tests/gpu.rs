@@ -108,7 +108,7 @@ fn linear_kernels_match_cpu() {
     }
 }
 
-/// Decode batches of 3–32 tokens through the bulk-copy tensor-core GEMVs (`gemv_bulk_tc_*`)
+/// Decode batches of 1–32 tokens through the bulk-copy tensor-core GEMVs (`gemv_bulk_tc_*`)
 /// against the CPU: FP8 rows of whole 1 KB (whole-row stages) and of 2–8 KB (2 KB slices, K
 /// split), 3 KB rows (1 KB slices), BF16 rows of 8 KB and 7 KB, partial 32-row tiles, shapes
 /// with several stages and items per block, every FP8 block with its own power-of-two scale;
@@ -122,9 +122,11 @@ fn bulk_tensor_core_gemv_matches_cpu() {
     use dsv4_cuda::ops::bulk_tc_applies;
     use synthetic::MatrixFormat as F;
     let mut gpu = Gpu::open(0).expect("GPU");
-    std::sync::Arc::get_mut(&mut gpu)
-        .expect("one owner")
-        .bulk_tc_tokens = dsv4_cuda::ops::BULK_TC_MAX_TOKENS;
+    {
+        let g = std::sync::Arc::get_mut(&mut gpu).expect("one owner");
+        g.bulk_tc_tokens = dsv4_cuda::ops::BULK_TC_MAX_TOKENS;
+        g.bulk_tc_min = 1; // (one and two tokens only for `DSV4_CUDA_BULK_TC_MIN` comparisons)
+    }
     let (_bufs, part) = gemv_workspace(&gpu);
     let shapes = [
         (F::Fp8, 1024, 1024),
@@ -150,7 +152,7 @@ fn bulk_tensor_core_gemv_matches_cpu() {
             }
         }
         let g = dsv4_cuda::weights::GpuLinear::upload(&gpu, &l).unwrap();
-        for m in [3usize, 5, 8, 9, 13, 16, 21, 32] {
+        for m in [1usize, 2, 3, 5, 8, 9, 13, 16, 21, 32] {
             let x: Vec<f32> = (0..m * inp)
                 .map(|i| ((i * 2654435761usize) % 1000) as f32 / 500.0 - 1.0)
                 .collect();
