@@ -63,6 +63,14 @@ __device__ __forceinline__ void e4m3x4_to_bf16(uint32_t w, uint32_t& lo, uint32_
     hi = ((hb >> 3) & 0x0fff0fffu) | (hb & 0x80008000u);
 }
 
+// An FP8 block scale as the bf16x2 that e4m3x4_to_bf16's words are multiplied by: 2^112 times
+// the scale (undoing the decode's 2^-112) in both halves.
+__device__ __forceinline__ uint32_t fp8_scale_bf16x2(float sc) {
+    const __nv_bfloat16 v = __float2bfloat16_rn(sc * 0x1p112f);
+    const uint32_t b = *(const uint16_t*)&v;
+    return b | (b << 16);
+}
+
 // Eight e2m1 nibbles (element 2b in the low nibble of byte b) as four bf16x2 words of their
 // exact values: byte-permute tables give the low and high bytes of the bf16 of each magnitude
 // (0, 0.5, 1, 1.5, 2, 3, 4, 6), the sign bits are permuted into the high bytes, and the bytes
@@ -133,9 +141,7 @@ struct TcWLoad {
             const int k = chunk * N;
             const int br = (W.bo & (W.bo - 1)) == 0 ? g >> (__ffs(W.bo) - 1) : g / W.bo;
             const int bc = (W.bi & (W.bi - 1)) == 0 ? k >> (__ffs(W.bi) - 1) : k / W.bi;
-            const float sc = ((const float*)W.scales)[(size_t)br * W.scale_cols + bc];
-            const __nv_bfloat16 v = __float2bfloat16_rn(sc * 0x1p112f);
-            b = *(const uint16_t*)&v;
+            return fp8_scale_bf16x2(((const float*)W.scales)[(size_t)br * W.scale_cols + bc]);
         } else if constexpr (FMT == FMT_FP4) {
             b = (uint32_t)((const uint8_t*)W.scales)[(size_t)g * (W.in / 32) + chunk] << 7;
         }

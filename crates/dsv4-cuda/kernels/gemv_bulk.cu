@@ -158,7 +158,8 @@ __device__ __forceinline__ BulkRing bulk_ring_init(unsigned stride) {
 
 // The producer warp of a launch: streams its walk's stages — R rows × KS bytes each (whole
 // rows as one copy when KS is the row, else one copy per row), then their scale bytes — into
-// the ring. The weights do not depend on the previous kernel, so it never waits for it. `src`
+// the ring (trapping on a host slicing that does not cover the rows). The weights do not
+// depend on the previous kernel, so it never waits for it (but see GemvArgs::prewait). `src`
 // says where a tile's rows live (`row(t, j)` / `aux(t, j)`: start and scale bytes of row j;
 // `rows(t)`: how many exist, for whole-row tiles, whose missing rows are left out of the copy
 // and computed from stale shared memory, never written).
@@ -170,6 +171,7 @@ __device__ __forceinline__ void bulk_produce(const Src& src, BulkWalk walk, Bulk
     extern __shared__ __align__(128) uint8_t bulk_smem[];
     const int lane = threadIdx.x & 31;
     const int NS = ring.stages;
+    if (walk.nslices * KS != src.row_bytes()) __trap();  // the host's slicing
     const bool whole = walk.nslices == 1;
     const uint64_t policy = evict_first_policy();
     for (int& n = ring.n; !walk.done(); n++) {
@@ -198,21 +200,17 @@ __device__ __forceinline__ void bulk_produce(const Src& src, BulkWalk walk, Bulk
     }
 }
 
-// The engine over the rows of one matrix: `Src` says where a tile's rows live (`row(t, j)` /
-// `aux(t, j)`: start and scale bytes of smem row j; `rows(t)`: how many exist, for whole-row
-// tiles, whose missing rows are left out of the copy and computed from stale smem, never
-// written), where token m's activations are (`load(t, m, k, xv)`) and what to do with a row
-// group's four sums (`finish`). Called by the producer warp (warp 8) and the consumer warps
-// alike; traps on a host slicing that does not cover the rows.
+// The engine over the rows of one matrix: `Src` says where a tile's rows live (as
+// `bulk_produce` reads them), where token m's activations are (`load(t, m, k, xv)`) and what to
+// do with a row group's four sums (`finish`). Called by the producer warp (warp 8) and the
+// consumer warps alike.
 template <int FMT, int MT, int RPW, int STRIDE, bool COH, class Src>
 __device__ __forceinline__ void gemv_bulk_steps(const Src& src, ItemRange mine, int nslices, int S, BulkRing& ring) {
     constexpr int W = 8;  // consumer warps (16 measured no faster)
     constexpr int N = Chunk<FMT>::N;
     constexpr int R = 8 * RPW, KS = 4096 / RPW, CPL = KS / 512;
-    constexpr int AUX = bulk_aux_bytes<FMT, RPW>();
     static_assert(STRIDE >= bulk_stage_bytes<FMT, RPW>(), "stage slot too small");
     extern __shared__ __align__(128) uint8_t bulk_smem[];
-    if (nslices * KS != src.row_bytes()) __trap();  // the host's slicing
     uint64_t* full = ring.full;
     uint64_t* empty = ring.empty;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -542,13 +540,8 @@ __device__ __forceinline__ void gemv_bulk_tc_consume(const Src& src, const GemvA
 #pragma unroll
         for (int c = 0; c < NCH; c++) {
             const int e = warp * KW + c * CHE + t4 * EPL;  // the lane's first input in the slice
-            uint32_t scb = 0;  // FP8: 2^112 times the slice's block scale, as bf16x2
-            if constexpr (FMT == FMT_FP8) {
-                const float sc = ((const float*)(st + BTC_ROWS * KS))[e >> 7];
-                const __nv_bfloat16 v = __float2bfloat16_rn(sc * 0x1p112f);
-                scb = *(const uint16_t*)&v;
-                scb |= scb << 16;
-            }
+            uint32_t scb = 0;  // FP8: the slice's block scale, as the decoded words take it
+            if constexpr (FMT == FMT_FP8) scb = fp8_scale_bf16x2(((const float*)(st + BTC_ROWS * KS))[e >> 7]);
             uint4 wq[4];  // row 8j + g, the lane's 16 bytes
 #pragma unroll
             for (int j = 0; j < 4; j++) wq[j] = *(const uint4*)(st + (8 * j + g) * KS + e * ES);
@@ -661,7 +654,7 @@ __device__ __forceinline__ void gemv_bulk_tc_run(const LinearW& W, const GemvArg
     BulkRing ring = bulk_ring_init(STRIDE);
     const DenseSrc<FMT, 1, BTC_ROWS / 8> src{W, a};
     const BulkWalk walk(block_items(src.tiles() * a.S), nslices, a.S);
-    if (nslices * KS != src.row_bytes() || a.M > 8 * MG) __trap();  // the host's plan
+    if (a.M > 8 * MG) __trap();  // the host's plan
     if (threadIdx.x >= 256) {
         bulk_produce<FMT, BTC_ROWS, KS, STRIDE>(src, walk, ring, a.prewait);
         return;

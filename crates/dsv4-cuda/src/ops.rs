@@ -708,10 +708,16 @@ fn bulk_plan(gpu: &Gpu, w: &GpuLinear, m: usize, part: &Partial) -> BulkPlan {
     }
 }
 
+/// Whether the bulk-copy kernels (SIMT or tensor-core) can stream `w` for `inp`: a matrix of
+/// whole-KB rows, 16-byte aligned inputs, input groups of whole 32-row tiles.
+fn bulk_streams(gpu: &Gpu, w: &GpuLinear, inp: &LinIn) -> bool {
+    let gs = inp.group.map_or(0, |(rows, _)| rows);
+    gpu.bulk && w.bulk && gemv_vec(w, inp) && gs.is_multiple_of(32)
+}
+
 /// Whether [`linear`] takes the bulk-copy kernels for these tokens.
 fn bulk_applies(gpu: &Gpu, w: &GpuLinear, inp: &LinIn) -> bool {
-    let gs = inp.group.map_or(0, |(rows, _)| rows);
-    (1..=2).contains(&inp.m) && gemv_vec(w, inp) && gpu.bulk && w.bulk && gs.is_multiple_of(32)
+    (1..=2).contains(&inp.m) && bulk_streams(gpu, w, inp)
 }
 
 /// One or two tokens through `gemv_bulk_*`: a block per SM at most, each a contiguous run of
@@ -761,25 +767,22 @@ pub const BULK_TC_MAX_TOKENS: usize = 32;
 /// GEMVs (H100, 8 layers: batch 8 8.88 -> 5.96 ms, 16 12.84 -> 9.35); 17–32 pass the GPU
 /// tests but are not timed yet, so they keep the previous kernels.
 pub const BULK_TC_DEFAULT_TOKENS: usize = 16;
-/// Rows of a stage of the bulk tensor-core kernels (`BTC_ROWS`).
+/// Rows of a stage of the bulk tensor-core kernels (`BTC_ROWS`): the 32-row input groups
+/// [`bulk_streams`] asks for.
 const BTC_ROWS: usize = 32;
 /// Dynamic shared memory those kernels may take: 227 KB less their static arrays (17 KB; the
 /// kernel checks its reduction buffer against this reserve).
 const BTC_MAX_SMEM: usize = 227 * 1024 - 18 * 1024;
 
 /// Whether [`linear`] takes the bulk-copy tensor-core kernels: [`Gpu::bulk_tc_min`] (3) to
-/// [`Gpu::bulk_tc_tokens`] tokens, a matrix the bulk kernels stream and the tensor cores compute exactly (FP8 or
-/// BF16), 32-row input groups.
+/// [`Gpu::bulk_tc_tokens`] tokens, a matrix the bulk kernels stream (their 32-row tiles are
+/// `BTC_ROWS` too) and the tensor cores compute exactly (FP8 or BF16).
 pub fn bulk_tc_applies(gpu: &Gpu, w: &GpuLinear, inp: &LinIn) -> bool {
-    let gs = inp.group.map_or(0, |(rows, _)| rows);
     (gpu.bulk_tc_min..=gpu.bulk_tc_tokens.min(BULK_TC_MAX_TOKENS)).contains(&inp.m)
         && gpu.tc
-        && gemv_vec(w, inp)
-        && gpu.bulk
-        && w.bulk
         && w.tc
         && matches!(w.fmt, Fmt::Fp8 | Fmt::Bf16)
-        && gs.is_multiple_of(BTC_ROWS)
+        && bulk_streams(gpu, w, inp)
 }
 
 /// How `gemv_bulk_tc_*` streams a matrix: row slices of `ks` bytes (2 KB, or whole 1 KB rows),
