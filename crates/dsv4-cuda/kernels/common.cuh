@@ -151,6 +151,30 @@ __device__ __forceinline__ float warp_sum_transposed(float (&v)[32]) {
     return v[0];
 }
 
+// Thread-block clusters (sm_90): a barrier split in its arrive and wait halves (every thread
+// of the cluster arrives once per phase; writes before the arrive are visible after the wait),
+// and loads from another block's shared memory (distributed shared memory).
+__device__ __forceinline__ unsigned cluster_rank() {
+    unsigned r;
+    asm("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+    return r;
+}
+__device__ __forceinline__ void cluster_arrive() {
+    asm volatile("barrier.cluster.arrive.release;" ::: "memory");
+}
+__device__ __forceinline__ void cluster_wait() {
+    asm volatile("barrier.cluster.wait.acquire;" ::: "memory");
+}
+// Block `rank`'s copy of the shared variable at p.
+__device__ __forceinline__ float cluster_ld(const float* p, unsigned rank) {
+    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+    unsigned r;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(rank));
+    float v;
+    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(r) : "memory");
+    return v;
+}
+
 // 16-byte asynchronous global -> shared copies (sm_80+): many in flight per thread.
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
     const unsigned s = (unsigned)__cvta_generic_to_shared(smem);

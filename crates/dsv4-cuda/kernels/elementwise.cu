@@ -108,6 +108,12 @@ extern "C" __global__ void embed(LinearW E, const int* ids, float* x, int n) {
 
 __device__ __forceinline__ float sigmoidf_(float x) { return 1.0f / (1.0f + expf(-x)); }
 
+// A stream's `pre` weight from its raw mix row m (scaled by the stream rms r): the one formula
+// of the warp mix and of the cluster boundary, which finds `pre` without the Sinkhorn.
+__device__ __forceinline__ float hc_pre_value(float m, float r, float scale, float base, float eps) {
+    return sigmoidf_((m * r) * scale + base) + eps;
+}
+
 // Sinkhorn mix of one token from its raw mix rows m (scaled by the stream rms r), called by one
 // whole warp: pre [n], post [n], comb [n, n] of token t (row softmax + eps, one column
 // normalization, then iters-1 row/column rounds; lane i*n+j holds comb[i][j]; sums in the CPU's
@@ -120,7 +126,7 @@ __device__ __forceinline__ void hc_mix_warp_n(const float* m, float r, const flo
     const int n = NT > 0 ? NT : n_rt;
     const int lane = threadIdx.x & 31;
     if (lane < n) {
-        pre[t * n + lane] = sigmoidf_((m[lane] * r) * scale[0] + base[lane]) + eps;
+        pre[t * n + lane] = hc_pre_value(m[lane], r, scale[0], base[lane], eps);
         post[t * n + lane] = 2.0f * sigmoidf_((m[n + lane] * r) * scale[1] + base[n + lane]);
     }
     const int nn = n * n;
@@ -189,6 +195,30 @@ struct HcArgs {
     float hc_eps, norm_eps;
 };
 
+// Stream i's value of column j of token t after the post-mix of the block that ran
+// (x <- post·f + combᵀ·x, f plus the routed experts' weighted outputs when eout is given), or
+// its current value when there is no post step. Reads every stream's old value of column j.
+__device__ __forceinline__ float hc_post_cell(const HcArgs& a, const float* x, int t, int i, int j) {
+    const int n = a.n, d = a.d;
+    if (!a.f) return x[(size_t)i * d + j];
+    float xs[4];
+#pragma unroll
+    for (int k = 0; k < 4; k++) xs[k] = k < n ? x[(size_t)k * d + j] : 0.f;
+    float fv = a.f[(size_t)t * d + j];
+    if (a.eout) {
+        for (int q = 0; q < a.k; q++) {
+            const float wq = a.rw_inside ? 1.f : a.rw[(size_t)t * a.k + q];
+            fv = fmaf(wq, a.eout[((size_t)t * a.k + q) * d + j], fv);
+        }
+    }
+    const float* c = a.comb + (size_t)t * n * n;
+    float o = a.post[t * n + i] * fv;
+#pragma unroll
+    for (int k = 0; k < 4; k++)
+        if (k < n) o = fmaf(c[k * n + i], xs[k], o);
+    return o;
+}
+
 // A hyper-connection boundary of a few tokens (decode) in one launch. Block (s, t) owns HC_COLS
 // columns of all n streams of token t, one thread per (stream, column):
 // - the routed experts' weighted outputs added into f (as moe_combine), when given;
@@ -216,29 +246,7 @@ extern "C" __global__ void __launch_bounds__(HC_THREADS) hc_boundary(HcArgs a) {
         w[r] = (on && r < rows) ? __ldg(a.fn + (size_t)r * n * d + col) : 0.f;
     pdl_wait();
     float* x = a.x + (size_t)t * n * d;
-    float v = 0.f;
-    if (on) {
-        v = x[col];
-        if (a.f) {
-            // Stream i's new value; every stream's old value of column j first.
-            float xs[4];
-#pragma unroll
-            for (int k = 0; k < 4; k++) xs[k] = k < n ? x[(size_t)k * d + j] : 0.f;
-            float fv = a.f[(size_t)t * d + j];
-            if (a.eout) {
-                for (int q = 0; q < a.k; q++) {
-                    const float wq = a.rw_inside ? 1.f : a.rw[(size_t)t * a.k + q];
-                    fv = fmaf(wq, a.eout[((size_t)t * a.k + q) * d + j], fv);
-                }
-            }
-            const float* c = a.comb + (size_t)t * n * n;
-            float o = a.post[t * n + i] * fv;
-#pragma unroll
-            for (int k = 0; k < 4; k++)
-                if (k < n) o = fmaf(c[k * n + i], xs[k], o);
-            v = o;
-        }
-    }
+    const float v = on ? hc_post_cell(a, x, t, i, j) : 0.f;
     if (a.f) {
         __syncthreads();  // all old values read before any is replaced
         if (on) x[col] = v;
@@ -353,6 +361,111 @@ extern "C" __global__ void __launch_bounds__(HC_THREADS) hc_boundary(HcArgs a) {
         }
     }
     for (int c = HC_PRE_COLS + threadIdx.x; c < d; c += HC_THREADS) h[c] = h[c] * rn * a.norm_w[c];
+}
+
+#define HC_CLUSTER 16        // blocks per token of hc_boundary_cluster (ops::HC_CLUSTER)
+#define HC_CL_THREADS 1024   // at most: one per stream and column of the block's d / 16 columns
+#define HC_CL_ROWS 24        // (2 + n) · n mix rows, n <= 4
+
+// hc_boundary with one thread-block cluster per token instead of a last block: block `rank`
+// owns columns [rank·d/C, (rank+1)·d/C) of all streams, one thread per (stream, column), and
+// the cluster's blocks trade their partial sums through distributed shared memory, so the
+// token's mix rows, `pre` and the collapse's norm come out of two cluster barriers instead of
+// a counter, a fence and one block re-reading every stream. `pre` needs no Sinkhorn: rank 0
+// runs it (for `post` and `comb`, read at the next boundary) on a warp of its own beside the
+// collapse. Sums in a fixed order: warps, then ranks, ascending.
+extern "C" __global__ void __launch_bounds__(HC_CL_THREADS, 1) hc_boundary_cluster(HcArgs a) {
+    pdl_launch();
+    __shared__ float red[HC_CL_THREADS / 32][32];
+    __shared__ float part[32];  // this block's sums of the mix rows; 31: the sum of squares
+    __shared__ float mix[32];
+    __shared__ float xnew[HC_CL_THREADS];
+    __shared__ float ssw[HC_CL_THREADS / 32];
+    __shared__ float ss_part, mix_r;
+    __shared__ float pre_s[4];
+    const unsigned rank = cluster_rank();
+    const int n = a.n, d = a.d, rows = (2 + n) * n, C = gridDim.x, cols = d / C;
+    const int t = blockIdx.y, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int nw = blockDim.x >> 5, cw = (cols + 31) >> 5;  // warps, collapse warps
+    const int i = tid / cols, j = (int)rank * cols + tid % cols;
+    const bool on = i < n;
+    const size_t col = (size_t)i * d + j;
+    float w[HC_CL_ROWS];
+#pragma unroll
+    for (int r = 0; r < HC_CL_ROWS; r++)
+        w[r] = (on && r < rows) ? __ldg(a.fn + (size_t)r * n * d + col) : 0.f;
+    const float g = tid < cols ? __ldg(a.norm_w + j) : 0.f;
+    pdl_wait();
+    float* x = a.x + (size_t)t * n * d;
+    const float v = on ? hc_post_cell(a, x, t, i, j) : 0.f;
+    xnew[tid] = v;
+    float p[32];
+#pragma unroll
+    for (int r = 0; r < 31; r++) p[r] = r < HC_CL_ROWS ? w[r] * v : 0.f;
+    p[31] = v * v;
+    red[warp][lane] = warp_sum_transposed(p);
+    __syncthreads();
+    if (warp == 0) {
+        float q = 0.f;
+        for (int k = 0; k < nw; k++) q += red[k][lane];
+        part[lane] = q;
+    }
+    cluster_arrive();
+    cluster_wait();  // 1: every block's parts; every old stream value read
+    if (a.f && on) x[col] = v;
+    if (warp == 0) {
+        float q[HC_CLUSTER];
+#pragma unroll
+        for (int r = 0; r < HC_CLUSTER; r++) q[r] = r < C ? cluster_ld(&part[lane], r) : 0.f;
+        float m = 0.f;
+#pragma unroll
+        for (int r = 0; r < HC_CLUSTER; r++) m += q[r];
+        mix[lane] = m;
+        const float rr = 1.0f / sqrtf(__shfl_sync(0xffffffffu, m, 31) / (float)(n * d) + a.norm_eps);
+        if (lane < n) pre_s[lane] = hc_pre_value(m, rr, a.scale[0], a.base[lane], a.hc_eps);
+        if (lane == 0) mix_r = rr;
+    }
+    __syncthreads();
+    // The Sinkhorn's warp: rank 0's first warp past the collapse (after it, in one-warp blocks).
+    const int skw = nw > cw ? cw : -1;
+    if (rank == 0 && warp == skw) {
+        cluster_arrive();  // 2: it gives the others nothing
+        hc_mix_warp(mix, mix_r, a.base, a.scale, a.pre, a.post, a.comb, n, a.iters, a.hc_eps, t);
+        cluster_wait();
+    } else {
+        float o = 0.f;
+        if (warp < cw) {
+            if (tid < cols) {
+#pragma unroll
+                for (int k = 0; k < 4; k++)
+                    if (k < n) o = fmaf(pre_s[k], xnew[k * cols + tid], o);
+            }
+            const float s = warp_sum(o * o);
+            if (lane == 0) ssw[warp] = s;
+            asm volatile("bar.sync 1, %0;" ::"r"(32 * cw) : "memory");
+            if (tid == 0) {
+                float q = 0.f;
+                for (int k = 0; k < cw; k++) q += ssw[k];
+                ss_part = q;
+            }
+        }
+        cluster_arrive();
+        cluster_wait();  // 2: every block's sum of squares of the collapse
+        if (tid < cols) {
+            float q[HC_CLUSTER];
+#pragma unroll
+            for (int r = 0; r < HC_CLUSTER; r++) q[r] = r < C ? cluster_ld(&ss_part, r) : 0.f;
+            float ss = 0.f;
+#pragma unroll
+            for (int r = 0; r < HC_CLUSTER; r++) ss += q[r];
+            const float rn = 1.0f / sqrtf(ss / (float)d + a.norm_eps);
+            a.h[(size_t)t * d + j] = o * rn * g;
+        }
+    }
+    if (skw < 0 && rank == 0 && warp == 0)
+        hc_mix_warp(mix, mix_r, a.base, a.scale, a.pre, a.post, a.comb, n, a.iters, a.hc_eps, t);
+    cluster_arrive();
+    cluster_wait();  // 3: no block leaves while another may still read its shared memory
 }
 
 // h[t, d] = sum_i pre[t, i] * x[t, i, d].

@@ -34,6 +34,8 @@ pub struct Gpu {
     module: Arc<CudaModule>,
     /// Loaded kernels, with the dynamic shared memory each is allowed so far.
     funcs: Mutex<HashMap<String, (CudaFunction, u32)>>,
+    /// Kernels allowed clusters of more than 8 blocks (a per-kernel attribute, set once).
+    wide_clusters: Mutex<std::collections::HashSet<String>>,
     pub name: String,
     pub ordinal: usize,
     pub sm_count: usize,
@@ -207,6 +209,7 @@ impl Gpu {
             stream,
             module,
             funcs: Mutex::new(HashMap::new()),
+            wide_clusters: Mutex::new(Default::default()),
             name,
             ordinal,
             sm_count,
@@ -638,6 +641,60 @@ impl Gpu {
         self.launch_ex(name, grid, block, smem, args, false)
     }
 
+    /// [`Gpu::launch`] in thread-block clusters of `cluster` blocks along x (sm_90; up to 16).
+    pub fn launch_cluster(
+        &self,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        smem: u32,
+        cluster: u32,
+        args: &[&dyn Arg],
+    ) -> Result<()> {
+        self.launch_full(name, grid, block, smem, args, true, cluster)
+    }
+
+    /// Whether the device can hold at least one cluster of `cluster` blocks of kernel `name`
+    /// at once (a cluster's blocks must share a GPC; 16 blocks of 1024 threads may not fit).
+    pub fn cluster_fits(&self, name: &str, block: u32, smem: u32, cluster: u32) -> Result<bool> {
+        let func = self.cluster_func(name, smem, cluster)?;
+        let mut attr = cluster_attr(cluster);
+        let cfg = sys::CUlaunchConfig {
+            gridDimX: cluster,
+            gridDimY: 1,
+            gridDimZ: 1,
+            blockDimX: block,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: smem,
+            hStream: self.cur(),
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        let mut n: std::ffi::c_int = 0;
+        self.bind()?;
+        // SAFETY: `cfg` and `attr` outlive the call, which only reads them.
+        let r = unsafe { sys::cuOccupancyMaxActiveClusters(&mut n, func.cu_function(), &cfg) };
+        Ok(r == sys::CUresult::CUDA_SUCCESS && n >= 1)
+    }
+
+    /// Kernel `name` (see [`Gpu::func`]), allowed clusters of `cluster` blocks.
+    fn cluster_func(&self, name: &str, smem: u32, cluster: u32) -> Result<CudaFunction> {
+        let func = self.func(name, smem)?;
+        if cluster > 8 {
+            let mut wide = self.wide_clusters.lock().unwrap_or_else(|p| p.into_inner());
+            if !wide.contains(name) {
+                func.set_attribute(
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED,
+                    1,
+                )
+                .map_err(drv("allowing clusters of more than 8 blocks"))?;
+                wide.insert(name.to_string());
+            }
+        }
+        Ok(func)
+    }
+
     fn launch_ex(
         &self,
         name: &str,
@@ -647,19 +704,36 @@ impl Gpu {
         args: &[&dyn Arg],
         pdl: bool,
     ) -> Result<()> {
+        self.launch_full(name, grid, block, smem, args, pdl, 1)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn launch_full(
+        &self,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        smem: u32,
+        args: &[&dyn Arg],
+        pdl: bool,
+        cluster: u32,
+    ) -> Result<()> {
         if self.skip.iter().any(|p| name.starts_with(p.as_str())) {
             return Ok(());
         }
-        let func = self.func(name, smem)?;
+        let func = self.cluster_func(name, smem, cluster)?;
         let mut params: Vec<*mut std::ffi::c_void> = args.iter().map(|a| a.param()).collect();
         // Programmatic dependent launch (see kernels/common.cuh): the next kernel may be
         // scheduled while this one finishes.
-        let mut attr = sys::CUlaunchAttribute {
+        let mut pdl_attr = sys::CUlaunchAttribute {
             id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
             pad: [0; 4],
             value: unsafe { std::mem::zeroed() },
         };
-        attr.value.programmaticStreamSerializationAllowed = 1;
+        pdl_attr.value.programmaticStreamSerializationAllowed = 1;
+        // The cluster shape first, so that leaving PDL out is a shorter count.
+        let mut attrs = [cluster_attr(cluster), pdl_attr];
+        let first = usize::from(cluster <= 1);
         self.bind()?;
         let mut prof = self.profile.lock().unwrap_or_else(|p| p.into_inner());
         let events = match prof.as_mut() {
@@ -689,12 +763,14 @@ impl Gpu {
             blockDimZ: block.2,
             sharedMemBytes: smem,
             hStream: self.cur(),
-            attrs: &mut attr,
-            numAttrs: (self.pdl
-                && pdl
-                && events.is_none()
-                && !self.no_pdl.iter().any(|p| name.starts_with(p.as_str())))
-                as u32,
+            attrs: attrs[first..].as_mut_ptr(),
+            numAttrs: (2 - first) as u32
+                - u32::from(
+                    !(self.pdl
+                        && pdl
+                        && events.is_none()
+                        && !self.no_pdl.iter().any(|p| name.starts_with(p.as_str()))),
+                ),
         };
         // SAFETY: `params` points at one live value per kernel parameter, in order, with the
         // layout the kernel declares (the `Arg` types mirror the CUDA structs).
@@ -718,6 +794,19 @@ impl Gpu {
         drop(prof);
         Ok(())
     }
+}
+
+/// The launch attribute for clusters of `blocks` blocks along x.
+fn cluster_attr(blocks: u32) -> sys::CUlaunchAttribute {
+    let mut a = sys::CUlaunchAttribute {
+        id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION,
+        pad: [0; 4],
+        value: unsafe { std::mem::zeroed() },
+    };
+    a.value.clusterDim.x = blocks;
+    a.value.clusterDim.y = 1;
+    a.value.clusterDim.z = 1;
+    a
 }
 
 /// The comma-separated kernel-name prefixes of environment variable `var` (none when unset).

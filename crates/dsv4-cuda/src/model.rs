@@ -290,6 +290,10 @@ pub struct CudaModel {
     /// Whether calls of up to `HC_FUSED_TOKENS` tokens run each hyper-connection boundary as one
     /// `hc_boundary` launch (`DSV4_CUDA_HC_FUSED=0` keeps the six launches of the long path).
     hc_fused: AtomicBool,
+    /// Whether fused boundaries run as `hc_boundary_cluster` (`DSV4_CUDA_HC_CLUSTER=0`: no),
+    /// and whether the device and the model's shape allow it.
+    hc_cluster: AtomicBool,
+    hc_cluster_fits: bool,
     /// Whether calls of up to [`ops::ROUTER_ROUTE_TOKENS`] tokens compute the router's logits
     /// and the routing in one launch (`moe_router_route`; `DSV4_CUDA_ROUTE_FUSED=0` keeps the
     /// GEMV and `moe_route`).
@@ -445,6 +449,8 @@ impl CudaModel {
         } else {
             None
         };
+        // A cluster of 16 blocks of up to 1024 threads needs a GPC with 16 free SMs.
+        let hc_cluster_fits = ops::hc_cluster_fits(&gpu, config.hc_mult, config.hidden_size)?;
         gpu.sync()?;
         Ok(CudaModel {
             rope_main,
@@ -457,6 +463,10 @@ impl CudaModel {
             hc_fused: AtomicBool::new(
                 std::env::var("DSV4_CUDA_HC_FUSED").map_or(true, |v| v != "0"),
             ),
+            hc_cluster: AtomicBool::new(
+                hc_cluster_fits && std::env::var("DSV4_CUDA_HC_CLUSTER").map_or(true, |v| v != "0"),
+            ),
+            hc_cluster_fits,
             route_fused: AtomicBool::new(
                 std::env::var("DSV4_CUDA_ROUTE_FUSED").map_or(true, |v| v != "0"),
             ),
@@ -509,6 +519,15 @@ impl CudaModel {
     pub fn set_hc_fused(&self, on: bool) {
         self.hc_fused.store(on, Ordering::Relaxed);
         self.drop_graphs();
+    }
+
+    /// Chooses, for the fused boundaries, a thread-block cluster per token (`hc_boundary_cluster`)
+    /// or a last block per token (`hc_boundary`). Returns whether clusters can run here at all.
+    pub fn set_hc_cluster(&self, on: bool) -> bool {
+        self.hc_cluster
+            .store(on && self.hc_cluster_fits, Ordering::Relaxed);
+        self.drop_graphs();
+        self.hc_cluster_fits
     }
 
     /// Decode steps run independent work on a side stream ([`Gpu::on_side`]); off, everything
@@ -1053,7 +1072,6 @@ impl CudaModel {
     ) -> Result<()> {
         let c = &self.config;
         let (d, n) = (c.hidden_size, c.hc_mult);
-        let slices = d.div_ceil(ops::HC_COLS);
         let a = ops::HcArgs {
             x: s.x.ptr,
             f: if post { s.f.ptr } else { 0 },
@@ -1072,19 +1090,13 @@ impl CudaModel {
             n: n as i32,
             d: d as i32,
             iters: c.hc_sinkhorn_iters as i32,
-            s: slices as i32,
+            s: 0,
             k: c.num_experts_per_tok as i32,
             rw_inside: self.numerics.act_quant() as i32,
             hc_eps: c.hc_eps,
             norm_eps: c.rms_norm_eps,
         };
-        self.gpu.launch(
-            "hc_boundary",
-            (slices as u32, t as u32, 1),
-            (ops::HC_THREADS as u32, 1, 1),
-            0,
-            &[&a],
-        )
+        ops::hc_boundary(&self.gpu, &a, t, self.hc_cluster.load(Ordering::Relaxed))
     }
 
     /// Mixes the block output `s.f` back into the streams `s.x`.

@@ -1291,6 +1291,54 @@ unsafe impl DeviceRepr for HcArgs {}
 /// Columns per block of `hc_boundary` (one thread per stream and column, 4 streams at most).
 pub const HC_COLS: usize = 64;
 pub const HC_THREADS: usize = 256;
+/// Blocks per token (one thread-block cluster) of `hc_boundary_cluster`, and its most threads.
+pub const HC_CLUSTER: usize = 16;
+const HC_CL_THREADS: usize = 1024;
+
+/// The block size of `hc_boundary_cluster` for `n` streams of width `d` (one thread per stream
+/// and column of a block's d / 16 columns, whole warps), or `None` where it does not apply.
+pub fn hc_cluster_threads(n: usize, d: usize) -> Option<u32> {
+    let cells = n * (d / HC_CLUSTER);
+    (n <= 4 && d % HC_CLUSTER == 0 && cells <= HC_CL_THREADS)
+        .then(|| cells.div_ceil(32) as u32 * 32)
+}
+
+/// One hyper-connection boundary of `t` decode tokens (`HcArgs`), by a thread-block cluster
+/// per token when `cluster`, else by `hc_boundary`'s last block per token.
+pub fn hc_boundary(gpu: &Gpu, a: &HcArgs, t: usize, cluster: bool) -> Result<()> {
+    let (n, d) = (a.n as usize, a.d as usize);
+    match hc_cluster_threads(n, d).filter(|_| cluster) {
+        Some(threads) => gpu.launch_cluster(
+            "hc_boundary_cluster",
+            (HC_CLUSTER as u32, t as u32, 1),
+            (threads, 1, 1),
+            0,
+            HC_CLUSTER as u32,
+            &[a],
+        ),
+        None => {
+            let a = HcArgs {
+                s: d.div_ceil(HC_COLS) as i32,
+                ..*a
+            };
+            gpu.launch(
+                "hc_boundary",
+                (a.s as u32, t as u32, 1),
+                (HC_THREADS as u32, 1, 1),
+                0,
+                &[&a],
+            )
+        }
+    }
+}
+
+/// Whether the device can run `hc_boundary_cluster` for `n` streams of width `d`.
+pub fn hc_cluster_fits(gpu: &Gpu, n: usize, d: usize) -> Result<bool> {
+    match hc_cluster_threads(n, d) {
+        Some(threads) => gpu.cluster_fits("hc_boundary_cluster", threads, 0, HC_CLUSTER as u32),
+        None => Ok(false),
+    }
+}
 
 /// Copies `rows` rows of `cols` f32 from `src` (stride `lds`) to `dst` (stride `ldd`).
 pub fn copy_rows(

@@ -409,19 +409,25 @@ fn random_model_on_every_chunking(numerics: Numerics) {
     let vocab = 1000;
     let mut cache = cpu.new_cache();
     let want = cpu.forward(&mut cache, &ids, Logits::All).unwrap();
-    // The fourth pass repeats token-by-token decoding with fused hyper-connection boundaries;
-    // the fifth repeats the chunked prefill with the tile GEMMs splitting the activations in
-    // every block instead of once (`DSV4_CUDA_TC_XS=0`: another K step too, so close to the
-    // CPU, not bit-equal to pass 3).
+    // The fourth pass repeats token-by-token decoding with fused hyper-connection boundaries
+    // (a thread-block cluster per token where the model's width allows, the sixth with a last
+    // block per token); the fifth repeats the chunked prefill with the tile GEMMs splitting the
+    // activations in every block instead of once (`DSV4_CUDA_TC_XS=0`: another K step too, so
+    // close to the CPU, not bit-equal to pass 3).
     let passes = [
         vec![t],
         vec![1; t],
         vec![130, 1, 1, 37, 131],
         vec![1; t],
         vec![130, 1, 1, 37, 131],
+        vec![1; t],
     ];
     for (pass, chunks) in passes.into_iter().enumerate() {
-        gpu.set_hc_fused(pass == 3);
+        gpu.set_hc_fused(pass == 3 || pass == 5);
+        let cluster = gpu.set_hc_cluster(pass != 5);
+        if pass == 3 {
+            eprintln!("fused boundaries by clusters: {cluster}");
+        }
         gpu.gpu.set_tc_xs(pass != 4);
         let got = run(&gpu, &ids, &chunks);
         let e = row_errors(&got, &want, vocab);
@@ -1878,6 +1884,128 @@ fn decode_fusions_match_separate_launches() {
         );
         if i == 39 {
             eprintln!("projections of h in one bulk launch vs gemv_multi: worst row {e:.2e}");
+        }
+    }
+}
+
+/// A hyper-connection boundary by a thread-block cluster per token (`hc_boundary_cluster`)
+/// against the last-block kernel (`hc_boundary`): the post-mixed streams bit for bit (one
+/// formula), `h`, `pre`, `post` and `comb` within float noise (other summation orders); Flash's
+/// width and the fixtures' small ones, with and without the post step and the experts' combine,
+/// one token and three.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn hc_boundary_cluster_matches_last_block() {
+    use dsv4_cuda::ops::{hc_boundary, hc_cluster_fits, HcArgs};
+    let gpu = Gpu::open(0).expect("GPU");
+    let (n, k, iters) = (4usize, 6usize, 20);
+    let rows = (2 + n) * n;
+    for d in [4096usize, 160, 96] {
+        assert!(
+            hc_cluster_fits(&gpu, n, d).unwrap(),
+            "d {d}: no cluster fits"
+        );
+        let t_max = 3usize;
+        let up = |v: &[f32]| gpu.upload(v).unwrap();
+        let fn_ = up(&random_f32(rows * n * d, 1)
+            .iter()
+            .map(|v| v * 0.05)
+            .collect::<Vec<_>>());
+        let base = up(&random_f32(rows, 2));
+        let scale = up(&[0.7f32, 0.4, 1.3]);
+        let norm_w = up(&random_f32(d, 3)
+            .iter()
+            .map(|v| 1.0 + 0.5 * v)
+            .collect::<Vec<_>>());
+        let f = up(&random_f32(t_max * d, 4));
+        let eout = up(&random_f32(t_max * k * d, 5));
+        let rw = up(&random_f32(t_max * k, 6)
+            .iter()
+            .map(|v| v.abs())
+            .collect::<Vec<_>>());
+        let x0 = random_f32(t_max * n * d, 7);
+        let post0: Vec<f32> = random_f32(t_max * n, 8).iter().map(|v| 1.0 + v).collect();
+        let comb0: Vec<f32> = random_f32(t_max * n * n, 9)
+            .iter()
+            .map(|v| 0.25 + 0.2 * v)
+            .collect();
+        let partial = gpu
+            .alloc_zeros(4 * t_max * d.div_ceil(64) * (rows + 1))
+            .unwrap();
+        let count = gpu.alloc_zeros(4 * t_max).unwrap();
+        for t in [1usize, 3] {
+            for (post, combine, rw_inside) in [
+                (false, false, 0),
+                (true, false, 0),
+                (true, true, 0),
+                (true, true, 1),
+            ] {
+                let mut outs = Vec::new();
+                for cluster in [false, true] {
+                    let (x, pre, post_d, comb, h) = (
+                        up(&x0),
+                        gpu.alloc_zeros(4 * t_max * n).unwrap(),
+                        up(&post0),
+                        up(&comb0),
+                        gpu.alloc_zeros(4 * t_max * d).unwrap(),
+                    );
+                    let a = HcArgs {
+                        x: x.ptr,
+                        f: if post { f.ptr } else { 0 },
+                        eout: if combine { eout.ptr } else { 0 },
+                        rw: rw.ptr,
+                        fn_: fn_.ptr,
+                        base: base.ptr,
+                        scale: scale.ptr,
+                        norm_w: norm_w.ptr,
+                        partial: partial.ptr,
+                        pre: pre.ptr,
+                        post: post_d.ptr,
+                        comb: comb.ptr,
+                        h: h.ptr,
+                        count: count.ptr,
+                        n: n as i32,
+                        d: d as i32,
+                        iters,
+                        s: 0,
+                        k: k as i32,
+                        rw_inside,
+                        hc_eps: 1e-6,
+                        norm_eps: 1e-6,
+                    };
+                    let read = |p: u64, len: usize| {
+                        let mut v = vec![0f32; len];
+                        gpu.dtoh(p, &mut v).unwrap();
+                        v
+                    };
+                    // Twice: the second launch reads the first's post and comb, as the next
+                    // boundary does (so its streams differ by the first's float noise).
+                    hc_boundary(&gpu, &a, t, cluster).unwrap();
+                    let x1 = read(x.ptr, t * n * d);
+                    hc_boundary(&gpu, &a, t, cluster).unwrap();
+                    outs.push([
+                        x1,
+                        read(x.ptr, t * n * d),
+                        read(h.ptr, t * d),
+                        read(pre.ptr, t * n),
+                        read(post_d.ptr, t * n),
+                        read(comb.ptr, t * n * n),
+                    ]);
+                }
+                let what =
+                    format!("d {d} t {t} post {post} combine {combine} rw_inside {rw_inside}");
+                assert_eq!(outs[0][0], outs[1][0], "{what}: streams");
+                for (name, i, width) in [
+                    ("h", 1, d),
+                    ("pre", 2, n),
+                    ("post", 3, n),
+                    ("comb", 4, n * n),
+                ] {
+                    let e = worst(&row_errors(&outs[1][i], &outs[0][i], width));
+                    eprintln!("{what}: {name} worst row rel err {e:.2e}");
+                    assert!(e < 2e-5, "{what}: {name} {e}");
+                }
+            }
         }
     }
 }
