@@ -363,6 +363,22 @@ extern "C" __global__ void __launch_bounds__(HC_THREADS) hc_boundary(HcArgs a) {
     for (int c = HC_PRE_COLS + threadIdx.x; c < d; c += HC_THREADS) h[c] = h[c] * rn * a.norm_w[c];
 }
 
+// Phase stamps of hc_boundary_cluster's first thread (tools/gpu/hc_tail.cu defines HC_STAMPS):
+// the SM clock once `dep` is ready.
+#define HC_NSTAMPS 10
+#ifdef HC_STAMPS
+__device__ long long hc_stamps[HC_NSTAMPS];
+#define HC_STAMP(k, dep)                                                                  \
+    if (threadIdx.x == 0 && blockIdx.x == 0 && blockIdx.y == 0) {                         \
+        const int z_ = (dep) == 1234.5f;                                                  \
+        long long c_;                                                                     \
+        asm volatile("mov.u64 %0, %%clock64;" : "=l"(c_) : "r"(z_));                       \
+        hc_stamps[k] = c_;                                                                \
+    }
+#else
+#define HC_STAMP(k, dep)
+#endif
+
 #define HC_CLUSTER 16        // blocks per token of hc_boundary_cluster (ops::HC_CLUSTER)
 #define HC_CL_THREADS 1024   // at most: one per stream and column of the block's d / 16 columns
 #define HC_CL_ROWS 24        // (2 + n) · n mix rows, n <= 4
@@ -383,6 +399,7 @@ extern "C" __global__ void __launch_bounds__(HC_CL_THREADS, 1) hc_boundary_clust
     __shared__ float ssw[HC_CL_THREADS / 32];
     __shared__ float ss_part, mix_r;
     __shared__ float pre_s[4];
+    HC_STAMP(0, 0.f);
     const unsigned rank = cluster_rank();
     const int n = a.n, d = a.d, rows = (2 + n) * n, C = gridDim.x, cols = d / C;
     const int t = blockIdx.y, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -395,10 +412,13 @@ extern "C" __global__ void __launch_bounds__(HC_CL_THREADS, 1) hc_boundary_clust
     for (int r = 0; r < HC_CL_ROWS; r++)
         w[r] = (on && r < rows) ? __ldg(a.fn + (size_t)r * n * d + col) : 0.f;
     const float g = tid < cols ? __ldg(a.norm_w + j) : 0.f;
+    HC_STAMP(1, w[HC_CL_ROWS - 1] + g);
     pdl_wait();
+    HC_STAMP(2, 0.f);
     float* x = a.x + (size_t)t * n * d;
     const float v = on ? hc_post_cell(a, x, t, i, j) : 0.f;
     xnew[tid] = v;
+    HC_STAMP(3, v);
     float p[32];
 #pragma unroll
     for (int r = 0; r < 31; r++) p[r] = r < HC_CL_ROWS ? w[r] * v : 0.f;
@@ -410,8 +430,10 @@ extern "C" __global__ void __launch_bounds__(HC_CL_THREADS, 1) hc_boundary_clust
         for (int k = 0; k < nw; k++) q += red[k][lane];
         part[lane] = q;
     }
+    HC_STAMP(4, part[0]);
     cluster_arrive();
     cluster_wait();  // 1: every block's parts; every old stream value read
+    HC_STAMP(5, 0.f);
     if (a.f && on) x[col] = v;
     if (warp == 0) {
         float q[HC_CLUSTER];
@@ -426,6 +448,7 @@ extern "C" __global__ void __launch_bounds__(HC_CL_THREADS, 1) hc_boundary_clust
         if (lane == 0) mix_r = rr;
     }
     __syncthreads();
+    HC_STAMP(6, 0.f);
     // The Sinkhorn's warp: rank 0's first warp past the collapse (after it, in one-warp blocks).
     const int skw = nw > cw ? cw : -1;
     if (rank == 0 && warp == skw) {
@@ -451,6 +474,7 @@ extern "C" __global__ void __launch_bounds__(HC_CL_THREADS, 1) hc_boundary_clust
         }
         cluster_arrive();
         cluster_wait();  // 2: every block's sum of squares of the collapse
+        HC_STAMP(7, 0.f);
         if (tid < cols) {
             float q[HC_CLUSTER];
 #pragma unroll
@@ -460,12 +484,14 @@ extern "C" __global__ void __launch_bounds__(HC_CL_THREADS, 1) hc_boundary_clust
             for (int r = 0; r < HC_CLUSTER; r++) ss += q[r];
             const float rn = 1.0f / sqrtf(ss / (float)d + a.norm_eps);
             a.h[(size_t)t * d + j] = o * rn * g;
+            HC_STAMP(8, rn);
         }
     }
     if (skw < 0 && rank == 0 && warp == 0)
         hc_mix_warp(mix, mix_r, a.base, a.scale, a.pre, a.post, a.comb, n, a.iters, a.hc_eps, t);
     cluster_arrive();
     cluster_wait();  // 3: no block leaves while another may still read its shared memory
+    HC_STAMP(9, 0.f);
 }
 
 // h[t, d] = sum_i pre[t, i] * x[t, i, d].

@@ -159,12 +159,12 @@ __device__ __forceinline__ BulkRing bulk_ring_init(unsigned stride) {
 // The producer warp of a launch: streams its walk's stages — R rows × KS bytes each (whole
 // rows as one copy when KS is the row, else one copy per row), then their scale bytes — into
 // the ring (trapping on a host slicing that does not cover the rows). The weights do not
-// depend on the previous kernel, so it never waits for it (but see GemvArgs::prewait). `src`
+// depend on the previous kernel, so it never waits for it. `src`
 // says where a tile's rows live (`row(t, j)` / `aux(t, j)`: start and scale bytes of row j;
 // `rows(t)`: how many exist, for whole-row tiles, whose missing rows are left out of the copy
 // and computed from stale shared memory, never written).
 template <int FMT, int R, int KS, int STRIDE, class Src>
-__device__ __forceinline__ void bulk_produce(const Src& src, BulkWalk walk, BulkRing& ring, int prewait) {
+__device__ __forceinline__ void bulk_produce(const Src& src, BulkWalk walk, BulkRing& ring) {
     constexpr int FP4_AUX = FMT == FMT_FP4 ? KS / 16 : 0;  // e8m0 bytes per row slice
     constexpr int FP8_AUX = FMT == FMT_FP8 ? KS / 32 : 0;  // f32 block scales of the slice
     static_assert(STRIDE >= R * (KS + FP4_AUX) + FP8_AUX, "stage slot too small");
@@ -178,7 +178,6 @@ __device__ __forceinline__ void bulk_produce(const Src& src, BulkWalk walk, Bulk
         const int slot = n % NS, t = walk.tile(), sl = walk.slice;
         uint8_t* st = bulk_smem + slot * STRIDE;
         if (n >= NS) mbar_wait(&ring.empty[slot], ((n / NS) - 1) & 1);
-        if (n == prewait) pdl_wait();  // (a comparison: see GemvArgs::prewait)
         const int rows = whole ? src.rows(t) : R;
         if (lane == 0) mbar_arrive_expect(&ring.full[slot], rows * (KS + FP4_AUX) + FP8_AUX);
         __syncwarp();
@@ -217,7 +216,7 @@ __device__ __forceinline__ void gemv_bulk_steps(const Src& src, ItemRange mine, 
     const int NS = ring.stages;
     BulkWalk walk(mine, nslices, S);
     if (warp == W) {
-        bulk_produce<FMT, R, KS, STRIDE>(src, walk, ring, src.a.prewait);
+        bulk_produce<FMT, R, KS, STRIDE>(src, walk, ring);
         return;
     }
     constexpr int G = R / 4, UG = W / G, UPW = CPL / UG;  // row groups, u-groups, u's per warp
@@ -656,7 +655,7 @@ __device__ __forceinline__ void gemv_bulk_tc_run(const LinearW& W, const GemvArg
     const BulkWalk walk(block_items(src.tiles() * a.S), nslices, a.S);
     if (a.M > 8 * MG) __trap();  // the host's plan
     if (threadIdx.x >= 256) {
-        bulk_produce<FMT, BTC_ROWS, KS, STRIDE>(src, walk, ring, a.prewait);
+        bulk_produce<FMT, BTC_ROWS, KS, STRIDE>(src, walk, ring);
         return;
     }
     pdl_wait();  // the activations are the previous kernel's output

@@ -54,8 +54,8 @@ pub struct Gpu {
     /// `DSV4_CUDA_BULK_TC_TOKENS` (up to [`crate::ops::BULK_TC_MAX_TOKENS`]; 0 or
     /// `DSV4_CUDA_BULK_TC=0` keeps the SIMT GEMVs), for comparisons.
     pub bulk_tc_tokens: usize,
-    /// ... from this many tokens: 3 (fewer take the SIMT bulk kernels), or
-    /// `DSV4_CUDA_BULK_TC_MIN` (1 or 2), for comparisons.
+    /// ... from this many tokens: 3 (fewer take the SIMT bulk kernels, faster there: one token
+    /// on these measured 2.13 against 1.78 ms per 8-layer step; tests lower it).
     pub bulk_tc_min: usize,
     /// Shared-memory stages of the dense bulk-copy kernels: 4, or 2–3 from
     /// `DSV4_CUDA_BULK_STAGES` (with fewer, two launches fit on an SM: comparisons).
@@ -226,11 +226,7 @@ impl Gpu {
                     .unwrap_or(crate::ops::BULK_TC_DEFAULT_TOKENS)
                     .min(crate::ops::BULK_TC_MAX_TOKENS)
             },
-            bulk_tc_min: std::env::var("DSV4_CUDA_BULK_TC_MIN")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(3)
-                .max(1),
+            bulk_tc_min: 3,
             bulk_rpw: std::env::var("DSV4_CUDA_BULK_RPW")
                 .ok()
                 .and_then(|v| v.parse().ok())

@@ -23,24 +23,9 @@ struct GemvArgs {
     xg_rows: i32,
     xg_stride: i32,
     vec: i32,
-    /// Bulk kernels: stages the producer requests before it waits for the previous kernel
-    /// (-1: all of them, never waiting; `DSV4_CUDA_BULK_PREWAIT`, for comparisons).
-    prewait: i32,
+    pad: i32,
 }
 unsafe impl DeviceRepr for GemvArgs {}
-
-/// `GemvArgs::prewait` of every launch: `DSV4_CUDA_BULK_PREWAIT`, else -1. (Does a burst of
-/// every SM's stages, requested while the short kernel before runs, delay that kernel's own
-/// loads? `wq_b`'s 17 MB beside the query norm is the case in point.)
-fn bulk_prewait() -> i32 {
-    static P: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
-    *P.get_or_init(|| {
-        std::env::var("DSV4_CUDA_BULK_PREWAIT")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(-1)
-    })
-}
 
 impl GemvArgs {
     /// All `nrows` rows of a matrix for the tokens of `inp`, K split `s` ways.
@@ -68,7 +53,7 @@ impl GemvArgs {
             xg_rows: gs as i32,
             xg_stride: gstride as i32,
             vec: vec as i32,
-            prewait: bulk_prewait(),
+            pad: 0,
         }
     }
 }
@@ -763,10 +748,10 @@ fn gemv_bulk(
 /// The most tokens the bulk-copy tensor-core GEMVs (`gemv_bulk_tc_*`) take; fewer than 3 take
 /// the SIMT bulk kernels.
 pub const BULK_TC_MAX_TOKENS: usize = 32;
-/// ... and the most they take by default: batches up to 16 measured faster than the SIMT
-/// GEMVs (H100, 8 layers: batch 8 8.88 -> 5.96 ms, 16 12.84 -> 9.35); 17–32 pass the GPU
-/// tests but are not timed yet, so they keep the previous kernels.
-pub const BULK_TC_DEFAULT_TOKENS: usize = 16;
+/// ... and the most they take by default: all of them (H100, 8 layers: batch 8 8.88 -> 5.96 ms
+/// against the SIMT GEMVs, 16 12.84 -> 9.35; batch 32 20.7 -> 16.0 against the 64-token tiles
+/// and `gemv_fp8_8`).
+pub const BULK_TC_DEFAULT_TOKENS: usize = 32;
 /// Rows of a stage of the bulk tensor-core kernels (`BTC_ROWS`): the 32-row input groups
 /// [`bulk_streams`] asks for.
 const BTC_ROWS: usize = 32;

@@ -125,7 +125,7 @@ fn bulk_tensor_core_gemv_matches_cpu() {
     {
         let g = std::sync::Arc::get_mut(&mut gpu).expect("one owner");
         g.bulk_tc_tokens = dsv4_cuda::ops::BULK_TC_MAX_TOKENS;
-        g.bulk_tc_min = 1; // (one and two tokens only for `DSV4_CUDA_BULK_TC_MIN` comparisons)
+        g.bulk_tc_min = 1; // (the kernels take one and two tokens too, though slower there)
     }
     let (_bufs, part) = gemv_workspace(&gpu);
     let shapes = [
