@@ -16,6 +16,25 @@
 
 #define MB_MAX_STAGES 8
 
+// Stamps of one block's producer and first consumer warp (tools/gpu/moe_bulk_bench.cu defines
+// MB_STAMPS): the SM clock at entry, once the planes are ready, when the producer requests item
+// n and when the consumers see it arrive (n < MB_NSTAMP), and at the end.
+#define MB_NSTAMP 16
+#ifdef MB_STAMPS
+__device__ long long mb_stamp_req[MB_NSTAMP], mb_stamp_got[MB_NSTAMP], mb_stamp_misc[4];
+__device__ int mb_stamp_block;
+__device__ __forceinline__ long long mb_clock() {
+    long long c;
+    asm volatile("mov.u64 %0, %%clock64;" : "=l"(c));
+    return c;
+}
+#define MB_STAMP(arr, i)                                                            \
+    if (blockIdx.x == mb_stamp_block && (threadIdx.x & 31) == 0 && (i) < MB_NSTAMP) \
+        arr[i] = mb_clock();
+#else
+#define MB_STAMP(arr, i)
+#endif
+
 // Stage bytes of a tile of 16 rows of K inputs: weights then scales.
 __host__ __device__ constexpr int moe_bulk_tile_bytes(int K) { return 16 * (K / 2 + K / 32); }
 
@@ -46,6 +65,7 @@ __device__ void moe_bulk_impl(const MoeArgs& a, int pairs, int stages, int npl) 
         dyn_smem < (size_t)stages * tile_bytes + 64 + (size_t)npl * (K * 4 + K / 8))
         __trap();  // the host's layout disagrees
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (threadIdx.x == 0) MB_STAMP(mb_stamp_misc, 0);
     if (threadIdx.x == 0) {
         for (int i = 0; i < stages; i++) {
             mbar_init(&full[i], 1);
@@ -82,6 +102,7 @@ __device__ void moe_bulk_impl(const MoeArgs& a, int pairs, int stages, int npl) 
                     bulk_copy(st + 16 * rowb, (const uint8_t*)W.scales + r0 * srow, 16 * srow,
                               &full[slot], policy);
             }
+            MB_STAMP(mb_stamp_req, n);  // (lane 0: once its copy is issued)
         }
         return;
     }
@@ -95,6 +116,7 @@ __device__ void moe_bulk_impl(const MoeArgs& a, int pairs, int stages, int npl) 
                     32 * MB_WARPS);
     }
     asm volatile("bar.sync 1, %0;" ::"r"(32 * MB_WARPS) : "memory");
+    if (threadIdx.x == 0) MB_STAMP(mb_stamp_misc, 1);
     const int g = lane >> 2, t = lane & 3;
     const int steps = K / 256;
     const int s0 = warp * steps / MB_WARPS, s1 = (warp + 1) * steps / MB_WARPS;
@@ -103,6 +125,7 @@ __device__ void moe_bulk_impl(const MoeArgs& a, int pairs, int stages, int npl) 
         const uint8_t* st = mb_smem + (size_t)slot * tile_bytes;
         const int pl = input_of(it) - first;
         mbar_wait(&full[slot], (n / stages) & 1);
+        if (warp == 0) MB_STAMP(mb_stamp_got, n);
         float acc[1][4] = {};
         for (int s = s0; s < s1; s++) {
             MoeTcStep q;
@@ -143,6 +166,7 @@ __device__ void moe_bulk_impl(const MoeArgs& a, int pairs, int stages, int npl) 
             }
         }
     }
+    if (threadIdx.x == 0) MB_STAMP(mb_stamp_misc, 2);
 }
 
 // Up waits before anything and lets its dependents launch only after that (inside): down reads
