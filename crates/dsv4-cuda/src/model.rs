@@ -290,7 +290,8 @@ pub struct CudaModel {
     /// Whether calls of up to `HC_FUSED_TOKENS` tokens run each hyper-connection boundary as one
     /// `hc_boundary` launch (`DSV4_CUDA_HC_FUSED=0` keeps the six launches of the long path).
     hc_fused: AtomicBool,
-    /// Whether fused boundaries run as `hc_boundary_cluster` (`DSV4_CUDA_HC_CLUSTER=0`: no),
+    /// Whether fused boundaries run as `hc_boundary_cluster` (`DSV4_CUDA_HC_CLUSTER=1`; off by
+    /// default: as fast as `hc_boundary` in a decode step, see docs/PERFORMANCE.md stop 24),
     /// and whether the device and the model's shape allow it.
     hc_cluster: AtomicBool,
     hc_cluster_fits: bool,
@@ -464,7 +465,7 @@ impl CudaModel {
                 std::env::var("DSV4_CUDA_HC_FUSED").map_or(true, |v| v != "0"),
             ),
             hc_cluster: AtomicBool::new(
-                hc_cluster_fits && std::env::var("DSV4_CUDA_HC_CLUSTER").map_or(true, |v| v != "0"),
+                hc_cluster_fits && std::env::var("DSV4_CUDA_HC_CLUSTER").is_ok_and(|v| v == "1"),
             ),
             hc_cluster_fits,
             route_fused: AtomicBool::new(
