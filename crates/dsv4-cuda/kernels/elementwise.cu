@@ -191,6 +191,8 @@ struct HcArgs {
     float* comb;           // [T, n, n]: likewise
     float* h;              // [T, d] the next block's normalized input
     unsigned* count;       // [T] blocks done per token; zero between launches
+    float* mu;             // [T, (2 + n) n] or null: where the mix rows go when the Sinkhorn
+    float* rinv;           // [T]                     is left to hc_mix (post and comb only)
     int32_t n, d, iters, S, k, rw_inside;
     float hc_eps, norm_eps;
 };
@@ -322,8 +324,16 @@ extern "C" __global__ void __launch_bounds__(HC_THREADS) hc_boundary(HcArgs a) {
     __syncthreads();
     if (warp == 0) {
         const float r = 1.0f / sqrtf(mix[rows] / (float)(n * d) + a.norm_eps);
-        hc_mix_warp(mix, r, a.base, a.scale, a.pre, a.post, a.comb, n, a.iters, a.hc_eps, t);
-        if (lane < n) pre_s[lane] = a.pre[t * n + lane];
+        if (a.mu) {
+            // The Sinkhorn (post and comb, read at the next boundary) is hc_mix's, on a side
+            // stream: here only pre, by the same formula.
+            if (lane < rows) a.mu[(size_t)t * rows + lane] = mix[lane];
+            if (lane == 0) a.rinv[t] = r;
+            if (lane < n) pre_s[lane] = hc_pre_value(mix[lane], r, a.scale[0], a.base[lane], a.hc_eps);
+        } else {
+            hc_mix_warp(mix, r, a.base, a.scale, a.pre, a.post, a.comb, n, a.iters, a.hc_eps, t);
+            if (lane < n) pre_s[lane] = a.pre[t * n + lane];
+        }
     }
     __syncthreads();
     float* h = a.h + (size_t)t * d;
@@ -446,11 +456,16 @@ extern "C" __global__ void __launch_bounds__(HC_CL_THREADS, 1) hc_boundary_clust
         const float rr = 1.0f / sqrtf(__shfl_sync(0xffffffffu, m, 31) / (float)(n * d) + a.norm_eps);
         if (lane < n) pre_s[lane] = hc_pre_value(m, rr, a.scale[0], a.base[lane], a.hc_eps);
         if (lane == 0) mix_r = rr;
+        if (a.mu && rank == 0) {  // the Sinkhorn left to hc_mix (see hc_boundary)
+            if (lane < rows) a.mu[(size_t)t * rows + lane] = m;
+            if (lane == 0) a.rinv[t] = rr;
+        }
     }
     __syncthreads();
     HC_STAMP(6, 0.f);
-    // The Sinkhorn's warp: rank 0's first warp past the collapse (after it, in one-warp blocks).
-    const int skw = nw > cw ? cw : -1;
+    // The Sinkhorn's warp: rank 0's first warp past the collapse (after it, in one-warp blocks;
+    // none when hc_mix runs it).
+    const int skw = a.mu ? -2 : nw > cw ? cw : -1;
     if (rank == 0 && warp == skw) {
         cluster_arrive();  // 2: it gives the others nothing
         hc_mix_warp(mix, mix_r, a.base, a.scale, a.pre, a.post, a.comb, n, a.iters, a.hc_eps, t);
@@ -487,7 +502,7 @@ extern "C" __global__ void __launch_bounds__(HC_CL_THREADS, 1) hc_boundary_clust
             HC_STAMP(8, rn);
         }
     }
-    if (skw < 0 && rank == 0 && warp == 0)
+    if (skw == -1 && rank == 0 && warp == 0)
         hc_mix_warp(mix, mix_r, a.base, a.scale, a.pre, a.post, a.comb, n, a.iters, a.hc_eps, t);
     cluster_arrive();
     cluster_wait();  // 3: no block leaves while another may still read its shared memory

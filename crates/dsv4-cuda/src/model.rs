@@ -188,6 +188,9 @@ struct Scratch {
     /// Whether the call being queued runs independent work on the side stream
     /// ([`Gpu::on_side`]): decode steps, whose kernels are too short to fill the GPU alone.
     branch: bool,
+    /// The mix (`base`, `scale` of a `GpuHc`) whose Sinkhorn the last fused boundary left to
+    /// `hc_mix` on the side stream, not yet queued (see [`CudaModel::set_hc_defer`]).
+    mix_pending: Option<(u64, u64)>,
     fp8: crate::blaslt::Fp8Scratch,
 }
 
@@ -271,6 +274,7 @@ impl Scratch {
             graphs: HashMap::new(),
             tc_ok: false,
             branch: false,
+            mix_pending: None,
             fp8: Default::default(),
         })
     }
@@ -295,6 +299,9 @@ pub struct CudaModel {
     /// and whether the device and the model's shape allow it.
     hc_cluster: AtomicBool,
     hc_cluster_fits: bool,
+    /// Whether fused boundaries of branching decode steps leave the Sinkhorn to `hc_mix` on the
+    /// side stream (`DSV4_CUDA_HC_DEFER=1`).
+    hc_defer: AtomicBool,
     /// Whether calls of up to [`ops::ROUTER_ROUTE_TOKENS`] tokens compute the router's logits
     /// and the routing in one launch (`moe_router_route`; `DSV4_CUDA_ROUTE_FUSED=0` keeps the
     /// GEMV and `moe_route`).
@@ -468,6 +475,7 @@ impl CudaModel {
                 hc_cluster_fits && std::env::var("DSV4_CUDA_HC_CLUSTER").is_ok_and(|v| v == "1"),
             ),
             hc_cluster_fits,
+            hc_defer: AtomicBool::new(std::env::var("DSV4_CUDA_HC_DEFER").is_ok_and(|v| v == "1")),
             route_fused: AtomicBool::new(
                 std::env::var("DSV4_CUDA_ROUTE_FUSED").map_or(true, |v| v != "0"),
             ),
@@ -519,6 +527,14 @@ impl CudaModel {
     /// Turns the fused hyper-connection boundaries on or off.
     pub fn set_hc_fused(&self, on: bool) {
         self.hc_fused.store(on, Ordering::Relaxed);
+        self.drop_graphs();
+    }
+
+    /// Whether fused boundaries of decode steps that branch ([`CudaModel::set_branches`]) leave
+    /// the Sinkhorn (`post` and `comb`, needed only at the next boundary) to an `hc_mix` launch
+    /// on the side stream, off the critical path, instead of running it before the collapse.
+    pub fn set_hc_defer(&self, on: bool) {
+        self.hc_defer.store(on, Ordering::Relaxed);
         self.drop_graphs();
     }
 
@@ -920,6 +936,9 @@ impl CudaModel {
             if fused {
                 // (The previous layer's experts are combined into its output here.)
                 self.hc_fused(s, li > 0, true, &lw.hc_attn, lw.attn_norm.ptr(), t)?;
+                // Its Sinkhorn at once: the side stream is idle here (joined at the last
+                // layer's experts) and rejoins before the attention.
+                self.fork_mix(s, t)?;
             } else {
                 self.hc_pre(s, &lw.hc_attn, t)?;
                 ops::rms_norm(g, s.h.ptr, lw.attn_norm.ptr(), d, t, c.rms_norm_eps)?;
@@ -1064,7 +1083,7 @@ impl CudaModel {
     /// (weight `norm`) into `s.h`.
     fn hc_fused(
         &self,
-        s: &Scratch,
+        s: &mut Scratch,
         post: bool,
         combine: bool,
         hc: &GpuHc,
@@ -1073,6 +1092,13 @@ impl CudaModel {
     ) -> Result<()> {
         let c = &self.config;
         let (d, n) = (c.hidden_size, c.hc_mult);
+        let defer = s.branch && self.hc_defer.load(Ordering::Relaxed);
+        let (mu, rinv) = if defer {
+            s.mix_pending = Some((hc.base.ptr(), hc.scale.ptr()));
+            (s.mu.ptr, s.rinv.ptr)
+        } else {
+            (0, 0)
+        };
         let a = ops::HcArgs {
             x: s.x.ptr,
             f: if post { s.f.ptr } else { 0 },
@@ -1088,6 +1114,8 @@ impl CudaModel {
             comb: s.comb.ptr,
             h: s.h.ptr,
             count: s.hc_count.ptr,
+            mu,
+            rinv,
             n: n as i32,
             d: d as i32,
             iters: c.hc_sinkhorn_iters as i32,
@@ -1098,6 +1126,31 @@ impl CudaModel {
             norm_eps: c.rms_norm_eps,
         };
         ops::hc_boundary(&self.gpu, &a, t, self.hc_cluster.load(Ordering::Relaxed))
+    }
+
+    /// Queues on the side stream the Sinkhorn that the last fused boundary left (if it did):
+    /// `pre`, `post` and `comb` from the mix rows in `s.mu`, `s.rinv`. Every later boundary
+    /// (and the last post-mix) comes after a join of the side stream.
+    fn fork_mix(&self, s: &mut Scratch, t: usize) -> Result<()> {
+        let Some((base, scale)) = s.mix_pending.take() else {
+            return Ok(());
+        };
+        let c = &self.config;
+        let g = &*self.gpu;
+        g.on_side(|| {
+            ops::hc_mix(
+                g,
+                s.mu.ptr,
+                s.rinv.ptr,
+                base,
+                scale,
+                (s.pre.ptr, s.post.ptr, s.comb.ptr),
+                c.hc_mult,
+                c.hc_sinkhorn_iters,
+                c.hc_eps,
+                t,
+            )
+        })
     }
 
     /// Mixes the block output `s.f` back into the streams `s.x`.
@@ -1905,6 +1958,9 @@ impl CudaModel {
                 run()?;
             }
         }
+        // The FFN boundary's Sinkhorn, if it left it, behind the shared expert on the side
+        // stream (which rejoins below, after the routed experts).
+        self.fork_mix(s, t)?;
         let (bias, tid2eid) = match &mw.router {
             GpuRouter::TopK { bias } => (bias.ptr(), 0u64),
             GpuRouter::Hash { tid2eid } => (0u64, tid2eid.ptr),

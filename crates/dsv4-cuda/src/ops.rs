@@ -1262,6 +1262,10 @@ pub struct HcArgs {
     pub comb: u64,
     pub h: u64,
     pub count: u64,
+    /// Where the mix rows and stream rms go when `hc_mix` runs the Sinkhorn instead (0: the
+    /// boundary runs it).
+    pub mu: u64,
+    pub rinv: u64,
     pub n: i32,
     pub d: i32,
     pub iters: i32,
@@ -1284,12 +1288,13 @@ const HC_CL_THREADS: usize = 1024;
 /// and column of a block's d / 16 columns, whole warps), or `None` where it does not apply.
 pub fn hc_cluster_threads(n: usize, d: usize) -> Option<u32> {
     let cells = n * (d / HC_CLUSTER);
-    (n <= 4 && d % HC_CLUSTER == 0 && cells <= HC_CL_THREADS)
+    (n <= 4 && d.is_multiple_of(HC_CLUSTER) && cells <= HC_CL_THREADS)
         .then(|| cells.div_ceil(32) as u32 * 32)
 }
 
 /// One hyper-connection boundary of `t` decode tokens (`HcArgs`), by a thread-block cluster
-/// per token when `cluster`, else by `hc_boundary`'s last block per token.
+/// per token when `cluster`, else by `hc_boundary`'s last block per token. With `a.mu` set it
+/// leaves `post` and `comb` to [`hc_mix`].
 pub fn hc_boundary(gpu: &Gpu, a: &HcArgs, t: usize, cluster: bool) -> Result<()> {
     let (n, d) = (a.n as usize, a.d as usize);
     match hc_cluster_threads(n, d).filter(|_| cluster) {
@@ -1315,6 +1320,33 @@ pub fn hc_boundary(gpu: &Gpu, a: &HcArgs, t: usize, cluster: bool) -> Result<()>
             )
         }
     }
+}
+
+/// The Sinkhorn mix of `t` tokens (one warp each) from their mix rows `mu` and stream rms
+/// `rinv` (as a deferring [`hc_boundary`] leaves them): `pre`, `post` and `comb`.
+#[allow(clippy::too_many_arguments)]
+pub fn hc_mix(
+    gpu: &Gpu,
+    mu: u64,
+    rinv: u64,
+    base: u64,
+    scale: u64,
+    (pre, post, comb): (u64, u64, u64),
+    n: usize,
+    iters: usize,
+    eps: f32,
+    t: usize,
+) -> Result<()> {
+    let (ni, it, ti) = (n as i32, iters as i32, t as i32);
+    gpu.launch(
+        "hc_mix",
+        (t as u32, 1, 1),
+        (32, 1, 1),
+        0,
+        &[
+            &mu, &rinv, &base, &scale, &pre, &post, &comb, &ni, &it, &eps, &ti,
+        ],
+    )
 }
 
 /// Whether the device can run `hc_boundary_cluster` for `n` streams of width `d`.

@@ -411,7 +411,7 @@ fn random_model_on_every_chunking(numerics: Numerics) {
     let want = cpu.forward(&mut cache, &ids, Logits::All).unwrap();
     // The fourth pass repeats token-by-token decoding with fused hyper-connection boundaries
     // (a thread-block cluster per token where the model's width allows, the sixth with a last
-    // block per token); the fifth repeats the chunked prefill with the tile GEMMs splitting the
+    // block per token; both leave the Sinkhorn to `hc_mix` on the side stream); the fifth repeats the chunked prefill with the tile GEMMs splitting the
     // activations in every block instead of once (`DSV4_CUDA_TC_XS=0`: another K step too, so
     // close to the CPU, not bit-equal to pass 3).
     let passes = [
@@ -424,6 +424,8 @@ fn random_model_on_every_chunking(numerics: Numerics) {
     ];
     for (pass, chunks) in passes.into_iter().enumerate() {
         gpu.set_hc_fused(pass == 3 || pass == 5);
+        // Both with the Sinkhorn on the side stream (inline, the default, in every other test).
+        gpu.set_hc_defer(pass == 3 || pass == 5);
         let cluster = gpu.set_hc_cluster(pass != 5);
         if pass == 3 {
             eprintln!("fused boundaries by clusters: {cluster}");
@@ -1890,13 +1892,14 @@ fn decode_fusions_match_separate_launches() {
 
 /// A hyper-connection boundary by a thread-block cluster per token (`hc_boundary_cluster`)
 /// against the last-block kernel (`hc_boundary`): the post-mixed streams bit for bit (one
-/// formula), `h`, `pre`, `post` and `comb` within float noise (other summation orders); Flash's
-/// width and the fixtures' small ones, with and without the post step and the experts' combine,
-/// one token and three.
+/// formula), `h`, `pre`, `post` and `comb` within float noise (other summation orders); and
+/// each kernel leaving the Sinkhorn to `hc_mix` (`mu` set) against itself running it, bit for
+/// bit. Flash's width and the fixtures' small ones, with and without the post step and the
+/// experts' combine, one token and three.
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn hc_boundary_cluster_matches_last_block() {
-    use dsv4_cuda::ops::{hc_boundary, hc_cluster_fits, HcArgs};
+    use dsv4_cuda::ops::{hc_boundary, hc_cluster_fits, hc_mix, HcArgs};
     let gpu = Gpu::open(0).expect("GPU");
     let (n, k, iters) = (4usize, 6usize, 20);
     let rows = (2 + n) * n;
@@ -1941,13 +1944,19 @@ fn hc_boundary_cluster_matches_last_block() {
                 (true, true, 1),
             ] {
                 let mut outs = Vec::new();
-                for cluster in [false, true] {
+                // Last block, cluster, then each leaving the Sinkhorn to `hc_mix`.
+                for (cluster, defer) in [(false, false), (true, false), (false, true), (true, true)]
+                {
                     let (x, pre, post_d, comb, h) = (
                         up(&x0),
                         gpu.alloc_zeros(4 * t_max * n).unwrap(),
                         up(&post0),
                         up(&comb0),
                         gpu.alloc_zeros(4 * t_max * d).unwrap(),
+                    );
+                    let (mu, rinv) = (
+                        gpu.alloc_zeros(4 * t_max * rows).unwrap(),
+                        gpu.alloc_zeros(4 * t_max).unwrap(),
                     );
                     let a = HcArgs {
                         x: x.ptr,
@@ -1964,6 +1973,8 @@ fn hc_boundary_cluster_matches_last_block() {
                         comb: comb.ptr,
                         h: h.ptr,
                         count: count.ptr,
+                        mu: if defer { mu.ptr } else { 0 },
+                        rinv: if defer { rinv.ptr } else { 0 },
                         n: n as i32,
                         d: d as i32,
                         iters,
@@ -1973,6 +1984,16 @@ fn hc_boundary_cluster_matches_last_block() {
                         hc_eps: 1e-6,
                         norm_eps: 1e-6,
                     };
+                    let boundary = || {
+                        hc_boundary(&gpu, &a, t, cluster).unwrap();
+                        if defer {
+                            let outs = (pre.ptr, post_d.ptr, comb.ptr);
+                            hc_mix(
+                                &gpu, mu.ptr, rinv.ptr, base.ptr, scale.ptr, outs, n, 20, 1e-6, t,
+                            )
+                            .unwrap();
+                        }
+                    };
                     let read = |p: u64, len: usize| {
                         let mut v = vec![0f32; len];
                         gpu.dtoh(p, &mut v).unwrap();
@@ -1980,9 +2001,9 @@ fn hc_boundary_cluster_matches_last_block() {
                     };
                     // Twice: the second launch reads the first's post and comb, as the next
                     // boundary does (so its streams differ by the first's float noise).
-                    hc_boundary(&gpu, &a, t, cluster).unwrap();
+                    boundary();
                     let x1 = read(x.ptr, t * n * d);
-                    hc_boundary(&gpu, &a, t, cluster).unwrap();
+                    boundary();
                     outs.push([
                         x1,
                         read(x.ptr, t * n * d),
@@ -1996,15 +2017,19 @@ fn hc_boundary_cluster_matches_last_block() {
                     format!("d {d} t {t} post {post} combine {combine} rw_inside {rw_inside}");
                 assert_eq!(outs[0][0], outs[1][0], "{what}: streams");
                 for (name, i, width) in [
-                    ("h", 1, d),
-                    ("pre", 2, n),
-                    ("post", 3, n),
-                    ("comb", 4, n * n),
+                    ("streams", 1, n * d),
+                    ("h", 2, d),
+                    ("pre", 3, n),
+                    ("post", 4, n),
+                    ("comb", 5, n * n),
                 ] {
                     let e = worst(&row_errors(&outs[1][i], &outs[0][i], width));
                     eprintln!("{what}: {name} worst row rel err {e:.2e}");
                     assert!(e < 2e-5, "{what}: {name} {e}");
                 }
+                // The Sinkhorn left to `hc_mix` is the same arithmetic on the same rows.
+                assert_eq!(outs[2], outs[0], "{what}: last block, Sinkhorn in hc_mix");
+                assert_eq!(outs[3], outs[1], "{what}: cluster, Sinkhorn in hc_mix");
             }
         }
     }
