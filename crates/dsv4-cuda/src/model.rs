@@ -458,7 +458,9 @@ impl CudaModel {
             None
         };
         // A cluster of 16 blocks of up to 1024 threads needs a GPC with 16 free SMs.
-        let hc_cluster_fits = ops::hc_cluster_fits(&gpu, config.hc_mult, config.hidden_size)?;
+        // (An optional kernel: any failure to set it up only leaves it off.)
+        let hc_cluster_fits =
+            ops::hc_cluster_fits(&gpu, config.hc_mult, config.hidden_size).unwrap_or(false);
         gpu.sync()?;
         Ok(CudaModel {
             rope_main,
@@ -910,6 +912,8 @@ impl CudaModel {
         s.tc_ok = per_seq.is_some();
         // (Not while profiling: the profile times launches one at a time.)
         s.branch = per_seq.is_none() && t <= BRANCH_TOKENS && g.branches() && !g.profiling();
+        // (A call that failed midway may have left a deferred Sinkhorn behind.)
+        s.mix_pending = None;
         // A later pipeline stage finds the previous stage's streams in s.x instead.
         if let Some(embed) = &self.weights.embed {
             g.launch(
@@ -1093,8 +1097,10 @@ impl CudaModel {
         let c = &self.config;
         let (d, n) = (c.hidden_size, c.hc_mult);
         let defer = s.branch && self.hc_defer.load(Ordering::Relaxed);
+        // Always assigned: a call that failed between a deferring boundary and its fork must not
+        // leave a stale mix for the next call to queue.
+        s.mix_pending = defer.then(|| (hc.base.ptr(), hc.scale.ptr()));
         let (mu, rinv) = if defer {
-            s.mix_pending = Some((hc.base.ptr(), hc.scale.ptr()));
             (s.mu.ptr, s.rinv.ptr)
         } else {
             (0, 0)

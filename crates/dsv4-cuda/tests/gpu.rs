@@ -411,7 +411,7 @@ fn random_model_on_every_chunking(numerics: Numerics) {
     let want = cpu.forward(&mut cache, &ids, Logits::All).unwrap();
     // The fourth pass repeats token-by-token decoding with fused hyper-connection boundaries
     // (a thread-block cluster per token where the model's width allows, the sixth with a last
-    // block per token; both leave the Sinkhorn to `hc_mix` on the side stream); the fifth repeats the chunked prefill with the tile GEMMs splitting the
+    // block per token and the Sinkhorn left to `hc_mix` on the side stream); the fifth repeats the chunked prefill with the tile GEMMs splitting the
     // activations in every block instead of once (`DSV4_CUDA_TC_XS=0`: another K step too, so
     // close to the CPU, not bit-equal to pass 3).
     let passes = [
@@ -424,8 +424,9 @@ fn random_model_on_every_chunking(numerics: Numerics) {
     ];
     for (pass, chunks) in passes.into_iter().enumerate() {
         gpu.set_hc_fused(pass == 3 || pass == 5);
-        // Both with the Sinkhorn on the side stream (inline, the default, in every other test).
-        gpu.set_hc_defer(pass == 3 || pass == 5);
+        // The sixth with the Sinkhorn on the side stream (`decode_graphs_replay_exactly` checks
+        // that bit for bit).
+        gpu.set_hc_defer(pass == 5);
         let cluster = gpu.set_hc_cluster(pass != 5);
         if pass == 3 {
             eprintln!("fused boundaries by clusters: {cluster}");
@@ -610,25 +611,32 @@ fn official_profile_matches_reference_on_gpu() {
 }
 
 /// Decode steps replayed from captured CUDA graphs, and steps whose independent work runs on
-/// the side stream, give bit-identical logits to the same steps launched one kernel at a time
-/// on one stream, for one sequence and for a batch whose sequences sit at
-/// different positions (compressor windows closing on different steps, entry buffers growing).
+/// the side stream (with and without the boundaries' Sinkhorn there too), give bit-identical
+/// logits to the same steps launched one kernel at a time on one stream, for one sequence and
+/// for a batch whose sequences sit at different positions (compressor windows closing on
+/// different steps, entry buffers growing).
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn decode_graphs_replay_exactly() {
     use dsv4_cuda::BatchItem;
     let cpu = random_model();
-    // Three copies of the model stepped in lockstep: one launching kernel by kernel on one
-    // stream, one the same with the side-stream branches, one replaying graphs (with them).
-    let models: Vec<CudaModel> = (0..3)
+    // Five copies of the model stepped in lockstep: one launching kernel by kernel on one
+    // stream, one the same with the side-stream branches, one replaying graphs (with them);
+    // then the last two again with each boundary's Sinkhorn on the side stream (`hc_mix`).
+    let models: Vec<CudaModel> = (0..5)
         .map(|_| CudaModel::from_model(&cpu, 0).unwrap())
         .collect();
-    models[0].set_graphs(false);
-    models[0].set_branches(false);
-    models[1].set_graphs(false);
-    models[1].set_branches(true);
-    models[2].set_graphs(true);
-    models[2].set_branches(true);
+    for (m, (graphs, branches, defer)) in models.iter().zip([
+        (false, false, false),
+        (false, true, false),
+        (true, true, false),
+        (false, true, true),
+        (true, true, true),
+    ]) {
+        m.set_graphs(graphs);
+        m.set_branches(branches);
+        m.set_hc_defer(defer);
+    }
     let prompts: Vec<Vec<u32>> = [37usize, 3, 130]
         .iter()
         .enumerate()
@@ -668,8 +676,8 @@ fn decode_graphs_replay_exactly() {
     }
     assert!(
         bad.is_empty(),
-        "branches (1) or graph replay (2) differ from one-stream eager launches at (model, \
-         step, batch, max abs diff) {bad:?}"
+        "branches (1), graph replay (2) or either with the Sinkhorn on the side stream (3, 4) \
+         differ from one-stream eager launches at (model, step, batch, max abs diff) {bad:?}"
     );
 }
 
