@@ -620,7 +620,7 @@ impl Gpu {
         smem: u32,
         args: &[&dyn Arg],
     ) -> Result<()> {
-        self.launch_ex(name, grid, block, smem, args, true)
+        self.launch_full(name, grid, block, smem, args, true, 1)
     }
 
     /// [`Gpu::launch`] without programmatic dependent launch: the kernel takes no SM before
@@ -634,7 +634,7 @@ impl Gpu {
         smem: u32,
         args: &[&dyn Arg],
     ) -> Result<()> {
-        self.launch_ex(name, grid, block, smem, args, false)
+        self.launch_full(name, grid, block, smem, args, false, 1)
     }
 
     /// [`Gpu::launch`] in thread-block clusters of `cluster` blocks along x (sm_90; up to 16).
@@ -689,18 +689,6 @@ impl Gpu {
             }
         }
         Ok(func)
-    }
-
-    fn launch_ex(
-        &self,
-        name: &str,
-        grid: (u32, u32, u32),
-        block: (u32, u32, u32),
-        smem: u32,
-        args: &[&dyn Arg],
-        pdl: bool,
-    ) -> Result<()> {
-        self.launch_full(name, grid, block, smem, args, pdl, 1)
     }
 
     #[allow(clippy::too_many_arguments)]
