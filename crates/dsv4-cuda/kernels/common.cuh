@@ -174,6 +174,18 @@ __device__ __forceinline__ float cluster_ld(const float* p, unsigned rank) {
     asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(r) : "memory");
     return v;
 }
+// The sum over the first `ranks` (<= MAXR) blocks of the cluster of the shared variable at p,
+// in rank order, every load issued before the adds.
+template <int MAXR>
+__device__ __forceinline__ float cluster_sum(const float* p, int ranks) {
+    float q[MAXR];
+#pragma unroll
+    for (int r = 0; r < MAXR; r++) q[r] = r < ranks ? cluster_ld(p, r) : 0.f;
+    float s = 0.f;
+#pragma unroll
+    for (int r = 0; r < MAXR; r++) s += q[r];
+    return s;
+}
 
 // 16-byte asynchronous global -> shared copies (sm_80+): many in flight per thread.
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {

@@ -446,12 +446,7 @@ extern "C" __global__ void __launch_bounds__(HC_CL_THREADS, 1) hc_boundary_clust
     HC_STAMP(5, 0.f);
     if (a.f && on) x[col] = v;
     if (warp == 0) {
-        float q[HC_CLUSTER];
-#pragma unroll
-        for (int r = 0; r < HC_CLUSTER; r++) q[r] = r < C ? cluster_ld(&part[lane], r) : 0.f;
-        float m = 0.f;
-#pragma unroll
-        for (int r = 0; r < HC_CLUSTER; r++) m += q[r];
+        const float m = cluster_sum<HC_CLUSTER>(&part[lane], C);
         mix[lane] = m;
         const float rr = 1.0f / sqrtf(__shfl_sync(0xffffffffu, m, 31) / (float)(n * d) + a.norm_eps);
         if (lane < n) pre_s[lane] = hc_pre_value(m, rr, a.scale[0], a.base[lane], a.hc_eps);
@@ -491,12 +486,7 @@ extern "C" __global__ void __launch_bounds__(HC_CL_THREADS, 1) hc_boundary_clust
         cluster_wait();  // 2: every block's sum of squares of the collapse
         HC_STAMP(7, 0.f);
         if (tid < cols) {
-            float q[HC_CLUSTER];
-#pragma unroll
-            for (int r = 0; r < HC_CLUSTER; r++) q[r] = r < C ? cluster_ld(&ss_part, r) : 0.f;
-            float ss = 0.f;
-#pragma unroll
-            for (int r = 0; r < HC_CLUSTER; r++) ss += q[r];
+            const float ss = cluster_sum<HC_CLUSTER>(&ss_part, C);
             const float rn = 1.0f / sqrtf(ss / (float)d + a.norm_eps);
             a.h[(size_t)t * d + j] = o * rn * g;
             HC_STAMP(8, rn);

@@ -1047,32 +1047,19 @@ impl CudaModel {
             rows,
             &self.part(s),
         )?;
-        let (ni, it, eps, ti, di) = (
-            n as i32,
-            c.hc_sinkhorn_iters as i32,
+        ops::hc_mix(
+            g,
+            s.mu.ptr,
+            s.rinv.ptr,
+            hc.base.ptr(),
+            hc.scale.ptr(),
+            (s.pre.ptr, s.post.ptr, s.comb.ptr),
+            n,
+            c.hc_sinkhorn_iters,
             c.hc_eps,
-            t as i32,
-            d as i32,
-        );
-        g.launch(
-            "hc_mix",
-            (t as u32, 1, 1),
-            (32, 1, 1),
-            0,
-            &[
-                &s.mu.ptr,
-                &s.rinv.ptr,
-                &hc.base.ptr(),
-                &hc.scale.ptr(),
-                &s.pre.ptr,
-                &s.post.ptr,
-                &s.comb.ptr,
-                &ni,
-                &it,
-                &eps,
-                &ti,
-            ],
+            t,
         )?;
+        let (ni, ti, di) = (n as i32, t as i32, d as i32);
         ops::elementwise(
             g,
             "hc_collapse",
