@@ -5,6 +5,7 @@
 // producer requests each item and when its consumers see it arrive).
 //   nvcc -std=c++17 -O3 -arch=sm_90a -Icrates/dsv4-cuda/kernels -o moe_bulk_bench tools/gpu/moe_bulk_bench.cu
 #define MB_STAMPS
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <vector>
@@ -138,6 +139,29 @@ int main(int argc, char** argv) {
     time("moe_up_bulk_fp4", up_bytes, up);
     time("moe_down_bulk_fp4", down_bytes, down);
     time("up then down", up_bytes + down_bytes, [&](int r) { up(r); down(r); });
+    // Four launches back to back (up, up, up, up; then up, down, up, down): every block's
+    // entry and end on the global timer, against the first launch's first entry.
+    CK(cudaMemcpyToSymbol(mb_span_base, &pk, sizeof pk));
+    for (int seq = 0; seq < 2; seq++) {
+        for (int r = 0; r < 4; r++) (seq && (r & 1)) ? down(r) : up(r);
+        CK(cudaDeviceSynchronize());
+        static unsigned long long span[4][2][1024];
+        CK(cudaMemcpyFromSymbol(span, mb_span, sizeof span));
+        unsigned long long t0 = ~0ull;
+        for (int b = 0; b < su.blocks; b++) t0 = std::min(t0, span[0][0][b]);
+        printf("%s: per launch, us from the first entry: entries first..last, ends first..last\n",
+               seq ? "up, down, up, down" : "up x4");
+        for (int r = 0; r < 4; r++) {
+            const int nb = (seq && (r & 1)) ? sd.blocks : su.blocks;
+            unsigned long long s0 = ~0ull, s1 = 0, e0 = ~0ull, e1 = 0;
+            for (int b = 0; b < nb; b++) {
+                s0 = std::min(s0, span[r][0][b]), s1 = std::max(s1, span[r][0][b]);
+                e0 = std::min(e0, span[r][1][b]), e1 = std::max(e1, span[r][1][b]);
+            }
+            printf("  launch %d: entries %7.2f .. %7.2f  ends %7.2f .. %7.2f\n", r, (s0 - t0) / 1e3,
+                   (s1 - t0) / 1e3, (e0 - t0) / 1e3, (e1 - t0) / 1e3);
+        }
+    }
     int khz;
     CK(cudaDeviceGetAttribute(&khz, cudaDevAttrClockRate, 0));
     const double mhz = khz / 1e3;

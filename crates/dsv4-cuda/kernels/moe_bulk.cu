@@ -31,12 +31,99 @@ __device__ __forceinline__ long long mb_clock() {
 #define MB_STAMP(arr, i)                                                            \
     if (blockIdx.x == mb_stamp_block && (threadIdx.x & 31) == 0 && (i) < MB_NSTAMP) \
         arr[i] = mb_clock();
+// Every block's global-timer entry and end (ns), per launch: launch r of the bench passes
+// picks = mb_span_base + 8 r, and its spans go to slot r % 4.
+__device__ unsigned long long mb_span[4][2][1024];
+__device__ const int* mb_span_base;
+#define MB_SPAN(a, which)                                                             \
+    {                                                                                 \
+        unsigned long long t_;                                                        \
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_));                        \
+        mb_span[((a).picks - mb_span_base) / 8 % 4][which][blockIdx.x & 1023] = t_;   \
+    }
 #else
 #define MB_STAMP(arr, i)
+#define MB_SPAN(a, which)
 #endif
 
 // Stage bytes of a tile of 16 rows of K inputs: weights then scales.
 __host__ __device__ constexpr int moe_bulk_tile_bytes(int K) { return 16 * (K / 2 + K / 32); }
+
+// Producer warp: the bulk copies of routed tile `tile` of expert e (inputs K) into stage st,
+// counted against `full`.
+template <bool UP>
+__device__ __forceinline__ void mb_issue_fp4(const MoeArgs& a, int e, int tile, int K, uint8_t* st, uint64_t* full,
+                                             uint64_t policy) {
+    const int lane = threadIdx.x & 31, rowb = K / 2, srow = K / 32;
+    if (lane == 0) mbar_arrive_expect(full, moe_bulk_tile_bytes(K));
+    __syncwarp();
+    if (UP) {
+        // Gate rows 8·tile.. into stage rows 0-7, up rows into 8-15; scales alike.
+        const LinearW& W = lane == 0 || lane == 2 ? a.w1[e] : a.w3[e];
+        const size_t r0 = (size_t)tile * 8;
+        if (lane < 2)
+            bulk_copy(st + lane * 8 * rowb, W.w + r0 * rowb, 8 * rowb, full, policy);
+        else if (lane < 4)
+            bulk_copy(st + 16 * rowb + (lane - 2) * 8 * srow, (const uint8_t*)W.scales + r0 * srow, 8 * srow,
+                      full, policy);
+    } else {
+        const LinearW& W = a.w2[e];
+        const size_t r0 = (size_t)tile * 16;
+        if (lane == 0) bulk_copy(st, W.w + r0 * rowb, 16 * rowb, full, policy);
+        if (lane == 1)
+            bulk_copy(st + 16 * rowb, (const uint8_t*)W.scales + r0 * srow, 16 * srow, full, policy);
+    }
+}
+
+// Consumer warps: routed tile `tile` of pair p from its (arrived) stage st, its input's B plane
+// and group factors; the stage is released to `empty` once read. The warps split the tile's
+// 256-input steps; their sums of each row, in `r`, are added in warp order by warp 0, which
+// writes the outputs (up: SwiGLU into a.h; down: a.out).
+template <bool UP, int W>
+__device__ __forceinline__ void mb_consume_fp4(const MoeArgs& a, const uint8_t* st, uint64_t* empty, int K,
+                                               const uint4* zero, const uint4* plane, const float* gsc,
+                                               float (&r)[W][16], int p, int tile) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int rowb = K / 2, srow = K / 32, steps = K / 256;
+    const int s0 = warp * steps / W, s1 = (warp + 1) * steps / W;
+    float acc[1][4] = {};
+    for (int s = s0; s < s1; s++) {
+        MoeTcStep q;
+#pragma unroll
+        for (int ng = 0; ng < 2; ng++) {
+            q.q[0][ng] = *(const uint4*)(st + g * rowb + s * 128 + 32 * t + 16 * ng);
+            q.q[1][ng] = *(const uint4*)(st + (g + 8) * rowb + s * 128 + 32 * t + 16 * ng);
+        }
+        const uint8_t* sc = st + 16 * rowb + s * 8 + 4 * (t & 1);
+        q.s[0] = *(const uint32_t*)(sc + g * srow);
+        q.s[1] = *(const uint32_t*)(sc + (g + 8) * srow);
+        moe_tc_step<1>(q, s, zero, plane, K / 4, gsc, K / 32, 1, acc);
+    }
+    __syncwarp();
+    if (lane == 0) mbar_arrive(empty);
+    float ya[1], yb[1];
+    moe_tc_quad_sums<1>(acc, ya, yb);
+    if (t == 0) {
+        r[warp][g] = ya[0];
+        r[warp][g + 8] = yb[0];
+    }
+    asm volatile("bar.sync 1, %0;" ::"r"(32 * W) : "memory");
+    if (warp == 0 && lane < (UP ? 8 : 16)) {
+        float u = 0.f, v = 0.f;
+#pragma unroll
+        for (int w = 0; w < W; w++) {
+            u += r[w][lane];
+            if (UP) v += r[w][lane + 8];
+        }
+        if (UP) {
+            float y = swiglu_clamped(u, v, a.lim);
+            if (a.rw_inside) y *= a.rw[p];
+            a.h[(size_t)p * a.I + tile * 8 + lane] = y;
+        } else {
+            a.out[(size_t)p * a.D + tile * 16 + lane] = u;
+        }
+    }
+}
 
 // A pass over `pairs` (token, slot) pairs. `stages` whole-tile stages are in flight; `npl`
 // activation planes (tokens for up, pairs for down) fit in shared memory after them — at least
@@ -51,7 +138,7 @@ __device__ void moe_bulk_impl(const MoeArgs& a, int pairs, int stages, int npl) 
     const int items = pairs * tpp;
     const long long b = blockIdx.x, nb = gridDim.x;
     const int i0 = (int)(items * b / nb), i1 = (int)(items * (b + 1) / nb);
-    const int rowb = K / 2, srow = K / 32, tile_bytes = moe_bulk_tile_bytes(K);
+    const int tile_bytes = moe_bulk_tile_bytes(K);
     const int plane_u4 = K / 4;  // B-plane uint4s per input (moe_tc_prep)
     // Input index (token for up, pair for down) of item it.
     auto input_of = [&](int it) { return UP ? (it / tpp) / a.k : it / tpp; };
@@ -64,8 +151,9 @@ __device__ void moe_bulk_impl(const MoeArgs& a, int pairs, int stages, int npl) 
     if (stages > MB_MAX_STAGES || last - first + 1 > npl ||
         dyn_smem < (size_t)stages * tile_bytes + 64 + (size_t)npl * (K * 4 + K / 8))
         __trap();  // the host's layout disagrees
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
     if (threadIdx.x == 0) MB_STAMP(mb_stamp_misc, 0);
+    if (threadIdx.x == 0) MB_SPAN(a, 0);
     if (threadIdx.x == 0) {
         for (int i = 0; i < stages; i++) {
             mbar_init(&full[i], 1);
@@ -81,27 +169,8 @@ __device__ void moe_bulk_impl(const MoeArgs& a, int pairs, int stages, int npl) 
         for (int it = i0, n = 0; it < i1; it++, n++) {
             const int slot = n % stages, p = it / tpp, tile = it % tpp;
             if (n >= stages) mbar_wait(&empty[slot], ((n / stages) - 1) & 1);
-            const int e = __ldcg(a.picks + p);
-            uint8_t* st = mb_smem + (size_t)slot * tile_bytes;
-            if (lane == 0) mbar_arrive_expect(&full[slot], tile_bytes);
-            __syncwarp();
-            if (UP) {
-                // Gate rows 8·tile.. into stage rows 0-7, up rows into 8-15; scales alike.
-                const LinearW& W = lane == 0 || lane == 2 ? a.w1[e] : a.w3[e];
-                const size_t r0 = (size_t)tile * 8;
-                if (lane < 2)
-                    bulk_copy(st + lane * 8 * rowb, W.w + r0 * rowb, 8 * rowb, &full[slot], policy);
-                else if (lane < 4)
-                    bulk_copy(st + 16 * rowb + (lane - 2) * 8 * srow,
-                              (const uint8_t*)W.scales + r0 * srow, 8 * srow, &full[slot], policy);
-            } else {
-                const LinearW& W = a.w2[e];
-                const size_t r0 = (size_t)tile * 16;
-                if (lane == 0) bulk_copy(st, W.w + r0 * rowb, 16 * rowb, &full[slot], policy);
-                if (lane == 1)
-                    bulk_copy(st + 16 * rowb, (const uint8_t*)W.scales + r0 * srow, 16 * srow,
-                              &full[slot], policy);
-            }
+            mb_issue_fp4<UP>(a, __ldcg(a.picks + p), tile, K, mb_smem + (size_t)slot * tile_bytes, &full[slot],
+                             policy);
             MB_STAMP(mb_stamp_req, n);  // (lane 0: once its copy is issued)
         }
         return;
@@ -117,56 +186,17 @@ __device__ void moe_bulk_impl(const MoeArgs& a, int pairs, int stages, int npl) 
     }
     asm volatile("bar.sync 1, %0;" ::"r"(32 * MB_WARPS) : "memory");
     if (threadIdx.x == 0) MB_STAMP(mb_stamp_misc, 1);
-    const int g = lane >> 2, t = lane & 3;
-    const int steps = K / 256;
-    const int s0 = warp * steps / MB_WARPS, s1 = (warp + 1) * steps / MB_WARPS;
     for (int it = i0, n = 0; it < i1; it++, n++) {
         const int slot = n % stages, p = it / tpp, tile = it % tpp;
         const uint8_t* st = mb_smem + (size_t)slot * tile_bytes;
         const int pl = input_of(it) - first;
         mbar_wait(&full[slot], (n / stages) & 1);
         if (warp == 0) MB_STAMP(mb_stamp_got, n);
-        float acc[1][4] = {};
-        for (int s = s0; s < s1; s++) {
-            MoeTcStep q;
-#pragma unroll
-            for (int ng = 0; ng < 2; ng++) {
-                q.q[0][ng] = *(const uint4*)(st + g * rowb + s * 128 + 32 * t + 16 * ng);
-                q.q[1][ng] = *(const uint4*)(st + (g + 8) * rowb + s * 128 + 32 * t + 16 * ng);
-            }
-            const uint8_t* sc = st + 16 * rowb + s * 8 + 4 * (t & 1);
-            q.s[0] = *(const uint32_t*)(sc + g * srow);
-            q.s[1] = *(const uint32_t*)(sc + (g + 8) * srow);
-            moe_tc_step<1>(q, s, zero, planes + (size_t)pl * plane_u4, plane_u4, gsc + (size_t)pl * (K / 32),
-                           K / 32, 1, acc);
-        }
-        __syncwarp();
-        if (lane == 0) mbar_arrive(&empty[slot]);
-        float ya[1], yb[1];
-        moe_tc_quad_sums<1>(acc, ya, yb);
-        float (&r)[MB_WARPS][16] = red[n & 1];
-        if (t == 0) {
-            r[warp][g] = ya[0];
-            r[warp][g + 8] = yb[0];
-        }
-        asm volatile("bar.sync 1, %0;" ::"r"(32 * MB_WARPS) : "memory");
-        if (warp == 0 && lane < (UP ? 8 : 16)) {
-            float u = 0.f, v = 0.f;
-#pragma unroll
-            for (int w = 0; w < MB_WARPS; w++) {
-                u += r[w][lane];
-                if (UP) v += r[w][lane + 8];
-            }
-            if (UP) {
-                float y = swiglu_clamped(u, v, a.lim);
-                if (a.rw_inside) y *= a.rw[p];
-                a.h[(size_t)p * a.I + tile * 8 + lane] = y;
-            } else {
-                a.out[(size_t)p * a.D + tile * 16 + lane] = u;
-            }
-        }
+        mb_consume_fp4<UP, MB_WARPS>(a, st, &empty[slot], K, zero, planes + (size_t)pl * plane_u4,
+                                     gsc + (size_t)pl * (K / 32), red[n & 1], p, tile);
     }
     if (threadIdx.x == 0) MB_STAMP(mb_stamp_misc, 2);
+    if (threadIdx.x == 0) MB_SPAN(a, 1);
 }
 
 // Up waits before anything and lets its dependents launch only after that (inside): down reads
