@@ -9,3 +9,4 @@
 #include "gemv_bulk.cu"
 #include "moe_tc.cu"
 #include "moe_bulk.cu"
+#include "moe_ffn.cu"

@@ -102,6 +102,9 @@ __device__ __forceinline__ float load_elem(const LinearW& W, int r, int k) {
 // attribute both are no-ops. (tests: `every_kernel_waits_for_its_predecessor`.)
 __device__ __forceinline__ void pdl_launch() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
 __device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+// Marks a kernel that waits and lets its dependents launch at points inside its body that its
+// comment explains (`moe_ffn_up_bulk`: not before its grid barrier).
+__device__ __forceinline__ void pdl_inside() {}
 __device__ __forceinline__ void pdl_entry() {
     pdl_launch();
     pdl_wait();

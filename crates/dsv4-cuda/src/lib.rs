@@ -7,6 +7,7 @@
 pub mod blaslt;
 pub mod gpu;
 pub mod model;
+pub mod moe_ffn;
 pub mod ops;
 mod pipeline;
 pub mod quant;

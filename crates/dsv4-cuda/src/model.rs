@@ -175,6 +175,8 @@ struct Scratch {
     route_count: DevBuf,
     /// The grid barrier of `ops::linear_pair` (arrivals, passes).
     pair_bar: DevBuf,
+    /// The grid barrier of `moe_ffn_up_bulk` (arrivals, generation).
+    ffn_sync: DevBuf,
     /// Decode steps: each layer's per-token cache pointers (`[layers, tokens]`), and the
     /// host copy last uploaded.
     seq_table: DevBuf,
@@ -269,6 +271,7 @@ impl Scratch {
             hc_count: gpu.alloc_zeros(4 * HC_FUSED_TOKENS)?,
             route_count: gpu.alloc_zeros(4)?,
             pair_bar: gpu.alloc_zeros(8)?,
+            ffn_sync: gpu.alloc_zeros(8)?,
             seq_table: gpu.alloc(layers * cap * std::mem::size_of::<SeqLayerPtrs>())?,
             table_host: Vec::new(),
             graphs: HashMap::new(),
@@ -302,6 +305,9 @@ pub struct CudaModel {
     /// Whether fused boundaries of branching decode steps leave the Sinkhorn to `hc_mix` on the
     /// side stream (`DSV4_CUDA_HC_DEFER=1`).
     hc_defer: AtomicBool,
+    /// Whether one-token FFN halves run as two launches that find the routing and stream the
+    /// shared and routed experts together (`moe_ffn_up_bulk`, `DSV4_CUDA_FFN_FUSED=1`).
+    ffn_fused: AtomicBool,
     /// Whether calls of up to [`ops::ROUTER_ROUTE_TOKENS`] tokens compute the router's logits
     /// and the routing in one launch (`moe_router_route`; `DSV4_CUDA_ROUTE_FUSED=0` keeps the
     /// GEMV and `moe_route`).
@@ -478,6 +484,9 @@ impl CudaModel {
             ),
             hc_cluster_fits,
             hc_defer: AtomicBool::new(std::env::var("DSV4_CUDA_HC_DEFER").is_ok_and(|v| v == "1")),
+            ffn_fused: AtomicBool::new(
+                std::env::var("DSV4_CUDA_FFN_FUSED").is_ok_and(|v| v == "1"),
+            ),
             route_fused: AtomicBool::new(
                 std::env::var("DSV4_CUDA_ROUTE_FUSED").map_or(true, |v| v != "0"),
             ),
@@ -538,6 +547,39 @@ impl CudaModel {
     pub fn set_hc_defer(&self, on: bool) {
         self.hc_defer.store(on, Ordering::Relaxed);
         self.drop_graphs();
+    }
+
+    /// Whether one token's FFN half (router, shared expert and routed experts) runs as the two
+    /// launches of `kernels/moe_ffn.cu` where the model's formats allow, instead of five.
+    pub fn set_ffn_fused(&self, on: bool) {
+        self.ffn_fused.store(on, Ordering::Relaxed);
+        self.drop_graphs();
+    }
+
+    /// Whether every layer's FFN half of one token can take the fused path
+    /// ([`CudaModel::set_ffn_fused`]), whether or not it is on.
+    pub fn ffn_fused_fits(&self) -> bool {
+        let c = &self.config;
+        self.weights.layers.iter().all(|lw| {
+            let mw = &lw.moe;
+            let a = MoeArgs {
+                w1: 0,
+                w3: 0,
+                w2: 0,
+                picks: 0,
+                rw: 0,
+                x: 0,
+                h: 0,
+                out: 0,
+                k: c.num_experts_per_tok as i32,
+                d: c.hidden_size as i32,
+                i: c.moe_intermediate_size as i32,
+                vec: mw.vec as i32,
+                rw_inside: 0,
+                lim: 0.0,
+            };
+            self.ffn_fused_layout(mw, &a, 1, false).is_some()
+        })
     }
 
     /// Chooses, for the fused boundaries, a thread-block cluster per token (`hc_boundary_cluster`)
@@ -1922,6 +1964,49 @@ impl CudaModel {
         let aq = self.numerics.act_quant();
         let round = |rw: Option<u64>| aq.then_some(ops::HiddenRound { rw });
         let lim = c.swiglu_limit.unwrap_or(f32::NAN);
+        let routed = MoeArgs {
+            w1: mw.w1_table.ptr,
+            w3: mw.w3_table.ptr,
+            w2: mw.w2_table.ptr,
+            picks: s.picks.ptr,
+            rw: s.rw.ptr,
+            x: hq.x,
+            h: s.eh.ptr,
+            out: s.eout.ptr,
+            k: k as i32,
+            d: d as i32,
+            i: inter as i32,
+            vec: mw.vec as i32,
+            rw_inside: 0,
+            lim,
+        };
+        if let Some((l, sh)) = self.ffn_fused_launch(mw, &routed, t, aq) {
+            self.fork_mix(s, t)?;
+            let (bias, tid2eid) = match &mw.router {
+                GpuRouter::TopK { bias } => (bias.ptr(), 0u64),
+                GpuRouter::Hash { tid2eid } => (0u64, tid2eid.ptr),
+            };
+            let f = crate::moe_ffn::FfnArgs {
+                gate: mw.gate.desc,
+                sg: sh.w1.desc,
+                su: sh.w3.desc,
+                sd: sh.w2.desc,
+                hr: s.h.ptr,
+                logits: s.logits_e.ptr,
+                sync: s.ffn_sync.ptr,
+                bias,
+                tid2eid,
+                ids: s.ids.ptr,
+                route_scale: c.routed_scaling_factor,
+                pad: 0,
+                picks: s.picks.ptr,
+                rw: s.rw.ptr,
+                sh: s.sg.ptr,
+                sout: s.f.ptr,
+            };
+            crate::moe_ffn::ffn_bulk(g, &l, &routed, &f)?;
+            return self.moe_combine(s, t, combine, aq);
+        }
         // One token's shared expert into s.f through the routed-expert kernels (one pass for
         // gate, up and SwiGLU, one for down), in a decode step on the side stream beside the
         // routing and the routed experts; otherwise its gate/up products go with the router's.
@@ -2042,22 +2127,7 @@ impl CudaModel {
             None => g.memset(s.f.ptr, 0, t * d * 4)?,
         }
         let pairs = t * k;
-        let a = MoeArgs {
-            w1: mw.w1_table.ptr,
-            w3: mw.w3_table.ptr,
-            w2: mw.w2_table.ptr,
-            picks: s.picks.ptr,
-            rw: s.rw.ptr,
-            x: hq.x,
-            h: s.eh.ptr,
-            out: s.eout.ptr,
-            k: k as i32,
-            d: d as i32,
-            i: inter as i32,
-            vec: mw.vec as i32,
-            rw_inside: 0,
-            lim,
-        };
+        let a = routed;
         // Few pairs per expert (decode batches): each pair streams its expert on its own; many
         // (prefill): group them by expert into tiles.
         if self.moe_per_pair(t) {
@@ -2111,18 +2181,75 @@ impl CudaModel {
                 round(Some(s.rw.ptr)),
             )?;
         }
-        // Under activation quantization the routing weights were applied before `w2`.
+        self.moe_combine(s, t, combine, aq)
+    }
+
+    /// The end of the FFN half: the side stream rejoins, and with `combine` the routed
+    /// experts' rows are weighted into the shared expert's `s.f` (under activation quantization
+    /// the routing weights were applied before `w2`).
+    fn moe_combine(&self, s: &Scratch, t: usize, combine: bool, aq: bool) -> Result<()> {
+        let g = &*self.gpu;
         g.join_side()?;
         if !combine {
             return Ok(());
         }
-        let (ki, di, ti, inside) = (k as i32, d as i32, t as i32, aq as i32);
+        let c = &self.config;
+        let (ki, di, ti, inside) = (
+            c.num_experts_per_tok as i32,
+            c.hidden_size as i32,
+            t as i32,
+            aq as i32,
+        );
         ops::elementwise(
             g,
             "moe_combine",
-            t * d,
+            t * c.hidden_size,
             &[&s.f.ptr, &s.eout.ptr, &s.rw.ptr, &ki, &di, &ti, &inside],
         )
+    }
+
+    /// The launch layout of one token's FFN half through `kernels/moe_ffn.cu`, and the shared
+    /// expert it streams, where that path is on and the model allows it: one token without
+    /// activation quantization, a shared expert, routed experts the bulk kernels take.
+    fn ffn_fused_launch<'m>(
+        &self,
+        mw: &'m crate::weights::GpuMoe,
+        a: &MoeArgs,
+        t: usize,
+        aq: bool,
+    ) -> Option<(crate::moe_ffn::FfnLaunch, &'m crate::weights::GpuExpert)> {
+        if !self.ffn_fused.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.ffn_fused_layout(mw, a, t, aq)
+    }
+
+    /// [`CudaModel::ffn_fused_launch`] whether the path is on or not.
+    fn ffn_fused_layout<'m>(
+        &self,
+        mw: &'m crate::weights::GpuMoe,
+        a: &MoeArgs,
+        t: usize,
+        aq: bool,
+    ) -> Option<(crate::moe_ffn::FfnLaunch, &'m crate::weights::GpuExpert)> {
+        let g = &*self.gpu;
+        let k = a.k as usize;
+        if t != 1 || aq || !mw.bulk {
+            return None;
+        }
+        let sh = mw.shared.as_ref()?;
+        if !self.moe_per_pair(t) || !ops::moe_bulk_ok(g, mw.fmt, mw.tc, a, k) {
+            return None;
+        }
+        let l = crate::moe_ffn::ffn_launch(
+            g.sm_count,
+            &mw.gate,
+            [&sh.w1, &sh.w3, &sh.w2],
+            k,
+            a.d as usize,
+            a.i as usize,
+        )?;
+        Some((l, sh))
     }
 }
 

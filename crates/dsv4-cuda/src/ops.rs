@@ -1758,11 +1758,11 @@ pub const MOE_BULK_MAX_TOKENS: usize = 32;
 
 /// The most stages in flight of the bulk-copy MoE kernels (`MB_MAX_STAGES` in
 /// `kernels/moe_bulk.cu`).
-const MB_MAX_STAGES: usize = 8;
+pub(crate) const MB_MAX_STAGES: usize = 8;
 /// Their threads: 8 consumer warps and the producer.
-const MB_THREADS: u32 = 288;
+pub(crate) const MB_THREADS: u32 = 288;
 /// Dynamic shared memory they may take: 227 KB less their static arrays (up to 2.2 KB).
-const MB_MAX_SMEM: usize = 227 * 1024 - 3072;
+pub(crate) const MB_MAX_SMEM: usize = 227 * 1024 - 3072;
 
 /// The launch of one bulk-copy MoE kernel.
 #[derive(Debug, Clone, Copy, PartialEq)]

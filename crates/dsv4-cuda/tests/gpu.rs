@@ -414,6 +414,8 @@ fn random_model_on_every_chunking(numerics: Numerics) {
     // block per token and the Sinkhorn left to `hc_mix` on the side stream); the fifth repeats the chunked prefill with the tile GEMMs splitting the
     // activations in every block instead of once (`DSV4_CUDA_TC_XS=0`: another K step too, so
     // close to the CPU, not bit-equal to pass 3).
+    // The seventh decodes token by token with each FFN half in the two launches of
+    // `kernels/moe_ffn.cu` (router, shared and routed experts together).
     let passes = [
         vec![t],
         vec![1; t],
@@ -421,12 +423,17 @@ fn random_model_on_every_chunking(numerics: Numerics) {
         vec![1; t],
         vec![130, 1, 1, 37, 131],
         vec![1; t],
+        vec![1; t],
     ];
+    let fused_ffn = gpu.ffn_fused_fits();
+    eprintln!("fused FFN halves fit this model: {fused_ffn}");
+    assert!(fused_ffn || numerics != Numerics::Reference);
     for (pass, chunks) in passes.into_iter().enumerate() {
         gpu.set_hc_fused(pass == 3 || pass == 5);
         // The sixth with the Sinkhorn on the side stream (`decode_graphs_replay_exactly` checks
         // that bit for bit).
         gpu.set_hc_defer(pass == 5);
+        gpu.set_ffn_fused(pass == 6);
         let cluster = gpu.set_hc_cluster(pass != 5);
         if pass == 3 {
             eprintln!("fused boundaries by clusters: {cluster}");
@@ -623,20 +630,26 @@ fn decode_graphs_replay_exactly() {
     // Five copies of the model stepped in lockstep: one launching kernel by kernel on one
     // stream, one the same with the side-stream branches, one replaying graphs (with them);
     // then the last two again with each boundary's Sinkhorn on the side stream (`hc_mix`).
-    let models: Vec<CudaModel> = (0..5)
+    // Then two more with one-token FFN halves fused (`kernels/moe_ffn.cu`: other sums, so
+    // compared with each other): eager on one stream, and graphs with the side stream.
+    let models: Vec<CudaModel> = (0..7)
         .map(|_| CudaModel::from_model(&cpu, 0).unwrap())
         .collect();
-    for (m, (graphs, branches, defer)) in models.iter().zip([
-        (false, false, false),
-        (false, true, false),
-        (true, true, false),
-        (false, true, true),
-        (true, true, true),
+    for (m, (graphs, branches, defer, ffn)) in models.iter().zip([
+        (false, false, false, false),
+        (false, true, false, false),
+        (true, true, false, false),
+        (false, true, true, false),
+        (true, true, true, false),
+        (false, false, false, true),
+        (true, true, true, true),
     ]) {
         m.set_graphs(graphs);
         m.set_branches(branches);
         m.set_hc_defer(defer);
+        m.set_ffn_fused(ffn);
     }
+    assert!(models[5].ffn_fused_fits());
     let prompts: Vec<Vec<u32>> = [37usize, 3, 130]
         .iter()
         .enumerate()
@@ -663,9 +676,14 @@ fn decode_graphs_replay_exactly() {
             outs[0].iter().all(|v| v.is_finite()),
             "step {i}: non-finite logits"
         );
+        assert!(
+            outs[5].iter().all(|v| v.is_finite()),
+            "step {i}: non-finite logits (fused FFN)"
+        );
         for (j, o) in outs.iter().enumerate().skip(1) {
-            if outs[0] != *o {
-                let d = outs[0]
+            let base = if j == 6 { 5 } else { 0 };
+            if j != 5 && outs[base] != *o {
+                let d = outs[base]
                     .iter()
                     .zip(o)
                     .map(|(a, b)| (a - b).abs())
@@ -676,8 +694,9 @@ fn decode_graphs_replay_exactly() {
     }
     assert!(
         bad.is_empty(),
-        "branches (1), graph replay (2) or either with the Sinkhorn on the side stream (3, 4) \
-         differ from one-stream eager launches at (model, step, batch, max abs diff) {bad:?}"
+        "branches (1), graph replay (2), either with the Sinkhorn on the side stream (3, 4), or \
+         graphs with fused FFN halves (6, against 5) differ from one-stream eager launches at \
+         (model, step, batch, max abs diff) {bad:?}"
     );
 }
 
@@ -2038,6 +2057,207 @@ fn hc_boundary_cluster_matches_last_block() {
                 // The Sinkhorn left to `hc_mix` is the same arithmetic on the same rows.
                 assert_eq!(outs[2], outs[0], "{what}: last block, Sinkhorn in hc_mix");
                 assert_eq!(outs[3], outs[1], "{what}: cluster, Sinkhorn in hc_mix");
+            }
+        }
+    }
+}
+
+/// One token's FFN half through the two launches of `kernels/moe_ffn.cu` against the launches
+/// it replaces (`moe_router_route`, the shared expert through the SIMT FP8 expert kernels, the
+/// routed experts through the bulk kernels): Flash's shapes (256 experts: two router rows per
+/// block of 132; FP8 shared rows of 4096 and 2048 inputs) and Pro's (384 experts: three rows per
+/// block over six warps; shared rows of 7168, two chunks per thread), biased top-6 and hash
+/// routing, three launches in a row (the grid barrier's reset and generation). The routing
+/// must be equal, the rest within f32 noise of the separate path.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn fused_ffn_matches_separate_launches() {
+    use dsv4_cuda::moe_ffn::{ffn_bulk, ffn_launch, FfnArgs};
+    use dsv4_cuda::ops::{moe_bulk_ok, moe_experts, router_route, MoeArgs, RouteArgs};
+    use dsv4_cuda::weights::{GpuLinear, LinearDesc};
+    use synthetic::MatrixFormat as F;
+    let gpu = Gpu::open(0).expect("GPU");
+    let k = 6usize;
+    for (e, d, inter) in [(256usize, 4096usize, 2048usize), (384, 7168, 3072)] {
+        let up = |fmt, r, c, s| {
+            let l = synthetic::random_linear(fmt, r, c, s).unwrap();
+            let l = if matches!(fmt, F::Fp4) {
+                vary_fp4_scales(l, s)
+            } else {
+                l
+            };
+            GpuLinear::upload(&gpu, &l).unwrap()
+        };
+        // Four distinct routed experts, the table's 256 or 384 entries cycling over them.
+        let mats: Vec<[GpuLinear; 3]> = (0..4u64)
+            .map(|i| {
+                [
+                    up(F::Fp4, inter, d, 10 * i + 1),
+                    up(F::Fp4, inter, d, 10 * i + 2),
+                    up(F::Fp4, d, inter, 10 * i + 3),
+                ]
+            })
+            .collect();
+        let table = |j: usize| {
+            let v: Vec<LinearDesc> = (0..e).map(|x| mats[x % 4][j].desc).collect();
+            gpu.upload(&v).unwrap()
+        };
+        let (w1, w3, w2) = (table(0), table(1), table(2));
+        let shared = [
+            up(F::Fp8, inter, d, 71),
+            up(F::Fp8, inter, d, 72),
+            up(F::Fp8, d, inter, 73),
+        ];
+        let stable = gpu
+            .upload(&shared.iter().map(|m| m.desc).collect::<Vec<_>>())
+            .unwrap();
+        let gate = up(F::Bf16, e, d, 11);
+        let x = gpu.upload(&random_f32(d, 5)).unwrap();
+        let bias: Vec<f32> = random_f32(e, 6).iter().map(|v| v * 0.01).collect();
+        let bias = gpu.upload(&bias).unwrap();
+        let tid2eid: Vec<i32> = (0..4 * k).map(|i| ((i * 37) % e) as i32).collect();
+        let tid2eid = gpu.upload(&tid2eid).unwrap();
+        let ids = gpu.upload(&[3i32]).unwrap();
+        let zeros = gpu.alloc_zeros(4 * 8).unwrap();
+        let (count, sync) = (gpu.alloc_zeros(4).unwrap(), gpu.alloc_zeros(8).unwrap());
+        let f32s = |n: usize| gpu.upload(&vec![f32::NAN; n]).unwrap();
+        let read = |b: &dsv4_cuda::gpu::DevBuf, n: usize| {
+            let mut v = vec![0f32; n];
+            gpu.dtoh(b.ptr, &mut v).unwrap();
+            v
+        };
+        let read_i = |b: &dsv4_cuda::gpu::DevBuf| {
+            let mut v = vec![0i32; k];
+            gpu.dtoh(b.ptr, &mut v).unwrap();
+            v
+        };
+        let layout = ffn_launch(
+            gpu.sm_count,
+            &gate,
+            [&shared[0], &shared[1], &shared[2]],
+            k,
+            d,
+            inter,
+        )
+        .expect("the fused layout takes these shapes");
+        for hash in [false, true] {
+            let (bias_p, tid_p) = if hash {
+                (0, tid2eid.ptr)
+            } else {
+                (bias.ptr, 0)
+            };
+            // The separate launches.
+            let (lg0, p0, r0) = (f32s(e), gpu.alloc(4 * k).unwrap(), f32s(k));
+            router_route(
+                &gpu,
+                &gate,
+                &RouteArgs {
+                    x: x.ptr,
+                    t: 1,
+                    logits: lg0.ptr,
+                    count: count.ptr,
+                    k,
+                    bias: bias_p,
+                    tid2eid: tid_p,
+                    ids: ids.ptr,
+                    scale: 2.5,
+                    picks: p0.ptr,
+                    rw: r0.ptr,
+                },
+            )
+            .unwrap();
+            let (sh0, so0, h0, o0) = (f32s(inter), f32s(d), f32s(k * inter), f32s(k * d));
+            let shared_args = MoeArgs {
+                w1: stable.ptr,
+                w3: stable.ptr + std::mem::size_of::<LinearDesc>() as u64,
+                w2: stable.ptr + 2 * std::mem::size_of::<LinearDesc>() as u64,
+                picks: zeros.ptr,
+                rw: 0,
+                x: x.ptr,
+                h: sh0.ptr,
+                out: so0.ptr,
+                k: 1,
+                d: d as i32,
+                i: inter as i32,
+                vec: 1,
+                rw_inside: 0,
+                lim: 7.0,
+            };
+            moe_experts(&gpu, shared[0].fmt, false, false, &shared_args, 1, None).unwrap();
+            let routed = |picks: u64, rw: u64, h: u64, out: u64| MoeArgs {
+                w1: w1.ptr,
+                w3: w3.ptr,
+                w2: w2.ptr,
+                picks,
+                rw,
+                x: x.ptr,
+                h,
+                out,
+                k: k as i32,
+                d: d as i32,
+                i: inter as i32,
+                vec: 1,
+                rw_inside: 0,
+                lim: 7.0,
+            };
+            let a0 = routed(p0.ptr, r0.ptr, h0.ptr, o0.ptr);
+            assert!(moe_bulk_ok(&gpu, mats[0][0].fmt, true, &a0, k));
+            moe_experts(&gpu, mats[0][0].fmt, true, true, &a0, k, None).unwrap();
+            let want_picks = read_i(&p0);
+            let want = [
+                read(&lg0, e),
+                read(&r0, k),
+                read(&sh0, inter),
+                read(&so0, d),
+                read(&h0, k * inter),
+                read(&o0, k * d),
+            ];
+            for rep in 0..3 {
+                let (lg, p, r) = (f32s(e), gpu.alloc(4 * k).unwrap(), f32s(k));
+                let (sh, so, h, o) = (f32s(inter), f32s(d), f32s(k * inter), f32s(k * d));
+                let f = FfnArgs {
+                    gate: gate.desc,
+                    sg: shared[0].desc,
+                    su: shared[1].desc,
+                    sd: shared[2].desc,
+                    hr: x.ptr,
+                    logits: lg.ptr,
+                    sync: sync.ptr,
+                    bias: bias_p,
+                    tid2eid: tid_p,
+                    ids: ids.ptr,
+                    route_scale: 2.5,
+                    pad: 0,
+                    picks: p.ptr,
+                    rw: r.ptr,
+                    sh: sh.ptr,
+                    sout: so.ptr,
+                };
+                ffn_bulk(&gpu, &layout, &routed(p.ptr, r.ptr, h.ptr, o.ptr), &f).unwrap();
+                let what = format!("E {e} d {d} hash {hash} launch {rep}");
+                assert_eq!(read_i(&p), want_picks, "{what}");
+                let got = [
+                    read(&lg, e),
+                    read(&r, k),
+                    read(&sh, inter),
+                    read(&so, d),
+                    read(&h, k * inter),
+                    read(&o, k * d),
+                ];
+                for ((g, w), name) in got.iter().zip(&want).zip([
+                    "logits",
+                    "weights",
+                    "shared h",
+                    "shared out",
+                    "routed h",
+                    "routed out",
+                ]) {
+                    assert!(g.iter().all(|v| v.is_finite()), "{what}: {name} unwritten");
+                    let m = w.iter().fold(0f32, |a, v| a.max(v.abs()));
+                    let err = g.iter().zip(w).fold(0f32, |a, (x, y)| a.max((x - y).abs())) / m;
+                    eprintln!("{what}: {name} max err {err:.2e} (of the largest)");
+                    assert!(err <= 1e-5, "{what}: {name} {err}");
+                }
             }
         }
     }

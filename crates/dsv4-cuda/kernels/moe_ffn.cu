@@ -1,0 +1,396 @@
+// The FFN half of one decode token in two launches instead of five: `moe_ffn_up_bulk` finds the
+// routing itself (the router's logits split over all blocks, a grid-wide barrier, then every
+// block routes the token from the logits on its own), and streams the shared expert's gate and
+// up rows (FP8, 128×128 block scales) while it does so, then the routed experts' gate and up
+// rows (FP4, moe_bulk.cu's tiles); `moe_ffn_down_bulk` streams the shared expert's down rows,
+// then the routed ones. So the routing's latency overlaps weight bytes: as separate kernels the
+// HBM idled through the router (~14 µs per layer on an H100), and the shared expert streamed
+// beside it through SIMT kernels at ~1.3 TB/s.
+//
+// Up's grid barrier needs all its blocks resident at once: one block per SM (the host launches
+// as many as the GPU has SMs, each with most of an SM's shared memory) and nothing launched
+// behind it may take an SM before every block has arrived — so up lets its dependents launch
+// only after the barrier. A barrier that never completes (another process's kernels holding
+// SMs, under MPS) traps after two seconds instead of hanging.
+#define FFN_CH 2    // 16-input chunks per consumer thread of a shared-expert tile (K <= 8192)
+#define FFN_RPRE 8  // router chunks per lane requested before the previous kernel is waited for
+
+struct FfnArgs {
+    LinearW gate;        // the router [E, D], BF16
+    LinearW sg, su, sd;  // the shared expert, FP8: gate, up [Is, D]; down [D, Is]
+    const float* hr;     // the router's input [D] (h; the experts read MoeArgs::x)
+    float* logits;       // [E]
+    unsigned* sync;      // [2]: arrivals (zero between launches), the barrier's generation
+    const float* bias;   // top-k keys, or null: hash routing through tid2eid[ids[0]]
+    const int* tid2eid;
+    const int* ids;
+    float route_scale;
+    int* picks;          // [k] (MoeArgs::picks)
+    float* rw;           // [k] (MoeArgs::rw)
+    float* sh;           // the shared expert's hidden row [Is]
+    float* sout;         // its output [D]
+};
+
+// A shared-expert stage: 8 FP8 rows (up: 4 gate rows then the same 4 up rows; down: 8 rows),
+// then the f32 block-scale rows they use (up: gate's, then up's; down: one).
+__host__ __device__ constexpr int ffn_fp8_tile_bytes(int K, int scale_cols, bool up) {
+    return 8 * K + (up ? 2 : 1) * scale_cols * 4;
+}
+
+// Producer warp: the copies of shared tile `tile` into stage st.
+template <bool UP>
+__device__ __forceinline__ void ffn_issue_fp8(const FfnArgs& f, int tile, uint8_t* st, uint64_t* full,
+                                              uint64_t policy) {
+    const int lane = threadIdx.x & 31;
+    const LinearW& W = UP ? (lane == 0 || lane == 2 ? f.sg : f.su) : f.sd;
+    const int K = W.in, sc = W.scale_cols * 4;
+    if (lane == 0) mbar_arrive_expect(full, ffn_fp8_tile_bytes(K, W.scale_cols, UP));
+    __syncwarp();
+    const size_t r0 = (size_t)tile * (UP ? 4 : 8);
+    const uint8_t* scales = (const uint8_t*)W.scales + (r0 / W.bo) * sc;
+    if (UP) {
+        if (lane < 2)
+            bulk_copy(st + lane * 4 * K, W.w + r0 * K, 4 * K, full, policy);
+        else if (lane < 4)
+            bulk_copy(st + 8 * K + (lane - 2) * sc, scales, sc, full, policy);
+    } else {
+        if (lane == 0) bulk_copy(st, W.w + r0 * K, 8 * K, full, policy);
+        if (lane == 1) bulk_copy(st + 8 * K, scales, sc, full, policy);
+    }
+}
+
+// One round of a transposed warp sum over N values (see warp_sum_transposed).
+template <int O, int N>
+__device__ __forceinline__ void ffn_round(float (&v)[N], int lane) {
+    const bool upper = lane & O;
+#pragma unroll
+    for (int k = 0; k < O; k++) {
+        const float keep = upper ? v[k + O] : v[k];
+        const float send = upper ? v[k] : v[k + O];
+        v[k] = keep + __shfl_xor_sync(0xffffffffu, send, O);
+    }
+}
+
+// Consumer warps: shared tile `tile` from its (arrived) stage st, the input in xv (thread i's
+// chunks i, i + 32W, ...; width K, FP8 block columns of width bi); the stage is released once
+// read. Warp sums are added in warp order by warp 0, which writes the outputs (up: SwiGLU into
+// f.sh; down: f.sout).
+template <bool UP, int W>
+__device__ __forceinline__ void ffn_consume_fp8(const FfnArgs& f, float lim, const uint8_t* st, uint64_t* empty,
+                                                int K, int bi, int scols, const float (&xv)[FFN_CH][16],
+                                                float (&r)[W][16], int tile) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const float* sa = (const float*)(st + 8 * K);
+    const float* sb = UP ? sa + scols : sa;
+    float acc[8] = {};
+#pragma unroll
+    for (int m = 0; m < FFN_CH; m++) {
+        const int c = threadIdx.x + 32 * W * m;
+        if (c < K / 16) {
+            const int col = c * 16 / bi;
+            const float s0 = sa[col], s1 = sb[col];
+#pragma unroll
+            for (int row = 0; row < 8; row++) {
+                float v[16];
+                decode_vals<FMT_FP8>(*(const uint4*)(st + (size_t)row * K + c * 16), v);
+                float d = 0.f;
+#pragma unroll
+                for (int j = 0; j < 16; j++) d = fmaf(v[j], xv[m][j], d);
+                acc[row] = fmaf(d, row < 4 ? s0 : s1, acc[row]);
+            }
+        }
+    }
+    __syncwarp();
+    if (lane == 0) mbar_arrive(empty);
+    // Row j's warp sum lands in the lanes with lane % 8 == j: three transposed rounds, then
+    // the two lane bits left.
+    ffn_round<4>(acc, lane);
+    ffn_round<2>(acc, lane);
+    ffn_round<1>(acc, lane);
+    float y = acc[0];
+    y += __shfl_xor_sync(0xffffffffu, y, 8);
+    y += __shfl_xor_sync(0xffffffffu, y, 16);
+    if (lane < 8) r[warp][lane] = y;
+    asm volatile("bar.sync 1, %0;" ::"r"(32 * W) : "memory");
+    if (warp == 0 && lane < (UP ? 4 : 8)) {
+        float u = 0.f, v = 0.f;
+#pragma unroll
+        for (int w = 0; w < W; w++) {
+            u += r[w][lane];
+            if (UP) v += r[w][lane + 4];
+        }
+        if (UP)
+            f.sh[(size_t)tile * 4 + lane] = swiglu_clamped(u, v, lim);
+        else
+            f.sout[(size_t)tile * 8 + lane] = u;
+    }
+}
+
+// The shared expert's input chunks of this consumer thread (see ffn_consume_fp8).
+template <int W>
+__device__ __forceinline__ void ffn_load_x(const float* x, int K, float (&xv)[FFN_CH][16]) {
+#pragma unroll
+    for (int m = 0; m < FFN_CH; m++) {
+        const int c = threadIdx.x + 32 * W * m;
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const float4 v = c < K / 16 ? __ldcg((const float4*)(x + c * 16) + j) : make_float4(0.f, 0.f, 0.f, 0.f);
+            xv[m][4 * j] = v.x;
+            xv[m][4 * j + 1] = v.y;
+            xv[m][4 * j + 2] = v.z;
+            xv[m][4 * j + 3] = v.w;
+        }
+    }
+}
+
+__device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
+    unsigned v;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+
+// This block's share [lo, hi) of n items over the grid.
+__device__ __forceinline__ void ffn_range(int n, int& lo, int& hi) {
+    const long long b = blockIdx.x, nb = gridDim.x;
+    lo = (int)(n * b / nb);
+    hi = (int)(n * (b + 1) / nb);
+}
+
+// The layout check both kernels make: the host's shared-memory layout must hold.
+__device__ __forceinline__ void ffn_check(int stages, int stage_bytes, int need_stage, int npl, int need_npl,
+                                          int K) {
+    unsigned dyn;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
+    if (stages > MB_MAX_STAGES || stage_bytes < need_stage || stage_bytes % 16 || need_npl > npl ||
+        dyn < (size_t)stages * stage_bytes + 64 + (size_t)npl * (K * 4 + K / 8))
+        __trap();
+}
+
+template <int W>
+__device__ void moe_ffn_up_impl(const MoeArgs& a, const FfnArgs& f, int stages, int stage_bytes) {
+    extern __shared__ __align__(128) uint8_t mb_smem[];
+    __shared__ __align__(8) uint64_t full[MB_MAX_STAGES], empty[MB_MAX_STAGES], picked;
+    __shared__ float red[2][W][16];
+    __shared__ float rpart[W];
+    __shared__ int picks_s[32];
+    __shared__ float rw_s[32];
+    __shared__ unsigned gen0;
+    const int K = a.D, tpp = a.I / 8, Is = f.sg.out;
+    const int nb = gridDim.x, b = blockIdx.x;
+    int s0, s1, i0, i1;
+    ffn_range(Is / 4, s0, s1);
+    ffn_range(a.k * tpp, i0, i1);  // one token: pairs = k
+    ffn_check(stages, stage_bytes, max(moe_bulk_tile_bytes(K), ffn_fp8_tile_bytes(K, f.sg.scale_cols, true)), 1,
+              1, K);
+    uint4* zero = (uint4*)(mb_smem + (size_t)stages * stage_bytes);
+    uint4* plane = zero + 4;
+    float* gsc = (float*)(plane + K / 4);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (threadIdx.x == 0) {
+        for (int i = 0; i < stages; i++) {
+            mbar_init(&full[i], 1);
+            mbar_init(&empty[i], W);
+        }
+        mbar_init(&picked, 1);
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncthreads();
+    if (warp == W) {
+        // Producer: the shared expert's tiles need nothing from the previous kernel; the
+        // routed ones wait for this block's routing.
+        const uint64_t policy = evict_first_policy();
+        int n = 0;
+        for (int it = s0; it < s1; it++, n++) {
+            const int slot = n % stages;
+            if (n >= stages) mbar_wait(&empty[slot], ((n / stages) - 1) & 1);
+            ffn_issue_fp8<true>(f, it, mb_smem + (size_t)slot * stage_bytes, &full[slot], policy);
+        }
+        if (i0 < i1) mbar_wait(&picked, 0);
+        for (int it = i0; it < i1; it++, n++) {
+            const int slot = n % stages, p = it / tpp, tile = it % tpp;
+            if (n >= stages) mbar_wait(&empty[slot], ((n / stages) - 1) & 1);
+            mb_issue_fp4<true>(a, picks_s[p], tile, K, mb_smem + (size_t)slot * stage_bytes, &full[slot], policy);
+        }
+        return;
+    }
+    // The router: this block's rows b, b + nb, ... (R of them), each split over S warps.
+    const LinearW& G = f.gate;
+    const int E = G.out, nchr = G.in / 8;
+    const int R = (E + nb - 1) / nb, S = W / R;
+    const int j = warp / S, sl = warp % S, row = b + nb * j;
+    const bool mine = j < R && row < E;
+    const int c0 = sl * nchr / S, c1 = (sl + 1) * nchr / S;
+    const uint4* grow = (const uint4*)(G.w + (size_t)(mine ? row : 0) * G.in * 2);
+    uint4 q[FFN_RPRE];
+#pragma unroll
+    for (int i = 0; i < FFN_RPRE; i++) {
+        const int c = c0 + lane + 32 * i;
+        if (mine && c < c1) q[i] = __ldg(grow + c);
+    }
+    float key[ROUTE_PL];
+    if (warp == 0) route_keys(f.bias, E, lane, key);
+    pdl_wait();
+    {
+        float acc = 0.f;
+        auto chunk = [&](uint4 w, int c) {
+            float v[8];
+            decode_vals<FMT_BF16>(w, v);
+            const float4 xa = __ldcg((const float4*)(f.hr + c * 8)), xb = __ldcg((const float4*)(f.hr + c * 8) + 1);
+            const float xv[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+#pragma unroll
+            for (int e = 0; e < 8; e++) acc = fmaf(v[e], xv[e], acc);
+        };
+        if (mine) {
+#pragma unroll
+            for (int i = 0; i < FFN_RPRE; i++) {
+                const int c = c0 + lane + 32 * i;
+                if (c < c1) chunk(q[i], c);
+            }
+            for (int c = c0 + lane + 32 * FFN_RPRE; c < c1; c += 32) chunk(__ldg(grow + c), c);
+        }
+        acc = warp_sum(acc);
+        if (lane == 0) rpart[warp] = acc;
+    }
+    asm volatile("bar.sync 1, %0;" ::"r"(32 * W) : "memory");
+    if (threadIdx.x < R && b + nb * (int)threadIdx.x < E) {
+        float v = 0.f;
+        for (int s = 0; s < S; s++) v += rpart[threadIdx.x * S + s];
+        f.logits[b + nb * threadIdx.x] = v;
+    }
+    __threadfence();
+    asm volatile("bar.sync 1, %0;" ::"r"(32 * W) : "memory");
+    if (threadIdx.x == 0) {
+        // The generation before this block's arrival; the last arrival resets the count and
+        // starts the next generation.
+        const unsigned g = ld_acquire(f.sync + 1);
+        gen0 = g;
+        if (atomicAdd(f.sync, 1u) == (unsigned)nb - 1) {
+            f.sync[0] = 0;
+            __threadfence();
+            atomicAdd(f.sync + 1, 1u);
+        }
+    }
+    // Meanwhile: the shared expert's tiles, and the routed experts' B plane.
+    float xv[FFN_CH][16];
+    ffn_load_x<W>(a.x, K, xv);
+    if (threadIdx.x < 16) ((uint32_t*)zero)[threadIdx.x] = 0u;
+    moe_tc_prep(a.x, K, plane, gsc, 32 * W);
+    int n = 0;
+    for (int it = s0; it < s1; it++, n++) {
+        const int slot = n % stages;
+        mbar_wait(&full[slot], (n / stages) & 1);
+        ffn_consume_fp8<true, W>(f, a.lim, mb_smem + (size_t)slot * stage_bytes, &empty[slot], K, f.sg.bi,
+                                 f.sg.scale_cols, xv, red[n & 1], it);
+    }
+    if (threadIdx.x == 0) {
+        unsigned long long t0, t;
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+        while (ld_acquire(f.sync + 1) == gen0) {
+            __nanosleep(64);
+            asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+            if (t - t0 > 2000000000ull) __trap();  // the grid is not all resident
+        }
+    }
+    asm volatile("bar.sync 1, %0;" ::"r"(32 * W) : "memory");
+    if (warp == 0) {
+        __threadfence();
+        route_token(f.logits, E, a.k, f.bias, f.tid2eid, f.bias ? 0 : f.ids[0], f.route_scale, picks_s, rw_s,
+                    key);
+        __syncwarp();
+        // Block 0 publishes the routing (down and the combine read it) before it lets them
+        // launch: down's producer reads the picks before its own wait.
+        if (b == 0 && lane < a.k) {
+            f.picks[lane] = picks_s[lane];
+            f.rw[lane] = rw_s[lane];
+        }
+        __threadfence();
+    }
+    asm volatile("bar.sync 1, %0;" ::"r"(32 * W) : "memory");
+    if (threadIdx.x == 0) mbar_arrive(&picked);
+    pdl_launch();
+    for (int it = i0; it < i1; it++, n++) {
+        const int slot = n % stages, p = it / tpp, tile = it % tpp;
+        mbar_wait(&full[slot], (n / stages) & 1);
+        mb_consume_fp4<true, W>(a, mb_smem + (size_t)slot * stage_bytes, &empty[slot], K, zero, plane, gsc,
+                                red[n & 1], p, tile);
+    }
+}
+
+template <int W>
+__device__ void moe_ffn_down_impl(const MoeArgs& a, const FfnArgs& f, int stages, int stage_bytes, int npl) {
+    extern __shared__ __align__(128) uint8_t mb_smem[];
+    __shared__ __align__(8) uint64_t full[MB_MAX_STAGES], empty[MB_MAX_STAGES];
+    __shared__ float red[2][W][16];
+    const int K = a.I, tpp = a.D / 16, Ks = f.sd.in;
+    int s0, s1, i0, i1;
+    ffn_range(a.D / 8, s0, s1);
+    ffn_range(a.k * tpp, i0, i1);
+    const int first = i0 < i1 ? i0 / tpp : 0, last = i0 < i1 ? (i1 - 1) / tpp : -1;
+    ffn_check(stages, stage_bytes, max(moe_bulk_tile_bytes(K), ffn_fp8_tile_bytes(Ks, f.sd.scale_cols, false)),
+              npl, last - first + 1, K);
+    uint4* zero = (uint4*)(mb_smem + (size_t)stages * stage_bytes);
+    uint4* planes = zero + 4;
+    float* gsc = (float*)(planes + (size_t)npl * (K / 4));
+    const int warp = threadIdx.x >> 5;
+    if (threadIdx.x == 0) {
+        for (int i = 0; i < stages; i++) {
+            mbar_init(&full[i], 1);
+            mbar_init(&empty[i], W);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncthreads();
+    if (warp == W) {
+        // Producer: none of these weights depends on the kernel before (the picks were
+        // published before up let this kernel launch).
+        const uint64_t policy = evict_first_policy();
+        int n = 0;
+        for (int it = s0; it < s1; it++, n++) {
+            const int slot = n % stages;
+            if (n >= stages) mbar_wait(&empty[slot], ((n / stages) - 1) & 1);
+            ffn_issue_fp8<false>(f, it, mb_smem + (size_t)slot * stage_bytes, &full[slot], policy);
+        }
+        for (int it = i0; it < i1; it++, n++) {
+            const int slot = n % stages, p = it / tpp, tile = it % tpp;
+            if (n >= stages) mbar_wait(&empty[slot], ((n / stages) - 1) & 1);
+            mb_issue_fp4<false>(a, __ldcg(a.picks + p), tile, K, mb_smem + (size_t)slot * stage_bytes, &full[slot],
+                                policy);
+        }
+        return;
+    }
+    pdl_wait();  // the hidden rows are up's output
+    float xv[FFN_CH][16];
+    ffn_load_x<W>(f.sh, Ks, xv);
+    if (threadIdx.x < 16) ((uint32_t*)zero)[threadIdx.x] = 0u;
+    for (int in = first; in <= last; in++)
+        moe_tc_prep(a.h + (size_t)in * a.I, K, planes + (size_t)(in - first) * (K / 4),
+                    gsc + (size_t)(in - first) * (K / 32), 32 * W);
+    asm volatile("bar.sync 1, %0;" ::"r"(32 * W) : "memory");
+    int n = 0;
+    for (int it = s0; it < s1; it++, n++) {
+        const int slot = n % stages;
+        mbar_wait(&full[slot], (n / stages) & 1);
+        ffn_consume_fp8<false, W>(f, a.lim, mb_smem + (size_t)slot * stage_bytes, &empty[slot], Ks, f.sd.bi,
+                                  f.sd.scale_cols, xv, red[n & 1], it);
+    }
+    for (int it = i0; it < i1; it++, n++) {
+        const int slot = n % stages, p = it / tpp, tile = it % tpp;
+        mbar_wait(&full[slot], (n / stages) & 1);
+        mb_consume_fp4<false, W>(a, mb_smem + (size_t)slot * stage_bytes, &empty[slot], K, zero,
+                                 planes + (size_t)(p - first) * (K / 4), gsc + (size_t)(p - first) * (K / 32),
+                                 red[n & 1], p, tile);
+    }
+}
+
+// Up lets its dependents launch only after its grid barrier (see the top); down at once, as
+// moe_down_bulk_fp4 does.
+extern "C" __global__ void __launch_bounds__(32 * (8 + 1), 1)
+    moe_ffn_up_bulk(MoeArgs a, FfnArgs f, int stages, int stage_bytes) {
+    pdl_inside();
+    moe_ffn_up_impl<8>(a, f, stages, stage_bytes);
+}
+extern "C" __global__ void __launch_bounds__(32 * (8 + 1), 1)
+    moe_ffn_down_bulk(MoeArgs a, FfnArgs f, int stages, int stage_bytes, int npl) {
+    pdl_launch();
+    moe_ffn_down_impl<8>(a, f, stages, stage_bytes, npl);
+}

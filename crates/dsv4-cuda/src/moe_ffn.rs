@@ -1,0 +1,246 @@
+//! One decode token's FFN half in two launches (`kernels/moe_ffn.cu`): the router, the shared
+//! expert (FP8) and the routed experts (FP4) streamed by the same bulk-copy blocks, the
+//! routing found inside the first launch while the shared expert's rows stream.
+
+use crate::gpu::Gpu;
+use crate::ops::{MoeArgs, MB_MAX_SMEM, MB_MAX_STAGES, MB_THREADS};
+use crate::weights::{Fmt, GpuLinear, LinearDesc};
+use crate::Result;
+use cudarc::driver::DeviceRepr;
+
+/// `FfnArgs` of `kernels/moe_ffn.cu`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct FfnArgs {
+    /// The router `[E, D]` (BF16).
+    pub gate: LinearDesc,
+    /// The shared expert (FP8): gate, up `[Is, D]`, down `[D, Is]`.
+    pub sg: LinearDesc,
+    pub su: LinearDesc,
+    pub sd: LinearDesc,
+    /// The router's input `[D]`.
+    pub hr: u64,
+    /// `[E]` f32 scratch.
+    pub logits: u64,
+    /// Two u32, zero before the first launch (the grid barrier's count and generation).
+    pub sync: u64,
+    /// The top-k keys, or 0: hash routing through `tid2eid[ids[0]]`.
+    pub bias: u64,
+    pub tid2eid: u64,
+    pub ids: u64,
+    pub route_scale: f32,
+    pub pad: u32,
+    /// The routing out, `[k]` each (the same buffers as [`MoeArgs::picks`] and `rw`).
+    pub picks: u64,
+    pub rw: u64,
+    /// The shared expert's hidden row `[Is]` and output `[D]`.
+    pub sh: u64,
+    pub sout: u64,
+}
+
+unsafe impl DeviceRepr for FfnArgs {}
+
+/// The inputs per thread of a shared-expert tile (`FFN_CH` 16-input chunks over 256 threads).
+const FFN_MAX_K: usize = 2 * 16 * 256;
+/// Consumer warps per block (the kernels' `W`).
+const FFN_WARPS: usize = 8;
+
+/// The shared-memory layout of the two launches.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FfnLaunch {
+    pub blocks: u32,
+    pub up_stages: i32,
+    pub up_stage_bytes: i32,
+    pub up_smem: u32,
+    pub down_stages: i32,
+    pub down_stage_bytes: i32,
+    pub down_planes: i32,
+    pub down_smem: u32,
+}
+
+fn fp4_tile_bytes(k: usize) -> usize {
+    16 * (k / 2 + k / 32)
+}
+
+fn fp8_tile_bytes(k: usize, scale_cols: usize, up: bool) -> usize {
+    8 * k + if up { 2 } else { 1 } * scale_cols * 4
+}
+
+/// A shared-expert matrix the kernels can stream: FP8 with 16-byte rows and scale rows, 8 rows
+/// of a tile in one scale block, chunks of 16 inputs in one scale column.
+fn shared_ok(w: &GpuLinear, out: usize, inp: usize) -> bool {
+    let d = &w.desc;
+    w.fmt == Fmt::Fp8
+        && w.vec
+        && w.out == out
+        && w.inp == inp
+        && inp.is_multiple_of(16)
+        && inp <= FFN_MAX_K
+        && d.bo > 0
+        && d.bo % 8 == 0
+        && d.bi > 0
+        && d.bi % 16 == 0
+        && d.scale_cols % 4 == 0
+        && d.w.is_multiple_of(16)
+        && d.scales.is_multiple_of(16)
+}
+
+/// The launch layout for one token with `k` picks of experts `[i, d]` (FP4, the bulk kernels'
+/// conditions checked by the caller), router `gate` and shared expert `[w1, w3, w2]`, on `sms`
+/// SMs; `None` where the fused kernels cannot take them. (The model's load already limits the
+/// experts to what one warp routes.)
+pub fn ffn_launch(
+    sms: usize,
+    gate: &GpuLinear,
+    shared: [&GpuLinear; 3],
+    k: usize,
+    d: usize,
+    i: usize,
+) -> Option<FfnLaunch> {
+    let [w1, w3, w2] = shared;
+    let is = w1.out;
+    let ok = gate.fmt == Fmt::Bf16
+        && gate.vec
+        && gate.inp == d
+        && gate.desc.w.is_multiple_of(16)
+        && shared_ok(w1, is, d)
+        && shared_ok(w3, is, d)
+        && shared_ok(w2, d, is)
+        && (w1.desc.scale_cols, w1.desc.bo, w1.desc.bi)
+            == (w3.desc.scale_cols, w3.desc.bo, w3.desc.bi);
+    let scols = (w1.desc.scale_cols as usize, w2.desc.scale_cols as usize);
+    ok.then(|| ffn_layout(sms, gate.out, k, d, i, is, scols))
+        .flatten()
+}
+
+/// [`ffn_launch`]'s shapes: `e` experts, `k` picks, width `d`, routed intermediate `i`, shared
+/// intermediate `is` with its up and down scale rows `scols` floats long.
+fn ffn_layout(
+    sms: usize,
+    e: usize,
+    k: usize,
+    d: usize,
+    i: usize,
+    is: usize,
+    scols: (usize, usize),
+) -> Option<FfnLaunch> {
+    let nb = sms.max(1);
+    // Every block holds at most one router row per consumer warp.
+    if e == 0
+        || e.div_ceil(nb) > FFN_WARPS
+        || k == 0
+        || k > 32
+        || !d.is_multiple_of(256)
+        || !i.is_multiple_of(256)
+        || !is.is_multiple_of(8)
+    {
+        return None;
+    }
+    let up_stage = fp4_tile_bytes(d)
+        .max(fp8_tile_bytes(d, scols.0, true))
+        .next_multiple_of(16);
+    let up_fixed = 64 + d * 4 + d / 8;
+    let up_stages = (MB_MAX_SMEM.checked_sub(up_fixed)? / up_stage).min(MB_MAX_STAGES);
+    // Down: the pairs a block's run of routed items spans (as the kernel cuts them).
+    let tiles = d / 16;
+    let items = k * tiles;
+    let planes = (0..nb)
+        .map(|b| {
+            let (i0, i1) = (items * b / nb, items * (b + 1) / nb);
+            if i0 < i1 {
+                (i1 - 1) / tiles - i0 / tiles + 1
+            } else {
+                0
+            }
+        })
+        .max()?
+        .max(1);
+    let down_stage = fp4_tile_bytes(i)
+        .max(fp8_tile_bytes(is, scols.1, false))
+        .next_multiple_of(16);
+    let down_fixed = 64 + planes * (i * 4 + i / 8);
+    let down_stages = (MB_MAX_SMEM.checked_sub(down_fixed)? / down_stage).min(MB_MAX_STAGES);
+    (up_stages >= 2 && down_stages >= 2).then_some(FfnLaunch {
+        blocks: nb as u32,
+        up_stages: up_stages as i32,
+        up_stage_bytes: up_stage as i32,
+        up_smem: (up_stages * up_stage + up_fixed) as u32,
+        down_stages: down_stages as i32,
+        down_stage_bytes: down_stage as i32,
+        down_planes: planes as i32,
+        down_smem: (down_stages * down_stage + down_fixed) as u32,
+    })
+}
+
+/// The FFN half of one token: routing into `f.picks`/`f.rw`, the routed experts' rows into
+/// `a.h`/`a.out` (`a.rw_inside` must be 0) and the shared expert into `f.sout`, as
+/// [`ffn_launch`] laid out.
+pub fn ffn_bulk(gpu: &Gpu, l: &FfnLaunch, a: &MoeArgs, f: &FfnArgs) -> Result<()> {
+    let k = a.k.max(0) as usize;
+    let (d, i) = (a.d as usize, a.i as usize);
+    gpu.tag(|| {
+        (
+            format!("moe_ffn_up_bulk x{k} s{}", l.up_stages),
+            k * 2 * i * (d / 2 + d / 32)
+                + 2 * (f.sg.out as usize) * d
+                + 2 * d * (f.gate.out as usize),
+        )
+    });
+    gpu.launch(
+        "moe_ffn_up_bulk",
+        (l.blocks, 1, 1),
+        (MB_THREADS, 1, 1),
+        l.up_smem,
+        &[a, f, &l.up_stages, &l.up_stage_bytes],
+    )?;
+    gpu.tag(|| {
+        (
+            format!("moe_ffn_down_bulk x{k} s{}", l.down_stages),
+            k * d * (i / 2 + i / 32) + d * (f.sd.inp as usize),
+        )
+    });
+    gpu.launch(
+        "moe_ffn_down_bulk",
+        (l.blocks, 1, 1),
+        (MB_THREADS, 1, 1),
+        l.down_smem,
+        &[a, f, &l.down_stages, &l.down_stage_bytes, &l.down_planes],
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Flash's shapes on an H100 (132 SMs): six up stages of an FP4 tile (the FP8 tile is
+    /// smaller), and eight down stages; 132 blocks cut 6 pairs of 256 down tiles at pair
+    /// boundaries (every 22 blocks), so each block reads one pair's plane, while 100 blocks
+    /// would need two.
+    #[test]
+    fn flash_layout_on_an_h100() {
+        let l = ffn_layout(132, 256, 6, 4096, 2048, 2048, (32, 16)).unwrap();
+        assert_eq!((l.blocks, l.up_stages, l.up_stage_bytes), (132, 6, 34816));
+        assert_eq!(l.up_smem as usize, 6 * 34816 + 64 + 4096 * 4 + 512);
+        assert!(l.up_smem as usize <= MB_MAX_SMEM);
+        assert_eq!(
+            (l.down_stages, l.down_stage_bytes, l.down_planes),
+            (8, 17408, 1)
+        );
+        assert_eq!(l.down_smem as usize, 8 * 17408 + 64 + 2048 * 4 + 256);
+        let l = ffn_layout(100, 256, 6, 4096, 2048, 2048, (32, 16)).unwrap();
+        assert_eq!(l.down_planes, 2);
+    }
+
+    /// A wide shared expert sets the stage size; shapes the kernels cannot cut are refused.
+    #[test]
+    fn layout_limits() {
+        let l = ffn_layout(132, 16, 6, 512, 256, 1024, (4, 8)).unwrap();
+        assert_eq!(l.down_stage_bytes as usize, fp8_tile_bytes(1024, 8, false));
+        assert_eq!(l.down_planes, 1);
+        // More router rows per block than consumer warps, no picks, widths off the 256 grid.
+        assert!(ffn_layout(132, 8 * 132 + 1, 6, 4096, 2048, 2048, (32, 16)).is_none());
+        assert!(ffn_layout(132, 256, 0, 4096, 2048, 2048, (32, 16)).is_none());
+        assert!(ffn_layout(132, 256, 6, 4000, 2048, 2048, (32, 16)).is_none());
+        assert!(ffn_layout(132, 256, 6, 4096, 2048, 2044, (32, 16)).is_none());
+    }
+}
