@@ -8,10 +8,10 @@
 // beside it through SIMT kernels at ~1.3 TB/s.
 //
 // Up's grid barrier needs all its blocks resident at once: one block per SM (the host launches
-// as many as the GPU has SMs, each with most of an SM's shared memory) and nothing launched
-// behind it may take an SM before every block has arrived — so up lets its dependents launch
-// only after the barrier. A barrier that never completes (another process's kernels holding
-// SMs, under MPS) traps after two seconds instead of hanging.
+// as many as the GPU has SMs, each with most of an SM's shared memory). Its dependents launch
+// once every block has routed (they could not fit beside its blocks before that anyway). A
+// barrier that never completes (another process's kernels holding SMs, under MPS) traps after
+// two seconds instead of hanging.
 #define FFN_CH 2    // 16-input chunks per consumer thread of a shared-expert tile (K <= 8192)
 #define FFN_RPRE 8  // router chunks per lane requested before the previous kernel is waited for
 
@@ -31,11 +31,10 @@ struct FfnArgs {
     float* sout;         // its output [D]
 };
 
-// A shared-expert stage: 8 FP8 rows (up: 4 gate rows then the same 4 up rows; down: 8 rows),
-// then the f32 block-scale rows they use (up: gate's, then up's; down: one).
-__host__ __device__ constexpr int ffn_fp8_tile_bytes(int K, int scale_cols, bool up) {
-    return 8 * K + (up ? 2 : 1) * scale_cols * 4;
-}
+// A shared-expert stage: 8 FP8 rows (up: 4 gate rows then the same 4 up rows; down: 8 rows).
+// Their f32 block scales are read from global memory (a few per thread, cached), before the
+// stage is waited for: scale rows of any width, no bulk-copy alignment needed.
+__host__ __device__ constexpr int ffn_fp8_tile_bytes(int K) { return 8 * K; }
 
 // Producer warp: the copies of shared tile `tile` into stage st.
 template <bool UP>
@@ -43,19 +42,31 @@ __device__ __forceinline__ void ffn_issue_fp8(const FfnArgs& f, int tile, uint8_
                                               uint64_t policy) {
     const int lane = threadIdx.x & 31;
     const LinearW& W = UP ? (lane == 0 || lane == 2 ? f.sg : f.su) : f.sd;
-    const int K = W.in, sc = W.scale_cols * 4;
-    if (lane == 0) mbar_arrive_expect(full, ffn_fp8_tile_bytes(K, W.scale_cols, UP));
+    const int K = W.in;
+    if (lane == 0) mbar_arrive_expect(full, ffn_fp8_tile_bytes(K));
     __syncwarp();
     const size_t r0 = (size_t)tile * (UP ? 4 : 8);
-    const uint8_t* scales = (const uint8_t*)W.scales + (r0 / W.bo) * sc;
     if (UP) {
-        if (lane < 2)
-            bulk_copy(st + lane * 4 * K, W.w + r0 * K, 4 * K, full, policy);
-        else if (lane < 4)
-            bulk_copy(st + 8 * K + (lane - 2) * sc, scales, sc, full, policy);
+        if (lane < 2) bulk_copy(st + lane * 4 * K, W.w + r0 * K, 4 * K, full, policy);
     } else {
         if (lane == 0) bulk_copy(st, W.w + r0 * K, 8 * K, full, policy);
-        if (lane == 1) bulk_copy(st + 8 * K, scales, sc, full, policy);
+    }
+}
+
+// This consumer thread's block scales of shared tile `tile` (see ffn_consume_fp8): of its
+// chunks' columns, for the gate rows (s0) and the up rows (s1; down: the same rows).
+template <bool UP>
+__device__ __forceinline__ void ffn_scales(const FfnArgs& f, int tile, int W32, float (&s0)[FFN_CH],
+                                           float (&s1)[FFN_CH]) {
+    const LinearW& A = UP ? f.sg : f.sd;
+    const LinearW& B = UP ? f.su : f.sd;
+    const int r0 = tile * (UP ? 4 : 8);
+#pragma unroll
+    for (int m = 0; m < FFN_CH; m++) {
+        const int c = threadIdx.x + W32 * m;
+        const int col = c < A.in / 16 ? c * 16 / A.bi : 0;
+        s0[m] = __ldg((const float*)A.scales + (size_t)(r0 / A.bo) * A.scale_cols + col);
+        s1[m] = __ldg((const float*)B.scales + (size_t)(r0 / B.bo) * B.scale_cols + col);
     }
 }
 
@@ -71,24 +82,21 @@ __device__ __forceinline__ void ffn_round(float (&v)[N], int lane) {
     }
 }
 
-// Consumer warps: shared tile `tile` from its (arrived) stage st, the input in xv (thread i's
-// chunks i, i + 32W, ...; width K, FP8 block columns of width bi); the stage is released once
-// read. Warp sums are added in warp order by warp 0, which writes the outputs (up: SwiGLU into
+// Consumer warps: shared tile `tile` from its (arrived) stage st and the thread's scales (see
+// ffn_scales), the input in xv (thread i's chunks i, i + 32W, ...; width K); the stage is
+// released once read. Warp sums are added in warp order by warp 0, which writes the outputs (up: SwiGLU into
 // f.sh; down: f.sout).
 template <bool UP, int W>
 __device__ __forceinline__ void ffn_consume_fp8(const FfnArgs& f, float lim, const uint8_t* st, uint64_t* empty,
-                                                int K, int bi, int scols, const float (&xv)[FFN_CH][16],
-                                                float (&r)[W][16], int tile) {
+                                                int K, const float (&sa)[FFN_CH], const float (&sb)[FFN_CH],
+                                                const float (&xv)[FFN_CH][16], float (&r)[W][16], int tile) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const float* sa = (const float*)(st + 8 * K);
-    const float* sb = UP ? sa + scols : sa;
     float acc[8] = {};
 #pragma unroll
     for (int m = 0; m < FFN_CH; m++) {
         const int c = threadIdx.x + 32 * W * m;
         if (c < K / 16) {
-            const int col = c * 16 / bi;
-            const float s0 = sa[col], s1 = sb[col];
+            const float s0 = sa[m], s1 = sb[m];
 #pragma unroll
             for (int row = 0; row < 8; row++) {
                 float v[16];
@@ -180,8 +188,7 @@ __device__ void moe_ffn_up_impl(const MoeArgs& a, const FfnArgs& f, int stages, 
     int s0, s1, i0, i1;
     ffn_range(Is / 4, s0, s1);
     ffn_range(a.k * tpp, i0, i1);  // one token: pairs = k
-    ffn_check(stages, stage_bytes, max(moe_bulk_tile_bytes(K), ffn_fp8_tile_bytes(K, f.sg.scale_cols, true)), 1,
-              1, K);
+    ffn_check(stages, stage_bytes, max(moe_bulk_tile_bytes(K), ffn_fp8_tile_bytes(K)), 1, 1, K);
     uint4* zero = (uint4*)(mb_smem + (size_t)stages * stage_bytes);
     uint4* plane = zero + 4;
     float* gsc = (float*)(plane + K / 4);
@@ -278,9 +285,11 @@ __device__ void moe_ffn_up_impl(const MoeArgs& a, const FfnArgs& f, int stages, 
     int n = 0;
     for (int it = s0; it < s1; it++, n++) {
         const int slot = n % stages;
+        float sa[FFN_CH], sb[FFN_CH];
+        ffn_scales<true>(f, it, 32 * W, sa, sb);
         mbar_wait(&full[slot], (n / stages) & 1);
-        ffn_consume_fp8<true, W>(f, a.lim, mb_smem + (size_t)slot * stage_bytes, &empty[slot], K, f.sg.bi,
-                                 f.sg.scale_cols, xv, red[n & 1], it);
+        ffn_consume_fp8<true, W>(f, a.lim, mb_smem + (size_t)slot * stage_bytes, &empty[slot], K, sa, sb, xv,
+                                 red[n & 1], it);
     }
     if (threadIdx.x == 0) {
         unsigned long long t0, t;
@@ -297,13 +306,11 @@ __device__ void moe_ffn_up_impl(const MoeArgs& a, const FfnArgs& f, int stages, 
         route_token(f.logits, E, a.k, f.bias, f.tid2eid, f.bias ? 0 : f.ids[0], f.route_scale, picks_s, rw_s,
                     key);
         __syncwarp();
-        // Block 0 publishes the routing (down and the combine read it) before it lets them
-        // launch: down's producer reads the picks before its own wait.
+        // Block 0 publishes the routing (down and the combine read it after their waits).
         if (b == 0 && lane < a.k) {
             f.picks[lane] = picks_s[lane];
             f.rw[lane] = rw_s[lane];
         }
-        __threadfence();
     }
     asm volatile("bar.sync 1, %0;" ::"r"(32 * W) : "memory");
     if (threadIdx.x == 0) mbar_arrive(&picked);
@@ -326,8 +333,7 @@ __device__ void moe_ffn_down_impl(const MoeArgs& a, const FfnArgs& f, int stages
     ffn_range(a.D / 8, s0, s1);
     ffn_range(a.k * tpp, i0, i1);
     const int first = i0 < i1 ? i0 / tpp : 0, last = i0 < i1 ? (i1 - 1) / tpp : -1;
-    ffn_check(stages, stage_bytes, max(moe_bulk_tile_bytes(K), ffn_fp8_tile_bytes(Ks, f.sd.scale_cols, false)),
-              npl, last - first + 1, K);
+    ffn_check(stages, stage_bytes, max(moe_bulk_tile_bytes(K), ffn_fp8_tile_bytes(Ks)), npl, last - first + 1, K);
     uint4* zero = (uint4*)(mb_smem + (size_t)stages * stage_bytes);
     uint4* planes = zero + 4;
     float* gsc = (float*)(planes + (size_t)npl * (K / 4));
@@ -341,8 +347,8 @@ __device__ void moe_ffn_down_impl(const MoeArgs& a, const FfnArgs& f, int stages
     }
     __syncthreads();
     if (warp == W) {
-        // Producer: none of these weights depends on the kernel before (the picks were
-        // published before up let this kernel launch).
+        // Producer: the shared expert's rows depend on nothing; the routed ones wait for up to
+        // finish (the picks are up's output).
         const uint64_t policy = evict_first_policy();
         int n = 0;
         for (int it = s0; it < s1; it++, n++) {
@@ -350,6 +356,7 @@ __device__ void moe_ffn_down_impl(const MoeArgs& a, const FfnArgs& f, int stages
             if (n >= stages) mbar_wait(&empty[slot], ((n / stages) - 1) & 1);
             ffn_issue_fp8<false>(f, it, mb_smem + (size_t)slot * stage_bytes, &full[slot], policy);
         }
+        pdl_wait();
         for (int it = i0; it < i1; it++, n++) {
             const int slot = n % stages, p = it / tpp, tile = it % tpp;
             if (n >= stages) mbar_wait(&empty[slot], ((n / stages) - 1) & 1);
@@ -369,9 +376,11 @@ __device__ void moe_ffn_down_impl(const MoeArgs& a, const FfnArgs& f, int stages
     int n = 0;
     for (int it = s0; it < s1; it++, n++) {
         const int slot = n % stages;
+        float sa[FFN_CH], sb[FFN_CH];
+        ffn_scales<false>(f, it, 32 * W, sa, sb);
         mbar_wait(&full[slot], (n / stages) & 1);
-        ffn_consume_fp8<false, W>(f, a.lim, mb_smem + (size_t)slot * stage_bytes, &empty[slot], Ks, f.sd.bi,
-                                  f.sd.scale_cols, xv, red[n & 1], it);
+        ffn_consume_fp8<false, W>(f, a.lim, mb_smem + (size_t)slot * stage_bytes, &empty[slot], Ks, sa, sb, xv,
+                                  red[n & 1], it);
     }
     for (int it = i0; it < i1; it++, n++) {
         const int slot = n % stages, p = it / tpp, tile = it % tpp;
@@ -382,8 +391,8 @@ __device__ void moe_ffn_down_impl(const MoeArgs& a, const FfnArgs& f, int stages
     }
 }
 
-// Up lets its dependents launch only after its grid barrier (see the top); down at once, as
-// moe_down_bulk_fp4 does.
+// Up waits and lets its dependents launch inside (see the top); down lets them launch at once,
+// as moe_down_bulk_fp4 does.
 extern "C" __global__ void __launch_bounds__(32 * (8 + 1), 1)
     moe_ffn_up_bulk(MoeArgs a, FfnArgs f, int stages, int stage_bytes) {
     pdl_inside();

@@ -62,12 +62,12 @@ fn fp4_tile_bytes(k: usize) -> usize {
     16 * (k / 2 + k / 32)
 }
 
-fn fp8_tile_bytes(k: usize, scale_cols: usize, up: bool) -> usize {
-    8 * k + if up { 2 } else { 1 } * scale_cols * 4
+fn fp8_tile_bytes(k: usize) -> usize {
+    8 * k
 }
 
-/// A shared-expert matrix the kernels can stream: FP8 with 16-byte rows and scale rows, 8 rows
-/// of a tile in one scale block, chunks of 16 inputs in one scale column.
+/// A shared-expert matrix the kernels can stream: FP8 with 16-byte rows, 8 rows of a tile in
+/// one scale block, chunks of 16 inputs in one scale column.
 fn shared_ok(w: &GpuLinear, out: usize, inp: usize) -> bool {
     let d = &w.desc;
     w.fmt == Fmt::Fp8
@@ -80,9 +80,7 @@ fn shared_ok(w: &GpuLinear, out: usize, inp: usize) -> bool {
         && d.bo % 8 == 0
         && d.bi > 0
         && d.bi % 16 == 0
-        && d.scale_cols % 4 == 0
         && d.w.is_multiple_of(16)
-        && d.scales.is_multiple_of(16)
 }
 
 /// The launch layout for one token with `k` picks of experts `[i, d]` (FP4, the bulk kernels'
@@ -108,22 +106,12 @@ pub fn ffn_launch(
         && shared_ok(w2, d, is)
         && (w1.desc.scale_cols, w1.desc.bo, w1.desc.bi)
             == (w3.desc.scale_cols, w3.desc.bo, w3.desc.bi);
-    let scols = (w1.desc.scale_cols as usize, w2.desc.scale_cols as usize);
-    ok.then(|| ffn_layout(sms, gate.out, k, d, i, is, scols))
-        .flatten()
+    ok.then(|| ffn_layout(sms, gate.out, k, d, i, is)).flatten()
 }
 
 /// [`ffn_launch`]'s shapes: `e` experts, `k` picks, width `d`, routed intermediate `i`, shared
-/// intermediate `is` with its up and down scale rows `scols` floats long.
-fn ffn_layout(
-    sms: usize,
-    e: usize,
-    k: usize,
-    d: usize,
-    i: usize,
-    is: usize,
-    scols: (usize, usize),
-) -> Option<FfnLaunch> {
+/// intermediate `is`.
+fn ffn_layout(sms: usize, e: usize, k: usize, d: usize, i: usize, is: usize) -> Option<FfnLaunch> {
     let nb = sms.max(1);
     // Every block holds at most one router row per consumer warp.
     if e == 0
@@ -137,7 +125,7 @@ fn ffn_layout(
         return None;
     }
     let up_stage = fp4_tile_bytes(d)
-        .max(fp8_tile_bytes(d, scols.0, true))
+        .max(fp8_tile_bytes(d))
         .next_multiple_of(16);
     let up_fixed = 64 + d * 4 + d / 8;
     let up_stages = (MB_MAX_SMEM.checked_sub(up_fixed)? / up_stage).min(MB_MAX_STAGES);
@@ -156,7 +144,7 @@ fn ffn_layout(
         .max()?
         .max(1);
     let down_stage = fp4_tile_bytes(i)
-        .max(fp8_tile_bytes(is, scols.1, false))
+        .max(fp8_tile_bytes(is))
         .next_multiple_of(16);
     let down_fixed = 64 + planes * (i * 4 + i / 8);
     let down_stages = (MB_MAX_SMEM.checked_sub(down_fixed)? / down_stage).min(MB_MAX_STAGES);
@@ -218,7 +206,7 @@ mod tests {
     /// would need two.
     #[test]
     fn flash_layout_on_an_h100() {
-        let l = ffn_layout(132, 256, 6, 4096, 2048, 2048, (32, 16)).unwrap();
+        let l = ffn_layout(132, 256, 6, 4096, 2048, 2048).unwrap();
         assert_eq!((l.blocks, l.up_stages, l.up_stage_bytes), (132, 6, 34816));
         assert_eq!(l.up_smem as usize, 6 * 34816 + 64 + 4096 * 4 + 512);
         assert!(l.up_smem as usize <= MB_MAX_SMEM);
@@ -227,20 +215,20 @@ mod tests {
             (8, 17408, 1)
         );
         assert_eq!(l.down_smem as usize, 8 * 17408 + 64 + 2048 * 4 + 256);
-        let l = ffn_layout(100, 256, 6, 4096, 2048, 2048, (32, 16)).unwrap();
+        let l = ffn_layout(100, 256, 6, 4096, 2048, 2048).unwrap();
         assert_eq!(l.down_planes, 2);
     }
 
     /// A wide shared expert sets the stage size; shapes the kernels cannot cut are refused.
     #[test]
     fn layout_limits() {
-        let l = ffn_layout(132, 16, 6, 512, 256, 1024, (4, 8)).unwrap();
-        assert_eq!(l.down_stage_bytes as usize, fp8_tile_bytes(1024, 8, false));
+        let l = ffn_layout(132, 16, 6, 512, 256, 1024).unwrap();
+        assert_eq!(l.down_stage_bytes as usize, fp8_tile_bytes(1024));
         assert_eq!(l.down_planes, 1);
         // More router rows per block than consumer warps, no picks, widths off the 256 grid.
-        assert!(ffn_layout(132, 8 * 132 + 1, 6, 4096, 2048, 2048, (32, 16)).is_none());
-        assert!(ffn_layout(132, 256, 0, 4096, 2048, 2048, (32, 16)).is_none());
-        assert!(ffn_layout(132, 256, 6, 4000, 2048, 2048, (32, 16)).is_none());
-        assert!(ffn_layout(132, 256, 6, 4096, 2048, 2044, (32, 16)).is_none());
+        assert!(ffn_layout(132, 8 * 132 + 1, 6, 4096, 2048, 2048).is_none());
+        assert!(ffn_layout(132, 256, 0, 4096, 2048, 2048).is_none());
+        assert!(ffn_layout(132, 256, 6, 4000, 2048, 2048).is_none());
+        assert!(ffn_layout(132, 256, 6, 4096, 2048, 2044).is_none());
     }
 }

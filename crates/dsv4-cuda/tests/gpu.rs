@@ -2067,8 +2067,9 @@ fn hc_boundary_cluster_matches_last_block() {
 /// routed experts through the bulk kernels): Flash's shapes (256 experts: two router rows per
 /// block of 132; FP8 shared rows of 4096 and 2048 inputs) and Pro's (384 experts: three rows per
 /// block over six warps; shared rows of 7168, two chunks per thread), biased top-6 and hash
-/// routing, three launches in a row (the grid barrier's reset and generation). The routing
-/// must be equal, the rest within f32 noise of the separate path.
+/// routing, three launches in a row (the grid barrier's reset and generation), each into picks
+/// pre-filled with an expert the routing did not choose. The routing must be equal, the rest
+/// within f32 noise of the separate path.
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn fused_ffn_matches_separate_launches() {
@@ -2088,8 +2089,8 @@ fn fused_ffn_matches_separate_launches() {
             };
             GpuLinear::upload(&gpu, &l).unwrap()
         };
-        // Four distinct routed experts, the table's 256 or 384 entries cycling over them.
-        let mats: Vec<[GpuLinear; 3]> = (0..4u64)
+        // Seven distinct routed experts, the table's 256 or 384 entries cycling over them.
+        let mats: Vec<[GpuLinear; 3]> = (0..7u64)
             .map(|i| {
                 [
                     up(F::Fp4, inter, d, 10 * i + 1),
@@ -2099,7 +2100,7 @@ fn fused_ffn_matches_separate_launches() {
             })
             .collect();
         let table = |j: usize| {
-            let v: Vec<LinearDesc> = (0..e).map(|x| mats[x % 4][j].desc).collect();
+            let v: Vec<LinearDesc> = (0..e).map(|x| mats[x % 7][j].desc).collect();
             gpu.upload(&v).unwrap()
         };
         let (w1, w3, w2) = (table(0), table(1), table(2));
@@ -2212,8 +2213,14 @@ fn fused_ffn_matches_separate_launches() {
                 read(&h0, k * inter),
                 read(&o0, k * d),
             ];
+            // Picks the fused launch must overwrite: an expert the routing did not pick, whose
+            // weights differ from every picked one's.
+            let stale = (0..e as i32)
+                .find(|x| want_picks.iter().all(|p| (p - x) % 7 != 0))
+                .expect("an unpicked expert");
             for rep in 0..3 {
-                let (lg, p, r) = (f32s(e), gpu.alloc(4 * k).unwrap(), f32s(k));
+                let (lg, r) = (f32s(e), f32s(k));
+                let p = gpu.upload(&vec![stale; k]).unwrap();
                 let (sh, so, h, o) = (f32s(inter), f32s(d), f32s(k * inter), f32s(k * d));
                 let f = FfnArgs {
                     gate: gate.desc,
@@ -2253,6 +2260,7 @@ fn fused_ffn_matches_separate_launches() {
                     "routed out",
                 ]) {
                     assert!(g.iter().all(|v| v.is_finite()), "{what}: {name} unwritten");
+                    assert!(w.iter().all(|v| v.is_finite()), "{what}: {name} reference");
                     let m = w.iter().fold(0f32, |a, v| a.max(v.abs()));
                     let err = g.iter().zip(w).fold(0f32, |a, (x, y)| a.max((x - y).abs())) / m;
                     eprintln!("{what}: {name} max err {err:.2e} (of the largest)");
