@@ -15,6 +15,23 @@
 #define FFN_CH 2    // 16-input chunks per consumer thread of a shared-expert tile (K <= 8192)
 #define FFN_RPRE 8  // router chunks per lane requested before the previous kernel is waited for
 
+// Stamps of every block of `moe_ffn_up_bulk` (tools/gpu/moe_ffn_bench.cu defines FFN_STAMPS):
+// the global timer (ns) at entry, after the wait, at its arrival at the grid barrier, once its
+// shared tiles are done, once the barrier has passed, once routed, when its first routed tile
+// has arrived, and at the end.
+#define FFN_NSTAMP 8
+#ifdef FFN_STAMPS
+__device__ unsigned long long ffn_stamp[FFN_NSTAMP][1024];
+#define FFN_STAMP(i)                                                        \
+    if (threadIdx.x == 0) {                                                 \
+        unsigned long long t_;                                              \
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_));              \
+        ffn_stamp[i][blockIdx.x & 1023] = t_;                               \
+    }
+#else
+#define FFN_STAMP(i)
+#endif
+
 struct FfnArgs {
     LinearW gate;        // the router [E, D], BF16
     LinearW sg, su, sd;  // the shared expert, FP8: gate, up [Is, D]; down [D, Is]
@@ -202,6 +219,7 @@ __device__ void moe_ffn_up_impl(const MoeArgs& a, const FfnArgs& f, int stages, 
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
     __syncthreads();
+    FFN_STAMP(0);
     if (warp == W) {
         // Producer: the shared expert's tiles need nothing from the previous kernel; the
         // routed ones wait for this block's routing.
@@ -237,6 +255,7 @@ __device__ void moe_ffn_up_impl(const MoeArgs& a, const FfnArgs& f, int stages, 
     float key[ROUTE_PL];
     if (warp == 0) route_keys(f.bias, E, lane, key);
     pdl_wait();
+    FFN_STAMP(1);
     {
         float acc = 0.f;
         auto chunk = [&](uint4 w, int c) {
@@ -277,6 +296,7 @@ __device__ void moe_ffn_up_impl(const MoeArgs& a, const FfnArgs& f, int stages, 
             atomicAdd(f.sync + 1, 1u);
         }
     }
+    FFN_STAMP(2);
     // Meanwhile: the shared expert's tiles, and the routed experts' B plane.
     float xv[FFN_CH][16];
     ffn_load_x<W>(a.x, K, xv);
@@ -291,6 +311,7 @@ __device__ void moe_ffn_up_impl(const MoeArgs& a, const FfnArgs& f, int stages, 
         ffn_consume_fp8<true, W>(f, a.lim, mb_smem + (size_t)slot * stage_bytes, &empty[slot], K, sa, sb, xv,
                                  red[n & 1], it);
     }
+    FFN_STAMP(3);
     if (threadIdx.x == 0) {
         unsigned long long t0, t;
         asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
@@ -301,6 +322,7 @@ __device__ void moe_ffn_up_impl(const MoeArgs& a, const FfnArgs& f, int stages, 
         }
     }
     asm volatile("bar.sync 1, %0;" ::"r"(32 * W) : "memory");
+    FFN_STAMP(4);
     if (warp == 0) {
         __threadfence();
         route_token(f.logits, E, a.k, f.bias, f.tid2eid, f.bias ? 0 : f.ids[0], f.route_scale, picks_s, rw_s,
@@ -315,12 +337,15 @@ __device__ void moe_ffn_up_impl(const MoeArgs& a, const FfnArgs& f, int stages, 
     asm volatile("bar.sync 1, %0;" ::"r"(32 * W) : "memory");
     if (threadIdx.x == 0) mbar_arrive(&picked);
     pdl_launch();
+    FFN_STAMP(5);
     for (int it = i0; it < i1; it++, n++) {
         const int slot = n % stages, p = it / tpp, tile = it % tpp;
         mbar_wait(&full[slot], (n / stages) & 1);
+        if (it == i0) FFN_STAMP(6);
         mb_consume_fp4<true, W>(a, mb_smem + (size_t)slot * stage_bytes, &empty[slot], K, zero, plane, gsc,
                                 red[n & 1], p, tile);
     }
+    FFN_STAMP(7);
 }
 
 template <int W>

@@ -1,0 +1,185 @@
+// One decode token's FFN half through kernels/moe_ffn.cu, alone: Flash's shapes (256 experts,
+// 64 distinct random FP4 matrices behind them, top-6; an FP8 shared expert with 128×128 f32
+// scales; a BF16 router), launched as the host launches them (a block per SM, programmatic
+// dependent launch), the token's input changed every launch so the picks move. Prints the
+// time of up + down, then, for one launch of up, where its blocks are (global-timer stamps,
+// µs from the first block's entry: min / median / max over the blocks).
+//   nvcc -std=c++17 -O3 -arch=sm_90a -Icrates/dsv4-cuda/kernels -o moe_ffn_bench tools/gpu/moe_ffn_bench.cu
+#define FFN_STAMPS
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+#include <cuda_runtime.h>
+#include "all.cu"
+
+#define CK(x)                                                                             \
+    do {                                                                                  \
+        cudaError_t e = (x);                                                              \
+        if (e != cudaSuccess) { printf("%s: %s\n", #x, cudaGetErrorString(e)); exit(1); } \
+    } while (0)
+
+static uint32_t lcg(uint32_t& s) { return s = s * 1664525u + 1013904223u; }
+
+static void* up_bytes(const std::vector<uint8_t>& h) {
+    void* d;
+    CK(cudaMalloc(&d, h.size()));
+    CK(cudaMemcpy(d, h.data(), h.size(), cudaMemcpyHostToDevice));
+    return d;
+}
+
+// Random codes; scales near 1 (FP4: e8m0 120..127 as in moe_bulk_bench; FP8: f32 2^-6..2^-3).
+static LinearW matrix(int fmt, int out, int in, uint32_t seed) {
+    LinearW w{};
+    w.fmt = fmt;
+    w.out = out;
+    w.in = in;
+    const size_t n = fmt == FMT_FP4 ? (size_t)out * in / 2 : (size_t)out * in * (fmt == FMT_BF16 ? 2 : 1);
+    std::vector<uint8_t> b(n);
+    for (auto& v : b) v = (uint8_t)(lcg(seed) >> 24);
+    if (fmt == FMT_BF16)  // small values: exponent bits of 2^-8..2^-5
+        for (size_t i = 1; i < n; i += 2) b[i] = (uint8_t)(0x3b + (b[i] & 1)) | (b[i] & 0x80);
+    if (fmt == FMT_FP8)  // no NaN codes
+        for (auto& v : b) v = (v & 0x7f) == 0x7f ? 0x7e : v;
+    w.w = (const uint8_t*)up_bytes(b);
+    if (fmt == FMT_FP4) {
+        std::vector<uint8_t> s((size_t)out * in / 32);
+        for (auto& v : s) v = (uint8_t)(120 + (lcg(seed) >> 24) % 8);
+        w.scales = up_bytes(s);
+    } else if (fmt == FMT_FP8) {
+        w.bo = w.bi = 128;
+        w.scale_cols = in / 128;
+        std::vector<float> s((size_t)(out / 128) * w.scale_cols);
+        for (auto& v : s) v = 1.0f / (float)(8 << ((lcg(seed) >> 24) % 4));
+        std::vector<uint8_t> raw(s.size() * 4);
+        memcpy(raw.data(), s.data(), raw.size());
+        w.scales = up_bytes(raw);
+    }
+    return w;
+}
+
+int main() {
+    const int E = 256, distinct = 64, k = 6, D = 4096, I = 2048, reps = 100;
+    std::vector<LinearW> m1, m3, m2;
+    for (int e = 0; e < distinct; e++) {
+        m1.push_back(matrix(FMT_FP4, I, D, 3 * e + 1));
+        m3.push_back(matrix(FMT_FP4, I, D, 3 * e + 2));
+        m2.push_back(matrix(FMT_FP4, D, I, 3 * e + 3));
+    }
+    auto table = [&](const std::vector<LinearW>& v) {
+        std::vector<LinearW> t(E);
+        for (int e = 0; e < E; e++) t[e] = v[e % distinct];
+        LinearW* d;
+        CK(cudaMalloc(&d, E * sizeof(LinearW)));
+        CK(cudaMemcpy(d, t.data(), E * sizeof(LinearW), cudaMemcpyHostToDevice));
+        return d;
+    };
+    MoeArgs a{};
+    a.w1 = table(m1);
+    a.w3 = table(m3);
+    a.w2 = table(m2);
+    FfnArgs f{};
+    f.gate = matrix(FMT_BF16, E, D, 99);
+    f.sg = matrix(FMT_FP8, I, D, 101);
+    f.su = matrix(FMT_FP8, I, D, 102);
+    f.sd = matrix(FMT_FP8, D, I, 103);
+    // Inputs: reps different tokens, so the routing moves from launch to launch.
+    std::vector<float> hx((size_t)reps * D);
+    uint32_t seed = 7;
+    for (auto& v : hx) v = (float)(lcg(seed) >> 8) / (float)(1 << 24) * 2.f - 1.f;
+    float *x, *h, *out, *rw, *logits, *sh, *sout, *bias;
+    int* picks;
+    unsigned* sync;
+    CK(cudaMalloc(&x, hx.size() * 4));
+    CK(cudaMemcpy(x, hx.data(), hx.size() * 4, cudaMemcpyHostToDevice));
+    CK(cudaMalloc(&h, k * I * 4));
+    CK(cudaMalloc(&out, k * D * 4));
+    CK(cudaMalloc(&rw, k * 4));
+    CK(cudaMalloc(&picks, k * 4));
+    CK(cudaMalloc(&logits, E * 4));
+    CK(cudaMalloc(&sh, I * 4));
+    CK(cudaMalloc(&sout, D * 4));
+    CK(cudaMalloc(&bias, E * 4));
+    CK(cudaMemset(bias, 0, E * 4));
+    CK(cudaMalloc(&sync, 8));
+    CK(cudaMemset(sync, 0, 8));
+    a.picks = picks;
+    a.rw = rw;
+    a.h = h;
+    a.out = out;
+    a.k = k;
+    a.D = D;
+    a.I = I;
+    a.vec = 1;
+    a.lim = 10.f;
+    f.logits = logits;
+    f.sync = sync;
+    f.bias = bias;
+    f.route_scale = 2.5f;
+    f.picks = picks;
+    f.rw = rw;
+    f.sh = sh;
+    f.sout = sout;
+    int sms;
+    CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+    // The host's layout (src/moe_ffn.rs): up 6 stages of an FP4 tile, down 8 of 17,408 B, one
+    // plane (132 blocks cut the pairs at their boundaries; other SM counts may need two).
+    const int up_stage = 16 * (D / 2 + D / 32), up_stages = 6;
+    const int up_smem = up_stages * up_stage + 64 + D * 4 + D / 8;
+    const int dn_stage = 16 * (I / 2 + I / 32), dn_stages = 8, planes = 2;
+    const int dn_smem = dn_stages * dn_stage + 64 + planes * (I * 4 + I / 8);
+    CK(cudaFuncSetAttribute(moe_ffn_up_bulk, cudaFuncAttributeMaxDynamicSharedMemorySize, up_smem));
+    CK(cudaFuncSetAttribute(moe_ffn_down_bulk, cudaFuncAttributeMaxDynamicSharedMemorySize, dn_smem));
+    cudaLaunchAttribute pdl{};
+    pdl.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    pdl.val.programmaticStreamSerializationAllowed = 1;
+    auto launch = [&](int r) {
+        MoeArgs va = a;
+        FfnArgs vf = f;
+        va.x = x + (size_t)(r % reps) * D;
+        vf.hr = va.x;
+        cudaLaunchConfig_t c{};
+        c.gridDim = dim3(sms);
+        c.blockDim = dim3(288);
+        c.dynamicSmemBytes = up_smem;
+        c.attrs = &pdl;
+        c.numAttrs = 1;
+        CK(cudaLaunchKernelEx(&c, moe_ffn_up_bulk, va, vf, up_stages, up_stage));
+        c.dynamicSmemBytes = dn_smem;
+        CK(cudaLaunchKernelEx(&c, moe_ffn_down_bulk, va, vf, dn_stages, dn_stage, planes));
+    };
+    const double bytes = 3.0 * k * ((double)I * D / 2 + (double)I * D / 32) + 3.0 * I * D + 2.0 * E * D;
+    cudaEvent_t e0, e1;
+    CK(cudaEventCreate(&e0));
+    CK(cudaEventCreate(&e1));
+    for (int r = 0; r < 10; r++) launch(r);
+    CK(cudaEventRecord(e0));
+    for (int r = 0; r < reps; r++) launch(r);
+    CK(cudaEventRecord(e1));
+    CK(cudaEventSynchronize(e1));
+    CK(cudaGetLastError());
+    float ms;
+    CK(cudaEventElapsedTime(&ms, e0, e1));
+    const double us = ms * 1000.0 / reps;
+    printf("up + down: %.2f us per token, %.2f TB/s (%.1f MB)\n", us, bytes / us / 1e6, bytes / 1e6);
+    // One up launch alone after a sync, then its blocks' stamps.
+    launch(3);
+    CK(cudaDeviceSynchronize());
+    static unsigned long long st[FFN_NSTAMP][1024];
+    CK(cudaMemcpyFromSymbol(st, ffn_stamp, sizeof st));
+    unsigned long long t0 = ~0ull;
+    for (int b = 0; b < sms; b++) t0 = std::min(t0, st[0][b]);
+    const char* names[FFN_NSTAMP] = {"entry",        "wait over",  "arrived",      "shared done",
+                                     "barrier over", "routed",     "first routed", "end"};
+    printf("up, us from the first entry (min / median / max over %d blocks):\n", sms);
+    for (int i = 0; i < FFN_NSTAMP; i++) {
+        std::vector<double> v;
+        for (int b = 0; b < sms; b++)
+            if (st[i][b] >= t0) v.push_back((st[i][b] - t0) / 1e3);
+        std::sort(v.begin(), v.end());
+        if (v.empty()) continue;
+        printf("  %-13s %7.2f %7.2f %7.2f\n", names[i], v.front(), v[v.size() / 2], v.back());
+    }
+    return 0;
+}
