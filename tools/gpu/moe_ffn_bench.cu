@@ -170,10 +170,13 @@ int main() {
     CK(cudaMemcpyFromSymbol(st, ffn_stamp, sizeof st));
     unsigned long long t0 = ~0ull;
     for (int b = 0; b < sms; b++) t0 = std::min(t0, st[0][b]);
-    const char* names[FFN_NSTAMP] = {"entry",        "wait over",  "arrived",      "shared done",
-                                     "barrier over", "routed",     "first routed", "end"};
+    const char* names[FFN_NSTAMP] = {"entry",        "wait over", "arrived",      "shared done",
+                                     "barrier over", "routed",    "first routed", "end",
+                                     "inputs in",    "picks (warp 0)"};
+    // In the kernel's order.
+    const int order[FFN_NSTAMP] = {0, 1, 2, 8, 3, 4, 9, 5, 6, 7};
     printf("up, us from the first entry (min / median / max over %d blocks):\n", sms);
-    for (int i = 0; i < FFN_NSTAMP; i++) {
+    for (int i : order) {
         std::vector<double> v;
         for (int b = 0; b < sms; b++)
             if (st[i][b] >= t0) v.push_back((st[i][b] - t0) / 1e3);

@@ -14,12 +14,17 @@
 // two seconds instead of hanging.
 #define FFN_CH 2    // 16-input chunks per consumer thread of a shared-expert tile (K <= 8192)
 #define FFN_RPRE 8  // router chunks per lane requested before the previous kernel is waited for
+// Shared-expert stages a producer issues before its block's router rows have arrived: more
+// would queue the router's loads behind them on the SM (stop 25: router done at ~8.8 µs with
+// every shared stage issued at once).
+#define FFN_SHARED_PRE 1
 
 // Stamps of every block of `moe_ffn_up_bulk` (tools/gpu/moe_ffn_bench.cu defines FFN_STAMPS):
 // the global timer (ns) at entry, after the wait, at its arrival at the grid barrier, once its
 // shared tiles are done, once the barrier has passed, once routed, when its first routed tile
-// has arrived, and at the end.
-#define FFN_NSTAMP 8
+// has arrived, at the end; then once its inputs are loaded (before the shared tiles) and once
+// warp 0 has the picks (before the block-wide barrier that tells the others).
+#define FFN_NSTAMP 10
 #ifdef FFN_STAMPS
 __device__ unsigned long long ffn_stamp[FFN_NSTAMP][1024];
 #define FFN_STAMP(i)                                                        \
@@ -194,7 +199,7 @@ __device__ __forceinline__ void ffn_check(int stages, int stage_bytes, int need_
 template <int W>
 __device__ void moe_ffn_up_impl(const MoeArgs& a, const FfnArgs& f, int stages, int stage_bytes) {
     extern __shared__ __align__(128) uint8_t mb_smem[];
-    __shared__ __align__(8) uint64_t full[MB_MAX_STAGES], empty[MB_MAX_STAGES], picked;
+    __shared__ __align__(8) uint64_t full[MB_MAX_STAGES], empty[MB_MAX_STAGES], picked, rdone;
     __shared__ float red[2][W][16];
     __shared__ float rpart[W];
     __shared__ int picks_s[32];
@@ -216,6 +221,7 @@ __device__ void moe_ffn_up_impl(const MoeArgs& a, const FfnArgs& f, int stages, 
             mbar_init(&empty[i], W);
         }
         mbar_init(&picked, 1);
+        mbar_init(&rdone, 1);
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
     __syncthreads();
@@ -227,6 +233,7 @@ __device__ void moe_ffn_up_impl(const MoeArgs& a, const FfnArgs& f, int stages, 
         int n = 0;
         for (int it = s0; it < s1; it++, n++) {
             const int slot = n % stages;
+            if (n == FFN_SHARED_PRE) mbar_wait(&rdone, 0);
             if (n >= stages) mbar_wait(&empty[slot], ((n / stages) - 1) & 1);
             ffn_issue_fp8<true>(f, it, mb_smem + (size_t)slot * stage_bytes, &full[slot], policy);
         }
@@ -254,6 +261,9 @@ __device__ void moe_ffn_up_impl(const MoeArgs& a, const FfnArgs& f, int stages, 
     }
     float key[ROUTE_PL];
     if (warp == 0) route_keys(f.bias, E, lane, key);
+    // The first shared tile's scales too (weights; each tile loads the next one's).
+    float sa[FFN_CH], sb[FFN_CH];
+    if (s0 < s1) ffn_scales<true>(f, s0, 32 * W, sa, sb);
     pdl_wait();
     FFN_STAMP(1);
     {
@@ -278,6 +288,7 @@ __device__ void moe_ffn_up_impl(const MoeArgs& a, const FfnArgs& f, int stages, 
         if (lane == 0) rpart[warp] = acc;
     }
     asm volatile("bar.sync 1, %0;" ::"r"(32 * W) : "memory");
+    if (threadIdx.x == 0) mbar_arrive(&rdone);  // the router rows are in: stream the rest
     if (threadIdx.x < R && b + nb * (int)threadIdx.x < E) {
         float v = 0.f;
         for (int s = 0; s < S; s++) v += rpart[threadIdx.x * S + s];
@@ -302,14 +313,20 @@ __device__ void moe_ffn_up_impl(const MoeArgs& a, const FfnArgs& f, int stages, 
     ffn_load_x<W>(a.x, K, xv);
     if (threadIdx.x < 16) ((uint32_t*)zero)[threadIdx.x] = 0u;
     moe_tc_prep(a.x, K, plane, gsc, 32 * W);
+    FFN_STAMP(8);
     int n = 0;
     for (int it = s0; it < s1; it++, n++) {
         const int slot = n % stages;
-        float sa[FFN_CH], sb[FFN_CH];
-        ffn_scales<true>(f, it, 32 * W, sa, sb);
+        float na[FFN_CH], nb[FFN_CH];
+        if (it + 1 < s1) ffn_scales<true>(f, it + 1, 32 * W, na, nb);
         mbar_wait(&full[slot], (n / stages) & 1);
         ffn_consume_fp8<true, W>(f, a.lim, mb_smem + (size_t)slot * stage_bytes, &empty[slot], K, sa, sb, xv,
                                  red[n & 1], it);
+#pragma unroll
+        for (int m = 0; m < FFN_CH; m++) {
+            sa[m] = na[m];
+            sb[m] = nb[m];
+        }
     }
     FFN_STAMP(3);
     if (threadIdx.x == 0) {
@@ -328,6 +345,7 @@ __device__ void moe_ffn_up_impl(const MoeArgs& a, const FfnArgs& f, int stages, 
         route_token(f.logits, E, a.k, f.bias, f.tid2eid, f.bias ? 0 : f.ids[0], f.route_scale, picks_s, rw_s,
                     key);
         __syncwarp();
+        FFN_STAMP(9);
         // Block 0 publishes the routing (down and the combine read it after their waits).
         if (b == 0 && lane < a.k) {
             f.picks[lane] = picks_s[lane];
