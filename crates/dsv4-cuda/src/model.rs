@@ -309,6 +309,9 @@ pub struct CudaModel {
     /// Whether one-token FFN halves run as two launches that find the routing and stream the
     /// shared and routed experts together (`moe_ffn_up_bulk`, `DSV4_CUDA_FFN_FUSED=1`).
     ffn_fused: AtomicBool,
+    /// Whether the fused FFN's first launch may start beside the boundary before it
+    /// (`DSV4_CUDA_FFN_EARLY=0`: only after it; to be measured).
+    ffn_early: bool,
     /// Whether calls of up to [`ops::ROUTER_ROUTE_TOKENS`] tokens compute the router's logits
     /// and the routing in one launch (`moe_router_route`; `DSV4_CUDA_ROUTE_FUSED=0` keeps the
     /// GEMV and `moe_route`).
@@ -490,6 +493,7 @@ impl CudaModel {
             ffn_fused: AtomicBool::new(
                 std::env::var("DSV4_CUDA_FFN_FUSED").is_ok_and(|v| v == "1"),
             ),
+            ffn_early: std::env::var("DSV4_CUDA_FFN_EARLY").map_or(true, |v| v != "0"),
             route_fused: AtomicBool::new(
                 std::env::var("DSV4_CUDA_ROUTE_FUSED").map_or(true, |v| v != "0"),
             ),
@@ -2007,7 +2011,7 @@ impl CudaModel {
                 sh: s.sg.ptr,
                 sout: s.f.ptr,
             };
-            crate::moe_ffn::ffn_bulk(g, &l, &routed, &f)?;
+            crate::moe_ffn::ffn_bulk(g, &l, &routed, &f, self.ffn_early)?;
             return self.moe_combine(s, t, combine, aq);
         }
         // One token's shared expert into s.f through the routed-expert kernels (one pass for

@@ -160,10 +160,17 @@ fn ffn_layout(sms: usize, e: usize, k: usize, d: usize, i: usize, is: usize) -> 
     })
 }
 
-/// The FFN half of one token: routing into `f.picks`/`f.rw`, the routed experts' rows into
-/// `a.h`/`a.out` (`a.rw_inside` must be 0) and the shared expert into `f.sout`, as
-/// [`ffn_launch`] laid out.
-pub fn ffn_bulk(gpu: &Gpu, l: &FfnLaunch, a: &MoeArgs, f: &FfnArgs) -> Result<()> {
+/// The FFN half of one token: routing into `f.picks`/`f.rw` (the buffers `a` names too: down
+/// reads them there), the routed experts' rows into `a.h`/`a.out` (`a.rw_inside` must be 0)
+/// and the shared expert into `f.sout`, as [`ffn_launch`] laid out. `early`: up may launch
+/// while the kernel before it runs (its shared-expert stream and router rows start there, and
+/// its blocks sit beside that kernel's), else only once that kernel has finished.
+pub fn ffn_bulk(gpu: &Gpu, l: &FfnLaunch, a: &MoeArgs, f: &FfnArgs, early: bool) -> Result<()> {
+    if f.picks != a.picks || f.rw != a.rw || a.rw_inside != 0 {
+        return Err(crate::Error::Unsupported(
+            "fused FFN: the routing buffers must be the experts' (and rw_inside 0)".into(),
+        ));
+    }
     let k = a.k.max(0) as usize;
     let (d, i) = (a.d as usize, a.i as usize);
     gpu.tag(|| {
@@ -174,13 +181,25 @@ pub fn ffn_bulk(gpu: &Gpu, l: &FfnLaunch, a: &MoeArgs, f: &FfnArgs) -> Result<()
                 + 2 * d * (f.gate.out as usize),
         )
     });
-    gpu.launch(
-        "moe_ffn_up_bulk",
-        (l.blocks, 1, 1),
-        (MB_THREADS, 1, 1),
-        l.up_smem,
-        &[a, f, &l.up_stages, &l.up_stage_bytes],
-    )?;
+    let up_args: [&dyn crate::gpu::Arg; 4] = [a, f, &l.up_stages, &l.up_stage_bytes];
+    let grid = (l.blocks, 1, 1);
+    if early {
+        gpu.launch(
+            "moe_ffn_up_bulk",
+            grid,
+            (MB_THREADS, 1, 1),
+            l.up_smem,
+            &up_args,
+        )?;
+    } else {
+        gpu.launch_after(
+            "moe_ffn_up_bulk",
+            grid,
+            (MB_THREADS, 1, 1),
+            l.up_smem,
+            &up_args,
+        )?;
+    }
     gpu.tag(|| {
         (
             format!("moe_ffn_down_bulk x{k} s{}", l.down_stages),

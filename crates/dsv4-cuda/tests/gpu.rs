@@ -2240,7 +2240,9 @@ fn fused_ffn_matches_separate_launches() {
                     sh: sh.ptr,
                     sout: so.ptr,
                 };
-                ffn_bulk(&gpu, &layout, &routed(p.ptr, r.ptr, h.ptr, o.ptr), &f).unwrap();
+                // The second launch waits for the kernel before it instead of starting beside it.
+                let a = routed(p.ptr, r.ptr, h.ptr, o.ptr);
+                ffn_bulk(&gpu, &layout, &a, &f, rep != 1).unwrap();
                 let what = format!("E {e} d {d} hash {hash} launch {rep}");
                 assert_eq!(read_i(&p), want_picks, "{what}");
                 let got = [
