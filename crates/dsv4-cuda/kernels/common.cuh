@@ -129,9 +129,10 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
-// One round of warp_sum_transposed: lanes with bit O keep the upper half of v[0, 2O).
-template <int O>
-__device__ __forceinline__ void transposed_round(float (&v)[32], int lane) {
+// One round of warp_sum_transposed: lanes with bit O keep the upper half of v[0, 2O). (Rounds
+// 4, 2, 1 over 8 values leave value lane % 8's partial sum in each lane: moe_ffn.cu.)
+template <int O, int N>
+__device__ __forceinline__ void transposed_round(float (&v)[N], int lane) {
     const bool upper = lane & O;
 #pragma unroll
     for (int k = 0; k < O; k++) {

@@ -92,18 +92,6 @@ __device__ __forceinline__ void ffn_scales(const FfnArgs& f, int tile, int W32, 
     }
 }
 
-// One round of a transposed warp sum over N values (see warp_sum_transposed).
-template <int O, int N>
-__device__ __forceinline__ void ffn_round(float (&v)[N], int lane) {
-    const bool upper = lane & O;
-#pragma unroll
-    for (int k = 0; k < O; k++) {
-        const float keep = upper ? v[k + O] : v[k];
-        const float send = upper ? v[k] : v[k + O];
-        v[k] = keep + __shfl_xor_sync(0xffffffffu, send, O);
-    }
-}
-
 // Consumer warps: shared tile `tile` from its (arrived) stage st and the thread's scales (see
 // ffn_scales), the input in xv (thread i's chunks i, i + 32W, ...; width K); the stage is
 // released once read. Warp sums are added in warp order by warp 0, which writes the outputs (up: SwiGLU into
@@ -134,9 +122,9 @@ __device__ __forceinline__ void ffn_consume_fp8(const FfnArgs& f, float lim, con
     if (lane == 0) mbar_arrive(empty);
     // Row j's warp sum lands in the lanes with lane % 8 == j: three transposed rounds, then
     // the two lane bits left.
-    ffn_round<4>(acc, lane);
-    ffn_round<2>(acc, lane);
-    ffn_round<1>(acc, lane);
+    transposed_round<4>(acc, lane);
+    transposed_round<2>(acc, lane);
+    transposed_round<1>(acc, lane);
     float y = acc[0];
     y += __shfl_xor_sync(0xffffffffu, y, 8);
     y += __shfl_xor_sync(0xffffffffu, y, 16);

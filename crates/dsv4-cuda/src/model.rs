@@ -1987,7 +1987,11 @@ impl CudaModel {
             rw_inside: 0,
             lim,
         };
-        if let Some((l, sh)) = self.ffn_fused_launch(mw, &routed, t, aq) {
+        let fused = self.ffn_fused.load(Ordering::Relaxed);
+        if let Some((l, sh)) = fused
+            .then(|| self.ffn_fused_layout(mw, &routed, t, aq))
+            .flatten()
+        {
             self.fork_mix(s, t)?;
             let (bias, tid2eid) = match &mw.router {
                 GpuRouter::TopK { bias } => (bias.ptr(), 0u64),
@@ -2216,22 +2220,8 @@ impl CudaModel {
     }
 
     /// The launch layout of one token's FFN half through `kernels/moe_ffn.cu`, and the shared
-    /// expert it streams, where that path is on and the model allows it: one token without
-    /// activation quantization, a shared expert, routed experts the bulk kernels take.
-    fn ffn_fused_launch<'m>(
-        &self,
-        mw: &'m crate::weights::GpuMoe,
-        a: &MoeArgs,
-        t: usize,
-        aq: bool,
-    ) -> Option<(crate::moe_ffn::FfnLaunch, &'m crate::weights::GpuExpert)> {
-        if !self.ffn_fused.load(Ordering::Relaxed) {
-            return None;
-        }
-        self.ffn_fused_layout(mw, a, t, aq)
-    }
-
-    /// [`CudaModel::ffn_fused_launch`] whether the path is on or not.
+    /// expert it streams, where the model allows it (whether or not the path is on): one token
+    /// without activation quantization, a shared expert, routed experts the bulk kernels take.
     fn ffn_fused_layout<'m>(
         &self,
         mw: &'m crate::weights::GpuMoe,

@@ -181,25 +181,19 @@ pub fn ffn_bulk(gpu: &Gpu, l: &FfnLaunch, a: &MoeArgs, f: &FfnArgs, early: bool)
                 + 2 * d * (f.gate.out as usize),
         )
     });
-    let up_args: [&dyn crate::gpu::Arg; 4] = [a, f, &l.up_stages, &l.up_stage_bytes];
-    let grid = (l.blocks, 1, 1);
-    if early {
-        gpu.launch(
-            "moe_ffn_up_bulk",
-            grid,
-            (MB_THREADS, 1, 1),
-            l.up_smem,
-            &up_args,
-        )?;
+    let launch = if early {
+        Gpu::launch
     } else {
-        gpu.launch_after(
-            "moe_ffn_up_bulk",
-            grid,
-            (MB_THREADS, 1, 1),
-            l.up_smem,
-            &up_args,
-        )?;
-    }
+        Gpu::launch_after
+    };
+    launch(
+        gpu,
+        "moe_ffn_up_bulk",
+        (l.blocks, 1, 1),
+        (MB_THREADS, 1, 1),
+        l.up_smem,
+        &[a, f, &l.up_stages, &l.up_stage_bytes],
+    )?;
     gpu.tag(|| {
         (
             format!("moe_ffn_down_bulk x{k} s{}", l.down_stages),
