@@ -355,31 +355,39 @@ struct DenseSrc {
     }
 };
 
+// The two halves of a grid-wide barrier, each for one thread per block (thread 0). bar[0]
+// counts arrivals (reset by the last), bar[1] counts passes. grid_arrive (after the block's
+// outputs) returns the pass count that grid_wait waits past, so a block may work between the
+// two. Blocks must never outnumber what can be resident at once.
+__device__ __forceinline__ unsigned grid_arrive(unsigned* bar) {
+    volatile unsigned* gen = bar + 1;
+    const unsigned g = *gen;
+    __threadfence();  // this block's outputs before its arrival
+    if (atomicAdd(bar, 1u) == gridDim.x - 1) {
+        atomicExch(bar, 0u);
+        __threadfence();
+        atomicAdd(bar + 1, 1u);
+    }
+    return g;
+}
+__device__ __forceinline__ void grid_wait(unsigned* bar, unsigned g) {
+    volatile unsigned* gen = bar + 1;
+    // Another grid-barrier launch holding the other SMs (two models driven from two threads on
+    // one GPU, or another process under MPS) could keep blocks from ever arriving: after
+    // ~seconds, fail the launch rather than hang.
+    for (unsigned spins = 0; *gen == g; spins++) {
+        if (spins > (1u << 26)) __trap();
+        __nanosleep(32);
+    }
+    __threadfence();
+}
+
 // Every block of a launch past this point before any goes on: the consumer warps only (the
 // producer streams on into the next matrix). Blocks never outnumber SMs and one fits per SM,
 // so all become resident once the kernels before them (which never wait on them) finish.
-// bar[0] counts arrivals (reset by the last), bar[1] counts passes.
 __device__ __forceinline__ void grid_barrier_consumers(unsigned* bar) {
     asm volatile("bar.sync 1, 256;" ::: "memory");
-    if (threadIdx.x == 0) {
-        volatile unsigned* gen = bar + 1;
-        const unsigned g = *gen;
-        __threadfence();  // this block's outputs before its arrival
-        if (atomicAdd(bar, 1u) == gridDim.x - 1) {
-            atomicExch(bar, 0u);
-            __threadfence();
-            atomicAdd(bar + 1, 1u);
-        } else {
-            // Another grid-barrier launch holding the other SMs (two models driven from two
-            // threads on one GPU) could keep blocks from ever arriving: after ~seconds, fail
-            // the launch rather than hang.
-            for (unsigned spins = 0; *gen == g; spins++) {
-                if (spins > (1u << 26)) __trap();
-                __nanosleep(32);
-            }
-        }
-        __threadfence();
-    }
+    if (threadIdx.x == 0) grid_wait(bar, grid_arrive(bar));
     asm volatile("bar.sync 1, 256;" ::: "memory");
 }
 

@@ -11,7 +11,7 @@
 // as many as the GPU has SMs, each with most of an SM's shared memory). Its dependents launch
 // once every block has routed (they could not fit beside its blocks before that anyway). A
 // barrier that never completes (another process's kernels holding SMs, under MPS) traps after
-// two seconds instead of hanging.
+// seconds instead of hanging (`grid_wait`).
 #define FFN_CH 2    // 16-input chunks per consumer thread of a shared-expert tile (K <= 8192)
 #define FFN_RPRE 8  // router chunks per lane requested before the previous kernel is waited for
 // Shared-expert stages a producer issues before its block's router rows have arrived: more
@@ -161,11 +161,6 @@ __device__ __forceinline__ void ffn_load_x(const float* x, int K, float (&xv)[FF
     }
 }
 
-__device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
-    unsigned v;
-    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-    return v;
-}
 
 // This block's share [lo, hi) of n items over the grid.
 __device__ __forceinline__ void ffn_range(int n, int& lo, int& hi) {
@@ -284,17 +279,7 @@ __device__ void moe_ffn_up_impl(const MoeArgs& a, const FfnArgs& f, int stages, 
     }
     __threadfence();
     asm volatile("bar.sync 1, %0;" ::"r"(32 * W) : "memory");
-    if (threadIdx.x == 0) {
-        // The generation before this block's arrival; the last arrival resets the count and
-        // starts the next generation.
-        const unsigned g = ld_acquire(f.sync + 1);
-        gen0 = g;
-        if (atomicAdd(f.sync, 1u) == (unsigned)nb - 1) {
-            f.sync[0] = 0;
-            __threadfence();
-            atomicAdd(f.sync + 1, 1u);
-        }
-    }
+    if (threadIdx.x == 0) gen0 = grid_arrive(f.sync);  // waited past below (gemv_bulk.cu)
     FFN_STAMP(2);
     // Meanwhile: the shared expert's tiles, and the routed experts' B plane.
     float xv[FFN_CH][16];
@@ -317,15 +302,7 @@ __device__ void moe_ffn_up_impl(const MoeArgs& a, const FfnArgs& f, int stages, 
         }
     }
     FFN_STAMP(3);
-    if (threadIdx.x == 0) {
-        unsigned long long t0, t;
-        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
-        while (ld_acquire(f.sync + 1) == gen0) {
-            __nanosleep(64);
-            asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-            if (t - t0 > 2000000000ull) __trap();  // the grid is not all resident
-        }
-    }
+    if (threadIdx.x == 0) grid_wait(f.sync, gen0);
     asm volatile("bar.sync 1, %0;" ::"r"(32 * W) : "memory");
     FFN_STAMP(4);
     if (warp == 0) {

@@ -1987,16 +1987,17 @@ impl CudaModel {
             rw_inside: 0,
             lim,
         };
+        // The router's keys: the top-k bias, or the hash table.
+        let (bias, tid2eid) = match &mw.router {
+            GpuRouter::TopK { bias } => (bias.ptr(), 0u64),
+            GpuRouter::Hash { tid2eid } => (0u64, tid2eid.ptr),
+        };
         let fused = self.ffn_fused.load(Ordering::Relaxed);
         if let Some((l, sh)) = fused
             .then(|| self.ffn_fused_layout(mw, &routed, t, aq))
             .flatten()
         {
             self.fork_mix(s, t)?;
-            let (bias, tid2eid) = match &mw.router {
-                GpuRouter::TopK { bias } => (bias.ptr(), 0u64),
-                GpuRouter::Hash { tid2eid } => (0u64, tid2eid.ptr),
-            };
             let f = crate::moe_ffn::FfnArgs {
                 gate: mw.gate.desc,
                 sg: sh.w1.desc,
@@ -2050,10 +2051,6 @@ impl CudaModel {
         // The FFN boundary's Sinkhorn, if it left it, behind the shared expert on the side
         // stream (which rejoins below, after the routed experts).
         self.fork_mix(s, t)?;
-        let (bias, tid2eid) = match &mw.router {
-            GpuRouter::TopK { bias } => (bias.ptr(), 0u64),
-            GpuRouter::Hash { tid2eid } => (0u64, tid2eid.ptr),
-        };
         let (ei, ki, scale) = (e as i32, k as i32, c.routed_scaling_factor);
         let gate_with_shared = mw.shared.is_some() && !shared_one;
         if !gate_with_shared

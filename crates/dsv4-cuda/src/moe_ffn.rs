@@ -3,7 +3,9 @@
 //! routing found inside the first launch while the shared expert's rows stream.
 
 use crate::gpu::Gpu;
-use crate::ops::{MoeArgs, MB_MAX_SMEM, MB_MAX_STAGES, MB_THREADS};
+use crate::ops::{
+    moe_bulk_planes, moe_bulk_tile_bytes, MoeArgs, MB_MAX_SMEM, MB_MAX_STAGES, MB_THREADS,
+};
 use crate::weights::{Fmt, GpuLinear, LinearDesc};
 use crate::Result;
 use cudarc::driver::DeviceRepr;
@@ -56,10 +58,6 @@ pub struct FfnLaunch {
     pub down_stage_bytes: i32,
     pub down_planes: i32,
     pub down_smem: u32,
-}
-
-fn fp4_tile_bytes(k: usize) -> usize {
-    16 * (k / 2 + k / 32)
 }
 
 fn fp8_tile_bytes(k: usize) -> usize {
@@ -124,26 +122,14 @@ fn ffn_layout(sms: usize, e: usize, k: usize, d: usize, i: usize, is: usize) -> 
     {
         return None;
     }
-    let up_stage = fp4_tile_bytes(d)
+    let up_stage = moe_bulk_tile_bytes(d)
         .max(fp8_tile_bytes(d))
         .next_multiple_of(16);
     let up_fixed = 64 + d * 4 + d / 8;
     let up_stages = (MB_MAX_SMEM.checked_sub(up_fixed)? / up_stage).min(MB_MAX_STAGES);
-    // Down: the pairs a block's run of routed items spans (as the kernel cuts them).
-    let tiles = d / 16;
-    let items = k * tiles;
-    let planes = (0..nb)
-        .map(|b| {
-            let (i0, i1) = (items * b / nb, items * (b + 1) / nb);
-            if i0 < i1 {
-                (i1 - 1) / tiles - i0 / tiles + 1
-            } else {
-                0
-            }
-        })
-        .max()?
-        .max(1);
-    let down_stage = fp4_tile_bytes(i)
+    // Down: the pairs a block's run of routed items spans (the kernel cuts them alike).
+    let planes = moe_bulk_planes(nb, k, k, d / 16, false).max(1);
+    let down_stage = moe_bulk_tile_bytes(i)
         .max(fp8_tile_bytes(is))
         .next_multiple_of(16);
     let down_fixed = 64 + planes * (i * 4 + i / 8);

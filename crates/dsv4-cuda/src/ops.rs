@@ -1791,18 +1791,8 @@ fn moe_bulk_launch(
         return None;
     }
     let nb = sms.clamp(1, items);
-    let input = |it: usize| if up { it / tiles / k } else { it / tiles };
-    let planes = (0..nb)
-        .map(|b| {
-            let (i0, i1) = (items * b / nb, items * (b + 1) / nb);
-            if i0 < i1 {
-                input(i1 - 1) - input(i0) + 1
-            } else {
-                0
-            }
-        })
-        .max()?;
-    let tile = 16 * (kin / 2 + kin / 32);
+    let planes = moe_bulk_planes(nb, k, pairs, tiles, up);
+    let tile = moe_bulk_tile_bytes(kin);
     let fixed = 64 + planes * (kin * 4 + kin / 8);
     let stages = (MB_MAX_SMEM.checked_sub(fixed)? / tile).min(MB_MAX_STAGES);
     (stages >= 2).then_some(MoeBulkLaunch {
@@ -1811,6 +1801,31 @@ fn moe_bulk_launch(
         planes: planes as i32,
         smem: (stages * tile + fixed) as u32,
     })
+}
+
+/// Stage bytes of a bulk MoE tile of 16 FP4 rows of `kin` inputs: the rows, then their e8m0
+/// scales (`moe_bulk_tile_bytes` in `kernels/moe_bulk.cu`).
+pub(crate) fn moe_bulk_tile_bytes(kin: usize) -> usize {
+    16 * (kin / 2 + kin / 32)
+}
+
+/// The most inputs (up: tokens of `k` pairs; down: pairs) that one block's contiguous run of
+/// the `pairs · tiles` (pair, tile) items spans when `nb` blocks cut them as the bulk MoE
+/// kernels do: the activation planes a block needs.
+pub(crate) fn moe_bulk_planes(nb: usize, k: usize, pairs: usize, tiles: usize, up: bool) -> usize {
+    let items = pairs * tiles;
+    let input = |it: usize| if up { it / tiles / k } else { it / tiles };
+    (0..nb.max(1))
+        .map(|b| {
+            let (i0, i1) = (items * b / nb, items * (b + 1) / nb);
+            if i0 < i1 {
+                input(i1 - 1) - input(i0) + 1
+            } else {
+                0
+            }
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 /// Whether the routed experts of `pairs` pairs take the bulk-copy kernels: the tensor-core
