@@ -17,7 +17,9 @@
 // Shared-expert stages a producer issues before its block's router rows have arrived: more
 // would queue the router's loads behind them on the SM (stop 25: router done at ~8.8 µs with
 // every shared stage issued at once).
+#ifndef FFN_SHARED_PRE
 #define FFN_SHARED_PRE 1
+#endif
 
 // Stamps of every block of `moe_ffn_up_bulk` (tools/gpu/moe_ffn_bench.cu defines FFN_STAMPS):
 // the global timer (ns) at entry, after the wait, at its arrival at the grid barrier, once its
