@@ -3,7 +3,9 @@
 // scales; a BF16 router), launched as the host launches them (a block per SM, programmatic
 // dependent launch), the token's input changed every launch so the picks move. Prints the
 // time of up + down, then, for one launch of up, where its blocks are (global-timer stamps,
-// µs from the first block's entry: min / median / max over the blocks).
+// µs from the first block's entry: min / median / max over the blocks); then the same for the
+// whole half in one launch (moe_ffn_bulk), whose outputs must equal the two launches' bit for
+// bit (the exit status says whether they do).
 //   nvcc -std=c++17 -O3 -arch=sm_90a -Icrates/dsv4-cuda/kernels -o moe_ffn_bench tools/gpu/moe_ffn_bench.cu
 #define FFN_STAMPS
 #include <algorithm>
@@ -102,8 +104,8 @@ int main() {
     CK(cudaMalloc(&sout, D * 4));
     CK(cudaMalloc(&bias, E * 4));
     CK(cudaMemset(bias, 0, E * 4));
-    CK(cudaMalloc(&sync, 8));
-    CK(cudaMemset(sync, 0, 8));
+    CK(cudaMalloc(&sync, 256));  // the barrier, then moe_ffn_bulk's 1 + k counters
+    CK(cudaMemset(sync, 0, 256));
     a.picks = picks;
     a.rw = rw;
     a.h = h;
@@ -131,6 +133,12 @@ int main() {
     const int dn_smem = dn_stages * dn_stage + 64 + planes * (I * 4 + I / 8);
     CK(cudaFuncSetAttribute(moe_ffn_up_bulk, cudaFuncAttributeMaxDynamicSharedMemorySize, up_smem));
     CK(cudaFuncSetAttribute(moe_ffn_down_bulk, cudaFuncAttributeMaxDynamicSharedMemorySize, dn_smem));
+    // One launch: stages of the larger (up) tile; the planes' room is the same for up's one
+    // input and down's two pairs.
+    const int all_planes = 2;
+    const int all_smem = up_stages * up_stage + 64 + std::max(D * 4 + D / 8, all_planes * (I * 4 + I / 8));
+    CK(cudaFuncSetAttribute(moe_ffn_bulk, cudaFuncAttributeMaxDynamicSharedMemorySize, all_smem));
+    bool one = false;  // launch() takes moe_ffn_bulk
     cudaLaunchAttribute pdl{};
     pdl.id = cudaLaunchAttributeProgrammaticStreamSerialization;
     pdl.val.programmaticStreamSerializationAllowed = 1;
@@ -145,6 +153,11 @@ int main() {
         c.dynamicSmemBytes = up_smem;
         c.attrs = &pdl;
         c.numAttrs = 1;
+        if (one) {
+            c.dynamicSmemBytes = all_smem;
+            CK(cudaLaunchKernelEx(&c, moe_ffn_bulk, va, vf, up_stages, up_stage, all_planes));
+            return;
+        }
         CK(cudaLaunchKernelEx(&c, moe_ffn_up_bulk, va, vf, up_stages, up_stage));
         c.dynamicSmemBytes = dn_smem;
         CK(cudaLaunchKernelEx(&c, moe_ffn_down_bulk, va, vf, dn_stages, dn_stage, planes));
@@ -153,36 +166,67 @@ int main() {
     cudaEvent_t e0, e1;
     CK(cudaEventCreate(&e0));
     CK(cudaEventCreate(&e1));
-    for (int r = 0; r < 10; r++) launch(r);
-    CK(cudaEventRecord(e0));
-    for (int r = 0; r < reps; r++) launch(r);
-    CK(cudaEventRecord(e1));
-    CK(cudaEventSynchronize(e1));
-    CK(cudaGetLastError());
-    float ms;
-    CK(cudaEventElapsedTime(&ms, e0, e1));
-    const double us = ms * 1000.0 / reps;
-    printf("up + down: %.2f us per token, %.2f TB/s (%.1f MB)\n", us, bytes / us / 1e6, bytes / 1e6);
-    // One up launch alone after a sync, then its blocks' stamps.
-    launch(3);
-    CK(cudaDeviceSynchronize());
-    static unsigned long long st[FFN_NSTAMP][1024];
-    CK(cudaMemcpyFromSymbol(st, ffn_stamp, sizeof st));
-    unsigned long long t0 = ~0ull;
-    for (int b = 0; b < sms; b++) t0 = std::min(t0, st[0][b]);
-    const char* names[FFN_NSTAMP] = {"entry",        "wait over", "arrived",      "shared done",
-                                     "barrier over", "routed",    "first routed", "end",
-                                     "inputs in",    "picks (warp 0)"};
-    // In the kernel's order.
-    const int order[FFN_NSTAMP] = {0, 1, 2, 8, 3, 4, 9, 5, 6, 7};
-    printf("up, us from the first entry (min / median / max over %d blocks):\n", sms);
-    for (int i : order) {
-        std::vector<double> v;
-        for (int b = 0; b < sms; b++)
-            if (st[i][b] >= t0) v.push_back((st[i][b] - t0) / 1e3);
-        std::sort(v.begin(), v.end());
-        if (v.empty()) continue;
-        printf("  %-13s %7.2f %7.2f %7.2f\n", names[i], v.front(), v[v.size() / 2], v.back());
-    }
-    return 0;
+    auto timed = [&](const char* what) {
+        for (int r = 0; r < 10; r++) launch(r);
+        CK(cudaEventRecord(e0));
+        for (int r = 0; r < reps; r++) launch(r);
+        CK(cudaEventRecord(e1));
+        CK(cudaEventSynchronize(e1));
+        CK(cudaGetLastError());
+        float ms;
+        CK(cudaEventElapsedTime(&ms, e0, e1));
+        const double us = ms * 1000.0 / reps;
+        printf("%s: %.2f us per token, %.2f TB/s (%.1f MB)\n", what, us, bytes / us / 1e6, bytes / 1e6);
+    };
+    // The outputs of one token, poisoned first (NaN) so that a missed write shows.
+    auto outputs = [&](int r) {
+        CK(cudaMemset(h, 0xff, k * I * 4));
+        CK(cudaMemset(out, 0xff, k * D * 4));
+        CK(cudaMemset(sout, 0xff, D * 4));
+        CK(cudaMemset(sh, 0xff, I * 4));
+        launch(r);
+        CK(cudaDeviceSynchronize());
+        std::vector<uint32_t> v((size_t)k * I + (size_t)k * D + D + I + k);
+        uint32_t* p = v.data();
+        CK(cudaMemcpy(p, h, k * I * 4, cudaMemcpyDeviceToHost));
+        CK(cudaMemcpy(p + k * I, out, k * D * 4, cudaMemcpyDeviceToHost));
+        CK(cudaMemcpy(p + k * I + k * D, sout, D * 4, cudaMemcpyDeviceToHost));
+        CK(cudaMemcpy(p + k * I + k * D + D, sh, I * 4, cudaMemcpyDeviceToHost));
+        CK(cudaMemcpy(p + k * I + k * D + D + I, picks, k * 4, cudaMemcpyDeviceToHost));
+        return v;
+    };
+    auto stamps = [&](const char* what, const std::vector<int>& order) {
+        static unsigned long long st[FFN_NSTAMP][1024];
+        memset(st, 0, sizeof st);
+        CK(cudaMemcpyToSymbol(ffn_stamp, st, sizeof st));
+        launch(3);
+        CK(cudaDeviceSynchronize());
+        CK(cudaMemcpyFromSymbol(st, ffn_stamp, sizeof st));
+        unsigned long long t0 = ~0ull;
+        for (int b = 0; b < sms; b++) t0 = std::min(t0, st[0][b]);
+        const char* names[FFN_NSTAMP] = {"entry",        "wait over",      "arrived",     "shared done",
+                                         "barrier over", "routed",         "first routed", "up end",
+                                         "inputs in",    "picks (warp 0)", "sh in",        "h in",
+                                         "end"};
+        printf("%s, us from the first entry (min / median / max over %d blocks):\n", what, sms);
+        for (int i : order) {
+            std::vector<double> v;
+            for (int b = 0; b < sms; b++)
+                if (st[i][b] >= t0) v.push_back((st[i][b] - t0) / 1e3);
+            std::sort(v.begin(), v.end());
+            if (v.empty()) continue;
+            printf("  %-14s %7.2f %7.2f %7.2f\n", names[i], v.front(), v[v.size() / 2], v.back());
+        }
+    };
+    timed("up + down");
+    const std::vector<uint32_t> ref = outputs(5);
+    stamps("up", {0, 1, 2, 8, 3, 4, 9, 5, 6, 7});
+    one = true;
+    timed("one launch");
+    const std::vector<uint32_t> got = outputs(5);
+    size_t diff = 0;
+    for (size_t i = 0; i < ref.size(); i++) diff += ref[i] != got[i];
+    printf("one launch against up + down: %zu of %zu output words differ\n", diff, ref.size());
+    stamps("one launch", {0, 1, 2, 8, 3, 4, 9, 5, 6, 7, 10, 11, 12});
+    return diff != 0;
 }

@@ -25,8 +25,9 @@
 // the global timer (ns) at entry, after the wait, at its arrival at the grid barrier, once its
 // shared tiles are done, once the barrier has passed, once routed, when its first routed tile
 // has arrived, at the end; then once its inputs are loaded (before the shared tiles) and once
-// warp 0 has the picks (before the block-wide barrier that tells the others).
-#define FFN_NSTAMP 10
+// warp 0 has the picks (before the block-wide barrier that tells the others); in one launch,
+// once the shared hidden row is in, once the routed ones are, at the end.
+#define FFN_NSTAMP 13
 #ifdef FFN_STAMPS
 __device__ unsigned long long ffn_stamp[FFN_NSTAMP][1024];
 #define FFN_STAMP(i)                                                        \
@@ -171,18 +172,48 @@ __device__ __forceinline__ void ffn_range(int n, int& lo, int& hi) {
     hi = (int)(n * (b + 1) / nb);
 }
 
-// The layout check both kernels make: the host's shared-memory layout must hold.
+// The layout check every kernel here makes: the host's shared-memory layout must hold (after
+// the stages, 64 bytes of zeros then `plane_bytes` of B planes and group factors).
 __device__ __forceinline__ void ffn_check(int stages, int stage_bytes, int need_stage, int npl, int need_npl,
-                                          int K) {
+                                          size_t plane_bytes) {
     unsigned dyn;
     asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
     if (stages > MB_MAX_STAGES || stage_bytes < need_stage || stage_bytes % 16 || need_npl > npl ||
-        dyn < (size_t)stages * stage_bytes + 64 + (size_t)npl * (K * 4 + K / 8))
+        dyn < (size_t)stages * stage_bytes + 64 + plane_bytes)
         __trap();
 }
+__host__ __device__ constexpr int ffn_plane_bytes(int K) { return K * 4 + K / 8; }
 
+// Warp 0 wrote outputs other blocks read (its lanes write a tile's rows): count `n` of them
+// done on counter c. Called by every consumer thread.
+__device__ __forceinline__ void ffn_publish(unsigned* c, unsigned n) {
+    if (threadIdx.x < 32) {
+        __threadfence();
+        __syncwarp();
+        if (threadIdx.x == 0) atomicAdd(c, n);
+    }
+}
+
+// Every consumer thread past this once counter c has reached `n` (see ffn_publish); traps
+// after seconds, as grid_wait does.
 template <int W>
-__device__ void moe_ffn_up_impl(const MoeArgs& a, const FfnArgs& f, int stages, int stage_bytes) {
+__device__ __forceinline__ void ffn_await(const unsigned* c, unsigned n) {
+    if (threadIdx.x == 0) {
+        for (unsigned spins = 0; *(const volatile unsigned*)c < n; spins++) {
+            if (spins > (1u << 26)) __trap();
+            __nanosleep(32);
+        }
+        __threadfence();
+    }
+    asm volatile("bar.sync 1, %0;" ::"r"(32 * W) : "memory");
+}
+
+// Up, or with ALL the whole FFN half in one launch (`moe_ffn_bulk`): after its routed gate/up
+// tiles a block goes on to shared then routed down tiles, whose weights its producer streams
+// while the last gate/up tiles are consumed; each down tile waits for the hidden rows it reads,
+// counted in f.sync[2] (the shared expert's) and f.sync[3 + p] (pair p's) as blocks write them.
+template <int W, bool ALL>
+__device__ void moe_ffn_up_impl(const MoeArgs& a, const FfnArgs& f, int stages, int stage_bytes, int npl) {
     extern __shared__ __align__(128) uint8_t mb_smem[];
     __shared__ __align__(8) uint64_t full[MB_MAX_STAGES], empty[MB_MAX_STAGES], picked, rdone;
     __shared__ float red[2][W][16];
@@ -195,7 +226,22 @@ __device__ void moe_ffn_up_impl(const MoeArgs& a, const FfnArgs& f, int stages, 
     int s0, s1, i0, i1;
     ffn_range(Is / 4, s0, s1);
     ffn_range(a.k * tpp, i0, i1);  // one token: pairs = k
-    ffn_check(stages, stage_bytes, max(moe_bulk_tile_bytes(K), ffn_fp8_tile_bytes(K)), 1, 1, K);
+    // With ALL: down's shared rows [d0, d1) and routed items [j0, j1), on pairs first..last.
+    const int I = a.I, tpd = a.D / 16;
+    int d0 = 0, d1 = 0, j0 = 0, j1 = 0;
+    if (ALL) {
+        ffn_range(a.D / 8, d0, d1);
+        ffn_range(a.k * tpd, j0, j1);
+    }
+    const int first = j0 < j1 ? j0 / tpd : 0, last = j0 < j1 ? (j1 - 1) / tpd : -1;
+    unsigned* cnt = f.sync + 2;
+    {
+        const int up_stage = max(moe_bulk_tile_bytes(K), ffn_fp8_tile_bytes(K));
+        const int dn_stage = max(moe_bulk_tile_bytes(I), ffn_fp8_tile_bytes(f.sd.in));
+        ffn_check(stages, stage_bytes, ALL ? max(up_stage, dn_stage) : up_stage, ALL ? npl : 1,
+                  ALL ? last - first + 1 : 1,
+                  ALL ? max(ffn_plane_bytes(K), npl * ffn_plane_bytes(I)) : ffn_plane_bytes(K));
+    }
     uint4* zero = (uint4*)(mb_smem + (size_t)stages * stage_bytes);
     uint4* plane = zero + 4;
     float* gsc = (float*)(plane + K / 4);
@@ -227,6 +273,20 @@ __device__ void moe_ffn_up_impl(const MoeArgs& a, const FfnArgs& f, int stages, 
             const int slot = n % stages, p = it / tpp, tile = it % tpp;
             if (n >= stages) mbar_wait(&empty[slot], ((n / stages) - 1) & 1);
             mb_issue_fp4<true>(a, picks_s[p], tile, K, mb_smem + (size_t)slot * stage_bytes, &full[slot], policy);
+        }
+        if (ALL) {
+            for (int it = d0; it < d1; it++, n++) {
+                const int slot = n % stages;
+                if (n >= stages) mbar_wait(&empty[slot], ((n / stages) - 1) & 1);
+                ffn_issue_fp8<false>(f, it, mb_smem + (size_t)slot * stage_bytes, &full[slot], policy);
+            }
+            if (j0 < j1 && i0 >= i1) mbar_wait(&picked, 0);
+            for (int it = j0; it < j1; it++, n++) {
+                const int slot = n % stages, p = it / tpd, tile = it % tpd;
+                if (n >= stages) mbar_wait(&empty[slot], ((n / stages) - 1) & 1);
+                mb_issue_fp4<false>(a, picks_s[p], tile, I, mb_smem + (size_t)slot * stage_bytes, &full[slot],
+                                    policy);
+            }
         }
         return;
     }
@@ -281,7 +341,13 @@ __device__ void moe_ffn_up_impl(const MoeArgs& a, const FfnArgs& f, int stages, 
     }
     __threadfence();
     asm volatile("bar.sync 1, %0;" ::"r"(32 * W) : "memory");
-    if (threadIdx.x == 0) gen0 = grid_arrive(f.sync);  // waited past below (gemv_bulk.cu)
+    if (threadIdx.x == 0) {
+        // (Block 0 clears the hidden rows' counters: every count comes after the barrier, and
+        // every reader of the last launch's counts has finished before this kernel's wait.)
+        if (ALL && b == 0)
+            for (int i = 0; i < a.k + 1; i++) cnt[i] = 0u;
+        gen0 = grid_arrive(f.sync);  // waited past below (gemv_bulk.cu)
+    }
     FFN_STAMP(2);
     // Meanwhile: the shared expert's tiles, and the routed experts' B plane.
     float xv[FFN_CH][16];
@@ -308,6 +374,7 @@ __device__ void moe_ffn_up_impl(const MoeArgs& a, const FfnArgs& f, int stages, 
     asm volatile("bar.sync 1, %0;" ::"r"(32 * W) : "memory");
     FFN_STAMP(4);
     if (warp == 0) {
+        if (ALL && s0 < s1) ffn_publish(&cnt[0], s1 - s0);
         __threadfence();
         route_token(f.logits, E, a.k, f.bias, f.tid2eid, f.bias ? 0 : f.ids[0], f.route_scale, picks_s, rw_s,
                     key);
@@ -329,8 +396,40 @@ __device__ void moe_ffn_up_impl(const MoeArgs& a, const FfnArgs& f, int stages, 
         if (it == i0) FFN_STAMP(6);
         mb_consume_fp4<true, W>(a, mb_smem + (size_t)slot * stage_bytes, &empty[slot], K, zero, plane, gsc,
                                 red[n & 1], p, tile);
+        if (ALL && (it + 1 == i1 || (it + 1) / tpp != p)) ffn_publish(&cnt[1 + p], it + 1 - max(i0, p * tpp));
     }
     FFN_STAMP(7);
+    if (!ALL) return;
+    // Down: the shared expert's rows, then the routed ones (the B planes replace up's).
+    if (d0 < d1) {
+        ffn_await<W>(&cnt[0], Is / 4);
+        ffn_load_x<W>(f.sh, f.sd.in, xv);
+    }
+    FFN_STAMP(10);
+    for (int it = d0; it < d1; it++, n++) {
+        const int slot = n % stages;
+        float sa[FFN_CH], sb[FFN_CH];
+        ffn_scales<false>(f, it, 32 * W, sa, sb);
+        mbar_wait(&full[slot], (n / stages) & 1);
+        ffn_consume_fp8<false, W>(f, a.lim, mb_smem + (size_t)slot * stage_bytes, &empty[slot], f.sd.in, sa, sb, xv,
+                                  red[n & 1], it);
+    }
+    float* gsd = (float*)(plane + (size_t)npl * (I / 4));
+    for (int in = first; in <= last; in++) {
+        ffn_await<W>(&cnt[1 + in], tpp);
+        moe_tc_prep(a.h + (size_t)in * I, I, plane + (size_t)(in - first) * (I / 4), gsd + (size_t)(in - first) * (I / 32),
+                    32 * W);
+    }
+    asm volatile("bar.sync 1, %0;" ::"r"(32 * W) : "memory");
+    FFN_STAMP(11);
+    for (int it = j0; it < j1; it++, n++) {
+        const int slot = n % stages, p = it / tpd, tile = it % tpd;
+        mbar_wait(&full[slot], (n / stages) & 1);
+        mb_consume_fp4<false, W>(a, mb_smem + (size_t)slot * stage_bytes, &empty[slot], I, zero,
+                                 plane + (size_t)(p - first) * (I / 4), gsd + (size_t)(p - first) * (I / 32),
+                                 red[n & 1], p, tile);
+    }
+    FFN_STAMP(12);
 }
 
 template <int W>
@@ -343,7 +442,8 @@ __device__ void moe_ffn_down_impl(const MoeArgs& a, const FfnArgs& f, int stages
     ffn_range(a.D / 8, s0, s1);
     ffn_range(a.k * tpp, i0, i1);
     const int first = i0 < i1 ? i0 / tpp : 0, last = i0 < i1 ? (i1 - 1) / tpp : -1;
-    ffn_check(stages, stage_bytes, max(moe_bulk_tile_bytes(K), ffn_fp8_tile_bytes(Ks)), npl, last - first + 1, K);
+    ffn_check(stages, stage_bytes, max(moe_bulk_tile_bytes(K), ffn_fp8_tile_bytes(Ks)), npl, last - first + 1,
+              (size_t)npl * ffn_plane_bytes(K));
     uint4* zero = (uint4*)(mb_smem + (size_t)stages * stage_bytes);
     uint4* planes = zero + 4;
     float* gsc = (float*)(planes + (size_t)npl * (K / 4));
@@ -406,7 +506,13 @@ __device__ void moe_ffn_down_impl(const MoeArgs& a, const FfnArgs& f, int stages
 extern "C" __global__ void __launch_bounds__(32 * (8 + 1), 1)
     moe_ffn_up_bulk(MoeArgs a, FfnArgs f, int stages, int stage_bytes) {
     pdl_inside();
-    moe_ffn_up_impl<8>(a, f, stages, stage_bytes);
+    moe_ffn_up_impl<8, false>(a, f, stages, stage_bytes, 1);
+}
+// The whole FFN half (see moe_ffn_up_impl): f.sync holds 3 + k counters.
+extern "C" __global__ void __launch_bounds__(32 * (8 + 1), 1)
+    moe_ffn_bulk(MoeArgs a, FfnArgs f, int stages, int stage_bytes, int npl) {
+    pdl_inside();
+    moe_ffn_up_impl<8, true>(a, f, stages, stage_bytes, npl);
 }
 extern "C" __global__ void __launch_bounds__(32 * (8 + 1), 1)
     moe_ffn_down_bulk(MoeArgs a, FfnArgs f, int stages, int stage_bytes, int npl) {

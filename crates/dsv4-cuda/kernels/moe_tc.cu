@@ -58,7 +58,8 @@ __device__ __forceinline__ uint32_t half2_bits(float a, float b) {
 // Threads 0..nthreads-1 take part (a multiple of 32; K / 8 too, so whole warps shuffle).
 __device__ void moe_tc_prep(const float* x, int K, uint4* B, float* gs, int nthreads) {
     for (int c = threadIdx.x; c < K / 8; c += nthreads) {
-        const float4 u = __ldg((const float4*)x + 2 * c), v = __ldg((const float4*)x + 2 * c + 1);
+        // (Coherent loads: moe_ffn_bulk reads hidden rows other blocks wrote in the same launch.)
+        const float4 u = __ldcg((const float4*)x + 2 * c), v = __ldcg((const float4*)x + 2 * c + 1);
         const float f[8] = {u.x, u.y, u.z, u.w, v.x, v.y, v.z, v.w};
         float amax = 0.f;
         bool nan = false;
