@@ -271,7 +271,7 @@ impl Scratch {
             hc_count: gpu.alloc_zeros(4 * HC_FUSED_TOKENS)?,
             route_count: gpu.alloc_zeros(4)?,
             pair_bar: gpu.alloc_zeros(8)?,
-            ffn_sync: gpu.alloc_zeros(8)?,
+            ffn_sync: gpu.alloc_zeros(4 * crate::moe_ffn::FFN_SYNC_WORDS)?,
             seq_table: gpu.alloc(layers * cap * std::mem::size_of::<SeqLayerPtrs>())?,
             table_host: Vec::new(),
             graphs: HashMap::new(),
@@ -309,9 +309,9 @@ pub struct CudaModel {
     /// Whether one-token FFN halves run as two launches that find the routing and stream the
     /// shared and routed experts together (`moe_ffn_up_bulk`, `DSV4_CUDA_FFN_FUSED=1`).
     ffn_fused: AtomicBool,
-    /// Whether the fused FFN's first launch may start beside the boundary before it
-    /// (`DSV4_CUDA_FFN_EARLY=0`: only after it; to be measured).
-    ffn_early: bool,
+    /// How the fused FFN launches: two launches whose first may start beside the boundary
+    /// before it (`DSV4_CUDA_FFN_EARLY=0`: only after it), or one (`DSV4_CUDA_FFN_ONE=1`).
+    ffn_path: std::sync::atomic::AtomicU8,
     /// Whether calls of up to [`ops::ROUTER_ROUTE_TOKENS`] tokens compute the router's logits
     /// and the routing in one launch (`moe_router_route`; `DSV4_CUDA_ROUTE_FUSED=0` keeps the
     /// GEMV and `moe_route`).
@@ -493,7 +493,15 @@ impl CudaModel {
             ffn_fused: AtomicBool::new(
                 std::env::var("DSV4_CUDA_FFN_FUSED").is_ok_and(|v| v == "1"),
             ),
-            ffn_early: std::env::var("DSV4_CUDA_FFN_EARLY").map_or(true, |v| v != "0"),
+            ffn_path: std::sync::atomic::AtomicU8::new(ffn_path_code(
+                if std::env::var("DSV4_CUDA_FFN_ONE").is_ok_and(|v| v == "1") {
+                    crate::moe_ffn::FfnPath::One
+                } else {
+                    crate::moe_ffn::FfnPath::Two {
+                        early: std::env::var("DSV4_CUDA_FFN_EARLY").map_or(true, |v| v != "0"),
+                    }
+                },
+            )),
             route_fused: AtomicBool::new(
                 std::env::var("DSV4_CUDA_ROUTE_FUSED").map_or(true, |v| v != "0"),
             ),
@@ -560,6 +568,12 @@ impl CudaModel {
     /// launches of `kernels/moe_ffn.cu` where the model's formats allow, instead of five.
     pub fn set_ffn_fused(&self, on: bool) {
         self.ffn_fused.store(on, Ordering::Relaxed);
+        self.drop_graphs();
+    }
+
+    /// How fused FFN halves launch ([`CudaModel::set_ffn_fused`]).
+    pub fn set_ffn_path(&self, path: crate::moe_ffn::FfnPath) {
+        self.ffn_path.store(ffn_path_code(path), Ordering::Relaxed);
         self.drop_graphs();
     }
 
@@ -2016,7 +2030,12 @@ impl CudaModel {
                 sh: s.sg.ptr,
                 sout: s.f.ptr,
             };
-            crate::moe_ffn::ffn_bulk(g, &l, &routed, &f, self.ffn_early)?;
+            let path = match self.ffn_path.load(Ordering::Relaxed) {
+                0 => crate::moe_ffn::FfnPath::Two { early: false },
+                1 => crate::moe_ffn::FfnPath::Two { early: true },
+                _ => crate::moe_ffn::FfnPath::One,
+            };
+            crate::moe_ffn::ffn_bulk(g, &l, &routed, &f, path)?;
             return self.moe_combine(s, t, combine, aq);
         }
         // One token's shared expert into s.f through the routed-expert kernels (one pass for
@@ -2244,6 +2263,14 @@ impl CudaModel {
             a.i as usize,
         )?;
         Some((l, sh))
+    }
+}
+
+/// `CudaModel::ffn_path`'s encoding of a path.
+fn ffn_path_code(p: crate::moe_ffn::FfnPath) -> u8 {
+    match p {
+        crate::moe_ffn::FfnPath::Two { early } => early as u8,
+        crate::moe_ffn::FfnPath::One => 2,
     }
 }
 

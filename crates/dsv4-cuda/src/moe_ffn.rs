@@ -1,5 +1,5 @@
-//! One decode token's FFN half in two launches (`kernels/moe_ffn.cu`): the router, the shared
-//! expert (FP8) and the routed experts (FP4) streamed by the same bulk-copy blocks, the
+//! One decode token's FFN half in two launches or one (`kernels/moe_ffn.cu`): the router, the
+//! shared expert (FP8) and the routed experts (FP4) streamed by the same bulk-copy blocks, the
 //! routing found inside the first launch while the shared expert's rows stream.
 
 use crate::gpu::Gpu;
@@ -58,7 +58,34 @@ pub struct FfnLaunch {
     pub down_stage_bytes: i32,
     pub down_planes: i32,
     pub down_smem: u32,
+    /// The whole half in one launch (`moe_ffn_bulk`), where its stages fit.
+    pub one: Option<OneLaunch>,
 }
+
+/// The shared-memory layout of `moe_ffn_bulk`: stages that hold any tile of both halves, then
+/// room for up's input plane or down's `planes` pair planes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OneLaunch {
+    pub stages: i32,
+    pub stage_bytes: i32,
+    pub planes: i32,
+    pub smem: u32,
+}
+
+/// How [`ffn_bulk`] launches the half.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FfnPath {
+    /// Up then down; `early`: up may launch while the kernel before it runs (its shared-expert
+    /// stream and router rows start there, and its blocks sit beside that kernel's), else only
+    /// once that kernel has finished.
+    Two { early: bool },
+    /// `moe_ffn_bulk`, launched early.
+    One,
+}
+
+/// `u32` counters the kernels keep in [`FfnArgs::sync`]: the grid barrier's two, then (one
+/// launch) the shared hidden row's and one per pick.
+pub const FFN_SYNC_WORDS: usize = 3 + 32;
 
 fn fp8_tile_bytes(k: usize) -> usize {
     8 * k
@@ -134,6 +161,18 @@ fn ffn_layout(sms: usize, e: usize, k: usize, d: usize, i: usize, is: usize) -> 
         .next_multiple_of(16);
     let down_fixed = 64 + planes * (i * 4 + i / 8);
     let down_stages = (MB_MAX_SMEM.checked_sub(down_fixed)? / down_stage).min(MB_MAX_STAGES);
+    let one_stage = up_stage.max(down_stage);
+    let one_fixed = 64 + (d * 4 + d / 8).max(planes * (i * 4 + i / 8));
+    let one = MB_MAX_SMEM
+        .checked_sub(one_fixed)
+        .map(|room| (room / one_stage).min(MB_MAX_STAGES))
+        .filter(|&n| n >= 2)
+        .map(|n| OneLaunch {
+            stages: n as i32,
+            stage_bytes: one_stage as i32,
+            planes: planes as i32,
+            smem: (n * one_stage + one_fixed) as u32,
+        });
     (up_stages >= 2 && down_stages >= 2).then_some(FfnLaunch {
         blocks: nb as u32,
         up_stages: up_stages as i32,
@@ -143,15 +182,15 @@ fn ffn_layout(sms: usize, e: usize, k: usize, d: usize, i: usize, is: usize) -> 
         down_stage_bytes: down_stage as i32,
         down_planes: planes as i32,
         down_smem: (down_stages * down_stage + down_fixed) as u32,
+        one,
     })
 }
 
 /// The FFN half of one token: routing into `f.picks`/`f.rw` (the buffers `a` names too: down
 /// reads them there), the routed experts' rows into `a.h`/`a.out` (`a.rw_inside` must be 0)
-/// and the shared expert into `f.sout`, as [`ffn_launch`] laid out. `early`: up may launch
-/// while the kernel before it runs (its shared-expert stream and router rows start there, and
-/// its blocks sit beside that kernel's), else only once that kernel has finished.
-pub fn ffn_bulk(gpu: &Gpu, l: &FfnLaunch, a: &MoeArgs, f: &FfnArgs, early: bool) -> Result<()> {
+/// and the shared expert into `f.sout`, as [`ffn_launch`] laid out; `f.sync` holds
+/// [`FFN_SYNC_WORDS`] counters, zero before the first launch.
+pub fn ffn_bulk(gpu: &Gpu, l: &FfnLaunch, a: &MoeArgs, f: &FfnArgs, path: FfnPath) -> Result<()> {
     if f.picks != a.picks || f.rw != a.rw || a.rw_inside != 0 {
         return Err(crate::Error::Unsupported(
             "fused FFN: the routing buffers must be the experts' (and rw_inside 0)".into(),
@@ -159,14 +198,31 @@ pub fn ffn_bulk(gpu: &Gpu, l: &FfnLaunch, a: &MoeArgs, f: &FfnArgs, early: bool)
     }
     let k = a.k.max(0) as usize;
     let (d, i) = (a.d as usize, a.i as usize);
-    gpu.tag(|| {
-        (
-            format!("moe_ffn_up_bulk x{k} s{}", l.up_stages),
-            k * 2 * i * (d / 2 + d / 32)
-                + 2 * (f.sg.out as usize) * d
-                + 2 * d * (f.gate.out as usize),
-        )
-    });
+    let up_bytes =
+        k * 2 * i * (d / 2 + d / 32) + 2 * (f.sg.out as usize) * d + 2 * d * (f.gate.out as usize);
+    let down_bytes = k * d * (i / 2 + i / 32) + d * (f.sd.inp as usize);
+    let early = match path {
+        FfnPath::Two { early } => early,
+        FfnPath::One => {
+            let o = l.one.ok_or_else(|| {
+                crate::Error::Unsupported("fused FFN: one launch does not fit this GPU".into())
+            })?;
+            gpu.tag(|| {
+                (
+                    format!("moe_ffn_bulk x{k} s{}", o.stages),
+                    up_bytes + down_bytes,
+                )
+            });
+            return gpu.launch(
+                "moe_ffn_bulk",
+                (l.blocks, 1, 1),
+                (MB_THREADS, 1, 1),
+                o.smem,
+                &[a, f, &o.stages, &o.stage_bytes, &o.planes],
+            );
+        }
+    };
+    gpu.tag(|| (format!("moe_ffn_up_bulk x{k} s{}", l.up_stages), up_bytes));
     let launch = if early {
         Gpu::launch
     } else {
@@ -183,7 +239,7 @@ pub fn ffn_bulk(gpu: &Gpu, l: &FfnLaunch, a: &MoeArgs, f: &FfnArgs, early: bool)
     gpu.tag(|| {
         (
             format!("moe_ffn_down_bulk x{k} s{}", l.down_stages),
-            k * d * (i / 2 + i / 32) + d * (f.sd.inp as usize),
+            down_bytes,
         )
     });
     gpu.launch(
@@ -214,8 +270,16 @@ mod tests {
             (8, 17408, 1)
         );
         assert_eq!(l.down_smem as usize, 8 * 17408 + 64 + 2048 * 4 + 256);
+        // One launch: six stages of the up tile, room for up's plane or down's (the same).
+        let o = l.one.unwrap();
+        assert_eq!((o.stages, o.stage_bytes, o.planes), (6, 34816, 1));
+        assert_eq!(o.smem as usize, 6 * 34816 + 64 + 4096 * 4 + 512);
         let l = ffn_layout(100, 256, 6, 4096, 2048, 2048).unwrap();
         assert_eq!(l.down_planes, 2);
+        assert_eq!(
+            l.one.unwrap().smem as usize,
+            6 * 34816 + 64 + 4096 * 4 + 512
+        );
     }
 
     /// A wide shared expert sets the stage size; shapes the kernels cannot cut are refused.

@@ -630,9 +630,10 @@ fn decode_graphs_replay_exactly() {
     // Five copies of the model stepped in lockstep: one launching kernel by kernel on one
     // stream, one the same with the side-stream branches, one replaying graphs (with them);
     // then the last two again with each boundary's Sinkhorn on the side stream (`hc_mix`).
-    // Then two more with one-token FFN halves fused (`kernels/moe_ffn.cu`: other sums, so
-    // compared with each other): eager on one stream, and graphs with the side stream.
-    let models: Vec<CudaModel> = (0..7)
+    // Then three more with one-token FFN halves fused (`kernels/moe_ffn.cu`: other sums, so
+    // compared with each other): eager on one stream, graphs with the side stream, and those
+    // in one launch per half (the same sums).
+    let models: Vec<CudaModel> = (0..8)
         .map(|_| CudaModel::from_model(&cpu, 0).unwrap())
         .collect();
     for (m, (graphs, branches, defer, ffn)) in models.iter().zip([
@@ -643,12 +644,14 @@ fn decode_graphs_replay_exactly() {
         (true, true, true, false),
         (false, false, false, true),
         (true, true, true, true),
+        (true, true, true, true),
     ]) {
         m.set_graphs(graphs);
         m.set_branches(branches);
         m.set_hc_defer(defer);
         m.set_ffn_fused(ffn);
     }
+    models[7].set_ffn_path(dsv4_cuda::moe_ffn::FfnPath::One);
     assert!(models[5].ffn_fused_fits());
     let prompts: Vec<Vec<u32>> = [37usize, 3, 130]
         .iter()
@@ -681,7 +684,7 @@ fn decode_graphs_replay_exactly() {
             "step {i}: non-finite logits (fused FFN)"
         );
         for (j, o) in outs.iter().enumerate().skip(1) {
-            let base = if j == 6 { 5 } else { 0 };
+            let base = if j >= 6 { 5 } else { 0 };
             if j != 5 && outs[base] != *o {
                 let d = outs[base]
                     .iter()
@@ -695,7 +698,8 @@ fn decode_graphs_replay_exactly() {
     assert!(
         bad.is_empty(),
         "branches (1), graph replay (2), either with the Sinkhorn on the side stream (3, 4), or \
-         graphs with fused FFN halves (6, against 5) differ from one-stream eager launches at \
+         graphs with fused FFN halves (6, and 7 in one launch, against 5) differ from \
+         one-stream eager launches at \
          (model, step, batch, max abs diff) {bad:?}"
     );
 }
@@ -2073,7 +2077,7 @@ fn hc_boundary_cluster_matches_last_block() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn fused_ffn_matches_separate_launches() {
-    use dsv4_cuda::moe_ffn::{ffn_bulk, ffn_launch, FfnArgs};
+    use dsv4_cuda::moe_ffn::{ffn_bulk, ffn_launch, FfnArgs, FfnPath, FFN_SYNC_WORDS};
     use dsv4_cuda::ops::{moe_bulk_ok, moe_experts, router_route, MoeArgs, RouteArgs};
     use dsv4_cuda::weights::{GpuLinear, LinearDesc};
     use synthetic::MatrixFormat as F;
@@ -2120,7 +2124,8 @@ fn fused_ffn_matches_separate_launches() {
         let tid2eid = gpu.upload(&tid2eid).unwrap();
         let ids = gpu.upload(&[3i32]).unwrap();
         let zeros = gpu.alloc_zeros(4 * 8).unwrap();
-        let (count, sync) = (gpu.alloc_zeros(4).unwrap(), gpu.alloc_zeros(8).unwrap());
+        let count = gpu.alloc_zeros(4).unwrap();
+        let sync = gpu.alloc_zeros(4 * FFN_SYNC_WORDS).unwrap();
         let f32s = |n: usize| gpu.upload(&vec![f32::NAN; n]).unwrap();
         let read = |b: &dsv4_cuda::gpu::DevBuf, n: usize| {
             let mut v = vec![0f32; n];
@@ -2218,7 +2223,8 @@ fn fused_ffn_matches_separate_launches() {
             let stale = (0..e as i32)
                 .find(|x| want_picks.iter().all(|p| (p - x) % 7 != 0))
                 .expect("an unpicked expert");
-            for rep in 0..3 {
+            // Two launches (early, late, early), then one launch twice: its counters start over.
+            for rep in 0..5 {
                 let (lg, r) = (f32s(e), f32s(k));
                 let p = gpu.upload(&vec![stale; k]).unwrap();
                 let (sh, so, h, o) = (f32s(inter), f32s(d), f32s(k * inter), f32s(k * d));
@@ -2240,10 +2246,13 @@ fn fused_ffn_matches_separate_launches() {
                     sh: sh.ptr,
                     sout: so.ptr,
                 };
-                // The second launch waits for the kernel before it instead of starting beside it.
                 let a = routed(p.ptr, r.ptr, h.ptr, o.ptr);
-                ffn_bulk(&gpu, &layout, &a, &f, rep != 1).unwrap();
-                let what = format!("E {e} d {d} hash {hash} launch {rep}");
+                let path = match rep {
+                    0..=2 => FfnPath::Two { early: rep != 1 },
+                    _ => FfnPath::One,
+                };
+                ffn_bulk(&gpu, &layout, &a, &f, path).unwrap();
+                let what = format!("E {e} d {d} hash {hash} launch {rep} {path:?}");
                 assert_eq!(read_i(&p), want_picks, "{what}");
                 let got = [
                     read(&lg, e),
