@@ -359,13 +359,23 @@ struct DenseSrc {
 // counts arrivals (reset by the last), bar[1] counts passes. grid_arrive (after the block's
 // outputs) returns the pass count that grid_wait waits past, so a block may work between the
 // two. Blocks must never outnumber what can be resident at once.
+// A release/acquire fence at GPU scope: what a counter's writer needs before its atomic and its
+// reader after seeing it. (__threadfence is the sequentially consistent fence.sc.gpu, which
+// moe_ffn_bench measured as costly beside bulk copies in flight; FFN_SC_FENCE puts it back.)
+__device__ __forceinline__ void gpu_fence() {
+#ifdef FFN_SC_FENCE
+    __threadfence();
+#else
+    asm volatile("fence.acq_rel.gpu;" ::: "memory");
+#endif
+}
 __device__ __forceinline__ unsigned grid_arrive(unsigned* bar) {
     volatile unsigned* gen = bar + 1;
     const unsigned g = *gen;
-    __threadfence();  // this block's outputs before its arrival
+    gpu_fence();  // this block's outputs before its arrival
     if (atomicAdd(bar, 1u) == gridDim.x - 1) {
         atomicExch(bar, 0u);
-        __threadfence();
+        gpu_fence();
         atomicAdd(bar + 1, 1u);
     }
     return g;
@@ -379,7 +389,7 @@ __device__ __forceinline__ void grid_wait(unsigned* bar, unsigned g) {
         if (spins > (1u << 26)) __trap();
         __nanosleep(32);
     }
-    __threadfence();
+    gpu_fence();
 }
 
 // Every block of a launch past this point before any goes on: the consumer warps only (the

@@ -26,8 +26,10 @@
 // shared tiles are done, once the barrier has passed, once routed, when its first routed tile
 // has arrived, at the end; then once its inputs are loaded (before the shared tiles) and once
 // warp 0 has the picks (before the block-wide barrier that tells the others); in one launch,
-// once the shared hidden row is in, once the routed ones are, at the end.
-#define FFN_NSTAMP 13
+// once the shared hidden row is in, once the routed ones are, at the end; with FFN_ROUTE_TWICE
+// (a measurement: is the routing's time its code's first fetch?) after a first routing whose
+// result the second overwrites.
+#define FFN_NSTAMP 14
 #ifdef FFN_STAMPS
 __device__ unsigned long long ffn_stamp[FFN_NSTAMP][1024];
 #define FFN_STAMP(i)                                                        \
@@ -188,9 +190,11 @@ __host__ __device__ constexpr int ffn_plane_bytes(int K) { return K * 4 + K / 8;
 // done on counter c. Called by every consumer thread.
 __device__ __forceinline__ void ffn_publish(unsigned* c, unsigned n) {
     if (threadIdx.x < 32) {
-        __threadfence();
         __syncwarp();
-        if (threadIdx.x == 0) atomicAdd(c, n);
+        if (threadIdx.x == 0) {
+            gpu_fence();
+            atomicAdd(c, n);
+        }
     }
 }
 
@@ -203,7 +207,7 @@ __device__ __forceinline__ void ffn_await(const unsigned* c, unsigned n) {
             if (spins > (1u << 26)) __trap();
             __nanosleep(32);
         }
-        __threadfence();
+        gpu_fence();
     }
     asm volatile("bar.sync 1, %0;" ::"r"(32 * W) : "memory");
 }
@@ -339,7 +343,6 @@ __device__ void moe_ffn_up_impl(const MoeArgs& a, const FfnArgs& f, int stages, 
         for (int s = 0; s < S; s++) v += rpart[threadIdx.x * S + s];
         f.logits[b + nb * threadIdx.x] = v;
     }
-    __threadfence();
     asm volatile("bar.sync 1, %0;" ::"r"(32 * W) : "memory");
     if (threadIdx.x == 0) {
         // (Block 0 clears the hidden rows' counters: every count comes after the barrier, and
@@ -375,7 +378,17 @@ __device__ void moe_ffn_up_impl(const MoeArgs& a, const FfnArgs& f, int stages, 
     FFN_STAMP(4);
     if (warp == 0) {
         if (ALL && s0 < s1) ffn_publish(&cnt[0], s1 - s0);
-        __threadfence();
+#ifdef FFN_ROUTE_TWICE
+        {
+            float k2[ROUTE_PL];
+#pragma unroll
+            for (int m = 0; m < ROUTE_PL; m++) k2[m] = key[m];
+            route_token(f.logits, E, a.k, f.bias, f.tid2eid, f.bias ? 0 : f.ids[0], f.route_scale, picks_s, rw_s,
+                        k2);
+            __syncwarp();
+            FFN_STAMP(13);
+        }
+#endif
         route_token(f.logits, E, a.k, f.bias, f.tid2eid, f.bias ? 0 : f.ids[0], f.route_scale, picks_s, rw_s,
                     key);
         __syncwarp();

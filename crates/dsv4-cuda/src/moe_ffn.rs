@@ -79,7 +79,7 @@ pub enum FfnPath {
     /// stream and router rows start there, and its blocks sit beside that kernel's), else only
     /// once that kernel has finished.
     Two { early: bool },
-    /// `moe_ffn_bulk`, launched early.
+    /// `moe_ffn_bulk`, launched early; two early launches where its stages do not fit.
     One,
 }
 
@@ -201,12 +201,10 @@ pub fn ffn_bulk(gpu: &Gpu, l: &FfnLaunch, a: &MoeArgs, f: &FfnArgs, path: FfnPat
     let up_bytes =
         k * 2 * i * (d / 2 + d / 32) + 2 * (f.sg.out as usize) * d + 2 * d * (f.gate.out as usize);
     let down_bytes = k * d * (i / 2 + i / 32) + d * (f.sd.inp as usize);
-    let early = match path {
-        FfnPath::Two { early } => early,
-        FfnPath::One => {
-            let o = l.one.ok_or_else(|| {
-                crate::Error::Unsupported("fused FFN: one launch does not fit this GPU".into())
-            })?;
+    let early = match (path, l.one) {
+        (FfnPath::Two { early }, _) => early,
+        (FfnPath::One, None) => true,
+        (FfnPath::One, Some(o)) => {
             gpu.tag(|| {
                 (
                     format!("moe_ffn_bulk x{k} s{}", o.stages),
@@ -290,6 +288,11 @@ mod tests {
         assert_eq!(l.down_planes, 1);
         // More router rows per block than consumer warps, no picks, widths off the 256 grid.
         assert!(ffn_layout(132, 8 * 132 + 1, 6, 4096, 2048, 2048).is_none());
+        // Wide up tiles and two down planes: two launches fit, one does not (ffn_bulk then
+        // launches two).
+        let l = ffn_layout(100, 256, 6, 10240, 8192, 2048).unwrap();
+        assert_eq!((l.up_stages, l.down_stages, l.down_planes), (2, 2, 2));
+        assert_eq!(l.one, None);
         assert!(ffn_layout(132, 256, 0, 4096, 2048, 2048).is_none());
         assert!(ffn_layout(132, 256, 6, 4000, 2048, 2048).is_none());
         assert!(ffn_layout(132, 256, 6, 4096, 2048, 2044).is_none());
