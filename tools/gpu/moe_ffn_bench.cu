@@ -6,7 +6,8 @@
 // µs from the first block's entry: min / median / max over the blocks); then the same for the
 // whole half in one launch (moe_ffn_bulk), whose outputs must equal the two launches' bit for
 // bit (the exit status says whether they do). -DFFN_ROUTE_TWICE stamps a first routing before
-// the real one; `up, right after an up launch` shows up with its code already fetched.
+// the real one, -DFFN_WARM_ROUTE runs a throwaway one before the wait; `up, right after an up
+// launch` shows up with its code already fetched (scripts/ffn-bench.sh builds and runs them).
 //   nvcc -std=c++17 -O3 -arch=sm_90a -Icrates/dsv4-cuda/kernels -o moe_ffn_bench tools/gpu/moe_ffn_bench.cu
 #define FFN_STAMPS
 #include <algorithm>

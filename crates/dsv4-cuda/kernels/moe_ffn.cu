@@ -28,7 +28,8 @@
 // warp 0 has the picks (before the block-wide barrier that tells the others); in one launch,
 // once the shared hidden row is in, once the routed ones are, at the end; with FFN_ROUTE_TWICE
 // (a measurement: is the routing's time its code's first fetch?) after a first routing whose
-// result the second overwrites.
+// result the second overwrites. FFN_WARM_ROUTE instead runs a throwaway routing before the
+// wait, as a kernel could to fetch its one-time code while the kernel before it runs.
 #define FFN_NSTAMP 14
 #ifdef FFN_STAMPS
 __device__ unsigned long long ffn_stamp[FFN_NSTAMP][1024];
@@ -313,6 +314,17 @@ __device__ void moe_ffn_up_impl(const MoeArgs& a, const FfnArgs& f, int stages, 
     // The first shared tile's scales too (weights; each tile loads the next one's).
     float sa[FFN_CH], sb[FFN_CH];
     if (s0 < s1) ffn_scales<true>(f, s0, 32 * W, sa, sb);
+#ifdef FFN_WARM_ROUTE
+    // A measurement (moe_ffn_bench): the routing run once before the wait on whatever the
+    // buffers hold (every read in bounds; its picks are overwritten before anyone reads them),
+    // so that its code is in the SM's instruction cache when the real one runs.
+    if (warp == 0) {
+        float k2[ROUTE_PL];
+#pragma unroll
+        for (int m = 0; m < ROUTE_PL; m++) k2[m] = key[m];
+        route_token(f.logits, E, a.k, f.bias, f.tid2eid, f.bias ? 0 : f.ids[0], f.route_scale, picks_s, rw_s, k2);
+    }
+#endif
     pdl_wait();
     FFN_STAMP(1);
     {

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# On a GPU machine, from the repository root (nothing carried): builds tools/gpu/moe_ffn_bench.cu
+# once per variant, in parallel, and runs each: the fused FFN half alone, its stamps, and one
+# launch against two. Variants are -D flags of kernels/moe_ffn.cu; "" is the build as shipped.
+#   scripts/ffn-bench.sh ["" "-DFFN_ROUTE_TWICE" "-DFFN_WARM_ROUTE" ...]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+nvcc=${NVCC:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}
+[ $# -gt 0 ] || set -- "" "-DFFN_ROUTE_TWICE" "-DFFN_WARM_ROUTE"
+dir=$(mktemp -d)
+i=0
+for v in "$@"; do
+  "$nvcc" -std=c++17 -O3 -arch=sm_90a $v -Icrates/dsv4-cuda/kernels -o "$dir/b$i" \
+    tools/gpu/moe_ffn_bench.cu >"$dir/b$i.log" 2>&1 &
+  i=$((i + 1))
+done
+wait
+status=0
+i=0
+for v in "$@"; do
+  echo "== variant [${v}]"
+  if [ -x "$dir/b$i" ]; then
+    timeout 60 "$dir/b$i" || status=1
+  else
+    tail -5 "$dir/b$i.log"
+    status=1
+  fi
+  i=$((i + 1))
+done
+exit $status
