@@ -187,6 +187,37 @@ __device__ __forceinline__ void ffn_check(int stages, int stage_bytes, int need_
 }
 __host__ __device__ constexpr int ffn_plane_bytes(int K) { return K * 4 + K / 8; }
 
+// Consumer warps, down's two runs from the ring (item count n on): the shared expert's rows
+// [d0, d1) on its hidden row (in xv), then routed items [j0, j1) on the B planes and group
+// factors of pairs first, first + 1, ...
+template <int W>
+__device__ __forceinline__ void ffn_down_shared(const MoeArgs& a, const FfnArgs& f, uint8_t* smem, int stage_bytes,
+                                                int stages, uint64_t* full, uint64_t* empty, float (&red)[2][W][16],
+                                                const float (&xv)[FFN_CH][16], int d0, int d1, int& n) {
+    for (int it = d0; it < d1; it++, n++) {
+        const int slot = n % stages;
+        float sa[FFN_CH], sb[FFN_CH];
+        ffn_scales<false>(f, it, 32 * W, sa, sb);
+        mbar_wait(&full[slot], (n / stages) & 1);
+        ffn_consume_fp8<false, W>(f, a.lim, smem + (size_t)slot * stage_bytes, &empty[slot], f.sd.in, sa, sb, xv,
+                                  red[n & 1], it);
+    }
+}
+template <int W>
+__device__ __forceinline__ void ffn_down_routed(const MoeArgs& a, uint8_t* smem, int stage_bytes, int stages,
+                                                uint64_t* full, uint64_t* empty, float (&red)[2][W][16],
+                                                const uint4* zero, const uint4* planes, const float* gsc, int j0,
+                                                int j1, int first, int& n) {
+    const int K = a.I, tpd = a.D / 16;
+    for (int it = j0; it < j1; it++, n++) {
+        const int slot = n % stages, p = it / tpd, tile = it % tpd;
+        mbar_wait(&full[slot], (n / stages) & 1);
+        mb_consume_fp4<false, W>(a, smem + (size_t)slot * stage_bytes, &empty[slot], K, zero,
+                                 planes + (size_t)(p - first) * (K / 4), gsc + (size_t)(p - first) * (K / 32),
+                                 red[n & 1], p, tile);
+    }
+}
+
 // Warp 0 wrote outputs other blocks read (its lanes write a tile's rows): count `n` of them
 // done on counter c. Called by every consumer thread.
 __device__ __forceinline__ void ffn_publish(unsigned* c, unsigned n) {
@@ -431,14 +462,7 @@ __device__ void moe_ffn_up_impl(const MoeArgs& a, const FfnArgs& f, int stages, 
         ffn_load_x<W>(f.sh, f.sd.in, xv);
     }
     FFN_STAMP(10);
-    for (int it = d0; it < d1; it++, n++) {
-        const int slot = n % stages;
-        float sa[FFN_CH], sb[FFN_CH];
-        ffn_scales<false>(f, it, 32 * W, sa, sb);
-        mbar_wait(&full[slot], (n / stages) & 1);
-        ffn_consume_fp8<false, W>(f, a.lim, mb_smem + (size_t)slot * stage_bytes, &empty[slot], f.sd.in, sa, sb, xv,
-                                  red[n & 1], it);
-    }
+    ffn_down_shared<W>(a, f, mb_smem, stage_bytes, stages, full, empty, red, xv, d0, d1, n);
     float* gsd = (float*)(plane + (size_t)npl * (I / 4));
     for (int in = first; in <= last; in++) {
         ffn_await<W>(&cnt[1 + in], tpp);
@@ -447,13 +471,7 @@ __device__ void moe_ffn_up_impl(const MoeArgs& a, const FfnArgs& f, int stages, 
     }
     asm volatile("bar.sync 1, %0;" ::"r"(32 * W) : "memory");
     FFN_STAMP(11);
-    for (int it = j0; it < j1; it++, n++) {
-        const int slot = n % stages, p = it / tpd, tile = it % tpd;
-        mbar_wait(&full[slot], (n / stages) & 1);
-        mb_consume_fp4<false, W>(a, mb_smem + (size_t)slot * stage_bytes, &empty[slot], I, zero,
-                                 plane + (size_t)(p - first) * (I / 4), gsd + (size_t)(p - first) * (I / 32),
-                                 red[n & 1], p, tile);
-    }
+    ffn_down_routed<W>(a, mb_smem, stage_bytes, stages, full, empty, red, zero, plane, gsd, j0, j1, first, n);
     FFN_STAMP(12);
 }
 
@@ -509,21 +527,8 @@ __device__ void moe_ffn_down_impl(const MoeArgs& a, const FfnArgs& f, int stages
                     gsc + (size_t)(in - first) * (K / 32), 32 * W);
     asm volatile("bar.sync 1, %0;" ::"r"(32 * W) : "memory");
     int n = 0;
-    for (int it = s0; it < s1; it++, n++) {
-        const int slot = n % stages;
-        float sa[FFN_CH], sb[FFN_CH];
-        ffn_scales<false>(f, it, 32 * W, sa, sb);
-        mbar_wait(&full[slot], (n / stages) & 1);
-        ffn_consume_fp8<false, W>(f, a.lim, mb_smem + (size_t)slot * stage_bytes, &empty[slot], Ks, sa, sb, xv,
-                                  red[n & 1], it);
-    }
-    for (int it = i0; it < i1; it++, n++) {
-        const int slot = n % stages, p = it / tpp, tile = it % tpp;
-        mbar_wait(&full[slot], (n / stages) & 1);
-        mb_consume_fp4<false, W>(a, mb_smem + (size_t)slot * stage_bytes, &empty[slot], K, zero,
-                                 planes + (size_t)(p - first) * (K / 4), gsc + (size_t)(p - first) * (K / 32),
-                                 red[n & 1], p, tile);
-    }
+    ffn_down_shared<W>(a, f, mb_smem, stage_bytes, stages, full, empty, red, xv, s0, s1, n);
+    ffn_down_routed<W>(a, mb_smem, stage_bytes, stages, full, empty, red, zero, planes, gsc, i0, i1, first, n);
 }
 
 // Up waits and lets its dependents launch inside (see the top); down lets them launch at once,
