@@ -187,6 +187,29 @@ __device__ __forceinline__ void ffn_check(int stages, int stage_bytes, int need_
 }
 __host__ __device__ constexpr int ffn_plane_bytes(int K) { return K * 4 + K / 8; }
 
+// Producer warp, down's two runs into the ring (item count n on): the shared expert's rows
+// [d0, d1), then routed items [j0, j1), pair p's expert being pick(p).
+__device__ __forceinline__ void ffn_issue_down_shared(const FfnArgs& f, uint8_t* smem, int stage_bytes, int stages,
+                                                      uint64_t* full, uint64_t* empty, uint64_t policy, int d0, int d1,
+                                                      int& n) {
+    for (int it = d0; it < d1; it++, n++) {
+        const int slot = n % stages;
+        if (n >= stages) mbar_wait(&empty[slot], ((n / stages) - 1) & 1);
+        ffn_issue_fp8<false>(f, it, smem + (size_t)slot * stage_bytes, &full[slot], policy);
+    }
+}
+template <typename Pick>
+__device__ __forceinline__ void ffn_issue_down_routed(const MoeArgs& a, uint8_t* smem, int stage_bytes, int stages,
+                                                      uint64_t* full, uint64_t* empty, uint64_t policy, int j0, int j1,
+                                                      int& n, Pick pick) {
+    const int tpd = a.D / 16;
+    for (int it = j0; it < j1; it++, n++) {
+        const int slot = n % stages, p = it / tpd, tile = it % tpd;
+        if (n >= stages) mbar_wait(&empty[slot], ((n / stages) - 1) & 1);
+        mb_issue_fp4<false>(a, pick(p), tile, a.I, smem + (size_t)slot * stage_bytes, &full[slot], policy);
+    }
+}
+
 // Consumer warps, down's two runs from the ring (item count n on): the shared expert's rows
 // [d0, d1) on its hidden row (in xv), then routed items [j0, j1) on the B planes and group
 // factors of pairs first, first + 1, ...
@@ -216,6 +239,16 @@ __device__ __forceinline__ void ffn_down_routed(const MoeArgs& a, uint8_t* smem,
                                  planes + (size_t)(p - first) * (K / 4), gsc + (size_t)(p - first) * (K / 32),
                                  red[n & 1], p, tile);
     }
+}
+
+// Warp 0: a routing that leaves the keys as they are (the measurements FFN_WARM_ROUTE and
+// FFN_ROUTE_TWICE route once more than the kernel needs).
+__device__ __forceinline__ void ffn_route_copy(const MoeArgs& a, const FfnArgs& f, int E, const float (&key)[ROUTE_PL],
+                                               int* picks, float* rw) {
+    float k2[ROUTE_PL];
+#pragma unroll
+    for (int m = 0; m < ROUTE_PL; m++) k2[m] = key[m];
+    route_token(f.logits, E, a.k, f.bias, f.tid2eid, f.bias ? 0 : f.ids[0], f.route_scale, picks, rw, k2);
 }
 
 // Warp 0 wrote outputs other blocks read (its lanes write a tile's rows): count `n` of them
@@ -311,18 +344,10 @@ __device__ void moe_ffn_up_impl(const MoeArgs& a, const FfnArgs& f, int stages, 
             mb_issue_fp4<true>(a, picks_s[p], tile, K, mb_smem + (size_t)slot * stage_bytes, &full[slot], policy);
         }
         if (ALL) {
-            for (int it = d0; it < d1; it++, n++) {
-                const int slot = n % stages;
-                if (n >= stages) mbar_wait(&empty[slot], ((n / stages) - 1) & 1);
-                ffn_issue_fp8<false>(f, it, mb_smem + (size_t)slot * stage_bytes, &full[slot], policy);
-            }
+            ffn_issue_down_shared(f, mb_smem, stage_bytes, stages, full, empty, policy, d0, d1, n);
             if (j0 < j1 && i0 >= i1) mbar_wait(&picked, 0);
-            for (int it = j0; it < j1; it++, n++) {
-                const int slot = n % stages, p = it / tpd, tile = it % tpd;
-                if (n >= stages) mbar_wait(&empty[slot], ((n / stages) - 1) & 1);
-                mb_issue_fp4<false>(a, picks_s[p], tile, I, mb_smem + (size_t)slot * stage_bytes, &full[slot],
-                                    policy);
-            }
+            ffn_issue_down_routed(a, mb_smem, stage_bytes, stages, full, empty, policy, j0, j1, n,
+                                  [&](int p) { return picks_s[p]; });
         }
         return;
     }
@@ -349,12 +374,7 @@ __device__ void moe_ffn_up_impl(const MoeArgs& a, const FfnArgs& f, int stages, 
     // A measurement (moe_ffn_bench): the routing run once before the wait on whatever the
     // buffers hold (every read in bounds; its picks are overwritten before anyone reads them),
     // so that its code is in the SM's instruction cache when the real one runs.
-    if (warp == 0) {
-        float k2[ROUTE_PL];
-#pragma unroll
-        for (int m = 0; m < ROUTE_PL; m++) k2[m] = key[m];
-        route_token(f.logits, E, a.k, f.bias, f.tid2eid, f.bias ? 0 : f.ids[0], f.route_scale, picks_s, rw_s, k2);
-    }
+    if (warp == 0) ffn_route_copy(a, f, E, key, picks_s, rw_s);
 #endif
     pdl_wait();
     FFN_STAMP(1);
@@ -422,15 +442,9 @@ __device__ void moe_ffn_up_impl(const MoeArgs& a, const FfnArgs& f, int stages, 
     if (warp == 0) {
         if (ALL && s0 < s1) ffn_publish(&cnt[0], s1 - s0);
 #ifdef FFN_ROUTE_TWICE
-        {
-            float k2[ROUTE_PL];
-#pragma unroll
-            for (int m = 0; m < ROUTE_PL; m++) k2[m] = key[m];
-            route_token(f.logits, E, a.k, f.bias, f.tid2eid, f.bias ? 0 : f.ids[0], f.route_scale, picks_s, rw_s,
-                        k2);
-            __syncwarp();
-            FFN_STAMP(13);
-        }
+        ffn_route_copy(a, f, E, key, picks_s, rw_s);
+        __syncwarp();
+        FFN_STAMP(13);
 #endif
         route_token(f.logits, E, a.k, f.bias, f.tid2eid, f.bias ? 0 : f.ids[0], f.route_scale, picks_s, rw_s,
                     key);
@@ -504,18 +518,10 @@ __device__ void moe_ffn_down_impl(const MoeArgs& a, const FfnArgs& f, int stages
         // finish (the picks are up's output).
         const uint64_t policy = evict_first_policy();
         int n = 0;
-        for (int it = s0; it < s1; it++, n++) {
-            const int slot = n % stages;
-            if (n >= stages) mbar_wait(&empty[slot], ((n / stages) - 1) & 1);
-            ffn_issue_fp8<false>(f, it, mb_smem + (size_t)slot * stage_bytes, &full[slot], policy);
-        }
+        ffn_issue_down_shared(f, mb_smem, stage_bytes, stages, full, empty, policy, s0, s1, n);
         pdl_wait();
-        for (int it = i0; it < i1; it++, n++) {
-            const int slot = n % stages, p = it / tpp, tile = it % tpp;
-            if (n >= stages) mbar_wait(&empty[slot], ((n / stages) - 1) & 1);
-            mb_issue_fp4<false>(a, __ldcg(a.picks + p), tile, K, mb_smem + (size_t)slot * stage_bytes, &full[slot],
-                                policy);
-        }
+        ffn_issue_down_routed(a, mb_smem, stage_bytes, stages, full, empty, policy, i0, i1, n,
+                              [&](int p) { return __ldcg(a.picks + p); });
         return;
     }
     pdl_wait();  // the hidden rows are up's output
