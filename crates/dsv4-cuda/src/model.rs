@@ -2030,11 +2030,7 @@ impl CudaModel {
                 sh: s.sg.ptr,
                 sout: s.f.ptr,
             };
-            let path = match self.ffn_path.load(Ordering::Relaxed) {
-                0 => crate::moe_ffn::FfnPath::Two { early: false },
-                1 => crate::moe_ffn::FfnPath::Two { early: true },
-                _ => crate::moe_ffn::FfnPath::One,
-            };
+            let path = ffn_path_of(self.ffn_path.load(Ordering::Relaxed));
             crate::moe_ffn::ffn_bulk(g, &l, &routed, &f, path)?;
             return self.moe_combine(s, t, combine, aq);
         }
@@ -2266,11 +2262,17 @@ impl CudaModel {
     }
 }
 
-/// `CudaModel::ffn_path`'s encoding of a path.
+/// `CudaModel::ffn_path`'s encoding of a path, and back ([`ffn_path_of`]).
 fn ffn_path_code(p: crate::moe_ffn::FfnPath) -> u8 {
     match p {
         crate::moe_ffn::FfnPath::Two { early } => early as u8,
         crate::moe_ffn::FfnPath::One => 2,
+    }
+}
+fn ffn_path_of(code: u8) -> crate::moe_ffn::FfnPath {
+    match code {
+        0 | 1 => crate::moe_ffn::FfnPath::Two { early: code == 1 },
+        _ => crate::moe_ffn::FfnPath::One,
     }
 }
 

@@ -91,6 +91,11 @@ fn fp8_tile_bytes(k: usize) -> usize {
     8 * k
 }
 
+/// One input's B plane and group factors in shared memory (the kernels' `ffn_plane_bytes`).
+fn plane_bytes(k: usize) -> usize {
+    k * 4 + k / 8
+}
+
 /// A shared-expert matrix the kernels can stream: FP8 with 16-byte rows, 8 rows of a tile in
 /// one scale block, chunks of 16 inputs in one scale column.
 fn shared_ok(w: &GpuLinear, out: usize, inp: usize) -> bool {
@@ -152,17 +157,17 @@ fn ffn_layout(sms: usize, e: usize, k: usize, d: usize, i: usize, is: usize) -> 
     let up_stage = moe_bulk_tile_bytes(d)
         .max(fp8_tile_bytes(d))
         .next_multiple_of(16);
-    let up_fixed = 64 + d * 4 + d / 8;
+    let up_fixed = 64 + plane_bytes(d);
     let up_stages = (MB_MAX_SMEM.checked_sub(up_fixed)? / up_stage).min(MB_MAX_STAGES);
     // Down: the pairs a block's run of routed items spans (the kernel cuts them alike).
     let planes = moe_bulk_planes(nb, k, k, d / 16, false).max(1);
     let down_stage = moe_bulk_tile_bytes(i)
         .max(fp8_tile_bytes(is))
         .next_multiple_of(16);
-    let down_fixed = 64 + planes * (i * 4 + i / 8);
+    let down_fixed = 64 + planes * plane_bytes(i);
     let down_stages = (MB_MAX_SMEM.checked_sub(down_fixed)? / down_stage).min(MB_MAX_STAGES);
     let one_stage = up_stage.max(down_stage);
-    let one_fixed = 64 + (d * 4 + d / 8).max(planes * (i * 4 + i / 8));
+    let one_fixed = 64 + plane_bytes(d).max(planes * plane_bytes(i));
     let one = MB_MAX_SMEM
         .checked_sub(one_fixed)
         .map(|room| (room / one_stage).min(MB_MAX_STAGES))
