@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # On a GPU machine, from the repository root (nothing carried): builds tools/gpu/moe_ffn_bench.cu
 # once per variant, in parallel, and runs each: the fused FFN half alone, its stamps, and one
-# launch against two. Variants are -D flags of kernels/moe_ffn.cu; "" is the build as shipped.
-#   scripts/ffn-bench.sh ["" "-DFFN_ROUTE_TWICE" "-DFFN_WARM_ROUTE" ...]
+# launch against two. Variants are -D flags of kernels/moe_ffn.cu; "" is the build as shipped. A word
+# `root=DIR` builds from another copy of the sources (`git archive BASE crates/dsv4-cuda/kernels
+# tools/gpu | tar -x -C DIR`, carried), so one call compares two commits.
+#   scripts/ffn-bench.sh ["" "-DFFN_ROUTE_TWICE" "-DFFN_WARM_ROUTE" "root=scratch/base" ...]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 nvcc=${NVCC:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}
@@ -10,8 +12,12 @@ nvcc=${NVCC:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}
 dir=$(mktemp -d)
 i=0
 for v in "$@"; do
-  "$nvcc" -std=c++17 -O3 -arch=sm_90a $v -Icrates/dsv4-cuda/kernels -o "$dir/b$i" \
-    tools/gpu/moe_ffn_bench.cu >"$dir/b$i.log" 2>&1 &
+  root=. flags=()
+  for w in $v; do
+    case $w in root=*) root=${w#root=} ;; *) flags+=("$w") ;; esac
+  done
+  "$nvcc" -std=c++17 -O3 -arch=sm_90a "${flags[@]}" -I"$root/crates/dsv4-cuda/kernels" -o "$dir/b$i" \
+    "$root/tools/gpu/moe_ffn_bench.cu" >"$dir/b$i.log" 2>&1 &
   i=$((i + 1))
 done
 wait

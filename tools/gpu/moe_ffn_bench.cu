@@ -92,7 +92,7 @@ int main() {
     std::vector<float> hx((size_t)reps * D);
     uint32_t seed = 7;
     for (auto& v : hx) v = (float)(lcg(seed) >> 8) / (float)(1 << 24) * 2.f - 1.f;
-    float *x, *h, *out, *rw, *logits, *sh, *sout, *bias;
+    float *x, *h, *out, *rw, *scores, *sh, *sout, *bias;
     int* picks;
     unsigned* sync;
     CK(cudaMalloc(&x, hx.size() * 4));
@@ -101,7 +101,7 @@ int main() {
     CK(cudaMalloc(&out, k * D * 4));
     CK(cudaMalloc(&rw, k * 4));
     CK(cudaMalloc(&picks, k * 4));
-    CK(cudaMalloc(&logits, E * 4));
+    CK(cudaMalloc(&scores, E * 4));
     CK(cudaMalloc(&sh, I * 4));
     CK(cudaMalloc(&sout, D * 4));
     CK(cudaMalloc(&bias, E * 4));
@@ -117,7 +117,7 @@ int main() {
     a.I = I;
     a.vec = 1;
     a.lim = 10.f;
-    f.logits = logits;
+    f.scores = scores;
     f.sync = sync;
     f.bias = bias;
     f.route_scale = 2.5f;

@@ -4,10 +4,12 @@
 #include "linear.cuh"
 
 __device__ __forceinline__ float softplusf_(float x) { return x > 20.f ? x : log1pf(expf(x)); }
+// An expert's routing score from its router logit: sqrt(softplus(logit)).
+__device__ __forceinline__ float route_score(float logit) { return sqrtf(softplusf_(logit)); }
 
 // One warp per token. picks/rw: [T, k]. bias == null: hash routing through tid2eid [vocab, k].
 // Lane l holds the scores and keys of experts l, l + 32, ... in registers (E <= 32 · ROUTE_PL and
-// k <= 32: the host checks), so a round of the top-k is a register scan and one shuffle argmax.
+// k <= 32: the host checks), so a round of the top-k is a register scan and two warp reductions.
 #define ROUTE_PL 16
 // The router's keys (the bias, or 0) of lane `lane`'s experts lane, lane + 32, ...: weights, so
 // they load before the previous kernel is waited for.
@@ -19,65 +21,83 @@ __device__ __forceinline__ void route_keys(const float* bias, int E, int lane, f
     }
 }
 
-// One token's routing by one whole warp, from its E logits `lg` (read through L2: another block
-// of the caller may have written them): sqrt-softplus scores, biased top-k (ties → lower id) or
-// the hash table's picks for token id `id`, then the normalized, scaled weights of its k picks.
-__device__ __forceinline__ void route_token(const float* lg, int E, int k, const float* bias, const int* tid2eid,
+// A float key as an unsigned integer of the same order (NaN → -inf, -0 → +0), so a warp's
+// largest key is one `redux.sync`; 0 sits below every key (-inf maps to 0x007fffff).
+__device__ __forceinline__ unsigned route_order(float v) {
+    v = isnan(v) ? -INFINITY : v + 0.f;
+    const unsigned u = __float_as_uint(v);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// op over the lane's ROUTE_PL registers as a tree (depth 4, not a chain of 15); t is clobbered.
+template <typename T, typename Op>
+__device__ __forceinline__ T route_tree(T (&t)[ROUTE_PL], Op op) {
+    static_assert(ROUTE_PL == 16, "a tree of four levels");
+#pragma unroll
+    for (int m = 0; m < 8; m++) t[m] = op(t[m], t[m + 8]);
+#pragma unroll
+    for (int m = 0; m < 4; m++) t[m] = op(t[m], t[m + 4]);
+#pragma unroll
+    for (int m = 0; m < 2; m++) t[m] = op(t[m], t[m + 2]);
+    return op(t[0], t[1]);
+}
+
+// One token's routing by one whole warp from its E router values `v` (read through L2: another
+// block of the caller may have written them): the scores (`v` itself when SCORED, else
+// route_score of the logits), biased top-k (ties → lower id) or the hash table's picks for token
+// id `id`, then the normalized, scaled weights of its k picks. Every load is issued before the
+// first use, and each round of the top-k is a max-tree over the lane's registers and two
+// `redux.sync` (the key, then the lowest id holding it): the serial chain of one warp is this
+// kernel's critical path.
+template <bool SCORED>
+__device__ __forceinline__ void route_token(const float* v, int E, int k, const float* bias, const int* tid2eid,
                                             int id, float route_scale, int* picks, float* rw,
-                                            float (&key)[ROUTE_PL]) {
+                                            const float (&key)[ROUTE_PL]) {
     const int lane = threadIdx.x & 31;
     float s[ROUTE_PL];
 #pragma unroll
     for (int m = 0; m < ROUTE_PL; m++) {
         const int e = lane + 32 * m;
-        s[m] = e < E ? sqrtf(softplusf_(__ldcg(lg + e))) : 0.f;
-        // NaN keys (NaN logits) count as -inf.
-        const float kv = s[m] + key[m];
-        key[m] = isnan(kv) ? -INFINITY : kv;
+        s[m] = e < E ? __ldcg(v + e) : 0.f;
+    }
+    if (!SCORED) {
+#pragma unroll
+        for (int m = 0; m < ROUTE_PL; m++) s[m] = route_score(s[m]);
     }
     int my_pick = 0;
+    if (!bias) {
+        // Lane j < k takes the table's j-th pick.
+        if (lane < k) my_pick = tid2eid[(size_t)id * k + lane];
+    } else {
+        unsigned ku[ROUTE_PL];
+#pragma unroll
+        for (int m = 0; m < ROUTE_PL; m++) ku[m] = lane + 32 * m < E ? route_order(s[m] + key[m]) : 0u;
+        for (int j = 0; j < k; j++) {
+            unsigned t[ROUTE_PL];
+#pragma unroll
+            for (int m = 0; m < ROUTE_PL; m++) t[m] = ku[m];
+            const unsigned best =
+                __reduce_max_sync(0xffffffffu, route_tree(t, [](unsigned x, unsigned y) { return max(x, y); }));
+            int c[ROUTE_PL];
+#pragma unroll
+            for (int m = 0; m < ROUTE_PL; m++) c[m] = ku[m] == best ? lane + 32 * m : INT_MAX;
+            // Every expert below E holds a key above 0 until picked, so bi < E (k <= E).
+            const int bi = __reduce_min_sync(0xffffffffu, route_tree(c, [](int x, int y) { return min(x, y); }));
+            // The winner drops out (selects over every register: an index into the array
+            // would put it in local memory).
+#pragma unroll
+            for (int m = 0; m < ROUTE_PL; m++) ku[m] = lane + 32 * m == bi ? 0u : ku[m];
+            if (lane == j) my_pick = bi;
+        }
+    }
+    // Each pick's score from the lane that holds it.
+    const bool ok = my_pick >= 0 && my_pick < E;
+    const int src = ok ? my_pick & 31 : 0, reg = ok ? my_pick >> 5 : -1;
     float my_s = 0.f;
-    for (int j = 0; j < k; j++) {
-        int bi;
-        float bs = 0.f;  // the pick's score
-        if (!bias) {
-            bi = tid2eid[(size_t)id * k + j];
-            // Its score again, as computed above (an index into s would put s in local memory).
-            if (bi >= 0 && bi < E) bs = sqrtf(softplusf_(__ldcg(lg + bi)));
-        } else {
-            // Each lane takes its first expert even at -inf, so the pick is always an expert
-            // id < E (duplicates only when no key is finite, where the outputs are NaN anyway).
-            float best = -INFINITY;
-            bi = E;
 #pragma unroll
-            for (int m = 0; m < ROUTE_PL; m++) {
-                const int e = lane + 32 * m;
-                if (e < E && (key[m] > best || bi == E)) {
-                    best = key[m];
-                    bi = e;
-                    bs = s[m];
-                }
-            }
-            for (int o = 16; o > 0; o >>= 1) {
-                const float ob = __shfl_xor_sync(0xffffffffu, best, o);
-                const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-                const float os = __shfl_xor_sync(0xffffffffu, bs, o);
-                if (ob > best || (ob == best && oi < bi)) {
-                    best = ob;
-                    bi = oi;
-                    bs = os;
-                }
-            }
-            // The winner drops out. (Selects over every register, not an index into the
-            // array, which would put it in local memory.)
-            const int mine = (bi & 31) == lane ? bi >> 5 : -1;
-#pragma unroll
-            for (int m = 0; m < ROUTE_PL; m++) key[m] = m == mine ? -INFINITY : key[m];
-        }
-        if (lane == j) {
-            my_pick = bi;
-            my_s = bs;
-        }
+    for (int m = 0; m < ROUTE_PL; m++) {
+        const float o = __shfl_sync(0xffffffffu, s[m], src);
+        if (m == reg) my_s = o;
     }
     float sum = 0.f;
     for (int j = 0; j < k; j++) sum += __shfl_sync(0xffffffffu, my_s, j);
@@ -96,8 +116,8 @@ extern "C" __global__ void moe_route(const float* logits, int E, int k, const fl
     float key[ROUTE_PL];
     route_keys(bias, E, lane, key);
     pdl_wait();
-    route_token(logits + (size_t)t * E, E, k, bias, tid2eid, ids[t], route_scale, picks + (size_t)t * k,
-                rw + (size_t)t * k, key);
+    route_token<false>(logits + (size_t)t * E, E, k, bias, tid2eid, ids[t], route_scale, picks + (size_t)t * k,
+                       rw + (size_t)t * k, key);
 }
 
 // The router of a decode step's few tokens (T <= RR_TOKENS, BF16 gate with rows of whole
@@ -107,12 +127,13 @@ extern "C" __global__ void moe_route(const float* logits, int E, int k, const fl
 // with all of a thread's loads in flight at once, read from there by the dot products (each
 // block reads x from L2 once; the step time measured the same as per-chunk loads); the block
 // that finishes last (an atomic count, reset for the next launch) routes the tokens, a warp
-// each, from the logits the blocks wrote.
+// each, from the scores the blocks wrote (each warp turns its logit into its score, so the
+// routing warp's serial tail has no transcendentals).
 #define RR_WARPS 4
 #define RR_TOKENS 4
 #define RR_PRE 16
 extern "C" __global__ void __launch_bounds__(RR_WARPS * 32)
-    moe_router_route(LinearW G, const float* x, int T, float* logits, unsigned* count, int k, const float* bias,
+    moe_router_route(LinearW G, const float* x, int T, float* scores, unsigned* count, int k, const float* bias,
                      const int* tid2eid, const int* ids, float route_scale, int* picks, float* rw) {
     pdl_launch();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -172,7 +193,7 @@ extern "C" __global__ void __launch_bounds__(RR_WARPS * 32)
 #pragma unroll
     for (int m = 0; m < RR_TOKENS; m++) acc[m] = warp_sum(acc[m]);
     if (lane == 0 && r < E)
-        for (int m = 0; m < T; m++) logits[(size_t)m * E + r] = acc[m];
+        for (int m = 0; m < T; m++) scores[(size_t)m * E + r] = route_score(acc[m]);
     __shared__ int last;
     __threadfence();
     __syncthreads();
@@ -181,8 +202,8 @@ extern "C" __global__ void __launch_bounds__(RR_WARPS * 32)
     if (!last) return;
     __threadfence();
     if (warp < T) {
-        route_token(logits + (size_t)warp * E, E, k, bias, tid2eid, ids[warp], route_scale, picks + (size_t)warp * k,
-                    rw + (size_t)warp * k, key);
+        route_token<true>(scores + (size_t)warp * E, E, k, bias, tid2eid, ids[warp], route_scale,
+                          picks + (size_t)warp * k, rw + (size_t)warp * k, key);
     }
     if (threadIdx.x == 0) *count = 0;
 }

@@ -1,6 +1,6 @@
 // The FFN half of one decode token in two launches instead of five: `moe_ffn_up_bulk` finds the
-// routing itself (the router's logits split over all blocks, a grid-wide barrier, then every
-// block routes the token from the logits on its own), and streams the shared expert's gate and
+// routing itself (the router's rows split over all blocks, each writing its experts' scores, a
+// grid-wide barrier, then every block routes the token from the scores on its own), and streams the shared expert's gate and
 // up rows (FP8, 128×128 block scales) while it does so, then the routed experts' gate and up
 // rows (FP4, moe_bulk.cu's tiles); `moe_ffn_down_bulk` streams the shared expert's down rows,
 // then the routed ones. So the routing's latency overlaps weight bytes: as separate kernels the
@@ -47,7 +47,7 @@ struct FfnArgs {
     LinearW gate;        // the router [E, D], BF16
     LinearW sg, su, sd;  // the shared expert, FP8: gate, up [Is, D]; down [D, Is]
     const float* hr;     // the router's input [D] (h; the experts read MoeArgs::x)
-    float* logits;       // [E]
+    float* scores;       // [E] the router's scores (route_score of its logits)
     unsigned* sync;      // [2]: arrivals (zero between launches), the barrier's generation
     const float* bias;   // top-k keys, or null: hash routing through tid2eid[ids[0]]
     const int* tid2eid;
@@ -245,10 +245,7 @@ __device__ __forceinline__ void ffn_down_routed(const MoeArgs& a, uint8_t* smem,
 // FFN_ROUTE_TWICE route once more than the kernel needs).
 __device__ __forceinline__ void ffn_route_copy(const MoeArgs& a, const FfnArgs& f, int E, const float (&key)[ROUTE_PL],
                                                int* picks, float* rw) {
-    float k2[ROUTE_PL];
-#pragma unroll
-    for (int m = 0; m < ROUTE_PL; m++) k2[m] = key[m];
-    route_token(f.logits, E, a.k, f.bias, f.tid2eid, f.bias ? 0 : f.ids[0], f.route_scale, picks, rw, k2);
+    route_token<true>(f.scores, E, a.k, f.bias, f.tid2eid, f.bias ? 0 : f.ids[0], f.route_scale, picks, rw, key);
 }
 
 // Warp 0 wrote outputs other blocks read (its lanes write a tile's rows): count `n` of them
@@ -404,7 +401,7 @@ __device__ void moe_ffn_up_impl(const MoeArgs& a, const FfnArgs& f, int stages, 
     if (threadIdx.x < R && b + nb * (int)threadIdx.x < E) {
         float v = 0.f;
         for (int s = 0; s < S; s++) v += rpart[threadIdx.x * S + s];
-        f.logits[b + nb * threadIdx.x] = v;
+        f.scores[b + nb * threadIdx.x] = route_score(v);
     }
     asm volatile("bar.sync 1, %0;" ::"r"(32 * W) : "memory");
     if (threadIdx.x == 0) {
@@ -446,7 +443,7 @@ __device__ void moe_ffn_up_impl(const MoeArgs& a, const FfnArgs& f, int stages, 
         __syncwarp();
         FFN_STAMP(13);
 #endif
-        route_token(f.logits, E, a.k, f.bias, f.tid2eid, f.bias ? 0 : f.ids[0], f.route_scale, picks_s, rw_s,
+        route_token<true>(f.scores, E, a.k, f.bias, f.tid2eid, f.bias ? 0 : f.ids[0], f.route_scale, picks_s, rw_s,
                     key);
         __syncwarp();
         FFN_STAMP(9);

@@ -149,7 +149,8 @@ struct Scratch {
     hw: DevBuf,
     sel: DevBuf,
     nsel: DevBuf,
-    logits_e: DevBuf,
+    /// The router's logits `[cap, E]` (its scores where the router kernel routes too).
+    route_e: DevBuf,
     picks: DevBuf,
     /// Expert picks that are all 0 (the shared expert through the routed-expert kernels).
     zeros_i32: DevBuf,
@@ -249,7 +250,7 @@ impl Scratch {
             hw: f(cap * c.index_n_heads)?,
             sel: f(cap * c.index_topk.max(1))?,
             nsel: f(cap)?,
-            logits_e: f(cap * c.n_routed_experts)?,
+            route_e: f(cap * c.n_routed_experts)?,
             picks: f(pairs)?,
             zeros_i32: gpu.alloc_zeros(4 * cap.max(1))?,
             rw: f(pairs)?,
@@ -2018,7 +2019,7 @@ impl CudaModel {
                 su: sh.w3.desc,
                 sd: sh.w2.desc,
                 hr: s.h.ptr,
-                logits: s.logits_e.ptr,
+                scores: s.route_e.ptr,
                 sync: s.ffn_sync.ptr,
                 bias,
                 tid2eid,
@@ -2078,7 +2079,7 @@ impl CudaModel {
                 &ops::RouteArgs {
                     x: s.h.ptr,
                     t,
-                    logits: s.logits_e.ptr,
+                    scores: s.route_e.ptr,
                     count: s.route_count.ptr,
                     k,
                     bias,
@@ -2097,7 +2098,7 @@ impl CudaModel {
                         LinJob {
                             w: &mw.gate,
                             inp: hin,
-                            y: s.logits_e.ptr,
+                            y: s.route_e.ptr,
                         },
                         LinJob {
                             w: &sh.w1,
@@ -2111,7 +2112,7 @@ impl CudaModel {
                         },
                     ],
                 )?,
-                _ => ops::linear(g, &mw.gate, &hin, s.logits_e.ptr, e, &part)?,
+                _ => ops::linear(g, &mw.gate, &hin, s.route_e.ptr, e, &part)?,
             }
             g.launch(
                 "moe_route",
@@ -2119,7 +2120,7 @@ impl CudaModel {
                 (32, 1, 1),
                 0,
                 &[
-                    &s.logits_e.ptr,
+                    &s.route_e.ptr,
                     &ei,
                     &ki,
                     &bias,

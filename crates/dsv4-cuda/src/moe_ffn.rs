@@ -22,8 +22,8 @@ pub struct FfnArgs {
     pub sd: LinearDesc,
     /// The router's input `[D]`.
     pub hr: u64,
-    /// `[E]` f32 scratch.
-    pub logits: u64,
+    /// `[E]` f32 scratch: the router's scores.
+    pub scores: u64,
     /// Two u32, zero before the first launch (the grid barrier's count and generation).
     pub sync: u64,
     /// The top-k keys, or 0: hash routing through `tid2eid[ids[0]]`.

@@ -1701,12 +1701,12 @@ pub const ROUTER_ROUTE_TOKENS: usize = 4;
 /// Gate rows per block of `moe_router_route` (`RR_WARPS`).
 const RR_WARPS: usize = 4;
 
-/// The router of a few tokens in one launch: h `[t, d]` at `x`, logits `[t, E]` out, picks and
+/// The router of a few tokens in one launch: h `[t, d]` at `x`, scores `[t, E]` out, picks and
 /// routing weights `[t, k]` (see `moe_route`); `count` a zeroed u32 the kernel resets.
 pub struct RouteArgs {
     pub x: u64,
     pub t: usize,
-    pub logits: u64,
+    pub scores: u64,
     pub count: u64,
     pub k: usize,
     pub bias: u64,
@@ -1733,7 +1733,7 @@ fn router_route_smem(gate: &GpuLinear, t: usize) -> usize {
     t * gate.inp * 4
 }
 
-/// `moe_router_route`: the gate's logits and the routing of `a.t` tokens in one launch (the
+/// `moe_router_route`: the gate's scores and the routing of `a.t` tokens in one launch (the
 /// caller checked [`router_route_ok`]).
 pub fn router_route(gpu: &Gpu, gate: &GpuLinear, a: &RouteArgs) -> Result<()> {
     let (t, k) = (a.t as i32, a.k as i32);
@@ -1743,7 +1743,7 @@ pub fn router_route(gpu: &Gpu, gate: &GpuLinear, a: &RouteArgs) -> Result<()> {
         (32 * RR_WARPS as u32, 1, 1),
         router_route_smem(gate, a.t) as u32,
         &[
-            &gate.desc, &a.x, &t, &a.logits, &a.count, &k, &a.bias, &a.tid2eid, &a.ids, &a.scale,
+            &gate.desc, &a.x, &t, &a.scores, &a.count, &k, &a.bias, &a.tid2eid, &a.ids, &a.scale,
             &a.picks, &a.rw,
         ],
     )

@@ -1615,8 +1615,8 @@ fn moe_tensor_cores_match_simt_in_decode() {
     }
 }
 
-/// The router on NaN logits (a diverged activation) picks expert ids < E, so the expert
-/// kernels never index past their tables: a row of all-NaN logits, and a row where NaN
+/// The router on NaN logits (a diverged activation) picks distinct expert ids < E, so the
+/// expert kernels never index past their tables: a row of all-NaN logits, and a row where NaN
 /// logits sit among finite ones (which must still win, in order).
 #[test]
 #[ignore = "needs a CUDA GPU"]
@@ -1655,6 +1655,8 @@ fn router_picks_valid_experts_on_nan_logits() {
     let mut got = vec![0i32; 2 * k];
     gpu.dtoh(picks.ptr, &mut got).unwrap();
     assert!(got.iter().all(|&p| (0..e as i32).contains(&p)), "{got:?}");
+    // Token 0: every key is -inf, so the ties go to the lowest ids, each picked once.
+    assert_eq!(&got[..k], &[0, 1, 2, 3, 4, 5], "{got:?}");
     // Token 1: the six largest finite logits, largest first (the score is monotone in them).
     assert_eq!(&got[k..], &[40, 63, 8, 3, 17, 30], "{got:?}");
 }
@@ -1683,6 +1685,11 @@ fn router_in_one_launch_matches_gemv_and_route() {
             assert!(router_route_ok(&g, t));
             let x = random_f32(t * d, 100 + t as u64);
             let want_logits = l.apply(&x, t);
+            // The router kernel writes scores: sqrt(softplus(logit)).
+            let want_scores: Vec<f32> = want_logits
+                .iter()
+                .map(|&v| if v > 20.0 { v } else { v.exp().ln_1p() }.sqrt())
+                .collect();
             let xd = gpu.upload(&x).unwrap();
             let ids: Vec<i32> = (0..t as i32).map(|i| 2 * i + 1).collect();
             let ids_d = gpu.upload(&ids).unwrap();
@@ -1716,7 +1723,7 @@ fn router_in_one_launch_matches_gemv_and_route() {
                     let a = RouteArgs {
                         x: xd.ptr,
                         t,
-                        logits: lo.ptr,
+                        scores: lo.ptr,
                         count: count.ptr,
                         k,
                         bias: bias_p,
@@ -1727,15 +1734,15 @@ fn router_in_one_launch_matches_gemv_and_route() {
                         rw: r1.ptr,
                     };
                     router_route(&gpu, &g, &a).unwrap();
-                    let mut got_logits = vec![0f32; t * e];
+                    let mut got_scores = vec![0f32; t * e];
                     let mut picks = vec![0i32; t * k];
                     let mut rw = vec![0f32; t * k];
-                    gpu.dtoh(lo.ptr, &mut got_logits).unwrap();
+                    gpu.dtoh(lo.ptr, &mut got_scores).unwrap();
                     gpu.dtoh(p1.ptr, &mut picks).unwrap();
                     gpu.dtoh(r1.ptr, &mut rw).unwrap();
                     let what = format!("d {d} t {t} hash {hash} launch {rep}");
-                    let el = worst(&row_errors(&got_logits, &want_logits, e));
-                    assert!(el < 1e-5, "{what}: logits {el}");
+                    let el = worst(&row_errors(&got_scores, &want_scores, e));
+                    assert!(el < 1e-5, "{what}: scores {el}");
                     assert_eq!(picks, want_picks, "{what}");
                     let er = worst(&row_errors(&rw, &want_rw, k));
                     assert!(er < 1e-5, "{what}: weights {er}");
@@ -2160,7 +2167,7 @@ fn fused_ffn_matches_separate_launches() {
                 &RouteArgs {
                     x: x.ptr,
                     t: 1,
-                    logits: lg0.ptr,
+                    scores: lg0.ptr,
                     count: count.ptr,
                     k,
                     bias: bias_p,
@@ -2234,7 +2241,7 @@ fn fused_ffn_matches_separate_launches() {
                     su: shared[1].desc,
                     sd: shared[2].desc,
                     hr: x.ptr,
-                    logits: lg.ptr,
+                    scores: lg.ptr,
                     sync: sync.ptr,
                     bias: bias_p,
                     tid2eid: tid_p,
@@ -2263,7 +2270,7 @@ fn fused_ffn_matches_separate_launches() {
                     read(&o, k * d),
                 ];
                 for ((g, w), name) in got.iter().zip(&want).zip([
-                    "logits",
+                    "scores",
                     "weights",
                     "shared h",
                     "shared out",
