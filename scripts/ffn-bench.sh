@@ -4,11 +4,11 @@
 # launch against two. Variants are -D flags of kernels/moe_ffn.cu; "" is the build as shipped. A word
 # `root=DIR` builds from another copy of the sources (`git archive BASE crates/dsv4-cuda/kernels
 # tools/gpu | tar -x -C DIR`, carried), so one call compares two commits.
-#   scripts/ffn-bench.sh ["" "-DFFN_ROUTE_TWICE" "-DFFN_WARM_ROUTE" "root=scratch/base" ...]
+#   scripts/ffn-bench.sh ["" "-DFFN_SHARED_PRE=1" "root=scratch/base" ...]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 nvcc=${NVCC:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}
-[ $# -gt 0 ] || set -- "" "-DFFN_ROUTE_TWICE" "-DFFN_WARM_ROUTE"
+[ $# -gt 0 ] || set -- ""
 dir=$(mktemp -d)
 i=0
 for v in "$@"; do

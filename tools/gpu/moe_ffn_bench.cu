@@ -5,9 +5,8 @@
 // time of up + down, then, for one launch of up, where its blocks are (global-timer stamps,
 // µs from the first block's entry: min / median / max over the blocks); then the same for the
 // whole half in one launch (moe_ffn_bulk), whose outputs must equal the two launches' bit for
-// bit (the exit status says whether they do). -DFFN_ROUTE_TWICE stamps a first routing before
-// the real one, -DFFN_WARM_ROUTE runs a throwaway one before the wait; `up, right after an up
-// launch` shows up with its code already fetched (scripts/ffn-bench.sh builds and runs them).
+// bit (the exit status says whether they do). `up, right after an up launch` shows up with its
+// code already fetched (scripts/ffn-bench.sh builds and runs variants).
 //   nvcc -std=c++17 -O3 -arch=sm_90a -Icrates/dsv4-cuda/kernels -o moe_ffn_bench tools/gpu/moe_ffn_bench.cu
 #define FFN_STAMPS
 #include <algorithm>
@@ -214,9 +213,9 @@ int main() {
         unsigned long long t0 = ~0ull;
         for (int b = 0; b < sms; b++) t0 = std::min(t0, st[0][b]);
         const char* names[FFN_NSTAMP] = {"entry",        "wait over",      "arrived",     "shared done",
-                                         "barrier over", "routed",         "first routed", "up end",
-                                         "inputs in",    "picks (warp 0)", "sh in",        "h in",
-                                         "end",          "1st picks"};
+                                         "barrier over", "picks known",    "first routed", "up end",
+                                         "inputs in",    "routed (prod.)", "sh in",        "h in",
+                                         "end",          "router sums",    "scores out"};
         printf("%s, us from the first entry (min / median / max over %d blocks):\n", what, sms);
         for (int i : order) {
             std::vector<double> v;
@@ -229,11 +228,7 @@ int main() {
     };
     timed("up + down");
     const std::vector<uint32_t> ref = outputs(5);
-#ifdef FFN_ROUTE_TWICE
-    const std::vector<int> up_order = {0, 1, 2, 8, 3, 4, 13, 9, 5, 6, 7};
-#else
-    const std::vector<int> up_order = {0, 1, 2, 8, 3, 4, 9, 5, 6, 7};
-#endif
+    const std::vector<int> up_order = {0, 1, 13, 14, 2, 8, 4, 9, 3, 5, 6, 7};
     stamps("up", up_order);
     stamps("up, right after an up launch", up_order, true);
     one = true;

@@ -1,8 +1,9 @@
 // The FFN half of one decode token in two launches instead of five: `moe_ffn_up_bulk` finds the
 // routing itself (the router's rows split over all blocks, each writing its experts' scores, a
-// grid-wide barrier, then every block routes the token from the scores on its own), and streams the shared expert's gate and
-// up rows (FP8, 128×128 block scales) while it does so, then the routed experts' gate and up
-// rows (FP4, moe_bulk.cu's tiles); `moe_ffn_down_bulk` streams the shared expert's down rows,
+// grid-wide barrier, then every block's producer warp routes the token from the scores on its
+// own while the consumers work through the shared tiles), and streams the shared expert's gate
+// and up rows (FP8, 128×128 block scales) first, then the routed experts' gate and up rows
+// (FP4, moe_bulk.cu's tiles); `moe_ffn_down_bulk` streams the shared expert's down rows,
 // then the routed ones. So the routing's latency overlaps weight bytes: as separate kernels the
 // HBM idled through the router (~14 µs per layer on an H100), and the shared expert streamed
 // beside it through SIMT kernels at ~1.3 TB/s.
@@ -14,34 +15,34 @@
 // seconds instead of hanging (`grid_wait`).
 #define FFN_CH 2    // 16-input chunks per consumer thread of a shared-expert tile (K <= 8192)
 #define FFN_RPRE 8  // router chunks per lane requested before the previous kernel is waited for
-// Shared-expert stages a producer issues before its block's router rows have arrived: more
-// would queue the router's loads behind them on the SM (stop 25: router done at ~8.8 µs with
-// every shared stage issued at once).
+// Shared-expert stages a producer issues before its block's router rows have arrived and it has
+// arrived at the grid barrier: more queue the router's loads and the arrival behind them on the
+// SM (stop 25: router done at ~8.8 µs with every shared stage issued at once; stop 27: 2 beat 1
+// and 0 by ~1 µs per token).
 #ifndef FFN_SHARED_PRE
-#define FFN_SHARED_PRE 1
+#define FFN_SHARED_PRE 2
 #endif
 
 // Stamps of every block of `moe_ffn_up_bulk` (tools/gpu/moe_ffn_bench.cu defines FFN_STAMPS):
 // the global timer (ns) at entry, after the wait, at its arrival at the grid barrier, once its
-// shared tiles are done, once the barrier has passed, once routed, when its first routed tile
-// has arrived, at the end; then once its inputs are loaded (before the shared tiles) and once
-// warp 0 has the picks (before the block-wide barrier that tells the others); in one launch,
-// once the shared hidden row is in, once the routed ones are, at the end; with FFN_ROUTE_TWICE
-// (a measurement: is the routing's time its code's first fetch?) after a first routing whose
-// result the second overwrites. FFN_WARM_ROUTE instead runs a throwaway routing before the
-// wait, as a kernel could to fetch its one-time code while the kernel before it runs.
-#define FFN_NSTAMP 14
+// shared tiles are done, once the producer is past the barrier, once the consumers know the
+// picks, when the first routed tile has arrived, at the end; then once its inputs are loaded
+// (before the shared tiles) and once the producer has routed; in one launch, once the shared
+// hidden row is in, once the routed ones are, at the end; last, the router's parts: warp 0's
+// sum of its slice of row b, and the block's scores written (before its arrival).
+#define FFN_NSTAMP 15
 #ifdef FFN_STAMPS
 __device__ unsigned long long ffn_stamp[FFN_NSTAMP][1024];
-#define FFN_STAMP(i)                                                        \
-    if (threadIdx.x == 0) {                                                 \
+#define FFN_STAMP_AT(i, tid)                                                \
+    if (threadIdx.x == (tid)) {                                             \
         unsigned long long t_;                                              \
         asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_));              \
         ffn_stamp[i][blockIdx.x & 1023] = t_;                               \
     }
 #else
-#define FFN_STAMP(i)
+#define FFN_STAMP_AT(i, tid)
 #endif
+#define FFN_STAMP(i) FFN_STAMP_AT(i, 0)
 
 struct FfnArgs {
     LinearW gate;        // the router [E, D], BF16
@@ -241,13 +242,6 @@ __device__ __forceinline__ void ffn_down_routed(const MoeArgs& a, uint8_t* smem,
     }
 }
 
-// Warp 0: a routing that leaves the keys as they are (the measurements FFN_WARM_ROUTE and
-// FFN_ROUTE_TWICE route once more than the kernel needs).
-__device__ __forceinline__ void ffn_route_copy(const MoeArgs& a, const FfnArgs& f, int E, const float (&key)[ROUTE_PL],
-                                               int* picks, float* rw) {
-    route_token<true>(f.scores, E, a.k, f.bias, f.tid2eid, f.bias ? 0 : f.ids[0], f.route_scale, picks, rw, key);
-}
-
 // Warp 0 wrote outputs other blocks read (its lanes write a tile's rows): count `n` of them
 // done on counter c. Called by every consumer thread.
 __device__ __forceinline__ void ffn_publish(unsigned* c, unsigned n) {
@@ -323,9 +317,13 @@ __device__ void moe_ffn_up_impl(const MoeArgs& a, const FfnArgs& f, int stages, 
     }
     __syncthreads();
     FFN_STAMP(0);
+    const int E = f.gate.out;
     if (warp == W) {
-        // Producer: the shared expert's tiles need nothing from the previous kernel; the
-        // routed ones wait for this block's routing.
+        // Producer: the shared expert's tiles need nothing from the previous kernel. Then this
+        // warp routes the token (while the consumers work through the shared tiles) and
+        // streams the routed tiles it picked.
+        float key[ROUTE_PL];
+        route_keys(f.bias, E, lane, key);
         const uint64_t policy = evict_first_policy();
         int n = 0;
         for (int it = s0; it < s1; it++, n++) {
@@ -334,7 +332,20 @@ __device__ void moe_ffn_up_impl(const MoeArgs& a, const FfnArgs& f, int stages, 
             if (n >= stages) mbar_wait(&empty[slot], ((n / stages) - 1) & 1);
             ffn_issue_fp8<true>(f, it, mb_smem + (size_t)slot * stage_bytes, &full[slot], policy);
         }
-        if (i0 < i1) mbar_wait(&picked, 0);
+        mbar_wait(&rdone, 0);  // gen0 is set
+        if (lane == 0) grid_wait(f.sync, gen0);
+        __syncwarp();
+        FFN_STAMP_AT(4, 32 * W);
+        route_token<true>(f.scores, E, a.k, f.bias, f.tid2eid, f.bias ? 0 : f.ids[0], f.route_scale, picks_s, rw_s,
+                          key);
+        __syncwarp();
+        // Block 0 publishes the routing (down and the combine read it after their waits).
+        if (b == 0 && lane < a.k) {
+            f.picks[lane] = picks_s[lane];
+            f.rw[lane] = rw_s[lane];
+        }
+        if (lane == 0) mbar_arrive(&picked);
+        FFN_STAMP_AT(9, 32 * W);
         for (int it = i0; it < i1; it++, n++) {
             const int slot = n % stages, p = it / tpp, tile = it % tpp;
             if (n >= stages) mbar_wait(&empty[slot], ((n / stages) - 1) & 1);
@@ -342,7 +353,6 @@ __device__ void moe_ffn_up_impl(const MoeArgs& a, const FfnArgs& f, int stages, 
         }
         if (ALL) {
             ffn_issue_down_shared(f, mb_smem, stage_bytes, stages, full, empty, policy, d0, d1, n);
-            if (j0 < j1 && i0 >= i1) mbar_wait(&picked, 0);
             ffn_issue_down_routed(a, mb_smem, stage_bytes, stages, full, empty, policy, j0, j1, n,
                                   [&](int p) { return picks_s[p]; });
         }
@@ -350,7 +360,7 @@ __device__ void moe_ffn_up_impl(const MoeArgs& a, const FfnArgs& f, int stages, 
     }
     // The router: this block's rows b, b + nb, ... (R of them), each split over S warps.
     const LinearW& G = f.gate;
-    const int E = G.out, nchr = G.in / 8;
+    const int nchr = G.in / 8;
     const int R = (E + nb - 1) / nb, S = W / R;
     const int j = warp / S, sl = warp % S, row = b + nb * j;
     const bool mine = j < R && row < E;
@@ -362,17 +372,9 @@ __device__ void moe_ffn_up_impl(const MoeArgs& a, const FfnArgs& f, int stages, 
         const int c = c0 + lane + 32 * i;
         if (mine && c < c1) q[i] = __ldg(grow + c);
     }
-    float key[ROUTE_PL];
-    if (warp == 0) route_keys(f.bias, E, lane, key);
     // The first shared tile's scales too (weights; each tile loads the next one's).
     float sa[FFN_CH], sb[FFN_CH];
     if (s0 < s1) ffn_scales<true>(f, s0, 32 * W, sa, sb);
-#ifdef FFN_WARM_ROUTE
-    // A measurement (moe_ffn_bench): the routing run once before the wait on whatever the
-    // buffers hold (every read in bounds; its picks are overwritten before anyone reads them),
-    // so that its code is in the SM's instruction cache when the real one runs.
-    if (warp == 0) ffn_route_copy(a, f, E, key, picks_s, rw_s);
-#endif
     pdl_wait();
     FFN_STAMP(1);
     {
@@ -396,20 +398,25 @@ __device__ void moe_ffn_up_impl(const MoeArgs& a, const FfnArgs& f, int stages, 
         acc = warp_sum(acc);
         if (lane == 0) rpart[warp] = acc;
     }
+    FFN_STAMP(13);
     asm volatile("bar.sync 1, %0;" ::"r"(32 * W) : "memory");
-    if (threadIdx.x == 0) mbar_arrive(&rdone);  // the router rows are in: stream the rest
     if (threadIdx.x < R && b + nb * (int)threadIdx.x < E) {
         float v = 0.f;
         for (int s = 0; s < S; s++) v += rpart[threadIdx.x * S + s];
         f.scores[b + nb * threadIdx.x] = route_score(v);
     }
     asm volatile("bar.sync 1, %0;" ::"r"(32 * W) : "memory");
+    FFN_STAMP(14);
     if (threadIdx.x == 0) {
         // (Block 0 clears the hidden rows' counters: every count comes after the barrier, and
         // every reader of the last launch's counts has finished before this kernel's wait.)
         if (ALL && b == 0)
             for (int i = 0; i < a.k + 1; i++) cnt[i] = 0u;
-        gen0 = grid_arrive(f.sync);  // waited past below (gemv_bulk.cu)
+        gen0 = grid_arrive(f.sync);  // the producer waits past it (gemv_bulk.cu)
+        // Only now the rest of the shared stream: the arrival's generation read and fence wait
+        // behind every request ahead of them, and with all stages requested at once they took
+        // ~4 µs (moe_ffn_bench's "scores out" to "arrived", stop 27).
+        mbar_arrive(&rdone);
     }
     FFN_STAMP(2);
     // Meanwhile: the shared expert's tiles, and the routed experts' B plane.
@@ -433,28 +440,9 @@ __device__ void moe_ffn_up_impl(const MoeArgs& a, const FfnArgs& f, int stages, 
         }
     }
     FFN_STAMP(3);
-    if (threadIdx.x == 0) grid_wait(f.sync, gen0);
-    asm volatile("bar.sync 1, %0;" ::"r"(32 * W) : "memory");
-    FFN_STAMP(4);
-    if (warp == 0) {
-        if (ALL && s0 < s1) ffn_publish(&cnt[0], s1 - s0);
-#ifdef FFN_ROUTE_TWICE
-        ffn_route_copy(a, f, E, key, picks_s, rw_s);
-        __syncwarp();
-        FFN_STAMP(13);
-#endif
-        route_token<true>(f.scores, E, a.k, f.bias, f.tid2eid, f.bias ? 0 : f.ids[0], f.route_scale, picks_s, rw_s,
-                    key);
-        __syncwarp();
-        FFN_STAMP(9);
-        // Block 0 publishes the routing (down and the combine read it after their waits).
-        if (b == 0 && lane < a.k) {
-            f.picks[lane] = picks_s[lane];
-            f.rw[lane] = rw_s[lane];
-        }
-    }
-    asm volatile("bar.sync 1, %0;" ::"r"(32 * W) : "memory");
-    if (threadIdx.x == 0) mbar_arrive(&picked);
+    // The producer routed past the grid barrier: the counters' reset is before every count.
+    mbar_wait(&picked, 0);
+    if (ALL && warp == 0 && s0 < s1) ffn_publish(&cnt[0], s1 - s0);
     pdl_launch();
     FFN_STAMP(5);
     for (int it = i0; it < i1; it++, n++) {
