@@ -4,7 +4,9 @@
 # launch against two. Variants are -D flags of kernels/moe_ffn.cu; "" is the build as shipped. A word
 # `root=DIR` builds from another copy of the sources (`git archive BASE crates/dsv4-cuda/kernels
 # tools/gpu | tar -x -C DIR`, carried), so one call compares two commits.
-#   scripts/ffn-bench.sh ["" "-DFFN_SHARED_PRE=1" "root=scratch/base" ...]
+# TOOL names another bench of tools/gpu built the same way (e.g. TOOL=hc_tail for the boundary
+# and the routing kernels alone).
+#   [TOOL=hc_tail] scripts/ffn-bench.sh ["" "-DFFN_SHARED_PRE=1" "root=scratch/base" ...]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 nvcc=${NVCC:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}
@@ -17,7 +19,7 @@ for v in "$@"; do
     case $w in root=*) root=${w#root=} ;; *) flags+=("$w") ;; esac
   done
   "$nvcc" -std=c++17 -O3 -arch=sm_90a "${flags[@]}" -I"$root/crates/dsv4-cuda/kernels" -o "$dir/b$i" \
-    "$root/tools/gpu/moe_ffn_bench.cu" >"$dir/b$i.log" 2>&1 &
+    "$root/tools/gpu/${TOOL:-moe_ffn_bench}.cu" >"$dir/b$i.log" 2>&1 &
   i=$((i + 1))
 done
 wait

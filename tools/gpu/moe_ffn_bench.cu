@@ -9,6 +9,9 @@
 // code already fetched (scripts/ffn-bench.sh builds and runs variants).
 //   nvcc -std=c++17 -O3 -arch=sm_90a -Icrates/dsv4-cuda/kernels -o moe_ffn_bench tools/gpu/moe_ffn_bench.cu
 #define FFN_STAMPS
+#ifndef FFN_SHARED_PRE
+#define FFN_SHARED_PRE 2  // FfnArgs::shared_pre (ops' SHARED_PRE); -DFFN_SHARED_PRE=N to compare
+#endif
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -120,6 +123,7 @@ int main() {
     f.sync = sync;
     f.bias = bias;
     f.route_scale = 2.5f;
+    f.shared_pre = FFN_SHARED_PRE;
     f.picks = picks;
     f.rw = rw;
     f.sh = sh;

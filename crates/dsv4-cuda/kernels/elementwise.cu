@@ -270,6 +270,20 @@ extern "C" __global__ void __launch_bounds__(HC_THREADS) hc_boundary(HcArgs a) {
         const int slot = r == HC_MAX_ROWS - 1 ? rows : r;
         if (r < rows || r == HC_MAX_ROWS - 1) tp[(size_t)sl * (rows + 1) + slot] = q;
     }
+#ifdef HC_ONE_FENCE
+    // (A measurement for tools/gpu/hc_tail.cu: the cooperative-groups grid-sync pattern. The
+    // block barrier orders every thread's writes before thread 0's release fence, which is
+    // cumulative; thread 0's acquire fence after seeing the last count orders the last block's
+    // reads after the barrier below. One fence per block instead of one per thread.)
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        asm volatile("fence.acq_rel.gpu;" ::: "memory");
+        is_last = atomicInc(a.count + t, gridDim.x - 1) == gridDim.x - 1;
+        if (is_last) asm volatile("fence.acq_rel.gpu;" ::: "memory");
+    }
+    __syncthreads();
+    if (!is_last) return;
+#else
     __threadfence();  // every thread's streams and parts before the count
     __syncthreads();
     // atomicInc wraps the count back to zero on the last block: ready for the next launch.
@@ -278,6 +292,7 @@ extern "C" __global__ void __launch_bounds__(HC_THREADS) hc_boundary(HcArgs a) {
     if (!is_last) return;
     // The last block: every other block's parts and streams are visible (read past L1).
     __threadfence();
+#endif
     // The streams of the first HC_PRE_COLS columns load while the mix is found: float4 u of
     // each stream (columns 4 (u·HC_THREADS + tid)...; the host keeps d % 4 == 0, n <= 4).
     constexpr int U = HC_PRE_COLS / (4 * HC_THREADS);

@@ -15,13 +15,6 @@
 // seconds instead of hanging (`grid_wait`).
 #define FFN_CH 2    // 16-input chunks per consumer thread of a shared-expert tile (K <= 8192)
 #define FFN_RPRE 8  // router chunks per lane requested before the previous kernel is waited for
-// Shared-expert stages a producer issues before its block's router rows have arrived and it has
-// arrived at the grid barrier: more queue the router's loads and the arrival behind them on the
-// SM (stop 25: router done at ~8.8 µs with every shared stage issued at once; stop 27: 2 beat 1
-// and 0 by ~1 µs per token).
-#ifndef FFN_SHARED_PRE
-#define FFN_SHARED_PRE 2
-#endif
 
 // Stamps of every block of `moe_ffn_up_bulk` (tools/gpu/moe_ffn_bench.cu defines FFN_STAMPS):
 // the global timer (ns) at entry, after the wait, at its arrival at the grid barrier, once its
@@ -54,6 +47,7 @@ struct FfnArgs {
     const int* tid2eid;
     const int* ids;
     float route_scale;
+    int shared_pre;      // shared stages requested before the router's arrival (below)
     int* picks;          // [k] (MoeArgs::picks)
     float* rw;           // [k] (MoeArgs::rw)
     float* sh;           // the shared expert's hidden row [Is]
@@ -328,7 +322,12 @@ __device__ void moe_ffn_up_impl(const MoeArgs& a, const FfnArgs& f, int stages, 
         int n = 0;
         for (int it = s0; it < s1; it++, n++) {
             const int slot = n % stages;
-            if (n == FFN_SHARED_PRE) mbar_wait(&rdone, 0);
+            // FfnArgs::shared_pre stages go out at once, the rest after the block's router rows
+            // are in and it has arrived at the grid barrier: requested together, those loads
+            // and the arrival queue behind the copies (moe_ffn_bench, stop 27: 2 beat 0, 1 and 4
+            // by ~1 µs per token; in a decode step the kernel may start beside the boundary
+            // before it, where more can go out early: DSV4_CUDA_FFN_SHARED_PRE).
+            if (n == f.shared_pre) mbar_wait(&rdone, 0);
             if (n >= stages) mbar_wait(&empty[slot], ((n / stages) - 1) & 1);
             ffn_issue_fp8<true>(f, it, mb_smem + (size_t)slot * stage_bytes, &full[slot], policy);
         }

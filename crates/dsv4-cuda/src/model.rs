@@ -317,6 +317,9 @@ pub struct CudaModel {
     /// How the fused FFN launches: two launches whose first may start beside the boundary
     /// before it (`DSV4_CUDA_FFN_EARLY=0`: only after it), or one (`DSV4_CUDA_FFN_ONE=1`).
     ffn_path: std::sync::atomic::AtomicU8,
+    /// Shared-expert stages the fused FFN's blocks request before their router's arrival
+    /// (`DSV4_CUDA_FFN_SHARED_PRE`, default [`crate::moe_ffn::SHARED_PRE`]).
+    ffn_shared_pre: u32,
     /// Whether calls of up to [`ops::ROUTER_ROUTE_TOKENS`] tokens compute the router's logits
     /// and the routing in one launch (`moe_router_route`; `DSV4_CUDA_ROUTE_FUSED=0` keeps the
     /// GEMV and `moe_route`).
@@ -507,6 +510,10 @@ impl CudaModel {
                     }
                 },
             )),
+            ffn_shared_pre: std::env::var("DSV4_CUDA_FFN_SHARED_PRE")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(crate::moe_ffn::SHARED_PRE),
             route_fused: AtomicBool::new(
                 std::env::var("DSV4_CUDA_ROUTE_FUSED").map_or(true, |v| v != "0"),
             ),
@@ -2029,7 +2036,7 @@ impl CudaModel {
                 tid2eid,
                 ids: s.ids.ptr,
                 route_scale: c.routed_scaling_factor,
-                pad: 0,
+                shared_pre: self.ffn_shared_pre,
                 picks: s.picks.ptr,
                 rw: s.rw.ptr,
                 sh: s.sg.ptr,

@@ -10,6 +10,10 @@ use crate::weights::{Fmt, GpuLinear, LinearDesc};
 use crate::Result;
 use cudarc::driver::DeviceRepr;
 
+/// The default of [`FfnArgs::shared_pre`] (`DSV4_CUDA_FFN_SHARED_PRE` overrides it): on an
+/// H100, alone, 2 beat 0, 1 and 4 by ~1 µs per token (docs/PERFORMANCE.md, stop 27).
+pub const SHARED_PRE: u32 = 2;
+
 /// `FfnArgs` of `kernels/moe_ffn.cu`.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -31,7 +35,9 @@ pub struct FfnArgs {
     pub tid2eid: u64,
     pub ids: u64,
     pub route_scale: f32,
-    pub pad: u32,
+    /// Shared-expert stages each block requests before its router rows are in and it has
+    /// arrived at the grid barrier ([`SHARED_PRE`] by default).
+    pub shared_pre: u32,
     /// The routing out, `[k]` each (the same buffers as [`MoeArgs::picks`] and `rw`).
     pub picks: u64,
     pub rw: u64,
