@@ -124,6 +124,9 @@ int main() {
     f.bias = bias;
     f.route_scale = 2.5f;
     f.shared_pre = FFN_SHARED_PRE;
+#ifdef FFN_DYN
+    f.dyn_tiles = 1;  // up's routed tiles claimed as ring slots free (the two launches only)
+#endif
     f.picks = picks;
     f.rw = rw;
     f.sh = sh;

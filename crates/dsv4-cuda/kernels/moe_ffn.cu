@@ -37,6 +37,10 @@ __device__ unsigned long long ffn_stamp[FFN_NSTAMP][1024];
 #endif
 #define FFN_STAMP(i) FFN_STAMP_AT(i, 0)
 
+// The word of FfnArgs::sync that counts up's claimed routed tiles (FfnArgs::dyn_tiles; after the
+// grid barrier's two, the shared row's and 32 pairs' counters of moe_ffn_bulk).
+#define FFN_TILE_COUNTER 35
+
 struct FfnArgs {
     LinearW gate;        // the router [E, D], BF16
     LinearW sg, su, sd;  // the shared expert, FP8: gate, up [Is, D]; down [D, Is]
@@ -48,6 +52,8 @@ struct FfnArgs {
     const int* ids;
     float route_scale;
     int shared_pre;      // shared stages requested before the router's arrival (below)
+    int dyn_tiles;       // up's routed tiles claimed from a counter as ring slots free (two launches)
+    int pad_;
     int* picks;          // [k] (MoeArgs::picks)
     float* rw;           // [k] (MoeArgs::rw)
     float* sh;           // the shared expert's hidden row [Is]
@@ -275,7 +281,9 @@ __device__ void moe_ffn_up_impl(const MoeArgs& a, const FfnArgs& f, int stages, 
     __shared__ int picks_s[32];
     __shared__ float rw_s[32];
     __shared__ unsigned gen0;
+    __shared__ int item_s[MB_MAX_STAGES];  // with dyn_tiles: the routed tile in each slot, -1: none left
     const int K = a.D, tpp = a.I / 8, Is = f.sg.out;
+    const bool dyn = !ALL && f.dyn_tiles;
     const int nb = gridDim.x, b = blockIdx.x;
     int s0, s1, i0, i1;
     ffn_range(Is / 4, s0, s1);
@@ -345,6 +353,29 @@ __device__ void moe_ffn_up_impl(const MoeArgs& a, const FfnArgs& f, int stages, 
         }
         if (lane == 0) mbar_arrive(&picked);
         FFN_STAMP_AT(9, 32 * W);
+        if (dyn) {
+            // Each tile goes to the first block with a free slot (the counter was cleared before
+            // the grid barrier), so blocks whose copies come slower take fewer; a slot holding
+            // -1 (arrived on without bytes) tells the consumers that none are left.
+            for (;; n++) {
+                const int slot = n % stages;
+                if (n >= stages) mbar_wait(&empty[slot], ((n / stages) - 1) & 1);
+                int it = 0;
+                if (lane == 0) it = (int)atomicAdd(&f.sync[FFN_TILE_COUNTER], 1u);
+                it = __shfl_sync(0xffffffffu, it, 0);
+                if (it >= a.k * tpp) {
+                    if (lane == 0) {
+                        item_s[slot] = -1;
+                        mbar_arrive(&full[slot]);
+                    }
+                    break;
+                }
+                if (lane == 0) item_s[slot] = it;  // before lane 0's arrival in mb_issue_fp4
+                mb_issue_fp4<true>(a, picks_s[it / tpp], it % tpp, K, mb_smem + (size_t)slot * stage_bytes,
+                                   &full[slot], policy);
+            }
+            return;
+        }
         for (int it = i0; it < i1; it++, n++) {
             const int slot = n % stages, p = it / tpp, tile = it % tpp;
             if (n >= stages) mbar_wait(&empty[slot], ((n / stages) - 1) & 1);
@@ -411,6 +442,7 @@ __device__ void moe_ffn_up_impl(const MoeArgs& a, const FfnArgs& f, int stages, 
         // every reader of the last launch's counts has finished before this kernel's wait.)
         if (ALL && b == 0)
             for (int i = 0; i < a.k + 1; i++) cnt[i] = 0u;
+        if (dyn && b == 0) f.sync[FFN_TILE_COUNTER] = 0u;
         gen0 = grid_arrive(f.sync);  // the producer waits past it (gemv_bulk.cu)
         // Only now the rest of the shared stream: the arrival's generation read and fence wait
         // behind every request ahead of them, and with all stages requested at once they took
@@ -444,6 +476,19 @@ __device__ void moe_ffn_up_impl(const MoeArgs& a, const FfnArgs& f, int stages, 
     if (ALL && warp == 0 && s0 < s1) ffn_publish(&cnt[0], s1 - s0);
     pdl_launch();
     FFN_STAMP(5);
+    if (dyn) {
+        for (bool first_tile = true;; n++, first_tile = false) {
+            const int slot = n % stages;
+            mbar_wait(&full[slot], (n / stages) & 1);
+            const int it = item_s[slot];
+            if (it < 0) break;
+            if (first_tile) FFN_STAMP(6);
+            mb_consume_fp4<true, W>(a, mb_smem + (size_t)slot * stage_bytes, &empty[slot], K, zero, plane, gsc,
+                                    red[n & 1], it / tpp, it % tpp);
+        }
+        FFN_STAMP(7);
+        return;
+    }
     for (int it = i0; it < i1; it++, n++) {
         const int slot = n % stages, p = it / tpp, tile = it % tpp;
         mbar_wait(&full[slot], (n / stages) & 1);

@@ -320,6 +320,9 @@ pub struct CudaModel {
     /// Shared-expert stages the fused FFN's blocks request before their router's arrival
     /// (`DSV4_CUDA_FFN_SHARED_PRE`, default [`crate::moe_ffn::SHARED_PRE`]).
     ffn_shared_pre: u32,
+    /// Whether the fused FFN's routed gate/up tiles are claimed from a counter as ring slots
+    /// free instead of split evenly (`DSV4_CUDA_FFN_DYN=1`; off: not yet measured).
+    ffn_dyn_tiles: bool,
     /// Whether calls of up to [`ops::ROUTER_ROUTE_TOKENS`] tokens compute the router's logits
     /// and the routing in one launch (`moe_router_route`; `DSV4_CUDA_ROUTE_FUSED=0` keeps the
     /// GEMV and `moe_route`).
@@ -514,6 +517,7 @@ impl CudaModel {
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(crate::moe_ffn::SHARED_PRE),
+            ffn_dyn_tiles: std::env::var("DSV4_CUDA_FFN_DYN").is_ok_and(|v| v == "1"),
             route_fused: AtomicBool::new(
                 std::env::var("DSV4_CUDA_ROUTE_FUSED").map_or(true, |v| v != "0"),
             ),
@@ -2037,6 +2041,8 @@ impl CudaModel {
                 ids: s.ids.ptr,
                 route_scale: c.routed_scaling_factor,
                 shared_pre: self.ffn_shared_pre,
+                dyn_tiles: self.ffn_dyn_tiles as u32,
+                pad: 0,
                 picks: s.picks.ptr,
                 rw: s.rw.ptr,
                 sh: s.sg.ptr,

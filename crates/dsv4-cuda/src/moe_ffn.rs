@@ -38,6 +38,10 @@ pub struct FfnArgs {
     /// Shared-expert stages each block requests before its router rows are in and it has
     /// arrived at the grid barrier ([`SHARED_PRE`] by default).
     pub shared_pre: u32,
+    /// Nonzero: up's routed tiles go to whichever block has a free ring slot first (a counter
+    /// in `sync`), instead of an equal run per block (the two-launch path only).
+    pub dyn_tiles: u32,
+    pub pad: u32,
     /// The routing out, `[k]` each (the same buffers as [`MoeArgs::picks`] and `rw`).
     pub picks: u64,
     pub rw: u64,
@@ -90,8 +94,9 @@ pub enum FfnPath {
 }
 
 /// `u32` counters the kernels keep in [`FfnArgs::sync`]: the grid barrier's two, then (one
-/// launch) the shared hidden row's and one per pick.
-pub const FFN_SYNC_WORDS: usize = 3 + 32;
+/// launch) the shared hidden row's and one per pick, then the count of claimed routed tiles
+/// ([`FfnArgs::dyn_tiles`]; `FFN_TILE_COUNTER` in `kernels/moe_ffn.cu`).
+pub const FFN_SYNC_WORDS: usize = 3 + 32 + 1;
 
 fn fp8_tile_bytes(k: usize) -> usize {
     8 * k

@@ -2249,6 +2249,10 @@ fn fused_ffn_matches_separate_launches() {
                     route_scale: 2.5,
                     // However many shared stages go out early, the outputs are the same.
                     shared_pre: [0, 2, 99, 1, 4][rep],
+                    // Two launches with the routed tiles claimed dynamically (launches 0 and 2),
+                    // the same sums in other blocks: bit for bit the separate kernels' rows too.
+                    dyn_tiles: u32::from(rep % 2 == 0),
+                    pad: 0,
                     picks: p.ptr,
                     rw: r.ptr,
                     sh: sh.ptr,
