@@ -22,10 +22,12 @@ __device__ __forceinline__ void route_keys(const float* bias, int E, int lane, f
 }
 
 // A float key as an unsigned integer of the same order (NaN → -inf, -0 → +0), so a warp's
-// largest key is one `redux.sync`; 0 sits below every key (-inf maps to 0x007fffff).
+// largest key is one `redux.sync`; 0 sits below every key (-inf maps to 0x007fffff). Bit tests,
+// not float operations, so no math flag can fold the NaN and -0 cases away.
 __device__ __forceinline__ unsigned route_order(float v) {
-    v = isnan(v) ? -INFINITY : v + 0.f;
-    const unsigned u = __float_as_uint(v);
+    unsigned u = __float_as_uint(v);
+    if ((u & 0x7fffffffu) > 0x7f800000u) u = 0xff800000u;  // NaN → -inf
+    if (u == 0x80000000u) u = 0u;                          // -0 → +0
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 

@@ -38,7 +38,8 @@ __device__ unsigned long long ffn_stamp[FFN_NSTAMP][1024];
 #define FFN_STAMP(i) FFN_STAMP_AT(i, 0)
 
 // The word of FfnArgs::sync that counts up's claimed routed tiles (FfnArgs::dyn_tiles; after the
-// grid barrier's two, the shared row's and 32 pairs' counters of moe_ffn_bulk).
+// grid barrier's two, the shared row's and 32 pairs' counters of moe_ffn_bulk). The host's
+// moe_ffn::FFN_TILE_COUNTER.
 #define FFN_TILE_COUNTER 35
 
 struct FfnArgs {
@@ -46,7 +47,8 @@ struct FfnArgs {
     LinearW sg, su, sd;  // the shared expert, FP8: gate, up [Is, D]; down [D, Is]
     const float* hr;     // the router's input [D] (h; the experts read MoeArgs::x)
     float* scores;       // [E] the router's scores (route_score of its logits)
-    unsigned* sync;      // [2]: arrivals (zero between launches), the barrier's generation
+    unsigned* sync;      // [36]: the grid barrier's arrivals (zero between launches) and generation,
+                         // then moe_ffn_bulk's counters and the claimed-tile count (below)
     const float* bias;   // top-k keys, or null: hash routing through tid2eid[ids[0]]
     const int* tid2eid;
     const int* ids;
@@ -281,7 +283,7 @@ __device__ void moe_ffn_up_impl(const MoeArgs& a, const FfnArgs& f, int stages, 
     __shared__ int picks_s[32];
     __shared__ float rw_s[32];
     __shared__ unsigned gen0;
-    __shared__ int item_s[MB_MAX_STAGES];  // with dyn_tiles: the routed tile in each slot, -1: none left
+    __shared__ int item_s[ALL ? 1 : MB_MAX_STAGES];  // with dyn_tiles: each slot's routed tile, -1: none left
     const int K = a.D, tpp = a.I / 8, Is = f.sg.out;
     const bool dyn = !ALL && f.dyn_tiles;
     const int nb = gridDim.x, b = blockIdx.x;
@@ -327,17 +329,16 @@ __device__ void moe_ffn_up_impl(const MoeArgs& a, const FfnArgs& f, int stages, 
         float key[ROUTE_PL];
         route_keys(f.bias, E, lane, key);
         const uint64_t policy = evict_first_policy();
-        int n = 0;
-        for (int it = s0; it < s1; it++, n++) {
-            const int slot = n % stages;
-            // FfnArgs::shared_pre stages go out at once, the rest after the block's router rows
-            // are in and it has arrived at the grid barrier: requested together, those loads
-            // and the arrival queue behind the copies (moe_ffn_bench, stop 27: 2 beat 0, 1 and 4
-            // by ~1 µs per token; in a decode step the kernel may start beside the boundary
-            // before it, where more can go out early: DSV4_CUDA_FFN_SHARED_PRE).
+        int n = 0, it = s0;
+        // The shared tiles, as many as the ring holds before the routing (the rest after it,
+        // as slots free). FfnArgs::shared_pre stages go out at once, the rest after the
+        // block's router rows are in and it has arrived at the grid barrier: requested
+        // together, those loads and the arrival queue behind the copies (moe_ffn_bench, stop
+        // 27: 2 beat 0, 1 and 4 by ~1 µs per token; in a decode step the kernel may start beside
+        // the boundary before it, where more can go out early: DSV4_CUDA_FFN_SHARED_PRE).
+        for (; it < s1 && n < stages; it++, n++) {
             if (n == f.shared_pre) mbar_wait(&rdone, 0);
-            if (n >= stages) mbar_wait(&empty[slot], ((n / stages) - 1) & 1);
-            ffn_issue_fp8<true>(f, it, mb_smem + (size_t)slot * stage_bytes, &full[slot], policy);
+            ffn_issue_fp8<true>(f, it, mb_smem + (size_t)n * stage_bytes, &full[n], policy);
         }
         mbar_wait(&rdone, 0);  // gen0 is set
         if (lane == 0) grid_wait(f.sync, gen0);
@@ -353,6 +354,11 @@ __device__ void moe_ffn_up_impl(const MoeArgs& a, const FfnArgs& f, int stages, 
         }
         if (lane == 0) mbar_arrive(&picked);
         FFN_STAMP_AT(9, 32 * W);
+        for (; it < s1; it++, n++) {
+            const int slot = n % stages;
+            mbar_wait(&empty[slot], ((n / stages) - 1) & 1);
+            ffn_issue_fp8<true>(f, it, mb_smem + (size_t)slot * stage_bytes, &full[slot], policy);
+        }
         if (dyn) {
             // Each tile goes to the first block with a free slot (the counter was cleared before
             // the grid barrier), so blocks whose copies come slower take fewer; a slot holding

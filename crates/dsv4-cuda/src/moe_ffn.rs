@@ -28,7 +28,8 @@ pub struct FfnArgs {
     pub hr: u64,
     /// `[E]` f32 scratch: the router's scores.
     pub scores: u64,
-    /// Two u32, zero before the first launch (the grid barrier's count and generation).
+    /// [`FFN_SYNC_WORDS`] u32, zero before the first launch (the grid barrier's count and
+    /// generation, then the one-launch and claimed-tile counters).
     pub sync: u64,
     /// The top-k keys, or 0: hash routing through `tid2eid[ids[0]]`.
     pub bias: u64,
@@ -93,10 +94,12 @@ pub enum FfnPath {
     One,
 }
 
-/// `u32` counters the kernels keep in [`FfnArgs::sync`]: the grid barrier's two, then (one
-/// launch) the shared hidden row's and one per pick, then the count of claimed routed tiles
-/// ([`FfnArgs::dyn_tiles`]; `FFN_TILE_COUNTER` in `kernels/moe_ffn.cu`).
-pub const FFN_SYNC_WORDS: usize = 3 + 32 + 1;
+/// The word of [`FfnArgs::sync`] that counts claimed routed tiles ([`FfnArgs::dyn_tiles`];
+/// `FFN_TILE_COUNTER` in `kernels/moe_ffn.cu` must equal it): after the grid barrier's two,
+/// then (one launch) the shared hidden row's and one per pick (up to 32).
+pub const FFN_TILE_COUNTER: usize = 3 + 32;
+/// `u32` counters the kernels keep in [`FfnArgs::sync`].
+pub const FFN_SYNC_WORDS: usize = FFN_TILE_COUNTER + 1;
 
 fn fp8_tile_bytes(k: usize) -> usize {
     8 * k
@@ -268,6 +271,17 @@ pub fn ffn_bulk(gpu: &Gpu, l: &FfnLaunch, a: &MoeArgs, f: &FfnArgs, path: FfnPat
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The kernels count claimed tiles in the word the host allocates for them.
+    #[test]
+    fn tile_counter_matches_the_kernels() {
+        let src = include_str!("../kernels/moe_ffn.cu");
+        let want = format!("#define FFN_TILE_COUNTER {FFN_TILE_COUNTER}\n");
+        assert!(
+            src.contains(&want),
+            "kernels/moe_ffn.cu must define {want:?}"
+        );
+    }
 
     /// Flash's shapes on an H100 (132 SMs): six up stages of an FP4 tile (the FP8 tile is
     /// smaller), and eight down stages; 132 blocks cut 6 pairs of 256 down tiles at pair
