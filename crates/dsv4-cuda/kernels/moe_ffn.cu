@@ -366,18 +366,18 @@ __device__ void moe_ffn_up_impl(const MoeArgs& a, const FfnArgs& f, int stages, 
             for (;; n++) {
                 const int slot = n % stages;
                 if (n >= stages) mbar_wait(&empty[slot], ((n / stages) - 1) & 1);
-                int it = 0;
-                if (lane == 0) it = (int)atomicAdd(&f.sync[FFN_TILE_COUNTER], 1u);
-                it = __shfl_sync(0xffffffffu, it, 0);
-                if (it >= a.k * tpp) {
+                int claim = 0;
+                if (lane == 0) claim = (int)atomicAdd(&f.sync[FFN_TILE_COUNTER], 1u);
+                claim = __shfl_sync(0xffffffffu, claim, 0);
+                if (claim >= a.k * tpp) {
                     if (lane == 0) {
                         item_s[slot] = -1;
                         mbar_arrive(&full[slot]);
                     }
                     break;
                 }
-                if (lane == 0) item_s[slot] = it;  // before lane 0's arrival in mb_issue_fp4
-                mb_issue_fp4<true>(a, picks_s[it / tpp], it % tpp, K, mb_smem + (size_t)slot * stage_bytes,
+                if (lane == 0) item_s[slot] = claim;  // before lane 0's arrival in mb_issue_fp4
+                mb_issue_fp4<true>(a, picks_s[claim / tpp], claim % tpp, K, mb_smem + (size_t)slot * stage_bytes,
                                    &full[slot], policy);
             }
             return;

@@ -14,6 +14,12 @@ fn softplus(x: f32) -> f32 {
     }
 }
 
+/// An expert's routing score from its router logit: sqrt(softplus(logit)).
+#[inline]
+pub fn route_score(logit: f32) -> f32 {
+    softplus(logit).sqrt()
+}
+
 /// Expert picks of one token: ids and routing weights.
 pub type Routing = Vec<(usize, f32)>;
 
@@ -26,7 +32,7 @@ pub fn route(c: &ModelConfig, w: &MoeWeights, x: &[f32], ids: &[u32], l: usize) 
         .map(|t| {
             let s: Vec<f32> = logits[t * e..(t + 1) * e]
                 .iter()
-                .map(|&v| softplus(v).sqrt())
+                .map(|&v| route_score(v))
                 .collect();
             let picks: Vec<usize> = match &w.router {
                 Router::Hash { tid2eid } => {
