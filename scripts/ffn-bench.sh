@@ -5,7 +5,8 @@
 # `root=DIR` builds from another copy of the sources (`git archive BASE crates/dsv4-cuda/kernels
 # tools/gpu | tar -x -C DIR`, carried), so one call compares two commits.
 # TOOL names another bench of tools/gpu built the same way (e.g. TOOL=hc_tail for the boundary
-# and the routing kernels alone).
+# and the routing kernels alone, TOOL=gemv_bulk_bench for the decode GEMVs with
+# "" -DBULK_NO_MATH -DBULK_NO_COPY).
 #   [TOOL=hc_tail] scripts/ffn-bench.sh ["" "-DFFN_SHARED_PRE=1" "root=scratch/base" ...]
 set -uo pipefail
 cd "$(dirname "$0")/.."

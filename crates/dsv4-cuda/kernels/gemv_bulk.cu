@@ -179,8 +179,15 @@ __device__ __forceinline__ void bulk_produce(const Src& src, BulkWalk walk, Bulk
         uint8_t* st = bulk_smem + slot * STRIDE;
         if (n >= NS) mbar_wait(&ring.empty[slot], ((n / NS) - 1) & 1);
         const int rows = whole ? src.rows(t) : R;
+#ifndef BULK_NO_COPY
         if (lane == 0) mbar_arrive_expect(&ring.full[slot], rows * (KS + FP4_AUX) + FP8_AUX);
+#endif
         __syncwarp();
+#ifdef BULK_NO_COPY  // measurement only (tools/gpu/gemv_bulk_bench.cu): the consumers' own rate
+        if (lane == 0) mbar_arrive(&ring.full[slot]);
+        walk.advance();
+        continue;
+#endif
         if (whole) {
             if (lane == 0) bulk_copy(st, src.row(t, 0), rows * KS, &ring.full[slot], policy);
             if constexpr (FMT == FMT_FP4)
@@ -221,24 +228,56 @@ __device__ __forceinline__ void gemv_bulk_steps(const Src& src, ItemRange mine, 
     }
     constexpr int G = R / 4, UG = W / G, UPW = CPL / UG;  // row groups, u-groups, u's per warp
     const int q = warp % G, ug = warp / G;
+#ifdef BULK_NO_MATH  // measurement only (tools/gpu/gemv_bulk_bench.cu): the stream's own rate
+    constexpr int UPW_RUN = 0;
+#else
+    constexpr int UPW_RUN = UPW;
+#endif
     __shared__ float red[2][W][4 * MT];  // u-group sums, by item parity (across calls: ring.done)
     float acc[4][MT];
 #pragma unroll
     for (int k = 0; k < 4; k++)
 #pragma unroll
         for (int m = 0; m < MT; m++) acc[k][m] = 0.f;
+    // One token: a warp's activation chunks depend only on the tile's input group and the K
+    // slice, so they stay in registers from tile to tile (reloaded when either changes). Read
+    // from L1 per stage instead, their latency was most of the consumers' stalls, and the
+    // consumers alone streamed no faster than the copies (tools/gpu/gemv_bulk_bench.cu).
+#ifdef BULK_X_LOADS  // measurement only: the loads per stage
+    constexpr bool XREG = false;
+#else
+    constexpr bool XREG = MT == 1;
+#endif
+    float xc[XREG ? UPW : 1][N];
+    const float* xkey = nullptr;
+    int skey = -1;
     for (int& n = ring.n; !walk.done(); n++) {
         const int slot = n % NS;
         const int t = walk.tile();
         const uint8_t* st = bulk_smem + slot * STRIDE;
+        if constexpr (XREG) {
+            const float* xp = src.x(t, 0);
+            if (xp != xkey || walk.slice != skey) {
+                xkey = xp;
+                skey = walk.slice;
+#pragma unroll
+                for (int uu = 0; uu < UPW; uu++)
+                    load_x<N, COH>(xp + (walk.slice * (KS / 16) + (UPW * ug + uu) * 32 + lane) * N, xc[uu]);
+            }
+        }
         mbar_wait(&full[slot], (n / NS) & 1);
 #pragma unroll
-        for (int uu = 0; uu < UPW; uu++) {
+        for (int uu = 0; uu < UPW_RUN; uu++) {
             const int u = UPW * ug + uu;
             const int c = walk.slice * (KS / 16) + u * 32 + lane;  // chunk of the row
             float xv[MT][N];
+            if constexpr (XREG) {
 #pragma unroll
-            for (int m = 0; m < MT; m++) src.template load<N, COH>(t, m, c * N, xv[m]);
+                for (int e = 0; e < N; e++) xv[0][e] = xc[uu][e];
+            } else {
+#pragma unroll
+                for (int m = 0; m < MT; m++) src.template load<N, COH>(t, m, c * N, xv[m]);
+            }
 #pragma unroll
             for (int k = 0; k < 4; k++) {
                 const int j = 4 * q + k;
