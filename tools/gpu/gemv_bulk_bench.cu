@@ -3,8 +3,9 @@
 // tail no longer matter), launched as the host launches them (a block per SM, four stages,
 // programmatic dependent launch), four copies of each matrix in turn so none is in L2.
 // Build variants with -DBULK_NO_MATH (consumers only wait and release: the stream's own rate)
-// and -DBULK_NO_COPY (the producer only signals: the consumers' own rate); scripts/ffn-bench.sh
-// with TOOL=gemv_bulk_bench builds and runs them.
+// and -DBULK_NO_COPY (the producer only signals: the consumers' own rate), -DBULK_X_LOADS (the
+// activations loaded per stage, as before stop 28), -DBULK_X_SLICES=2, -DBULK_WARPS=16;
+// scripts/ffn-bench.sh with TOOL=gemv_bulk_bench builds and runs them.
 //   nvcc -std=c++17 -O3 -arch=sm_90a -Icrates/dsv4-cuda/kernels -o gemv_bulk_bench tools/gpu/gemv_bulk_bench.cu
 #include <cstdio>
 #include <cstdlib>
@@ -74,6 +75,7 @@ int main() {
     } cases[] = {
         {"wq_b   32768 x 1024 (r4)", 32768, 1024, 4, gemv_bulk_fp8_1_r4},
         {"wo_a    8192 x 4096 (r1)", 8192, 4096, 1, gemv_bulk_fp8_1_r1},
+        {"wo_a    8192 x 4096 (r2)", 8192, 4096, 2, gemv_bulk_fp8_1_r2},
         {"wo_b    4096 x 8192 (r1)", 4096, 8192, 1, gemv_bulk_fp8_1_r1},
         {"128 MB 131072 x 1024 (r4)", 131072, 1024, 4, gemv_bulk_fp8_1_r4},
         {"128 MB  32768 x 4096 (r1)", 32768, 4096, 1, gemv_bulk_fp8_1_r1},

@@ -12,7 +12,19 @@
 
 #define BULK_STAGE 32768  // weight bytes per stage
 #define BULK_STAGES 4  // the most stages a ring has (see BulkRing)
-#define BULK_THREADS 288  // 8 consumer warps + 1 producer warp
+// Consumer warps of the SIMT kernels. Measurement builds only may change it (the host launches
+// 288 threads, and the tensor-core kernels below are written for 8): tools/gpu/gemv_bulk_bench.cu.
+#ifndef BULK_WARPS
+#define BULK_WARPS 8
+#endif
+#define BULK_THREADS (32 * (BULK_WARPS + 1))  // the consumer warps + 1 producer warp
+#define BULK_CONSUMERS (32 * BULK_WARPS)
+// A row's K slices whose activation chunks one-token consumers hold in registers at once (1 or
+// 2; 2 for the rows of two slices, `wo_b`'s: to be measured, tools/gpu/gemv_bulk_bench.cu).
+#ifndef BULK_X_SLICES
+#define BULK_X_SLICES 1
+#endif
+static_assert(BULK_X_SLICES == 1 || BULK_X_SLICES == 2, "BULK_X_SLICES is 1 or 2");
 
 // A stage holds R = 8·RPW rows × KS = 4096/RPW bytes of each: a whole row when the row is KS
 // bytes (then a tile's rows are one contiguous copy), else a K slice of each row, one copy per
@@ -145,15 +157,21 @@ __device__ __forceinline__ BulkRing bulk_ring_init(unsigned stride) {
     asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn_smem));
     const int stages = min((int)(dyn_smem / stride), BULK_STAGES);
     if (stages < 2) __trap();  // the host's `bulk_smem` disagrees
+    if (blockDim.x != BULK_THREADS) __trap();  // the host's BULK_THREADS disagrees (BULK_WARPS)
     if (threadIdx.x == 0) {
         for (int i = 0; i < stages; i++) {
             mbar_init(&full[i], 1);
-            mbar_init(&empty[i], 8);  // the consumer warps
+            mbar_init(&empty[i], BULK_WARPS);  // the consumer warps
         }
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
     __syncthreads();
     return BulkRing{full, empty, 0, 0, stages};
+}
+
+// The consumer warps of a SIMT bulk launch meet (named barrier 1; the producer goes on).
+__device__ __forceinline__ void consumers_sync() {
+    asm volatile("bar.sync 1, %0;" ::"n"(BULK_CONSUMERS) : "memory");
 }
 
 // The producer warp of a launch: streams its walk's stages — R rows × KS bytes each (whole
@@ -212,7 +230,7 @@ __device__ __forceinline__ void bulk_produce(const Src& src, BulkWalk walk, Bulk
 // consumer warps alike.
 template <int FMT, int MT, int RPW, int STRIDE, bool COH, class Src>
 __device__ __forceinline__ void gemv_bulk_steps(const Src& src, ItemRange mine, int nslices, int S, BulkRing& ring) {
-    constexpr int W = 8;  // consumer warps (16 measured no faster)
+    constexpr int W = BULK_WARPS;  // consumer warps
     constexpr int N = Chunk<FMT>::N;
     constexpr int R = 8 * RPW, KS = 4096 / RPW, CPL = KS / 512;
     static_assert(STRIDE >= bulk_stage_bytes<FMT, RPW>(), "stage slot too small");
@@ -227,6 +245,7 @@ __device__ __forceinline__ void gemv_bulk_steps(const Src& src, ItemRange mine, 
         return;
     }
     constexpr int G = R / 4, UG = W / G, UPW = CPL / UG;  // row groups, u-groups, u's per warp
+    static_assert(W % G == 0 && CPL % UG == 0 && UPW >= 1, "warps do not tile the stage");
     const int q = warp % G, ug = warp / G;
 #ifdef BULK_NO_MATH  // measurement only (tools/gpu/gemv_bulk_bench.cu): the stream's own rate
     constexpr int UPW_RUN = 0;
@@ -240,64 +259,82 @@ __device__ __forceinline__ void gemv_bulk_steps(const Src& src, ItemRange mine, 
 #pragma unroll
         for (int m = 0; m < MT; m++) acc[k][m] = 0.f;
     // One token: a warp's activation chunks depend only on the tile's input group and the K
-    // slice, so they stay in registers from tile to tile (reloaded when either changes). Read
-    // from L1 per stage instead, their latency was most of the consumers' stalls, and the
-    // consumers alone streamed no faster than the copies (tools/gpu/gemv_bulk_bench.cu).
+    // slice, so they stay in registers from tile to tile (reloaded when the group changes, or
+    // the slice when a row has more slices than BULK_X_SLICES). Read from L1 per stage
+    // instead, their latency was most of the consumers' stalls, and the consumers alone
+    // streamed no faster than the copies (tools/gpu/gemv_bulk_bench.cu).
 #ifdef BULK_X_LOADS  // measurement only: the loads per stage
     constexpr bool XREG = false;
 #else
     constexpr bool XREG = MT == 1;
 #endif
-    float xc[XREG ? UPW : 1][N];
+    constexpr int XSL = XREG ? BULK_X_SLICES : 1;
+    float xc[XSL][XREG ? UPW : 1][1][N];  // [held slice][u][token][element]
+    const bool every_slice = nslices <= XSL;  // all of a row's slices held at once
     const float* xkey = nullptr;
     int skey = -1;
+    // The stage's products for the chunks in xv (u-th of the warp).
+    auto stage = [&](const uint8_t* st, int uu, const float (&xv)[MT][N]) {
+        const int u = UPW * ug + uu;
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            const int j = 4 * q + k;
+            const uint4 qv = *(const uint4*)(st + j * KS + u * 512 + lane * 16);
+            float sc;
+            if constexpr (FMT == FMT_FP8)
+                sc = ((const float*)(st + BULK_STAGE))[u * 4 + (lane >> 3)];
+            else if constexpr (FMT == FMT_FP4)
+                sc = e8m0_to_f32(st[BULK_STAGE + j * (KS / 16) + u * 32 + lane]) * 16384.0f;
+            else
+                sc = 1.f;
+            float f[N];
+            decode_vals<FMT>(qv, f);
+#pragma unroll
+            for (int m = 0; m < MT; m++) {
+                float d = 0.f;
+#pragma unroll
+                for (int e = 0; e < N; e++) d = fmaf(f[e], xv[m][e], d);
+                acc[k][m] = fmaf(d, sc, acc[k][m]);
+            }
+        }
+    };
     for (int& n = ring.n; !walk.done(); n++) {
         const int slot = n % NS;
         const int t = walk.tile();
         const uint8_t* st = bulk_smem + slot * STRIDE;
         if constexpr (XREG) {
             const float* xp = src.x(t, 0);
-            if (xp != xkey || walk.slice != skey) {
+            const int sk = every_slice ? 0 : walk.slice;
+            if (xp != xkey || sk != skey) {
                 xkey = xp;
-                skey = walk.slice;
+                skey = sk;
 #pragma unroll
-                for (int uu = 0; uu < UPW; uu++)
-                    load_x<N, COH>(xp + (walk.slice * (KS / 16) + (UPW * ug + uu) * 32 + lane) * N, xc[uu]);
+                for (int h = 0; h < XSL; h++) {
+                    const int sl = every_slice ? h : walk.slice;
+                    if (every_slice ? h < nslices : h == 0)
+#pragma unroll
+                        for (int uu = 0; uu < UPW; uu++)
+                            load_x<N, COH>(xp + (sl * (KS / 16) + (UPW * ug + uu) * 32 + lane) * N, xc[h][uu][0]);
+                }
             }
         }
         mbar_wait(&full[slot], (n / NS) & 1);
 #pragma unroll
         for (int uu = 0; uu < UPW_RUN; uu++) {
-            const int u = UPW * ug + uu;
-            const int c = walk.slice * (KS / 16) + u * 32 + lane;  // chunk of the row
-            float xv[MT][N];
             if constexpr (XREG) {
-#pragma unroll
-                for (int e = 0; e < N; e++) xv[0][e] = xc[uu][e];
+                // The held slice, by a branch (an index into xc would put it in local memory).
+                const int h = every_slice ? walk.slice : 0;
+                if (XSL == 1 || h == 0) {
+                    stage(st, uu, xc[0][uu]);
+                } else {
+                    stage(st, uu, xc[XSL - 1][uu]);
+                }
             } else {
+                const int c = walk.slice * (KS / 16) + (UPW * ug + uu) * 32 + lane;  // chunk of the row
+                float xv[MT][N];
 #pragma unroll
                 for (int m = 0; m < MT; m++) src.template load<N, COH>(t, m, c * N, xv[m]);
-            }
-#pragma unroll
-            for (int k = 0; k < 4; k++) {
-                const int j = 4 * q + k;
-                const uint4 qv = *(const uint4*)(st + j * KS + u * 512 + lane * 16);
-                float sc;
-                if constexpr (FMT == FMT_FP8)
-                    sc = ((const float*)(st + BULK_STAGE))[u * 4 + (lane >> 3)];
-                else if constexpr (FMT == FMT_FP4)
-                    sc = e8m0_to_f32(st[BULK_STAGE + j * (KS / 16) + u * 32 + lane]) * 16384.0f;
-                else
-                    sc = 1.f;
-                float f[N];
-                decode_vals<FMT>(qv, f);
-#pragma unroll
-                for (int m = 0; m < MT; m++) {
-                    float d = 0.f;
-#pragma unroll
-                    for (int e = 0; e < N; e++) d = fmaf(f[e], xv[m][e], d);
-                    acc[k][m] = fmaf(d, sc, acc[k][m]);
-                }
+                stage(st, uu, xv);
             }
         }
         __syncwarp();
@@ -316,7 +353,7 @@ __device__ __forceinline__ void gemv_bulk_steps(const Src& src, ItemRange mine, 
                     for (int k = 0; k < 4; k++)
 #pragma unroll
                         for (int m = 0; m < MT; m++) r[warp][k * MT + m] = acc[k][m];
-                asm volatile("bar.sync 1, 256;" ::: "memory");
+                consumers_sync();
                 if (ug == 0)
 #pragma unroll
                     for (int k = 0; k < 4; k++)
@@ -344,7 +381,7 @@ __device__ __forceinline__ void gemv_bulk_run(const Src& src, int items, int nsl
     BulkRing ring = bulk_ring_init(STAGE);
     // The producer needs no wait (weights do not depend on the previous kernel); the
     // consumers' activations are the previous kernel's output.
-    if (threadIdx.x < 256) pdl_wait();
+    if (threadIdx.x < BULK_CONSUMERS) pdl_wait();
     gemv_bulk_steps<FMT, MT, RPW, STAGE, false>(src, block_items(items), nslices, S, ring);
 }
 
@@ -435,9 +472,9 @@ __device__ __forceinline__ void grid_wait(unsigned* bar, unsigned g) {
 // producer streams on into the next matrix). Blocks never outnumber SMs and one fits per SM,
 // so all become resident once the kernels before them (which never wait on them) finish.
 __device__ __forceinline__ void grid_barrier_consumers(unsigned* bar) {
-    asm volatile("bar.sync 1, 256;" ::: "memory");
+    consumers_sync();
     if (threadIdx.x == 0) grid_wait(bar, grid_arrive(bar));
-    asm volatile("bar.sync 1, 256;" ::: "memory");
+    consumers_sync();
 }
 
 // Two dependent products in one launch (wo_a then wo_b of a decode step): y1 = W1·y0 after
@@ -452,11 +489,11 @@ __device__ __forceinline__ void gemv_bulk_pair_impl(const LinearW& W0, const Gem
     BulkRing ring = bulk_ring_init(STRIDE);
     const DenseSrc<F0, MT, R0> s0{W0, a0};
     const DenseSrc<F1, MT, R1> s1{W1, a1};
-    if (threadIdx.x < 256) pdl_wait();
+    if (threadIdx.x < BULK_CONSUMERS) pdl_wait();
     gemv_bulk_steps<F0, MT, R0, STRIDE, false>(s0, block_items(s0.tiles() * a0.S), ns0, a0.S, ring);
     // (W0's split-K partials are summed, and their counters reset, before the barrier: W1
     // reuses the workspace.)
-    if (threadIdx.x < 256) grid_barrier_consumers(bar);
+    if (threadIdx.x < BULK_CONSUMERS) grid_barrier_consumers(bar);
     gemv_bulk_steps<F1, MT, R1, STRIDE, true>(s1, block_items(s1.tiles() * a1.S), ns1, a1.S, ring);
 }
 
@@ -501,7 +538,7 @@ template <int MT>
 __device__ __forceinline__ void gemv_bulk_multi_impl(const BulkMulti& g) {
     constexpr int STRIDE = bulk_stage_bytes<FMT_FP8, 1>();  // the largest FP8 or BF16 stage
     BulkRing ring = bulk_ring_init(STRIDE);
-    if (threadIdx.x < 256) pdl_wait();
+    if (threadIdx.x < BULK_CONSUMERS) pdl_wait();
     int total = 0;
     for (int j = 0; j < g.n; j++) total += g.j[j].items;
     const ItemRange mine = block_items(total);
@@ -711,6 +748,7 @@ __device__ __forceinline__ void gemv_bulk_tc_run(const LinearW& W, const GemvArg
     const DenseSrc<FMT, 1, BTC_ROWS / 8> src{W, a};
     const BulkWalk walk(block_items(src.tiles() * a.S), nslices, a.S);
     if (a.M > 8 * MG) __trap();  // the host's plan
+    if (BULK_WARPS != 8) __trap();  // a measurement build of the SIMT kernels' warps
     if (threadIdx.x >= 256) {
         bulk_produce<FMT, BTC_ROWS, KS, STRIDE>(src, walk, ring);
         return;
