@@ -12,55 +12,7 @@
 #include <vector>
 #include <cuda_runtime.h>
 #include "all.cu"
-
-#define CK(x)                                                                             \
-    do {                                                                                  \
-        cudaError_t e = (x);                                                              \
-        if (e != cudaSuccess) { printf("%s: %s\n", #x, cudaGetErrorString(e)); exit(1); } \
-    } while (0)
-
-static uint32_t lcg(uint32_t& s) { return s = s * 1664525u + 1013904223u; }
-
-static void* up_bytes(const void* h, size_t n) {
-    void* d;
-    CK(cudaMalloc(&d, n));
-    CK(cudaMemcpy(d, h, n, cudaMemcpyHostToDevice));
-    return d;
-}
-
-// Random FP8 codes (no NaN), f32 128×128 block scales 2^-6..2^-3.
-static LinearW fp8(int out, int in, uint32_t seed) {
-    LinearW w{};
-    w.fmt = FMT_FP8;
-    w.out = out;
-    w.in = in;
-    w.bo = w.bi = 128;
-    w.scale_cols = in / 128;
-    std::vector<uint8_t> b((size_t)out * in);
-    for (auto& v : b) {
-        v = (uint8_t)(lcg(seed) >> 24);
-        if ((v & 0x7f) == 0x7f) v = 0x7e;
-    }
-    w.w = (const uint8_t*)up_bytes(b.data(), b.size());
-    std::vector<float> s((size_t)(out / 128) * w.scale_cols);
-    for (auto& v : s) v = 1.0f / (float)(8 << ((lcg(seed) >> 24) % 4));
-    w.scales = up_bytes(s.data(), s.size() * 4);
-    return w;
-}
-
-// Random FP4 codes, e8m0 scales 120..127 (as moe_ffn_bench).
-static LinearW fp4(int out, int in, uint32_t seed) {
-    LinearW w{};
-    w.fmt = FMT_FP4;
-    w.out = out;
-    w.in = in;
-    std::vector<uint8_t> b((size_t)out * in / 2), sc((size_t)out * in / 32);
-    for (auto& v : b) v = (uint8_t)(lcg(seed) >> 24);
-    for (auto& v : sc) v = (uint8_t)(120 + (lcg(seed) >> 24) % 8);
-    w.w = (const uint8_t*)up_bytes(b.data(), b.size());
-    w.scales = up_bytes(sc.data(), sc.size());
-    return w;
-}
+#include "bench_util.cuh"
 
 typedef void (*Kern)(LinearW, GemvArgs, int);
 
@@ -88,7 +40,7 @@ int main() {
     {
         std::vector<float> h(8192);
         uint32_t s = 7;
-        for (auto& v : h) v = ((lcg(s) >> 8) / 16777216.0f - 0.5f);
+        for (auto& v : h) v = (float)(lcg(s) >> 8) / 16777216.0f - 0.5f;
         CK(cudaMemcpy(x, h.data(), h.size() * 4, cudaMemcpyHostToDevice));
     }
     cudaStream_t st;
@@ -97,7 +49,7 @@ int main() {
         const double bytes = (double)c.out * c.in / (c.f4 ? 2 : 1);
         const int copies = bytes >= (64u << 20) ? 1 : 4;
         std::vector<LinearW> ws;
-        for (int i = 0; i < copies; i++) ws.push_back(c.f4 ? fp4(c.out, c.in, 11 + i) : fp8(c.out, c.in, 11 + i));
+        for (int i = 0; i < copies; i++) ws.push_back(matrix(c.f4 ? FMT_FP4 : FMT_FP8, c.out, c.in, 11 + i));
         GemvArgs a{};
         a.x = x;
         a.y = y;

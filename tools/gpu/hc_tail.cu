@@ -10,12 +10,7 @@
 #include "linear.cu"
 #include "elementwise.cu"
 #include "moe.cu"
-
-#define CK(x)                                                                       \
-    do {                                                                            \
-        cudaError_t e = (x);                                                        \
-        if (e != cudaSuccess) { printf("%s: %s\n", #x, cudaGetErrorString(e)); exit(1); } \
-    } while (0)
+#include "bench_util.cuh"
 
 __global__ void empty_kernel() {}
 

@@ -11,12 +11,7 @@
 #include <vector>
 #include <cuda_runtime.h>
 #include "all.cu"
-
-#define CK(x)                                                                             \
-    do {                                                                                  \
-        cudaError_t e = (x);                                                              \
-        if (e != cudaSuccess) { printf("%s: %s\n", #x, cudaGetErrorString(e)); exit(1); } \
-    } while (0)
+#include "bench_util.cuh"
 
 static uint8_t* rnd_bytes(size_t n, uint32_t seed, uint8_t lo, uint8_t span) {
     std::vector<uint8_t> h(n);
