@@ -220,23 +220,13 @@ impl Gpu {
             bulk_tc_tokens: if std::env::var("DSV4_CUDA_BULK_TC").is_ok_and(|v| v == "0") {
                 0
             } else {
-                std::env::var("DSV4_CUDA_BULK_TC_TOKENS")
-                    .ok()
-                    .and_then(|v| v.parse().ok())
+                env_num("DSV4_CUDA_BULK_TC_TOKENS", |_: &usize| true)
                     .unwrap_or(crate::ops::BULK_TC_DEFAULT_TOKENS)
                     .min(crate::ops::BULK_TC_MAX_TOKENS)
             },
             bulk_tc_min: 3,
-            bulk_rpw: std::env::var("DSV4_CUDA_BULK_RPW")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .filter(|r| [1, 2, 4].contains(r))
-                .unwrap_or(0),
-            bulk_stages: std::env::var("DSV4_CUDA_BULK_STAGES")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .filter(|n| (2..=4).contains(n))
-                .unwrap_or(4),
+            bulk_rpw: env_num("DSV4_CUDA_BULK_RPW", |r| [1, 2, 4].contains(r)).unwrap_or(0),
+            bulk_stages: env_num("DSV4_CUDA_BULK_STAGES", |n| (2..=4).contains(n)).unwrap_or(4),
             tc: std::env::var("DSV4_CUDA_TC").map_or(true, |v| v != "0"),
             tc_bk: if std::env::var("DSV4_CUDA_TC_BK").is_ok_and(|v| v == "32") {
                 32
@@ -251,15 +241,11 @@ impl Gpu {
             tc_shape_default: std::env::var_os("DSV4_CUDA_TC_BK").is_none()
                 && std::env::var_os("DSV4_CUDA_TC_TOKENS").is_none(),
             tc_xs: AtomicBool::new(std::env::var("DSV4_CUDA_TC_XS").map_or(true, |v| v != "0")),
-            moe_tc_tokens: std::env::var("DSV4_CUDA_MOE_TC_TOKENS")
-                .ok()
-                .and_then(|v| v.parse().ok())
+            moe_tc_tokens: env_num("DSV4_CUDA_MOE_TC_TOKENS", |_: &usize| true)
                 .unwrap_or(crate::ops::MOE_TC_MAX_TOKENS),
             moe_tc: AtomicBool::new(std::env::var("DSV4_CUDA_MOE_TC").map_or(true, |v| v != "0")),
             moe_bulk_tokens: AtomicUsize::new(
-                std::env::var("DSV4_CUDA_MOE_BULK_TOKENS")
-                    .ok()
-                    .and_then(|v| v.parse().ok())
+                env_num("DSV4_CUDA_MOE_BULK_TOKENS", |_: &usize| true)
                     .unwrap_or(crate::ops::MOE_BULK_MAX_TOKENS),
             ),
             xs_buf: Mutex::new(None),
@@ -275,10 +261,7 @@ impl Gpu {
             side_pending: AtomicBool::new(false),
             pinned: Mutex::new(None),
             pinned_on: std::env::var("DSV4_CUDA_PINNED").map_or(true, |v| v != "0"),
-            carveout: std::env::var("DSV4_CUDA_CARVEOUT")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .filter(|p| (0..=100).contains(p)),
+            carveout: env_num("DSV4_CUDA_CARVEOUT", |p| (0..=100).contains(p)),
         }))
     }
 
@@ -793,6 +776,32 @@ fn cluster_attr(blocks: u32) -> sys::CUlaunchAttribute {
     a
 }
 
+/// The value of numeric tuning variable `var` when it is set, parses and `ok` accepts it; a value
+/// that does not is reported on stderr and ignored (the setting keeps its default) rather than
+/// failing the model, since these variables only tune speed.
+pub(crate) fn env_num<T: std::str::FromStr>(var: &str, ok: impl Fn(&T) -> bool) -> Option<T> {
+    tuning_value(var, std::env::var(var).ok(), ok).unwrap_or_else(|msg| {
+        eprintln!("dsv4: {msg}");
+        None
+    })
+}
+
+/// [`env_num`]'s decision for the value `v` of `var`: the number, none when unset, or why the
+/// value is ignored.
+fn tuning_value<T: std::str::FromStr>(
+    var: &str,
+    v: Option<String>,
+    ok: impl Fn(&T) -> bool,
+) -> std::result::Result<Option<T>, String> {
+    let Some(v) = v else { return Ok(None) };
+    match v.trim().parse::<T>() {
+        Ok(n) if ok(&n) => Ok(Some(n)),
+        _ => Err(format!(
+            "ignoring {var}={v:?}: not a value it takes (its default stays)"
+        )),
+    }
+}
+
 /// The comma-separated kernel-name prefixes of environment variable `var` (none when unset).
 fn name_prefixes(var: &str) -> Vec<String> {
     std::env::var(var)
@@ -814,5 +823,24 @@ pub trait Arg {
 impl<T: DeviceRepr> Arg for T {
     fn param(&self) -> *mut std::ffi::c_void {
         self as *const T as *mut std::ffi::c_void
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tuning_value;
+
+    #[test]
+    fn tuning_values_parse_or_are_reported() {
+        let stages = |v: &str| tuning_value("S", Some(v.into()), |n: &usize| (2..=4).contains(n));
+        assert_eq!(stages("3"), Ok(Some(3)));
+        assert_eq!(stages(" 4 "), Ok(Some(4)));
+        let err = stages("five").unwrap_err();
+        assert!(
+            err.contains("S=\"five\"") && err.contains("default"),
+            "{err}"
+        );
+        assert!(stages("9").is_err(), "out of range");
+        assert_eq!(tuning_value("S", None, |_: &usize| true), Ok(None));
     }
 }

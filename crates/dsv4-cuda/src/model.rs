@@ -514,9 +514,7 @@ impl CudaModel {
                     }
                 },
             )),
-            ffn_shared_pre: std::env::var("DSV4_CUDA_FFN_SHARED_PRE")
-                .ok()
-                .and_then(|v| v.parse().ok())
+            ffn_shared_pre: crate::gpu::env_num("DSV4_CUDA_FFN_SHARED_PRE", |_: &u32| true)
                 .unwrap_or(crate::moe_ffn::SHARED_PRE),
             ffn_dyn_tiles: std::env::var("DSV4_CUDA_FFN_DYN").map_or(true, |v| v != "0"),
             route_fused: AtomicBool::new(
