@@ -6,7 +6,8 @@
 // µs from the first block's entry: min / median / max over the blocks); then the same for the
 // whole half in one launch (moe_ffn_bulk), whose outputs must equal the two launches' bit for
 // bit (the exit status says whether they do). `up, right after an up launch` shows up with its
-// code already fetched (scripts/ffn-bench.sh builds and runs variants).
+// code already fetched (scripts/ffn-bench.sh builds and runs variants; -DMB_NO_COPY /
+// -DMB_NO_MATH time the routed tiles' consumers / stream alone, their outputs garbage).
 //   nvcc -std=c++17 -O3 -arch=sm_90a -Icrates/dsv4-cuda/kernels -o moe_ffn_bench tools/gpu/moe_ffn_bench.cu
 #define FFN_STAMPS
 #ifndef FFN_SHARED_PRE

@@ -55,6 +55,11 @@ template <bool UP>
 __device__ __forceinline__ void mb_issue_fp4(const MoeArgs& a, int e, int tile, int K, uint8_t* st, uint64_t* full,
                                              uint64_t policy) {
     const int lane = threadIdx.x & 31, rowb = K / 2, srow = K / 32;
+#ifdef MB_NO_COPY  // measurement only (moe_ffn_bench, moe_bulk_bench): the consumers' own rate
+    if (lane == 0) mbar_arrive(full);
+    __syncwarp();
+    return;
+#endif
     if (lane == 0) mbar_arrive_expect(full, moe_bulk_tile_bytes(K));
     __syncwarp();
     if (UP) {
@@ -87,7 +92,11 @@ __device__ __forceinline__ void mb_consume_fp4(const MoeArgs& a, const uint8_t* 
     const int rowb = K / 2, srow = K / 32, steps = K / 256;
     const int s0 = warp * steps / W, s1 = (warp + 1) * steps / W;
     float acc[1][4] = {};
+#ifdef MB_NO_MATH  // measurement only (moe_ffn_bench, moe_bulk_bench): the stream's own rate
+    for (int s = s0; s < s0; s++) {
+#else
     for (int s = s0; s < s1; s++) {
+#endif
         MoeTcStep q;
 #pragma unroll
         for (int ng = 0; ng < 2; ng++) {
