@@ -253,6 +253,10 @@ __device__ __forceinline__ void gemv_bulk_steps(const Src& src, ItemRange mine, 
     constexpr int UPW_RUN = UPW;
 #endif
     __shared__ float red[2][W][4 * MT];  // u-group sums, by item parity (across calls: ring.done)
+    // A walk before this one in the launch (gemv_bulk_multi's jobs) may have ended without
+    // u-groups, so without the barrier per item that keeps a buffer's readers ahead of its
+    // next writers: meet once before writing any.
+    if constexpr (UG > 1) consumers_sync();
     float acc[4][MT];
 #pragma unroll
     for (int k = 0; k < 4; k++)
