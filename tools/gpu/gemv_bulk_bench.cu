@@ -4,7 +4,8 @@
 // programmatic dependent launch), four copies of each matrix in turn so none is in L2.
 // Build variants with -DBULK_NO_MATH (consumers only wait and release: the stream's own rate)
 // and -DBULK_NO_COPY (the producer only signals: the consumers' own rate), -DBULK_X_LOADS (the
-// activations loaded per stage, as before stop 28), -DBULK_X_SLICES=2, -DBULK_WARPS=16;
+// activations loaded per stage, as before stop 28), -DBULK_X_SLICES=2, -DBULK_WARPS=16,
+// -DBULK_DEFER_SUMS (with -DBULK_DEFER_MAX=32 for the 128 MB rows);
 // scripts/ffn-bench.sh with TOOL=gemv_bulk_bench builds and runs them.
 //   nvcc -std=c++17 -O3 -arch=sm_90a -Icrates/dsv4-cuda/kernels -o gemv_bulk_bench tools/gpu/gemv_bulk_bench.cu
 #include <cstdio>

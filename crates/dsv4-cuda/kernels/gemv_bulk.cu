@@ -25,6 +25,10 @@
 #define BULK_X_SLICES 1
 #endif
 static_assert(BULK_X_SLICES == 1 || BULK_X_SLICES == 2, "BULK_X_SLICES is 1 or 2");
+// Tiles per block whose sums BULK_DEFER_SUMS keeps for the end of the run (more: per tile).
+#ifndef BULK_DEFER_MAX
+#define BULK_DEFER_MAX 16
+#endif
 
 // A stage holds R = 8·RPW rows × KS = 4096/RPW bytes of each: a whole row when the row is KS
 // bytes (then a tile's rows are one contiguous copy), else a K slice of each row, one copy per
@@ -253,6 +257,27 @@ __device__ __forceinline__ void gemv_bulk_steps(const Src& src, ItemRange mine, 
     constexpr int UPW_RUN = UPW;
 #endif
     __shared__ float red[2][W][4 * MT];  // u-group sums, by item parity (across calls: ring.done)
+    // Row group q's sums over the u-groups of one tile's per-warp sums r, in u order.
+    auto u_group_sums = [&](const float (&r)[W][4 * MT], float (&out)[4][MT]) {
+#pragma unroll
+        for (int k = 0; k < 4; k++)
+#pragma unroll
+            for (int m = 0; m < MT; m++) {
+                float v = r[q][k * MT + m];
+                for (int g = 1; g < UG; g++) v += r[q + g * G][k * MT + m];
+                out[k][m] = v;
+            }
+    };
+    // BULK_DEFER_SUMS (to be measured): with one K split, the per-warp sums of a block's
+    // tiles wait in shared memory for the end of its run instead of the warps meeting per tile.
+#ifdef BULK_DEFER_SUMS
+    constexpr int DMAX = UG > 1 ? BULK_DEFER_MAX : 1;
+#else
+    constexpr int DMAX = 1;
+#endif
+    __shared__ float dsum[DMAX][W][4 * MT];
+    const bool defer = DMAX > 1 && S == 1 && mine.hi - mine.lo <= DMAX;
+    int ndone = 0;
     // A walk before this one in the launch (gemv_bulk_multi's jobs) may have ended without
     // u-groups, so without the barrier per item that keeps a buffer's readers ahead of its
     // next writers: meet once before writing any.
@@ -349,31 +374,47 @@ __device__ __forceinline__ void gemv_bulk_steps(const Src& src, ItemRange mine, 
             for (int k = 0; k < 4; k++)
 #pragma unroll
                 for (int m = 0; m < MT; m++) acc[k][m] = warp_sum(acc[k][m]);
+            bool finish_now = true;
             if constexpr (UG > 1) {
-                // The u-groups' sums of each row, added in u order by u-group 0.
-                float (&r)[W][4 * MT] = red[ring.done & 1];
-                if (lane == 0)
+                if (defer) {
+                    // Kept for the end of the walk: no meeting of the warps per tile.
+                    if (lane == 0)
 #pragma unroll
-                    for (int k = 0; k < 4; k++)
+                        for (int k = 0; k < 4; k++)
 #pragma unroll
-                        for (int m = 0; m < MT; m++) r[warp][k * MT + m] = acc[k][m];
-                consumers_sync();
-                if (ug == 0)
+                            for (int m = 0; m < MT; m++) dsum[ndone][warp][k * MT + m] = acc[k][m];
+                    ndone++;
+                    finish_now = false;
+                } else {
+                    // The u-groups' sums of each row, added in u order by u-group 0.
+                    float (&r)[W][4 * MT] = red[ring.done & 1];
+                    if (lane == 0)
 #pragma unroll
-                    for (int k = 0; k < 4; k++)
+                        for (int k = 0; k < 4; k++)
 #pragma unroll
-                        for (int m = 0; m < MT; m++) {
-                            float v = r[q][k * MT + m];
-                            for (int g = 1; g < UG; g++) v += r[q + g * G][k * MT + m];
-                            acc[k][m] = v;
-                        }
+                            for (int m = 0; m < MT; m++) r[warp][k * MT + m] = acc[k][m];
+                    consumers_sync();
+                    if (ug == 0) u_group_sums(r, acc);
+                }
             }
-            if (ug == 0) src.finish(t, split, q, acc);
+            if (finish_now && ug == 0) src.finish(t, split, q, acc);
             ring.done++;
 #pragma unroll
             for (int k = 0; k < 4; k++)
 #pragma unroll
                 for (int m = 0; m < MT; m++) acc[k][m] = 0.f;
+        }
+    }
+    if constexpr (DMAX > 1) {
+        // The deferred tiles' sums, in the same order (bit for bit the per-tile path's), once
+        // every warp's are in (the next walk's first meeting keeps them until read).
+        if (defer && ndone > 0) {
+            consumers_sync();
+            if (ug == 0)
+                for (int i = 0; i < ndone; i++) {
+                    u_group_sums(dsum[i], acc);
+                    src.finish(mine.lo + i, 0, q, acc);
+                }
         }
     }
 }
