@@ -24,15 +24,16 @@ int main() {
         const char* what;
         int out, in, rpw;
         Kern k;
+        int stage;  // bytes of a ring slot (the host's bulk_smem per stage)
         bool f4;
     } cases[] = {
-        {"wq_b   32768 x 1024 (r4)", 32768, 1024, 4, gemv_bulk_fp8_1_r4},
-        {"wo_a    8192 x 4096 (r1)", 8192, 4096, 1, gemv_bulk_fp8_1_r1},
-        {"wo_a    8192 x 4096 (r2)", 8192, 4096, 2, gemv_bulk_fp8_1_r2},
-        {"wo_b    4096 x 8192 (r1)", 4096, 8192, 1, gemv_bulk_fp8_1_r1},
-        {"128 MB 131072 x 1024 (r4)", 131072, 1024, 4, gemv_bulk_fp8_1_r4},
-        {"128 MB  32768 x 4096 (r1)", 32768, 4096, 1, gemv_bulk_fp8_1_r1},
-        {"FP4 128 MB 65536 x 4096 (r2)", 65536, 4096, 2, gemv_bulk_fp4_1_r2, true},
+        {"wq_b   32768 x 1024 (r4)", 32768, 1024, 4, gemv_bulk_fp8_1_r4, bulk_stage_bytes<FMT_FP8, 4>()},
+        {"wo_a    8192 x 4096 (r1)", 8192, 4096, 1, gemv_bulk_fp8_1_r1, bulk_stage_bytes<FMT_FP8, 1>()},
+        {"wo_a    8192 x 4096 (r2)", 8192, 4096, 2, gemv_bulk_fp8_1_r2, bulk_stage_bytes<FMT_FP8, 2>()},
+        {"wo_b    4096 x 8192 (r1)", 4096, 8192, 1, gemv_bulk_fp8_1_r1, bulk_stage_bytes<FMT_FP8, 1>()},
+        {"128 MB 131072 x 1024 (r4)", 131072, 1024, 4, gemv_bulk_fp8_1_r4, bulk_stage_bytes<FMT_FP8, 4>()},
+        {"128 MB  32768 x 4096 (r1)", 32768, 4096, 1, gemv_bulk_fp8_1_r1, bulk_stage_bytes<FMT_FP8, 1>()},
+        {"FP4 128 MB 65536 x 4096 (r2)", 65536, 4096, 2, gemv_bulk_fp4_1_r2, bulk_stage_bytes<FMT_FP4, 2>(), true},
     };
     float* x;
     float* y;
@@ -62,7 +63,7 @@ int main() {
         a.vec = 1;
         const int tiles = c.out / (8 * c.rpw);
         const int blocks = tiles < sms ? tiles : sms;
-        const int smem = 4 * (32768 + (c.f4 ? 32768 / 16 : (4096 / c.rpw) / 32));
+        const int smem = BULK_STAGES * c.stage;
         const int nslices = c.in / (c.f4 ? 2 : 1) / (4096 / c.rpw);
         CK(cudaFuncSetAttribute((const void*)c.k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
         cudaLaunchAttribute at[1];

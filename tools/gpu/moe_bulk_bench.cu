@@ -13,29 +13,6 @@
 #include "all.cu"
 #include "bench_util.cuh"
 
-static uint8_t* rnd_bytes(size_t n, uint32_t seed, uint8_t lo, uint8_t span) {
-    std::vector<uint8_t> h(n);
-    for (auto& v : h) {
-        seed = seed * 1664525u + 1013904223u;
-        v = (uint8_t)(lo + (seed >> 24) % span);
-    }
-    uint8_t* d;
-    CK(cudaMalloc(&d, n));
-    CK(cudaMemcpy(d, h.data(), n, cudaMemcpyHostToDevice));
-    return d;
-}
-
-// An FP4 [out, in] expert matrix: e2m1 codes (any byte) and e8m0 scales near 2^0.
-static LinearW fp4(int out, int in, uint32_t seed) {
-    LinearW w{};
-    w.w = rnd_bytes((size_t)out * in / 2, seed, 0, 255);
-    w.scales = rnd_bytes((size_t)out * in / 32, seed ^ 0x5555u, 120, 8);
-    w.fmt = FMT_FP4;
-    w.out = out;
-    w.in = in;
-    return w;
-}
-
 // The host's launch shape (ops::moe_bulk_launch): planes for the inputs a block's run spans.
 struct Shape { int blocks, stages, planes, smem; };
 static Shape shape(int sms, int k, int pairs, int tiles, int kin, bool up) {
@@ -57,9 +34,9 @@ int main(int argc, char** argv) {
     CK(cudaMemcpyToSymbol(mb_stamp_block, &block, sizeof block));
     std::vector<LinearW> w1, w3, w2;
     for (int e = 0; e < E; e++) {
-        w1.push_back(fp4(I, D, 3 * e + 1));
-        w3.push_back(fp4(I, D, 3 * e + 2));
-        w2.push_back(fp4(D, I, 3 * e + 3));
+        w1.push_back(matrix(FMT_FP4, I, D, 3 * e + 1));
+        w3.push_back(matrix(FMT_FP4, I, D, 3 * e + 2));
+        w2.push_back(matrix(FMT_FP4, D, I, 3 * e + 3));
     }
     auto dev = [](const std::vector<LinearW>& v) {
         LinearW* d;
