@@ -23,7 +23,7 @@ static Shape shape(int sms, int k, int pairs, int tiles, int kin, bool up) {
         auto input = [&](long long it) { return up ? it / tiles / k : it / tiles; };
         if (i0 < i1) planes = std::max(planes, (int)(input(i1 - 1) - input(i0) + 1));
     }
-    const int tile = 16 * (kin / 2 + kin / 32), fixed = 64 + planes * (kin * 4 + kin / 8);
+    const int tile = moe_bulk_tile_bytes(kin), fixed = 64 + planes * (kin * 4 + kin / 8);
     const int stages = std::min((227 * 1024 - 3072 - fixed) / tile, MB_MAX_STAGES);
     return {nb, stages, planes, stages * tile + fixed};
 }

@@ -90,11 +90,11 @@ int main() {
     f.sout = sout;
     int sms;
     CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
-    // The host's layout (src/moe_ffn.rs): up 6 stages of an FP4 tile, down 8 of 17,408 B, one
-    // plane (132 blocks cut the pairs at their boundaries; other SM counts may need two).
-    const int up_stage = 16 * (D / 2 + D / 32), up_stages = 6;
+    // The host's layout (src/moe_ffn.rs): up 6 stages of an FP4 tile, down 8, one plane (132
+    // blocks cut the pairs at their boundaries; other SM counts may need two).
+    const int up_stage = moe_bulk_tile_bytes(D), up_stages = 6;
     const int up_smem = up_stages * up_stage + 64 + D * 4 + D / 8;
-    const int dn_stage = 16 * (I / 2 + I / 32), dn_stages = 8, planes = 2;
+    const int dn_stage = moe_bulk_tile_bytes(I), dn_stages = 8, planes = 2;
     const int dn_smem = dn_stages * dn_stage + 64 + planes * (I * 4 + I / 8);
     CK(cudaFuncSetAttribute(moe_ffn_up_bulk, cudaFuncAttributeMaxDynamicSharedMemorySize, up_smem));
     CK(cudaFuncSetAttribute(moe_ffn_down_bulk, cudaFuncAttributeMaxDynamicSharedMemorySize, dn_smem));

@@ -92,8 +92,18 @@ __device__ __forceinline__ void attention_partial_impl(const AttnArgs& a, float*
     const int nchunks = (nk + ATT_KEYS - 1) / ATT_KEYS;
     const int dh = DH ? DH : a.dh;
     constexpr int PER = ATT_DMAX / 32;
-    float q[PER], acc[PER];
     const bool head_ok = h < a.H;
+    if (split >= nchunks) {
+        // No keys here (a short context under a context-sized split count): only the empty
+        // max and sum, which give this split weight 0 in `attn_combine` (its output unread).
+        if (head_ok && lane == 0) {
+            float* out = part + (((size_t)t * nsplit + split) * a.H + h) * (dh + 2);
+            out[dh] = -INFINITY;
+            out[dh + 1] = 0.f;
+        }
+        return;
+    }
+    float q[PER], acc[PER];
     const float* qp = a.q + ((size_t)t * a.H + (head_ok ? h : 0)) * dh;
 #pragma unroll
     for (int i = 0; i < PER; i++) {
@@ -196,7 +206,9 @@ extern "C" __global__ void attn_combine(const float* part, const float* sinks, f
     const int c = blockIdx.z * blockDim.x + threadIdx.x;
     float v = 0.f;
     if (c < dh) {
-        for (int s = 0; s < nsplit; s++) v += base[s * stride + c] * wts[s];
+        // A split of weight 0 adds nothing (and an empty one's output was never written).
+        for (int s = 0; s < nsplit; s++)
+            if (wts[s] != 0.f) v += base[s * stride + c] * wts[s];
         v *= s_inv;
     }
     const int tail = dh - 2 * half;

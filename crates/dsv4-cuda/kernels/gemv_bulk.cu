@@ -20,9 +20,11 @@
 #define BULK_THREADS (32 * (BULK_WARPS + 1))  // the consumer warps + 1 producer warp
 #define BULK_CONSUMERS (32 * BULK_WARPS)
 // A row's K slices whose activation chunks one-token consumers hold in registers at once (1 or
-// 2; 2 for the rows of two slices, `wo_b`'s: to be measured, tools/gpu/gemv_bulk_bench.cu).
+// 2). Two: rows of two slices (`wo_b` at one row per warp, `wo_a` at two) stop reloading their
+// chunks every stage (tools/gpu/gemv_bulk_bench.cu, H100: wo_b 15.08 -> 12.66 us, wo_a r2
+// 14.90 -> 12.90). FP4 rows keep one (two spilled, and were slower).
 #ifndef BULK_X_SLICES
-#define BULK_X_SLICES 1
+#define BULK_X_SLICES 2
 #endif
 static_assert(BULK_X_SLICES == 1 || BULK_X_SLICES == 2, "BULK_X_SLICES is 1 or 2");
 // Tiles per block whose sums BULK_DEFER_SUMS keeps for the end of the run (more: per tile).
@@ -297,7 +299,7 @@ __device__ __forceinline__ void gemv_bulk_steps(const Src& src, ItemRange mine, 
 #else
     constexpr bool XREG = MT == 1;
 #endif
-    constexpr int XSL = XREG ? BULK_X_SLICES : 1;
+    constexpr int XSL = XREG && FMT != FMT_FP4 ? BULK_X_SLICES : 1;
     float xc[XSL][XREG ? UPW : 1][1][N];  // [held slice][u][token][element]
     const bool every_slice = nslices <= XSL;  // all of a row's slices held at once
     const float* xkey = nullptr;

@@ -8,7 +8,7 @@
 // Work: items (pair, tile) in pair order, a contiguous run per block (one block per SM). A tile
 // is 16 rows of the pair's expert — 8 gate + 8 up rows for `up` (SwiGLU at the end), 16 rows
 // of `down` — and one stage holds a whole tile: its rows (K / 2 bytes each) then their e8m0
-// scale bytes (K / 32 each). The 8 consumer warps split a tile's 256-input steps, and their
+// scale bytes (K / 32 each), laid out as `MbStage` says. The 8 consumer warps split a tile's 256-input steps, and their
 // sums of each row are added in warp order. The down projection's weights do not depend on
 // the kernel before (only on the routing, two kernels back: `moe_up_bulk` lets it launch only
 // once its own wait is over), so they start streaming while the up projection finishes.
@@ -46,8 +46,22 @@ __device__ const int* mb_span_base;
 #define MB_SPAN(a, which)
 #endif
 
-// Stage bytes of a tile of 16 rows of K inputs: weights then scales.
-__host__ __device__ constexpr int moe_bulk_tile_bytes(int K) { return 16 * (K / 2 + K / 32); }
+// A stage's layout: two blocks of 8 weight rows (K / 2 bytes each; up: the gate rows, then the
+// up rows; down: the tile's first 8 rows, then the next 8), then the blocks' e8m0 scale rows
+// (K / 32 bytes each) alike; each second block starts 16 bytes past the first's end. MMA row m
+// of a warp is row m / 2 of block m % 2, so the rows a quarter-warp reads at once (m, m + 1)
+// fall in different banks: with the blocks back to back, every row sat on the same banks
+// (rows are 1–2 KB long) and each load took two wavefronts.
+struct MbStage {
+    int rowb, srow;
+    __host__ __device__ constexpr explicit MbStage(int K) : rowb(K / 2), srow(K / 32) {}
+    __host__ __device__ constexpr int block(int b) const { return b * (8 * rowb + 16); }
+    __host__ __device__ constexpr int scale_block(int b) const { return 16 * rowb + 32 + b * (8 * srow + 16); }
+    __host__ __device__ constexpr int bytes() const { return scale_block(1) + 8 * srow; }
+};
+// Stage bytes of a tile of 16 rows of K inputs (shared memory), and the bytes copied into it.
+__host__ __device__ constexpr int moe_bulk_tile_bytes(int K) { return MbStage(K).bytes(); }
+__host__ __device__ constexpr int moe_bulk_tile_tx(int K) { return 16 * (K / 2 + K / 32); }
 
 // Producer warp: the bulk copies of routed tile `tile` of expert e (inputs K) into stage st,
 // counted against `full`.
@@ -60,53 +74,95 @@ __device__ __forceinline__ void mb_issue_fp4(const MoeArgs& a, int e, int tile, 
     __syncwarp();
     return;
 #endif
-    if (lane == 0) mbar_arrive_expect(full, moe_bulk_tile_bytes(K));
+    if (lane == 0) mbar_arrive_expect(full, moe_bulk_tile_tx(K));
     __syncwarp();
-    if (UP) {
-        // Gate rows 8·tile.. into stage rows 0-7, up rows into 8-15; scales alike.
-        const LinearW& W = lane == 0 || lane == 2 ? a.w1[e] : a.w3[e];
-        const size_t r0 = (size_t)tile * 8;
+    // Lanes 0 and 1 copy the two row blocks, lanes 2 and 3 their scales.
+    const MbStage L(K);
+    if (lane < 4) {
+        const int blk = lane & 1;
+        const LinearW& W = UP ? (blk == 0 ? a.w1[e] : a.w3[e]) : a.w2[e];
+        const size_t r0 = UP ? (size_t)tile * 8 : (size_t)tile * 16 + 8 * blk;  // W's first row
         if (lane < 2)
-            bulk_copy(st + lane * 8 * rowb, W.w + r0 * rowb, 8 * rowb, full, policy);
-        else if (lane < 4)
-            bulk_copy(st + 16 * rowb + (lane - 2) * 8 * srow, (const uint8_t*)W.scales + r0 * srow, 8 * srow,
-                      full, policy);
-    } else {
-        const LinearW& W = a.w2[e];
-        const size_t r0 = (size_t)tile * 16;
-        if (lane == 0) bulk_copy(st, W.w + r0 * rowb, 16 * rowb, full, policy);
-        if (lane == 1)
-            bulk_copy(st + 16 * rowb, (const uint8_t*)W.scales + r0 * srow, 16 * srow, full, policy);
+            bulk_copy(st + L.block(blk), W.w + r0 * rowb, 8 * rowb, full, policy);
+        else
+            bulk_copy(st + L.scale_block(blk), (const uint8_t*)W.scales + r0 * srow, 8 * srow, full, policy);
     }
 }
+
+// B fragments a consumer warp keeps in registers from tile to tile: its steps' share of one
+// input's B plane and group factors (`moe_tc_step`'s shared-memory reads, which were 8 of a
+// step's 12 loads and, with the lanes of other columns reading the zero block, most of its
+// shared-memory wavefronts). Loaded again when the input changes; warps with more than
+// MB_SPW steps read shared memory per step instead.
+#define MB_SPW 2
+struct MbFrags {
+    const uint4* key = nullptr;  // the plane they hold
+    uint4 b[MB_SPW][2][4];       // [step][scale group][word]
+    float x[MB_SPW][2][2];       // [step][scale group][column pair]
+    __device__ __forceinline__ void load(const uint4* plane, const float* gsc, int s0, int s1) {
+        const MoeTcLane ln;
+#pragma unroll
+        for (int u = 0; u < MB_SPW; u++) {
+            if (s0 + u >= s1) break;
+#pragma unroll
+            for (int ng = 0; ng < 2; ng++) {
+                const uint4* bp = plane + (ln.group(s0 + u, ng) * 2 + ln.part) * 4;
+#pragma unroll
+                for (int i = 0; i < 4; i++) b[u][ng][i] = ln.active ? bp[i] : make_uint4(0u, 0u, 0u, 0u);
+                x[u][ng][0] = gsc[ln.acc_group(s0 + u, ng)];
+                x[u][ng][1] = gsc[ln.acc_group(s0 + u, ng) + 2];
+            }
+        }
+        key = plane;
+    }
+};
 
 // Consumer warps: routed tile `tile` of pair p from its (arrived) stage st, its input's B plane
 // and group factors; the stage is released to `empty` once read. The warps split the tile's
 // 256-input steps; their sums of each row, in `r`, are added in warp order by warp 0, which
-// writes the outputs (up: SwiGLU into a.h; down: a.out).
+// writes the outputs (up: SwiGLU into a.h; down: a.out). `fr`: the warp's B fragments, kept by
+// the caller's loop over tiles (one per run of a plane region: its key is the plane's address).
 template <bool UP, int W>
 __device__ __forceinline__ void mb_consume_fp4(const MoeArgs& a, const uint8_t* st, uint64_t* empty, int K,
                                                const uint4* zero, const uint4* plane, const float* gsc,
-                                               float (&r)[W][16], int p, int tile) {
+                                               float (&r)[W][16], int p, int tile, MbFrags& fr) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const int rowb = K / 2, srow = K / 32, steps = K / 256;
+    const MbStage L(K);
+    const int steps = K / 256;
     const int s0 = warp * steps / W, s1 = (warp + 1) * steps / W;
     float acc[1][4] = {};
-#ifdef MB_NO_MATH  // measurement only (moe_ffn_bench, moe_bulk_bench): the stream's own rate
-    for (int s = s0; s < s0; s++) {
-#else
-    for (int s = s0; s < s1; s++) {
-#endif
+    // The lane's loads of step s: 32 bytes of MMA rows g and g + 8 (two scale groups) and
+    // their scale words; MMA row m is row m / 2 of block m % 2 (MbStage).
+    const uint8_t* rows = st + L.block(g & 1) + (g >> 1) * L.rowb;
+    const uint8_t* scales = st + L.scale_block(g & 1) + (g >> 1) * L.srow;
+    auto step_loads = [&](int s) {
         MoeTcStep q;
 #pragma unroll
         for (int ng = 0; ng < 2; ng++) {
-            q.q[0][ng] = *(const uint4*)(st + g * rowb + s * 128 + 32 * t + 16 * ng);
-            q.q[1][ng] = *(const uint4*)(st + (g + 8) * rowb + s * 128 + 32 * t + 16 * ng);
+            q.q[0][ng] = *(const uint4*)(rows + s * 128 + 32 * t + 16 * ng);
+            q.q[1][ng] = *(const uint4*)(rows + 4 * L.rowb + s * 128 + 32 * t + 16 * ng);
         }
-        const uint8_t* sc = st + 16 * rowb + s * 8 + 4 * (t & 1);
-        q.s[0] = *(const uint32_t*)(sc + g * srow);
-        q.s[1] = *(const uint32_t*)(sc + (g + 8) * srow);
-        moe_tc_step<1>(q, s, zero, plane, K / 4, gsc, K / 32, 1, acc);
+        const uint8_t* sc = scales + s * 8 + 4 * (t & 1);
+        q.s[0] = *(const uint32_t*)sc;
+        q.s[1] = *(const uint32_t*)(sc + 4 * L.srow);
+        return q;
+    };
+#ifdef MB_NO_MATH  // measurement only (moe_ffn_bench, moe_bulk_bench): the stream's own rate
+    constexpr bool math = false;
+#else
+    constexpr bool math = true;
+#endif
+    if (math && s1 - s0 <= MB_SPW) {
+        if (fr.key != plane) fr.load(plane, gsc, s0, s1);
+#pragma unroll
+        for (int u = 0; u < MB_SPW; u++) {
+            if (s0 + u >= s1) break;
+            moe_tc_step_with<1>(
+                step_loads(s0 + u), 1, acc, [&](int, int ng, int i) { return fr.b[u][ng][i]; },
+                [&](int, int ng, int h) { return fr.x[u][ng][h]; });
+        }
+    } else if (math) {
+        for (int s = s0; s < s1; s++) moe_tc_step<1>(step_loads(s), s, zero, plane, K / 4, gsc, K / 32, 1, acc);
     }
     __syncwarp();
     if (lane == 0) mbar_arrive(empty);
@@ -118,11 +174,14 @@ __device__ __forceinline__ void mb_consume_fp4(const MoeArgs& a, const uint8_t* 
     }
     asm volatile("bar.sync 1, %0;" ::"r"(32 * W) : "memory");
     if (warp == 0 && lane < (UP ? 8 : 16)) {
+        // Output row o is row o % 8 of block o / 8: MMA row 2 (o % 8) + o / 8 (up: gate row
+        // `lane` is MMA row 2·lane, its up row the next).
+        const int m = UP ? 2 * lane : 2 * (lane & 7) + (lane >> 3);
         float u = 0.f, v = 0.f;
 #pragma unroll
         for (int w = 0; w < W; w++) {
-            u += r[w][lane];
-            if (UP) v += r[w][lane + 8];
+            u += r[w][m];
+            if (UP) v += r[w][m + 1];
         }
         if (UP) {
             float y = swiglu_clamped(u, v, a.lim);
@@ -195,6 +254,7 @@ __device__ void moe_bulk_impl(const MoeArgs& a, int pairs, int stages, int npl) 
     }
     asm volatile("bar.sync 1, %0;" ::"r"(32 * MB_WARPS) : "memory");
     if (threadIdx.x == 0) MB_STAMP(mb_stamp_misc, 1);
+    MbFrags fr;
     for (int it = i0, n = 0; it < i1; it++, n++) {
         const int slot = n % stages, p = it / tpp, tile = it % tpp;
         const uint8_t* st = mb_smem + (size_t)slot * tile_bytes;
@@ -202,7 +262,7 @@ __device__ void moe_bulk_impl(const MoeArgs& a, int pairs, int stages, int npl) 
         mbar_wait(&full[slot], (n / stages) & 1);
         if (warp == 0) MB_STAMP(mb_stamp_got, n);
         mb_consume_fp4<UP, MB_WARPS>(a, st, &empty[slot], K, zero, planes + (size_t)pl * plane_u4,
-                                     gsc + (size_t)pl * (K / 32), red[n & 1], p, tile);
+                                     gsc + (size_t)pl * (K / 32), red[n & 1], p, tile, fr);
     }
     if (threadIdx.x == 0) MB_STAMP(mb_stamp_misc, 2);
     if (threadIdx.x == 0) MB_SPAN(a, 1);

@@ -235,12 +235,13 @@ __device__ __forceinline__ void ffn_down_routed(const MoeArgs& a, uint8_t* smem,
                                                 const uint4* zero, const uint4* planes, const float* gsc, int j0,
                                                 int j1, int first, int& n) {
     const int K = a.I, tpd = a.D / 16;
+    MbFrags fr;
     for (int it = j0; it < j1; it++, n++) {
         const int slot = n % stages, p = it / tpd, tile = it % tpd;
         mbar_wait(&full[slot], (n / stages) & 1);
         mb_consume_fp4<false, W>(a, smem + (size_t)slot * stage_bytes, &empty[slot], K, zero,
                                  planes + (size_t)(p - first) * (K / 4), gsc + (size_t)(p - first) * (K / 32),
-                                 red[n & 1], p, tile);
+                                 red[n & 1], p, tile, fr);
     }
 }
 
@@ -482,6 +483,7 @@ __device__ void moe_ffn_up_impl(const MoeArgs& a, const FfnArgs& f, int stages, 
     if (ALL && warp == 0 && s0 < s1) ffn_publish(&cnt[0], s1 - s0);
     pdl_launch();
     FFN_STAMP(5);
+    MbFrags fr;  // up's plane: read once into every consumer warp's registers
     if (dyn) {
         for (bool first_tile = true;; n++, first_tile = false) {
             const int slot = n % stages;
@@ -490,7 +492,7 @@ __device__ void moe_ffn_up_impl(const MoeArgs& a, const FfnArgs& f, int stages, 
             if (it < 0) break;
             if (first_tile) FFN_STAMP(6);
             mb_consume_fp4<true, W>(a, mb_smem + (size_t)slot * stage_bytes, &empty[slot], K, zero, plane, gsc,
-                                    red[n & 1], it / tpp, it % tpp);
+                                    red[n & 1], it / tpp, it % tpp, fr);
         }
         FFN_STAMP(7);
         return;
@@ -500,7 +502,7 @@ __device__ void moe_ffn_up_impl(const MoeArgs& a, const FfnArgs& f, int stages, 
         mbar_wait(&full[slot], (n / stages) & 1);
         if (it == i0) FFN_STAMP(6);
         mb_consume_fp4<true, W>(a, mb_smem + (size_t)slot * stage_bytes, &empty[slot], K, zero, plane, gsc,
-                                red[n & 1], p, tile);
+                                red[n & 1], p, tile, fr);
         if (ALL && (it + 1 == i1 || (it + 1) / tpp != p)) ffn_publish(&cnt[1 + p], it + 1 - max(i0, p * tpp));
     }
     FFN_STAMP(7);

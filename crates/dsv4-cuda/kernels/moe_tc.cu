@@ -117,23 +117,15 @@ struct MoeTcStep {
 };
 
 // One step (256 inputs) of the warp's 16 rows · the pass's tokens, folded into acc: `st` holds
-// the lane's loads of the step, `zero` four zero uint4s (the B operand of inactive lanes),
-// `plane` token 0's B plane (token m's at m · plane_u4) and `gsc` token 0's group factors (K / 32
-// per token).
-template <int MT>
-__device__ __forceinline__ void moe_tc_step(const MoeTcStep& st, int stp, const uint4* zero,
-                                            const uint4* plane, int plane_u4, const float* gsc,
-                                            int G32, int nm, float (&acc)[MT][4]) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    // Lane (g, t) feeds B's column g, which is nonzero for the inputs of lane t = g % 4 only
-    // (part g / 4); the other lanes read a zero block.
-    const bool active = (g & 3) == t;
-    const int part = g >> 2;
-    const int tok_stride = active ? plane_u4 : 0;
+// the lane's loads of the step, `bf(m, ng, i)` the lane's B fragment of token m for word i of
+// scale group ng (zero in the lanes whose column is another lane's) and `xf(m, ng, h)` the
+// activation factor of the group in its accumulator column 2t + h (MoeTcLane). The B side
+// comes from shared memory (`moe_tc_step`) or from registers a warp keeps across tiles
+// (moe_bulk.cu).
+template <int MT, class BF, class XF>
+__device__ __forceinline__ void moe_tc_step_with(const MoeTcStep& st, int nm, float (&acc)[MT][4], BF bf, XF xf) {
 #pragma unroll
     for (int ng = 0; ng < 2; ng++) {
-        const int G = stp * 8 + 2 * t + ng;
-        const uint4* bp = active ? plane + (G * 2 + part) * 4 : zero;
         // Two accumulator chains (words 0-1, 2-3) for more independent MMAs in flight.
         float d[MT][4] = {}, d2[MT][4] = {};
         const uint4 qa = st.q[0][ng], qb = st.q[1][ng];
@@ -147,24 +139,20 @@ __device__ __forceinline__ void moe_tc_step(const MoeTcStep& st, int stp, const 
 #pragma unroll
             for (int m = 0; m < MT; m++) {
                 if (m < nm) {
-                    const uint4 b = bp[m * tok_stride + i];
+                    const uint4 b = bf(m, ng, i);
                     float(&dd)[4] = i < 2 ? d[m] : d2[m];
                     mma_f16(dd, xa[0], xb[0], xa[1], xb[1], b.x, b.y);
                     mma_f16(dd, xa[2], xb[2], xa[3], xb[3], b.z, b.w);
                 }
             }
         }
-        // Column 2t (+1) is group lane j = (2t) % 4 (+1): group 2j + ng of the step,
-        // bytes ng and 2 + ng of this lane's scale words.
-        const int j0 = (2 * t) & 3;
-        const int Ga = stp * 8 + 2 * j0 + ng, Gb = Ga + 2;
         // (The scales are 2..252: GpuLinear::tc, checked by the caller.)
         const float a0 = e8m0_normal(st.s[0], ng), a1 = e8m0_normal(st.s[0], 2 + ng);
         const float b0 = e8m0_normal(st.s[1], ng), b1 = e8m0_normal(st.s[1], 2 + ng);
 #pragma unroll
         for (int m = 0; m < MT; m++) {
             if (m < nm) {
-                const float xa = gsc[m * G32 + Ga], xb = gsc[m * G32 + Gb];
+                const float xa = xf(m, ng, 0), xb = xf(m, ng, 1);
                 acc[m][0] = fmaf(d[m][0] + d2[m][0], a0 * xa, acc[m][0]);
                 acc[m][1] = fmaf(d[m][1] + d2[m][1], a1 * xb, acc[m][1]);
                 acc[m][2] = fmaf(d[m][2] + d2[m][2], b0 * xa, acc[m][2]);
@@ -172,6 +160,42 @@ __device__ __forceinline__ void moe_tc_step(const MoeTcStep& st, int stp, const 
             }
         }
     }
+}
+
+// Lane (g, t) feeds B's column g, which is nonzero for the inputs of lane t = g % 4 only (part
+// g / 4); the other lanes read a zero block. Its accumulator column 2t (+1) is the group of lane
+// j = (2t) % 4 (+1): group 2j + ng of the step, two groups on for the next column pair.
+struct MoeTcLane {
+    bool active;
+    int part, j0;
+    __device__ __forceinline__ MoeTcLane() {
+        const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+        active = (g & 3) == t;
+        part = g >> 2;
+        j0 = (2 * t) & 3;
+    }
+    // Group of scale group ng of step stp that this lane's B fragment carries.
+    __device__ __forceinline__ int group(int stp, int ng) const { return stp * 8 + 2 * (threadIdx.x & 3) + ng; }
+    // The first of the two groups its accumulator columns hold.
+    __device__ __forceinline__ int acc_group(int stp, int ng) const { return stp * 8 + 2 * j0 + ng; }
+};
+
+// `moe_tc_step_with` with the B side from shared memory: `zero` four zero uint4s (the B operand
+// of inactive lanes), `plane` token 0's B plane (token m's at m · plane_u4) and `gsc` token 0's
+// group factors (K / 32 per token).
+template <int MT>
+__device__ __forceinline__ void moe_tc_step(const MoeTcStep& st, int stp, const uint4* zero,
+                                            const uint4* plane, int plane_u4, const float* gsc,
+                                            int G32, int nm, float (&acc)[MT][4]) {
+    const MoeTcLane ln;
+    const int tok_stride = ln.active ? plane_u4 : 0;
+    moe_tc_step_with<MT>(
+        st, nm, acc,
+        [&](int m, int ng, int i) {
+            const uint4* bp = ln.active ? plane + (ln.group(stp, ng) * 2 + ln.part) * 4 : zero;
+            return bp[m * tok_stride + i];
+        },
+        [&](int m, int ng, int h) { return gsc[m * G32 + ln.acc_group(stp, ng) + 2 * h]; });
 }
 
 // The quad's sums of acc: per token, rows g (ya) and g + 8 (yb), complete in every lane of the

@@ -324,6 +324,10 @@ pub struct CudaModel {
     /// free instead of split evenly (H100, 18 layers at 1K: 3.18 / 3.19 against 3.26–3.29 ms
     /// per step, stop 28; `DSV4_CUDA_FFN_DYN=0` splits them evenly).
     ffn_dyn_tiles: bool,
+    /// Whether a decode step's attention caps its key splits by the most key chunks a token of
+    /// the layer's kind can have (`attend_seqs`; `DSV4_CUDA_ATTN_CAP=0`: splits for the SMs
+    /// only, most of them empty in sliding-window and CSA layers).
+    attn_split_cap: bool,
     /// Whether calls of up to [`ops::ROUTER_ROUTE_TOKENS`] tokens compute the router's logits
     /// and the routing in one launch (`moe_router_route`; `DSV4_CUDA_ROUTE_FUSED=0` keeps the
     /// GEMV and `moe_route`).
@@ -517,6 +521,7 @@ impl CudaModel {
             ffn_shared_pre: crate::gpu::env_num("DSV4_CUDA_FFN_SHARED_PRE", |_: &u32| true)
                 .unwrap_or(crate::moe_ffn::SHARED_PRE),
             ffn_dyn_tiles: std::env::var("DSV4_CUDA_FFN_DYN").map_or(true, |v| v != "0"),
+            attn_split_cap: std::env::var("DSV4_CUDA_ATTN_CAP").map_or(true, |v| v != "0"),
             route_fused: AtomicBool::new(
                 std::env::var("DSV4_CUDA_ROUTE_FUSED").map_or(true, |v| v != "0"),
             ),
@@ -1763,8 +1768,19 @@ impl CudaModel {
         let c = &self.config;
         let (h, dh) = (c.num_heads, c.head_dim);
         let groups = h.div_ceil(ATT_HEADS);
+        // The graph is captured once per batch size, so the split count is static: it is capped
+        // by the most key chunks a token of this layer kind can have (the window, plus the
+        // indexer's selection in CSA layers; HCA's entries grow with the context), so no block
+        // is launched only to write an empty partial for `attn_combine` to merge.
+        let max_keys = match (args.ratio, args.sel) {
+            _ if !self.attn_split_cap => usize::MAX,
+            (0, _) => c.sliding_window,
+            (_, sel) if sel != 0 => c.sliding_window + c.index_topk,
+            _ => usize::MAX,
+        };
         let nsplit = (2 * g.sm_count)
             .div_ceil(t * groups)
+            .min(max_keys.div_ceil(ATT_KEYS))
             .min(s.attn_part.bytes / 4 / (t * h * (dh + 2)))
             .clamp(1, COMBINE_MAX_SPLITS);
         self.attend_splits(s, args, nsplit, rope, s.positions.ptr)?;

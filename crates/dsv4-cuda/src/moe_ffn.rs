@@ -290,23 +290,23 @@ mod tests {
     #[test]
     fn flash_layout_on_an_h100() {
         let l = ffn_layout(132, 256, 6, 4096, 2048, 2048).unwrap();
-        assert_eq!((l.blocks, l.up_stages, l.up_stage_bytes), (132, 6, 34816));
-        assert_eq!(l.up_smem as usize, 6 * 34816 + 64 + 4096 * 4 + 512);
+        assert_eq!((l.blocks, l.up_stages, l.up_stage_bytes), (132, 6, 34864));
+        assert_eq!(l.up_smem as usize, 6 * 34864 + 64 + 4096 * 4 + 512);
         assert!(l.up_smem as usize <= MB_MAX_SMEM);
         assert_eq!(
             (l.down_stages, l.down_stage_bytes, l.down_planes),
-            (8, 17408, 1)
+            (8, 17456, 1)
         );
-        assert_eq!(l.down_smem as usize, 8 * 17408 + 64 + 2048 * 4 + 256);
+        assert_eq!(l.down_smem as usize, 8 * 17456 + 64 + 2048 * 4 + 256);
         // One launch: six stages of the up tile, room for up's plane or down's (the same).
         let o = l.one.unwrap();
-        assert_eq!((o.stages, o.stage_bytes, o.planes), (6, 34816, 1));
-        assert_eq!(o.smem as usize, 6 * 34816 + 64 + 4096 * 4 + 512);
+        assert_eq!((o.stages, o.stage_bytes, o.planes), (6, 34864, 1));
+        assert_eq!(o.smem as usize, 6 * 34864 + 64 + 4096 * 4 + 512);
         let l = ffn_layout(100, 256, 6, 4096, 2048, 2048).unwrap();
         assert_eq!(l.down_planes, 2);
         assert_eq!(
             l.one.unwrap().smem as usize,
-            6 * 34816 + 64 + 4096 * 4 + 512
+            6 * 34864 + 64 + 4096 * 4 + 512
         );
     }
 

@@ -1803,10 +1803,11 @@ fn moe_bulk_launch(
     })
 }
 
-/// Stage bytes of a bulk MoE tile of 16 FP4 rows of `kin` inputs: the rows, then their e8m0
-/// scales (`moe_bulk_tile_bytes` in `kernels/moe_bulk.cu`).
+/// Stage bytes of a bulk MoE tile of 16 FP4 rows of `kin` inputs: two blocks of 8 rows, then
+/// their e8m0 scales, each second block 16 bytes past the first's end against bank conflicts
+/// (`MbStage` in `kernels/moe_bulk.cu`).
 pub(crate) fn moe_bulk_tile_bytes(kin: usize) -> usize {
-    16 * (kin / 2 + kin / 32)
+    16 * (kin / 2 + kin / 32) + 48
 }
 
 /// The most inputs (up: tokens of `k` pairs; down: pairs) that one block's contiguous run of
@@ -2057,7 +2058,7 @@ mod tests {
                 assert!(i0 < i1, "block {b} has no items");
                 assert!(input(i1 - 1) - input(i0) < l.planes as usize);
             }
-            let tile = 16 * (kin / 2 + kin / 32);
+            let tile = moe_bulk_tile_bytes(kin);
             let need = l.stages as usize * tile + 64 + l.planes as usize * (kin * 4 + kin / 8);
             assert_eq!(l.smem as usize, need);
             assert!(need <= MB_MAX_SMEM && (2..=MB_MAX_STAGES as i32).contains(&l.stages));
