@@ -15,6 +15,9 @@
 // seconds instead of hanging (`grid_wait`).
 #define FFN_CH 2    // 16-input chunks per consumer thread of a shared-expert tile (K <= 8192)
 #define FFN_RPRE 8  // router chunks per lane requested before the previous kernel is waited for
+#ifndef FFN_CLAIM_AHEAD
+#define FFN_CLAIM_AHEAD 1  // dynamic routed tiles: one claim in flight ahead (0: claimed when issued)
+#endif
 
 // Stamps of every block of `moe_ffn_up_bulk` (tools/gpu/moe_ffn_bench.cu defines FFN_STAMPS):
 // the global timer (ns) at entry, after the wait, at its arrival at the grid barrier, once its
@@ -364,12 +367,18 @@ __device__ void moe_ffn_up_impl(const MoeArgs& a, const FfnArgs& f, int stages, 
             // Each tile goes to the first block with a free slot (the counter was cleared before
             // the grid barrier), so blocks whose copies come slower take fewer; a slot holding
             // -1 (arrived on without bytes) tells the consumers that none are left.
+            // FFN_CLAIM_AHEAD: the next claim is requested as soon as this one is known, so its
+            // round trip to L2 (long behind the weight stream) overlaps the wait for a slot
+            // instead of following it.
+            unsigned ahead = 0;
+            if (FFN_CLAIM_AHEAD && lane == 0) ahead = atomicAdd(&f.sync[FFN_TILE_COUNTER], 1u);
             for (;; n++) {
                 const int slot = n % stages;
                 if (n >= stages) mbar_wait(&empty[slot], ((n / stages) - 1) & 1);
                 int claim = 0;
-                if (lane == 0) claim = (int)atomicAdd(&f.sync[FFN_TILE_COUNTER], 1u);
+                if (lane == 0) claim = (int)(FFN_CLAIM_AHEAD ? ahead : atomicAdd(&f.sync[FFN_TILE_COUNTER], 1u));
                 claim = __shfl_sync(0xffffffffu, claim, 0);
+                if (FFN_CLAIM_AHEAD && lane == 0 && claim < a.k * tpp) ahead = atomicAdd(&f.sync[FFN_TILE_COUNTER], 1u);
                 if (claim >= a.k * tpp) {
                     if (lane == 0) {
                         item_s[slot] = -1;
