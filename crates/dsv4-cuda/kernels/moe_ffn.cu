@@ -15,9 +15,15 @@
 // seconds instead of hanging (`grid_wait`).
 #define FFN_CH 2    // 16-input chunks per consumer thread of a shared-expert tile (K <= 8192)
 #define FFN_RPRE 8  // router chunks per lane requested before the previous kernel is waited for
+// Dynamic routed tiles: claims of FFN_CLAIM_TILES consecutive tiles, the next one in flight while
+// the current one is issued (FFN_CLAIM_AHEAD 0: each claimed when its slot is free, stop 28).
 #ifndef FFN_CLAIM_AHEAD
-#define FFN_CLAIM_AHEAD 1  // dynamic routed tiles: one claim in flight ahead (0: claimed when issued)
+#define FFN_CLAIM_AHEAD 1
 #endif
+#ifndef FFN_CLAIM_TILES
+#define FFN_CLAIM_TILES 1
+#endif
+static_assert(FFN_CLAIM_AHEAD || FFN_CLAIM_TILES == 1, "batched claims are claimed ahead");
 
 // Stamps of every block of `moe_ffn_up_bulk` (tools/gpu/moe_ffn_bench.cu defines FFN_STAMPS):
 // the global timer (ns) at entry, after the wait, at its arrival at the grid barrier, once its
@@ -367,19 +373,29 @@ __device__ void moe_ffn_up_impl(const MoeArgs& a, const FfnArgs& f, int stages, 
             // Each tile goes to the first block with a free slot (the counter was cleared before
             // the grid barrier), so blocks whose copies come slower take fewer; a slot holding
             // -1 (arrived on without bytes) tells the consumers that none are left.
-            // FFN_CLAIM_AHEAD: the next claim is requested as soon as this one is known, so its
-            // round trip to L2 (long behind the weight stream) overlaps the wait for a slot
-            // instead of following it.
+            // FFN_CLAIM_AHEAD: the next claim is requested as soon as the current one is known,
+            // so its round trip to L2 (long behind the weight stream) overlaps the current
+            // claim's waits and copies instead of following them. A claim past the end is never
+            // followed by another; tiles of a batch past the end are not tiles.
+            unsigned* const counter = &f.sync[FFN_TILE_COUNTER];
+            const int total = a.k * tpp;
             unsigned ahead = 0;
-            if (FFN_CLAIM_AHEAD && lane == 0) ahead = atomicAdd(&f.sync[FFN_TILE_COUNTER], 1u);
+            if (FFN_CLAIM_AHEAD && lane == 0) ahead = atomicAdd(counter, (unsigned)FFN_CLAIM_TILES);
+            int next = 0, left = 0;  // the current claim's next tile and its tiles left
             for (;; n++) {
                 const int slot = n % stages;
                 if (n >= stages) mbar_wait(&empty[slot], ((n / stages) - 1) & 1);
-                int claim = 0;
-                if (lane == 0) claim = (int)(FFN_CLAIM_AHEAD ? ahead : atomicAdd(&f.sync[FFN_TILE_COUNTER], 1u));
-                claim = __shfl_sync(0xffffffffu, claim, 0);
-                if (FFN_CLAIM_AHEAD && lane == 0 && claim < a.k * tpp) ahead = atomicAdd(&f.sync[FFN_TILE_COUNTER], 1u);
-                if (claim >= a.k * tpp) {
+                if (left == 0) {
+                    int c = 0;
+                    if (lane == 0) c = (int)(FFN_CLAIM_AHEAD ? ahead : atomicAdd(counter, 1u));
+                    next = __shfl_sync(0xffffffffu, c, 0);
+                    left = FFN_CLAIM_TILES;
+                    if (FFN_CLAIM_AHEAD && lane == 0 && next < total)
+                        ahead = atomicAdd(counter, (unsigned)FFN_CLAIM_TILES);
+                }
+                const int claim = next++;
+                left--;
+                if (claim >= total) {
                     if (lane == 0) {
                         item_s[slot] = -1;
                         mbar_arrive(&full[slot]);
