@@ -96,7 +96,10 @@ __device__ __forceinline__ void mb_issue_fp4(const MoeArgs& a, int e, int tile, 
 // MB_SPW steps read shared memory per step instead.
 #define MB_SPW 2
 struct MbFrags {
-    const uint4* key = nullptr;  // the plane they hold
+    // The plane they hold, by address only: one MbFrags per run over planes whose contents do
+    // not change (a phase that refills the same memory, as down's planes after up's in
+    // moe_ffn_bulk, takes a fresh one).
+    const uint4* key = nullptr;
     uint4 b[MB_SPW][2][4];       // [step][scale group][word]
     float x[MB_SPW][2][2];       // [step][scale group][column pair]
     __device__ __forceinline__ void load(const uint4* plane, const float* gsc, int s0, int s1) {

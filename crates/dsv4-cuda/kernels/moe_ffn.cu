@@ -375,8 +375,8 @@ __device__ void moe_ffn_up_impl(const MoeArgs& a, const FfnArgs& f, int stages, 
             // -1 (arrived on without bytes) tells the consumers that none are left.
             // FFN_CLAIM_AHEAD: the next claim is requested as soon as the current one is known,
             // so its round trip to L2 (long behind the weight stream) overlaps the current
-            // claim's waits and copies instead of following them. A claim past the end is never
-            // followed by another; tiles of a batch past the end are not tiles.
+            // claim's waits and copies instead of following them. No claim follows one that
+            // starts past the end (with batches, one past a batch that straddles it is dropped).
             unsigned* const counter = &f.sync[FFN_TILE_COUNTER];
             const int total = a.k * tpp;
             unsigned ahead = 0;
@@ -487,6 +487,10 @@ __device__ void moe_ffn_up_impl(const MoeArgs& a, const FfnArgs& f, int stages, 
     ffn_load_x<W>(a.x, K, xv);
     if (threadIdx.x < 16) ((uint32_t*)zero)[threadIdx.x] = 0u;
     moe_tc_prep(a.x, K, plane, gsc, 32 * W);
+    // Every warp reads the whole plane: the shared tiles' barriers order its writes before the
+    // routed tiles' reads, and a block without shared tiles (more blocks than they have) meets
+    // here instead.
+    if (s0 >= s1) asm volatile("bar.sync 1, %0;" ::"r"(32 * W) : "memory");
     FFN_STAMP(8);
     int n = 0;
     for (int it = s0; it < s1; it++, n++) {
