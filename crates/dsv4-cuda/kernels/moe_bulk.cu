@@ -8,8 +8,8 @@
 // Work: items (pair, tile) in pair order, a contiguous run per block (one block per SM). A tile
 // is 16 rows of the pair's expert — 8 gate + 8 up rows for `up` (SwiGLU at the end), 16 rows
 // of `down` — and one stage holds a whole tile: its rows (K / 2 bytes each) then their e8m0
-// scale bytes (K / 32 each), laid out as `MbStage` says. The 8 consumer warps split a tile's 256-input steps, and their
-// sums of each row are added in warp order. The down projection's weights do not depend on
+// scale bytes (K / 32 each), laid out as `MbStage` says. The 8 consumer warps split a tile's
+// 256-input steps, and their sums of each row are added in warp order. The down projection's weights do not depend on
 // the kernel before (only on the routing, two kernels back: `moe_up_bulk` lets it launch only
 // once its own wait is over), so they start streaming while the up projection finishes.
 #include "linear.cuh"
@@ -68,7 +68,7 @@ __host__ __device__ constexpr int moe_bulk_tile_tx(int K) { return 16 * (K / 2 +
 template <bool UP>
 __device__ __forceinline__ void mb_issue_fp4(const MoeArgs& a, int e, int tile, int K, uint8_t* st, uint64_t* full,
                                              uint64_t policy) {
-    const int lane = threadIdx.x & 31, rowb = K / 2, srow = K / 32;
+    const int lane = threadIdx.x & 31;
 #ifdef MB_NO_COPY  // measurement only (moe_ffn_bench, moe_bulk_bench): the consumers' own rate
     if (lane == 0) mbar_arrive(full);
     __syncwarp();
@@ -83,9 +83,9 @@ __device__ __forceinline__ void mb_issue_fp4(const MoeArgs& a, int e, int tile, 
         const LinearW& W = UP ? (blk == 0 ? a.w1[e] : a.w3[e]) : a.w2[e];
         const size_t r0 = UP ? (size_t)tile * 8 : (size_t)tile * 16 + 8 * blk;  // W's first row
         if (lane < 2)
-            bulk_copy(st + L.block(blk), W.w + r0 * rowb, 8 * rowb, full, policy);
+            bulk_copy(st + L.block(blk), W.w + r0 * L.rowb, 8 * L.rowb, full, policy);
         else
-            bulk_copy(st + L.scale_block(blk), (const uint8_t*)W.scales + r0 * srow, 8 * srow, full, policy);
+            bulk_copy(st + L.scale_block(blk), (const uint8_t*)W.scales + r0 * L.srow, 8 * L.srow, full, policy);
     }
 }
 
