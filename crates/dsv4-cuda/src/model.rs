@@ -328,6 +328,11 @@ pub struct CudaModel {
     /// the layer's kind can have (`attend_seqs`; `DSV4_CUDA_ATTN_CAP=0`: splits for the SMs
     /// only, most of them empty in sliding-window and CSA layers).
     attn_split_cap: bool,
+    /// Whether a decode step's indexer queries stream on the main stream before `wq_b`, with
+    /// the compressors queued on the side stream right after the projections of h
+    /// (`DSV4_CUDA_INDEX_FIRST=0`: the queries, compressors and selection all on the side
+    /// stream after the norm, where the queries' bulk GEMV waited for `wq_b`'s SMs).
+    index_first: bool,
     /// Whether calls of up to [`ops::ROUTER_ROUTE_TOKENS`] tokens compute the router's logits
     /// and the routing in one launch (`moe_router_route`; `DSV4_CUDA_ROUTE_FUSED=0` keeps the
     /// GEMV and `moe_route`).
@@ -522,6 +527,7 @@ impl CudaModel {
                 .unwrap_or(crate::moe_ffn::SHARED_PRE),
             ffn_dyn_tiles: std::env::var("DSV4_CUDA_FFN_DYN").map_or(true, |v| v != "0"),
             attn_split_cap: std::env::var("DSV4_CUDA_ATTN_CAP").map_or(true, |v| v != "0"),
+            index_first: std::env::var("DSV4_CUDA_INDEX_FIRST").map_or(true, |v| v != "0"),
             route_fused: AtomicBool::new(
                 std::env::var("DSV4_CUDA_ROUTE_FUSED").map_or(true, |v| v != "0"),
             ),
@@ -1424,13 +1430,31 @@ impl CudaModel {
         }
         self.project(s, &jobs)?;
         let qlr = c.q_lora_rank;
-        // A decode step queues the indexer's queries, the compressors and the indexer's
-        // selection on the side stream, beside the queries and keys below.
+        // A decode step queues the compressors, the indexer's query rotation and its selection
+        // on the side stream, beside the queries and keys below.
         let branch = per_seq.is_none() && s.branch;
+        let early = branch && self.index_first;
+        if early && a.compressor.is_some() {
+            // The compressors need only the projections of h: beside the norm and wq_b.
+            g.on_side(|| self.decode_compress(s, lw, li, t, &rope))?;
+        }
         ops::rms_norm(g, s.qr.ptr, a.q_norm.ptr(), qlr, t, eps)?;
         // Both readers of qr (wq_b, the indexer's wq_b) are FP8 GEMMs.
         let qrin = self.round_in_place(s.qr.ptr, qlr, t)?;
-        let prep = if branch {
+        let prep = if early {
+            // The indexer's wq_b on the main stream before wq_b: as a bulk GEMV on the side
+            // stream it found no SM free until wq_b's blocks left, and the selection chain
+            // after it held the attention ~14 µs past wq_b in CSA layers; now ~8 (H100, stop
+            // 30: 18 layers 3.18–3.19 → 3.16 ms; both query products in one bulk launch: 3.18).
+            if let Some(ix) = &a.indexer {
+                let (hi, di) = (c.index_n_heads, c.index_head_dim);
+                self.dense(s, &ix.wq_b, &qrin, s.qi.ptr, hi * di)?;
+            }
+            Some(g.on_side(|| {
+                self.indexer_rotate(s, a, &rope, pos, t)?;
+                self.decode_select(s, lw, li, t)
+            })?)
+        } else if branch {
             Some(g.on_side(|| self.decode_prep(s, lw, li, t, &rope, &qrin, pos))?)
         } else {
             None
@@ -1604,7 +1628,8 @@ impl CudaModel {
         pos: Pos,
     ) -> Result<AttnArgs> {
         self.indexer_queries(s, &lw.attn, qrin, rope, pos, t)?;
-        self.attend_prep(s, lw, li, t, rope)
+        self.decode_compress(s, lw, li, t, rope)?;
+        self.decode_select(s, lw, li, t)
     }
 
     /// The indexer's queries of the `t` rows (`s.qi`) from the normed query latents `qrin`.
@@ -1623,28 +1648,41 @@ impl CudaModel {
         let c = &self.config;
         let (hi, di) = (c.index_n_heads, c.index_head_dim);
         self.dense(s, &ix.wq_b, qrin, s.qi.ptr, hi * di)?;
+        self.indexer_rotate(s, a, rope, pos, t)
+    }
+
+    /// The indexer's queries in `s.qi` rotated (and, official, rounded like the stored keys).
+    fn indexer_rotate(
+        &self,
+        s: &Scratch,
+        a: &crate::weights::GpuAttention,
+        rope: &RopeDev,
+        pos: Pos,
+        t: usize,
+    ) -> Result<()> {
+        if a.indexer.is_none() {
+            return Ok(());
+        }
+        let (hi, di) = (self.config.index_n_heads, self.config.index_head_dim);
         ops::rope(&self.gpu, s.qi.ptr, t * hi, di, hi, rope, pos, false)?;
-        // Official: queries rotated and rounded like the stored keys.
         self.round_entries(s.qi.ptr, di, t * hi, self.entry_round(true))
     }
 
-    /// A decode step's compressor updates and indexer selection (each token's caches through
-    /// the per-token table), and the attention arguments they lead to.
-    fn attend_prep(
+    /// A decode step's compressor updates (each token's caches through the per-token table):
+    /// the windows the step completes, pooled into entries.
+    fn decode_compress(
         &self,
-        s: &mut Scratch,
+        s: &Scratch,
         lw: &GpuLayer,
         li: usize,
         t: usize,
         rope: &RopeDev,
-    ) -> Result<AttnArgs> {
+    ) -> Result<()> {
         let g = &*self.gpu;
-        let c = &self.config;
         let a = &lw.attn;
-        let (h, dh) = (c.num_heads, c.head_dim);
         let seqs = s.seq_table.at::<SeqLayerPtrs>(li * t);
         let positions = s.positions.ptr;
-        let eps = c.rms_norm_eps;
+        let eps = self.config.rms_norm_eps;
         let comp = |cw: &GpuCompressor, which: i32, kv: u64, gate: u64| -> Result<()> {
             let (width, dim) = (cw.wkv.out as i32, cw.dim as i32);
             let (m, overlap, half) = (cw.ratio as i32, cw.overlap as i32, rope.half as i32);
@@ -1676,6 +1714,24 @@ impl CudaModel {
                 ],
             )
         };
+        if let Some(cw) = &a.compressor {
+            comp(cw, 0, s.cproj_kv.ptr, s.cproj_gate.ptr)?;
+            if let Some(ix) = &a.indexer {
+                comp(&ix.compressor, 1, s.iproj_kv.ptr, s.iproj_gate.ptr)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A decode step's indexer selection (after [`Self::decode_compress`] and the indexer's
+    /// queries), and the attention arguments of the step's layer `li`.
+    fn decode_select(&self, s: &Scratch, lw: &GpuLayer, li: usize, t: usize) -> Result<AttnArgs> {
+        let g = &*self.gpu;
+        let c = &self.config;
+        let a = &lw.attn;
+        let (h, dh) = (c.num_heads, c.head_dim);
+        let seqs = s.seq_table.at::<SeqLayerPtrs>(li * t);
+        let positions = s.positions.ptr;
         let mut args = AttnArgs {
             q: s.q.ptr,
             kv_new: s.kv.ptr,
@@ -1698,11 +1754,9 @@ impl CudaModel {
             scale: 1.0 / (dh as f32).sqrt(),
         };
         if let Some(cw) = &a.compressor {
-            comp(cw, 0, s.cproj_kv.ptr, s.cproj_gate.ptr)?;
             args.ratio = cw.ratio as i32;
             if let Some(ix) = &a.indexer {
                 let ic = &ix.compressor;
-                comp(ic, 1, s.iproj_kv.ptr, s.iproj_gate.ptr)?;
                 let (hi, di) = (c.index_n_heads, c.index_head_dim);
                 let (wscale, dscale) = (1.0 / (hi as f32).sqrt(), 1.0 / (di as f32).sqrt());
                 let ld = (s.scores_floats / t) as i32;
@@ -1756,7 +1810,7 @@ impl CudaModel {
         Ok(args)
     }
 
-    /// A decode step's attention (after [`Self::attend_prep`]) and the window ring update.
+    /// A decode step's attention (after [`Self::decode_select`]) and the window ring update.
     fn attend_seqs(
         &self,
         s: &mut Scratch,
