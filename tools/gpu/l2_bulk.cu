@@ -1,0 +1,159 @@
+// Can a weight stream of bulk copies (cp.async.bulk into a shared-memory ring, as
+// kernels/gemv_bulk.cu streams) run faster than HBM when the matrix is already in L2? This bounds
+// any scheme that prefetches the next products into L2 while the latency-bound kernels of a
+// decode step run (stop 19's l2_prefetch.cu measured plain 16-byte loads with launch-inclusive
+// event times; this times the stream inside the kernel: first block start to last block end).
+// Per size: cold (after a 1 GB flush), prefetched (cp.async.bulk.prefetch.L2 by 64 one-warp
+// blocks, then a 40 us pause), and read twice (the second read timed).
+//   nvcc -std=c++17 -O3 -arch=sm_90a -o l2_bulk tools/gpu/l2_bulk.cu && ./l2_bulk
+#include <cstdint>
+#include <cstdio>
+#include <cuda_runtime.h>
+
+#define STAGES 4
+#define STAGE (32 * 1024)
+#define COPY 4096
+
+__device__ __forceinline__ unsigned smem_addr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+
+__device__ __forceinline__ unsigned long long now_ns() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
+__device__ __forceinline__ void wait_phase(uint64_t* bar, unsigned parity) {
+    unsigned done = 0;
+    while (!done)
+        asm volatile(
+            "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
+            : "=r"(done)
+            : "r"(smem_addr(bar)), "r"(parity)
+            : "memory");
+}
+
+// One block per SM: warp 8 copies 32 KB stages (4 KB copies) into a 4-stage ring, warps 0-7
+// take each stage and release it. stamps[0] = earliest block start, stamps[1] = latest end.
+__global__ void __launch_bounds__(288, 1) ring(const uint8_t* src, size_t total, unsigned long long* stamps,
+                                                float* sink) {
+    extern __shared__ __align__(128) uint8_t sm[];
+    __shared__ __align__(8) uint64_t full[STAGES], empty[STAGES];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (threadIdx.x == 0) {
+        atomicMin(&stamps[0], now_ns());
+        for (int i = 0; i < STAGES; i++) {
+            asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(&full[i])));
+            asm volatile("mbarrier.init.shared::cta.b64 [%0], 8;" ::"r"(smem_addr(&empty[i])));
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;");
+    }
+    __syncthreads();
+    const size_t per = total / gridDim.x / STAGE * STAGE, base = per * blockIdx.x;
+    const int nst = (int)(per / STAGE);
+    if (warp == 8) {
+        for (int n = 0; n < nst; n++) {
+            const int slot = n % STAGES;
+            if (n >= STAGES) wait_phase(&empty[slot], ((n / STAGES) - 1) & 1);
+            if (lane == 0)
+                asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(&full[slot])),
+                             "r"(STAGE)
+                             : "memory");
+            __syncwarp();
+            for (int c = lane; c < STAGE / COPY; c += 32)
+                asm volatile(
+                    "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                        smem_addr(sm + slot * STAGE + c * COPY)),
+                    "l"(src + base + (size_t)n * STAGE + (size_t)c * COPY), "r"(COPY), "r"(smem_addr(&full[slot]))
+                    : "memory");
+        }
+    } else {
+        float acc = 0.f;
+        for (int n = 0; n < nst; n++) {
+            const int slot = n % STAGES;
+            wait_phase(&full[slot], (n / STAGES) & 1);
+            acc += ((const float*)(sm + slot * STAGE))[threadIdx.x];
+            __syncwarp();
+            if (lane == 0)
+                asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(&empty[slot])) : "memory");
+        }
+        if (acc == 12345.f) sink[0] = acc;  // keeps the reads
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) atomicMax(&stamps[1], now_ns());
+}
+
+__global__ void prefetch(const uint8_t* p, size_t bytes) {
+    const size_t piece = 64 * 1024, threads = (size_t)gridDim.x * blockDim.x;
+    for (size_t q = (size_t)blockIdx.x * blockDim.x + threadIdx.x; q * piece < bytes; q += threads) {
+        const size_t left = bytes - q * piece;
+        const unsigned n = (unsigned)(left < piece ? left : piece);
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p + q * piece), "r"(n) : "memory");
+    }
+}
+
+__global__ void spin(long long ns) {
+    const unsigned long long t0 = now_ns();
+    while (now_ns() - t0 < (unsigned long long)ns) {
+    }
+}
+
+__global__ void plain_read(const uint4* p, size_t n, float* sink) {
+    uint32_t a = 0;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const uint4 v = __ldg(p + i);
+        a ^= v.x ^ v.y ^ v.z ^ v.w;
+    }
+    if (a == 0x12345u) sink[0] = (float)a;
+}
+
+int main() {
+    int sms = 0, l2 = 0;
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0);
+    cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, 0);
+    const size_t flush_bytes = (size_t)1 << 30, max_mb = 1024;
+    uint8_t *a, *flush;
+    float* sink;
+    unsigned long long *stamps, host[2];
+    if (cudaMalloc(&a, max_mb << 20) != cudaSuccess || cudaMalloc(&flush, flush_bytes) != cudaSuccess ||
+        cudaMalloc(&sink, 64) != cudaSuccess || cudaMalloc(&stamps, 16) != cudaSuccess) {
+        printf("no GPU memory\n");
+        return 1;
+    }
+    cudaMemset(a, 1, max_mb << 20);
+    cudaMemset(flush, 2, flush_bytes);
+    const int smem = STAGES * STAGE;
+    cudaFuncSetAttribute(ring, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    printf("SMs %d, L2 %d MB; bulk ring of %d x %d KB per SM, %d B copies\n", sms, l2 >> 20, STAGES, STAGE >> 10,
+           COPY);
+    auto do_flush = [&] { plain_read<<<sms * 4, 512>>>((const uint4*)flush, flush_bytes / 16, sink); };
+    auto timed = [&](size_t bytes) {
+        host[0] = ~0ull;
+        host[1] = 0;
+        cudaMemcpy(stamps, host, 16, cudaMemcpyHostToDevice);
+        ring<<<sms, 288, smem>>>(a, bytes, stamps, sink);
+        cudaMemcpy(host, stamps, 16, cudaMemcpyDeviceToHost);
+        return (host[1] - host[0]) * 1e-3;  // us
+    };
+    for (size_t mb : {8, 16, 24, 32, 40, 48, 1024}) {
+        const size_t bytes = mb << 20, moved = bytes / sms / STAGE * STAGE * sms;
+        double cold = 0, pf = 0, warm = 0;
+        const int reps = 5;
+        for (int r = 0; r < reps; r++) {
+            do_flush();
+            cold += timed(bytes);
+            do_flush();
+            prefetch<<<64, 32>>>(a, bytes);
+            spin<<<1, 1>>>(40000);
+            pf += timed(bytes);
+            do_flush();
+            timed(bytes);
+            warm += timed(bytes);
+        }
+        cold /= reps, pf /= reps, warm /= reps;
+        printf("%4zu MB: cold %7.1f us %5.0f GB/s | prefetched %7.1f us %5.0f GB/s | read twice %7.1f us %5.0f GB/s\n",
+               mb, cold, moved / cold / 1e3, pf, moved / pf / 1e3, warm, moved / warm / 1e3);
+    }
+    const cudaError_t err = cudaDeviceSynchronize();
+    printf("%s\n", cudaGetErrorString(err));
+    return err == cudaSuccess ? 0 : 1;
+}
