@@ -246,6 +246,8 @@ __device__ __forceinline__ void attention_cluster_impl(const AttnArgs& a, int ns
     __shared__ float wts[ATT_HEADS][ATT_CLUSTER_MAX];
     __shared__ float inv[ATT_HEADS];
     const int dh = DH ? DH : a.dh;
+    // One split per lane and per cluster rank below: a launch of another shape is a bug.
+    if (nsplit > ATT_CLUSTER_MAX || (int)gridDim.x != nsplit) __trap();
     const int split = blockIdx.x, t = blockIdx.y, hg = blockIdx.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     float* mine = sm + ATT_KEYS * dh;  // [ATT_HEADS, dh + 2]
