@@ -76,13 +76,12 @@ __device__ __forceinline__ const float* attn_key(const AttnArgs& a, const AttnVi
 // and shared by the block's 8 heads (one warp each; K=V is one shared head). Each warp keeps an
 // online softmax (max, sum, output) and writes its partial for `attn_combine`.
 // DH: the head dim at compile time (the release's 512: no per-channel bounds checks), or 0.
-// Block (t, split, head group hg) writes its heads' partials (acc[dh], max, sum) at `out0`, dh + 2
-// floats apart; `keys` is its [ATT_KEYS, dh] staging area in shared memory.
 template <int DH>
-__device__ __forceinline__ void attention_partial_impl(const AttnArgs& a, int t, int split, int nsplit, int hg,
-                                                       float* out0, float* keys) {
+__device__ __forceinline__ void attention_partial_impl(const AttnArgs& a, float* part, int nsplit) {
+    extern __shared__ float keys[];  // [ATT_KEYS, dh]
+    const int t = blockIdx.x, split = blockIdx.y;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int h = hg * ATT_HEADS + warp;
+    const int h = blockIdx.z * ATT_HEADS + warp;
     const AttnView view = attn_view(a, t);
     const int p = view.p;
     const int lo = max(0, p - a.win + 1);
@@ -98,7 +97,7 @@ __device__ __forceinline__ void attention_partial_impl(const AttnArgs& a, int t,
         // No keys here (a short context under a context-sized split count): only the empty
         // max and sum, which give this split weight 0 in `attn_combine` (its output unread).
         if (head_ok && lane == 0) {
-            float* out = out0 + (size_t)warp * (dh + 2);
+            float* out = part + (((size_t)t * nsplit + split) * a.H + h) * (dh + 2);
             out[dh] = -INFINITY;
             out[dh + 1] = 0.f;
         }
@@ -159,7 +158,7 @@ __device__ __forceinline__ void attention_partial_impl(const AttnArgs& a, int t,
         m = mn;
     }
     if (!head_ok) return;
-    float* out = out0 + (size_t)warp * (dh + 2);
+    float* out = part + (((size_t)t * nsplit + split) * a.H + h) * (dh + 2);
 #pragma unroll
     for (int i = 0; i < PER; i++) {
         int c = lane + 32 * i;
@@ -170,11 +169,8 @@ __device__ __forceinline__ void attention_partial_impl(const AttnArgs& a, int t,
 
 extern "C" __global__ void __launch_bounds__(256) attention_partial(AttnArgs a, float* part, int nsplit) {
     pdl_entry();
-    extern __shared__ float keys[];  // [ATT_KEYS, dh]
-    const int t = blockIdx.x, split = blockIdx.y, hg = blockIdx.z;
-    float* out0 = part + (((size_t)t * nsplit + split) * a.H + (size_t)hg * ATT_HEADS) * (a.dh + 2);
-    if (a.dh == ATT_DMAX) attention_partial_impl<ATT_DMAX>(a, t, split, nsplit, hg, out0, keys);
-    else attention_partial_impl<0>(a, t, split, nsplit, hg, out0, keys);
+    if (a.dh == ATT_DMAX) attention_partial_impl<ATT_DMAX>(a, part, nsplit);
+    else attention_partial_impl<0>(a, part, nsplit);
 }
 
 // Merges the splits of one (token, head) with the head's sink: out = sum acc / (sum l + sink),
@@ -183,14 +179,6 @@ extern "C" __global__ void __launch_bounds__(256) attention_partial(AttnArgs a, 
 // split weights are computed once into shared memory, then each thread merges one column; a
 // rotated pair (c, c ^ 1) sits in adjacent lanes.
 #define COMBINE_MAX_SPLITS 256
-// The inverse RoPE of output channel `r` (counted from the rotated tail's start) with its pair
-// partner's value `other`, at position `pos`.
-__device__ __forceinline__ float inverse_rope(float v, float other, int r, int pos, const float* inv_freq,
-                                              float factor) {
-    const double a = (double)((float)pos * inv_freq[r >> 1]);
-    const float cs = (float)cos(a) * factor, sn = -((float)sin(a) * factor);
-    return (r & 1) == 0 ? v * cs - other * sn : v * cs + other * sn;
-}
 extern "C" __global__ void attn_combine(const float* part, const float* sinks, float* out, int H, int dh,
                                         int nsplit, const float* inv_freq, int half, float factor,
                                         const int* positions) {
@@ -226,90 +214,14 @@ extern "C" __global__ void attn_combine(const float* part, const float* sinks, f
     const int tail = dh - 2 * half;
     if (inv_freq && (int)(blockIdx.z * blockDim.x + blockDim.x) > tail) {  // block-uniform
         const float other = __shfl_xor_sync(0xffffffffu, v, 1);
-        if (c >= tail && c < dh) v = inverse_rope(v, other, c - tail, positions[t], inv_freq, factor);
+        if (c >= tail && c < dh) {
+            const int j = (c - tail) >> 1;
+            const double a = (double)((float)positions[t] * inv_freq[j]);
+            const float cs = (float)cos(a) * factor, sn = -((float)sin(a) * factor);
+            v = ((c - tail) & 1) == 0 ? v * cs - other * sn : v * cs + other * sn;
+        }
     }
     if (c < dh) out[((size_t)t * H + h) * dh + c] = v;
-}
-
-// Flash-decoding attention whose key splits merge inside a thread-block cluster: one launch
-// instead of `attention_partial` + `attn_combine`, and no round trip of the partials through
-// global memory. Grid (split, t, head group), clusters of all `nsplit` (<= ATT_CLUSTER_MAX)
-// splits of a token's head group. Each block keeps its 8 heads' partials in shared memory after
-// its keys; after a cluster barrier it merges an nsplit-th of the group's (head, channel)
-// outputs from every block's partials (distributed shared memory), with the same arithmetic as
-// `attn_combine`, so both paths give the same bits for the same split count.
-#define ATT_CLUSTER_MAX 16
-template <int DH>
-__device__ __forceinline__ void attention_cluster_impl(const AttnArgs& a, int nsplit, const float* inv_freq, int half,
-                                                       float factor, const int* positions) {
-    extern __shared__ float sm[];
-    __shared__ float wts[ATT_HEADS][ATT_CLUSTER_MAX];
-    __shared__ float inv[ATT_HEADS];
-    const int dh = DH ? DH : a.dh;
-    // One split per lane and per cluster rank below: a launch of another shape is a bug.
-    if (nsplit > ATT_CLUSTER_MAX || (int)gridDim.x != nsplit) __trap();
-    const int split = blockIdx.x, t = blockIdx.y, hg = blockIdx.z;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    float* mine = sm + ATT_KEYS * dh;  // [ATT_HEADS, dh + 2]
-    attention_partial_impl<DH>(a, t, split, nsplit, hg, mine, sm);
-    cluster_arrive();
-    cluster_wait();  // every split's partials in its block's shared memory
-    const int h = hg * ATT_HEADS + warp;
-    if (h < a.H) {
-        // The split weights of head h, as attn_combine computes them (one split per lane).
-        const float* hp = mine + (size_t)warp * (dh + 2);
-        const float sink = a.sinks[h];
-        float ms = -INFINITY, ls = 0.f;
-        if (lane < nsplit) {
-            ms = cluster_ld(hp + dh, lane);
-            ls = cluster_ld(hp + dh + 1, lane);
-        }
-        float M = lane < nsplit ? fmaxf(sink, ms) : sink;
-        M = warp_max(M);
-        float den = 0.f;
-        if (lane < nsplit) {
-            const float w = expf(ms - M);
-            wts[warp][lane] = w;
-            den += ls * w;
-        }
-        den = warp_sum(den) + expf(sink - M);
-        if (lane == 0) inv[warp] = 1.0f / den;
-    }
-    __syncthreads();
-    // The group's (head, channel) outputs, 32 consecutive per warp (dh is even, so the rotated
-    // pairs (c, c ^ 1) share a warp), spread over the cluster's blocks.
-    const int total = ATT_HEADS * dh, tail = dh - 2 * half;
-    for (int base = (split * 8 + warp) * 32; base < total; base += nsplit * 256) {  // warp-uniform
-        const int idx = base + lane;
-        const int hl = idx / dh, c = idx - hl * dh;
-        const bool ok = idx < total && hg * ATT_HEADS + hl < a.H;
-        float v = 0.f;
-        if (ok) {
-            float x[ATT_CLUSTER_MAX];
-            const float* hp = mine + (size_t)hl * (dh + 2) + c;
-#pragma unroll
-            for (int s = 0; s < ATT_CLUSTER_MAX; s++) x[s] = s < nsplit ? cluster_ld(hp, s) : 0.f;
-            // A split of weight 0 adds nothing (and an empty one's output was never written).
-#pragma unroll
-            for (int s = 0; s < ATT_CLUSTER_MAX; s++)
-                if (s < nsplit && wts[hl][s] != 0.f) v += x[s] * wts[hl][s];
-            v *= inv[hl];
-        }
-        if (inv_freq) {
-            const float other = __shfl_xor_sync(0xffffffffu, v, 1);
-            if (ok && c >= tail) v = inverse_rope(v, other, c - tail, positions[t], inv_freq, factor);
-        }
-        if (ok) a.out[((size_t)t * a.H + hg * ATT_HEADS + hl) * dh + c] = v;
-    }
-    cluster_arrive();
-    cluster_wait();  // no block leaves while another may still read its shared memory
-}
-
-extern "C" __global__ void __launch_bounds__(256, 1) attention_cluster(AttnArgs a, int nsplit, const float* inv_freq,
-                                                                    int half, float factor, const int* positions) {
-    pdl_entry();
-    if (a.dh == ATT_DMAX) attention_cluster_impl<ATT_DMAX>(a, nsplit, inv_freq, half, factor, positions);
-    else attention_cluster_impl<0>(a, nsplit, inv_freq, half, factor, positions);
 }
 
 // Softmax pooling of complete compressor windows w0..w0+nw-1 into entries out[w - w0]. Rows of

@@ -37,8 +37,6 @@ const ROUTE_EXPERTS: usize = 32 * 16;
 const ATT_HEADS: usize = 8;
 /// Most key splits `attn_combine` merges.
 const COMBINE_MAX_SPLITS: usize = 256;
-/// Most key splits `attention_cluster` merges (the blocks of one thread-block cluster).
-const ATT_CLUSTER_MAX: usize = 16;
 /// From this many tokens, prefill's FP8 GEMMs (official profile with activation quantization)
 /// run on the tensor cores through cuBLASLt.
 const TC_MIN_TOKENS: usize = 65;
@@ -330,12 +328,6 @@ pub struct CudaModel {
     /// the layer's kind can have (`attend_seqs`; `DSV4_CUDA_ATTN_CAP=0`: splits for the SMs
     /// only, most of them empty in sliding-window and CSA layers).
     attn_split_cap: bool,
-    /// The most key splits that split attention merges inside a thread-block cluster
-    /// (`attention_cluster`, 2 to [`ATT_CLUSTER_MAX`]) instead of `attn_combine`; 0: never
-    /// (`DSV4_CUDA_ATTN_CLUSTER=N`). A cluster's blocks must share a GPC (one block per SM:
-    /// the kernel's registers), so more than 8 is allowed only where 16 fit.
-    attn_cluster: AtomicUsize,
-    attn_cluster_wide: bool,
     /// Whether a decode step's indexer queries stream on the main stream before `wq_b`, with
     /// the compressors queued on the side stream right after the projections of h
     /// (`DSV4_CUDA_INDEX_FIRST=0`: the queries, compressors and selection all on the side
@@ -500,13 +492,8 @@ impl CudaModel {
         // (An optional kernel: any failure to set it up only leaves it off.)
         let hc_cluster_fits =
             ops::hc_cluster_fits(&gpu, config.hc_mult, config.hidden_size).unwrap_or(false);
-        let att_smem =
-            ((ATT_KEYS * config.head_dim + ATT_HEADS * (config.head_dim + 2)) * 4) as u32;
-        let attn_cluster_wide = gpu
-            .cluster_fits("attention_cluster", 256, att_smem, ATT_CLUSTER_MAX as u32)
-            .unwrap_or(false);
         gpu.sync()?;
-        let cm = CudaModel {
+        Ok(CudaModel {
             rope_main,
             rope_compress,
             weights,
@@ -540,8 +527,6 @@ impl CudaModel {
                 .unwrap_or(crate::moe_ffn::SHARED_PRE),
             ffn_dyn_tiles: std::env::var("DSV4_CUDA_FFN_DYN").map_or(true, |v| v != "0"),
             attn_split_cap: std::env::var("DSV4_CUDA_ATTN_CAP").map_or(true, |v| v != "0"),
-            attn_cluster: AtomicUsize::new(0),
-            attn_cluster_wide,
             index_first: std::env::var("DSV4_CUDA_INDEX_FIRST").map_or(true, |v| v != "0"),
             route_fused: AtomicBool::new(
                 std::env::var("DSV4_CUDA_ROUTE_FUSED").map_or(true, |v| v != "0"),
@@ -556,10 +541,7 @@ impl CudaModel {
             multi_gemv: std::env::var("DSV4_CUDA_MULTI").map_or(true, |v| v != "0"),
             tc,
             gpu,
-        };
-        let splits = std::env::var("DSV4_CUDA_ATTN_CLUSTER").map_or(0, |v| v.parse().unwrap_or(0));
-        cm.set_attn_cluster(splits);
-        Ok(cm)
+        })
     }
 
     /// Turns the replay of captured decode steps on or off (tests compare both).
@@ -654,30 +636,6 @@ impl CudaModel {
             .store(on && self.hc_cluster_fits, Ordering::Relaxed);
         self.drop_graphs();
         self.hc_cluster_fits
-    }
-
-    /// Split attention merges up to `splits` key splits inside thread-block clusters
-    /// (`attention_cluster`; 0 or 1: never, `attn_combine` merges them), at most
-    /// [`ATT_CLUSTER_MAX`], and 8 where 16 blocks of it do not fit a GPC. Returns the limit set.
-    pub fn set_attn_cluster(&self, splits: usize) -> usize {
-        let cap = if self.attn_cluster_wide {
-            ATT_CLUSTER_MAX
-        } else {
-            8
-        };
-        let n = if splits < 2 { 0 } else { splits.min(cap) };
-        self.attn_cluster.store(n, Ordering::Relaxed);
-        self.drop_graphs();
-        n
-    }
-
-    /// The most key splits a token's head group may take: the cluster's when they merge
-    /// inside one.
-    fn max_splits(&self) -> usize {
-        match self.attn_cluster.load(Ordering::Relaxed) {
-            0 => COMBINE_MAX_SPLITS,
-            n => n,
-        }
     }
 
     /// Decode steps run independent work on a side stream ([`Gpu::on_side`]); off, everything
@@ -1640,7 +1598,7 @@ impl CudaModel {
             chunks
                 .min((2 * g.sm_count).div_ceil(t * groups))
                 .min(s.attn_part.bytes / 4 / (t * h * (dh + 2)))
-                .clamp(1, self.max_splits())
+                .clamp(1, COMBINE_MAX_SPLITS)
         };
         self.attend_splits(s, &args, nsplit, rope, s.positions.at::<i32>(st))?;
         let dhi = dh as i32;
@@ -1878,7 +1836,7 @@ impl CudaModel {
             .div_ceil(t * groups)
             .min(max_keys.div_ceil(ATT_KEYS))
             .min(s.attn_part.bytes / 4 / (t * h * (dh + 2)))
-            .clamp(1, self.max_splits());
+            .clamp(1, COMBINE_MAX_SPLITS);
         self.attend_splits(s, args, nsplit, rope, s.positions.ptr)?;
         let (dhi, wi) = (dh as i32, c.sliding_window as i32);
         // Nothing in this step reads the ring slot written (the attention took the new row
@@ -1915,22 +1873,9 @@ impl CudaModel {
         let ns = nsplit as i32;
         let inv_freq = if rope.half > 0 { rope.inv_freq } else { 0 };
         let half = rope.half as i32;
-        let groups = h.div_ceil(ATT_HEADS) as u32;
-        if nsplit > 1 && nsplit <= self.attn_cluster.load(Ordering::Relaxed) {
-            // Each block keeps its heads' partials after its staged keys.
-            let smem = ((ATT_KEYS * dh + ATT_HEADS * (dh + 2)) * 4) as u32;
-            return g.launch_cluster(
-                "attention_cluster",
-                (nsplit as u32, t, groups),
-                (256, 1, 1),
-                smem,
-                nsplit as u32,
-                &[args, &ns, &inv_freq, &half, &rope.factor, &positions],
-            );
-        }
         g.launch(
             "attention_partial",
-            (t, nsplit as u32, groups),
+            (t, nsplit as u32, h.div_ceil(ATT_HEADS) as u32),
             (256, 1, 1),
             (ATT_KEYS * dh * 4) as u32,
             &[args, &s.attn_part.ptr, &ns],

@@ -415,15 +415,13 @@ fn random_model_on_every_chunking(numerics: Numerics) {
     // activations in every block instead of once (`DSV4_CUDA_TC_XS=0`: another K step too, so
     // close to the CPU, not bit-equal to pass 3).
     // The seventh decodes token by token with each FFN half in the two launches of
-    // `kernels/moe_ffn.cu` (router, shared and routed experts together); the eighth with the
-    // attention's key splits merged inside thread-block clusters (`attention_cluster`).
+    // `kernels/moe_ffn.cu` (router, shared and routed experts together).
     let passes = [
         vec![t],
         vec![1; t],
         vec![130, 1, 1, 37, 131],
         vec![1; t],
         vec![130, 1, 1, 37, 131],
-        vec![1; t],
         vec![1; t],
         vec![1; t],
     ];
@@ -436,7 +434,6 @@ fn random_model_on_every_chunking(numerics: Numerics) {
         // that bit for bit).
         gpu.set_hc_defer(pass == 5);
         gpu.set_ffn_fused(pass == 6);
-        gpu.set_attn_cluster(if pass == 7 { 16 } else { 0 });
         let cluster = gpu.set_hc_cluster(pass != 5);
         if pass == 3 {
             eprintln!("fused boundaries by clusters: {cluster}");
@@ -1868,17 +1865,13 @@ fn decode_fusions_match_separate_launches() {
     let cpu = Model::load(&synthetic::checkpoint(cfg, 5).unwrap()).unwrap();
     // (Hidden size 1024: the projections of h take the bulk kernels, in one launch on all
     // of models 0–2; model 3 runs them as `gemv_multi`, a different summation order.)
-    // Model 4 is model 0 with the attention's splits merged inside clusters: the same split
-    // counts here (every chunk its own split), so the same bits.
-    let models: Vec<CudaModel> = (0..5)
+    let models: Vec<CudaModel> = (0..4)
         .map(|_| CudaModel::from_model(&cpu, 0).unwrap())
         .collect();
-    for m in [&models[0], &models[3], &models[4]] {
+    for m in [&models[0], &models[3]] {
         m.set_pair_fused(false);
         m.set_graphs(false);
     }
-    models[4].set_bulk_multi(true);
-    models[4].set_attn_cluster(16);
     models[3].set_bulk_multi(false);
     for m in &models[1..3] {
         m.set_pair_fused(true);
@@ -1921,10 +1914,6 @@ fn decode_fusions_match_separate_launches() {
         assert!(
             outs[2] == outs[0],
             "step {i} (batch {n}): fused graph replay differs"
-        );
-        assert!(
-            outs[4] == outs[0],
-            "step {i} (batch {n}): attention merged in clusters differs from attn_combine"
         );
         let e = worst(&row_errors(&outs[0], &outs[3], 1000));
         assert!(
