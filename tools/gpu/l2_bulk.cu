@@ -4,7 +4,9 @@
 // decode step run (stop 19's l2_prefetch.cu measured plain 16-byte loads with launch-inclusive
 // event times; this times the stream inside the kernel: first block start to last block end).
 // Per size: cold (after a 1 GB flush), prefetched (cp.async.bulk.prefetch.L2 by 64 one-warp
-// blocks, then a 40 us pause), and read twice (the second read timed).
+// blocks, then a 40 us pause), and read twice (the second read timed). Then the ways a step could
+// warm L2 during its latency-bound kernels: prefetches of 4, 16 or 64 KB pieces, and real reads
+// by the same ring kernel on only N SMs (how long the warming takes, and the full read after).
 //   nvcc -std=c++17 -O3 -arch=sm_90a -o l2_bulk tools/gpu/l2_bulk.cu && ./l2_bulk
 #include <cstdint>
 #include <cstdio>
@@ -82,8 +84,8 @@ __global__ void __launch_bounds__(288, 1) ring(const uint8_t* src, size_t total,
     if (threadIdx.x == 0) atomicMax(&stamps[1], now_ns());
 }
 
-__global__ void prefetch(const uint8_t* p, size_t bytes) {
-    const size_t piece = 64 * 1024, threads = (size_t)gridDim.x * blockDim.x;
+__global__ void prefetch(const uint8_t* p, size_t bytes, size_t piece) {
+    const size_t threads = (size_t)gridDim.x * blockDim.x;
     for (size_t q = (size_t)blockIdx.x * blockDim.x + threadIdx.x; q * piece < bytes; q += threads) {
         const size_t left = bytes - q * piece;
         const unsigned n = (unsigned)(left < piece ? left : piece);
@@ -142,7 +144,7 @@ int main() {
             do_flush();
             cold += timed(bytes);
             do_flush();
-            prefetch<<<64, 32>>>(a, bytes);
+            prefetch<<<64, 32>>>(a, bytes, 64 * 1024);
             spin<<<1, 1>>>(40000);
             pf += timed(bytes);
             do_flush();
@@ -152,6 +154,39 @@ int main() {
         cold /= reps, pf /= reps, warm /= reps;
         printf("%4zu MB: cold %7.1f us %5.0f GB/s | prefetched %7.1f us %5.0f GB/s | read twice %7.1f us %5.0f GB/s\n",
                mb, cold, moved / cold / 1e3, pf, moved / pf / 1e3, warm, moved / warm / 1e3);
+    }
+    // Warming L2 for a later read: by prefetch pieces, or by real reads on a few SMs.
+    for (size_t mb : {16, 32}) {
+        const size_t bytes = mb << 20, moved = bytes / sms / STAGE * STAGE * sms;
+        const int reps = 5;
+        for (size_t piece : {4096, 16384, 65536}) {
+            double rd = 0;
+            for (int r = 0; r < reps; r++) {
+                do_flush();
+                prefetch<<<sms, 32>>>(a, bytes, piece);
+                spin<<<1, 1>>>(40000);
+                rd += timed(bytes);
+            }
+            rd /= reps;
+            printf("%3zu MB after prefetches of %2zu KB pieces (%d one-warp blocks, 40 us pause): read %6.1f us %5.0f GB/s\n",
+                   mb, piece >> 10, sms, rd, moved / rd / 1e3);
+        }
+        for (int n : {8, 16, 33, 66}) {
+            double warm = 0, rd = 0;
+            for (int r = 0; r < reps; r++) {
+                do_flush();
+                host[0] = ~0ull;
+                host[1] = 0;
+                cudaMemcpy(stamps, host, 16, cudaMemcpyHostToDevice);
+                ring<<<n, 288, smem>>>(a, bytes, stamps, sink);
+                cudaMemcpy(host, stamps, 16, cudaMemcpyDeviceToHost);
+                warm += (host[1] - host[0]) * 1e-3;
+                rd += timed(bytes);
+            }
+            warm /= reps, rd /= reps;
+            printf("%3zu MB warmed by reads on %2d SMs in %6.1f us (%5.0f GB/s): read %6.1f us %5.0f GB/s\n", mb, n,
+                   warm, bytes / warm / 1e3, rd, moved / rd / 1e3);
+        }
     }
     const cudaError_t err = cudaDeviceSynchronize();
     printf("%s\n", cudaGetErrorString(err));
