@@ -5,8 +5,9 @@
 // event times; this times the stream inside the kernel: first block start to last block end).
 // Per size: cold (after a 1 GB flush), prefetched (cp.async.bulk.prefetch.L2 by 64 one-warp
 // blocks, then a 40 us pause), and read twice (the second read timed). Then the ways a step could
-// warm L2 during its latency-bound kernels: prefetches of 4, 16 or 64 KB pieces, and real reads
-// by the same ring kernel on only N SMs (how long the warming takes, and the full read after).
+// warm L2 during its latency-bound kernels: bulk prefetches of 4, 16 or 64 KB pieces, one
+// prefetch per line (normal or evict-last priority), and real reads by the same ring kernel on
+// only N SMs (how long the warming takes, and the full read after).
 //   nvcc -std=c++17 -O3 -arch=sm_90a -o l2_bulk tools/gpu/l2_bulk.cu && ./l2_bulk
 #include <cstdint>
 #include <cstdio>
@@ -93,6 +94,16 @@ __global__ void prefetch(const uint8_t* p, size_t bytes, size_t piece) {
     }
 }
 
+// One prefetch per 128-byte line, spread over the grid: `prefetch.global.L2` (mode 0) or with
+// the evict-last priority (mode 1), as a kernel's spare threads could issue them.
+__global__ void prefetch_lines(const uint8_t* p, size_t bytes, int mode) {
+    const size_t threads = (size_t)gridDim.x * blockDim.x;
+    for (size_t l = (size_t)blockIdx.x * blockDim.x + threadIdx.x; l * 128 < bytes; l += threads) {
+        if (mode == 1) asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(p + l * 128) : "memory");
+        else asm volatile("prefetch.global.L2 [%0];" ::"l"(p + l * 128) : "memory");
+    }
+}
+
 __global__ void spin(long long ns) {
     const unsigned long long t0 = now_ns();
     while (now_ns() - t0 < (unsigned long long)ns) {
@@ -170,6 +181,18 @@ int main() {
             rd /= reps;
             printf("%3zu MB after prefetches of %2zu KB pieces (%d one-warp blocks, 40 us pause): read %6.1f us %5.0f GB/s\n",
                    mb, piece >> 10, sms, rd, moved / rd / 1e3);
+        }
+        for (int mode : {0, 1}) {
+            double rd = 0;
+            for (int r = 0; r < reps; r++) {
+                do_flush();
+                prefetch_lines<<<sms * 2, 256>>>(a, bytes, mode);
+                spin<<<1, 1>>>(40000);
+                rd += timed(bytes);
+            }
+            rd /= reps;
+            printf("%3zu MB after line prefetches%s (40 us pause): read %6.1f us %5.0f GB/s\n", mb,
+                   mode ? " (evict-last)" : "", rd, moved / rd / 1e3);
         }
         for (int n : {8, 16, 33, 66}) {
             double warm = 0, rd = 0;
