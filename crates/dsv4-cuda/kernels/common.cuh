@@ -110,6 +110,33 @@ __device__ __forceinline__ void pdl_entry() {
     pdl_wait();
 }
 
+// Upcoming weights into L2 while a latency-bound kernel leaves the HBM idle: this block's share
+// of [p, p + bytes) (the grid's blocks split it evenly), issued before the kernel waits for its
+// inputs. Nothing waits on them; the product that reads the weights next finds in L2 what
+// arrived (bulk copies stream up to 32 MB out of L2 at ~6 TB/s on an H100, tools/gpu/l2_bulk.cu).
+// mode 1: `prefetch.global.L2` per 128-byte line; 2: the same with the evict-last priority;
+// 3: bulk prefetches (`cp.async.bulk.prefetch.L2`) of up to 64 KB; 0 or a null p: nothing.
+__device__ __forceinline__ void warm_l2(const unsigned char* p, unsigned long long bytes, int mode) {
+    if (!p || mode <= 0) return;
+    const unsigned long long nb = (unsigned long long)gridDim.x * gridDim.y * gridDim.z;
+    const unsigned long long b =
+        blockIdx.x + (unsigned long long)gridDim.x * (blockIdx.y + (unsigned long long)gridDim.y * blockIdx.z);
+    if (mode == 3) {
+        const unsigned long long units = bytes / 16, lo = units * b / nb * 16, hi = units * (b + 1) / nb * 16;
+        for (unsigned long long o = lo + threadIdx.x * 65536ull; o < hi; o += blockDim.x * 65536ull) {
+            const unsigned n = (unsigned)(hi - o < 65536ull ? hi - o : 65536ull);
+            asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p + o), "r"(n) : "memory");
+        }
+        return;
+    }
+    // Whole lines only (a partial last line is left out rather than read past the buffer).
+    const unsigned long long lines = bytes / 128, lo = lines * b / nb, hi = lines * (b + 1) / nb;
+    for (unsigned long long l = lo + threadIdx.x; l < hi; l += blockDim.x) {
+        if (mode == 2) asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(p + l * 128) : "memory");
+        else asm volatile("prefetch.global.L2 [%0];" ::"l"(p + l * 128) : "memory");
+    }
+}
+
 // The experts' gated activation: silu(min(g, lim)) * clamp(u, -lim, lim), no clamp when lim
 // is NaN (the model has no swiglu_limit).
 __device__ __forceinline__ float swiglu_clamped(float g, float u, float lim) {

@@ -6,7 +6,10 @@
 use crate::gpu::{DevBuf, Gpu};
 use crate::ops::{self, AttnArgs, LinIn, LinJob, MoeArgs, Partial, Pos, RopeDev};
 use crate::state::{CompState, GpuSeq, LayerState, SeqLayerPtrs};
-use crate::weights::{Ends, Fmt, GpuCompressor, GpuHc, GpuLayer, GpuRouter, GpuVec, GpuWeights};
+use crate::weights::{
+    bulk_row_bytes, Ends, Fmt, GpuCompressor, GpuHc, GpuLayer, GpuLinear, GpuRouter, GpuVec,
+    GpuWeights,
+};
 use crate::{Error, Result};
 use cudarc::driver::CudaGraph;
 use dsv4_core::config::AttnKind;
@@ -328,6 +331,10 @@ pub struct CudaModel {
     /// the layer's kind can have (`attend_seqs`; `DSV4_CUDA_ATTN_CAP=0`: splits for the SMs
     /// only, most of them empty in sliding-window and CSA layers).
     attn_split_cap: bool,
+    /// How a decode step's attention warms `wo_a`'s weights into L2 while it runs (`warm_l2`
+    /// in kernels/common.cuh: 1 line prefetches, 2 evict-last line prefetches, 3 bulk
+    /// prefetches; `DSV4_CUDA_WARM=N`, 0 off).
+    warm_mode: AtomicUsize,
     /// Whether a decode step's indexer queries stream on the main stream before `wq_b`, with
     /// the compressors queued on the side stream right after the projections of h
     /// (`DSV4_CUDA_INDEX_FIRST=0`: the queries, compressors and selection all on the side
@@ -527,6 +534,9 @@ impl CudaModel {
                 .unwrap_or(crate::moe_ffn::SHARED_PRE),
             ffn_dyn_tiles: std::env::var("DSV4_CUDA_FFN_DYN").map_or(true, |v| v != "0"),
             attn_split_cap: std::env::var("DSV4_CUDA_ATTN_CAP").map_or(true, |v| v != "0"),
+            warm_mode: AtomicUsize::new(
+                std::env::var("DSV4_CUDA_WARM").map_or(0, |v| v.parse().unwrap_or(0).min(3)),
+            ),
             index_first: std::env::var("DSV4_CUDA_INDEX_FIRST").map_or(true, |v| v != "0"),
             route_fused: AtomicBool::new(
                 std::env::var("DSV4_CUDA_ROUTE_FUSED").map_or(true, |v| v != "0"),
@@ -636,6 +646,25 @@ impl CudaModel {
             .store(on && self.hc_cluster_fits, Ordering::Relaxed);
         self.drop_graphs();
         self.hc_cluster_fits
+    }
+
+    /// Sets how a decode step's attention warms `wo_a` into L2 (0 off, 1–3 as
+    /// `DSV4_CUDA_WARM`; tests compare them: prefetches change no result).
+    pub fn set_l2_warm(&self, mode: usize) {
+        self.warm_mode.store(mode.min(3), Ordering::Relaxed);
+        self.drop_graphs();
+    }
+
+    /// `args` with `wo_a`'s weight codes to warm into L2 as the attention runs, if on.
+    fn warming(&self, args: &AttnArgs, wo_a: &GpuLinear) -> AttnArgs {
+        let mode = self.warm_mode.load(Ordering::Relaxed);
+        let mut a = *args;
+        if let (1.., Some(row)) = (mode, bulk_row_bytes(wo_a.fmt, wo_a.inp)) {
+            a.warm = wo_a.desc.w;
+            a.warm_bytes = (wo_a.out * row) as u64;
+            a.warm_mode = mode as i32;
+        }
+        a
     }
 
     /// Decode steps run independent work on a side stream ([`Gpu::on_side`]); off, everything
@@ -1480,11 +1509,11 @@ impl CudaModel {
         match (per_seq, prep) {
             (None, Some(args)) => {
                 g.join_side()?;
-                self.attend_seqs(s, t, &args, &rope)?;
+                self.attend_seqs(s, t, &self.warming(&args, &a.wo_a), &rope)?;
             }
             (None, None) => {
                 let args = self.decode_prep(s, lw, li, t, &rope, &qrin, pos)?;
-                self.attend_seqs(s, t, &args, &rope)?;
+                self.attend_seqs(s, t, &self.warming(&args, &a.wo_a), &rope)?;
             }
             (Some((items, segs)), _) => {
                 self.indexer_queries(s, a, &qrin, &rope, pos, t)?;
@@ -1565,6 +1594,9 @@ impl CudaModel {
             n_entries: 0,
             sel_cap: c.index_topk as i32,
             scale: 1.0 / (dh as f32).sqrt(),
+            warm: 0,
+            warm_bytes: 0,
+            warm_mode: 0,
         };
         let mut max_comp = 0;
         if let Some(cw) = &a.compressor {
@@ -1752,6 +1784,9 @@ impl CudaModel {
             n_entries: i32::MAX,
             sel_cap: c.index_topk as i32,
             scale: 1.0 / (dh as f32).sqrt(),
+            warm: 0,
+            warm_bytes: 0,
+            warm_mode: 0,
         };
         if let Some(cw) = &a.compressor {
             args.ratio = cw.ratio as i32;

@@ -1400,8 +1400,15 @@ pub struct AttnArgs {
     pub n_entries: i32,
     pub sel_cap: i32,
     pub scale: f32,
+    /// Weights warmed into L2 by the attention's blocks as they start (`warm_l2` in
+    /// kernels/common.cuh), their bytes and the mode (0: none).
+    pub warm: u64,
+    pub warm_bytes: u64,
+    pub warm_mode: i32,
 }
 unsafe impl DeviceRepr for AttnArgs {}
+// The kernel's struct asserts the same size (kernels/attention.cu).
+const _: () = assert!(std::mem::size_of::<AttnArgs>() == 144);
 
 /// `MoeArgs` of `kernels/moe.cu`.
 #[repr(C)]

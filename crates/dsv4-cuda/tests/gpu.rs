@@ -1865,12 +1865,18 @@ fn decode_fusions_match_separate_launches() {
     let cpu = Model::load(&synthetic::checkpoint(cfg, 5).unwrap()).unwrap();
     // (Hidden size 1024: the projections of h take the bulk kernels, in one launch on all
     // of models 0–2; model 3 runs them as `gemv_multi`, a different summation order.)
-    let models: Vec<CudaModel> = (0..4)
+    // Models 4 and 5 are model 0 with the attention warming `wo_a` into L2 (line prefetches
+    // with the evict-last priority, bulk prefetches): prefetches change no bit.
+    let models: Vec<CudaModel> = (0..6)
         .map(|_| CudaModel::from_model(&cpu, 0).unwrap())
         .collect();
-    for m in [&models[0], &models[3]] {
+    for m in [&models[0], &models[3], &models[4], &models[5]] {
         m.set_pair_fused(false);
         m.set_graphs(false);
+    }
+    for (m, mode) in [(&models[4], 2), (&models[5], 3)] {
+        m.set_bulk_multi(true);
+        m.set_l2_warm(mode);
     }
     models[3].set_bulk_multi(false);
     for m in &models[1..3] {
@@ -1914,6 +1920,10 @@ fn decode_fusions_match_separate_launches() {
         assert!(
             outs[2] == outs[0],
             "step {i} (batch {n}): fused graph replay differs"
+        );
+        assert!(
+            outs[4] == outs[0] && outs[5] == outs[0],
+            "step {i} (batch {n}): warming wo_a into L2 changed the logits"
         );
         let e = worst(&row_errors(&outs[0], &outs[3], 1000));
         assert!(
