@@ -12,27 +12,16 @@
 #include <cstdint>
 #include <cstdio>
 #include <cuda_runtime.h>
+#include "ring_util.cuh"
 
 #define STAGES 4
 #define STAGE (32 * 1024)
 #define COPY 4096
 
-__device__ __forceinline__ unsigned smem_addr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
-
 __device__ __forceinline__ unsigned long long now_ns() {
     unsigned long long t;
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
     return t;
-}
-
-__device__ __forceinline__ void wait_phase(uint64_t* bar, unsigned parity) {
-    unsigned done = 0;
-    while (!done)
-        asm volatile(
-            "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
-            : "=r"(done)
-            : "r"(smem_addr(bar)), "r"(parity)
-            : "memory");
 }
 
 // One block per SM: warp 8 copies 32 KB stages (4 KB copies) into a 4-stage ring, warps 0-7
@@ -110,15 +99,6 @@ __global__ void spin(long long ns) {
     }
 }
 
-__global__ void plain_read(const uint4* p, size_t n, float* sink) {
-    uint32_t a = 0;
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        const uint4 v = __ldg(p + i);
-        a ^= v.x ^ v.y ^ v.z ^ v.w;
-    }
-    if (a == 0x12345u) sink[0] = (float)a;
-}
-
 int main() {
     int sms = 0, l2 = 0;
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0);
@@ -138,7 +118,7 @@ int main() {
     cudaFuncSetAttribute(ring, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     printf("SMs %d, L2 %d MB; bulk ring of %d x %d KB per SM, %d B copies\n", sms, l2 >> 20, STAGES, STAGE >> 10,
            COPY);
-    auto do_flush = [&] { plain_read<<<sms * 4, 512>>>((const uint4*)flush, flush_bytes / 16, sink); };
+    auto do_flush = [&] { plain_loads<<<sms * 4, 512>>>((const uint4*)flush, flush_bytes / 16, sink); };
     auto timed = [&](size_t bytes) {
         host[0] = ~0ull;
         host[1] = 0;
