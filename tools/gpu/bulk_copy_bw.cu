@@ -12,58 +12,6 @@
 #include <cuda_runtime.h>
 #include "ring_util.cuh"
 
-template <int STAGES>
-__global__ void __launch_bounds__(288, 1)
-    ring(const uint8_t* src, size_t total, int copy, int stage_bytes, int rowstride, float* sink) {
-    extern __shared__ __align__(128) uint8_t sm[];
-    __shared__ __align__(8) uint64_t full[STAGES], empty[STAGES];
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    if (threadIdx.x == 0) {
-        for (int i = 0; i < STAGES; i++) {
-            asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(&full[i])));
-            asm volatile("mbarrier.init.shared::cta.b64 [%0], 8;" ::"r"(smem_addr(&empty[i])));
-        }
-        asm volatile("fence.mbarrier_init.release.cluster;");
-    }
-    __syncthreads();
-    const size_t per = total / gridDim.x / stage_bytes * stage_bytes, base = per * blockIdx.x;
-    const int nst = (int)(per / stage_bytes), ncopies = stage_bytes / copy;
-    if (warp == 8) {
-        for (int n = 0; n < nst; n++) {
-            const int slot = n % STAGES;
-            if (n >= STAGES) wait_phase(&empty[slot], ((n / STAGES) - 1) & 1);
-            if (lane == 0)
-                asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(&full[slot])),
-                             "r"(stage_bytes)
-                             : "memory");
-            __syncwarp();
-            for (int c = lane; c < ncopies; c += 32) {
-                // Row-strided: stage n reads slice n % (rowstride / copy) of `ncopies` rows.
-                const int per_row = rowstride / copy;
-                const uint8_t* from =
-                    rowstride ? src + base + (size_t)(n / per_row) * per_row * stage_bytes + (size_t)c * rowstride +
-                                    (size_t)(n % per_row) * copy
-                              : src + base + (size_t)n * stage_bytes + (size_t)c * copy;
-                asm volatile(
-                    "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-                        smem_addr(sm + slot * stage_bytes + c * copy)),
-                    "l"(from), "r"(copy), "r"(smem_addr(&full[slot]))
-                    : "memory");
-            }
-        }
-        return;
-    }
-    float acc = 0.f;
-    for (int n = 0; n < nst; n++) {
-        const int slot = n % STAGES;
-        wait_phase(&full[slot], (n / STAGES) & 1);
-        acc += ((const float*)(sm + slot * stage_bytes))[threadIdx.x];
-        __syncwarp();
-        if (lane == 0) asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(&empty[slot])) : "memory");
-    }
-    if (acc == 12345.f) sink[0] = acc;  // keeps the reads
-}
-
 int main() {
     int sms = 0;
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0);
