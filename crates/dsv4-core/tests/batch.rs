@@ -163,3 +163,31 @@ fn chunking_does_not_change_logits_bitwise() {
         }
     }
 }
+
+/// One token's experts run as two parallel regions (gate and up of all of them, then every
+/// down projection: `moe::forward` with one token) and give exactly what the general path
+/// gives each copy of that token in a call of two (each picked expert's rows applied to both),
+/// in both numerics profiles, on a hash-routed layer and on a biased top-k one.
+#[test]
+fn one_token_experts_match_the_general_path_bitwise() {
+    use dsv4_core::model::moe;
+    for numerics in [Numerics::Reference, Numerics::Official { act_quant: true }] {
+        let mut model = small_model(numerics);
+        model.batch_invariant = false;
+        let c = &model.config;
+        let d = c.hidden_size;
+        for (li, layer) in model.weights.layers.iter().enumerate() {
+            for tok in [3u32, 77, 190] {
+                let x: Vec<f32> = (0..d)
+                    .map(|i| ((i as f32 * 0.37 + tok as f32).sin()) * 0.8)
+                    .collect();
+                let one = moe::forward(c, &layer.moe, &x, &[tok], 1, numerics);
+                let two = moe::forward(c, &layer.moe, &x.repeat(2), &[tok, tok], 2, numerics);
+                assert!(
+                    one[..] == two[..d] && one[..] == two[d..],
+                    "{numerics:?} layer {li} token {tok}: one token's experts differ"
+                );
+            }
+        }
+    }
+}

@@ -539,13 +539,8 @@ impl Linear {
         let per_task = (n / (threads * 4)).clamp(1, 256);
         // The GEMV may serve a lone token even in batch-invariant mode when it accumulates like
         // the tile kernel (the blocked order, `gemm`).
-        if m == 1 && (!BatchInvariant::active() || kernels::gemv_is_blocked(self.row(r0))) {
-            let xp = match self.format {
-                Format::Fp4 { .. } | Format::Mxfp4 { .. } => kernels::fp4_order(x),
-                Format::Fp8 { .. } => kernels::fp8_order(x),
-                Format::Affine { bits: 4, .. } => kernels::affine4_order(x),
-                _ => kernels::Prepared::default(),
-            };
+        if m == 1 && self.one_token_gemv() {
+            let xp = self.one_token_order(x);
             y.par_chunks_mut(per_task).enumerate().for_each(|(c, ys)| {
                 let o0 = r0 + c * per_task;
                 for (j, yv) in ys.iter_mut().enumerate() {
@@ -558,6 +553,22 @@ impl Linear {
             return self.forward_fused(x, m, r0, n, y, per_task);
         }
         self.forward_tiled(x, m, r0, n, y, per_task);
+    }
+
+    /// Whether one token takes the GEMV (`dot_prepared` per row): always, but in batch-invariant
+    /// mode only where it accumulates like the tile kernel (the blocked order, `gemm`).
+    fn one_token_gemv(&self) -> bool {
+        !BatchInvariant::active() || kernels::gemv_is_blocked(self.row(0))
+    }
+
+    /// One token reordered for the GEMV's row kernels of this format (or nothing to reorder).
+    fn one_token_order(&self, x: &[f32]) -> kernels::Prepared {
+        match self.format {
+            Format::Fp4 { .. } | Format::Mxfp4 { .. } => kernels::fp4_order(x),
+            Format::Fp8 { .. } => kernels::fp8_order(x),
+            Format::Affine { bits: 4, .. } => kernels::affine4_order(x),
+            _ => kernels::Prepared::default(),
+        }
     }
 
     /// How the multi-token paths reorder each token to meet rows decoded in the kernels' order
@@ -652,6 +663,44 @@ impl Linear {
         self.forward(x, m, &mut y);
         y
     }
+}
+
+/// One token through several matrices in one parallel region: `y = w · x` for each job, the
+/// same row dots as [`Linear::forward`] gives one token alone (bit for bit), with one fork-join
+/// for all of them instead of one per product — a decode step's many small products (a layer's
+/// experts: gate and up of each, then each down) each paid the threads' hand-off.
+pub fn forward_one_many(jobs: Vec<(&Linear, &[f32], &mut [f32])>) {
+    if jobs.len() < 2 || !jobs.iter().all(|(w, ..)| w.one_token_gemv()) {
+        for (w, x, y) in jobs {
+            w.forward(x, 1, y);
+        }
+        return;
+    }
+    let mut ins = Vec::with_capacity(jobs.len());
+    let mut outs = Vec::with_capacity(jobs.len());
+    for (w, x, y) in jobs {
+        assert_eq!(x.len(), w.inp, "linear input length");
+        assert_eq!(y.len(), w.out, "linear output length");
+        ins.push((w, x, w.one_token_order(x)));
+        outs.push(y);
+    }
+    let rows: usize = ins.iter().map(|(w, ..)| w.out).sum();
+    let per = (rows / (rayon::current_num_threads().max(1) * 4)).clamp(1, 256);
+    let tasks: Vec<(usize, usize, &mut [f32])> = outs
+        .into_iter()
+        .enumerate()
+        .flat_map(|(i, y)| {
+            y.chunks_mut(per)
+                .enumerate()
+                .map(move |(c, ys)| (i, c * per, ys))
+        })
+        .collect();
+    tasks.into_par_iter().for_each(|(i, o0, ys)| {
+        let (w, x, xp) = &ins[i];
+        for (j, yv) in ys.iter_mut().enumerate() {
+            *yv = kernels::dot_prepared(w.row(o0 + j), x, xp);
+        }
+    });
 }
 
 #[cfg(test)]
