@@ -665,26 +665,28 @@ impl Linear {
     }
 }
 
-/// One token through several matrices in one parallel region: `y = w · x` for each job, the
-/// same row dots as [`Linear::forward`] gives one token alone (bit for bit), with one fork-join
-/// for all of them instead of one per product — a decode step's many small products (a layer's
-/// experts: gate and up of each, then each down) each paid the threads' hand-off.
-pub fn forward_one_many(jobs: Vec<(&Linear, &[f32], &mut [f32])>) {
+/// One token through several matrices in one parallel region: for each job `(w, r0, x, y)`,
+/// `y = w[r0..r0 + y.len()] · x`, the same row dots as [`Linear::forward_rows`] gives one token
+/// alone (bit for bit), with one fork-join for all of them instead of one per product — a
+/// decode step's many small products (a layer's experts: gate and up of each, then each down;
+/// the groups of the grouped output projection) each paid the threads' hand-off.
+pub fn forward_one_many(jobs: Vec<(&Linear, usize, &[f32], &mut [f32])>) {
     if jobs.len() < 2 || !jobs.iter().all(|(w, ..)| w.one_token_gemv()) {
-        for (w, x, y) in jobs {
-            w.forward(x, 1, y);
+        for (w, r0, x, y) in jobs {
+            let n = y.len();
+            w.forward_rows(x, 1, r0, n, y);
         }
         return;
     }
     let mut ins = Vec::with_capacity(jobs.len());
     let mut outs = Vec::with_capacity(jobs.len());
-    for (w, x, y) in jobs {
+    for (w, r0, x, y) in jobs {
         assert_eq!(x.len(), w.inp, "linear input length");
-        assert_eq!(y.len(), w.out, "linear output length");
-        ins.push((w, x, w.one_token_order(x)));
+        assert!(r0 + y.len() <= w.out, "linear row range");
+        ins.push((w, r0, x, w.one_token_order(x)));
         outs.push(y);
     }
-    let rows: usize = ins.iter().map(|(w, ..)| w.out).sum();
+    let rows: usize = outs.iter().map(|y| y.len()).sum();
     let per = (rows / (rayon::current_num_threads().max(1) * 4)).clamp(1, 256);
     let tasks: Vec<(usize, usize, &mut [f32])> = outs
         .into_iter()
@@ -696,9 +698,9 @@ pub fn forward_one_many(jobs: Vec<(&Linear, &[f32], &mut [f32])>) {
         })
         .collect();
     tasks.into_par_iter().for_each(|(i, o0, ys)| {
-        let (w, x, xp) = &ins[i];
+        let (w, r0, x, xp) = &ins[i];
         for (j, yv) in ys.iter_mut().enumerate() {
-            *yv = kernels::dot_prepared(w.row(o0 + j), x, xp);
+            *yv = kernels::dot_prepared(w.row(r0 + o0 + j), x, xp);
         }
     });
 }
@@ -876,6 +878,54 @@ mod tests {
             && a.iter()
                 .zip(b)
                 .all(|(x, y)| x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()))
+    }
+
+    /// Several one-token products in one parallel region (`forward_one_many`, row ranges
+    /// included) give each exactly what `forward_rows` gives it alone, for every stored format,
+    /// with and without batch-invariant mode (where it falls back to one product at a time).
+    #[test]
+    fn one_token_products_in_one_region_match_each_alone() {
+        let out = 37;
+        for inp in [4096, 256, 192] {
+            let mut s = 7u64 + inp as u64;
+            let mats = matrices(out, inp);
+            let xs: Vec<Vec<f32>> = mats
+                .iter()
+                .map(|_| (0..inp).map(|_| unit(&mut s)).collect())
+                .collect();
+            // Each matrix whole, and rows 5..25 and 30..37 of it (the grouped projection's way).
+            let ranges = [(0, out), (5, 20), (30, 7)];
+            for invariant in [false, true] {
+                let _g = invariant.then(BatchInvariant::enter);
+                let want: Vec<Vec<f32>> = mats
+                    .iter()
+                    .zip(&xs)
+                    .flat_map(|((_, lin), x)| {
+                        ranges.iter().map(move |&(r0, n)| {
+                            let mut y = vec![0f32; n];
+                            lin.forward_rows(x, 1, r0, n, &mut y);
+                            y
+                        })
+                    })
+                    .collect();
+                let mut got: Vec<Vec<f32>> = want.iter().map(|w| vec![0f32; w.len()]).collect();
+                let mut ys = got.iter_mut();
+                let mut jobs = Vec::new();
+                for ((_, lin), x) in mats.iter().zip(&xs) {
+                    for &(r0, _) in &ranges {
+                        jobs.push((lin, r0, &x[..], &mut ys.next().expect("slot")[..]));
+                    }
+                }
+                forward_one_many(jobs);
+                for (k, (g, w)) in got.iter().zip(&want).enumerate() {
+                    let label = &mats[k / ranges.len()].0;
+                    assert!(
+                        same(g, w),
+                        "{label} {inp} range {k} (invariant {invariant})"
+                    );
+                }
+            }
+        }
     }
 
     /// In batch-invariant mode a token's outputs are bitwise the same alone, in a batch of 13,

@@ -10,6 +10,7 @@ use super::rope::{rotate, RopeTable};
 use super::weights::{AttentionWeights, IndexerWeights};
 use crate::config::ModelConfig;
 use crate::cpu::kernels;
+use crate::cpu::linear::forward_one_many;
 use crate::numerics::{self, gemm_input, hadamard, Numerics};
 use rayon::prelude::*;
 
@@ -45,8 +46,21 @@ pub fn forward(
         .flat_map(|s| (s.pos0..s.pos0 + s.len).map(|p| rope.cos_sin(p)))
         .collect();
 
+    // The query latents and the shared K=V row of each new token (one token: one parallel
+    // region for both).
+    let hin = gemm_input(x, d, aq);
+    let (mut qr, mut kv) = if l == 1 {
+        let (mut qr, mut kv) = (vec![0f32; w.wq_a.out], vec![0f32; w.wkv.out]);
+        forward_one_many(vec![
+            (&w.wq_a, 0, &hin[..], &mut qr[..]),
+            (&w.wkv, 0, &hin[..], &mut kv[..]),
+        ]);
+        (qr, kv)
+    } else {
+        (w.wq_a.apply(&hin, l), w.wkv.apply(&hin, l))
+    };
+
     // Queries: low-rank, normed per head, rotated.
-    let mut qr = w.wq_a.apply(&gemm_input(x, d, aq), l);
     rms_norm(&mut qr, &w.q_norm, eps);
     let qr_in = gemm_input(&qr, c.q_lora_rank, aq);
     let mut q = w.wq_b.apply(&qr_in, l);
@@ -57,8 +71,7 @@ pub fn forward(
         }
     }
 
-    // The shared K=V row of each new token.
-    let mut kv = w.wkv.apply(&gemm_input(x, d, aq), l);
+    // The K=V rows: normed, rotated.
     rms_norm(&mut kv, &w.kv_norm, eps);
     for (t, row) in kv.chunks_mut(dh).enumerate() {
         rotate(row, &trig[t].0, &trig[t].1, false);
@@ -88,6 +101,16 @@ pub fn forward(
     let (g, rk) = (c.o_groups, c.o_lora_rank);
     let gw = h / g * dh;
     let mut z = vec![0f32; l * g * rk];
+    if l == 1 {
+        // One token: every group's rows in one parallel region.
+        let jobs = z
+            .chunks_mut(rk)
+            .enumerate()
+            .map(|(gi, zg)| (&w.wo_a, gi * rk, &o[gi * gw..(gi + 1) * gw], zg))
+            .collect();
+        forward_one_many(jobs);
+        return w.wo_b.apply(&gemm_input(&z, g * rk, aq), l);
+    }
     let mut xin = vec![0f32; l * gw];
     let mut zg = vec![0f32; l * rk];
     for gi in 0..g {

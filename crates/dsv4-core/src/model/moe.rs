@@ -115,8 +115,8 @@ fn experts_one_token(
     let mut us: Vec<Vec<f32>> = exs.iter().map(|(ex, _)| vec![0f32; ex.w3.out]).collect();
     let mut jobs = Vec::with_capacity(2 * exs.len());
     for ((ex, _), (g, u)) in exs.iter().zip(gs.iter_mut().zip(us.iter_mut())) {
-        jobs.push((&ex.w1, &xin[..], &mut g[..]));
-        jobs.push((&ex.w3, &xin[..], &mut u[..]));
+        jobs.push((&ex.w1, 0, &xin[..], &mut g[..]));
+        jobs.push((&ex.w3, 0, &xin[..], &mut u[..]));
     }
     forward_one_many(jobs);
     // With activation quantization the routing weight scales the SwiGLU output before `w2`.
@@ -136,7 +136,7 @@ fn experts_one_token(
         .iter()
         .zip(&hs)
         .zip(outs.iter_mut())
-        .map(|(((ex, _), h), y)| (&ex.w2, &h[..], &mut y[..]))
+        .map(|(((ex, _), h), y)| (&ex.w2, 0, &h[..], &mut y[..]))
         .collect();
     forward_one_many(jobs);
     let mut y = vec![0f32; d];
