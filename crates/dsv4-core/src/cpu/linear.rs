@@ -535,8 +535,7 @@ impl Linear {
         }
         // Work splits over output rows; each task reads its rows once and applies them to all m
         // inputs (a decoded row is reused across tokens when m > 1).
-        let threads = rayon::current_num_threads().max(1);
-        let per_task = (n / (threads * 4)).clamp(1, 256);
+        let per_task = rows_per_task(n);
         // The GEMV may serve a lone token even in batch-invariant mode when it accumulates like
         // the tile kernel (the blocked order, `gemm`).
         if m == 1 && self.one_token_gemv() {
@@ -665,6 +664,12 @@ impl Linear {
     }
 }
 
+/// Output rows per parallel task when `n` rows are split: about four tasks per thread, at most
+/// 256 rows each.
+fn rows_per_task(n: usize) -> usize {
+    (n / (rayon::current_num_threads().max(1) * 4)).clamp(1, 256)
+}
+
 /// One token through several matrices in one parallel region: for each job `(w, r0, x, y)`,
 /// `y = w[r0..r0 + y.len()] · x`, the same row dots as [`Linear::forward_rows`] gives one token
 /// alone (bit for bit), with one fork-join for all of them instead of one per product — a
@@ -686,8 +691,7 @@ pub fn forward_one_many(jobs: Vec<(&Linear, usize, &[f32], &mut [f32])>) {
         ins.push((w, r0, x, w.one_token_order(x)));
         outs.push(y);
     }
-    let rows: usize = outs.iter().map(|y| y.len()).sum();
-    let per = (rows / (rayon::current_num_threads().max(1) * 4)).clamp(1, 256);
+    let per = rows_per_task(outs.iter().map(|y| y.len()).sum());
     let tasks: Vec<(usize, usize, &mut [f32])> = outs
         .into_iter()
         .enumerate()

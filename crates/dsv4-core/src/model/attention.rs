@@ -109,19 +109,19 @@ pub fn forward(
             .map(|(gi, zg)| (&w.wo_a, gi * rk, &o[gi * gw..(gi + 1) * gw], zg))
             .collect();
         forward_one_many(jobs);
-        return w.wo_b.apply(&gemm_input(&z, g * rk, aq), l);
-    }
-    let mut xin = vec![0f32; l * gw];
-    let mut zg = vec![0f32; l * rk];
-    for gi in 0..g {
-        for t in 0..l {
-            xin[t * gw..(t + 1) * gw]
-                .copy_from_slice(&o[t * h * dh + gi * gw..t * h * dh + (gi + 1) * gw]);
-        }
-        w.wo_a.forward_rows(&xin, l, gi * rk, rk, &mut zg);
-        for t in 0..l {
-            z[t * g * rk + gi * rk..t * g * rk + (gi + 1) * rk]
-                .copy_from_slice(&zg[t * rk..(t + 1) * rk]);
+    } else {
+        let mut xin = vec![0f32; l * gw];
+        let mut zg = vec![0f32; l * rk];
+        for gi in 0..g {
+            for t in 0..l {
+                xin[t * gw..(t + 1) * gw]
+                    .copy_from_slice(&o[t * h * dh + gi * gw..t * h * dh + (gi + 1) * gw]);
+            }
+            w.wo_a.forward_rows(&xin, l, gi * rk, rk, &mut zg);
+            for t in 0..l {
+                z[t * g * rk + gi * rk..t * g * rk + (gi + 1) * rk]
+                    .copy_from_slice(&zg[t * rk..(t + 1) * rk]);
+            }
         }
     }
     w.wo_b.apply(&gemm_input(&z, g * rk, aq), l)

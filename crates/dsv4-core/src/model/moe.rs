@@ -74,23 +74,24 @@ pub fn expert_forward(
     let xin = gemm_input(x, ex.w1.inp, act_quant);
     let mut g = ex.w1.apply(&xin, m);
     let u = ex.w3.apply(&xin, m);
-    swiglu(&mut g, &u, limit);
-    if let Some(r) = route_w {
-        for (row, &r) in g.chunks_mut(ex.w1.out).zip(r) {
-            row.iter_mut().for_each(|v| *v *= r);
-        }
-    }
+    activate(&mut g, &u, ex.w1.out, limit, route_w);
     ex.w2.apply(&gemm_input(&g, ex.w1.out, act_quant), m)
 }
 
-/// `g ← silu(min(g, λ)) ⊙ clamp(u, −λ, λ)` (no clamp without a limit).
-fn swiglu(g: &mut [f32], u: &[f32], limit: Option<f32>) {
+/// `g ← silu(min(g, λ)) ⊙ clamp(u, −λ, λ)` (no clamp without a limit) for rows of `width`,
+/// each then scaled by its routing weight when given.
+fn activate(g: &mut [f32], u: &[f32], width: usize, limit: Option<f32>, route_w: Option<&[f32]>) {
     for (g, &u) in g.iter_mut().zip(u) {
         let (gv, uv) = match limit {
             Some(lim) => (g.min(lim), u.clamp(-lim, lim)),
             None => (*g, u),
         };
         *g = gv / (1.0 + (-gv).exp()) * uv;
+    }
+    if let Some(r) = route_w {
+        for (row, &r) in g.chunks_mut(width).zip(r) {
+            row.iter_mut().for_each(|v| *v *= r);
+        }
     }
 }
 
@@ -120,11 +121,9 @@ fn experts_one_token(
     }
     forward_one_many(jobs);
     // With activation quantization the routing weight scales the SwiGLU output before `w2`.
-    for ((_, wt), (g, u)) in exs.iter().zip(gs.iter_mut().zip(&us)) {
-        swiglu(g, u, c.swiglu_limit);
-        if let (true, Some(r)) = (aq, wt) {
-            g.iter_mut().for_each(|v| *v *= r);
-        }
+    for ((ex, wt), (g, u)) in exs.iter().zip(gs.iter_mut().zip(&us)) {
+        let inside = wt.as_ref().filter(|_| aq).map(std::slice::from_ref);
+        activate(g, u, ex.w1.out, c.swiglu_limit, inside);
     }
     let hs: Vec<_> = exs
         .iter()
