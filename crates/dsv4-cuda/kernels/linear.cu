@@ -14,7 +14,7 @@ struct GemvArgs {
     int32_t xg_rows;   // rows per input group (0: one input for all rows)
     int32_t xg_stride; // input offset between groups
     int32_t vec;       // 16-byte path allowed (alignment checked by the host)
-    int32_t pad_;
+    int32_t tc1;       // gemv_bulk: FP8 rows of one or two tokens on the tensor cores (tc1_steps)
 };
 
 // Split K, one warp per group g of four rows (r0.., nr of them) for M tokens, once its

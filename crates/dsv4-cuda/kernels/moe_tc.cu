@@ -24,14 +24,6 @@
 
 #define MOE_TC_WARPS 4
 
-__device__ __forceinline__ void mma_f16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
-                                        uint32_t a3, uint32_t b0, uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
 // Eight e2m1 nibbles (a little-endian word: byte b holds elements 2b, 2b+1) as four half2 of
 // 2^-14 times their values (see `e2m1_half_bits`), pairing elements (0,4), (2,6), (1,5), (3,7).
 // Each byte lane turns a nibble into its f16 high byte, sign << 7 | magnitude << 1.
@@ -42,11 +34,6 @@ __device__ __forceinline__ void fp4x8_to_half2(uint32_t w, uint32_t (&p)[4]) {
     p[1] = even & 0xff00ff00u;
     p[2] = __byte_perm(odd, 0, 0x2404);
     p[3] = odd & 0xff00ff00u;
-}
-
-__device__ __forceinline__ uint32_t half2_bits(float a, float b) {
-    return (uint32_t)__half_as_ushort(__float2half_rn(a)) |
-           ((uint32_t)__half_as_ushort(__float2half_rn(b)) << 16);
 }
 
 // The B operand of one token: per 32-input group G and part p, 16 words in the order the lanes

@@ -86,6 +86,10 @@ pub struct Gpu {
     /// [`crate::ops::MOE_BULK_MAX_TOKENS`], `DSV4_CUDA_MOE_BULK_TOKENS` (0: never) or
     /// [`Gpu::set_moe_bulk_tokens`].
     moe_bulk_tokens: AtomicUsize,
+    /// One token's FP8 products of one-slice rows (up to 4 KB) take the bulk kernels'
+    /// tensor-core consumers (`tc1_steps` in `kernels/gemv_bulk.cu`); `DSV4_CUDA_TC1=1` or
+    /// [`Gpu::set_tc1`] (off by default until measured in the step).
+    tc1: AtomicBool,
     /// The pre-split planes, grown on demand (never inside a graph capture: only prefill-sized
     /// GEMMs use them).
     xs_buf: Mutex<Option<DevBuf>>,
@@ -248,6 +252,7 @@ impl Gpu {
                 env_num("DSV4_CUDA_MOE_BULK_TOKENS", |_: &usize| true)
                     .unwrap_or(crate::ops::MOE_BULK_MAX_TOKENS),
             ),
+            tc1: AtomicBool::new(std::env::var("DSV4_CUDA_TC1").is_ok_and(|v| v == "1")),
             xs_buf: Mutex::new(None),
             skip: name_prefixes("DSV4_CUDA_SKIP"),
             no_pdl: name_prefixes("DSV4_CUDA_NOPDL"),
@@ -291,6 +296,15 @@ impl Gpu {
 
     pub fn set_moe_bulk_tokens(&self, tokens: usize) {
         self.moe_bulk_tokens.store(tokens, Ordering::Relaxed);
+    }
+
+    /// Whether one token's FP8 products take the tensor-core bulk consumers (see `tc1`).
+    pub fn tc1(&self) -> bool {
+        self.tc1.load(Ordering::Relaxed)
+    }
+
+    pub fn set_tc1(&self, on: bool) {
+        self.tc1.store(on, Ordering::Relaxed);
     }
 
     /// Device scratch of at least `bytes` for the pre-split activations, valid until the next

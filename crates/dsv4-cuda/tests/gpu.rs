@@ -356,6 +356,194 @@ fn bulk_multi_matches_cpu() {
     }
 }
 
+/// One token's FP8 products on the bulk kernels' tensor-core consumers (`Gpu::set_tc1`) against
+/// the CPU, each launch twice: whole-row stages of 1, 2 and 4 KB rows (8–32-row tiles), partial
+/// last tiles, several items and stages per block, every FP8 block with its own power-of-two
+/// scale, and rows of several slices (3 and 8 KB: the SIMT consumers) beside them; the
+/// projections of h in one launch (FP8 with BF16 jobs; Pro's 7 KB rows keep the SIMT launch);
+/// `wo_a`'s grouped input alone and in the dependent pair with `wo_b`. The launches' labels
+/// say which consumers ran.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn one_token_fp8_products_on_tensor_cores_match_cpu() {
+    use dsv4_core::cpu::linear::Format;
+    use dsv4_cuda::ops::{linear_bulk_multi, linear_pair, LinJob, PairJob};
+    use dsv4_cuda::weights::GpuLinear;
+    use synthetic::MatrixFormat as F;
+    let gpu = Gpu::open(0).expect("GPU");
+    gpu.set_tc1(true);
+    let (_bufs, part) = gemv_workspace(&gpu);
+    let mats = |shapes: &[(F, usize, usize)], seed: u64| -> Vec<(Linear, GpuLinear)> {
+        shapes
+            .iter()
+            .enumerate()
+            .map(|(i, &(f, out, inp))| {
+                let mut l = synthetic::random_linear(f, out, inp, seed + i as u64).unwrap();
+                if let Format::Fp8 { scales, .. } = &mut l.format {
+                    for (k, s) in scales.iter_mut().enumerate() {
+                        *s *= [1.0, 2.0, 0.25, 0.5, 4.0][k % 5];
+                    }
+                }
+                let g = GpuLinear::upload(&gpu, &l).unwrap();
+                (l, g)
+            })
+            .collect()
+    };
+    // The labels of the launches `f` makes.
+    let labels = |f: &dyn Fn()| -> Vec<String> {
+        gpu.set_profile(true);
+        f();
+        let l = gpu.take_profile().unwrap();
+        gpu.set_profile(false);
+        l.into_iter().map(|l| l.label).collect()
+    };
+    let singles = mats(
+        &[
+            (F::Fp8, 1024, 1024),
+            (F::Fp8, 20010, 1024),
+            (F::Fp8, 256, 2048),
+            (F::Fp8, 96, 4096),
+            (F::Fp8, 3200, 4096),
+            (F::Fp8, 8192, 4096),
+            (F::Fp8, 64, 3072),
+            (F::Fp8, 512, 8192),
+        ],
+        60,
+    );
+    let one = |jobs: &[LinJob<'_>]| {
+        for j in jobs {
+            linear(&gpu, j.w, &j.inp, j.y, j.w.out, &part).unwrap();
+        }
+    };
+    for (l, g) in &singles {
+        let x = gpu.alloc_zeros(4 * l.inp).unwrap();
+        let y = gpu.alloc(4 * l.out).unwrap();
+        let job = [LinJob {
+            w: g,
+            inp: LinIn::rows(x.ptr, l.inp, 1),
+            y: y.ptr,
+        }];
+        let got = labels(&|| one(&job));
+        let want_tc = l.inp <= 4096 && l.inp.is_power_of_two();
+        assert!(
+            got.len() == 1
+                && got[0].starts_with("gemv_bulk ")
+                && got[0].ends_with(" tc1") == want_tc,
+            "[{}, {}]: {got:?}",
+            l.out,
+            l.inp
+        );
+    }
+    check_products(&gpu, &singles, 1, 2, "tc1 gemv_bulk", one);
+    check_products(&gpu, &singles, 2, 1, "tc1 off at two tokens", one);
+
+    let sets: [(&[(F, usize, usize)], bool); 3] = [
+        (
+            &[
+                (F::Fp8, 1024, 4096),
+                (F::Fp8, 512, 4096),
+                (F::Bf16, 1024, 4096),
+                (F::Bf16, 256, 4096),
+                (F::Bf16, 64, 4096),
+            ],
+            true,
+        ),
+        (&[(F::Fp8, 1536, 7168), (F::Fp8, 256, 1024)], false),
+        (
+            &[(F::Bf16, 64, 4096), (F::Fp8, 64, 4096), (F::Fp8, 32, 1024)],
+            true,
+        ),
+    ];
+    for (si, (shapes, tc)) in sets.iter().enumerate() {
+        let ms = mats(shapes, 80 + 10 * si as u64);
+        let what = format!("tc1 linear_bulk_multi set {si}");
+        let run = |jobs: &[LinJob<'_>]| linear_bulk_multi(&gpu, jobs, &part).unwrap();
+        check_products(&gpu, &ms, 1, 2, &what, run);
+        let xs: Vec<_> = ms
+            .iter()
+            .map(|(l, _)| gpu.alloc_zeros(4 * l.inp).unwrap())
+            .collect();
+        let ys: Vec<_> = ms
+            .iter()
+            .map(|(l, _)| gpu.alloc(4 * l.out).unwrap())
+            .collect();
+        let jobs: Vec<LinJob<'_>> = ms
+            .iter()
+            .zip(xs.iter().zip(&ys))
+            .map(|((l, g), (x, y))| LinJob {
+                w: g,
+                inp: LinIn::rows(x.ptr, l.inp, 1),
+                y: y.ptr,
+            })
+            .collect();
+        let got = labels(&|| run(&jobs));
+        assert!(
+            got.len() == 1 && got[0].ends_with(" tc1") == *tc,
+            "{what}: {got:?}"
+        );
+    }
+
+    // wo_a's shape (8 groups of 1024 rows, group j reading inputs j·4096..), alone and then
+    // into wo_b (8 KB rows: the SIMT consumers) in one launch.
+    let bar = gpu.alloc_zeros(8).unwrap();
+    let (groups, rk, gw, out) = (8usize, 1024usize, 4096usize, 4096usize);
+    let (mid, xw) = (groups * rk, groups * gw);
+    let ab = mats(&[(F::Fp8, mid, gw), (F::Fp8, out, mid)], 95);
+    let ((wa, ga), (wb, gb)) = (&ab[0], &ab[1]);
+    let x = random_f32(xw, 31);
+    let mut z = vec![0f32; mid];
+    for j in 0..groups {
+        wa.forward_rows(
+            &x[j * gw..(j + 1) * gw],
+            1,
+            j * rk,
+            rk,
+            &mut z[j * rk..(j + 1) * rk],
+        );
+    }
+    let want = wb.apply(&z, 1);
+    let xd = gpu.upload(&x).unwrap();
+    let zd = gpu.alloc(4 * mid).unwrap();
+    let yd = gpu.alloc(4 * out).unwrap();
+    let inp_a = LinIn {
+        x: xd.ptr,
+        ldx: xw,
+        m: 1,
+        group: Some((rk, gw)),
+        terms: 3,
+    };
+    let inp_b = LinIn::rows(zd.ptr, mid, 1);
+    for rep in 0..2 {
+        let got = labels(&|| linear(&gpu, ga, &inp_a, zd.ptr, mid, &part).unwrap());
+        assert!(got[0].ends_with(" tc1"), "grouped: {got:?}");
+        let mut zg = vec![0f32; mid];
+        gpu.dtoh(zd.ptr, &mut zg).unwrap();
+        let e = worst(&row_errors(&zg, &z, mid));
+        eprintln!("tc1 grouped wo_a launch {rep}: max rel err vs CPU {e:.2e}");
+        assert!(e < 1e-5, "grouped launch {rep}: {e}");
+        let job = |w, inp, y, ldy| PairJob { w, inp, y, ldy };
+        let got = labels(&|| {
+            linear_pair(
+                &gpu,
+                &job(ga, inp_a, zd.ptr, mid),
+                &job(gb, inp_b, yd.ptr, out),
+                &part,
+                bar.ptr,
+            )
+            .unwrap()
+        });
+        assert!(
+            got.len() == 1 && got[0].starts_with("gemv_bulk_pair"),
+            "{got:?}"
+        );
+        let mut y = vec![0f32; out];
+        gpu.dtoh(yd.ptr, &mut y).unwrap();
+        let e = worst(&row_errors(&y, &want, out));
+        eprintln!("tc1 pair wo_a -> wo_b launch {rep}: max rel err vs CPU {e:.2e}");
+        assert!(e < 1e-5, "pair launch {rep}: {e}");
+    }
+}
+
 /// A random model with Flash's head sizes (head_dim 512, window 128, CSA/HCA/sliding layers,
 /// index_topk below the number of entries) and a 1000-token vocabulary.
 fn random_model() -> Model {
@@ -1866,10 +2054,15 @@ fn decode_fusions_match_separate_launches() {
     // (Hidden size 1024: the projections of h take the bulk kernels, in one launch on all
     // of models 0–2; model 3 runs them as `gemv_multi`, a different summation order.)
     // Models 4 and 5 are model 0 with the attention warming `wo_a` into L2 (line prefetches
-    // with the evict-last priority, bulk prefetches): prefetches change no bit.
-    let models: Vec<CudaModel> = (0..6)
+    // with the evict-last priority, bulk prefetches): prefetches change no bit. Model 6 is
+    // model 2 with one token's FP8 products on the tensor cores (`set_tc1`; other sums, so
+    // within float noise of model 0, and the CPU's).
+    let models: Vec<CudaModel> = (0..7)
         .map(|_| CudaModel::from_model(&cpu, 0).unwrap())
         .collect();
+    models[6].set_pair_fused(true);
+    models[6].set_bulk_multi(true);
+    models[6].gpu.set_tc1(true);
     for m in [&models[0], &models[3], &models[4], &models[5]] {
         m.set_pair_fused(false);
         m.set_graphs(false);
@@ -1930,8 +2123,14 @@ fn decode_fusions_match_separate_launches() {
             e < 1e-4,
             "step {i} (batch {n}): one bulk launch for the projections of h vs gemv_multi: {e}"
         );
+        let e6 = worst(&row_errors(&outs[6], &outs[0], 1000));
+        assert!(
+            e6 < 1e-4,
+            "step {i} (batch {n}): one token's FP8 products on the tensor cores: {e6}"
+        );
         if i == 39 {
             eprintln!("projections of h in one bulk launch vs gemv_multi: worst row {e:.2e}");
+            eprintln!("tensor-core one-token consumers vs SIMT: worst row {e6:.2e}");
         }
     }
 }
