@@ -437,7 +437,8 @@ fn one_token_fp8_products_on_tensor_cores_match_cpu() {
     check_products(&gpu, &singles, 1, 2, "tc1 gemv_bulk", one);
     check_products(&gpu, &singles, 2, 1, "tc1 off at two tokens", one);
 
-    let sets: [(&[(F, usize, usize)], bool); 3] = [
+    type Shapes<'a> = &'a [(F, usize, usize)];
+    let sets: [(Shapes<'_>, bool); 3] = [
         (
             &[
                 (F::Fp8, 1024, 4096),
