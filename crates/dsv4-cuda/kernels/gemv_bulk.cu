@@ -231,7 +231,7 @@ __device__ __forceinline__ void bulk_produce(const Src& src, BulkWalk walk, Bulk
 }
 
 // One token's FP8 products on the tensor cores (`GemvArgs::tc1`; the host takes it for rows of
-// one K slice). The SIMT consumers spend ~2.5 instructions per weight byte and run 3.7–3.85
+// one or two K slices). The SIMT consumers spend ~2.5 instructions per weight byte and run 3.7–3.85
 // TB/s, not far above the HBM stream, so weights that arrive early (the rings' fill during the
 // kernels before, or L2) hardly shorten a product. Here a byte costs half a conversion (e4m3
 // pairs to f16 pairs, exact) and 1/256 of an `mma.sync` m16n8k16 (f16 -> f32):
@@ -248,10 +248,11 @@ __device__ __forceinline__ void bulk_produce(const Src& src, BulkWalk walk, Bulk
 //   accumulate from zero, and the lane adds the block's sums times the weight block scale and
 //   the activation factor in f32; the row's parts and chunks are added at the tile's end.
 // A stage of R = 8·RPW rows × KS bytes splits into RPW row groups of 8 × 8/RPW K parts of 512
-// bytes: warp w takes row group w % RPW and part w / RPW, and holds its 512 activations in
-// registers as B fragments (32 words), rebuilt only when the tile's input group changes
-// (`wo_a`). Rows must be one slice (the host's plan). The K parts' sums of a tile's rows meet
-// in shared memory and go to the Src's `finish` in the SIMT consumers' row groups of four.
+// bytes: warp w takes row group w % RPW and part w / RPW, and holds its 512 activations of each
+// of the row's slices (up to SL: 1 or 2, the host's plan) in registers as B fragments (32 words
+// each), rebuilt only when the tile's input group changes (`wo_a`). The K parts' sums of a
+// tile's rows meet in shared memory and go to the Src's `finish` in the SIMT consumers' row
+// groups of four.
 
 // The B words of the warp's K part (x: its first input): lane (g, t), chunk c = g / 4, part
 // p = g % 4, gets part p of inputs 64G + 16t + 8i + 4c + {0, 1} (word [G][i][0]) and + {2, 3}
@@ -344,7 +345,7 @@ __device__ __forceinline__ void tc1_stage(const uint8_t* st, const uint32_t (&b)
     }
 }
 
-template <int RPW, int STRIDE, bool COH, class Src>
+template <int RPW, int SL, int STRIDE, bool COH, class Src>
 __device__ __forceinline__ void tc1_steps(const Src& src, BulkWalk walk, BulkRing& ring) {
     constexpr int R = 8 * RPW, KP = 8 / RPW;  // rows of a stage, K parts of a row group
     extern __shared__ __align__(128) uint8_t bulk_smem[];
@@ -352,11 +353,11 @@ __device__ __forceinline__ void tc1_steps(const Src& src, BulkWalk walk, BulkRin
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int kp = warp / RPW;
     const int NS = ring.stages;
-    if (walk.nslices != 1) __trap();  // the host's plan
+    if (walk.nslices > SL) __trap();  // the host's plan
     // (A walk before this one in the launch may have its warps still reading `red`.)
     consumers_sync();
-    uint32_t b[8][2][2];
-    float xf[4];
+    uint32_t b[SL][8][2][2];
+    float xf[SL][4];
     const float* xkey = nullptr;
     float tot[4] = {0.f, 0.f, 0.f, 0.f};
     for (int& n = ring.n; !walk.done(); n++) {
@@ -365,10 +366,15 @@ __device__ __forceinline__ void tc1_steps(const Src& src, BulkWalk walk, BulkRin
         const float* xp = src.x(tt, 0);
         if (xp != xkey) {
             xkey = xp;
-            tc1_fragments<COH>(xp + kp * 512, b, xf);
+#pragma unroll
+            for (int h = 0; h < SL; h++)
+                if (h < walk.nslices) tc1_fragments<COH>(xp + h * (4096 / RPW) + kp * 512, b[h], xf[h]);
         }
         mbar_wait(&ring.full[slot], (n / NS) & 1);
-        tc1_stage<RPW>(bulk_smem + slot * STRIDE, b, xf, tot);
+        // The slice's fragments, by a branch (an index into b would put it in local memory).
+        const uint8_t* st = bulk_smem + slot * STRIDE;
+        if (SL == 1 || walk.slice == 0) tc1_stage<RPW>(st, b[0], xf[0], tot);
+        else tc1_stage<RPW>(st, b[SL - 1], xf[SL - 1], tot);
         __syncwarp();
         if (lane == 0) mbar_arrive(&ring.empty[slot]);
         const int split = walk.split();
@@ -405,7 +411,8 @@ __device__ __forceinline__ void tc1_steps(const Src& src, BulkWalk walk, BulkRin
 // do with a row group's four sums (`finish`). Called by the producer warp (warp 8) and the
 // consumer warps alike.
 // TCM: whether one token's FP8 rows take the tensor-core consumers (tc1_steps): 0 never, 1 where
-// the launch's GemvArgs::tc1 says, 2 always (a launch the host built for them only).
+// the launch's GemvArgs::tc1 says (rows of up to two slices), 2 always (a launch the host built
+// for them only: rows of one slice, so fewer registers).
 template <int FMT, int MT, int RPW, int STRIDE, bool COH, int TCM = 1, class Src>
 __device__ __forceinline__ void gemv_bulk_steps(const Src& src, ItemRange mine, int nslices, int S, BulkRing& ring) {
     constexpr int W = BULK_WARPS;  // consumer warps
@@ -425,7 +432,7 @@ __device__ __forceinline__ void gemv_bulk_steps(const Src& src, ItemRange mine, 
 #ifndef BULK_NO_MATH
     if constexpr (FMT == FMT_FP8 && MT == 1 && TCM != 0) {
         if (TCM == 2 || src.tc1()) {
-            tc1_steps<RPW, STRIDE, COH>(src, walk, ring);
+            tc1_steps<RPW, TCM == 2 ? 1 : 2, STRIDE, COH>(src, walk, ring);
             return;
         }
     }

@@ -696,10 +696,10 @@ fn bulk_plan(gpu: &Gpu, w: &GpuLinear, m: usize, part: &Partial) -> BulkPlan {
 }
 
 /// Whether a bulk launch's consumers of `w` (planned in `nslices` K slices per row) take the
-/// tensor cores for one token (`tc1_steps` in `kernels/gemv_bulk.cu`): FP8 rows of one slice
-/// (whole rows of up to 4 KB), when [`Gpu::tc1`] is on.
-fn tc1_applies(gpu: &Gpu, w: &GpuLinear, m: usize, nslices: usize) -> bool {
-    gpu.tc1() && w.fmt == Fmt::Fp8 && m == 1 && nslices == 1
+/// tensor cores for one token (`tc1_steps` in `kernels/gemv_bulk.cu`): FP8 rows of up to
+/// `max_slices` slices (2, or 1 in the multi launch built for them), when [`Gpu::tc1`] is on.
+fn tc1_applies(gpu: &Gpu, w: &GpuLinear, m: usize, nslices: usize, max_slices: usize) -> bool {
+    gpu.tc1() && w.fmt == Fmt::Fp8 && m == 1 && nslices <= max_slices
 }
 
 /// Whether the bulk-copy kernels (SIMT or tensor-core) can stream `w` for `inp`: a matrix of
@@ -732,7 +732,7 @@ fn gemv_bulk(
         tiles,
     } = bulk_plan(gpu, w, m, part);
     let mut args = GemvArgs::new(inp, y, ldy, nrows, s, true, part);
-    let tc1 = tc1_applies(gpu, w, m, nslices);
+    let tc1 = tc1_applies(gpu, w, m, nslices, 2);
     args.tc1 = tc1 as i32;
     let blocks = (tiles * s).min(gpu.sm_count);
     gpu.tag(|| {
@@ -923,8 +923,8 @@ pub fn linear_pair(
     // reset before the grid barrier.)
     let mut args_a = GemvArgs::new(&a.inp, a.y, a.ldy, a.w.out, pa.s, true, part);
     let mut args_b = GemvArgs::new(&b.inp, b.y, b.ldy, b.w.out, pb.s, true, part);
-    args_a.tc1 = tc1_applies(gpu, a.w, m, pa.nslices) as i32;
-    args_b.tc1 = tc1_applies(gpu, b.w, m, pb.nslices) as i32;
+    args_a.tc1 = tc1_applies(gpu, a.w, m, pa.nslices, 2) as i32;
+    args_b.tc1 = tc1_applies(gpu, b.w, m, pb.nslices, 2) as i32;
     let blocks = (pa.tiles * pa.s).max(pb.tiles * pb.s).min(gpu.sm_count);
     gpu.tag(|| {
         (
@@ -1038,7 +1038,7 @@ pub fn linear_bulk_multi(gpu: &Gpu, jobs: &[LinJob<'_>], part: &Partial) -> Resu
         .iter()
         .zip(&plans)
         .filter(|(j, _)| j.w.fmt == Fmt::Fp8)
-        .all(|(j, p)| tc1_applies(gpu, j.w, m, p.nslices))
+        .all(|(j, p)| tc1_applies(gpu, j.w, m, p.nslices, 1))
         && jobs.iter().any(|j| j.w.fmt == Fmt::Fp8);
     let blank = BulkJob {
         w: jobs[0].w.desc,
