@@ -328,9 +328,25 @@ __device__ __forceinline__ void tc1_stage(const uint8_t* st, const uint32_t (&b)
 #pragma unroll
     for (int kb = 0; kb < 4; kb++) {
         float acc[4] = {0.f, 0.f, 0.f, 0.f};
+        uint4 wg[2];  // the block's two 64-input groups of row g
+#ifdef TC1_SWIZZLE
+        // (Measurement build.) Rows g and g + 1 share a quarter-warp and lie a multiple of 128
+        // bytes apart, so their lanes' loads of one group meet on the same banks: odd rows load
+        // the block's groups in the other order (no conflict) and swap them back by selects.
+        {
+            const int sw = g & 1;
+            const uint4 u0 = *(const uint4*)(wr + 128 * kb + 64 * sw);
+            const uint4 u1 = *(const uint4*)(wr + 128 * kb + 64 * (1 - sw));
+            wg[0] = sw ? u1 : u0;
+            wg[1] = sw ? u0 : u1;
+        }
+#else
+        wg[0] = *(const uint4*)(wr + 128 * kb);
+        wg[1] = *(const uint4*)(wr + 128 * kb + 64);
+#endif
 #pragma unroll
         for (int h = 0; h < 2; h++) {
-            const uint4 wv = *(const uint4*)(wr + 128 * kb + 64 * h);
+            const uint4 wv = wg[h];
             const uint32_t w4[4] = {wv.x, wv.y, wv.z, wv.w};
 #pragma unroll
             for (int i = 0; i < 2; i++) {
