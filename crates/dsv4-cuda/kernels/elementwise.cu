@@ -195,6 +195,11 @@ struct HcArgs {
     float* rinv;           // [T]                     is left to hc_mix (post and comb only)
     int32_t n, d, iters, S, k, rw_inside;
     float hc_eps, norm_eps;
+    // Weights of a product after the boundary (`wq_b`), warmed into L2 as the blocks start
+    // (`warm_l2`; mode 0: not).
+    const unsigned char* warm;
+    unsigned long long warm_bytes;
+    int32_t warm_mode, pad_;
 };
 
 // Stream i's value of column j of token t after the post-mix of the block that ran
@@ -246,6 +251,7 @@ extern "C" __global__ void __launch_bounds__(HC_THREADS) hc_boundary(HcArgs a) {
 #pragma unroll
     for (int r = 0; r < HC_MAX_ROWS - 1; r++)
         w[r] = (on && r < rows) ? __ldg(a.fn + (size_t)r * n * d + col) : 0.f;
+    warm_l2(a.warm, a.warm_bytes, a.warm_mode);  // weights: written by no kernel
     pdl_wait();
     float* x = a.x + (size_t)t * n * d;
     const float v = on ? hc_post_cell(a, x, t, i, j) : 0.f;
@@ -438,6 +444,7 @@ extern "C" __global__ void __launch_bounds__(HC_CL_THREADS, 1) hc_boundary_clust
         w[r] = (on && r < rows) ? __ldg(a.fn + (size_t)r * n * d + col) : 0.f;
     const float g = tid < cols ? __ldg(a.norm_w + j) : 0.f;
     HC_STAMP(1, w[HC_CL_ROWS - 1] + g);
+    warm_l2(a.warm, a.warm_bytes, a.warm_mode);  // weights: written by no kernel
     pdl_wait();
     HC_STAMP(2, 0.f);
     float* x = a.x + (size_t)t * n * d;

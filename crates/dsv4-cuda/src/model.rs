@@ -335,6 +335,10 @@ pub struct CudaModel {
     /// in kernels/common.cuh: 1 line prefetches, 2 evict-last line prefetches, 3 bulk
     /// prefetches; `DSV4_CUDA_WARM=N`, 0 off).
     warm_mode: AtomicUsize,
+    /// How the boundary before a decode step's attention warms `wq_b` into L2 (0 off, 1–3 as
+    /// `warm_mode`; `DSV4_CUDA_WARM_QB`): the HBM idles through the boundary but for the
+    /// projections of h.
+    warm_qb: AtomicUsize,
     /// Whether a decode step's indexer queries stream on the main stream before `wq_b`, with
     /// the compressors queued on the side stream right after the projections of h
     /// (`DSV4_CUDA_INDEX_FIRST=0`: the queries, compressors and selection all on the side
@@ -537,6 +541,9 @@ impl CudaModel {
             warm_mode: AtomicUsize::new(
                 std::env::var("DSV4_CUDA_WARM").map_or(0, |v| v.parse().unwrap_or(0).min(3)),
             ),
+            warm_qb: AtomicUsize::new(
+                std::env::var("DSV4_CUDA_WARM_QB").map_or(0, |v| v.parse().unwrap_or(0).min(3)),
+            ),
             index_first: std::env::var("DSV4_CUDA_INDEX_FIRST").map_or(true, |v| v != "0"),
             route_fused: AtomicBool::new(
                 std::env::var("DSV4_CUDA_ROUTE_FUSED").map_or(true, |v| v != "0"),
@@ -652,6 +659,13 @@ impl CudaModel {
     /// `DSV4_CUDA_WARM`; tests compare them: prefetches change no result).
     pub fn set_l2_warm(&self, mode: usize) {
         self.warm_mode.store(mode.min(3), Ordering::Relaxed);
+        self.drop_graphs();
+    }
+
+    /// Sets how the boundary before a decode step's attention warms `wq_b` into L2 (0 off,
+    /// 1–3 as [`CudaModel::set_l2_warm`]).
+    pub fn set_l2_warm_qb(&self, mode: usize) {
+        self.warm_qb.store(mode.min(3), Ordering::Relaxed);
         self.drop_graphs();
     }
 
@@ -1057,7 +1071,8 @@ impl CudaModel {
         for (li, lw) in self.weights.layers.iter().enumerate() {
             if fused {
                 // (The previous layer's experts are combined into its output here.)
-                self.hc_fused(s, li > 0, true, &lw.hc_attn, lw.attn_norm.ptr(), t)?;
+                let warm = Some(&lw.attn.wq_b).filter(|_| t == 1);
+                self.hc_fused(s, li > 0, true, &lw.hc_attn, lw.attn_norm.ptr(), t, warm)?;
                 // Its Sinkhorn at once: the side stream is idle here (joined at the last
                 // layer's experts) and rejoins before the attention.
                 self.fork_mix(s, t)?;
@@ -1067,7 +1082,7 @@ impl CudaModel {
             }
             self.attention(s, lw, li, &mut per_seq, t)?;
             if fused {
-                self.hc_fused(s, true, false, &lw.hc_ffn, lw.ffn_norm.ptr(), t)?;
+                self.hc_fused(s, true, false, &lw.hc_ffn, lw.ffn_norm.ptr(), t, None)?;
             } else {
                 self.hc_post(s, t)?;
                 self.hc_pre(s, &lw.hc_ffn, t)?;
@@ -1189,7 +1204,9 @@ impl CudaModel {
     /// A block boundary for `t <= HC_FUSED_TOKENS` tokens in one launch: with `post`, the block
     /// output `s.f` (plus the routed experts' outputs when `combine`, which `moe` then leaves
     /// out) mixed into the streams (as `hc_post`); then `hc_pre` of `hc` and the RMS norm
-    /// (weight `norm`) into `s.h`.
+    /// (weight `norm`) into `s.h`; its blocks warm `warm`'s weights into L2 as they start, when
+    /// `DSV4_CUDA_WARM_QB` says so.
+    #[allow(clippy::too_many_arguments)] // the boundary's parts; a struct would only rename them
     fn hc_fused(
         &self,
         s: &mut Scratch,
@@ -1198,6 +1215,7 @@ impl CudaModel {
         hc: &GpuHc,
         norm: u64,
         t: usize,
+        warm: Option<&GpuLinear>,
     ) -> Result<()> {
         let c = &self.config;
         let (d, n) = (c.hidden_size, c.hc_mult);
@@ -1235,6 +1253,20 @@ impl CudaModel {
             rw_inside: self.numerics.act_quant() as i32,
             hc_eps: c.hc_eps,
             norm_eps: c.rms_norm_eps,
+            warm: 0,
+            warm_bytes: 0,
+            warm_mode: 0,
+            pad: 0,
+        };
+        let mode = self.warm_qb.load(Ordering::Relaxed);
+        let a = match warm.and_then(|w| Some((w, bulk_row_bytes(w.fmt, w.inp)?))) {
+            Some((w, row)) if mode > 0 => ops::HcArgs {
+                warm: w.desc.w,
+                warm_bytes: (w.out * row) as u64,
+                warm_mode: mode as i32,
+                ..a
+            },
+            _ => a,
         };
         ops::hc_boundary(&self.gpu, &a, t, self.hc_cluster.load(Ordering::Relaxed))
     }

@@ -1301,8 +1301,15 @@ pub struct HcArgs {
     pub rw_inside: i32,
     pub hc_eps: f32,
     pub norm_eps: f32,
+    /// Weights warmed into L2 by the boundary's blocks as they start (`warm_l2` in
+    /// kernels/common.cuh; mode 0: none): the product after it (`wq_b`).
+    pub warm: u64,
+    pub warm_bytes: u64,
+    pub warm_mode: i32,
+    pub pad: i32,
 }
 unsafe impl DeviceRepr for HcArgs {}
+const _: () = assert!(std::mem::size_of::<HcArgs>() == 184);
 
 /// Columns per block of `hc_boundary` (one thread per stream and column, 4 streams at most).
 pub const HC_COLS: usize = 64;

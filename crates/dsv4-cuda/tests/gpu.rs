@@ -2055,7 +2055,8 @@ fn decode_fusions_match_separate_launches() {
     // (Hidden size 1024: the projections of h take the bulk kernels, in one launch on all
     // of models 0–2; model 3 runs them as `gemv_multi`, a different summation order.)
     // Models 4 and 5 are model 0 with the attention warming `wo_a` into L2 (line prefetches
-    // with the evict-last priority, bulk prefetches): prefetches change no bit. Model 6 is
+    // with the evict-last priority, bulk prefetches) and the boundary before it `wq_b` (line
+    // prefetches, evict-last ones): prefetches change no bit. Model 6 is
     // model 2 with one token's FP8 products on the tensor cores (`set_tc1`; other sums, so
     // within float noise of model 0, and the CPU's).
     let models: Vec<CudaModel> = (0..7)
@@ -2071,6 +2072,7 @@ fn decode_fusions_match_separate_launches() {
     for (m, mode) in [(&models[4], 2), (&models[5], 3)] {
         m.set_bulk_multi(true);
         m.set_l2_warm(mode);
+        m.set_l2_warm_qb(mode - 1);
     }
     models[3].set_bulk_multi(false);
     for m in &models[1..3] {
@@ -2229,6 +2231,11 @@ fn hc_boundary_cluster_matches_last_block() {
                         rw_inside,
                         hc_eps: 1e-6,
                         norm_eps: 1e-6,
+                        // (Prefetches of the mix weights into L2: they change no result.)
+                        warm: fn_.ptr,
+                        warm_bytes: (4 * rows * n * d) as u64,
+                        warm_mode: 1 + (t as i32 + post as i32) % 3,
+                        pad: 0,
                     };
                     let boundary = || {
                         hc_boundary(&gpu, &a, t, cluster).unwrap();
