@@ -366,16 +366,39 @@ __device__ __forceinline__ void tc1_steps(const Src& src, BulkWalk walk, BulkRin
     constexpr int R = 8 * RPW, KP = 8 / RPW;  // rows of a stage, K parts of a row group
     extern __shared__ __align__(128) uint8_t bulk_smem[];
     __shared__ float red[2][BULK_WARPS][8];  // per-warp sums of a tile's 8 rows, by item parity
+    // A run of at most TC1_DEFER items keeps every item's per-warp sums here and meets once, at
+    // its end, instead of per item (per stage where a tile is one stage, holding the warps in
+    // lockstep); TC1_DEFER=1 (a measurement build) meets per item always.
+#ifndef TC1_DEFER
+#define TC1_DEFER 16
+#endif
+    __shared__ float dsum[TC1_DEFER][BULK_WARPS][8];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int kp = warp / RPW;
     const int NS = ring.stages;
     if (walk.nslices > SL) __trap();  // the host's plan
-    // (A walk before this one in the launch may have its warps still reading `red`.)
+    // (A walk before this one in the launch may have its warps still reading `red` or `dsum`.)
     consumers_sync();
+    const int lo = walk.item;
+    const bool defer = TC1_DEFER > 1 && walk.item_end - lo <= TC1_DEFER;
     uint32_t b[SL][8][2][2];
     float xf[SL][4];
     const float* xkey = nullptr;
     float tot[4] = {0.f, 0.f, 0.f, 0.f};
+    // Warp q < R/4 finishes rows 4q..4q+3 (row group q/2) of item `it` from the per-warp sums
+    // r, the K parts added in order.
+    auto finish = [&](const float (&r)[BULK_WARPS][8], int it) {
+        const int q = warp, grp = q / 2, r0 = (q % 2) * 4;
+        float acc[4][1];
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            float v = 0.f;
+#pragma unroll
+            for (int i = 0; i < KP; i++) v += r[i * RPW + grp][r0 + k];
+            acc[k][0] = v;
+        }
+        src.finish(it / walk.S, it % walk.S, q, acc);
+    };
     for (int& n = ring.n; !walk.done(); n++) {
         const int slot = n % NS;
         const int tt = walk.tile();
@@ -393,32 +416,29 @@ __device__ __forceinline__ void tc1_steps(const Src& src, BulkWalk walk, BulkRin
         else tc1_stage<RPW>(st, b[SL - 1], xf[SL - 1], tot);
         __syncwarp();
         if (lane == 0) mbar_arrive(&ring.empty[slot]);
-        const int split = walk.split();
+        const int it = walk.item;
         if (walk.advance()) {
             // Row g: its parts of chunk 0 (lanes t < 2: d0, d1) and chunk 1 (t >= 2: d2, d3).
             float v = t < 2 ? tot[0] + tot[1] : tot[2] + tot[3];
             v += __shfl_xor_sync(0xffffffffu, v, 1);
             v += __shfl_xor_sync(0xffffffffu, v, 2);
-            float (&r)[BULK_WARPS][8] = red[ring.done & 1];
-            if (t == 0) r[warp][g] = v;
-            consumers_sync();
-            // Warp q < R/4 finishes rows 4q..4q+3 (row group q/2), the K parts added in order.
-            if (warp < R / 4) {
-                const int q = warp, grp = q / 2, r0 = (q % 2) * 4;
-                float acc[4][1];
-#pragma unroll
-                for (int k = 0; k < 4; k++) {
-                    float s = 0.f;
-#pragma unroll
-                    for (int i = 0; i < KP; i++) s += r[i * RPW + grp][r0 + k];
-                    acc[k][0] = s;
-                }
-                src.finish(tt, split, q, acc);
+            if (defer) {
+                if (t == 0) dsum[it - lo][warp][g] = v;
+            } else {
+                float (&r)[BULK_WARPS][8] = red[ring.done & 1];
+                if (t == 0) r[warp][g] = v;
+                consumers_sync();
+                if (warp < R / 4) finish(r, it);
             }
             ring.done++;
 #pragma unroll
             for (int e = 0; e < 4; e++) tot[e] = 0.f;
         }
+    }
+    if (defer) {
+        consumers_sync();
+        if (warp < R / 4)
+            for (int it = lo; it < walk.item_end; it++) finish(dsum[it - lo], it);
     }
 }
 
