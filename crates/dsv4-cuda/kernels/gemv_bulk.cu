@@ -328,22 +328,9 @@ __device__ __forceinline__ void tc1_stage(const uint8_t* st, const uint32_t (&b)
 #pragma unroll
     for (int kb = 0; kb < 4; kb++) {
         float acc[4] = {0.f, 0.f, 0.f, 0.f};
-        uint4 wg[2];  // the block's two 64-input groups of row g
-#ifdef TC1_SWIZZLE
-        // (Measurement build.) Rows g and g + 1 share a quarter-warp and lie a multiple of 128
-        // bytes apart, so their lanes' loads of one group meet on the same banks: odd rows load
-        // the block's groups in the other order (no conflict) and swap them back by selects.
-        {
-            const int sw = g & 1;
-            const uint4 u0 = *(const uint4*)(wr + 128 * kb + 64 * sw);
-            const uint4 u1 = *(const uint4*)(wr + 128 * kb + 64 * (1 - sw));
-            wg[0] = sw ? u1 : u0;
-            wg[1] = sw ? u0 : u1;
-        }
-#else
-        wg[0] = *(const uint4*)(wr + 128 * kb);
-        wg[1] = *(const uint4*)(wr + 128 * kb + 64);
-#endif
+        // The block's two 64-input groups of row g. (Rows g and g + 1 of a quarter-warp share
+        // banks; loading them in opposite orders and swapping back by selects was slower.)
+        const uint4 wg[2] = {*(const uint4*)(wr + 128 * kb), *(const uint4*)(wr + 128 * kb + 64)};
 #pragma unroll
         for (int h = 0; h < 2; h++) {
             const uint4 wv = wg[h];
