@@ -1,7 +1,7 @@
 // Can a weight stream of bulk copies (cp.async.bulk into a shared-memory ring, as
 // kernels/gemv_bulk.cu streams) run faster than HBM when the matrix is already in L2? This bounds
 // any scheme that prefetches the next products into L2 while the latency-bound kernels of a
-// decode step run (stop 19's l2_prefetch.cu measured plain 16-byte loads with launch-inclusive
+// decode step run (stop 19's l2_prefetch.cu, since retired, measured plain 16-byte loads with launch-inclusive
 // event times; this times the stream inside the kernel: first block start to last block end).
 // Per size: cold (after a 1 GB flush), prefetched (cp.async.bulk.prefetch.L2 by 64 one-warp
 // blocks, then a 40 us pause), and read twice (the second read timed). Then the ways a step could
