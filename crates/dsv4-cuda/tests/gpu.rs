@@ -358,7 +358,8 @@ fn bulk_multi_matches_cpu() {
 
 /// One token's FP8 products on the bulk kernels' tensor-core consumers (`Gpu::set_tc1`) against
 /// the CPU, each launch twice: whole-row stages of 1, 2 and 4 KB rows (8–32-row tiles), rows
-/// of two 4 KB slices, partial last tiles, several items and stages per block, every FP8 block
+/// of two 4 KB slices, partial last tiles, runs of items per block under and over what a block
+/// defers (`TC1_DEFER`), every FP8 block
 /// with its own power-of-two scale, and rows of three slices (the SIMT consumers) beside them;
 /// the projections of h in one launch (FP8 with BF16 jobs; Pro's 7 KB rows keep the SIMT
 /// launch); `wo_a`'s grouped input alone and in the dependent pair with `wo_b` (8 KB rows).
@@ -405,6 +406,8 @@ fn one_token_fp8_products_on_tensor_cores_match_cpu() {
             (F::Fp8, 96, 4096),
             (F::Fp8, 3200, 4096),
             (F::Fp8, 8192, 4096),
+            // 17 tiles a block: past TC1_DEFER, the per-item meetings (the others defer).
+            (F::Fp8, 18000, 4096),
             (F::Fp8, 64, 3072),
             (F::Fp8, 512, 8192),
         ],
