@@ -61,11 +61,9 @@ __global__ void __launch_bounds__(256, 1)
     for (int kb = 0; kb < KB; kb++) {
         float amax = 0.f;
         for (int k = lane; k < 128; k += 32) amax = fmaxf(amax, fabsf(x[k0 + 128 * kb + k]));
-        amax = warp_max(amax);
-        int sh = 0;
-        if (amax > 0.f) sh = min(max(14 - ((int)((__float_as_uint(amax) >> 23) & 0xff) - 127), -113), 127);
-        const float up = ldexpf(1.f, sh);
-        xf[kb] = ldexpf(1.f, -sh);
+        const int sh = f16_part_shift(warp_max(amax));
+        const float up = exp2i(sh);
+        xf[kb] = exp2i(-sh);
 #pragma unroll
         for (int gi = 0; gi < 2; gi++)
 #pragma unroll
@@ -102,13 +100,8 @@ __global__ void __launch_bounds__(256, 1)
                     const uint32_t ua[4] = {wa.x, wa.y, wa.z, wa.w}, ub[4] = {wb.x, wb.y, wb.z, wb.w};
 #pragma unroll
                     for (int j = 0; j < 4; j++) {
-                        const __half2_raw a0 = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(ua[j] & 0xffff), __NV_E4M3);
-                        const __half2_raw a2 = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(ua[j] >> 16), __NV_E4M3);
-                        const __half2_raw a1 = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(ub[j] & 0xffff), __NV_E4M3);
-                        const __half2_raw a3 = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(ub[j] >> 16), __NV_E4M3);
-                        auto bits = [](__half2_raw h) { return (uint32_t)h.x | ((uint32_t)h.y << 16); };
-                        mma_f16(acc, bits(a0), bits(a1), bits(a2), bits(a3), b[2 * kb + gi][j][0],
-                                b[2 * kb + gi][j][1]);
+                        mma_f16(acc, e4m3x2_half_bits(ua[j]), e4m3x2_half_bits(ub[j]), e4m3x2_half_bits(ua[j] >> 16),
+                                e4m3x2_half_bits(ub[j] >> 16), b[2 * kb + gi][j][0], b[2 * kb + gi][j][1]);
                     }
                 }
                 const float f = wscale[(size_t)srow * scale_cols + (k0 / 128 + kb)] * xf[kb];

@@ -137,6 +137,26 @@ __device__ __forceinline__ void warm_l2(const unsigned char* p, unsigned long lo
     }
 }
 
+// 2^e as a float, for e in -126..127 (a normal float: no subnormal, no overflow).
+__device__ __forceinline__ float exp2i(int e) { return __uint_as_float((uint32_t)(127 + e) << 23); }
+
+// The activations of one token's tensor-core products go in as f16 parts of a block scaled by
+// 2^sh: the sh that brings the block's max |x| (amax) into [2^14, 2^15), so the parts keep their
+// bits at any magnitude f32 holds; 0 for zero, inf and NaN blocks. 2^sh and 2^(14 - sh) stay
+// normal floats. (`moe_tc_prep`, `tc1_fragments`.)
+__device__ __forceinline__ int f16_part_shift(float amax) {
+    if (!(amax > 0.f && amax < INFINITY)) return 0;
+    const int e = (int)((__float_as_uint(amax) >> 23) & 0xff) - 127;
+    return min(max(14 - e, -113), 127);
+}
+
+// Two e4m3 bytes (the low 16 bits of `two`, the lower byte first) as the bits of an f16 pair:
+// exact, every e4m3 value is an f16 normal or zero.
+__device__ __forceinline__ uint32_t e4m3x2_half_bits(uint32_t two) {
+    const __half2_raw r = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(two & 0xffff), __NV_E4M3);
+    return (uint32_t)r.x | ((uint32_t)r.y << 16);
+}
+
 // The experts' gated activation: silu(min(g, lim)) * clamp(u, -lim, lim), no clamp when lim
 // is NaN (the model has no swiglu_limit).
 __device__ __forceinline__ float swiglu_clamped(float g, float u, float lim) {

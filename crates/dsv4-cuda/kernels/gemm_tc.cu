@@ -69,9 +69,7 @@ __device__ __forceinline__ uint32_t mul_bf16x2(uint32_t a, uint32_t b) {
 // exponent field e is 2^(e-15)(1.m), the bf16 of the same field 2^(e-127)(1.m); e4m3 values are
 // f16 normals or zero, so no subnormal arises).
 __device__ __forceinline__ void e4m3x4_to_bf16(uint32_t w, uint32_t& lo, uint32_t& hi) {
-    const __half2_raw a = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(w & 0xffff), __NV_E4M3);
-    const __half2_raw b = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(w >> 16), __NV_E4M3);
-    const uint32_t ha = (uint32_t)a.x | ((uint32_t)a.y << 16), hb = (uint32_t)b.x | ((uint32_t)b.y << 16);
+    const uint32_t ha = e4m3x2_half_bits(w), hb = e4m3x2_half_bits(w >> 16);
     lo = ((ha >> 3) & 0x0fff0fffu) | (ha & 0x80008000u);
     hi = ((hb >> 3) & 0x0fff0fffu) | (hb & 0x80008000u);
 }

@@ -285,13 +285,9 @@ __device__ __forceinline__ void tc1_fragments(const float* x, uint32_t (&b)[8][2
         amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
         amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
         amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 16));
-        int sh = 0;  // inf/NaN and zero blocks keep 2^0
-        if (amax > 0.f && amax < INFINITY) {
-            const int e = (int)((__float_as_uint(amax) >> 23) & 0xff) - 127;
-            sh = min(max(14 - e, -113), 127);  // 2^sh and 2^-sh stay normal floats
-        }
-        const float up = __uint_as_float((uint32_t)(127 + sh) << 23);
-        xf[kb] = __uint_as_float((uint32_t)(127 - sh) << 23);
+        const int sh = f16_part_shift(amax);
+        const float up = exp2i(sh);
+        xf[kb] = exp2i(-sh);
 #pragma unroll
         for (int h = 0; h < 2; h++)
 #pragma unroll
@@ -301,7 +297,7 @@ __device__ __forceinline__ void tc1_fragments(const float* x, uint32_t (&b)[8][2
                 for (int e = 0; e < 4; e++) {
                     const float s = v[h][i][e] * up;
                     const float p0 = __half2float(__float2half_rn(s));
-                    const float r = s - p0;  // exact
+                    const float r = isfinite(p0) ? s - p0 : 0.f;  // exact; an inf stays inf, not NaN
                     const float p1 = __half2float(__float2half_rn(r));
                     q[e] = p == 0 ? p0 : p == 1 ? p1 : p == 2 ? r - p1 : 0.f;
                 }
@@ -321,10 +317,6 @@ __device__ __forceinline__ void tc1_stage(const uint8_t* st, const uint32_t (&b)
     const int rg = warp % RPW, kp = warp / RPW;
     const uint8_t* wr = st + (rg * 8 + g) * KS + kp * 512 + 16 * t;
     const float* scale = (const float*)(st + BULK_STAGE) + kp * 4;  // the slice's 128-input blocks
-    auto h2 = [](uint32_t two) {  // two e4m3 bytes as an f16 pair (the lower byte first)
-        const __half2_raw r = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)two, __NV_E4M3);
-        return (uint32_t)r.x | ((uint32_t)r.y << 16);
-    };
 #pragma unroll
     for (int kb = 0; kb < 4; kb++) {
         float acc[4] = {0.f, 0.f, 0.f, 0.f};
@@ -338,8 +330,8 @@ __device__ __forceinline__ void tc1_stage(const uint8_t* st, const uint32_t (&b)
 #pragma unroll
             for (int i = 0; i < 2; i++) {
                 const uint32_t c0 = w4[2 * i], c1 = w4[2 * i + 1];
-                mma_f16(acc, h2(c0 & 0xffff), h2(c1 & 0xffff), h2(c0 >> 16), h2(c1 >> 16), b[2 * kb + h][i][0],
-                        b[2 * kb + h][i][1]);
+                mma_f16(acc, e4m3x2_half_bits(c0), e4m3x2_half_bits(c1), e4m3x2_half_bits(c0 >> 16),
+                        e4m3x2_half_bits(c1 >> 16), b[2 * kb + h][i][0], b[2 * kb + h][i][1]);
             }
         }
         const float s = scale[kb] * xf[kb];

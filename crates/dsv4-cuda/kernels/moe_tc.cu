@@ -58,13 +58,8 @@ __device__ void moe_tc_prep(const float* x, int K, uint4* B, float* gs, int nthr
         if (nan) amax = INFINITY;  // fmaxf drops NaN
         amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
         amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
-        // inf/NaN and zero groups keep sh = 0.
-        int sh = 0;
-        if (amax > 0.f && amax < INFINITY) {
-            const int e = (int)((__float_as_uint(amax) >> 23) & 0xff) - 127;
-            sh = min(max(14 - e, -113), 127);  // 2^sh and 2^(14 - sh) stay normal floats
-        }
-        const float up = __uint_as_float((uint32_t)(127 + sh) << 23);
+        const int sh = f16_part_shift(amax);  // (0 for inf/NaN and zero groups)
+        const float up = exp2i(sh);
         float hi[8], lo[8];
 #pragma unroll
         for (int j = 0; j < 8; j++) {
@@ -77,7 +72,7 @@ __device__ void moe_tc_prep(const float* x, int K, uint4* B, float* gs, int nthr
                                         half2_bits(hi[1], hi[5]), half2_bits(hi[3], hi[7]));
         B[(G * 2 + 1) * 4 + i] = make_uint4(half2_bits(lo[0], lo[4]), half2_bits(lo[2], lo[6]),
                                             half2_bits(lo[1], lo[5]), half2_bits(lo[3], lo[7]));
-        if (i == 0) gs[G] = __uint_as_float((uint32_t)(127 + 14 - sh) << 23);
+        if (i == 0) gs[G] = exp2i(14 - sh);
     }
 }
 
