@@ -671,14 +671,14 @@ impl CudaModel {
 
     /// `args` with `wo_a`'s weight codes to warm into L2 as the attention runs, if on.
     fn warming(&self, args: &AttnArgs, wo_a: &GpuLinear) -> AttnArgs {
-        let mode = self.warm_mode.load(Ordering::Relaxed);
-        let mut a = *args;
-        if let (1.., Some(row)) = (mode, bulk_row_bytes(wo_a.fmt, wo_a.inp)) {
-            a.warm = wo_a.desc.w;
-            a.warm_bytes = (wo_a.out * row) as u64;
-            a.warm_mode = mode as i32;
+        let (warm, warm_bytes, warm_mode) =
+            warm_target(Some(wo_a), self.warm_mode.load(Ordering::Relaxed));
+        AttnArgs {
+            warm,
+            warm_bytes,
+            warm_mode,
+            ..*args
         }
-        a
     }
 
     /// Decode steps run independent work on a side stream ([`Gpu::on_side`]); off, everything
@@ -1228,6 +1228,8 @@ impl CudaModel {
         } else {
             (0, 0)
         };
+        let (warm_addr, warm_bytes, warm_mode) =
+            warm_target(warm, self.warm_qb.load(Ordering::Relaxed));
         let a = ops::HcArgs {
             x: s.x.ptr,
             f: if post { s.f.ptr } else { 0 },
@@ -1253,20 +1255,10 @@ impl CudaModel {
             rw_inside: self.numerics.act_quant() as i32,
             hc_eps: c.hc_eps,
             norm_eps: c.rms_norm_eps,
-            warm: 0,
-            warm_bytes: 0,
-            warm_mode: 0,
+            warm: warm_addr,
+            warm_bytes,
+            warm_mode,
             pad: 0,
-        };
-        let mode = self.warm_qb.load(Ordering::Relaxed);
-        let a = match warm.and_then(|w| Some((w, bulk_row_bytes(w.fmt, w.inp)?))) {
-            Some((w, row)) if mode > 0 => ops::HcArgs {
-                warm: w.desc.w,
-                warm_bytes: (w.out * row) as u64,
-                warm_mode: mode as i32,
-                ..a
-            },
-            _ => a,
         };
         ops::hc_boundary(&self.gpu, &a, t, self.hc_cluster.load(Ordering::Relaxed))
     }
@@ -2427,6 +2419,16 @@ fn ffn_path_of(code: u8) -> crate::moe_ffn::FfnPath {
     match code {
         0 | 1 => crate::moe_ffn::FfnPath::Two { early: code == 1 },
         _ => crate::moe_ffn::FfnPath::One,
+    }
+}
+
+/// What a latency-bound kernel warms into L2 for the product `w` that follows it (`warm_l2`
+/// in kernels/common.cuh, `mode` 1–3): the address and bytes of its weight codes and the mode;
+/// zeros when off or without one.
+fn warm_target(w: Option<&GpuLinear>, mode: usize) -> (u64, u64, i32) {
+    match w.and_then(|w| Some((w, bulk_row_bytes(w.fmt, w.inp)?))) {
+        Some((w, row)) if mode > 0 => (w.desc.w, (w.out * row) as u64, mode as i32),
+        _ => (0, 0, 0),
     }
 }
 
