@@ -201,6 +201,7 @@ struct HcArgs {
     unsigned long long warm_bytes;
     int32_t warm_mode, pad_;
 };
+static_assert(sizeof(HcArgs) == 184, "HcArgs: the layout of ops::HcArgs");
 
 // Stream i's value of column j of token t after the post-mix of the block that ran
 // (x <- post·f + combᵀ·x, f plus the routed experts' weighted outputs when eout is given), or

@@ -14,8 +14,9 @@ struct GemvArgs {
     int32_t xg_rows;   // rows per input group (0: one input for all rows)
     int32_t xg_stride; // input offset between groups
     int32_t vec;       // 16-byte path allowed (alignment checked by the host)
-    int32_t tc1;       // gemv_bulk: FP8 rows of one or two tokens on the tensor cores (tc1_steps)
+    int32_t tc1;       // gemv_bulk: one token's FP8 rows on the tensor cores (tc1_steps)
 };
+static_assert(sizeof(GemvArgs) == 72, "GemvArgs: the layout of ops::GemvArgs");
 
 // Split K, one warp per group g of four rows (r0.., nr of them) for M tokens, once its
 // partials are written and fenced: the warp whose split arrives last sums the S partials, in

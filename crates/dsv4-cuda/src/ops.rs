@@ -1069,13 +1069,10 @@ pub fn linear_bulk_multi(gpu: &Gpu, jobs: &[LinJob<'_>], part: &Partial) -> Resu
         items += p.tiles * s;
         bytes += j.w.stored_bytes;
     }
-    let tc1_name = if tc1 { "tc1_" } else { "" };
-    gpu.tag(|| {
-        let name = format!("gemv_bulk_multi x{} m{m}", jobs.len());
-        (if tc1 { name + " tc1" } else { name }, bytes)
-    });
+    let (tag, kernel) = if tc1 { (" tc1", "tc1_") } else { ("", "") };
+    gpu.tag(|| (format!("gemv_bulk_multi x{} m{m}{tag}", jobs.len()), bytes));
     gpu.launch(
-        &format!("gemv_bulk_multi_{tc1_name}{m}"),
+        &format!("gemv_bulk_multi_{kernel}{m}"),
         (items.min(gpu.sm_count) as u32, 1, 1),
         (BULK_THREADS, 1, 1),
         bulk_smem(gpu, Fmt::Fp8, 1),
