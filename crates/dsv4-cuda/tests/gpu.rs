@@ -118,7 +118,6 @@ fn linear_kernels_match_cpu() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn bulk_tensor_core_gemv_matches_cpu() {
-    use dsv4_core::cpu::linear::Format;
     use dsv4_cuda::ops::bulk_tc_applies;
     use synthetic::MatrixFormat as F;
     let mut gpu = Gpu::open(0).expect("GPU");
@@ -144,20 +143,7 @@ fn bulk_tensor_core_gemv_matches_cpu() {
         (F::Fp8, 8192, 4096),
         (F::Fp8, 20010, 1024),
     ];
-    let mats: Vec<_> = shapes
-        .iter()
-        .enumerate()
-        .map(|(si, &(fmt, out, inp))| {
-            let mut l: Linear = synthetic::random_linear(fmt, out, inp, 90 + si as u64).unwrap();
-            if let Format::Fp8 { scales, .. } = &mut l.format {
-                for (i, s) in scales.iter_mut().enumerate() {
-                    *s *= [1.0, 2.0, 0.25, 0.5, 4.0][i % 5];
-                }
-            }
-            let g = dsv4_cuda::weights::GpuLinear::upload(&gpu, &l).unwrap();
-            (l, g)
-        })
-        .collect();
+    let mats = random_mats_with(&gpu, &shapes, 90, true);
     for m in [1usize, 2, 3, 5, 8, 9, 13, 16, 21, 32] {
         check_products(&gpu, &mats, m, 2, "gemv_bulk_tc", |jobs| {
             for j in jobs {
@@ -216,11 +202,28 @@ fn random_mats(
     shapes: &[(synthetic::MatrixFormat, usize, usize)],
     seed: u64,
 ) -> Vec<(Linear, dsv4_cuda::weights::GpuLinear)> {
+    random_mats_with(gpu, shapes, seed, false)
+}
+
+/// [`random_mats`], with every FP8 block scale moved by its own power of two (×1, 2, 1/4, 1/2,
+/// 4 in turn: the generator gives a matrix one scale) when `vary_fp8`.
+fn random_mats_with(
+    gpu: &Gpu,
+    shapes: &[(synthetic::MatrixFormat, usize, usize)],
+    seed: u64,
+    vary_fp8: bool,
+) -> Vec<(Linear, dsv4_cuda::weights::GpuLinear)> {
+    use dsv4_core::cpu::linear::Format;
     shapes
         .iter()
         .enumerate()
         .map(|(i, &(f, out, inp))| {
-            let l = synthetic::random_linear(f, out, inp, seed + i as u64).unwrap();
+            let mut l = synthetic::random_linear(f, out, inp, seed + i as u64).unwrap();
+            if let (true, Format::Fp8 { scales, .. }) = (vary_fp8, &mut l.format) {
+                for (k, s) in scales.iter_mut().enumerate() {
+                    *s *= [1.0, 2.0, 0.25, 0.5, 4.0][k % 5];
+                }
+            }
             let g = dsv4_cuda::weights::GpuLinear::upload(gpu, &l).unwrap();
             (l, g)
         })
@@ -359,37 +362,20 @@ fn bulk_multi_matches_cpu() {
 /// One token's FP8 products on the bulk kernels' tensor-core consumers (`Gpu::set_tc1`) against
 /// the CPU, each launch twice: whole-row stages of 1, 2 and 4 KB rows (8–32-row tiles), rows
 /// of two 4 KB slices, partial last tiles, runs of items per block under and over what a block
-/// defers (`TC1_DEFER`), every FP8 block
-/// with its own power-of-two scale, and rows of three slices (the SIMT consumers) beside them;
+/// defers (`TC1_DEFER`), every FP8 block with its own power-of-two scale, and rows of three
+/// slices (the SIMT consumers) beside them;
 /// the projections of h in one launch (FP8 with BF16 jobs; Pro's 7 KB rows keep the SIMT
 /// launch); `wo_a`'s grouped input alone and in the dependent pair with `wo_b` (8 KB rows).
 /// The launches' labels say which consumers ran.
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn one_token_fp8_products_on_tensor_cores_match_cpu() {
-    use dsv4_core::cpu::linear::Format;
     use dsv4_cuda::ops::{linear_bulk_multi, linear_pair, LinJob, PairJob};
-    use dsv4_cuda::weights::GpuLinear;
     use synthetic::MatrixFormat as F;
     let gpu = Gpu::open(0).expect("GPU");
     gpu.set_tc1(true);
     let (_bufs, part) = gemv_workspace(&gpu);
-    let mats = |shapes: &[(F, usize, usize)], seed: u64| -> Vec<(Linear, GpuLinear)> {
-        shapes
-            .iter()
-            .enumerate()
-            .map(|(i, &(f, out, inp))| {
-                let mut l = synthetic::random_linear(f, out, inp, seed + i as u64).unwrap();
-                if let Format::Fp8 { scales, .. } = &mut l.format {
-                    for (k, s) in scales.iter_mut().enumerate() {
-                        *s *= [1.0, 2.0, 0.25, 0.5, 4.0][k % 5];
-                    }
-                }
-                let g = GpuLinear::upload(&gpu, &l).unwrap();
-                (l, g)
-            })
-            .collect()
-    };
+    let mats = |shapes: &[(F, usize, usize)], seed: u64| random_mats_with(&gpu, shapes, seed, true);
     // The labels of the launches `f` makes.
     let labels = |f: &dyn Fn()| -> Vec<String> {
         gpu.set_profile(true);
