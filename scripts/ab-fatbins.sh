@@ -6,7 +6,9 @@
 # what their consumers cost a step: -DBULK_NO_MATH (dense GEMVs) and -DMB_NO_MATH (routed
 # tiles) leave only the streams (outputs are zeros, so every value stays finite and the step's
 # work is the same; the logits are meaningless).
-#   scripts/ab-fatbins.sh ROUNDS "" "-DBULK_NO_MATH" "-DMB_NO_MATH" "-DBULK_NO_MATH -DMB_NO_MATH"
+# A word `root=DIR` builds from another copy of the kernels (`git archive BASE
+# crates/dsv4-cuda/kernels | tar -x -C DIR`, carried), so one call compares two commits.
+#   scripts/ab-fatbins.sh ROUNDS "" "-DBULK_NO_MATH" "-DMB_NO_MATH" "-DBULK_NO_MATH -DMB_NO_MATH" "root=scratch/base"
 set -uo pipefail
 cd "$(dirname "$0")/.."
 nvcc=${NVCC:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}
@@ -19,9 +21,12 @@ for v in "$@"; do
   if [ -z "$v" ]; then
     cfgs+=("")
   else
-    # shellcheck disable=SC2086 # the flags are words
-    "$nvcc" -std=c++17 -O3 -fatbin -gencode=arch=compute_90a,code=sm_90a $v \
-      -o "$dir/k$i.fatbin" crates/dsv4-cuda/kernels/all.cu >"$dir/k$i.log" 2>&1 &
+    root=. flags=()
+    for w in $v; do
+      case $w in root=*) root=${w#root=} ;; *) flags+=("$w") ;; esac
+    done
+    "$nvcc" -std=c++17 -O3 -fatbin -gencode=arch=compute_90a,code=sm_90a "${flags[@]}" \
+      -o "$dir/k$i.fatbin" "$root/crates/dsv4-cuda/kernels/all.cu" >"$dir/k$i.log" 2>&1 &
     cfgs+=("DSV4_CUDA_FATBIN=$dir/k$i.fatbin")
   fi
   i=$((i + 1))
