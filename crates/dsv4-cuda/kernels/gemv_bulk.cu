@@ -63,15 +63,40 @@ __device__ __forceinline__ void mbar_arrive_expect(uint64_t* b, unsigned bytes) 
 __device__ __forceinline__ void mbar_arrive(uint64_t* b) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(b)) : "memory");
 }
+// BULK_WAIT (a measurement build): 0 `try_wait` (may suspend the warp until the phase
+// completes or a time limit passes), 1 `test_wait` in a loop (never suspends), 2 `try_wait` with
+// a suspend-time hint of BULK_WAIT_NS. Do the rings' hand-offs cost their consumers time?
+#ifndef BULK_WAIT
+#define BULK_WAIT 0
+#endif
+#ifndef BULK_WAIT_NS
+#define BULK_WAIT_NS 20
+#endif
 __device__ __forceinline__ void mbar_wait(uint64_t* b, unsigned parity) {
     unsigned done = 0;
     while (!done) {
+#if BULK_WAIT == 1
+        asm volatile(
+            "{\n .reg .pred p;\n mbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+            " selp.u32 %0, 1, 0, p;\n}"
+            : "=r"(done)
+            : "r"(smem_u32(b)), "r"(parity)
+            : "memory");
+#elif BULK_WAIT == 2
+        asm volatile(
+            "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2, %3;\n"
+            " selp.u32 %0, 1, 0, p;\n}"
+            : "=r"(done)
+            : "r"(smem_u32(b)), "r"(parity), "n"(BULK_WAIT_NS)
+            : "memory");
+#else
         asm volatile(
             "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
             " selp.u32 %0, 1, 0, p;\n}"
             : "=r"(done)
             : "r"(smem_u32(b)), "r"(parity)
             : "memory");
+#endif
     }
 }
 // `bytes` (a multiple of 16, both addresses 16-byte aligned) from global to shared memory,
