@@ -6,8 +6,8 @@
 // and -DBULK_NO_COPY (the producer only signals: the consumers' own rate), -DBULK_X_LOADS (the
 // activations loaded per stage, as before stop 28), -DBULK_X_SLICES=2, -DBULK_WARPS=16,
 // -DBULK_DEFER_SUMS (with -DBULK_DEFER_MAX=32 for the 128 MB rows);
-// scripts/ffn-bench.sh with TOOL=gemv_bulk_bench builds and runs them. Each FP8 case runs with
-// the SIMT consumers and with the tensor-core ones (`GemvArgs::tc1`, the lines marked tc1).
+// -DBULK_WAIT=1|2 (the rings' waits without suspending, or with a short suspend hint);
+// scripts/ffn-bench.sh with TOOL=gemv_bulk_bench builds and runs them.
 //   nvcc -std=c++17 -O3 -arch=sm_90a -Icrates/dsv4-cuda/kernels -o gemv_bulk_bench tools/gpu/gemv_bulk_bench.cu
 #include <cstdio>
 #include <cstdlib>
@@ -48,10 +48,7 @@ int main() {
     }
     cudaStream_t st;
     CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
-    for (int pass = 0; pass < 2 * (int)(sizeof(cases) / sizeof(cases[0])); pass++) {
-        const Case& c = cases[pass / 2];
-        const int tc1 = pass % 2;
-        if (tc1 && c.f4) continue;
+    for (const Case& c : cases) {
         const double bytes = (double)c.out * c.in / (c.f4 ? 2 : 1);
         const int copies = bytes >= (64u << 20) ? 1 : 4;
         std::vector<LinearW> ws;
@@ -65,7 +62,6 @@ int main() {
         a.M = 1;
         a.S = 1;
         a.vec = 1;
-        a.tc1 = tc1;
         const int tiles = c.out / (8 * c.rpw);
         const int blocks = tiles < sms ? tiles : sms;
         const int smem = BULK_STAGES * c.stage;
@@ -97,7 +93,7 @@ int main() {
         float ms;
         CK(cudaEventElapsedTime(&ms, e0, e1));
         const double us = ms * 1e3 / reps;
-        printf("%-28s%s %8.2f us  %5.2f TB/s (%.0f MB, %d blocks)\n", c.what, tc1 ? " tc1" : "    ", us,
+        printf("%-28s %8.2f us  %5.2f TB/s (%.0f MB, %d blocks)\n", c.what, us,
                bytes / us / 1e6, bytes / 1e6, blocks);
         for (auto& w : ws) {
             CK(cudaFree((void*)w.w));

@@ -140,10 +140,10 @@ __device__ __forceinline__ void warm_l2(const unsigned char* p, unsigned long lo
 // 2^e as a float, for e in -126..127 (a normal float: no subnormal, no overflow).
 __device__ __forceinline__ float exp2i(int e) { return __uint_as_float((uint32_t)(127 + e) << 23); }
 
-// The activations of one token's tensor-core products go in as f16 parts of a block scaled by
+// The activations of the experts' tensor-core products go in as f16 parts of a block scaled by
 // 2^sh: the sh that brings the block's max |x| (amax) into [2^14, 2^15), so the parts keep their
 // bits at any magnitude f32 holds; 0 for zero, inf and NaN blocks. 2^sh and 2^(14 - sh) stay
-// normal floats. (`moe_tc_prep`, `tc1_fragments`.)
+// normal floats. (`moe_tc_prep`.)
 __device__ __forceinline__ int f16_part_shift(float amax) {
     if (!(amax > 0.f && amax < INFINITY)) return 0;
     const int e = (int)((__float_as_uint(amax) >> 23) & 0xff) - 127;

@@ -255,205 +255,11 @@ __device__ __forceinline__ void bulk_produce(const Src& src, BulkWalk walk, Bulk
     }
 }
 
-// One token's FP8 products on the tensor cores (`GemvArgs::tc1`; the host takes it for rows of
-// one or two K slices). The SIMT consumers spend ~2.5 instructions per weight byte and run 3.7–3.85
-// TB/s, not far above the HBM stream, so weights that arrive early (the rings' fill during the
-// kernels before, or L2) hardly shorten a product. Here a byte costs half a conversion (e4m3
-// pairs to f16 pairs, exact) and 1/256 of an `mma.sync` m16n8k16 (f16 -> f32):
-// - A (16 × 16) is 8 weight rows over 32 inputs: lane (g, t) loads 16 bytes of row g (inputs
-//   16t.. of a 64-input group), and its bytes 8i..8i+7 feed MMA i: bytes {0,1}, {2,3} as
-//   A[g][2t, 2t+1] and A[g][2t+8, 2t+9] (chunk 0), bytes {4,5}, {6,7} as the same places of
-//   row g + 8 (chunk 1). So logical k of chunk c is input 16t + 8i + 4c + {0..3} of every lane
-//   t: a permutation of K applied to the activations alike.
-// - B (16 × 8): column 4c + p holds part p < 3 of the activations of chunk c (three f16 parts
-//   of the value scaled by a power of two per 128-input block into [2^14, 2^15): 33 bits);
-//   columns 3 and 7 are zero. The parts' products are exact in f32.
-// - D[g][4c' + p] is useful where c' = 0 (rows 0–7: chunk 0) and D[g + 8][4 + p] (chunk 1): lane
-//   (g, t) holds them in d0, d1 for t < 2 and d2, d3 for t >= 2. A 128-input block's 4 MMAs
-//   accumulate from zero, and the lane adds the block's sums times the weight block scale and
-//   the activation factor in f32; the row's parts and chunks are added at the tile's end.
-// A stage of R = 8·RPW rows × KS bytes splits into RPW row groups of 8 × 8/RPW K parts of 512
-// bytes: warp w takes row group w % RPW and part w / RPW, and holds its 512 activations of each
-// of the row's slices (up to SL: 1 or 2, the host's plan) in registers as B fragments (32 words
-// each), rebuilt only when the tile's input group changes (`wo_a`). The K parts' sums of a
-// tile's rows meet in shared memory and go to the Src's `finish` in the SIMT consumers' row
-// groups of four.
-
-// The B words of the warp's K part (x: its first input): lane (g, t), chunk c = g / 4, part
-// p = g % 4, gets part p of inputs 64G + 16t + 8i + 4c + {0, 1} (word [G][i][0]) and + {2, 3}
-// ([G][i][1]) of each 64-input group G; lanes with p = 3 get zeros. xf[kb]: what undoes
-// 128-input block kb's power of two.
-template <bool COH>
-__device__ __forceinline__ void tc1_fragments(const float* x, uint32_t (&b)[8][2][2], float (&xf)[4]) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const int c = g >> 2, p = g & 3;
-#pragma unroll
-    for (int kb = 0; kb < 4; kb++) {
-        float v[2][2][4];  // [h][i][e]: inputs 128kb + 64h + 16t + 8i + 4c + e
-#pragma unroll
-        for (int h = 0; h < 2; h++)
-#pragma unroll
-            for (int i = 0; i < 2; i++) load_x<4, COH>(x + 128 * kb + 64 * h + 16 * t + 8 * i + 4 * c, v[h][i]);
-        float amax = 0.f;
-        bool nan = false;
-#pragma unroll
-        for (int h = 0; h < 2; h++)
-#pragma unroll
-            for (int i = 0; i < 2; i++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    amax = fmaxf(amax, fabsf(v[h][i][e]));
-                    nan |= isnan(v[h][i][e]);
-                }
-        if (nan) amax = INFINITY;  // fmaxf drops NaN
-        // The block's 128 inputs: lanes t (bits 0, 1) and chunks c (bit 4).
-        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
-        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
-        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 16));
-        const int sh = f16_part_shift(amax);
-        const float up = exp2i(sh);
-        xf[kb] = exp2i(-sh);
-#pragma unroll
-        for (int h = 0; h < 2; h++)
-#pragma unroll
-            for (int i = 0; i < 2; i++) {
-                float q[4];
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const float s = v[h][i][e] * up;
-                    const float p0 = __half2float(__float2half_rn(s));
-                    const float r = isfinite(p0) ? s - p0 : 0.f;  // exact; an inf stays inf, not NaN
-                    const float p1 = __half2float(__float2half_rn(r));
-                    q[e] = p == 0 ? p0 : p == 1 ? p1 : p == 2 ? r - p1 : 0.f;
-                }
-                b[2 * kb + h][i][0] = half2_bits(q[0], q[1]);
-                b[2 * kb + h][i][1] = half2_bits(q[2], q[3]);
-            }
-    }
-}
-
-// One stage's products of a warp (tc1_steps): its row group's 8 rows × its 512-byte K part,
-// added to tot (the lane's D registers, per 128-input block scaled).
-template <int RPW>
-__device__ __forceinline__ void tc1_stage(const uint8_t* st, const uint32_t (&b)[8][2][2], const float (&xf)[4],
-                                          float (&tot)[4]) {
-    constexpr int KS = 4096 / RPW;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const int rg = warp % RPW, kp = warp / RPW;
-    const uint8_t* wr = st + (rg * 8 + g) * KS + kp * 512 + 16 * t;
-    const float* scale = (const float*)(st + BULK_STAGE) + kp * 4;  // the slice's 128-input blocks
-#pragma unroll
-    for (int kb = 0; kb < 4; kb++) {
-        float acc[4] = {0.f, 0.f, 0.f, 0.f};
-        // The block's two 64-input groups of row g. (Rows g and g + 1 of a quarter-warp share
-        // banks; loading them in opposite orders and swapping back by selects was slower.)
-        const uint4 wg[2] = {*(const uint4*)(wr + 128 * kb), *(const uint4*)(wr + 128 * kb + 64)};
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-            const uint4 wv = wg[h];
-            const uint32_t w4[4] = {wv.x, wv.y, wv.z, wv.w};
-#pragma unroll
-            for (int i = 0; i < 2; i++) {
-                const uint32_t c0 = w4[2 * i], c1 = w4[2 * i + 1];
-                mma_f16(acc, e4m3x2_half_bits(c0), e4m3x2_half_bits(c1), e4m3x2_half_bits(c0 >> 16),
-                        e4m3x2_half_bits(c1 >> 16), b[2 * kb + h][i][0], b[2 * kb + h][i][1]);
-            }
-        }
-        const float s = scale[kb] * xf[kb];
-#pragma unroll
-        for (int e = 0; e < 4; e++) tot[e] = fmaf(acc[e], s, tot[e]);
-    }
-}
-
-template <int RPW, int SL, int STRIDE, bool COH, class Src>
-__device__ __forceinline__ void tc1_steps(const Src& src, BulkWalk walk, BulkRing& ring) {
-    constexpr int R = 8 * RPW, KP = 8 / RPW;  // rows of a stage, K parts of a row group
-    extern __shared__ __align__(128) uint8_t bulk_smem[];
-    __shared__ float red[2][BULK_WARPS][8];  // per-warp sums of a tile's 8 rows, by item parity
-    // A run of at most TC1_DEFER items keeps every item's per-warp sums here and meets once, at
-    // its end, instead of per item (per stage where a tile is one stage, holding the warps in
-    // lockstep); TC1_DEFER=1 (a measurement build) meets per item always.
-#ifndef TC1_DEFER
-#define TC1_DEFER 16
-#endif
-    __shared__ float dsum[TC1_DEFER][BULK_WARPS][8];
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const int kp = warp / RPW;
-    const int NS = ring.stages;
-    if (walk.nslices > SL) __trap();  // the host's plan
-    // (A walk before this one in the launch may have its warps still reading `red` or `dsum`.)
-    consumers_sync();
-    const int lo = walk.item;
-    const bool defer = TC1_DEFER > 1 && walk.item_end - lo <= TC1_DEFER;
-    uint32_t b[SL][8][2][2];
-    float xf[SL][4];
-    const float* xkey = nullptr;
-    float tot[4] = {0.f, 0.f, 0.f, 0.f};
-    // Warp q < R/4 finishes rows 4q..4q+3 (row group q/2) of item `it` from the per-warp sums
-    // r, the K parts added in order.
-    auto finish = [&](const float (&r)[BULK_WARPS][8], int it) {
-        const int q = warp, grp = q / 2, r0 = (q % 2) * 4;
-        float acc[4][1];
-#pragma unroll
-        for (int k = 0; k < 4; k++) {
-            float v = 0.f;
-#pragma unroll
-            for (int i = 0; i < KP; i++) v += r[i * RPW + grp][r0 + k];
-            acc[k][0] = v;
-        }
-        src.finish(it / walk.S, it % walk.S, q, acc);
-    };
-    for (int& n = ring.n; !walk.done(); n++) {
-        const int slot = n % NS;
-        const int tt = walk.tile();
-        const float* xp = src.x(tt, 0);
-        if (xp != xkey) {
-            xkey = xp;
-#pragma unroll
-            for (int h = 0; h < SL; h++)
-                if (h < walk.nslices) tc1_fragments<COH>(xp + h * (4096 / RPW) + kp * 512, b[h], xf[h]);
-        }
-        mbar_wait(&ring.full[slot], (n / NS) & 1);
-        // The slice's fragments, by a branch (an index into b would put it in local memory).
-        const uint8_t* st = bulk_smem + slot * STRIDE;
-        if (SL == 1 || walk.slice == 0) tc1_stage<RPW>(st, b[0], xf[0], tot);
-        else tc1_stage<RPW>(st, b[SL - 1], xf[SL - 1], tot);
-        __syncwarp();
-        if (lane == 0) mbar_arrive(&ring.empty[slot]);
-        const int it = walk.item;
-        if (walk.advance()) {
-            // Row g: its parts of chunk 0 (lanes t < 2: d0, d1) and chunk 1 (t >= 2: d2, d3).
-            float v = t < 2 ? tot[0] + tot[1] : tot[2] + tot[3];
-            v += __shfl_xor_sync(0xffffffffu, v, 1);
-            v += __shfl_xor_sync(0xffffffffu, v, 2);
-            if (defer) {
-                if (t == 0) dsum[it - lo][warp][g] = v;
-            } else {
-                float (&r)[BULK_WARPS][8] = red[ring.done & 1];
-                if (t == 0) r[warp][g] = v;
-                consumers_sync();
-                if (warp < R / 4) finish(r, it);
-            }
-            ring.done++;
-#pragma unroll
-            for (int e = 0; e < 4; e++) tot[e] = 0.f;
-        }
-    }
-    if (defer) {
-        consumers_sync();
-        if (warp < R / 4)
-            for (int it = lo; it < walk.item_end; it++) finish(dsum[it - lo], it);
-    }
-}
-
 // The engine over the rows of one matrix: `Src` says where a tile's rows live (as
 // `bulk_produce` reads them), where token m's activations are (`load(t, m, k, xv)`) and what to
 // do with a row group's four sums (`finish`). Called by the producer warp (warp 8) and the
 // consumer warps alike.
-// TCM: whether one token's FP8 rows take the tensor-core consumers (tc1_steps): 0 never, 1 where
-// the launch's GemvArgs::tc1 says (rows of up to two slices), 2 always (a launch the host built
-// for them only: rows of one slice, so fewer registers).
-template <int FMT, int MT, int RPW, int STRIDE, bool COH, int TCM = 1, class Src>
+template <int FMT, int MT, int RPW, int STRIDE, bool COH, class Src>
 __device__ __forceinline__ void gemv_bulk_steps(const Src& src, ItemRange mine, int nslices, int S, BulkRing& ring) {
     constexpr int W = BULK_WARPS;  // consumer warps
     constexpr int N = Chunk<FMT>::N;
@@ -469,14 +275,6 @@ __device__ __forceinline__ void gemv_bulk_steps(const Src& src, ItemRange mine, 
         bulk_produce<FMT, R, KS, STRIDE>(src, walk, ring);
         return;
     }
-#ifndef BULK_NO_MATH
-    if constexpr (FMT == FMT_FP8 && MT == 1 && TCM != 0) {
-        if (TCM == 2 || src.tc1()) {
-            tc1_steps<RPW, TCM == 2 ? 1 : 2, STRIDE, COH>(src, walk, ring);
-            return;
-        }
-    }
-#endif
     constexpr int G = R / 4, UG = W / G, UPW = CPL / UG;  // row groups, u-groups, u's per warp
     static_assert(W % G == 0 && CPL % UG == 0 && UPW >= 1, "warps do not tile the stage");
     const int q = warp % G, ug = warp / G;
@@ -674,7 +472,6 @@ struct DenseSrc {
     __device__ __forceinline__ int rows(int t) const { return min(R, a.nrows - t * R); }
     __device__ __forceinline__ int tiles() const { return (a.nrows + R - 1) / R; }
     __device__ __forceinline__ int row_bytes() const { return bulk_row_bytes<FMT>(W.in); }
-    __device__ __forceinline__ bool tc1() const { return a.tc1 != 0; }
     // Token m's activations (past the last token: the last again, computed and not written;
     // grouped inputs: one group per tile, checked by the host).
     __device__ __forceinline__ const float* x(int t, int m) const {
@@ -804,15 +601,13 @@ struct BulkMulti {
     BulkJob j[BULK_MULTI_MAX];
 };
 
-template <int FMT, int MT, int RPW, int STRIDE, int TCM>
+template <int FMT, int MT, int RPW, int STRIDE>
 __device__ __forceinline__ void bulk_multi_job(const BulkJob& b, ItemRange r, BulkRing& ring) {
     const DenseSrc<FMT, MT, RPW> src{b.W, b.a};
-    gemv_bulk_steps<FMT, MT, RPW, STRIDE, false, TCM>(src, r, b.nslices, b.a.S, ring);
+    gemv_bulk_steps<FMT, MT, RPW, STRIDE, false>(src, r, b.nslices, b.a.S, ring);
 }
 
-// TCM 2 (`gemv_bulk_multi_tc1_1`): every FP8 job on the tensor cores (the host checks they
-// can), so the launch carries no SIMT FP8 consumers (with both, its 168 registers spilled).
-template <int MT, int TCM>
+template <int MT>
 __device__ __forceinline__ void gemv_bulk_multi_impl(const BulkMulti& g) {
     constexpr int STRIDE = bulk_stage_bytes<FMT_FP8, 1>();  // the largest FP8 or BF16 stage
     BulkRing ring = bulk_ring_init(STRIDE);
@@ -825,26 +620,25 @@ __device__ __forceinline__ void gemv_bulk_multi_impl(const BulkMulti& g) {
         const ItemRange r{max(mine.lo - off, 0), min(mine.hi - off, b.items)};
         if (r.lo >= r.hi) continue;
         switch (b.W.fmt * 8 + b.rpw) {
-            case FMT_FP8 * 8 + 1: bulk_multi_job<FMT_FP8, MT, 1, STRIDE, TCM>(b, r, ring); break;
-            case FMT_FP8 * 8 + 2: bulk_multi_job<FMT_FP8, MT, 2, STRIDE, TCM>(b, r, ring); break;
-            case FMT_FP8 * 8 + 4: bulk_multi_job<FMT_FP8, MT, 4, STRIDE, TCM>(b, r, ring); break;
-            case FMT_BF16 * 8 + 1: bulk_multi_job<FMT_BF16, MT, 1, STRIDE, 0>(b, r, ring); break;
-            case FMT_BF16 * 8 + 2: bulk_multi_job<FMT_BF16, MT, 2, STRIDE, 0>(b, r, ring); break;
-            case FMT_BF16 * 8 + 4: bulk_multi_job<FMT_BF16, MT, 4, STRIDE, 0>(b, r, ring); break;
+            case FMT_FP8 * 8 + 1: bulk_multi_job<FMT_FP8, MT, 1, STRIDE>(b, r, ring); break;
+            case FMT_FP8 * 8 + 2: bulk_multi_job<FMT_FP8, MT, 2, STRIDE>(b, r, ring); break;
+            case FMT_FP8 * 8 + 4: bulk_multi_job<FMT_FP8, MT, 4, STRIDE>(b, r, ring); break;
+            case FMT_BF16 * 8 + 1: bulk_multi_job<FMT_BF16, MT, 1, STRIDE>(b, r, ring); break;
+            case FMT_BF16 * 8 + 2: bulk_multi_job<FMT_BF16, MT, 2, STRIDE>(b, r, ring); break;
+            case FMT_BF16 * 8 + 4: bulk_multi_job<FMT_BF16, MT, 4, STRIDE>(b, r, ring); break;
             default: __trap();  // the host's plan: FP8 and BF16 only
         }
     }
 }
 
-#define GEMV_BULK_MULTI(NAME, MT, TCM)                                                        \
+#define GEMV_BULK_MULTI(NAME, MT)                                                             \
     extern "C" __global__ void __launch_bounds__(BULK_THREADS, 1)                             \
         gemv_bulk_multi_##NAME(const __grid_constant__ BulkMulti g) {                         \
         pdl_launch();                                                                         \
-        gemv_bulk_multi_impl<MT, TCM>(g);                                                     \
+        gemv_bulk_multi_impl<MT>(g);                                                          \
     }
-GEMV_BULK_MULTI(1, 1, 0)
-GEMV_BULK_MULTI(2, 2, 0)
-GEMV_BULK_MULTI(tc1_1, 1, 2)
+GEMV_BULK_MULTI(1, 1)
+GEMV_BULK_MULTI(2, 2)
 
 #define GEMV_BULK(FMT, NAME, MT, RPW)                                                        \
     extern "C" __global__ void __launch_bounds__(BULK_THREADS, 1)                            \

@@ -14,7 +14,7 @@ struct GemvArgs {
     int32_t xg_rows;   // rows per input group (0: one input for all rows)
     int32_t xg_stride; // input offset between groups
     int32_t vec;       // 16-byte path allowed (alignment checked by the host)
-    int32_t tc1;       // gemv_bulk: one token's FP8 rows on the tensor cores (tc1_steps)
+    int32_t pad_;
 };
 static_assert(sizeof(GemvArgs) == 72, "GemvArgs: the layout of ops::GemvArgs");
 

@@ -86,11 +86,6 @@ pub struct Gpu {
     /// [`crate::ops::MOE_BULK_MAX_TOKENS`], `DSV4_CUDA_MOE_BULK_TOKENS` (0: never) or
     /// [`Gpu::set_moe_bulk_tokens`].
     moe_bulk_tokens: AtomicUsize,
-    /// One token's FP8 products of rows of one or two slices take the bulk kernels'
-    /// tensor-core consumers (`tc1_steps` in `kernels/gemv_bulk.cu`); `DSV4_CUDA_TC1=1` or
-    /// [`Gpu::set_tc1`]. Off by default: no faster in the step at stop 32 (H200, 2.96 against
-    /// 2.85 ms at 18 layers), with the per-tile meeting of the warps the suspect.
-    tc1: AtomicBool,
     /// The pre-split planes, grown on demand (never inside a graph capture: only prefill-sized
     /// GEMMs use them).
     xs_buf: Mutex<Option<DevBuf>>,
@@ -253,7 +248,6 @@ impl Gpu {
                 env_num("DSV4_CUDA_MOE_BULK_TOKENS", |_: &usize| true)
                     .unwrap_or(crate::ops::MOE_BULK_MAX_TOKENS),
             ),
-            tc1: AtomicBool::new(std::env::var("DSV4_CUDA_TC1").is_ok_and(|v| v == "1")),
             xs_buf: Mutex::new(None),
             skip: name_prefixes("DSV4_CUDA_SKIP"),
             no_pdl: name_prefixes("DSV4_CUDA_NOPDL"),
@@ -297,15 +291,6 @@ impl Gpu {
 
     pub fn set_moe_bulk_tokens(&self, tokens: usize) {
         self.moe_bulk_tokens.store(tokens, Ordering::Relaxed);
-    }
-
-    /// Whether one token's FP8 products take the tensor-core bulk consumers (see `tc1`).
-    pub fn tc1(&self) -> bool {
-        self.tc1.load(Ordering::Relaxed)
-    }
-
-    pub fn set_tc1(&self, on: bool) {
-        self.tc1.store(on, Ordering::Relaxed);
     }
 
     /// Device scratch of at least `bytes` for the pre-split activations, valid until the next

@@ -23,8 +23,7 @@ struct GemvArgs {
     xg_rows: i32,
     xg_stride: i32,
     vec: i32,
-    /// `gemv_bulk`: this one token's FP8 rows on the tensor cores ([`tc1_applies`]).
-    tc1: i32,
+    pad: i32,
 }
 unsafe impl DeviceRepr for GemvArgs {}
 const _: () = assert!(std::mem::size_of::<GemvArgs>() == 72);
@@ -55,7 +54,7 @@ impl GemvArgs {
             xg_rows: gs as i32,
             xg_stride: gstride as i32,
             vec: vec as i32,
-            tc1: 0,
+            pad: 0,
         }
     }
 }
@@ -695,13 +694,6 @@ fn bulk_plan(gpu: &Gpu, w: &GpuLinear, m: usize, part: &Partial) -> BulkPlan {
     }
 }
 
-/// Whether a bulk launch's consumers of `w` (planned in `nslices` K slices per row) take the
-/// tensor cores for one token (`tc1_steps` in `kernels/gemv_bulk.cu`): FP8 rows of up to
-/// `max_slices` slices (2, or 1 in the multi launch built for them), when [`Gpu::tc1`] is on.
-fn tc1_applies(gpu: &Gpu, w: &GpuLinear, m: usize, nslices: usize, max_slices: usize) -> bool {
-    gpu.tc1() && w.fmt == Fmt::Fp8 && m == 1 && nslices <= max_slices
-}
-
 /// Whether the bulk-copy kernels (SIMT or tensor-core) can stream `w` for `inp`: a matrix of
 /// whole-KB rows, 16-byte aligned inputs, input groups of whole 32-row tiles.
 fn bulk_streams(gpu: &Gpu, w: &GpuLinear, inp: &LinIn) -> bool {
@@ -731,18 +723,15 @@ fn gemv_bulk(
         s,
         tiles,
     } = bulk_plan(gpu, w, m, part);
-    let mut args = GemvArgs::new(inp, y, ldy, nrows, s, true, part);
-    let tc1 = tc1_applies(gpu, w, m, nslices, 2);
-    args.tc1 = tc1 as i32;
+    let args = GemvArgs::new(inp, y, ldy, nrows, s, true, part);
     let blocks = (tiles * s).min(gpu.sm_count);
     gpu.tag(|| {
         (
             format!(
-                "gemv_bulk {} {}x{} m{m} r{rpw} s{s}{}",
+                "gemv_bulk {} {}x{} m{m} r{rpw} s{s}",
                 w.fmt.name(),
                 nrows,
-                w.inp,
-                if tc1 { " tc1" } else { "" }
+                w.inp
             ),
             w.stored_bytes,
         )
@@ -921,10 +910,8 @@ pub fn linear_pair(
     );
     // (The two share the split-K workspace: the first's partials are summed and its counters
     // reset before the grid barrier.)
-    let mut args_a = GemvArgs::new(&a.inp, a.y, a.ldy, a.w.out, pa.s, true, part);
-    let mut args_b = GemvArgs::new(&b.inp, b.y, b.ldy, b.w.out, pb.s, true, part);
-    args_a.tc1 = tc1_applies(gpu, a.w, m, pa.nslices, 2) as i32;
-    args_b.tc1 = tc1_applies(gpu, b.w, m, pb.nslices, 2) as i32;
+    let args_a = GemvArgs::new(&a.inp, a.y, a.ldy, a.w.out, pa.s, true, part);
+    let args_b = GemvArgs::new(&b.inp, b.y, b.ldy, b.w.out, pb.s, true, part);
     let blocks = (pa.tiles * pa.s).max(pb.tiles * pb.s).min(gpu.sm_count);
     gpu.tag(|| {
         (
@@ -1033,13 +1020,6 @@ pub fn linear_bulk_multi(gpu: &Gpu, jobs: &[LinJob<'_>], part: &Partial) -> Resu
         .map(|(j, p)| (j.w.out, p.tiles, p.nslices))
         .collect();
     let splits = plan_bulk_multi(&shapes, m, gpu.sm_count, part.floats, part.n_counters);
-    // The tensor-core launch takes every FP8 job on them, so only where all of them can.
-    let tc1 = jobs
-        .iter()
-        .zip(&plans)
-        .filter(|(j, _)| j.w.fmt == Fmt::Fp8)
-        .all(|(j, p)| tc1_applies(gpu, j.w, m, p.nslices, 1))
-        && jobs.iter().any(|j| j.w.fmt == Fmt::Fp8);
     let blank = BulkJob {
         w: jobs[0].w.desc,
         a: GemvArgs::new(&jobs[0].inp, 0, 0, 0, 1, true, part),
@@ -1056,11 +1036,9 @@ pub fn linear_bulk_multi(gpu: &Gpu, jobs: &[LinJob<'_>], part: &Partial) -> Resu
     let (mut items, mut bytes) = (0, 0);
     for (((slot, j), p), &(s, po, co)) in g.j.iter_mut().zip(jobs).zip(&plans).zip(&splits) {
         let jp = part.past(po, co);
-        let mut a = GemvArgs::new(&j.inp, j.y, j.w.out, j.w.out, s, true, &jp);
-        a.tc1 = (tc1 && j.w.fmt == Fmt::Fp8) as i32;
         *slot = BulkJob {
             w: j.w.desc,
-            a,
+            a: GemvArgs::new(&j.inp, j.y, j.w.out, j.w.out, s, true, &jp),
             nslices: p.nslices as i32,
             rpw: p.rpw as i32,
             items: (p.tiles * s) as i32,
@@ -1069,10 +1047,9 @@ pub fn linear_bulk_multi(gpu: &Gpu, jobs: &[LinJob<'_>], part: &Partial) -> Resu
         items += p.tiles * s;
         bytes += j.w.stored_bytes;
     }
-    let (tag, kernel) = if tc1 { (" tc1", "tc1_") } else { ("", "") };
-    gpu.tag(|| (format!("gemv_bulk_multi x{} m{m}{tag}", jobs.len()), bytes));
+    gpu.tag(|| (format!("gemv_bulk_multi x{} m{m}", jobs.len()), bytes));
     gpu.launch(
-        &format!("gemv_bulk_multi_{kernel}{m}"),
+        &format!("gemv_bulk_multi_{m}"),
         (items.min(gpu.sm_count) as u32, 1, 1),
         (BULK_THREADS, 1, 1),
         bulk_smem(gpu, Fmt::Fp8, 1),
