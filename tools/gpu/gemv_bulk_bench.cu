@@ -6,11 +6,13 @@
 // and -DBULK_NO_COPY (the producer only signals: the consumers' own rate), -DBULK_X_LOADS (the
 // activations loaded per stage, as before stop 28), -DBULK_X_SLICES=2, -DBULK_WARPS=16,
 // -DBULK_DEFER_SUMS (with -DBULK_DEFER_MAX=32 for the 128 MB rows);
-// -DBULK_WAIT=1|2 (the rings' waits without suspending, or with a short suspend hint);
+// -DBULK_WAIT=1|2 (the rings' waits without suspending, or with a short suspend hint),
+// -DBULK_STAMPS (block 0's clock per stage: where a stage's cycles go);
 // scripts/ffn-bench.sh with TOOL=gemv_bulk_bench builds and runs them.
 //   nvcc -std=c++17 -O3 -arch=sm_90a -Icrates/dsv4-cuda/kernels -o gemv_bulk_bench tools/gpu/gemv_bulk_bench.cu
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <vector>
 #include <cuda_runtime.h>
 #include "all.cu"
@@ -95,6 +97,35 @@ int main() {
         const double us = ms * 1e3 / reps;
         printf("%-28s %8.2f us  %5.2f TB/s (%.0f MB, %d blocks)\n", c.what, us,
                bytes / us / 1e6, bytes / 1e6, blocks);
+#ifdef BULK_STAMPS
+        // One more launch with block 0's stamps: per stage, the cycles a consumer warp waited
+        // for it, held it, and from one wait to the next; the producer's wait for a free slot.
+        {
+            static long long stamp[BULK_WARPS + 1][BULK_STAMP_N][3];
+            memset(stamp, 0, sizeof stamp);
+            CK(cudaMemcpyToSymbol(bulk_stamps, stamp, sizeof stamp));
+            run(1);
+            CK(cudaStreamSynchronize(st));
+            CK(cudaMemcpyFromSymbol(stamp, bulk_stamps, sizeof stamp));
+            int ns = 0;
+            while (ns < BULK_STAMP_N && stamp[0][ns][0] != 0) ns++;
+            auto mean = [&](int w, int k1, int k0, bool next) {
+                double sum = 0;
+                int cnt = 0;
+                for (int n = 1; n + (next ? 1 : 0) < ns; n++) {
+                    sum += next ? (double)(stamp[w][n + 1][k1] - stamp[w][n][k0]) : (double)(stamp[w][n][k1] - stamp[w][n][k0]);
+                    cnt++;
+                }
+                return cnt ? sum / cnt : 0.0;
+            };
+            printf("    block 0, %d stages; cycles per stage (stages 1..): ", ns);
+            for (int w : {0, BULK_WARPS - 1})
+                printf("warp %d wait %.0f held %.0f period %.0f; ", w, mean(w, 1, 0, false), mean(w, 2, 1, false),
+                       mean(w, 0, 0, true));
+            printf("producer slot wait %.0f period %.0f; first stage ready after %lld\n", mean(BULK_WARPS, 1, 0, false),
+                   mean(BULK_WARPS, 0, 0, true), stamp[0][0][1] - stamp[BULK_WARPS][0][0]);
+        }
+#endif
         for (auto& w : ws) {
             CK(cudaFree((void*)w.w));
             CK(cudaFree((void*)w.scales));

@@ -116,6 +116,24 @@ __device__ __forceinline__ uint64_t evict_first_policy() {
     return p;
 }
 
+// BULK_STAMPS (a measurement build, tools/gpu/gemv_bulk_bench.cu): block 0's SM clock per stage
+// n < BULK_STAMP_N and warp — a consumer's [0] before its wait for the stage, [1] when it is
+// there, [2] once it released it; the producer's [0] before its wait for a free slot, [1] when
+// the slot is free — to see where a stage's time goes.
+#ifdef BULK_STAMPS
+#define BULK_STAMP_N 64
+__device__ long long bulk_stamps[BULK_WARPS + 1][BULK_STAMP_N][3];
+#define BULK_STAMP(n, k)                                                                        \
+    do {                                                                                        \
+        if (blockIdx.x == 0 && (threadIdx.x & 31) == 0 && (n) < BULK_STAMP_N)                   \
+            bulk_stamps[threadIdx.x >> 5][n][k] = clock64();                                    \
+    } while (0)
+#else
+#define BULK_STAMP(n, k) \
+    do {                 \
+    } while (0)
+#endif
+
 // This block's contiguous share [lo, hi) of `items` work items spread over the grid.
 struct ItemRange {
     int lo, hi;
@@ -226,7 +244,9 @@ __device__ __forceinline__ void bulk_produce(const Src& src, BulkWalk walk, Bulk
     for (int& n = ring.n; !walk.done(); n++) {
         const int slot = n % NS, t = walk.tile(), sl = walk.slice;
         uint8_t* st = bulk_smem + slot * STRIDE;
+        BULK_STAMP(n, 0);
         if (n >= NS) mbar_wait(&ring.empty[slot], ((n / NS) - 1) & 1);
+        BULK_STAMP(n, 1);
         const int rows = whole ? src.rows(t) : R;
 #ifndef BULK_NO_COPY
         if (lane == 0) mbar_arrive_expect(&ring.full[slot], rows * (KS + FP4_AUX) + FP8_AUX);
@@ -375,7 +395,9 @@ __device__ __forceinline__ void gemv_bulk_steps(const Src& src, ItemRange mine, 
                 }
             }
         }
+        BULK_STAMP(n, 0);
         mbar_wait(&full[slot], (n / NS) & 1);
+        BULK_STAMP(n, 1);
 #pragma unroll
         for (int uu = 0; uu < UPW_RUN; uu++) {
             if constexpr (XREG) {
@@ -396,6 +418,7 @@ __device__ __forceinline__ void gemv_bulk_steps(const Src& src, ItemRange mine, 
         }
         __syncwarp();
         if (lane == 0) mbar_arrive(&empty[slot]);
+        BULK_STAMP(n, 2);
         const int split = walk.split();
         if (walk.advance()) {
 #pragma unroll
