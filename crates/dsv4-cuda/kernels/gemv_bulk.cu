@@ -375,6 +375,49 @@ __device__ __forceinline__ void gemv_bulk_steps(const Src& src, ItemRange mine, 
             }
         }
     };
+    // A tile's end: the warps' sums of its rows (and, with u-groups, their meeting), then the
+    // Src's `finish`. BULK_PIPE_END (a measurement build) runs it one stage late, after the next
+    // stage's math is issued, so its shuffle and store chain overlaps that math instead of
+    // standing between two stages (stop 33's stamps: half a stage's period falls after its
+    // release). Same sums in the same order.
+    auto tile_end = [&](float (&a)[4][MT], int t, int split) {
+#pragma unroll
+        for (int k = 0; k < 4; k++)
+#pragma unroll
+            for (int m = 0; m < MT; m++) a[k][m] = warp_sum(a[k][m]);
+        bool finish_now = true;
+        if constexpr (UG > 1) {
+            if (defer) {
+                // Kept for the end of the walk: no meeting of the warps per tile.
+                if (lane == 0)
+#pragma unroll
+                    for (int k = 0; k < 4; k++)
+#pragma unroll
+                        for (int m = 0; m < MT; m++) dsum[ndone][warp][k * MT + m] = a[k][m];
+                ndone++;
+                finish_now = false;
+            } else {
+                // The u-groups' sums of each row, added in u order by u-group 0.
+                float (&r)[W][4 * MT] = red[ring.done & 1];
+                if (lane == 0)
+#pragma unroll
+                    for (int k = 0; k < 4; k++)
+#pragma unroll
+                        for (int m = 0; m < MT; m++) r[warp][k * MT + m] = a[k][m];
+                consumers_sync();
+                if (ug == 0) u_group_sums(r, a);
+            }
+        }
+        if (finish_now && ug == 0) src.finish(t, split, q, a);
+        ring.done++;
+    };
+#ifdef BULK_PIPE_END
+    constexpr bool PIPE = true;
+#else
+    constexpr bool PIPE = false;
+#endif
+    float pend[4][MT];
+    int pend_t = -1, pend_split = 0;
     for (int& n = ring.n; !walk.done(); n++) {
         const int slot = n % NS;
         const int t = walk.tile();
@@ -419,43 +462,30 @@ __device__ __forceinline__ void gemv_bulk_steps(const Src& src, ItemRange mine, 
         __syncwarp();
         if (lane == 0) mbar_arrive(&empty[slot]);
         BULK_STAMP(n, 2);
+        // The previous tile's end, behind this stage's math (BULK_PIPE_END).
+        if (PIPE && pend_t >= 0) {
+            tile_end(pend, pend_t, pend_split);
+            pend_t = -1;
+        }
         const int split = walk.split();
         if (walk.advance()) {
+            if (PIPE) {
 #pragma unroll
-            for (int k = 0; k < 4; k++)
+                for (int k = 0; k < 4; k++)
 #pragma unroll
-                for (int m = 0; m < MT; m++) acc[k][m] = warp_sum(acc[k][m]);
-            bool finish_now = true;
-            if constexpr (UG > 1) {
-                if (defer) {
-                    // Kept for the end of the walk: no meeting of the warps per tile.
-                    if (lane == 0)
-#pragma unroll
-                        for (int k = 0; k < 4; k++)
-#pragma unroll
-                            for (int m = 0; m < MT; m++) dsum[ndone][warp][k * MT + m] = acc[k][m];
-                    ndone++;
-                    finish_now = false;
-                } else {
-                    // The u-groups' sums of each row, added in u order by u-group 0.
-                    float (&r)[W][4 * MT] = red[ring.done & 1];
-                    if (lane == 0)
-#pragma unroll
-                        for (int k = 0; k < 4; k++)
-#pragma unroll
-                            for (int m = 0; m < MT; m++) r[warp][k * MT + m] = acc[k][m];
-                    consumers_sync();
-                    if (ug == 0) u_group_sums(r, acc);
-                }
+                    for (int m = 0; m < MT; m++) pend[k][m] = acc[k][m];
+                pend_t = t;
+                pend_split = split;
+            } else {
+                tile_end(acc, t, split);
             }
-            if (finish_now && ug == 0) src.finish(t, split, q, acc);
-            ring.done++;
 #pragma unroll
             for (int k = 0; k < 4; k++)
 #pragma unroll
                 for (int m = 0; m < MT; m++) acc[k][m] = 0.f;
         }
     }
+    if (PIPE && pend_t >= 0) tile_end(pend, pend_t, pend_split);
     if constexpr (DMAX > 1) {
         // The deferred tiles' sums, in the same order (bit for bit the per-tile path's), once
         // every warp's are in (the next walk's first meeting keeps them until read).
