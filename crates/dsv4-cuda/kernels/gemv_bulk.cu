@@ -154,14 +154,26 @@ struct BulkWalk {
     }
     __device__ __forceinline__ void enter() {
         if (item < item_end) {
+#ifdef BULK_WALK_S1
+            if (S == 1) {
+                slice = 0;
+                slice_end = nslices;
+                return;
+            }
+#endif
             const int s = item % S;
             slice = nslices * s / S;
             slice_end = nslices * (s + 1) / S;
         }
     }
     __device__ __forceinline__ bool done() const { return item >= item_end; }
+#ifdef BULK_WALK_S1
+    __device__ __forceinline__ int tile() const { return S == 1 ? item : item / S; }
+    __device__ __forceinline__ int split() const { return S == 1 ? 0 : item % S; }
+#else
     __device__ __forceinline__ int tile() const { return item / S; }
     __device__ __forceinline__ int split() const { return item % S; }
+#endif
     // Advances one slice; true when that finished the item.
     __device__ __forceinline__ bool advance() {
         if (++slice < slice_end) return false;
@@ -218,6 +230,21 @@ __device__ __forceinline__ BulkRing bulk_ring_init(unsigned stride) {
     return BulkRing{full, empty, 0, 0, stages};
 }
 
+// Stage n's slot in a ring of NS and its pass's parity. BULK_WALK_S1 (a measurement build, with
+// the walk's S == 1 path above): the ring of 4 by shifts, not a runtime division per stage.
+__device__ __forceinline__ int ring_slot(int n, int NS) {
+#ifdef BULK_WALK_S1
+    if (NS == 4) return n & 3;
+#endif
+    return n % NS;
+}
+__device__ __forceinline__ unsigned ring_pass(int n, int NS) {
+#ifdef BULK_WALK_S1
+    if (NS == 4) return (unsigned)(n >> 2);
+#endif
+    return (unsigned)(n / NS);
+}
+
 // The consumer warps of a SIMT bulk launch meet (named barrier 1; the producer goes on).
 __device__ __forceinline__ void consumers_sync() {
     asm volatile("bar.sync 1, %0;" ::"n"(BULK_CONSUMERS) : "memory");
@@ -242,10 +269,10 @@ __device__ __forceinline__ void bulk_produce(const Src& src, BulkWalk walk, Bulk
     const bool whole = walk.nslices == 1;
     const uint64_t policy = evict_first_policy();
     for (int& n = ring.n; !walk.done(); n++) {
-        const int slot = n % NS, t = walk.tile(), sl = walk.slice;
+        const int slot = ring_slot(n, NS), t = walk.tile(), sl = walk.slice;
         uint8_t* st = bulk_smem + slot * STRIDE;
         BULK_STAMP(n, 0);
-        if (n >= NS) mbar_wait(&ring.empty[slot], ((n / NS) - 1) & 1);
+        if (n >= NS) mbar_wait(&ring.empty[slot], (ring_pass(n, NS) - 1) & 1);
         BULK_STAMP(n, 1);
         const int rows = whole ? src.rows(t) : R;
 #ifndef BULK_NO_COPY
@@ -419,7 +446,7 @@ __device__ __forceinline__ void gemv_bulk_steps(const Src& src, ItemRange mine, 
     float pend[4][MT];
     int pend_t = -1, pend_split = 0;
     for (int& n = ring.n; !walk.done(); n++) {
-        const int slot = n % NS;
+        const int slot = ring_slot(n, NS);
         const int t = walk.tile();
         const uint8_t* st = bulk_smem + slot * STRIDE;
         if constexpr (XREG) {
@@ -439,7 +466,7 @@ __device__ __forceinline__ void gemv_bulk_steps(const Src& src, ItemRange mine, 
             }
         }
         BULK_STAMP(n, 0);
-        mbar_wait(&full[slot], (n / NS) & 1);
+        mbar_wait(&full[slot], ring_pass(n, NS) & 1);
         BULK_STAMP(n, 1);
 #pragma unroll
         for (int uu = 0; uu < UPW_RUN; uu++) {
