@@ -72,31 +72,20 @@ __device__ __forceinline__ void mbar_arrive(uint64_t* b) {
 #ifndef BULK_WAIT_NS
 #define BULK_WAIT_NS 20
 #endif
+#if BULK_WAIT == 1
+#define BULK_WAIT_INSN "mbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;"
+#elif BULK_WAIT == 2
+#define BULK_WAIT_INSN "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2, %3;"
+#else
+#define BULK_WAIT_INSN "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;"
+#endif
 __device__ __forceinline__ void mbar_wait(uint64_t* b, unsigned parity) {
     unsigned done = 0;
     while (!done) {
-#if BULK_WAIT == 1
-        asm volatile(
-            "{\n .reg .pred p;\n mbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-            " selp.u32 %0, 1, 0, p;\n}"
-            : "=r"(done)
-            : "r"(smem_u32(b)), "r"(parity)
-            : "memory");
-#elif BULK_WAIT == 2
-        asm volatile(
-            "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2, %3;\n"
-            " selp.u32 %0, 1, 0, p;\n}"
-            : "=r"(done)
-            : "r"(smem_u32(b)), "r"(parity), "n"(BULK_WAIT_NS)
-            : "memory");
-#else
-        asm volatile(
-            "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-            " selp.u32 %0, 1, 0, p;\n}"
-            : "=r"(done)
-            : "r"(smem_u32(b)), "r"(parity)
-            : "memory");
-#endif
+        asm volatile("{\n .reg .pred p;\n " BULK_WAIT_INSN "\n selp.u32 %0, 1, 0, p;\n}"
+                     : "=r"(done)
+                     : "r"(smem_u32(b)), "r"(parity), "n"(BULK_WAIT_NS)
+                     : "memory");
     }
 }
 // `bytes` (a multiple of 16, both addresses 16-byte aligned) from global to shared memory,
@@ -780,9 +769,9 @@ __device__ __forceinline__ void gemv_bulk_tc_consume(const Src& src, const GemvA
     float acc[MU][4][4];  // token block u, row group j: tokens 16u + g, +8 × rows 8j + 2 t4, +1
     zero_acc(acc);
     for (int& n = ring.n; !walk.done(); n++) {
-        const int slot = n % NS, t = walk.tile(), sl = walk.slice;
+        const int slot = ring_slot(n, NS), t = walk.tile(), sl = walk.slice;
         const uint8_t* st = bulk_smem + slot * STRIDE;
-        mbar_wait(&ring.full[slot], (n / NS) & 1);
+        mbar_wait(&ring.full[slot], ring_pass(n, NS) & 1);
 #pragma unroll
         for (int c = 0; c < NCH; c++) {
             const int e = warp * KW + c * CHE + t4 * EPL;  // the lane's first input in the slice
