@@ -295,7 +295,34 @@ __device__ __forceinline__ void bulk_produce(const Src& src, BulkWalk walk, Bulk
 // `bulk_produce` reads them), where token m's activations are (`load(t, m, k, xv)`) and what to
 // do with a row group's four sums (`finish`). Called by the producer warp (warp 8) and the
 // consumer warps alike.
-template <int FMT, int MT, int RPW, int STRIDE, bool COH, class Src>
+// 1 / rms of one token's `width` activations (width % 4 == 0, x 16-byte aligned) by the consumer
+// warps of a block (the producer goes on), bit for bit as `rms_norm` computes it: its
+// `norm_threads(width)` threads' strided float4 sums, each warp's `warp_sum`, the warps' sums in
+// order. The fused norm of `gemv_bulk_norm_*`.
+__device__ __forceinline__ float consumers_inv_rms(const float* x, int width, float eps) {
+    __shared__ float part[32];
+    const int n4 = width / 4;
+    const int T = min(max((n4 + 31) / 32 * 32, 32), 1024);  // rms_norm's block (ops::norm_threads)
+    // Thread j of that block (a whole warp of them per consumer warp and pass).
+    for (int j = threadIdx.x; j < T; j += BULK_CONSUMERS) {
+        float ss = 0.f;
+        for (int i = j; i < n4; i += T) {
+            const float4 v = __ldcg((const float4*)x + i);
+            ss = fmaf(v.x, v.x, ss);
+            ss = fmaf(v.y, v.y, ss);
+            ss = fmaf(v.z, v.z, ss);
+            ss = fmaf(v.w, v.w, ss);
+        }
+        ss = warp_sum(ss);
+        if ((threadIdx.x & 31) == 0) part[j >> 5] = ss;
+    }
+    consumers_sync();
+    float ss = 0.f;
+    for (int w = 0; w < T / 32; w++) ss += part[w];
+    return 1.0f / sqrtf(ss / (float)width + eps);
+}
+
+template <int FMT, int MT, int RPW, int STRIDE, bool COH, class Src, bool NORM = false>
 __device__ __forceinline__ void gemv_bulk_steps(const Src& src, ItemRange mine, int nslices, int S, BulkRing& ring) {
     constexpr int W = BULK_WARPS;  // consumer warps
     constexpr int N = Chunk<FMT>::N;
@@ -362,6 +389,10 @@ __device__ __forceinline__ void gemv_bulk_steps(const Src& src, ItemRange mine, 
     constexpr bool XREG = MT == 1;
 #endif
     constexpr int XSL = XREG && FMT != FMT_FP4 ? BULK_X_SLICES : 1;
+    // A fused RMS norm (NORM: one token, whole rows): x read as x · (1 / rms) · xnorm.
+    static_assert(!NORM || XREG, "the fused norm applies to held activations");
+    float xr = 1.f;
+    if constexpr (NORM) xr = consumers_inv_rms(src.x(0, 0), src.W.in, src.a.xnorm_eps);
     float xc[XSL][XREG ? UPW : 1][1][N];  // [held slice][u][token][element]
     const bool every_slice = nslices <= XSL;  // all of a row's slices held at once
     const float* xkey = nullptr;
@@ -449,8 +480,17 @@ __device__ __forceinline__ void gemv_bulk_steps(const Src& src, ItemRange mine, 
                     const int sl = every_slice ? h : walk.slice;
                     if (every_slice ? h < nslices : h == 0)
 #pragma unroll
-                        for (int uu = 0; uu < UPW; uu++)
-                            load_x<N, COH>(xp + (sl * (KS / 16) + (UPW * ug + uu) * 32 + lane) * N, xc[h][uu][0]);
+                        for (int uu = 0; uu < UPW; uu++) {
+                            const int off = (sl * (KS / 16) + (UPW * ug + uu) * 32 + lane) * N;
+                            load_x<N, COH>(xp + off, xc[h][uu][0]);
+                            if constexpr (NORM) {
+                                // (rms_norm's order: x · r, then · w.)
+                                float wv[N];
+                                load_x<N, false>(src.a.xnorm + off, wv);
+#pragma unroll
+                                for (int e = 0; e < N; e++) xc[h][uu][0][e] = (xc[h][uu][0][e] * xr) * wv[e];
+                            }
+                        }
                 }
             }
         }
@@ -516,15 +556,15 @@ __device__ __forceinline__ void gemv_bulk_steps(const Src& src, ItemRange mine, 
     }
 }
 
-// One matrix through the ring of a launch of its own.
-template <int FMT, int MT, int RPW, class Src>
+// One matrix through the ring of a launch of its own (NORM: with its input's RMS norm fused).
+template <int FMT, int MT, int RPW, class Src, bool NORM = false>
 __device__ __forceinline__ void gemv_bulk_run(const Src& src, int items, int nslices, int S) {
     constexpr int STAGE = bulk_stage_bytes<FMT, RPW>();
     BulkRing ring = bulk_ring_init(STAGE);
     // The producer needs no wait (weights do not depend on the previous kernel); the
     // consumers' activations are the previous kernel's output.
     if (threadIdx.x < BULK_CONSUMERS) pdl_wait();
-    gemv_bulk_steps<FMT, MT, RPW, STAGE, false>(src, block_items(items), nslices, S, ring);
+    gemv_bulk_steps<FMT, MT, RPW, STAGE, false, Src, NORM>(src, block_items(items), nslices, S, ring);
 }
 
 // Dense: all rows of one matrix for M ≤ MT tokens (one token chunk), K split S ways (partials
@@ -722,6 +762,21 @@ GEMV_BULK_MULTI(2, 2)
 GEMV_BULK_ALL(FMT_BF16, bf16)
 GEMV_BULK_ALL(FMT_FP8, fp8)
 GEMV_BULK_ALL(FMT_FP4, fp4)
+
+// One token through a matrix whose input is RMS-normed first (a decode step's query latent
+// before wq_b and the indexer's wq_b): the norm in the product's activation loads, one launch
+// less in the step's chain (a.xnorm: the norm's weights).
+#define GEMV_BULK_NORM(FMT, NAME, RPW)                                                       \
+    extern "C" __global__ void __launch_bounds__(BULK_THREADS, 1)                            \
+        gemv_bulk_norm_##NAME##_1_r##RPW(LinearW W, GemvArgs a, int nslices) {               \
+        pdl_launch();                                                                        \
+        if (a.xnorm == nullptr || a.M != 1 || a.xg_rows != 0) __trap(); /* the host's plan */ \
+        const DenseSrc<FMT, 1, RPW> src{W, a};                                               \
+        gemv_bulk_run<FMT, 1, RPW, DenseSrc<FMT, 1, RPW>, true>(src, src.tiles() * a.S, nslices, a.S); \
+    }
+#define GEMV_BULK_NORM_R(FMT, NAME) GEMV_BULK_NORM(FMT, NAME, 1) GEMV_BULK_NORM(FMT, NAME, 2) GEMV_BULK_NORM(FMT, NAME, 4)
+GEMV_BULK_NORM_R(FMT_BF16, bf16)
+GEMV_BULK_NORM_R(FMT_FP8, fp8)
 
 // Decode batches of 3–32 tokens on the tensor cores, through the same producer and ring. The
 // SIMT consumers above read every token's activations once per four rows, which at 8 tokens

@@ -15,8 +15,13 @@ struct GemvArgs {
     int32_t xg_stride; // input offset between groups
     int32_t vec;       // 16-byte path allowed (alignment checked by the host)
     int32_t pad_;
+    // One token's RMS norm, fused into the product's activation loads (`gemv_bulk_*_1_*` only;
+    // null elsewhere): x is read as x / rms(x) * xnorm, with rms over the row's `in` values.
+    const float* xnorm;
+    float xnorm_eps;
+    int32_t pad2_;
 };
-static_assert(sizeof(GemvArgs) == 72, "GemvArgs: the layout of ops::GemvArgs");
+static_assert(sizeof(GemvArgs) == 88, "GemvArgs: the layout of ops::GemvArgs");
 
 // Split K, one warp per group g of four rows (r0.., nr of them) for M tokens, once its
 // partials are written and fenced: the warp whose split arrives last sums the S partials, in

@@ -354,6 +354,11 @@ pub struct CudaModel {
     /// Whether a decode step's projections of h stream through one bulk-copy launch
     /// (`ops::linear_bulk_multi`; `DSV4_CUDA_BULK_MULTI=0` keeps `gemv_multi`).
     bulk_multi: AtomicBool,
+    /// Whether one token's query-latent norm runs in its readers' activation loads
+    /// (`ops::linear_normed`: `wq_b` and the indexer's `wq_b`) instead of a launch of its own
+    /// (`DSV4_CUDA_QNORM_FUSED=1`; off until measured: stop 20's fold of the norm into `wq_b`
+    /// was neutral, its weight stream already overlapping the norm).
+    qnorm_fused: AtomicBool,
     /// The arithmetic followed (the CPU model's profile).
     numerics: Numerics,
     /// Whether a decode step's projections of one input share a launch (`DSV4_CUDA_MULTI=0`
@@ -554,6 +559,9 @@ impl CudaModel {
             bulk_multi: AtomicBool::new(
                 std::env::var("DSV4_CUDA_BULK_MULTI").map_or(true, |v| v != "0"),
             ),
+            qnorm_fused: AtomicBool::new(
+                std::env::var("DSV4_CUDA_QNORM_FUSED").is_ok_and(|v| v == "1"),
+            ),
             numerics: model.numerics,
             multi_gemv: std::env::var("DSV4_CUDA_MULTI").map_or(true, |v| v != "0"),
             tc,
@@ -578,6 +586,12 @@ impl CudaModel {
     /// Turns decode's projections of h in one bulk-copy launch on or off (tests compare both).
     pub fn set_bulk_multi(&self, on: bool) {
         self.bulk_multi.store(on, Ordering::Relaxed);
+        self.drop_graphs();
+    }
+
+    /// Turns one token's query-latent norm in its readers' loads on or off (tests compare both).
+    pub fn set_qnorm_fused(&self, on: bool) {
+        self.qnorm_fused.store(on, Ordering::Relaxed);
         self.drop_graphs();
     }
 
@@ -1372,6 +1386,25 @@ impl CudaModel {
         ops::linear(&self.gpu, w, inp, y, ldy, &self.part(s))
     }
 
+    /// [`Self::dense`] of the query latent, whose norm (weights, epsilon) is still to apply
+    /// when `norm` is given: then in the product's loads (`ops::linear_normed`).
+    fn dense_q(
+        &self,
+        s: &mut Scratch,
+        w: &crate::weights::GpuLinear,
+        inp: &LinIn,
+        norm: Option<(u64, f32)>,
+        y: u64,
+        ldy: usize,
+    ) -> Result<()> {
+        match norm {
+            Some((nw, eps)) => {
+                ops::linear_normed(&self.gpu, w, inp, nw, eps, y, ldy, &self.part(s))
+            }
+            None => self.dense(s, w, inp, y, ldy),
+        }
+    }
+
     /// Several products of one input batch: one launch for a one-token step's GEMVs
     /// (`ops::linear_multi`), else each on its own (`dense`: the tensor cores where they apply).
     fn project(&self, s: &mut Scratch, jobs: &[LinJob<'_>]) -> Result<()> {
@@ -1491,7 +1524,22 @@ impl CudaModel {
             // The compressors need only the projections of h: beside the norm and wq_b.
             g.on_side(|| self.decode_compress(s, lw, li, t, &rope))?;
         }
-        ops::rms_norm(g, s.qr.ptr, a.q_norm.ptr(), qlr, t, eps)?;
+        // One token: the norm of qr in its readers' loads where both take the normed bulk
+        // kernel (the indexer's wq_b reads qr only here when it runs early), else its own
+        // launch. (Nothing to round between them without activation quantization.)
+        let qin = self.gemm_input(LinIn::rows(s.qr.ptr, qlr, t));
+        let qnorm = (self.qnorm_fused.load(Ordering::Relaxed)
+            && per_seq.is_none()
+            && !self.numerics.act_quant()
+            && (early || a.indexer.is_none())
+            && ops::normed_applies(g, &a.wq_b, &qin)
+            && a.indexer
+                .as_ref()
+                .is_none_or(|ix| ops::normed_applies(g, &ix.wq_b, &qin)))
+        .then(|| (a.q_norm.ptr(), eps));
+        if qnorm.is_none() {
+            ops::rms_norm(g, s.qr.ptr, a.q_norm.ptr(), qlr, t, eps)?;
+        }
         // Both readers of qr (wq_b, the indexer's wq_b) are FP8 GEMMs.
         let qrin = self.round_in_place(s.qr.ptr, qlr, t)?;
         let prep = if early {
@@ -1501,7 +1549,7 @@ impl CudaModel {
             // 30: 18 layers 3.18–3.19 → 3.16 ms; both query products in one bulk launch: 3.18).
             if let Some(ix) = &a.indexer {
                 let (hi, di) = (c.index_n_heads, c.index_head_dim);
-                self.dense(s, &ix.wq_b, &qrin, s.qi.ptr, hi * di)?;
+                self.dense_q(s, &ix.wq_b, &qrin, qnorm, s.qi.ptr, hi * di)?;
             }
             Some(g.on_side(|| {
                 self.indexer_rotate(s, a, &rope, pos, t)?;
@@ -1512,7 +1560,7 @@ impl CudaModel {
         } else {
             None
         };
-        self.dense(s, &a.wq_b, &qrin, s.q.ptr, h * dh)?;
+        self.dense_q(s, &a.wq_b, &qrin, qnorm, s.q.ptr, h * dh)?;
         // The query heads (no weight) and the key row: one launch.
         let heads = ops::NormRows {
             x: s.q.ptr,

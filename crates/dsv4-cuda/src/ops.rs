@@ -24,9 +24,13 @@ struct GemvArgs {
     xg_stride: i32,
     vec: i32,
     pad: i32,
+    /// One token's RMS-norm weights, fused into `gemv_bulk_norm_*`'s activation loads (0: none).
+    xnorm: u64,
+    xnorm_eps: f32,
+    pad2: i32,
 }
 unsafe impl DeviceRepr for GemvArgs {}
-const _: () = assert!(std::mem::size_of::<GemvArgs>() == 72);
+const _: () = assert!(std::mem::size_of::<GemvArgs>() == 88);
 
 impl GemvArgs {
     /// All `nrows` rows of a matrix for the tokens of `inp`, K split `s` ways.
@@ -55,6 +59,9 @@ impl GemvArgs {
             xg_stride: gstride as i32,
             vec: vec as i32,
             pad: 0,
+            xnorm: 0,
+            xnorm_eps: 0.0,
+            pad2: 0,
         }
     }
 }
@@ -248,7 +255,7 @@ pub fn linear(
     let blocks = nrows.div_ceil(GEMV_ROWS);
     let vec = gemv_vec(w, inp);
     if bulk_applies(gpu, w, inp) {
-        return gemv_bulk(gpu, w, inp, y, ldy, part);
+        return gemv_bulk(gpu, w, inp, y, ldy, part, None);
     }
     // Short rows (≤ 2 KB: wq_b, the indexer's wq_b) leave the block-per-32-rows kernel's
     // blocks too short-lived to keep loads in flight; long rows stream better through it.
@@ -323,7 +330,7 @@ struct GemvMulti {
     j: [GemvJob; GEMV_MULTI_MAX],
 }
 unsafe impl DeviceRepr for GemvMulti {}
-const _: () = assert!(std::mem::size_of::<GemvJob>() == 144);
+const _: () = assert!(std::mem::size_of::<GemvJob>() == 160);
 
 /// Several products of the same token count (≤ the GEMV range) in one launch: decode's
 /// matrices that read the same activations, a few MB each, stream better as one launch than as
@@ -706,8 +713,47 @@ fn bulk_applies(gpu: &Gpu, w: &GpuLinear, inp: &LinIn) -> bool {
     (1..=2).contains(&inp.m) && bulk_streams(gpu, w, inp)
 }
 
+/// Whether [`linear_normed`] takes this product: one token of a plain input row (no groups),
+/// FP8 or BF16 weights, on the path [`linear`] would take for it (the SIMT bulk kernels).
+pub fn normed_applies(gpu: &Gpu, w: &GpuLinear, inp: &LinIn) -> bool {
+    inp.m == 1
+        && inp.group.is_none()
+        && matches!(w.fmt, Fmt::Fp8 | Fmt::Bf16)
+        && w.inp.is_multiple_of(4)
+        && !bulk_tc_applies(gpu, w, inp)
+        && bulk_applies(gpu, w, inp)
+}
+
+/// `y = W · rms_norm(x)` for one token in one launch: [`linear`] of the row that [`rms_norm`]
+/// with weights `nw` would leave in x (x itself is not changed), the norm in the product's
+/// activation loads. Only where [`normed_applies`].
+#[allow(clippy::too_many_arguments)]
+pub fn linear_normed(
+    gpu: &Gpu,
+    w: &GpuLinear,
+    inp: &LinIn,
+    nw: u64,
+    eps: f32,
+    y: u64,
+    ldy: usize,
+    part: &Partial,
+) -> Result<()> {
+    if !normed_applies(gpu, w, inp) || nw == 0 {
+        return Err(crate::Error::Unsupported(format!(
+            "a normed product of {} rows of {} ({}) for {} tokens",
+            w.out,
+            w.inp,
+            w.fmt.name(),
+            inp.m
+        )));
+    }
+    gemv_bulk(gpu, w, inp, y, ldy, part, Some((nw, eps)))
+}
+
 /// One or two tokens through `gemv_bulk_*`: a block per SM at most, each a contiguous run of
-/// (tile of 8·rpw rows, K split) items.
+/// (tile of 8·rpw rows, K split) items. With `norm` (one token: the RMS norm's weights and
+/// epsilon) the input row is normed as it is loaded (`gemv_bulk_norm_*`).
+#[allow(clippy::too_many_arguments)]
 fn gemv_bulk(
     gpu: &Gpu,
     w: &GpuLinear,
@@ -715,6 +761,7 @@ fn gemv_bulk(
     y: u64,
     ldy: usize,
     part: &Partial,
+    norm: Option<(u64, f32)>,
 ) -> Result<()> {
     let (m, nrows) = (inp.m, w.out);
     let BulkPlan {
@@ -723,12 +770,20 @@ fn gemv_bulk(
         s,
         tiles,
     } = bulk_plan(gpu, w, m, part);
-    let args = GemvArgs::new(inp, y, ldy, nrows, s, true, part);
+    let mut args = GemvArgs::new(inp, y, ldy, nrows, s, true, part);
+    let kind = match norm {
+        Some((nw, eps)) => {
+            args.xnorm = nw;
+            args.xnorm_eps = eps;
+            "bulk_norm"
+        }
+        None => "bulk",
+    };
     let blocks = (tiles * s).min(gpu.sm_count);
     gpu.tag(|| {
         (
             format!(
-                "gemv_bulk {} {}x{} m{m} r{rpw} s{s}",
+                "gemv_{kind} {} {}x{} m{m} r{rpw} s{s}",
                 w.fmt.name(),
                 nrows,
                 w.inp
@@ -738,7 +793,7 @@ fn gemv_bulk(
     });
     let ns = nslices as i32;
     gpu.launch(
-        &format!("gemv_bulk_{}_{m}_r{rpw}", w.fmt.name()),
+        &format!("gemv_{kind}_{}_{m}_r{rpw}", w.fmt.name()),
         (blocks as u32, 1, 1),
         (BULK_THREADS, 1, 1),
         bulk_smem(gpu, w.fmt, rpw),
@@ -957,7 +1012,7 @@ struct BulkMulti {
     j: [BulkJob; BULK_MULTI_MAX],
 }
 unsafe impl DeviceRepr for BulkMulti {}
-const _: () = assert!(std::mem::size_of::<BulkJob>() == 152);
+const _: () = assert!(std::mem::size_of::<BulkJob>() == 168);
 
 /// Whether [`linear_bulk_multi`] takes these products in one launch: 2 to 8 of them, FP8 or
 /// BF16, all for the same one or two tokens, each taking the bulk kernels.

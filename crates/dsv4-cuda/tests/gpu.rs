@@ -521,6 +521,92 @@ fn fp8_bulk_products_with_block_scales_match_cpu() {
     }
 }
 
+/// One token's product with its input RMS-normed in the activation loads
+/// (`ops::linear_normed`, the decode step's `wq_b` and indexer `wq_b`) against the norm's own
+/// launch then the product: bit for bit the same outputs (the fused norm sums as `rms_norm`
+/// does), x left as it was, and both within 1e-5 of the CPU's norm and product. Shapes: whole
+/// 1 KB FP8 rows (Flash's query latent), 2 and 4 KB rows, two slices split K (a norm of two
+/// float4s per thread), BF16 rows of three slices with a norm of 384 threads (Pro's latent
+/// width).
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn normed_products_match_norm_then_product() {
+    use dsv4_cuda::ops::{linear_normed, normed_applies, rms_norm};
+    use synthetic::MatrixFormat as F;
+    let gpu = Gpu::open(0).expect("GPU");
+    let (_bufs, part) = gemv_workspace(&gpu);
+    let mats = random_mats_with(
+        &gpu,
+        &[
+            (F::Fp8, 4096, 1024),
+            (F::Fp8, 1000, 2048),
+            (F::Fp8, 256, 4096),
+            (F::Fp8, 64, 8192),
+            (F::Bf16, 520, 1536),
+            (F::Bf16, 1024, 1024),
+        ],
+        90,
+        true,
+    );
+    let eps = 1e-6f32;
+    for (i, (l, g)) in mats.iter().enumerate() {
+        let k = l.inp;
+        let x: Vec<f32> = (0..k)
+            .map(|j| (((j + 31 * i) * 2654435761usize) % 2000) as f32 / 400.0 - 2.5)
+            .collect();
+        let nw: Vec<f32> = (0..k)
+            .map(|j| 0.5 + (((j * 7 + i) * 40503) % 1000) as f32 / 1000.0)
+            .collect();
+        let (xa, xb, wd) = (
+            gpu.upload(&x).unwrap(),
+            gpu.upload(&x).unwrap(),
+            gpu.upload(&nw).unwrap(),
+        );
+        let (ya, yb) = (gpu.alloc(l.out * 4).unwrap(), gpu.alloc(l.out * 4).unwrap());
+        let (ina, inb) = (LinIn::rows(xa.ptr, k, 1), LinIn::rows(xb.ptr, k, 1));
+        assert!(
+            normed_applies(&gpu, g, &inb),
+            "[{}, {k}] should take the normed kernel",
+            l.out
+        );
+        rms_norm(&gpu, xa.ptr, wd.ptr, k, 1, eps).unwrap();
+        linear(&gpu, g, &ina, ya.ptr, l.out, &part).unwrap();
+        // Twice: split-K counters must return to zero.
+        for _ in 0..2 {
+            linear_normed(&gpu, g, &inb, wd.ptr, eps, yb.ptr, l.out, &part).unwrap();
+        }
+        let (mut got_a, mut got_b, mut xb_after) =
+            (vec![0f32; l.out], vec![0f32; l.out], vec![0f32; k]);
+        gpu.dtoh(ya.ptr, &mut got_a).unwrap();
+        gpu.dtoh(yb.ptr, &mut got_b).unwrap();
+        gpu.dtoh(xb.ptr, &mut xb_after).unwrap();
+        let what = format!("{} [{}, {k}]", l.format.label(), l.out);
+        assert!(xb_after == x, "{what}: the fused norm changed its input");
+        assert_eq!(
+            count_bit_mismatches(&what, &got_b, &got_a),
+            0,
+            "{what}: the fused norm's product differs from the norm's launch then the product"
+        );
+        let mut xn = x.clone();
+        dsv4_core::model::norm::rms_norm(&mut xn, &nw, eps);
+        let want = l.apply(&xn, 1);
+        let e = worst(&row_errors(&got_b, &want, l.out));
+        assert!(e < 1e-5, "{what}: {e} from the CPU");
+        eprintln!("{what}: fused norm bit-exact, {e:.2e} from the CPU");
+    }
+    // Not for these: two tokens, a row of a width the bulk kernels do not stream.
+    let (l, g) = &mats[0];
+    let x2 = gpu.alloc(2 * l.inp * 4).unwrap();
+    assert!(!normed_applies(&gpu, g, &LinIn::rows(x2.ptr, l.inp, 2)));
+    let odd = random_mats(&gpu, &[(F::Fp8, 64, 1536)], 91);
+    let x1 = gpu.alloc(1536 * 4).unwrap();
+    let in1 = LinIn::rows(x1.ptr, 1536, 1);
+    assert!(!normed_applies(&gpu, &odd[0].1, &in1));
+    let y1 = gpu.alloc(64 * 4).unwrap();
+    let err = linear_normed(&gpu, &odd[0].1, &in1, x1.ptr, eps, y1.ptr, 64, &part).unwrap_err();
+    assert!(err.to_string().contains("normed product"), "{err}");
+}
+
 /// A random model with Flash's head sizes (head_dim 512, window 128, CSA/HCA/sliding layers,
 /// index_topk below the number of entries) and a 1000-token vocabulary.
 fn random_model() -> Model {
@@ -2010,10 +2096,11 @@ fn dependent_pair_in_one_launch_matches_two() {
     }
 }
 
-/// A decode step's fused launch — `wo_a` and `wo_b` in one launch — against the separate
-/// launches, on a random model whose shapes take it (`wo_a`/`wo_b` rows of 4 KB): the same sums
-/// in the same order, so the logits of 40 single-sequence and batched decode steps are equal
-/// bit for bit; both also graph-replayed.
+/// A decode step's fused launches — `wo_a` and `wo_b` in one launch, the query latent's norm in
+/// the loads of `wq_b` and the indexer's `wq_b` — against the separate launches, on a random
+/// model whose shapes take them (`wo_a`/`wo_b` rows of 4 KB, a 1 KB query latent): the same
+/// sums in the same order, so the logits of 40 single-sequence and batched decode steps are
+/// equal bit for bit; both also graph-replayed.
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn decode_fusions_match_separate_launches() {
@@ -2039,6 +2126,11 @@ fn decode_fusions_match_separate_launches() {
     for m in [&models[0], &models[3], &models[4], &models[5]] {
         m.set_pair_fused(false);
         m.set_graphs(false);
+    }
+    // The query latent's norm: its own launch on models 0 and 3, in the loads of `wq_b` and
+    // the indexer's `wq_b` on the others (one-token steps; the same sums, bit for bit).
+    for (i, m) in models.iter().enumerate() {
+        m.set_qnorm_fused(i != 0 && i != 3);
     }
     for (m, mode) in [(&models[4], 2), (&models[5], 3)] {
         m.set_bulk_multi(true);
