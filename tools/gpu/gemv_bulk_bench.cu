@@ -7,8 +7,8 @@
 // activations loaded per stage, as before stop 28), -DBULK_X_SLICES=2, -DBULK_WARPS=16,
 // -DBULK_DEFER_SUMS (with -DBULK_DEFER_MAX=32 for the 128 MB rows);
 // -DBULK_WAIT=1|2 (the rings' waits without suspending, or with a short suspend hint),
-// -DBULK_STAMPS (block 0's clock per stage: where a stage's cycles go), -DBULK_PIPE_END (a tile's
-// end one stage late), -DBULK_WALK_S1 (no runtime division per stage);
+// -DBULK_STAMPS (block 0's clock per stage: where a stage's cycles go), -DBULK_WALK_S1=0 (the
+// runtime divisions per stage, as before stop 34);
 // scripts/ffn-bench.sh with TOOL=gemv_bulk_bench builds and runs them.
 //   nvcc -std=c++17 -O3 -arch=sm_90a -Icrates/dsv4-cuda/kernels -o gemv_bulk_bench tools/gpu/gemv_bulk_bench.cu
 #include <cstdio>
