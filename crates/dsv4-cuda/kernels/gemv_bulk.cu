@@ -296,10 +296,6 @@ __device__ __forceinline__ void bulk_produce(const Src& src, BulkWalk walk, Bulk
     }
 }
 
-// The engine over the rows of one matrix: `Src` says where a tile's rows live (as
-// `bulk_produce` reads them), where token m's activations are (`load(t, m, k, xv)`) and what to
-// do with a row group's four sums (`finish`). Called by the producer warp (warp 8) and the
-// consumer warps alike.
 // 1 / rms of one token's `width` activations (width % 4 == 0, x 16-byte aligned) by the consumer
 // warps of a block (the producer goes on), bit for bit as `rms_norm` computes it: its
 // `norm_threads(width)` threads' strided float4 sums, each warp's `warp_sum`, the warps' sums in
@@ -327,6 +323,10 @@ __device__ __forceinline__ float consumers_inv_rms(const float* x, int width, fl
     return 1.0f / sqrtf(ss / (float)width + eps);
 }
 
+// The engine over the rows of one matrix: `Src` says where a tile's rows live (as
+// `bulk_produce` reads them), where token m's activations are (`load(t, m, k, xv)`) and what to
+// do with a row group's four sums (`finish`). Called by the producer warp (warp 8) and the
+// consumer warps alike. NORM: one token's activations RMS-normed as they are loaded.
 template <int FMT, int MT, int RPW, int STRIDE, bool COH, class Src, bool NORM = false>
 __device__ __forceinline__ void gemv_bulk_steps(const Src& src, ItemRange mine, int nslices, int S, BulkRing& ring) {
     constexpr int W = BULK_WARPS;  // consumer warps

@@ -15,7 +15,7 @@ struct GemvArgs {
     int32_t xg_stride; // input offset between groups
     int32_t vec;       // 16-byte path allowed (alignment checked by the host)
     int32_t pad_;
-    // One token's RMS norm, fused into the product's activation loads (`gemv_bulk_*_1_*` only;
+    // One token's RMS norm, fused into the product's activation loads (`gemv_bulk_norm_*` only;
     // null elsewhere): x is read as x / rms(x) * xnorm, with rms over the row's `in` values.
     const float* xnorm;
     float xnorm_eps;
