@@ -47,7 +47,7 @@ int main() {
                 cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
                 for (int rs : {0, 4096, 8192}) {
                     if (rs && (copy > 2048 || stage / copy > 32)) continue;
-                    time([&] { k<<<sms, 288, smem>>>(buf, sz, copy, stage, rs, sink, nullptr); });
+                    time([&] { k<<<sms, 288, smem>>>(buf, sz, copy, stage, rs, sink, nullptr, 0); });
                     const size_t moved = sz / sms / stage * stage * sms;
                     printf("bulk, %zu MB, %d stages of %d, copies of %d, rowstride %d: %.1f us, %.0f GB/s (%s)\n",
                            sz >> 20, stages, stage, copy, rs, ms * 1e3, moved / ms / 1e6,

@@ -7,7 +7,10 @@
 // blocks, then a 40 us pause), and read twice (the second read timed). Then the ways a step could
 // warm L2 during its latency-bound kernels: bulk prefetches of 4, 16 or 64 KB pieces, one
 // prefetch per line (normal or evict-last priority), and real reads by the same ring kernel on
-// only N SMs (how long the warming takes, and the full read after).
+// only N SMs (how long the warming takes, and the full read after). Last, whether a matrix
+// warmed with the evict-last priority survives the stream a decode step runs meanwhile (100 MB of
+// evict-first copies, as the FFN half's weights pass), warmed by the ring on a third of the SMs
+// or by plain loads from a few small blocks (a side-stream kernel that fits beside any other).
 //   nvcc -std=c++17 -O3 -arch=sm_90a -o l2_bulk tools/gpu/l2_bulk.cu && ./l2_bulk
 #include <cstdint>
 #include <cstdio>
@@ -35,6 +38,38 @@ __global__ void prefetch_lines(const uint8_t* p, size_t bytes, int mode) {
         if (mode == 1) asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(p + l * 128) : "memory");
         else asm volatile("prefetch.global.L2 [%0];" ::"l"(p + l * 128) : "memory");
     }
+}
+
+// Real reads of [p, p + n16 * 16) into L2 by a small grid, one 4-byte load per 32-byte sector,
+// eight in flight per thread, with the evict-last priority (`hint` 2) or none; the warm time
+// in stamps as `ring` records it.
+__global__ void warm_loads(const uint8_t* p, size_t bytes, int hint, float* sink, unsigned long long* stamps) {
+    if (threadIdx.x == 0) atomicMin(&stamps[0], now_ns());
+    uint64_t policy;
+    asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(policy));
+    const size_t sectors = bytes / 32, threads = (size_t)gridDim.x * blockDim.x;
+    uint32_t acc = 0;
+    for (size_t s = (size_t)blockIdx.x * blockDim.x + threadIdx.x; s < sectors; s += 8 * threads) {
+        uint32_t v[8];
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            const size_t q = s + i * threads;
+            v[i] = 0;
+            if (q < sectors) {
+                if (hint == 2)
+                    asm volatile("ld.global.L1::no_allocate.L2::cache_hint.b32 %0, [%1], %2;"
+                                 : "=r"(v[i])
+                                 : "l"(p + q * 32), "l"(policy));
+                else
+                    asm volatile("ld.global.L1::no_allocate.b32 %0, [%1];" : "=r"(v[i]) : "l"(p + q * 32));
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < 8; i++) acc ^= v[i];
+    }
+    if (acc == 0x9e3779b9u) sink[1] = (float)acc;
+    __syncthreads();
+    if (threadIdx.x == 0) atomicMax(&stamps[1], now_ns());
 }
 
 __global__ void spin(long long ns) {
@@ -134,6 +169,45 @@ int main() {
             printf("%3zu MB warmed by reads on %2d SMs in %6.1f us (%5.0f GB/s): read %6.1f us %5.0f GB/s\n", mb, n,
                    warm, bytes / warm / 1e3, rd, moved / rd / 1e3);
         }
+    }
+    // Does a warmed matrix survive the FFN half's evict-first stream (100 MB of other weights)?
+    {
+        const size_t bytes = 32 << 20, moved = bytes / sms / STAGE * STAGE * sms;
+        const size_t other = 100 << 20;
+        const uint8_t* ffn = flush + (512 << 20);
+        const int reps = 5;
+        auto stamped = [&](auto launch) {
+            host[0] = ~0ull;
+            host[1] = 0;
+            cudaMemcpy(stamps, host, 16, cudaMemcpyHostToDevice);
+            launch();
+            cudaMemcpy(host, stamps, 16, cudaMemcpyDeviceToHost);
+            return (host[1] - host[0]) * 1e-3;
+        };
+        // warm: 0 none, 1 ring on sms / 4 SMs, 2 plain loads by 16 blocks of 256; hint: the
+        // warming's priority; between: the evict-first stream of `other` bytes or not.
+        for (int warm : {1, 2})
+            for (int hint : {0, 2})
+                for (bool between : {false, true}) {
+                    double w = 0, rd = 0;
+                    for (int r = 0; r < reps; r++) {
+                        do_flush();
+                        w += stamped([&] {
+                            if (warm == 1) ring<STAGES><<<sms / 4, 288, smem>>>(a, bytes, COPY, STAGE, 0, sink, stamps, hint);
+                            else warm_loads<<<16, 256>>>(a, bytes, hint, sink, stamps);
+                        });
+                        if (between) ring<STAGES><<<sms, 288, smem>>>(ffn, other, COPY, STAGE, 0, sink, nullptr, 1);
+                        rd += stamped([&] { ring<STAGES><<<sms, 288, smem>>>(a, bytes, COPY, STAGE, 0, sink, stamps, 1); });
+                    }
+                    w /= reps, rd /= reps;
+                    printf("32 MB warmed by %s%s in %6.1f us (%5.0f GB/s), %s: read (evict-first) %6.1f us %5.0f GB/s\n",
+                           warm == 1 ? "the ring on a quarter of the SMs" : "loads of 16 small blocks",
+                           hint == 2 ? " (evict-last)" : "", w, bytes / w / 1e3,
+                           between ? "then 100 MB streamed evict-first" : "nothing between", rd, moved / rd / 1e3);
+                }
+        do_flush();
+        const double cold = stamped([&] { ring<STAGES><<<sms, 288, smem>>>(a, bytes, COPY, STAGE, 0, sink, stamps, 1); });
+        printf("32 MB cold (evict-first): read %6.1f us %5.0f GB/s\n", cold, moved / cold / 1e3);
     }
     const cudaError_t err = cudaDeviceSynchronize();
     printf("%s\n", cudaGetErrorString(err));

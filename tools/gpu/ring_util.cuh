@@ -28,11 +28,13 @@ __device__ __forceinline__ unsigned long long now_ns() {
 // 0-7 take each stage and release it. `rowstride` reads each copy from a different row (rows
 // that far apart), the way a K slice of several matrix rows is read; 0 reads the stage
 // contiguously. With `stamps`: [0] = the earliest block start, [1] = the latest block end
-// (globaltimer ns; atomicMin / atomicMax, so set them to ~0 and 0 first).
+// (globaltimer ns; atomicMin / atomicMax, so set them to ~0 and 0 first). `hint`: the copies'
+// L2 eviction priority (0 none, 1 evict-first as kernels/gemv_bulk.cu streams weights, 2
+// evict-last).
 template <int STAGES>
 __global__ void __launch_bounds__(288, 1)
     ring(const uint8_t* src, size_t total, int copy, int stage_bytes, int rowstride, float* sink,
-         unsigned long long* stamps = nullptr) {
+         unsigned long long* stamps = nullptr, int hint = 0) {
     extern __shared__ __align__(128) uint8_t sm[];
     __shared__ __align__(8) uint64_t full[STAGES], empty[STAGES];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -48,6 +50,9 @@ __global__ void __launch_bounds__(288, 1)
     const size_t per = total / gridDim.x / stage_bytes * stage_bytes, base = per * blockIdx.x;
     const int nst = (int)(per / stage_bytes), ncopies = stage_bytes / copy;
     if (warp == 8) {
+        uint64_t policy = 0;
+        if (hint == 1) asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+        if (hint == 2) asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(policy));
         for (int n = 0; n < nst; n++) {
             const int slot = n % STAGES;
             if (n >= STAGES) wait_phase(&empty[slot], ((n / STAGES) - 1) & 1);
@@ -63,11 +68,18 @@ __global__ void __launch_bounds__(288, 1)
                     rowstride ? src + base + (size_t)(n / per_row) * per_row * stage_bytes + (size_t)c * rowstride +
                                     (size_t)(n % per_row) * copy
                               : src + base + (size_t)n * stage_bytes + (size_t)c * copy;
-                asm volatile(
-                    "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-                        smem_addr(sm + slot * stage_bytes + c * copy)),
-                    "l"(from), "r"(copy), "r"(smem_addr(&full[slot]))
-                    : "memory");
+                if (hint)
+                    asm volatile(
+                        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], "
+                        "%2, [%3], %4;" ::"r"(smem_addr(sm + slot * stage_bytes + c * copy)),
+                        "l"(from), "r"(copy), "r"(smem_addr(&full[slot])), "l"(policy)
+                        : "memory");
+                else
+                    asm volatile(
+                        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                            smem_addr(sm + slot * stage_bytes + c * copy)),
+                        "l"(from), "r"(copy), "r"(smem_addr(&full[slot]))
+                        : "memory");
             }
         }
         return;
