@@ -359,6 +359,11 @@ pub struct CudaModel {
     /// (`DSV4_CUDA_QNORM_FUSED=1`; off until measured: stop 20's fold of the norm into `wq_b`
     /// was neutral, its weight stream already overlapping the norm).
     qnorm_fused: AtomicBool,
+    /// A measurement knob (`DSV4_CUDA_WARM_NEXT=N`, 0 off): a one-token step reads the next
+    /// layer's `wq_b` into L2 (evict-last) on the side stream beside each FFN half, by N blocks
+    /// of `l2_warm_reads`, so that `wq_b` could stream out of L2 (stop 34: the FFN half leaves
+    /// the HBM half idle until its picks are known). Unmeasured: see docs/PERFORMANCE.md.
+    warm_next: usize,
     /// The arithmetic followed (the CPU model's profile).
     numerics: Numerics,
     /// Whether a decode step's projections of one input share a launch (`DSV4_CUDA_MULTI=0`
@@ -562,6 +567,8 @@ impl CudaModel {
             qnorm_fused: AtomicBool::new(
                 std::env::var("DSV4_CUDA_QNORM_FUSED").is_ok_and(|v| v == "1"),
             ),
+            warm_next: std::env::var("DSV4_CUDA_WARM_NEXT")
+                .map_or(0, |v| v.parse().unwrap_or(0).min(1024)),
             numerics: model.numerics,
             multi_gemv: std::env::var("DSV4_CUDA_MULTI").map_or(true, |v| v != "0"),
             tc,
@@ -1103,6 +1110,7 @@ impl CudaModel {
                 ops::rms_norm(g, s.h.ptr, lw.ffn_norm.ptr(), d, t, c.rms_norm_eps)?;
             }
             let boundary_combines = fused && li + 1 < layers;
+            self.warm_next_wq_b(s, li, t)?;
             self.moe(s, lw, t, !boundary_combines)?;
             if !boundary_combines {
                 self.hc_post(s, t)?;
@@ -1126,6 +1134,23 @@ impl CudaModel {
             s.xg.ptr
         };
         self.head(s, xs, head_rows.len())
+    }
+
+    /// `DSV4_CUDA_WARM_NEXT`: the next layer's `wq_b` into L2 on the side stream (one token,
+    /// branches on), beside the FFN half about to run.
+    fn warm_next_wq_b(&self, s: &Scratch, li: usize, t: usize) -> Result<()> {
+        if self.warm_next == 0 || !s.branch || t != 1 {
+            return Ok(());
+        }
+        let next = self.weights.layers.get(li + 1);
+        let Some((w, row)) = next.and_then(|l| {
+            let w = &l.attn.wq_b;
+            Some((w, bulk_row_bytes(w.fmt, w.inp)?))
+        }) else {
+            return Ok(());
+        };
+        let g = &*self.gpu;
+        g.on_side(|| ops::l2_warm_reads(g, w.desc.w, w.out * row, self.warm_next, 0))
     }
 
     /// Hyper-head, final norm and the vocabulary projection of `m` stream rows at `xs` into

@@ -1121,6 +1121,23 @@ fn norm_threads(width: usize) -> u32 {
     (width.div_ceil(4).div_ceil(32) * 32).clamp(32, 1024) as u32
 }
 
+/// Reads `bytes` of weights at `p` into L2 with the evict-last priority by `blocks` blocks of
+/// 256 threads (`l2_warm_reads`), for a later product to stream out of L2; `sink` is a scratch
+/// float the kernel may write (never in practice) so its loads are kept.
+pub fn l2_warm_reads(gpu: &Gpu, p: u64, bytes: usize, blocks: usize, sink: u64) -> Result<()> {
+    if bytes < 32 || blocks == 0 {
+        return Ok(());
+    }
+    let n = bytes as u64;
+    gpu.launch(
+        "l2_warm_reads",
+        (blocks as u32, 1, 1),
+        (256, 1, 1),
+        0,
+        &[&p, &n, &sink],
+    )
+}
+
 /// RMS norm of `rows` rows of `width` in place, weighted when `w` is non-zero.
 pub fn rms_norm(gpu: &Gpu, x: u64, w: u64, width: usize, rows: usize, eps: f32) -> Result<()> {
     row_kernel(gpu, "rms_norm", x, w, width, rows, eps)
