@@ -11,10 +11,11 @@
 // warmed with the evict-last priority survives the stream a decode step runs meanwhile (100 MB of
 // evict-first copies, as the FFN half's weights pass), warmed by the ring on a third of the SMs
 // or by plain loads from a few small blocks (a side-stream kernel that fits beside any other).
-//   nvcc -std=c++17 -O3 -arch=sm_90a -o l2_bulk tools/gpu/l2_bulk.cu && ./l2_bulk
+//   nvcc -std=c++17 -O3 -arch=sm_90a -Icrates/dsv4-cuda/kernels -o l2_bulk tools/gpu/l2_bulk.cu && ./l2_bulk
 #include <cstdint>
 #include <cstdio>
 #include <cuda_runtime.h>
+#include "common.cuh"
 #include "ring_util.cuh"
 
 #define STAGES 4
@@ -40,34 +41,11 @@ __global__ void prefetch_lines(const uint8_t* p, size_t bytes, int mode) {
     }
 }
 
-// Real reads of [p, p + n16 * 16) into L2 by a small grid, one 4-byte load per 32-byte sector,
-// eight in flight per thread, with the evict-last priority (`hint` 2) or none; the warm time
-// in stamps as `ring` records it.
+// The engine's L2 warming (`warm_reads` in kernels/common.cuh, launched by `l2_warm_reads`):
+// evict-last (`hint` 2) or no priority; its time in stamps as `ring` records it.
 __global__ void warm_loads(const uint8_t* p, size_t bytes, int hint, float* sink, unsigned long long* stamps) {
     if (threadIdx.x == 0) atomicMin(&stamps[0], now_ns());
-    uint64_t policy;
-    asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(policy));
-    const size_t sectors = bytes / 32, threads = (size_t)gridDim.x * blockDim.x;
-    uint32_t acc = 0;
-    for (size_t s = (size_t)blockIdx.x * blockDim.x + threadIdx.x; s < sectors; s += 8 * threads) {
-        uint32_t v[8];
-#pragma unroll
-        for (int i = 0; i < 8; i++) {
-            const size_t q = s + i * threads;
-            v[i] = 0;
-            if (q < sectors) {
-                if (hint == 2)
-                    asm volatile("ld.global.L1::no_allocate.L2::cache_hint.b32 %0, [%1], %2;"
-                                 : "=r"(v[i])
-                                 : "l"(p + q * 32), "l"(policy));
-                else
-                    asm volatile("ld.global.L1::no_allocate.b32 %0, [%1];" : "=r"(v[i]) : "l"(p + q * 32));
-            }
-        }
-#pragma unroll
-        for (int i = 0; i < 8; i++) acc ^= v[i];
-    }
-    if (acc == 0x9e3779b9u) sink[1] = (float)acc;
+    warm_reads(p, bytes, hint == 2, sink);
     __syncthreads();
     if (threadIdx.x == 0) atomicMax(&stamps[1], now_ns());
 }

@@ -137,6 +137,39 @@ __device__ __forceinline__ void warm_l2(const unsigned char* p, unsigned long lo
     }
 }
 
+// Real reads of [p, p + bytes) into L2 by the whole grid, while the kernels beside it leave the
+// HBM idle: one 4-byte load per 32-byte sector, eight in flight per thread, with the evict-last
+// priority when `evict_last`. Only the lines they leave in L2 matter, but ptxas drops loads
+// whose values nothing uses (an empty asm is not a use): they are folded into a store to `sink`
+// that never happens in practice (a null `sink`: never at all).
+// (`l2_warm_reads`, tools/gpu/l2_bulk.cu.)
+__device__ __forceinline__ void warm_reads(const unsigned char* p, unsigned long long bytes, bool evict_last,
+                                           float* sink) {
+    uint64_t policy;
+    asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(policy));
+    const unsigned long long sectors = bytes / 32, threads = (unsigned long long)gridDim.x * blockDim.x;
+    uint32_t acc = 0;
+    for (unsigned long long q0 = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; q0 < sectors;
+         q0 += 8 * threads) {
+        uint32_t v[8];
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            const unsigned long long q = q0 + i * threads;
+            v[i] = 0;
+            if (q >= sectors) continue;
+            if (evict_last)
+                asm volatile("ld.global.L1::no_allocate.L2::cache_hint.b32 %0, [%1], %2;"
+                             : "=r"(v[i])
+                             : "l"(p + q * 32), "l"(policy));
+            else
+                asm volatile("ld.global.L1::no_allocate.b32 %0, [%1];" : "=r"(v[i]) : "l"(p + q * 32));
+        }
+#pragma unroll
+        for (int i = 0; i < 8; i++) acc ^= v[i];
+    }
+    if (acc == 0x9e3779b9u && sink) *sink = (float)acc;
+}
+
 // 2^e as a float, for e in -126..127 (a normal float: no subnormal, no overflow).
 __device__ __forceinline__ float exp2i(int e) { return __uint_as_float((uint32_t)(127 + e) << 23); }
 

@@ -30,32 +30,12 @@ __device__ __forceinline__ void norm_row(float* row, const float* w, int width, 
     }
 }
 
-// Weights of a later product read into L2 with the evict-last priority while the kernels
-// beside it leave the HBM idle (a side-stream launch of a few small blocks, no shared memory, so
-// it fits beside any kernel of the chain): one 4-byte load per 32-byte sector, eight in flight
-// per thread. Reads weights only, so it never waits for the kernel before it.
+// Weights of a later product read into L2 (`warm_reads`) by a side-stream launch of a few small
+// blocks (no shared memory, so it fits beside any kernel of the chain). Reads weights only, so it
+// never waits for the kernel before it.
 extern "C" __global__ void l2_warm_reads(const unsigned char* p, unsigned long long bytes, float* sink) {
     pdl_launch();
-    uint64_t policy;
-    asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(policy));
-    const unsigned long long sectors = bytes / 32, threads = (unsigned long long)gridDim.x * blockDim.x;
-    uint32_t acc = 0;
-    for (unsigned long long q0 = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; q0 < sectors;
-         q0 += 8 * threads) {
-        uint32_t v[8];
-#pragma unroll
-        for (int i = 0; i < 8; i++) {
-            const unsigned long long q = q0 + i * threads;
-            v[i] = 0;
-            if (q < sectors)
-                asm volatile("ld.global.L1::no_allocate.L2::cache_hint.b32 %0, [%1], %2;"
-                             : "=r"(v[i])
-                             : "l"(p + q * 32), "l"(policy));
-        }
-#pragma unroll
-        for (int i = 0; i < 8; i++) acc ^= v[i];
-    }
-    if (acc == 0x9e3779b9u && sink) *sink = (float)acc;  // keeps the loads
+    warm_reads(p, bytes, true, sink);
 }
 
 // x[row] <- x[row] / sqrt(mean(x[row]^2) + eps) (* w when given); one block per row.

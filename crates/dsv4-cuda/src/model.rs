@@ -1142,15 +1142,13 @@ impl CudaModel {
         if self.warm_next == 0 || !s.branch || t != 1 {
             return Ok(());
         }
-        let next = self.weights.layers.get(li + 1);
-        let Some((w, row)) = next.and_then(|l| {
-            let w = &l.attn.wq_b;
-            Some((w, bulk_row_bytes(w.fmt, w.inp)?))
-        }) else {
+        let next = self.weights.layers.get(li + 1).map(|l| &l.attn.wq_b);
+        let (p, bytes, _) = warm_target(next, 1);
+        if bytes == 0 {
             return Ok(());
-        };
+        }
         let g = &*self.gpu;
-        g.on_side(|| ops::l2_warm_reads(g, w.desc.w, w.out * row, self.warm_next, 0))
+        g.on_side(|| ops::l2_warm_reads(g, p, bytes, self.warm_next))
     }
 
     /// Hyper-head, final norm and the vocabulary projection of `m` stream rows at `xs` into

@@ -1122,19 +1122,18 @@ fn norm_threads(width: usize) -> u32 {
 }
 
 /// Reads `bytes` of weights at `p` into L2 with the evict-last priority by `blocks` blocks of
-/// 256 threads (`l2_warm_reads`), for a later product to stream out of L2; `sink` is a scratch
-/// float the kernel may write (never in practice) so its loads are kept.
-pub fn l2_warm_reads(gpu: &Gpu, p: u64, bytes: usize, blocks: usize, sink: u64) -> Result<()> {
+/// 256 threads (`l2_warm_reads`), for a later product to stream out of L2.
+pub fn l2_warm_reads(gpu: &Gpu, p: u64, bytes: u64, blocks: usize) -> Result<()> {
     if bytes < 32 || blocks == 0 {
         return Ok(());
     }
-    let n = bytes as u64;
+    let sink = 0u64; // null: the kernel's loads need a possible store, never a real one
     gpu.launch(
         "l2_warm_reads",
         (blocks as u32, 1, 1),
         (256, 1, 1),
         0,
-        &[&p, &n, &sink],
+        &[&p, &bytes, &sink],
     )
 }
 
