@@ -111,6 +111,13 @@ pub struct Gpu {
     on_side: AtomicBool,
     /// Work queued on the side stream since the last [`Gpu::join_side`].
     side_pending: AtomicBool,
+    /// A third stream for work nothing waits on until the step ends (L2 warming reads of
+    /// weights a later kernel streams: [`Gpu::on_warm`], [`Gpu::join_warm`]).
+    warm: Arc<CudaStream>,
+    warm_fork_ev: CudaEvent,
+    warm_join_ev: CudaEvent,
+    on_warm: AtomicBool,
+    warm_pending: AtomicBool,
     /// Page-locked staging for results read back (the logits), grown on demand up to
     /// [`PINNED_MAX_FLOATS`]: the copy runs at full PCIe speed and the caller copies it once.
     pinned: Mutex<Option<PinnedHostSlice<f32>>>,
@@ -188,8 +195,10 @@ impl Gpu {
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(drv("creating a stream"))?;
         let side = ctx.new_stream().map_err(drv("creating a stream"))?;
+        let warm = ctx.new_stream().map_err(drv("creating a stream"))?;
         let event = || ctx.new_event(None).map_err(drv("creating an event"));
         let (fork_ev, join_ev) = (event()?, event()?);
+        let (warm_fork_ev, warm_join_ev) = (event()?, event()?);
         // DSV4_CUDA_FATBIN swaps in another build of the kernels (same argument layouts), so
         // kernel variants can be compared under one binary.
         let fatbin = match std::env::var_os("DSV4_CUDA_FATBIN") {
@@ -259,6 +268,11 @@ impl Gpu {
             join_ev,
             on_side: AtomicBool::new(false),
             side_pending: AtomicBool::new(false),
+            warm,
+            warm_fork_ev,
+            warm_join_ev,
+            on_warm: AtomicBool::new(false),
+            warm_pending: AtomicBool::new(false),
             pinned: Mutex::new(None),
             pinned_on: std::env::var("DSV4_CUDA_PINNED").map_or(true, |v| v != "0"),
             carveout: env_num("DSV4_CUDA_CARVEOUT", |p| (0..=100).contains(p)),
@@ -436,7 +450,9 @@ impl Gpu {
 
     /// The stream work is queued on now: the side stream inside [`Gpu::on_side`].
     fn cur(&self) -> sys::CUstream {
-        if self.on_side.load(Ordering::Relaxed) {
+        if self.on_warm.load(Ordering::Relaxed) {
+            self.warm.cu_stream()
+        } else if self.on_side.load(Ordering::Relaxed) {
             self.side.cu_stream()
         } else {
             self.stream.cu_stream()
@@ -479,9 +495,46 @@ impl Gpu {
         Ok(())
     }
 
+    /// Queues `f`'s launches on the warm stream, after everything queued on the main stream so
+    /// far; nothing waits for them until [`Gpu::join_warm`] (the end of a step). For work whose
+    /// only effect is on caches, which must not hold up the main or side stream's joins.
+    pub fn on_warm<R>(&self, f: impl FnOnce() -> Result<R>) -> Result<R> {
+        debug_assert!(!self.is_on_side(), "on_warm inside on_side");
+        self.warm_fork_ev
+            .record(&self.stream)
+            .map_err(drv("recording an event"))?;
+        self.warm
+            .wait(&self.warm_fork_ev)
+            .map_err(drv("waiting for an event"))?;
+        struct Back<'a>(&'a Gpu);
+        impl Drop for Back<'_> {
+            fn drop(&mut self) {
+                self.0.on_warm.store(false, Ordering::Relaxed);
+                self.0.warm_pending.store(true, Ordering::Relaxed);
+            }
+        }
+        let _back = Back(self);
+        self.on_warm.store(true, Ordering::Relaxed);
+        f()
+    }
+
+    /// Makes the main stream's next work wait for the warm stream's.
+    pub fn join_warm(&self) -> Result<()> {
+        if self.warm_pending.swap(false, Ordering::Relaxed) {
+            self.warm_join_ev
+                .record(&self.warm)
+                .map_err(drv("recording an event"))?;
+            self.stream
+                .wait(&self.warm_join_ev)
+                .map_err(drv("waiting for an event"))?;
+        }
+        Ok(())
+    }
+
     /// Waits for all queued work; reports asynchronous kernel faults.
     pub fn sync(&self) -> Result<()> {
         self.join_side()?;
+        self.join_warm()?;
         self.stream
             .synchronize()
             .map_err(drv("a GPU kernel failed"))
@@ -498,6 +551,7 @@ impl Gpu {
     /// Ends a capture; the graph replays the recorded launches with their recorded arguments.
     pub fn end_capture(&self) -> Result<CudaGraph> {
         self.join_side()?;
+        self.join_warm()?;
         self.stream
             .end_capture(sys::CUgraphInstantiate_flags(0))
             .map_err(drv("instantiating a CUDA graph"))?

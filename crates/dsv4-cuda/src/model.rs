@@ -360,10 +360,13 @@ pub struct CudaModel {
     /// was neutral, its weight stream already overlapping the norm).
     qnorm_fused: AtomicBool,
     /// A measurement knob (`DSV4_CUDA_WARM_NEXT=N`, 0 off): a one-token step reads the next
-    /// layer's `wq_b` into L2 (evict-last) on the side stream beside each FFN half, by N blocks
-    /// of `l2_warm_reads`, so that `wq_b` could stream out of L2 (stop 34: the FFN half leaves
-    /// the HBM half idle until its picks are known). Unmeasured: see docs/PERFORMANCE.md.
+    /// layer's `wq_b` into L2 (evict-last) on the warm stream ([`Gpu::on_warm`]) as each FFN
+    /// half starts, by N blocks of `l2_warm_reads`, so that `wq_b` could stream out of L2
+    /// (stop 34: the FFN half leaves the HBM half idle until its picks are known).
     warm_next: usize,
+    /// The same for the layer's own `wo_a` once `wq_b` is done, beside the attention's
+    /// latency chain (`DSV4_CUDA_WARM_WO=N`, 0 off).
+    warm_wo: usize,
     /// The arithmetic followed (the CPU model's profile).
     numerics: Numerics,
     /// Whether a decode step's projections of one input share a launch (`DSV4_CUDA_MULTI=0`
@@ -568,6 +571,8 @@ impl CudaModel {
                 std::env::var("DSV4_CUDA_QNORM_FUSED").is_ok_and(|v| v == "1"),
             ),
             warm_next: std::env::var("DSV4_CUDA_WARM_NEXT")
+                .map_or(0, |v| v.parse().unwrap_or(0).min(1024)),
+            warm_wo: std::env::var("DSV4_CUDA_WARM_WO")
                 .map_or(0, |v| v.parse().unwrap_or(0).min(1024)),
             numerics: model.numerics,
             multi_gemv: std::env::var("DSV4_CUDA_MULTI").map_or(true, |v| v != "0"),
@@ -1117,6 +1122,7 @@ impl CudaModel {
             }
         }
         g.join_side()?;
+        g.join_warm()?;
         if head_rows.is_empty() {
             return Ok(());
         }
@@ -1136,19 +1142,25 @@ impl CudaModel {
         self.head(s, xs, head_rows.len())
     }
 
-    /// `DSV4_CUDA_WARM_NEXT`: the next layer's `wq_b` into L2 on the side stream (one token,
+    /// `DSV4_CUDA_WARM_NEXT`: the next layer's `wq_b` into L2 on the warm stream (one token,
     /// branches on), beside the FFN half about to run.
     fn warm_next_wq_b(&self, s: &Scratch, li: usize, t: usize) -> Result<()> {
-        if self.warm_next == 0 || !s.branch || t != 1 {
+        let next = self.weights.layers.get(li + 1).map(|l| &l.attn.wq_b);
+        self.warm_l2(s, next, t, self.warm_next)
+    }
+
+    /// Reads `w`'s weight codes into L2 with `blocks` blocks on the warm stream, starting once
+    /// the main stream's work queued so far is done (one token, branches on, `blocks` > 0).
+    fn warm_l2(&self, s: &Scratch, w: Option<&GpuLinear>, t: usize, blocks: usize) -> Result<()> {
+        if blocks == 0 || !s.branch || t != 1 {
             return Ok(());
         }
-        let next = self.weights.layers.get(li + 1).map(|l| &l.attn.wq_b);
-        let (p, bytes, _) = warm_target(next, 1);
+        let (p, bytes, _) = warm_target(w, 1);
         if bytes == 0 {
             return Ok(());
         }
         let g = &*self.gpu;
-        g.on_side(|| ops::l2_warm_reads(g, p, bytes, self.warm_next))
+        g.on_warm(|| ops::l2_warm_reads(g, p, bytes, blocks))
     }
 
     /// Hyper-head, final norm and the vocabulary projection of `m` stream rows at `xs` into
@@ -1584,6 +1596,9 @@ impl CudaModel {
             None
         };
         self.dense_q(s, &a.wq_b, &qrin, qnorm, s.q.ptr, h * dh)?;
+        if per_seq.is_none() {
+            self.warm_l2(s, Some(&a.wo_a), t, self.warm_wo)?;
+        }
         // The query heads (no weight) and the key row: one launch.
         let heads = ops::NormRows {
             x: s.q.ptr,
