@@ -367,6 +367,8 @@ pub struct CudaModel {
     /// The same for the layer's own `wo_a` once `wq_b` is done, beside the attention's
     /// latency chain (`DSV4_CUDA_WARM_WO=N`, 0 off).
     warm_wo: usize,
+    /// And `wo_b` after it on the warm stream (`DSV4_CUDA_WARM_WOB=N`, 0 off).
+    warm_wob: usize,
     /// The arithmetic followed (the CPU model's profile).
     numerics: Numerics,
     /// Whether a decode step's projections of one input share a launch (`DSV4_CUDA_MULTI=0`
@@ -573,6 +575,8 @@ impl CudaModel {
             warm_next: std::env::var("DSV4_CUDA_WARM_NEXT")
                 .map_or(0, |v| v.parse().unwrap_or(0).min(1024)),
             warm_wo: std::env::var("DSV4_CUDA_WARM_WO")
+                .map_or(0, |v| v.parse().unwrap_or(0).min(1024)),
+            warm_wob: std::env::var("DSV4_CUDA_WARM_WOB")
                 .map_or(0, |v| v.parse().unwrap_or(0).min(1024)),
             numerics: model.numerics,
             multi_gemv: std::env::var("DSV4_CUDA_MULTI").map_or(true, |v| v != "0"),
@@ -1598,6 +1602,7 @@ impl CudaModel {
         self.dense_q(s, &a.wq_b, &qrin, qnorm, s.q.ptr, h * dh)?;
         if per_seq.is_none() {
             self.warm_l2(s, Some(&a.wo_a), t, self.warm_wo)?;
+            self.warm_l2(s, Some(&a.wo_b), t, self.warm_wob)?;
         }
         // The query heads (no weight) and the key row: one launch.
         let heads = ops::NormRows {
