@@ -363,12 +363,12 @@ pub struct CudaModel {
     /// layer's `wq_b` into L2 (evict-last) on the warm stream ([`Gpu::on_warm`]) as each FFN
     /// half starts, by N blocks of `l2_warm_reads`, so that `wq_b` could stream out of L2
     /// (stop 34: the FFN half leaves the HBM half idle until its picks are known).
-    warm_next: usize,
+    warm_next: AtomicUsize,
     /// The same for the layer's own `wo_a` once `wq_b` is done, beside the attention's
     /// latency chain (`DSV4_CUDA_WARM_WO=N`, 0 off).
-    warm_wo: usize,
+    warm_wo: AtomicUsize,
     /// And `wo_b` after it on the warm stream (`DSV4_CUDA_WARM_WOB=N`, 0 off).
-    warm_wob: usize,
+    warm_wob: AtomicUsize,
     /// The arithmetic followed (the CPU model's profile).
     numerics: Numerics,
     /// Whether a decode step's projections of one input share a launch (`DSV4_CUDA_MULTI=0`
@@ -572,12 +572,9 @@ impl CudaModel {
             qnorm_fused: AtomicBool::new(
                 std::env::var("DSV4_CUDA_QNORM_FUSED").is_ok_and(|v| v == "1"),
             ),
-            warm_next: std::env::var("DSV4_CUDA_WARM_NEXT")
-                .map_or(0, |v| v.parse().unwrap_or(0).min(1024)),
-            warm_wo: std::env::var("DSV4_CUDA_WARM_WO")
-                .map_or(0, |v| v.parse().unwrap_or(0).min(1024)),
-            warm_wob: std::env::var("DSV4_CUDA_WARM_WOB")
-                .map_or(0, |v| v.parse().unwrap_or(0).min(1024)),
+            warm_next: AtomicUsize::new(warm_blocks("DSV4_CUDA_WARM_NEXT")),
+            warm_wo: AtomicUsize::new(warm_blocks("DSV4_CUDA_WARM_WO")),
+            warm_wob: AtomicUsize::new(warm_blocks("DSV4_CUDA_WARM_WOB")),
             numerics: model.numerics,
             multi_gemv: std::env::var("DSV4_CUDA_MULTI").map_or(true, |v| v != "0"),
             tc,
@@ -696,6 +693,16 @@ impl CudaModel {
     /// 1–3 as [`CudaModel::set_l2_warm`]).
     pub fn set_l2_warm_qb(&self, mode: usize) {
         self.warm_qb.store(mode.min(3), Ordering::Relaxed);
+        self.drop_graphs();
+    }
+
+    /// Sets the blocks of the L2 warming reads on the warm stream (0 off; as
+    /// `DSV4_CUDA_WARM_NEXT`, `_WO`, `_WOB`): the next layer's `wq_b` as each FFN half starts,
+    /// and the layer's `wo_a`, then `wo_b`, once `wq_b` is done. Reads change no result.
+    pub fn set_warm_reads(&self, next: usize, wo: usize, wob: usize) {
+        self.warm_next.store(next.min(1024), Ordering::Relaxed);
+        self.warm_wo.store(wo.min(1024), Ordering::Relaxed);
+        self.warm_wob.store(wob.min(1024), Ordering::Relaxed);
         self.drop_graphs();
     }
 
@@ -1150,7 +1157,7 @@ impl CudaModel {
     /// branches on), beside the FFN half about to run.
     fn warm_next_wq_b(&self, s: &Scratch, li: usize, t: usize) -> Result<()> {
         let next = self.weights.layers.get(li + 1).map(|l| &l.attn.wq_b);
-        self.warm_l2(s, next, t, self.warm_next)
+        self.warm_l2(s, next, t, self.warm_next.load(Ordering::Relaxed))
     }
 
     /// Reads `w`'s weight codes into L2 with `blocks` blocks on the warm stream, starting once
@@ -1601,8 +1608,8 @@ impl CudaModel {
         };
         self.dense_q(s, &a.wq_b, &qrin, qnorm, s.q.ptr, h * dh)?;
         if per_seq.is_none() {
-            self.warm_l2(s, Some(&a.wo_a), t, self.warm_wo)?;
-            self.warm_l2(s, Some(&a.wo_b), t, self.warm_wob)?;
+            self.warm_l2(s, Some(&a.wo_a), t, self.warm_wo.load(Ordering::Relaxed))?;
+            self.warm_l2(s, Some(&a.wo_b), t, self.warm_wob.load(Ordering::Relaxed))?;
         }
         // The query heads (no weight) and the key row: one launch.
         let heads = ops::NormRows {
@@ -2511,6 +2518,12 @@ fn ffn_path_of(code: u8) -> crate::moe_ffn::FfnPath {
         0 | 1 => crate::moe_ffn::FfnPath::Two { early: code == 1 },
         _ => crate::moe_ffn::FfnPath::One,
     }
+}
+
+/// Blocks of an L2 warming read from the environment variable `var` (0 when unset or not a
+/// number; at most 1024).
+fn warm_blocks(var: &str) -> usize {
+    std::env::var(var).map_or(0, |v| v.parse().unwrap_or(0).min(1024))
 }
 
 /// What a latency-bound kernel warms into L2 for the product `w` that follows it (`warm_l2`
