@@ -252,10 +252,14 @@ fn plan(src: &Source, config: &ModelConfig, recipe: &Recipe) -> Result<Vec<Work>
         let (rows, cols) = (w.shape[0], w.shape[1]);
         let (format, inp) = match (w.dtype, &scale) {
             (DType::F8E4M3, Some(s)) => {
-                let [bo, bi] = block.unwrap_or([
-                    rows.div_ceil(s.shape[0].max(1)),
-                    cols.div_ceil(s.shape.get(1).copied().unwrap_or(1).max(1)),
-                ]);
+                let [bo, bi] = block.unwrap_or_else(|| {
+                    crate::cpu::linear::fp8_block_from_grid(
+                        rows,
+                        cols,
+                        s.shape[0],
+                        s.shape.get(1).copied().unwrap_or(1),
+                    )
+                });
                 if s.shape != [rows.div_ceil(bo), cols.div_ceil(bi)] {
                     return Err(Error::tensor(
                         &s.name,

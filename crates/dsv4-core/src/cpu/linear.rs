@@ -180,6 +180,24 @@ fn param_row(t: &Tensor, o: usize, g: usize) -> Params<'_> {
     }
 }
 
+/// The FP8 block shape of a `[out, inp]` weight whose config names none, from its scale grid
+/// `[sr, sc]`: per dimension DeepSeek's 128 wherever that grid fits it (the last block partial,
+/// as the official checkpoints store edges), else the smallest block that gives the grid.
+/// (1000 rows over 8 scale rows are 128-row blocks, not 125-row ones.)
+pub fn fp8_block_from_grid(out: usize, inp: usize, sr: usize, sc: usize) -> [usize; 2] {
+    let dim = |n: usize, g: usize| {
+        if n.div_ceil(FP8_STD_BLOCK) == g {
+            FP8_STD_BLOCK
+        } else {
+            n.div_ceil(g.max(1)).max(1)
+        }
+    };
+    [dim(out, sr), dim(inp, sc)]
+}
+
+/// The FP8 block edge DeepSeek's checkpoints use.
+const FP8_STD_BLOCK: usize = 128;
+
 /// A weight matrix `[out, in]` applied as `y = W x`.
 #[derive(Clone, Debug)]
 pub struct Linear {
@@ -230,7 +248,7 @@ impl Linear {
                     )));
                 }
                 let (sr, sc) = (scale.shape[0], scale.shape[1]);
-                let [bo, bi] = block.unwrap_or([out.div_ceil(sr.max(1)), inp.div_ceil(sc.max(1))]);
+                let [bo, bi] = block.unwrap_or_else(|| fp8_block_from_grid(out, inp, sr, sc));
                 if sr != out.div_ceil(bo) || sc != inp.div_ceil(bi) {
                     return Err(scale.err(format!(
                         "FP8 scale grid {:?} does not fit weight [{out}, {inp}] with {bo}x{bi} blocks (expected [{}, {}])",
@@ -875,6 +893,44 @@ mod tests {
         v.into_iter()
             .map(|(l, m)| (l.clone(), m.unwrap_or_else(|e| panic!("{l}: {e}"))))
             .collect()
+    }
+
+    /// Without a block size from the config, an FP8 weight's scale grid is read with 128 ×
+    /// 128 blocks wherever the grid fits them (edge blocks partial), and with the smallest
+    /// block that gives the grid otherwise.
+    #[test]
+    fn fp8_blocks_inferred_from_the_scale_grid() {
+        // Every code 1.0 (e4m3 0x38); block (r, c) scaled by 2^(r * 4 + c).
+        let fp8 = |out: usize, inp: usize, sr: usize, sc: usize| {
+            let w = tensor(DType::F8E4M3, vec![out, inp], vec![0x38; out * inp]);
+            let scales = (0..sr * sc)
+                .map(|i| 127 + ((i / sc) * 4 + i % sc) as u8)
+                .collect();
+            let s = tensor(DType::F8E8M0, vec![sr, sc], scales);
+            Linear::new(&w, Some(&s), out, inp, None).expect("FP8 linear")
+        };
+        let scale_at = |lin: &Linear, o: usize, i: usize| {
+            let mut row = vec![0f32; lin.inp];
+            lin.row_f32(o, &mut row);
+            row[i].log2() as usize
+        };
+        // 1000 × 300 over [8, 3]: 128-blocks (125 × 100 would give the same grid).
+        let lin = fp8(1000, 300, 8, 3);
+        for (o, i, r, c) in [
+            (0, 0, 0, 0),
+            (125, 100, 0, 0),
+            (128, 128, 1, 1),
+            (999, 299, 7, 2),
+        ] {
+            assert_eq!(scale_at(&lin, o, i), r * 4 + c, "[{o}, {i}]");
+        }
+        // 64 × 64 over [2, 2]: 128 does not give that grid, so 32 × 32.
+        let lin = fp8(64, 64, 2, 2);
+        for (o, i, r, c) in [(31, 31, 0, 0), (32, 0, 1, 0), (0, 63, 0, 1)] {
+            assert_eq!(scale_at(&lin, o, i), r * 4 + c, "[{o}, {i}]");
+        }
+        assert_eq!(fp8_block_from_grid(32, 160, 1, 2), [128, 128]);
+        assert_eq!(fp8_block_from_grid(300, 5, 10, 1), [30, 128]);
     }
 
     fn same(a: &[f32], b: &[f32]) -> bool {
