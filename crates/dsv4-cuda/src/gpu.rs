@@ -103,21 +103,10 @@ pub struct Gpu {
     /// stream, a parallel branch of the captured graph; `DSV4_CUDA_BRANCHES=0` or
     /// [`Gpu::set_branches`] keeps everything on one stream.
     branches: AtomicBool,
-    side: Arc<CudaStream>,
-    fork_ev: CudaEvent,
-    join_ev: CudaEvent,
-    /// Launches and copies go to the side stream (inside [`Gpu::on_side`]). One flag for the
-    /// `Gpu`: a model queues work from one thread at a time (the server's engine thread).
-    on_side: AtomicBool,
-    /// Work queued on the side stream since the last [`Gpu::join_side`].
-    side_pending: AtomicBool,
+    side: Branch,
     /// A third stream for work nothing waits on until the step ends (L2 warming reads of
     /// weights a later kernel streams: [`Gpu::on_warm`], [`Gpu::join_warm`]).
-    warm: Arc<CudaStream>,
-    warm_fork_ev: CudaEvent,
-    warm_join_ev: CudaEvent,
-    on_warm: AtomicBool,
-    warm_pending: AtomicBool,
+    warm: Branch,
     /// Page-locked staging for results read back (the logits), grown on demand up to
     /// [`PINNED_MAX_FLOATS`]: the copy runs at full PCIe speed and the caller copies it once.
     pinned: Mutex<Option<PinnedHostSlice<f32>>>,
@@ -127,6 +116,65 @@ pub struct Gpu {
     /// kernel (`DSV4_CUDA_CARVEOUT`). An SM changes its carveout only when idle, so kernels
     /// that prefer different splits cannot overlap under programmatic dependent launch.
     carveout: Option<i32>,
+}
+
+/// A stream that forks from the main stream and joins it again: a parallel branch of a
+/// captured graph.
+struct Branch {
+    stream: Arc<CudaStream>,
+    fork_ev: CudaEvent,
+    join_ev: CudaEvent,
+    /// Launches and copies go to this stream (inside [`Branch::run`]). One flag per branch:
+    /// a model queues work from one thread at a time (the server's engine thread).
+    active: AtomicBool,
+    /// Work queued here since the last [`Branch::join`].
+    pending: AtomicBool,
+}
+
+impl Branch {
+    fn new(ctx: &Arc<CudaContext>) -> Result<Self> {
+        let event = || ctx.new_event(None).map_err(drv("creating an event"));
+        Ok(Branch {
+            stream: ctx.new_stream().map_err(drv("creating a stream"))?,
+            fork_ev: event()?,
+            join_ev: event()?,
+            active: AtomicBool::new(false),
+            pending: AtomicBool::new(false),
+        })
+    }
+
+    /// Runs `f` with its work queued here, after everything queued on `main` so far.
+    fn run<R>(&self, main: &CudaStream, f: impl FnOnce() -> Result<R>) -> Result<R> {
+        self.fork_ev
+            .record(main)
+            .map_err(drv("recording an event"))?;
+        self.stream
+            .wait(&self.fork_ev)
+            .map_err(drv("waiting for an event"))?;
+        // Back on the main stream however `f` ends (an error, or a panic the caller survives).
+        struct Back<'a>(&'a Branch);
+        impl Drop for Back<'_> {
+            fn drop(&mut self) {
+                self.0.active.store(false, Ordering::Relaxed);
+                self.0.pending.store(true, Ordering::Relaxed);
+            }
+        }
+        let _back = Back(self);
+        self.active.store(true, Ordering::Relaxed);
+        f()
+    }
+
+    /// Makes `main`'s next work wait for what was queued here.
+    fn join(&self, main: &CudaStream) -> Result<()> {
+        if self.pending.swap(false, Ordering::Relaxed) {
+            self.join_ev
+                .record(&self.stream)
+                .map_err(drv("recording an event"))?;
+            main.wait(&self.join_ev)
+                .map_err(drv("waiting for an event"))?;
+        }
+        Ok(())
+    }
 }
 
 /// Largest read-back staged in page-locked memory (64 MB: 128 rows of Flash's vocabulary);
@@ -194,11 +242,7 @@ impl Gpu {
         // stream cannot be captured.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(drv("creating a stream"))?;
-        let side = ctx.new_stream().map_err(drv("creating a stream"))?;
-        let warm = ctx.new_stream().map_err(drv("creating a stream"))?;
-        let event = || ctx.new_event(None).map_err(drv("creating an event"));
-        let (fork_ev, join_ev) = (event()?, event()?);
-        let (warm_fork_ev, warm_join_ev) = (event()?, event()?);
+        let (side, warm) = (Branch::new(&ctx)?, Branch::new(&ctx)?);
         // DSV4_CUDA_FATBIN swaps in another build of the kernels (same argument layouts), so
         // kernel variants can be compared under one binary.
         let fatbin = match std::env::var_os("DSV4_CUDA_FATBIN") {
@@ -264,15 +308,7 @@ impl Gpu {
                 std::env::var("DSV4_CUDA_BRANCHES").map_or(true, |v| v != "0"),
             ),
             side,
-            fork_ev,
-            join_ev,
-            on_side: AtomicBool::new(false),
-            side_pending: AtomicBool::new(false),
             warm,
-            warm_fork_ev,
-            warm_join_ev,
-            on_warm: AtomicBool::new(false),
-            warm_pending: AtomicBool::new(false),
             pinned: Mutex::new(None),
             pinned_on: std::env::var("DSV4_CUDA_PINNED").map_or(true, |v| v != "0"),
             carveout: env_num("DSV4_CUDA_CARVEOUT", |p| (0..=100).contains(p)),
@@ -437,7 +473,7 @@ impl Gpu {
 
     /// Whether work is being queued on the side stream (inside [`Gpu::on_side`]).
     pub fn is_on_side(&self) -> bool {
-        self.on_side.load(Ordering::Relaxed)
+        self.side.active.load(Ordering::Relaxed)
     }
 
     /// Makes the context current on the calling thread (the server's engine thread is not the
@@ -448,12 +484,13 @@ impl Gpu {
             .map_err(drv("binding the CUDA context"))
     }
 
-    /// The stream work is queued on now: the side stream inside [`Gpu::on_side`].
+    /// The stream work is queued on now: the side stream inside [`Gpu::on_side`], the warm
+    /// stream inside [`Gpu::on_warm`].
     fn cur(&self) -> sys::CUstream {
-        if self.on_warm.load(Ordering::Relaxed) {
-            self.warm.cu_stream()
-        } else if self.on_side.load(Ordering::Relaxed) {
-            self.side.cu_stream()
+        if self.warm.active.load(Ordering::Relaxed) {
+            self.warm.stream.cu_stream()
+        } else if self.side.active.load(Ordering::Relaxed) {
+            self.side.stream.cu_stream()
         } else {
             self.stream.cu_stream()
         }
@@ -463,36 +500,12 @@ impl Gpu {
     /// beside what is queued next, until [`Gpu::join_side`] makes the main stream wait for
     /// them. (Under capture this is a parallel branch of the graph.)
     pub fn on_side<R>(&self, f: impl FnOnce() -> Result<R>) -> Result<R> {
-        self.fork_ev
-            .record(&self.stream)
-            .map_err(drv("recording an event"))?;
-        self.side
-            .wait(&self.fork_ev)
-            .map_err(drv("waiting for an event"))?;
-        // Back on the main stream however `f` ends (an error, or a panic the caller survives).
-        struct Back<'a>(&'a Gpu);
-        impl Drop for Back<'_> {
-            fn drop(&mut self) {
-                self.0.on_side.store(false, Ordering::Relaxed);
-                self.0.side_pending.store(true, Ordering::Relaxed);
-            }
-        }
-        let _back = Back(self);
-        self.on_side.store(true, Ordering::Relaxed);
-        f()
+        self.side.run(&self.stream, f)
     }
 
     /// Makes the main stream's next work wait for the side stream's.
     pub fn join_side(&self) -> Result<()> {
-        if self.side_pending.swap(false, Ordering::Relaxed) {
-            self.join_ev
-                .record(&self.side)
-                .map_err(drv("recording an event"))?;
-            self.stream
-                .wait(&self.join_ev)
-                .map_err(drv("waiting for an event"))?;
-        }
-        Ok(())
+        self.side.join(&self.stream)
     }
 
     /// Queues `f`'s launches on the warm stream, after everything queued on the main stream so
@@ -500,35 +513,12 @@ impl Gpu {
     /// only effect is on caches, which must not hold up the main or side stream's joins.
     pub fn on_warm<R>(&self, f: impl FnOnce() -> Result<R>) -> Result<R> {
         debug_assert!(!self.is_on_side(), "on_warm inside on_side");
-        self.warm_fork_ev
-            .record(&self.stream)
-            .map_err(drv("recording an event"))?;
-        self.warm
-            .wait(&self.warm_fork_ev)
-            .map_err(drv("waiting for an event"))?;
-        struct Back<'a>(&'a Gpu);
-        impl Drop for Back<'_> {
-            fn drop(&mut self) {
-                self.0.on_warm.store(false, Ordering::Relaxed);
-                self.0.warm_pending.store(true, Ordering::Relaxed);
-            }
-        }
-        let _back = Back(self);
-        self.on_warm.store(true, Ordering::Relaxed);
-        f()
+        self.warm.run(&self.stream, f)
     }
 
     /// Makes the main stream's next work wait for the warm stream's.
     pub fn join_warm(&self) -> Result<()> {
-        if self.warm_pending.swap(false, Ordering::Relaxed) {
-            self.warm_join_ev
-                .record(&self.warm)
-                .map_err(drv("recording an event"))?;
-            self.stream
-                .wait(&self.warm_join_ev)
-                .map_err(drv("waiting for an event"))?;
-        }
-        Ok(())
+        self.warm.join(&self.stream)
     }
 
     /// Waits for all queued work; reports asynchronous kernel faults.
