@@ -30,9 +30,9 @@ __device__ __forceinline__ void norm_row(float* row, const float* w, int width, 
     }
 }
 
-// Weights of a later product read into L2 (`warm_reads`) by a side-stream launch of a few small
-// blocks (no shared memory, so it fits beside any kernel of the chain). Reads weights only, so it
-// never waits for the kernel before it.
+// Weights of a later product read into L2 (`warm_reads`) by a launch of a few small blocks on
+// the warm stream (`Gpu::on_warm`); no shared memory, so it fits beside any kernel of the
+// chain. Reads weights only, so it never waits for the kernel before it.
 extern "C" __global__ void l2_warm_reads(const unsigned char* p, unsigned long long bytes, float* sink) {
     pdl_launch();
     warm_reads(p, bytes, true, sink);

@@ -539,8 +539,7 @@ fn normed_products_match_norm_then_product() {
         &gpu,
         &[
             (F::Fp8, 4096, 1024),
-            // (Rows in whole 128-row scale blocks: the loader infers the block height from
-            // the scale grid, so 1000 rows would read as blocks of 125.)
+            // (Rows in whole 128-row scale blocks.)
             (F::Fp8, 1152, 2048),
             (F::Fp8, 256, 4096),
             (F::Fp8, 64, 8192),
