@@ -10,7 +10,8 @@
 // only N SMs (how long the warming takes, and the full read after). Last, whether a matrix
 // warmed with the evict-last priority survives the stream a decode step runs meanwhile (100 MB of
 // evict-first copies, as the FFN half's weights pass), warmed by the ring on a third of the SMs
-// or by plain loads from a few small blocks (a side-stream kernel that fits beside any other).
+// or by plain loads from a few small blocks (the retired engine warming: a kernel on a stream of
+// its own that fit beside any other, measured slower in a decode step).
 //   nvcc -std=c++17 -O3 -arch=sm_90a -Icrates/dsv4-cuda/kernels -o l2_bulk tools/gpu/l2_bulk.cu && ./l2_bulk
 #include <cstdint>
 #include <cstdio>
@@ -41,8 +42,41 @@ __global__ void prefetch_lines(const uint8_t* p, size_t bytes, int mode) {
     }
 }
 
-// The engine's L2 warming (`warm_reads` in kernels/common.cuh, launched by `l2_warm_reads`):
-// evict-last (`hint` 2) or no priority; its time in stamps as `ring` records it.
+// Real reads of [p, p + bytes) into L2 by the whole grid, while the kernels beside it leave the
+// HBM idle: one 4-byte load per 32-byte sector, eight in flight per thread, with the evict-last
+// priority when `evict_last`. Only the lines they leave in L2 matter, but ptxas drops loads
+// whose values nothing uses (an empty asm is not a use): they are folded into a store to `sink`
+// that never happens in practice (a null `sink`: never at all). (The retired engine warming's
+// loop, `l2_warm_reads` on a third stream: measured slower in a decode step, and removed.)
+__device__ __forceinline__ void warm_reads(const unsigned char* p, unsigned long long bytes, bool evict_last,
+                                           float* sink) {
+    uint64_t policy;
+    asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(policy));
+    const unsigned long long sectors = bytes / 32, threads = (unsigned long long)gridDim.x * blockDim.x;
+    uint32_t acc = 0;
+    for (unsigned long long q0 = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; q0 < sectors;
+         q0 += 8 * threads) {
+        uint32_t v[8];
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            const unsigned long long q = q0 + i * threads;
+            v[i] = 0;
+            if (q >= sectors) continue;
+            if (evict_last)
+                asm volatile("ld.global.L1::no_allocate.L2::cache_hint.b32 %0, [%1], %2;"
+                             : "=r"(v[i])
+                             : "l"(p + q * 32), "l"(policy));
+            else
+                asm volatile("ld.global.L1::no_allocate.b32 %0, [%1];" : "=r"(v[i]) : "l"(p + q * 32));
+        }
+#pragma unroll
+        for (int i = 0; i < 8; i++) acc ^= v[i];
+    }
+    if (acc == 0x9e3779b9u && sink) *sink = (float)acc;
+}
+
+// `warm_reads` as a kernel of its own (as the retired engine warming launched it): evict-last
+// (`hint` 2) or no priority; its time in stamps as `ring` records it.
 __global__ void warm_loads(const uint8_t* p, size_t bytes, int hint, float* sink, unsigned long long* stamps) {
     if (threadIdx.x == 0) atomicMin(&stamps[0], now_ns());
     warm_reads(p, bytes, hint == 2, sink);

@@ -28,13 +28,8 @@ struct AttnArgs {
     const int* positions;  // [T] with `seqs`
     int32_t T, H, dh, win, pos0, ratio, n_entries, sel_cap;
     float scale;
-    // Weights of the product after the attention (`wo_a`), warmed into L2 as the blocks start
-    // (`warm_l2`; mode 0: not).
-    const unsigned char* warm;
-    unsigned long long warm_bytes;
-    int32_t warm_mode;
 };
-static_assert(sizeof(AttnArgs) == 144, "AttnArgs: the layout of ops::AttnArgs");
+static_assert(sizeof(AttnArgs) == 120, "AttnArgs: the layout of ops::AttnArgs");
 
 // The caches token t attends to: the call's sequence, or its own (`seqs`).
 struct AttnView {
@@ -174,9 +169,7 @@ __device__ __forceinline__ void attention_partial_impl(const AttnArgs& a, float*
 }
 
 extern "C" __global__ void __launch_bounds__(256) attention_partial(AttnArgs a, float* part, int nsplit) {
-    pdl_launch();
-    warm_l2(a.warm, a.warm_bytes, a.warm_mode);  // weights: written by no kernel
-    pdl_wait();
+    pdl_entry();
     if (a.dh == ATT_DMAX) attention_partial_impl<ATT_DMAX>(a, part, nsplit);
     else attention_partial_impl<0>(a, part, nsplit);
 }

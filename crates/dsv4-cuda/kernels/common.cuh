@@ -110,66 +110,6 @@ __device__ __forceinline__ void pdl_entry() {
     pdl_wait();
 }
 
-// Upcoming weights into L2 while a latency-bound kernel leaves the HBM idle: this block's share
-// of [p, p + bytes) (the grid's blocks split it evenly), issued before the kernel waits for its
-// inputs. Nothing waits on them; the product that reads the weights next finds in L2 what
-// arrived (bulk copies stream up to 32 MB out of L2 at ~6 TB/s on an H100, tools/gpu/l2_bulk.cu).
-// mode 1: `prefetch.global.L2` per 128-byte line; 2: the same with the evict-last priority;
-// 3: bulk prefetches (`cp.async.bulk.prefetch.L2`) of up to 64 KB; 0 or a null p: nothing.
-__device__ __forceinline__ void warm_l2(const unsigned char* p, unsigned long long bytes, int mode) {
-    if (!p || mode <= 0) return;
-    const unsigned long long nb = (unsigned long long)gridDim.x * gridDim.y * gridDim.z;
-    const unsigned long long b =
-        blockIdx.x + (unsigned long long)gridDim.x * (blockIdx.y + (unsigned long long)gridDim.y * blockIdx.z);
-    if (mode == 3) {
-        const unsigned long long units = bytes / 16, lo = units * b / nb * 16, hi = units * (b + 1) / nb * 16;
-        for (unsigned long long o = lo + threadIdx.x * 65536ull; o < hi; o += blockDim.x * 65536ull) {
-            const unsigned n = (unsigned)(hi - o < 65536ull ? hi - o : 65536ull);
-            asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p + o), "r"(n) : "memory");
-        }
-        return;
-    }
-    // Whole lines only (a partial last line is left out rather than read past the buffer).
-    const unsigned long long lines = bytes / 128, lo = lines * b / nb, hi = lines * (b + 1) / nb;
-    for (unsigned long long l = lo + threadIdx.x; l < hi; l += blockDim.x) {
-        if (mode == 2) asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(p + l * 128) : "memory");
-        else asm volatile("prefetch.global.L2 [%0];" ::"l"(p + l * 128) : "memory");
-    }
-}
-
-// Real reads of [p, p + bytes) into L2 by the whole grid, while the kernels beside it leave the
-// HBM idle: one 4-byte load per 32-byte sector, eight in flight per thread, with the evict-last
-// priority when `evict_last`. Only the lines they leave in L2 matter, but ptxas drops loads
-// whose values nothing uses (an empty asm is not a use): they are folded into a store to `sink`
-// that never happens in practice (a null `sink`: never at all).
-// (`l2_warm_reads`, tools/gpu/l2_bulk.cu.)
-__device__ __forceinline__ void warm_reads(const unsigned char* p, unsigned long long bytes, bool evict_last,
-                                           float* sink) {
-    uint64_t policy;
-    asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(policy));
-    const unsigned long long sectors = bytes / 32, threads = (unsigned long long)gridDim.x * blockDim.x;
-    uint32_t acc = 0;
-    for (unsigned long long q0 = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; q0 < sectors;
-         q0 += 8 * threads) {
-        uint32_t v[8];
-#pragma unroll
-        for (int i = 0; i < 8; i++) {
-            const unsigned long long q = q0 + i * threads;
-            v[i] = 0;
-            if (q >= sectors) continue;
-            if (evict_last)
-                asm volatile("ld.global.L1::no_allocate.L2::cache_hint.b32 %0, [%1], %2;"
-                             : "=r"(v[i])
-                             : "l"(p + q * 32), "l"(policy));
-            else
-                asm volatile("ld.global.L1::no_allocate.b32 %0, [%1];" : "=r"(v[i]) : "l"(p + q * 32));
-        }
-#pragma unroll
-        for (int i = 0; i < 8; i++) acc ^= v[i];
-    }
-    if (acc == 0x9e3779b9u && sink) *sink = (float)acc;
-}
-
 // 2^e as a float, for e in -126..127 (a normal float: no subnormal, no overflow).
 __device__ __forceinline__ float exp2i(int e) { return __uint_as_float((uint32_t)(127 + e) << 23); }
 

@@ -30,14 +30,6 @@ __device__ __forceinline__ void norm_row(float* row, const float* w, int width, 
     }
 }
 
-// Weights of a later product read into L2 (`warm_reads`) by a launch of a few small blocks on
-// the warm stream (`Gpu::on_warm`); no shared memory, so it fits beside any kernel of the
-// chain. Reads weights only, so it never waits for the kernel before it.
-extern "C" __global__ void l2_warm_reads(const unsigned char* p, unsigned long long bytes, float* sink) {
-    pdl_launch();
-    warm_reads(p, bytes, true, sink);
-}
-
 // x[row] <- x[row] / sqrt(mean(x[row]^2) + eps) (* w when given); one block per row.
 extern "C" __global__ void rms_norm(float* x, const float* w, int width, float eps) {
     pdl_entry();
@@ -203,13 +195,8 @@ struct HcArgs {
     float* rinv;           // [T]                     is left to hc_mix (post and comb only)
     int32_t n, d, iters, S, k, rw_inside;
     float hc_eps, norm_eps;
-    // Weights of a product after the boundary (`wq_b`), warmed into L2 as the blocks start
-    // (`warm_l2`; mode 0: not).
-    const unsigned char* warm;
-    unsigned long long warm_bytes;
-    int32_t warm_mode, pad_;
 };
-static_assert(sizeof(HcArgs) == 184, "HcArgs: the layout of ops::HcArgs");
+static_assert(sizeof(HcArgs) == 160, "HcArgs: the layout of ops::HcArgs");
 
 // Stream i's value of column j of token t after the post-mix of the block that ran
 // (x <- post·f + combᵀ·x, f plus the routed experts' weighted outputs when eout is given), or
@@ -260,7 +247,6 @@ extern "C" __global__ void __launch_bounds__(HC_THREADS) hc_boundary(HcArgs a) {
 #pragma unroll
     for (int r = 0; r < HC_MAX_ROWS - 1; r++)
         w[r] = (on && r < rows) ? __ldg(a.fn + (size_t)r * n * d + col) : 0.f;
-    warm_l2(a.warm, a.warm_bytes, a.warm_mode);  // weights: written by no kernel
     pdl_wait();
     float* x = a.x + (size_t)t * n * d;
     const float v = on ? hc_post_cell(a, x, t, i, j) : 0.f;
@@ -453,7 +439,6 @@ extern "C" __global__ void __launch_bounds__(HC_CL_THREADS, 1) hc_boundary_clust
         w[r] = (on && r < rows) ? __ldg(a.fn + (size_t)r * n * d + col) : 0.f;
     const float g = tid < cols ? __ldg(a.norm_w + j) : 0.f;
     HC_STAMP(1, w[HC_CL_ROWS - 1] + g);
-    warm_l2(a.warm, a.warm_bytes, a.warm_mode);  // weights: written by no kernel
     pdl_wait();
     HC_STAMP(2, 0.f);
     float* x = a.x + (size_t)t * n * d;

@@ -104,9 +104,6 @@ pub struct Gpu {
     /// [`Gpu::set_branches`] keeps everything on one stream.
     branches: AtomicBool,
     side: Branch,
-    /// A third stream for work nothing waits on until the step ends (L2 warming reads of
-    /// weights a later kernel streams: [`Gpu::on_warm`], [`Gpu::join_warm`]).
-    warm: Branch,
     /// Page-locked staging for results read back (the logits), grown on demand up to
     /// [`PINNED_MAX_FLOATS`]: the copy runs at full PCIe speed and the caller copies it once.
     pinned: Mutex<Option<PinnedHostSlice<f32>>>,
@@ -242,7 +239,7 @@ impl Gpu {
         // stream cannot be captured.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(drv("creating a stream"))?;
-        let (side, warm) = (Branch::new(&ctx)?, Branch::new(&ctx)?);
+        let side = Branch::new(&ctx)?;
         // DSV4_CUDA_FATBIN swaps in another build of the kernels (same argument layouts), so
         // kernel variants can be compared under one binary.
         let fatbin = match std::env::var_os("DSV4_CUDA_FATBIN") {
@@ -308,7 +305,6 @@ impl Gpu {
                 std::env::var("DSV4_CUDA_BRANCHES").map_or(true, |v| v != "0"),
             ),
             side,
-            warm,
             pinned: Mutex::new(None),
             pinned_on: std::env::var("DSV4_CUDA_PINNED").map_or(true, |v| v != "0"),
             carveout: env_num("DSV4_CUDA_CARVEOUT", |p| (0..=100).contains(p)),
@@ -484,12 +480,9 @@ impl Gpu {
             .map_err(drv("binding the CUDA context"))
     }
 
-    /// The stream work is queued on now: the side stream inside [`Gpu::on_side`], the warm
-    /// stream inside [`Gpu::on_warm`].
+    /// The stream work is queued on now: the side stream inside [`Gpu::on_side`].
     fn cur(&self) -> sys::CUstream {
-        if self.warm.active.load(Ordering::Relaxed) {
-            self.warm.stream.cu_stream()
-        } else if self.side.active.load(Ordering::Relaxed) {
+        if self.side.active.load(Ordering::Relaxed) {
             self.side.stream.cu_stream()
         } else {
             self.stream.cu_stream()
@@ -508,23 +501,9 @@ impl Gpu {
         self.side.join(&self.stream)
     }
 
-    /// Queues `f`'s launches on the warm stream, after everything queued on the main stream so
-    /// far; nothing waits for them until [`Gpu::join_warm`] (the end of a step). For work whose
-    /// only effect is on caches, which must not hold up the main or side stream's joins.
-    pub fn on_warm<R>(&self, f: impl FnOnce() -> Result<R>) -> Result<R> {
-        debug_assert!(!self.is_on_side(), "on_warm inside on_side");
-        self.warm.run(&self.stream, f)
-    }
-
-    /// Makes the main stream's next work wait for the warm stream's.
-    pub fn join_warm(&self) -> Result<()> {
-        self.warm.join(&self.stream)
-    }
-
     /// Waits for all queued work; reports asynchronous kernel faults.
     pub fn sync(&self) -> Result<()> {
         self.join_side()?;
-        self.join_warm()?;
         self.stream
             .synchronize()
             .map_err(drv("a GPU kernel failed"))
@@ -541,7 +520,6 @@ impl Gpu {
     /// Ends a capture; the graph replays the recorded launches with their recorded arguments.
     pub fn end_capture(&self) -> Result<CudaGraph> {
         self.join_side()?;
-        self.join_warm()?;
         self.stream
             .end_capture(sys::CUgraphInstantiate_flags(0))
             .map_err(drv("instantiating a CUDA graph"))?

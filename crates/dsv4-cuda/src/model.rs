@@ -6,10 +6,7 @@
 use crate::gpu::{DevBuf, Gpu};
 use crate::ops::{self, AttnArgs, LinIn, LinJob, MoeArgs, Partial, Pos, RopeDev};
 use crate::state::{CompState, GpuSeq, LayerState, SeqLayerPtrs};
-use crate::weights::{
-    bulk_row_bytes, Ends, Fmt, GpuCompressor, GpuHc, GpuLayer, GpuLinear, GpuRouter, GpuVec,
-    GpuWeights,
-};
+use crate::weights::{Ends, Fmt, GpuCompressor, GpuHc, GpuLayer, GpuRouter, GpuVec, GpuWeights};
 use crate::{Error, Result};
 use cudarc::driver::CudaGraph;
 use dsv4_core::config::AttnKind;
@@ -331,14 +328,6 @@ pub struct CudaModel {
     /// the layer's kind can have (`attend_seqs`; `DSV4_CUDA_ATTN_CAP=0`: splits for the SMs
     /// only, most of them empty in sliding-window and CSA layers).
     attn_split_cap: bool,
-    /// How a decode step's attention warms `wo_a`'s weights into L2 while it runs (`warm_l2`
-    /// in kernels/common.cuh: 1 line prefetches, 2 evict-last line prefetches, 3 bulk
-    /// prefetches; `DSV4_CUDA_WARM=N`, 0 off).
-    warm_mode: AtomicUsize,
-    /// How the boundary before a decode step's attention warms `wq_b` into L2 (0 off, 1–3 as
-    /// `warm_mode`; `DSV4_CUDA_WARM_QB`): the HBM idles through the boundary but for the
-    /// projections of h.
-    warm_qb: AtomicUsize,
     /// Whether a decode step's indexer queries stream on the main stream before `wq_b`, with
     /// the compressors queued on the side stream right after the projections of h
     /// (`DSV4_CUDA_INDEX_FIRST=0`: the queries, compressors and selection all on the side
@@ -359,16 +348,6 @@ pub struct CudaModel {
     /// (`DSV4_CUDA_QNORM_FUSED=1`; off until measured: stop 20's fold of the norm into `wq_b`
     /// was neutral, its weight stream already overlapping the norm).
     qnorm_fused: AtomicBool,
-    /// A measurement knob (`DSV4_CUDA_WARM_NEXT=N`, 0 off): a one-token step reads the next
-    /// layer's `wq_b` into L2 (evict-last) on the warm stream ([`Gpu::on_warm`]) as each FFN
-    /// half starts, by N blocks of `l2_warm_reads`, so that `wq_b` could stream out of L2
-    /// (stop 34: the FFN half leaves the HBM half idle until its picks are known).
-    warm_next: AtomicUsize,
-    /// The same for the layer's own `wo_a` once `wq_b` is done, beside the attention's
-    /// latency chain (`DSV4_CUDA_WARM_WO=N`, 0 off).
-    warm_wo: AtomicUsize,
-    /// And `wo_b` after it on the warm stream (`DSV4_CUDA_WARM_WOB=N`, 0 off).
-    warm_wob: AtomicUsize,
     /// The arithmetic followed (the CPU model's profile).
     numerics: Numerics,
     /// Whether a decode step's projections of one input share a launch (`DSV4_CUDA_MULTI=0`
@@ -553,12 +532,6 @@ impl CudaModel {
                 .unwrap_or(crate::moe_ffn::SHARED_PRE),
             ffn_dyn_tiles: std::env::var("DSV4_CUDA_FFN_DYN").map_or(true, |v| v != "0"),
             attn_split_cap: std::env::var("DSV4_CUDA_ATTN_CAP").map_or(true, |v| v != "0"),
-            warm_mode: AtomicUsize::new(
-                std::env::var("DSV4_CUDA_WARM").map_or(0, |v| v.parse().unwrap_or(0).min(3)),
-            ),
-            warm_qb: AtomicUsize::new(
-                std::env::var("DSV4_CUDA_WARM_QB").map_or(0, |v| v.parse().unwrap_or(0).min(3)),
-            ),
             index_first: std::env::var("DSV4_CUDA_INDEX_FIRST").map_or(true, |v| v != "0"),
             route_fused: AtomicBool::new(
                 std::env::var("DSV4_CUDA_ROUTE_FUSED").map_or(true, |v| v != "0"),
@@ -572,9 +545,6 @@ impl CudaModel {
             qnorm_fused: AtomicBool::new(
                 std::env::var("DSV4_CUDA_QNORM_FUSED").is_ok_and(|v| v == "1"),
             ),
-            warm_next: AtomicUsize::new(warm_blocks("DSV4_CUDA_WARM_NEXT")),
-            warm_wo: AtomicUsize::new(warm_blocks("DSV4_CUDA_WARM_WO")),
-            warm_wob: AtomicUsize::new(warm_blocks("DSV4_CUDA_WARM_WOB")),
             numerics: model.numerics,
             multi_gemv: std::env::var("DSV4_CUDA_MULTI").map_or(true, |v| v != "0"),
             tc,
@@ -680,42 +650,6 @@ impl CudaModel {
             .store(on && self.hc_cluster_fits, Ordering::Relaxed);
         self.drop_graphs();
         self.hc_cluster_fits
-    }
-
-    /// Sets how a decode step's attention warms `wo_a` into L2 (0 off, 1–3 as
-    /// `DSV4_CUDA_WARM`; tests compare them: prefetches change no result).
-    pub fn set_l2_warm(&self, mode: usize) {
-        self.warm_mode.store(mode.min(3), Ordering::Relaxed);
-        self.drop_graphs();
-    }
-
-    /// Sets how the boundary before a decode step's attention warms `wq_b` into L2 (0 off,
-    /// 1–3 as [`CudaModel::set_l2_warm`]).
-    pub fn set_l2_warm_qb(&self, mode: usize) {
-        self.warm_qb.store(mode.min(3), Ordering::Relaxed);
-        self.drop_graphs();
-    }
-
-    /// Sets the blocks of the L2 warming reads on the warm stream (0 off; as
-    /// `DSV4_CUDA_WARM_NEXT`, `_WO`, `_WOB`): the next layer's `wq_b` as each FFN half starts,
-    /// and the layer's `wo_a`, then `wo_b`, once `wq_b` is done. Reads change no result.
-    pub fn set_warm_reads(&self, next: usize, wo: usize, wob: usize) {
-        self.warm_next.store(next.min(1024), Ordering::Relaxed);
-        self.warm_wo.store(wo.min(1024), Ordering::Relaxed);
-        self.warm_wob.store(wob.min(1024), Ordering::Relaxed);
-        self.drop_graphs();
-    }
-
-    /// `args` with `wo_a`'s weight codes to warm into L2 as the attention runs, if on.
-    fn warming(&self, args: &AttnArgs, wo_a: &GpuLinear) -> AttnArgs {
-        let (warm, warm_bytes, warm_mode) =
-            warm_target(Some(wo_a), self.warm_mode.load(Ordering::Relaxed));
-        AttnArgs {
-            warm,
-            warm_bytes,
-            warm_mode,
-            ..*args
-        }
     }
 
     /// Decode steps run independent work on a side stream ([`Gpu::on_side`]); off, everything
@@ -1108,8 +1042,7 @@ impl CudaModel {
         for (li, lw) in self.weights.layers.iter().enumerate() {
             if fused {
                 // (The previous layer's experts are combined into its output here.)
-                let warm = Some(&lw.attn.wq_b).filter(|_| t == 1);
-                self.hc_fused(s, li > 0, true, &lw.hc_attn, lw.attn_norm.ptr(), t, warm)?;
+                self.hc_fused(s, li > 0, true, &lw.hc_attn, lw.attn_norm.ptr(), t)?;
                 // Its Sinkhorn at once: the side stream is idle here (joined at the last
                 // layer's experts) and rejoins before the attention.
                 self.fork_mix(s, t)?;
@@ -1119,21 +1052,19 @@ impl CudaModel {
             }
             self.attention(s, lw, li, &mut per_seq, t)?;
             if fused {
-                self.hc_fused(s, true, false, &lw.hc_ffn, lw.ffn_norm.ptr(), t, None)?;
+                self.hc_fused(s, true, false, &lw.hc_ffn, lw.ffn_norm.ptr(), t)?;
             } else {
                 self.hc_post(s, t)?;
                 self.hc_pre(s, &lw.hc_ffn, t)?;
                 ops::rms_norm(g, s.h.ptr, lw.ffn_norm.ptr(), d, t, c.rms_norm_eps)?;
             }
             let boundary_combines = fused && li + 1 < layers;
-            self.warm_next_wq_b(s, li, t)?;
             self.moe(s, lw, t, !boundary_combines)?;
             if !boundary_combines {
                 self.hc_post(s, t)?;
             }
         }
         g.join_side()?;
-        g.join_warm()?;
         if head_rows.is_empty() {
             return Ok(());
         }
@@ -1151,27 +1082,6 @@ impl CudaModel {
             s.xg.ptr
         };
         self.head(s, xs, head_rows.len())
-    }
-
-    /// `DSV4_CUDA_WARM_NEXT`: the next layer's `wq_b` into L2 on the warm stream (one token,
-    /// branches on), beside the FFN half about to run.
-    fn warm_next_wq_b(&self, s: &Scratch, li: usize, t: usize) -> Result<()> {
-        let next = self.weights.layers.get(li + 1).map(|l| &l.attn.wq_b);
-        self.warm_l2(s, next, t, self.warm_next.load(Ordering::Relaxed))
-    }
-
-    /// Reads `w`'s weight codes into L2 with `blocks` blocks on the warm stream, starting once
-    /// the main stream's work queued so far is done (one token, branches on, `blocks` > 0).
-    fn warm_l2(&self, s: &Scratch, w: Option<&GpuLinear>, t: usize, blocks: usize) -> Result<()> {
-        if blocks == 0 || !s.branch || t != 1 {
-            return Ok(());
-        }
-        let (p, bytes, _) = warm_target(w, 1);
-        if bytes == 0 {
-            return Ok(());
-        }
-        let g = &*self.gpu;
-        g.on_warm(|| ops::l2_warm_reads(g, p, bytes, blocks))
     }
 
     /// Hyper-head, final norm and the vocabulary projection of `m` stream rows at `xs` into
@@ -1264,9 +1174,7 @@ impl CudaModel {
     /// A block boundary for `t <= HC_FUSED_TOKENS` tokens in one launch: with `post`, the block
     /// output `s.f` (plus the routed experts' outputs when `combine`, which `moe` then leaves
     /// out) mixed into the streams (as `hc_post`); then `hc_pre` of `hc` and the RMS norm
-    /// (weight `norm`) into `s.h`; its blocks warm `warm`'s weights into L2 as they start, when
-    /// `DSV4_CUDA_WARM_QB` says so.
-    #[allow(clippy::too_many_arguments)] // the boundary's parts; a struct would only rename them
+    /// (weight `norm`) into `s.h`.
     fn hc_fused(
         &self,
         s: &mut Scratch,
@@ -1275,7 +1183,6 @@ impl CudaModel {
         hc: &GpuHc,
         norm: u64,
         t: usize,
-        warm: Option<&GpuLinear>,
     ) -> Result<()> {
         let c = &self.config;
         let (d, n) = (c.hidden_size, c.hc_mult);
@@ -1288,8 +1195,6 @@ impl CudaModel {
         } else {
             (0, 0)
         };
-        let (warm_addr, warm_bytes, warm_mode) =
-            warm_target(warm, self.warm_qb.load(Ordering::Relaxed));
         let a = ops::HcArgs {
             x: s.x.ptr,
             f: if post { s.f.ptr } else { 0 },
@@ -1315,10 +1220,6 @@ impl CudaModel {
             rw_inside: self.numerics.act_quant() as i32,
             hc_eps: c.hc_eps,
             norm_eps: c.rms_norm_eps,
-            warm: warm_addr,
-            warm_bytes,
-            warm_mode,
-            pad: 0,
         };
         ops::hc_boundary(&self.gpu, &a, t, self.hc_cluster.load(Ordering::Relaxed))
     }
@@ -1607,10 +1508,6 @@ impl CudaModel {
             None
         };
         self.dense_q(s, &a.wq_b, &qrin, qnorm, s.q.ptr, h * dh)?;
-        if per_seq.is_none() {
-            self.warm_l2(s, Some(&a.wo_a), t, self.warm_wo.load(Ordering::Relaxed))?;
-            self.warm_l2(s, Some(&a.wo_b), t, self.warm_wob.load(Ordering::Relaxed))?;
-        }
         // The query heads (no weight) and the key row: one launch.
         let heads = ops::NormRows {
             x: s.q.ptr,
@@ -1631,11 +1528,11 @@ impl CudaModel {
         match (per_seq, prep) {
             (None, Some(args)) => {
                 g.join_side()?;
-                self.attend_seqs(s, t, &self.warming(&args, &a.wo_a), &rope)?;
+                self.attend_seqs(s, t, &args, &rope)?;
             }
             (None, None) => {
                 let args = self.decode_prep(s, lw, li, t, &rope, &qrin, pos)?;
-                self.attend_seqs(s, t, &self.warming(&args, &a.wo_a), &rope)?;
+                self.attend_seqs(s, t, &args, &rope)?;
             }
             (Some((items, segs)), _) => {
                 self.indexer_queries(s, a, &qrin, &rope, pos, t)?;
@@ -1716,9 +1613,6 @@ impl CudaModel {
             n_entries: 0,
             sel_cap: c.index_topk as i32,
             scale: 1.0 / (dh as f32).sqrt(),
-            warm: 0,
-            warm_bytes: 0,
-            warm_mode: 0,
         };
         let mut max_comp = 0;
         if let Some(cw) = &a.compressor {
@@ -1906,9 +1800,6 @@ impl CudaModel {
             n_entries: i32::MAX,
             sel_cap: c.index_topk as i32,
             scale: 1.0 / (dh as f32).sqrt(),
-            warm: 0,
-            warm_bytes: 0,
-            warm_mode: 0,
         };
         if let Some(cw) = &a.compressor {
             args.ratio = cw.ratio as i32;
@@ -2517,22 +2408,6 @@ fn ffn_path_of(code: u8) -> crate::moe_ffn::FfnPath {
     match code {
         0 | 1 => crate::moe_ffn::FfnPath::Two { early: code == 1 },
         _ => crate::moe_ffn::FfnPath::One,
-    }
-}
-
-/// Blocks of an L2 warming read from the environment variable `var` (0 when unset or not a
-/// number; at most 1024).
-fn warm_blocks(var: &str) -> usize {
-    std::env::var(var).map_or(0, |v| v.parse().unwrap_or(0).min(1024))
-}
-
-/// What a latency-bound kernel warms into L2 for the product `w` that follows it (`warm_l2`
-/// in kernels/common.cuh, `mode` 1–3): the address and bytes of its weight codes and the mode;
-/// zeros when off or without one.
-fn warm_target(w: Option<&GpuLinear>, mode: usize) -> (u64, u64, i32) {
-    match w.and_then(|w| Some((w, bulk_row_bytes(w.fmt, w.inp)?))) {
-        Some((w, row)) if mode > 0 => (w.desc.w, (w.out * row) as u64, mode as i32),
-        _ => (0, 0, 0),
     }
 }
 

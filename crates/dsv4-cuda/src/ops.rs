@@ -1121,22 +1121,6 @@ fn norm_threads(width: usize) -> u32 {
     (width.div_ceil(4).div_ceil(32) * 32).clamp(32, 1024) as u32
 }
 
-/// Reads `bytes` of weights at `p` into L2 with the evict-last priority by `blocks` blocks of
-/// 256 threads (`l2_warm_reads`), for a later product to stream out of L2.
-pub fn l2_warm_reads(gpu: &Gpu, p: u64, bytes: u64, blocks: usize) -> Result<()> {
-    if bytes < 32 || blocks == 0 {
-        return Ok(());
-    }
-    let sink = 0u64; // null: the kernel's loads need a possible store, never a real one
-    gpu.launch(
-        "l2_warm_reads",
-        (blocks as u32, 1, 1),
-        (256, 1, 1),
-        0,
-        &[&p, &bytes, &sink],
-    )
-}
-
 /// RMS norm of `rows` rows of `width` in place, weighted when `w` is non-zero.
 pub fn rms_norm(gpu: &Gpu, x: u64, w: u64, width: usize, rows: usize, eps: f32) -> Result<()> {
     row_kernel(gpu, "rms_norm", x, w, width, rows, eps)
@@ -1346,15 +1330,10 @@ pub struct HcArgs {
     pub rw_inside: i32,
     pub hc_eps: f32,
     pub norm_eps: f32,
-    /// Weights warmed into L2 by the boundary's blocks as they start (`warm_l2` in
-    /// kernels/common.cuh; mode 0: none): the product after it (`wq_b`).
-    pub warm: u64,
-    pub warm_bytes: u64,
-    pub warm_mode: i32,
-    pub pad: i32,
 }
 unsafe impl DeviceRepr for HcArgs {}
-const _: () = assert!(std::mem::size_of::<HcArgs>() == 184);
+// The kernel's struct asserts the same size (kernels/elementwise.cu).
+const _: () = assert!(std::mem::size_of::<HcArgs>() == 160);
 
 /// Columns per block of `hc_boundary` (one thread per stream and column, 4 streams at most).
 pub const HC_COLS: usize = 64;
@@ -1479,15 +1458,11 @@ pub struct AttnArgs {
     pub n_entries: i32,
     pub sel_cap: i32,
     pub scale: f32,
-    /// Weights warmed into L2 by the attention's blocks as they start (`warm_l2` in
-    /// kernels/common.cuh), their bytes and the mode (0: none).
-    pub warm: u64,
-    pub warm_bytes: u64,
-    pub warm_mode: i32,
 }
 unsafe impl DeviceRepr for AttnArgs {}
-// The kernel's struct asserts the same size (kernels/attention.cu).
-const _: () = assert!(std::mem::size_of::<AttnArgs>() == 144);
+// The kernel's struct asserts the same size (kernels/attention.cu): 116 bytes of fields and
+// the same 4 bytes of tail padding on both sides.
+const _: () = assert!(std::mem::size_of::<AttnArgs>() == 120);
 
 /// `MoeArgs` of `kernels/moe.cu`.
 #[repr(C)]
