@@ -2098,8 +2098,9 @@ fn dependent_pair_in_one_launch_matches_two() {
 }
 
 /// A decode step's fused launches — `wo_a` and `wo_b` in one launch, the query latent's norm in
-/// the loads of `wq_b` and the indexer's `wq_b` — against the separate launches, on a random
-/// model whose shapes take them (`wo_a`/`wo_b` rows of 4 KB, a 1 KB query latent): the same
+/// the loads of `wq_b` and the indexer's `wq_b`, the attention's norms, RoPE, merge and ring
+/// store in `attention_decode` — against the separate launches, on a random model whose shapes
+/// take them (`wo_a`/`wo_b` rows of 4 KB, a 1 KB query latent, head dim 512): the same
 /// sums in the same order, so the logits of 40 single-sequence and batched decode steps are
 /// equal bit for bit; both also graph-replayed.
 #[test]
@@ -2110,14 +2111,16 @@ fn decode_fusions_match_separate_launches() {
     let over = serde_json::json!({"vocab_size": 1000, "hidden_size": 1024, "num_hidden_layers": 3,
         "compress_ratios": [0, 4, 128, 0], "num_hash_layers": 1, "n_routed_experts": 16,
         "moe_intermediate_size": 256, "index_topk": 16, "o_groups": 1, "o_lora_rank": 4096,
-        "num_attention_heads": 8, "q_lora_rank": 1024, "index_n_heads": 8, "index_head_dim": 128});
+        "num_attention_heads": 8, "q_lora_rank": 1024, "index_n_heads": 8, "index_head_dim": 128,
+        "sliding_window": 48});
     for (k, v) in over.as_object().unwrap() {
         j[k] = v.clone();
     }
     let cfg = ModelConfig::from_json(&j).unwrap();
     let cpu = Model::load(&synthetic::checkpoint(cfg, 5).unwrap()).unwrap();
     // (Hidden size 1024: the projections of h take the bulk kernels, in one launch on all
-    // of models 0–2; model 3 runs them as `gemv_multi`, a different summation order.)
+    // of models 0–2; model 3 runs them as `gemv_multi`, a different summation order. A
+    // window of 48 so that the decode steps' ring stores wrap around.)
     let models: Vec<CudaModel> = (0..4)
         .map(|_| CudaModel::from_model(&cpu, 0).unwrap())
         .collect();
@@ -2129,6 +2132,11 @@ fn decode_fusions_match_separate_launches() {
     // the indexer's `wq_b` on the others (one-token steps; the same sums, bit for bit).
     for (i, m) in models.iter().enumerate() {
         m.set_qnorm_fused(i != 0 && i != 3);
+    }
+    // The attention's norms, RoPE, merge and ring store: separate launches on models 0 and
+    // 3, inside `attention_decode` on the others (head dim 512; the same arithmetic).
+    for (i, m) in models.iter().enumerate() {
+        m.set_attn_fused(i != 0 && i != 3);
     }
     models[3].set_bulk_multi(false);
     for m in &models[1..3] {
