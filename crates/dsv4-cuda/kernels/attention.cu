@@ -71,146 +71,14 @@ __device__ __forceinline__ const float* attn_key(const AttnArgs& a, const AttnVi
 #define ATT_KEYS 32       // keys staged per step (one per lane for the softmax)
 #define ATT_HEADS 8       // heads per block (one per warp)
 #define ATT_DMAX 512      // largest head_dim the registers hold
-#define COMBINE_MAX_SPLITS 256  // most key splits a merge takes
-#ifndef ATT_NO_QNORM
-#define ATT_NO_QNORM 0
-#endif
-
-// The decode step's attention in one launch (`attention_decode`): what `rms_norm_rope`,
-// `attention_partial`, `attn_combine` and `ring_store_seqs` do as four, with the same
-// arithmetic. Besides AttnArgs (q and kv_new un-normalized): the key row's norm weight, the
-// RoPE table, and a split counter per (token, head group), zero between launches.
-struct AttnFuse {
-    const float* kv_w;
-    const float* inv_freq;
-    unsigned* done;
-    float eps, factor;
-    int32_t half, pad_;
-};
-static_assert(sizeof(AttnFuse) == 40, "AttnFuse: the layout of ops::AttnFuse");
-
-// norm_row then rope_tail of one row of DH values by one warp (lane l holds channels l + 32i),
-// bit for bit as `rms_norm_rope` forms them: the sum of squares as its 128-thread block does
-// (thread u's float4 u, each warp's sum, then the four in order), so the launch it replaces
-// and this give the same rows.
-template <int DH>
-__device__ __forceinline__ void warp_norm_rope(const float* row, const float* w, float eps, float p,
-                                               const AttnFuse& f, float (&v)[DH / 32]) {
-    static_assert(DH == 512, "the 128-thread sum order assumes 512 channels");
-    const int lane = threadIdx.x & 31;
-    float tot = 0.f;
-#pragma unroll
-    for (int u = 0; u < 4; u++) {
-        const float4 x = ((const float4*)row)[32 * u + lane];
-        float ss = 0.f;
-        ss = fmaf(x.x, x.x, ss);
-        ss = fmaf(x.y, x.y, ss);
-        ss = fmaf(x.z, x.z, ss);
-        ss = fmaf(x.w, x.w, ss);
-        tot += warp_sum(ss);
-    }
-    const float r = 1.0f / sqrtf(tot / (float)DH + eps);
-    const int tail = DH - 2 * f.half;
-#pragma unroll
-    for (int i = 0; i < DH / 32; i++) {
-        const int c = lane + 32 * i;
-        const float x = row[c] * r;
-        v[i] = w ? x * w[c] : x;
-        if (32 * i + 31 >= tail) {  // warp-uniform: the pair (c, c ^ 1) is in adjacent lanes
-            const float other = __shfl_xor_sync(0xffffffffu, v[i], 1);
-            if (c >= tail) {
-                const double a = (double)(p * f.inv_freq[(c - tail) >> 1]);
-#ifdef ATT_FAST_TRIG
-                const float cs = cosf((float)a) * f.factor, sn = sinf((float)a) * f.factor;
-#else
-                const float cs = (float)cos(a) * f.factor, sn = (float)sin(a) * f.factor;
-#endif
-                v[i] = (c & 1) == 0 ? v[i] * cs - other * sn : v[i] * cs + other * sn;
-            }
-        }
-    }
-}
-
-// attn_combine's merge of head h's splits by one warp (lane l: channels l + 32i), with its
-// arithmetic: split weights into wts (shared, nsplit floats), then the weighted sum in split
-// order, the sink, and the inverse RoPE of the tail. The partials come from other blocks
-// (L2 loads); four splits' loads go out together.
-template <int DH>
-__device__ __forceinline__ void warp_combine(const AttnArgs& a, const AttnFuse& f, const float* part, int nsplit,
-                                             int t, int h, float* wts) {
-    const int lane = threadIdx.x & 31;
-    const float* base = part + ((size_t)t * nsplit * a.H + h) * (DH + 2);
-    const size_t stride = (size_t)a.H * (DH + 2);
-    const float sink = a.sinks[h];
-    float M = sink;
-    for (int s = lane; s < nsplit; s += 32) M = fmaxf(M, __ldcg(base + s * stride + DH));
-    M = warp_max(M);
-    float den = 0.f;
-    for (int s = lane; s < nsplit; s += 32) {
-        const float w = expf(__ldcg(base + s * stride + DH) - M);
-        wts[s] = w;
-        den += __ldcg(base + s * stride + DH + 1) * w;
-    }
-    den = warp_sum(den) + expf(sink - M);
-    const float inv = 1.0f / den;
-    __syncwarp();
-    constexpr int PER = DH / 32, U = 4;
-    float v[PER];
-#pragma unroll
-    for (int i = 0; i < PER; i++) v[i] = 0.f;
-    for (int s0 = 0; s0 < nsplit; s0 += U) {
-        float x[U][PER];
-#pragma unroll
-        for (int u = 0; u < U; u++) {
-            const bool on = s0 + u < nsplit && wts[min(s0 + u, nsplit - 1)] != 0.f;
-#pragma unroll
-            for (int i = 0; i < PER; i++) x[u][i] = on ? __ldcg(base + (s0 + u) * stride + lane + 32 * i) : 0.f;
-        }
-        // A split of weight 0 adds nothing (an empty one's output was never written).
-#pragma unroll
-        for (int u = 0; u < U; u++) {
-            if (s0 + u < nsplit && wts[min(s0 + u, nsplit - 1)] != 0.f) {
-                const float w = wts[s0 + u];
-#pragma unroll
-                for (int i = 0; i < PER; i++) v[i] += x[u][i] * w;
-            }
-        }
-    }
-    const int tail = DH - 2 * f.half;
-    const float p = (float)a.positions[t];
-    float* out = a.out + ((size_t)t * a.H + h) * DH;
-#pragma unroll
-    for (int i = 0; i < PER; i++) {
-        const int c = lane + 32 * i;
-        v[i] *= inv;
-        if (f.inv_freq && 32 * i + 31 >= tail) {  // warp-uniform
-            const float other = __shfl_xor_sync(0xffffffffu, v[i], 1);
-            if (c >= tail) {
-                const double ang = (double)(p * f.inv_freq[(c - tail) >> 1]);
-#ifdef ATT_FAST_TRIG
-                const float cs = cosf((float)ang) * f.factor, sn = -(sinf((float)ang) * f.factor);
-#else
-                const float cs = (float)cos(ang) * f.factor, sn = -((float)sin(ang) * f.factor);
-#endif
-                v[i] = ((c - tail) & 1) == 0 ? v[i] * cs - other * sn : v[i] * cs + other * sn;
-            }
-        }
-        out[c] = v[i];
-    }
-}
 
 // Flash-decoding attention, split over key chunks. Block (t, split, head group): the keys of
 // token t (window, then compressed/selected entries) are staged 32 at a time in shared memory
 // and shared by the block's 8 heads (one warp each; K=V is one shared head). Each warp keeps an
 // online softmax (max, sum, output) and writes its partial for `attn_combine`.
 // DH: the head dim at compile time (the release's 512: no per-channel bounds checks), or 0.
-// FUSED (`attention_decode`, DH 512, decode steps): the query heads and the new key row are
-// normalized and rotated here (the key in the one block per head group whose chunk holds it;
-// head group 0's also stores it in the window ring), and the last block of a (token, head
-// group) to finish merges its splits.
-template <int DH, bool FUSED>
-__device__ __forceinline__ void attention_partial_impl(const AttnArgs& a, float* part, int nsplit,
-                                                       const AttnFuse& f) {
+template <int DH>
+__device__ __forceinline__ void attention_partial_impl(const AttnArgs& a, float* part, int nsplit) {
     extern __shared__ float keys[];  // [ATT_KEYS, dh]
     const int t = blockIdx.x, split = blockIdx.y;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -226,147 +94,84 @@ __device__ __forceinline__ void attention_partial_impl(const AttnArgs& a, float*
     const int dh = DH ? DH : a.dh;
     constexpr int PER = ATT_DMAX / 32;
     const bool head_ok = h < a.H;
-    float* out = part + (((size_t)t * nsplit + split) * a.H + (head_ok ? h : 0)) * (dh + 2);
     if (split >= nchunks) {
         // No keys here (a short context under a context-sized split count): only the empty
-        // max and sum, which give this split weight 0 in the merge (its output unread).
+        // max and sum, which give this split weight 0 in `attn_combine` (its output unread).
         if (head_ok && lane == 0) {
+            float* out = part + (((size_t)t * nsplit + split) * a.H + h) * (dh + 2);
             out[dh] = -INFINITY;
             out[dh + 1] = 0.f;
         }
-    } else {
-        float q[PER], acc[PER];
-        const float* qp = a.q + ((size_t)t * a.H + (head_ok ? h : 0)) * dh;
-        if constexpr (FUSED && !ATT_NO_QNORM) {
-            warp_norm_rope<DH>(qp, nullptr, f.eps, (float)p, f, q);
+        return;
+    }
+    float q[PER], acc[PER];
+    const float* qp = a.q + ((size_t)t * a.H + (head_ok ? h : 0)) * dh;
 #pragma unroll
-            for (int i = 0; i < PER; i++) {
-                q[i] *= a.scale;
-                acc[i] = 0.f;
-            }
-        } else {
-#pragma unroll
-            for (int i = 0; i < PER; i++) {
-                int c = lane + 32 * i;
-                q[i] = (c < dh) ? qp[c] * a.scale : 0.f;
-                acc[i] = 0.f;
-            }
+    for (int i = 0; i < PER; i++) {
+        int c = lane + 32 * i;
+        q[i] = (c < dh) ? qp[c] * a.scale : 0.f;
+        acc[i] = 0.f;
+    }
+    float m = -INFINITY, l = 0.f;
+    for (int ch = split; ch < nchunks; ch += nsplit) {
+        const int j0 = ch * ATT_KEYS;
+        const int nj = min(ATT_KEYS, nk - j0);
+        __syncthreads();
+        // All of the chunk's rows in flight at once (a lane's copies do not wait on each other).
+        for (int r = warp; r < nj; r += 8) {
+            const float* k = attn_key(a, view, t, lo, nwin, j0 + r);
+            for (int c = lane * 4; c < dh; c += 128) cp_async16(keys + r * dh + c, k + c);
         }
-        float m = -INFINITY, l = 0.f;
-        for (int ch = split; ch < nchunks; ch += nsplit) {
-            const int j0 = ch * ATT_KEYS;
-            const int nj = min(ATT_KEYS, nk - j0);
-            __syncthreads();
-            // All of the chunk's rows in flight at once (a lane's copies do not wait on each other).
-            for (int r = warp; r < nj; r += 8) {
-                const float* k = attn_key(a, view, t, lo, nwin, j0 + r);
-                for (int c = lane * 4; c < dh; c += 128) cp_async16(keys + r * dh + c, k + c);
-            }
-            cp_async_wait_all();
-            __syncthreads();
-            if constexpr (FUSED) {
-                // The new key (the window's last, at position p) arrived as projected.
-                const int r = nwin - 1 - j0;
-                if (r >= 0 && r < nj) {
-                    if (warp == 0) {
-                        float kv[PER];
-                        float* row = keys + r * DH;
-                        warp_norm_rope<DH>(row, f.kv_w, f.eps, (float)p, f, kv);
+        cp_async_wait_all();
+        __syncthreads();
+        // Lane j ends up holding the score of key j: per-lane partial dots of all 32 keys,
+        // then one transposed warp reduction.
+        float part_dot[ATT_KEYS];
 #pragma unroll
-                        for (int i = 0; i < PER; i++) row[lane + 32 * i] = kv[i];
-                        if (blockIdx.z == 0) {
-                            float* ring = a.seqs[t].ring + (size_t)(p % a.win) * DH;
-#pragma unroll
-                            for (int i = 0; i < PER; i++) ring[lane + 32 * i] = kv[i];
-                        }
-                    }
-                    __syncthreads();
-                }
-            }
-            // Lane j ends up holding the score of key j: per-lane partial dots of all 32 keys,
-            // then one transposed warp reduction.
-            float part_dot[ATT_KEYS];
-#pragma unroll
-            for (int j = 0; j < ATT_KEYS; j++) {
-                float d = 0.f;
-                if (j < nj) {
-#pragma unroll
-                    for (int i = 0; i < PER; i++) {
-                        int c = lane + 32 * i;
-                        if (c < dh) d = fmaf(q[i], keys[j * dh + c], d);
-                    }
-                }
-                part_dot[j] = d;
-            }
-            float sj = warp_sum_transposed(part_dot);
-            if (lane >= nj) sj = -INFINITY;
-            float mc = warp_max(sj);
-            float mn = fmaxf(m, mc);
-            float pj = (lane < nj) ? expf(sj - mn) : 0.f;
-            float corr = expf(m - mn);  // 0 on the first chunk (m = -inf)
-            l = l * corr + warp_sum(pj);
-#pragma unroll
-            for (int i = 0; i < PER; i++) acc[i] *= corr;
-            for (int j = 0; j < nj; j++) {
-                float pb = __shfl_sync(0xffffffffu, pj, j);
+        for (int j = 0; j < ATT_KEYS; j++) {
+            float d = 0.f;
+            if (j < nj) {
 #pragma unroll
                 for (int i = 0; i < PER; i++) {
                     int c = lane + 32 * i;
-                    if (c < dh) acc[i] = fmaf(pb, keys[j * dh + c], acc[i]);
+                    if (c < dh) d = fmaf(q[i], keys[j * dh + c], d);
                 }
             }
-            m = mn;
+            part_dot[j] = d;
         }
-        if (head_ok) {
+        float sj = warp_sum_transposed(part_dot);
+        if (lane >= nj) sj = -INFINITY;
+        float mc = warp_max(sj);
+        float mn = fmaxf(m, mc);
+        float pj = (lane < nj) ? expf(sj - mn) : 0.f;
+        float corr = expf(m - mn);  // 0 on the first chunk (m = -inf)
+        l = l * corr + warp_sum(pj);
+#pragma unroll
+        for (int i = 0; i < PER; i++) acc[i] *= corr;
+        for (int j = 0; j < nj; j++) {
+            float pb = __shfl_sync(0xffffffffu, pj, j);
 #pragma unroll
             for (int i = 0; i < PER; i++) {
                 int c = lane + 32 * i;
-                if (c < dh) out[c] = acc[i];
-            }
-            if (lane == 0) {
-                out[dh] = m;
-                out[dh + 1] = l;
+                if (c < dh) acc[i] = fmaf(pb, keys[j * dh + c], acc[i]);
             }
         }
+        m = mn;
     }
-    if constexpr (FUSED) {
-        // The last of the head group's splits to finish merges them (threadFenceReduction's
-        // pattern: every block's writes, a fence, its ticket; the last reads after a fence).
-        __shared__ bool last;
-        unsigned* done = f.done + (size_t)t * gridDim.z + blockIdx.z;
-#ifndef ATT_NO_FENCE
-        __threadfence();
-#endif
-        __syncthreads();
-        if (threadIdx.x == 0) last = atomicAdd(done, 1u) == (unsigned)nsplit - 1;
-        __syncthreads();
-        // Only now may the next kernel (`wo_a`'s weight stream) start: launched at entry, its
-        // 17 MB of copies queued ahead of every load of the attention's latency chain (18
-        // layers at 1K: 3.14 → 3.45 ms per step, H100). Now they overlap the merge alone, as
-        // they overlapped `attn_combine`.
-        pdl_launch();
-        if (!last) return;
-        __threadfence();
-#ifndef ATT_NO_MERGE
-        if (head_ok) warp_combine<DH>(a, f, part, nsplit, t, h, keys + warp * COMBINE_MAX_SPLITS);
-#endif
-        if (threadIdx.x == 0) *done = 0u;  // for the next launch (every split has counted)
+    if (!head_ok) return;
+    float* out = part + (((size_t)t * nsplit + split) * a.H + h) * (dh + 2);
+#pragma unroll
+    for (int i = 0; i < PER; i++) {
+        int c = lane + 32 * i;
+        if (c < dh) out[c] = acc[i];
     }
+    if (lane == 0) { out[dh] = m; out[dh + 1] = l; }
 }
 
 extern "C" __global__ void __launch_bounds__(256) attention_partial(AttnArgs a, float* part, int nsplit) {
     pdl_entry();
-    const AttnFuse none{};
-    if (a.dh == ATT_DMAX) attention_partial_impl<ATT_DMAX, false>(a, part, nsplit, none);
-    else attention_partial_impl<0, false>(a, part, nsplit, none);
-}
-
-// A decode step's norms, RoPE, attention, merge and ring store in one launch (head_dim 512,
-// every token its own sequence: `seqs`; see AttnFuse). Grid as attention_partial's.
-extern "C" __global__ void __launch_bounds__(256) attention_decode(AttnArgs a, float* part, int nsplit, AttnFuse f) {
-    pdl_inside();  // dependents launch once every split is done (see attention_partial_impl)
-    pdl_wait();
-    attention_partial_impl<ATT_DMAX, true>(a, part, nsplit, f);
+    if (a.dh == ATT_DMAX) attention_partial_impl<ATT_DMAX>(a, part, nsplit);
+    else attention_partial_impl<0>(a, part, nsplit);
 }
 
 // Merges the splits of one (token, head) with the head's sink: out = sum acc / (sum l + sink),
@@ -374,6 +179,7 @@ extern "C" __global__ void __launch_bounds__(256) attention_decode(AttnArgs a, f
 // position (as `rope` with inverse set: the same arithmetic). Block (t, h, column block): the
 // split weights are computed once into shared memory, then each thread merges one column; a
 // rotated pair (c, c ^ 1) sits in adjacent lanes.
+#define COMBINE_MAX_SPLITS 256
 extern "C" __global__ void attn_combine(const float* part, const float* sinks, float* out, int H, int dh,
                                         int nsplit, const float* inv_freq, int half, float factor,
                                         const int* positions) {

@@ -35,8 +35,6 @@ const PAR_COPY_ITEMS: usize = 4;
 /// Experts `moe_route` holds in its warp's registers (ROUTE_PL per lane, kernels/moe.cu).
 const ROUTE_EXPERTS: usize = 32 * 16;
 const ATT_HEADS: usize = 8;
-/// The head dim `attention_decode` takes (`ATT_DMAX`, kernels/attention.cu).
-const ATT_DMAX: usize = 512;
 /// Most key splits `attn_combine` merges.
 const COMBINE_MAX_SPLITS: usize = 256;
 /// From this many tokens, prefill's FP8 GEMMs (official profile with activation quantization)
@@ -169,9 +167,6 @@ struct Scratch {
     scores: DevBuf,
     scores_floats: usize,
     attn_part: DevBuf,
-    /// `attention_decode`'s count of finished splits per (token, head group) (zero between
-    /// launches).
-    attn_done: DevBuf,
     out_logits: DevBuf,
     /// `hc_boundary`'s partial mix rows of each column slice, and its per-token count of
     /// finished slices (zero between launches).
@@ -272,7 +267,6 @@ impl Scratch {
             scores: f(1 << 24)?,
             scores_floats: 1 << 24,
             attn_part: f(cap.max(64) * h * (dh + 2))?,
-            attn_done: gpu.alloc_zeros(4 * cap * h.div_ceil(ATT_HEADS))?,
             out_logits: f(cap * c.vocab_size)?,
             hc_part: f(HC_FUSED_TOKENS * d.div_ceil(ops::HC_COLS) * ((2 + n) * n + 1))?,
             hc_count: gpu.alloc_zeros(4 * HC_FUSED_TOKENS)?,
@@ -354,10 +348,6 @@ pub struct CudaModel {
     /// (`DSV4_CUDA_QNORM_FUSED=1`; off until measured: stop 20's fold of the norm into `wq_b`
     /// was neutral, its weight stream already overlapping the norm).
     qnorm_fused: AtomicBool,
-    /// Whether a decode step's query and key norms, RoPE, attention, merge and ring store run
-    /// as one launch (`attention_decode`, where the head dim is 512 and the entries are stored
-    /// unrounded; `DSV4_CUDA_ATTN_FUSED=0` keeps the four launches).
-    attn_fused: AtomicBool,
     /// The arithmetic followed (the CPU model's profile).
     numerics: Numerics,
     /// Whether a decode step's projections of one input share a launch (`DSV4_CUDA_MULTI=0`
@@ -555,9 +545,6 @@ impl CudaModel {
             qnorm_fused: AtomicBool::new(
                 std::env::var("DSV4_CUDA_QNORM_FUSED").is_ok_and(|v| v == "1"),
             ),
-            attn_fused: AtomicBool::new(
-                std::env::var("DSV4_CUDA_ATTN_FUSED").map_or(true, |v| v != "0"),
-            ),
             numerics: model.numerics,
             multi_gemv: std::env::var("DSV4_CUDA_MULTI").map_or(true, |v| v != "0"),
             tc,
@@ -588,12 +575,6 @@ impl CudaModel {
     /// Turns one token's query-latent norm in its readers' loads on or off (tests compare both).
     pub fn set_qnorm_fused(&self, on: bool) {
         self.qnorm_fused.store(on, Ordering::Relaxed);
-        self.drop_graphs();
-    }
-
-    /// Turns a decode step's attention in one launch on or off (tests compare both).
-    pub fn set_attn_fused(&self, on: bool) {
-        self.attn_fused.store(on, Ordering::Relaxed);
         self.drop_graphs();
     }
 
@@ -1527,41 +1508,31 @@ impl CudaModel {
             None
         };
         self.dense_q(s, &a.wq_b, &qrin, qnorm, s.q.ptr, h * dh)?;
-        // A decode step normalizes and rotates the query heads and the key row inside its
-        // attention launch where that applies (`attention_decode`: no rounding of the stored
-        // row between them).
-        let fused = (per_seq.is_none()
-            && self.attn_fused.load(Ordering::Relaxed)
-            && dh == ATT_DMAX
-            && matches!(self.entry_round(false), EntryRound::None))
-        .then(|| a.kv_norm.ptr());
-        if fused.is_none() {
-            // The query heads (no weight) and the key row: one launch.
-            let heads = ops::NormRows {
-                x: s.q.ptr,
-                w: 0,
-                rows: t * h,
-                rows_per_token: h,
-            };
-            let keys = ops::NormRows {
-                x: s.kv.ptr,
-                w: a.kv_norm.ptr(),
-                rows: t,
-                rows_per_token: 1,
-            };
-            ops::rms_norm_rope(g, heads, Some(keys), dh, eps, &rope, pos)?;
-            // The row is key and value as stored: the official profile's FP8 nope channels.
-            self.round_entries(s.kv.ptr, dh, t, self.entry_round(false))?;
-        }
+        // The query heads (no weight) and the key row: one launch.
+        let heads = ops::NormRows {
+            x: s.q.ptr,
+            w: 0,
+            rows: t * h,
+            rows_per_token: h,
+        };
+        let keys = ops::NormRows {
+            x: s.kv.ptr,
+            w: a.kv_norm.ptr(),
+            rows: t,
+            rows_per_token: 1,
+        };
+        ops::rms_norm_rope(g, heads, Some(keys), dh, eps, &rope, pos)?;
+        // The row is key and value as stored: the official profile's FP8 nope channels.
+        self.round_entries(s.kv.ptr, dh, t, self.entry_round(false))?;
 
         match (per_seq, prep) {
             (None, Some(args)) => {
                 g.join_side()?;
-                self.attend_seqs(s, t, &args, &rope, fused)?;
+                self.attend_seqs(s, t, &args, &rope)?;
             }
             (None, None) => {
                 let args = self.decode_prep(s, lw, li, t, &rope, &qrin, pos)?;
-                self.attend_seqs(s, t, &args, &rope, fused)?;
+                self.attend_seqs(s, t, &args, &rope)?;
             }
             (Some((items, segs)), _) => {
                 self.indexer_queries(s, a, &qrin, &rope, pos, t)?;
@@ -1887,16 +1858,13 @@ impl CudaModel {
         Ok(args)
     }
 
-    /// A decode step's attention (after [`Self::decode_select`]) and the window ring update;
-    /// with `fused` (the key row's norm weight) in one `attention_decode` launch that also
-    /// normalizes and rotates the query heads and the key row.
+    /// A decode step's attention (after [`Self::decode_select`]) and the window ring update.
     fn attend_seqs(
         &self,
         s: &mut Scratch,
         t: usize,
         args: &AttnArgs,
         rope: &RopeDev,
-        fused: Option<u64>,
     ) -> Result<()> {
         let g = &*self.gpu;
         let c = &self.config;
@@ -1917,30 +1885,6 @@ impl CudaModel {
             .min(max_keys.div_ceil(ATT_KEYS))
             .min(s.attn_part.bytes / 4 / (t * h * (dh + 2)))
             .clamp(1, COMBINE_MAX_SPLITS);
-        if let Some(kv_w) = fused {
-            // The block whose chunk holds the new key stores it in the ring (a slot no key of
-            // this step reads), and the last split of each head group merges them.
-            let f = ops::AttnFuse {
-                kv_w,
-                inv_freq: if rope.half > 0 { rope.inv_freq } else { 0 },
-                done: s.attn_done.ptr,
-                eps: c.rms_norm_eps,
-                factor: rope.factor,
-                half: rope.half as i32,
-                pad: 0,
-            };
-            let smem = std::env::var("DSV4_CUDA_ATTN_SMEM_KB")
-                .ok()
-                .and_then(|v| v.parse::<usize>().ok())
-                .map_or(ATT_KEYS * dh * 4, |kb| (kb << 10).max(ATT_KEYS * dh * 4));
-            return g.launch(
-                "attention_decode",
-                (t as u32, nsplit as u32, groups as u32),
-                (256, 1, 1),
-                smem as u32,
-                &[args, &s.attn_part.ptr, &(nsplit as i32), &f],
-            );
-        }
         self.attend_splits(s, args, nsplit, rope, s.positions.ptr)?;
         let (dhi, wi) = (dh as i32, c.sliding_window as i32);
         // Nothing in this step reads the ring slot written (the attention took the new row

@@ -1464,25 +1464,6 @@ unsafe impl DeviceRepr for AttnArgs {}
 // the same 4 bytes of tail padding on both sides.
 const _: () = assert!(std::mem::size_of::<AttnArgs>() == 120);
 
-/// `AttnFuse` of `kernels/attention.cu`: what `attention_decode` needs beside [`AttnArgs`] to
-/// do the norms, RoPE, merge and ring store of a decode step's attention in its one launch.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct AttnFuse {
-    /// The key row's norm weight.
-    pub kv_w: u64,
-    /// The RoPE table (0 without rotated channels).
-    pub inv_freq: u64,
-    /// Per (token, head group): the splits done (zero between launches).
-    pub done: u64,
-    pub eps: f32,
-    pub factor: f32,
-    pub half: i32,
-    pub pad: i32,
-}
-unsafe impl DeviceRepr for AttnFuse {}
-const _: () = assert!(std::mem::size_of::<AttnFuse>() == 40);
-
 /// `MoeArgs` of `kernels/moe.cu`.
 #[repr(C)]
 #[derive(Clone, Copy)]

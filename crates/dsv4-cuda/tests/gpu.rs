@@ -2098,9 +2098,8 @@ fn dependent_pair_in_one_launch_matches_two() {
 }
 
 /// A decode step's fused launches — `wo_a` and `wo_b` in one launch, the query latent's norm in
-/// the loads of `wq_b` and the indexer's `wq_b`, the attention's norms, RoPE, merge and ring
-/// store in `attention_decode` — against the separate launches, on a random model whose shapes
-/// take them (`wo_a`/`wo_b` rows of 4 KB, a 1 KB query latent, head dim 512): the same
+/// the loads of `wq_b` and the indexer's `wq_b` — against the separate launches, on a random
+/// model whose shapes take them (`wo_a`/`wo_b` rows of 4 KB, a 1 KB query latent): the same
 /// sums in the same order, so the logits of 40 single-sequence and batched decode steps are
 /// equal bit for bit; both also graph-replayed.
 #[test]
@@ -2132,11 +2131,6 @@ fn decode_fusions_match_separate_launches() {
     // the indexer's `wq_b` on the others (one-token steps; the same sums, bit for bit).
     for (i, m) in models.iter().enumerate() {
         m.set_qnorm_fused(i != 0 && i != 3);
-    }
-    // The attention's norms, RoPE, merge and ring store: separate launches on models 0 and
-    // 3, inside `attention_decode` on the others (head dim 512; the same arithmetic).
-    for (i, m) in models.iter().enumerate() {
-        m.set_attn_fused(i != 0 && i != 3);
     }
     models[3].set_bulk_multi(false);
     for m in &models[1..3] {
