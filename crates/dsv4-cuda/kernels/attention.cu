@@ -420,7 +420,38 @@ __device__ __forceinline__ uint32_t order_key(float f) {
 }
 
 #define TOPK_THREADS 1024
+#define TOPK_WARPS (TOPK_THREADS / 32)
 #define TOPK_FAST_MAX 2048  // picks sorted in shared memory (larger k: the ordered scan path)
+
+// One radix pass's digit, by the block's warp 0 (its lanes own the bins): the digit (bits `shift`..) holding the need-th largest
+// key of the histogram, scanning bins from the top: lane l owns bins [8l, 8l + 8); a suffix sum
+// over lanes finds the one lane whose bins cross `need`, which then walks its 8 (a serial walk
+// of 256 bins took µs per pass). That lane writes the extended prefix, what is still needed
+// of it, and the digit's count (after the last pass: how many keys equal the k-th).
+__device__ __forceinline__ void topk_digit(const int* hist, int shift, uint32_t prefix, int need,
+                                           uint32_t* s_prefix, int* s_need, int* s_eq) {
+    const int lane = threadIdx.x & 31;
+    int own = 0;
+#pragma unroll
+    for (int b = 0; b < 8; b++) own += hist[8 * lane + b];
+    int suf = own;  // sum over lanes >= lane
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const int v = __shfl_down_sync(0xffffffffu, suf, o);
+        if (lane + o < 32) suf += v;
+    }
+    int cum = suf - own;  // keys in the bins above this lane's
+    if (cum < need && need <= suf) {
+        int dsel = 8 * lane;
+        for (int dg = 8 * lane + 7; dg >= 8 * lane; dg--) {
+            if (cum + hist[dg] >= need) { dsel = dg; break; }
+            cum += hist[dg];
+        }
+        *s_prefix = prefix | ((uint32_t)dsel << shift);
+        *s_need = need - cum;
+        *s_eq = hist[dsel];
+    }
+}
 
 // Per token: the k best-scoring visible entries (ties -> lower index), ascending, into
 // sel[t, :], their count into nsel[t]. Exact radix select on the scores' order keys.
@@ -454,32 +485,7 @@ topk_select(const float* scores, int ld_scores, int pos0, int m, int n, int k, i
             if ((u & mask) == prefix) atomicAdd(&hist[(u >> shift) & 0xff], 1);
         }
         __syncthreads();
-        if (threadIdx.x < 32) {
-            // The digit holding the need-th largest key, scanning bins from the top: lane l
-            // owns bins [8l, 8l + 8); a suffix sum over lanes finds the one lane whose bins
-            // cross `need`, which then walks its 8 (a serial walk of 256 bins took µs per pass).
-            const int lane = threadIdx.x;
-            int own = 0;
-#pragma unroll
-            for (int b = 0; b < 8; b++) own += hist[8 * lane + b];
-            int suf = own;  // sum over lanes >= lane
-#pragma unroll
-            for (int o = 1; o < 32; o <<= 1) {
-                const int v = __shfl_down_sync(0xffffffffu, suf, o);
-                if (lane + o < 32) suf += v;
-            }
-            int cum = suf - own;  // keys in the bins above this lane's
-            if (cum < need && need <= suf) {
-                int dsel = 8 * lane;
-                for (int dg = 8 * lane + 7; dg >= 8 * lane; dg--) {
-                    if (cum + hist[dg] >= need) { dsel = dg; break; }
-                    cum += hist[dg];
-                }
-                s_prefix = prefix | ((uint32_t)dsel << shift);
-                s_need = need - cum;
-                s_eq = hist[dsel];  // after the last pass: how many keys equal the k-th
-            }
-        }
+        if (threadIdx.x < 32) topk_digit(hist, shift, prefix, need, &s_prefix, &s_need, &s_eq);
         __syncthreads();
         prefix = s_prefix;
         need = s_need;
@@ -540,6 +546,109 @@ topk_select(const float* scores, int ld_scores, int pos0, int m, int n, int k, i
         if (take) out[taken + pos] = i;
         taken += total;
         eq_seen += eq_total;
+    }
+    if (threadIdx.x == 0) nsel[t] = k;
+}
+
+static_assert(TOPK_WARPS == 32, "topk_select_ballot: a warp's lanes hold the per-warp counts");
+
+// Exclusive prefix sum over a warp's lanes.
+__device__ __forceinline__ int warp_exclusive_sum(int v) {
+    const int lane = threadIdx.x & 31;
+    int incl = v;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const int x = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += x;
+    }
+    return incl - v;
+}
+
+// `topk_select`'s picks by a cheaper route for long contexts (`DSV4_CUDA_TOPK_BALLOT=1`, off
+// until measured on a GPU): each radix pass's histogram takes one shared atomic per group of
+// lanes with the same digit (the scores' top bytes are nearly all alike, so an atomic per
+// element serializes on one bin), and no sort: every warp takes a contiguous run of entries in
+// index order and two ballot passes write the picks ascending.
+extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
+topk_select_ballot(const float* scores, int ld_scores, int pos0, int m, int n, int k, int* sel, int sel_cap, int* nsel,
+            const int* positions) {
+    pdl_entry();
+    __shared__ int hist[256];
+    __shared__ uint32_t s_prefix;
+    __shared__ int s_need, s_eq;  // (s_eq: topk_digit's count, unused here)
+    __shared__ int w_gt[TOPK_WARPS], w_eq[TOPK_WARPS];
+    const int t = blockIdx.x;
+    const float* sc = scores + (size_t)t * ld_scores;
+    // With `positions`, token t is its own sequence (decode steps).
+    const int valid = positions ? (positions[t] + 1) / m : min((pos0 + t + 1) / m, n);
+    int* out = sel + (size_t)t * sel_cap;
+    if (valid <= k) {
+        for (int i = threadIdx.x; i < valid; i += blockDim.x) out[i] = i;
+        if (threadIdx.x == 0) nsel[t] = valid;
+        return;
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    uint32_t prefix = 0, mask = 0;
+    int need = k;  // how many of the keys matching `prefix` are still to be taken
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
+        __syncthreads();
+        // The loop bound is block-uniform, so every lane takes part in each match.
+        for (int base = 0; base < valid; base += blockDim.x) {
+            const int i = base + threadIdx.x;
+            int bin = 256;  // no digit: out of range or off the prefix
+            if (i < valid) {
+                const uint32_t u = order_key(sc[i]);
+                if ((u & mask) == prefix) bin = (u >> shift) & 0xff;
+            }
+            // (Past the first pass most entries are off the prefix: skip the match there.)
+            if (__any_sync(0xffffffffu, bin < 256)) {
+                const unsigned peers = __match_any_sync(0xffffffffu, bin);
+                if (bin < 256 && lane == __ffs(peers) - 1) atomicAdd(&hist[bin], __popc(peers));
+            }
+        }
+        __syncthreads();
+        if (threadIdx.x < 32) topk_digit(hist, shift, prefix, need, &s_prefix, &s_need, &s_eq);
+        __syncthreads();
+        prefix = s_prefix;
+        need = s_need;
+        mask |= 0xffu << shift;
+        __syncthreads();
+    }
+    // prefix is the k-th largest key: take every larger key and the first `need` equal ones in
+    // index order. Warp w owns entries [lo, hi) (whole 32-entry rows), read row by row.
+    const int per = (valid + TOPK_WARPS * 32 - 1) / (TOPK_WARPS * 32) * 32;
+    const int lo = warp * per, hi = min(valid, lo + per);
+    const unsigned below = (1u << lane) - 1;
+    int gt = 0, eq = 0;
+    for (int r = lo; r < hi; r += 32) {
+        const int i = r + lane;
+        const uint32_t u = i < hi ? order_key(sc[i]) : 0u;
+        gt += __popc(__ballot_sync(0xffffffffu, i < hi && u > prefix));
+        eq += __popc(__ballot_sync(0xffffffffu, i < hi && u == prefix));
+    }
+    if (lane == 0) {
+        w_gt[warp] = gt;
+        w_eq[warp] = eq;
+    }
+    __syncthreads();
+    // Where warp w's picks start: lane v holds warp v's counts (TOPK_WARPS is 32).
+    const int eq_v = w_eq[lane];
+    const int eq_before_v = warp_exclusive_sum(eq_v);
+    const int took_v = w_gt[lane] + min(eq_v, max(0, need - eq_before_v));
+    const int took_before_v = warp_exclusive_sum(took_v);
+    int at = __shfl_sync(0xffffffffu, took_before_v, warp);
+    int eq_seen = __shfl_sync(0xffffffffu, eq_before_v, warp);
+    for (int r = lo; r < hi; r += 32) {
+        const int i = r + lane;
+        const uint32_t u = i < hi ? order_key(sc[i]) : 0u;
+        const bool is_eq = i < hi && u == prefix;
+        const unsigned eqb = __ballot_sync(0xffffffffu, is_eq);
+        const bool take = (i < hi && u > prefix) || (is_eq && eq_seen + __popc(eqb & below) < need);
+        const unsigned tb = __ballot_sync(0xffffffffu, take);
+        if (take) out[at + __popc(tb & below)] = i;
+        at += __popc(tb);
+        eq_seen += __popc(eqb);
     }
     if (threadIdx.x == 0) nsel[t] = k;
 }

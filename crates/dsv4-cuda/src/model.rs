@@ -348,6 +348,9 @@ pub struct CudaModel {
     /// (`DSV4_CUDA_QNORM_FUSED=1`; off until measured: stop 20's fold of the norm into `wq_b`
     /// was neutral, its weight stream already overlapping the norm).
     qnorm_fused: AtomicBool,
+    /// Whether the indexer's top-k runs as `topk_select_ballot` (`DSV4_CUDA_TOPK_BALLOT=1`;
+    /// the same picks, off until measured on a GPU).
+    topk_ballot: bool,
     /// The arithmetic followed (the CPU model's profile).
     numerics: Numerics,
     /// Whether a decode step's projections of one input share a launch (`DSV4_CUDA_MULTI=0`
@@ -545,6 +548,7 @@ impl CudaModel {
             qnorm_fused: AtomicBool::new(
                 std::env::var("DSV4_CUDA_QNORM_FUSED").is_ok_and(|v| v == "1"),
             ),
+            topk_ballot: std::env::var("DSV4_CUDA_TOPK_BALLOT").is_ok_and(|v| v == "1"),
             numerics: model.numerics,
             multi_gemv: std::env::var("DSV4_CUDA_MULTI").map_or(true, |v| v != "0"),
             tc,
@@ -1832,25 +1836,20 @@ impl CudaModel {
                         &positions,
                     ],
                 )?;
-                let k = c.index_topk as i32;
-                g.launch(
-                    "topk_select",
-                    (t as u32, 1, 1),
-                    (1024, 1, 1),
-                    0,
-                    &[
-                        &s.scores.ptr,
-                        &ld,
-                        &zero,
-                        &m,
-                        &zero,
-                        &k,
-                        &s.sel.ptr,
-                        &k,
-                        &s.nsel.ptr,
-                        &positions,
-                    ],
-                )?;
+                let topk = ops::TopK {
+                    scores: s.scores.ptr,
+                    ld: ld as usize,
+                    pos0: 0,
+                    ratio: ic.ratio,
+                    n: 0,
+                    positions,
+                    k: c.index_topk,
+                    sel: s.sel.ptr,
+                    sel_cap: c.index_topk,
+                    nsel: s.nsel.ptr,
+                    ballot: self.topk_ballot,
+                };
+                ops::topk_select(g, t, &topk)?;
                 args.sel = s.sel.ptr;
                 args.nsel = s.nsel.ptr;
             }
@@ -2072,27 +2071,20 @@ impl CudaModel {
                     ],
                 )?;
             }
-            let (k, cap) = (c.index_topk as i32, c.index_topk as i32);
-            let sel = s.sel.at::<i32>(row * c.index_topk);
-            let nsel = s.nsel.at::<i32>(row);
-            g.launch(
-                "topk_select",
-                (tc as u32, 1, 1),
-                (1024, 1, 1),
-                0,
-                &[
-                    &s.scores.ptr,
-                    &a.4,
-                    &p0,
-                    &a.2,
-                    &a.3,
-                    &k,
-                    &sel,
-                    &cap,
-                    &nsel,
-                    &0u64,
-                ],
-            )?;
+            let topk = ops::TopK {
+                scores: s.scores.ptr,
+                ld: n,
+                pos0: pos0 + t0,
+                ratio: m,
+                n,
+                positions: 0,
+                k: c.index_topk,
+                sel: s.sel.at::<i32>(row * c.index_topk),
+                sel_cap: c.index_topk,
+                nsel: s.nsel.at::<i32>(row),
+                ballot: self.topk_ballot,
+            };
+            ops::topk_select(g, tc, &topk)?;
         }
         Ok(())
     }

@@ -1136,6 +1136,70 @@ pub struct NormRows {
     pub rows_per_token: usize,
 }
 
+/// What one [`topk_select`] launch selects from: each token's row of `scores`, of which the
+/// first `(positions[t] + 1) / ratio` entries are visible with a positions table (a decode
+/// step, every token its own sequence), else the first `min((pos0 + t + 1) / ratio, n)`.
+#[derive(Clone, Copy)]
+pub struct TopK {
+    pub scores: u64,
+    /// Floats from one token's scores to the next's.
+    pub ld: usize,
+    pub pos0: usize,
+    pub ratio: usize,
+    pub n: usize,
+    /// A device array of one position per token, or 0.
+    pub positions: u64,
+    pub k: usize,
+    /// `[tokens, sel_cap]` picks and `[tokens]` counts out.
+    pub sel: u64,
+    pub sel_cap: usize,
+    pub nsel: u64,
+    /// `topk_select_ballot` (the same picks: histograms by lane groups, no sort) instead of
+    /// `topk_select`.
+    pub ballot: bool,
+}
+
+/// Per token, the `k` best-scoring visible entries (ties to the lower index) in ascending order
+/// into its row of `sel`, and their count (`k`, or every visible entry where fewer) into `nsel`.
+pub fn topk_select(gpu: &Gpu, tokens: usize, a: &TopK) -> Result<()> {
+    let ints = [a.ld, a.pos0, a.ratio, a.n, a.k, a.sel_cap].map(i32::try_from);
+    let [Ok(ld), Ok(pos0), Ok(ratio), Ok(n), Ok(k), Ok(cap)] = ints else {
+        return Err(crate::Error::Unsupported(
+            "top-k: an argument over i32".into(),
+        ));
+    };
+    if k == 0 || k > cap || ratio == 0 {
+        return Err(crate::Error::Unsupported(format!(
+            "top-k: k {k} must be in 1..={cap} (the selection's capacity), ratio {ratio} nonzero"
+        )));
+    }
+    if tokens == 0 {
+        return Ok(());
+    }
+    gpu.launch(
+        if a.ballot {
+            "topk_select_ballot"
+        } else {
+            "topk_select"
+        },
+        (tokens as u32, 1, 1),
+        (1024, 1, 1),
+        0,
+        &[
+            &a.scores,
+            &ld,
+            &pos0,
+            &ratio,
+            &n,
+            &k,
+            &a.sel,
+            &cap,
+            &a.nsel,
+            &a.positions,
+        ],
+    )
+}
+
 /// [`rms_norm`] then [`rope`] (not inverse) of the same rows in one launch, with the same
 /// results, for one or two sets of rows of one width and RoPE table (a decode step's query
 /// heads and key row).

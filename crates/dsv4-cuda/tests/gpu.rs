@@ -2097,6 +2097,123 @@ fn dependent_pair_in_one_launch_matches_two() {
     }
 }
 
+/// `topk_select` and `topk_select_ballot` against a CPU selection: per token the k largest
+/// visible scores (ties to the lower index, by the kernels' order on the bits: `order_key`),
+/// ascending. Scores are drawn from 2 to a million distinct values, so many tie at the k-th,
+/// with -inf, +inf, NaN and -0 among them (and rows mostly -inf, where the k-th is -inf); 600
+/// to 70,000 visible entries (a 280K-token context at ratio 4) and k from 16 to 3000; tokens
+/// counted through a positions table (decode: one with fewer visible entries than k) and
+/// through pos0 + t capped at n (prefill). Slots start at -1, so unwritten ones and writes
+/// past a row show.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn topk_select_matches_cpu() {
+    use dsv4_cuda::ops::{topk_select, TopK};
+    // The k largest of `row` by the kernels' order on the bits, ties to the lower index,
+    // ascending.
+    fn cpu_topk(row: &[f32], k: usize) -> Vec<i32> {
+        let order_key = |f: f32| {
+            let u = f.to_bits();
+            if u & 0x8000_0000 != 0 {
+                !u
+            } else {
+                u | 0x8000_0000
+            }
+        };
+        let mut idx: Vec<usize> = (0..row.len()).collect();
+        idx.sort_by_key(|&i| (std::cmp::Reverse(order_key(row[i])), i));
+        let mut pick: Vec<i32> = idx.into_iter().take(k).map(|i| i as i32).collect();
+        pick.sort_unstable();
+        pick
+    }
+    let gpu = Gpu::open(0).expect("GPU");
+    // (visible entries, k, distinct values, one in `inf_every` entries -inf)
+    for &(n, k, distinct, inf_every) in &[
+        (600usize, 16usize, 50u64, 97u64),
+        (5000, 512, 300, 97),
+        (16384, 512, 7, 97),
+        (16384, 512, 1_000_000, 97),
+        (70000, 3000, 1000, 97),
+        (2100, 2048, 3, 97),
+        (3000, 2999, 2, 2),
+    ] {
+        let visible = [n, n - 37, k - 1];
+        let tokens = visible.len();
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ (n * k) as u64;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let scores: Vec<f32> = (0..tokens * n)
+            .map(|_| {
+                let r = next();
+                match r % 1000 {
+                    0 => f32::NAN,
+                    1 => f32::INFINITY,
+                    2 => -0.0,
+                    _ if r % inf_every == 0 => f32::NEG_INFINITY,
+                    _ => ((r >> 12) % distinct) as f32 * 0.37 - 20.0,
+                }
+            })
+            .collect();
+        let sd = gpu.upload(&scores).unwrap();
+        // Decode: token t at positions[t] sees (positions[t] + 1) / ratio entries (ratio 4).
+        // Prefill: token t at pos0 + t sees min((pos0 + t + 1) / ratio, n); with ratio 1 from
+        // pos0 n - 2: n - 1, n, and n + 1 capped to n.
+        let positions: Vec<i32> = visible.iter().map(|&v| (v * 4 - 1) as i32).collect();
+        let pd = gpu.upload(&positions).unwrap();
+        for (table, ballot) in [(true, false), (false, false), (true, true), (false, true)] {
+            // One guard row past the last token's.
+            let sel = gpu.upload(&vec![-1i32; (tokens + 1) * k]).unwrap();
+            let nsel = gpu.upload(&vec![-1i32; tokens]).unwrap();
+            let (pos0, ratio, counts) = if table {
+                (0, 4, visible.to_vec())
+            } else {
+                (n - 2, 1, vec![n - 1, n, n])
+            };
+            let a = TopK {
+                scores: sd.ptr,
+                ld: n,
+                pos0,
+                ratio,
+                n,
+                positions: if table { pd.ptr } else { 0 },
+                k,
+                sel: sel.ptr,
+                sel_cap: k,
+                nsel: nsel.ptr,
+                ballot,
+            };
+            topk_select(&gpu, tokens, &a).unwrap();
+            let mut got = vec![0i32; (tokens + 1) * k];
+            let mut got_n = vec![0i32; tokens];
+            gpu.dtoh(sel.ptr, &mut got).unwrap();
+            gpu.dtoh(nsel.ptr, &mut got_n).unwrap();
+            let what = format!("n {n} k {k} distinct {distinct} table {table} ballot {ballot}");
+            for (t, &count) in counts.iter().enumerate() {
+                let expect = cpu_topk(&scores[t * n..t * n + count], k);
+                assert_eq!(got_n[t] as usize, expect.len(), "{what} token {t}: count");
+                let row = &got[t * k..(t + 1) * k];
+                assert!(
+                    row[..expect.len()] == expect[..],
+                    "{what} token {t}: picks differ"
+                );
+                assert!(
+                    row[expect.len()..].iter().all(|&v| v == -1),
+                    "{what} token {t}: slots past the picks written"
+                );
+            }
+            assert!(
+                got[tokens * k..].iter().all(|&v| v == -1),
+                "{what}: written past the last row"
+            );
+        }
+        eprintln!("topk_select(_ballot) n {n} k {k} distinct {distinct}: picks equal the CPU's");
+    }
+}
+
 /// A decode step's fused launches — `wo_a` and `wo_b` in one launch, the query latent's norm in
 /// the loads of `wq_b` and the indexer's `wq_b` — against the separate launches, on a random
 /// model whose shapes take them (`wo_a`/`wo_b` rows of 4 KB, a 1 KB query latent): the same
