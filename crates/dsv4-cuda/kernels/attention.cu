@@ -423,6 +423,18 @@ __device__ __forceinline__ uint32_t order_key(float f) {
 #define TOPK_WARPS (TOPK_THREADS / 32)
 #define TOPK_FAST_MAX 2048  // picks sorted in shared memory (larger k: the ordered scan path)
 
+// Token t's visible entries (with `positions`, token t is its own sequence: decode steps);
+// where they are no more than k, all of them are the picks, written here.
+__device__ __forceinline__ int topk_visible(int t, int pos0, int m, int n, int k, int* out, int* nsel,
+                                            const int* positions) {
+    const int valid = positions ? (positions[t] + 1) / m : min((pos0 + t + 1) / m, n);
+    if (valid <= k) {
+        for (int i = threadIdx.x; i < valid; i += blockDim.x) out[i] = i;
+        if (threadIdx.x == 0) nsel[t] = valid;
+    }
+    return valid;
+}
+
 // One radix pass's digit, by the block's warp 0 (its lanes own the bins): the digit (bits `shift`..) holding the need-th largest
 // key of the histogram, scanning bins from the top: lane l owns bins [8l, 8l + 8); a suffix sum
 // over lanes finds the one lane whose bins cross `need`, which then walks its 8 (a serial walk
@@ -467,14 +479,9 @@ topk_select(const float* scores, int ld_scores, int pos0, int m, int n, int k, i
     __shared__ int picked[TOPK_FAST_MAX];
     const int t = blockIdx.x;
     const float* sc = scores + (size_t)t * ld_scores;
-    // With `positions`, token t is its own sequence (decode steps).
-    const int valid = positions ? (positions[t] + 1) / m : min((pos0 + t + 1) / m, n);
     int* out = sel + (size_t)t * sel_cap;
-    if (valid <= k) {
-        for (int i = threadIdx.x; i < valid; i += blockDim.x) out[i] = i;
-        if (threadIdx.x == 0) nsel[t] = valid;
-        return;
-    }
+    const int valid = topk_visible(t, pos0, m, n, k, out, nsel, positions);
+    if (valid <= k) return;
     uint32_t prefix = 0, mask = 0;
     int need = k;  // how many of the keys matching `prefix` are still to be taken
     for (int shift = 24; shift >= 0; shift -= 8) {
@@ -579,14 +586,9 @@ topk_select_ballot(const float* scores, int ld_scores, int pos0, int m, int n, i
     __shared__ int w_gt[TOPK_WARPS], w_eq[TOPK_WARPS];
     const int t = blockIdx.x;
     const float* sc = scores + (size_t)t * ld_scores;
-    // With `positions`, token t is its own sequence (decode steps).
-    const int valid = positions ? (positions[t] + 1) / m : min((pos0 + t + 1) / m, n);
     int* out = sel + (size_t)t * sel_cap;
-    if (valid <= k) {
-        for (int i = threadIdx.x; i < valid; i += blockDim.x) out[i] = i;
-        if (threadIdx.x == 0) nsel[t] = valid;
-        return;
-    }
+    const int valid = topk_visible(t, pos0, m, n, k, out, nsel, positions);
+    if (valid <= k) return;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     uint32_t prefix = 0, mask = 0;
     int need = k;  // how many of the keys matching `prefix` are still to be taken
