@@ -577,8 +577,8 @@ __device__ __forceinline__ int warp_exclusive_sum(int v) {
 // element serializes on one bin), and no sort: every warp takes a contiguous run of entries in
 // index order and two ballot passes write the picks ascending.
 extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
-topk_select_ballot(const float* scores, int ld_scores, int pos0, int m, int n, int k, int* sel, int sel_cap, int* nsel,
-            const int* positions) {
+topk_select_ballot(const float* scores, int ld_scores, int pos0, int m, int n, int k, int* sel, int sel_cap,
+                   int* nsel, const int* positions) {
     pdl_entry();
     __shared__ int hist[256];
     __shared__ uint32_t s_prefix;
