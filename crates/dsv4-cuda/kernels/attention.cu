@@ -435,11 +435,12 @@ __device__ __forceinline__ int topk_visible(int t, int pos0, int m, int n, int k
     return valid;
 }
 
-// One radix pass's digit, by the block's warp 0 (its lanes own the bins): the digit (bits `shift`..) holding the need-th largest
-// key of the histogram, scanning bins from the top: lane l owns bins [8l, 8l + 8); a suffix sum
-// over lanes finds the one lane whose bins cross `need`, which then walks its 8 (a serial walk
-// of 256 bins took µs per pass). That lane writes the extended prefix, what is still needed
-// of it, and the digit's count (after the last pass: how many keys equal the k-th).
+// One radix pass's digit, by the block's warp 0 (its lanes own the bins): the digit (bits
+// `shift`..) holding the need-th largest key of the histogram, scanning bins from the top:
+// lane l owns bins [8l, 8l + 8); a suffix sum over lanes finds the one lane whose bins cross
+// `need`, which then walks its 8 (a serial walk of 256 bins took µs per pass). That lane
+// writes the extended prefix, what is still needed of it, and the digit's count (after the
+// last pass: how many keys equal the k-th).
 __device__ __forceinline__ void topk_digit(const int* hist, int shift, uint32_t prefix, int need,
                                            uint32_t* s_prefix, int* s_need, int* s_eq) {
     const int lane = threadIdx.x & 31;
@@ -465,6 +466,52 @@ __device__ __forceinline__ void topk_digit(const int* hist, int shift, uint32_t 
     }
 }
 
+// The k-th largest order key of sc[0, valid) (`prefix`) and how many keys equal to it are to
+// be taken (`need`), by four passes of 8-bit digits; called by the whole block, the s_* in
+// shared memory (*s_eq ends as how many keys equal the k-th). GROUPED: each pass's histogram
+// takes one shared atomic per group of a warp's lanes with the same digit (the scores' top
+// bytes are nearly all alike, so an atomic per key serializes on one bin); else one per key.
+template <bool GROUPED>
+__device__ __forceinline__ void topk_radix(const float* sc, int valid, int k, int* hist, uint32_t* s_prefix,
+                                           int* s_need, int* s_eq, uint32_t& prefix, int& need) {
+    uint32_t mask = 0;
+    prefix = 0;
+    need = k;  // how many of the keys matching `prefix` are still to be taken
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
+        __syncthreads();
+        if (GROUPED) {
+            // The loop bound is block-uniform, so every lane takes part in each match.
+            for (int base = 0; base < valid; base += blockDim.x) {
+                const int i = base + threadIdx.x;
+                int bin = 256;  // no digit: out of range or off the prefix
+                if (i < valid) {
+                    const uint32_t u = order_key(sc[i]);
+                    if ((u & mask) == prefix) bin = (u >> shift) & 0xff;
+                }
+                // (Past the first pass most entries are off the prefix: skip the match there.)
+                if (__any_sync(0xffffffffu, bin < 256)) {
+                    const unsigned peers = __match_any_sync(0xffffffffu, bin);
+                    if (bin < 256 && (threadIdx.x & 31) == __ffs(peers) - 1)
+                        atomicAdd(&hist[bin], __popc(peers));
+                }
+            }
+        } else {
+            for (int i = threadIdx.x; i < valid; i += blockDim.x) {
+                uint32_t u = order_key(sc[i]);
+                if ((u & mask) == prefix) atomicAdd(&hist[(u >> shift) & 0xff], 1);
+            }
+        }
+        __syncthreads();
+        if (threadIdx.x < 32) topk_digit(hist, shift, prefix, need, s_prefix, s_need, s_eq);
+        __syncthreads();
+        prefix = *s_prefix;
+        need = *s_need;
+        mask |= 0xffu << shift;
+        __syncthreads();
+    }
+}
+
 // Per token: the k best-scoring visible entries (ties -> lower index), ascending, into
 // sel[t, :], their count into nsel[t]. Exact radix select on the scores' order keys.
 extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
@@ -482,23 +529,9 @@ topk_select(const float* scores, int ld_scores, int pos0, int m, int n, int k, i
     int* out = sel + (size_t)t * sel_cap;
     const int valid = topk_visible(t, pos0, m, n, k, out, nsel, positions);
     if (valid <= k) return;
-    uint32_t prefix = 0, mask = 0;
-    int need = k;  // how many of the keys matching `prefix` are still to be taken
-    for (int shift = 24; shift >= 0; shift -= 8) {
-        for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
-        __syncthreads();
-        for (int i = threadIdx.x; i < valid; i += blockDim.x) {
-            uint32_t u = order_key(sc[i]);
-            if ((u & mask) == prefix) atomicAdd(&hist[(u >> shift) & 0xff], 1);
-        }
-        __syncthreads();
-        if (threadIdx.x < 32) topk_digit(hist, shift, prefix, need, &s_prefix, &s_need, &s_eq);
-        __syncthreads();
-        prefix = s_prefix;
-        need = s_need;
-        mask |= 0xffu << shift;
-        __syncthreads();
-    }
+    uint32_t prefix;
+    int need;
+    topk_radix<false>(sc, valid, k, hist, &s_prefix, &s_need, &s_eq, prefix, need);
     // prefix is the k-th largest key; take every larger key and the first `need` equal ones.
     if (k <= TOPK_FAST_MAX && need == s_eq) {
         // No tie to break by index: one unordered pass (a warp-aggregated slot counter), then
@@ -572,10 +605,9 @@ __device__ __forceinline__ int warp_exclusive_sum(int v) {
 }
 
 // `topk_select`'s picks by a cheaper route for long contexts (`DSV4_CUDA_TOPK_BALLOT=1`, off
-// until measured on a GPU): each radix pass's histogram takes one shared atomic per group of
-// lanes with the same digit (the scores' top bytes are nearly all alike, so an atomic per
-// element serializes on one bin), and no sort: every warp takes a contiguous run of entries in
-// index order and two ballot passes write the picks ascending.
+// until measured on a GPU): grouped histograms in the radix passes (`topk_radix<true>`), and
+// no sort: every warp takes a contiguous run of entries in index order and two ballot passes
+// write the picks ascending.
 extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
 topk_select_ballot(const float* scores, int ld_scores, int pos0, int m, int n, int k, int* sel, int sel_cap,
                    int* nsel, const int* positions) {
@@ -589,34 +621,10 @@ topk_select_ballot(const float* scores, int ld_scores, int pos0, int m, int n, i
     int* out = sel + (size_t)t * sel_cap;
     const int valid = topk_visible(t, pos0, m, n, k, out, nsel, positions);
     if (valid <= k) return;
+    uint32_t prefix;
+    int need;
+    topk_radix<true>(sc, valid, k, hist, &s_prefix, &s_need, &s_eq, prefix, need);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    uint32_t prefix = 0, mask = 0;
-    int need = k;  // how many of the keys matching `prefix` are still to be taken
-    for (int shift = 24; shift >= 0; shift -= 8) {
-        for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
-        __syncthreads();
-        // The loop bound is block-uniform, so every lane takes part in each match.
-        for (int base = 0; base < valid; base += blockDim.x) {
-            const int i = base + threadIdx.x;
-            int bin = 256;  // no digit: out of range or off the prefix
-            if (i < valid) {
-                const uint32_t u = order_key(sc[i]);
-                if ((u & mask) == prefix) bin = (u >> shift) & 0xff;
-            }
-            // (Past the first pass most entries are off the prefix: skip the match there.)
-            if (__any_sync(0xffffffffu, bin < 256)) {
-                const unsigned peers = __match_any_sync(0xffffffffu, bin);
-                if (bin < 256 && lane == __ffs(peers) - 1) atomicAdd(&hist[bin], __popc(peers));
-            }
-        }
-        __syncthreads();
-        if (threadIdx.x < 32) topk_digit(hist, shift, prefix, need, &s_prefix, &s_need, &s_eq);
-        __syncthreads();
-        prefix = s_prefix;
-        need = s_need;
-        mask |= 0xffu << shift;
-        __syncthreads();
-    }
     // prefix is the k-th largest key: take every larger key and the first `need` equal ones in
     // index order. Warp w owns entries [lo, hi) (whole 32-entry rows), read row by row.
     const int per = (valid + TOPK_WARPS * 32 - 1) / (TOPK_WARPS * 32) * 32;
