@@ -2,7 +2,6 @@
 // compressed entries (all visible ones, or the indexer's selection), with per-head sinks;
 // the compressors' window pooling; the lightning indexer's scores and exact top-k.
 #include "quant.cuh"
-#include <cub/block/block_scan.cuh>
 
 // One sequence's caches in one layer, for kernels where every token of the batch is its own
 // sequence (decode steps: the per-token table lets one launch, and a CUDA graph, serve them
@@ -348,14 +347,15 @@ extern "C" __global__ void ring_store_seqs(const float* kv, const SeqLayer* seqs
 // scores[t, e] = sum_h hw[t, h] * wscale * relu(q[t, h] . k[e]) * dscale for the entries
 // visible to token t (e < min((pos0 + t + 1) / m, n)); -inf beyond, up to n. With `seqs` every
 // token is its own sequence at positions[t] with its own keys, and only its visible entries are
-// written. q rows live in shared memory (padded against bank conflicts); one warp per entry,
-// lanes over heads; blocks stride over the entries, so any grid covers them.
+// written. q rows live in shared memory; blocks stride over the entries, so any grid covers
+// them. The release's shape (64 × 128, 256 threads) has a lane per entry (below); any other,
+// a warp per entry with lanes over heads (q rows padded against bank conflicts).
 extern "C" __global__ void indexer_scores(const float* q, const float* hw, const float* keys, int hi,
                                           int di, int pos0, int m, int n, float wscale, float dscale,
                                           float* scores, int ld_scores, const SeqLayer* seqs,
                                           const int* positions) {
     pdl_entry();
-    extern __shared__ float sq[];  // [hi, di + 1]
+    extern __shared__ __align__(16) float sq[];  // [hi, di + 1] (the release shape: see below)
     const int t = blockIdx.y;
     const int stride = di + 1;
     int valid;
@@ -367,30 +367,77 @@ extern "C" __global__ void indexer_scores(const float* q, const float* hw, const
     }
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
     if (blockIdx.x * nw >= n) return;  // a grid sized for longer contexts
-    if (hi == 64 && di == 128) {
-        // The release's shape: q staged with float4 loads all in flight; an entry's key is one
-        // float4 per lane, each head's dot is 4 FMAs per lane, and two transposed reductions
-        // leave heads h and h + 32 in lane h.
+    if (hi == 64 && di == 128 && nw == 8) {
+        // The release's shape: lane = entry. A block takes 32 entries at a time and warp w
+        // heads [8w, 8w + 8): every q read is a broadcast (all lanes one address), and a head's
+        // dot is one lane's chain of FMAs (no reductions). The 32 key rows are staged by
+        // asynchronous copies, the next 32's in flight while these are scored (rows padded to
+        // 132 floats: a quarter-warp's 16-byte reads of 8 rows hit 8 different bank groups); the
+        // warps' sums meet in shared memory, added in head order by warp 0. At 16K entries (a
+        // 64K context) this advances a decode step ~18 µs on an H100, where lanes over heads
+        // (q re-read per entry) took ~24; threads over 4 entries × 4 heads (8 loads per 64
+        // FMAs) measured slower than either, issue-bound on their addressing.
+        constexpr int KP = 132;
+        __shared__ float part[8][32];
+        __shared__ float sw[64];
+        if (blockIdx.x * 32 >= n) return;
+        float4* s4 = (float4*)sq;   // [64 heads][32 float4]
+        float* kb = sq + 64 * 128;  // two buffers of [32 rows][KP]
         const float4* q4 = (const float4*)(q + (size_t)t * 64 * 128);
-        float4* s4 = (float4*)sq;
-        for (int i = threadIdx.x; i < 64 * 32; i += blockDim.x) s4[i] = q4[i];
-        __syncthreads();
-        const float w0 = hw[(size_t)t * 64 + lane] * wscale, w1 = hw[(size_t)t * 64 + 32 + lane] * wscale;
-        for (int e = blockIdx.x * nw + warp; e < n; e += gridDim.x * nw) {
-            float score = -INFINITY;
-            if (e < valid) {
-                const float4 k = __ldg((const float4*)(keys + (size_t)e * 128) + lane);
-                float lo[32], hi2[32];
-#pragma unroll
-                for (int h = 0; h < 32; h++) {
-                    const float4 a = s4[h * 32 + lane], b = s4[(h + 32) * 32 + lane];
-                    lo[h] = fmaf(a.x, k.x, fmaf(a.y, k.y, fmaf(a.z, k.z, a.w * k.w)));
-                    hi2[h] = fmaf(b.x, k.x, fmaf(b.y, k.y, fmaf(b.z, k.z, b.w * k.w)));
-                }
-                const float d0 = warp_sum_transposed(lo), d1 = warp_sum_transposed(hi2);
-                score = warp_sum(w0 * fmaxf(d0, 0.f) * dscale + w1 * fmaxf(d1, 0.f) * dscale);
+        for (int i = threadIdx.x; i < 64 * 32; i += blockDim.x) cp_async16(s4 + i, q4 + i);
+        if (threadIdx.x < 64) sw[threadIdx.x] = hw[(size_t)t * 64 + threadIdx.x] * wscale;
+        // Rows [base, base + 32) into buffer b (those visible), as one commit group (the first
+        // with q's copies).
+        auto stage = [&](int b, int base) {
+            for (int i = threadIdx.x; i < 32 * 32; i += blockDim.x) {
+                const int r = i >> 5, c = i & 31;
+                if (base + r < valid) cp_async16(kb + (b * 32 + r) * KP + 4 * c, keys + (size_t)(base + r) * 128 + 4 * c);
             }
-            if (lane == 0) scores[(size_t)t * ld_scores + e] = score;
+            cp_async_commit();
+        };
+        const int step = gridDim.x * 32;
+        stage(0, blockIdx.x * 32);
+        const float4* qw = s4 + warp * 8 * 32;
+        int b = 0;
+        for (int base = blockIdx.x * 32; base < n; base += step, b ^= 1) {
+            if (base + step < n) stage(b ^ 1, base + step);
+            else cp_async_commit();  // (an empty group: the wait below counts alike)
+            cp_async_wait<1>();
+            __syncthreads();
+            const int e = base + lane;
+            float sum = 0.f;
+            if (e < valid) {
+                const float* kr = kb + (b * 32 + lane) * KP;
+                float acc[8] = {};
+#pragma unroll 4
+                for (int c = 0; c < 16; c++) {
+                    const float4 k0 = *(const float4*)(kr + 8 * c), k1 = *(const float4*)(kr + 8 * c + 4);
+#pragma unroll
+                    for (int h = 0; h < 8; h++) {
+                        const float4 x = qw[h * 32 + 2 * c], y = qw[h * 32 + 2 * c + 1];
+                        float a = acc[h];
+                        a = fmaf(x.x, k0.x, a);
+                        a = fmaf(x.y, k0.y, a);
+                        a = fmaf(x.z, k0.z, a);
+                        a = fmaf(x.w, k0.w, a);
+                        a = fmaf(y.x, k1.x, a);
+                        a = fmaf(y.y, k1.y, a);
+                        a = fmaf(y.z, k1.z, a);
+                        acc[h] = fmaf(y.w, k1.w, a);
+                    }
+                }
+#pragma unroll
+                for (int h = 0; h < 8; h++) sum += sw[warp * 8 + h] * fmaxf(acc[h], 0.f) * dscale;
+            }
+            part[warp][lane] = sum;
+            __syncthreads();
+            if (warp == 0 && e < n) {
+                float s = part[0][lane];
+#pragma unroll
+                for (int w = 1; w < 8; w++) s += part[w][lane];
+                scores[(size_t)t * ld_scores + e] = e < valid ? s : -INFINITY;
+            }
+            __syncthreads();  // (buffer b is staged again two rounds on)
         }
         return;
     }
@@ -421,7 +468,25 @@ __device__ __forceinline__ uint32_t order_key(float f) {
 
 #define TOPK_THREADS 1024
 #define TOPK_WARPS (TOPK_THREADS / 32)
-#define TOPK_FAST_MAX 2048  // picks sorted in shared memory (larger k: the ordered scan path)
+static_assert(TOPK_WARPS == 32, "topk_select: a warp's lanes hold the per-warp counts");
+
+// Stamps of block 0 of `topk_select` (tools/gpu/indexer_bench.cu defines TOPK_STAMPS): the
+// global timer (ns) after the wait, once staged, after each radix pass, at the end.
+#ifdef TOPK_STAMPS
+__device__ long long topk_stamps[8];
+#define TOPK_STAMP(i)                                                                   \
+    do {                                                                                \
+        if (blockIdx.x == 0 && threadIdx.x == 0) {                                      \
+            long long t_;                                                               \
+            asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_));                      \
+            topk_stamps[i] = t_;                                                        \
+        }                                                                               \
+    } while (0)
+#else
+#define TOPK_STAMP(i) \
+    do {              \
+    } while (0)
+#endif
 
 // Token t's visible entries (with `positions`, token t is its own sequence: decode steps);
 // where they are no more than k, all of them are the picks, written here.
@@ -435,14 +500,41 @@ __device__ __forceinline__ int topk_visible(int t, int pos0, int m, int n, int k
     return valid;
 }
 
+// A token's order keys: in shared memory where its row fits the launch's stage (read once,
+// every load in flight; the passes that follow then cost no global round trips), else from
+// its scores row on every read.
+struct TopkKeys {
+    const float* sc;
+    const uint32_t* staged;  // or nullptr
+    __device__ __forceinline__ uint32_t operator[](int i) const { return staged ? staged[i] : order_key(sc[i]); }
+};
+
+// Copies sc[0, valid) into `stage` as order keys: eight loads per thread issued before any
+// store (the stage and the scores cannot alias, but the compiler cannot know it).
+__device__ __forceinline__ void topk_stage(const float* sc, int valid, uint32_t* stage) {
+    for (int base = 0; base < valid; base += 8 * TOPK_THREADS) {
+        float v[8];
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            const int i = base + j * TOPK_THREADS + threadIdx.x;
+            v[j] = i < valid ? sc[i] : 0.f;
+        }
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            const int i = base + j * TOPK_THREADS + threadIdx.x;
+            if (i < valid) stage[i] = order_key(v[j]);
+        }
+    }
+    __syncthreads();
+}
+
 // One radix pass's digit, by the block's warp 0 (its lanes own the bins): the digit (bits
 // `shift`..) holding the need-th largest key of the histogram, scanning bins from the top:
 // lane l owns bins [8l, 8l + 8); a suffix sum over lanes finds the one lane whose bins cross
 // `need`, which then walks its 8 (a serial walk of 256 bins took µs per pass). That lane
-// writes the extended prefix, what is still needed of it, and the digit's count (after the
-// last pass: how many keys equal the k-th).
+// writes the extended prefix and what is still needed of it.
 __device__ __forceinline__ void topk_digit(const int* hist, int shift, uint32_t prefix, int need,
-                                           uint32_t* s_prefix, int* s_need, int* s_eq) {
+                                           uint32_t* s_prefix, int* s_need) {
     const int lane = threadIdx.x & 31;
     int own = 0;
 #pragma unroll
@@ -462,135 +554,50 @@ __device__ __forceinline__ void topk_digit(const int* hist, int shift, uint32_t 
         }
         *s_prefix = prefix | ((uint32_t)dsel << shift);
         *s_need = need - cum;
-        *s_eq = hist[dsel];
     }
 }
 
-// The k-th largest order key of sc[0, valid) (`prefix`) and how many keys equal to it are to
-// be taken (`need`), by four passes of 8-bit digits; called by the whole block, the s_* in
-// shared memory (*s_eq ends as how many keys equal the k-th). GROUPED: each pass's histogram
-// takes one shared atomic per group of a warp's lanes with the same digit (the scores' top
-// bytes are nearly all alike, so an atomic per key serializes on one bin); else one per key.
-template <bool GROUPED>
-__device__ __forceinline__ void topk_radix(const float* sc, int valid, int k, int* hist, uint32_t* s_prefix,
-                                           int* s_need, int* s_eq, uint32_t& prefix, int& need) {
+// Counts key u in the histogram of radix digit `shift` if it matches the prefix so far.
+__device__ __forceinline__ void topk_count(uint32_t u, uint32_t mask, uint32_t prefix, int shift, int* hist) {
+    if ((u & mask) == prefix) atomicAdd(&hist[(u >> shift) & 0xff], 1);
+}
+
+// The k-th largest order key of keys[0, valid) (`prefix`) and how many keys equal to it are
+// to be taken (`need`), by four passes of 8-bit digits; called by the whole block, the s_* in
+// shared memory. Staged keys are read four at a time. (One shared atomic per key: grouping a
+// warp's equal digits by __match_any_sync first measured slower, 5.2 against 2.4 µs for the
+// first pass over 16K entries on an H100, though most share the top digit.)
+__device__ __forceinline__ void topk_radix(TopkKeys keys, int valid, int k, int* hist, uint32_t* s_prefix,
+                                           int* s_need, uint32_t& prefix, int& need) {
     uint32_t mask = 0;
     prefix = 0;
     need = k;  // how many of the keys matching `prefix` are still to be taken
     for (int shift = 24; shift >= 0; shift -= 8) {
         for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
         __syncthreads();
-        if (GROUPED) {
-            // The loop bound is block-uniform, so every lane takes part in each match.
-            for (int base = 0; base < valid; base += blockDim.x) {
-                const int i = base + threadIdx.x;
-                int bin = 256;  // no digit: out of range or off the prefix
-                if (i < valid) {
-                    const uint32_t u = order_key(sc[i]);
-                    if ((u & mask) == prefix) bin = (u >> shift) & 0xff;
-                }
-                // (Past the first pass most entries are off the prefix: skip the match there.)
-                if (__any_sync(0xffffffffu, bin < 256)) {
-                    const unsigned peers = __match_any_sync(0xffffffffu, bin);
-                    if (bin < 256 && (threadIdx.x & 31) == __ffs(peers) - 1)
-                        atomicAdd(&hist[bin], __popc(peers));
-                }
+        int i = threadIdx.x;
+        if (keys.staged) {
+            const uint4* s4 = (const uint4*)keys.staged;
+            for (; 4 * i + 3 < valid; i += blockDim.x) {
+                const uint4 u = s4[i];
+                topk_count(u.x, mask, prefix, shift, hist);
+                topk_count(u.y, mask, prefix, shift, hist);
+                topk_count(u.z, mask, prefix, shift, hist);
+                topk_count(u.w, mask, prefix, shift, hist);
             }
-        } else {
-            for (int i = threadIdx.x; i < valid; i += blockDim.x) {
-                uint32_t u = order_key(sc[i]);
-                if ((u & mask) == prefix) atomicAdd(&hist[(u >> shift) & 0xff], 1);
-            }
+            i = valid / 4 * 4 + threadIdx.x;  // the last valid % 4
         }
+        for (; i < valid; i += blockDim.x) topk_count(keys[i], mask, prefix, shift, hist);
         __syncthreads();
-        if (threadIdx.x < 32) topk_digit(hist, shift, prefix, need, s_prefix, s_need, s_eq);
+        if (threadIdx.x < 32) topk_digit(hist, shift, prefix, need, s_prefix, s_need);
         __syncthreads();
         prefix = *s_prefix;
         need = *s_need;
         mask |= 0xffu << shift;
         __syncthreads();
+        TOPK_STAMP(2 + (24 - shift) / 8);
     }
 }
-
-// Per token: the k best-scoring visible entries (ties -> lower index), ascending, into
-// sel[t, :], their count into nsel[t]. Exact radix select on the scores' order keys.
-extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
-topk_select(const float* scores, int ld_scores, int pos0, int m, int n, int k, int* sel, int sel_cap, int* nsel,
-            const int* positions) {
-    pdl_entry();
-    typedef cub::BlockScan<int, TOPK_THREADS> Scan;
-    __shared__ typename Scan::TempStorage scan_tmp;
-    __shared__ int hist[256];
-    __shared__ uint32_t s_prefix;
-    __shared__ int s_need, s_eq, s_taken;
-    __shared__ int picked[TOPK_FAST_MAX];
-    const int t = blockIdx.x;
-    const float* sc = scores + (size_t)t * ld_scores;
-    int* out = sel + (size_t)t * sel_cap;
-    const int valid = topk_visible(t, pos0, m, n, k, out, nsel, positions);
-    if (valid <= k) return;
-    uint32_t prefix;
-    int need;
-    topk_radix<false>(sc, valid, k, hist, &s_prefix, &s_need, &s_eq, prefix, need);
-    // prefix is the k-th largest key; take every larger key and the first `need` equal ones.
-    if (k <= TOPK_FAST_MAX && need == s_eq) {
-        // No tie to break by index: one unordered pass (a warp-aggregated slot counter), then
-        // a bitonic sort of the k picks into ascending order.
-        if (threadIdx.x == 0) s_taken = 0;
-        __syncthreads();
-        const int lane = threadIdx.x & 31;
-        for (int base = 0; base < valid; base += blockDim.x) {
-            const int i = base + threadIdx.x;
-            const bool take = i < valid && order_key(sc[i]) >= prefix;
-            const unsigned ballot = __ballot_sync(0xffffffffu, take);
-            int slot0 = 0;
-            if (lane == 0 && ballot) slot0 = atomicAdd(&s_taken, __popc(ballot));
-            slot0 = __shfl_sync(0xffffffffu, slot0, 0);
-            if (take) picked[slot0 + __popc(ballot & ((1u << lane) - 1))] = i;
-        }
-        __syncthreads();
-        int size = 1;
-        while (size < k) size <<= 1;
-        for (int i = k + threadIdx.x; i < size; i += blockDim.x) picked[i] = INT_MAX;
-        for (int len = 2; len <= size; len <<= 1) {
-            for (int stride = len >> 1; stride > 0; stride >>= 1) {
-                __syncthreads();
-                for (int i = threadIdx.x; i < size; i += blockDim.x) {
-                    const int j = i ^ stride;
-                    if (j > i) {
-                        const bool up = (i & len) == 0;
-                        const int a = picked[i], b = picked[j];
-                        if ((a > b) == up) { picked[i] = b; picked[j] = a; }
-                    }
-                }
-            }
-        }
-        __syncthreads();
-        for (int i = threadIdx.x; i < k; i += blockDim.x) out[i] = picked[i];
-        if (threadIdx.x == 0) nsel[t] = k;
-        return;
-    }
-    int taken = 0, eq_seen = 0;
-    for (int base = 0; base < valid; base += blockDim.x) {
-        int i = base + threadIdx.x;
-        uint32_t u = i < valid ? order_key(sc[i]) : 0;
-        int gt = (i < valid && u > prefix) ? 1 : 0;
-        int eq = (i < valid && u == prefix) ? 1 : 0;
-        int eq_before, eq_total;
-        Scan(scan_tmp).ExclusiveSum(eq, eq_before, eq_total);
-        __syncthreads();
-        int take = gt | (eq && eq_seen + eq_before < need);
-        int pos, total;
-        Scan(scan_tmp).ExclusiveSum(take, pos, total);
-        __syncthreads();
-        if (take) out[taken + pos] = i;
-        taken += total;
-        eq_seen += eq_total;
-    }
-    if (threadIdx.x == 0) nsel[t] = k;
-}
-
-static_assert(TOPK_WARPS == 32, "topk_select_ballot: a warp's lanes hold the per-warp counts");
 
 // Exclusive prefix sum over a warp's lanes.
 __device__ __forceinline__ int warp_exclusive_sum(int v) {
@@ -604,39 +611,59 @@ __device__ __forceinline__ int warp_exclusive_sum(int v) {
     return incl - v;
 }
 
-// `topk_select`'s picks by a cheaper route for long contexts (`DSV4_CUDA_TOPK_BALLOT=1`, off
-// until measured on a GPU): grouped histograms in the radix passes (`topk_radix<true>`), and
-// no sort: every warp takes a contiguous run of entries in index order and two ballot passes
-// write the picks ascending.
+// Per token (one block each): the k best-scoring visible entries (ties -> lower index),
+// ascending, into sel[t, :], their count into nsel[t]. Exact radix select on the scores' order
+// keys (`topk_radix`), staged in the dynamic shared memory where a token's visible entries are
+// at most `stage_cap`; then every warp takes a contiguous run of entries in index order and two
+// ballot passes write the picks ascending (no sort).
 extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
-topk_select_ballot(const float* scores, int ld_scores, int pos0, int m, int n, int k, int* sel, int sel_cap,
-                   int* nsel, const int* positions) {
+topk_select(const float* scores, int ld_scores, int pos0, int m, int n, int k, int* sel, int sel_cap, int* nsel,
+            const int* positions, int stage_cap) {
     pdl_entry();
+    extern __shared__ __align__(16) uint32_t stage[];  // [stage_cap]
     __shared__ int hist[256];
     __shared__ uint32_t s_prefix;
-    __shared__ int s_need, s_eq;  // (s_eq: topk_digit's count, unused here)
+    __shared__ int s_need;
     __shared__ int w_gt[TOPK_WARPS], w_eq[TOPK_WARPS];
     const int t = blockIdx.x;
     const float* sc = scores + (size_t)t * ld_scores;
     int* out = sel + (size_t)t * sel_cap;
+    TOPK_STAMP(0);
     const int valid = topk_visible(t, pos0, m, n, k, out, nsel, positions);
     if (valid <= k) return;
+    TopkKeys keys{sc, nullptr};
+    if (valid <= stage_cap) {
+        topk_stage(sc, valid, stage);
+        keys.staged = stage;
+    }
+    TOPK_STAMP(1);
     uint32_t prefix;
     int need;
-    topk_radix<true>(sc, valid, k, hist, &s_prefix, &s_need, &s_eq, prefix, need);
+    topk_radix(keys, valid, k, hist, &s_prefix, &s_need, prefix, need);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     // prefix is the k-th largest key: take every larger key and the first `need` equal ones in
     // index order. Warp w owns entries [lo, hi) (whole 32-entry rows), read row by row.
     const int per = (valid + TOPK_WARPS * 32 - 1) / (TOPK_WARPS * 32) * 32;
     const int lo = warp * per, hi = min(valid, lo + per);
     const unsigned below = (1u << lane) - 1;
-    int gt = 0, eq = 0;
-    for (int r = lo; r < hi; r += 32) {
-        const int i = r + lane;
-        const uint32_t u = i < hi ? order_key(sc[i]) : 0u;
-        gt += __popc(__ballot_sync(0xffffffffu, i < hi && u > prefix));
-        eq += __popc(__ballot_sync(0xffffffffu, i < hi && u == prefix));
+    int gt = 0, eq = 0;  // the warp's keys above the k-th and equal to it (lo is 4-aligned)
+    for (int i = lo + 4 * lane; i < hi; i += 128) {
+        uint32_t u[4];
+        if (keys.staged && i + 3 < hi) {
+            const uint4 v = *(const uint4*)(keys.staged + i);
+            u[0] = v.x, u[1] = v.y, u[2] = v.z, u[3] = v.w;
+        } else {
+#pragma unroll
+            for (int x = 0; x < 4; x++) u[x] = i + x < hi ? keys[i + x] : 0u;
+        }
+#pragma unroll
+        for (int x = 0; x < 4; x++) {
+            gt += i + x < hi && u[x] > prefix;
+            eq += i + x < hi && u[x] == prefix;
+        }
     }
+    gt = __reduce_add_sync(0xffffffffu, gt);
+    eq = __reduce_add_sync(0xffffffffu, eq);
     if (lane == 0) {
         w_gt[warp] = gt;
         w_eq[warp] = eq;
@@ -651,7 +678,7 @@ topk_select_ballot(const float* scores, int ld_scores, int pos0, int m, int n, i
     int eq_seen = __shfl_sync(0xffffffffu, eq_before_v, warp);
     for (int r = lo; r < hi; r += 32) {
         const int i = r + lane;
-        const uint32_t u = i < hi ? order_key(sc[i]) : 0u;
+        const uint32_t u = i < hi ? keys[i] : 0u;
         const bool is_eq = i < hi && u == prefix;
         const unsigned eqb = __ballot_sync(0xffffffffu, is_eq);
         const bool take = (i < hi && u > prefix) || (is_eq && eq_seen + __popc(eqb & below) < need);
@@ -661,4 +688,5 @@ topk_select_ballot(const float* scores, int ld_scores, int pos0, int m, int n, i
         eq_seen += __popc(eqb);
     }
     if (threadIdx.x == 0) nsel[t] = k;
+    TOPK_STAMP(6);
 }

@@ -357,8 +357,6 @@ __device__ __forceinline__ void cp_async16_zfill(void* smem, const void* gmem, b
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(gmem), "r"(valid ? 16 : 0)
                  : "memory");
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-__device__ __forceinline__ void cp_async_wait1() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
 
 // The activation tile from pre-split planes: BN tokens x BK inputs of each part copied
 // asynchronously into X[term][BN][LD], the same layout and values TcXLoad::store writes
@@ -496,7 +494,7 @@ __device__ __forceinline__ void tc_mainloop(const LinearW& W0, const LinearW& W1
         cp_async_commit();
         wl.store(sm);
         if (nk > 2) wl.load(W0, W1, split, row0, 2 * BK);
-        cp_async_wait1();
+        cp_async_wait<1>();
         __syncthreads();
         // Step kt with `next` the register set of step kt + 1 (and kt + 3).
         auto step = [&](int kt, typename TcWSel<FMT, BK>::T& next) {
@@ -508,7 +506,7 @@ __device__ __forceinline__ void tc_mainloop(const LinearW& W0, const LinearW& W1
             tc_step<BN, BK>(sm + (kt & 1) * TC_BM * LD, xsm + (kt % 3) * xstage, terms, m0, m1, acc);
             if (kt + 1 < nk) next.store(sm + ((kt + 1) & 1) * TC_BM * LD);
             if (kt + 3 < nk) next.load(W0, W1, split, row0, (kt + 3) * BK);
-            cp_async_wait1();  // step kt + 1's activations
+            cp_async_wait<1>();  // step kt + 1's activations
             __syncthreads();
         };
         for (int kt = 0; kt < nk; kt += 2) {

@@ -348,9 +348,6 @@ pub struct CudaModel {
     /// (`DSV4_CUDA_QNORM_FUSED=1`; off until measured: stop 20's fold of the norm into `wq_b`
     /// was neutral, its weight stream already overlapping the norm).
     qnorm_fused: AtomicBool,
-    /// Whether the indexer's top-k runs as `topk_select_ballot` (`DSV4_CUDA_TOPK_BALLOT=1`;
-    /// the same picks, off until measured on a GPU).
-    topk_ballot: bool,
     /// The arithmetic followed (the CPU model's profile).
     numerics: Numerics,
     /// Whether a decode step's projections of one input share a launch (`DSV4_CUDA_MULTI=0`
@@ -548,7 +545,6 @@ impl CudaModel {
             qnorm_fused: AtomicBool::new(
                 std::env::var("DSV4_CUDA_QNORM_FUSED").is_ok_and(|v| v == "1"),
             ),
-            topk_ballot: std::env::var("DSV4_CUDA_TOPK_BALLOT").is_ok_and(|v| v == "1"),
             numerics: model.numerics,
             multi_gemv: std::env::var("DSV4_CUDA_MULTI").map_or(true, |v| v != "0"),
             tc,
@@ -1810,35 +1806,25 @@ impl CudaModel {
             if let Some(ix) = &a.indexer {
                 let ic = &ix.compressor;
                 let (hi, di) = (c.index_n_heads, c.index_head_dim);
-                let (wscale, dscale) = (1.0 / (hi as f32).sqrt(), 1.0 / (di as f32).sqrt());
-                let ld = (s.scores_floats / t) as i32;
-                let (hii, dii, m, zero) = (hi as i32, di as i32, ic.ratio as i32, 0i32);
-                let blocks = (2 * g.sm_count).div_ceil(t).max(1);
-                g.launch(
-                    "indexer_scores",
-                    (blocks as u32, t as u32, 1),
-                    (256, 1, 1),
-                    (hi * (di + 1) * 4) as u32,
-                    &[
-                        &s.qi.ptr,
-                        &s.hw.ptr,
-                        &0u64,
-                        &hii,
-                        &dii,
-                        &zero,
-                        &m,
-                        &zero,
-                        &wscale,
-                        &dscale,
-                        &s.scores.ptr,
-                        &ld,
-                        &seqs,
-                        &positions,
-                    ],
-                )?;
+                let ld = s.scores_floats / t;
+                let scores = ops::IndexerScores {
+                    q: s.qi.ptr,
+                    hw: s.hw.ptr,
+                    keys: 0,
+                    heads: hi,
+                    dim: di,
+                    pos0: 0,
+                    ratio: ic.ratio,
+                    n: 0,
+                    scores: s.scores.ptr,
+                    ld,
+                    seqs,
+                    positions,
+                };
+                ops::indexer_scores(g, t, &scores)?;
                 let topk = ops::TopK {
                     scores: s.scores.ptr,
-                    ld: ld as usize,
+                    ld,
                     pos0: 0,
                     ratio: ic.ratio,
                     n: 0,
@@ -1847,7 +1833,6 @@ impl CudaModel {
                     sel: s.sel.ptr,
                     sel_cap: c.index_topk,
                     nsel: s.nsel.ptr,
-                    ballot: self.topk_ballot,
                 };
                 ops::topk_select(g, t, &topk)?;
                 args.sel = s.sel.ptr;
@@ -2036,8 +2021,6 @@ impl CudaModel {
         let (t, pos0) = (seg.len, seg.pos0);
         let n = is.n;
         let m = ix.compressor.ratio;
-        let (wscale, dscale) = (1.0 / (hi as f32).sqrt(), 1.0 / (di as f32).sqrt());
-        let smem = (hi * (di + 1) * 4) as u32;
         // Tokens per pass so the score matrix fits its buffer.
         let per = (s.scores_floats / n.max(1)).clamp(1, t);
         for t0 in (0..t).step_by(per) {
@@ -2045,32 +2028,21 @@ impl CudaModel {
             let row = seg.start + t0;
             let qi = s.qi.at::<f32>(row * hi * di);
             let hw = s.hw.at::<f32>(row * hi);
-            let p0 = (pos0 + t0) as i32;
-            let a = (hi as i32, di as i32, m as i32, n as i32, n as i32);
-            if n > 0 {
-                g.launch(
-                    "indexer_scores",
-                    (n.div_ceil(8) as u32, tc as u32, 1),
-                    (256, 1, 1),
-                    smem,
-                    &[
-                        &qi,
-                        &hw,
-                        &is.entries.ptr,
-                        &a.0,
-                        &a.1,
-                        &p0,
-                        &a.2,
-                        &a.3,
-                        &wscale,
-                        &dscale,
-                        &s.scores.ptr,
-                        &a.4,
-                        &0u64,
-                        &0u64,
-                    ],
-                )?;
-            }
+            let scores = ops::IndexerScores {
+                q: qi,
+                hw,
+                keys: is.entries.ptr,
+                heads: hi,
+                dim: di,
+                pos0: pos0 + t0,
+                ratio: m,
+                n,
+                scores: s.scores.ptr,
+                ld: n,
+                seqs: 0,
+                positions: 0,
+            };
+            ops::indexer_scores(g, tc, &scores)?;
             let topk = ops::TopK {
                 scores: s.scores.ptr,
                 ld: n,
@@ -2082,7 +2054,6 @@ impl CudaModel {
                 sel: s.sel.at::<i32>(row * c.index_topk),
                 sel_cap: c.index_topk,
                 nsel: s.nsel.at::<i32>(row),
-                ballot: self.topk_ballot,
             };
             ops::topk_select(g, tc, &topk)?;
         }

@@ -1136,6 +1136,86 @@ pub struct NormRows {
     pub rows_per_token: usize,
 }
 
+/// One [`indexer_scores`] launch: per token, `scores[t, e] = Σ_h hw[t, h] / √heads · relu(q[t, h]
+/// · key[e]) / √dim` over its visible entries. With a positions table (a decode step) token t
+/// is its own sequence with its own keys (`seqs[t].i_entries`) and `(positions[t] + 1) /
+/// ratio` entries, all written; else the `keys` are shared, token t sees `min((pos0 + t + 1) /
+/// ratio, n)` of them and the rest of its first `n` scores are -inf.
+#[derive(Clone, Copy)]
+pub struct IndexerScores {
+    /// `[tokens, heads, dim]` queries and `[tokens, heads]` head weights (f32).
+    pub q: u64,
+    pub hw: u64,
+    /// `[n, dim]` entries (f32), or 0 with `seqs`.
+    pub keys: u64,
+    pub heads: usize,
+    pub dim: usize,
+    pub pos0: usize,
+    pub ratio: usize,
+    pub n: usize,
+    /// `[tokens, ld]` scores out.
+    pub scores: u64,
+    pub ld: usize,
+    /// Decode: a device table of one `SeqLayer` per token, and one position per token (or both 0).
+    pub seqs: u64,
+    pub positions: u64,
+}
+
+/// The indexer's scores ([`IndexerScores`]). Decode launches a fixed grid (graph-static) that
+/// strides over any count of entries; shared keys get blocks enough for their `n`.
+pub fn indexer_scores(gpu: &Gpu, tokens: usize, a: &IndexerScores) -> Result<()> {
+    let ints = [a.heads, a.dim, a.pos0, a.ratio, a.n, a.ld].map(i32::try_from);
+    let [Ok(hi), Ok(di), Ok(pos0), Ok(m), Ok(n), Ok(ld)] = ints else {
+        return Err(crate::Error::Unsupported(
+            "indexer scores: an argument over i32".into(),
+        ));
+    };
+    if a.ratio == 0 || (a.seqs == 0 && a.n > a.ld) {
+        return Err(crate::Error::Unsupported(format!(
+            "indexer scores: ratio {m} must be nonzero and {n} entries fit rows of {ld}"
+        )));
+    }
+    if tokens == 0 || (a.seqs == 0 && a.n == 0) {
+        return Ok(());
+    }
+    // The release's 64 × 128 heads take 32 entries per block (q, then two buffers of 32 keys
+    // padded to 132 floats), any other shape 8 (q rows padded by one float).
+    let release = (a.heads, a.dim) == (64, 128);
+    let (per_block, smem) = if release {
+        (32, (64 * 128 + 2 * 32 * 132) * 4)
+    } else {
+        (8, a.heads * (a.dim + 1) * 4)
+    };
+    let blocks = if a.seqs != 0 {
+        (2 * gpu.sm_count).div_ceil(tokens).max(1)
+    } else {
+        a.n.div_ceil(per_block)
+    };
+    let (wscale, dscale) = (1.0 / (a.heads as f32).sqrt(), 1.0 / (a.dim as f32).sqrt());
+    gpu.launch(
+        "indexer_scores",
+        (blocks as u32, tokens as u32, 1),
+        (256, 1, 1),
+        smem as u32,
+        &[
+            &a.q,
+            &a.hw,
+            &a.keys,
+            &hi,
+            &di,
+            &pos0,
+            &m,
+            &n,
+            &wscale,
+            &dscale,
+            &a.scores,
+            &ld,
+            &a.seqs,
+            &a.positions,
+        ],
+    )
+}
+
 /// What one [`topk_select`] launch selects from: each token's row of `scores`, of which the
 /// first `(positions[t] + 1) / ratio` entries are visible with a positions table (a decode
 /// step, every token its own sequence), else the first `min((pos0 + t + 1) / ratio, n)`.
@@ -1154,10 +1234,12 @@ pub struct TopK {
     pub sel: u64,
     pub sel_cap: usize,
     pub nsel: u64,
-    /// `topk_select_ballot` (the same picks: histograms by lane groups, no sort) instead of
-    /// `topk_select`.
-    pub ballot: bool,
 }
+
+/// Most visible entries whose order keys `topk_select` stages in shared memory (192 KB: contexts
+/// up to 196K tokens at the CSA's ratio of 4); longer rows are read from global memory on each
+/// of its passes.
+pub const TOPK_STAGE_MAX: usize = 49_152;
 
 /// Per token, the `k` best-scoring visible entries (ties to the lower index) in ascending order
 /// into its row of `sel`, and their count (`k`, or every visible entry where fewer) into `nsel`.
@@ -1176,15 +1258,14 @@ pub fn topk_select(gpu: &Gpu, tokens: usize, a: &TopK) -> Result<()> {
     if tokens == 0 {
         return Ok(());
     }
+    // A row holds at most `ld` visible entries: stage no more than that.
+    let stage = a.ld.min(TOPK_STAGE_MAX);
+    let stage_cap = stage as i32;
     gpu.launch(
-        if a.ballot {
-            "topk_select_ballot"
-        } else {
-            "topk_select"
-        },
+        "topk_select",
         (tokens as u32, 1, 1),
         (1024, 1, 1),
-        0,
+        (stage * 4) as u32,
         &[
             &a.scores,
             &ld,
@@ -1196,6 +1277,7 @@ pub fn topk_select(gpu: &Gpu, tokens: usize, a: &TopK) -> Result<()> {
             &cap,
             &a.nsel,
             &a.positions,
+            &stage_cap,
         ],
     )
 }

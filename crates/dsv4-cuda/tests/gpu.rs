@@ -2097,18 +2097,157 @@ fn dependent_pair_in_one_launch_matches_two() {
     }
 }
 
-/// `topk_select` and `topk_select_ballot` against a CPU selection: per token the k largest
-/// visible scores (ties to the lower index, by the kernels' order on the bits: `order_key`),
-/// ascending. Scores are drawn from 2 to a million distinct values, so many tie at the k-th,
-/// with -inf, +inf, NaN and -0 among them (and rows mostly -inf, where the k-th is -inf); 600
-/// to 70,000 visible entries (a 280K-token context at ratio 4) and k from 16 to 3000; tokens
+/// `indexer_scores` against an f64 CPU sum, for the release's 64 heads × 128 (a lane per
+/// entry) and a smaller shape (a warp per entry): shared keys with tokens seeing n - 2, n - 1
+/// and n of them (the rest of the first n scores -inf) and decode tokens each with its own key
+/// table (`SeqLayer::i_entries`) and its own count, 1 to 1000 entries (not multiples of 32).
+/// Score slots the kernel must not write (past n; past a decode token's count) hold a sentinel.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn indexer_scores_match_cpu() {
+    use dsv4_cuda::ops::{indexer_scores, IndexerScores};
+    const SENTINEL: f32 = 12345.0;
+    let gpu = Gpu::open(0).expect("GPU");
+    // Token t's score of key row `key` (f64), and the bound of its f32 rounding.
+    let cpu = |q: &[f32], hw: &[f32], key: &[f32], hi: usize, di: usize| {
+        let (ws, ds) = (1.0 / (hi as f64).sqrt(), 1.0 / (di as f64).sqrt());
+        let (mut s, mut mag) = (0.0f64, 0.0f64);
+        for h in 0..hi {
+            let qh = &q[h * di..(h + 1) * di];
+            let dot: f64 = qh.iter().zip(key).map(|(&a, &b)| a as f64 * b as f64).sum();
+            let abs: f64 = qh
+                .iter()
+                .zip(key)
+                .map(|(&a, &b)| (a as f64 * b as f64).abs())
+                .sum();
+            s += hw[h] as f64 * ws * dot.max(0.0) * ds;
+            mag += (hw[h] as f64 * ws).abs() * abs * ds;
+        }
+        (s, mag)
+    };
+    for (hi, di) in [(64usize, 128usize), (8, 32)] {
+        let tokens = 3;
+        let q = random_f32(tokens * hi * di, 1 + hi as u64);
+        let hw = random_f32(tokens * hi, 2 + hi as u64);
+        let (qd, hwd) = (gpu.upload(&q).unwrap(), gpu.upload(&hw).unwrap());
+        let check = |what: &str, t: usize, got: &[f32], keys: &[f32], valid: usize, n: usize| {
+            for (e, &g) in got.iter().enumerate() {
+                if e >= n {
+                    assert_eq!(
+                        g, SENTINEL,
+                        "{what} token {t} entry {e}: written past the row"
+                    );
+                } else if e >= valid {
+                    assert_eq!(
+                        g,
+                        f32::NEG_INFINITY,
+                        "{what} token {t} entry {e}: not visible"
+                    );
+                } else {
+                    let qt = &q[t * hi * di..(t + 1) * hi * di];
+                    let (want, mag) = cpu(
+                        qt,
+                        &hw[t * hi..(t + 1) * hi],
+                        &keys[e * di..(e + 1) * di],
+                        hi,
+                        di,
+                    );
+                    assert!(
+                        (g as f64 - want).abs() <= 1e-5 * mag + 1e-30,
+                        "{what} token {t} entry {e}: {g} vs {want} (magnitude {mag})"
+                    );
+                }
+            }
+        };
+        // Shared keys (prefill): ratio 1 from pos0 = n - 3, so token t sees n - 2 + t.
+        for n in [1usize, 45, 1000] {
+            let keys = random_f32(n * di, n as u64);
+            let kd = gpu.upload(&keys).unwrap();
+            let ld = n + 5;
+            let sd = gpu.upload(&vec![SENTINEL; tokens * ld]).unwrap();
+            let a = IndexerScores {
+                q: qd.ptr,
+                hw: hwd.ptr,
+                keys: kd.ptr,
+                heads: hi,
+                dim: di,
+                pos0: n.saturating_sub(3),
+                ratio: 1,
+                n,
+                scores: sd.ptr,
+                ld,
+                seqs: 0,
+                positions: 0,
+            };
+            indexer_scores(&gpu, tokens, &a).unwrap();
+            let mut got = vec![0f32; tokens * ld];
+            gpu.dtoh(sd.ptr, &mut got).unwrap();
+            for t in 0..tokens {
+                let valid = (n.saturating_sub(3) + t + 1).min(n);
+                let what = format!("{hi}x{di} shared n {n}");
+                check(&what, t, &got[t * ld..(t + 1) * ld], &keys, valid, n);
+            }
+        }
+        // Decode: token t its own keys, (positions[t] + 1) / 4 of them.
+        let counts = [1000usize, 33, 1];
+        let keys: Vec<Vec<f32>> = counts
+            .iter()
+            .map(|&c| random_f32(c * di, 7 * c as u64))
+            .collect();
+        let kds: Vec<_> = keys.iter().map(|k| gpu.upload(k).unwrap()).collect();
+        // SeqLayer: ring, c_entries, c_tail_kv, c_tail_gate, i_entries, i_tail_kv, i_tail_gate.
+        let table: Vec<u64> = kds.iter().flat_map(|k| [0, 0, 0, 0, k.ptr, 0, 0]).collect();
+        let td = gpu.upload(&table).unwrap();
+        let positions: Vec<i32> = counts.iter().map(|&c| (4 * c + 2) as i32).collect();
+        let pd = gpu.upload(&positions).unwrap();
+        let ld = 1003;
+        let sd = gpu.upload(&vec![SENTINEL; tokens * ld]).unwrap();
+        let a = IndexerScores {
+            q: qd.ptr,
+            hw: hwd.ptr,
+            keys: 0,
+            heads: hi,
+            dim: di,
+            pos0: 0,
+            ratio: 4,
+            n: 0,
+            scores: sd.ptr,
+            ld,
+            seqs: td.ptr,
+            positions: pd.ptr,
+        };
+        indexer_scores(&gpu, tokens, &a).unwrap();
+        let mut got = vec![0f32; tokens * ld];
+        gpu.dtoh(sd.ptr, &mut got).unwrap();
+        for (t, &c) in counts.iter().enumerate() {
+            check(
+                &format!("{hi}x{di} decode"),
+                t,
+                &got[t * ld..(t + 1) * ld],
+                &keys[t],
+                c,
+                c,
+            );
+        }
+        eprintln!(
+            "indexer_scores {hi}x{di}: shared and per-token keys within 1e-5 of the f64 sums"
+        );
+    }
+}
+
+/// `topk_select` against a CPU selection: per token the k largest visible scores (ties to the
+/// lower index, by the kernel's order on the bits: `order_key`), ascending. Scores are drawn
+/// from 2 to a million distinct values, so many tie at the k-th, with -inf, +inf, NaN and -0
+/// among them (and rows mostly -inf, where the k-th is -inf); 600 to 70,000 visible entries (a
+/// 280K-token context at ratio 4) and k from 16 to 3000, so rows staged in shared memory and
+/// rows past `TOPK_STAGE_MAX` (read from global memory), one entry either side of it; tokens
 /// counted through a positions table (decode: one with fewer visible entries than k) and
-/// through pos0 + t capped at n (prefill). Slots start at -1, so unwritten ones and writes
-/// past a row show.
+/// through pos0 + t capped at n (prefill). Slots start at -1, so unwritten ones and writes past
+/// a row show.
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn topk_select_matches_cpu() {
-    use dsv4_cuda::ops::{topk_select, TopK};
+    use dsv4_cuda::ops::{topk_select, TopK, TOPK_STAGE_MAX};
     // The k largest of `row` by the kernels' order on the bits, ties to the lower index,
     // ascending.
     fn cpu_topk(row: &[f32], k: usize) -> Vec<i32> {
@@ -2134,9 +2273,12 @@ fn topk_select_matches_cpu() {
         (16384, 512, 7, 97),
         (16384, 512, 1_000_000, 97),
         (70000, 3000, 1000, 97),
+        (TOPK_STAGE_MAX + 1, 512, 1000, 97),
         (2100, 2048, 3, 97),
         (3000, 2999, 2, 2),
     ] {
+        // (With n = TOPK_STAGE_MAX + 1, the first row is read from global memory, the second
+        // staged; the prefill rows below have n - 1 = TOPK_STAGE_MAX, staged, then n.)
         let visible = [n, n - 37, k - 1];
         let tokens = visible.len();
         let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ (n * k) as u64;
@@ -2164,7 +2306,7 @@ fn topk_select_matches_cpu() {
         // pos0 n - 2: n - 1, n, and n + 1 capped to n.
         let positions: Vec<i32> = visible.iter().map(|&v| (v * 4 - 1) as i32).collect();
         let pd = gpu.upload(&positions).unwrap();
-        for (table, ballot) in [(true, false), (false, false), (true, true), (false, true)] {
+        for table in [true, false] {
             // One guard row past the last token's.
             let sel = gpu.upload(&vec![-1i32; (tokens + 1) * k]).unwrap();
             let nsel = gpu.upload(&vec![-1i32; tokens]).unwrap();
@@ -2184,14 +2326,13 @@ fn topk_select_matches_cpu() {
                 sel: sel.ptr,
                 sel_cap: k,
                 nsel: nsel.ptr,
-                ballot,
             };
             topk_select(&gpu, tokens, &a).unwrap();
             let mut got = vec![0i32; (tokens + 1) * k];
             let mut got_n = vec![0i32; tokens];
             gpu.dtoh(sel.ptr, &mut got).unwrap();
             gpu.dtoh(nsel.ptr, &mut got_n).unwrap();
-            let what = format!("n {n} k {k} distinct {distinct} table {table} ballot {ballot}");
+            let what = format!("n {n} k {k} distinct {distinct} table {table}");
             for (t, &count) in counts.iter().enumerate() {
                 let expect = cpu_topk(&scores[t * n..t * n + count], k);
                 assert_eq!(got_n[t] as usize, expect.len(), "{what} token {t}: count");
@@ -2210,7 +2351,7 @@ fn topk_select_matches_cpu() {
                 "{what}: written past the last row"
             );
         }
-        eprintln!("topk_select(_ballot) n {n} k {k} distinct {distinct}: picks equal the CPU's");
+        eprintln!("topk_select n {n} k {k} distinct {distinct}: picks equal the CPU's");
     }
 }
 
