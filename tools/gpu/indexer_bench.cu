@@ -1,5 +1,6 @@
 // The CSA layers' indexer chain of one decode token at long contexts, alone: `indexer_scores`
-// (the release's 64 heads × 128) over n visible entries, then `topk_select` (k = 512) of them,
+// (the release's 64 heads × 128) and `indexer_scores_tc` (the same on the tensor cores) over n
+// visible entries, then `topk_select` (k = 512) of them,
 // each timed per launch (median of 30) with its inputs cold (a 128 MB write between launches
 // evicts L2, as the step's weight streams do) and warm, and `topk_select`'s phases (its
 // TOPK_STAMPS: the wait, the staging, four radix passes, the picks) from the last launch.
@@ -53,10 +54,12 @@ int main() {
     CK(cudaMalloc(&flush, flush_bytes));
     const int k = 512, ratio = 4;
     const int smem_scores = (64 * 128 + 2 * 32 * 132) * 4;
+    const int smem_tc = 3 * 64 * 132 * 4;
     CK(cudaFuncSetAttribute(indexer_scores, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_scores));
+    CK(cudaFuncSetAttribute(indexer_scores_tc, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_tc));
     CK(cudaFuncSetAttribute(topk_select, cudaFuncAttributeMaxDynamicSharedMemorySize, 49152 * 4));
-    printf("%8s %12s %12s %12s %12s %12s | topk phases (µs, last launch): stage, passes 1-4, picks\n", "entries",
-           "scores cold", "scores warm", "topk cold", "topk warm", "topk global");
+    printf("%8s %12s %12s %12s %12s %12s %12s %12s | topk phases (µs, last launch): stage, passes 1-4, picks\n",
+           "entries", "scores cold", "scores warm", "tc cold", "tc warm", "topk cold", "topk warm", "topk global");
     for (int n : {1024, 4096, 16384, 32768, 49152}) {
         float* q = upload_random(64 * 128, 1);
         float* hw = upload_random(64, 2);
@@ -74,6 +77,10 @@ int main() {
             indexer_scores<<<2 * sms, 256, smem_scores>>>(q, hw, keys, 64, 128, p, ratio, n, wscale, dscale, scores, n,
                                                         nullptr, nullptr);
         };
+        auto run_tc = [&] {
+            indexer_scores_tc<<<2 * sms, 256, smem_tc>>>(q, hw, keys, 64, 128, p, ratio, n, wscale, dscale, scores, n,
+                                                         nullptr, nullptr);
+        };
         auto run_topk = [&](int cap) {
             return [=] {
                 topk_select<<<1, TOPK_THREADS, cap * 4>>>(scores, n, 0, ratio, 0, k, sel, k, nsel, pos, cap);
@@ -81,13 +88,15 @@ int main() {
         };
         const float sc = time_us(run_scores, true, flush, flush_bytes);
         const float sw = time_us(run_scores, false, flush, flush_bytes);
+        const float xc = time_us(run_tc, true, flush, flush_bytes);
+        const float xw = time_us(run_tc, false, flush, flush_bytes);
         const float tc = time_us(run_topk(n), true, flush, flush_bytes);
         const float tg = time_us(run_topk(0), false, flush, flush_bytes);
         const float tw = time_us(run_topk(n), false, flush, flush_bytes);
         CK(cudaGetLastError());
         long long st[8];
         CK(cudaMemcpyFromSymbol(st, topk_stamps, sizeof st));
-        printf("%8d %12.2f %12.2f %12.2f %12.2f %12.2f |", n, sc, sw, tc, tw, tg);
+        printf("%8d %12.2f %12.2f %12.2f %12.2f %12.2f %12.2f %12.2f |", n, sc, sw, xc, xw, tc, tw, tg);
         for (int i = 1; i <= 6; i++) printf(" %6.2f", (st[i] - st[i - 1]) / 1000.0);
         printf("\n");
         CK(cudaFree(q));

@@ -461,6 +461,128 @@ extern "C" __global__ void indexer_scores(const float* q, const float* hw, const
     }
 }
 
+// x as TF32 (round to nearest, ties away), the f32 bit pattern with its low 13 bits zero.
+__device__ __forceinline__ uint32_t tf32_bits(float x) {
+    uint32_t r;
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+    return r;
+}
+
+// x as hi + lo, two TF32 values (22 bits of x's 24; hi · hi' + hi · lo' + lo · hi' keeps a
+// product to ~2^-22 of its size).
+__device__ __forceinline__ void tf32_split(float x, uint32_t& hi, uint32_t& lo) {
+    hi = tf32_bits(x);
+    lo = tf32_bits(x - __uint_as_float(hi));
+}
+
+// d += a · b on the tensor cores: m16n8k8, TF32 in, f32 accumulate.
+__device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// `indexer_scores` for the release's 64 heads × 128 only (256 threads), on the tensor cores
+// (`DSV4_CUDA_INDEX_TC=1`; off until measured on a GPU): a block scores 64 entries at a time
+// as the product keys[64 × 128] · qᵀ[128 × 64 heads], every operand split into two TF32
+// parts and multiplied three ways (hi·hi + hi·lo + lo·hi: ~f32 products; the sums in f32).
+// Warp w takes entries 16 (w % 4).. and heads 32 (w / 4).., four m16n8k8 tiles per k step. Keys
+// and q rows are staged by asynchronous copies into rows of 132 floats (fragment reads hit 32
+// distinct banks), the next 64 keys' copies in flight while these are scored. A lane holds two
+// entries × 2 heads per tile: its weighted relus are summed over the tiles, then over the quad
+// (the warp's 32 heads), then the two head halves in shared memory. Same inputs, outputs and
+// visibility as `indexer_scores` (another summation order, and products ~2^-22 off).
+extern "C" __global__ void __launch_bounds__(256)
+indexer_scores_tc(const float* q, const float* hw, const float* keys, int hi, int di, int pos0, int m, int n,
+                  float wscale, float dscale, float* scores, int ld_scores, const SeqLayer* seqs, const int* positions) {
+    pdl_entry();
+    constexpr int KP = 132;
+    extern __shared__ __align__(16) float xs[];  // q [64][KP], then two key buffers [64][KP]
+    __shared__ float part[2][64];
+    __shared__ float sw[64];
+    const int t = blockIdx.y;
+    int valid;
+    if (seqs) {
+        keys = seqs[t].i_entries;
+        valid = n = (positions[t] + 1) / m;
+    } else {
+        valid = min((pos0 + t + 1) / m, n);
+    }
+    if (hi != 64 || di != 128 || blockDim.x != 256) __trap();  // (the host launches no other)
+    if (blockIdx.x * 64 >= n) return;
+    float* qs = xs;
+    float* kb = xs + 64 * KP;
+    const float* qt = q + (size_t)t * 64 * 128;
+    for (int i = threadIdx.x; i < 64 * 32; i += blockDim.x)
+        cp_async16(qs + (i >> 5) * KP + 4 * (i & 31), qt + 4 * i);
+    if (threadIdx.x < 64) sw[threadIdx.x] = hw[(size_t)t * 64 + threadIdx.x] * wscale;
+    // Rows [base, base + 64) into buffer b (those visible), as one commit group (the first
+    // with q's copies).
+    auto stage = [&](int b, int base) {
+        for (int i = threadIdx.x; i < 64 * 32; i += blockDim.x) {
+            const int r = i >> 5, c = i & 31;
+            if (base + r < valid) cp_async16(kb + (b * 64 + r) * KP + 4 * c, keys + (size_t)(base + r) * 128 + 4 * c);
+        }
+        cp_async_commit();
+    };
+    const int step = gridDim.x * 64;
+    stage(0, blockIdx.x * 64);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
+    const int mt = warp & 3, nh = warp >> 2;
+    int b = 0;
+    for (int base = blockIdx.x * 64; base < n; base += step, b ^= 1) {
+        if (base + step < n) stage(b ^ 1, base + step);
+        else cp_async_commit();  // (an empty group: the wait below counts alike)
+        cp_async_wait<1>();
+        __syncthreads();
+        const float* ka = kb + (b * 64 + 16 * mt + g) * KP + t4;
+        const float* qb = qs + (32 * nh + g) * KP + t4;
+        float acc[4][4] = {};
+#pragma unroll 4
+        for (int d0 = 0; d0 < 128; d0 += 8) {
+            uint32_t ah[4], al[4];
+            tf32_split(ka[d0], ah[0], al[0]);
+            tf32_split(ka[8 * KP + d0], ah[1], al[1]);
+            tf32_split(ka[d0 + 4], ah[2], al[2]);
+            tf32_split(ka[8 * KP + d0 + 4], ah[3], al[3]);
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                uint32_t bh0, bl0, bh1, bl1;
+                tf32_split(qb[8 * j * KP + d0], bh0, bl0);
+                tf32_split(qb[8 * j * KP + d0 + 4], bh1, bl1);
+                mma_tf32(acc[j], al, bh0, bh1);
+                mma_tf32(acc[j], ah, bl0, bl1);
+                mma_tf32(acc[j], ah, bh0, bh1);
+            }
+        }
+        // Rows g (acc[j][0..1]) and g + 8 (acc[j][2..3]) of the warp's 16 entries; heads
+        // 32 nh + 8 j + 2 t4 (+1).
+        float s0 = 0.f, s1 = 0.f;
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const int h = 32 * nh + 8 * j + 2 * t4;
+            s0 += sw[h] * fmaxf(acc[j][0], 0.f) * dscale + sw[h + 1] * fmaxf(acc[j][1], 0.f) * dscale;
+            s1 += sw[h] * fmaxf(acc[j][2], 0.f) * dscale + sw[h + 1] * fmaxf(acc[j][3], 0.f) * dscale;
+        }
+        s0 += __shfl_xor_sync(0xffffffffu, s0, 1);
+        s1 += __shfl_xor_sync(0xffffffffu, s1, 1);
+        s0 += __shfl_xor_sync(0xffffffffu, s0, 2);
+        s1 += __shfl_xor_sync(0xffffffffu, s1, 2);
+        if (t4 == 0) {
+            part[nh][16 * mt + g] = s0;
+            part[nh][16 * mt + g + 8] = s1;
+        }
+        __syncthreads();
+        if (threadIdx.x < 64) {
+            const int e = base + threadIdx.x;
+            if (e < n) scores[(size_t)t * ld_scores + e] = e < valid ? part[0][threadIdx.x] + part[1][threadIdx.x] : -INFINITY;
+        }
+        __syncthreads();  // (buffer b is staged again two rounds on)
+    }
+}
+
 __device__ __forceinline__ uint32_t order_key(float f) {
     uint32_t u = __float_as_uint(f);
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);

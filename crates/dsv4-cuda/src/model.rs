@@ -348,6 +348,9 @@ pub struct CudaModel {
     /// (`DSV4_CUDA_QNORM_FUSED=1`; off until measured: stop 20's fold of the norm into `wq_b`
     /// was neutral, its weight stream already overlapping the norm).
     qnorm_fused: AtomicBool,
+    /// Whether the indexer's scores run on the tensor cores (`indexer_scores_tc`,
+    /// `DSV4_CUDA_INDEX_TC=1`; ~f32 products, off until measured on a GPU).
+    index_tc: bool,
     /// The arithmetic followed (the CPU model's profile).
     numerics: Numerics,
     /// Whether a decode step's projections of one input share a launch (`DSV4_CUDA_MULTI=0`
@@ -545,6 +548,7 @@ impl CudaModel {
             qnorm_fused: AtomicBool::new(
                 std::env::var("DSV4_CUDA_QNORM_FUSED").is_ok_and(|v| v == "1"),
             ),
+            index_tc: std::env::var("DSV4_CUDA_INDEX_TC").is_ok_and(|v| v == "1"),
             numerics: model.numerics,
             multi_gemv: std::env::var("DSV4_CUDA_MULTI").map_or(true, |v| v != "0"),
             tc,
@@ -1820,6 +1824,7 @@ impl CudaModel {
                     ld,
                     seqs,
                     positions,
+                    tensor_cores: self.index_tc,
                 };
                 ops::indexer_scores(g, t, &scores)?;
                 let topk = ops::TopK {
@@ -2041,6 +2046,7 @@ impl CudaModel {
                 ld: n,
                 seqs: 0,
                 positions: 0,
+                tensor_cores: self.index_tc,
             };
             ops::indexer_scores(g, tc, &scores)?;
             let topk = ops::TopK {

@@ -1159,6 +1159,9 @@ pub struct IndexerScores {
     /// Decode: a device table of one `SeqLayer` per token, and one position per token (or both 0).
     pub seqs: u64,
     pub positions: u64,
+    /// The release's 64 × 128 heads on the tensor cores (`indexer_scores_tc`: three TF32
+    /// products per pair of operands, ~f32); other shapes ignore it.
+    pub tensor_cores: bool,
 }
 
 /// The indexer's scores ([`IndexerScores`]). Decode launches a fixed grid (graph-static) that
@@ -1179,12 +1182,13 @@ pub fn indexer_scores(gpu: &Gpu, tokens: usize, a: &IndexerScores) -> Result<()>
         return Ok(());
     }
     // The release's 64 × 128 heads take 32 entries per block (q, then two buffers of 32 keys
-    // padded to 132 floats), any other shape 8 (q rows padded by one float).
+    // padded to 132 floats), or 64 on the tensor cores (q and two buffers of 64 keys, rows of
+    // 132), any other shape 8 (q rows padded by one float).
     let release = (a.heads, a.dim) == (64, 128);
-    let (per_block, smem) = if release {
-        (32, (64 * 128 + 2 * 32 * 132) * 4)
-    } else {
-        (8, a.heads * (a.dim + 1) * 4)
+    let (name, per_block, smem) = match (release, a.tensor_cores) {
+        (true, true) => ("indexer_scores_tc", 64, 3 * 64 * 132 * 4),
+        (true, false) => ("indexer_scores", 32, (64 * 128 + 2 * 32 * 132) * 4),
+        (false, _) => ("indexer_scores", 8, a.heads * (a.dim + 1) * 4),
     };
     let blocks = if a.seqs != 0 {
         (2 * gpu.sm_count).div_ceil(tokens).max(1)
@@ -1193,7 +1197,7 @@ pub fn indexer_scores(gpu: &Gpu, tokens: usize, a: &IndexerScores) -> Result<()>
     };
     let (wscale, dscale) = (1.0 / (a.heads as f32).sqrt(), 1.0 / (a.dim as f32).sqrt());
     gpu.launch(
-        "indexer_scores",
+        name,
         (blocks as u32, tokens as u32, 1),
         (256, 1, 1),
         smem as u32,

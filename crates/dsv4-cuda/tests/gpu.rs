@@ -2098,7 +2098,8 @@ fn dependent_pair_in_one_launch_matches_two() {
 }
 
 /// `indexer_scores` against an f64 CPU sum, for the release's 64 heads × 128 (a lane per
-/// entry) and a smaller shape (a warp per entry): shared keys with tokens seeing n - 2, n - 1
+/// entry, and `indexer_scores_tc` on the tensor cores) and a smaller shape (a warp per entry):
+/// shared keys with tokens seeing n - 2, n - 1
 /// and n of them (the rest of the first n scores -inf) and decode tokens each with its own key
 /// table (`SeqLayer::i_entries`) and its own count, 1 to 1000 entries (not multiples of 32).
 /// Score slots the kernel must not write (past n; past a decode token's count) hold a sentinel.
@@ -2125,7 +2126,9 @@ fn indexer_scores_match_cpu() {
         }
         (s, mag)
     };
-    for (hi, di) in [(64usize, 128usize), (8, 32)] {
+    for (hi, di, tc) in [(64usize, 128usize, false), (64, 128, true), (8, 32, false)] {
+        // (Three TF32 products per pair and the tensor cores' f32 sums: a looser bound.)
+        let tol = if tc { 2e-5 } else { 1e-5 };
         let tokens = 3;
         let q = random_f32(tokens * hi * di, 1 + hi as u64);
         let hw = random_f32(tokens * hi, 2 + hi as u64);
@@ -2153,7 +2156,7 @@ fn indexer_scores_match_cpu() {
                         di,
                     );
                     assert!(
-                        (g as f64 - want).abs() <= 1e-5 * mag + 1e-30,
+                        (g as f64 - want).abs() <= tol * mag + 1e-30,
                         "{what} token {t} entry {e}: {g} vs {want} (magnitude {mag})"
                     );
                 }
@@ -2178,13 +2181,14 @@ fn indexer_scores_match_cpu() {
                 ld,
                 seqs: 0,
                 positions: 0,
+                tensor_cores: tc,
             };
             indexer_scores(&gpu, tokens, &a).unwrap();
             let mut got = vec![0f32; tokens * ld];
             gpu.dtoh(sd.ptr, &mut got).unwrap();
             for t in 0..tokens {
                 let valid = (n.saturating_sub(3) + t + 1).min(n);
-                let what = format!("{hi}x{di} shared n {n}");
+                let what = format!("{hi}x{di} tc {tc} shared n {n}");
                 check(&what, t, &got[t * ld..(t + 1) * ld], &keys, valid, n);
             }
         }
@@ -2215,13 +2219,14 @@ fn indexer_scores_match_cpu() {
             ld,
             seqs: td.ptr,
             positions: pd.ptr,
+            tensor_cores: tc,
         };
         indexer_scores(&gpu, tokens, &a).unwrap();
         let mut got = vec![0f32; tokens * ld];
         gpu.dtoh(sd.ptr, &mut got).unwrap();
         for (t, &c) in counts.iter().enumerate() {
             check(
-                &format!("{hi}x{di} decode"),
+                &format!("{hi}x{di} tc {tc} decode"),
                 t,
                 &got[t * ld..(t + 1) * ld],
                 &keys[t],
@@ -2230,7 +2235,7 @@ fn indexer_scores_match_cpu() {
             );
         }
         eprintln!(
-            "indexer_scores {hi}x{di}: shared and per-token keys within 1e-5 of the f64 sums"
+            "indexer_scores {hi}x{di} tc {tc}: shared and per-token keys within {tol:e} of the f64 sums"
         );
     }
 }
