@@ -344,6 +344,31 @@ extern "C" __global__ void ring_store_seqs(const float* kv, const SeqLayer* seqs
     for (int k = threadIdx.x; k < dh; k += blockDim.x) ring[k] = kv[(size_t)t * dh + k];
 }
 
+// The indexer's key rows of token t and how many it sees: with `seqs` (decode) its own table
+// and all (positions[t] + 1) / m of them (n becomes that count), else the shared keys and
+// min((pos0 + t + 1) / m, n).
+__device__ __forceinline__ int index_visible(const float*& keys, int& n, int t, int pos0, int m,
+                                             const SeqLayer* seqs, const int* positions) {
+    if (seqs) {
+        keys = seqs[t].i_entries;
+        return n = (positions[t] + 1) / m;
+    }
+    return min((pos0 + t + 1) / m, n);
+}
+
+#define INDEX_KP 132  // a staged key row's floats: 16-byte reads of 8 rows hit 8 bank groups
+
+// Key rows [base, base + R) of 128 floats (those below `valid`) into rows of INDEX_KP floats
+// at dst, by asynchronous copies of the whole block, as one commit group.
+template <int R>
+__device__ __forceinline__ void index_stage_keys(float* dst, const float* keys, int base, int valid) {
+    for (int i = threadIdx.x; i < R * 32; i += blockDim.x) {
+        const int r = i >> 5, c = i & 31;
+        if (base + r < valid) cp_async16(dst + r * INDEX_KP + 4 * c, keys + (size_t)(base + r) * 128 + 4 * c);
+    }
+    cp_async_commit();
+}
+
 // scores[t, e] = sum_h hw[t, h] * wscale * relu(q[t, h] . k[e]) * dscale for the entries
 // visible to token t (e < min((pos0 + t + 1) / m, n)); -inf beyond, up to n. With `seqs` every
 // token is its own sequence at positions[t] with its own keys, and only its visible entries are
@@ -358,13 +383,7 @@ extern "C" __global__ void indexer_scores(const float* q, const float* hw, const
     extern __shared__ __align__(16) float sq[];  // [hi, di + 1] (the release shape: see below)
     const int t = blockIdx.y;
     const int stride = di + 1;
-    int valid;
-    if (seqs) {
-        keys = seqs[t].i_entries;
-        valid = n = (positions[t] + 1) / m;
-    } else {
-        valid = min((pos0 + t + 1) / m, n);
-    }
+    const int valid = index_visible(keys, n, t, pos0, m, seqs, positions);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
     if (blockIdx.x * nw >= n) return;  // a grid sized for longer contexts
     if (hi == 64 && di == 128 && nw == 8) {
@@ -377,7 +396,7 @@ extern "C" __global__ void indexer_scores(const float* q, const float* hw, const
         // 64K context) this advances a decode step ~18 µs on an H100, where lanes over heads
         // (q re-read per entry) took ~24; threads over 4 entries × 4 heads (8 loads per 64
         // FMAs) measured slower than either, issue-bound on their addressing.
-        constexpr int KP = 132;
+        constexpr int KP = INDEX_KP;
         __shared__ float part[8][32];
         __shared__ float sw[64];
         if (blockIdx.x * 32 >= n) return;
@@ -386,15 +405,8 @@ extern "C" __global__ void indexer_scores(const float* q, const float* hw, const
         const float4* q4 = (const float4*)(q + (size_t)t * 64 * 128);
         for (int i = threadIdx.x; i < 64 * 32; i += blockDim.x) cp_async16(s4 + i, q4 + i);
         if (threadIdx.x < 64) sw[threadIdx.x] = hw[(size_t)t * 64 + threadIdx.x] * wscale;
-        // Rows [base, base + 32) into buffer b (those visible), as one commit group (the first
-        // with q's copies).
-        auto stage = [&](int b, int base) {
-            for (int i = threadIdx.x; i < 32 * 32; i += blockDim.x) {
-                const int r = i >> 5, c = i & 31;
-                if (base + r < valid) cp_async16(kb + (b * 32 + r) * KP + 4 * c, keys + (size_t)(base + r) * 128 + 4 * c);
-            }
-            cp_async_commit();
-        };
+        // Rows [base, base + 32) into buffer b (the first group holds q's copies too).
+        auto stage = [&](int b, int base) { index_stage_keys<32>(kb + b * 32 * KP, keys, base, valid); };
         const int step = gridDim.x * 32;
         stage(0, blockIdx.x * 32);
         const float4* qw = s4 + warp * 8 * 32;
@@ -498,18 +510,12 @@ extern "C" __global__ void __launch_bounds__(256)
 indexer_scores_tc(const float* q, const float* hw, const float* keys, int hi, int di, int pos0, int m, int n,
                   float wscale, float dscale, float* scores, int ld_scores, const SeqLayer* seqs, const int* positions) {
     pdl_entry();
-    constexpr int KP = 132;
+    constexpr int KP = INDEX_KP;
     extern __shared__ __align__(16) float xs[];  // q [64][KP], then two key buffers [64][KP]
     __shared__ float part[2][64];
     __shared__ float sw[64];
     const int t = blockIdx.y;
-    int valid;
-    if (seqs) {
-        keys = seqs[t].i_entries;
-        valid = n = (positions[t] + 1) / m;
-    } else {
-        valid = min((pos0 + t + 1) / m, n);
-    }
+    const int valid = index_visible(keys, n, t, pos0, m, seqs, positions);
     if (hi != 64 || di != 128 || blockDim.x != 256) __trap();  // (the host launches no other)
     if (blockIdx.x * 64 >= n) return;
     float* qs = xs;
@@ -518,15 +524,8 @@ indexer_scores_tc(const float* q, const float* hw, const float* keys, int hi, in
     for (int i = threadIdx.x; i < 64 * 32; i += blockDim.x)
         cp_async16(qs + (i >> 5) * KP + 4 * (i & 31), qt + 4 * i);
     if (threadIdx.x < 64) sw[threadIdx.x] = hw[(size_t)t * 64 + threadIdx.x] * wscale;
-    // Rows [base, base + 64) into buffer b (those visible), as one commit group (the first
-    // with q's copies).
-    auto stage = [&](int b, int base) {
-        for (int i = threadIdx.x; i < 64 * 32; i += blockDim.x) {
-            const int r = i >> 5, c = i & 31;
-            if (base + r < valid) cp_async16(kb + (b * 64 + r) * KP + 4 * c, keys + (size_t)(base + r) * 128 + 4 * c);
-        }
-        cp_async_commit();
-    };
+    // Rows [base, base + 64) into buffer b (the first group holds q's copies too).
+    auto stage = [&](int b, int base) { index_stage_keys<64>(kb + b * 64 * KP, keys, base, valid); };
     const int step = gridDim.x * 64;
     stage(0, blockIdx.x * 64);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
