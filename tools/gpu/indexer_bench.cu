@@ -73,13 +73,19 @@ int main() {
         const int p = n * ratio - 1;
         CK(cudaMemcpy(pos, &p, 4, cudaMemcpyHostToDevice));
         const float wscale = 1.f / 8.f, dscale = 1.f / sqrtf(128.f);
+        // As a decode step launches them: the token's own key table and position.
+        SeqLayer seq = {};
+        seq.i_entries = keys;
+        SeqLayer* seqs;
+        CK(cudaMalloc(&seqs, sizeof seq));
+        CK(cudaMemcpy(seqs, &seq, sizeof seq, cudaMemcpyHostToDevice));
         auto run_scores = [&] {
-            indexer_scores<<<2 * sms, 256, smem_scores>>>(q, hw, keys, 64, 128, p, ratio, n, wscale, dscale, scores, n,
-                                                        nullptr, nullptr);
+            indexer_scores<<<2 * sms, 256, smem_scores>>>(q, hw, nullptr, 64, 128, 0, ratio, 0, wscale, dscale, scores,
+                                                        n, seqs, pos);
         };
         auto run_tc = [&] {
-            indexer_scores_tc<<<2 * sms, 256, smem_tc>>>(q, hw, keys, 64, 128, p, ratio, n, wscale, dscale, scores, n,
-                                                         nullptr, nullptr);
+            indexer_scores_tc<<<2 * sms, 256, smem_tc>>>(q, hw, nullptr, 64, 128, 0, ratio, 0, wscale, dscale, scores,
+                                                         n, seqs, pos, 1);
         };
         auto run_topk = [&](int cap) {
             return [=] {
@@ -106,6 +112,7 @@ int main() {
         CK(cudaFree(sel));
         CK(cudaFree(nsel));
         CK(cudaFree(pos));
+        CK(cudaFree(seqs));
     }
     return 0;
 }

@@ -498,88 +498,115 @@ __device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], 
 
 // `indexer_scores` for the release's 64 heads × 128 only (256 threads), on the tensor cores
 // (`DSV4_CUDA_INDEX_TC=1`; off until measured on a GPU): a block scores 64 entries at a time
-// as the product keys[64 × 128] · qᵀ[128 × 64 heads], every operand split into two TF32
-// parts and multiplied three ways (hi·hi + hi·lo + lo·hi: ~f32 products; the sums in f32).
-// Warp w takes entries 16 (w % 4).. and heads 32 (w / 4).., four m16n8k8 tiles per k step. Keys
-// and q rows are staged by asynchronous copies into rows of 132 floats (fragment reads hit 32
-// distinct banks), the next 64 keys' copies in flight while these are scored. A lane holds two
-// entries × 2 heads per tile: its weighted relus are summed over the tiles, then over the quad
-// (the warp's 32 heads), then the two head halves in shared memory. Same inputs, outputs and
-// visibility as `indexer_scores` (another summation order, and products ~2^-22 off).
-extern "C" __global__ void __launch_bounds__(256)
-indexer_scores_tc(const float* q, const float* hw, const float* keys, int hi, int di, int pos0, int m, int n,
-                  float wscale, float dscale, float* scores, int ld_scores, const SeqLayer* seqs, const int* positions) {
-    pdl_entry();
-    constexpr int KP = INDEX_KP;
-    extern __shared__ __align__(16) float xs[];  // q [64][KP], then two key buffers [64][KP]
+// as the product keys[64 × 128] · qᵀ[128 × 64 TOK] of its TOK tokens' heads, every operand
+// split into two TF32 parts and multiplied three ways (hi·hi + hi·lo + lo·hi: ~f32 products;
+// the sums in f32). Warp w takes entries 16 (w % 4).. and columns (token · 64 + head) 32 TOK
+// (w / 4).., 4 TOK m16n8k8 tiles per k step. Keys and q rows are staged by asynchronous copies
+// into rows of INDEX_KP floats (fragment reads hit 32 distinct banks), the next 64 keys' copies
+// in flight while these are scored. A lane holds two entries × 2 columns per tile: its
+// weighted relus are summed over the tiles, then over the quad; with one token the warps' two
+// head halves meet in shared memory. Decode steps take one token per block (each its own
+// keys); shared keys (prefill) two, so a staged key tile serves both and a block walks many
+// tiles per staging of q. Same outputs and visibility as `indexer_scores` (another summation
+// order, and products ~2^-22 off); `tokens` bounds the last block's second token.
+template <int TOK>
+__device__ __forceinline__ void index_tc_impl(const float* q, const float* hw, const float* keys, int pos0, int m,
+                                              int n, float wscale, float dscale, float* scores, int ld_scores,
+                                              const SeqLayer* seqs, const int* positions, int tokens) {
+    constexpr int KP = INDEX_KP, NT = 4 * TOK;
+    extern __shared__ __align__(16) float xs[];  // q [64 TOK][KP], then two key buffers [64][KP]
     __shared__ float part[2][64];
-    __shared__ float sw[64];
-    const int t = blockIdx.y;
-    const int valid = index_visible(keys, n, t, pos0, m, seqs, positions);
-    if (hi != 64 || di != 128 || blockDim.x != 256) __trap();  // (the host launches no other)
+    __shared__ float sw[64 * TOK];
+    __shared__ int s_valid[TOK];
+    const int t0 = blockIdx.y * TOK, ntok = min(TOK, tokens - t0);
+    // (Shared keys: each token's visible count; the block's last token sees the most.)
+    int vmax = 0;
+    for (int j = 0; j < TOK; j++) {
+        const int v = j < ntok ? index_visible(keys, n, t0 + j, pos0, m, seqs, positions) : 0;
+        if (threadIdx.x == 0) s_valid[j] = v;
+        vmax = max(vmax, v);
+    }
     if (blockIdx.x * 64 >= n) return;
     float* qs = xs;
-    float* kb = xs + 64 * KP;
-    const float* qt = q + (size_t)t * 64 * 128;
-    for (int i = threadIdx.x; i < 64 * 32; i += blockDim.x)
-        cp_async16(qs + (i >> 5) * KP + 4 * (i & 31), qt + 4 * i);
-    if (threadIdx.x < 64) sw[threadIdx.x] = hw[(size_t)t * 64 + threadIdx.x] * wscale;
+    float* kb = xs + 64 * TOK * KP;
+    for (int i = threadIdx.x; i < 64 * TOK * 32; i += blockDim.x) {
+        const int row = i >> 5;  // token · 64 + head
+        if (row < 64 * ntok) cp_async16(qs + row * KP + 4 * (i & 31), q + (size_t)t0 * 64 * 128 + 4 * i);
+    }
+    for (int i = threadIdx.x; i < 64 * TOK; i += blockDim.x)
+        sw[i] = i < 64 * ntok ? hw[(size_t)t0 * 64 + i] * wscale : 0.f;
     // Rows [base, base + 64) into buffer b (the first group holds q's copies too).
-    auto stage = [&](int b, int base) { index_stage_keys<64>(kb + b * 64 * KP, keys, base, valid); };
+    auto stage = [&](int b, int base) { index_stage_keys<64>(kb + b * 64 * KP, keys, base, vmax); };
     const int step = gridDim.x * 64;
     stage(0, blockIdx.x * 64);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
-    const int mt = warp & 3, nh = warp >> 2;
+    const int mt = warp & 3, cg = warp >> 2;
     int b = 0;
     for (int base = blockIdx.x * 64; base < n; base += step, b ^= 1) {
         if (base + step < n) stage(b ^ 1, base + step);
         else cp_async_commit();  // (an empty group: the wait below counts alike)
         cp_async_wait<1>();
         __syncthreads();
-        const float* ka = kb + (b * 64 + 16 * mt + g) * KP + t4;
-        const float* qb = qs + (32 * nh + g) * KP + t4;
-        float acc[4][4] = {};
-#pragma unroll 4
-        for (int d0 = 0; d0 < 128; d0 += 8) {
-            uint32_t ah[4], al[4];
-            tf32_split(ka[d0], ah[0], al[0]);
-            tf32_split(ka[8 * KP + d0], ah[1], al[1]);
-            tf32_split(ka[d0 + 4], ah[2], al[2]);
-            tf32_split(ka[8 * KP + d0 + 4], ah[3], al[3]);
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                uint32_t bh0, bl0, bh1, bl1;
-                tf32_split(qb[8 * j * KP + d0], bh0, bl0);
-                tf32_split(qb[8 * j * KP + d0 + 4], bh1, bl1);
-                mma_tf32(acc[j], al, bh0, bh1);
-                mma_tf32(acc[j], ah, bl0, bl1);
-                mma_tf32(acc[j], ah, bh0, bh1);
-            }
-        }
-        // Rows g (acc[j][0..1]) and g + 8 (acc[j][2..3]) of the warp's 16 entries; heads
-        // 32 nh + 8 j + 2 t4 (+1).
         float s0 = 0.f, s1 = 0.f;
+        if (base < vmax) {  // (block-uniform: a tile no token sees is all -inf)
+            const float* ka = kb + (b * 64 + 16 * mt + g) * KP + t4;
+            const float* qb = qs + (32 * TOK * cg + g) * KP + t4;
+            float acc[NT][4] = {};
+#pragma unroll 4
+            for (int d0 = 0; d0 < 128; d0 += 8) {
+                uint32_t ah[4], al[4];
+                tf32_split(ka[d0], ah[0], al[0]);
+                tf32_split(ka[8 * KP + d0], ah[1], al[1]);
+                tf32_split(ka[d0 + 4], ah[2], al[2]);
+                tf32_split(ka[8 * KP + d0 + 4], ah[3], al[3]);
 #pragma unroll
-        for (int j = 0; j < 4; j++) {
-            const int h = 32 * nh + 8 * j + 2 * t4;
-            s0 += sw[h] * fmaxf(acc[j][0], 0.f) * dscale + sw[h + 1] * fmaxf(acc[j][1], 0.f) * dscale;
-            s1 += sw[h] * fmaxf(acc[j][2], 0.f) * dscale + sw[h + 1] * fmaxf(acc[j][3], 0.f) * dscale;
+                for (int j = 0; j < NT; j++) {
+                    uint32_t bh0, bl0, bh1, bl1;
+                    tf32_split(qb[8 * j * KP + d0], bh0, bl0);
+                    tf32_split(qb[8 * j * KP + d0 + 4], bh1, bl1);
+                    mma_tf32(acc[j], al, bh0, bh1);
+                    mma_tf32(acc[j], ah, bl0, bl1);
+                    mma_tf32(acc[j], ah, bh0, bh1);
+                }
+            }
+            // Rows g (acc[j][0..1]) and g + 8 (acc[j][2..3]) of the warp's 16 entries; columns
+            // 32 TOK cg + 8 j + 2 t4 (+1).
+#pragma unroll
+            for (int j = 0; j < NT; j++) {
+                const int c = 32 * TOK * cg + 8 * j + 2 * t4;
+                s0 += sw[c] * fmaxf(acc[j][0], 0.f) * dscale + sw[c + 1] * fmaxf(acc[j][1], 0.f) * dscale;
+                s1 += sw[c] * fmaxf(acc[j][2], 0.f) * dscale + sw[c + 1] * fmaxf(acc[j][3], 0.f) * dscale;
+            }
+            s0 += __shfl_xor_sync(0xffffffffu, s0, 1);
+            s1 += __shfl_xor_sync(0xffffffffu, s1, 1);
+            s0 += __shfl_xor_sync(0xffffffffu, s0, 2);
+            s1 += __shfl_xor_sync(0xffffffffu, s1, 2);
         }
-        s0 += __shfl_xor_sync(0xffffffffu, s0, 1);
-        s1 += __shfl_xor_sync(0xffffffffu, s1, 1);
-        s0 += __shfl_xor_sync(0xffffffffu, s0, 2);
-        s1 += __shfl_xor_sync(0xffffffffu, s1, 2);
         if (t4 == 0) {
-            part[nh][16 * mt + g] = s0;
-            part[nh][16 * mt + g + 8] = s1;
+            part[cg][16 * mt + g] = s0;
+            part[cg][16 * mt + g + 8] = s1;
         }
         __syncthreads();
-        if (threadIdx.x < 64) {
-            const int e = base + threadIdx.x;
-            if (e < n) scores[(size_t)t * ld_scores + e] = e < valid ? part[0][threadIdx.x] + part[1][threadIdx.x] : -INFINITY;
+        // One token: its two head halves; two: part[j] is token j's whole sum.
+        if (threadIdx.x < 64 * TOK) {
+            const int j = TOK == 1 ? 0 : threadIdx.x >> 6, r = threadIdx.x & 63, e = base + r;
+            const float v = TOK == 1 ? part[0][r] + part[1][r] : part[j][r];
+            if (j < ntok && e < n) scores[(size_t)(t0 + j) * ld_scores + e] = e < s_valid[j] ? v : -INFINITY;
         }
         __syncthreads();  // (buffer b is staged again two rounds on)
     }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+indexer_scores_tc(const float* q, const float* hw, const float* keys, int hi, int di, int pos0, int m, int n,
+                  float wscale, float dscale, float* scores, int ld_scores, const SeqLayer* seqs, const int* positions,
+                  int tokens) {
+    pdl_entry();
+    if (hi != 64 || di != 128 || blockDim.x != 256) __trap();  // (the host launches no other)
+    if (seqs)
+        index_tc_impl<1>(q, hw, keys, pos0, m, n, wscale, dscale, scores, ld_scores, seqs, positions, tokens);
+    else
+        index_tc_impl<2>(q, hw, keys, pos0, m, n, wscale, dscale, scores, ld_scores, seqs, positions, tokens);
 }
 
 __device__ __forceinline__ uint32_t order_key(float f) {

@@ -1182,41 +1182,55 @@ pub fn indexer_scores(gpu: &Gpu, tokens: usize, a: &IndexerScores) -> Result<()>
         return Ok(());
     }
     // The release's 64 × 128 heads take 32 entries per block (q, then two buffers of 32 keys
-    // padded to 132 floats), or 64 on the tensor cores (q and two buffers of 64 keys, rows of
-    // 132), any other shape 8 (q rows padded by one float).
+    // padded to 132 floats), or on the tensor cores 64 entries of one token (decode) or two
+    // (shared keys; q rows and key rows of 132 floats); any other shape 8 entries per block (q
+    // rows padded by one float).
     let release = (a.heads, a.dim) == (64, 128);
-    let (name, per_block, smem) = match (release, a.tensor_cores) {
-        (true, true) => ("indexer_scores_tc", 64, 3 * 64 * 132 * 4),
+    let tc = release && a.tensor_cores;
+    let tok = if tc && a.seqs == 0 { 2 } else { 1 };
+    let (name, per_block, smem) = match (release, tc) {
+        (true, true) => ("indexer_scores_tc", 64, (64 * tok + 2 * 64) * 132 * 4),
         (true, false) => ("indexer_scores", 32, (64 * 128 + 2 * 32 * 132) * 4),
         (false, _) => ("indexer_scores", 8, a.heads * (a.dim + 1) * 4),
     };
+    let groups = tokens.div_ceil(tok);
     let blocks = if a.seqs != 0 {
         (2 * gpu.sm_count).div_ceil(tokens).max(1)
+    } else if tc {
+        // Blocks walk their tiles with q staged once: as few per token pair as fill the GPU.
+        (2 * gpu.sm_count)
+            .div_ceil(groups)
+            .clamp(1, a.n.div_ceil(per_block))
     } else {
         a.n.div_ceil(per_block)
     };
     let (wscale, dscale) = (1.0 / (a.heads as f32).sqrt(), 1.0 / (a.dim as f32).sqrt());
+    let ntok = i32::try_from(tokens).unwrap_or(i32::MAX);
+    let mut args: Vec<&dyn crate::gpu::Arg> = vec![
+        &a.q,
+        &a.hw,
+        &a.keys,
+        &hi,
+        &di,
+        &pos0,
+        &m,
+        &n,
+        &wscale,
+        &dscale,
+        &a.scores,
+        &ld,
+        &a.seqs,
+        &a.positions,
+    ];
+    if tc {
+        args.push(&ntok); // (its last block's second token may be past the call's)
+    }
     gpu.launch(
         name,
-        (blocks as u32, tokens as u32, 1),
+        (blocks as u32, groups as u32, 1),
         (256, 1, 1),
         smem as u32,
-        &[
-            &a.q,
-            &a.hw,
-            &a.keys,
-            &hi,
-            &di,
-            &pos0,
-            &m,
-            &n,
-            &wscale,
-            &dscale,
-            &a.scores,
-            &ld,
-            &a.seqs,
-            &a.positions,
-        ],
+        &args,
     )
 }
 
