@@ -4,7 +4,8 @@
 // each timed per launch (median of 30) with its inputs cold (a 128 MB write between launches
 // evicts L2, as the step's weight streams do) and warm, and `topk_select`'s phases (its
 // TOPK_STAMPS: the wait, the staging, four radix passes, the picks) from the last launch.
-// Variants are -D flags of kernels/attention.cu (e.g. -DTOPK_PLAIN_HIST).
+// Variants are -D flags of kernels/attention.cu. The top-k stages every row here (the engine up
+// to ops::TOPK_STAGE_MAX entries); "topk global" is its path for longer rows.
 //   nvcc -std=c++17 -O3 -arch=sm_90a -Icrates/dsv4-cuda/kernels -o indexer_bench tools/gpu/indexer_bench.cu
 #include <algorithm>
 #include <cmath>
@@ -42,6 +43,8 @@ static float time_us(F launch, bool cold, char* flush, size_t flush_bytes) {
         CK(cudaEventElapsedTime(&ms, a, b));
         if (i >= 3) ts.push_back(ms * 1000.f);
     }
+    CK(cudaEventDestroy(a));
+    CK(cudaEventDestroy(b));
     std::sort(ts.begin(), ts.end());
     return ts[ts.size() / 2];
 }
@@ -114,5 +117,6 @@ int main() {
         CK(cudaFree(pos));
         CK(cudaFree(seqs));
     }
+    CK(cudaFree(flush));
     return 0;
 }

@@ -1173,9 +1173,10 @@ pub fn indexer_scores(gpu: &Gpu, tokens: usize, a: &IndexerScores) -> Result<()>
             "indexer scores: an argument over i32".into(),
         ));
     };
-    if a.ratio == 0 || (a.seqs == 0 && a.n > a.ld) {
+    if a.ratio == 0 || (a.seqs == 0 && a.n > a.ld) || (a.seqs == 0) != (a.positions == 0) {
         return Err(crate::Error::Unsupported(format!(
-            "indexer scores: ratio {m} must be nonzero and {n} entries fit rows of {ld}"
+            "indexer scores: ratio {m} must be nonzero, {n} entries fit rows of {ld}, and a \
+             per-token key table comes with positions"
         )));
     }
     if tokens == 0 || (a.seqs == 0 && a.n == 0) {
@@ -1254,10 +1255,13 @@ pub struct TopK {
     pub nsel: u64,
 }
 
-/// Most visible entries whose order keys `topk_select` stages in shared memory (192 KB: contexts
-/// up to 196K tokens at the CSA's ratio of 4); longer rows are read from global memory on each
-/// of its passes.
-pub const TOPK_STAGE_MAX: usize = 49_152;
+/// Most visible entries whose order keys `topk_select` stages in shared memory (80 KB: contexts
+/// up to 80K tokens at the CSA's ratio of 4); longer rows are read from global memory on each
+/// of its passes (~25% slower at 16K entries on an H100). A decode step's launch reserves this
+/// much whatever the context (its rows are as long as the longest context), and an
+/// early-launched block holds it while it waits: at 80 KB two `indexer_scores` blocks still fit
+/// beside it on an SM (at 192 KB none did, so a batch of t tokens kept t SMs from the scores).
+pub const TOPK_STAGE_MAX: usize = 20_480;
 
 /// Per token, the `k` best-scoring visible entries (ties to the lower index) in ascending order
 /// into its row of `sel`, and their count (`k`, or every visible entry where fewer) into `nsel`.
