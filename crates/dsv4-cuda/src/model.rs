@@ -328,6 +328,12 @@ pub struct CudaModel {
     /// the layer's kind can have (`attend_seqs`; `DSV4_CUDA_ATTN_CAP=0`: splits for the SMs
     /// only, most of them empty in sliding-window and CSA layers).
     attn_split_cap: bool,
+    /// Whether a decode step's attention takes no more key splits than one wave of its blocks
+    /// holds (`DSV4_CUDA_ATTN_ONE_WAVE=1`; off until measured): at 154 registers a block has an
+    /// SM to itself, so 33 splits × 8 head groups of one token are two waves once a layer's
+    /// keys fill more than 16 splits' chunks (CSA and HCA at 64K: 20), which the step traces
+    /// as ~6 µs more attention per layer there than at 1K.
+    attn_one_wave: bool,
     /// Whether a decode step's indexer queries stream on the main stream before `wq_b`, with
     /// the compressors queued on the side stream right after the projections of h
     /// (`DSV4_CUDA_INDEX_FIRST=0`: the queries, compressors and selection all on the side
@@ -535,6 +541,7 @@ impl CudaModel {
                 .unwrap_or(crate::moe_ffn::SHARED_PRE),
             ffn_dyn_tiles: std::env::var("DSV4_CUDA_FFN_DYN").map_or(true, |v| v != "0"),
             attn_split_cap: std::env::var("DSV4_CUDA_ATTN_CAP").map_or(true, |v| v != "0"),
+            attn_one_wave: std::env::var("DSV4_CUDA_ATTN_ONE_WAVE").is_ok_and(|v| v == "1"),
             index_first: std::env::var("DSV4_CUDA_INDEX_FIRST").map_or(true, |v| v != "0"),
             route_fused: AtomicBool::new(
                 std::env::var("DSV4_CUDA_ROUTE_FUSED").map_or(true, |v| v != "0"),
@@ -1869,8 +1876,12 @@ impl CudaModel {
             (_, sel) if sel != 0 => c.sliding_window + c.index_topk,
             _ => usize::MAX,
         };
-        let nsplit = (2 * g.sm_count)
-            .div_ceil(t * groups)
+        let blocks = if self.attn_one_wave {
+            g.sm_count / (t * groups)
+        } else {
+            (2 * g.sm_count).div_ceil(t * groups)
+        };
+        let nsplit = blocks
             .min(max_keys.div_ceil(ATT_KEYS))
             .min(s.attn_part.bytes / 4 / (t * h * (dh + 2)))
             .clamp(1, COMBINE_MAX_SPLITS);
