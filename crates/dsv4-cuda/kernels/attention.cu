@@ -358,13 +358,15 @@ __device__ __forceinline__ int index_visible(const float*& keys, int& n, int t, 
 
 #define INDEX_KP 132  // a staged key row's floats: 16-byte reads of 8 rows hit 8 bank groups
 
-// Key rows [base, base + R) of 128 floats (those below `valid`) into rows of INDEX_KP floats
-// at dst, by asynchronous copies of the whole block, as one commit group.
+// Key rows [base, base + R) of 128 floats into rows of INDEX_KP floats at dst, by asynchronous
+// copies of the whole block, as one commit group; rows from `valid` on are zeros (nothing read:
+// the tensor cores multiply whole 16-row tiles, whose rows past the visible are then masked).
 template <int R>
 __device__ __forceinline__ void index_stage_keys(float* dst, const float* keys, int base, int valid) {
     for (int i = threadIdx.x; i < R * 32; i += blockDim.x) {
         const int r = i >> 5, c = i & 31;
-        if (base + r < valid) cp_async16(dst + r * INDEX_KP + 4 * c, keys + (size_t)(base + r) * 128 + 4 * c);
+        const bool ok = base + r < valid;
+        cp_async16_zfill(dst + r * INDEX_KP + 4 * c, keys + (ok ? (size_t)(base + r) * 128 + 4 * c : 0), ok);
     }
     cp_async_commit();
 }

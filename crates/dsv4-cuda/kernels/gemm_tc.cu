@@ -351,12 +351,6 @@ extern "C" __global__ void __launch_bounds__(256) tc_split_x(const float* __rest
     }
 }
 
-// 16 bytes global -> shared without registers; zero-filled (nothing read) when !valid.
-__device__ __forceinline__ void cp_async16_zfill(void* smem, const void* gmem, bool valid) {
-    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(gmem), "r"(valid ? 16 : 0)
-                 : "memory");
-}
 
 // The activation tile from pre-split planes: BN tokens x BK inputs of each part copied
 // asynchronously into X[term][BN][LD], the same layout and values TcXLoad::store writes
