@@ -371,6 +371,17 @@ __device__ __forceinline__ void index_stage_keys(float* dst, const float* keys, 
     cp_async_commit();
 }
 
+// Before the block scores the tile at `base` (buffer b; tiles `step` apart, `n` entries): the
+// next tile's copies go out into the other buffer (or an empty group, so the wait counts alike)
+// and this tile's have landed for every thread.
+template <class Stage>
+__device__ __forceinline__ void index_tile_ready(Stage stage, int b, int base, int step, int n) {
+    if (base + step < n) stage(b ^ 1, base + step);
+    else cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+}
+
 // scores[t, e] = sum_h hw[t, h] * wscale * relu(q[t, h] . k[e]) * dscale for the entries
 // visible to token t (e < min((pos0 + t + 1) / m, n)); -inf beyond, up to n. With `seqs` every
 // token is its own sequence at positions[t] with its own keys, and only its visible entries are
@@ -414,10 +425,7 @@ extern "C" __global__ void indexer_scores(const float* q, const float* hw, const
         const float4* qw = s4 + warp * 8 * 32;
         int b = 0;
         for (int base = blockIdx.x * 32; base < n; base += step, b ^= 1) {
-            if (base + step < n) stage(b ^ 1, base + step);
-            else cp_async_commit();  // (an empty group: the wait below counts alike)
-            cp_async_wait<1>();
-            __syncthreads();
+            index_tile_ready(stage, b, base, step, n);
             const int e = base + lane;
             float sum = 0.f;
             if (e < valid) {
@@ -545,10 +553,7 @@ __device__ __forceinline__ void index_tc_impl(const float* q, const float* hw, c
     const int mt = warp & 3, cg = warp >> 2;
     int b = 0;
     for (int base = blockIdx.x * 64; base < n; base += step, b ^= 1) {
-        if (base + step < n) stage(b ^ 1, base + step);
-        else cp_async_commit();  // (an empty group: the wait below counts alike)
-        cp_async_wait<1>();
-        __syncthreads();
+        index_tile_ready(stage, b, base, step, n);
         float s0 = 0.f, s1 = 0.f;
         if (base < vmax) {  // (block-uniform: a tile no token sees is all -inf)
             const float* ka = kb + (b * 64 + 16 * mt + g) * KP + t4;
