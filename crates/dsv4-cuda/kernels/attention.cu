@@ -344,16 +344,21 @@ extern "C" __global__ void ring_store_seqs(const float* kv, const SeqLayer* seqs
     for (int k = threadIdx.x; k < dh; k += blockDim.x) ring[k] = kv[(size_t)t * dh + k];
 }
 
-// The indexer's key rows of token t and how many it sees: with `seqs` (decode) its own table
-// and all (positions[t] + 1) / m of them (n becomes that count), else the shared keys and
-// min((pos0 + t + 1) / m, n).
+// How many of the indexer's entries token t sees: with `positions` (decode: every token its
+// own sequence) all (positions[t] + 1) / m of its own, else min((pos0 + t + 1) / m, n).
+__device__ __forceinline__ int entries_visible(int t, int pos0, int m, int n, const int* positions) {
+    return positions ? (positions[t] + 1) / m : min((pos0 + t + 1) / m, n);
+}
+
+// The indexer's key rows of token t and how many it sees (`entries_visible`): with `seqs`
+// (decode) its own table, and n becomes its count; else the shared keys.
 __device__ __forceinline__ int index_visible(const float*& keys, int& n, int t, int pos0, int m,
                                              const SeqLayer* seqs, const int* positions) {
     if (seqs) {
         keys = seqs[t].i_entries;
-        return n = (positions[t] + 1) / m;
+        return n = entries_visible(t, pos0, m, n, positions);
     }
-    return min((pos0 + t + 1) / m, n);
+    return entries_visible(t, pos0, m, n, nullptr);
 }
 
 #define INDEX_KP 132  // a staged key row's floats: 16-byte reads of 8 rows hit 8 bank groups
@@ -647,7 +652,7 @@ __device__ long long topk_stamps[8];
 // where they are no more than k, all of them are the picks, written here.
 __device__ __forceinline__ int topk_visible(int t, int pos0, int m, int n, int k, int* out, int* nsel,
                                             const int* positions) {
-    const int valid = positions ? (positions[t] + 1) / m : min((pos0 + t + 1) / m, n);
+    const int valid = entries_visible(t, pos0, m, n, positions);
     if (valid <= k) {
         for (int i = threadIdx.x; i < valid; i += blockDim.x) out[i] = i;
         if (threadIdx.x == 0) nsel[t] = valid;

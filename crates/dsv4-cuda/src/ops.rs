@@ -1136,6 +1136,17 @@ pub struct NormRows {
     pub rows_per_token: usize,
 }
 
+/// `vals` as a kernel's i32 arguments, or an error naming `what` where one is over i32.
+fn i32_args<const N: usize>(what: &str, vals: [usize; N]) -> Result<[i32; N]> {
+    let mut out = [0i32; N];
+    for (o, v) in out.iter_mut().zip(vals) {
+        *o = i32::try_from(v).map_err(|_| {
+            crate::Error::Unsupported(format!("{what}: an argument ({v}) over i32"))
+        })?;
+    }
+    Ok(out)
+}
+
 /// One [`indexer_scores`] launch: per token, `scores[t, e] = Σ_h hw[t, h] / √heads · relu(q[t, h]
 /// · key[e]) / √dim` over its visible entries. With a positions table (a decode step) token t
 /// is its own sequence with its own keys (`seqs[t].i_entries`) and `(positions[t] + 1) /
@@ -1167,12 +1178,10 @@ pub struct IndexerScores {
 /// The indexer's scores ([`IndexerScores`]). Decode launches a fixed grid (graph-static) that
 /// strides over any count of entries; shared keys get blocks enough for their `n`.
 pub fn indexer_scores(gpu: &Gpu, tokens: usize, a: &IndexerScores) -> Result<()> {
-    let ints = [a.heads, a.dim, a.pos0, a.ratio, a.n, a.ld].map(i32::try_from);
-    let [Ok(hi), Ok(di), Ok(pos0), Ok(m), Ok(n), Ok(ld)] = ints else {
-        return Err(crate::Error::Unsupported(
-            "indexer scores: an argument over i32".into(),
-        ));
-    };
+    let [hi, di, pos0, m, n, ld, ntok] = i32_args(
+        "indexer scores",
+        [a.heads, a.dim, a.pos0, a.ratio, a.n, a.ld, tokens],
+    )?;
     if a.ratio == 0 || (a.seqs == 0 && a.n > a.ld) || (a.seqs == 0) != (a.positions == 0) {
         return Err(crate::Error::Unsupported(format!(
             "indexer scores: ratio {m} must be nonzero, {n} entries fit rows of {ld}, and a \
@@ -1206,7 +1215,6 @@ pub fn indexer_scores(gpu: &Gpu, tokens: usize, a: &IndexerScores) -> Result<()>
         a.n.div_ceil(per_block)
     };
     let (wscale, dscale) = (1.0 / (a.heads as f32).sqrt(), 1.0 / (a.dim as f32).sqrt());
-    let ntok = i32::try_from(tokens).unwrap_or(i32::MAX);
     let mut args: Vec<&dyn crate::gpu::Arg> = vec![
         &a.q,
         &a.hw,
@@ -1266,12 +1274,8 @@ pub const TOPK_STAGE_MAX: usize = 20_480;
 /// Per token, the `k` best-scoring visible entries (ties to the lower index) in ascending order
 /// into its row of `sel`, and their count (`k`, or every visible entry where fewer) into `nsel`.
 pub fn topk_select(gpu: &Gpu, tokens: usize, a: &TopK) -> Result<()> {
-    let ints = [a.ld, a.pos0, a.ratio, a.n, a.k, a.sel_cap].map(i32::try_from);
-    let [Ok(ld), Ok(pos0), Ok(ratio), Ok(n), Ok(k), Ok(cap)] = ints else {
-        return Err(crate::Error::Unsupported(
-            "top-k: an argument over i32".into(),
-        ));
-    };
+    let [ld, pos0, ratio, n, k, cap] =
+        i32_args("top-k", [a.ld, a.pos0, a.ratio, a.n, a.k, a.sel_cap])?;
     if k == 0 || k > cap || ratio == 0 {
         return Err(crate::Error::Unsupported(format!(
             "top-k: k {k} must be in 1..={cap} (the selection's capacity), ratio {ratio} nonzero"
