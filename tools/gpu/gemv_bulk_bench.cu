@@ -22,6 +22,11 @@
 #include "gemv_bulk.cu"
 #include "bench_util.cuh"
 
+// Ring stages per launch (the host's default 4; -DBENCH_STAGES=6 for deeper rings).
+#ifndef BENCH_STAGES
+#define BENCH_STAGES 4
+#endif
+
 typedef void (*Kern)(LinearW, GemvArgs, int);
 
 int main() {
@@ -70,7 +75,7 @@ int main() {
         a.vec = 1;
         const int tiles = c.out / (8 * c.rpw);
         const int blocks = tiles < sms ? tiles : sms;
-        const int smem = BULK_STAGES * c.stage;
+        const int smem = BENCH_STAGES * c.stage;
         const int nslices = c.in / (c.f4 ? 2 : 1) / (4096 / c.rpw);
         CK(cudaFuncSetAttribute((const void*)c.k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
         cudaLaunchAttribute at[1];

@@ -11,7 +11,7 @@
 #include "linear.cuh"
 
 #define BULK_STAGE 32768  // weight bytes per stage
-#define BULK_STAGES 4  // the most stages a ring has (see BulkRing)
+#define BULK_STAGES 6  // the most stages a ring has (see BulkRing; the host's default is 4)
 // Consumer warps of the SIMT kernels. Measurement builds only may change it (the host launches
 // 288 threads, and the tensor-core kernels below are written for 8): tools/gpu/gemv_bulk_bench.cu.
 #ifndef BULK_WARPS
@@ -225,16 +225,19 @@ __device__ __forceinline__ BulkRing bulk_ring_init(unsigned stride) {
     return BulkRing{full, empty, 0, 0, stages};
 }
 
-// Stage n's slot in a ring of NS and its pass's parity (BULK_WALK_S1: the ring of 4 by shifts).
+// Stage n's slot in a ring of NS and its pass's parity (BULK_WALK_S1: the ring of 4 by shifts,
+// of 6 by a constant divisor's multiply).
 __device__ __forceinline__ int ring_slot(int n, int NS) {
 #if BULK_WALK_S1
     if (NS == 4) return n & 3;
+    if (NS == 6) return (int)((unsigned)n % 6u);
 #endif
     return n % NS;
 }
 __device__ __forceinline__ unsigned ring_pass(int n, int NS) {
 #if BULK_WALK_S1
     if (NS == 4) return (unsigned)(n >> 2);
+    if (NS == 6) return (unsigned)n / 6u;
 #endif
     return (unsigned)(n / NS);
 }

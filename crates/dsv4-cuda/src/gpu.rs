@@ -57,8 +57,9 @@ pub struct Gpu {
     /// ... from this many tokens: 3 (fewer take the SIMT bulk kernels, faster there: one token
     /// on these measured 2.13 against 1.78 ms per 8-layer step; tests lower it).
     pub bulk_tc_min: usize,
-    /// Shared-memory stages of the dense bulk-copy kernels: 4, or 2–3 from
-    /// `DSV4_CUDA_BULK_STAGES` (with fewer, two launches fit on an SM: comparisons).
+    /// Shared-memory stages of the dense bulk-copy kernels: 4, or 2–6 from
+    /// `DSV4_CUDA_BULK_STAGES` (with fewer, two launches fit on an SM; with more, a launch
+    /// requests more of its matrix before the kernel ahead of it ends: comparisons).
     pub bulk_stages: usize,
     /// Multi-token products of BF16/FP8/FP4 weights on the tensor cores (`kernels/gemm_tc.cu`;
     /// `DSV4_CUDA_TC=0` keeps the SIMT GEMMs, for A/B comparisons).
@@ -276,7 +277,7 @@ impl Gpu {
             },
             bulk_tc_min: 3,
             bulk_rpw: env_num("DSV4_CUDA_BULK_RPW", |r| [1, 2, 4].contains(r)).unwrap_or(0),
-            bulk_stages: env_num("DSV4_CUDA_BULK_STAGES", |n| (2..=4).contains(n)).unwrap_or(4),
+            bulk_stages: env_num("DSV4_CUDA_BULK_STAGES", |n| (2..=6).contains(n)).unwrap_or(4),
             tc: std::env::var("DSV4_CUDA_TC").map_or(true, |v| v != "0"),
             tc_bk: if std::env::var("DSV4_CUDA_TC_BK").is_ok_and(|v| v == "32") {
                 32

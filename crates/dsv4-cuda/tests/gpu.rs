@@ -339,8 +339,8 @@ fn bulk_multi_matches_cpu() {
         ],
         &[(F::Bf16, 64, 4096), (F::Fp8, 64, 4096)],
     ];
-    // Rings of 4 stages (the default), and of 3 and 2 (`DSV4_CUDA_BULK_STAGES`).
-    for stages in [4, 3, 2] {
+    // Rings of 4 stages (the default), and of 6, 5, 3 and 2 (`DSV4_CUDA_BULK_STAGES`).
+    for stages in [4, 6, 5, 3, 2] {
         let mut gpu = Gpu::open(0).expect("GPU");
         std::sync::Arc::get_mut(&mut gpu)
             .expect("one owner")
