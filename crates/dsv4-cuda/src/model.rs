@@ -329,10 +329,10 @@ pub struct CudaModel {
     /// only, most of them empty in sliding-window and CSA layers).
     attn_split_cap: bool,
     /// Whether a decode step's attention takes no more key splits than one wave of its blocks
-    /// holds (`DSV4_CUDA_ATTN_ONE_WAVE=1`; off until measured): at 154 registers a block has an
-    /// SM to itself, so 33 splits × 8 head groups of one token are two waves once a layer's
-    /// keys fill more than 16 splits' chunks (CSA and HCA at 64K: 20), which the step traces
-    /// as ~6 µs more attention per layer there than at 1K.
+    /// holds (`DSV4_CUDA_ATTN_ONE_WAVE=0` lifts the cap): at 154 registers a block has an SM to
+    /// itself, so 33 splits × 8 head groups of one token are two waves once a layer's keys fill
+    /// more than 16 splits' chunks (CSA and HCA at 64K: 20). Stop 38 (H200, 18 layers): batch 8
+    /// at 64K 11.83 → 11.57–11.73 ms, batch 1 unchanged.
     attn_one_wave: bool,
     /// Whether a decode step's indexer queries stream on the main stream before `wq_b`, with
     /// the compressors queued on the side stream right after the projections of h
@@ -354,8 +354,10 @@ pub struct CudaModel {
     /// (`DSV4_CUDA_QNORM_FUSED=1`; off until measured: stop 20's fold of the norm into `wq_b`
     /// was neutral, its weight stream already overlapping the norm).
     qnorm_fused: AtomicBool,
-    /// Whether the indexer's scores run on the tensor cores (`indexer_scores_tc`,
-    /// `DSV4_CUDA_INDEX_TC=1`; ~f32 products, off until measured on a GPU).
+    /// Whether the indexer's release-shape scores run on the tensor cores (`indexer_scores_tc`,
+    /// ~f32 products; `DSV4_CUDA_INDEX_TC=0` keeps the SIMT kernel). Stop 38 (H200, 18
+    /// layers): decode at 64K 3.19–3.23 → 3.12–3.13 ms (batch 1), 11.8 → 11.2 ms (batch 8);
+    /// 32K prefill +2.6%.
     index_tc: bool,
     /// The arithmetic followed (the CPU model's profile).
     numerics: Numerics,
@@ -541,7 +543,7 @@ impl CudaModel {
                 .unwrap_or(crate::moe_ffn::SHARED_PRE),
             ffn_dyn_tiles: std::env::var("DSV4_CUDA_FFN_DYN").map_or(true, |v| v != "0"),
             attn_split_cap: std::env::var("DSV4_CUDA_ATTN_CAP").map_or(true, |v| v != "0"),
-            attn_one_wave: std::env::var("DSV4_CUDA_ATTN_ONE_WAVE").is_ok_and(|v| v == "1"),
+            attn_one_wave: std::env::var("DSV4_CUDA_ATTN_ONE_WAVE").map_or(true, |v| v != "0"),
             index_first: std::env::var("DSV4_CUDA_INDEX_FIRST").map_or(true, |v| v != "0"),
             route_fused: AtomicBool::new(
                 std::env::var("DSV4_CUDA_ROUTE_FUSED").map_or(true, |v| v != "0"),
@@ -555,7 +557,7 @@ impl CudaModel {
             qnorm_fused: AtomicBool::new(
                 std::env::var("DSV4_CUDA_QNORM_FUSED").is_ok_and(|v| v == "1"),
             ),
-            index_tc: std::env::var("DSV4_CUDA_INDEX_TC").is_ok_and(|v| v == "1"),
+            index_tc: std::env::var("DSV4_CUDA_INDEX_TC").map_or(true, |v| v != "0"),
             numerics: model.numerics,
             multi_gemv: std::env::var("DSV4_CUDA_MULTI").map_or(true, |v| v != "0"),
             tc,
