@@ -222,6 +222,27 @@ __device__ __forceinline__ float hc_post_cell(const HcArgs& a, const float* x, i
     return o;
 }
 
+// Four columns of the collapse Σ_k pre[k]·x_k (k < n <= 4, in k order), their sum of squares
+// added to ss (x, y, z, w in order), and their RMS-normed, weighted values.
+__device__ __forceinline__ float4 hc_collapse4(const float4 (&xs)[4], const float* pre, int n) {
+    float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        if (k >= n) break;
+        o.x = fmaf(pre[k], xs[k].x, o.x);
+        o.y = fmaf(pre[k], xs[k].y, o.y);
+        o.z = fmaf(pre[k], xs[k].z, o.z);
+        o.w = fmaf(pre[k], xs[k].w, o.w);
+    }
+    return o;
+}
+__device__ __forceinline__ float hc_sumsq4(float4 o, float ss) {
+    return fmaf(o.w, o.w, fmaf(o.z, o.z, fmaf(o.y, o.y, fmaf(o.x, o.x, ss))));
+}
+__device__ __forceinline__ float4 hc_scale4(float4 o, float rn, float4 g) {
+    return make_float4(o.x * rn * g.x, o.y * rn * g.y, o.z * rn * g.z, o.w * rn * g.w);
+}
+
 // A hyper-connection boundary of a few tokens (decode) in one launch. Block (s, t) owns HC_COLS
 // columns of all n streams of token t, one thread per (stream, column):
 // - the routed experts' weighted outputs added into f (as moe_combine), when given;
@@ -357,21 +378,30 @@ extern "C" __global__ void __launch_bounds__(HC_THREADS) hc_boundary(HcArgs a) {
     float4 o4[U];
 #pragma unroll
     for (int u = 0; u < U; u++) {
-        float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll
-        for (int k = 0; k < 4; k++) {
-            if (k >= n) break;
-            o.x = fmaf(pre_s[k], xv[u][k].x, o.x);
-            o.y = fmaf(pre_s[k], xv[u][k].y, o.y);
-            o.z = fmaf(pre_s[k], xv[u][k].z, o.z);
-            o.w = fmaf(pre_s[k], xv[u][k].w, o.w);
-        }
-        o4[u] = o;
-        if (4 * (u * HC_THREADS + threadIdx.x) < d)
-            ss = fmaf(o.w, o.w, fmaf(o.z, o.z, fmaf(o.y, o.y, fmaf(o.x, o.x, ss))));
+        o4[u] = hc_collapse4(xv[u], pre_s, n);
+        if (4 * (u * HC_THREADS + threadIdx.x) < d) ss = hc_sumsq4(o4[u], ss);
     }
-    // Columns past HC_PRE_COLS (wider models), loaded now.
-    for (int c = HC_PRE_COLS + threadIdx.x; c < d; c += HC_THREADS) {
+    // Columns [HC_PRE_COLS, 2·HC_PRE_COLS) (wider models: Pro's 7168), loaded now with every
+    // load in flight before any is used, and kept in registers until the norm (one column at
+    // a time, each load waited for behind the store before it, they took ~10 µs of each of
+    // Pro's boundaries on an H200). Columns past those (no release model) go through h.
+    float4 ot[U];
+    if (d > HC_PRE_COLS) {
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int c = HC_PRE_COLS + 4 * (u * HC_THREADS + threadIdx.x);
+#pragma unroll
+            for (int k = 0; k < 4; k++)
+                xv[u][k] = (c < d && k < n) ? __ldcg((const float4*)(x + (size_t)k * d + c))
+                                            : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            ot[u] = hc_collapse4(xv[u], pre_s, n);
+            if (HC_PRE_COLS + 4 * (u * HC_THREADS + threadIdx.x) < d) ss = hc_sumsq4(ot[u], ss);
+        }
+    }
+    for (int c = 2 * HC_PRE_COLS + threadIdx.x; c < d; c += HC_THREADS) {
         float o = 0.f;
         for (int k = 0; k < n; k++) o = fmaf(pre_s[k], __ldcg(x + (size_t)k * d + c), o);
         h[c] = o;
@@ -381,12 +411,22 @@ extern "C" __global__ void __launch_bounds__(HC_THREADS) hc_boundary(HcArgs a) {
 #pragma unroll
     for (int u = 0; u < U; u++) {
         const int c = 4 * (u * HC_THREADS + threadIdx.x);
-        if (c < d) {
-            const float4 g = g4[u], o = o4[u];
-            *(float4*)(h + c) = make_float4(o.x * rn * g.x, o.y * rn * g.y, o.z * rn * g.z, o.w * rn * g.w);
+        if (c < d) *(float4*)(h + c) = hc_scale4(o4[u], rn, g4[u]);
+    }
+    if (d > HC_PRE_COLS) {
+        float4 gt[U];  // the norm weights of those columns, all loaded before any store
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int c = HC_PRE_COLS + 4 * (u * HC_THREADS + threadIdx.x);
+            gt[u] = c < d ? __ldg((const float4*)(a.norm_w + c)) : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int c = HC_PRE_COLS + 4 * (u * HC_THREADS + threadIdx.x);
+            if (c < d) *(float4*)(h + c) = hc_scale4(ot[u], rn, gt[u]);
         }
     }
-    for (int c = HC_PRE_COLS + threadIdx.x; c < d; c += HC_THREADS) h[c] = h[c] * rn * a.norm_w[c];
+    for (int c = 2 * HC_PRE_COLS + threadIdx.x; c < d; c += HC_THREADS) h[c] = h[c] * rn * a.norm_w[c];
 }
 
 // Phase stamps of hc_boundary_cluster's first thread (tools/gpu/hc_tail.cu defines HC_STAMPS):

@@ -2610,6 +2610,105 @@ fn hc_boundary_cluster_matches_last_block() {
     }
 }
 
+/// The last-block boundary's collapse and norm at widths past the 4096 columns its tail loads
+/// before the mix: Pro's 7168 (the rest in registers) and 9216 (past those, through `h`), and
+/// Flash's 4096, against the host's f64 collapse of the post-mixed streams with the `pre` the
+/// kernel found, RMS-normed and weighted.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn hc_boundary_collapses_wide_streams() {
+    use dsv4_cuda::ops::{hc_boundary, HcArgs};
+    let gpu = Gpu::open(0).expect("GPU");
+    let (n, k) = (4usize, 6usize);
+    let rows = (2 + n) * n;
+    for d in [7168usize, 9216, 4096] {
+        for t in [1usize, 2] {
+            let up = |v: &[f32]| gpu.upload(v).unwrap();
+            let fn_ = up(&random_f32(rows * n * d, 11)
+                .iter()
+                .map(|v| v * 0.05)
+                .collect::<Vec<_>>());
+            let base = up(&random_f32(rows, 12));
+            let scale = up(&[0.7f32, 0.4, 1.3]);
+            let g: Vec<f32> = random_f32(d, 13).iter().map(|v| 1.0 + 0.5 * v).collect();
+            let norm_w = up(&g);
+            let f = up(&random_f32(t * d, 14));
+            let x = up(&random_f32(t * n * d, 15));
+            let post = up(&random_f32(t * n, 16)
+                .iter()
+                .map(|v| 1.0 + v)
+                .collect::<Vec<_>>());
+            let comb = up(&random_f32(t * n * n, 17)
+                .iter()
+                .map(|v| 0.25 + 0.2 * v)
+                .collect::<Vec<_>>());
+            let rw = up(&vec![0f32; t * k]);
+            let partial = gpu
+                .alloc_zeros(4 * t * d.div_ceil(64) * (rows + 1))
+                .unwrap();
+            let count = gpu.alloc_zeros(4 * t).unwrap();
+            let pre = gpu.alloc_zeros(4 * t * n).unwrap();
+            let h = gpu.alloc_zeros(4 * t * d).unwrap();
+            let a = HcArgs {
+                x: x.ptr,
+                f: f.ptr,
+                eout: 0,
+                rw: rw.ptr,
+                fn_: fn_.ptr,
+                base: base.ptr,
+                scale: scale.ptr,
+                norm_w: norm_w.ptr,
+                partial: partial.ptr,
+                pre: pre.ptr,
+                post: post.ptr,
+                comb: comb.ptr,
+                h: h.ptr,
+                count: count.ptr,
+                mu: 0,
+                rinv: 0,
+                n: n as i32,
+                d: d as i32,
+                iters: 20,
+                s: 0,
+                k: k as i32,
+                rw_inside: 0,
+                hc_eps: 1e-6,
+                norm_eps: 1e-6,
+            };
+            hc_boundary(&gpu, &a, t, false).unwrap();
+            let read = |p: u64, len: usize| {
+                let mut v = vec![0f32; len];
+                gpu.dtoh(p, &mut v).unwrap();
+                v
+            };
+            let (xs, pres, hs) = (
+                read(x.ptr, t * n * d),
+                read(pre.ptr, t * n),
+                read(h.ptr, t * d),
+            );
+            let mut want = vec![0f32; t * d];
+            for ti in 0..t {
+                let o: Vec<f64> = (0..d)
+                    .map(|c| {
+                        (0..n)
+                            .map(|s| pres[ti * n + s] as f64 * xs[(ti * n + s) * d + c] as f64)
+                            .sum()
+                    })
+                    .collect();
+                let rn = 1.0 / (o.iter().map(|v| v * v).sum::<f64>() / d as f64 + 1e-6).sqrt();
+                for c in 0..d {
+                    want[ti * d + c] = (o[c] * rn * g[c] as f64) as f32;
+                }
+            }
+            let e = worst(&row_errors(&hs, &want, d));
+            eprintln!(
+                "hc_boundary d {d} t {t}: h worst row rel err {e:.2e} against the host's collapse"
+            );
+            assert!(e < 1e-5, "d {d} t {t}: h {e}");
+        }
+    }
+}
+
 /// One token's FFN half through the two launches of `kernels/moe_ffn.cu` against the launches
 /// it replaces (`moe_router_route`, the shared expert through the SIMT FP8 expert kernels, the
 /// routed experts through the bulk kernels): Flash's shapes (256 experts: two router rows per
