@@ -2465,6 +2465,37 @@ fn decode_fusions_match_separate_launches() {
     }
 }
 
+/// A boundary's random weights: the mix rows `fn_` [(2 + n)·n, n·d] (small, so the Sinkhorn's
+/// inputs stay moderate), their biases and three scales, and the next block's norm weight
+/// (also on the host, `g`). Seeds `seed`, `seed + 1`, `seed + 2`.
+struct HcWeights {
+    fn_: dsv4_cuda::gpu::DevBuf,
+    base: dsv4_cuda::gpu::DevBuf,
+    scale: dsv4_cuda::gpu::DevBuf,
+    norm_w: dsv4_cuda::gpu::DevBuf,
+    g: Vec<f32>,
+}
+
+fn hc_weights(gpu: &Gpu, n: usize, d: usize, seed: u64) -> HcWeights {
+    let rows = (2 + n) * n;
+    let up = |v: &[f32]| gpu.upload(v).unwrap();
+    let fn_: Vec<f32> = random_f32(rows * n * d, seed)
+        .iter()
+        .map(|v| v * 0.05)
+        .collect();
+    let g: Vec<f32> = random_f32(d, seed + 2)
+        .iter()
+        .map(|v| 1.0 + 0.5 * v)
+        .collect();
+    HcWeights {
+        fn_: up(&fn_),
+        base: up(&random_f32(rows, seed + 1)),
+        scale: up(&[0.7f32, 0.4, 1.3]),
+        norm_w: up(&g),
+        g,
+    }
+}
+
 /// A hyper-connection boundary by a thread-block cluster per token (`hc_boundary_cluster`)
 /// against the last-block kernel (`hc_boundary`): the post-mixed streams bit for bit (one
 /// formula), `h`, `pre`, `post` and `comb` within float noise (other summation orders); and
@@ -2485,16 +2516,13 @@ fn hc_boundary_cluster_matches_last_block() {
         );
         let t_max = 3usize;
         let up = |v: &[f32]| gpu.upload(v).unwrap();
-        let fn_ = up(&random_f32(rows * n * d, 1)
-            .iter()
-            .map(|v| v * 0.05)
-            .collect::<Vec<_>>());
-        let base = up(&random_f32(rows, 2));
-        let scale = up(&[0.7f32, 0.4, 1.3]);
-        let norm_w = up(&random_f32(d, 3)
-            .iter()
-            .map(|v| 1.0 + 0.5 * v)
-            .collect::<Vec<_>>());
+        let HcWeights {
+            fn_,
+            base,
+            scale,
+            norm_w,
+            ..
+        } = hc_weights(&gpu, n, d, 1);
         let f = up(&random_f32(t_max * d, 4));
         let eout = up(&random_f32(t_max * k * d, 5));
         let rw = up(&random_f32(t_max * k, 6)
@@ -2624,14 +2652,13 @@ fn hc_boundary_collapses_wide_streams() {
     for d in [7168usize, 9216, 4096] {
         for t in [1usize, 2] {
             let up = |v: &[f32]| gpu.upload(v).unwrap();
-            let fn_ = up(&random_f32(rows * n * d, 11)
-                .iter()
-                .map(|v| v * 0.05)
-                .collect::<Vec<_>>());
-            let base = up(&random_f32(rows, 12));
-            let scale = up(&[0.7f32, 0.4, 1.3]);
-            let g: Vec<f32> = random_f32(d, 13).iter().map(|v| 1.0 + 0.5 * v).collect();
-            let norm_w = up(&g);
+            let HcWeights {
+                fn_,
+                base,
+                scale,
+                norm_w,
+                g,
+            } = hc_weights(&gpu, n, d, 11);
             let f = up(&random_f32(t * d, 14));
             let x = up(&random_f32(t * n * d, 15));
             let post = up(&random_f32(t * n, 16)
