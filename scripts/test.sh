@@ -17,5 +17,7 @@ fi
 "$venv/bin/python" tools/server_client_test.py target/debug/dsv4 \
   --load-streams "${DSV4_LOAD_STREAMS:-32}" --load-seconds "${DSV4_LOAD_SECONDS:-30}"
 
-# The CUDA binary builds (its GPU tests are opt-in, see above).
+# The CUDA binary builds (its GPU tests are opt-in, see above), and its CUDA-only modules' unit
+# tests that need no GPU (the bench's layer sizing) pass.
 cargo build --release -p dsv4-cli --features cuda
+cargo test --release -p dsv4-cli --features cuda --bin dsv4

@@ -80,6 +80,59 @@ fn layer_bytes(m: &Model, i: usize) -> usize {
     l.dense_bytes() + l.moe.experts.len() * l.expert_bytes()
 }
 
+/// Device bytes one sequence's caches hold in layer `i` of `m` once filled to `ctx` positions
+/// (`dsv4_cuda::synthetic_layer_bytes`: the window ring and each compressor's entries and
+/// tail rings).
+fn seq_layer_bytes(m: &Model, i: usize, ctx: usize) -> usize {
+    let c = &m.config;
+    let attn = &m.weights.layers[i].attn;
+    let comps = attn
+        .compressor
+        .iter()
+        .chain(attn.indexer.iter().map(|x| &x.compressor))
+        .map(|w| (w.ratio, w.dim, w.wkv.out));
+    dsv4_cuda::synthetic_layer_bytes(c.sliding_window, c.head_dim, comps, ctx)
+}
+
+/// What a benchmark stage needs on its GPU: per layer (weights, and the decode rows' caches),
+/// a reserve, the embedding (first stage) and the head (last stage).
+struct LayerNeed {
+    per_layer: usize,
+    reserve: usize,
+    embed: usize,
+    head: usize,
+}
+
+/// The most layers, up to `full`, whose stages (`split_layers` over `ords`, in order) fit every
+/// GPU's free memory (`free_of`: each distinct ordinal once); at least 1.
+fn layers_that_fit(
+    need: &LayerNeed,
+    ords: &[usize],
+    free_of: &[(usize, usize)],
+    full: usize,
+) -> usize {
+    let fits = |l: usize| {
+        let ranges = split_layers(l, ords.len());
+        let last = ranges.len() - 1;
+        free_of.iter().all(|&(o, free)| {
+            let used: usize = ranges
+                .iter()
+                .zip(ords)
+                .enumerate()
+                .filter(|(_, (_, &so))| so == o)
+                .map(|(i, (r, _))| {
+                    r.len() * need.per_layer
+                        + need.reserve
+                        + if i == 0 { need.embed } else { 0 }
+                        + if i == last { need.head } else { 0 }
+                })
+                .sum();
+            used <= free
+        })
+    };
+    (1..=full).rev().find(|&l| fits(l)).unwrap_or(1)
+}
+
 /// What the benchmark runs: the model on one GPU, or a pipeline of stages over several.
 trait Target {
     type Seq;
@@ -491,31 +544,29 @@ pub fn run(a: CudaBench) -> Result<()> {
         host.weights.embed.stored_bytes(),
         host.weights.head.stored_bytes(),
     );
-    // Whether `l` layers fit: on every GPU, its stages' layers, the embedding (first stage) and
-    // the head (last), and a reserve per stage for its activations and caches.
-    let reserve = 10usize << 30;
-    let fits = |l: usize| {
-        let ranges = split_layers(l, ords.len());
-        let last = ranges.len() - 1;
-        free_of.iter().all(|&(o, free)| {
-            let need: usize = ranges
-                .iter()
-                .zip(&ords)
-                .enumerate()
-                .filter(|(_, (_, &so))| so == o)
-                .map(|(i, (r, _))| {
-                    r.len() * per_layer
-                        + reserve
-                        + if i == 0 { embed_b } else { 0 }
-                        + if i == last { head_b } else { 0 }
-                })
-                .sum();
-            need <= free
-        })
+    // The decode rows' caches: the largest batch at the longest context, each of its sequences
+    // holding what `fill_synthetic` reserves in every layer (the largest layer kind's).
+    let ctx_max = a.contexts.iter().max().map_or(0, |&c| c + a.decode + 2);
+    let batch_max = if a.contexts.is_empty() {
+        0
+    } else {
+        a.batches.iter().copied().max().unwrap_or(0)
+    };
+    let cache_per_layer = batch_max
+        * (0..kinds.len())
+            .map(|i| seq_layer_bytes(&host, i, ctx_max))
+            .max()
+            .unwrap_or(0);
+    let need = LayerNeed {
+        per_layer: per_layer + cache_per_layer,
+        // Activations, scratch and the prefill rows' sequences.
+        reserve: 10usize << 30,
+        embed: embed_b,
+        head: head_b,
     };
     let layers = match a.layers {
         Some(l) => l.max(1),
-        None => (1..=full_layers).rev().find(|&l| fits(l)).unwrap_or(1),
+        None => layers_that_fit(&need, &ords, &free_of, full_layers),
     };
     if layers < ords.len() {
         bail!(
@@ -536,8 +587,10 @@ pub fn run(a: CudaBench) -> Result<()> {
         })
         .collect();
     eprintln!(
-        "uploading {layers} layers ({:.1} GB each) to {} (cuda:{})...",
+        "uploading {layers} layers ({:.1} GB each; the decode rows' caches up to {:.2} GB per \
+         layer) to {} (cuda:{})...",
         per_layer as f64 / 1e9,
+        cache_per_layer as f64 / 1e9,
         gpu.name,
         ords.iter()
             .map(|o| o.to_string())
@@ -659,4 +712,45 @@ pub fn run(a: CudaBench) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GB: usize = 1 << 30;
+
+    fn need(per_layer: usize) -> LayerNeed {
+        LayerNeed {
+            per_layer: per_layer * GB,
+            reserve: 10 * GB,
+            embed: GB,
+            head: 2 * GB,
+        }
+    }
+
+    /// One GPU: as many layers as its free memory holds beside the reserve, the embedding and
+    /// the head; the decode rows' caches per layer take layers away; never more than the model
+    /// has, never fewer than one.
+    #[test]
+    fn layers_fit_one_gpu() {
+        let free = [(0usize, 80 * GB)];
+        assert_eq!(layers_that_fit(&need(4), &[0], &free, 43), 16); // (80 - 13) / 4
+        assert_eq!(layers_that_fit(&need(5), &[0], &free, 43), 13); // the caches: 1 GB a layer
+        assert_eq!(layers_that_fit(&need(1), &[0], &free, 43), 43);
+        assert_eq!(layers_that_fit(&need(100), &[0], &free, 43), 1);
+    }
+
+    /// Stages over GPUs: the first holds the embedding, the last the head, and stages listed
+    /// on one ordinal share its memory.
+    #[test]
+    fn layers_fit_stages() {
+        let two = [(0usize, 80 * GB), (1, 80 * GB)];
+        // 34 layers: 17 + 17, the first stage 68 + 11 GB, the second 68 + 12 (80: full); 35
+        // would give the first 18.
+        assert_eq!(layers_that_fit(&need(4), &[0, 1], &two, 43), 34);
+        // Both stages on GPU 0: one stage's worth, less a second reserve.
+        let one = [(0usize, 80 * GB)];
+        assert_eq!(layers_that_fit(&need(4), &[0, 0], &one, 43), 14); // (80 - 23) / 4
+    }
 }

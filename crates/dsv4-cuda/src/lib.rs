@@ -18,7 +18,7 @@ pub use cudarc;
 pub use gpu::Gpu;
 pub use model::{BatchItem, CudaModel, PartOut};
 pub use pipeline::{split_layers, PipeItem, PipeSeq, Pipeline};
-pub use state::GpuSeq;
+pub use state::{synthetic_layer_bytes, GpuSeq};
 
 /// Everything that can go wrong on the device, each with a message a user can act on.
 #[derive(Debug, thiserror::Error)]

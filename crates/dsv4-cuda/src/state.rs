@@ -8,6 +8,9 @@ use crate::gpu::{DevBuf, Gpu};
 use crate::weights::{GpuCompressor, GpuWeights};
 use crate::Result;
 
+/// Entries a compressor state holds room for when created.
+const ENTRY_CAP0: usize = 64;
+
 pub struct CompState {
     /// Emitted entries `[cap, dim]`, `n` of them valid.
     pub entries: DevBuf,
@@ -25,7 +28,7 @@ pub struct CompState {
 impl CompState {
     fn new(gpu: &Gpu, c: &GpuCompressor) -> Result<Self> {
         let width = c.wkv.out;
-        let cap = 64;
+        let cap = ENTRY_CAP0;
         Ok(CompState {
             entries: gpu.alloc(cap * c.dim * 4)?,
             cap,
@@ -84,12 +87,45 @@ impl CompState {
     ) -> Result<()> {
         let m = c.ratio;
         let n = pos / m;
-        self.reserve(gpu, n)?;
+        self.reserve(gpu, synthetic_cap(n))?;
         fill(gpu, self.entries.ptr, n * self.dim, seed)?;
         self.n = n;
         fill(gpu, self.tail_kv.ptr, self.tail_kv.bytes / 4, seed + 1)?;
         fill(gpu, self.tail_gate.ptr, self.tail_gate.bytes / 4, seed + 2)
     }
+}
+
+/// Entries a synthetically filled compressor state reserves for `n` valid ones: room for the
+/// decode steps a benchmark times after the fill (pos / 8 more tokens) without the doubling
+/// growth of `reserve`, which at 64K would hold twice the entries for those few steps (and
+/// their copy beside them while it runs).
+pub fn synthetic_cap(n: usize) -> usize {
+    n + n / 8 + 64
+}
+
+/// Device bytes one layer of a sequence holds after `fill_synthetic(pos)`: the window ring and,
+/// per compressor `(ratio, dim, width)` (width: its projected rows' `wkv` outputs), the entries
+/// `synthetic_cap` reserves and both tail rings. For sizing a benchmark before its upload.
+pub fn synthetic_layer_bytes(
+    window: usize,
+    head_dim: usize,
+    comps: impl IntoIterator<Item = (usize, usize, usize)>,
+    pos: usize,
+) -> usize {
+    window * head_dim * 4
+        + comps
+            .into_iter()
+            .map(|(ratio, dim, width)| {
+                // As `reserve` grows the initial capacity: not at all, or to at least twice it.
+                let need = synthetic_cap(pos / ratio);
+                let cap = if need <= ENTRY_CAP0 {
+                    ENTRY_CAP0
+                } else {
+                    need.max(2 * ENTRY_CAP0)
+                };
+                cap * dim * 4 + 2 * (2 * ratio * width * 4)
+            })
+            .sum::<usize>()
 }
 
 /// A buffer of `b`'s size holding a copy of its first `bytes` (stream-ordered).
@@ -236,5 +272,38 @@ impl GpuSeq {
                     + l.index.as_ref().map_or(0, |c| c.bytes())
             })
             .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fill's headroom holds the entries of pos / 8 more tokens at every ratio, so a
+    /// benchmark's decode steps after it never reach `reserve`'s doubling.
+    #[test]
+    fn synthetic_cap_holds_an_eighth_more_tokens() {
+        for ratio in [4usize, 128] {
+            for pos in [0usize, 1, 100, 4095, 65536, 1 << 20] {
+                let cap = synthetic_cap(pos / ratio);
+                assert!(
+                    cap >= (pos + pos / 8 + 1) / ratio,
+                    "ratio {ratio} pos {pos}"
+                );
+            }
+        }
+        // The layer sum: the ring, then entries and two tail rings per compressor.
+        let csa = synthetic_layer_bytes(128, 512, [(4, 512, 1024), (4, 128, 256)], 65536);
+        let cap = 16384 + 2048 + 64;
+        assert_eq!(
+            csa,
+            128 * 512 * 4 + cap * (512 + 128) * 4 + 2 * 2 * 4 * (1024 + 256) * 4
+        );
+        assert_eq!(synthetic_layer_bytes(128, 512, [], 65536), 128 * 512 * 4);
+        // Nothing valid yet: the initial 64 entries.
+        assert_eq!(
+            synthetic_layer_bytes(8, 16, [(128, 16, 16)], 0),
+            8 * 16 * 4 + 64 * 16 * 4 + 2 * 2 * 128 * 16 * 4
+        );
     }
 }

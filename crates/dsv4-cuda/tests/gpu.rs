@@ -1047,6 +1047,44 @@ fn no_gpu_is_a_clear_error() {
 /// A copied sequence (`CudaModel::copy_seq`, the server's prefix-cache snapshots) continues
 /// exactly as the original would, bit for bit, and the two stay independent: copies taken
 /// inside a compressor window and after the entry buffers grew.
+/// What a benchmark reserves for a synthetically filled sequence
+/// (`dsv4_cuda::synthetic_layer_bytes`, from which `dsv4 bench` sizes its layers) is what the
+/// sequence holds, and the decode steps a benchmark times after the fill (up to pos / 8) leave
+/// it unchanged (no doubling growth of the entries).
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn synthetic_fill_holds_what_the_bench_reserves() {
+    let cpu = random_model();
+    let gpu = CudaModel::from_model(&cpu, 0).unwrap();
+    let c = &cpu.config;
+    for pos in [0usize, 100, 3000] {
+        let want: usize = gpu
+            .weights
+            .layers
+            .iter()
+            .map(|l| {
+                let comps = l
+                    .attn
+                    .compressor
+                    .iter()
+                    .chain(l.attn.indexer.iter().map(|i| &i.compressor))
+                    .map(|w| (w.ratio, w.dim, w.wkv.out));
+                dsv4_cuda::synthetic_layer_bytes(c.sliding_window, c.head_dim, comps, pos)
+            })
+            .sum();
+        let mut seq = gpu.new_seq().unwrap();
+        seq.fill_synthetic(&gpu.gpu, &gpu.weights, pos).unwrap();
+        assert_eq!(seq.bytes(), want, "pos {pos}: after the fill");
+        let steps = (pos / 8).min(40);
+        for i in 0..steps {
+            let tok = [((i * 37) % 991) as u32 + 2];
+            gpu.forward(&mut seq, &tok, Logits::Last).unwrap();
+        }
+        assert_eq!(seq.bytes(), want, "pos {pos}: after {steps} decode steps");
+        eprintln!("pos {pos}: {want} bytes, as reserved, after {steps} decode steps");
+    }
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn copied_sequences_continue_like_the_original() {
