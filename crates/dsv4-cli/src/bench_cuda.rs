@@ -94,23 +94,19 @@ fn seq_layer_bytes(m: &Model, i: usize, ctx: usize) -> usize {
     dsv4_cuda::synthetic_layer_bytes(c.sliding_window, c.head_dim, comps, ctx)
 }
 
-/// What a benchmark stage needs on its GPU: per layer (weights, and the decode rows' caches),
-/// a reserve, the embedding (first stage) and the head (last stage).
+/// What a benchmark stage needs on its GPU: each layer of the whole model's schedule (weights,
+/// and the decode rows' caches), a reserve, the embedding (first stage) and the head (last).
 struct LayerNeed {
-    per_layer: usize,
+    per_layer: Vec<usize>,
     reserve: usize,
     embed: usize,
     head: usize,
 }
 
-/// The most layers, up to `full`, whose stages (`split_layers` over `ords`, in order) fit every
-/// GPU's free memory (`free_of`: each distinct ordinal once); at least 1.
-fn layers_that_fit(
-    need: &LayerNeed,
-    ords: &[usize],
-    free_of: &[(usize, usize)],
-    full: usize,
-) -> usize {
+/// The most layers of the schedule (a prefix of `need.per_layer`) whose stages (`split_layers`
+/// over `ords`, in order) fit every GPU's free memory (`free_of`: each distinct ordinal once);
+/// at least 1.
+fn layers_that_fit(need: &LayerNeed, ords: &[usize], free_of: &[(usize, usize)]) -> usize {
     let fits = |l: usize| {
         let ranges = split_layers(l, ords.len());
         let last = ranges.len() - 1;
@@ -121,7 +117,7 @@ fn layers_that_fit(
                 .enumerate()
                 .filter(|(_, (_, &so))| so == o)
                 .map(|(i, (r, _))| {
-                    r.len() * need.per_layer
+                    need.per_layer[r.clone()].iter().sum::<usize>()
                         + need.reserve
                         + if i == 0 { need.embed } else { 0 }
                         + if i == last { need.head } else { 0 }
@@ -130,7 +126,10 @@ fn layers_that_fit(
             used <= free
         })
     };
-    (1..=full).rev().find(|&l| fits(l)).unwrap_or(1)
+    (1..=need.per_layer.len())
+        .rev()
+        .find(|&l| fits(l))
+        .unwrap_or(1)
 }
 
 /// What the benchmark runs: the model on one GPU, or a pipeline of stages over several.
@@ -535,7 +534,9 @@ pub fn run(a: CudaBench) -> Result<()> {
     host.numerics = a.numerics;
     let gen_s = t.elapsed().as_secs_f64();
 
-    // As many layers as fit.
+    // As many layers as fit: each layer's weights (its kind's) and the decode rows' caches in
+    // it (the largest batch at the longest context, each sequence holding what
+    // `fill_synthetic` reserves there).
     let per_layer = (0..kinds.len())
         .map(|i| layer_bytes(&host, i))
         .max()
@@ -544,21 +545,33 @@ pub fn run(a: CudaBench) -> Result<()> {
         host.weights.embed.stored_bytes(),
         host.weights.head.stored_bytes(),
     );
-    // The decode rows' caches: the largest batch at the longest context, each of its sequences
-    // holding what `fill_synthetic` reserves in every layer (the largest layer kind's).
     let ctx_max = a.contexts.iter().max().map_or(0, |&c| c + a.decode + 2);
     let batch_max = if a.contexts.is_empty() {
         0
     } else {
         a.batches.iter().copied().max().unwrap_or(0)
     };
-    let cache_per_layer = batch_max
-        * (0..kinds.len())
-            .map(|i| seq_layer_bytes(&host, i, ctx_max))
-            .max()
-            .unwrap_or(0);
+    let kind_of = |k: &AttnKind, m: &MlpKind| {
+        kinds
+            .iter()
+            .position(|x| x == &(*k, *m))
+            .expect("collected above")
+    };
+    let layer_need: Vec<(usize, usize)> = target_cfg
+        .attn_kinds
+        .iter()
+        .zip(&target_cfg.mlp_kinds)
+        .map(|(k, m)| {
+            let i = kind_of(k, m);
+            (
+                layer_bytes(&host, i),
+                batch_max * seq_layer_bytes(&host, i, ctx_max),
+            )
+        })
+        .collect();
+    let cache_per_layer = layer_need.iter().map(|&(_, c)| c).max().unwrap_or(0);
     let need = LayerNeed {
-        per_layer: per_layer + cache_per_layer,
+        per_layer: layer_need.iter().map(|&(w, c)| w + c).collect(),
         // Activations, scratch and the prefill rows' sequences.
         reserve: 10usize << 30,
         embed: embed_b,
@@ -566,7 +579,7 @@ pub fn run(a: CudaBench) -> Result<()> {
     };
     let layers = match a.layers {
         Some(l) => l.max(1),
-        None => layers_that_fit(&need, &ords, &free_of, full_layers),
+        None => layers_that_fit(&need, &ords, &free_of),
     };
     if layers < ords.len() {
         bail!(
@@ -722,7 +735,7 @@ mod tests {
 
     fn need(per_layer: usize) -> LayerNeed {
         LayerNeed {
-            per_layer: per_layer * GB,
+            per_layer: vec![per_layer * GB; 43],
             reserve: 10 * GB,
             embed: GB,
             head: 2 * GB,
@@ -735,10 +748,10 @@ mod tests {
     #[test]
     fn layers_fit_one_gpu() {
         let free = [(0usize, 80 * GB)];
-        assert_eq!(layers_that_fit(&need(4), &[0], &free, 43), 16); // (80 - 13) / 4
-        assert_eq!(layers_that_fit(&need(5), &[0], &free, 43), 13); // the caches: 1 GB a layer
-        assert_eq!(layers_that_fit(&need(1), &[0], &free, 43), 43);
-        assert_eq!(layers_that_fit(&need(100), &[0], &free, 43), 1);
+        assert_eq!(layers_that_fit(&need(4), &[0], &free), 16); // (80 - 13) / 4
+        assert_eq!(layers_that_fit(&need(5), &[0], &free), 13); // the caches: 1 GB a layer
+        assert_eq!(layers_that_fit(&need(1), &[0], &free), 43);
+        assert_eq!(layers_that_fit(&need(100), &[0], &free), 1);
     }
 
     /// Stages over GPUs: the first holds the embedding, the last the head, and stages listed
@@ -748,9 +761,22 @@ mod tests {
         let two = [(0usize, 80 * GB), (1, 80 * GB)];
         // 34 layers: 17 + 17, the first stage 68 + 11 GB, the second 68 + 12 (80: full); 35
         // would give the first 18.
-        assert_eq!(layers_that_fit(&need(4), &[0, 1], &two, 43), 34);
+        assert_eq!(layers_that_fit(&need(4), &[0, 1], &two), 34);
         // Both stages on GPU 0: one stage's worth, less a second reserve.
         let one = [(0usize, 80 * GB)];
-        assert_eq!(layers_that_fit(&need(4), &[0, 0], &one, 43), 14); // (80 - 23) / 4
+        assert_eq!(layers_that_fit(&need(4), &[0, 0], &one), 14); // (80 - 23) / 4
+    }
+
+    /// Layers of unequal needs (a schedule's kinds): the prefix that fits, not the mean.
+    #[test]
+    fn layers_fit_a_schedule() {
+        let free = [(0usize, 35 * GB)];
+        let mut n = need(0);
+        n.per_layer = [2usize, 2, 6, 1, 6, 1, 6, 1]
+            .iter()
+            .map(|g| g * GB)
+            .collect();
+        // 13 GB fixed: 2 + 2 + 6 + 1 + 6 + 1 = 18 fits the other 22, the seventh layer's 6 not.
+        assert_eq!(layers_that_fit(&n, &[0], &free), 6);
     }
 }
