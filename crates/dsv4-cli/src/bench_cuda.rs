@@ -80,10 +80,10 @@ fn layer_bytes(m: &Model, i: usize) -> usize {
     l.dense_bytes() + l.moe.experts.len() * l.expert_bytes()
 }
 
-/// Device bytes one sequence's caches hold in layer `i` of `m` once filled to `ctx` positions
-/// (`dsv4_cuda::synthetic_layer_bytes`: the window ring and each compressor's entries and
-/// tail rings).
-fn seq_layer_bytes(m: &Model, i: usize, ctx: usize) -> usize {
+/// The most device bytes one sequence's caches hold in layer `i` of `m` from a fill to `ctx`
+/// positions through `steps` decode steps (`dsv4_cuda::synthetic_layer_bytes`: the window ring
+/// and each compressor's entries and tail rings).
+fn seq_layer_bytes(m: &Model, i: usize, ctx: usize, steps: usize) -> usize {
     let c = &m.config;
     let attn = &m.weights.layers[i].attn;
     let comps = attn
@@ -91,7 +91,7 @@ fn seq_layer_bytes(m: &Model, i: usize, ctx: usize) -> usize {
         .iter()
         .chain(attn.indexer.iter().map(|x| &x.compressor))
         .map(|w| (w.ratio, w.dim, w.wkv.out));
-    dsv4_cuda::synthetic_layer_bytes(c.sliding_window, c.head_dim, comps, ctx)
+    dsv4_cuda::synthetic_layer_bytes(c.sliding_window, c.head_dim, comps, ctx, steps)
 }
 
 /// What a benchmark stage needs on its GPU: each layer of the whole model's schedule (weights,
@@ -545,11 +545,12 @@ pub fn run(a: CudaBench) -> Result<()> {
         host.weights.embed.stored_bytes(),
         host.weights.head.stored_bytes(),
     );
-    let ctx_max = a.contexts.iter().max().map_or(0, |&c| c + a.decode + 2);
+    // A decode row feeds its two warm-up steps, the timed ones and, with --profile, one more.
+    let steps = a.decode + 3;
     let batch_max = if a.contexts.is_empty() {
         0
     } else {
-        a.batches.iter().copied().max().unwrap_or(0)
+        a.batches.iter().map(|&b| b.max(1)).max().unwrap_or(0)
     };
     let kind_of = |k: &AttnKind, m: &MlpKind| {
         kinds
@@ -563,10 +564,13 @@ pub fn run(a: CudaBench) -> Result<()> {
         .zip(&target_cfg.mlp_kinds)
         .map(|(k, m)| {
             let i = kind_of(k, m);
-            (
-                layer_bytes(&host, i),
-                batch_max * seq_layer_bytes(&host, i, ctx_max),
-            )
+            let cache = a
+                .contexts
+                .iter()
+                .map(|&ctx| seq_layer_bytes(&host, i, ctx, steps))
+                .max()
+                .unwrap_or(0);
+            (layer_bytes(&host, i), batch_max * cache)
         })
         .collect();
     let cache_per_layer = layer_need.iter().map(|&(_, c)| c).max().unwrap_or(0);
@@ -760,7 +764,7 @@ mod tests {
     fn layers_fit_stages() {
         let two = [(0usize, 80 * GB), (1, 80 * GB)];
         // 34 layers: 17 + 17, the first stage 68 + 11 GB, the second 68 + 12 (80: full); 35
-        // would give the first 18.
+        // would give the second 18.
         assert_eq!(layers_that_fit(&need(4), &[0, 1], &two), 34);
         // Both stages on GPU 0: one stage's worth, less a second reserve.
         let one = [(0usize, 80 * GB)];

@@ -222,8 +222,7 @@ __device__ __forceinline__ float hc_post_cell(const HcArgs& a, const float* x, i
     return o;
 }
 
-// Four columns of the collapse Σ_k pre[k]·x_k (k < n <= 4, in k order), their sum of squares
-// added to ss (x, y, z, w in order), and their RMS-normed, weighted values.
+// Four columns of the collapse Σ_k pre[k]·x_k (k < n <= 4, in k order).
 __device__ __forceinline__ float4 hc_collapse4(const float4 (&xs)[4], const float* pre, int n) {
     float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
@@ -236,9 +235,11 @@ __device__ __forceinline__ float4 hc_collapse4(const float4 (&xs)[4], const floa
     }
     return o;
 }
+// ss plus the four columns' squares (x, y, z, w in order).
 __device__ __forceinline__ float hc_sumsq4(float4 o, float ss) {
     return fmaf(o.w, o.w, fmaf(o.z, o.z, fmaf(o.y, o.y, fmaf(o.x, o.x, ss))));
 }
+// The four columns RMS-normed (rn) and weighted (g).
 __device__ __forceinline__ float4 hc_scale4(float4 o, float rn, float4 g) {
     return make_float4(o.x * rn * g.x, o.y * rn * g.y, o.z * rn * g.z, o.w * rn * g.w);
 }

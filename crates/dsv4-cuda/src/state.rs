@@ -103,27 +103,34 @@ pub fn synthetic_cap(n: usize) -> usize {
     n + n / 8 + 64
 }
 
-/// Device bytes one layer of a sequence holds after `fill_synthetic(pos)`: the window ring and,
-/// per compressor `(ratio, dim, width)` (width: its projected rows' `wkv` outputs), the entries
-/// `synthetic_cap` reserves and both tail rings. For sizing a benchmark before its upload.
+/// The most device bytes one layer of a sequence holds at once from `fill_synthetic(pos)`
+/// through `steps` tokens fed after it: the window ring and, per compressor `(ratio, dim,
+/// width)` (width: its projected rows' `wkv` outputs), both tail rings and the entries
+/// `synthetic_cap` reserves, or, where the steps outgrow those, `reserve`'s doubled buffer with
+/// the old one beside it during the copy. For sizing a benchmark before its upload.
 pub fn synthetic_layer_bytes(
     window: usize,
     head_dim: usize,
     comps: impl IntoIterator<Item = (usize, usize, usize)>,
     pos: usize,
+    steps: usize,
 ) -> usize {
+    // `reserve`'s capacity for `need` entries, from `cap`.
+    let grown = |cap: usize, need: usize| {
+        if need <= cap {
+            cap
+        } else {
+            need.max(2 * cap)
+        }
+    };
     window * head_dim * 4
         + comps
             .into_iter()
             .map(|(ratio, dim, width)| {
-                // As `reserve` grows the initial capacity: not at all, or to at least twice it.
-                let need = synthetic_cap(pos / ratio);
-                let cap = if need <= ENTRY_CAP0 {
-                    ENTRY_CAP0
-                } else {
-                    need.max(2 * ENTRY_CAP0)
-                };
-                cap * dim * 4 + 2 * (2 * ratio * width * 4)
+                let filled = grown(ENTRY_CAP0, synthetic_cap(pos / ratio));
+                let last = grown(filled, (pos + steps) / ratio);
+                let entries = if last > filled { filled + last } else { filled };
+                entries * dim * 4 + 2 * (2 * ratio * width * 4)
             })
             .sum::<usize>()
 }
@@ -293,16 +300,22 @@ mod tests {
             }
         }
         // The layer sum: the ring, then entries and two tail rings per compressor.
-        let csa = synthetic_layer_bytes(128, 512, [(4, 512, 1024), (4, 128, 256)], 65536);
+        let csa = synthetic_layer_bytes(128, 512, [(4, 512, 1024), (4, 128, 256)], 65536, 18);
         let cap = 16384 + 2048 + 64;
         assert_eq!(
             csa,
             128 * 512 * 4 + cap * (512 + 128) * 4 + 2 * 2 * 4 * (1024 + 256) * 4
         );
-        assert_eq!(synthetic_layer_bytes(128, 512, [], 65536), 128 * 512 * 4);
+        assert_eq!(
+            synthetic_layer_bytes(128, 512, [], 65536, 18),
+            128 * 512 * 4
+        );
+        // Steps past the headroom: the doubled entries with the old ones beside them.
+        let grown = synthetic_layer_bytes(0, 0, [(4, 512, 1024)], 65536, 10_000);
+        assert_eq!(grown, (cap + 2 * cap) * 512 * 4 + 2 * 2 * 4 * 1024 * 4);
         // Nothing valid yet: the initial 64 entries.
         assert_eq!(
-            synthetic_layer_bytes(8, 16, [(128, 16, 16)], 0),
+            synthetic_layer_bytes(8, 16, [(128, 16, 16)], 0, 0),
             8 * 16 * 4 + 64 * 16 * 4 + 2 * 2 * 128 * 16 * 4
         );
     }

@@ -1044,13 +1044,9 @@ fn no_gpu_is_a_clear_error() {
     }
 }
 
-/// A copied sequence (`CudaModel::copy_seq`, the server's prefix-cache snapshots) continues
-/// exactly as the original would, bit for bit, and the two stay independent: copies taken
-/// inside a compressor window and after the entry buffers grew.
-/// What a benchmark reserves for a synthetically filled sequence
-/// (`dsv4_cuda::synthetic_layer_bytes`, from which `dsv4 bench` sizes its layers) is what the
-/// sequence holds, and the decode steps a benchmark times after the fill (up to pos / 8) leave
-/// it unchanged (no doubling growth of the entries).
+/// What `dsv4_cuda::synthetic_layer_bytes` (from which `dsv4 bench` sizes its layers) says a
+/// synthetically filled sequence holds is what it holds, and the decode steps a benchmark
+/// times after the fill (up to pos / 8) leave it unchanged (no doubling growth of the entries).
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn synthetic_fill_holds_what_the_bench_reserves() {
@@ -1069,7 +1065,7 @@ fn synthetic_fill_holds_what_the_bench_reserves() {
                     .iter()
                     .chain(l.attn.indexer.iter().map(|i| &i.compressor))
                     .map(|w| (w.ratio, w.dim, w.wkv.out));
-                dsv4_cuda::synthetic_layer_bytes(c.sliding_window, c.head_dim, comps, pos)
+                dsv4_cuda::synthetic_layer_bytes(c.sliding_window, c.head_dim, comps, pos, 0)
             })
             .sum();
         let mut seq = gpu.new_seq().unwrap();
@@ -1085,6 +1081,9 @@ fn synthetic_fill_holds_what_the_bench_reserves() {
     }
 }
 
+/// A copied sequence (`CudaModel::copy_seq`, the server's prefix-cache snapshots) continues
+/// exactly as the original would, bit for bit, and the two stay independent: copies taken
+/// inside a compressor window and after the entry buffers grew.
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn copied_sequences_continue_like_the_original() {
@@ -2563,8 +2562,8 @@ fn hc_boundary_cluster_matches_last_block() {
     let (n, k, iters) = (4usize, 6usize, 20);
     let rows = (2 + n) * n;
     // Pro's 7168 and 9216 are wider than the cluster kernel takes (the last block alone there):
-    // past the 4096 columns its tail loads before the mix, in registers up to 8192, then
-    // through `h`.
+    // its tail holds columns 4096..8192 in registers (loaded after the mix; the first 4096 load
+    // before it), the rest go through `h`.
     for d in [4096usize, 160, 96, 7168, 9216] {
         let cluster_fits = hc_cluster_fits(&gpu, n, d).unwrap();
         assert!(cluster_fits || d > 4096, "d {d}: no cluster fits");
