@@ -1,5 +1,5 @@
 //! One sequence's state on the GPU, per layer: the window ring of K=V rows, and for compressed
-//! layers each compressor's emitted entries (grown by doubling) plus the projected rows it
+//! layers each compressor's emitted entries (grown by an eighth, `grown_cap`) plus the projected rows it
 //! still needs (the open window, and for CSA the previous window's rows for the overlap), kept
 //! in a ring of 2·ratio rows indexed by position so decode kernels find them without host
 //! bookkeeping.
@@ -10,6 +10,18 @@ use crate::Result;
 
 /// Entries a compressor state holds room for when created.
 const ENTRY_CAP0: usize = 64;
+
+/// The capacity `reserve` gives a compressor state of `cap` entries that needs `need`: at
+/// least an eighth more (and 256 entries), so a long sequence holds at most ~12.5% more than
+/// it uses (doubling held up to twice: 32 MB more per CSA layer for a 64K sequence) while
+/// decode steps still reallocate only every cap / 8 entries (every 8K tokens at 64K, ratio 4).
+fn grown_cap(cap: usize, need: usize) -> usize {
+    if need <= cap {
+        cap
+    } else {
+        need.max(cap + (cap / 8).max(256))
+    }
+}
 
 pub struct CompState {
     /// Emitted entries `[cap, dim]`, `n` of them valid.
@@ -49,12 +61,12 @@ impl CompState {
         w * self.ratio
     }
 
-    /// Makes room for `need` entries, keeping the valid ones.
+    /// Makes room for `need` entries, keeping the valid ones (`grown_cap`).
     pub fn reserve(&mut self, gpu: &Gpu, need: usize) -> Result<()> {
         if need <= self.cap {
             return Ok(());
         }
-        let cap = need.max(2 * self.cap);
+        let cap = grown_cap(self.cap, need);
         let fresh = gpu.alloc(cap * self.dim * 4)?;
         gpu.dtod(fresh.ptr, self.entries.ptr, self.n * self.dim * 4)?;
         self.entries = fresh;
@@ -96,9 +108,8 @@ impl CompState {
 }
 
 /// Entries a synthetically filled compressor state reserves for `n` valid ones: room for the
-/// decode steps a benchmark times after the fill (pos / 8 more tokens) without the doubling
-/// growth of `reserve`, which at 64K would hold twice the entries for those few steps (and
-/// their copy beside them while it runs).
+/// decode steps a benchmark times after the fill (pos / 8 more tokens) without a growth of
+/// `reserve` inside them (a new buffer and a copy of every entry during a timed step).
 pub fn synthetic_cap(n: usize) -> usize {
     n + n / 8 + 64
 }
@@ -106,7 +117,7 @@ pub fn synthetic_cap(n: usize) -> usize {
 /// The most device bytes one layer of a sequence holds at once from `fill_synthetic(pos)`
 /// through `steps` tokens fed after it: the window ring and, per compressor `(ratio, dim,
 /// width)` (width: its projected rows' `wkv` outputs), both tail rings and the entries
-/// `synthetic_cap` reserves, or, where the steps outgrow those, `reserve`'s doubled buffer with
+/// `synthetic_cap` reserves, or, where the steps outgrow those, `reserve`'s grown buffer with
 /// the old one beside it during the copy. For sizing a benchmark before its upload.
 pub fn synthetic_layer_bytes(
     window: usize,
@@ -115,20 +126,12 @@ pub fn synthetic_layer_bytes(
     pos: usize,
     steps: usize,
 ) -> usize {
-    // `reserve`'s capacity for `need` entries, from `cap`.
-    let grown = |cap: usize, need: usize| {
-        if need <= cap {
-            cap
-        } else {
-            need.max(2 * cap)
-        }
-    };
     window * head_dim * 4
         + comps
             .into_iter()
             .map(|(ratio, dim, width)| {
-                let filled = grown(ENTRY_CAP0, synthetic_cap(pos / ratio));
-                let last = grown(filled, (pos + steps) / ratio);
+                let filled = grown_cap(ENTRY_CAP0, synthetic_cap(pos / ratio));
+                let last = grown_cap(filled, (pos + steps) / ratio);
                 let entries = if last > filled { filled + last } else { filled };
                 entries * dim * 4 + 2 * (2 * ratio * width * 4)
             })
@@ -287,7 +290,7 @@ mod tests {
     use super::*;
 
     /// The fill's headroom holds the entries of pos / 8 more tokens at every ratio, so a
-    /// benchmark's decode steps after it never reach `reserve`'s doubling.
+    /// benchmark's decode steps after it never reach `reserve`'s growth.
     #[test]
     fn synthetic_cap_holds_an_eighth_more_tokens() {
         for ratio in [4usize, 128] {
@@ -310,9 +313,17 @@ mod tests {
             synthetic_layer_bytes(128, 512, [], 65536, 18),
             128 * 512 * 4
         );
-        // Steps past the headroom: the doubled entries with the old ones beside them.
+        // Steps past the headroom: the grown entries (an eighth more) with the old ones beside.
         let grown = synthetic_layer_bytes(0, 0, [(4, 512, 1024)], 65536, 10_000);
-        assert_eq!(grown, (cap + 2 * cap) * 512 * 4 + 2 * 2 * 4 * 1024 * 4);
+        assert_eq!(
+            grown,
+            (cap + cap + cap / 8) * 512 * 4 + 2 * 2 * 4 * 1024 * 4
+        );
+        // The growth: what is needed, at least an eighth (and 256 entries) more.
+        assert_eq!(grown_cap(64, 65), 320);
+        assert_eq!(grown_cap(16384, 16385), 18432);
+        assert_eq!(grown_cap(16384, 30000), 30000);
+        assert_eq!(grown_cap(100, 100), 100);
         // Nothing valid yet: the initial 64 entries.
         assert_eq!(
             synthetic_layer_bytes(8, 16, [(128, 16, 16)], 0, 0),

@@ -1046,7 +1046,7 @@ fn no_gpu_is_a_clear_error() {
 
 /// What `dsv4_cuda::synthetic_layer_bytes` (from which `dsv4 bench` sizes its layers) says a
 /// synthetically filled sequence holds is what it holds, and the decode steps a benchmark
-/// times after the fill (up to pos / 8) leave it unchanged (no doubling growth of the entries).
+/// times after the fill (up to pos / 8) leave it unchanged (no growth of the entries).
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn synthetic_fill_holds_what_the_bench_reserves() {
