@@ -596,12 +596,7 @@ pub fn run(a: CudaBench) -> Result<()> {
         .attn_kinds
         .iter()
         .zip(&cfg.mlp_kinds)
-        .map(|(k, m)| {
-            kinds
-                .iter()
-                .position(|x| x == &(*k, *m))
-                .expect("collected above")
-        })
+        .map(|(k, m)| kind_of(k, m))
         .collect();
     eprintln!(
         "uploading {layers} layers ({:.1} GB each; the decode rows' caches up to {:.2} GB per \

@@ -11,6 +11,16 @@ use crate::Result;
 /// Entries a compressor state holds room for when created.
 const ENTRY_CAP0: usize = 64;
 
+/// Bytes of a window ring of `window` K=V rows of `head_dim` f32.
+fn ring_bytes(window: usize, head_dim: usize) -> usize {
+    window * head_dim * 4
+}
+
+/// Bytes of one of a compressor's two tail rings (kv, gate): 2·ratio projected rows of `width`.
+fn tail_bytes(ratio: usize, width: usize) -> usize {
+    2 * ratio * width * 4
+}
+
 /// The capacity `reserve` gives a compressor state of `cap` entries that needs `need`: at
 /// least an eighth more (and 256 entries), so a long sequence holds at most ~12.5% more than
 /// it uses (doubling held up to twice: 32 MB more per CSA layer for a 64K sequence) while
@@ -46,8 +56,8 @@ impl CompState {
             cap,
             n: 0,
             dim: c.dim,
-            tail_kv: gpu.alloc(2 * c.ratio * width * 4)?,
-            tail_gate: gpu.alloc(2 * c.ratio * width * 4)?,
+            tail_kv: gpu.alloc(tail_bytes(c.ratio, width))?,
+            tail_gate: gpu.alloc(tail_bytes(c.ratio, width))?,
             ratio: c.ratio,
             overlap: c.overlap,
         })
@@ -126,14 +136,14 @@ pub fn synthetic_layer_bytes(
     pos: usize,
     steps: usize,
 ) -> usize {
-    window * head_dim * 4
+    ring_bytes(window, head_dim)
         + comps
             .into_iter()
             .map(|(ratio, dim, width)| {
                 let filled = grown_cap(ENTRY_CAP0, synthetic_cap(pos / ratio));
                 let last = grown_cap(filled, (pos + steps) / ratio);
                 let entries = if last > filled { filled + last } else { filled };
-                entries * dim * 4 + 2 * (2 * ratio * width * 4)
+                entries * dim * 4 + 2 * tail_bytes(ratio, width)
             })
             .sum::<usize>()
 }
@@ -212,7 +222,7 @@ impl GpuSeq {
             .iter()
             .map(|l| -> Result<LayerState> {
                 Ok(LayerState {
-                    ring: gpu.alloc_zeros(window * head_dim * 4)?,
+                    ring: gpu.alloc_zeros(ring_bytes(window, head_dim))?,
                     comp: l
                         .attn
                         .compressor
