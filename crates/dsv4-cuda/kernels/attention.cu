@@ -621,6 +621,196 @@ indexer_scores_tc(const float* q, const float* hw, const float* keys, int hi, in
         index_tc_impl<2>(q, hw, keys, pos0, m, n, wscale, dscale, scores, ld_scores, seqs, positions, tokens);
 }
 
+// `attention_partial` on the tensor cores for the release's head dim (512) and heads in groups
+// of 32 (`DSV4_CUDA_ATTN_TC=1`; off until measured on a GPU). Block (t, split, group of 32
+// heads), the same partials (unnormalized output, max, sum) for `attn_combine`. The group's
+// queries (scaled) stay in shared memory and the token's keys go through it 32 at a time, the
+// next chunk's copies in flight while this one is used: each key is staged once per 32 heads
+// (the SIMT kernel: once per 8). Per chunk S = q·kᵀ (32 heads × 32 keys) and then O += P·V,
+// both as m16n8k8 products with every operand split into two TF32 parts and multiplied three
+// ways (hi·hi + hi·lo + lo·hi: ~2^-22 of each product, sums in f32), the online softmax in f32
+// between them. Warp w takes heads 16 (w & 1).. and, for S, keys 8 (w >> 1).. (the chunk's
+// row maxima meet in shared memory), for O the 128 channels 128 (w >> 1)... Keys past the
+// token's last are zero rows with probability 0.
+#define ATT_TC_HEADS 32
+#define ATT_TC_QP 516  // floats per staged q / key row: fragment reads spread over the banks
+#define ATT_TC_PP 36   // floats per row of P
+// Shared floats: q [32][QP], keys [2][32][QP], P [32][PP], the warps' row values [4][32].
+#define ATT_TC_SMEM_FLOATS (3 * 32 * ATT_TC_QP + 32 * ATT_TC_PP + 4 * 32)
+extern "C" __global__ void __launch_bounds__(256, 1) attention_tc(AttnArgs a, float* part, int nsplit) {
+    pdl_entry();
+    constexpr int DH = ATT_DMAX, QP = ATT_TC_QP, PP = ATT_TC_PP;
+    if (a.dh != DH || a.H % ATT_TC_HEADS != 0 || blockDim.x != 256) __trap();  // (the host's gate)
+    extern __shared__ __align__(16) float tsm[];
+    float* qs = tsm;
+    float* kb = qs + 32 * QP;
+    float* ps = kb + 2 * 32 * QP;
+    float* red = ps + 32 * PP;
+    const int t = blockIdx.x, split = blockIdx.y, h0 = blockIdx.z * ATT_TC_HEADS;
+    const AttnView view = attn_view(a, t);
+    const int p = view.p;
+    const int lo = max(0, p - a.win + 1);
+    const int nwin = p - lo + 1;
+    int ncomp = 0;
+    if (a.ratio > 0) ncomp = a.sel ? a.nsel[t] : min((p + 1) / a.ratio, a.n_entries);
+    const int nk = nwin + ncomp;
+    const int nchunks = (nk + ATT_KEYS - 1) / ATT_KEYS;
+    float* ob = part + ((size_t)t * nsplit + split) * a.H * (DH + 2);
+    if (split >= nchunks) {  // no keys here: weight 0 in attn_combine, as attention_partial
+        if (threadIdx.x < ATT_TC_HEADS) {
+            ob[(size_t)(h0 + threadIdx.x) * (DH + 2) + DH] = -INFINITY;
+            ob[(size_t)(h0 + threadIdx.x) * (DH + 2) + DH + 1] = 0.f;
+        }
+        return;
+    }
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
+    const int mt = warp & 1, nq = warp >> 1;
+    // Chunk ch's keys into buffer b as one commit group; rows past the token's keys zeroed.
+    auto stage = [&](int b, int ch) {
+        const int j0 = ch * ATT_KEYS, nj = min(ATT_KEYS, nk - j0);
+        float* dst = kb + b * 32 * QP;
+        for (int r = warp; r < ATT_KEYS; r += 8) {
+            if (r < nj) {
+                const float* k = attn_key(a, view, t, lo, nwin, j0 + r);
+                for (int c = lane * 4; c < DH; c += 128) cp_async16(dst + r * QP + c, k + c);
+            } else {
+                for (int c = lane * 4; c < DH; c += 128) *(float4*)(dst + r * QP + c) = make_float4(0.f, 0.f, 0.f, 0.f);
+            }
+        }
+        cp_async_commit();
+    };
+    stage(0, split);
+    const float* qg = a.q + ((size_t)t * a.H + h0) * DH;
+    for (int i = threadIdx.x; i < ATT_TC_HEADS * (DH / 4); i += blockDim.x) {
+        const int r = i / (DH / 4), c = 4 * (i % (DH / 4));
+        float4 v = *(const float4*)(qg + (size_t)r * DH + c);
+        v.x *= a.scale;
+        v.y *= a.scale;
+        v.z *= a.scale;
+        v.w *= a.scale;
+        *(float4*)(qs + r * QP + c) = v;
+    }
+    float o[16][4] = {};
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // rows g and g + 8 of the warp's 16
+    const float* qa = qs + (16 * mt + g) * QP + t4;
+    const float* pa = ps + (16 * mt + g) * PP + t4;
+    int b = 0;
+    for (int ch = split; ch < nchunks; ch += nsplit, b ^= 1) {
+        index_tile_ready(stage, b, ch, nsplit, nchunks);  // (also orders the q rows' stores)
+        const int nj = min(ATT_KEYS, nk - ch * ATT_KEYS);
+        const float* ks = kb + b * 32 * QP;
+        // Scores of heads 16 mt + g (+8) and keys 8 nq + 2 t4 (+1): four independent chains.
+        float sa[4][4] = {};
+        const float* kp = ks + (8 * nq + g) * QP + t4;
+        for (int d0 = 0; d0 < DH; d0 += 32) {
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+                const int d = d0 + 8 * u;
+                uint32_t ah[4], al[4], bh0, bl0, bh1, bl1;
+                tf32_split(qa[d], ah[0], al[0]);
+                tf32_split(qa[8 * QP + d], ah[1], al[1]);
+                tf32_split(qa[d + 4], ah[2], al[2]);
+                tf32_split(qa[8 * QP + d + 4], ah[3], al[3]);
+                tf32_split(kp[d], bh0, bl0);
+                tf32_split(kp[d + 4], bh1, bl1);
+                mma_tf32(sa[u], al, bh0, bh1);
+                mma_tf32(sa[u], ah, bl0, bl1);
+                mma_tf32(sa[u], ah, bh0, bh1);
+            }
+        }
+        float s[4];
+#pragma unroll
+        for (int e = 0; e < 4; e++) s[e] = (sa[0][e] + sa[1][e]) + (sa[2][e] + sa[3][e]);
+        const int c0 = 8 * nq + 2 * t4;
+        if (c0 >= nj) s[0] = s[2] = -INFINITY;
+        if (c0 + 1 >= nj) s[1] = s[3] = -INFINITY;
+        // The chunk's row maxima: the quad's, then the four key quarters' (shared memory).
+        float x0 = fmaxf(s[0], s[1]), x1 = fmaxf(s[2], s[3]);
+        x0 = fmaxf(x0, __shfl_xor_sync(0xffffffffu, x0, 1));
+        x1 = fmaxf(x1, __shfl_xor_sync(0xffffffffu, x1, 1));
+        x0 = fmaxf(x0, __shfl_xor_sync(0xffffffffu, x0, 2));
+        x1 = fmaxf(x1, __shfl_xor_sync(0xffffffffu, x1, 2));
+        if (t4 == 0) {
+            red[nq * 32 + 16 * mt + g] = x0;
+            red[nq * 32 + 16 * mt + g + 8] = x1;
+        }
+        __syncthreads();
+        float mc0 = red[16 * mt + g], mc1 = red[16 * mt + g + 8];
+#pragma unroll
+        for (int q = 1; q < 4; q++) {
+            mc0 = fmaxf(mc0, red[q * 32 + 16 * mt + g]);
+            mc1 = fmaxf(mc1, red[q * 32 + 16 * mt + g + 8]);
+        }
+        // (Key 0 of every chunk is a real key: the maxima are finite.)
+        const float mn0 = fmaxf(m0, mc0), mn1 = fmaxf(m1, mc1);
+        const float corr0 = expf(m0 - mn0), corr1 = expf(m1 - mn1);  // 0 on the first chunk
+        const float p0 = expf(s[0] - mn0), p1 = expf(s[1] - mn0);
+        const float p2 = expf(s[2] - mn1), p3 = expf(s[3] - mn1);
+        // This warp's share of the row sums (the quarters' shares are added at the end: the
+        // same corrections apply to all four).
+        float y0 = p0 + p1, y1 = p2 + p3;
+        y0 += __shfl_xor_sync(0xffffffffu, y0, 1);
+        y1 += __shfl_xor_sync(0xffffffffu, y1, 1);
+        y0 += __shfl_xor_sync(0xffffffffu, y0, 2);
+        y1 += __shfl_xor_sync(0xffffffffu, y1, 2);
+        l0 = l0 * corr0 + y0;
+        l1 = l1 * corr1 + y1;
+        m0 = mn0;
+        m1 = mn1;
+        *(float2*)(ps + (16 * mt + g) * PP + c0) = make_float2(p0, p1);
+        *(float2*)(ps + (16 * mt + g + 8) * PP + c0) = make_float2(p2, p3);
+        __syncthreads();
+        // O (heads 16 mt + g (+8), channels 128 nq + 8 j + 2 t4 (+1)) += P · V.
+#pragma unroll
+        for (int j = 0; j < 16; j++) {
+            o[j][0] *= corr0;
+            o[j][1] *= corr0;
+            o[j][2] *= corr1;
+            o[j][3] *= corr1;
+        }
+        const float* vb = ks + t4 * QP + 128 * nq + g;
+#pragma unroll
+        for (int k0 = 0; k0 < ATT_KEYS; k0 += 8) {
+            uint32_t ah[4], al[4];
+            tf32_split(pa[k0], ah[0], al[0]);
+            tf32_split(pa[8 * PP + k0], ah[1], al[1]);
+            tf32_split(pa[k0 + 4], ah[2], al[2]);
+            tf32_split(pa[8 * PP + k0 + 4], ah[3], al[3]);
+#pragma unroll
+            for (int j = 0; j < 16; j++) {
+                uint32_t bh0, bl0, bh1, bl1;
+                tf32_split(vb[k0 * QP + 8 * j], bh0, bl0);
+                tf32_split(vb[(k0 + 4) * QP + 8 * j], bh1, bl1);
+                mma_tf32(o[j], al, bh0, bh1);
+                mma_tf32(o[j], ah, bl0, bl1);
+                mma_tf32(o[j], ah, bh0, bh1);
+            }
+        }
+        __syncthreads();  // every read of this buffer, P and the maxima done before they are refilled
+    }
+    const int ha = h0 + 16 * mt + g, hb = ha + 8;
+#pragma unroll
+    for (int j = 0; j < 16; j++) {
+        const int c = 128 * nq + 8 * j + 2 * t4;
+        *(float2*)(ob + (size_t)ha * (DH + 2) + c) = make_float2(o[j][0], o[j][1]);
+        *(float2*)(ob + (size_t)hb * (DH + 2) + c) = make_float2(o[j][2], o[j][3]);
+    }
+    if (t4 == 0) {
+        red[nq * 32 + 16 * mt + g] = l0;
+        red[nq * 32 + 16 * mt + g + 8] = l1;
+    }
+    __syncthreads();
+    if (nq == 0 && t4 == 0) {
+        const float s0 = (red[16 * mt + g] + red[32 + 16 * mt + g]) + (red[64 + 16 * mt + g] + red[96 + 16 * mt + g]);
+        const float s1 = (red[16 * mt + g + 8] + red[32 + 16 * mt + g + 8]) +
+                         (red[64 + 16 * mt + g + 8] + red[96 + 16 * mt + g + 8]);
+        ob[(size_t)ha * (DH + 2) + DH] = m0;
+        ob[(size_t)ha * (DH + 2) + DH + 1] = s0;
+        ob[(size_t)hb * (DH + 2) + DH] = m1;
+        ob[(size_t)hb * (DH + 2) + DH + 1] = s1;
+    }
+}
+
 __device__ __forceinline__ uint32_t order_key(float f) {
     uint32_t u = __float_as_uint(f);
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);

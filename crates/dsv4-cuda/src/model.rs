@@ -4,7 +4,9 @@
 //! expert.
 
 use crate::gpu::{DevBuf, Gpu};
-use crate::ops::{self, AttnArgs, LinIn, LinJob, MoeArgs, Partial, Pos, RopeDev};
+use crate::ops::{
+    self, AttnArgs, LinIn, LinJob, MoeArgs, Partial, Pos, RopeDev, ATT_HEADS, ATT_KEYS,
+};
 use crate::state::{CompState, GpuSeq, LayerState, SeqLayerPtrs};
 use crate::weights::{Ends, Fmt, GpuCompressor, GpuHc, GpuLayer, GpuRouter, GpuVec, GpuWeights};
 use crate::{Error, Result};
@@ -28,13 +30,10 @@ const GROUP_PAIRS: usize = 64;
 /// H200: batch 1, 2 and 8 steps 2–3% faster, batch 32 3% slower, where one block per token
 /// finishing each boundary is the longer path).
 const HC_FUSED_TOKENS: usize = 8;
-/// Keys per staged chunk and heads per block of `attention_partial` (kernels/attention.cu).
-const ATT_KEYS: usize = 32;
 /// From this many items up, a step's logits are copied out of the staging buffer in parallel.
 const PAR_COPY_ITEMS: usize = 4;
 /// Experts `moe_route` holds in its warp's registers (ROUTE_PL per lane, kernels/moe.cu).
 const ROUTE_EXPERTS: usize = 32 * 16;
-const ATT_HEADS: usize = 8;
 /// Most key splits `attn_combine` merges.
 const COMBINE_MAX_SPLITS: usize = 256;
 /// From this many tokens, prefill's FP8 GEMMs (official profile with activation quantization)
@@ -334,6 +333,9 @@ pub struct CudaModel {
     /// more than 16 splits' chunks (CSA and HCA at 64K: 20). Stop 38 (H200, 18 layers): batch 8
     /// at 64K 11.83 → 11.57–11.73 ms, batch 1 unchanged.
     attn_one_wave: bool,
+    /// Whether calls with enough tokens for a block per SM (prefill) run their attention on
+    /// the tensor cores (`attention_tc`, `DSV4_CUDA_ATTN_TC=1`; off until measured on a GPU).
+    attn_tc: bool,
     /// Whether a decode step's indexer queries stream on the main stream before `wq_b`, with
     /// the compressors queued on the side stream right after the projections of h
     /// (`DSV4_CUDA_INDEX_FIRST=0`: the queries, compressors and selection all on the side
@@ -544,6 +546,7 @@ impl CudaModel {
             ffn_dyn_tiles: std::env::var("DSV4_CUDA_FFN_DYN").map_or(true, |v| v != "0"),
             attn_split_cap: std::env::var("DSV4_CUDA_ATTN_CAP").map_or(true, |v| v != "0"),
             attn_one_wave: std::env::var("DSV4_CUDA_ATTN_ONE_WAVE").map_or(true, |v| v != "0"),
+            attn_tc: std::env::var("DSV4_CUDA_ATTN_TC").is_ok_and(|v| v == "1"),
             index_first: std::env::var("DSV4_CUDA_INDEX_FIRST").map_or(true, |v| v != "0"),
             route_fused: AtomicBool::new(
                 std::env::var("DSV4_CUDA_ROUTE_FUSED").map_or(true, |v| v != "0"),
@@ -1923,13 +1926,11 @@ impl CudaModel {
         let ns = nsplit as i32;
         let inv_freq = if rope.half > 0 { rope.inv_freq } else { 0 };
         let half = rope.half as i32;
-        g.launch(
-            "attention_partial",
-            (t, nsplit as u32, h.div_ceil(ATT_HEADS) as u32),
-            (256, 1, 1),
-            (ATT_KEYS * dh * 4) as u32,
-            &[args, &s.attn_part.ptr, &ns],
-        )?;
+        let tc = self.attn_tc
+            && nsplit == 1
+            && ops::attention_tc_fits(h, dh)
+            && t as usize * (h / ops::ATT_TC_HEADS) >= g.sm_count;
+        ops::attention_partials(g, args, s.attn_part.ptr, nsplit, tc)?;
         g.launch(
             "attn_combine",
             (t, h as u32, dh.div_ceil(128) as u32),

@@ -1636,6 +1636,56 @@ unsafe impl DeviceRepr for AttnArgs {}
 // the same 4 bytes of tail padding on both sides.
 const _: () = assert!(std::mem::size_of::<AttnArgs>() == 120);
 
+/// Keys per staged chunk of the attention kernels and heads per block of `attention_partial`
+/// (kernels/attention.cu).
+pub const ATT_KEYS: usize = 32;
+pub const ATT_HEADS: usize = 8;
+/// Heads per block of `attention_tc`, and its dynamic shared memory: the group's queries and
+/// two chunks of keys in rows of 516 floats, P in rows of 36, the warps' row values.
+pub const ATT_TC_HEADS: usize = 32;
+const ATT_TC_SMEM: u32 = ((3 * 32 * 516 + 32 * 36 + 4 * 32) * 4) as u32;
+
+/// Whether `attention_tc` takes this shape: the release's head dim (512) and whole groups of
+/// 32 heads (Flash's 64, Pro's 128).
+pub fn attention_tc_fits(heads: usize, head_dim: usize) -> bool {
+    head_dim == 512 && heads.is_multiple_of(ATT_TC_HEADS)
+}
+
+/// The attention's partials for `attn_combine` — `part` [t, nsplit, h, dh + 2]: each split's
+/// unnormalized output, score maximum and sum — on the tensor cores (`attention_tc`, where
+/// [`attention_tc_fits`]) or the SIMT kernel (`attention_partial`).
+pub fn attention_partials(
+    gpu: &Gpu,
+    a: &AttnArgs,
+    part: u64,
+    nsplit: usize,
+    tc: bool,
+) -> Result<()> {
+    let (t, h, dh) = (a.t as u32, a.h as usize, a.dh as usize);
+    let ns = nsplit as i32;
+    if tc {
+        if !attention_tc_fits(h, dh) {
+            return Err(crate::Error::Unsupported(format!(
+                "attention_tc for {h} heads of {dh}"
+            )));
+        }
+        return gpu.launch(
+            "attention_tc",
+            (t, nsplit as u32, (h / ATT_TC_HEADS) as u32),
+            (256, 1, 1),
+            ATT_TC_SMEM,
+            &[a, &part, &ns],
+        );
+    }
+    gpu.launch(
+        "attention_partial",
+        (t, nsplit as u32, h.div_ceil(ATT_HEADS) as u32),
+        (256, 1, 1),
+        (ATT_KEYS * dh * 4) as u32,
+        &[a, &part, &ns],
+    )
+}
+
 /// `MoeArgs` of `kernels/moe.cu`.
 #[repr(C)]
 #[derive(Clone, Copy)]

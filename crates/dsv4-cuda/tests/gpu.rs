@@ -2293,6 +2293,245 @@ fn indexer_scores_match_cpu() {
     }
 }
 
+/// `attention_tc` (tensor cores) and `attention_partial` (SIMT) against f64 partials on the
+/// host, per (token, split, head): the split's maximum score, its softmax-weighted value
+/// average (acc / l) and its weight (l at the f64 maximum). Keys: the sliding window (this
+/// call's rows and the ring's), then all visible compressed entries or a per-token selection;
+/// 1 to 378 keys (chunk edges at 32, a last chunk of 1), several splits with some left empty,
+/// and 64 and 128 heads of the release's 512 channels.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn attention_tensor_cores_match_simt_and_f64() {
+    use dsv4_cuda::ops::{attention_partials, AttnArgs, ATT_KEYS};
+    let gpu = Gpu::open(0).expect("GPU");
+    let (dh, win) = (512usize, 128usize);
+    struct Case {
+        heads: usize,
+        tokens: usize,
+        pos0: usize,
+        ratio: usize,
+        entries: usize,
+        sel: Option<usize>,
+        nsplit: usize,
+    }
+    let cases = [
+        // The window alone from position 0: 1..=40 keys, the chunk edge at 32.
+        Case {
+            heads: 64,
+            tokens: 40,
+            pos0: 0,
+            ratio: 0,
+            entries: 0,
+            sel: None,
+            nsplit: 1,
+        },
+        // Ring rows and this call's rows: 128 keys each.
+        Case {
+            heads: 64,
+            tokens: 5,
+            pos0: 200,
+            ratio: 0,
+            entries: 0,
+            sel: None,
+            nsplit: 1,
+        },
+        // Every visible entry (ratio 4 of 300): 378 keys, 12 chunks, over 1, 3 and 20 splits.
+        Case {
+            heads: 64,
+            tokens: 3,
+            pos0: 1000,
+            ratio: 4,
+            entries: 300,
+            sel: None,
+            nsplit: 1,
+        },
+        Case {
+            heads: 64,
+            tokens: 3,
+            pos0: 1000,
+            ratio: 4,
+            entries: 300,
+            sel: None,
+            nsplit: 3,
+        },
+        Case {
+            heads: 64,
+            tokens: 2,
+            pos0: 1000,
+            ratio: 4,
+            entries: 300,
+            sel: None,
+            nsplit: 20,
+        },
+        // A selection of 1, 33 and 77 entries per token (the indexer's picks).
+        Case {
+            heads: 64,
+            tokens: 3,
+            pos0: 5000,
+            ratio: 4,
+            entries: 1200,
+            sel: Some(77),
+            nsplit: 1,
+        },
+        // Pro's 128 heads.
+        Case {
+            heads: 128,
+            tokens: 4,
+            pos0: 300,
+            ratio: 4,
+            entries: 75,
+            sel: None,
+            nsplit: 2,
+        },
+    ];
+    for (ci, c) in cases.iter().enumerate() {
+        let (h, t_n) = (c.heads, c.tokens);
+        let seed = 100 * ci as u64;
+        let q = random_f32(t_n * h * dh, seed + 1);
+        let kv_new = random_f32(t_n * dh, seed + 2);
+        let ring = random_f32(win * dh, seed + 3);
+        let entries = random_f32(c.entries.max(1) * dh, seed + 4);
+        let cap = c.sel.unwrap_or(0).max(1);
+        // Token t selects 1, 33, 77... distinct entries, spread over the visible ones.
+        let nsel: Vec<i32> = (0..t_n)
+            .map(|t| [1, 33, cap][t % 3].min(cap) as i32)
+            .collect();
+        let sel: Vec<i32> = (0..t_n * cap)
+            .map(|i| ((i % cap) * 13 % c.entries.max(1)) as i32)
+            .collect();
+        let scale = 1.0 / (dh as f32).sqrt();
+        let (qd, kd, rd, ed) = (
+            gpu.upload(&q).unwrap(),
+            gpu.upload(&kv_new).unwrap(),
+            gpu.upload(&ring).unwrap(),
+            gpu.upload(&entries).unwrap(),
+        );
+        let (sd, nd) = (gpu.upload(&sel).unwrap(), gpu.upload(&nsel).unwrap());
+        let sinks = gpu.upload(&vec![0f32; h]).unwrap();
+        let a = AttnArgs {
+            q: qd.ptr,
+            kv_new: kd.ptr,
+            ring: rd.ptr,
+            entries: ed.ptr,
+            sel: if c.sel.is_some() { sd.ptr } else { 0 },
+            nsel: if c.sel.is_some() { nd.ptr } else { 0 },
+            sinks: sinks.ptr,
+            out: 0,
+            seqs: 0,
+            positions: 0,
+            t: t_n as i32,
+            h: h as i32,
+            dh: dh as i32,
+            win: win as i32,
+            pos0: c.pos0 as i32,
+            ratio: c.ratio as i32,
+            n_entries: c.entries as i32,
+            sel_cap: cap as i32,
+            scale,
+        };
+        let len = t_n * c.nsplit * h * (dh + 2);
+        let mut got = [vec![0f32; len], vec![0f32; len]];
+        for (k, tc) in [false, true].into_iter().enumerate() {
+            let part = gpu.upload(&vec![f32::NAN; len]).unwrap();
+            attention_partials(&gpu, &a, part.ptr, c.nsplit, tc).unwrap();
+            gpu.dtoh(part.ptr, &mut got[k]).unwrap();
+        }
+        let (mut worst_avg, mut worst_w) = ([0f64; 2], [0f64; 2]);
+        for t in 0..t_n {
+            // Token t's keys, in the kernels' order.
+            let p = c.pos0 + t;
+            let lo = (p + 1).saturating_sub(win);
+            let mut keys: Vec<&[f32]> = (lo..=p)
+                .map(|qp| {
+                    if qp >= c.pos0 {
+                        &kv_new[(qp - c.pos0) * dh..][..dh]
+                    } else {
+                        &ring[(qp % win) * dh..][..dh]
+                    }
+                })
+                .collect();
+            if let Some(visible) = (p + 1).checked_div(c.ratio) {
+                let ids: Vec<usize> = match c.sel {
+                    Some(_) => (0..nsel[t] as usize)
+                        .map(|i| sel[t * cap + i] as usize)
+                        .collect(),
+                    None => (0..visible.min(c.entries)).collect(),
+                };
+                keys.extend(ids.iter().map(|&e| &entries[e * dh..][..dh]));
+            }
+            let nchunks = keys.len().div_ceil(ATT_KEYS);
+            for sp in 0..c.nsplit {
+                let mine: Vec<&[f32]> = (sp..nchunks)
+                    .step_by(c.nsplit)
+                    .flat_map(|ch| {
+                        keys[ch * ATT_KEYS..((ch + 1) * ATT_KEYS).min(keys.len())]
+                            .iter()
+                            .copied()
+                    })
+                    .collect();
+                for hh in 0..h {
+                    let qh = &q[(t * h + hh) * dh..][..dh];
+                    let off = ((t * c.nsplit + sp) * h + hh) * (dh + 2);
+                    for (k, g) in got.iter().enumerate() {
+                        let (acc, m, l) = (&g[off..off + dh], g[off + dh], g[off + dh + 1]);
+                        if mine.is_empty() {
+                            assert!(
+                                m == f32::NEG_INFINITY && l == 0.0,
+                                "case {ci} tc {k}: empty split {sp} wrote {m} {l}"
+                            );
+                            continue;
+                        }
+                        let (mut scores, mut mag) = (Vec::new(), 0f64);
+                        for key in &mine {
+                            let d: f64 = qh
+                                .iter()
+                                .zip(*key)
+                                .map(|(&x, &y)| (x * scale) as f64 * y as f64)
+                                .sum();
+                            let a: f64 = qh
+                                .iter()
+                                .zip(*key)
+                                .map(|(&x, &y)| ((x * scale) as f64 * y as f64).abs())
+                                .sum();
+                            scores.push(d);
+                            mag = mag.max(a);
+                        }
+                        let mx = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                        assert!(
+                            (m as f64 - mx).abs() <= 4e-6 * mag,
+                            "case {ci} tc {k}: t {t} split {sp} head {hh} max {m} vs {mx}"
+                        );
+                        let w: Vec<f64> = scores.iter().map(|s| (s - mx).exp()).collect();
+                        let lw: f64 = w.iter().sum();
+                        // l at the f64 maximum: l · e^(m - mx).
+                        let rel_w = (l as f64 * (m as f64 - mx).exp() / lw - 1.0).abs();
+                        worst_w[k] = worst_w[k].max(rel_w);
+                        assert!(
+                            rel_w <= 5e-5,
+                            "case {ci} tc {k}: t {t} split {sp} head {hh} weight off by {rel_w:e}"
+                        );
+                        for (ch, &av) in acc.iter().enumerate() {
+                            let want: f64 = w
+                                .iter()
+                                .zip(&mine)
+                                .map(|(&wi, key)| wi * key[ch] as f64)
+                                .sum::<f64>()
+                                / lw;
+                            let e = (av as f64 / l as f64 - want).abs();
+                            worst_avg[k] = worst_avg[k].max(e);
+                            assert!(e <= 5e-5, "case {ci} tc {k}: t {t} split {sp} head {hh} channel {ch}: {} vs {want}", av / l);
+                        }
+                    }
+                }
+            }
+        }
+        eprintln!(
+            "attention case {ci} ({h} heads, {t_n} tokens, pos0 {}, ratio {}, sel {:?}, {} splits): SIMT avg {:.1e} weight {:.1e}, tensor cores avg {:.1e} weight {:.1e}",
+            c.pos0, c.ratio, c.sel, c.nsplit, worst_avg[0], worst_w[0], worst_avg[1], worst_w[1]
+        );
+    }
+}
+
 /// `topk_select` against a CPU selection: per token the k largest visible scores (ties to the
 /// lower index, by the kernel's order on the bits: `order_key`), ascending. Scores are drawn
 /// from 2 to a million distinct values, so many tie at the k-th, with -inf, +inf, NaN and -0
