@@ -622,7 +622,7 @@ indexer_scores_tc(const float* q, const float* hw, const float* keys, int hi, in
 }
 
 // `attention_partial` on the tensor cores for the release's head dim (512) and heads in groups
-// of 32 (`DSV4_CUDA_ATTN_TC=1`; off until measured on a GPU). Block (t, split, group of 32
+// of 32 (prefill: calls with a block per SM; `DSV4_CUDA_ATTN_TC=0` keeps attention_partial). Block (t, split, group of 32
 // heads), the same partials (unnormalized output, max, sum) for `attn_combine`. The group's
 // queries (scaled) stay in shared memory and the token's keys go through it 32 at a time, the
 // next chunk's copies in flight while this one is used: each key is staged once per 32 heads
