@@ -524,6 +524,8 @@ mod tests {
 /// Storage formats a synthetic matrix can take (for kernel benchmarks).
 #[derive(Clone, Copy, Debug)]
 pub enum MatrixFormat {
+    /// Unquantized f32 (the hyper-connection `fn` rows).
+    F32,
     Bf16,
     Fp8,
     Fp4,
@@ -543,6 +545,7 @@ pub fn random_linear(
     }
     let fill = match format {
         MatrixFormat::Mlx(_) => unreachable!("handled above"),
+        MatrixFormat::F32 => Fill::F32(1.0 / (inp as f32).sqrt()),
         MatrixFormat::Bf16 => Fill::Bf16(1.0 / (inp as f32).sqrt()),
         MatrixFormat::Fp8 => Fill::Fp8,
         MatrixFormat::Fp4 => Fill::Fp4,

@@ -214,3 +214,56 @@ MOE_GEMM(FMT_BF16, bf16)
 MOE_GEMM(FMT_F16, f16)
 MOE_GEMM(FMT_FP8, fp8)
 MOE_GEMM(FMT_FP4, fp4)
+
+// y = W x for many tokens and few f32 rows (R <= 32: the hyper-connection `fn` rows, 24 × 16384
+// at prefill's 2048 tokens, where the GEMV read the rows once per 8 tokens and the SIMT tiles
+// computed 64 rows). A block takes GN_TOK tokens and every row; chunks of GN_KC inputs of both
+// are staged in shared memory, and thread (token tid / 8, rows tid % 8 + 8 j) sums each chunk on
+// its own before adding it to its total.
+#define GN_TOK 16
+#define GN_KC 128
+#define GN_LD (GN_KC + 4)  // rows of the staged chunks: the eight row groups' reads on distinct banks
+#define GN_ROWS 32
+extern "C" __global__ void __launch_bounds__(128) gemm_f32_narrow(LinearW W, GemmArgs a) {
+    pdl_entry();
+    __shared__ __align__(16) float xs[GN_TOK][GN_LD];
+    __shared__ __align__(16) float ws[GN_ROWS][GN_LD];
+    if (W.out > GN_ROWS || blockDim.x != 128) __trap();  // (the host's gate)
+    const int tok0 = blockIdx.x * GN_TOK, ntok = min(GN_TOK, a.M - tok0);
+    const int R = W.out, K = W.in;
+    const int tt = threadIdx.x >> 3, rg = threadIdx.x & 7;
+    const float* wf = (const float*)W.w;
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int k0 = 0; k0 < K; k0 += GN_KC) {
+        const int kc = min(GN_KC, K - k0);
+        for (int i = threadIdx.x; i < GN_TOK * GN_KC; i += blockDim.x) {
+            const int t = i / GN_KC, k = i % GN_KC;
+            xs[t][k] = (t < ntok && k < kc) ? a.x[(size_t)(tok0 + t) * a.ldx + k0 + k] : 0.f;
+        }
+        for (int i = threadIdx.x; i < GN_ROWS * GN_KC; i += blockDim.x) {
+            const int r = i / GN_KC, k = i % GN_KC;
+            ws[r][k] = (r < R && k < kc) ? __ldg(wf + (size_t)r * K + k0 + k) : 0.f;
+        }
+        __syncthreads();
+        float part[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll 4
+        for (int k = 0; k < GN_KC; k += 4) {
+            const float4 xv = *(const float4*)&xs[tt][k];
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const float4 wv = *(const float4*)&ws[rg + 8 * j][k];
+                part[j] = fmaf(xv.x, wv.x, part[j]);
+                part[j] = fmaf(xv.y, wv.y, part[j]);
+                part[j] = fmaf(xv.z, wv.z, part[j]);
+                part[j] = fmaf(xv.w, wv.w, part[j]);
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < 4; j++) acc[j] += part[j];
+        __syncthreads();
+    }
+    if (tt < ntok)
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+            if (rg + 8 * j < R) a.y[(size_t)(tok0 + tt) * a.ldy + rg + 8 * j] = acc[j];
+}

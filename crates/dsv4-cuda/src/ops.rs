@@ -134,6 +134,10 @@ fn tc_suffix(tokens: usize, bk: usize) -> &'static str {
 /// Up to this many tokens the GEMV (weights streamed once per 8 tokens) beats a mostly empty
 /// GEMM tile (decode batches).
 pub const GEMM_MIN_TOKENS: usize = 64;
+/// The fewest blocks a many-token product takes the tensor cores with ([`linear`]): a quarter
+/// of an H100's SMs, where a 128-row × 64-token tile still beats the SIMT tiles' and the GEMV's
+/// larger grids several times over.
+const TC_MIN_BLOCKS: usize = 32;
 /// From this many tokens a decode batch takes the tensor-core tile for tall matrices.
 const DECODE_TC_TOKENS: usize = 16;
 
@@ -239,13 +243,27 @@ pub fn linear(
     {
         return gemm_tc_shape(gpu, w, inp, y, ldy, 64, gpu.tc_bk);
     }
-    // Many tokens on the tensor cores where they compute this matrix exactly (a grid of at
-    // least half a block per SM).
-    if m > GEMM_MIN_TOKENS
-        && tc_applies(gpu, w, inp)
-        && 2 * nrows.div_ceil(TC_ROWS) * m.div_ceil(gpu.tc_tokens) >= gpu.sm_count
-    {
+    // Many tokens on the tensor cores where they compute this matrix exactly, from a grid of
+    // TC_MIN_BLOCKS of the tiles `gemm_tc` launches. (Counted at 128 tokens per tile and half a
+    // block per SM before stop 39, which left prefill's narrow BF16 products — the HCA
+    // compressor's 512 rows, the CSA indexer's 256 and its 64 head weights — on the SIMT tiles
+    // and the GEMV at ~0.5–4.5 TFLOP/s: 11% of an 8K prefill on an H100.)
+    let tc_grid = if gpu.narrow {
+        nrows.div_ceil(TC_ROWS) * m.div_ceil(gemm_tc_tokens(gpu, m)) >= TC_MIN_BLOCKS
+    } else {
+        2 * nrows.div_ceil(TC_ROWS) * m.div_ceil(gpu.tc_tokens) >= gpu.sm_count
+    };
+    if m > GEMM_MIN_TOKENS && tc_applies(gpu, w, inp) && tc_grid {
         return gemm_tc(gpu, w, inp, y, ldy);
+    }
+    // Many tokens through a few f32 rows (the hyper-connection `fn` rows): every row per block.
+    if gpu.narrow
+        && m > GEMM_MIN_TOKENS
+        && w.fmt == Fmt::F32
+        && nrows <= NARROW_ROWS
+        && inp.group.is_none()
+    {
+        return gemm_f32_narrow(gpu, w, inp, y, ldy);
     }
     // Many tokens: the tiled kernel reuses each decoded weight tile for 64 tokens.
     let tiles = nrows.div_ceil(GEMM_TILE) * m.div_ceil(GEMM_TILE);
@@ -415,6 +433,22 @@ pub fn gemm_simt(gpu: &Gpu, w: &GpuLinear, inp: &LinIn, y: u64, ldy: usize) -> R
     gpu.launch(&name, grid, (256, 1, 1), 0, &[&w.desc, &args])
 }
 
+/// The most rows `gemm_f32_narrow` takes, and its tokens per block (kernels/gemm.cu).
+const NARROW_ROWS: usize = 32;
+const NARROW_TOKENS: usize = 16;
+
+/// `y = W x` of many tokens through at most [`NARROW_ROWS`] f32 rows (`gemm_f32_narrow`).
+fn gemm_f32_narrow(gpu: &Gpu, w: &GpuLinear, inp: &LinIn, y: u64, ldy: usize) -> Result<()> {
+    let args = GemmArgs::new(inp, y, ldy, w.vec, inp.terms);
+    gpu.launch(
+        "gemm_f32_narrow",
+        (inp.m.div_ceil(NARROW_TOKENS) as u32, 1, 1),
+        (128, 1, 1),
+        0,
+        &[&w.desc, &args],
+    )
+}
+
 /// Whether [`gemm_tc`] takes `w` with this input: its weights decode exactly to bf16
 /// ([`GpuLinear::tc`]), a grouped input keeps each 128-row tile inside one group, and the
 /// tensor-core kernels are on (`DSV4_CUDA_TC`).
@@ -431,13 +465,25 @@ pub fn tc_applies(gpu: &Gpu, w: &GpuLinear, inp: &LinIn) -> bool {
 /// by default, x split into `inp.terms` bf16 parts), whatever the shape; an error where
 /// [`tc_applies`] says no.
 pub fn gemm_tc(gpu: &Gpu, w: &GpuLinear, inp: &LinIn, y: u64, ldy: usize) -> Result<()> {
-    // On pre-split activations (m > 64) 64 tokens × 32 inputs per block is the best shape:
-    // two blocks per SM (H200, 8192 tokens, FP8: 134–138 TFLOP/s at 1 part and 86–88 at 3,
-    // against 117–121 and 77–79 at 128 × 64; `bench --gemm`).
-    if gpu.tc_shape_default && gpu.tc_xs() && inp.m > GEMM_MIN_TOKENS {
-        return gemm_tc_shape(gpu, w, inp, y, ldy, 64, 32);
+    let tokens = gemm_tc_tokens(gpu, inp.m);
+    let bk = if tokens == 64 && gpu.tc_shape_default {
+        32
+    } else {
+        gpu.tc_bk
+    };
+    gemm_tc_shape(gpu, w, inp, y, ldy, tokens, bk)
+}
+
+/// Tokens per block of [`gemm_tc`] for `m` tokens. On pre-split activations (m > 64) 64
+/// tokens × 32 inputs per block is the best shape: two blocks per SM (H200, 8192 tokens, FP8:
+/// 134–138 TFLOP/s at 1 part and 86–88 at 3, against 117–121 and 77–79 at 128 × 64; `bench
+/// --gemm`).
+fn gemm_tc_tokens(gpu: &Gpu, m: usize) -> usize {
+    if gpu.tc_shape_default && gpu.tc_xs() && m > GEMM_MIN_TOKENS {
+        64
+    } else {
+        gpu.tc_tokens
     }
-    gemm_tc_shape(gpu, w, inp, y, ldy, gpu.tc_tokens, gpu.tc_bk)
 }
 
 /// [`gemm_tc`] with `tokens` per block (128, or 64: the `_n64` kernels) stepping `bk` inputs

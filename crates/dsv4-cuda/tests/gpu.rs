@@ -71,14 +71,19 @@ fn linear_kernels_match_cpu() {
         (F::Bf16, 20, 4096),
         (F::Bf16, 20, 3584),
         (F::Bf16, 7, 1000),
+        (F::F32, 24, 16384),
+        (F::F32, 32, 4096),
+        (F::F32, 7, 1000),
     ] {
         let l: Linear = synthetic::random_linear(fmt, out, inp, 7).unwrap();
         let g = GpuLinear::upload(&gpu, &l).unwrap();
         // Rows of whole KB go through the bulk-copy kernels for one and two tokens (FP8: when
-        // the generator's scale blocks are whole 32-row tiles; 300 rows get blocks of 100).
+        // the generator's scale blocks are whole 32-row tiles; 300 rows get blocks of 100;
+        // never f32 rows).
         let row_bytes = match fmt {
             F::Fp8 => inp,
             F::Fp4 => inp / 2,
+            F::F32 => 1,
             _ => 2 * inp,
         };
         let fp8 = matches!(fmt, F::Fp8);
@@ -105,6 +110,28 @@ fn linear_kernels_match_cpu() {
             eprintln!("{fmt:?} [{out}, {inp}] m={m}: max rel err {e:.2e}");
             assert!(e < 1e-5, "{fmt:?} [{out}, {inp}] m={m}: {e}");
         }
+    }
+    // A prefill chunk (2048 tokens) through narrow matrices: the f32 `fn` rows' own kernel,
+    // and BF16 rows of 512, 256 and 64 on the tensor cores (three bf16 parts of x).
+    for (fmt, out, inp) in [
+        (F::F32, 24, 16384),
+        (F::Bf16, 512, 4096),
+        (F::Bf16, 256, 4096),
+        (F::Bf16, 64, 4096),
+    ] {
+        let m = 2048;
+        let l: Linear = synthetic::random_linear(fmt, out, inp, 9).unwrap();
+        let g = GpuLinear::upload(&gpu, &l).unwrap();
+        let x = random_f32(m * inp, 5);
+        let want = l.apply(&x, m);
+        let xd = gpu.upload(&x).unwrap();
+        let yd = gpu.alloc(m * out * 4).unwrap();
+        linear(&gpu, &g, &LinIn::rows(xd.ptr, inp, m), yd.ptr, out, &part).unwrap();
+        let mut got = vec![0f32; m * out];
+        gpu.dtoh(yd.ptr, &mut got).unwrap();
+        let e = worst(&row_errors(&got, &want, out));
+        eprintln!("{fmt:?} [{out}, {inp}] m={m}: max rel err {e:.2e}");
+        assert!(e < 1e-5, "{fmt:?} [{out}, {inp}] m={m}: {e}");
     }
 }
 
