@@ -71,11 +71,12 @@ pub struct Gpu {
     pub tc_tokens: usize,
     /// Neither of those two variables is set: prefill GEMMs take the measured best shape.
     pub tc_shape_default: bool,
-    /// Prefill's narrow products take the tensor cores from a quarter-SM grid of the tiles
-    /// launched, and f32 rows of at most 32 their own kernel (`gemm_f32_narrow`);
-    /// `DSV4_CUDA_NARROW=0` restores the earlier rules (half a block per SM counted at 128
-    /// tokens per tile; the GEMV for the f32 rows), for comparisons.
-    pub narrow: bool,
+    /// Whether prefill's narrow products take the tensor cores from a quarter-SM grid of the
+    /// tiles launched, and f32 rows of at most 32 their own kernel (`gemm_f32_narrow`)
+    /// (`DSV4_CUDA_NARROW=1`; off until run on a GPU: written after stop 39's device time
+    /// ran out). Off: half a block per SM counted at 128 tokens per tile, the GEMV for the f32
+    /// rows.
+    narrow: AtomicBool,
     /// Tensor-core GEMMs of more than 64 tokens split the activations into bf16 parts once
     /// (`tc_split_x`) and run the `_xs` kernels on them (same results, bit for bit);
     /// On by default (8-layer prefill +3.5–4.3%, H200); `DSV4_CUDA_TC_XS=0` or
@@ -296,7 +297,7 @@ impl Gpu {
             },
             tc_shape_default: std::env::var_os("DSV4_CUDA_TC_BK").is_none()
                 && std::env::var_os("DSV4_CUDA_TC_TOKENS").is_none(),
-            narrow: std::env::var("DSV4_CUDA_NARROW").map_or(true, |v| v != "0"),
+            narrow: AtomicBool::new(std::env::var("DSV4_CUDA_NARROW").is_ok_and(|v| v == "1")),
             tc_xs: AtomicBool::new(std::env::var("DSV4_CUDA_TC_XS").map_or(true, |v| v != "0")),
             moe_tc_tokens: env_num("DSV4_CUDA_MOE_TC_TOKENS", |_: &usize| true)
                 .unwrap_or(crate::ops::MOE_TC_MAX_TOKENS),
@@ -325,6 +326,15 @@ impl Gpu {
 
     pub fn set_tc_xs(&self, on: bool) {
         self.tc_xs.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether prefill's narrow products take their stop-39 paths (see the field).
+    pub fn narrow(&self) -> bool {
+        self.narrow.load(Ordering::Relaxed)
+    }
+
+    pub fn set_narrow(&self, on: bool) {
+        self.narrow.store(on, Ordering::Relaxed);
     }
 
     /// Whether decode batches run the routed FP4 experts on the tensor cores (see `moe_tc`).

@@ -248,7 +248,7 @@ pub fn linear(
     // block per SM before stop 39, which left prefill's narrow BF16 products — the HCA
     // compressor's 512 rows, the CSA indexer's 256 and its 64 head weights — on the SIMT tiles
     // and the GEMV at ~0.5–4.5 TFLOP/s: 11% of an 8K prefill on an H100.)
-    let tc_grid = if gpu.narrow {
+    let tc_grid = if gpu.narrow() {
         nrows.div_ceil(TC_ROWS) * m.div_ceil(gemm_tc_tokens(gpu, m)) >= TC_MIN_BLOCKS
     } else {
         2 * nrows.div_ceil(TC_ROWS) * m.div_ceil(gpu.tc_tokens) >= gpu.sm_count
@@ -257,7 +257,7 @@ pub fn linear(
         return gemm_tc(gpu, w, inp, y, ldy);
     }
     // Many tokens through a few f32 rows (the hyper-connection `fn` rows): every row per block.
-    if gpu.narrow
+    if gpu.narrow()
         && m > GEMM_MIN_TOKENS
         && w.fmt == Fmt::F32
         && nrows <= NARROW_ROWS

@@ -111,14 +111,18 @@ fn linear_kernels_match_cpu() {
             assert!(e < 1e-5, "{fmt:?} [{out}, {inp}] m={m}: {e}");
         }
     }
-    // A prefill chunk (2048 tokens) through narrow matrices: the f32 `fn` rows' own kernel,
-    // and BF16 rows of 512, 256 and 64 on the tensor cores (three bf16 parts of x).
-    for (fmt, out, inp) in [
-        (F::F32, 24, 16384),
-        (F::Bf16, 512, 4096),
-        (F::Bf16, 256, 4096),
-        (F::Bf16, 64, 4096),
-    ] {
+    // A prefill chunk (2048 tokens) through narrow matrices, by the earlier rules (the GEMV,
+    // the SIMT tiles) and by stop 39's (`DSV4_CUDA_NARROW=1`: the f32 `fn` rows' own kernel,
+    // BF16 rows of 512, 256 and 64 on the tensor cores with three bf16 parts of x).
+    for (narrow, fmt, out, inp) in [false, true].into_iter().flat_map(|n| {
+        [
+            (n, F::F32, 24, 16384),
+            (n, F::Bf16, 512, 4096),
+            (n, F::Bf16, 256, 4096),
+            (n, F::Bf16, 64, 4096),
+        ]
+    }) {
+        gpu.set_narrow(narrow);
         let m = 2048;
         let l: Linear = synthetic::random_linear(fmt, out, inp, 9).unwrap();
         let g = GpuLinear::upload(&gpu, &l).unwrap();
@@ -130,9 +134,13 @@ fn linear_kernels_match_cpu() {
         let mut got = vec![0f32; m * out];
         gpu.dtoh(yd.ptr, &mut got).unwrap();
         let e = worst(&row_errors(&got, &want, out));
-        eprintln!("{fmt:?} [{out}, {inp}] m={m}: max rel err {e:.2e}");
-        assert!(e < 1e-5, "{fmt:?} [{out}, {inp}] m={m}: {e}");
+        eprintln!("{fmt:?} [{out}, {inp}] m={m} narrow {narrow}: max rel err {e:.2e}");
+        assert!(
+            e < 1e-5,
+            "{fmt:?} [{out}, {inp}] m={m} narrow {narrow}: {e}"
+        );
     }
+    gpu.set_narrow(false);
 }
 
 /// Decode batches of 1–32 tokens through the bulk-copy tensor-core GEMVs (`gemv_bulk_tc_*`)
@@ -694,7 +702,9 @@ fn random_model_on_every_chunking(numerics: Numerics) {
     // activations in every block instead of once (`DSV4_CUDA_TC_XS=0`: another K step too, so
     // close to the CPU, not bit-equal to pass 3).
     // The seventh decodes token by token with each FFN half in the two launches of
-    // `kernels/moe_ffn.cu` (router, shared and routed experts together).
+    // `kernels/moe_ffn.cu` (router, shared and routed experts together). The eighth repeats the
+    // chunked prefill with the narrow products' stop-39 paths (`DSV4_CUDA_NARROW=1`: the
+    // hyper-connection rows through `gemm_f32_narrow`, narrow BF16 rows on the tensor cores).
     let passes = [
         vec![t],
         vec![1; t],
@@ -703,6 +713,7 @@ fn random_model_on_every_chunking(numerics: Numerics) {
         vec![130, 1, 1, 37, 131],
         vec![1; t],
         vec![1; t],
+        vec![130, 1, 1, 37, 131],
     ];
     let fused_ffn = gpu.ffn_fused_fits();
     eprintln!("fused FFN halves fit this model: {fused_ffn}");
@@ -718,6 +729,7 @@ fn random_model_on_every_chunking(numerics: Numerics) {
             eprintln!("fused boundaries by clusters: {cluster}");
         }
         gpu.gpu.set_tc_xs(pass != 4);
+        gpu.gpu.set_narrow(pass == 7);
         let got = run(&gpu, &ids, &chunks);
         let e = row_errors(&got, &want, vocab);
         let w = worst(&e);
