@@ -67,6 +67,21 @@ __device__ __forceinline__ const float* attn_key(const AttnArgs& a, const AttnVi
     return v.entries + (size_t)e * a.dh;
 }
 
+// The keys token t attends to: its window [lo, p] (nwin rows) then its compressed entries
+// (all visible ones, or its selection), nk in all.
+struct AttnKeys {
+    int lo, nwin, nk;
+};
+__device__ __forceinline__ AttnKeys attn_keys(const AttnArgs& a, const AttnView& v, int t) {
+    AttnKeys k;
+    k.lo = max(0, v.p - a.win + 1);
+    k.nwin = v.p - k.lo + 1;
+    int ncomp = 0;
+    if (a.ratio > 0) ncomp = a.sel ? a.nsel[t] : min((v.p + 1) / a.ratio, a.n_entries);
+    k.nk = k.nwin + ncomp;
+    return k;
+}
+
 #define ATT_KEYS 32       // keys staged per step (one per lane for the softmax)
 #define ATT_HEADS 8       // heads per block (one per warp)
 #define ATT_DMAX 512      // largest head_dim the registers hold
@@ -83,12 +98,8 @@ __device__ __forceinline__ void attention_partial_impl(const AttnArgs& a, float*
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int h = blockIdx.z * ATT_HEADS + warp;
     const AttnView view = attn_view(a, t);
-    const int p = view.p;
-    const int lo = max(0, p - a.win + 1);
-    const int nwin = p - lo + 1;
-    int ncomp = 0;
-    if (a.ratio > 0) ncomp = a.sel ? a.nsel[t] : min((p + 1) / a.ratio, a.n_entries);
-    const int nk = nwin + ncomp;
+    const AttnKeys ak = attn_keys(a, view, t);
+    const int lo = ak.lo, nwin = ak.nwin, nk = ak.nk;
     const int nchunks = (nk + ATT_KEYS - 1) / ATT_KEYS;
     const int dh = DH ? DH : a.dh;
     constexpr int PER = ATT_DMAX / 32;
@@ -648,12 +659,8 @@ extern "C" __global__ void __launch_bounds__(256, 1) attention_tc(AttnArgs a, fl
     float* red = ps + 32 * PP;
     const int t = blockIdx.x, split = blockIdx.y, h0 = blockIdx.z * ATT_TC_HEADS;
     const AttnView view = attn_view(a, t);
-    const int p = view.p;
-    const int lo = max(0, p - a.win + 1);
-    const int nwin = p - lo + 1;
-    int ncomp = 0;
-    if (a.ratio > 0) ncomp = a.sel ? a.nsel[t] : min((p + 1) / a.ratio, a.n_entries);
-    const int nk = nwin + ncomp;
+    const AttnKeys ak = attn_keys(a, view, t);
+    const int lo = ak.lo, nwin = ak.nwin, nk = ak.nk;
     const int nchunks = (nk + ATT_KEYS - 1) / ATT_KEYS;
     float* ob = part + ((size_t)t * nsplit + split) * a.H * (DH + 2);
     if (split >= nchunks) {  // no keys here: weight 0 in attn_combine, as attention_partial
