@@ -633,7 +633,8 @@ indexer_scores_tc(const float* q, const float* hw, const float* keys, int hi, in
 }
 
 // `attention_partial` on the tensor cores for the release's head dim (512) and heads in groups
-// of 32 (prefill: calls with a block per SM; `DSV4_CUDA_ATTN_TC=0` keeps attention_partial). Block (t, split, group of 32
+// of 32 (the host takes it for prefill calls with a block per SM; `DSV4_CUDA_ATTN_TC=0` keeps
+// attention_partial; splits and per-token caches work too, tested but unused). Block (t, split, group of 32
 // heads), the same partials (unnormalized output, max, sum) for `attn_combine`. The group's
 // queries (scaled) stay in shared memory and the token's keys go through it 32 at a time, the
 // next chunk's copies in flight while this one is used: each key is staged once per 32 heads
@@ -644,10 +645,11 @@ indexer_scores_tc(const float* q, const float* hw, const float* keys, int hi, in
 // row maxima meet in shared memory), for O the 128 channels 128 (w >> 1)... Keys past the
 // token's last are zero rows with probability 0.
 #define ATT_TC_HEADS 32
-#define ATT_TC_QP 516  // floats per staged q / key row: fragment reads spread over the banks
+#define ATT_TC_QP 516  // floats per staged q / key row: q, key and P fragment reads on distinct
+                       // banks (P·V's V reads meet 2-way)
 #define ATT_TC_PP 36   // floats per row of P
-// Shared floats: q [32][QP], keys [2][32][QP], P [32][PP], the warps' row values [4][32].
-#define ATT_TC_SMEM_FLOATS (3 * 32 * ATT_TC_QP + 32 * ATT_TC_PP + 4 * 32)
+// Shared floats: q [32][QP], keys [2][32][QP], P [32][PP], the warps' row values [4][32]
+// (ops::ATT_TC_SMEM).
 extern "C" __global__ void __launch_bounds__(256, 1) attention_tc(AttnArgs a, float* part, int nsplit) {
     pdl_entry();
     constexpr int DH = ATT_DMAX, QP = ATT_TC_QP, PP = ATT_TC_PP;

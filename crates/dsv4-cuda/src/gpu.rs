@@ -328,7 +328,8 @@ impl Gpu {
         self.tc_xs.store(on, Ordering::Relaxed);
     }
 
-    /// Whether prefill's narrow products take their stop-39 paths (see the field).
+    /// Whether prefill's narrow products take the tensor cores from a small grid and the f32
+    /// rows `gemm_f32_narrow` (see the field).
     pub fn narrow(&self) -> bool {
         self.narrow.load(Ordering::Relaxed)
     }

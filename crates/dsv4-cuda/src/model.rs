@@ -333,8 +333,9 @@ pub struct CudaModel {
     /// more than 16 splits' chunks (CSA and HCA at 64K: 20). Stop 38 (H200, 18 layers): batch 8
     /// at 64K 11.83 → 11.57–11.73 ms, batch 1 unchanged.
     attn_one_wave: bool,
-    /// Whether calls with enough tokens for a block per SM (prefill) run their attention on
-    /// the tensor cores (`attention_tc`; `DSV4_CUDA_ATTN_TC=0`: the SIMT kernel). Stop 39
+    /// Whether prefill calls with enough tokens for a block per SM run their attention on the
+    /// tensor cores (`attention_tc`; `DSV4_CUDA_ATTN_TC=0`: the SIMT kernel; decode steps keep
+    /// `attention_partial`). Stop 39
     /// (H100, 8 layers): prefill 1K / 8K / 32K +4% / +14% / +16%, official numerics 8K +20%.
     attn_tc: bool,
     /// Whether a decode step's indexer queries stream on the main stream before `wq_b`, with
@@ -1928,6 +1929,7 @@ impl CudaModel {
         let inv_freq = if rope.half > 0 { rope.inv_freq } else { 0 };
         let half = rope.half as i32;
         let tc = self.attn_tc
+            && args.seqs == 0
             && nsplit == 1
             && ops::attention_tc_fits(h, dh)
             && t as usize * (h / ops::ATT_TC_HEADS) >= g.sm_count;

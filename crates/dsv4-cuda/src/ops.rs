@@ -134,9 +134,9 @@ fn tc_suffix(tokens: usize, bk: usize) -> &'static str {
 /// Up to this many tokens the GEMV (weights streamed once per 8 tokens) beats a mostly empty
 /// GEMM tile (decode batches).
 pub const GEMM_MIN_TOKENS: usize = 64;
-/// The fewest blocks a many-token product takes the tensor cores with ([`linear`]): a quarter
-/// of an H100's SMs, where a 128-row × 64-token tile still beats the SIMT tiles' and the GEMV's
-/// larger grids several times over.
+/// The fewest blocks a many-token product takes the tensor cores with ([`linear`], under
+/// `DSV4_CUDA_NARROW=1`): about a quarter of an H100's 132 SMs, where a 128-row × 64-token tile
+/// should still beat the SIMT tiles' and the GEMV's larger grids several times over.
 const TC_MIN_BLOCKS: usize = 32;
 /// From this many tokens a decode batch takes the tensor-core tile for tall matrices.
 const DECODE_TC_TOKENS: usize = 16;
@@ -461,8 +461,8 @@ pub fn tc_applies(gpu: &Gpu, w: &GpuLinear, inp: &LinIn) -> bool {
             .is_none_or(|(gs, _)| gs > 0 && gs.is_multiple_of(TC_ROWS))
 }
 
-/// `y[t, :] = W · x[t, :]` on the tensor cores (`gemm_tc_*`: 128 rows × 128 tokens per block
-/// by default, x split into `inp.terms` bf16 parts), whatever the shape; an error where
+/// `y[t, :] = W · x[t, :]` on the tensor cores (`gemm_tc_*`: 128 rows × [`gemm_tc_tokens`]
+/// tokens per block, x split into `inp.terms` bf16 parts), whatever the shape; an error where
 /// [`tc_applies`] says no.
 pub fn gemm_tc(gpu: &Gpu, w: &GpuLinear, inp: &LinIn, y: u64, ldy: usize) -> Result<()> {
     let tokens = gemm_tc_tokens(gpu, inp.m);

@@ -112,18 +112,19 @@ fn linear_kernels_match_cpu() {
         }
     }
     // A prefill chunk (2048 tokens) through narrow matrices, by the earlier rules (the GEMV,
-    // the SIMT tiles) and by stop 39's (`DSV4_CUDA_NARROW=1`: the f32 `fn` rows' own kernel,
+    // the SIMT tiles) and by the new ones (`DSV4_CUDA_NARROW=1`: the f32 `fn` rows' own kernel,
     // BF16 rows of 512, 256 and 64 on the tensor cores with three bf16 parts of x).
-    for (narrow, fmt, out, inp) in [false, true].into_iter().flat_map(|n| {
+    // (And f32 rows with a K tail, 7 rows, a token count off the kernel's 16.)
+    for (narrow, fmt, out, inp, m) in [false, true].into_iter().flat_map(|n| {
         [
-            (n, F::F32, 24, 16384),
-            (n, F::Bf16, 512, 4096),
-            (n, F::Bf16, 256, 4096),
-            (n, F::Bf16, 64, 4096),
+            (n, F::F32, 24, 16384, 2048),
+            (n, F::F32, 7, 1000, 2001),
+            (n, F::Bf16, 512, 4096, 2048),
+            (n, F::Bf16, 256, 4096, 2048),
+            (n, F::Bf16, 64, 4096, 2048),
         ]
     }) {
         gpu.set_narrow(narrow);
-        let m = 2048;
         let l: Linear = synthetic::random_linear(fmt, out, inp, 9).unwrap();
         let g = GpuLinear::upload(&gpu, &l).unwrap();
         let x = random_f32(m * inp, 5);
@@ -703,7 +704,7 @@ fn random_model_on_every_chunking(numerics: Numerics) {
     // close to the CPU, not bit-equal to pass 3).
     // The seventh decodes token by token with each FFN half in the two launches of
     // `kernels/moe_ffn.cu` (router, shared and routed experts together). The eighth repeats the
-    // chunked prefill with the narrow products' stop-39 paths (`DSV4_CUDA_NARROW=1`: the
+    // chunked prefill with the narrow products' new paths (`DSV4_CUDA_NARROW=1`: the
     // hyper-connection rows through `gemm_f32_narrow`, narrow BF16 rows on the tensor cores).
     let passes = [
         vec![t],
@@ -2332,7 +2333,7 @@ fn indexer_scores_match_cpu() {
     }
 }
 
-/// `attention_tc` (tensor cores) and `attention_partial` (SIMT) against f64 partials on the
+/// `attention_tc` (tensor cores) and `attention_partial` (SIMT), each against f64 partials on the
 /// host, per (token, split, head): the split's maximum score, its softmax-weighted value
 /// average (acc / l) and its weight (l at the f64 maximum). Keys: the sliding window (this
 /// call's rows and the ring's), then all visible compressed entries or a per-token selection;
@@ -2340,7 +2341,7 @@ fn indexer_scores_match_cpu() {
 /// and 64 and 128 heads of the release's 512 channels.
 #[test]
 #[ignore = "needs a CUDA GPU"]
-fn attention_tensor_cores_match_simt_and_f64() {
+fn attention_kernels_match_f64() {
     use dsv4_cuda::ops::{attention_partials, AttnArgs, ATT_KEYS};
     let gpu = Gpu::open(0).expect("GPU");
     let (dh, win) = (512usize, 128usize);
