@@ -651,11 +651,15 @@ fn random_model() -> Model {
 }
 
 fn random_model_with_topk(index_topk: usize) -> Model {
+    random_model_with(index_topk, 8)
+}
+
+fn random_model_with(index_topk: usize, heads: usize) -> Model {
     let mut j = synthetic::flash_config_json();
     let over = serde_json::json!({"vocab_size": 1000, "hidden_size": 512, "num_hidden_layers": 5,
         "compress_ratios": [0, 4, 128, 4, 16, 0], "num_hash_layers": 2, "n_routed_experts": 16,
         "moe_intermediate_size": 256, "index_topk": index_topk, "o_groups": 4, "o_lora_rank": 128,
-        "num_attention_heads": 8, "q_lora_rank": 256, "index_n_heads": 8, "index_head_dim": 128});
+        "num_attention_heads": heads, "q_lora_rank": 256, "index_n_heads": 8, "index_head_dim": 128});
     for (k, v) in over.as_object().unwrap() {
         j[k] = v.clone();
     }
@@ -669,6 +673,33 @@ fn random_model_with_topk(index_topk: usize) -> Model {
 #[ignore = "needs a CUDA GPU"]
 fn random_model_matches_cpu_on_every_chunking() {
     random_model_on_every_chunking(Numerics::Reference);
+}
+
+/// The random model with 32 heads of 512 channels, whose prefill takes the tensor-core
+/// attention (`attention_tc`: calls of a block per SM at least, here those of 132 tokens or
+/// more) and, on the others, the SIMT kernel: every chunking within the reference profile's
+/// bound of the CPU.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn random_model_with_32_heads_matches_cpu() {
+    let cpu = random_model_with(16, 32);
+    let gpu = CudaModel::from_model(&cpu, 0).unwrap();
+    let t = 300;
+    let ids: Vec<u32> = (0..t).map(|i| (i * 7919 % 997) as u32 + 1).collect();
+    let vocab = 1000;
+    let want = cpu
+        .forward(&mut cpu.new_cache(), &ids, Logits::All)
+        .unwrap();
+    for chunks in [vec![t], vec![160, 1, 139], vec![100, 100, 100]] {
+        let got = run(&gpu, &ids, &chunks);
+        let e = row_errors(&got, &want, vocab);
+        let over = e.iter().filter(|&&x| x >= 1e-3).count();
+        eprintln!(
+            "32 heads, chunks {chunks:?}: worst row rel err {:.2e}, {over} rows over 1e-3",
+            worst(&e)
+        );
+        assert_eq!(over, 0, "chunks {chunks:?}: {over} rows over 1e-3");
+    }
 }
 
 /// The same with the official profile's FP8 K/V rows and entries and FP4 indexer. The indexer
