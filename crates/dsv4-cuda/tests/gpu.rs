@@ -2376,99 +2376,36 @@ fn attention_kernels_match_f64() {
     use dsv4_cuda::ops::{attention_partials, AttnArgs, ATT_KEYS};
     let gpu = Gpu::open(0).expect("GPU");
     let (dh, win) = (512usize, 128usize);
-    struct Case {
-        heads: usize,
-        tokens: usize,
-        pos0: usize,
-        ratio: usize,
-        entries: usize,
-        sel: Option<usize>,
-        nsplit: usize,
-    }
-    let cases = [
+    // (heads, tokens, pos0, ratio, entries, the most selected per token, splits)
+    type Case = (usize, usize, usize, usize, usize, Option<usize>, usize);
+    let cases: [Case; 8] = [
         // The window alone from position 0: 1..=40 keys, the chunk edge at 32.
-        Case {
-            heads: 64,
-            tokens: 40,
-            pos0: 0,
-            ratio: 0,
-            entries: 0,
-            sel: None,
-            nsplit: 1,
-        },
+        (64, 40, 0, 0, 0, None, 1),
         // Ring rows and this call's rows: 128 keys each.
-        Case {
-            heads: 64,
-            tokens: 5,
-            pos0: 200,
-            ratio: 0,
-            entries: 0,
-            sel: None,
-            nsplit: 1,
-        },
+        (64, 5, 200, 0, 0, None, 1),
         // Every visible entry (ratio 4 of 300): 378 keys, 12 chunks, over 1, 3 and 20 splits.
-        Case {
-            heads: 64,
-            tokens: 3,
-            pos0: 1000,
-            ratio: 4,
-            entries: 300,
-            sel: None,
-            nsplit: 1,
-        },
-        Case {
-            heads: 64,
-            tokens: 3,
-            pos0: 1000,
-            ratio: 4,
-            entries: 300,
-            sel: None,
-            nsplit: 3,
-        },
-        Case {
-            heads: 64,
-            tokens: 2,
-            pos0: 1000,
-            ratio: 4,
-            entries: 300,
-            sel: None,
-            nsplit: 20,
-        },
-        // A selection of 1, 33 and 77 entries per token (the indexer's picks).
-        Case {
-            heads: 64,
-            tokens: 3,
-            pos0: 5000,
-            ratio: 4,
-            entries: 1200,
-            sel: Some(77),
-            nsplit: 1,
-        },
+        (64, 3, 1000, 4, 300, None, 1),
+        (64, 3, 1000, 4, 300, None, 3),
+        (64, 2, 1000, 4, 300, None, 20),
+        // A selection of 1, 33 and 77 entries per token (the indexer's picks), 1 and 3 splits.
+        (64, 3, 5000, 4, 1200, Some(77), 1),
+        (64, 3, 5000, 4, 1200, Some(77), 3),
         // Pro's 128 heads.
-        Case {
-            heads: 128,
-            tokens: 4,
-            pos0: 300,
-            ratio: 4,
-            entries: 75,
-            sel: None,
-            nsplit: 2,
-        },
+        (128, 4, 300, 4, 75, None, 2),
     ];
-    for (ci, c) in cases.iter().enumerate() {
-        let (h, t_n) = (c.heads, c.tokens);
+    for (ci, &(h, t_n, pos0, ratio, n_entries, sel_max, nsplit)) in cases.iter().enumerate() {
         let seed = 100 * ci as u64;
         let q = random_f32(t_n * h * dh, seed + 1);
         let kv_new = random_f32(t_n * dh, seed + 2);
         let ring = random_f32(win * dh, seed + 3);
-        let entries = random_f32(c.entries.max(1) * dh, seed + 4);
-        let cap = c.sel.unwrap_or(0).max(1);
+        let entries = random_f32(n_entries.max(1) * dh, seed + 4);
+        let cap = sel_max.unwrap_or(0).max(1);
         // Token t selects 1, 33, 77... distinct entries, spread over the visible ones.
         let nsel: Vec<i32> = (0..t_n)
             .map(|t| [1, 33, cap][t % 3].min(cap) as i32)
             .collect();
         let sel: Vec<i32> = (0..t_n * cap)
-            .map(|i| ((i % cap) * 13 % c.entries.max(1)) as i32)
+            .map(|i| ((i % cap) * 13 % n_entries.max(1)) as i32)
             .collect();
         let scale = 1.0 / (dh as f32).sqrt();
         let (qd, kd, rd, ed) = (
@@ -2484,8 +2421,8 @@ fn attention_kernels_match_f64() {
             kv_new: kd.ptr,
             ring: rd.ptr,
             entries: ed.ptr,
-            sel: if c.sel.is_some() { sd.ptr } else { 0 },
-            nsel: if c.sel.is_some() { nd.ptr } else { 0 },
+            sel: if sel_max.is_some() { sd.ptr } else { 0 },
+            nsel: if sel_max.is_some() { nd.ptr } else { 0 },
             sinks: sinks.ptr,
             out: 0,
             seqs: 0,
@@ -2494,46 +2431,46 @@ fn attention_kernels_match_f64() {
             h: h as i32,
             dh: dh as i32,
             win: win as i32,
-            pos0: c.pos0 as i32,
-            ratio: c.ratio as i32,
-            n_entries: c.entries as i32,
+            pos0: pos0 as i32,
+            ratio: ratio as i32,
+            n_entries: n_entries as i32,
             sel_cap: cap as i32,
             scale,
         };
-        let len = t_n * c.nsplit * h * (dh + 2);
+        let len = t_n * nsplit * h * (dh + 2);
         let mut got = [vec![0f32; len], vec![0f32; len]];
         for (k, tc) in [false, true].into_iter().enumerate() {
             let part = gpu.upload(&vec![f32::NAN; len]).unwrap();
-            attention_partials(&gpu, &a, part.ptr, c.nsplit, tc).unwrap();
+            attention_partials(&gpu, &a, part.ptr, nsplit, tc).unwrap();
             gpu.dtoh(part.ptr, &mut got[k]).unwrap();
         }
         let (mut worst_avg, mut worst_w) = ([0f64; 2], [0f64; 2]);
         for t in 0..t_n {
             // Token t's keys, in the kernels' order.
-            let p = c.pos0 + t;
+            let p = pos0 + t;
             let lo = (p + 1).saturating_sub(win);
             let mut keys: Vec<&[f32]> = (lo..=p)
                 .map(|qp| {
-                    if qp >= c.pos0 {
-                        &kv_new[(qp - c.pos0) * dh..][..dh]
+                    if qp >= pos0 {
+                        &kv_new[(qp - pos0) * dh..][..dh]
                     } else {
                         &ring[(qp % win) * dh..][..dh]
                     }
                 })
                 .collect();
-            if let Some(visible) = (p + 1).checked_div(c.ratio) {
-                let ids: Vec<usize> = match c.sel {
+            if let Some(visible) = (p + 1).checked_div(ratio) {
+                let ids: Vec<usize> = match sel_max {
                     Some(_) => (0..nsel[t] as usize)
                         .map(|i| sel[t * cap + i] as usize)
                         .collect(),
-                    None => (0..visible.min(c.entries)).collect(),
+                    None => (0..visible.min(n_entries)).collect(),
                 };
                 keys.extend(ids.iter().map(|&e| &entries[e * dh..][..dh]));
             }
             let nchunks = keys.len().div_ceil(ATT_KEYS);
-            for sp in 0..c.nsplit {
+            for sp in 0..nsplit {
                 let mine: Vec<&[f32]> = (sp..nchunks)
-                    .step_by(c.nsplit)
+                    .step_by(nsplit)
                     .flat_map(|ch| {
                         keys[ch * ATT_KEYS..((ch + 1) * ATT_KEYS).min(keys.len())]
                             .iter()
@@ -2542,7 +2479,7 @@ fn attention_kernels_match_f64() {
                     .collect();
                 for hh in 0..h {
                     let qh = &q[(t * h + hh) * dh..][..dh];
-                    let off = ((t * c.nsplit + sp) * h + hh) * (dh + 2);
+                    let off = ((t * nsplit + sp) * h + hh) * (dh + 2);
                     for (k, g) in got.iter().enumerate() {
                         let (acc, m, l) = (&g[off..off + dh], g[off + dh], g[off + dh + 1]);
                         if mine.is_empty() {
@@ -2598,7 +2535,7 @@ fn attention_kernels_match_f64() {
         }
         eprintln!(
             "attention case {ci} ({h} heads, {t_n} tokens, pos0 {}, ratio {}, sel {:?}, {} splits): SIMT avg {:.1e} weight {:.1e}, tensor cores avg {:.1e} weight {:.1e}",
-            c.pos0, c.ratio, c.sel, c.nsplit, worst_avg[0], worst_w[0], worst_avg[1], worst_w[1]
+            pos0, ratio, sel_max, nsplit, worst_avg[0], worst_w[0], worst_avg[1], worst_w[1]
         );
     }
 }
