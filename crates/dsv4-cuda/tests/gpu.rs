@@ -100,13 +100,7 @@ fn linear_kernels_match_cpu() {
             let x: Vec<f32> = (0..m * inp)
                 .map(|i| ((i * 2654435761usize) % 1000) as f32 / 500.0 - 1.0)
                 .collect();
-            let want = l.apply(&x, m);
-            let xd = gpu.upload(&x).unwrap();
-            let yd = gpu.alloc(m * out * 4).unwrap();
-            linear(&gpu, &g, &LinIn::rows(xd.ptr, inp, m), yd.ptr, out, &part).unwrap();
-            let mut got = vec![0f32; m * out];
-            gpu.dtoh(yd.ptr, &mut got).unwrap();
-            let e = worst(&row_errors(&got, &want, out));
+            let e = linear_error(&gpu, &part, &l, &g, &x, m);
             eprintln!("{fmt:?} [{out}, {inp}] m={m}: max rel err {e:.2e}");
             assert!(e < 1e-5, "{fmt:?} [{out}, {inp}] m={m}: {e}");
         }
@@ -127,14 +121,7 @@ fn linear_kernels_match_cpu() {
         gpu.set_narrow(narrow);
         let l: Linear = synthetic::random_linear(fmt, out, inp, 9).unwrap();
         let g = GpuLinear::upload(&gpu, &l).unwrap();
-        let x = random_f32(m * inp, 5);
-        let want = l.apply(&x, m);
-        let xd = gpu.upload(&x).unwrap();
-        let yd = gpu.alloc(m * out * 4).unwrap();
-        linear(&gpu, &g, &LinIn::rows(xd.ptr, inp, m), yd.ptr, out, &part).unwrap();
-        let mut got = vec![0f32; m * out];
-        gpu.dtoh(yd.ptr, &mut got).unwrap();
-        let e = worst(&row_errors(&got, &want, out));
+        let e = linear_error(&gpu, &part, &l, &g, &random_f32(m * inp, 5), m);
         eprintln!("{fmt:?} [{out}, {inp}] m={m} narrow {narrow}: max rel err {e:.2e}");
         assert!(
             e < 1e-5,
@@ -142,6 +129,25 @@ fn linear_kernels_match_cpu() {
         );
     }
     gpu.set_narrow(false);
+}
+
+/// The worst row's relative error of [`linear`] on the GPU against the CPU's product, for `m`
+/// tokens of `x`.
+fn linear_error(
+    gpu: &Gpu,
+    part: &Partial,
+    l: &Linear,
+    g: &dsv4_cuda::weights::GpuLinear,
+    x: &[f32],
+    m: usize,
+) -> f32 {
+    let want = l.apply(x, m);
+    let xd = gpu.upload(x).unwrap();
+    let yd = gpu.alloc(m * l.out * 4).unwrap();
+    linear(gpu, g, &LinIn::rows(xd.ptr, l.inp, m), yd.ptr, l.out, part).unwrap();
+    let mut got = vec![0f32; m * l.out];
+    gpu.dtoh(yd.ptr, &mut got).unwrap();
+    worst(&row_errors(&got, &want, l.out))
 }
 
 /// Decode batches of 1–32 tokens through the bulk-copy tensor-core GEMVs (`gemv_bulk_tc_*`)
