@@ -522,6 +522,33 @@ __device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], 
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// An m16n8k8 A fragment split in two TF32 parts: `a` points at the lane's element (row g,
+// column t4) of a row-major tile with rows `ld` floats apart (a0..a3: (g, t4), (g + 8, t4),
+// (g, t4 + 4), (g + 8, t4 + 4)).
+__device__ __forceinline__ void tf32_split_a(const float* a, int ld, uint32_t (&hi)[4], uint32_t (&lo)[4]) {
+    tf32_split(a[0], hi[0], lo[0]);
+    tf32_split(a[8 * ld], hi[1], lo[1]);
+    tf32_split(a[4], hi[2], lo[2]);
+    tf32_split(a[8 * ld + 4], hi[3], lo[3]);
+}
+
+// The B fragment's two values (k = t4 and t4 + 4 of column g; `b` at the first, the second
+// `kstride` floats per k further), each split in two TF32 parts.
+__device__ __forceinline__ void tf32_split_b(const float* b, int kstride, uint32_t& h0, uint32_t& l0, uint32_t& h1,
+                                             uint32_t& l1) {
+    tf32_split(b[0], h0, l0);
+    tf32_split(b[4 * kstride], h1, l1);
+}
+
+// d += a · b to ~f32: the three products of the parts that matter (lo·hi, hi·lo, hi·hi, the
+// small ones first).
+__device__ __forceinline__ void mma_tf32x3(float (&d)[4], const uint32_t (&ah)[4], const uint32_t (&al)[4],
+                                           uint32_t bh0, uint32_t bh1, uint32_t bl0, uint32_t bl1) {
+    mma_tf32(d, al, bh0, bh1);
+    mma_tf32(d, ah, bl0, bl1);
+    mma_tf32(d, ah, bh0, bh1);
+}
+
 // `indexer_scores` for the release's 64 heads × 128 only (256 threads), on the tensor cores
 // (`DSV4_CUDA_INDEX_TC=1`; off until measured on a GPU): a block scores 64 entries at a time
 // as the product keys[64 × 128] · qᵀ[128 × 64 TOK] of its TOK tokens' heads, every operand
@@ -578,18 +605,12 @@ __device__ __forceinline__ void index_tc_impl(const float* q, const float* hw, c
 #pragma unroll 4
             for (int d0 = 0; d0 < 128; d0 += 8) {
                 uint32_t ah[4], al[4];
-                tf32_split(ka[d0], ah[0], al[0]);
-                tf32_split(ka[8 * KP + d0], ah[1], al[1]);
-                tf32_split(ka[d0 + 4], ah[2], al[2]);
-                tf32_split(ka[8 * KP + d0 + 4], ah[3], al[3]);
+                tf32_split_a(ka + d0, KP, ah, al);
 #pragma unroll
                 for (int j = 0; j < NT; j++) {
                     uint32_t bh0, bl0, bh1, bl1;
-                    tf32_split(qb[8 * j * KP + d0], bh0, bl0);
-                    tf32_split(qb[8 * j * KP + d0 + 4], bh1, bl1);
-                    mma_tf32(acc[j], al, bh0, bh1);
-                    mma_tf32(acc[j], ah, bl0, bl1);
-                    mma_tf32(acc[j], ah, bh0, bh1);
+                    tf32_split_b(qb + 8 * j * KP + d0, 1, bh0, bl0, bh1, bl1);
+                    mma_tf32x3(acc[j], ah, al, bh0, bh1, bl0, bl1);
                 }
             }
             // Rows g (acc[j][0..1]) and g + 8 (acc[j][2..3]) of the warp's 16 entries; columns
@@ -600,10 +621,7 @@ __device__ __forceinline__ void index_tc_impl(const float* q, const float* hw, c
                 s0 += sw[c] * fmaxf(acc[j][0], 0.f) * dscale + sw[c + 1] * fmaxf(acc[j][1], 0.f) * dscale;
                 s1 += sw[c] * fmaxf(acc[j][2], 0.f) * dscale + sw[c + 1] * fmaxf(acc[j][3], 0.f) * dscale;
             }
-            s0 += __shfl_xor_sync(0xffffffffu, s0, 1);
-            s1 += __shfl_xor_sync(0xffffffffu, s1, 1);
-            s0 += __shfl_xor_sync(0xffffffffu, s0, 2);
-            s1 += __shfl_xor_sync(0xffffffffu, s1, 2);
+            quad_sum2(s0, s1);
         }
         if (t4 == 0) {
             part[cg][16 * mt + g] = s0;
@@ -716,15 +734,9 @@ extern "C" __global__ void __launch_bounds__(256, 1) attention_tc(AttnArgs a, fl
             for (int u = 0; u < 4; u++) {
                 const int d = d0 + 8 * u;
                 uint32_t ah[4], al[4], bh0, bl0, bh1, bl1;
-                tf32_split(qa[d], ah[0], al[0]);
-                tf32_split(qa[8 * QP + d], ah[1], al[1]);
-                tf32_split(qa[d + 4], ah[2], al[2]);
-                tf32_split(qa[8 * QP + d + 4], ah[3], al[3]);
-                tf32_split(kp[d], bh0, bl0);
-                tf32_split(kp[d + 4], bh1, bl1);
-                mma_tf32(sa[u], al, bh0, bh1);
-                mma_tf32(sa[u], ah, bl0, bl1);
-                mma_tf32(sa[u], ah, bh0, bh1);
+                tf32_split_a(qa + d, QP, ah, al);
+                tf32_split_b(kp + d, 1, bh0, bl0, bh1, bl1);
+                mma_tf32x3(sa[u], ah, al, bh0, bh1, bl0, bl1);
             }
         }
         float s[4];
@@ -735,10 +747,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) attention_tc(AttnArgs a, fl
         if (c0 + 1 >= nj) s[1] = s[3] = -INFINITY;
         // The chunk's row maxima: the quad's, then the four key quarters' (shared memory).
         float x0 = fmaxf(s[0], s[1]), x1 = fmaxf(s[2], s[3]);
-        x0 = fmaxf(x0, __shfl_xor_sync(0xffffffffu, x0, 1));
-        x1 = fmaxf(x1, __shfl_xor_sync(0xffffffffu, x1, 1));
-        x0 = fmaxf(x0, __shfl_xor_sync(0xffffffffu, x0, 2));
-        x1 = fmaxf(x1, __shfl_xor_sync(0xffffffffu, x1, 2));
+        quad_max2(x0, x1);
         if (t4 == 0) {
             red[nq * 32 + 16 * mt + g] = x0;
             red[nq * 32 + 16 * mt + g + 8] = x1;
@@ -758,10 +767,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) attention_tc(AttnArgs a, fl
         // This warp's share of the row sums (the quarters' shares are added at the end: the
         // same corrections apply to all four).
         float y0 = p0 + p1, y1 = p2 + p3;
-        y0 += __shfl_xor_sync(0xffffffffu, y0, 1);
-        y1 += __shfl_xor_sync(0xffffffffu, y1, 1);
-        y0 += __shfl_xor_sync(0xffffffffu, y0, 2);
-        y1 += __shfl_xor_sync(0xffffffffu, y1, 2);
+        quad_sum2(y0, y1);
         l0 = l0 * corr0 + y0;
         l1 = l1 * corr1 + y1;
         m0 = mn0;
@@ -781,18 +787,12 @@ extern "C" __global__ void __launch_bounds__(256, 1) attention_tc(AttnArgs a, fl
 #pragma unroll
         for (int k0 = 0; k0 < ATT_KEYS; k0 += 8) {
             uint32_t ah[4], al[4];
-            tf32_split(pa[k0], ah[0], al[0]);
-            tf32_split(pa[8 * PP + k0], ah[1], al[1]);
-            tf32_split(pa[k0 + 4], ah[2], al[2]);
-            tf32_split(pa[8 * PP + k0 + 4], ah[3], al[3]);
+            tf32_split_a(pa + k0, PP, ah, al);
 #pragma unroll
             for (int j = 0; j < 16; j++) {
                 uint32_t bh0, bl0, bh1, bl1;
-                tf32_split(vb[k0 * QP + 8 * j], bh0, bl0);
-                tf32_split(vb[(k0 + 4) * QP + 8 * j], bh1, bl1);
-                mma_tf32(o[j], al, bh0, bh1);
-                mma_tf32(o[j], ah, bl0, bl1);
-                mma_tf32(o[j], ah, bh0, bh1);
+                tf32_split_b(vb + k0 * QP + 8 * j, QP, bh0, bl0, bh1, bl1);
+                mma_tf32x3(o[j], ah, al, bh0, bh1, bl0, bl1);
             }
         }
         __syncthreads();  // every read of this buffer, P and the maxima done before they are refilled

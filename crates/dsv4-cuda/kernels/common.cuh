@@ -149,6 +149,21 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
+// Two values summed (quad_sum2) or maxed (quad_max2) over the four lanes of a quad (lanes
+// 4g..4g+3, which hold one row of an MMA accumulator tile), the result in all four.
+__device__ __forceinline__ void quad_sum2(float& a, float& b) {
+    a += __shfl_xor_sync(0xffffffffu, a, 1);
+    b += __shfl_xor_sync(0xffffffffu, b, 1);
+    a += __shfl_xor_sync(0xffffffffu, a, 2);
+    b += __shfl_xor_sync(0xffffffffu, b, 2);
+}
+__device__ __forceinline__ void quad_max2(float& a, float& b) {
+    a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, 1));
+    b = fmaxf(b, __shfl_xor_sync(0xffffffffu, b, 1));
+    a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, 2));
+    b = fmaxf(b, __shfl_xor_sync(0xffffffffu, b, 2));
+}
+
 // One round of warp_sum_transposed: lanes with bit O keep the upper half of v[0, 2O). (Rounds
 // 4, 2, 1 over 8 values leave value lane % 8's partial sum in each lane: moe_ffn.cu.)
 template <int O, int N>

@@ -188,10 +188,7 @@ __device__ __forceinline__ void moe_tc_quad_sums(const float (&acc)[MT][4], floa
 #pragma unroll
     for (int m = 0; m < MT; m++) {
         float u = acc[m][0] + acc[m][1], v = acc[m][2] + acc[m][3];
-        u += __shfl_xor_sync(0xffffffffu, u, 1);
-        v += __shfl_xor_sync(0xffffffffu, v, 1);
-        u += __shfl_xor_sync(0xffffffffu, u, 2);
-        v += __shfl_xor_sync(0xffffffffu, v, 2);
+        quad_sum2(u, v);
         ya[m] = u;
         yb[m] = v;
     }
