@@ -215,55 +215,91 @@ MOE_GEMM(FMT_F16, f16)
 MOE_GEMM(FMT_FP8, fp8)
 MOE_GEMM(FMT_FP4, fp4)
 
-// y = W x for many tokens and few f32 rows (R <= 32: the hyper-connection `fn` rows, 24 × 16384
-// at prefill's 2048 tokens, where the GEMV read the rows once per 8 tokens and the SIMT tiles
-// computed 64 rows). A block takes GN_TOK tokens and every row; chunks of GN_KC inputs of both
-// are staged in shared memory, and thread (token tid / 8, rows tid % 8 + 8 j) sums each chunk on
-// its own before adding it to its total.
-#define GN_TOK 16
-#define GN_KC 128
-#define GN_LD (GN_KC + 4)  // rows of the staged chunks: the eight row groups' reads on distinct banks
-#define GN_ROWS 32
-extern "C" __global__ void __launch_bounds__(128) gemm_f32_narrow(LinearW W, GemmArgs a) {
-    pdl_entry();
-    __shared__ __align__(16) float xs[GN_TOK][GN_LD];
-    __shared__ __align__(16) float ws[GN_ROWS][GN_LD];
-    if (W.out > GN_ROWS || blockDim.x != 128) __trap();  // (the host's gate)
-    const int tok0 = blockIdx.x * GN_TOK, ntok = min(GN_TOK, a.M - tok0);
-    const int R = W.out, K = W.in;
-    const int tt = threadIdx.x >> 3, rg = threadIdx.x & 7;
+// y = W x for many tokens and few f32 rows (R <= 24: the hyper-connection `fn` rows, 24 × 16384
+// at prefill's 2048 tokens: the activations are ~134 MB, the rows 1.5 MB). Block (s, g) takes
+// K slice s (GN_KS inputs) of every row, held in registers (thread tid: inputs s·GN_KS + tid +
+// 256 j), and walks token group g: per token each thread's GN_KPT products per row, the warp's
+// sums by one transposed reduction (lane r: row r), the eight warps' in order through shared
+// memory every GN_TPR tokens. Slice s's sums go to partial[s][token][row], added in slice
+// order by gemm_f32_narrow_sum: a token's result depends on nothing but its own inputs.
+#define GN_THREADS 256
+#define GN_KPT 4
+#define GN_KS (GN_THREADS * GN_KPT)
+#define GN_ROWS 24
+#define GN_TPR 4  // tokens per round of the warps' meeting
+extern "C" __global__ void __launch_bounds__(GN_THREADS, 1)
+    gemm_f32_narrow(LinearW W, GemmArgs a, float* partial, int tokens_per_block) {
+    pdl_launch();
+    __shared__ float red[GN_TPR][GN_THREADS / 32][GN_ROWS];
+    if (W.out > GN_ROWS || blockDim.x != GN_THREADS) __trap();  // (the host's gate)
+    const int R = W.out, K = W.in, s = blockIdx.x;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int kb = s * GN_KS + threadIdx.x;
+    // The rows do not depend on the kernel before: they load while it finishes.
     const float* wf = (const float*)W.w;
-    float acc[4] = {0.f, 0.f, 0.f, 0.f};
-    for (int k0 = 0; k0 < K; k0 += GN_KC) {
-        const int kc = min(GN_KC, K - k0);
-        for (int i = threadIdx.x; i < GN_TOK * GN_KC; i += blockDim.x) {
-            const int t = i / GN_KC, k = i % GN_KC;
-            xs[t][k] = (t < ntok && k < kc) ? a.x[(size_t)(tok0 + t) * a.ldx + k0 + k] : 0.f;
-        }
-        for (int i = threadIdx.x; i < GN_ROWS * GN_KC; i += blockDim.x) {
-            const int r = i / GN_KC, k = i % GN_KC;
-            ws[r][k] = (r < R && k < kc) ? __ldg(wf + (size_t)r * K + k0 + k) : 0.f;
-        }
-        __syncthreads();
-        float part[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll 4
-        for (int k = 0; k < GN_KC; k += 4) {
-            const float4 xv = *(const float4*)&xs[tt][k];
+    float w[GN_KPT][GN_ROWS];
 #pragma unroll
-            for (int j = 0; j < 4; j++) {
-                const float4 wv = *(const float4*)&ws[rg + 8 * j][k];
-                part[j] = fmaf(xv.x, wv.x, part[j]);
-                part[j] = fmaf(xv.y, wv.y, part[j]);
-                part[j] = fmaf(xv.z, wv.z, part[j]);
-                part[j] = fmaf(xv.w, wv.w, part[j]);
+    for (int j = 0; j < GN_KPT; j++)
+#pragma unroll
+        for (int r = 0; r < GN_ROWS; r++) {
+            const int k = kb + GN_THREADS * j;
+            w[j][r] = (r < R && k < K) ? __ldg(wf + (size_t)r * K + k) : 0.f;
+        }
+    pdl_wait();
+    const int t0 = blockIdx.y * tokens_per_block, t1 = min(a.M, t0 + tokens_per_block);
+    auto load = [&](int t, float (&xv)[GN_KPT]) {
+#pragma unroll
+        for (int j = 0; j < GN_KPT; j++) {
+            const int k = kb + GN_THREADS * j;
+            xv[j] = (t < t1 && k < K) ? __ldcs(a.x + (size_t)t * a.ldx + k) : 0.f;
+        }
+    };
+    // Each round's activations load during the round before (one block per SM: its eight
+    // warps alone hide the loads' latency).
+    float xv[GN_TPR][GN_KPT];
+#pragma unroll
+    for (int u = 0; u < GN_TPR; u++) load(t0 + u, xv[u]);
+    for (int tr = t0; tr < t1; tr += GN_TPR) {
+        float xn[GN_TPR][GN_KPT];
+#pragma unroll
+        for (int u = 0; u < GN_TPR; u++) load(tr + GN_TPR + u, xn[u]);
+#pragma unroll
+        for (int u = 0; u < GN_TPR; u++) {
+            float p[32];
+#pragma unroll
+            for (int r = 0; r < 32; r++) {
+                float q = 0.f;
+                if (r < GN_ROWS)
+#pragma unroll
+                    for (int j = 0; j < GN_KPT; j++) q = fmaf(w[j][r], xv[u][j], q);
+                p[r] = q;
             }
+            const float v = warp_sum_transposed(p);
+            if (lane < GN_ROWS) red[u][warp][lane] = v;
         }
-#pragma unroll
-        for (int j = 0; j < 4; j++) acc[j] += part[j];
         __syncthreads();
-    }
-    if (tt < ntok)
+        if (threadIdx.x < GN_TPR * GN_ROWS) {
+            const int u = threadIdx.x / GN_ROWS, r = threadIdx.x % GN_ROWS, t = tr + u;
+            float q = 0.f;
 #pragma unroll
-        for (int j = 0; j < 4; j++)
-            if (rg + 8 * j < R) a.y[(size_t)(tok0 + tt) * a.ldy + rg + 8 * j] = acc[j];
+            for (int k = 0; k < GN_THREADS / 32; k++) q += red[u][k][r];
+            if (t < t1 && r < R) partial[((size_t)s * a.M + t) * R + r] = q;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int u = 0; u < GN_TPR; u++)
+#pragma unroll
+            for (int j = 0; j < GN_KPT; j++) xv[u][j] = xn[u][j];
+    }
+}
+
+// y[t][r] = Σ_s partial[s][t][r] over gemm_f32_narrow's `slices`, in slice order.
+extern "C" __global__ void gemm_f32_narrow_sum(const float* partial, GemmArgs a, int rows, int slices) {
+    pdl_entry();
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= a.M * rows) return;
+    const int t = i / rows, r = i % rows;
+    float q = 0.f;
+    for (int s = 0; s < slices; s++) q += partial[(size_t)s * a.M * rows + i];
+    a.y[(size_t)t * a.ldy + r] = q;
 }

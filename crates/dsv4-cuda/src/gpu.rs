@@ -72,11 +72,11 @@ pub struct Gpu {
     /// Neither of those two variables is set: prefill GEMMs take the measured best shape.
     pub tc_shape_default: bool,
     /// Whether prefill's narrow products take the tensor cores from a quarter-SM grid of the
-    /// tiles launched, and f32 rows of at most 32 their own kernel (`gemm_f32_narrow`)
-    /// (`DSV4_CUDA_NARROW=1`; off until run on a GPU: written after stop 39's device time
-    /// ran out). Off: half a block per SM counted at 128 tokens per tile, the GEMV for the f32
-    /// rows.
-    narrow: AtomicBool,
+    /// tiles launched (`narrow_tc`), and f32 rows of at most 24 their own kernel
+    /// (`gemm_f32_narrow`, `narrow_f32`). `DSV4_CUDA_NARROW=1` turns both on, `tc` or `f32`
+    /// one. Off: half a block per SM counted at 128 tokens per tile, the GEMV for the f32 rows.
+    narrow_tc: AtomicBool,
+    narrow_f32: AtomicBool,
     /// Tensor-core GEMMs of more than 64 tokens split the activations into bf16 parts once
     /// (`tc_split_x`) and run the `_xs` kernels on them (same results, bit for bit);
     /// On by default (8-layer prefill +3.5–4.3%, H200); `DSV4_CUDA_TC_XS=0` or
@@ -261,6 +261,8 @@ impl Gpu {
         let sm_count = ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(drv("reading the SM count"))? as usize;
+        let narrow = std::env::var("DSV4_CUDA_NARROW").ok();
+        let narrow = narrow.as_deref();
         Ok(Arc::new(Gpu {
             ctx,
             stream,
@@ -297,7 +299,8 @@ impl Gpu {
             },
             tc_shape_default: std::env::var_os("DSV4_CUDA_TC_BK").is_none()
                 && std::env::var_os("DSV4_CUDA_TC_TOKENS").is_none(),
-            narrow: AtomicBool::new(std::env::var("DSV4_CUDA_NARROW").is_ok_and(|v| v == "1")),
+            narrow_tc: AtomicBool::new(narrow.is_some_and(|v| v == "1" || v == "tc")),
+            narrow_f32: AtomicBool::new(narrow.is_some_and(|v| v == "1" || v == "f32")),
             tc_xs: AtomicBool::new(std::env::var("DSV4_CUDA_TC_XS").map_or(true, |v| v != "0")),
             moe_tc_tokens: env_num("DSV4_CUDA_MOE_TC_TOKENS", |_: &usize| true)
                 .unwrap_or(crate::ops::MOE_TC_MAX_TOKENS),
@@ -328,14 +331,20 @@ impl Gpu {
         self.tc_xs.store(on, Ordering::Relaxed);
     }
 
-    /// Whether prefill's narrow products take the tensor cores from a small grid and the f32
-    /// rows `gemm_f32_narrow` (see the field).
-    pub fn narrow(&self) -> bool {
-        self.narrow.load(Ordering::Relaxed)
+    /// Whether prefill's narrow products take the tensor cores from a small grid (see the field).
+    pub fn narrow_tc(&self) -> bool {
+        self.narrow_tc.load(Ordering::Relaxed)
     }
 
+    /// Whether prefill's f32 rows of at most 24 take `gemm_f32_narrow` (see the field).
+    pub fn narrow_f32(&self) -> bool {
+        self.narrow_f32.load(Ordering::Relaxed)
+    }
+
+    /// Both narrow-product paths on or off (tests compare them).
     pub fn set_narrow(&self, on: bool) {
-        self.narrow.store(on, Ordering::Relaxed);
+        self.narrow_tc.store(on, Ordering::Relaxed);
+        self.narrow_f32.store(on, Ordering::Relaxed);
     }
 
     /// Whether decode batches run the routed FP4 experts on the tensor cores (see `moe_tc`).

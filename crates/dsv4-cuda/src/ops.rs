@@ -248,7 +248,7 @@ pub fn linear(
     // block per SM before stop 39, which left prefill's narrow BF16 products — the HCA
     // compressor's 512 rows, the CSA indexer's 256 and its 64 head weights — on the SIMT tiles
     // and the GEMV at ~0.5–4.5 TFLOP/s: 11% of an 8K prefill on an H100.)
-    let tc_grid = if gpu.narrow() {
+    let tc_grid = if gpu.narrow_tc() {
         nrows.div_ceil(TC_ROWS) * m.div_ceil(gemm_tc_tokens(gpu, m)) >= TC_MIN_BLOCKS
     } else {
         2 * nrows.div_ceil(TC_ROWS) * m.div_ceil(gpu.tc_tokens) >= gpu.sm_count
@@ -256,14 +256,16 @@ pub fn linear(
     if m > GEMM_MIN_TOKENS && tc_applies(gpu, w, inp) && tc_grid {
         return gemm_tc(gpu, w, inp, y, ldy);
     }
-    // Many tokens through a few f32 rows (the hyper-connection `fn` rows): every row per block.
-    if gpu.narrow()
+    // Many tokens through a few f32 rows (the hyper-connection `fn` rows): the activations
+    // read once, every row held by the blocks of a K slice.
+    if gpu.narrow_f32()
         && m > GEMM_MIN_TOKENS
         && w.fmt == Fmt::F32
         && nrows <= NARROW_ROWS
         && inp.group.is_none()
+        && w.inp.div_ceil(NARROW_K) * m * nrows <= part.floats
     {
-        return gemm_f32_narrow(gpu, w, inp, y, ldy);
+        return gemm_f32_narrow(gpu, w, inp, y, ldy, part);
     }
     // Many tokens: the tiled kernel reuses each decoded weight tile for 64 tokens.
     let tiles = nrows.div_ceil(GEMM_TILE) * m.div_ceil(GEMM_TILE);
@@ -433,19 +435,41 @@ pub fn gemm_simt(gpu: &Gpu, w: &GpuLinear, inp: &LinIn, y: u64, ldy: usize) -> R
     gpu.launch(&name, grid, (256, 1, 1), 0, &[&w.desc, &args])
 }
 
-/// The most rows `gemm_f32_narrow` takes, and its tokens per block (kernels/gemm.cu).
-const NARROW_ROWS: usize = 32;
-const NARROW_TOKENS: usize = 16;
+/// The most rows `gemm_f32_narrow` takes, and the inputs of its K slices (kernels/gemm.cu:
+/// GN_ROWS, GN_KS).
+const NARROW_ROWS: usize = 24;
+const NARROW_K: usize = 1024;
 
-/// `y = W x` of many tokens through at most [`NARROW_ROWS`] f32 rows (`gemm_f32_narrow`).
-fn gemm_f32_narrow(gpu: &Gpu, w: &GpuLinear, inp: &LinIn, y: u64, ldy: usize) -> Result<()> {
+/// `y = W x` of many tokens through at most [`NARROW_ROWS`] f32 rows: `gemm_f32_narrow` (a
+/// block per K slice and token group, the groups filling the SMs in one wave) into `part`,
+/// then `gemm_f32_narrow_sum`.
+fn gemm_f32_narrow(
+    gpu: &Gpu,
+    w: &GpuLinear,
+    inp: &LinIn,
+    y: u64,
+    ldy: usize,
+    part: &Partial,
+) -> Result<()> {
+    let m = inp.m;
+    let slices = w.inp.div_ceil(NARROW_K);
+    let groups = (gpu.sm_count / slices).clamp(1, m.div_ceil(4));
+    let per_block = m.div_ceil(groups).next_multiple_of(4);
     let args = GemmArgs::new(inp, y, ldy, w.vec, inp.terms);
     gpu.launch(
         "gemm_f32_narrow",
-        (inp.m.div_ceil(NARROW_TOKENS) as u32, 1, 1),
-        (128, 1, 1),
+        (slices as u32, m.div_ceil(per_block) as u32, 1),
+        (256, 1, 1),
         0,
-        &[&w.desc, &args],
+        &[&w.desc, &args, &part.ptr, &(per_block as i32)],
+    )?;
+    let n = m * w.out;
+    gpu.launch(
+        "gemm_f32_narrow_sum",
+        (n.div_ceil(256) as u32, 1, 1),
+        (256, 1, 1),
+        0,
+        &[&part.ptr, &args, &(w.out as i32), &(slices as i32)],
     )
 }
 

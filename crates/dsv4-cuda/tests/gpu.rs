@@ -108,11 +108,13 @@ fn linear_kernels_match_cpu() {
     // A prefill chunk (2048 tokens) through narrow matrices, by the earlier rules (the GEMV,
     // the SIMT tiles) and by the new ones (`DSV4_CUDA_NARROW=1`: the f32 `fn` rows' own kernel,
     // BF16 rows of 512, 256 and 64 on the tensor cores with three bf16 parts of x).
-    // (And f32 rows with a K tail, 7 rows, a token count off the kernel's 16.)
+    // (And f32 rows with a K tail in one slice and past several, 7 rows, token counts off the
+    // kernel's rounds of 4.)
     for (narrow, fmt, out, inp, m) in [false, true].into_iter().flat_map(|n| {
         [
             (n, F::F32, 24, 16384, 2048),
             (n, F::F32, 7, 1000, 2001),
+            (n, F::F32, 24, 3000, 1027),
             (n, F::Bf16, 512, 4096, 2048),
             (n, F::Bf16, 256, 4096, 2048),
             (n, F::Bf16, 64, 4096, 2048),
