@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On a GPU machine without Nsight Systems, from the repository root, with .devcarry/dsv4(.xz):
 # builds the CUPTI tracer (tools/gpu/kernel_trace.cpp) and traces a decode bench, then
-# summarises the median graph step (tools/ktrace_summary.py). Output in $OUT (or .).
+# summarises the median graph step and the eager kernels (tools/ktrace_summary.py). Output in
+# $OUT (or .).
 #   scripts/kernel-trace.sh [bench args...]   (default: 8 layers, batch 1 at 1K, 32 steps)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +20,8 @@ args=("$@")
 [ ${#args[@]} -eq 0 ] && args=(--layers 8 --prompts 0 --contexts 1024 --batch 1 --decode 32)
 CUDA_INJECTION64_PATH=$out/libktrace.so KTRACE_OUT=$out/ktrace.csv \
   .devcarry/dsv4 bench --device cuda "${args[@]}" 2>&1 | grep -E '^decode @|^prefill @'
+# The kernels outside graphs (a prefill's), then the median graph step.
+python3 tools/ktrace_summary.py "$out/ktrace.csv" --eager > "$out/ktrace-eager.txt" || true
 python3 tools/ktrace_summary.py "$out/ktrace.csv" --timeline --layers > "$out/ktrace-summary.txt"
 grep -E '^layer [0-9]+:' "$out/ktrace-summary.txt" | head -4
 sed -n '/^kernel /,$p' "$out/ktrace-summary.txt"

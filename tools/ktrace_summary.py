@@ -2,6 +2,11 @@
 """Where a decode step's time goes inside its CUDA graph, from tools/gpu/kernel_trace.cpp's CSV.
 
     python3 tools/ktrace_summary.py trace.csv [--timeline] [--layers] [--graph N]
+    python3 tools/ktrace_summary.py trace.csv --eager
+
+`--eager` sums the kernels launched outside graphs (a prefill's) instead: per name, launches,
+busy time and its share of all eager kernels' busy time, and the span from the first start to
+the last end.
 
 Takes the graph with the most replays (or --graph N), splits it into steps at each `embed`
 kernel and uses the median step. Per kernel name: launches per step, mean duration, and how the
@@ -29,6 +34,8 @@ def main():
     with open(path) as f:
         for r in csv.DictReader(f):
             rows.append((int(r["start_ns"]), int(r["end_ns"]), int(r["graph_id"]), short(r["name"])))
+    if "--eager" in sys.argv:
+        return eager(rows)
     graphs = collections.Counter(g for _, _, g, n in rows if g and n.startswith("embed"))
     if not graphs:
         sys.exit("no graph replays with an embed kernel in the trace")
@@ -82,6 +89,22 @@ def main():
         print(f"{n[:40]:<40} {c:4d} {d / c:8.2f} {adv:8.1f} {gap:7.1f} {100 * (adv + gap) / total:5.1f}%")
     print(f"{'step span':<40} {'':4} {'':8} {total - gaps:8.1f} {gaps:7.1f} {total:.1f} us")
     print(f"median of per-step spans {statistics.median(spans) / 1e3:.1f} us")
+
+
+def eager(rows):
+    ks = sorted(r for r in rows if r[2] == 0)
+    if not ks:
+        sys.exit("no kernels outside graphs in the trace")
+    busy = collections.defaultdict(lambda: [0, 0.0])
+    for s, e, _, n in ks:
+        busy[n][0] += 1
+        busy[n][1] += (e - s) / 1e3
+    total = sum(d for _, d in busy.values())
+    span = (max(e for _, e, _, _ in ks) - ks[0][0]) / 1e3
+    print(f"eager kernels: {len(ks)} launches, busy {total:.0f} us, span {span:.0f} us")
+    print(f"\n{'kernel':<40} {'n':>6} {'mean us':>9} {'busy us':>10} {'share':>6}")
+    for n, (c, d) in sorted(busy.items(), key=lambda kv: -kv[1][1]):
+        print(f"{n[:40]:<40} {c:6d} {d / c:9.2f} {d:10.0f} {100 * d / total:5.1f}%")
 
 
 if __name__ == "__main__":
