@@ -1,0 +1,294 @@
+// What would a persistent decode kernel gain over a launch per phase? A model of Flash's
+// batch-1 decode layers (an HCA layer as stop 39 traced it on an H100): the seven weight
+// streams of a layer (213 MB) and the latency phases between them (boundaries, query norm, RoPE,
+// attention, merge, routing: each waits for its input, then takes a fixed time), run three ways:
+//   stream   the streams' bytes alone through the same rings, no waits (the floor);
+//   launches a kernel per phase under programmatic dependent launch, as the engine runs a step:
+//            a stream kernel's producer requests its weights before `griddepcontrol.wait`
+//            (after it where the addresses come from the routing); a latency kernel holds no
+//            shared memory, so the next stream kernel's blocks can stream beside it;
+//   persist  one kernel, a block per SM: the producer warp requests every phase's weights
+//            through one ring as slots free (waiting only, for the routed experts, on the
+//            routing), the consumer warps take the phases in order, each once a grid-wide
+//            counter says its input is complete.
+// The consumers only fold the stage's bytes (plus, with stage_ns, a spin per stage standing in
+// for a GEMV's arithmetic), so the figures measure the latency structure, not the kernels. The
+// latency times below are estimates of each phase's own time (its trace advance less the wait
+// for its input); the launch model's layer should land near the traced ~148 µs to trust the rest.
+//   nvcc -std=c++17 -O3 -arch=sm_90a -o persistent_layer tools/gpu/persistent_layer.cu
+//   ./persistent_layer [layers=8] [stage_ns=0]
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+#include <cuda_runtime.h>
+#include "ring_util.cuh"
+
+#define CK(x)                                                                 \
+    do {                                                                      \
+        cudaError_t e_ = (x);                                                 \
+        if (e_ != cudaSuccess) {                                              \
+            printf("%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e_)); \
+            exit(1);                                                          \
+        }                                                                     \
+    } while (0)
+
+constexpr int STAGE = 32 * 1024;  // bytes per ring stage, requested as 8 copies of 4 KB
+constexpr int MAX_STAGES = 6;
+constexpr int CONSUMERS = 256;  // eight consumer warps, then the producer warp
+constexpr int THREADS = CONSUMERS + 32;
+constexpr int MAX_PHASES = 400;
+
+struct Phase {
+    const uint8_t* src;  // stream: the weights, the blocks' shares end to end
+    long long ns;        // latency: the phase's own time once its input is complete
+    long long stages;    // stream: stages per block
+    int stream;          // 1: a weight stream, 0: a latency phase
+    int blocks;          // latency: blocks taking part (0: every block)
+    int wait;            // phase whose completion the consumers wait for, or -1
+    int pwait;           // stream: phase the producer waits for before its requests, or -1
+};
+__constant__ Phase ph[MAX_PHASES];
+
+__device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
+    unsigned v;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+__device__ __forceinline__ void spin_ns(long long ns) {
+    const unsigned long long t0 = now_ns();
+    while ((long long)(now_ns() - t0) < ns) {
+    }
+}
+__device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, %0;" ::"r"(CONSUMERS) : "memory"); }
+__device__ __forceinline__ int takes_part(const Phase& f) { return f.stream || !f.blocks || (int)blockIdx.x < f.blocks; }
+// Blocks that count a phase done: every block of the persistent grid, or the latency phase's.
+__device__ __forceinline__ unsigned need(int p, int grid) {
+    return ph[p].stream || !ph[p].blocks ? grid : min(ph[p].blocks, grid);
+}
+__device__ __forceinline__ void wait_count(const unsigned* done, int p, int grid) {
+    while (ld_acquire(done + p) < need(p, grid)) {
+    }
+}
+
+// Phases [p0, p1). pdl: a launch of its own (one phase), ordered by griddepcontrol; else the
+// persistent kernel, ordered by the `done` counters (`grid`: its block count).
+__global__ void __launch_bounds__(THREADS, 1)
+    run_phases(int p0, int p1, int nstages, unsigned* done, int grid, int pdl, long long stage_ns, unsigned* sink) {
+    extern __shared__ __align__(128) uint8_t sm[];
+    __shared__ __align__(8) uint64_t full[MAX_STAGES], empty[MAX_STAGES];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (pdl) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    if (threadIdx.x == 0) {
+        for (int i = 0; i < nstages; i++) {
+            asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(&full[i])));
+            asm volatile("mbarrier.init.shared::cta.b64 [%0], 8;" ::"r"(smem_addr(&empty[i])));
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;");
+    }
+    __syncthreads();
+    if (warp == CONSUMERS / 32) {
+        long long n = 0;  // stages requested
+        for (int p = p0; p < p1; p++) {
+            const Phase& f = ph[p];
+            if (!f.stream) continue;
+            if (f.pwait >= 0) {
+                if (pdl) asm volatile("griddepcontrol.wait;" ::: "memory");
+                else if (lane == 0) wait_count(done, f.pwait, grid);
+                __syncwarp();
+            }
+            const uint8_t* base = f.src + (size_t)blockIdx.x * f.stages * STAGE;
+            for (long long i = 0; i < f.stages; i++, n++) {
+                const int slot = (int)(n % nstages);
+                if (n >= nstages) wait_phase(&empty[slot], (unsigned)((n / nstages) - 1) & 1);
+                if (lane == 0)
+                    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(&full[slot])),
+                                 "r"(STAGE)
+                                 : "memory");
+                __syncwarp();
+                if (lane < STAGE / 4096)
+                    asm volatile(
+                        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                            smem_addr(sm + (size_t)slot * STAGE + lane * 4096)),
+                        "l"(base + (size_t)i * STAGE + lane * 4096), "r"(4096), "r"(smem_addr(&full[slot]))
+                        : "memory");
+            }
+        }
+        return;
+    }
+    unsigned h = 0;
+    long long n = 0;  // stages taken
+    for (int p = p0; p < p1; p++) {
+        const Phase& f = ph[p];
+        if (!takes_part(f)) continue;
+        if (pdl) asm volatile("griddepcontrol.wait;" ::: "memory");
+        else if (f.wait >= 0) {
+            if (threadIdx.x == 0) wait_count(done, f.wait, grid);
+            consumers_sync();
+        }
+        if (f.stream) {
+            for (long long i = 0; i < f.stages; i++, n++) {
+                const int slot = (int)(n % nstages);
+                wait_phase(&full[slot], (unsigned)(n / nstages) & 1);
+                const uint4* st = (const uint4*)(sm + (size_t)slot * STAGE) + warp * (STAGE / 16 / 8);
+#pragma unroll
+                for (int j = lane; j < STAGE / 16 / 8; j += 32) {
+                    const uint4 v = st[j];
+                    h ^= v.x + v.y + v.z + v.w;
+                }
+                if (stage_ns) spin_ns(stage_ns);
+                __syncwarp();
+                if (lane == 0) asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(&empty[slot])) : "memory");
+            }
+        } else if (threadIdx.x < 32) {
+            spin_ns(f.ns);
+        }
+        consumers_sync();
+        if (!pdl && threadIdx.x == 0) {
+            asm volatile("fence.acq_rel.gpu;" ::: "memory");
+            atomicAdd(done + p, 1u);
+        }
+    }
+    if (h == 0x9e3779b9u) sink[0] = h;  // keeps the reads
+}
+
+struct Spec {
+    const char* name;
+    int stream;
+    double mb;     // stream: MB of weights
+    long long ns;  // latency: own time
+    int blocks;    // latency: grid (0: every SM)
+    int routed;    // stream: addresses known only after the routing
+};
+
+// One HCA layer (stop 39's H100 trace: advances 10 / 6 / 3.4 / 9.2 / 4.2 µs for the boundary,
+// query norm, norm + RoPE, attention, merge; the router inside the FFN launch ~5 µs).
+static const Spec kLayer[] = {
+    {"boundary (attention side)", 0, 0, 9000, 64, 0},
+    {"projections of h", 1, 14, 0, 0, 0},
+    {"query norm", 0, 0, 3000, 1, 0},
+    {"wq_b", 1, 32, 0, 0, 0},
+    {"norm + RoPE", 0, 0, 2500, 8, 0},
+    {"attention", 0, 0, 8000, 0, 0},
+    {"merge", 0, 0, 3000, 64, 0},
+    {"wo_a", 1, 32, 0, 0, 0},
+    {"wo_b", 1, 32, 0, 0, 0},
+    {"boundary (FFN side)", 0, 0, 9000, 64, 0},
+    {"routing", 0, 0, 4000, 1, 0},
+    {"shared expert gate/up", 1, 17, 0, 0, 0},
+    {"routed experts gate/up", 1, 52, 0, 0, 1},
+    {"experts down", 1, 34, 0, 0, 1},
+};
+
+int main(int argc, char** argv) {
+    const int layers = argc > 1 ? atoi(argv[1]) : 8;
+    const long long stage_ns = argc > 2 ? atoll(argv[2]) : 0;
+    int sms;
+    CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+    CK(cudaFuncSetAttribute(run_phases, cudaFuncAttributeMaxDynamicSharedMemorySize, MAX_STAGES * STAGE));
+    const int per_layer = sizeof(kLayer) / sizeof(kLayer[0]);
+    const int np = layers * per_layer;
+    if (np > MAX_PHASES) {
+        printf("at most %d phases\n", MAX_PHASES);
+        return 1;
+    }
+    // The phases in order: a consumer waits for the phase before it; the shared expert waits
+    // for the boundary (the routing runs beside it), the routed streams' producers for the routing.
+    std::vector<Phase> host(np);
+    size_t total = 0;
+    std::vector<size_t> off(np);
+    for (int p = 0; p < np; p++) {
+        const Spec& s = kLayer[p % per_layer];
+        Phase& f = host[p];
+        f.stream = s.stream;
+        f.ns = s.ns;
+        f.blocks = s.blocks;
+        f.stages = s.stream ? (long long)(s.mb * 1e6 / sms / STAGE) : 0;
+        f.wait = p - 1;
+        f.pwait = -1;
+        const int route = p - p % per_layer + 10;  // the layer's routing phase
+        if (p % per_layer == 11) f.wait = p - 2;
+        if (s.routed) f.pwait = route;
+        off[p] = total;
+        total += (size_t)f.stages * sms * STAGE;
+    }
+    uint8_t* w;
+    CK(cudaMalloc(&w, total));
+    CK(cudaMemset(w, 1, total));
+    for (int p = 0; p < np; p++) host[p].src = w + off[p];
+    unsigned *done, *sink;
+    CK(cudaMalloc(&done, np * sizeof(unsigned)));
+    CK(cudaMalloc(&sink, sizeof(unsigned)));
+    cudaStream_t s;
+    CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    cudaEvent_t e0, e1;
+    CK(cudaEventCreate(&e0));
+    CK(cudaEventCreate(&e1));
+    auto launch = [&](int p0, int p1, int grid, int nstages, int pdl, bool smem) {
+        cudaLaunchConfig_t cfg = {};
+        cfg.gridDim = dim3(grid);
+        cfg.blockDim = dim3(THREADS);
+        cfg.dynamicSmemBytes = smem ? (size_t)nstages * STAGE : 0;
+        cfg.stream = s;
+        cudaLaunchAttribute attr[1];
+        attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attr[0].val.programmaticStreamSerializationAllowed = pdl;
+        cfg.attrs = attr;
+        cfg.numAttrs = 1;
+        CK(cudaLaunchKernelEx(&cfg, run_phases, p0, p1, nstages, done, grid, pdl, stage_ns, sink));
+    };
+    // Times a captured sequence of launches (median of 5 replays after one).
+    auto timed = [&](auto&& body) {
+        cudaGraph_t graph;
+        cudaGraphExec_t exec;
+        CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
+        CK(cudaMemsetAsync(done, 0, np * sizeof(unsigned), s));
+        body();
+        CK(cudaStreamEndCapture(s, &graph));
+        CK(cudaGraphInstantiate(&exec, graph, 0));
+        std::vector<float> ts;
+        for (int r = 0; r < 6; r++) {
+            CK(cudaEventRecord(e0, s));
+            CK(cudaGraphLaunch(exec, s));
+            CK(cudaEventRecord(e1, s));
+            CK(cudaStreamSynchronize(s));
+            float ms;
+            CK(cudaEventElapsedTime(&ms, e0, e1));
+            if (r) ts.push_back(ms);
+        }
+        CK(cudaGraphExecDestroy(exec));
+        CK(cudaGraphDestroy(graph));
+        std::sort(ts.begin(), ts.end());
+        return ts[ts.size() / 2] * 1e3 / layers;  // µs per layer
+    };
+    double bytes = 0;
+    for (int p = 0; p < per_layer; p++) bytes += (double)host[p].stages * sms * STAGE;
+    printf("%d SMs, %d layers of %.1f MB in %d phases, stage spin %lld ns; µs per layer (TB/s)\n", sms, layers,
+           bytes / 1e6, per_layer, stage_ns);
+    for (int nstages : {4, 6}) {
+        // The floor: the streams alone, nothing waited for.
+        std::vector<Phase> bare = host;
+        for (auto& f : bare) {
+            f.wait = f.pwait = -1;
+            if (!f.stream) f.ns = 0;
+        }
+        CK(cudaMemcpyToSymbol(ph, bare.data(), np * sizeof(Phase)));
+        const double floor = timed([&] { launch(0, np, sms, nstages, 0, true); });
+        CK(cudaMemcpyToSymbol(ph, host.data(), np * sizeof(Phase)));
+        const double launches = timed([&] {
+            for (int p = 0; p < np; p++) {
+                const Phase& f = host[p];
+                const int grid = f.stream || !f.blocks ? sms : f.blocks;
+                launch(p, p + 1, grid, nstages, p > 0, f.stream);
+            }
+        });
+        const double persist = timed([&] { launch(0, np, sms, nstages, 0, true); });
+        printf("ring of %d x 32 KB: stream %.1f (%.2f) | launches %.1f (%.2f) | persist %.1f (%.2f)\n", nstages,
+               floor, bytes / floor / 1e6, launches, bytes / launches / 1e6, persist, bytes / persist / 1e6);
+    }
+    double lat = 0;
+    for (int p = 0; p < per_layer; p++) lat += host[p].ns / 1e3;
+    printf("latency phases' own time per layer: %.1f µs\n", lat);
+    return 0;
+}
