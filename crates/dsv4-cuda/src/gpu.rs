@@ -74,7 +74,8 @@ pub struct Gpu {
     /// Whether prefill's narrow products take the tensor cores from a quarter-SM grid of the
     /// tiles launched (`narrow_tc`), and f32 rows of at most 24 their own kernel
     /// (`gemm_f32_narrow`, `narrow_f32`). `DSV4_CUDA_NARROW=1` turns both on, `tc` or `f32`
-    /// one. Off: half a block per SM counted at 128 tokens per tile, the GEMV for the f32 rows.
+    /// one. Off: half a block per SM counted at 128 tokens per tile, the GEMV for the f32 rows
+    /// (stop 40 measured the first `gemm_f32_narrow` slower; its rewrite is not yet measured).
     narrow_tc: AtomicBool,
     narrow_f32: AtomicBool,
     /// Tensor-core GEMMs of more than 64 tokens split the activations into bf16 parts once
