@@ -75,7 +75,8 @@ __device__ __forceinline__ void wait_count(const unsigned* done, int p, int grid
 // Phases [p0, p1). pdl: a launch of its own (one phase), ordered by griddepcontrol; else the
 // persistent kernel, ordered by the `done` counters (`grid`: its block count).
 __global__ void __launch_bounds__(THREADS, 1)
-    run_phases(int p0, int p1, int nstages, unsigned* done, int grid, int pdl, long long stage_ns, unsigned* sink) {
+    run_phases(int p0, int p1, int nstages, unsigned* done, int grid, int pdl, long long stage_ns, unsigned* sink,
+               unsigned long long* begin) {
     extern __shared__ __align__(128) uint8_t sm[];
     __shared__ __align__(8) uint64_t full[MAX_STAGES], empty[MAX_STAGES];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -127,6 +128,7 @@ __global__ void __launch_bounds__(THREADS, 1)
             if (threadIdx.x == 0) wait_count(done, f.wait, grid);
             consumers_sync();
         }
+        if (blockIdx.x == 0 && threadIdx.x == 0) begin[p] = now_ns();  // block 0 starts phase p
         if (f.stream) {
             for (long long i = 0; i < f.stages; i++, n++) {
                 const int slot = (int)(n % nstages);
@@ -182,7 +184,7 @@ static const Spec kLayer[] = {
 };
 
 int main(int argc, char** argv) {
-    const int layers = argc > 1 ? atoi(argv[1]) : 8;
+    const int layers = std::max(2, argc > 1 ? atoi(argv[1]) : 8);
     const long long stage_ns = argc > 2 ? atoll(argv[2]) : 0;
     int sms;
     CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
@@ -218,7 +220,9 @@ int main(int argc, char** argv) {
     CK(cudaMemset(w, 1, total));
     for (int p = 0; p < np; p++) host[p].src = w + off[p];
     unsigned *done, *sink;
+    unsigned long long* begin;
     CK(cudaMalloc(&done, np * sizeof(unsigned)));
+    CK(cudaMalloc(&begin, np * sizeof(unsigned long long)));
     CK(cudaMalloc(&sink, sizeof(unsigned)));
     cudaStream_t s;
     CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
@@ -236,7 +240,7 @@ int main(int argc, char** argv) {
         attr[0].val.programmaticStreamSerializationAllowed = pdl;
         cfg.attrs = attr;
         cfg.numAttrs = 1;
-        CK(cudaLaunchKernelEx(&cfg, run_phases, p0, p1, nstages, done, grid, pdl, stage_ns, sink));
+        CK(cudaLaunchKernelEx(&cfg, run_phases, p0, p1, nstages, done, grid, pdl, stage_ns, sink, begin));
     };
     // Times a captured sequence of launches (median of 5 replays after one).
     auto timed = [&](auto&& body) {
@@ -276,6 +280,19 @@ int main(int argc, char** argv) {
         CK(cudaMemcpyToSymbol(ph, bare.data(), np * sizeof(Phase)));
         const double floor = timed([&] { launch(0, np, sms, nstages, 0, true); });
         CK(cudaMemcpyToSymbol(ph, host.data(), np * sizeof(Phase)));
+        double adv[2][sizeof(kLayer) / sizeof(kLayer[0])] = {};
+        // Block 0's phase starts of the last replay: each phase's mean time to the next's
+        // start over the layers after the first.
+        auto advances = [&](double* out) {
+            std::vector<unsigned long long> b(np);
+            CK(cudaMemcpy(b.data(), begin, np * sizeof(unsigned long long), cudaMemcpyDeviceToHost));
+            int n[sizeof(kLayer) / sizeof(kLayer[0])] = {};
+            for (int p = per_layer; p + 1 < np; p++) {
+                out[p % per_layer] += (double)(b[p + 1] - b[p]) / 1e3;
+                n[p % per_layer]++;
+            }
+            for (int q = 0; q < per_layer; q++) out[q] /= n[q] ? n[q] : 1;
+        };
         const double launches = timed([&] {
             for (int p = 0; p < np; p++) {
                 const Phase& f = host[p];
@@ -283,9 +300,15 @@ int main(int argc, char** argv) {
                 launch(p, p + 1, grid, nstages, p > 0, f.stream);
             }
         });
+        advances(adv[0]);
         const double persist = timed([&] { launch(0, np, sms, nstages, 0, true); });
+        advances(adv[1]);
         printf("ring of %d x 32 KB: stream %.1f (%.2f) | launches %.1f (%.2f) | persist %.1f (%.2f)\n", nstages,
                floor, bytes / floor / 1e6, launches, bytes / launches / 1e6, persist, bytes / persist / 1e6);
+        printf("  %-26s\n", "phase: µs from its start to");
+        printf("  %-26s %9s %9s\n", "the next one's (block 0)", "launches", "persist");
+        for (int q = 0; q < per_layer; q++)
+            printf("  %-26s %9.1f %9.1f\n", kLayer[q].name, adv[0][q], adv[1][q]);
     }
     double lat = 0;
     for (int p = 0; p < per_layer; p++) lat += host[p].ns / 1e3;
