@@ -8,20 +8,8 @@
 //          after their writes (release/acquire at GPU scope) instead of griddepcontrol.wait.
 // Each configuration checks that the last kernel read K (so no read saw a stale value).
 //   nvcc -std=c++17 -O3 -arch=sm_90a -o pdl_chain tools/gpu/pdl_chain.cu && ./pdl_chain
-#include <algorithm>
 #include <cstdint>
-#include <cstdio>
-#include <vector>
-#include <cuda_runtime.h>
-
-#define CK(x)                                                                   \
-    do {                                                                        \
-        cudaError_t e_ = (x);                                                   \
-        if (e_ != cudaSuccess) {                                                \
-            printf("%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e_));   \
-            exit(1);                                                            \
-        }                                                                       \
-    } while (0)
+#include "graph_util.cuh"
 
 enum Mode { PLAIN = 0, PDL = 1, FLAG = 2 };
 
@@ -67,9 +55,6 @@ int main() {
     CK(cudaMalloc(&done, K * sizeof(unsigned)));
     cudaStream_t s;
     CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
-    cudaEvent_t e0, e1;
-    CK(cudaEventCreate(&e0));
-    CK(cudaEventCreate(&e1));
     printf("SMs %d; %d dependent kernels per graph; microseconds per kernel (median of 5 replays)\n", sms, K);
     printf("%6s %8s %9s %8s %8s %8s\n", "blocks", "smem KB", "work ns", "plain", "pdl", "flag");
     const int grids[] = {1, 32, sms};
@@ -80,42 +65,16 @@ int main() {
             for (int kb : smems) {
                 printf("%6d %8d %9lld", g, kb, work);
                 for (int mode = 0; mode < 3; mode++) {
-                    cudaGraph_t graph;
-                    cudaGraphExec_t exec;
-                    CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
-                    CK(cudaMemsetAsync(done, 0, K * sizeof(unsigned), s));
-                    for (int i = 0; i < K; i++) {
-                        cudaLaunchConfig_t cfg = {};
-                        cfg.gridDim = dim3(g);
-                        cfg.blockDim = dim3(256);
-                        cfg.dynamicSmemBytes = (size_t)kb * 1024;
-                        cfg.stream = s;
-                        cudaLaunchAttribute attr[1];
-                        attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-                        attr[0].val.programmaticStreamSerializationAllowed = mode != PLAIN && i > 0;
-                        cfg.attrs = attr;
-                        cfg.numAttrs = 1;
-                        CK(cudaLaunchKernelEx(&cfg, link, i ? (const unsigned*)bufs[i - 1] : nullptr, bufs[i], g,
-                                              i ? done + i - 1 : nullptr, done + i, mode, work));
-                    }
-                    CK(cudaStreamEndCapture(s, &graph));
-                    CK(cudaGraphInstantiate(&exec, graph, 0));
-                    std::vector<float> ts;
-                    for (int r = 0; r < 6; r++) {
-                        CK(cudaEventRecord(e0, s));
-                        CK(cudaGraphLaunch(exec, s));
-                        CK(cudaEventRecord(e1, s));
-                        CK(cudaStreamSynchronize(s));
-                        float ms;
-                        CK(cudaEventElapsedTime(&ms, e0, e1));
-                        if (r) ts.push_back(ms);
-                    }
-                    std::sort(ts.begin(), ts.end());
+                    const float ms = graph_median_ms(s, [&] {
+                        CK(cudaMemsetAsync(done, 0, K * sizeof(unsigned), s));
+                        for (int i = 0; i < K; i++)
+                            launch_pdl(link, dim3(g), dim3(256), (size_t)kb * 1024, s, mode != PLAIN && i > 0,
+                                       i ? (const unsigned*)bufs[i - 1] : nullptr, bufs[i], g,
+                                       i ? done + i - 1 : nullptr, done + i, mode, work);
+                    });
                     unsigned last[1];
                     CK(cudaMemcpy(last, bufs[K - 1], sizeof(unsigned), cudaMemcpyDeviceToHost));
-                    printf(" %8.2f%s", ts[ts.size() / 2] * 1000.f / K, last[0] == (unsigned)K ? "" : "!");
-                    CK(cudaGraphExecDestroy(exec));
-                    CK(cudaGraphDestroy(graph));
+                    printf(" %8.2f%s", ms * 1000.f / K, last[0] == (unsigned)K ? "" : "!");
                 }
                 printf("\n");
             }

@@ -17,22 +17,9 @@
 // for its input); the launch model's layer should land near the traced ~148 µs to trust the rest.
 //   nvcc -std=c++17 -O3 -arch=sm_90a -o persistent_layer tools/gpu/persistent_layer.cu
 //   ./persistent_layer [layers=8] [stage_ns=0]
-#include <algorithm>
 #include <cstdint>
-#include <cstdio>
-#include <cstdlib>
-#include <vector>
-#include <cuda_runtime.h>
+#include "graph_util.cuh"
 #include "ring_util.cuh"
-
-#define CK(x)                                                                 \
-    do {                                                                      \
-        cudaError_t e_ = (x);                                                 \
-        if (e_ != cudaSuccess) {                                              \
-            printf("%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e_)); \
-            exit(1);                                                          \
-        }                                                                     \
-    } while (0)
 
 constexpr int STAGE = 32 * 1024;  // bytes per ring stage, requested as 8 copies of 4 KB
 constexpr int MAX_STAGES = 6;
@@ -226,45 +213,17 @@ int main(int argc, char** argv) {
     CK(cudaMalloc(&sink, sizeof(unsigned)));
     cudaStream_t s;
     CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
-    cudaEvent_t e0, e1;
-    CK(cudaEventCreate(&e0));
-    CK(cudaEventCreate(&e1));
     auto launch = [&](int p0, int p1, int grid, int nstages, int pdl, bool smem) {
-        cudaLaunchConfig_t cfg = {};
-        cfg.gridDim = dim3(grid);
-        cfg.blockDim = dim3(THREADS);
-        cfg.dynamicSmemBytes = smem ? (size_t)nstages * STAGE : 0;
-        cfg.stream = s;
-        cudaLaunchAttribute attr[1];
-        attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-        attr[0].val.programmaticStreamSerializationAllowed = pdl;
-        cfg.attrs = attr;
-        cfg.numAttrs = 1;
-        CK(cudaLaunchKernelEx(&cfg, run_phases, p0, p1, nstages, done, grid, pdl, stage_ns, sink, begin));
+        launch_pdl(run_phases, dim3(grid), dim3(THREADS), smem ? (size_t)nstages * STAGE : 0, s, pdl, p0, p1, nstages,
+                   done, grid, pdl, stage_ns, sink, begin);
     };
-    // Times a captured sequence of launches (median of 5 replays after one).
+    // µs per layer of a captured sequence of launches, the counters zeroed first.
     auto timed = [&](auto&& body) {
-        cudaGraph_t graph;
-        cudaGraphExec_t exec;
-        CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
-        CK(cudaMemsetAsync(done, 0, np * sizeof(unsigned), s));
-        body();
-        CK(cudaStreamEndCapture(s, &graph));
-        CK(cudaGraphInstantiate(&exec, graph, 0));
-        std::vector<float> ts;
-        for (int r = 0; r < 6; r++) {
-            CK(cudaEventRecord(e0, s));
-            CK(cudaGraphLaunch(exec, s));
-            CK(cudaEventRecord(e1, s));
-            CK(cudaStreamSynchronize(s));
-            float ms;
-            CK(cudaEventElapsedTime(&ms, e0, e1));
-            if (r) ts.push_back(ms);
-        }
-        CK(cudaGraphExecDestroy(exec));
-        CK(cudaGraphDestroy(graph));
-        std::sort(ts.begin(), ts.end());
-        return ts[ts.size() / 2] * 1e3 / layers;  // µs per layer
+        return graph_median_ms(s, [&] {
+                   CK(cudaMemsetAsync(done, 0, np * sizeof(unsigned), s));
+                   body();
+               }) *
+               1e3 / layers;
     };
     double bytes = 0;
     for (int p = 0; p < per_layer; p++) bytes += (double)host[p].stages * sms * STAGE;
