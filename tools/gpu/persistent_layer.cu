@@ -15,6 +15,8 @@
 // for a GEMV's arithmetic), so the figures measure the latency structure, not the kernels. The
 // latency times below are estimates of each phase's own time (its trace advance less the wait
 // for its input); the launch model's layer should land near the traced ~148 µs to trust the rest.
+// (Spins and stamps read %globaltimer, which may tick by ~1 µs: a single phase's figure is that
+// coarse, the per-layer means are not.)
 //   nvcc -std=c++17 -O3 -arch=sm_90a -o persistent_layer tools/gpu/persistent_layer.cu
 //   ./persistent_layer [layers=8] [stage_ns=0]
 #include <cstdint>
@@ -171,41 +173,55 @@ static const Spec kLayer[] = {
 };
 
 int main(int argc, char** argv) {
-    const int layers = std::max(2, argc > 1 ? atoi(argv[1]) : 8);
+    const int layers = std::max(3, argc > 1 ? atoi(argv[1]) : 8);
     const long long stage_ns = argc > 2 ? atoll(argv[2]) : 0;
     int sms;
     CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
     CK(cudaFuncSetAttribute(run_phases, cudaFuncAttributeMaxDynamicSharedMemorySize, MAX_STAGES * STAGE));
+    // The persistent grid's blocks wait for each other: one must fit on every SM at once.
+    int fit;
+    CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&fit, run_phases, THREADS, MAX_STAGES * STAGE));
+    if (fit < 1) {
+        printf("a block of %d threads and %d KB does not fit an SM\n", THREADS, MAX_STAGES * STAGE / 1024);
+        return 1;
+    }
     const int per_layer = sizeof(kLayer) / sizeof(kLayer[0]);
     const int np = layers * per_layer;
     if (np > MAX_PHASES) {
         printf("at most %d phases\n", MAX_PHASES);
         return 1;
     }
-    // The phases in order: a consumer waits for the phase before it; the shared expert waits
-    // for the boundary (the routing runs beside it), the routed streams' producers for the routing.
-    std::vector<Phase> host(np);
-    size_t total = 0;
+    // The phases in order: a consumer waits for the phase before it; the routed experts' for
+    // the routing, their producers too. With shared_beside the shared expert waits only for the
+    // boundary (the routing runs beside it), as the engine's FFN half runs them.
     std::vector<size_t> off(np);
-    for (int p = 0; p < np; p++) {
-        const Spec& s = kLayer[p % per_layer];
-        Phase& f = host[p];
-        f.stream = s.stream;
-        f.ns = s.ns;
-        f.blocks = s.blocks;
-        f.stages = s.stream ? (long long)(s.mb * 1e6 / sms / STAGE) : 0;
-        f.wait = p - 1;
-        f.pwait = -1;
-        const int route = p - p % per_layer + 10;  // the layer's routing phase
-        if (p % per_layer == 11) f.wait = p - 2;
-        if (s.routed) f.pwait = route;
-        off[p] = total;
-        total += (size_t)f.stages * sms * STAGE;
-    }
+    size_t total = 0;
+    auto phases = [&](bool shared_beside) {
+        std::vector<Phase> host(np);
+        total = 0;
+        for (int p = 0; p < np; p++) {
+            const Spec& s = kLayer[p % per_layer];
+            Phase& f = host[p];
+            f.stream = s.stream;
+            f.ns = s.ns;
+            f.blocks = s.blocks;
+            f.stages = s.stream ? std::llround(s.mb * 1e6 / sms / STAGE) : 0;
+            f.wait = p - 1;
+            f.pwait = -1;
+            const int route = p - p % per_layer + 10;  // the layer's routing phase
+            if (p % per_layer == 11 && shared_beside) f.wait = p - 2;  // the boundary
+            if (p % per_layer == 12) f.wait = route;  // (the routing waited for the boundary)
+            if (s.routed) f.pwait = route;
+            off[p] = total;
+            total += (size_t)f.stages * sms * STAGE;
+        }
+        return host;
+    };
+    std::vector<Phase> host = phases(true), serial = phases(false);
     uint8_t* w;
     CK(cudaMalloc(&w, total));
     CK(cudaMemset(w, 1, total));
-    for (int p = 0; p < np; p++) host[p].src = w + off[p];
+    for (int p = 0; p < np; p++) host[p].src = serial[p].src = w + off[p];
     unsigned *done, *sink;
     unsigned long long* begin;
     CK(cudaMalloc(&done, np * sizeof(unsigned)));
@@ -239,9 +255,10 @@ int main(int argc, char** argv) {
         CK(cudaMemcpyToSymbol(ph, bare.data(), np * sizeof(Phase)));
         const double floor = timed([&] { launch(0, np, sms, nstages, 0, true); });
         CK(cudaMemcpyToSymbol(ph, host.data(), np * sizeof(Phase)));
-        double adv[2][sizeof(kLayer) / sizeof(kLayer[0])] = {};
+        double adv[3][sizeof(kLayer) / sizeof(kLayer[0])] = {};
         // Block 0's phase starts of the last replay: each phase's mean time to the next's
-        // start over the layers after the first.
+        // start over the layers after the first (block 0 takes every one-block phase, so
+        // those are its path, not necessarily the grid's).
         auto advances = [&](double* out) {
             std::vector<unsigned long long> b(np);
             CK(cudaMemcpy(b.data(), begin, np * sizeof(unsigned long long), cudaMemcpyDeviceToHost));
@@ -262,12 +279,19 @@ int main(int argc, char** argv) {
         advances(adv[0]);
         const double persist = timed([&] { launch(0, np, sms, nstages, 0, true); });
         advances(adv[1]);
-        printf("ring of %d x 32 KB: stream %.1f (%.2f) | launches %.1f (%.2f) | persist %.1f (%.2f)\n", nstages,
-               floor, bytes / floor / 1e6, launches, bytes / launches / 1e6, persist, bytes / persist / 1e6);
+        // The same with the shared expert after the routing, as the launches order them: what
+        // the persistent kernel gains by its structure alone.
+        CK(cudaMemcpyToSymbol(ph, serial.data(), np * sizeof(Phase)));
+        const double persist_serial = timed([&] { launch(0, np, sms, nstages, 0, true); });
+        advances(adv[2]);
+        printf("ring of %d x 32 KB: stream %.1f (%.2f) | launches %.1f (%.2f) | persist %.1f (%.2f) | "
+               "persist, shared expert after the routing %.1f (%.2f)\n",
+               nstages, floor, bytes / floor / 1e6, launches, bytes / launches / 1e6, persist, bytes / persist / 1e6,
+               persist_serial, bytes / persist_serial / 1e6);
         printf("  %-26s\n", "phase: µs from its start to");
-        printf("  %-26s %9s %9s\n", "the next one's (block 0)", "launches", "persist");
+        printf("  %-26s %9s %9s %9s\n", "the next one's (block 0)", "launches", "persist", "serial");
         for (int q = 0; q < per_layer; q++)
-            printf("  %-26s %9.1f %9.1f\n", kLayer[q].name, adv[0][q], adv[1][q]);
+            printf("  %-26s %9.1f %9.1f %9.1f\n", kLayer[q].name, adv[0][q], adv[1][q], adv[2][q]);
     }
     double lat = 0;
     for (int p = 0; p < per_layer; p++) lat += host[p].ns / 1e3;

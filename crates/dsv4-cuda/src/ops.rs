@@ -258,13 +258,7 @@ pub fn linear(
     }
     // Many tokens through a few f32 rows (the hyper-connection `fn` rows): the activations
     // read once, every row held by the blocks of a K slice.
-    if gpu.narrow_f32()
-        && m > GEMM_MIN_TOKENS
-        && w.fmt == Fmt::F32
-        && nrows <= NARROW_ROWS
-        && inp.group.is_none()
-        && w.inp.div_ceil(NARROW_K) * m * nrows <= part.floats
-    {
+    if narrow_f32_applies(gpu, w, inp, part) {
         return gemm_f32_narrow(gpu, w, inp, y, ldy, part);
     }
     // Many tokens: the tiled kernel reuses each decoded weight tile for 64 tokens.
@@ -439,6 +433,18 @@ pub fn gemm_simt(gpu: &Gpu, w: &GpuLinear, inp: &LinIn, y: u64, ldy: usize) -> R
 /// GN_ROWS, GN_KS).
 const NARROW_ROWS: usize = 24;
 const NARROW_K: usize = 1024;
+
+/// Whether [`linear`] takes `w` with this input through `gemm_f32_narrow`: the path is on
+/// (`DSV4_CUDA_NARROW`), many tokens, at most [`NARROW_ROWS`] f32 rows, and the slices' partial
+/// sums fit `part`.
+pub fn narrow_f32_applies(gpu: &Gpu, w: &GpuLinear, inp: &LinIn, part: &Partial) -> bool {
+    gpu.narrow_f32()
+        && inp.m > GEMM_MIN_TOKENS
+        && w.fmt == Fmt::F32
+        && w.out <= NARROW_ROWS
+        && inp.group.is_none()
+        && w.inp.div_ceil(NARROW_K) * inp.m * w.out <= part.floats
+}
 
 /// `y = W x` of many tokens through at most [`NARROW_ROWS`] f32 rows: `gemm_f32_narrow` (a
 /// block per K slice and token group, the groups filling the SMs in one wave) into `part`,

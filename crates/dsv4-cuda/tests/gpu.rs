@@ -123,6 +123,14 @@ fn linear_kernels_match_cpu() {
         gpu.set_narrow(narrow);
         let l: Linear = synthetic::random_linear(fmt, out, inp, 9).unwrap();
         let g = GpuLinear::upload(&gpu, &l).unwrap();
+        if matches!(fmt, F::F32) {
+            // The f32 rows take their own kernel exactly when the narrow paths are on.
+            let x = LinIn::rows(0, inp, m);
+            assert_eq!(
+                dsv4_cuda::ops::narrow_f32_applies(&gpu, &g, &x, &part),
+                narrow
+            );
+        }
         let e = linear_error(&gpu, &part, &l, &g, &random_f32(m * inp, 5), m);
         eprintln!("{fmt:?} [{out}, {inp}] m={m} narrow {narrow}: max rel err {e:.2e}");
         assert!(
