@@ -9,10 +9,12 @@
 // -DBULK_WAIT=1|2 (the rings' waits without suspending, or with a short suspend hint),
 // -DBULK_STAMPS (block 0's clock per stage: where a stage's cycles go), -DBULK_WALK_S1=0 (the
 // runtime divisions per stage, as before stop 34);
+// Last, wo_a + wo_b as two launches and as the one-launch pair.
 // scripts/ffn-bench.sh with TOOL=gemv_bulk_bench builds and runs them.
 //   nvcc -std=c++17 -O3 -arch=sm_90a -Icrates/dsv4-cuda/kernels -o gemv_bulk_bench tools/gpu/gemv_bulk_bench.cu
 #include <cstdio>
 #include <cstdlib>
+#include <algorithm>
 #include <cstring>
 #include <vector>
 #include <cuda_runtime.h>
@@ -28,6 +30,76 @@
 #endif
 
 typedef void (*Kern)(LinearW, GemvArgs, int);
+
+// wo_a (8192 x 4096) then wo_b (4096 x 8192) of one token, FP8, as two launches under PDL and
+// as `gemv_bulk_pair` (one ring, a grid barrier between the products; DSV4_CUDA_BULK_PAIR=1 in
+// the engine, ~5% slower in the step): whether the pair loses alone, or only beside the
+// attention before it. Four copies of each matrix in turn, so none is in L2.
+static void pair_vs_two_launches(int sms, float* x, float* y, cudaStream_t st) {
+    constexpr int C = 4;
+    std::vector<LinearW> wa, wb;
+    for (int i = 0; i < C; i++) {
+        wa.push_back(matrix(FMT_FP8, 8192, 4096, 31 + i));
+        wb.push_back(matrix(FMT_FP8, 4096, 8192, 41 + i));
+    }
+    float* z;  // wo_a's output, wo_b's input
+    unsigned* bar;
+    CK(cudaMalloc(&z, 8192 * 4));
+    CK(cudaMalloc(&bar, 2 * sizeof(unsigned)));
+    CK(cudaMemset(bar, 0, 2 * sizeof(unsigned)));
+    GemvArgs a0{}, a1{};
+    a0.x = x, a0.y = z, a0.nrows = 8192, a0.ldx = 4096, a0.ldy = 8192;
+    a1.x = z, a1.y = y, a1.nrows = 4096, a1.ldx = 8192, a1.ldy = 4096;
+    for (GemvArgs* a : {&a0, &a1}) a->M = 1, a->S = 1, a->vec = 1;
+    const int ns0 = 4096 / 4096, ns1 = 8192 / 4096;  // K slices of 4 KB (r1)
+    const int stage = bulk_stage_bytes<FMT_FP8, 1>(), smem = BENCH_STAGES * stage;
+    const int blocks = std::min(8192 / 8, sms);
+    CK(cudaFuncSetAttribute((const void*)gemv_bulk_fp8_1_r1, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    CK(cudaFuncSetAttribute((const void*)gemv_bulk_pair_fp8_r1_fp8_r1_1,
+                            cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    cudaLaunchAttribute at[1];
+    at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    at[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t cfg{};
+    cfg.gridDim = dim3(blocks);
+    cfg.blockDim = dim3(BULK_THREADS);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = st;
+    cfg.attrs = at;
+    cfg.numAttrs = 1;
+    auto two = [&](int i) {
+        CK(cudaLaunchKernelEx(&cfg, gemv_bulk_fp8_1_r1, wa[i % C], a0, ns0));
+        CK(cudaLaunchKernelEx(&cfg, gemv_bulk_fp8_1_r1, wb[i % C], a1, ns1));
+    };
+    auto pair = [&](int i) {
+        CK(cudaLaunchKernelEx(&cfg, gemv_bulk_pair_fp8_r1_fp8_r1_1, wa[i % C], a0, ns0, wb[i % C], a1, ns1, bar));
+    };
+    for (int k = 0; k < 2; k++) {
+        const bool paired = k == 1;
+        for (int i = 0; i < 8; i++) paired ? pair(i) : two(i);
+        CK(cudaStreamSynchronize(st));
+        cudaEvent_t e0, e1;
+        CK(cudaEventCreate(&e0));
+        CK(cudaEventCreate(&e1));
+        const int reps = 100;
+        CK(cudaEventRecord(e0, st));
+        for (int i = 0; i < reps; i++) paired ? pair(i) : two(i);
+        CK(cudaEventRecord(e1, st));
+        CK(cudaEventSynchronize(e1));
+        float ms;
+        CK(cudaEventElapsedTime(&ms, e0, e1));
+        const double us = ms * 1e3 / reps, bytes = 2.0 * 8192 * 4096;
+        printf("wo_a + wo_b, %-20s %8.2f us  %5.2f TB/s (%.0f MB, %d blocks)\n",
+               paired ? "one launch (pair)" : "two launches", us, bytes / us / 1e6, bytes / 1e6, blocks);
+    }
+    for (auto* v : {&wa, &wb})
+        for (auto& w : *v) {
+            CK(cudaFree((void*)w.w));
+            CK(cudaFree((void*)w.scales));
+        }
+    CK(cudaFree(z));
+    CK(cudaFree(bar));
+}
 
 int main() {
     int sms;
@@ -140,5 +212,6 @@ int main() {
             CK(cudaFree((void*)w.scales));
         }
     }
+    pair_vs_two_launches(sms, x, y, st);
     return 0;
 }
