@@ -5,8 +5,9 @@
 //   stream   the streams' bytes alone through the same rings, no waits (the floor);
 //   launches a kernel per phase under programmatic dependent launch, as the engine runs a step:
 //            a stream kernel's producer requests its weights before `griddepcontrol.wait`
-//            (after it where the addresses come from the routing); a latency kernel holds no
-//            shared memory, so the next stream kernel's blocks can stream beside it;
+//            (where the addresses come from the routing, once the routing's count is in); a
+//            latency kernel holds no shared memory, so the next stream kernel's blocks can
+//            stream beside it;
 //   persist  one kernel, a block per SM: the producer warp requests every phase's weights
 //            through one ring as slots free (waiting only, for the routed experts, on the
 //            routing), the consumer warps take the phases in order, each once a grid-wide
@@ -61,8 +62,10 @@ __device__ __forceinline__ void wait_count(const unsigned* done, int p, int grid
     }
 }
 
-// Phases [p0, p1). pdl: a launch of its own (one phase), ordered by griddepcontrol; else the
-// persistent kernel, ordered by the `done` counters (`grid`: its block count).
+// Phases [p0, p1). pdl: a launch of its own (one phase), its consumers ordered by
+// griddepcontrol; else the persistent kernel, ordered by the `done` counters (`grid`: its block
+// count). Every phase counts its blocks done, and a producer that waits for an address (the
+// routed experts' for the routing) waits on that count in both structures.
 __global__ void __launch_bounds__(THREADS, 1)
     run_phases(int p0, int p1, int nstages, unsigned* done, int grid, int pdl, long long stage_ns, unsigned* sink,
                unsigned long long* begin) {
@@ -83,9 +86,8 @@ __global__ void __launch_bounds__(THREADS, 1)
         for (int p = p0; p < p1; p++) {
             const Phase& f = ph[p];
             if (!f.stream) continue;
-            if (f.pwait >= 0) {
-                if (pdl) asm volatile("griddepcontrol.wait;" ::: "memory");
-                else if (lane == 0) wait_count(done, f.pwait, grid);
+            if (f.pwait >= 0) {  // (a flag in either structure, as the engine's routed producers wait)
+                if (lane == 0) wait_count(done, f.pwait, grid);
                 __syncwarp();
             }
             const uint8_t* base = f.src + (size_t)blockIdx.x * f.stages * STAGE;
@@ -136,7 +138,7 @@ __global__ void __launch_bounds__(THREADS, 1)
             spin_ns(f.ns);
         }
         consumers_sync();
-        if (!pdl && threadIdx.x == 0) {
+        if (threadIdx.x == 0) {
             asm volatile("fence.acq_rel.gpu;" ::: "memory");
             atomicAdd(done + p, 1u);
         }
