@@ -23,6 +23,7 @@
 #include "gemm_tc.cu"
 #include "gemv_bulk.cu"
 #include "bench_util.cuh"
+#include "graph_util.cuh"
 
 // Ring stages per launch (the host's default 4; -DBENCH_STAGES=6 for deeper rings).
 #ifndef BENCH_STAGES
@@ -30,6 +31,25 @@
 #endif
 
 typedef void (*Kern)(LinearW, GemvArgs, int);
+
+// µs per call of run(i) queued back to back on st: 8 calls to warm up, then `reps` timed.
+template <class Run>
+static double us_per_call(cudaStream_t st, int reps, Run&& run) {
+    for (int i = 0; i < 8; i++) run(i);
+    CK(cudaStreamSynchronize(st));
+    cudaEvent_t e0, e1;
+    CK(cudaEventCreate(&e0));
+    CK(cudaEventCreate(&e1));
+    CK(cudaEventRecord(e0, st));
+    for (int i = 0; i < reps; i++) run(i);
+    CK(cudaEventRecord(e1, st));
+    CK(cudaEventSynchronize(e1));
+    float ms;
+    CK(cudaEventElapsedTime(&ms, e0, e1));
+    CK(cudaEventDestroy(e0));
+    CK(cudaEventDestroy(e1));
+    return ms * 1e3 / reps;
+}
 
 // wo_a (8192 x 4096) then wo_b (4096 x 8192) of one token, FP8, as two launches under PDL and
 // as `gemv_bulk_pair` (one ring, a grid barrier between the products; DSV4_CUDA_BULK_PAIR=1 in
@@ -57,38 +77,18 @@ static void pair_vs_two_launches(int sms, float* x, float* y, cudaStream_t st) {
     CK(cudaFuncSetAttribute((const void*)gemv_bulk_fp8_1_r1, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     CK(cudaFuncSetAttribute((const void*)gemv_bulk_pair_fp8_r1_fp8_r1_1,
                             cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    cudaLaunchAttribute at[1];
-    at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    at[0].val.programmaticStreamSerializationAllowed = 1;
-    cudaLaunchConfig_t cfg{};
-    cfg.gridDim = dim3(blocks);
-    cfg.blockDim = dim3(BULK_THREADS);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = st;
-    cfg.attrs = at;
-    cfg.numAttrs = 1;
+    const dim3 grid(blocks), block(BULK_THREADS);
     auto two = [&](int i) {
-        CK(cudaLaunchKernelEx(&cfg, gemv_bulk_fp8_1_r1, wa[i % C], a0, ns0));
-        CK(cudaLaunchKernelEx(&cfg, gemv_bulk_fp8_1_r1, wb[i % C], a1, ns1));
+        launch_pdl(gemv_bulk_fp8_1_r1, grid, block, smem, st, true, wa[i % C], a0, ns0);
+        launch_pdl(gemv_bulk_fp8_1_r1, grid, block, smem, st, true, wb[i % C], a1, ns1);
     };
     auto pair = [&](int i) {
-        CK(cudaLaunchKernelEx(&cfg, gemv_bulk_pair_fp8_r1_fp8_r1_1, wa[i % C], a0, ns0, wb[i % C], a1, ns1, bar));
+        launch_pdl(gemv_bulk_pair_fp8_r1_fp8_r1_1, grid, block, smem, st, true, wa[i % C], a0, ns0, wb[i % C], a1,
+                   ns1, bar);
     };
-    for (int k = 0; k < 2; k++) {
-        const bool paired = k == 1;
-        for (int i = 0; i < 8; i++) paired ? pair(i) : two(i);
-        CK(cudaStreamSynchronize(st));
-        cudaEvent_t e0, e1;
-        CK(cudaEventCreate(&e0));
-        CK(cudaEventCreate(&e1));
-        const int reps = 100;
-        CK(cudaEventRecord(e0, st));
-        for (int i = 0; i < reps; i++) paired ? pair(i) : two(i);
-        CK(cudaEventRecord(e1, st));
-        CK(cudaEventSynchronize(e1));
-        float ms;
-        CK(cudaEventElapsedTime(&ms, e0, e1));
-        const double us = ms * 1e3 / reps, bytes = 2.0 * 8192 * 4096;
+    const double bytes = 2.0 * 8192 * 4096;
+    for (bool paired : {false, true}) {
+        const double us = paired ? us_per_call(st, 100, pair) : us_per_call(st, 100, two);
         printf("wo_a + wo_b, %-20s %8.2f us  %5.2f TB/s (%.0f MB, %d blocks)\n",
                paired ? "one launch (pair)" : "two launches", us, bytes / us / 1e6, bytes / 1e6, blocks);
     }
@@ -150,32 +150,10 @@ int main() {
         const int smem = BENCH_STAGES * c.stage;
         const int nslices = c.in / (c.f4 ? 2 : 1) / (4096 / c.rpw);
         CK(cudaFuncSetAttribute((const void*)c.k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-        cudaLaunchAttribute at[1];
-        at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-        at[0].val.programmaticStreamSerializationAllowed = 1;
-        cudaLaunchConfig_t cfg{};
-        cfg.gridDim = dim3(blocks);
-        cfg.blockDim = dim3(BULK_THREADS);
-        cfg.dynamicSmemBytes = smem;
-        cfg.stream = st;
-        cfg.attrs = at;
-        cfg.numAttrs = 1;
-        auto run = [&](int n) {
-            for (int i = 0; i < n; i++) CK(cudaLaunchKernelEx(&cfg, c.k, ws[i % copies], a, nslices));
+        auto run = [&](int i) {
+            launch_pdl(c.k, dim3(blocks), dim3(BULK_THREADS), smem, st, true, ws[i % copies], a, nslices);
         };
-        run(8);
-        CK(cudaStreamSynchronize(st));
-        cudaEvent_t e0, e1;
-        CK(cudaEventCreate(&e0));
-        CK(cudaEventCreate(&e1));
-        const int reps = copies == 1 ? 20 : 100;
-        CK(cudaEventRecord(e0, st));
-        run(reps);
-        CK(cudaEventRecord(e1, st));
-        CK(cudaEventSynchronize(e1));
-        float ms;
-        CK(cudaEventElapsedTime(&ms, e0, e1));
-        const double us = ms * 1e3 / reps;
+        const double us = us_per_call(st, copies == 1 ? 20 : 100, run);
         printf("%-28s %8.2f us  %5.2f TB/s (%.0f MB, %d blocks)\n", c.what, us,
                bytes / us / 1e6, bytes / 1e6, blocks);
 #ifdef BULK_STAMPS
@@ -185,7 +163,7 @@ int main() {
             static long long stamp[BULK_WARPS + 1][BULK_STAMP_N][3];
             memset(stamp, 0, sizeof stamp);
             CK(cudaMemcpyToSymbol(bulk_stamps, stamp, sizeof stamp));
-            run(1);
+            run(0);
             CK(cudaStreamSynchronize(st));
             CK(cudaMemcpyFromSymbol(stamp, bulk_stamps, sizeof stamp));
             int ns = 0;

@@ -135,7 +135,7 @@ fn tc_suffix(tokens: usize, bk: usize) -> &'static str {
 /// GEMM tile (decode batches).
 pub const GEMM_MIN_TOKENS: usize = 64;
 /// The fewest blocks a many-token product takes the tensor cores with ([`linear`], under
-/// `DSV4_CUDA_NARROW=1`): about a quarter of an H100's 132 SMs, where a 128-row × 64-token tile
+/// `DSV4_CUDA_NARROW=1` or `tc`): about a quarter of an H100's 132 SMs, where a 128-row × 64-token tile
 /// should still beat the SIMT tiles' and the GEMV's larger grids several times over.
 const TC_MIN_BLOCKS: usize = 32;
 /// From this many tokens a decode batch takes the tensor-core tile for tall matrices.
@@ -429,10 +429,12 @@ pub fn gemm_simt(gpu: &Gpu, w: &GpuLinear, inp: &LinIn, y: u64, ldy: usize) -> R
     gpu.launch(&name, grid, (256, 1, 1), 0, &[&w.desc, &args])
 }
 
-/// The most rows `gemm_f32_narrow` takes, and the inputs of its K slices (kernels/gemm.cu:
-/// GN_ROWS, GN_KS).
+/// The most rows `gemm_f32_narrow` takes, the inputs of its K slices, its threads and the
+/// tokens of each round its warps meet (kernels/gemm.cu: GN_ROWS, GN_KS, GN_THREADS, GN_TPR).
 const NARROW_ROWS: usize = 24;
 const NARROW_K: usize = 1024;
+const NARROW_THREADS: u32 = 256;
+const NARROW_ROUND: usize = 4;
 
 /// Whether [`linear`] takes `w` with this input through `gemm_f32_narrow`: the path is on
 /// (`DSV4_CUDA_NARROW`), many tokens, at most [`NARROW_ROWS`] f32 rows, and the slices' partial
@@ -459,13 +461,13 @@ fn gemm_f32_narrow(
 ) -> Result<()> {
     let m = inp.m;
     let slices = w.inp.div_ceil(NARROW_K);
-    let groups = (gpu.sm_count / slices).clamp(1, m.div_ceil(4));
-    let per_block = m.div_ceil(groups).next_multiple_of(4);
+    let groups = (gpu.sm_count / slices).clamp(1, m.div_ceil(NARROW_ROUND));
+    let per_block = m.div_ceil(groups).next_multiple_of(NARROW_ROUND);
     let args = GemmArgs::new(inp, y, ldy, w.vec, inp.terms);
     gpu.launch(
         "gemm_f32_narrow",
         (slices as u32, m.div_ceil(per_block) as u32, 1),
-        (256, 1, 1),
+        (NARROW_THREADS, 1, 1),
         0,
         &[&w.desc, &args, &part.ptr, &(per_block as i32)],
     )?;
