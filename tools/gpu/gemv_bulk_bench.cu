@@ -8,7 +8,8 @@
 // -DBULK_DEFER_SUMS (with -DBULK_DEFER_MAX=32 for the 128 MB rows);
 // -DBULK_WAIT=1|2 (the rings' waits without suspending, or with a short suspend hint),
 // -DBULK_STAMPS (block 0's clock per stage: where a stage's cycles go), -DBULK_WALK_S1=0 (the
-// runtime divisions per stage, as before stop 34);
+// runtime divisions per stage, as before stop 34), -DBULK_LDS_AHEAD (a warp's shared loads of
+// every u of a stage before their math: all of a stage's loads in flight together);
 // Last, wo_a + wo_b as two launches and as the one-launch pair.
 // scripts/ffn-bench.sh with TOOL=gemv_bulk_bench builds and runs them.
 //   nvcc -std=c++17 -O3 -arch=sm_90a -Icrates/dsv4-cuda/kernels -o gemv_bulk_bench tools/gpu/gemv_bulk_bench.cu

@@ -405,28 +405,33 @@ __device__ __forceinline__ void gemv_bulk_steps(const Src& src, ItemRange mine, 
     const bool every_slice = nslices <= XSL;  // all of a row's slices held at once
     const float* xkey = nullptr;
     int skey = -1;
-    // The stage's products for the chunks in xv (u-th of the warp).
-    auto stage = [&](const uint8_t* st, int uu, const float (&xv)[MT][N]) {
+    // The stage's weights and scales of u-th of the warp (its four rows' 16 bytes each), then
+    // their products with the chunks in xv.
+    auto stage_load = [&](const uint8_t* st, int uu, uint4 (&qv)[4], float (&sc)[4]) {
         const int u = UPW * ug + uu;
 #pragma unroll
         for (int k = 0; k < 4; k++) {
             const int j = 4 * q + k;
-            const uint4 qv = *(const uint4*)(st + j * KS + u * 512 + lane * 16);
-            float sc;
+            qv[k] = *(const uint4*)(st + j * KS + u * 512 + lane * 16);
             if constexpr (FMT == FMT_FP8)
-                sc = ((const float*)(st + BULK_STAGE))[u * 4 + (lane >> 3)];
+                sc[k] = ((const float*)(st + BULK_STAGE))[u * 4 + (lane >> 3)];
             else if constexpr (FMT == FMT_FP4)
-                sc = e8m0_to_f32(st[BULK_STAGE + j * (KS / 16) + u * 32 + lane]) * 16384.0f;
+                sc[k] = e8m0_to_f32(st[BULK_STAGE + j * (KS / 16) + u * 32 + lane]) * 16384.0f;
             else
-                sc = 1.f;
+                sc[k] = 1.f;
+        }
+    };
+    auto stage_math = [&](const uint4 (&qv)[4], const float (&sc)[4], const float (&xv)[MT][N]) {
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
             float f[N];
-            decode_vals<FMT>(qv, f);
+            decode_vals<FMT>(qv[k], f);
 #pragma unroll
             for (int m = 0; m < MT; m++) {
                 float d = 0.f;
 #pragma unroll
                 for (int e = 0; e < N; e++) d = fmaf(f[e], xv[m][e], d);
-                acc[k][m] = fmaf(d, sc, acc[k][m]);
+                acc[k][m] = fmaf(d, sc[k], acc[k][m]);
             }
         }
     };
@@ -496,22 +501,38 @@ __device__ __forceinline__ void gemv_bulk_steps(const Src& src, ItemRange mine, 
         BULK_STAMP(n, 0);
         mbar_wait(&full[slot], ring_pass(n, NS) & 1);
         BULK_STAMP(n, 1);
+        // BULK_LDS_AHEAD (a measurement build): every u's weights loaded before any u's math, so
+        // all of a warp's shared loads of the stage are in flight at once.
+#ifdef BULK_LDS_AHEAD
+        constexpr int AHEAD = UPW_RUN > 0 ? UPW_RUN : 1;
+#else
+        constexpr int AHEAD = 1;
+#endif
+        uint4 qv[AHEAD][4];
+        float sc[AHEAD][4];
 #pragma unroll
         for (int uu = 0; uu < UPW_RUN; uu++) {
+            if (AHEAD == 1) {
+                stage_load(st, uu, qv[0], sc[0]);
+            } else if (uu == 0) {
+#pragma unroll
+                for (int v = 0; v < AHEAD; v++) stage_load(st, v, qv[v], sc[v]);
+            }
+            const int a = AHEAD == 1 ? 0 : uu;
             if constexpr (XREG) {
                 // The held slice, by a branch (an index into xc would put it in local memory).
                 const int h = every_slice ? walk.slice : 0;
                 if (XSL == 1 || h == 0) {
-                    stage(st, uu, xc[0][uu]);
+                    stage_math(qv[a], sc[a], xc[0][uu]);
                 } else {
-                    stage(st, uu, xc[XSL - 1][uu]);
+                    stage_math(qv[a], sc[a], xc[XSL - 1][uu]);
                 }
             } else {
                 const int c = walk.slice * (KS / 16) + (UPW * ug + uu) * 32 + lane;  // chunk of the row
                 float xv[MT][N];
 #pragma unroll
                 for (int m = 0; m < MT; m++) src.template load<N, COH>(t, m, c * N, xv[m]);
-                stage(st, uu, xv);
+                stage_math(qv[a], sc[a], xv);
             }
         }
         __syncwarp();
