@@ -19,7 +19,9 @@
 // (Spins and stamps read %globaltimer, which may tick by ~1 µs: a single phase's figure is that
 // coarse, the per-layer means are not.)
 //   nvcc -std=c++17 -O3 -arch=sm_90a -o persistent_layer tools/gpu/persistent_layer.cu
-//   ./persistent_layer [layers=8] [stage_ns=0]
+//   ./persistent_layer [layers=8] [stage_ns=0] [latency_pct=100]
+// (latency_pct scales every latency phase's own time: how much shorter windows would give each
+// structure, e.g. 50 for phases at half their traced time.)
 #include <cstdint>
 #include "graph_util.cuh"
 #include "ring_util.cuh"
@@ -177,6 +179,7 @@ static const Spec kLayer[] = {
 int main(int argc, char** argv) {
     const int layers = std::max(3, argc > 1 ? atoi(argv[1]) : 8);
     const long long stage_ns = argc > 2 ? atoll(argv[2]) : 0;
+    const int latency_pct = argc > 3 ? atoi(argv[3]) : 100;
     int sms;
     CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
     CK(cudaFuncSetAttribute(run_phases, cudaFuncAttributeMaxDynamicSharedMemorySize, MAX_STAGES * STAGE));
@@ -205,7 +208,7 @@ int main(int argc, char** argv) {
             const Spec& s = kLayer[p % per_layer];
             Phase& f = host[p];
             f.stream = s.stream;
-            f.ns = s.ns;
+            f.ns = s.ns * latency_pct / 100;
             f.blocks = s.blocks;
             f.stages = s.stream ? std::llround(s.mb * 1e6 / sms / STAGE) : 0;
             f.wait = p - 1;
@@ -245,8 +248,9 @@ int main(int argc, char** argv) {
     };
     double bytes = 0;
     for (int p = 0; p < per_layer; p++) bytes += (double)host[p].stages * sms * STAGE;
-    printf("%d SMs, %d layers of %.1f MB in %d phases, stage spin %lld ns; µs per layer (TB/s)\n", sms, layers,
-           bytes / 1e6, per_layer, stage_ns);
+    printf("%d SMs, %d layers of %.1f MB in %d phases, stage spin %lld ns, latency phases at %d%%; µs per layer "
+           "(TB/s)\n",
+           sms, layers, bytes / 1e6, per_layer, stage_ns, latency_pct);
     for (int nstages : {4, 6}) {
         // The floor: the streams alone, nothing waited for.
         std::vector<Phase> bare = host;
