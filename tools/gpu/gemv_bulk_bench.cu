@@ -3,7 +3,8 @@
 // tail no longer matter), launched as the host launches them (a block per SM, four stages,
 // programmatic dependent launch), four copies of each matrix in turn so none is in L2.
 // Build variants with -DBULK_NO_MATH (consumers only wait and release: the stream's own rate)
-// and -DBULK_NO_COPY (the producer only signals: the consumers' own rate), -DBULK_X_LOADS (the
+// and -DBULK_NO_COPY (the producer only signals: the consumers' own rate), -DBULK_NO_RING (no
+// producer, no waits or releases: the consumers' rate without the ring's hand-offs), -DBULK_X_LOADS (the
 // activations loaded per stage, as before stop 28), -DBULK_X_SLICES=2, -DBULK_WARPS=16,
 // -DBULK_DEFER_SUMS (with -DBULK_DEFER_MAX=32 for the 128 MB rows);
 // -DBULK_WAIT=1|2 (the rings' waits without suspending, or with a short suspend hint),

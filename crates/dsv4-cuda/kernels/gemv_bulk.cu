@@ -263,6 +263,9 @@ __device__ __forceinline__ void bulk_produce(const Src& src, BulkWalk walk, Bulk
     const int lane = threadIdx.x & 31;
     const int NS = ring.stages;
     if (walk.nslices * KS != src.row_bytes()) __trap();  // the host's slicing
+#ifdef BULK_NO_RING  // measurement only: see gemv_bulk_steps
+    return;
+#endif
     const bool whole = walk.nslices == 1;
     const uint64_t policy = evict_first_policy();
     for (int& n = ring.n; !walk.done(); n++) {
@@ -339,6 +342,10 @@ __device__ __forceinline__ void gemv_bulk_steps(const Src& src, ItemRange mine, 
     extern __shared__ __align__(128) uint8_t bulk_smem[];
     uint64_t* full = ring.full;
     uint64_t* empty = ring.empty;
+#ifdef BULK_NO_RING
+    (void)full;
+    (void)empty;
+#endif
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int NS = ring.stages;
     BulkWalk walk(mine, nslices, S);
@@ -499,7 +506,12 @@ __device__ __forceinline__ void gemv_bulk_steps(const Src& src, ItemRange mine, 
             }
         }
         BULK_STAMP(n, 0);
+        // BULK_NO_RING (measurement only, tools/gpu/gemv_bulk_bench.cu): the consumers read the
+        // slots as they are, with no wait and no release, and the producer does nothing — the
+        // consumers' rate without the ring's hand-offs (against -DBULK_NO_COPY, with them).
+#ifndef BULK_NO_RING
         mbar_wait(&full[slot], ring_pass(n, NS) & 1);
+#endif
         BULK_STAMP(n, 1);
         // BULK_LDS_AHEAD (a measurement build): every u's weights loaded before any u's math, so
         // all of a warp's shared loads of the stage are in flight at once.
@@ -536,7 +548,9 @@ __device__ __forceinline__ void gemv_bulk_steps(const Src& src, ItemRange mine, 
             }
         }
         __syncwarp();
+#ifndef BULK_NO_RING
         if (lane == 0) mbar_arrive(&empty[slot]);
+#endif
         BULK_STAMP(n, 2);
         const int split = walk.split();
         if (walk.advance()) {
