@@ -671,7 +671,12 @@ indexer_scores_tc(const float* q, const float* hw, const float* keys, int hi, in
 extern "C" __global__ void __launch_bounds__(256, 1) attention_tc(AttnArgs a, float* part, int nsplit) {
     pdl_entry();
     constexpr int DH = ATT_DMAX, QP = ATT_TC_QP, PP = ATT_TC_PP;
-    if (a.dh != DH || a.H % ATT_TC_HEADS != 0 || blockDim.x != 256) __trap();  // (the host's gate)
+    unsigned dyn_smem;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn_smem));
+    // (The host's gate, and its shared memory: ops::ATT_TC_SMEM.)
+    if (a.dh != DH || a.H % ATT_TC_HEADS != 0 || blockDim.x != 256 ||
+        dyn_smem < (3 * 32 * QP + 32 * PP + 4 * 32) * sizeof(float))
+        __trap();
     extern __shared__ __align__(16) float tsm[];
     float* qs = tsm;
     float* kb = qs + 32 * QP;

@@ -1719,9 +1719,13 @@ const _: () = assert!(std::mem::size_of::<AttnArgs>() == 120);
 pub const ATT_KEYS: usize = 32;
 pub const ATT_HEADS: usize = 8;
 /// Heads per block of `attention_tc`, and its dynamic shared memory: the group's queries and
-/// two chunks of keys in rows of 516 floats, P in rows of 36, the warps' row values.
+/// two chunks of 32 keys in rows of [`ATT_TC_QP`] floats, P in rows of [`ATT_TC_PP`], the warps'
+/// row values. (The kernel's `ATT_TC_*` defines; `tests/kernel_sources.rs` checks they agree,
+/// and the kernel traps on less shared memory than it uses.)
 pub const ATT_TC_HEADS: usize = 32;
-const ATT_TC_SMEM: u32 = ((3 * 32 * 516 + 32 * 36 + 4 * 32) * 4) as u32;
+pub const ATT_TC_QP: usize = 516;
+pub const ATT_TC_PP: usize = 36;
+const ATT_TC_SMEM: u32 = ((3 * 32 * ATT_TC_QP + 32 * ATT_TC_PP + 4 * 32) * 4) as u32;
 
 /// Whether `attention_tc` takes this shape: the release's head dim (512) and whole groups of
 /// 32 heads (Flash's 64, Pro's 128).

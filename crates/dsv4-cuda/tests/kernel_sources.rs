@@ -40,3 +40,25 @@ fn every_kernel_waits_for_its_predecessor() {
     }
     assert!(kernels > 20, "found only {kernels} kernels");
 }
+
+/// `#define NAME value` of a kernel file, as a number.
+fn kernel_define(file: &str, name: &str) -> usize {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("kernels")
+        .join(file);
+    let src = fs::read_to_string(&path).unwrap();
+    let line = src
+        .lines()
+        .find(|l| l.split_whitespace().take(2).eq(["#define", name]))
+        .unwrap_or_else(|| panic!("{file} defines no {name}"));
+    line.split_whitespace().nth(2).unwrap().parse().unwrap()
+}
+
+/// The host sizes `attention_tc`'s shared memory from its row pads: they must be the kernel's.
+#[test]
+fn attention_tc_layout_matches_the_host() {
+    use dsv4_cuda::ops::{ATT_TC_HEADS, ATT_TC_PP, ATT_TC_QP};
+    assert_eq!(kernel_define("attention.cu", "ATT_TC_HEADS"), ATT_TC_HEADS);
+    assert_eq!(kernel_define("attention.cu", "ATT_TC_QP"), ATT_TC_QP);
+    assert_eq!(kernel_define("attention.cu", "ATT_TC_PP"), ATT_TC_PP);
+}
