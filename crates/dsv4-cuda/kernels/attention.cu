@@ -91,12 +91,14 @@ __device__ __forceinline__ AttnKeys attn_keys(const AttnArgs& a, const AttnView&
 // and shared by the block's 8 heads (one warp each; K=V is one shared head). Each warp keeps an
 // online softmax (max, sum, output) and writes its partial for `attn_combine`.
 // DH: the head dim at compile time (the release's 512: no per-channel bounds checks), or 0.
-template <int DH>
-__device__ __forceinline__ void attention_partial_impl(const AttnArgs& a, float* part, int nsplit) {
-    extern __shared__ float keys[];  // [ATT_KEYS, dh]
-    const int t = blockIdx.x, split = blockIdx.y;
+// b: the block (t, split, head group); keys: its [ATT_KEYS, dh] floats of shared memory; sync:
+// how its 256 threads meet.
+template <int DH, class Sync>
+__device__ __forceinline__ void attention_partial_impl(const AttnArgs& a, float* part, int nsplit, VBlock b,
+                                                       float* keys, Sync sync) {
+    const int t = b.x, split = b.y;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int h = blockIdx.z * ATT_HEADS + warp;
+    const int h = b.z * ATT_HEADS + warp;
     const AttnView view = attn_view(a, t);
     const AttnKeys ak = attn_keys(a, view, t);
     const int lo = ak.lo, nwin = ak.nwin, nk = ak.nk;
@@ -126,14 +128,14 @@ __device__ __forceinline__ void attention_partial_impl(const AttnArgs& a, float*
     for (int ch = split; ch < nchunks; ch += nsplit) {
         const int j0 = ch * ATT_KEYS;
         const int nj = min(ATT_KEYS, nk - j0);
-        __syncthreads();
+        sync();
         // All of the chunk's rows in flight at once (a lane's copies do not wait on each other).
         for (int r = warp; r < nj; r += 8) {
             const float* k = attn_key(a, view, t, lo, nwin, j0 + r);
             for (int c = lane * 4; c < dh; c += 128) cp_async16(keys + r * dh + c, k + c);
         }
         cp_async_wait_all();
-        __syncthreads();
+        sync();
         // Lane j ends up holding the score of key j: per-lane partial dots of all 32 keys,
         // then one transposed warp reduction.
         float part_dot[ATT_KEYS];
@@ -180,8 +182,9 @@ __device__ __forceinline__ void attention_partial_impl(const AttnArgs& a, float*
 
 extern "C" __global__ void __launch_bounds__(256) attention_partial(AttnArgs a, float* part, int nsplit) {
     pdl_entry();
-    if (a.dh == ATT_DMAX) attention_partial_impl<ATT_DMAX>(a, part, nsplit);
-    else attention_partial_impl<0>(a, part, nsplit);
+    extern __shared__ float keys[];  // [ATT_KEYS, dh]
+    if (a.dh == ATT_DMAX) attention_partial_impl<ATT_DMAX>(a, part, nsplit, launch_block(), keys, BlockSync{});
+    else attention_partial_impl<0>(a, part, nsplit, launch_block(), keys, BlockSync{});
 }
 
 // Merges the splits of one (token, head) with the head's sink: out = sum acc / (sum l + sink),
@@ -190,13 +193,14 @@ extern "C" __global__ void __launch_bounds__(256) attention_partial(AttnArgs a, 
 // split weights are computed once into shared memory, then each thread merges one column; a
 // rotated pair (c, c ^ 1) sits in adjacent lanes.
 #define COMBINE_MAX_SPLITS 256
-extern "C" __global__ void attn_combine(const float* part, const float* sinks, float* out, int H, int dh,
-                                        int nsplit, const float* inv_freq, int half, float factor,
-                                        const int* positions) {
-    pdl_entry();
+// b: the block (t, h, column block) of `nthreads` threads; sync: how they meet.
+template <class Sync>
+__device__ __forceinline__ void attn_combine_impl(const float* part, const float* sinks, float* out, int H, int dh,
+                                                  int nsplit, const float* inv_freq, int half, float factor,
+                                                  const int* positions, VBlock b, int nthreads, Sync sync) {
     __shared__ float wts[COMBINE_MAX_SPLITS];
     __shared__ float s_inv;
-    const int t = blockIdx.x, h = blockIdx.y;
+    const int t = b.x, h = b.y;
     const float* base = part + ((size_t)t * nsplit * H + h) * (dh + 2);
     const size_t stride = (size_t)H * (dh + 2);
     if (threadIdx.x < 32) {
@@ -213,8 +217,8 @@ extern "C" __global__ void attn_combine(const float* part, const float* sinks, f
         den = warp_sum(den) + expf(sink - M);
         if (threadIdx.x == 0) s_inv = 1.0f / den;
     }
-    __syncthreads();
-    const int c = blockIdx.z * blockDim.x + threadIdx.x;
+    sync();
+    const int c = b.z * nthreads + threadIdx.x;
     float v = 0.f;
     if (c < dh) {
         // A split of weight 0 adds nothing (and an empty one's output was never written).
@@ -223,7 +227,7 @@ extern "C" __global__ void attn_combine(const float* part, const float* sinks, f
         v *= s_inv;
     }
     const int tail = dh - 2 * half;
-    if (inv_freq && (int)(blockIdx.z * blockDim.x + blockDim.x) > tail) {  // block-uniform
+    if (inv_freq && b.z * nthreads + nthreads > tail) {  // block-uniform
         const float other = __shfl_xor_sync(0xffffffffu, v, 1);
         if (c >= tail && c < dh) {
             const int j = (c - tail) >> 1;
@@ -233,6 +237,14 @@ extern "C" __global__ void attn_combine(const float* part, const float* sinks, f
         }
     }
     if (c < dh) out[((size_t)t * H + h) * dh + c] = v;
+}
+
+extern "C" __global__ void attn_combine(const float* part, const float* sinks, float* out, int H, int dh,
+                                        int nsplit, const float* inv_freq, int half, float factor,
+                                        const int* positions) {
+    pdl_entry();
+    attn_combine_impl(part, sinks, out, H, dh, nsplit, inv_freq, half, factor, positions, launch_block(),
+                      (int)blockDim.x, BlockSync{});
 }
 
 // Softmax pooling of complete compressor windows w0..w0+nw-1 into entries out[w - w0]. Rows of

@@ -110,6 +110,18 @@ __device__ __forceinline__ void pdl_entry() {
     pdl_wait();
 }
 
+// A block's place in a launch's grid and how its threads meet, passed to a phase's device
+// function so that the phase can also run inside a persistent kernel, on the blocks (and the
+// consumer warps) that kernel assigns it (docs/PERSISTENT_DECODE.md). A launch of its own passes
+// `launch_block()` and `BlockSync`.
+struct VBlock {
+    int x, y, z;
+};
+__device__ __forceinline__ VBlock launch_block() { return VBlock{(int)blockIdx.x, (int)blockIdx.y, (int)blockIdx.z}; }
+struct BlockSync {
+    __device__ __forceinline__ void operator()() const { __syncthreads(); }
+};
+
 // 2^e as a float, for e in -126..127 (a normal float: no subnormal, no overflow).
 __device__ __forceinline__ float exp2i(int e) { return __uint_as_float((uint32_t)(127 + e) << 23); }
 
