@@ -10,3 +10,4 @@
 #include "moe_tc.cu"
 #include "moe_bulk.cu"
 #include "moe_ffn.cu"
+#include "persist.cu"

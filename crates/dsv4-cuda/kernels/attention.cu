@@ -193,8 +193,9 @@ extern "C" __global__ void __launch_bounds__(256) attention_partial(AttnArgs a, 
 // split weights are computed once into shared memory, then each thread merges one column; a
 // rotated pair (c, c ^ 1) sits in adjacent lanes.
 #define COMBINE_MAX_SPLITS 256
-// b: the block (t, h, column block) of `nthreads` threads; sync: how they meet.
-template <class Sync>
+// b: the block (t, h, column block) of `nthreads` threads; sync: how they meet. COH: the
+// partials were written by other blocks of the same launch (read past L1).
+template <bool COH, class Sync>
 __device__ __forceinline__ void attn_combine_impl(const float* part, const float* sinks, float* out, int H, int dh,
                                                   int nsplit, const float* inv_freq, int half, float factor,
                                                   const int* positions, VBlock b, int nthreads, Sync sync) {
@@ -203,16 +204,17 @@ __device__ __forceinline__ void attn_combine_impl(const float* part, const float
     const int t = b.x, h = b.y;
     const float* base = part + ((size_t)t * nsplit * H + h) * (dh + 2);
     const size_t stride = (size_t)H * (dh + 2);
+    auto ld = [&](size_t i) { return COH ? __ldcg(base + i) : base[i]; };
     if (threadIdx.x < 32) {
         const float sink = sinks[h];
         float M = sink;
-        for (int s = threadIdx.x; s < nsplit; s += 32) M = fmaxf(M, base[s * stride + dh]);
+        for (int s = threadIdx.x; s < nsplit; s += 32) M = fmaxf(M, ld(s * stride + dh));
         M = warp_max(M);
         float den = 0.f;
         for (int s = threadIdx.x; s < nsplit; s += 32) {
-            const float w = expf(base[s * stride + dh] - M);
+            const float w = expf(ld(s * stride + dh) - M);
             wts[s] = w;
-            den += base[s * stride + dh + 1] * w;
+            den += ld(s * stride + dh + 1) * w;
         }
         den = warp_sum(den) + expf(sink - M);
         if (threadIdx.x == 0) s_inv = 1.0f / den;
@@ -223,7 +225,7 @@ __device__ __forceinline__ void attn_combine_impl(const float* part, const float
     if (c < dh) {
         // A split of weight 0 adds nothing (and an empty one's output was never written).
         for (int s = 0; s < nsplit; s++)
-            if (wts[s] != 0.f) v += base[s * stride + c] * wts[s];
+            if (wts[s] != 0.f) v += ld(s * stride + c) * wts[s];
         v *= s_inv;
     }
     const int tail = dh - 2 * half;
@@ -243,8 +245,8 @@ extern "C" __global__ void attn_combine(const float* part, const float* sinks, f
                                         int nsplit, const float* inv_freq, int half, float factor,
                                         const int* positions) {
     pdl_entry();
-    attn_combine_impl(part, sinks, out, H, dh, nsplit, inv_freq, half, factor, positions, launch_block(),
-                      (int)blockDim.x, BlockSync{});
+    attn_combine_impl<false>(part, sinks, out, H, dh, nsplit, inv_freq, half, factor, positions, launch_block(),
+                             (int)blockDim.x, BlockSync{});
 }
 
 // Softmax pooling of complete compressor windows w0..w0+nw-1 into entries out[w - w0]. Rows of

@@ -207,11 +207,12 @@ struct BulkRing {
     int done;    // items a consumer warp has finished: the parity of the u-group sums' buffer
     int stages;  // slots in the ring
 };
-__device__ __forceinline__ BulkRing bulk_ring_init(unsigned stride) {
+// (`reserved`: bytes at the end of the dynamic shared memory that are not the ring's.)
+__device__ __forceinline__ BulkRing bulk_ring_init(unsigned stride, unsigned reserved = 0) {
     __shared__ __align__(8) uint64_t full[BULK_STAGES], empty[BULK_STAGES];
     unsigned dyn_smem;
     asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn_smem));
-    const int stages = min((int)(dyn_smem / stride), BULK_STAGES);
+    const int stages = min((int)((dyn_smem - min(dyn_smem, reserved)) / stride), BULK_STAGES);
     if (stages < 2) __trap();  // the host's `bulk_smem` disagrees
     if (blockDim.x != BULK_THREADS) __trap();  // the host's BULK_THREADS disagrees (BULK_WARPS)
     if (threadIdx.x == 0) {

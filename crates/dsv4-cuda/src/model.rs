@@ -6,6 +6,7 @@
 use crate::gpu::{DevBuf, Gpu};
 use crate::ops::{
     self, AttnArgs, LinIn, LinJob, MoeArgs, Partial, Pos, RopeDev, ATT_HEADS, ATT_KEYS,
+    COMBINE_MAX_SPLITS,
 };
 use crate::state::{CompState, GpuSeq, LayerState, SeqLayerPtrs};
 use crate::weights::{Ends, Fmt, GpuCompressor, GpuHc, GpuLayer, GpuRouter, GpuVec, GpuWeights};
@@ -34,8 +35,6 @@ const HC_FUSED_TOKENS: usize = 8;
 const PAR_COPY_ITEMS: usize = 4;
 /// Experts `moe_route` holds in its warp's registers (ROUTE_PL per lane, kernels/moe.cu).
 const ROUTE_EXPERTS: usize = 32 * 16;
-/// Most key splits `attn_combine` merges.
-const COMBINE_MAX_SPLITS: usize = 256;
 /// From this many tokens, prefill's FP8 GEMMs (official profile with activation quantization)
 /// run on the tensor cores through cuBLASLt.
 const TC_MIN_TOKENS: usize = 65;
@@ -350,6 +349,12 @@ pub struct CudaModel {
     /// Whether a decode step's `wo_a` and `wo_b` run as one launch (`ops::linear_pair`;
     /// `DSV4_CUDA_BULK_PAIR=1`; off until it has run on a GPU).
     pair_fused: AtomicBool,
+    /// Whether a one-token decode step's attention tail (split attention, merge, `wo_a`,
+    /// `wo_b`) runs as one launch (`ops::attn_tail`, a first step of a persistent decode kernel;
+    /// `DSV4_CUDA_PERSIST=1`; off until it has run on a GPU).
+    persist_tail: AtomicBool,
+    /// Attention tails launched as one kernel so far (captured ones once).
+    tail_launches: std::sync::atomic::AtomicUsize,
     /// Whether a decode step's projections of h stream through one bulk-copy launch
     /// (`ops::linear_bulk_multi`; `DSV4_CUDA_BULK_MULTI=0` keeps `gemv_multi`).
     bulk_multi: AtomicBool,
@@ -556,6 +561,10 @@ impl CudaModel {
             pair_fused: AtomicBool::new(
                 std::env::var("DSV4_CUDA_BULK_PAIR").is_ok_and(|v| v == "1"),
             ),
+            persist_tail: AtomicBool::new(
+                std::env::var("DSV4_CUDA_PERSIST").is_ok_and(|v| v == "1"),
+            ),
+            tail_launches: Default::default(),
             bulk_multi: AtomicBool::new(
                 std::env::var("DSV4_CUDA_BULK_MULTI").map_or(true, |v| v != "0"),
             ),
@@ -600,6 +609,17 @@ impl CudaModel {
     pub fn set_pair_fused(&self, on: bool) {
         self.pair_fused.store(on, Ordering::Relaxed);
         self.drop_graphs();
+    }
+
+    /// Turns the one-launch attention tail of one-token decode steps on or off (tests).
+    pub fn set_persist_tail(&self, on: bool) {
+        self.persist_tail.store(on, Ordering::Relaxed);
+        self.drop_graphs();
+    }
+
+    /// How many attention tails have been launched as one kernel (a captured step's once).
+    pub fn tail_launches(&self) -> usize {
+        self.tail_launches.load(Ordering::Relaxed)
     }
 
     /// Turns the one-launch router of few-token calls on or off (tests compare both).
@@ -1546,6 +1566,9 @@ impl CudaModel {
         match (per_seq, prep) {
             (None, Some(args)) => {
                 g.join_side()?;
+                if self.attn_tail(s, lw, t, &args, &rope)? {
+                    return Ok(());
+                }
                 self.attend_seqs(s, t, &args, &rope)?;
             }
             (None, None) => {
@@ -1566,29 +1589,12 @@ impl CudaModel {
 
         // (attn_combine applied the inverse RoPE to the outputs.)
         let (gr, rk) = (c.o_groups, c.o_lora_rank);
-        let gw = h / gr * dh;
-        if !rk.is_multiple_of(2) {
-            return Err(Error::Unsupported(format!("o_lora_rank {rk} is odd")));
-        }
-        let oin = LinIn {
-            x: s.o.ptr,
-            ldx: h * dh,
-            m: t,
-            group: Some((rk, gw)),
-            terms: 3,
-        };
+        let oin = self.o_input(s, t)?;
         if t <= 2 && !self.numerics.act_quant() && self.pair_fused.load(Ordering::Relaxed) {
             // One or two tokens (decode): wo_b streams in wo_a's launch (nothing to round
             // between them).
-            let zin = self.gemm_input(LinIn::rows(s.z.ptr, gr * rk, t));
-            let job = |w, inp, y, ldy| ops::PairJob { w, inp, y, ldy };
-            ops::linear_pair(
-                g,
-                &job(&a.wo_a, oin, s.z.ptr, gr * rk),
-                &job(&a.wo_b, zin, s.f.ptr, d),
-                &part,
-                s.pair_bar.ptr,
-            )
+            let (ja, jb) = self.wo_jobs(s, lw, oin, t);
+            ops::linear_pair(g, &ja, &jb, &part, s.pair_bar.ptr)
         } else {
             ops::linear(g, &a.wo_a, &oin, s.z.ptr, gr * rk, &part)?;
             let zin = self.round_in_place(s.z.ptr, gr * rk, t)?;
@@ -1869,31 +1875,43 @@ impl CudaModel {
         args: &AttnArgs,
         rope: &RopeDev,
     ) -> Result<()> {
-        let g = &*self.gpu;
+        let nsplit = self.decode_splits(s, t, args);
+        self.attend_splits(s, args, nsplit, rope, s.positions.ptr)?;
+        self.ring_store_seqs(s, t, args)
+    }
+
+    /// Key splits of a decode step's attention for `t` tokens. The graph is captured once per
+    /// batch size, so the count is static: it is capped by the most key chunks a token of this
+    /// layer kind can have (the window, plus the indexer's selection in CSA layers; HCA's
+    /// entries grow with the context), so no block is launched only to write an empty partial
+    /// for `attn_combine` to merge.
+    fn decode_splits(&self, s: &Scratch, t: usize, args: &AttnArgs) -> usize {
         let c = &self.config;
         let (h, dh) = (c.num_heads, c.head_dim);
         let groups = h.div_ceil(ATT_HEADS);
-        // The graph is captured once per batch size, so the split count is static: it is capped
-        // by the most key chunks a token of this layer kind can have (the window, plus the
-        // indexer's selection in CSA layers; HCA's entries grow with the context), so no block
-        // is launched only to write an empty partial for `attn_combine` to merge.
         let max_keys = match (args.ratio, args.sel) {
             _ if !self.attn_split_cap => usize::MAX,
             (0, _) => c.sliding_window,
             (_, sel) if sel != 0 => c.sliding_window + c.index_topk,
             _ => usize::MAX,
         };
+        let sms = self.gpu.sm_count;
         let blocks = if self.attn_one_wave {
-            g.sm_count / (t * groups)
+            sms / (t * groups)
         } else {
-            (2 * g.sm_count).div_ceil(t * groups)
+            (2 * sms).div_ceil(t * groups)
         };
-        let nsplit = blocks
+        blocks
             .min(max_keys.div_ceil(ATT_KEYS))
             .min(s.attn_part.bytes / 4 / (t * h * (dh + 2)))
-            .clamp(1, COMBINE_MAX_SPLITS);
-        self.attend_splits(s, args, nsplit, rope, s.positions.ptr)?;
-        let (dhi, wi) = (dh as i32, c.sliding_window as i32);
+            .clamp(1, COMBINE_MAX_SPLITS)
+    }
+
+    /// Stores a decode step's new key rows into their sequences' window rings.
+    fn ring_store_seqs(&self, s: &Scratch, t: usize, args: &AttnArgs) -> Result<()> {
+        let g = &*self.gpu;
+        let c = &self.config;
+        let (dhi, wi) = (c.head_dim as i32, c.sliding_window as i32);
         // Nothing in this step reads the ring slot written (the attention took the new row
         // from s.kv), so a decode step stores it on the side stream beside `wo_a`; the branch
         // rejoins at the end of the layer's experts, before s.kv is written again.
@@ -1911,6 +1929,90 @@ impl CudaModel {
         } else {
             store()
         }
+    }
+
+    /// The input of `wo_a`: the attention's outputs, `o_groups` slices of them.
+    fn o_input(&self, s: &Scratch, t: usize) -> Result<LinIn> {
+        let c = &self.config;
+        let (h, dh, gr, rk) = (c.num_heads, c.head_dim, c.o_groups, c.o_lora_rank);
+        if !rk.is_multiple_of(2) {
+            return Err(Error::Unsupported(format!("o_lora_rank {rk} is odd")));
+        }
+        Ok(LinIn {
+            x: s.o.ptr,
+            ldx: h * dh,
+            m: t,
+            group: Some((rk, h / gr * dh)),
+            terms: 3,
+        })
+    }
+
+    /// A decode step's `wo_a` (of `oin`, [`Self::o_input`]) then `wo_b`, as one-launch jobs.
+    fn wo_jobs<'w>(
+        &self,
+        s: &Scratch,
+        lw: &'w GpuLayer,
+        oin: LinIn,
+        t: usize,
+    ) -> (ops::PairJob<'w>, ops::PairJob<'w>) {
+        let c = &self.config;
+        let (z, d) = (c.o_groups * c.o_lora_rank, c.hidden_size);
+        let zin = self.gemm_input(LinIn::rows(s.z.ptr, z, t));
+        let a = &lw.attn;
+        (
+            ops::PairJob {
+                w: &a.wo_a,
+                inp: oin,
+                y: s.z.ptr,
+                ldy: z,
+            },
+            ops::PairJob {
+                w: &a.wo_b,
+                inp: zin,
+                y: s.f.ptr,
+                ldy: d,
+            },
+        )
+    }
+
+    /// A one-token decode step's split attention, merge, `wo_a` and `wo_b` in one launch
+    /// (`ops::attn_tail`, `DSV4_CUDA_PERSIST=1`: the launch path's results bit for bit), then
+    /// the ring store. False, with nothing queued, where it does not apply.
+    fn attn_tail(
+        &self,
+        s: &Scratch,
+        lw: &GpuLayer,
+        t: usize,
+        args: &AttnArgs,
+        rope: &RopeDev,
+    ) -> Result<bool> {
+        if t != 1 || self.numerics.act_quant() || !self.persist_tail.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        let nsplit = self.decode_splits(s, t, args);
+        let cb = ops::CombineArgs {
+            inv_freq: if rope.half > 0 { rope.inv_freq } else { 0 },
+            positions: s.positions.ptr,
+            half: rope.half as i32,
+            factor: rope.factor,
+        };
+        let (ja, jb) = self.wo_jobs(s, lw, self.o_input(s, t)?, t);
+        let launched = ops::attn_tail(
+            &self.gpu,
+            args,
+            s.attn_part.ptr,
+            nsplit,
+            &cb,
+            &ja,
+            &jb,
+            &self.part(s),
+            s.pair_bar.ptr,
+        )?;
+        if launched {
+            self.tail_launches.fetch_add(1, Ordering::Relaxed);
+            self.ring_store_seqs(s, t, args)?;
+        }
+        Ok(launched)
     }
 
     /// Attention over `nsplit` key splits per (token, head group), then the merge with the

@@ -1070,6 +1070,93 @@ pub fn linear_pair(
     )
 }
 
+/// `CombineArgs` of `kernels/persist.cu`: what `attn_combine` takes beside [`AttnArgs`].
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct CombineArgs {
+    /// The rotary inverse frequencies for the outputs' inverse RoPE, or 0 (none).
+    pub inv_freq: u64,
+    /// The tokens' positions.
+    pub positions: u64,
+    pub half: i32,
+    pub factor: f32,
+}
+unsafe impl DeviceRepr for CombineArgs {}
+const _: () = assert!(std::mem::size_of::<CombineArgs>() == 24);
+
+/// One token's attention tail in one launch (`attn_tail_*`, kernels/persist.cu): the split
+/// attention of `a` over `nsplit` splits into `part`, their merge into `a.out` (with the sinks
+/// and `cb`'s inverse RoPE), then `wo_a` and `wo_b` as [`linear_pair`] runs them — the same
+/// results bit for bit, the products' weights streaming from the launch's start. Returns false,
+/// launching nothing, where it does not apply (then the caller runs the three launches): one
+/// token, the 512-wide heads, products the pair's bulk kernels take, and a ring beside the
+/// staged keys in an SM's shared memory. `bar`: as [`linear_pair`]'s.
+#[allow(clippy::too_many_arguments)] // one launch of three phases' arguments
+pub fn attn_tail(
+    gpu: &Gpu,
+    a: &AttnArgs,
+    part_buf: u64,
+    nsplit: usize,
+    cb: &CombineArgs,
+    wa: &PairJob<'_>,
+    wb: &PairJob<'_>,
+    part: &Partial,
+    bar: u64,
+) -> Result<bool> {
+    let keys_bytes = (ATT_KEYS * ATT_DMAX * 4) as u32;
+    let fits = a.t == 1
+        && a.dh as usize == ATT_DMAX
+        && (1..=COMBINE_MAX_SPLITS).contains(&nsplit)
+        && wa.inp.m == 1
+        && wb.inp.m == 1
+        && wb.inp.x == wa.y
+        && wb.inp.ldx == wa.ldy
+        && bulk_applies(gpu, wa.w, &wa.inp)
+        && bulk_applies(gpu, wb.w, &wb.inp);
+    let plans = fits
+        .then(|| (bulk_plan(gpu, wa.w, 1, part), bulk_plan(gpu, wb.w, 1, part)))
+        .filter(|(pa, pb)| {
+            matches!(
+                (wa.w.fmt, pa.rpw, wb.w.fmt, pb.rpw),
+                (Fmt::Fp8, 1, Fmt::Fp8, 1) | (Fmt::Bf16, 1, Fmt::Bf16, 1)
+            )
+        });
+    let Some((pa, pb)) = plans else {
+        return Ok(false);
+    };
+    let smem = bulk_smem(gpu, wa.w.fmt, pa.rpw).max(bulk_smem(gpu, wb.w.fmt, pb.rpw)) + keys_bytes;
+    if smem > SMEM_OPTIN {
+        return Ok(false);
+    }
+    let args_a = GemvArgs::new(&wa.inp, wa.y, wa.ldy, wa.w.out, pa.s, true, part);
+    let args_b = GemvArgs::new(&wb.inp, wb.y, wb.ldy, wb.w.out, pb.s, true, part);
+    let name = format!("attn_tail_{}_{}", wa.w.fmt.name(), wb.w.fmt.name());
+    gpu.tag(|| {
+        (
+            format!(
+                "attn_tail {} {}x{} + {}x{}",
+                wa.w.fmt.name(),
+                wa.w.out,
+                wa.w.inp,
+                wb.w.out,
+                wb.w.inp
+            ),
+            wa.w.stored_bytes + wb.w.stored_bytes,
+        )
+    });
+    let (ns, na, nb) = (nsplit as i32, pa.nslices as i32, pb.nslices as i32);
+    gpu.launch(
+        &name,
+        (gpu.sm_count as u32, 1, 1),
+        (BULK_THREADS, 1, 1),
+        smem,
+        &[
+            a, &part_buf, &ns, cb, &wa.w.desc, &args_a, &na, &wb.w.desc, &args_b, &nb, &bar,
+        ],
+    )?;
+    Ok(true)
+}
+
 /// `BulkJob` / `BulkMulti` of `kernels/gemv_bulk.cu`.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -1718,6 +1805,12 @@ const _: () = assert!(std::mem::size_of::<AttnArgs>() == 120);
 /// (kernels/attention.cu).
 pub const ATT_KEYS: usize = 32;
 pub const ATT_HEADS: usize = 8;
+/// The head dim `attention_partial` is compiled for (larger ones are refused), and the most key
+/// splits `attn_combine` merges (kernels/attention.cu).
+pub const ATT_DMAX: usize = 512;
+pub const COMBINE_MAX_SPLITS: usize = 256;
+/// The most dynamic shared memory a block may opt into on sm_90 (227 KB).
+const SMEM_OPTIN: u32 = 232_448;
 /// Heads per block of `attention_tc`, and its dynamic shared memory: the group's queries and
 /// two chunks of 32 keys in rows of [`ATT_TC_QP`] floats, P in rows of [`ATT_TC_PP`], the warps'
 /// row values. (The kernel's `ATT_TC_*` defines; `tests/kernel_sources.rs` checks they agree,

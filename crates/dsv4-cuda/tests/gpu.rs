@@ -3188,3 +3188,78 @@ fn fused_ffn_matches_separate_launches() {
         }
     }
 }
+
+/// One-token decode steps with the attention tail (split attention, merge, `wo_a`, `wo_b`) in
+/// one launch (`attn_tail_*`, kernels/persist.cu) give the launch path's logits bit for bit,
+/// launched and replayed from a graph: every layer kind, two head groups, grouped `wo_a`
+/// inputs, a window that wraps and contexts long enough for several key splits.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn persistent_attention_tail_matches_launches() {
+    use dsv4_cuda::BatchItem;
+    let mut j = synthetic::flash_config_json();
+    let over = serde_json::json!({"vocab_size": 1000, "hidden_size": 1024, "num_hidden_layers": 3,
+        "compress_ratios": [0, 4, 128, 0], "num_hash_layers": 1, "n_routed_experts": 16,
+        "moe_intermediate_size": 256, "index_topk": 16, "o_groups": 2, "o_lora_rank": 2048,
+        "num_attention_heads": 16, "q_lora_rank": 1024, "index_n_heads": 8, "index_head_dim": 128,
+        "sliding_window": 48});
+    for (k, v) in over.as_object().unwrap() {
+        j[k] = v.clone();
+    }
+    let cfg = ModelConfig::from_json(&j).unwrap();
+    let cpu = Model::load(&synthetic::checkpoint(cfg, 7).unwrap()).unwrap();
+    // 0: the launch path (wo_a and wo_b as the one-launch pair); 1: the tail, launched; 2: the
+    // tail, replayed from a graph.
+    let models: Vec<CudaModel> = (0..3)
+        .map(|_| CudaModel::from_model(&cpu, 0).unwrap())
+        .collect();
+    for (i, m) in models.iter().enumerate() {
+        m.set_pair_fused(true);
+        m.set_persist_tail(i > 0);
+        m.set_graphs(i == 2);
+    }
+    let prompts: Vec<Vec<u32>> = [37usize, 300]
+        .iter()
+        .enumerate()
+        .map(|(k, &n)| {
+            (0..n)
+                .map(|i| ((i * 29 + k * 7) % 997) as u32 + 1)
+                .collect()
+        })
+        .collect();
+    let mut states = prefilled(&models, &prompts);
+    for i in 0..30 {
+        let k = i % 2;
+        let tok = [[((i * 13 + 5) % 990) as u32 + 1]];
+        let outs: Vec<Vec<f32>> = models
+            .iter()
+            .zip(states.iter_mut())
+            .map(|(m, sts)| {
+                let mut items = BatchItem::last_rows(&mut sts[k..k + 1], &tok);
+                m.forward_batch(&mut items).unwrap().concat()
+            })
+            .collect();
+        assert!(
+            outs[0].iter().all(|v| v.is_finite()),
+            "step {i}: non-finite logits"
+        );
+        assert!(
+            outs[1] == outs[0],
+            "step {i}: the one-launch tail differs from the launches"
+        );
+        assert!(
+            outs[2] == outs[0],
+            "step {i}: the tail replayed from a graph differs"
+        );
+    }
+    assert_eq!(models[0].tail_launches(), 0);
+    assert!(
+        models[1].tail_launches() >= 30 * 3,
+        "the tail ran {} times, not once per layer and step",
+        models[1].tail_launches()
+    );
+    assert!(
+        models[2].tail_launches() > 0,
+        "the captured step holds no tail"
+    );
+}

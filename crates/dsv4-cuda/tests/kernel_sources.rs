@@ -54,10 +54,20 @@ fn kernel_define(file: &str, name: &str) -> usize {
     line.split_whitespace().nth(2).unwrap().parse().unwrap()
 }
 
-/// The host sizes `attention_tc`'s shared memory from its row pads: they must be the kernel's.
+/// The host sizes the attention kernels' grids and shared memory from these: they must be the
+/// kernels'.
 #[test]
-fn attention_tc_layout_matches_the_host() {
-    use dsv4_cuda::ops::{ATT_TC_HEADS, ATT_TC_PP, ATT_TC_QP};
+fn attention_layout_matches_the_host() {
+    use dsv4_cuda::ops::{
+        ATT_DMAX, ATT_HEADS, ATT_KEYS, ATT_TC_HEADS, ATT_TC_PP, ATT_TC_QP, COMBINE_MAX_SPLITS,
+    };
+    assert_eq!(kernel_define("attention.cu", "ATT_KEYS"), ATT_KEYS);
+    assert_eq!(kernel_define("attention.cu", "ATT_HEADS"), ATT_HEADS);
+    assert_eq!(kernel_define("attention.cu", "ATT_DMAX"), ATT_DMAX);
+    assert_eq!(
+        kernel_define("attention.cu", "COMBINE_MAX_SPLITS"),
+        COMBINE_MAX_SPLITS
+    );
     assert_eq!(kernel_define("attention.cu", "ATT_TC_HEADS"), ATT_TC_HEADS);
     assert_eq!(kernel_define("attention.cu", "ATT_TC_QP"), ATT_TC_QP);
     assert_eq!(kernel_define("attention.cu", "ATT_TC_PP"), ATT_TC_PP);
