@@ -48,9 +48,14 @@ __device__ __forceinline__ void attn_tail_impl(const AttnArgs& a, float* part, i
                                              ConsumerSync{});
         grid_barrier_consumers(bar);
         const int cols = (a.dh + BULK_CONSUMERS - 1) / BULK_CONSUMERS;
-        for (int v = blockIdx.x; v < a.H * cols; v += gridDim.x)
+        for (int v = blockIdx.x; v < a.H * cols; v += gridDim.x) {
+            // (A block's next merge rewrites the split weights in shared memory: not before
+            // all of its threads have read the last ones. The attention's chunks meet before
+            // their keys are staged.)
+            if (v != (int)blockIdx.x) consumers_sync();
             attn_combine_impl<true>(part, a.sinks, a.out, a.H, a.dh, nsplit, cb.inv_freq, cb.half, cb.factor,
                                     cb.positions, VBlock{0, v / cols, v % cols}, BULK_CONSUMERS, ConsumerSync{});
+        }
         grid_barrier_consumers(bar);
     }
     // (The producer warp reaches here at once and streams both matrices' stages as slots free.)
