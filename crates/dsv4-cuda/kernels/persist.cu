@@ -26,6 +26,8 @@ struct CombineArgs {
     float factor;
 };
 static_assert(sizeof(CombineArgs) == 24, "CombineArgs: the layout of ops::CombineArgs");
+// The attention's virtual blocks are the consumer warps, a head each.
+static_assert(BULK_CONSUMERS == 32 * ATT_HEADS, "attn_tail: a consumer warp per head of a group");
 
 template <int F0, int R0, int F1, int R1>
 __device__ __forceinline__ void attn_tail_impl(const AttnArgs& a, float* part, int nsplit, const CombineArgs& cb,

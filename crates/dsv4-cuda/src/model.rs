@@ -355,6 +355,8 @@ pub struct CudaModel {
     persist_tail: AtomicBool,
     /// Attention tails launched as one kernel so far (captured ones once).
     tail_launches: std::sync::atomic::AtomicUsize,
+    /// The tail's blocks: 0, one per SM (the default), else this many (tests).
+    tail_grid: std::sync::atomic::AtomicUsize,
     /// Whether a decode step's projections of h stream through one bulk-copy launch
     /// (`ops::linear_bulk_multi`; `DSV4_CUDA_BULK_MULTI=0` keeps `gemv_multi`).
     bulk_multi: AtomicBool,
@@ -565,6 +567,7 @@ impl CudaModel {
                 std::env::var("DSV4_CUDA_PERSIST").is_ok_and(|v| v == "1"),
             ),
             tail_launches: Default::default(),
+            tail_grid: Default::default(),
             bulk_multi: AtomicBool::new(
                 std::env::var("DSV4_CUDA_BULK_MULTI").map_or(true, |v| v != "0"),
             ),
@@ -614,6 +617,13 @@ impl CudaModel {
     /// Turns the one-launch attention tail of one-token decode steps on or off (tests).
     pub fn set_persist_tail(&self, on: bool) {
         self.persist_tail.store(on, Ordering::Relaxed);
+        self.drop_graphs();
+    }
+
+    /// Runs the attention tail on `blocks` blocks instead of one per SM (tests: a block then
+    /// takes several of the attention's and the merge's blocks); 0 restores the default.
+    pub fn set_tail_grid(&self, blocks: usize) {
+        self.tail_grid.store(blocks, Ordering::Relaxed);
         self.drop_graphs();
     }
 
@@ -1997,8 +2007,13 @@ impl CudaModel {
             factor: rope.factor,
         };
         let (ja, jb) = self.wo_jobs(s, lw, self.o_input(s, t)?, t);
+        let grid = match self.tail_grid.load(Ordering::Relaxed) {
+            0 => self.gpu.sm_count,
+            n => n,
+        };
         let launched = ops::attn_tail(
             &self.gpu,
+            grid,
             args,
             s.attn_part.ptr,
             nsplit,

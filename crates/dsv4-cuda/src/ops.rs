@@ -1090,10 +1090,13 @@ const _: () = assert!(std::mem::size_of::<CombineArgs>() == 24);
 /// results bit for bit, the products' weights streaming from the launch's start. Returns false,
 /// launching nothing, where it does not apply (then the caller runs the three launches): one
 /// token, the 512-wide heads, products the pair's bulk kernels take, and a ring beside the
-/// staged keys in an SM's shared memory. `bar`: as [`linear_pair`]'s.
+/// staged keys in an SM's shared memory. `bar`: as [`linear_pair`]'s. `grid`: blocks (at most
+/// the SM count, which it is by default; fewer only so tests give a block several of the
+/// attention's and the merge's blocks).
 #[allow(clippy::too_many_arguments)] // one launch of three phases' arguments
 pub fn attn_tail(
     gpu: &Gpu,
+    grid: usize,
     a: &AttnArgs,
     part_buf: u64,
     nsplit: usize,
@@ -1105,7 +1108,9 @@ pub fn attn_tail(
 ) -> Result<bool> {
     let keys_bytes = (ATT_KEYS * ATT_DMAX * 4) as u32;
     let fits = a.t == 1
+        && (1..=gpu.sm_count).contains(&grid)
         && a.dh as usize == ATT_DMAX
+        && wa.inp.x == a.out
         && (1..=COMBINE_MAX_SPLITS).contains(&nsplit)
         && wa.inp.m == 1
         && wb.inp.m == 1
@@ -1125,7 +1130,9 @@ pub fn attn_tail(
         return Ok(false);
     };
     let smem = bulk_smem(gpu, wa.w.fmt, pa.rpw).max(bulk_smem(gpu, wb.w.fmt, pb.rpw)) + keys_bytes;
-    if smem > SMEM_OPTIN {
+    // (The kernel's static shared memory — barriers, the sums' buffers, the merge's weights —
+    // is under 2 KB.)
+    if smem + 2048 > SMEM_OPTIN {
         return Ok(false);
     }
     let args_a = GemvArgs::new(&wa.inp, wa.y, wa.ldy, wa.w.out, pa.s, true, part);
@@ -1147,7 +1154,7 @@ pub fn attn_tail(
     let (ns, na, nb) = (nsplit as i32, pa.nslices as i32, pb.nslices as i32);
     gpu.launch(
         &name,
-        (gpu.sm_count as u32, 1, 1),
+        (grid as u32, 1, 1),
         (BULK_THREADS, 1, 1),
         smem,
         &[

@@ -3209,8 +3209,9 @@ fn persistent_attention_tail_matches_launches() {
     let cfg = ModelConfig::from_json(&j).unwrap();
     let cpu = Model::load(&synthetic::checkpoint(cfg, 7).unwrap()).unwrap();
     // 0: the launch path (wo_a and wo_b as the one-launch pair); 1: the tail, launched; 2: the
-    // tail, replayed from a graph.
-    let models: Vec<CudaModel> = (0..3)
+    // tail, replayed from a graph; 3: the tail on 8 blocks, each taking several of the
+    // attention's and the merge's blocks.
+    let models: Vec<CudaModel> = (0..4)
         .map(|_| CudaModel::from_model(&cpu, 0).unwrap())
         .collect();
     for (i, m) in models.iter().enumerate() {
@@ -3218,6 +3219,7 @@ fn persistent_attention_tail_matches_launches() {
         m.set_persist_tail(i > 0);
         m.set_graphs(i == 2);
     }
+    models[3].set_tail_grid(8);
     let prompts: Vec<Vec<u32>> = [37usize, 300]
         .iter()
         .enumerate()
@@ -3251,6 +3253,7 @@ fn persistent_attention_tail_matches_launches() {
             outs[2] == outs[0],
             "step {i}: the tail replayed from a graph differs"
         );
+        assert!(outs[3] == outs[0], "step {i}: the tail on 8 blocks differs");
     }
     assert_eq!(models[0].tail_launches(), 0);
     assert!(
@@ -3262,4 +3265,5 @@ fn persistent_attention_tail_matches_launches() {
         models[2].tail_launches() > 0,
         "the captured step holds no tail"
     );
+    assert!(models[3].tail_launches() >= 30 * 3);
 }
