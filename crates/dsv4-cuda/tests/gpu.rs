@@ -671,17 +671,34 @@ fn random_model_with_topk(index_topk: usize) -> Model {
 }
 
 fn random_model_with(index_topk: usize, heads: usize) -> Model {
-    let mut j = synthetic::flash_config_json();
     let over = serde_json::json!({"vocab_size": 1000, "hidden_size": 512, "num_hidden_layers": 5,
         "compress_ratios": [0, 4, 128, 4, 16, 0], "num_hash_layers": 2, "n_routed_experts": 16,
         "moe_intermediate_size": 256, "index_topk": index_topk, "o_groups": 4, "o_lora_rank": 128,
         "num_attention_heads": heads, "q_lora_rank": 256, "index_n_heads": 8, "index_head_dim": 128});
+    flash_like(over, 3)
+}
+
+/// A small model of Flash's layout: Flash's config with `over`'s fields, random weights from
+/// `seed`.
+fn flash_like(over: serde_json::Value, seed: u64) -> Model {
+    let mut j = synthetic::flash_config_json();
     for (k, v) in over.as_object().unwrap() {
         j[k] = v.clone();
     }
     let cfg = ModelConfig::from_json(&j).unwrap();
-    let ck = synthetic::checkpoint(cfg, 3).unwrap();
-    Model::load(&ck).unwrap()
+    Model::load(&synthetic::checkpoint(cfg, seed).unwrap()).unwrap()
+}
+
+/// The decode tests' model: 1024 wide (the projections of h take the bulk kernels), every
+/// layer kind, a window of 48 so that the decode steps' ring stores wrap around; `heads` heads,
+/// `wo_a` of `o_groups` × `o_lora_rank` rows.
+fn decode_model(heads: usize, o_groups: usize, o_lora_rank: usize, seed: u64) -> Model {
+    let over = serde_json::json!({"vocab_size": 1000, "hidden_size": 1024, "num_hidden_layers": 3,
+        "compress_ratios": [0, 4, 128, 0], "num_hash_layers": 1, "n_routed_experts": 16,
+        "moe_intermediate_size": 256, "index_topk": 16, "o_groups": o_groups,
+        "o_lora_rank": o_lora_rank, "num_attention_heads": heads, "q_lora_rank": 1024,
+        "index_n_heads": 8, "index_head_dim": 128, "sliding_window": 48});
+    flash_like(over, seed)
 }
 
 /// The random model, 300 tokens: GPU logits equal the CPU's on every chunking.
@@ -2685,20 +2702,9 @@ fn topk_select_matches_cpu() {
 #[ignore = "needs a CUDA GPU"]
 fn decode_fusions_match_separate_launches() {
     use dsv4_cuda::BatchItem;
-    let mut j = synthetic::flash_config_json();
-    let over = serde_json::json!({"vocab_size": 1000, "hidden_size": 1024, "num_hidden_layers": 3,
-        "compress_ratios": [0, 4, 128, 0], "num_hash_layers": 1, "n_routed_experts": 16,
-        "moe_intermediate_size": 256, "index_topk": 16, "o_groups": 1, "o_lora_rank": 4096,
-        "num_attention_heads": 8, "q_lora_rank": 1024, "index_n_heads": 8, "index_head_dim": 128,
-        "sliding_window": 48});
-    for (k, v) in over.as_object().unwrap() {
-        j[k] = v.clone();
-    }
-    let cfg = ModelConfig::from_json(&j).unwrap();
-    let cpu = Model::load(&synthetic::checkpoint(cfg, 5).unwrap()).unwrap();
-    // (Hidden size 1024: the projections of h take the bulk kernels, in one launch on all
-    // of models 0–2; model 3 runs them as `gemv_multi`, a different summation order. A
-    // window of 48 so that the decode steps' ring stores wrap around.)
+    let cpu = decode_model(8, 1, 4096, 5);
+    // (The projections of h in one bulk launch on models 0–2; model 3 runs them as
+    // `gemv_multi`, a different summation order.)
     let models: Vec<CudaModel> = (0..4)
         .map(|_| CudaModel::from_model(&cpu, 0).unwrap())
         .collect();
@@ -3197,17 +3203,7 @@ fn fused_ffn_matches_separate_launches() {
 #[ignore = "needs a CUDA GPU"]
 fn persistent_attention_tail_matches_launches() {
     use dsv4_cuda::BatchItem;
-    let mut j = synthetic::flash_config_json();
-    let over = serde_json::json!({"vocab_size": 1000, "hidden_size": 1024, "num_hidden_layers": 3,
-        "compress_ratios": [0, 4, 128, 0], "num_hash_layers": 1, "n_routed_experts": 16,
-        "moe_intermediate_size": 256, "index_topk": 16, "o_groups": 2, "o_lora_rank": 2048,
-        "num_attention_heads": 16, "q_lora_rank": 1024, "index_n_heads": 8, "index_head_dim": 128,
-        "sliding_window": 48});
-    for (k, v) in over.as_object().unwrap() {
-        j[k] = v.clone();
-    }
-    let cfg = ModelConfig::from_json(&j).unwrap();
-    let cpu = Model::load(&synthetic::checkpoint(cfg, 7).unwrap()).unwrap();
+    let cpu = decode_model(16, 2, 2048, 7);
     // 0: the launch path (wo_a and wo_b as the one-launch pair); 1: the tail, launched; 2: the
     // tail, replayed from a graph; 3: the tail on 8 blocks, each taking several of the
     // attention's and the merge's blocks.
