@@ -981,7 +981,6 @@ fn official_profile_matches_reference_on_gpu() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn decode_graphs_replay_exactly() {
-    use dsv4_cuda::BatchItem;
     let cpu = random_model();
     // Five copies of the model stepped in lockstep: one launching kernel by kernel on one
     // stream, one the same with the side-stream branches, one replaying graphs (with them);
@@ -1026,11 +1025,7 @@ fn decode_graphs_replay_exactly() {
             .collect();
         // The first sequence alone on odd steps, all three on even ones.
         let n = if i % 2 == 1 { 1 } else { 3 };
-        let mut outs = Vec::new();
-        for (m, sts) in models.iter().zip(states.iter_mut()) {
-            let mut items = BatchItem::last_rows(&mut sts[..n], &toks);
-            outs.push(m.forward_batch(&mut items).unwrap().concat());
-        }
+        let outs = step_each(&models, &mut states, 0..n, &toks);
         assert!(
             outs[0].iter().all(|v| v.is_finite()),
             "step {i}: non-finite logits"
@@ -1073,6 +1068,24 @@ fn prefilled(models: &[CudaModel], prompts: &[Vec<u32>]) -> Vec<Vec<dsv4_cuda::G
                     st
                 })
                 .collect()
+        })
+        .collect()
+}
+
+/// One decode step of every model on its own copies of the sequences `seqs` (the j-th taking
+/// `toks[j]`): each model's logits, the sequences' rows end to end.
+fn step_each<T: AsRef<[u32]>>(
+    models: &[CudaModel],
+    states: &mut [Vec<dsv4_cuda::GpuSeq>],
+    seqs: std::ops::Range<usize>,
+    toks: &[T],
+) -> Vec<Vec<f32>> {
+    models
+        .iter()
+        .zip(states.iter_mut())
+        .map(|(m, sts)| {
+            let mut items = dsv4_cuda::BatchItem::last_rows(&mut sts[seqs.clone()], toks);
+            m.forward_batch(&mut items).unwrap().concat()
         })
         .collect()
 }
@@ -2701,7 +2714,6 @@ fn topk_select_matches_cpu() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn decode_fusions_match_separate_launches() {
-    use dsv4_cuda::BatchItem;
     let cpu = decode_model(8, 1, 4096, 5);
     // (The projections of h in one bulk launch on models 0–2; model 3 runs them as
     // `gemv_multi`, a different summation order.)
@@ -2740,14 +2752,7 @@ fn decode_fusions_match_separate_launches() {
             .map(|k| [((i * 11 + k * 5) % 990) as u32 + 1])
             .collect();
         let n = 1 + i % 2;
-        let outs: Vec<Vec<f32>> = models
-            .iter()
-            .zip(states.iter_mut())
-            .map(|(m, sts)| {
-                let mut items = BatchItem::last_rows(&mut sts[..n], &toks);
-                m.forward_batch(&mut items).unwrap().concat()
-            })
-            .collect();
+        let outs = step_each(&models, &mut states, 0..n, &toks);
         assert!(
             outs[0].iter().all(|v| v.is_finite()),
             "step {i}: non-finite logits"
@@ -3202,7 +3207,6 @@ fn fused_ffn_matches_separate_launches() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn persistent_attention_tail_matches_launches() {
-    use dsv4_cuda::BatchItem;
     let cpu = decode_model(16, 2, 2048, 7);
     // 0: the launch path (wo_a and wo_b as the one-launch pair); 1: the tail, launched; 2: the
     // tail, replayed from a graph; 3: the tail on 8 blocks, each taking several of the
@@ -3229,14 +3233,7 @@ fn persistent_attention_tail_matches_launches() {
     for i in 0..30 {
         let k = i % 2;
         let tok = [[((i * 13 + 5) % 990) as u32 + 1]];
-        let outs: Vec<Vec<f32>> = models
-            .iter()
-            .zip(states.iter_mut())
-            .map(|(m, sts)| {
-                let mut items = BatchItem::last_rows(&mut sts[k..k + 1], &tok);
-                m.forward_batch(&mut items).unwrap().concat()
-            })
-            .collect();
+        let outs = step_each(&models, &mut states, k..k + 1, &tok);
         assert!(
             outs[0].iter().all(|v| v.is_finite()),
             "step {i}: non-finite logits"
