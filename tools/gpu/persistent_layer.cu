@@ -8,6 +8,8 @@
 //            (where the addresses come from the routing, once the routing's count is in); a
 //            latency kernel holds no shared memory, so the next stream kernel's blocks can
 //            stream beside it;
+//   tail     launches as above but the attention tail (attention, merge, wo_a, wo_b) as one
+//            launch of a block per SM, as kernels/persist.cu's `attn_tail` runs it;
 //   persist  one kernel, a block per SM: the producer warp requests every phase's weights
 //            through one ring as slots free (waiting only, for the routed experts, on the
 //            routing), the consumer warps take the phases in order, each once a grid-wide
@@ -64,9 +66,9 @@ __device__ __forceinline__ void wait_count(const unsigned* done, int p, int grid
     }
 }
 
-// Phases [p0, p1). pdl: a launch of its own (one phase), its consumers ordered by
-// griddepcontrol; else the persistent kernel, ordered by the `done` counters (`grid`: its block
-// count). Every phase counts its blocks done, and a producer that waits for an address (the
+// Phases [p0, p1). pdl: a launch of its own, after the launch before it by griddepcontrol
+// (then its phases after the first by the counters); else the persistent kernel, ordered by the
+// `done` counters (`grid`: its block count). Every phase counts its blocks done, and a producer that waits for an address (the
 // routed experts' for the routing) waits on that count in both structures.
 __global__ void __launch_bounds__(THREADS, 1)
     run_phases(int p0, int p1, int nstages, unsigned* done, int grid, int pdl, long long stage_ns, unsigned* sink,
@@ -116,8 +118,10 @@ __global__ void __launch_bounds__(THREADS, 1)
     for (int p = p0; p < p1; p++) {
         const Phase& f = ph[p];
         if (!takes_part(f)) continue;
+        // (A launch of several phases — the attention tail below — waits for the launch before
+        // it, then orders its own phases by the counters.)
         if (pdl) asm volatile("griddepcontrol.wait;" ::: "memory");
-        else if (f.wait >= 0) {
+        if (f.wait >= 0 && (!pdl || p > p0)) {
             if (threadIdx.x == 0) wait_count(done, f.wait, grid);
             consumers_sync();
         }
@@ -159,6 +163,8 @@ struct Spec {
 
 // One HCA layer (stop 39's H100 trace: advances 10 / 6 / 3.4 / 9.2 / 4.2 µs for the boundary,
 // query norm, norm + RoPE, attention, merge; the router inside the FFN launch ~5 µs).
+// The attention tail: phases [kTail0, kTail1) of a layer (`attn_tail`'s launch).
+constexpr int kTail0 = 5, kTail1 = 9;
 static const Spec kLayer[] = {
     {"boundary (attention side)", 0, 0, 9000, 64, 0},
     {"projections of h", 1, 14, 0, 0, 0},
@@ -261,7 +267,7 @@ int main(int argc, char** argv) {
         CK(cudaMemcpyToSymbol(ph, bare.data(), np * sizeof(Phase)));
         const double floor = timed([&] { launch(0, np, sms, nstages, 0, true); });
         CK(cudaMemcpyToSymbol(ph, host.data(), np * sizeof(Phase)));
-        double adv[3][sizeof(kLayer) / sizeof(kLayer[0])] = {};
+        double adv[4][sizeof(kLayer) / sizeof(kLayer[0])] = {};
         // Block 0's phase starts of the last replay: each phase's mean time to the next's
         // start over the layers after the first (block 0 takes every one-block phase, so
         // those are its path, not necessarily the grid's).
@@ -283,6 +289,20 @@ int main(int argc, char** argv) {
             }
         });
         advances(adv[0]);
+        const double tail = timed([&] {
+            for (int p = 0; p < np;) {
+                if (p % per_layer == kTail0) {
+                    launch(p, p + kTail1 - kTail0, sms, nstages, p > 0, true);
+                    p += kTail1 - kTail0;
+                    continue;
+                }
+                const Phase& f = host[p];
+                const int grid = f.stream || !f.blocks ? sms : f.blocks;
+                launch(p, p + 1, grid, nstages, p > 0, f.stream);
+                p++;
+            }
+        });
+        advances(adv[3]);
         const double persist = timed([&] { launch(0, np, sms, nstages, 0, true); });
         advances(adv[1]);
         // The same with the shared expert after the routing, as the launches order them: what
@@ -290,14 +310,14 @@ int main(int argc, char** argv) {
         CK(cudaMemcpyToSymbol(ph, serial.data(), np * sizeof(Phase)));
         const double persist_serial = timed([&] { launch(0, np, sms, nstages, 0, true); });
         advances(adv[2]);
-        printf("ring of %d x 32 KB: stream %.1f (%.2f) | launches %.1f (%.2f) | persist %.1f (%.2f) | "
-               "persist, shared expert after the routing %.1f (%.2f)\n",
-               nstages, floor, bytes / floor / 1e6, launches, bytes / launches / 1e6, persist, bytes / persist / 1e6,
-               persist_serial, bytes / persist_serial / 1e6);
+        printf("ring of %d x 32 KB: stream %.1f (%.2f) | launches %.1f (%.2f) | attention tail in one %.1f (%.2f) | "
+               "persist %.1f (%.2f) | persist, shared expert after the routing %.1f (%.2f)\n",
+               nstages, floor, bytes / floor / 1e6, launches, bytes / launches / 1e6, tail, bytes / tail / 1e6, persist,
+               bytes / persist / 1e6, persist_serial, bytes / persist_serial / 1e6);
         printf("  %-26s\n", "phase: µs from its start to");
-        printf("  %-26s %9s %9s %9s\n", "the next one's (block 0)", "launches", "persist", "serial");
+        printf("  %-26s %9s %9s %9s %9s\n", "the next one's (block 0)", "launches", "tail", "persist", "serial");
         for (int q = 0; q < per_layer; q++)
-            printf("  %-26s %9.1f %9.1f %9.1f\n", kLayer[q].name, adv[0][q], adv[1][q], adv[2][q]);
+            printf("  %-26s %9.1f %9.1f %9.1f %9.1f\n", kLayer[q].name, adv[0][q], adv[3][q], adv[1][q], adv[2][q]);
     }
     double lat = 0;
     for (int p = 0; p < per_layer; p++) lat += host[p].ns / 1e3;
