@@ -2000,12 +2000,7 @@ impl CudaModel {
             return Ok(false);
         }
         let nsplit = self.decode_splits(s, t, args);
-        let cb = ops::CombineArgs {
-            inv_freq: if rope.half > 0 { rope.inv_freq } else { 0 },
-            positions: s.positions.ptr,
-            half: rope.half as i32,
-            factor: rope.factor,
-        };
+        let cb = ops::CombineArgs::new(rope, s.positions.ptr);
         let (ja, jb) = self.wo_jobs(s, lw, self.o_input(s, t)?, t);
         let grid = match self.tail_grid.load(Ordering::Relaxed) {
             0 => self.gpu.sm_count,
@@ -2043,8 +2038,7 @@ impl CudaModel {
         let g = &*self.gpu;
         let (t, h, dh) = (args.t as u32, args.h as usize, args.dh as usize);
         let ns = nsplit as i32;
-        let inv_freq = if rope.half > 0 { rope.inv_freq } else { 0 };
-        let half = rope.half as i32;
+        let cb = ops::CombineArgs::new(rope, positions);
         let tc = self.attn_tc
             && args.seqs == 0
             && nsplit == 1
@@ -2063,10 +2057,10 @@ impl CudaModel {
                 &args.h,
                 &args.dh,
                 &ns,
-                &inv_freq,
-                &half,
-                &rope.factor,
-                &positions,
+                &cb.inv_freq,
+                &cb.half,
+                &cb.factor,
+                &cb.positions,
             ],
         )
     }

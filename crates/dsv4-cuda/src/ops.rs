@@ -1017,39 +1017,78 @@ pub fn linear_pair(
     part: &Partial,
     bar: u64,
 ) -> Result<()> {
-    let m = a.inp.m;
-    let fused = b.inp.m == m
-        && b.inp.x == a.y
-        && b.inp.ldx == a.ldy
-        && bulk_applies(gpu, a.w, &a.inp)
-        && bulk_applies(gpu, b.w, &b.inp);
-    // Built for whole-row-slice (rpw 1) FP8 and BF16 pairs.
-    let plans = fused
-        .then(|| (bulk_plan(gpu, a.w, m, part), bulk_plan(gpu, b.w, m, part)))
-        .filter(|(pa, pb)| {
-            matches!(
-                (a.w.fmt, pa.rpw, b.w.fmt, pb.rpw),
-                (Fmt::Fp8, 1, Fmt::Fp8, 1) | (Fmt::Bf16, 1, Fmt::Bf16, 1)
-            )
-        });
-    let Some((pa, pb)) = plans else {
+    let Some(plan) = PairPlan::new(gpu, a, b, part) else {
         linear(gpu, a.w, &a.inp, a.y, a.ldy, part)?;
         return linear(gpu, b.w, &b.inp, b.y, b.ldy, part);
     };
+    let m = a.inp.m;
     let name = format!(
         "gemv_bulk_pair_{}_r1_{}_r1_{m}",
         a.w.fmt.name(),
         b.w.fmt.name()
     );
-    // (The two share the split-K workspace: the first's partials are summed and its counters
-    // reset before the grid barrier.)
-    let args_a = GemvArgs::new(&a.inp, a.y, a.ldy, a.w.out, pa.s, true, part);
-    let args_b = GemvArgs::new(&b.inp, b.y, b.ldy, b.w.out, pb.s, true, part);
-    let blocks = (pa.tiles * pa.s).max(pb.tiles * pb.s).min(gpu.sm_count);
+    pair_tag(gpu, "gemv_bulk_pair", a, b, Some(m));
+    let [args_a, args_b] = &plan.args;
+    let [na, nb] = &plan.nslices;
+    gpu.launch(
+        &name,
+        (plan.blocks.min(gpu.sm_count) as u32, 1, 1),
+        (BULK_THREADS, 1, 1),
+        plan.smem,
+        &[&a.w.desc, args_a, na, &b.w.desc, args_b, nb, &bar],
+    )
+}
+
+/// How `b` after `a` stream through one ring (`gemv_bulk_pair_*`, `attn_tail_*`): where both
+/// are for the same tokens, `b` reads `a`'s output, and both take the bulk kernels as
+/// whole-row-slice (rpw 1) FP8 or BF16 products, the pair kernels' formats.
+struct PairPlan {
+    /// Each product's arguments (they share the split-K workspace: the first's partials are
+    /// summed and its counters reset before the launch's grid barrier).
+    args: [GemvArgs; 2],
+    nslices: [i32; 2],
+    /// The larger product's work items (tiles × K splits).
+    blocks: usize,
+    /// The ring's dynamic shared memory.
+    smem: u32,
+}
+
+impl PairPlan {
+    fn new(gpu: &Gpu, a: &PairJob<'_>, b: &PairJob<'_>, part: &Partial) -> Option<Self> {
+        let m = a.inp.m;
+        let fused = b.inp.m == m
+            && b.inp.x == a.y
+            && b.inp.ldx == a.ldy
+            && bulk_applies(gpu, a.w, &a.inp)
+            && bulk_applies(gpu, b.w, &b.inp);
+        let (pa, pb) = fused
+            .then(|| (bulk_plan(gpu, a.w, m, part), bulk_plan(gpu, b.w, m, part)))
+            .filter(|(pa, pb)| {
+                matches!(
+                    (a.w.fmt, pa.rpw, b.w.fmt, pb.rpw),
+                    (Fmt::Fp8, 1, Fmt::Fp8, 1) | (Fmt::Bf16, 1, Fmt::Bf16, 1)
+                )
+            })?;
+        Some(PairPlan {
+            args: [
+                GemvArgs::new(&a.inp, a.y, a.ldy, a.w.out, pa.s, true, part),
+                GemvArgs::new(&b.inp, b.y, b.ldy, b.w.out, pb.s, true, part),
+            ],
+            nslices: [pa.nslices as i32, pb.nslices as i32],
+            blocks: (pa.tiles * pa.s).max(pb.tiles * pb.s),
+            smem: bulk_smem(gpu, a.w.fmt, pa.rpw).max(bulk_smem(gpu, b.w.fmt, pb.rpw)),
+        })
+    }
+}
+
+/// The profile's label of a launch streaming `a` then `b` (`what`, their shapes, the tokens `m`
+/// where given), and their bytes.
+fn pair_tag(gpu: &Gpu, what: &str, a: &PairJob<'_>, b: &PairJob<'_>, m: Option<usize>) {
     gpu.tag(|| {
+        let tokens = m.map(|m| format!(" m{m}")).unwrap_or_default();
         (
             format!(
-                "gemv_bulk_pair {} {}x{} + {}x{} m{m}",
+                "{what} {} {}x{} + {}x{}{tokens}",
                 a.w.fmt.name(),
                 a.w.out,
                 a.w.inp,
@@ -1059,15 +1098,6 @@ pub fn linear_pair(
             a.w.stored_bytes + b.w.stored_bytes,
         )
     });
-    let (na, nb) = (pa.nslices as i32, pb.nslices as i32);
-    let smem = bulk_smem(gpu, a.w.fmt, pa.rpw).max(bulk_smem(gpu, b.w.fmt, pb.rpw));
-    gpu.launch(
-        &name,
-        (blocks as u32, 1, 1),
-        (BULK_THREADS, 1, 1),
-        smem,
-        &[&a.w.desc, &args_a, &na, &b.w.desc, &args_b, &nb, &bar],
-    )
 }
 
 /// `CombineArgs` of `kernels/persist.cu`: what `attn_combine` takes beside [`AttnArgs`].
@@ -1083,6 +1113,18 @@ pub struct CombineArgs {
 }
 unsafe impl DeviceRepr for CombineArgs {}
 const _: () = assert!(std::mem::size_of::<CombineArgs>() == 24);
+
+impl CombineArgs {
+    /// The merge's inverse RoPE by `rope` (none where it rotates no channels) at `positions`.
+    pub fn new(rope: &RopeDev, positions: u64) -> Self {
+        CombineArgs {
+            inv_freq: if rope.half > 0 { rope.inv_freq } else { 0 },
+            positions,
+            half: rope.half as i32,
+            factor: rope.factor,
+        }
+    }
+}
 
 /// One token's attention tail in one launch (`attn_tail_*`, kernels/persist.cu): the split
 /// attention of `a` over `nsplit` splits into `part`, their merge into `a.out` (with the sinks
@@ -1108,57 +1150,32 @@ pub fn attn_tail(
 ) -> Result<bool> {
     let keys_bytes = (ATT_KEYS * ATT_DMAX * 4) as u32;
     let fits = a.t == 1
+        && wa.inp.m == 1
         && (1..=gpu.sm_count).contains(&grid)
         && a.dh as usize == ATT_DMAX
         && wa.inp.x == a.out
-        && (1..=COMBINE_MAX_SPLITS).contains(&nsplit)
-        && wa.inp.m == 1
-        && wb.inp.m == 1
-        && wb.inp.x == wa.y
-        && wb.inp.ldx == wa.ldy
-        && bulk_applies(gpu, wa.w, &wa.inp)
-        && bulk_applies(gpu, wb.w, &wb.inp);
-    let plans = fits
-        .then(|| (bulk_plan(gpu, wa.w, 1, part), bulk_plan(gpu, wb.w, 1, part)))
-        .filter(|(pa, pb)| {
-            matches!(
-                (wa.w.fmt, pa.rpw, wb.w.fmt, pb.rpw),
-                (Fmt::Fp8, 1, Fmt::Fp8, 1) | (Fmt::Bf16, 1, Fmt::Bf16, 1)
-            )
-        });
-    let Some((pa, pb)) = plans else {
+        && (1..=COMBINE_MAX_SPLITS).contains(&nsplit);
+    let Some(plan) = fits.then(|| PairPlan::new(gpu, wa, wb, part)).flatten() else {
         return Ok(false);
     };
-    let smem = bulk_smem(gpu, wa.w.fmt, pa.rpw).max(bulk_smem(gpu, wb.w.fmt, pb.rpw)) + keys_bytes;
+    let smem = plan.smem + keys_bytes;
     // (The kernel's static shared memory — barriers, the sums' buffers, the merge's weights —
     // is under 2 KB.)
     if smem + 2048 > SMEM_OPTIN {
         return Ok(false);
     }
-    let args_a = GemvArgs::new(&wa.inp, wa.y, wa.ldy, wa.w.out, pa.s, true, part);
-    let args_b = GemvArgs::new(&wb.inp, wb.y, wb.ldy, wb.w.out, pb.s, true, part);
     let name = format!("attn_tail_{}_{}", wa.w.fmt.name(), wb.w.fmt.name());
-    gpu.tag(|| {
-        (
-            format!(
-                "attn_tail {} {}x{} + {}x{}",
-                wa.w.fmt.name(),
-                wa.w.out,
-                wa.w.inp,
-                wb.w.out,
-                wb.w.inp
-            ),
-            wa.w.stored_bytes + wb.w.stored_bytes,
-        )
-    });
-    let (ns, na, nb) = (nsplit as i32, pa.nslices as i32, pb.nslices as i32);
+    pair_tag(gpu, "attn_tail", wa, wb, None);
+    let [args_a, args_b] = &plan.args;
+    let [na, nb] = &plan.nslices;
+    let ns = nsplit as i32;
     gpu.launch(
         &name,
         (grid as u32, 1, 1),
         (BULK_THREADS, 1, 1),
         smem,
         &[
-            a, &part_buf, &ns, cb, &wa.w.desc, &args_a, &na, &wb.w.desc, &args_b, &nb, &bar,
+            a, &part_buf, &ns, cb, &wa.w.desc, args_a, na, &wb.w.desc, args_b, nb, &bar,
         ],
     )?;
     Ok(true)
